@@ -1,0 +1,1 @@
+"""Generated protobuf and purerpc code: do not edit, run scripts/gen-protos."""

@@ -1,0 +1,186 @@
+"""FedAvg over HDF5 checkpoints: ``w_new = w + (sum_s A_s) / (sum_s N_s)``.
+
+Pure numeric work on files, run in a worker thread (``trio.to_thread``) so the
+event loop keeps answering RPCs. It does not assume a Keras layout: it walks
+the checkpoint and treats every floating-point dataset as a weight array.
+
+How it is laid out, and why:
+
+* The new checkpoint starts as a byte copy of the old one, then each float
+  dataset is overwritten in place. Groups, attributes, non-float datasets,
+  chunking and compression therefore stay exactly as they were, without us
+  having to re-create any of them.
+* One array at a time: for each dataset we hold the float64 accumulator and
+  one input array, never K whole models, so memory is bounded by the largest
+  array, whatever K is.
+* Sums are accumulated in float64 (K aggregates of float32 values weighted by
+  batch counts lose digits in float32) and the result is written in each
+  dataset's own dtype.
+* Nothing touches the global checkpoint until the new file is complete and
+  on disk; then one rename publishes it (see :func:`layout.atomic_target`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .layout import atomic_target
+
+#: A selector's weight is a count of training batches; anything above this is
+#: a broken file, not a real federation (and would lose float64 precision).
+MAX_WEIGHT = 2**53
+
+
+class AggregationError(Exception):
+    """An input that cannot be aggregated; the message names the file and the problem."""
+
+
+class Cancelled(AggregationError):
+    """The coordinator is shutting down; the checkpoint was left as it was."""
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One selector's aggregate: ``checkpoint`` holds ``A_s``, ``weight`` holds ``N_s``."""
+
+    selector: str
+    checkpoint: Path
+    weight: Path
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    arrays: int
+    bytes_read: int
+    total_weight: int
+    seconds: float
+
+
+#: The signature of :func:`aggregate`, for code that takes one as a parameter.
+Aggregator = Callable[
+    [Path, Sequence[Contribution], Path, threading.Event | None], AggregationResult
+]
+
+
+def read_weight(path: Path) -> int:
+    """Read a selector's ``fl_agg_checkpoint_weight``: a positive decimal integer."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise AggregationError(f"{path}: weight file is missing") from None
+    except OSError as error:
+        raise AggregationError(f"{path}: weight file is unreadable ({error.strerror})") from None
+    text = raw.decode("ascii", errors="replace").strip()
+    if not text:
+        raise AggregationError(f"{path}: weight file is empty")
+    if not text.isdigit():
+        raise AggregationError(f"{path}: weight {text[:40]!r} is not a decimal integer")
+    weight = int(text)
+    if weight <= 0:
+        raise AggregationError(f"{path}: weight is {weight}; it must be at least 1")
+    if weight > MAX_WEIGHT:
+        raise AggregationError(f"{path}: weight {weight} is absurdly large (> {MAX_WEIGHT})")
+    return weight
+
+
+def float_datasets(group: h5py.Group) -> list[str]:
+    """Names of every floating-point dataset below ``group``, in a stable order."""
+    names: list[str] = []
+
+    def visit(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "f":
+            names.append(name)
+
+    group.visititems(visit)
+    return names
+
+
+def _open_h5(path: Path, stack: ExitStack, what: str) -> h5py.File:
+    if not path.exists():
+        raise AggregationError(f"{path}: {what} is missing")
+    try:
+        return stack.enter_context(h5py.File(path, "r"))
+    except OSError as error:
+        raise AggregationError(f"{path}: {what} is not a readable HDF5 file ({error})") from None
+
+
+def _read_input(file: h5py.File, name: str, like: h5py.Dataset, path: Path) -> np.ndarray:
+    """Read dataset ``name`` of an aggregate, checking it matches the checkpoint's."""
+    dataset = file.get(name)
+    if not isinstance(dataset, h5py.Dataset):
+        raise AggregationError(f"{path}: dataset {name!r} is missing")
+    if dataset.shape != like.shape:
+        raise AggregationError(
+            f"{path}: dataset {name!r} has shape {dataset.shape}, expected {like.shape}"
+        )
+    if dataset.dtype != like.dtype:
+        raise AggregationError(
+            f"{path}: dataset {name!r} has dtype {dataset.dtype}, expected {like.dtype}"
+        )
+    try:
+        return dataset[()]
+    except OSError as error:
+        raise AggregationError(f"{path}: dataset {name!r} cannot be read ({error})") from None
+
+
+def aggregate(
+    checkpoint: Path,
+    contributions: Sequence[Contribution],
+    tmp_dir: Path,
+    cancel: threading.Event | None = None,
+) -> AggregationResult:
+    """Replace ``checkpoint`` by the FedAvg of ``contributions``; raise AggregationError.
+
+    On any error (or when ``cancel`` is set) the checkpoint is left untouched.
+    """
+    if not contributions:
+        raise AggregationError("no selector aggregates to average")
+    started = time.perf_counter()
+    weights = [read_weight(c.weight) for c in contributions]
+    total_weight = sum(weights)
+    bytes_read = 0
+    arrays = 0
+    with ExitStack() as stack:
+        inputs = [_open_h5(c.checkpoint, stack, "aggregate checkpoint") for c in contributions]
+        _open_h5(checkpoint, stack, "global checkpoint").close()
+        with atomic_target(checkpoint, tmp_dir) as tmp:
+            shutil.copyfile(checkpoint, tmp)
+            with h5py.File(tmp, "r+") as out:
+                for name in float_datasets(out):
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled("aggregation cancelled: shutting down")
+                    target = out[name]
+                    total = np.zeros(target.shape, dtype=np.float64)
+                    for file, contribution in zip(inputs, contributions, strict=True):
+                        update = _read_input(file, name, target, contribution.checkpoint)
+                        total += update
+                        bytes_read += update.nbytes
+                    if not np.all(np.isfinite(total)):
+                        culprits = [
+                            str(c.checkpoint)
+                            for file, c in zip(inputs, contributions, strict=True)
+                            if not np.all(np.isfinite(file[name][()]))
+                        ]
+                        where = ", ".join(culprits) or "their sum (overflow)"
+                        raise AggregationError(f"dataset {name!r} contains NaN or Inf in {where}")
+                    current = target[()]
+                    bytes_read += current.nbytes
+                    total /= total_weight
+                    total += current
+                    target[...] = total.astype(target.dtype)
+                    arrays += 1
+    return AggregationResult(
+        arrays=arrays,
+        bytes_read=bytes_read,
+        total_weight=total_weight,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,30 @@
+"""``GoalCountReached`` to selectors: dial each selector id as ``host:port``.
+
+Each call has its own time limit, and the calls run concurrently in the
+caller's nursery, so one unreachable selector cannot stop the others from
+being told.
+"""
+
+from __future__ import annotations
+
+import purerpc
+import trio
+
+from ._proto import fl_intra_grpc, fl_intra_pb2
+from .net import split_address
+
+
+async def goal_count_reached(selector_id: str) -> None:
+    """Tell one selector to configure its clients (the caller sets the time limit)."""
+    host, port = split_address(selector_id)
+    async with purerpc.insecure_channel(host, port) as channel:
+        stub = fl_intra_grpc.FLGoalCountBroadcastStub(channel)
+        await stub.GoalCountReached(fl_intra_pb2.Empty())
+
+
+def describe(error: BaseException) -> str:
+    """A short reason for the log and the status stream."""
+    if isinstance(error, trio.TooSlowError):
+        return "timed out"
+    text = str(error) or type(error).__name__
+    return text.splitlines()[0][:300]

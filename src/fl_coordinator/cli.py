@@ -1,0 +1,114 @@
+"""``fl-coordinator serve | init``: the command line.
+
+Errors an operator can fix (a bad setting, a busy port, a missing file) end
+the program with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from .config import ConfigError, Settings, load_settings, read_config_file
+from .layout import Layout
+from .logs import setup_logging
+
+log = logging.getLogger("fl_coordinator")
+
+EXIT_USAGE = 2
+
+
+def _settings(config: Path | None, **overrides: object) -> Settings:
+    file_values = read_config_file(config) if config is not None else {}
+    settings, unknown = load_settings(file_values)
+    setup_logging(settings.log_level)
+    for key in unknown:
+        log.warning("%s: unknown key %s ignored", config, key)
+    return settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _unwrap(group: BaseExceptionGroup) -> ConfigError | None:
+    """The ConfigError inside a nursery's exception group, if that is what ended it."""
+    matched, _ = group.split(ConfigError)
+    while isinstance(matched, BaseExceptionGroup):
+        matched = matched.exceptions[0]
+    return matched
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .problem import check_problem, init_problem, needs_init
+    from .server import serve_until_signal
+
+    settings = _settings(args.config)
+    layout = Layout.from_settings(settings)
+    if needs_init(layout):
+        if layout.root.exists() and not layout.root.is_dir():
+            raise ConfigError("FL_ROOT_PATH", str(layout.root), "a folder")
+        log.info(
+            "%s has no %s: initialising it with the built-in model",
+            layout.root,
+            settings.init_files_path,
+        )
+        init_problem(layout)
+    check_problem(layout)
+    try:
+        trio.run(serve_until_signal, settings)
+    except BaseExceptionGroup as group:
+        error = _unwrap(group)
+        if error is None:
+            raise
+        raise error from None
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .problem import InitError, init_problem
+
+    root = str(args.root) if args.root is not None else None
+    settings = _settings(args.config, fl_root_path=root)
+    if args.model is not None and not args.model.is_file():
+        raise ConfigError("--model", str(args.model), "an existing Keras model file")
+    try:
+        init_problem(Layout.from_settings(settings), args.model, force=args.force)
+    except InitError as error:
+        print(f"fl-coordinator init: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fl-coordinator",
+        description="Coordinator (master aggregator) of a hierarchical federated-learning system.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the coordinator of one FL problem")
+    serve.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
+    serve.set_defaults(run=cmd_serve)
+
+    init = commands.add_parser("init", help="prepare a problem folder (model and checkpoint)")
+    init.add_argument("--root", type=Path, help="problem folder (default: FL_ROOT_PATH)")
+    init.add_argument("--model", type=Path, help="Keras model file (default: built-in model)")
+    init.add_argument("--force", action="store_true", help="replace an existing checkpoint")
+    init.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
+    init.set_defaults(run=cmd_init)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as error:
+        print(f"fl-coordinator {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Settings: the Go coordinator's YAML keys plus ours, overridable by environment.
+
+Every key is declared once in :data:`KEYS` with its default, its parser and a
+one-line meaning; the loader, the error messages and the README's
+configuration table all come from that one list, so they cannot drift apart.
+Values are validated once, at start-up, and the result is frozen: nothing
+later in the program has to wonder whether a port is numeric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; ``str()`` is one line for the operator."""
+
+    def __init__(self, key: str, value: object, expected: str) -> None:
+        super().__init__(f"configuration error: {key}={value!r}: expected {expected}")
+        self.key = key
+        self.value = value
+        self.expected = expected
+
+
+Parser = Callable[[Any], Any]
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value.strip())
+    raise ValueError
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError
+    return number
+
+
+def port(value: Any) -> int:
+    number = _integer(value)
+    if not 0 <= number <= 65535:
+        raise ValueError
+    return number
+
+
+def positive_int(value: Any) -> int:
+    number = _integer(value)
+    if number < 1:
+        raise ValueError
+    return number
+
+
+def non_negative_int(value: Any) -> int:
+    number = _integer(value)
+    if number < 0:
+        raise ValueError
+    return number
+
+
+def positive_seconds(value: Any) -> float:
+    number = _number(value)
+    if number <= 0:
+        raise ValueError
+    return number
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str | int) or isinstance(value, bool) or str(value).strip() == "":
+        raise ValueError
+    return str(value).strip()
+
+
+def file_name(value: Any) -> str:
+    """A file or folder name relative to the root; the Go keys carry stray slashes."""
+    name = text(value)
+    if "\0" in name or ".." in Path(name.strip("/")).parts or name.strip("/") == "":
+        raise ValueError
+    return name
+
+
+def address(value: Any) -> str:
+    """``host:port`` as the Go system writes it."""
+    host, sep, number = text(value).rpartition(":")
+    if not sep or not host:
+        raise ValueError
+    port(number)
+    return f"{host}:{number}"
+
+
+def optional_url(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    url = text(value)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError
+    return url
+
+
+def log_level(value: Any) -> str:
+    level = text(value).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError
+    return level
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its name, default, parser and meaning."""
+
+    name: str
+    default: Any
+    parse: Parser
+    expected: str
+    meaning: str
+    go: bool = False  # a key of the Go coordinator (kept for drop-in compatibility)
+
+    @property
+    def field(self) -> str:
+        return self.name.lower()
+
+
+KEYS: tuple[Key, ...] = (
+    Key(
+        "FL_ROOT_PATH",
+        "./data",
+        text,
+        "a folder path",
+        "Shared storage of this FL problem (the Go default was `../data`).",
+        go=True,
+    ),
+    Key(
+        "INIT_FILES_PATH",
+        "initFiles/",
+        file_name,
+        "a folder name under FL_ROOT_PATH",
+        "Folder whose every file selectors send to their clients.",
+        go=True,
+    ),
+    Key(
+        "MODEL_FILE",
+        "model.h5",
+        file_name,
+        "a file name",
+        "Keras model (architecture + initial weights) in INIT_FILES_PATH; read only.",
+        go=True,
+    ),
+    Key(
+        "CHECKPOINT_FILE",
+        "fl_checkpoint",
+        file_name,
+        "a file name",
+        "Global weights (HDF5) in INIT_FILES_PATH; replaced atomically after each round.",
+        go=True,
+    ),
+    Key(
+        "AGG_CHECKPOINT_FILE_PATH",
+        "/fl_agg_checkpoint",
+        file_name,
+        "a file name",
+        "A selector's aggregate, under FL_ROOT_PATH/<selector-id>.",
+        go=True,
+    ),
+    Key(
+        "AGG_CHECKPOINT_WEIGHT_PATH",
+        "/fl_agg_checkpoint_weight",
+        file_name,
+        "a file name",
+        "A selector's total weight (decimal integer text), under FL_ROOT_PATH/<selector-id>.",
+        go=True,
+    ),
+    Key(
+        "ESTIMATED_WAITING_TIME",
+        20000,
+        non_negative_int,
+        "an integer >= 0 (milliseconds)",
+        "Reconnection hint for refused clients, in ms (used by selectors).",
+        go=True,
+    ),
+    Key(
+        "CHECKIN_LIMIT",
+        2,
+        positive_int,
+        "an integer >= 1",
+        "Goal count: clients accepted per round.",
+        go=True,
+    ),
+    Key(
+        "WEBSERVER_ADDRESS",
+        "localhost:50052",
+        address,
+        "host:port",
+        "Accepted for compatibility; the status stream is served on STATUS_PORT instead.",
+        go=True,
+    ),
+    Key(
+        "PORT",
+        50050,
+        port,
+        "a port number 0-65535 (0 = any free port)",
+        "gRPC port (FlIntra) for selectors.",
+        go=True,
+    ),
+    Key(
+        "PROBLEM_ID",
+        "DEFAULT",
+        text,
+        "a non-empty string",
+        "Name of the FL problem, carried in every status message.",
+        go=True,
+    ),
+    Key(
+        "HOST",
+        "0.0.0.0",
+        text,
+        "an interface address or host name",
+        "Listen address of the gRPC and status servers.",
+    ),
+    Key(
+        "STATUS_PORT",
+        50052,
+        port,
+        "a port number 0-65535 (0 = any free port)",
+        "Websocket status stream (`ws://HOST:STATUS_PORT/status`).",
+    ),
+    Key(
+        "WEBHOOK_URL",
+        "",
+        optional_url,
+        "an http(s) URL or empty",
+        "If set, every status message is also POSTed there as JSON.",
+    ),
+    Key(
+        "GOAL_COUNT_TIMEOUT",
+        10.0,
+        positive_seconds,
+        "a number of seconds > 0",
+        "Time limit of each GoalCountReached call to a selector.",
+    ),
+    Key("LOG_LEVEL", "INFO", log_level, "DEBUG, INFO, WARNING or ERROR", "Log verbosity."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration. Field names are the keys in lower case."""
+
+    fl_root_path: str
+    init_files_path: str
+    model_file: str
+    checkpoint_file: str
+    agg_checkpoint_file_path: str
+    agg_checkpoint_weight_path: str
+    estimated_waiting_time: int
+    checkin_limit: int
+    webserver_address: str
+    port: int
+    problem_id: str
+    host: str
+    status_port: int
+    webhook_url: str
+    goal_count_timeout: float
+    log_level: str
+
+    @property
+    def root(self) -> Path:
+        return Path(self.fl_root_path)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping of keys, or raise ConfigError."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError("--config", str(path), f"a readable file ({error.strerror})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError("--config", str(path), f"valid YAML ({first_line})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError("--config", str(path), "a YAML mapping of KEY: value")
+    return {str(key): value for key, value in loaded.items()}
+
+
+def load_settings(
+    file_values: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Settings, list[str]]:
+    """Merge defaults, file values and environment (in that order of precedence, lowest first).
+
+    Returns the settings and the names of keys in the file that we do not know
+    (the caller warns about them: a typo should not pass silently, but the Go
+    system's config files may carry keys for other programs).
+    """
+    file_values = dict(file_values or {})
+    environ = os.environ if environ is None else environ
+    known = {key.name for key in KEYS}
+    unknown = sorted(name for name in file_values if name not in known)
+    values: dict[str, Any] = {}
+    for key in KEYS:
+        raw = key.default
+        if key.name in file_values:
+            raw = file_values[key.name]
+        if key.name in environ:
+            raw = environ[key.name]
+        try:
+            values[key.field] = key.parse(raw)
+        except (ValueError, TypeError):
+            raise ConfigError(key.name, raw, key.expected) from None
+    return Settings(**values), unknown
+
+
+def default_settings() -> Settings:
+    """The embedded defaults, ignoring the environment (for tests and tools)."""
+    settings, _ = load_settings({}, {})
+    return settings

@@ -1,0 +1,52 @@
+"""The ``FlIntra`` servicer: turns selector RPCs into round events.
+
+Selector ids arrive from the network and name folders on disk, so they are
+checked here, at the edge, before they reach the round. ``SelectorAggregationComplete``
+always answers ``Empty``: existing selectors expect nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ._proto import fl_intra_grpc, fl_intra_pb2
+from .coordinator import Coordinator
+from .layout import InvalidSelectorId, check_selector_id
+from .net import BadAddress, split_address
+
+log = logging.getLogger(__name__)
+
+
+def problem_with_id(selector_id: str) -> str | None:
+    """Why ``selector_id`` cannot take part in a round, or None if it can."""
+    try:
+        check_selector_id(selector_id)
+        split_address(selector_id)
+    except (InvalidSelectorId, BadAddress) as error:
+        return str(error)
+    return None
+
+
+class IntraServicer(fl_intra_grpc.FlIntraServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._coordinator = coordinator
+
+    async def ClientCountUpdate(
+        self, message: fl_intra_pb2.ClientCount
+    ) -> fl_intra_pb2.FlClientStatus:
+        problem = problem_with_id(message.id)
+        if problem is not None:
+            log.warning("refused a check-in: %s", problem)
+            return fl_intra_pb2.FlClientStatus(accepted=False)
+        accepted = await self._coordinator.check_in(message.id)
+        return fl_intra_pb2.FlClientStatus(accepted=accepted)
+
+    async def SelectorAggregationComplete(
+        self, message: fl_intra_pb2.SelectorId
+    ) -> fl_intra_pb2.Empty:
+        problem = problem_with_id(message.id)
+        if problem is not None:
+            log.warning("ignored an aggregation report: %s", problem)
+        else:
+            await self._coordinator.report(message.id)
+        return fl_intra_pb2.Empty()

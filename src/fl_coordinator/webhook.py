@@ -1,0 +1,63 @@
+"""Optional webhook: every status message is also POSTed as JSON (``WEBHOOK_URL``).
+
+The webhook reads the hub like any other subscriber, so a slow or dead
+endpoint only costs its own queue (oldest messages dropped) and never blocks
+the round. Each message is tried a few times with exponential back-off.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import trio
+
+from .status import StatusHub, StatusMessage
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 4
+FIRST_BACKOFF = 0.5
+REQUEST_TIMEOUT = 5.0
+
+
+async def post_with_retries(client: httpx.AsyncClient, url: str, message: StatusMessage) -> bool:
+    """POST ``message``; retry on network errors and 5xx. Return whether it was delivered."""
+    delay = FIRST_BACKOFF
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            response = await client.post(url, json=message, timeout=REQUEST_TIMEOUT)
+            if response.status_code < 500:
+                if response.is_error:
+                    log.warning(
+                        "webhook %s refused status seq=%s: HTTP %d",
+                        url,
+                        message["seq"],
+                        response.status_code,
+                    )
+                    return False
+                return True
+            problem = f"HTTP {response.status_code}"
+        except httpx.HTTPError as error:
+            problem = f"{type(error).__name__}: {error}"
+        if attempt < ATTEMPTS:
+            log.debug("webhook attempt %d failed (%s); retrying in %.1f s", attempt, problem, delay)
+            await trio.sleep(delay)
+            delay *= 2
+    log.warning(
+        "webhook %s: gave up on status seq=%s after %d attempts (%s)",
+        url,
+        message["seq"],
+        ATTEMPTS,
+        problem,
+    )
+    return False
+
+
+async def run_webhook(hub: StatusHub, url: str) -> None:
+    """Deliver the hub's messages to ``url`` until cancelled."""
+    async with httpx.AsyncClient() as client:
+        with hub.subscribe() as subscription:
+            while True:
+                message = await subscription.get()
+                await post_with_retries(client, url, message)

@@ -1,0 +1,48 @@
+"""Shared fixtures: a real problem folder made by Keras once per session, copied per test."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fl_coordinator.config import Settings, default_settings
+from fl_coordinator.layout import Layout
+from fl_coordinator.model import builtin_model
+from fl_coordinator.problem import init_problem
+
+#: Keras weights files of the built-in model with these seeds stand in for
+#: selector aggregates: real files written by real Keras, all different.
+AGGREGATE_SEEDS = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("template")
+    settings = default_settings().replace(fl_root_path=str(base / "problem"))
+    init_problem(Layout.from_settings(settings))
+    for seed in AGGREGATE_SEEDS:
+        builtin_model(seed=seed).save_weights(base / f"seed{seed}.weights.h5")
+    return base
+
+
+@pytest.fixture(scope="session")
+def keras_weights(template: Path) -> list[Path]:
+    """Real Keras 3 weights files (same layout as the checkpoint, other values)."""
+    return [template / f"seed{seed}.weights.h5" for seed in AGGREGATE_SEEDS]
+
+
+@pytest.fixture
+def settings(template: Path, tmp_path: Path) -> Settings:
+    """A fresh copy of the problem folder, served on loopback with free ports."""
+    root = tmp_path / "root"
+    shutil.copytree(template / "problem", root)
+    return default_settings().replace(
+        fl_root_path=str(root), host="127.0.0.1", port=0, status_port=0, goal_count_timeout=5.0
+    )
+
+
+@pytest.fixture
+def layout(settings: Settings) -> Layout:
+    return Layout.from_settings(settings)

@@ -1,0 +1,189 @@
+"""The served coordinator in situations other than the happy path, over real sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import threading
+
+import pytest
+import trio
+from federation import (
+    FakeSelector,
+    PurerpcClient,
+    completed,
+    watch,
+    write_aggregate,
+)
+
+from fl_coordinator.aggregation import aggregate
+from fl_coordinator.config import Settings
+from fl_coordinator.layout import Layout
+from fl_coordinator.server import serve
+
+
+def digest(layout: Layout) -> str:
+    return hashlib.sha256(layout.checkpoint.read_bytes()).hexdigest()
+
+
+async def test_check_in_during_aggregation_is_accepted_into_next_round(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
+) -> None:
+    started, release = trio.Event(), threading.Event()
+
+    def paced_aggregate(*args):  # the real aggregation, held at the gate until released
+        trio.from_thread.run_sync(started.set)
+        release.wait(timeout=30)
+        return aggregate(*args)
+
+    endpoints = await nursery.start(
+        lambda task_status: serve(
+            settings.replace(checkin_limit=1), aggregator=paced_aggregate, task_status=task_status
+        )
+    )
+    first = await FakeSelector().start(nursery)
+    second = await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+
+    assert await client.check_in(first.id) is True
+    await first.told.receive()
+    write_aggregate(layout, first.id, keras_weights[0], weight=1)
+    await client.report(first.id)
+    await started.wait()
+
+    answers: list[bool] = []
+
+    async def late_check_in() -> None:
+        answers.append(await client.check_in(second.id))
+
+    nursery.start_soon(late_check_in)
+    held = await watcher.wait_for(lambda m: m["held"] == 1)
+    assert (held["round"], held["stage"], held["aggregating"]) == (1, "REPORTING", True)
+    assert answers == []  # held, not refused
+    release.set()
+
+    await second.told.receive()  # round 2 reached its goal with the held client
+    round2 = await watcher.wait_for(lambda m: m["round"] == 2 and m["stage"] == "CONFIGURATION")
+    assert answers == [True]
+    assert (round2["accepted"], round2["selectors"], round2["held"]) == (1, [second.id], 0)
+    assert (await watcher.wait_for(completed(1)))["stage"] == "COMPLETED"
+
+
+async def test_missing_aggregate_fails_round_and_keeps_checkpoint(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, caplog
+) -> None:
+    endpoints = await nursery.start(serve, settings)
+    first = await FakeSelector().start(nursery)
+    second = await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    before = digest(layout)
+
+    assert [await client.check_in(first.id), await client.check_in(second.id)] == [True, True]
+    await first.told.receive()
+    await second.told.receive()
+    write_aggregate(layout, first.id, keras_weights[0], weight=3)  # second writes nothing
+    await client.report(first.id)
+    await client.report(second.id)
+
+    failed = await watcher.wait_for(completed(1))
+    assert failed["stage"] == "FAILED"
+    assert str(layout.agg_checkpoint(second.id)) in failed["error"]
+    assert "missing" in failed["error"]
+    assert digest(layout) == before
+    opened = await watcher.wait_for(lambda m: m["round"] == 2)
+    assert (opened["stage"], opened["accepted"]) == ("SELECTION", 0)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(
+        "round 1: failed" in e and str(layout.agg_checkpoint(second.id)) in e for e in errors
+    )
+
+
+async def test_unreachable_selector_does_not_stop_the_others(
+    settings: Settings, nursery: trio.Nursery, caplog
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    endpoints = await nursery.start(serve, settings)
+    alive = await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    assert await client.check_in(dead) is True
+    assert await client.check_in(alive.id) is True
+    await alive.told.receive()
+    both = await watcher.wait_for(lambda m: len(m["configured"]) + len(m["unreachable"]) == 2)
+
+    assert (both["configured"], both["unreachable"]) == ([alive.id], [dead])
+    assert any(f"could not tell {dead} to configure" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "selector_id",
+    ["", "../../etc:80", "/abs:1", "a/b:1", "x\0y:1", "no-port", "h:99999", "a" * 300 + ":1", ".."],
+)
+async def test_hostile_selector_ids_are_refused(
+    settings: Settings, nursery: trio.Nursery, selector_id: str, caplog
+) -> None:
+    endpoints = await nursery.start(serve, settings)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    assert await client.check_in(selector_id) is False
+    await client.report(selector_id)  # answered with Empty (asserted inside)
+    assert any("refused a check-in" in r.getMessage() for r in caplog.records)
+    assert any("ignored an aggregation report" in r.getMessage() for r in caplog.records)
+    # The round saw nothing: a valid check-in is still the first one accepted.
+    fine = await FakeSelector().start(nursery)
+    assert await client.check_in(fine.id) is True
+    latest = await watcher.wait_for(lambda m: m["accepted"] == 1)
+    assert latest["selectors"] == [fine.id]
+
+
+async def test_report_from_selector_outside_round_changes_nothing(
+    settings: Settings, nursery: trio.Nursery, caplog
+) -> None:
+    endpoints = await nursery.start(serve, settings)
+    member = await FakeSelector().start(nursery)
+    stranger = await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    await client.check_in(member.id)
+    await client.check_in(member.id)
+    await member.told.receive()
+    await client.report(stranger.id)
+    await client.report(member.id)
+    reporting = await watcher.wait_for(lambda m: m["stage"] == "REPORTING")
+    assert reporting["reported"] == [member.id]
+    assert any(f"ignored report from {stranger.id!r}" in r.getMessage() for r in caplog.records)
+
+
+async def test_stalled_subscriber_does_not_delay_the_round(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
+) -> None:
+    goal = 150
+    endpoints = await nursery.start(serve, settings.replace(checkin_limit=goal))
+    # A subscriber that completes the handshake, then never reads a byte.
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    stalled.connect(("127.0.0.1", endpoints.status_port))
+    stalled.sendall(
+        b"GET /status HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    selector = await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    try:
+        with trio.fail_after(60):
+            for _ in range(goal):
+                assert await client.check_in(selector.id) is True
+            await selector.told.receive()
+            write_aggregate(layout, selector.id, keras_weights[0], weight=goal)
+            await client.report(selector.id)
+            assert (await watcher.wait_for(completed(1)))["stage"] == "COMPLETED"
+    finally:
+        stalled.close()
+    seqs = [m["seq"] for m in watcher.messages]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # the healthy one lost nothing

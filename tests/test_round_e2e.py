@@ -1,0 +1,90 @@
+"""Whole rounds over real loopback sockets: gRPC check-ins and reports, real
+selector servers told to configure, real Keras files averaged, and a real
+websocket subscriber watching every stage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import trio
+from federation import (
+    FakeSelector,
+    GrpcioClient,
+    IntraClient,
+    PurerpcClient,
+    assert_arrays_close,
+    completed,
+    fedavg,
+    read_floats,
+    watch,
+    write_aggregate,
+)
+
+from fl_coordinator.config import Settings
+from fl_coordinator.layout import Layout
+from fl_coordinator.server import serve
+
+
+@pytest.fixture(params=["grpcio", "purerpc"])
+def client_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def make_client(kind: str, port: int) -> Iterator[IntraClient]:
+    if kind == "grpcio":
+        client = GrpcioClient(port)
+        yield client
+        client.close()
+    else:
+        yield PurerpcClient(port)
+
+
+async def test_two_complete_rounds(
+    settings: Settings, layout: Layout, keras_weights, client_kind: str, nursery: trio.Nursery
+) -> None:
+    settings = settings.replace(checkin_limit=3)
+    endpoints = await nursery.start(serve, settings)
+    first = await FakeSelector().start(nursery)
+    second = await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+
+    for client in make_client(client_kind, endpoints.grpc_port):
+        for round_no, (a, b) in ((1, (0, 1)), (2, (2, 3))):
+            before = read_floats(layout.checkpoint)
+            accepted = [
+                await client.check_in(first.id),
+                await client.check_in(second.id),
+                await client.check_in(first.id),
+            ]
+            assert accepted == [True, True, True]
+            assert await client.check_in(second.id) is False  # goal of 3 reached
+            await first.told.receive()
+            await second.told.receive()
+
+            write_aggregate(layout, first.id, keras_weights[a], weight=5)
+            write_aggregate(layout, second.id, keras_weights[b], weight=7)
+            await client.report(first.id)
+            await client.report(second.id)
+            done = await watcher.wait_for(completed(round_no))
+
+            assert done["stage"] == "COMPLETED", done
+            assert done["checkpoint"] == str(layout.checkpoint)
+            assert done["aggregation_seconds"] >= 0
+            assert done["selectors"] == [first.id, second.id]
+            assert done["reported"] == [first.id, second.id]
+            expected = fedavg(before, [(keras_weights[a], 5), (keras_weights[b], 7)])
+            assert_arrays_close(read_floats(layout.checkpoint), expected)
+
+    await watcher.wait_for(lambda m: m["round"] == 3)
+    assert watcher.stages() == [
+        (1, "SELECTION"), (1, "CONFIGURATION"), (1, "REPORTING"), (1, "COMPLETED"),
+        (2, "SELECTION"), (2, "CONFIGURATION"), (2, "REPORTING"), (2, "COMPLETED"),
+        (3, "SELECTION"),
+    ]  # fmt: skip
+    seqs = [m["seq"] for m in watcher.messages]
+    assert seqs == sorted(set(seqs))
+    assert {m["problem_id"] for m in watcher.messages} == {"DEFAULT"}
+    assert all(m["time"].endswith("Z") and m["goal"] == 3 for m in watcher.messages)
+    # Nothing of the coordinator's own may appear under initFiles/ (selectors send it all).
+    assert sorted(p.name for p in layout.init_files.rglob("*")) == ["fl_checkpoint", "model.h5"]
