@@ -78,7 +78,8 @@ def needs_init(layout: Layout) -> bool:
 
 
 def _check_hdf5(path: Path, key: str, what: str) -> None:
-    hint = "run `fl-coordinator init`, or `fl-coordinator rollback` to restore a saved one"
+    hint = "run `fl-coordinator init` to create it"
+
     if not path.is_file():
         raise ConfigError(key, str(path), f"{what} (file is missing: {hint})")
     try:

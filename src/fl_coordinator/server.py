@@ -66,7 +66,7 @@ async def serve(
             StatusServer(hub).serve, settings.host, settings.status_port
         )
         if settings.webhook_url:
-            nursery.start_soon(run_webhook, hub, settings.webhook_url)
+            await nursery.start(run_webhook, hub, settings.webhook_url)
         endpoints = Endpoints(settings.host, grpc_port, status_port)
         log.info(
             "problem %r: selectors at %s:%d (FlIntra), status stream at %s, root %s",

@@ -8,6 +8,7 @@ the round. Each message is tried a few times with exponential back-off.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import httpx
 import trio
@@ -16,15 +17,23 @@ from .status import StatusHub, StatusMessage
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS = 4
-FIRST_BACKOFF = 0.5
 REQUEST_TIMEOUT = 5.0
 
 
-async def post_with_retries(client: httpx.AsyncClient, url: str, message: StatusMessage) -> bool:
+@dataclass(frozen=True)
+class Retry:
+    """How hard to try one message: attempts, and the first pause (doubling after each)."""
+
+    attempts: int = 4
+    first_backoff: float = 0.5
+
+
+async def post_with_retries(
+    client: httpx.AsyncClient, url: str, message: StatusMessage, retry: Retry
+) -> bool:
     """POST ``message``; retry on network errors and 5xx. Return whether it was delivered."""
-    delay = FIRST_BACKOFF
-    for attempt in range(1, ATTEMPTS + 1):
+    delay = retry.first_backoff
+    for attempt in range(1, retry.attempts + 1):
         try:
             response = await client.post(url, json=message, timeout=REQUEST_TIMEOUT)
             if response.status_code < 500:
@@ -40,7 +49,7 @@ async def post_with_retries(client: httpx.AsyncClient, url: str, message: Status
             problem = f"HTTP {response.status_code}"
         except httpx.HTTPError as error:
             problem = f"{type(error).__name__}: {error}"
-        if attempt < ATTEMPTS:
+        if attempt < retry.attempts:
             log.debug("webhook attempt %d failed (%s); retrying in %.1f s", attempt, problem, delay)
             await trio.sleep(delay)
             delay *= 2
@@ -48,16 +57,23 @@ async def post_with_retries(client: httpx.AsyncClient, url: str, message: Status
         "webhook %s: gave up on status seq=%s after %d attempts (%s)",
         url,
         message["seq"],
-        ATTEMPTS,
+        retry.attempts,
         problem,
     )
     return False
 
 
-async def run_webhook(hub: StatusHub, url: str) -> None:
-    """Deliver the hub's messages to ``url`` until cancelled."""
+async def run_webhook(
+    hub: StatusHub,
+    url: str,
+    retry: Retry = Retry(),
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Deliver the hub's messages to ``url`` until cancelled (started once subscribed)."""
     async with httpx.AsyncClient() as client:
         with hub.subscribe() as subscription:
+            task_status.started()
             while True:
                 message = await subscription.get()
-                await post_with_retries(client, url, message)
+                await post_with_retries(client, url, message, retry)

@@ -1,0 +1,97 @@
+"""Settings: the Go keys with their defaults, YAML, environment overrides, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from fl_coordinator.config import KEYS, ConfigError, Settings, load_settings, read_config_file
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_defaults_are_the_go_coordinators() -> None:
+    settings, unknown = load_settings({}, {})
+    assert unknown == []
+    assert settings.init_files_path == "initFiles/"
+    assert settings.model_file == "model.h5"
+    assert settings.checkpoint_file == "fl_checkpoint"
+    assert settings.agg_checkpoint_file_path == "/fl_agg_checkpoint"
+    assert settings.agg_checkpoint_weight_path == "/fl_agg_checkpoint_weight"
+    assert settings.estimated_waiting_time == 20000
+    assert settings.checkin_limit == 2
+    assert settings.webserver_address == "localhost:50052"
+    assert settings.port == 50050
+    assert settings.problem_id == "DEFAULT"
+    # Ours: the root is ./data (the Go default ../data pointed outside the checkout).
+    assert (settings.fl_root_path, settings.host, settings.status_port) == (
+        "./data",
+        "0.0.0.0",
+        50052,
+    )
+
+
+def test_every_key_is_a_settings_field() -> None:
+    assert [f.name for f in dataclasses.fields(Settings)] == [key.field for key in KEYS]
+
+
+def test_file_then_environment(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("PORT: 6000\nCHECKIN_LIMIT: 5\nPROBLEM_ID: digits\nSOMETHING_ELSE: 1\n")
+    settings, unknown = load_settings(read_config_file(config), {"PORT": "7000"})
+    assert (settings.port, settings.checkin_limit, settings.problem_id) == (7000, 5, "digits")
+    assert unknown == ["SOMETHING_ELSE"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("PORT", "abc", "a port number"),
+        ("PORT", "70000", "a port number"),
+        ("STATUS_PORT", "-1", "a port number"),
+        ("CHECKIN_LIMIT", "0", "an integer >= 1"),
+        ("CHECKIN_LIMIT", "two", "an integer >= 1"),
+        ("ESTIMATED_WAITING_TIME", "-5", "an integer >= 0"),
+        ("WEBHOOK_URL", "ftp://example", "an http(s) URL"),
+        ("GOAL_COUNT_TIMEOUT", "0", "seconds > 0"),
+        ("GOAL_COUNT_TIMEOUT", "nan", "seconds > 0"),
+        ("WEBSERVER_ADDRESS", "nohost", "host:port"),
+        ("INIT_FILES_PATH", "../elsewhere", "a folder name"),
+        ("LOG_LEVEL", "LOUD", "DEBUG, INFO"),
+    ],
+)
+def test_bad_values_name_key_value_and_expectation(key: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {key: value})
+    message = str(raised.value)
+    assert message.startswith(f"configuration error: {key}={value!r}: expected ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_yaml_types_are_checked_too() -> None:
+    with pytest.raises(ConfigError, match="CHECKIN_LIMIT=True"):
+        load_settings({"CHECKIN_LIMIT": True}, {})
+    settings, _ = load_settings({"CHECKIN_LIMIT": 7, "GOAL_COUNT_TIMEOUT": 2.5}, {})
+    assert (settings.checkin_limit, settings.goal_count_timeout) == (7, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("PORT: [unclosed", "valid YAML"), ("- just\n- a list\n", "a YAML mapping")],
+)
+def test_bad_config_files(tmp_path: Path, content: str, expected: str) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(content)
+    with pytest.raises(ConfigError, match=expected):
+        read_config_file(config)
+    with pytest.raises(ConfigError, match="a readable file"):
+        read_config_file(tmp_path / "missing.yaml")
+
+
+def test_readme_documents_every_key() -> None:
+    readme = README.read_text()
+    missing = [key.name for key in KEYS if f"| `{key.name}` |" not in readme]
+    assert missing == []
