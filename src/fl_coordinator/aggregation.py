@@ -132,6 +132,56 @@ def _read_input(file: h5py.File, name: str, like: h5py.Dataset, path: Path) -> n
         raise AggregationError(f"{path}: dataset {name!r} cannot be read ({error})") from None
 
 
+#: Turns the float64 sum of the inputs for one dataset into the values to write;
+#: it gets the dataset of the output file (still holding the template's values).
+Finish = Callable[[h5py.Dataset, np.ndarray], np.ndarray]
+
+
+def sum_into(
+    template: Path,
+    inputs: Sequence[Path],
+    dest: Path,
+    tmp_dir: Path,
+    finish: Finish,
+    cancel: threading.Event | None = None,
+) -> tuple[int, int]:
+    """Write ``dest``: a copy of ``template`` whose float datasets hold ``finish(dataset, sum)``.
+
+    ``sum`` is the float64 sum of the same dataset over ``inputs``, each checked
+    against the template's shape and dtype and for NaN/Inf. ``dest`` is
+    replaced atomically, and only if everything succeeded (it may be
+    ``template`` itself). Returns (arrays written, input bytes read).
+    """
+    bytes_read = 0
+    arrays = 0
+    with ExitStack() as stack:
+        files = [_open_h5(path, stack, "aggregate checkpoint") for path in inputs]
+        _open_h5(template, stack, "checkpoint").close()
+        with atomic_target(dest, tmp_dir) as tmp:
+            shutil.copyfile(template, tmp)
+            with h5py.File(tmp, "r+") as out:
+                for name in float_datasets(out):
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled("aggregation cancelled: shutting down")
+                    target = out[name]
+                    total = np.zeros(target.shape, dtype=np.float64)
+                    for file, path in zip(files, inputs, strict=True):
+                        update = _read_input(file, name, target, path)
+                        total += update
+                        bytes_read += update.nbytes
+                    if not np.all(np.isfinite(total)):
+                        culprits = [
+                            str(path)
+                            for file, path in zip(files, inputs, strict=True)
+                            if not np.all(np.isfinite(file[name][()]))
+                        ]
+                        where = ", ".join(culprits) or "their sum (overflow)"
+                        raise AggregationError(f"dataset {name!r} contains NaN or Inf in {where}")
+                    target[...] = finish(target, total).astype(target.dtype)
+                    arrays += 1
+    return arrays, bytes_read
+
+
 def aggregate(
     checkpoint: Path,
     contributions: Sequence[Contribution],
@@ -145,39 +195,15 @@ def aggregate(
     if not contributions:
         raise AggregationError("no selector aggregates to average")
     started = time.perf_counter()
-    weights = [read_weight(c.weight) for c in contributions]
-    total_weight = sum(weights)
-    bytes_read = 0
-    arrays = 0
-    with ExitStack() as stack:
-        inputs = [_open_h5(c.checkpoint, stack, "aggregate checkpoint") for c in contributions]
-        _open_h5(checkpoint, stack, "global checkpoint").close()
-        with atomic_target(checkpoint, tmp_dir) as tmp:
-            shutil.copyfile(checkpoint, tmp)
-            with h5py.File(tmp, "r+") as out:
-                for name in float_datasets(out):
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled("aggregation cancelled: shutting down")
-                    target = out[name]
-                    total = np.zeros(target.shape, dtype=np.float64)
-                    for file, contribution in zip(inputs, contributions, strict=True):
-                        update = _read_input(file, name, target, contribution.checkpoint)
-                        total += update
-                        bytes_read += update.nbytes
-                    if not np.all(np.isfinite(total)):
-                        culprits = [
-                            str(c.checkpoint)
-                            for file, c in zip(inputs, contributions, strict=True)
-                            if not np.all(np.isfinite(file[name][()]))
-                        ]
-                        where = ", ".join(culprits) or "their sum (overflow)"
-                        raise AggregationError(f"dataset {name!r} contains NaN or Inf in {where}")
-                    current = target[()]
-                    bytes_read += current.nbytes
-                    total /= total_weight
-                    total += current
-                    target[...] = total.astype(target.dtype)
-                    arrays += 1
+    total_weight = sum(read_weight(c.weight) for c in contributions)
+
+    def finish(current: h5py.Dataset, total: np.ndarray) -> np.ndarray:
+        total /= total_weight
+        total += current[()]
+        return total
+
+    inputs = [c.checkpoint for c in contributions]
+    arrays, bytes_read = sum_into(checkpoint, inputs, checkpoint, tmp_dir, finish, cancel)
     return AggregationResult(
         arrays=arrays,
         bytes_read=bytes_read,

@@ -7,6 +7,7 @@ the program with one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,12 +16,16 @@ from pathlib import Path
 import trio
 
 from .config import ConfigError, Settings, load_settings, read_config_file
+from .federation.training import Hyper
 from .layout import Layout
 from .logs import setup_logging
 
 log = logging.getLogger("fl_coordinator")
 
 EXIT_USAGE = 2
+
+#: Local training of the demo's clients (and of its centralized baseline).
+DEMO_HYPER = Hyper()
 
 
 def _settings(config: Path | None, **overrides: object) -> Settings:
@@ -32,17 +37,10 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
     return settings.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def _unwrap(group: BaseExceptionGroup) -> ConfigError | None:
-    """The ConfigError inside a nursery's exception group, if that is what ended it."""
-    matched, _ = group.split(ConfigError)
-    while isinstance(matched, BaseExceptionGroup):
-        matched = matched.exceptions[0]
-    return matched
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from .problem import check_problem, init_problem, needs_init
-    from .server import serve_until_signal
+    from .server import serve
+    from .shutdown import first_of, run_until_signal
 
     settings = _settings(args.config)
     layout = Layout.from_settings(settings)
@@ -57,9 +55,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         init_problem(layout)
     check_problem(layout)
     try:
-        trio.run(serve_until_signal, settings)
+        trio.run(run_until_signal, functools.partial(serve, settings))
+
     except BaseExceptionGroup as group:
-        error = _unwrap(group)
+        error = first_of(group, ConfigError)
         if error is None:
             raise
         raise error from None
@@ -81,6 +80,33 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from .federation.demo import DemoError, DemoOptions, run_demo
+    except ImportError as error:
+        print(
+            f"fl-coordinator demo: {error.name} is missing; install the demo extra: "
+            "pip install 'fl-coordinator[demo]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    setup_logging("WARNING")
+    options = DemoOptions(
+        root=args.root,
+        selectors=args.selectors,
+        clients=args.clients,
+        rounds=args.rounds,
+        hyper=Hyper(args.epochs, args.batch_size, args.learning_rate),
+        seed=args.seed,
+    )
+    try:
+        run_demo(options)
+    except DemoError as error:
+        print(f"fl-coordinator demo: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fl-coordinator",
@@ -98,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     init.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
     init.set_defaults(run=cmd_init)
+
+    demo = commands.add_parser("demo", help="run a whole federation on this machine")
+    demo.add_argument("--root", type=Path, default=Path("demo"), help="demo folder (./demo)")
+    demo.add_argument("--selectors", type=int, default=2)
+    demo.add_argument("--clients", type=int, default=6)
+    demo.add_argument("--rounds", type=int, default=10)
+    demo.add_argument("--epochs", type=int, default=DEMO_HYPER.epochs, help="local epochs")
+    demo.add_argument("--batch-size", type=int, default=DEMO_HYPER.batch_size)
+    demo.add_argument("--learning-rate", type=float, default=DEMO_HYPER.learning_rate)
+    demo.add_argument("--seed", type=int, default=0, help="data split and initial model")
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 

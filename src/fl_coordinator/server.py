@@ -8,7 +8,6 @@ the websocket status server and, if configured, the webhook. Cancelling it
 from __future__ import annotations
 
 import logging
-import signal
 from dataclasses import dataclass
 
 import trio
@@ -77,26 +76,3 @@ async def serve(
             layout.root,
         )
         task_status.started(endpoints)
-
-
-class _DropAfterShutdown(logging.Filter):
-    """purerpc logs every connection it tears down on cancellation as a warning."""
-
-    stopping = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not self.stopping
-
-
-async def serve_until_signal(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM, then stop every task and return."""
-    quiet = _DropAfterShutdown()
-    logging.getLogger("purerpc").addFilter(quiet)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve, settings)
-            async for signum in signals:
-                log.info("%s received: shutting down", signal.Signals(signum).name)
-                quiet.stopping = True
-                nursery.cancel_scope.cancel()
-                break

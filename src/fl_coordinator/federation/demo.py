@@ -1,0 +1,344 @@
+"""``fl-coordinator demo``: a whole federation on this machine, compared with centralized training.
+
+It creates a fresh problem folder, starts the coordinator, S selectors and C
+clients as separate processes talking gRPC over 127.0.0.1, and follows the
+rounds through the coordinator's websocket status stream, like a webserver
+would. After each completed round it evaluates the new global checkpoint on a
+held-out test set. At the end it trains the same model on the pooled data for
+the same total number of epochs (the centralized baseline), prints a summary,
+and leaves ``summary.json`` and ``accuracy.png`` in the root folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+import trio_websocket
+
+from ..config import default_settings
+from ..layout import Layout
+from ..problem import init_problem
+from .data import Split, split_digits, write_shards
+from .processes import Child, ChildFailed
+from .training import Hyper, accuracy, compile_for_training, load_weights
+
+#: Without any status message for this long, the demo gives up and points at the logs.
+STALL_SECONDS = 180.0
+
+
+class DemoError(Exception):
+    """The demo cannot run or did not finish; the message says why and where to look."""
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    root: Path = Path("demo")
+    selectors: int = 2
+    clients: int = 6
+    rounds: int = 10
+    hyper: Hyper = field(default_factory=Hyper)
+    alpha: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class RoundResult:
+    round: int
+    accuracy: float
+    seconds: float
+    clients: int
+
+
+def fresh_root(root: Path) -> None:
+    """Empty ``root`` if it is a previous demo's; refuse to wipe anything else."""
+    if root.exists():
+        if not root.is_dir():
+            raise DemoError(f"--root {root} is a file; choose a folder")
+        leftovers = {p.name for p in root.iterdir()}
+        if leftovers and not leftovers & {"summary.json", "initFiles", "clients"}:
+            raise DemoError(f"--root {root} is not empty and not a previous demo; choose another")
+        shutil.rmtree(root)
+    (root / "logs").mkdir(parents=True)
+
+
+class Evaluator:
+    """The demo's own copy of the model, to measure each new global checkpoint."""
+
+    def __init__(self, model_file: Path, split: Split) -> None:
+        from ..model import import_keras
+
+        self.model = import_keras().models.load_model(model_file, compile=False)
+        self.split = split
+
+    def __call__(self, checkpoint: Path) -> float:
+        load_weights(self.model, checkpoint)
+        return accuracy(self.model, self.split.x_test, self.split.y_test)
+
+
+def centralized_baseline(split: Split, options: DemoOptions) -> list[float]:
+    """Same model and initial weights, pooled data, same total epochs; accuracy per round."""
+    from ..model import builtin_model
+
+    model = builtin_model()
+    compile_for_training(model, options.hyper)
+    per_round = []
+    for _ in range(options.rounds):
+        model.fit(
+            split.x_train,
+            split.y_train,
+            epochs=options.hyper.epochs,
+            batch_size=options.hyper.batch_size,
+            verbose=0,
+            shuffle=True,
+        )
+        per_round.append(accuracy(model, split.x_test, split.y_test))
+    return per_round
+
+
+class Progress:
+    """One line per round; on a terminal, a live line for the stage in between."""
+
+    def __init__(self, out: TextIO, rounds: int) -> None:
+        self.out = out
+        self.rounds = rounds
+        self.live = out.isatty()
+
+    def say(self, text: str) -> None:
+        print(("\r\033[K" if self.live else "") + text, file=self.out, flush=True)
+
+    def stage(self, message: dict[str, Any]) -> None:
+        if self.live:
+            text = (
+                f"round {message['round']:>3}/{self.rounds}  {message['stage']:<13} "
+                f"clients {message['accepted']}/{message['goal']}  "
+                f"reported {len(message['reported'])}/{len(message['selectors'])}"
+            )
+            print("\r\033[K" + text, end="", file=self.out, flush=True)
+
+    def header(self) -> None:
+        self.say(f"{'round':>9}  {'stage':<13} {'clients':>7}  {'accuracy':>8}  {'time':>7}")
+
+    def row(self, result: RoundResult, stage: str) -> None:
+        self.say(
+            f"{result.round:>5}/{self.rounds:<3}  {stage:<13} {result.clients:>7}  "
+            f"{result.accuracy:>8.3f}  {result.seconds:>6.1f}s"
+        )
+
+
+class Demo:
+    def __init__(self, options: DemoOptions, out: TextIO = sys.stdout) -> None:
+        if options.selectors < 1 or options.clients < options.selectors or options.rounds < 1:
+            raise DemoError("need rounds >= 1, selectors >= 1 and clients >= selectors")
+        self.options = options
+        self.root = options.root.resolve()
+        self.layout = Layout.from_settings(default_settings().replace(fl_root_path=str(self.root)))
+        self.progress = Progress(out, options.rounds)
+        self.children: list[Child] = []
+        self.results: list[RoundResult] = []
+
+    def _child(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, args, self.root / "logs" / f"{name}.log", env)
+        self.children.append(child)
+        return child
+
+    async def run(self) -> dict[str, Any]:
+        options = self.options
+        fresh_root(self.root)
+        split = split_digits(options.clients, options.alpha, options.seed)
+        shards = write_shards(split, self.root / "clients")
+        init_problem(self.layout)
+        evaluator = Evaluator(self.layout.model, split)
+        initial = evaluator(self.layout.checkpoint)
+        self.progress.say(
+            f"federation: 1 coordinator, {options.selectors} selector(s), {options.clients} "
+            f"client(s), {options.rounds} round(s), {options.hyper.epochs} local epoch(s); "
+            f"non-IID digits (Dirichlet alpha={options.alpha}); logs in {self.root / 'logs'}"
+        )
+        started = time.monotonic()
+        try:
+            async with trio.open_nursery() as nursery:
+                status_url = await self._start_federation(nursery, shards)
+                await self._follow(status_url, evaluator)
+                await self._finish_clients()
+                for child in reversed(self.children):
+                    await child.stop()
+                nursery.cancel_scope.cancel()
+        except ChildFailed as error:
+            raise DemoError(str(error)) from None
+        finally:
+            with trio.CancelScope(shield=True):
+                for child in self.children:
+                    await child.stop(grace=2)
+        federated_seconds = time.monotonic() - started
+        baseline = await trio.to_thread.run_sync(centralized_baseline, split, options)
+        summary = self._summary(split, initial, baseline, federated_seconds)
+        (self.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot(summary, self.root / "accuracy.png")
+        self._print_summary(summary)
+        return summary
+
+    async def _start_federation(self, nursery: trio.Nursery, shards: list[Path]) -> str:
+        options = self.options
+        coordinator = self._child(
+            "coordinator",
+            ["fl_coordinator", "serve"],
+            {
+                "FL_ROOT_PATH": str(self.root),
+                "HOST": "127.0.0.1",
+                "PORT": "0",
+                "STATUS_PORT": "0",
+                "CHECKIN_LIMIT": str(options.clients),
+                "PROBLEM_ID": "digits-demo",
+                "LOG_LEVEL": "INFO",
+            },
+        )
+        ready = await coordinator.start(
+            nursery, r"selectors at (\S+:\d+) \(FlIntra\), status stream at (\S+),"
+        )
+        coordinator_address, status_url = ready.group(1), ready.group(2)
+        selector_ids = []
+        for index in range(options.selectors):
+            selector = self._child(
+                f"selector{index}",
+                [
+                    "fl_coordinator.federation.selector_cli", "serve",
+                    "--coordinator", coordinator_address, "--root", str(self.root),
+                    "--port", "0", "--waiting-time-ms", "200",
+                    "--hold-timeout", "120", "--report-timeout", "120",
+                ],
+            )  # fmt: skip
+            selector_ids.append((await selector.start(nursery, r"selector (\S+) serving")).group(1))
+        for index, shard in enumerate(shards):
+            client = self._child(
+                f"client{index}",
+                [
+                    "fl_coordinator.federation.client_cli",
+                    "--selector", selector_ids[index % len(selector_ids)],
+                    "--data", str(shard), "--work-dir", str(self.root / "clients" / f"work{index}"),
+                    "--rounds", str(options.rounds), "--epochs", str(options.hyper.epochs),
+                    "--batch-size", str(options.hyper.batch_size),
+                    "--learning-rate", str(options.hyper.learning_rate),
+                    "--max-refusals", "1000",
+                ],
+            )  # fmt: skip
+            await client.start(nursery, r"client of \S+ with \d+ samples")
+        return status_url
+
+    async def _follow(self, status_url: str, evaluator: Evaluator) -> None:
+        """Read the status stream until the last round completes; a row per round."""
+        self.progress.header()
+        opened: dict[int, float] = {}
+        async with trio_websocket.open_websocket_url(status_url) as ws:
+            while len(self.results) < self.options.rounds:
+                with trio.move_on_after(STALL_SECONDS) as stalled:
+                    message = json.loads(await ws.get_message())
+                if stalled.cancelled_caught:
+                    raise DemoError(
+                        f"no progress for {STALL_SECONDS:.0f} s; see the logs in "
+                        f"{self.root / 'logs'}"
+                    )
+                self._check_children()
+                number = message["round"]
+                opened.setdefault(number, time.monotonic())
+                self.progress.stage(message)
+                if message["stage"] == "FAILED":
+                    raise DemoError(f"round {number} failed: {message.get('error')}")
+                if message["stage"] == "COMPLETED":
+                    score = await trio.to_thread.run_sync(evaluator, self.layout.checkpoint)
+                    result = RoundResult(
+                        number, score, time.monotonic() - opened[number], message["accepted"]
+                    )
+                    self.results.append(result)
+                    self.progress.row(result, "COMPLETED")
+
+    def _check_children(self) -> None:
+        for child in self.children:
+            if child.returncode not in (None, 0):
+                raise DemoError(
+                    f"{child.name} exited with status {child.returncode}:\n{child.tail()}"
+                )
+
+    async def _finish_clients(self) -> None:
+        with trio.move_on_after(60):
+            for child in self.children:
+                if child.name.startswith("client"):
+                    await child.wait()
+
+    def _summary(
+        self, split: Split, initial: float, baseline: list[float], seconds: float
+    ) -> dict[str, Any]:
+        final = self.results[-1].accuracy
+        return {
+            "rounds": [asdict(r) for r in self.results],
+            "initial_accuracy": initial,
+            "final_accuracy": final,
+            "baseline": {"accuracy": baseline[-1], "per_round": baseline},
+            "ratio_to_baseline": final / baseline[-1],
+            "federation_seconds": seconds,
+            "settings": {
+                "selectors": self.options.selectors,
+                "clients": self.options.clients,
+                "rounds": self.options.rounds,
+                "epochs": self.options.hyper.epochs,
+                "batch_size": self.options.hyper.batch_size,
+                "learning_rate": self.options.hyper.learning_rate,
+                "alpha": self.options.alpha,
+                "seed": self.options.seed,
+                "test_samples": len(split.y_test),
+            },
+            "client_label_counts": split.label_counts().tolist(),
+        }
+
+    def _print_summary(self, summary: dict[str, Any]) -> None:
+        say = self.progress.say
+        say("")
+        say(
+            f"federated   : test accuracy {summary['final_accuracy']:.3f} after "
+            f"{len(summary['rounds'])} round(s) ({summary['federation_seconds']:.0f} s)"
+        )
+        say(
+            f"centralized : test accuracy {summary['baseline']['accuracy']:.3f} "
+            f"(same model, pooled data, {self.options.rounds * self.options.hyper.epochs} epochs)"
+        )
+        say(f"ratio       : {summary['ratio_to_baseline']:.3f} of the centralized baseline")
+        say(
+            f"files       : {self.root / 'summary.json'}, {self.root / 'accuracy.png'}, "
+            f"global model in {self.layout.init_files}"
+        )
+
+
+def plot(summary: dict[str, Any], dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in summary["rounds"]]
+    figure, axes = plt.subplots(figsize=(6.4, 4))
+    axes.plot(rounds, [r["accuracy"] for r in summary["rounds"]], "o-", label="federated (FedAvg)")
+    axes.plot(
+        range(1, len(summary["baseline"]["per_round"]) + 1),
+        summary["baseline"]["per_round"],
+        "s--",
+        label="centralized (same epochs)",
+    )
+    axes.set_xlabel("round")
+    axes.set_ylabel("test accuracy")
+    axes.set_title("digits, non-IID clients: accuracy per round")
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(dest, dpi=100)
+    plt.close(figure)
+
+
+def run_demo(options: DemoOptions) -> dict[str, Any]:
+    return trio.run(Demo(options).run)

@@ -1,0 +1,90 @@
+"""``fl-selector serve``: run the reference selector."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from ..config import ConfigError, load_settings
+from ..layout import Layout
+from ..logs import setup_logging
+from ..net import BadAddress, split_address
+from ..shutdown import first_of, run_until_signal
+from .selector import Selector, SelectorOptions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fl-selector", description="Reference FL selector.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="hold clients and pre-aggregate their updates")
+    serve.add_argument("--coordinator", default="127.0.0.1:50050", help="coordinator host:port")
+    serve.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="shared folder of the FL problem (default: FL_ROOT_PATH)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="listen address")
+    serve.add_argument("--port", type=int, default=50051, help="listen port (0 = any free)")
+    serve.add_argument(
+        "--advertise", default=None, help="host part of the selector id, if --host is a wildcard"
+    )
+    serve.add_argument(
+        "--waiting-time-ms",
+        type=int,
+        default=20000,
+        help="reconnection time told to refused clients",
+    )
+    serve.add_argument(
+        "--hold-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a client is held waiting for the goal count",
+    )
+    serve.add_argument(
+        "--report-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for uploads before aggregating what arrived",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings, _ = load_settings()
+        if args.root is not None:
+            settings = settings.replace(fl_root_path=str(args.root))
+        split_address(args.coordinator)
+    except (ConfigError, BadAddress) as error:
+        print(f"fl-selector: {error}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    options = SelectorOptions(
+        coordinator=args.coordinator,
+        layout=Layout.from_settings(settings),
+        host=args.host,
+        port=args.port,
+        advertise=args.advertise,
+        waiting_time_ms=args.waiting_time_ms,
+        hold_timeout=args.hold_timeout,
+        report_timeout=args.report_timeout,
+    )
+    try:
+        trio.run(run_until_signal, Selector(options).serve)
+    except BaseExceptionGroup as group:
+        error = first_of(group, ConfigError)
+        if error is None:
+            raise
+        print(f"fl-selector: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

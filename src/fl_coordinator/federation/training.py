@@ -1,0 +1,102 @@
+"""Keras work of a client (and of the demo's evaluation): load, train, make the update.
+
+The shared checkpoint is a Keras 3 weights file without the ``.weights.h5``
+suffix Keras insists on, so it is read through a suffixed symlink.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..model import import_keras
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Local training: epochs per round, batch size, SGD learning rate."""
+
+    epochs: int = 2
+    batch_size: int = 16
+    learning_rate: float = 0.1
+
+
+def compile_for_training(model: Any, hyper: Hyper) -> None:
+    keras = import_keras()
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=hyper.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def load_weights(model: Any, checkpoint: Path) -> None:
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        # A compiled model warns that the file has no optimizer state: it never does.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        named = Path(folder) / "checkpoint.weights.h5"
+        named.symlink_to(checkpoint.resolve())
+        model.load_weights(named)
+
+
+def save_weights(model: Any, dest: Path) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        named = Path(folder) / "weights.weights.h5"
+        model.save_weights(named)
+        dest.write_bytes(named.read_bytes())
+
+
+def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
+    predictions = model.predict(x, verbose=0, batch_size=512)
+    return float(np.mean(np.argmax(predictions, axis=1) == y))
+
+
+def batches(samples: int, hyper: Hyper) -> int:
+    """n: the number of training batches a client runs in one round (its FedAvg weight)."""
+    return math.ceil(samples / hyper.batch_size) * hyper.epochs
+
+
+class Trainer:
+    """One client's model, kept compiled across rounds (recompiling costs seconds per round)."""
+
+    def __init__(self, hyper: Hyper) -> None:
+        self.hyper = hyper
+        self._model: Any = None
+        self._model_digest = b""
+
+    def _model_for(self, model_file: Path) -> Any:
+        digest = hashlib.sha256(model_file.read_bytes()).digest()
+        if self._model is None or digest != self._model_digest:
+            keras = import_keras()
+            self._model = keras.models.load_model(model_file, compile=False)
+            compile_for_training(self._model, self.hyper)
+            self._model_digest = digest
+        return self._model
+
+    def train(
+        self, model_file: Path, checkpoint: Path, x: np.ndarray, y: np.ndarray, dest: Path
+    ) -> int:
+        """Train from the global weights; write ``n * (w_new - w)`` to ``dest``; return n."""
+        model = self._model_for(model_file)
+        load_weights(model, checkpoint)
+        start = [np.array(w) for w in model.get_weights()]
+        model.fit(
+            x,
+            y,
+            epochs=self.hyper.epochs,
+            batch_size=self.hyper.batch_size,
+            verbose=0,
+            shuffle=True,
+        )
+        n = batches(len(x), self.hyper)
+        trained = model.get_weights()
+        model.set_weights([n * (new - old) for old, new in zip(start, trained, strict=True)])
+        save_weights(model, dest)
+        return n
