@@ -25,8 +25,10 @@ import trio_websocket
 from ..config import default_settings
 from ..layout import Layout
 from ..problem import init_problem
+from ..shutdown import first_of
 from .data import Split, split_digits, write_shards
-from .processes import Child, ChildFailed
+from .local import LocalFederation
+from .processes import ChildFailed
 from .training import Hyper, accuracy, compile_for_training, load_weights
 
 #: Without any status message for this long, the demo gives up and points at the logs.
@@ -140,13 +142,7 @@ class Demo:
         self.root = options.root.resolve()
         self.layout = Layout.from_settings(default_settings().replace(fl_root_path=str(self.root)))
         self.progress = Progress(out, options.rounds)
-        self.children: list[Child] = []
         self.results: list[RoundResult] = []
-
-    def _child(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
-        child = Child(name, args, self.root / "logs" / f"{name}.log", env)
-        self.children.append(child)
-        return child
 
     async def run(self) -> dict[str, Any]:
         options = self.options
@@ -154,28 +150,21 @@ class Demo:
         split = split_digits(options.clients, options.alpha, options.seed)
         shards = write_shards(split, self.root / "clients")
         init_problem(self.layout)
-        evaluator = Evaluator(self.layout.model, split)
-        initial = evaluator(self.layout.checkpoint)
+        self.evaluator = Evaluator(self.layout.model, split)
+        initial = self.evaluator(self.layout.checkpoint)
         self.progress.say(
             f"federation: 1 coordinator, {options.selectors} selector(s), {options.clients} "
             f"client(s), {options.rounds} round(s), {options.hyper.epochs} local epoch(s); "
             f"non-IID digits (Dirichlet alpha={options.alpha}); logs in {self.root / 'logs'}"
         )
         started = time.monotonic()
-        try:
-            async with trio.open_nursery() as nursery:
-                status_url = await self._start_federation(nursery, shards)
-                await self._follow(status_url, evaluator)
-                await self._finish_clients()
-                for child in reversed(self.children):
-                    await child.stop()
-                nursery.cancel_scope.cancel()
-        except ChildFailed as error:
-            raise DemoError(str(error)) from None
-        finally:
-            with trio.CancelScope(shield=True):
-                for child in self.children:
-                    await child.stop(grace=2)
+        federation = LocalFederation(
+            self.root, options.selectors, shards, options.rounds, options.hyper, "digits-demo"
+        )
+        async with federation.running() as endpoints:
+            await self._follow(endpoints.status_url, federation)
+            with trio.move_on_after(60):
+                await federation.wait_for_clients()
         federated_seconds = time.monotonic() - started
         baseline = await trio.to_thread.run_sync(centralized_baseline, split, options)
         summary = self._summary(split, initial, baseline, federated_seconds)
@@ -184,54 +173,7 @@ class Demo:
         self._print_summary(summary)
         return summary
 
-    async def _start_federation(self, nursery: trio.Nursery, shards: list[Path]) -> str:
-        options = self.options
-        coordinator = self._child(
-            "coordinator",
-            ["fl_coordinator", "serve"],
-            {
-                "FL_ROOT_PATH": str(self.root),
-                "HOST": "127.0.0.1",
-                "PORT": "0",
-                "STATUS_PORT": "0",
-                "CHECKIN_LIMIT": str(options.clients),
-                "PROBLEM_ID": "digits-demo",
-                "LOG_LEVEL": "INFO",
-            },
-        )
-        ready = await coordinator.start(
-            nursery, r"selectors at (\S+:\d+) \(FlIntra\), status stream at (\S+),"
-        )
-        coordinator_address, status_url = ready.group(1), ready.group(2)
-        selector_ids = []
-        for index in range(options.selectors):
-            selector = self._child(
-                f"selector{index}",
-                [
-                    "fl_coordinator.federation.selector_cli", "serve",
-                    "--coordinator", coordinator_address, "--root", str(self.root),
-                    "--port", "0", "--waiting-time-ms", "200",
-                    "--hold-timeout", "120", "--report-timeout", "120",
-                ],
-            )  # fmt: skip
-            selector_ids.append((await selector.start(nursery, r"selector (\S+) serving")).group(1))
-        for index, shard in enumerate(shards):
-            client = self._child(
-                f"client{index}",
-                [
-                    "fl_coordinator.federation.client_cli",
-                    "--selector", selector_ids[index % len(selector_ids)],
-                    "--data", str(shard), "--work-dir", str(self.root / "clients" / f"work{index}"),
-                    "--rounds", str(options.rounds), "--epochs", str(options.hyper.epochs),
-                    "--batch-size", str(options.hyper.batch_size),
-                    "--learning-rate", str(options.hyper.learning_rate),
-                    "--max-refusals", "1000",
-                ],
-            )  # fmt: skip
-            await client.start(nursery, r"client of \S+ with \d+ samples")
-        return status_url
-
-    async def _follow(self, status_url: str, evaluator: Evaluator) -> None:
+    async def _follow(self, status_url: str, federation: LocalFederation) -> None:
         """Read the status stream until the last round completes; a row per round."""
         self.progress.header()
         opened: dict[int, float] = {}
@@ -244,32 +186,19 @@ class Demo:
                         f"no progress for {STALL_SECONDS:.0f} s; see the logs in "
                         f"{self.root / 'logs'}"
                     )
-                self._check_children()
+                federation.check_children()
                 number = message["round"]
                 opened.setdefault(number, time.monotonic())
                 self.progress.stage(message)
                 if message["stage"] == "FAILED":
                     raise DemoError(f"round {number} failed: {message.get('error')}")
                 if message["stage"] == "COMPLETED":
-                    score = await trio.to_thread.run_sync(evaluator, self.layout.checkpoint)
+                    score = await trio.to_thread.run_sync(self.evaluator, self.layout.checkpoint)
                     result = RoundResult(
                         number, score, time.monotonic() - opened[number], message["accepted"]
                     )
                     self.results.append(result)
                     self.progress.row(result, "COMPLETED")
-
-    def _check_children(self) -> None:
-        for child in self.children:
-            if child.returncode not in (None, 0):
-                raise DemoError(
-                    f"{child.name} exited with status {child.returncode}:\n{child.tail()}"
-                )
-
-    async def _finish_clients(self) -> None:
-        with trio.move_on_after(60):
-            for child in self.children:
-                if child.name.startswith("client"):
-                    await child.wait()
 
     def _summary(
         self, split: Split, initial: float, baseline: list[float], seconds: float
@@ -341,4 +270,14 @@ def plot(summary: dict[str, Any], dest: Path) -> None:
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
-    return trio.run(Demo(options).run)
+    """Run the demo; raise DemoError (never an exception group) if it cannot finish."""
+    try:
+        return trio.run(Demo(options).run)
+    except ChildFailed as error:
+        raise DemoError(str(error)) from None
+    except BaseExceptionGroup as group:
+        failure = first_of(group, DemoError) or first_of(group, ChildFailed)
+        if failure is None:
+            raise
+        raise DemoError(str(failure)) from None
+

@@ -30,7 +30,7 @@ class Child:
         self.process: trio.Process | None = None
         self._ready: re.Match[str] | None = None
         self._ready_event = trio.Event()
-        self._exited = trio.Event()
+
 
     def tail(self, lines: int = 15) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -63,18 +63,15 @@ class Child:
                         if self._ready is not None:
                             self._ready_event.set()
                 log.flush()
-        await self.process.wait()
-        self._exited.set()
-        self._ready_event.set()
+        self._ready_event.set()  # end of its output: it will not become ready now
 
     @property
     def returncode(self) -> int | None:
         return None if self.process is None else self.process.returncode
 
     async def wait(self) -> int:
-        await self._exited.wait()
-        assert self.process is not None and self.process.returncode is not None
-        return self.process.returncode
+        assert self.process is not None
+        return await self.process.wait()
 
     async def stop(self, grace: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it has not ended within ``grace`` seconds."""

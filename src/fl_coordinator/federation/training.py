@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
+from ..aggregation import sum_into
 from ..model import import_keras
 
 
@@ -83,10 +85,14 @@ class Trainer:
     def train(
         self, model_file: Path, checkpoint: Path, x: np.ndarray, y: np.ndarray, dest: Path
     ) -> int:
-        """Train from the global weights; write ``n * (w_new - w)`` to ``dest``; return n."""
+        """Train from the global weights; write ``n * (w_new - w)`` to ``dest``; return n.
+
+        The update is computed file to file with the coordinator's own HDF5 walk,
+        so it has exactly the checkpoint's layout, whatever Keras adds to its
+        own weights files (a compiled model also saves optimizer state).
+        """
         model = self._model_for(model_file)
         load_weights(model, checkpoint)
-        start = [np.array(w) for w in model.get_weights()]
         model.fit(
             x,
             y,
@@ -96,7 +102,14 @@ class Trainer:
             shuffle=True,
         )
         n = batches(len(x), self.hyper)
-        trained = model.get_weights()
-        model.set_weights([n * (new - old) for old, new in zip(start, trained, strict=True)])
-        save_weights(model, dest)
+        with tempfile.TemporaryDirectory() as folder:
+            trained = Path(folder) / "trained"
+            save_weights(model, trained)
+
+            def update(start: h5py.Dataset, new: np.ndarray) -> np.ndarray:
+                new -= start[()]
+                new *= n
+                return new
+
+            sum_into(checkpoint, [trained], dest, Path(folder), update)
         return n

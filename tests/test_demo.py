@@ -1,0 +1,41 @@
+"""``fl-coordinator demo`` as a user runs it (smoke size: one round, two clients)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+
+
+def test_demo_smoke_run(tmp_path: Path) -> None:
+    root = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "fl_coordinator", "demo", "--rounds", "1", "--clients", "2",
+         "--root", str(root)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((root / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1]
+    assert 0.0 < summary["final_accuracy"] <= 1.0
+    assert summary["final_accuracy"] != summary["initial_accuracy"]  # the round trained
+    assert 0.0 < summary["baseline"]["accuracy"] <= 1.0
+    assert len(summary["client_label_counts"]) == 2
+    assert (root / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert h5py.is_hdf5(root / "initFiles" / "fl_checkpoint")
+    assert h5py.is_hdf5(root / "initFiles" / "model.h5")
+    assert "COMPLETED" in result.stdout and "centralized" in result.stdout
+    # Running it again replaces the previous demo; a folder of something else is refused.
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "thesis.tex").write_text("keep me")
+    refused = subprocess.run(
+        [sys.executable, "-m", "fl_coordinator", "demo", "--root", str(other)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert "not a previous demo" in refused.stderr
+    assert (other / "thesis.tex").read_text() == "keep me"
