@@ -96,7 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         selectors=args.selectors,
         clients=args.clients,
         rounds=args.rounds,
-        hyper=Hyper(args.epochs, args.batch_size, args.learning_rate),
+        hyper=Hyper(args.epochs, args.batch_size, args.learning_rate, args.momentum),
         seed=args.seed,
     )
     try:
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=DEMO_HYPER.epochs, help="local epochs")
     demo.add_argument("--batch-size", type=int, default=DEMO_HYPER.batch_size)
     demo.add_argument("--learning-rate", type=float, default=DEMO_HYPER.learning_rate)
+    demo.add_argument("--momentum", type=float, default=DEMO_HYPER.momentum)
+
     demo.add_argument("--seed", type=int, default=0, help="data split and initial model")
     demo.set_defaults(run=cmd_demo)
     return parser

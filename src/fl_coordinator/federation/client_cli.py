@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=Hyper.epochs, help="local epochs per round")
     parser.add_argument("--batch-size", type=int, default=Hyper.batch_size)
     parser.add_argument("--learning-rate", type=float, default=Hyper.learning_rate)
+    parser.add_argument("--momentum", type=float, default=Hyper.momentum)
+
     parser.add_argument(
         "--max-refusals",
         type=int,
@@ -60,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             selector=args.selector,
             data=args.data,
             work_dir=args.work_dir or Path(scratch),
-            hyper=Hyper(args.epochs, args.batch_size, args.learning_rate),
+            hyper=Hyper(args.epochs, args.batch_size, args.learning_rate, args.momentum),
             rounds=args.rounds,
             max_refusals=args.max_refusals,
         )

@@ -249,16 +249,16 @@ def plot(summary: dict[str, Any], dest: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in summary["rounds"]]
+    # Round 0 is the initial model, the same for both.
+    initial = summary["initial_accuracy"]
+    rounds = [0] + [r["round"] for r in summary["rounds"]]
+    federated = [initial] + [r["accuracy"] for r in summary["rounds"]]
+    centralized = [initial, *summary["baseline"]["per_round"]]
     figure, axes = plt.subplots(figsize=(6.4, 4))
-    axes.plot(rounds, [r["accuracy"] for r in summary["rounds"]], "o-", label="federated (FedAvg)")
-    axes.plot(
-        range(1, len(summary["baseline"]["per_round"]) + 1),
-        summary["baseline"]["per_round"],
-        "s--",
-        label="centralized (same epochs)",
-    )
-    axes.set_xlabel("round")
+    axes.plot(rounds, federated, "o-", label="federated (FedAvg)")
+    axes.plot(range(len(centralized)), centralized, "s--", label="centralized (same epochs)")
+    axes.set_xlabel("round (centralized: epochs / local epochs)")
+
     axes.set_ylabel("test accuracy")
     axes.set_title("digits, non-IID clients: accuracy per round")
     axes.set_ylim(0, 1)
@@ -280,4 +280,3 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         if failure is None:
             raise
         raise DemoError(str(failure)) from None
-

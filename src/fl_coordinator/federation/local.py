@@ -101,6 +101,8 @@ class LocalFederation:
                     "--rounds", str(self.rounds), "--epochs", str(self.hyper.epochs),
                     "--batch-size", str(self.hyper.batch_size),
                     "--learning-rate", str(self.hyper.learning_rate),
+                    "--momentum", str(self.hyper.momentum),
+
                     "--max-refusals", "1000",
                 ],
             )  # fmt: skip

@@ -31,7 +31,6 @@ class Child:
         self._ready: re.Match[str] | None = None
         self._ready_event = trio.Event()
 
-
     def tail(self, lines: int = 15) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
