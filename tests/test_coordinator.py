@@ -12,7 +12,10 @@ import trio
 from federation import (
     FakeSelector,
     PurerpcClient,
+    assert_arrays_close,
     completed,
+    fedavg,
+    read_floats,
     watch,
     write_aggregate,
 )
@@ -71,10 +74,37 @@ async def test_check_in_during_aggregation_is_accepted_into_next_round(
     assert (await watcher.wait_for(completed(1)))["stage"] == "COMPLETED"
 
 
-async def test_missing_aggregate_fails_round_and_keeps_checkpoint(
+async def test_missing_aggregate_is_rejected_and_round_goes_on_with_the_rest(
     settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, caplog
 ) -> None:
-    endpoints = await nursery.start(serve, settings)
+    endpoints = await nursery.start(serve, settings)  # MIN_REPORTING_FRACTION 0.5
+    first = await FakeSelector().start(nursery)
+    second = await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    before = read_floats(layout.checkpoint)
+
+    assert [await client.check_in(first.id), await client.check_in(second.id)] == [True, True]
+    await first.told.receive()
+    await second.told.receive()
+    write_aggregate(layout, first.id, keras_weights[0], weight=3)  # second writes nothing
+    await client.report(first.id)
+    await client.report(second.id)
+
+    done = await watcher.wait_for(completed(1))
+    assert done["stage"] == "COMPLETED"
+    assert list(done["rejected"]) == [second.id]
+    assert str(layout.agg_weight(second.id)) in done["rejected"][second.id]
+    assert "missing" in done["rejected"][second.id]
+    assert_arrays_close(read_floats(layout.checkpoint), fedavg(before, [(keras_weights[0], 3)]))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(f"rejected the contribution of {second.id}" in e for e in errors)
+
+
+async def test_round_fails_and_keeps_checkpoint_when_too_few_usable_reports(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, caplog
+) -> None:
+    endpoints = await nursery.start(serve, settings.replace(min_reporting_fraction=1.0))
     first = await FakeSelector().start(nursery)
     second = await FakeSelector().start(nursery)
     watcher = await watch(nursery, endpoints.status_url)
@@ -84,21 +114,19 @@ async def test_missing_aggregate_fails_round_and_keeps_checkpoint(
     assert [await client.check_in(first.id), await client.check_in(second.id)] == [True, True]
     await first.told.receive()
     await second.told.receive()
-    write_aggregate(layout, first.id, keras_weights[0], weight=3)  # second writes nothing
+    write_aggregate(layout, first.id, keras_weights[0], weight=3)
     await client.report(first.id)
-    await client.report(second.id)
+    await client.report(second.id)  # its files are missing
 
     failed = await watcher.wait_for(completed(1))
     assert failed["stage"] == "FAILED"
-    assert str(layout.agg_checkpoint(second.id)) in failed["error"]
-    assert "missing" in failed["error"]
+    assert "only 1 of 2 client(s) reported usable updates" in failed["error"]
+    assert str(layout.agg_weight(second.id)) in failed["rejected"][second.id]
     assert digest(layout) == before
     opened = await watcher.wait_for(lambda m: m["round"] == 2)
     assert (opened["stage"], opened["accepted"]) == ("SELECTION", 0)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any(
-        "round 1: failed" in e and str(layout.agg_checkpoint(second.id)) in e for e in errors
-    )
+    assert any("round 1: abandoned, global checkpoint kept as it was" in e for e in errors)
 
 
 async def test_unreachable_selector_does_not_stop_the_others(
@@ -142,7 +170,7 @@ async def test_hostile_selector_ids_are_refused(
 
 
 async def test_report_from_selector_outside_round_changes_nothing(
-    settings: Settings, nursery: trio.Nursery, caplog
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, caplog
 ) -> None:
     endpoints = await nursery.start(serve, settings)
     member = await FakeSelector().start(nursery)
@@ -152,10 +180,13 @@ async def test_report_from_selector_outside_round_changes_nothing(
     await client.check_in(member.id)
     await client.check_in(member.id)
     await member.told.receive()
+    write_aggregate(layout, stranger.id, keras_weights[1], weight=9)  # files, but no place
+    write_aggregate(layout, member.id, keras_weights[0], weight=2)
     await client.report(stranger.id)
     await client.report(member.id)
-    reporting = await watcher.wait_for(lambda m: m["stage"] == "REPORTING")
-    assert reporting["reported"] == [member.id]
+    done = await watcher.wait_for(completed(1))
+    assert (done["stage"], done["reported"], done["rejected"]) == ("COMPLETED", [member.id], {})
+    assert stranger.id not in done["selectors"]
     assert any(f"ignored report from {stranger.id!r}" in r.getMessage() for r in caplog.records)
 
 

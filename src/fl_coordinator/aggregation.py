@@ -210,3 +210,22 @@ def aggregate(
         total_weight=total_weight,
         seconds=time.perf_counter() - started,
     )
+
+
+def check_contribution(checkpoint: Path, contribution: Contribution) -> None:
+    """Raise AggregationError unless a selector's files can be averaged into ``checkpoint``.
+
+    Run when the selector reports, so that one bad selector is rejected on its
+    own (the round goes on with the others) instead of failing the whole
+    aggregation later. It reads every array once: NaN and Inf hide anywhere.
+    """
+    read_weight(contribution.weight)
+    with ExitStack() as stack:
+        aggregate_file = _open_h5(contribution.checkpoint, stack, "aggregate checkpoint")
+        global_file = _open_h5(checkpoint, stack, "global checkpoint")
+        for name in float_datasets(global_file):
+            values = _read_input(aggregate_file, name, global_file[name], contribution.checkpoint)
+            if not np.all(np.isfinite(values)):
+                raise AggregationError(
+                    f"dataset {name!r} contains NaN or Inf in {contribution.checkpoint}"
+                )

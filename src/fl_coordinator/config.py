@@ -81,6 +81,20 @@ def positive_seconds(value: Any) -> float:
     return number
 
 
+def seconds_or_zero(value: Any) -> float:
+    number = _number(value)
+    if number < 0:
+        raise ValueError
+    return number
+
+
+def fraction(value: Any) -> float:
+    number = _number(value)
+    if not 0 < number <= 1:
+        raise ValueError
+    return number
+
+
 def text(value: Any) -> str:
     if not isinstance(value, str | int) or isinstance(value, bool) or str(value).strip() == "":
         raise ValueError
@@ -254,6 +268,44 @@ KEYS: tuple[Key, ...] = (
         "a number of seconds > 0",
         "Time limit of each GoalCountReached call to a selector.",
     ),
+    Key(
+        "GOAL_COUNT_RETRIES",
+        2,
+        non_negative_int,
+        "an integer >= 0",
+        "Retries of a failed GoalCountReached call (back-off 1 s, 2 s, 4 s, ...) before "
+        "the selector is dropped from the round.",
+    ),
+    Key(
+        "SELECTION_TIMEOUT",
+        0.0,
+        seconds_or_zero,
+        "a number of seconds >= 0",
+        "Selection window, in seconds (0 = wait for the goal forever, as the Go coordinator).",
+    ),
+    Key(
+        "MIN_CHECKIN_FRACTION",
+        0.5,
+        fraction,
+        "a fraction in (0, 1]",
+        "When the selection window closes, the round goes on if at least this fraction of "
+        "the goal checked in; otherwise it is abandoned.",
+    ),
+    Key(
+        "REPORTING_TIMEOUT",
+        600.0,
+        seconds_or_zero,
+        "a number of seconds >= 0",
+        "Reporting window, in seconds from the goal being reached (0 = no limit).",
+    ),
+    Key(
+        "MIN_REPORTING_FRACTION",
+        0.5,
+        fraction,
+        "a fraction in (0, 1]",
+        "Aggregate only if the selectors with usable reports held at least this fraction of "
+        "the round's clients; otherwise the round is abandoned.",
+    ),
     Key("LOG_LEVEL", "INFO", log_level, "DEBUG, INFO, WARNING or ERROR", "Log verbosity."),
 )
 
@@ -277,6 +329,11 @@ class Settings:
     status_port: int
     webhook_url: str
     goal_count_timeout: float
+    goal_count_retries: int
+    selection_timeout: float
+    min_checkin_fraction: float
+    reporting_timeout: float
+    min_reporting_fraction: float
     log_level: str
 
     @property

@@ -15,22 +15,34 @@ import threading
 import trio
 
 from . import broadcast
-from .aggregation import AggregationError, Aggregator, Contribution, aggregate
+from .aggregation import (
+    AggregationError,
+    Aggregator,
+    Contribution,
+    aggregate,
+    check_contribution,
+)
 from .config import Settings
 from .layout import Layout
 from .rounds import (
     Aggregate,
     AggregationDone,
+    Arm,
     Broadcast,
     BroadcastDone,
+    Check,
     CheckIn,
+    ContributionChecked,
     Effect,
     Event,
     Log,
     Reply,
     Round,
+    Rules,
     SelectorReported,
+    Stage,
     Status,
+    WindowClosed,
 )
 from .status import StatusHub
 
@@ -54,7 +66,16 @@ class Coordinator:
         self._aggregator = aggregator
         self._layout = layout
         self._hub = hub
-        self._round = Round(goal=settings.checkin_limit)
+        self._round = Round(
+            Rules(
+                goal=settings.checkin_limit,
+                selection_timeout=settings.selection_timeout,
+                min_checkin_fraction=settings.min_checkin_fraction,
+                reporting_timeout=settings.reporting_timeout,
+                min_reporting_fraction=settings.min_reporting_fraction,
+            )
+        )
+        self._windows: dict[Stage, trio.CancelScope] = {}
         self._events_in, self._events = trio.open_memory_channel[Event](EVENT_BUFFER)
 
     async def check_in(self, selector: str) -> bool:
@@ -70,8 +91,8 @@ class Coordinator:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            self._hub.publish(self._round.status())
-            log.info("round %d: selection open (goal %d)", self._round.number, self._round.goal)
+            for effect in self._round.start():
+                self._execute(effect, nursery)
             task_status.started()
             async for event in self._events:
                 for effect in self._round.handle(event):
@@ -96,21 +117,68 @@ class Coordinator:
                     nursery.start_soon(self._tell, number, selector)
             case Aggregate(round=number, selectors=selectors):
                 nursery.start_soon(self._aggregate, number, selectors)
+            case Check(round=number, selector=selector):
+                nursery.start_soon(self._check, number, selector)
+            case Arm(round=number, stage=stage, seconds=seconds):
+                if stage in self._windows:
+                    self._windows[stage].cancel()
+                self._windows[stage] = trio.CancelScope()
+                nursery.start_soon(self._window, self._windows[stage], number, stage, seconds)
+
+    async def _window(
+        self, scope: trio.CancelScope, number: int, stage: Stage, seconds: float
+    ) -> None:
+        with scope:
+            await trio.sleep(seconds)
+            await self._events_in.send(WindowClosed(number, stage))
 
     async def _tell(self, number: int, selector: str) -> None:
+        """GoalCountReached with a time limit per call and retries with back-off."""
         error: str | None = None
-        try:
-            with trio.fail_after(self._settings.goal_count_timeout):
-                await broadcast.goal_count_reached(selector)
-        except Exception as exc:
-            error = broadcast.describe(exc)
+        backoff = 1.0
+        for attempt in range(self._settings.goal_count_retries + 1):
+            if attempt:
+                log.warning(
+                    "round %d: GoalCountReached to %s failed (%s); retry %d in %.0f s",
+                    number,
+                    selector,
+                    error,
+                    attempt,
+                    backoff,
+                )
+                await trio.sleep(backoff)
+                backoff *= 2
+            try:
+                with trio.fail_after(self._settings.goal_count_timeout):
+                    await broadcast.goal_count_reached(selector)
+            except Exception as exc:
+                error = broadcast.describe(exc)
+            else:
+                error = None
+                break
         await self._events_in.send(BroadcastDone(number, selector, error))
 
+    def _contribution(self, selector: str) -> Contribution:
+        layout = self._layout
+        return Contribution(selector, layout.agg_checkpoint(selector), layout.agg_weight(selector))
+
+    async def _check(self, number: int, selector: str) -> None:
+        job = functools.partial(
+            check_contribution, self._layout.checkpoint, self._contribution(selector)
+        )
+        try:
+            await trio.to_thread.run_sync(job, abandon_on_cancel=True)
+        except AggregationError as exc:
+            error: str | None = str(exc)
+        except Exception as exc:
+            log.exception("round %d: checking %s crashed", number, selector)
+            error = f"internal error: {type(exc).__name__}: {exc}"
+        else:
+            error = None
+        await self._events_in.send(ContributionChecked(number, selector, error))
+
     async def _aggregate(self, number: int, selectors: tuple[str, ...]) -> None:
-        contributions = [
-            Contribution(s, self._layout.agg_checkpoint(s), self._layout.agg_weight(s))
-            for s in selectors
-        ]
+        contributions = [self._contribution(s) for s in selectors]
         cancel = threading.Event()
         job = functools.partial(
             self._aggregator, self._layout.checkpoint, contributions, self._layout.tmp, cancel

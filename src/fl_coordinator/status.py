@@ -48,6 +48,7 @@ def to_message(
         "reported": list(status.reported),
         "configured": list(status.configured),
         "unreachable": list(status.unreachable),
+        "rejected": dict(status.rejected),
         "aggregating": status.aggregating,
         "held": status.held,
     }
