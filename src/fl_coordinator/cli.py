@@ -80,6 +80,26 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .journal import history, rollback
+
+    layout = Layout.from_settings(_settings(args.config))
+    if args.round is None:
+        kept = history(layout)
+        print("kept checkpoints (round: file):" if kept else "no kept checkpoints")
+        for number, path in kept.items():
+            print(f"  {number}: {path}")
+        return 0
+    source = rollback(layout, args.round)
+    log.info(
+        "%s is now the checkpoint of round %d (%s); the next round continues the numbering",
+        layout.checkpoint,
+        args.round,
+        source,
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
         from .federation.demo import DemoError, DemoOptions, run_demo
@@ -125,7 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
     init.set_defaults(run=cmd_init)
 
+    back = commands.add_parser("rollback", help="restore the global checkpoint of a past round")
+    back.add_argument("--round", type=int, help="round to restore (without it: list them)")
+    back.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
+    back.set_defaults(run=cmd_rollback)
+
     demo = commands.add_parser("demo", help="run a whole federation on this machine")
+
     demo.add_argument("--root", type=Path, default=Path("demo"), help="demo folder (./demo)")
     demo.add_argument("--selectors", type=int, default=2)
     demo.add_argument("--clients", type=int, default=6)

@@ -269,6 +269,13 @@ KEYS: tuple[Key, ...] = (
         "Time limit of each GoalCountReached call to a selector.",
     ),
     Key(
+        "KEEP_CHECKPOINTS",
+        5,
+        positive_int,
+        "an integer >= 1",
+        "Global checkpoints kept (by round) in FL_ROOT_PATH/.coordinator/history for rollback.",
+    ),
+    Key(
         "GOAL_COUNT_RETRIES",
         2,
         non_negative_int,
@@ -329,7 +336,9 @@ class Settings:
     status_port: int
     webhook_url: str
     goal_count_timeout: float
+    keep_checkpoints: int
     goal_count_retries: int
+
     selection_timeout: float
     min_checkin_fraction: float
     reporting_timeout: float

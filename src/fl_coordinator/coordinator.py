@@ -17,12 +17,14 @@ import trio
 from . import broadcast
 from .aggregation import (
     AggregationError,
+    AggregationResult,
     Aggregator,
     Contribution,
     aggregate,
     check_contribution,
 )
 from .config import Settings
+from .journal import Entry, remember, write_journal
 from .layout import Layout
 from .rounds import (
     Aggregate,
@@ -44,7 +46,7 @@ from .rounds import (
     Status,
     WindowClosed,
 )
-from .status import StatusHub
+from .status import StatusHub, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class Coordinator:
         layout: Layout,
         hub: StatusHub,
         aggregator: Aggregator = aggregate,
+        first_round: int = 1,
     ) -> None:
         self._settings = settings
         self._aggregator = aggregator
@@ -73,8 +76,11 @@ class Coordinator:
                 min_checkin_fraction=settings.min_checkin_fraction,
                 reporting_timeout=settings.reporting_timeout,
                 min_reporting_fraction=settings.min_reporting_fraction,
-            )
+            ),
+            number=first_round,
         )
+        self._journal_in, self._journal = trio.open_memory_channel[Entry](EVENT_BUFFER)
+        self._journaled: tuple[int, Stage, bool] | None = None
         self._windows: dict[Stage, trio.CancelScope] = {}
         self._events_in, self._events = trio.open_memory_channel[Event](EVENT_BUFFER)
 
@@ -91,6 +97,7 @@ class Coordinator:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_journal)
             for effect in self._round.start():
                 self._execute(effect, nursery)
             task_status.started()
@@ -110,6 +117,7 @@ class Coordinator:
                     )
             case Status():
                 self._hub.publish(effect)
+                self._journal_stage_change(effect)
             case Log(level=level, message=message):
                 log.log(logging.getLevelName(level), message)
             case Broadcast(round=number, selectors=selectors):
@@ -124,6 +132,26 @@ class Coordinator:
                     self._windows[stage].cancel()
                 self._windows[stage] = trio.CancelScope()
                 nursery.start_soon(self._window, self._windows[stage], number, stage, seconds)
+
+    def _journal_stage_change(self, status: Status) -> None:
+        """Queue a journal entry when the stage (or aggregating) changed; never waits."""
+        key = (status.round, status.stage, status.aggregating)
+        if key != self._journaled:
+            self._journaled = key
+            entry = Entry(
+                round=status.round,
+                stage=status.stage.name,
+                aggregating=status.aggregating,
+                selectors=list(status.selectors),
+                reported=list(status.reported),
+                time=utc_now().isoformat(),
+            )
+            self._journal_in.send_nowait(entry)
+
+    async def _write_journal(self) -> None:
+        """The one writer of the journal: entries in order, each fsynced, off the loop."""
+        async for entry in self._journal:
+            await trio.to_thread.run_sync(write_journal, self._layout, entry)
 
     async def _window(
         self, scope: trio.CancelScope, number: int, stage: Stage, seconds: float
@@ -180,11 +208,17 @@ class Coordinator:
     async def _aggregate(self, number: int, selectors: tuple[str, ...]) -> None:
         contributions = [self._contribution(s) for s in selectors]
         cancel = threading.Event()
-        job = functools.partial(
-            self._aggregator, self._layout.checkpoint, contributions, self._layout.tmp, cancel
-        )
+
+        def job() -> AggregationResult:
+            result = self._aggregator(
+                self._layout.checkpoint, contributions, self._layout.tmp, cancel
+            )
+            remember(self._layout, number, self._settings.keep_checkpoints)
+            return result
+
         try:
             result = await trio.to_thread.run_sync(job, abandon_on_cancel=True)
+
         except AggregationError as exc:
             done = AggregationDone(number, error=str(exc))
         except Exception as exc:

@@ -78,7 +78,9 @@ def needs_init(layout: Layout) -> bool:
 
 
 def _check_hdf5(path: Path, key: str, what: str) -> None:
-    hint = "run `fl-coordinator init` to create it"
+    hint = (
+        "run `fl-coordinator init` to create it, or `fl-coordinator rollback` to restore a kept one"
+    )
 
     if not path.is_file():
         raise ConfigError(key, str(path), f"{what} (file is missing: {hint})")

@@ -17,6 +17,7 @@ from .config import Settings
 from .coordinator import Coordinator
 from .grpc_server import serve_grpc
 from .intra import IntraServicer
+from .journal import next_round
 from .layout import Layout
 from .problem import check_problem, clean_tmp
 from .status import StatusHub
@@ -54,8 +55,10 @@ async def serve(
     layout = Layout.from_settings(settings)
     check_problem(layout)
     clean_tmp(layout)
+    first_round = next_round(layout, settings.keep_checkpoints)
     hub = StatusHub(settings.problem_id, str(layout.checkpoint))
-    coordinator = Coordinator(settings, layout, hub, aggregator)
+    coordinator = Coordinator(settings, layout, hub, aggregator, first_round)
+
     async with trio.open_nursery() as nursery:
         await nursery.start(coordinator.run)
         grpc_port = await nursery.start(
