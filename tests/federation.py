@@ -107,15 +107,21 @@ class StatusWatcher:
 
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
+        self.closed = False
+
         self._arrived = trio.Event()
 
     async def run(self, url: str, *, task_status: trio.TaskStatus[None]) -> None:
         async with trio_websocket.open_websocket_url(url) as ws:
             task_status.started()
-            while True:
-                self.messages.append(json.loads(await ws.get_message()))
+            try:
+                while True:
+                    self.messages.append(json.loads(await ws.get_message()))
+                    self._arrived.set()
+                    self._arrived = trio.Event()
+            except trio_websocket.ConnectionClosed:
+                self.closed = True  # the coordinator went away (some tests kill it)
                 self._arrived.set()
-                self._arrived = trio.Event()
 
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         """The first message (already received or future) that satisfies ``predicate``."""
@@ -125,6 +131,8 @@ class StatusWatcher:
                 if predicate(message):
                     return message
             seen = len(self.messages)
+            if self.closed:
+                raise AssertionError("the status stream closed before the awaited message")
             await self._arrived.wait()
 
     def stages(self) -> list[tuple[int, str]]:

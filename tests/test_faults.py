@@ -1,0 +1,303 @@
+"""Fault injection: crashes, lost and silent selectors, bad files, malformed RPCs.
+
+Whatever happens, the global checkpoint is the old one or the new one, whole,
+and the coordinator keeps serving the next round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import signal
+from pathlib import Path
+
+import grpc
+import h5py
+import numpy as np
+import pytest
+import trio
+from federation import (
+    FakeSelector,
+    GrpcioClient,
+    PurerpcClient,
+    completed,
+    watch,
+    write_aggregate,
+)
+
+from fl_coordinator._proto import fl_intra_pb2
+from fl_coordinator.aggregation import Contribution, aggregate
+from fl_coordinator.config import Settings
+from fl_coordinator.coordinator import Coordinator
+from fl_coordinator.federation.processes import Child
+from fl_coordinator.journal import history, read_journal
+from fl_coordinator.layout import Layout
+from fl_coordinator.server import serve
+from fl_coordinator.status import StatusHub
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- the coordinator process killed during aggregation -----------------------------
+
+BIG = (4096, 6144)  # 96 MiB of float32 per dataset: aggregation takes a while
+
+
+def write_big(path: Path, value: float) -> None:
+    with h5py.File(path, "w") as file:
+        for index in range(3):
+            file.create_dataset(f"layers/big{index}/vars/0", data=np.full(BIG, value, np.float32))
+        file.create_dataset("layers/big0/vars/1", data=np.arange(10, dtype=np.float32) * value)
+
+
+def coordinator_process(layout: Layout, tmp_path: Path, name: str) -> Child:
+    env = {"FL_ROOT_PATH": str(layout.root), "HOST": "127.0.0.1", "PORT": "0",
+           "STATUS_PORT": "0", "CHECKIN_LIMIT": "2", "LOG_LEVEL": "INFO"}  # fmt: skip
+    return Child(name, ["fl_coordinator", "serve"], tmp_path / f"{name}.log", env)
+
+
+READY = r"selectors at \S+:(\d+) \(FlIntra\), status stream at (\S+),"
+
+
+async def test_kill_9_during_aggregation_leaves_old_or_new_checkpoint(
+    layout: Layout, tmp_path: Path
+) -> None:
+    write_big(layout.checkpoint, 1.0)
+    old = digest(layout.checkpoint)
+    # What the new checkpoint would be, computed on copies: aggregation is deterministic.
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    shutil.copyfile(layout.checkpoint, replay / "fl_checkpoint")
+    sources = []
+    for index, value in enumerate((2.0, 4.0)):
+        write_big(replay / f"agg{index}", value)
+        (replay / f"weight{index}").write_text("3")
+        sources.append(Contribution(f"s{index}", replay / f"agg{index}", replay / f"weight{index}"))
+    aggregate(replay / "fl_checkpoint", sources, replay / "tmp")
+    new = digest(replay / "fl_checkpoint")
+
+    async with trio.open_nursery() as nursery:
+        first = coordinator_process(layout, tmp_path, "first")
+        ready = await first.start(nursery, READY)
+        selectors = [await FakeSelector().start(nursery) for _ in range(2)]
+        watcher = await watch(nursery, ready.group(2))
+        client = PurerpcClient(int(ready.group(1)))
+        for selector in selectors:
+            assert await client.check_in(selector.id) is True
+
+        for selector, source in zip(selectors, sources, strict=True):
+            await selector.told.receive()
+            layout.selector_dir(selector.id).mkdir()
+            shutil.copyfile(source.checkpoint, layout.agg_checkpoint(selector.id))
+            shutil.copyfile(source.weight, layout.agg_weight(selector.id))
+            await client.report(selector.id)
+        await watcher.wait_for(lambda m: m["aggregating"])
+        first.process.send_signal(signal.SIGKILL)
+        assert await first.wait() == -signal.SIGKILL
+        nursery.cancel_scope.cancel()
+
+    after = digest(layout.checkpoint)
+    assert after in (old, new)
+    assert list(layout.tmp.iterdir()) == [] or all(p.suffix == ".tmp" for p in layout.tmp.iterdir())
+
+    async with trio.open_nursery() as nursery:
+        second = coordinator_process(layout, tmp_path, "second")
+        ready = await second.start(nursery, READY)
+        watcher = await watch(nursery, ready.group(2))
+        opened = await watcher.wait_for(lambda m: True)
+        assert (opened["round"], opened["stage"]) == (2, "SELECTION")
+        await second.stop()
+        nursery.cancel_scope.cancel()
+    assert list(layout.tmp.iterdir()) == []  # leftovers of the killed one were cleaned up
+    assert digest(layout.checkpoint) == after
+    if after == new:
+        assert digest(history(layout)[1]) == new
+    else:
+        assert 1 not in history(layout)
+    assert read_journal(layout).round == 2
+
+
+# -- selectors that fail ------------------------------------------------------------
+
+
+class SilentSelector(FakeSelector):
+    """Accepts the GoalCountReached call and never answers."""
+
+    async def GoalCountReached(self, message: fl_intra_pb2.Empty) -> fl_intra_pb2.Empty:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_silent_selector_is_dropped_and_the_round_goes_on(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
+) -> None:
+    endpoints = await nursery.start(
+        serve, settings.replace(goal_count_timeout=0.5, goal_count_retries=1, checkin_limit=3)
+    )
+    alive = await FakeSelector().start(nursery)
+    silent = await SilentSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    for selector in (alive, silent, alive):
+        assert await client.check_in(selector.id) is True
+    await alive.told.receive()
+    write_aggregate(layout, alive.id, keras_weights[0], weight=2)
+    await client.report(alive.id)
+    done = await watcher.wait_for(completed(1))
+    assert done["stage"] == "COMPLETED"
+    assert (done["unreachable"], done["selectors"], done["accepted"]) == (
+        [silent.id],
+        [alive.id],
+        2,
+    )
+
+
+async def test_selector_lost_after_configuration_reporting_window(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
+) -> None:
+    rules = {"reporting_timeout": 1.0, "checkin_limit": 3}
+    endpoints = await nursery.start(serve, settings.replace(**rules, min_reporting_fraction=0.5))
+    stays, lost = await FakeSelector().start(nursery), await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    for selector in (stays, stays, lost):
+        assert await client.check_in(selector.id) is True
+    await stays.told.receive()
+    write_aggregate(layout, stays.id, keras_weights[0], weight=2)
+    await client.report(stays.id)  # `lost` never reports: its process died after being told
+    done = await watcher.wait_for(completed(1))
+    assert (done["stage"], done["reported"]) == ("COMPLETED", [stays.id])
+
+    # Round 2: the one that stays holds too few clients; the round is abandoned.
+    before = digest(layout.checkpoint)
+    for selector in (stays, lost, lost):
+        assert await client.check_in(selector.id) is True
+    await stays.told.receive()
+    await client.report(stays.id)
+    failed = await watcher.wait_for(completed(2))
+    assert failed["stage"] == "FAILED"
+    assert "reporting window of 1 s closed but only 1 of 3 client(s)" in failed["error"]
+    assert digest(layout.checkpoint) == before
+    assert (await watcher.wait_for(lambda m: m["round"] == 3))["stage"] == "SELECTION"
+
+
+# -- bad files, one test each ---------------------------------------------------------
+
+
+def damage_h5(change):
+    def apply(layout: Layout, selector: str, source: Path) -> None:
+        with (
+            h5py.File(source, "r") as original,
+            h5py.File(layout.agg_checkpoint(selector), "w") as out,
+        ):
+            arrays = {}
+            original.visititems(
+                lambda n, o: arrays.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None
+            )
+            change(arrays)
+            for name, array in arrays.items():
+                out.create_dataset(name, data=array)
+
+    return apply
+
+
+def bytes_of(data: bytes, weight: bool = False):
+    def apply(layout: Layout, selector: str, source: Path) -> None:
+        target = layout.agg_weight(selector) if weight else layout.agg_checkpoint(selector)
+        target.write_bytes(data)
+
+    return apply
+
+
+BAD_FILES = {
+    "aggregate missing": (lambda layout, s, _: layout.agg_checkpoint(s).unlink(), "is missing"),
+    "aggregate truncated": (
+        lambda layout, s, source: layout.agg_checkpoint(s).write_bytes(source.read_bytes()[:4096]),
+        "not a readable HDF5",
+    ),
+    "aggregate not HDF5": (bytes_of(b"PK\x03\x04 a zip file, not HDF5" * 50), "not a readable HDF5"),
+    "dataset missing": (damage_h5(lambda a: a.pop("layers/dense/vars/1")), "is missing"),
+    "other shape": (damage_h5(lambda a: a.update({"layers/dense/vars/1": np.zeros(3, np.float32)})),
+                    "has shape (3,), expected (32,)"),
+    "other dtype": (damage_h5(lambda a: a.update({"layers/dense/vars/1": np.zeros(32)})),
+                    "has dtype float64, expected float32"),
+    "NaN": (damage_h5(lambda a: a["layers/dense/vars/0"].__setitem__((3, 3), np.nan)), "NaN or Inf"),
+    "Inf": (damage_h5(lambda a: a["layers/dense/vars/1"].__setitem__(0, -np.inf)), "NaN or Inf"),
+    "weight missing": (lambda layout, s, _: layout.agg_weight(s).unlink(), "weight file is missing"),
+    "weight empty": (bytes_of(b"", weight=True), "weight file is empty"),
+    "weight not a number": (bytes_of(b"twelve\n", weight=True), "is not a decimal integer"),
+    "weight zero": (bytes_of(b"0\n", weight=True), "it must be at least 1"),
+    "weight negative": (bytes_of(b"-5\n", weight=True), "is not a decimal integer"),
+    "weight absurd": (bytes_of(b"9" * 30, weight=True), "absurdly large"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+async def test_bad_file_is_rejected_with_a_specific_reason(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, case: str
+) -> None:
+    endpoints = await nursery.start(serve, settings.replace(min_reporting_fraction=1.0))
+    selector = await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    before = digest(layout.checkpoint)
+    assert [await client.check_in(selector.id) for _ in range(2)] == [True, True]
+    await selector.told.receive()
+    write_aggregate(layout, selector.id, keras_weights[0], weight=4)
+    damage, reason = BAD_FILES[case]
+    damage(layout, selector.id, keras_weights[0])
+    await client.report(selector.id)
+    failed = await watcher.wait_for(completed(1))
+    assert failed["stage"] == "FAILED"
+    assert reason in failed["rejected"][selector.id]
+    assert str(layout.selector_dir(selector.id)) in failed["rejected"][selector.id]
+    assert digest(layout.checkpoint) == before
+
+
+async def test_malformed_protobuf_is_refused_and_changes_nothing(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    endpoints = await nursery.start(serve, settings)
+    selector = await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    channel = grpc.insecure_channel(f"127.0.0.1:{endpoints.grpc_port}")
+    raw = channel.unary_unary(
+        "/FlIntra/ClientCountUpdate", request_serializer=None, response_deserializer=None
+    )
+    with pytest.raises(grpc.RpcError):
+        await trio.to_thread.run_sync(lambda: raw(b"\x0a\xff\xff\xff\xff\x0f garbage", timeout=10))
+    client = GrpcioClient(endpoints.grpc_port)
+    assert await client.check_in(selector.id) is True  # still serving; nothing was counted
+    assert (await watcher.wait_for(lambda m: m["accepted"] == 1))["selectors"] == [selector.id]
+    client.close()
+    channel.close()
+
+
+# -- windows on a virtual clock -------------------------------------------------------
+
+
+async def test_selection_window_on_a_mock_clock(
+    settings: Settings, layout: Layout, autojump_clock
+) -> None:
+    """30 s selection window, 3 of 4 clients: no real waiting (trio's autojump clock)."""
+    settings = settings.replace(checkin_limit=4, selection_timeout=30.0, min_checkin_fraction=0.75,
+                                goal_count_retries=0)  # fmt: skip
+    hub = StatusHub("p", "c")
+    coordinator = Coordinator(settings, layout, hub)
+    async with trio.open_nursery() as nursery:
+        with hub.subscribe() as stream:
+            await nursery.start(coordinator.run)
+            started = trio.current_time()
+            for _ in range(3):
+                nursery.start_soon(coordinator.check_in, "127.0.0.1:1")  # nobody listens there
+            while (message := await stream.get())["stage"] != "CONFIGURATION":
+                pass
+            assert message["accepted"] == 3
+            assert 30.0 <= trio.current_time() - started < 31.0
+            while (message := await stream.get())["stage"] != "FAILED":
+                pass
+            assert message["error"] == "no selector of the round could be told to configure"
+            assert (await stream.get())["round"] == 2
+        nursery.cancel_scope.cancel()
