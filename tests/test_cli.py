@@ -132,6 +132,8 @@ def test_incomplete_init_files_stop_startup(root: Path, damage, key: str) -> Non
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert f"configuration error: {key}=" in result.stderr
     assert "fl-coordinator init" in result.stderr
+    assert "fl-coordinator rollback" in result.stderr
+
 
 
 def test_root_that_is_a_file(tmp_path: Path) -> None:

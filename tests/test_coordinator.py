@@ -167,6 +167,9 @@ async def test_hostile_selector_ids_are_refused(
     assert await client.check_in(fine.id) is True
     latest = await watcher.wait_for(lambda m: m["accepted"] == 1)
     assert latest["selectors"] == [fine.id]
+    shown = [reason for who, reason in latest["ignored"] if who == selector_id[:300]]
+    assert shown[0].startswith("check-in refused: selector id") and len(shown) == 2
+    assert shown[1].startswith("report ignored: selector id")
 
 
 async def test_report_from_selector_outside_round_changes_nothing(

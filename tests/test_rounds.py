@@ -18,6 +18,7 @@ from fl_coordinator.rounds import (
     CheckIn,
     ContributionChecked,
     Event,
+    Refused,
     Reply,
     Round,
     Rules,
@@ -84,15 +85,26 @@ def test_failed_aggregation_opens_next_round_with_error_status() -> None:
     assert machine.number == 2 and machine.stage is Stage.SELECTION
 
 
-def test_reports_that_change_nothing() -> None:
+def test_reports_that_change_nothing_but_are_shown() -> None:
     machine = Round(Rules(goal=2))
     machine.handle(CheckIn("a:1", 1))
-    assert of_type(machine.handle(SelectorReported("a:1")), Status) == []  # still selecting
+    early = machine.handle(SelectorReported("a:1"))  # still selecting
     machine.handle(CheckIn("b:1", 2))
-    assert of_type(machine.handle(SelectorReported("x:1")), Status) == []  # not in round
+    stranger = machine.handle(SelectorReported("x:1"))  # not in round
     report(machine, "a:1")
-    assert of_type(machine.handle(SelectorReported("a:1")), Status) == []  # twice
-    assert machine.reported == ["a:1"]
+    twice = machine.handle(SelectorReported("a:1"))
+    hostile = machine.handle(Refused("../x", "check-in refused: contains a path separator"))
+    for effects in (early, stranger, twice, hostile):
+        assert of_type(effects, Check) == [] and of_type(effects, Aggregate) == []
+    assert (
+        machine.reported == ["a:1"] and machine.accepted == 2 and machine.stage.name == "REPORTING"
+    )
+    assert of_type(hostile, Status)[0].ignored == (
+        ("a:1", "round is in SELECTION, no report expected"),
+        ("x:1", "not a selector of this round"),
+        ("a:1", "it already reported"),
+        ("../x", "check-in refused: contains a path separator"),
+    )
 
 
 def test_check_ins_during_aggregation_are_held_for_next_round() -> None:

@@ -38,7 +38,8 @@ def test_message_schema() -> None:
         "problem_id": "digits", "seq": 1, "time": "2026-01-02T00:00:00.000Z", "round": 4,
         "stage": "COMPLETED", "accepted": 2, "goal": 2, "selectors": ["a:1"],
         "reported": ["a:1"], "configured": ["a:1"], "unreachable": [], "rejected": {},
-        "aggregating": False,
+        "ignored": [], "aggregating": False,
+
 
         "held": 0, "checkpoint": "/d/initFiles/fl_checkpoint", "aggregation_seconds": 0.5,
     }  # fmt: skip

@@ -38,6 +38,7 @@ from .rounds import (
     Effect,
     Event,
     Log,
+    Refused,
     Reply,
     Round,
     Rules,
@@ -94,6 +95,10 @@ class Coordinator:
     async def report(self, selector: str) -> None:
         """``selector`` wrote its aggregate files."""
         await self._events_in.send(SelectorReported(selector))
+
+    async def refused(self, selector: str, reason: str) -> None:
+        """The RPC layer refused a call from ``selector``: shown in the status stream."""
+        await self._events_in.send(Refused(selector, reason))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

@@ -37,6 +37,7 @@ class IntraServicer(fl_intra_grpc.FlIntraServicer):
         problem = problem_with_id(message.id)
         if problem is not None:
             log.warning("refused a check-in: %s", problem)
+            await self._coordinator.refused(message.id, f"check-in refused: {problem}")
             return fl_intra_pb2.FlClientStatus(accepted=False)
         accepted = await self._coordinator.check_in(message.id)
         return fl_intra_pb2.FlClientStatus(accepted=accepted)
@@ -47,6 +48,8 @@ class IntraServicer(fl_intra_grpc.FlIntraServicer):
         problem = problem_with_id(message.id)
         if problem is not None:
             log.warning("ignored an aggregation report: %s", problem)
+            await self._coordinator.refused(message.id, f"report ignored: {problem}")
+
         else:
             await self._coordinator.report(message.id)
         return fl_intra_pb2.Empty()

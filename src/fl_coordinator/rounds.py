@@ -107,6 +107,14 @@ class WindowClosed:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """The RPC layer refused a call it could not even hand to the round (e.g. a hostile id)."""
+
+    selector: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class AggregationDone:
     """The aggregation of ``round`` ended: ``error`` is None when the checkpoint was replaced."""
 
@@ -117,8 +125,11 @@ class AggregationDone:
 
 Event = (
     CheckIn | BroadcastDone | SelectorReported | ContributionChecked | WindowClosed
-    | AggregationDone
+    | AggregationDone | Refused
 )  # fmt: skip
+
+#: Ignored or refused calls kept in the status of a round (the most recent ones).
+IGNORED_KEPT = 20
 
 
 # -- effects (outputs) --------------------------------------------------------
@@ -178,6 +189,7 @@ class Status:
     configured: tuple[str, ...] = ()
     unreachable: tuple[str, ...] = ()
     rejected: tuple[tuple[str, str], ...] = ()
+    ignored: tuple[tuple[str, str], ...] = ()
     aggregating: bool = False
     held: int = 0
     error: str | None = None
@@ -217,6 +229,7 @@ class Round:
     reported: list[str] = field(default_factory=list)
     checking: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
     configured: list[str] = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)
     aggregating: bool = False
@@ -237,6 +250,7 @@ class Round:
             configured=tuple(self.configured),
             unreachable=tuple(self.unreachable),
             rejected=tuple(self.rejected.items()),
+            ignored=tuple(self.ignored),
             aggregating=self.aggregating,
             held=len(self.held),
             error=error,
@@ -263,6 +277,8 @@ class Round:
                 return self._window_closed(event)
             case AggregationDone():
                 return self._aggregation_done(event)
+            case Refused():
+                return self._note(event.selector, event.reason, "refused a call from")
         raise TypeError(f"not a round event: {event!r}")
 
     # -- transitions ----------------------------------------------------------
@@ -299,7 +315,12 @@ class Round:
         return [Arm(self.number, stage, seconds)] if seconds > 0 else []
 
     def _ignore(self, selector: str, why: str) -> list[Effect]:
-        return [Log("WARNING", f"round {self.number}: ignored report from {selector!r}: {why}")]
+        return self._note(selector, why, "ignored report from")
+
+    def _note(self, selector: str, why: str, what: str) -> list[Effect]:
+        """Keep a call that changed nothing in the status (bounded) and log it."""
+        self.ignored = [*self.ignored, (selector[:300], why)][-IGNORED_KEPT:]
+        return [Log("WARNING", f"round {self.number}: {what} {selector!r}: {why}"), self.status()]
 
     def _reported(self, selector: str) -> list[Effect]:
         if self.aggregating:
@@ -453,7 +474,9 @@ class Round:
         self.reported = []
         self.checking = []
         self.rejected = {}
+        self.ignored = []
         self.configured = []
+
         self.unreachable = []
         held, self.held = self.held, []
         effects = self.start()

@@ -49,6 +49,7 @@ def to_message(
         "configured": list(status.configured),
         "unreachable": list(status.unreachable),
         "rejected": dict(status.rejected),
+        "ignored": [list(pair) for pair in status.ignored],
         "aggregating": status.aggregating,
         "held": status.held,
     }
