@@ -135,7 +135,6 @@ def test_incomplete_init_files_stop_startup(root: Path, damage, key: str) -> Non
     assert "fl-coordinator rollback" in result.stderr
 
 
-
 def test_root_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
     result = run(["serve"], environment(tmp_path / "file"))

@@ -6,6 +6,7 @@ and the coordinator keeps serving the next round.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import grpc
 import h5py
 import numpy as np
+import purerpc
 import pytest
 import trio
 from federation import (
@@ -25,7 +27,7 @@ from federation import (
     write_aggregate,
 )
 
-from fl_coordinator._proto import fl_intra_pb2
+from fl_coordinator._proto import fl_intra_pb2, fl_round_grpc, fl_round_pb2
 from fl_coordinator.aggregation import Contribution, aggregate
 from fl_coordinator.config import Settings
 from fl_coordinator.coordinator import Coordinator
@@ -301,3 +303,45 @@ async def test_selection_window_on_a_mock_clock(
             assert message["error"] == "no selector of the round could be told to configure"
             assert (await stream.get())["round"] == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_selector_process_killed_after_check_in(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A real fl-selector process holds a client, then dies (SIGKILL) before being told."""
+    endpoints = await nursery.start(serve, settings.replace(checkin_limit=3, goal_count_retries=0))
+    watcher = await watch(nursery, endpoints.status_url)
+    doomed = Child(
+        "selector",
+        ["fl_coordinator.federation.selector_cli", "serve", "--root", str(layout.root),
+         "--coordinator", f"127.0.0.1:{endpoints.grpc_port}", "--port", "0"],
+        tmp_path / "selector.log",
+    )  # fmt: skip
+    doomed_id = (await doomed.start(nursery, r"selector (\S+) serving")).group(1)
+
+    async def held_client() -> None:  # checks in at the real selector; dies with it
+        host, port = doomed_id.rsplit(":", 1)
+        with contextlib.suppress(Exception):
+            async with purerpc.insecure_channel(host, int(port)) as channel:
+                stream = await fl_round_grpc.FlRoundStub(channel).CheckIn()
+                await stream.send_message(fl_round_pb2.CheckInRequest(message="hold me"))
+                while await stream.receive_message() is not None:
+                    pass
+
+    nursery.start_soon(held_client)
+    await watcher.wait_for(lambda m: m["selectors"] == [doomed_id])  # accepted via the selector
+    doomed.process.send_signal(signal.SIGKILL)
+    await doomed.wait()
+
+    survivor = await FakeSelector().start(nursery)
+    client = PurerpcClient(endpoints.grpc_port)
+    assert [await client.check_in(survivor.id) for _ in range(2)] == [True, True]
+    await survivor.told.receive()
+    write_aggregate(layout, survivor.id, keras_weights[0], weight=5)
+    await client.report(survivor.id)
+    done = await watcher.wait_for(completed(1))
+    assert done["stage"] == "COMPLETED"
+    assert (done["unreachable"], done["selectors"], done["accepted"]) == (
+        [doomed_id], [survivor.id], 2,
+    )  # fmt: skip
+    assert (await watcher.wait_for(lambda m: m["round"] == 2))["stage"] == "SELECTION"

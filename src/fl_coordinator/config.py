@@ -53,46 +53,24 @@ def _number(value: Any) -> float:
     return number
 
 
-def port(value: Any) -> int:
-    number = _integer(value)
-    if not 0 <= number <= 65535:
-        raise ValueError
-    return number
+def _checked(convert: Callable[[Any], Any], ok: Callable[[Any], bool]) -> Parser:
+    """A parser that converts a value, then insists that ``ok`` holds for it."""
+
+    def parse(value: Any) -> Any:
+        number = convert(value)
+        if not ok(number):
+            raise ValueError
+        return number
+
+    return parse
 
 
-def positive_int(value: Any) -> int:
-    number = _integer(value)
-    if number < 1:
-        raise ValueError
-    return number
-
-
-def non_negative_int(value: Any) -> int:
-    number = _integer(value)
-    if number < 0:
-        raise ValueError
-    return number
-
-
-def positive_seconds(value: Any) -> float:
-    number = _number(value)
-    if number <= 0:
-        raise ValueError
-    return number
-
-
-def seconds_or_zero(value: Any) -> float:
-    number = _number(value)
-    if number < 0:
-        raise ValueError
-    return number
-
-
-def fraction(value: Any) -> float:
-    number = _number(value)
-    if not 0 < number <= 1:
-        raise ValueError
-    return number
+port = _checked(_integer, lambda n: 0 <= n <= 65535)
+positive_int = _checked(_integer, lambda n: n >= 1)
+non_negative_int = _checked(_integer, lambda n: n >= 0)
+positive_seconds = _checked(_number, lambda n: n > 0)
+seconds_or_zero = _checked(_number, lambda n: n >= 0)
+fraction = _checked(_number, lambda n: 0 < n <= 1)
 
 
 def text(value: Any) -> str:

@@ -15,6 +15,7 @@ round is recorded as completed. Nothing of this lives under ``initFiles/``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -120,16 +121,7 @@ def next_round(layout: Layout, keep: int) -> int:
         log.warning(
             "round %d finished aggregating before the restart: kept as completed", entry.round
         )
-        write_journal(
-            layout,
-            Entry(
-                entry.round,
-                "COMPLETED",
-                selectors=entry.selectors,
-                reported=entry.reported,
-                time=entry.time,
-            ),
-        )
+        write_journal(layout, dataclasses.replace(entry, stage="COMPLETED", aggregating=False))
     else:
         log.warning(
             "round %d was interrupted in %s by the restart: abandoned, global "
@@ -137,16 +129,7 @@ def next_round(layout: Layout, keep: int) -> int:
             entry.round,
             entry.stage,
         )
-        write_journal(
-            layout,
-            Entry(
-                entry.round,
-                "FAILED",
-                selectors=entry.selectors,
-                reported=entry.reported,
-                time=entry.time,
-            ),
-        )
+        write_journal(layout, dataclasses.replace(entry, stage="FAILED", aggregating=False))
     return entry.round + 1
 
 
