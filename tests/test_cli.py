@@ -122,8 +122,12 @@ def test_bad_setting_is_one_line_and_status_2(root: Path, key: str, value: str) 
             lambda r: (r / "initFiles" / "fl_checkpoint").write_bytes(b"junk" * 64),
             "CHECKPOINT_FILE",
         ),
+        (
+            lambda r: (r / "initFiles" / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 99),
+            "MODEL_FILE",
+        ),
     ],
-    ids=["no model", "no checkpoint", "corrupt checkpoint"],
+    ids=["no model", "no checkpoint", "corrupt checkpoint", "corrupt model"],
 )
 def test_incomplete_init_files_stop_startup(root: Path, damage, key: str) -> None:
     damage(root)

@@ -345,3 +345,27 @@ async def test_selector_process_killed_after_check_in(
         [doomed_id], [survivor.id], 2,
     )  # fmt: skip
     assert (await watcher.wait_for(lambda m: m["round"] == 2))["stage"] == "SELECTION"
+
+
+async def test_same_selector_reporting_twice_counts_once(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
+) -> None:
+    endpoints = await nursery.start(serve, settings.replace(checkin_limit=3))
+    twice, other = await FakeSelector().start(nursery), await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    for selector in (twice, other, other):
+        assert await client.check_in(selector.id) is True
+    await twice.told.receive()
+    write_aggregate(layout, twice.id, keras_weights[0], weight=2)
+    await client.report(twice.id)
+    await client.report(twice.id)  # again: must not stand in for `other`
+    shown = await watcher.wait_for(lambda m: [twice.id, "it already reported"] in m["ignored"])
+    assert (shown["stage"], shown["aggregating"]) == ("REPORTING", False)
+    checked = await watcher.wait_for(lambda m: m["reported"] == [twice.id])
+    assert checked["aggregating"] is False  # the repeat did not stand in for `other`
+
+    write_aggregate(layout, other.id, keras_weights[1], weight=4)
+    await client.report(other.id)
+    done = await watcher.wait_for(completed(1))
+    assert done["stage"] == "COMPLETED" and sorted(done["reported"]) == sorted([twice.id, other.id])
