@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from federation import assert_arrays_close, fedavg, read_floats
 
+from fl_coordinator import aggregation
 from fl_coordinator.aggregation import AggregationError, Contribution, aggregate, read_weight
 
 
@@ -182,3 +183,23 @@ def test_weight_file_missing(tmp_path: Path) -> None:
         read_weight(tmp_path / "nothing")
     (tmp_path / "ok").write_text("42\n")
     assert read_weight(tmp_path / "ok") == 42
+
+
+def test_streaming_in_many_small_slabs_gives_the_same_result(
+    tmp_path: Path, arrays, monkeypatch
+) -> None:
+    arrays = {**arrays, "layers/scalar": np.array(0.5, np.float32)}
+    results = []
+    for slab_bytes in (64, 2**30):  # 64 bytes: every row of every array is its own slab
+        monkeypatch.setattr(aggregation, "SLAB_BYTES", slab_bytes)
+        folder = tmp_path / str(slab_bytes)
+        folder.mkdir()
+        checkpoint = write_h5(folder / "fl_checkpoint", arrays)
+        parts = [contribution(folder, f"s{i}", updates_like(arrays, i), str(i + 2)) for i in (1, 2)]
+        aggregate(checkpoint, parts, folder / "tmp")
+        results.append(read_floats(checkpoint))
+    assert len(aggregation.slabs((5, 4))) == 1
+    monkeypatch.setattr(aggregation, "SLAB_BYTES", 64)
+    assert aggregation.slabs((5, 4)) == [(slice(i, i + 2),) for i in (0, 2)] + [(slice(4, 5),)]
+    for name in results[0]:
+        np.testing.assert_array_equal(results[0][name], results[1][name], err_msg=name)

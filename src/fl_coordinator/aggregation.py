@@ -113,8 +113,8 @@ def _open_h5(path: Path, stack: ExitStack, what: str) -> h5py.File:
         raise AggregationError(f"{path}: {what} is not a readable HDF5 file ({error})") from None
 
 
-def _read_input(file: h5py.File, name: str, like: h5py.Dataset, path: Path) -> np.ndarray:
-    """Read dataset ``name`` of an aggregate, checking it matches the checkpoint's."""
+def _matching(file: h5py.File, name: str, like: h5py.Dataset, path: Path) -> h5py.Dataset:
+    """Dataset ``name`` of an aggregate, checked against the checkpoint's shape and dtype."""
     dataset = file.get(name)
     if not isinstance(dataset, h5py.Dataset):
         raise AggregationError(f"{path}: dataset {name!r} is missing")
@@ -126,15 +126,42 @@ def _read_input(file: h5py.File, name: str, like: h5py.Dataset, path: Path) -> n
         raise AggregationError(
             f"{path}: dataset {name!r} has dtype {dataset.dtype}, expected {like.dtype}"
         )
+    return dataset
+
+
+#: Arrays are streamed in slabs of about this many bytes (in float64): memory
+#: stays bounded by a few slabs, whatever the size of the largest array.
+SLAB_BYTES = 8 * 2**20
+
+
+def slabs(shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    """Selections covering an array of ``shape`` in row slabs of about SLAB_BYTES."""
+    if not shape:
+        return [()]
+    row_bytes = 8 * int(np.prod(shape[1:], dtype=np.int64))
+    step = max(1, SLAB_BYTES // max(row_bytes, 1))
+    return [(slice(start, min(start + step, shape[0])),) for start in range(0, shape[0], step)]
+
+
+def slab_shape(shape: tuple[int, ...], selection: tuple[slice, ...]) -> tuple[int, ...]:
+    if not selection:
+        return shape
+    rows = selection[0]
+    return (rows.stop - rows.start, *shape[1:])
+
+
+def _read(dataset: h5py.Dataset, selection: tuple[slice, ...], path: Path) -> np.ndarray:
     try:
-        return dataset[()]
+        return dataset[selection]
     except OSError as error:
-        raise AggregationError(f"{path}: dataset {name!r} cannot be read ({error})") from None
+        raise AggregationError(
+            f"{path}: dataset {dataset.name!r} cannot be read ({error})"
+        ) from None
 
 
-#: Turns the float64 sum of the inputs for one dataset into the values to write;
-#: it gets the dataset of the output file (still holding the template's values).
-Finish = Callable[[h5py.Dataset, np.ndarray], np.ndarray]
+#: Turns the float64 sum of the inputs over one slab into the values to write;
+#: it gets the output dataset (still holding the template's values) and the slab.
+Finish = Callable[[h5py.Dataset, tuple[slice, ...], np.ndarray], np.ndarray]
 
 
 def sum_into(
@@ -145,12 +172,12 @@ def sum_into(
     finish: Finish,
     cancel: threading.Event | None = None,
 ) -> tuple[int, int]:
-    """Write ``dest``: a copy of ``template`` whose float datasets hold ``finish(dataset, sum)``.
+    """Write ``dest``: a copy of ``template`` whose float datasets hold ``finish(sum)``.
 
     ``sum`` is the float64 sum of the same dataset over ``inputs``, each checked
-    against the template's shape and dtype and for NaN/Inf. ``dest`` is
-    replaced atomically, and only if everything succeeded (it may be
-    ``template`` itself). Returns (arrays written, input bytes read).
+    against the template's shape and dtype and for NaN/Inf, computed slab by
+    slab. ``dest`` is replaced atomically, and only if everything succeeded
+    (it may be ``template`` itself). Returns (arrays written, input bytes read).
     """
     bytes_read = 0
     arrays = 0
@@ -161,23 +188,30 @@ def sum_into(
             shutil.copyfile(template, tmp)
             with h5py.File(tmp, "r+") as out:
                 for name in float_datasets(out):
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled("aggregation cancelled: shutting down")
                     target = out[name]
-                    total = np.zeros(target.shape, dtype=np.float64)
-                    for file, path in zip(files, inputs, strict=True):
-                        update = _read_input(file, name, target, path)
-                        total += update
-                        bytes_read += update.nbytes
-                    if not np.all(np.isfinite(total)):
-                        culprits = [
-                            str(path)
-                            for file, path in zip(files, inputs, strict=True)
-                            if not np.all(np.isfinite(file[name][()]))
-                        ]
-                        where = ", ".join(culprits) or "their sum (overflow)"
-                        raise AggregationError(f"dataset {name!r} contains NaN or Inf in {where}")
-                    target[...] = finish(target, total).astype(target.dtype)
+                    sources = [
+                        _matching(file, name, target, path)
+                        for file, path in zip(files, inputs, strict=True)
+                    ]
+                    for selection in slabs(target.shape):
+                        if cancel is not None and cancel.is_set():
+                            raise Cancelled("aggregation cancelled: shutting down")
+                        total = np.zeros(slab_shape(target.shape, selection), np.float64)
+                        for source, path in zip(sources, inputs, strict=True):
+                            part = _read(source, selection, path)
+                            total += part
+                            bytes_read += part.nbytes
+                        if not np.all(np.isfinite(total)):
+                            culprits = [
+                                str(path)
+                                for source, path in zip(sources, inputs, strict=True)
+                                if not np.all(np.isfinite(source[selection]))
+                            ]
+                            where = ", ".join(culprits) or "their sum (overflow)"
+                            raise AggregationError(
+                                f"dataset {name!r} contains NaN or Inf in {where}"
+                            )
+                        target[selection] = finish(target, selection, total).astype(target.dtype)
                     arrays += 1
     return arrays, bytes_read
 
@@ -197,9 +231,11 @@ def aggregate(
     started = time.perf_counter()
     total_weight = sum(read_weight(c.weight) for c in contributions)
 
-    def finish(current: h5py.Dataset, total: np.ndarray) -> np.ndarray:
+    def finish(
+        current: h5py.Dataset, selection: tuple[slice, ...], total: np.ndarray
+    ) -> np.ndarray:
         total /= total_weight
-        total += current[()]
+        total += current[selection]
         return total
 
     inputs = [c.checkpoint for c in contributions]
@@ -224,8 +260,9 @@ def check_contribution(checkpoint: Path, contribution: Contribution) -> None:
         aggregate_file = _open_h5(contribution.checkpoint, stack, "aggregate checkpoint")
         global_file = _open_h5(checkpoint, stack, "global checkpoint")
         for name in float_datasets(global_file):
-            values = _read_input(aggregate_file, name, global_file[name], contribution.checkpoint)
-            if not np.all(np.isfinite(values)):
-                raise AggregationError(
-                    f"dataset {name!r} contains NaN or Inf in {contribution.checkpoint}"
-                )
+            source = _matching(aggregate_file, name, global_file[name], contribution.checkpoint)
+            for selection in slabs(source.shape):
+                if not np.all(np.isfinite(_read(source, selection, contribution.checkpoint))):
+                    raise AggregationError(
+                        f"dataset {name!r} contains NaN or Inf in {contribution.checkpoint}"
+                    )

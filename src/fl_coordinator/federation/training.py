@@ -113,8 +113,11 @@ class Trainer:
             trained = Path(folder) / "trained"
             save_weights(model, trained)
 
-            def update(start: h5py.Dataset, new: np.ndarray) -> np.ndarray:
-                new -= start[()]
+            def update(
+                start: h5py.Dataset, selection: tuple[slice, ...], new: np.ndarray
+            ) -> np.ndarray:
+                new -= start[selection]
+
                 new *= n
                 return new
 
