@@ -1,0 +1,252 @@
+"""Benchmarks, measured side by side in one run (this machine is shared: ratios hold, times drift).
+
+Part implemented so far: **aggregation**. For K selector aggregates of a Keras
+model of about S bytes it times, each in a fresh process (so peak memory is
+that process's own):
+
+* ``ours``: ``fl_coordinator.aggregation.aggregate`` end to end (reads K+1
+  files, writes the new checkpoint, atomically);
+* ``bound``: the reference bound: h5py ``read_direct`` of the same K+1 files
+  into preallocated numpy arrays, summed into preallocated float64
+  accumulators (no HDF5-based aggregation can beat it by much);
+* ``naive``: what the older system did: load the Keras model weights per
+  file and combine ``get_weights()`` lists layer by layer.
+
+Usage: ``scripts/bench [--quick] [--sizes-mb 100 1000] [--ks 2 8] [--repeat 3]
+[--out DIR]``. Prints a table and writes ``DIR/bench-aggregation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+WIDTH = 2048  # Dense(2048) kernels: 16 MiB of float32 each
+
+
+def build_model(size_mb: float) -> Any:
+    from fl_coordinator.model import import_keras
+
+    keras = import_keras()
+    layers = max(1, round(size_mb * 2**20 / (WIDTH * WIDTH * 4)))
+    model = keras.Sequential(
+        [keras.Input(shape=(WIDTH,))] + [keras.layers.Dense(WIDTH) for _ in range(layers)]
+    )
+    return model
+
+
+def make_files(folder: Path, size_mb: float, k: int) -> list[Path]:
+    """The global checkpoint and K aggregates: real Keras weights files, different values."""
+    import numpy as np
+
+    model = build_model(size_mb)
+    paths = []
+    for index in range(k + 1):
+        model.set_weights([np.full(w.shape, 0.01 * (index + 1), np.float32)
+                           for w in model.get_weights()])  # fmt: skip
+        path = folder / ("fl_checkpoint" if index == 0 else f"agg{index}")
+        model.save_weights(folder / "tmp.weights.h5")
+        os.replace(folder / "tmp.weights.h5", path)
+        (folder / f"weight{index}").write_text(f"{index + 3}\n")
+        paths.append(path)
+    return paths
+
+
+def reset_peak_rss() -> None:
+    """Linux: make the high-water mark (VmHWM) start again from the current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    """Resident memory now (Linux): the baseline the peak is measured against."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+# -- workers (each run in its own process) --------------------------------------------
+
+
+def work_ours(folder: Path, k: int) -> None:
+    from fl_coordinator.aggregation import Contribution, aggregate
+
+    parts = [
+        Contribution(f"s{i}", folder / f"agg{i}", folder / f"weight{i}") for i in range(1, k + 1)
+    ]
+    aggregate(folder / "fl_checkpoint", parts, folder / "tmp")
+
+
+def work_bound(folder: Path, k: int) -> None:
+    import h5py
+    import numpy as np
+
+    from fl_coordinator.aggregation import float_datasets
+
+    with h5py.File(folder / "fl_checkpoint", "r") as file:
+        names = float_datasets(file)
+        totals = {n: np.zeros(file[n].shape, np.float64) for n in names}
+        buffers = {n: np.empty(file[n].shape, file[n].dtype) for n in names}
+    for path in [folder / "fl_checkpoint"] + [folder / f"agg{i}" for i in range(1, k + 1)]:
+        with h5py.File(path, "r") as file:
+            for name in names:
+                file[name].read_direct(buffers[name])
+                totals[name] += buffers[name]
+
+
+def work_naive(folder: Path, k: int) -> None:
+    size_mb = sum(f.stat().st_size for f in [folder / "fl_checkpoint"]) / 2**20
+    model = build_model(size_mb)
+    named = folder / "naive.weights.h5"
+
+    def weights_of(path: Path) -> list[Any]:
+        shutil.copyfile(path, named)
+        model.load_weights(named)
+        return model.get_weights()
+
+    base = weights_of(folder / "fl_checkpoint")
+    total_weight = sum(int((folder / f"weight{i}").read_text()) for i in range(1, k + 1))
+    sums = [w * 0 for w in base]
+    for index in range(1, k + 1):
+        sums = [s + w for s, w in zip(sums, weights_of(folder / f"agg{index}"), strict=True)]
+    model.set_weights([b + s / total_weight for b, s in zip(base, sums, strict=True)])
+    model.save_weights(named)
+
+
+WORKERS = {"ours": work_ours, "bound": work_bound, "naive": work_naive}
+
+
+def worker_main(mode: str, folder: Path, k: int) -> None:
+    if mode == "naive":
+        build_model(1)  # import Keras and warm it up outside the timing
+    else:
+        import h5py  # noqa: F401
+        import numpy  # noqa: F401
+
+        import fl_coordinator.aggregation  # noqa: F401
+    reset_peak_rss()
+    before = current_rss_bytes()
+
+    started = time.perf_counter()
+    WORKERS[mode](folder, k)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "peak_extra_bytes": peak_rss_bytes() - before}))
+
+
+def measure(mode: str, folder: Path, k: int) -> dict[str, float]:
+    shutil.copyfile(folder / "fl_checkpoint.orig", folder / "fl_checkpoint")
+    result = subprocess.run(
+        [sys.executable, __file__, "--worker", mode, str(folder), str(k)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench_aggregation(sizes: list[float], ks: list[int], repeat: int, naive: bool) -> list[dict]:
+    import h5py
+
+    rows = []
+    for size_mb in sizes:
+        for k in ks:
+            with tempfile.TemporaryDirectory(prefix="fl-bench-") as name:
+                folder = Path(name)
+                paths = make_files(folder, size_mb, k)
+                shutil.copyfile(paths[0], folder / "fl_checkpoint.orig")
+                model_bytes = paths[0].stat().st_size
+                with h5py.File(paths[0], "r") as file:
+                    largest = max(file[n].nbytes for n in _floats(file))
+                modes = ["bound", "ours"] + (["naive"] if naive else [])
+                best: dict[str, dict[str, float]] = {}
+                for _ in range(repeat):  # interleaved, best of `repeat`
+                    for mode in modes:
+                        run = measure(mode, folder, k)
+                        if mode not in best or run["seconds"] < best[mode]["seconds"]:
+                            best[mode] = run
+                input_bytes = (k + 1) * model_bytes
+                row = {
+                    "size_mb": round(model_bytes / 2**20, 1),
+                    "k": k,
+                    "largest_array_mb": round(largest / 2**20, 1),
+                    "ours_s": best["ours"]["seconds"],
+                    "bound_s": best["bound"]["seconds"],
+                    "ours_mb_per_s": input_bytes / best["ours"]["seconds"] / 2**20,
+                    "bound_mb_per_s": input_bytes / best["bound"]["seconds"] / 2**20,
+                    "ratio_to_bound": best["bound"]["seconds"] / best["ours"]["seconds"],
+                    "ours_peak_mb": best["ours"]["peak_extra_bytes"] / 2**20,
+                    "bound_peak_mb": best["bound"]["peak_extra_bytes"] / 2**20,
+                }
+                if naive:
+                    row["naive_s"] = best["naive"]["seconds"]
+                    row["speedup_over_naive"] = best["naive"]["seconds"] / best["ours"]["seconds"]
+                    row["naive_peak_mb"] = best["naive"]["peak_extra_bytes"] / 2**20
+                rows.append(row)
+                print_row(row)
+    return rows
+
+
+def _floats(file: Any) -> list[str]:
+    from fl_coordinator.aggregation import float_datasets
+
+    return float_datasets(file)
+
+
+HEADER = (
+    f"{'model MB':>9} {'K':>3} {'largest MB':>10} {'ours MB/s':>10} {'bound MB/s':>10} "
+    f"{'ours/bound':>10} {'vs naive':>9} {'ours peak MB':>12} {'naive peak MB':>13}"
+)
+
+
+def print_row(row: dict) -> None:
+    naive = f"{row['speedup_over_naive']:>8.1f}x" if "naive_s" in row else f"{'-':>9}"
+    naive_peak = f"{row['naive_peak_mb']:>13.0f}" if "naive_s" in row else f"{'-':>13}"
+    print(
+        f"{row['size_mb']:>9.0f} {row['k']:>3} {row['largest_array_mb']:>10.0f} "
+        f"{row['ours_mb_per_s']:>10.0f} {row['bound_mb_per_s']:>10.0f} "
+        f"{row['ratio_to_bound']:>10.2f} {naive} {row['ours_peak_mb']:>12.0f} {naive_peak}",
+        flush=True,
+    )
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker_main(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run (CI): small sizes")
+    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[100.0, 1000.0])
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-naive", action="store_true", help="skip the Keras approach")
+    parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes_mb, args.ks, args.repeat = [16.0], [2, 4], 1
+    print("aggregation (each figure best of", args.repeat, "runs; throughput = input bytes/s)")
+    print(HEADER)
+    rows = bench_aggregation(args.sizes_mb, args.ks, args.repeat, not args.no_naive)
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / "bench-aggregation.json"
+    target.write_text(json.dumps({"aggregation": rows}, indent=2) + "\n")
+    print(f"written: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
