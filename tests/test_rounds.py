@@ -119,7 +119,18 @@ def test_check_ins_during_aggregation_are_held_for_next_round() -> None:
     assert machine.number == 2 and machine.stage is Stage.CONFIGURATION
 
 
+def test_answer_to_goal_count_reached_outside_configuration_is_ignored() -> None:
+    """Found by Hypothesis: a drop during SELECTION let the round accept more than the goal."""
+    machine = Round(Rules(goal=3))
+    machine.handle(CheckIn("a:1", 1))
+    machine.handle(BroadcastDone(1, "a:1", error="timed out"))
+    assert machine.selectors == {"a:1": 1} and machine.unreachable == []
+    replies_ = [replies(machine.handle(CheckIn("a:1", n)))[0][1] for n in range(2, 5)]
+    assert replies_ == [True, True, False]
+
+
 def test_stale_aggregation_result_is_ignored() -> None:
+
     machine = Round(Rules(goal=1))
     assert of_type(machine.handle(AggregationDone(1)), Status) == []
     assert machine.number == 1

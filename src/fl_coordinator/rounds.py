@@ -356,7 +356,8 @@ class Round:
         return [line, *self._maybe_aggregate()]
 
     def _broadcast_done(self, event: BroadcastDone) -> list[Effect]:
-        if event.round != self.number or event.selector not in self.selectors:
+        expected = self.stage in (Stage.CONFIGURATION, Stage.REPORTING) and not self.aggregating
+        if event.round != self.number or event.selector not in self.selectors or not expected:
             return [
                 Log(
                     "INFO",
