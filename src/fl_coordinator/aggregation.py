@@ -196,12 +196,18 @@ def sum_into(
                     for selection in slabs(target.shape):
                         if cancel is not None and cancel.is_set():
                             raise Cancelled("aggregation cancelled: shutting down")
-                        total = np.zeros(slab_shape(target.shape, selection), np.float64)
-                        for source, path in zip(sources, inputs, strict=True):
+                        # The first input starts the float64 sum (no zeros pass).
+                        total = np.empty(slab_shape(target.shape, selection), np.float64)
+                        for index, (source, path) in enumerate(zip(sources, inputs, strict=True)):
                             part = _read(source, selection, path)
-                            total += part
+                            if index:
+                                total += part
+                            else:
+                                total[...] = part
                             bytes_read += part.nbytes
-                        if not np.all(np.isfinite(total)):
+                        # NaN or Inf anywhere makes the sum non-finite: one cheap test
+                        # per slab, and the exact search only when it fails.
+                        if not np.isfinite(total.sum()) and not np.all(np.isfinite(total)):
                             culprits = [
                                 str(path)
                                 for source, path in zip(sources, inputs, strict=True)
