@@ -1,8 +1,10 @@
 """Benchmarks, measured side by side in one run (this machine is shared: ratios hold, times drift).
 
-Part implemented so far: **aggregation**. For K selector aggregates of a Keras
-model of about S bytes it times, each in a fresh process (so peak memory is
-that process's own):
+Parts implemented so far: **aggregation** and **fan-out** (see bench_fanout.py).
+
+Aggregation: for K selector aggregates of a Keras model of about S bytes it
+times, each in a fresh process (so peak memory is that process's own):
+
 
 * ``ours``: ``fl_coordinator.aggregation.aggregate`` end to end (reads K+1
   files, writes the new checkpoint, atomically);
@@ -13,7 +15,7 @@ that process's own):
   file and combine ``get_weights()`` lists layer by layer.
 
 Usage: ``scripts/bench [--quick] [--sizes-mb 100 1000] [--ks 2 8] [--repeat 3]
-[--out DIR]``. Prints a table and writes ``DIR/bench-aggregation.json``.
+[--out DIR]``. Prints a table and writes ``DIR/bench.json``.
 """
 
 from __future__ import annotations
@@ -235,15 +237,31 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the Keras approach")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON")
+    parser.add_argument("--parts", nargs="+", choices=["aggregation", "fanout"],
+                        default=["aggregation", "fanout"])  # fmt: skip
+    parser.add_argument("--subscribers", type=int, default=1000, help="fan-out subscribers")
+    parser.add_argument("--stalled", type=int, default=10, help="fan-out: never-reading ones")
+    parser.add_argument("--changes", type=int, default=50, help="fan-out: status changes timed")
     args = parser.parse_args()
     if args.quick:
         args.sizes_mb, args.ks, args.repeat = [16.0], [2, 4], 1
-    print("aggregation (each figure best of", args.repeat, "runs; throughput = input bytes/s)")
-    print(HEADER)
-    rows = bench_aggregation(args.sizes_mb, args.ks, args.repeat, not args.no_naive)
+        args.subscribers, args.changes = 50, 10
+    results: dict[str, Any] = {}
+    if "aggregation" in args.parts:
+        print("aggregation (each figure best of", args.repeat, "runs; throughput = input bytes/s)")
+        print(HEADER)
+        results["aggregation"] = bench_aggregation(
+            args.sizes_mb, args.ks, args.repeat, not args.no_naive
+        )
+    if "fanout" in args.parts:
+        from bench_fanout import bench_fanout
+
+        print(f"\nfan-out (a status change to {args.subscribers} websocket subscribers, "
+              f"without and with {args.stalled} that never read)")  # fmt: skip
+        results["fanout"] = bench_fanout(args.subscribers, args.stalled, args.changes)
     args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / "bench-aggregation.json"
-    target.write_text(json.dumps({"aggregation": rows}, indent=2) + "\n")
+    target = args.out / "bench.json"
+    target.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written: {target}")
     return 0
 

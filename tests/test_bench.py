@@ -16,9 +16,12 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    rows = json.loads((tmp_path / "bench-aggregation.json").read_text())["aggregation"]
+    results = json.loads((tmp_path / "bench.json").read_text())
+    rows = results["aggregation"]
     assert [row["k"] for row in rows] == [2, 4]
     for row in rows:
         assert row["ours_s"] > 0 and row["bound_s"] > 0 and row["naive_s"] > 0
         assert row["ours_peak_mb"] >= 0 and row["largest_array_mb"] == 16
-    assert "ours/bound" in result.stdout
+    assert [(r["subscribers"], r["stalled"]) for r in results["fanout"]] == [(50, 0), (50, 10)]
+    assert all(r["to_last_p99_ms"] >= r["to_last_p50_ms"] > 0 for r in results["fanout"])
+    assert "ours/bound" in result.stdout and "to last p50 ms" in result.stdout
