@@ -8,9 +8,10 @@ aggregations are spawned into its nursery and report back as new events.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import trio
 
@@ -50,6 +51,8 @@ from .rounds import (
 from .status import StatusHub, utc_now
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Events waiting for the state task; RPC handlers wait when it is full.
 EVENT_BUFFER = 1024
@@ -195,50 +198,53 @@ class Coordinator:
         layout = self._layout
         return Contribution(selector, layout.agg_checkpoint(selector), layout.agg_weight(selector))
 
-    async def _check(self, number: int, selector: str) -> None:
-        job = functools.partial(
-            check_contribution, self._layout.checkpoint, self._contribution(selector)
-        )
+    async def _off_loop(self, job: Callable[[threading.Event], T], what: str) -> T | str:
+        """Run ``job`` in a worker thread; return its result, or the error text.
+
+        An AggregationError is an expected, specific message; anything else is
+        a bug, logged with its traceback. ``job`` gets an event that is set when
+        the coordinator stops waiting (shutdown), so it can stop early.
+        """
+        cancel = threading.Event()
         try:
-            await trio.to_thread.run_sync(job, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(job, cancel, abandon_on_cancel=True)
         except AggregationError as exc:
-            error: str | None = str(exc)
+            return str(exc)
         except Exception as exc:
-            log.exception("round %d: checking %s crashed", number, selector)
-            error = f"internal error: {type(exc).__name__}: {exc}"
-        else:
-            error = None
+            log.exception("%s crashed", what)
+            return f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            cancel.set()
+
+    async def _check(self, number: int, selector: str) -> None:
+        contribution = self._contribution(selector)
+        outcome = await self._off_loop(
+            lambda _: check_contribution(self._layout.checkpoint, contribution),
+            f"round {number}: checking {selector}",
+        )
+        error = outcome if isinstance(outcome, str) else None
         await self._events_in.send(ContributionChecked(number, selector, error))
 
     async def _aggregate(self, number: int, selectors: tuple[str, ...]) -> None:
         contributions = [self._contribution(s) for s in selectors]
-        cancel = threading.Event()
 
-        def job() -> AggregationResult:
+        def job(cancel: threading.Event) -> AggregationResult:
             result = self._aggregator(
                 self._layout.checkpoint, contributions, self._layout.tmp, cancel
             )
             remember(self._layout, number, self._settings.keep_checkpoints)
             return result
 
-        try:
-            result = await trio.to_thread.run_sync(job, abandon_on_cancel=True)
-
-        except AggregationError as exc:
-            done = AggregationDone(number, error=str(exc))
-        except Exception as exc:
-            log.exception("round %d: aggregation crashed", number)
-            done = AggregationDone(number, error=f"internal error: {type(exc).__name__}: {exc}")
-        else:
-            log.info(
-                "round %d: averaged %d arrays from %d selector(s), total weight %d, %.1f MB read",
-                number,
-                result.arrays,
-                len(selectors),
-                result.total_weight,
-                result.bytes_read / 1e6,
-            )
-            done = AggregationDone(number, seconds=result.seconds)
-        finally:
-            cancel.set()
-        await self._events_in.send(done)
+        result = await self._off_loop(job, f"round {number}: aggregation")
+        if isinstance(result, str):
+            await self._events_in.send(AggregationDone(number, error=result))
+            return
+        log.info(
+            "round %d: averaged %d arrays from %d selector(s), total weight %d, %.1f MB read",
+            number,
+            result.arrays,
+            len(selectors),
+            result.total_weight,
+            result.bytes_read / 1e6,
+        )
+        await self._events_in.send(AggregationDone(number, seconds=result.seconds))
