@@ -8,7 +8,8 @@ round, so a client never spins forever against a full federation.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +46,9 @@ def load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 async def _upload_messages(path: Path, n: int) -> AsyncIterator[fl_round_pb2.FlData]:
-    chunks: Iterator[fl_round_pb2.FlData] = file_chunks(path)
-    for chunk in chunks:
-        yield chunk
+    async with aclosing(file_chunks(path)) as chunks:
+        async for chunk in chunks:
+            yield chunk
     yield integer(n)
 
 

@@ -19,6 +19,7 @@ import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,8 +189,10 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         try:
             for path in sorted(self.options.layout.init_files.rglob("*")):
                 if path.is_file():
-                    for chunk in file_chunks(path):
-                        yield chunk
+                    async with aclosing(file_chunks(path)) as chunks:
+                        async for chunk in chunks:
+                            yield chunk
+
             sent = True
         finally:
             if not sent:
@@ -251,13 +254,14 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         with trio.move_on_after(self.options.report_timeout):
             await cohort.complete.wait()
         cohort.complete.set()  # late uploads belong to no round now
-        missing = cohort.expected - len(cohort.uploads)
-        if missing > 0 or cohort.lost:
+        missing = cohort.configured - len(cohort.uploads)  # lost on the way or silent
+        if missing > 0:
             log.warning(
                 "cohort %d: %d of %d client(s) did not upload within %.0f s; "
                 "aggregating the %d upload(s) that arrived",
                 cohort.number,
-                missing + cohort.lost,
+                missing,
+
                 cohort.configured,
                 self.options.report_timeout,
                 len(cohort.uploads),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import trio
@@ -18,22 +18,24 @@ def integer(value: int) -> FlData:
     return FlData(type=fl_round_pb2.FL_INT, intVal=value)
 
 
-def file_chunks(path: Path, name: str | None = None) -> Iterator[FlData]:
+async def file_chunks(path: Path) -> AsyncIterator[FlData]:
     """``path`` as FL_FILES chunks with ``filePath`` set; the last one has ``isLastChunk``.
 
-    An empty file is one empty chunk, so the receiver still learns it exists.
+    Reads go through trio's worker threads: a model of a gigabyte, sent to
+    many clients at once, never blocks the event loop. An empty file is one
+    empty chunk, so the receiver still learns it exists.
     """
-    name = path.name if name is None else name
-    with open(path, "rb") as file:
-        chunk = file.read(CHUNK_SIZE)
+    async with await trio.open_file(path, "rb") as file:
+        chunk = await file.read(CHUNK_SIZE)
         while True:
-            following = file.read(CHUNK_SIZE)
+            following = await file.read(CHUNK_SIZE)
             yield FlData(
                 type=fl_round_pb2.FL_FILES,
                 chunk=chunk,
-                filePath=name,
+                filePath=path.name,
                 isLastChunk=not following,
             )
+
             if not following:
                 return
             chunk = following
