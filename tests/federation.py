@@ -22,8 +22,10 @@ import trio_websocket
 
 from fl_coordinator._proto import fl_intra_grpc, fl_intra_pb2
 from fl_coordinator.aggregation import float_datasets
+from fl_coordinator.config import Settings
 from fl_coordinator.grpc_server import serve_grpc
 from fl_coordinator.layout import Layout
+from fl_coordinator.server import Endpoints, serve
 
 
 class FakeSelector(fl_intra_grpc.FLGoalCountBroadcastServicer):
@@ -187,3 +189,11 @@ def assert_arrays_close(actual: dict[str, np.ndarray], expected: dict[str, np.nd
     for name in expected:
         assert actual[name].dtype == expected[name].dtype, name
         np.testing.assert_allclose(actual[name], expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+async def serve_and_watch(
+    nursery: trio.Nursery, settings: Settings
+) -> tuple[Endpoints, StatusWatcher, PurerpcClient]:
+    """A coordinator on loopback, a websocket subscriber to it, and a purerpc intra client."""
+    endpoints = await nursery.start(serve, settings)
+    return endpoints, await watch(nursery, endpoints.status_url), PurerpcClient(endpoints.grpc_port)

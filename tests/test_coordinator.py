@@ -16,6 +16,7 @@ from federation import (
     completed,
     fedavg,
     read_floats,
+    serve_and_watch,
     watch,
     write_aggregate,
 )
@@ -77,11 +78,10 @@ async def test_check_in_during_aggregation_is_accepted_into_next_round(
 async def test_missing_aggregate_is_rejected_and_round_goes_on_with_the_rest(
     settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, caplog
 ) -> None:
-    endpoints = await nursery.start(serve, settings)  # MIN_REPORTING_FRACTION 0.5
+    _, watcher, client = await serve_and_watch(nursery, settings)  # min reporting fraction 0.5
+
     first = await FakeSelector().start(nursery)
     second = await FakeSelector().start(nursery)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
     before = read_floats(layout.checkpoint)
 
     assert [await client.check_in(first.id), await client.check_in(second.id)] == [True, True]
@@ -104,11 +104,11 @@ async def test_missing_aggregate_is_rejected_and_round_goes_on_with_the_rest(
 async def test_round_fails_and_keeps_checkpoint_when_too_few_usable_reports(
     settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, caplog
 ) -> None:
-    endpoints = await nursery.start(serve, settings.replace(min_reporting_fraction=1.0))
+    _, watcher, client = await serve_and_watch(
+        nursery, settings.replace(min_reporting_fraction=1.0)
+    )
     first = await FakeSelector().start(nursery)
     second = await FakeSelector().start(nursery)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
     before = digest(layout)
 
     assert [await client.check_in(first.id), await client.check_in(second.id)] == [True, True]
@@ -135,10 +135,8 @@ async def test_unreachable_selector_does_not_stop_the_others(
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{sock.getsockname()[1]}"
-    endpoints = await nursery.start(serve, settings)
+    _, watcher, client = await serve_and_watch(nursery, settings)
     alive = await FakeSelector().start(nursery)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
     assert await client.check_in(dead) is True
     assert await client.check_in(alive.id) is True
     await alive.told.receive()
@@ -155,9 +153,7 @@ async def test_unreachable_selector_does_not_stop_the_others(
 async def test_hostile_selector_ids_are_refused(
     settings: Settings, nursery: trio.Nursery, selector_id: str, caplog
 ) -> None:
-    endpoints = await nursery.start(serve, settings)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
+    _, watcher, client = await serve_and_watch(nursery, settings)
     assert await client.check_in(selector_id) is False
     await client.report(selector_id)  # answered with Empty (asserted inside)
     assert any("refused a check-in" in r.getMessage() for r in caplog.records)
@@ -175,11 +171,9 @@ async def test_hostile_selector_ids_are_refused(
 async def test_report_from_selector_outside_round_changes_nothing(
     settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, caplog
 ) -> None:
-    endpoints = await nursery.start(serve, settings)
+    _, watcher, client = await serve_and_watch(nursery, settings)
     member = await FakeSelector().start(nursery)
     stranger = await FakeSelector().start(nursery)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
     await client.check_in(member.id)
     await client.check_in(member.id)
     await member.told.receive()
@@ -197,7 +191,9 @@ async def test_stalled_subscriber_does_not_delay_the_round(
     settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
 ) -> None:
     goal = 150
-    endpoints = await nursery.start(serve, settings.replace(checkin_limit=goal))
+    endpoints, watcher, client = await serve_and_watch(
+        nursery, settings.replace(checkin_limit=goal)
+    )
     # A subscriber that completes the handshake, then never reads a byte.
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
@@ -207,8 +203,6 @@ async def test_stalled_subscriber_does_not_delay_the_round(
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     selector = await FakeSelector().start(nursery)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
     try:
         with trio.fail_after(60):
             for _ in range(goal):

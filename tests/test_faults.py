@@ -23,6 +23,7 @@ from federation import (
     GrpcioClient,
     PurerpcClient,
     completed,
+    serve_and_watch,
     watch,
     write_aggregate,
 )
@@ -135,13 +136,11 @@ class SilentSelector(FakeSelector):
 async def test_silent_selector_is_dropped_and_the_round_goes_on(
     settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
 ) -> None:
-    endpoints = await nursery.start(
-        serve, settings.replace(goal_count_timeout=0.5, goal_count_retries=1, checkin_limit=3)
+    _, watcher, client = await serve_and_watch(
+        nursery, settings.replace(goal_count_timeout=0.5, goal_count_retries=1, checkin_limit=3)
     )
     alive = await FakeSelector().start(nursery)
     silent = await SilentSelector().start(nursery)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
     for selector in (alive, silent, alive):
         assert await client.check_in(selector.id) is True
     await alive.told.receive()
@@ -160,10 +159,10 @@ async def test_selector_lost_after_configuration_reporting_window(
     settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
 ) -> None:
     rules = {"reporting_timeout": 1.0, "checkin_limit": 3}
-    endpoints = await nursery.start(serve, settings.replace(**rules, min_reporting_fraction=0.5))
+    _, watcher, client = await serve_and_watch(
+        nursery, settings.replace(**rules, min_reporting_fraction=0.5)
+    )
     stays, lost = await FakeSelector().start(nursery), await FakeSelector().start(nursery)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
     for selector in (stays, stays, lost):
         assert await client.check_in(selector.id) is True
     await stays.told.receive()
@@ -240,10 +239,10 @@ BAD_FILES = {
 async def test_bad_file_is_rejected_with_a_specific_reason(
     settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, case: str
 ) -> None:
-    endpoints = await nursery.start(serve, settings.replace(min_reporting_fraction=1.0))
+    _, watcher, client = await serve_and_watch(
+        nursery, settings.replace(min_reporting_fraction=1.0)
+    )
     selector = await FakeSelector().start(nursery)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
     before = digest(layout.checkpoint)
     assert [await client.check_in(selector.id) for _ in range(2)] == [True, True]
     await selector.told.receive()
@@ -350,10 +349,8 @@ async def test_selector_process_killed_after_check_in(
 async def test_same_selector_reporting_twice_counts_once(
     settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
 ) -> None:
-    endpoints = await nursery.start(serve, settings.replace(checkin_limit=3))
+    _, watcher, client = await serve_and_watch(nursery, settings.replace(checkin_limit=3))
     twice, other = await FakeSelector().start(nursery), await FakeSelector().start(nursery)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
     for selector in (twice, other, other):
         assert await client.check_in(selector.id) is True
     await twice.told.receive()
