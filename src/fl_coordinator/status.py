@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
+import json
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -61,26 +63,45 @@ def to_message(
     return message
 
 
+class Published:
+    """A status message as published: the object, and its JSON text.
+
+    The text is made at most once per change, not once per subscriber (with a
+    thousand websocket subscribers, a thousand fewer ``json.dumps``), and only
+    if some subscriber sends it: a check-in with nobody watching pays nothing.
+    """
+
+    def __init__(self, message: StatusMessage) -> None:
+        self.message = message
+
+    @functools.cached_property
+    def text(self) -> str:
+        return json.dumps(self.message)
+
+
 class Subscription:
     """One subscriber's bounded queue (oldest dropped when full)."""
 
     def __init__(self, maxlen: int) -> None:
-        self._queue: collections.deque[StatusMessage] = collections.deque(maxlen=maxlen)
+        self._queue: collections.deque[Published] = collections.deque(maxlen=maxlen)
         self._wake = trio.Event()
         self.dropped = 0
 
-    def put(self, message: StatusMessage) -> None:
+    def put(self, published: Published) -> None:
         if len(self._queue) == self._queue.maxlen:
             self.dropped += 1
-        self._queue.append(message)
+        self._queue.append(published)
         self._wake.set()
 
-    async def get(self) -> StatusMessage:
+    async def next(self) -> Published:
         """The oldest message not yet taken; waits for one if there is none."""
         while not self._queue:
             await self._wake.wait()
             self._wake = trio.Event()
         return self._queue.popleft()
+
+    async def get(self) -> StatusMessage:
+        return (await self.next()).message
 
 
 class StatusHub:
@@ -99,7 +120,7 @@ class StatusHub:
         self._queue_length = queue_length
         self._seq = itertools.count(1)
         self._subscribers: set[Subscription] = set()
-        self.latest: StatusMessage | None = None
+        self._latest: Published | None = None
 
     @property
     def subscriber_count(self) -> int:
@@ -113,17 +134,19 @@ class StatusHub:
             time=self._clock(),
             checkpoint=self._checkpoint,
         )
-        self.latest = message
+        self._latest = Published(message)
+
         for subscription in self._subscribers:
-            subscription.put(message)
+            subscription.put(self._latest)
         return message
 
     @contextlib.contextmanager
     def subscribe(self) -> Iterator[Subscription]:
         """A subscription that starts with the current status, then every new message."""
         subscription = Subscription(self._queue_length)
-        if self.latest is not None:
-            subscription.put(self.latest)
+        if self._latest is not None:
+            subscription.put(self._latest)
+
         self._subscribers.add(subscription)
         try:
             yield subscription

@@ -9,7 +9,6 @@ for long; it only ever delays itself.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import trio
@@ -40,9 +39,10 @@ async def _drain(ws: WebSocketConnection) -> None:
 
 async def _push(ws: WebSocketConnection, subscription: Subscription, peer: str) -> None:
     while True:
-        message = await subscription.get()
+        published = await subscription.next()
         with trio.move_on_after(SEND_TIMEOUT) as timeout:
-            await ws.send_message(json.dumps(message))
+            await ws.send_message(published.text)
+
         if timeout.cancelled_caught:
             log.warning(
                 "status subscriber %s stopped reading for %.0f s; disconnecting it",

@@ -261,7 +261,6 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
                 "aggregating the %d upload(s) that arrived",
                 cohort.number,
                 missing,
-
                 cohort.configured,
                 self.options.report_timeout,
                 len(cohort.uploads),
