@@ -7,14 +7,10 @@ always answers ``Empty``: existing selectors expect nothing else.
 
 from __future__ import annotations
 
-import logging
-
 from ._proto import fl_intra_grpc, fl_intra_pb2
 from .coordinator import Coordinator
 from .layout import InvalidSelectorId, check_selector_id
 from .net import BadAddress, split_address
-
-log = logging.getLogger(__name__)
 
 
 def problem_with_id(selector_id: str) -> str | None:
@@ -36,7 +32,6 @@ class IntraServicer(fl_intra_grpc.FlIntraServicer):
     ) -> fl_intra_pb2.FlClientStatus:
         problem = problem_with_id(message.id)
         if problem is not None:
-            log.warning("refused a check-in: %s", problem)
             await self._coordinator.refused(message.id, f"check-in refused: {problem}")
             return fl_intra_pb2.FlClientStatus(accepted=False)
         accepted = await self._coordinator.check_in(message.id)
@@ -47,7 +42,6 @@ class IntraServicer(fl_intra_grpc.FlIntraServicer):
     ) -> fl_intra_pb2.Empty:
         problem = problem_with_id(message.id)
         if problem is not None:
-            log.warning("ignored an aggregation report: %s", problem)
             await self._coordinator.refused(message.id, f"report ignored: {problem}")
 
         else:
