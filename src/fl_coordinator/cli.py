@@ -38,7 +38,7 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .problem import check_problem, init_problem, needs_init
+    from .problem import init_problem, needs_init
     from .server import serve
     from .shutdown import first_of, run_until_signal
 
@@ -53,7 +53,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings.init_files_path,
         )
         init_problem(layout)
-    check_problem(layout)
     try:
         trio.run(run_until_signal, functools.partial(serve, settings))
 
