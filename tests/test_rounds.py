@@ -230,7 +230,8 @@ SELECTORS = [f"10.0.0.{i}:5000" for i in range(4)]
 
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("check_in"), st.sampled_from(SELECTORS)),
+        # 1 client: ClientCountUpdate; more: the batched CheckInClients.
+        st.tuples(st.just("check_in"), st.sampled_from(SELECTORS), st.sampled_from([1, 1, 2, 7])),
         st.tuples(st.just("report"), st.sampled_from(SELECTORS)),
         st.tuples(st.just("aggregated"), st.booleans()),
         st.tuples(st.just("stale"), st.integers(0, 5)),
@@ -245,8 +246,8 @@ operations = st.lists(
 
 def to_event(machine: Round, op: tuple, tokens: itertools.count) -> Event:
     match op:
-        case ("check_in", selector):
-            return CheckIn(selector, reply_to=(next(tokens), selector))
+        case ("check_in", selector, clients):
+            return CheckIn(selector, reply_to=(next(tokens), selector), clients=clients)
         case ("report", selector):
             return SelectorReported(selector)
         case ("aggregated", ok):
@@ -277,7 +278,7 @@ def test_random_event_sequences_keep_the_invariants(
     machine = Round(Rules(goal, 10, fractions[0], 20, fractions[1]))
     machine.start()
     tokens = itertools.count()
-    asked: set[object] = set()
+    asked: dict[object, int] = {}
     answered: Counter[object] = Counter()
     finished_rounds = 0
     accepted_total = 0
@@ -287,7 +288,7 @@ def test_random_event_sequences_keep_the_invariants(
     for op in ops:
         event = to_event(machine, op, tokens)
         if isinstance(event, CheckIn):
-            asked.add(event.reply_to)
+            asked[event.reply_to] = event.clients
         effects = machine.handle(event)
 
         # Never more than the goal accepted in a round; selectors hold exactly those.
@@ -299,6 +300,9 @@ def test_random_event_sequences_keep_the_invariants(
             if isinstance(effect, Reply):
                 answered[effect.reply_to] += 1
                 accepted_total += effect.accepted
+                # A batch gets at most what it asked for.
+                assert 0 <= effect.accepted <= asked[effect.reply_to]
+
             if isinstance(effect, Broadcast):
                 # Every selector holding an accepted client is told, once, in its round.
                 assert effect.round == machine.number
@@ -330,6 +334,6 @@ def test_random_event_sequences_keep_the_invariants(
     # Every check-in is answered exactly once, or still held for the next round.
     held = {c.reply_to for c in machine.held}
     assert all(count == 1 for count in answered.values())
-    assert set(answered) | held == asked and not set(answered) & held
+    assert set(answered) | held == set(asked) and not set(answered) & held
     # Accepted answers never exceed the goal per round (drops only lower the count).
     assert accepted_total <= goal * machine.number

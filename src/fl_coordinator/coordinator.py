@@ -88,11 +88,11 @@ class Coordinator:
         self._windows: dict[Stage, trio.CancelScope] = {}
         self._events_in, self._events = trio.open_memory_channel[Event](EVENT_BUFFER)
 
-    async def check_in(self, selector: str) -> bool:
-        """One client at ``selector``: may it be kept for the round?"""
-        reply_in, reply_out = trio.open_memory_channel[bool](1)
+    async def check_in(self, selector: str, clients: int = 1) -> int:
+        """``clients`` (>= 1) clients wait at ``selector``: how many may it keep for the round?"""
+        reply_in, reply_out = trio.open_memory_channel[int](1)
         async with reply_out:
-            await self._events_in.send(CheckIn(selector, reply_to=reply_in))
+            await self._events_in.send(CheckIn(selector, reply_to=reply_in, clients=clients))
             return await reply_out.receive()
 
     async def report(self, selector: str) -> None:
@@ -120,9 +120,10 @@ class Coordinator:
                     reply_to.send_nowait(accepted)  # type: ignore[attr-defined]
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     log.warning(
-                        "a selector gave up waiting for its check-in answer (%s)",
-                        "accepted" if accepted else "refused",
+                        "a selector gave up waiting for its check-in answer (%d accepted)",
+                        accepted,
                     )
+
             case Status():
                 self._hub.publish(effect)
                 self._journal_stage_change(effect)

@@ -67,10 +67,12 @@ class Rules:
 
 @dataclass(frozen=True)
 class CheckIn:
-    """A selector asks to keep one client. ``reply_to`` is opaque to the machine."""
+    """A selector asks to keep ``clients`` clients (1 for ``ClientCountUpdate``, N >= 1 for
+    the batched check-in). ``reply_to`` is opaque to the machine."""
 
     selector: str
     reply_to: Hashable
+    clients: int = 1
 
 
 @dataclass(frozen=True)
@@ -137,10 +139,10 @@ IGNORED_KEPT = 20
 
 @dataclass(frozen=True)
 class Reply:
-    """Answer a held ``ClientCountUpdate``."""
+    """Answer a check-in: how many of the clients it asked for were accepted (0 = refused)."""
 
     reply_to: Hashable
-    accepted: bool
+    accepted: int
 
 
 @dataclass(frozen=True)
@@ -288,10 +290,14 @@ class Round:
             self.held.append(event)
             return [self.status()]
         if self.stage is not Stage.SELECTION:
-            return [Reply(event.reply_to, accepted=False)]
-        self.accepted += 1
-        self.selectors[event.selector] = self.selectors.get(event.selector, 0) + 1
-        effects: list[Effect] = [Reply(event.reply_to, accepted=True)]
+            return [Reply(event.reply_to, accepted=0)]
+        # First come, first served: a batch larger than what the goal has left
+        # gets what is left (always >= 1 in SELECTION: reaching the goal configures).
+        taken = min(event.clients, self.goal - self.accepted)
+        self.accepted += taken
+        self.selectors[event.selector] = self.selectors.get(event.selector, 0) + taken
+        effects: list[Effect] = [Reply(event.reply_to, accepted=taken)]
+
         if self.accepted < self.goal:
             effects.append(self.status())
             return effects

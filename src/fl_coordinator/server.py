@@ -16,7 +16,7 @@ from .aggregation import Aggregator, aggregate
 from .config import Settings
 from .coordinator import Coordinator
 from .grpc_server import serve_grpc
-from .intra import IntraServicer
+from .intra import IntraBatchServicer, IntraServicer
 from .journal import next_round
 from .layout import Layout
 from .problem import check_problem, clean_tmp
@@ -61,9 +61,9 @@ async def serve(
 
     async with trio.open_nursery() as nursery:
         await nursery.start(coordinator.run)
-        grpc_port = await nursery.start(
-            serve_grpc, [IntraServicer(coordinator).service], settings.host, settings.port
-        )
+        services = [IntraServicer(coordinator).service, IntraBatchServicer(coordinator).service]
+        grpc_port = await nursery.start(serve_grpc, services, settings.host, settings.port)
+
         status_port = await nursery.start(
             StatusServer(hub).serve, settings.host, settings.status_port
         )
