@@ -2,8 +2,12 @@
 
 It speaks the Go system's contract. Clients call ``FlRound.CheckIn`` and
 ``FlRound.Update``; the coordinator calls ``FLGoalCountBroadcast.GoalCountReached``;
-the selector calls ``FlIntra.ClientCountUpdate`` once per client and
-``FlIntra.SelectorAggregationComplete`` when its aggregate files are written.
+the selector checks its clients in with the batched
+``flcoordinator.v1.FlIntraBatch.CheckInClients`` (one call for all the clients
+that arrived while the previous call was in flight; see checkin_batch.py),
+or with ``FlIntra.ClientCountUpdate`` once per client when the coordinator
+does not serve the batched call (the Go one), or when told to (``batch_checkin``),
+and calls ``FlIntra.SelectorAggregationComplete`` when its aggregate files are written.
 Its id is its own ``host:port``, which also names its folder in shared storage.
 
 A round, as one selector sees it, is a :class:`Cohort`: the clients the
@@ -26,12 +30,23 @@ from pathlib import Path
 import purerpc
 import trio
 from google.protobuf.message import Message
+from purerpc.grpclib.exceptions import RpcFailedError
+from purerpc.grpclib.status import StatusCode
 
-from .._proto import fl_intra_grpc, fl_intra_pb2, fl_round_grpc, fl_round_pb2
+from .._proto import (
+    fl_intra_batch_grpc,
+    fl_intra_batch_pb2,
+    fl_intra_grpc,
+    fl_intra_pb2,
+    fl_round_grpc,
+    fl_round_pb2,
+)
 from ..aggregation import AggregationError, sum_into
 from ..grpc_server import serve_grpc
 from ..layout import Layout, check_selector_id, write_atomic
 from ..net import split_address
+from ..shutdown import first_of
+from .checkin_batch import CheckInBatcher
 from .transfer import file_chunks, integer, receive_upload
 
 log = logging.getLogger(__name__)
@@ -49,6 +64,7 @@ class SelectorOptions:
     waiting_time_ms: int = 20000
     hold_timeout: float = 300.0
     report_timeout: float = 300.0
+    batch_checkin: bool = True  # False: one ClientCountUpdate per client, as the Go selector
 
 
 @dataclass
@@ -88,6 +104,15 @@ def sum_uploads(uploads: list[tuple[Path, int]], layout: Layout, selector_id: st
     return weight
 
 
+def unimplemented(error: Exception) -> bool:
+    """Did the coordinator answer UNIMPLEMENTED (possibly inside purerpc's exception group)?"""
+    if isinstance(error, ExceptionGroup):
+        error = first_of(error, RpcFailedError)
+    if not isinstance(error, RpcFailedError):
+        return False
+    return error.status.status_code is StatusCode.UNIMPLEMENTED
+
+
 class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcastServicer):
     """One selector: its gRPC services, its current cohorts, its calls to the coordinator."""
 
@@ -100,6 +125,8 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         self._selecting = Cohort(next(self._numbers))
         self._reporting: Cohort | None = None
         self._nursery: trio.Nursery | None = None
+        self._batcher: CheckInBatcher | None = None
+        self._batch_checkin = options.batch_checkin
 
     # -- wiring ---------------------------------------------------------------
 
@@ -120,6 +147,7 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         ]
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._batcher = CheckInBatcher(nursery, self._ask_for)
             port = await nursery.start(serve_grpc, services, self.options.host, self.options.port)
             self.id = check_selector_id(f"{self.options.advertise or self.options.host}:{port}")
             self.round_files.mkdir(parents=True, exist_ok=True)
@@ -131,17 +159,45 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
             )
             task_status.started(self.id)
 
-    async def _call_coordinator(self, method: str, request: Message) -> Message:
-        """One FlIntra call on a fresh connection (as the Go selector dials per call)."""
+    async def _call_coordinator(
+        self, method: str, request: Message, stub: type = fl_intra_grpc.FlIntraStub
+    ) -> Message:
+        """One call on a fresh connection (as the Go selector dials per call)."""
         host, port = split_address(self.options.coordinator)
         async with purerpc.insecure_channel(host, port) as channel:
-            return await getattr(fl_intra_grpc.FlIntraStub(channel), method)(request)
+            return await getattr(stub(channel), method)(request)
 
     async def _ask_coordinator(self) -> bool:
-        self._checked_in += 1
-        request = fl_intra_pb2.ClientCount(count=self._checked_in, id=self.id)
-        answer = await self._call_coordinator("ClientCountUpdate", request)
-        return answer.accepted
+        assert self._batcher is not None
+        return await self._batcher.ask()
+
+    async def _ask_for(self, clients: int) -> int:
+        """How many of ``clients`` waiting clients the coordinator keeps (batched if it can)."""
+        if self._batch_checkin:
+            request = fl_intra_batch_pb2.ClientBatch(id=self.id, clients=clients)
+            try:
+                answer = await self._call_coordinator(
+                    "CheckInClients", request, fl_intra_batch_grpc.FlIntraBatchStub
+                )
+            except Exception as error:
+                if not unimplemented(error):
+                    raise
+                log.info("the coordinator has no batched check-in; asking once per client")
+                self._batch_checkin = False
+            else:
+                return answer.accepted
+        accepted = 0
+
+        async def ask_one() -> None:
+            nonlocal accepted
+            self._checked_in += 1
+            request = fl_intra_pb2.ClientCount(count=self._checked_in, id=self.id)
+            accepted += (await self._call_coordinator("ClientCountUpdate", request)).accepted
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(ask_one)
+        return accepted
 
     async def _report(self, cohort: Cohort) -> None:
         request = fl_intra_pb2.SelectorId(id=self.id)

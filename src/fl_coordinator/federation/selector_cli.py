@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds to wait for uploads before aggregating what arrived",
     )
+    serve.add_argument(
+        "--per-client-checkin",
+        action="store_true",
+        help="one ClientCountUpdate per client, as the Go selector (default: batched "
+        "CheckInClients, falling back to this when the coordinator does not serve it)",
+    )
     return parser
 
 
@@ -74,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         waiting_time_ms=args.waiting_time_ms,
         hold_timeout=args.hold_timeout,
         report_timeout=args.report_timeout,
+        batch_checkin=not args.per_client_checkin,
     )
+
     try:
         trio.run(run_until_signal, Selector(options).serve)
     except BaseExceptionGroup as group:
