@@ -4,6 +4,7 @@ that leave the global checkpoint byte-for-byte untouched."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import h5py
@@ -13,6 +14,7 @@ from federation import assert_arrays_close, fedavg, read_floats
 
 from fl_coordinator import aggregation
 from fl_coordinator.aggregation import AggregationError, Contribution, aggregate, read_weight
+from fl_coordinator.model import builtin_model
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -35,7 +37,35 @@ def write_h5(path: Path, arrays: dict[str, np.ndarray], extras: bool = False) ->
             file.create_dataset("meta/flags", data=np.array([True, False]))
             file.create_dataset("meta/label", data="digits", dtype=h5py.string_dtype())
             file["layers/dense/vars/0"].attrs["unit"] = "weight"
+            file["layers/out"].attrs.create("scale", 2.5, dtype=np.float16)
+            file.create_dataset(  # chunked and compressed: must stay so
+                "layers/extra/vars/0", data=np.ones((40, 3), np.float32), chunks=(8, 3),
+                compression="gzip", compression_opts=4, fillvalue=7.0,
+            )  # fmt: skip
     return path
+
+
+def layout_of(path: Path) -> dict[str, object]:
+    """Everything of an HDF5 file but its float values: objects, attributes, storage."""
+    found: dict[str, object] = {}
+    with h5py.File(path, "r") as file:
+
+        def attrs(obj: h5py.HLObject) -> list[tuple[str, object, object, object]]:
+            spec = obj.attrs.get_id
+            return [(k, repr(obj.attrs[k]), spec(k).dtype, spec(k).shape) for k in obj.attrs]
+
+        def visit(name: str, obj: h5py.HLObject) -> None:
+            if isinstance(obj, h5py.Dataset):
+                storage = (obj.dtype, obj.shape, obj.chunks, obj.compression,
+                           obj.compression_opts, obj.fillvalue)  # fmt: skip
+                values = None if obj.dtype.kind == "f" else repr(obj[()])
+                found[name] = ("dataset", storage, values, attrs(obj))
+            else:
+                found[name] = ("group", attrs(obj))
+
+        found["/"] = ("root", attrs(file))
+        file.visititems(visit)
+    return found
 
 
 def contribution(
@@ -85,9 +115,12 @@ def test_non_float_datasets_groups_and_attributes_are_copied_unchanged(
     tmp_path: Path, arrays
 ) -> None:
     checkpoint = write_h5(tmp_path / "fl_checkpoint", arrays, extras=True)
-    aggregate(
-        checkpoint, [contribution(tmp_path, "s1", updates_like(arrays, 1), "2")], tmp_path / "tmp"
-    )
+    before = layout_of(checkpoint)
+    extra = {"layers/extra/vars/0": np.full((40, 3), 0.5, np.float32)}
+    update = contribution(tmp_path, "s1", {**updates_like(arrays, 1), **extra}, "2")
+    aggregate(checkpoint, [update], tmp_path / "tmp")
+    assert layout_of(checkpoint) == before
+    assert read_floats(checkpoint)["layers/extra/vars/0"][0, 0] == pytest.approx(1.25)
     with h5py.File(checkpoint, "r") as file:
         assert file.attrs["keras_version"] == "3.x"
         assert list(file["layers"].attrs["names"]) == [b"dense", b"out"]
@@ -107,10 +140,18 @@ def test_keras_weights_file(tmp_path: Path, layout, keras_weights) -> None:
         folder.mkdir()
         (folder / "w").write_text(str(index + 1))
         parts.append(Contribution(f"s{index}", path, folder / "w"))
+    kept = layout_of(layout.checkpoint)
     aggregate(layout.checkpoint, parts, layout.tmp)
     expected = fedavg(before, [(p.checkpoint, i + 1) for i, p in enumerate(parts)])
     assert_arrays_close(read_floats(layout.checkpoint), expected)
     assert len(expected) == 4  # two Dense layers: kernel and bias each
+    assert layout_of(layout.checkpoint) == kept
+    # And Keras itself loads the new checkpoint into the model, with those values.
+    model = builtin_model()
+    shutil.copyfile(layout.checkpoint, tmp_path / "new.weights.h5")
+    model.load_weights(tmp_path / "new.weights.h5")
+    kernel = expected["layers/dense/vars/0"]
+    np.testing.assert_array_equal(model.get_weights()[0], kernel)
 
 
 BAD_AGGREGATES = {

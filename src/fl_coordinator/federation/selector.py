@@ -98,7 +98,7 @@ def sum_uploads(uploads: list[tuple[Path, int]], layout: Layout, selector_id: st
     paths = [path for path, _ in uploads]
     weight = sum(n for _, n in uploads)
     sum_into(
-        paths[0], paths, layout.agg_checkpoint(selector_id), layout.tmp, lambda _, __, total: total
+        paths[0], paths, layout.agg_checkpoint(selector_id), layout.tmp, lambda total, _: total
     )
     write_atomic(layout.agg_weight(selector_id), f"{weight}\n".encode(), layout.tmp)
     return weight

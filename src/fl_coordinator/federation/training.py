@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from ..aggregation import sum_into
@@ -113,11 +112,8 @@ class Trainer:
             trained = Path(folder) / "trained"
             save_weights(model, trained)
 
-            def update(
-                start: h5py.Dataset, selection: tuple[slice, ...], new: np.ndarray
-            ) -> np.ndarray:
-                new -= start[selection]
-
+            def update(new: np.ndarray, start: np.ndarray) -> np.ndarray:
+                new -= start
                 new *= n
                 return new
 
