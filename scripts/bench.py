@@ -1,6 +1,7 @@
 """Benchmarks, measured side by side in one run (this machine is shared: ratios hold, times drift).
 
-Parts implemented so far: **aggregation** and **fan-out** (see bench_fanout.py).
+Parts: **aggregation** (here), **check-ins** (bench_checkin.py), **fan-out**
+(bench_fanout.py) and **round overhead** (bench_round.py).
 
 Aggregation: for K selector aggregates of a Keras model of about S bytes it
 times, each in a fresh process (so peak memory is that process's own):
@@ -14,14 +15,16 @@ times, each in a fresh process (so peak memory is that process's own):
 * ``naive``: what the older system did: load the Keras model weights per
   file and combine ``get_weights()`` lists layer by layer.
 
-Usage: ``scripts/bench [--quick] [--sizes-mb 100 1000] [--ks 2 8] [--repeat 3]
-[--out DIR]``. Prints a table and writes ``DIR/bench.json``.
+Usage: ``scripts/bench [--quick] [--parts ...] [--sizes-mb 100 1000] [--ks 2 8]
+[--repeat 3] [--out DIR]`` (``--help`` lists the rest). Prints a table and
+writes ``DIR/bench.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -133,6 +136,7 @@ def work_naive(folder: Path, k: int) -> None:
 
 
 WORKERS = {"ours": work_ours, "bound": work_bound, "naive": work_naive}
+PARTS = ["aggregation", "checkin", "fanout", "round"]
 
 
 def worker_main(mode: str, folder: Path, k: int) -> None:
@@ -237,15 +241,20 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the Keras approach")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON")
-    parser.add_argument("--parts", nargs="+", choices=["aggregation", "fanout"],
-                        default=["aggregation", "fanout"])  # fmt: skip
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
     parser.add_argument("--subscribers", type=int, default=1000, help="fan-out subscribers")
     parser.add_argument("--stalled", type=int, default=10, help="fan-out: never-reading ones")
     parser.add_argument("--changes", type=int, default=50, help="fan-out: status changes timed")
+    parser.add_argument("--callers", type=int, nargs="+", default=[1, 16], help="check-ins")
+    parser.add_argument("--seconds", type=float, default=5.0, help="check-ins: per measurement")
+    parser.add_argument("--batch", type=int, default=100, help="check-ins: clients per batch")
+    parser.add_argument("--rounds", type=int, default=100, help="round overhead: rounds timed")
     args = parser.parse_args()
     if args.quick:
         args.sizes_mb, args.ks, args.repeat = [16.0], [2, 4], 1
         args.subscribers, args.changes = 50, 10
+        args.seconds, args.rounds = 0.5, 5
+    logging.getLogger("purerpc").setLevel(logging.ERROR)  # torn-down connections, by design
     results: dict[str, Any] = {}
     if "aggregation" in args.parts:
         print("aggregation (each figure best of", args.repeat, "runs; throughput = input bytes/s)")
@@ -259,6 +268,17 @@ def main() -> int:
         print(f"\nfan-out (a status change to {args.subscribers} websocket subscribers, "
               f"without and with {args.stalled} that never read)")  # fmt: skip
         results["fanout"] = bench_fanout(args.subscribers, args.stalled, args.changes)
+    if "checkin" in args.parts:
+        from bench_checkin import bench_checkin
+
+        print(f"\ncheck-ins (ClientCountUpdate from a grpc.aio load process, "
+              f"{args.seconds:g} s per figure)")  # fmt: skip
+        results["checkin"] = bench_checkin(args.callers, args.seconds, args.batch)
+    if "round" in args.parts:
+        from bench_round import bench_round
+
+        print("\nround overhead (tiny checkpoint, 10 fake selectors, one client each)")
+        results["round"] = bench_round(args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / "bench.json"
     target.write_text(json.dumps(results, indent=2) + "\n")
