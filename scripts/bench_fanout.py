@@ -1,11 +1,12 @@
 """Fan-out part of scripts/bench: how long a status change takes to reach every subscriber.
 
-N real websocket subscribers (trio-websocket clients over 127.0.0.1, in this
-process) follow the coordinator's status server; M more complete the
-handshake and then never read a byte. For each published change we time,
-from the publish, each subscriber's receipt and the last one's, and compare
-the run without stalled subscribers with the run with them (same process,
-same run).
+N real websocket subscribers (trio-websocket clients over 127.0.0.1, in a
+separate load process, so the clients' own work is not on the server's
+loop) follow the coordinator's status server; M more complete the handshake
+and then never read a byte. For each published change we time, from the
+publish, each subscriber's receipt and the last one's (``time.monotonic``,
+one clock for both processes), and compare the run without stalled
+subscribers with the run with them, in the same run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from __future__ import annotations
 import json
 import socket
 import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -33,12 +38,33 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+async def _subscribers(url: str, count: int, changes: int) -> None:
+    """The load process: ``count`` subscribers; prints ``ready``, ``done I`` lines, then times."""
+    arrivals: list[list[float]] = [[] for _ in range(changes)]
+    ready = 0
+
+    async def subscriber() -> None:
+        nonlocal ready
+        async with trio_websocket.open_websocket_url(url) as ws:
+            await ws.get_message()  # the current status
+            ready += 1
+            if ready == count:
+                print("ready", flush=True)
+            for _ in range(changes):
+                index = json.loads(await ws.get_message())["accepted"]
+                arrivals[index].append(time.monotonic())  # one clock for both processes
+                if len(arrivals[index]) == count:
+                    print("done", index, flush=True)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(subscriber)
+    print(json.dumps(arrivals), flush=True)
+
+
 async def _run(subscribers: int, stalled: int, changes: int) -> dict[str, Any]:
     hub = StatusHub("bench", "checkpoint")
-    arrivals: list[list[float]] = [[] for _ in range(changes)]
-    complete = [trio.Event() for _ in range(changes)]
-    all_ready = trio.Event()
-    ready = 0
+    published: list[float] = []
     blockers: list[socket.socket] = []
     async with trio.open_nursery() as nursery:
         port = await nursery.start(StatusServer(hub).serve, "127.0.0.1", 0)
@@ -48,36 +74,25 @@ async def _run(subscribers: int, stalled: int, changes: int) -> dict[str, Any]:
             blocker.connect(("127.0.0.1", port))
             blocker.sendall(HANDSHAKE)
             blockers.append(blocker)
-
-        async def subscriber() -> None:
-            nonlocal ready
-            async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/status") as ws:
-                await ws.get_message()  # the current status
-                ready += 1
-                if ready == subscribers:
-                    all_ready.set()
-                for _ in range(changes):
-                    index = json.loads(await ws.get_message())["accepted"]
-                    arrivals[index].append(trio.current_time())
-                    if len(arrivals[index]) == subscribers:
-                        complete[index].set()
-
         hub.publish(Status(0, Stage.SELECTION, 0, 1, (), ()))
-        for _ in range(subscribers):
-            nursery.start_soon(subscriber)
-        with trio.fail_after(120):
-            await all_ready.wait()
-            to_last = []
-            each = []
+        command = [sys.executable, __file__, f"ws://127.0.0.1:{port}/status",
+                   str(subscribers), str(changes)]  # fmt: skip
+        process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+        assert process.stdout is not None
+        lines = _lines(process.stdout)
+        with trio.fail_after(300):
+            assert await anext(lines) == "ready"
             for index in range(changes):
-                published = trio.current_time()
+                published.append(time.monotonic())
                 hub.publish(Status(1, Stage.SELECTION, index, 10**6, (), ()))
-                await complete[index].wait()
-                to_last.append(max(arrivals[index]) - published)
-                each.extend(t - published for t in arrivals[index])
+                assert await anext(lines) == f"done {index}"
+            arrivals = json.loads(await anext(lines))
+            await process.wait()
         nursery.cancel_scope.cancel()
     for blocker in blockers:
         blocker.close()
+    to_last = [max(times) - start for times, start in zip(arrivals, published, strict=True)]
+    each = [t - start for times, start in zip(arrivals, published, strict=True) for t in times]
     return {
         "subscribers": subscribers,
         "stalled": stalled,
@@ -89,6 +104,15 @@ async def _run(subscribers: int, stalled: int, changes: int) -> dict[str, Any]:
     }
 
 
+async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:
+    buffer = b""
+    async for data in stream:
+        buffer += data
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line.decode()
+
+
 def bench_fanout(subscribers: int, stalled: int, changes: int) -> list[dict[str, Any]]:
     rows = [trio.run(_run, subscribers, count, changes) for count in (0, stalled)]
     print(f"{'subscribers':>11} {'stalled':>7} {'to last p50 ms':>14} {'to last p99 ms':>14} "
@@ -98,3 +122,7 @@ def bench_fanout(subscribers: int, stalled: int, changes: int) -> list[dict[str,
               f"{row['to_last_p99_ms']:>14.1f} {row['each_p50_ms']:>11.1f} "
               f"{row['each_p99_ms']:>11.1f}")  # fmt: skip
     return rows
+
+
+if __name__ == "__main__":
+    trio.run(_subscribers, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
@@ -24,4 +26,18 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
         assert row["ours_peak_mb"] >= 0 and row["largest_array_mb"] == 16
     assert [(r["subscribers"], r["stalled"]) for r in results["fanout"]] == [(50, 0), (50, 10)]
     assert all(r["to_last_p99_ms"] >= r["to_last_p50_ms"] > 0 for r in results["fanout"])
-    assert "ours/bound" in result.stdout and "to last p50 ms" in result.stdout
+    checkin = results["checkin"]
+    assert [r["callers"] for r in checkin["per_client"]] == [1, 16]
+    for row in checkin["per_client"]:
+        for server in ("bare", "ours"):
+            assert row[server]["calls_per_s"] > 0
+            assert row[server]["p99_ms"] >= row[server]["p50_ms"] > 0
+    # Per-client RPC: one client per accepted call; batched: up to --batch per call.
+    for kind, per_call in (("per_client", 1), ("batched", 100)):
+        for row in checkin[kind]:
+            expected = per_call * row["ours"]["calls_per_s"]
+            assert row["ours"]["clients_per_s"] == pytest.approx(expected)
+
+    assert results["round"]["rounds"] == 5 and results["round"]["ours_rounds_per_s"] > 0
+    for title in ("ours/bound", "to last p50 ms", "ours/bare", "batched", "ours/reference"):
+        assert title in result.stdout
