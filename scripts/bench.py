@@ -15,9 +15,10 @@ times, each in a fresh process (so peak memory is that process's own):
 * ``naive``: what the older system did: load the Keras model weights per
   file and combine ``get_weights()`` lists layer by layer.
 
-Usage: ``scripts/bench [--quick] [--parts ...] [--sizes-mb 100 1000] [--ks 2 8]
-[--repeat 3] [--out DIR]`` (``--help`` lists the rest). Prints a table and
-writes ``DIR/bench.json``.
+Usage: ``scripts/bench [--quick] [--parts ...] [--cases 100x2 100x8 100x16
+1000x2] [--repeat 3] [--out DIR]`` (``--help`` lists the rest; a case is
+``S``x``K``, model MB x selector aggregates). Prints a table and writes
+``DIR/bench.json``.
 """
 
 from __future__ import annotations
@@ -165,45 +166,53 @@ def measure(mode: str, folder: Path, k: int) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def bench_aggregation(sizes: list[float], ks: list[int], repeat: int, naive: bool) -> list[dict]:
+#: K=2 weighs the cost of writing most, K=16 shows memory flat in K, 1 GB is a big model.
+DEFAULT_CASES = [(100.0, 2), (100.0, 8), (100.0, 16), (1000.0, 2)]
+
+
+def case(text: str) -> tuple[float, int]:
+    size, _, k = text.partition("x")
+    return float(size), int(k)
+
+
+def bench_aggregation(cases: list[tuple[float, int]], repeat: int, naive: bool) -> list[dict]:
     import h5py
 
     rows = []
-    for size_mb in sizes:
-        for k in ks:
-            with tempfile.TemporaryDirectory(prefix="fl-bench-") as name:
-                folder = Path(name)
-                paths = make_files(folder, size_mb, k)
-                shutil.copyfile(paths[0], folder / "fl_checkpoint.orig")
-                model_bytes = paths[0].stat().st_size
-                with h5py.File(paths[0], "r") as file:
-                    largest = max(file[n].nbytes for n in _floats(file))
-                modes = ["bound", "ours"] + (["naive"] if naive else [])
-                best: dict[str, dict[str, float]] = {}
-                for _ in range(repeat):  # interleaved, best of `repeat`
-                    for mode in modes:
-                        run = measure(mode, folder, k)
-                        if mode not in best or run["seconds"] < best[mode]["seconds"]:
-                            best[mode] = run
-                input_bytes = (k + 1) * model_bytes
-                row = {
-                    "size_mb": round(model_bytes / 2**20, 1),
-                    "k": k,
-                    "largest_array_mb": round(largest / 2**20, 1),
-                    "ours_s": best["ours"]["seconds"],
-                    "bound_s": best["bound"]["seconds"],
-                    "ours_mb_per_s": input_bytes / best["ours"]["seconds"] / 2**20,
-                    "bound_mb_per_s": input_bytes / best["bound"]["seconds"] / 2**20,
-                    "ratio_to_bound": best["bound"]["seconds"] / best["ours"]["seconds"],
-                    "ours_peak_mb": best["ours"]["peak_extra_bytes"] / 2**20,
-                    "bound_peak_mb": best["bound"]["peak_extra_bytes"] / 2**20,
-                }
-                if naive:
-                    row["naive_s"] = best["naive"]["seconds"]
-                    row["speedup_over_naive"] = best["naive"]["seconds"] / best["ours"]["seconds"]
-                    row["naive_peak_mb"] = best["naive"]["peak_extra_bytes"] / 2**20
-                rows.append(row)
-                print_row(row)
+    for size_mb, k in cases:
+        with tempfile.TemporaryDirectory(prefix="fl-bench-") as name:
+            folder = Path(name)
+            paths = make_files(folder, size_mb, k)
+            shutil.copyfile(paths[0], folder / "fl_checkpoint.orig")
+            model_bytes = paths[0].stat().st_size
+            with h5py.File(paths[0], "r") as file:
+                largest = max(file[n].nbytes for n in _floats(file))
+            modes = ["bound", "ours"] + (["naive"] if naive else [])
+            best: dict[str, dict[str, float]] = {}
+            for _ in range(repeat):  # interleaved, best of `repeat`
+                for mode in modes:
+                    run = measure(mode, folder, k)
+                    if mode not in best or run["seconds"] < best[mode]["seconds"]:
+                        best[mode] = run
+            input_bytes = (k + 1) * model_bytes
+            row = {
+                "size_mb": round(model_bytes / 2**20, 1),
+                "k": k,
+                "largest_array_mb": round(largest / 2**20, 1),
+                "ours_s": best["ours"]["seconds"],
+                "bound_s": best["bound"]["seconds"],
+                "ours_mb_per_s": input_bytes / best["ours"]["seconds"] / 2**20,
+                "bound_mb_per_s": input_bytes / best["bound"]["seconds"] / 2**20,
+                "ratio_to_bound": best["bound"]["seconds"] / best["ours"]["seconds"],
+                "ours_peak_mb": best["ours"]["peak_extra_bytes"] / 2**20,
+                "bound_peak_mb": best["bound"]["peak_extra_bytes"] / 2**20,
+            }
+            if naive:
+                row["naive_s"] = best["naive"]["seconds"]
+                row["speedup_over_naive"] = best["naive"]["seconds"] / best["ours"]["seconds"]
+                row["naive_peak_mb"] = best["naive"]["peak_extra_bytes"] / 2**20
+            rows.append(row)
+            print_row(row)
     return rows
 
 
@@ -236,8 +245,8 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (CI): small sizes")
-    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[100.0, 1000.0])
-    parser.add_argument("--ks", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--cases", type=case, nargs="+", default=DEFAULT_CASES,
+                        help="aggregation: model MB x K, e.g. 100x8")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the Keras approach")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON")
@@ -251,7 +260,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=100, help="round overhead: rounds timed")
     args = parser.parse_args()
     if args.quick:
-        args.sizes_mb, args.ks, args.repeat = [16.0], [2, 4], 1
+        args.cases, args.repeat = [(16.0, 2), (16.0, 4)], 1
         args.subscribers, args.changes = 50, 10
         args.seconds, args.rounds = 0.5, 5
     logging.getLogger("purerpc").setLevel(logging.ERROR)  # torn-down connections, by design
@@ -259,9 +268,7 @@ def main() -> int:
     if "aggregation" in args.parts:
         print("aggregation (each figure best of", args.repeat, "runs; throughput = input bytes/s)")
         print(HEADER)
-        results["aggregation"] = bench_aggregation(
-            args.sizes_mb, args.ks, args.repeat, not args.no_naive
-        )
+        results["aggregation"] = bench_aggregation(args.cases, args.repeat, not args.no_naive)
     if "fanout" in args.parts:
         from bench_fanout import bench_fanout
 
