@@ -244,3 +244,16 @@ def test_streaming_in_many_small_slabs_gives_the_same_result(
     assert aggregation.slabs((5, 4)) == [(slice(i, i + 2),) for i in (0, 2)] + [(slice(4, 5),)]
     for name in results[0]:
         np.testing.assert_array_equal(results[0][name], results[1][name], err_msg=name)
+
+
+def test_result_too_large_for_the_dtype_is_refused(tmp_path: Path, arrays) -> None:
+    """Finite inputs whose average overflows float32 must not become Inf in the checkpoint."""
+    arrays["layers/dense/vars/0"][0, 0] = 3e38
+    checkpoint = write_h5(tmp_path / "fl_checkpoint", arrays)
+    before = digest(checkpoint)
+    updates = updates_like(arrays, 3)
+    updates["layers/dense/vars/0"][0, 0] = 3e38
+    big = contribution(tmp_path, "big", updates, "1")
+    with pytest.raises(AggregationError, match=r"'layers/dense/vars/0'.*overflow"):
+        aggregate(checkpoint, [big], tmp_path / "tmp")
+    assert digest(checkpoint) == before

@@ -206,10 +206,22 @@ def copy_layout(source: h5py.File, dest: h5py.File, floats: Sequence[str]) -> No
     source.visititems(visit)
 
 
-#: Turns the float64 sum of the inputs over one slab into the values to write,
-#: given the template's values over that slab (in the dataset's dtype). It may
-#: work in place on the sum, which it returns.
-Finish = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: Turns the float64 sum of the inputs over one slab into the values to write:
+#: ``finish(sum, template_values, out)`` fills ``out`` (the dataset's dtype,
+#: cast by the last ufunc, no extra pass) and may work in place on ``sum``.
+Finish = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+
+def _non_finite(
+    paths: Sequence[Path], datasets: Sequence[h5py.Dataset], selection: tuple[slice, ...]
+) -> str:
+    """Which files hold NaN or Inf in ``selection`` (only run once a slab failed the test)."""
+    culprits = [
+        str(path)
+        for path, dataset in zip(paths, datasets, strict=True)
+        if not np.all(np.isfinite(dataset[selection]))
+    ]
+    return ", ".join(culprits) or "the result (overflow of the dtype)"
 
 
 def sum_into(
@@ -259,19 +271,17 @@ def sum_into(
                         else:
                             total[...] = part
                         bytes_read += part.nbytes
-                    # NaN or Inf anywhere makes the sum non-finite: one cheap test
-                    # per slab, and the exact search only when it fails.
-                    if not np.isfinite(total.sum()) and not np.all(np.isfinite(total)):
-                        culprits = [
-                            str(path)
-                            for source, path in zip(sources, inputs, strict=True)
-                            if not np.all(np.isfinite(source[selection]))
-                        ]
-                        where = ", ".join(culprits) or "their sum (overflow)"
-                        raise AggregationError(f"dataset {name!r} contains NaN or Inf in {where}")
                     current = _read_into(buffer, like, selection, template)
                     values = result[: rows[0]] if rows else result
-                    np.copyto(values, finish(total, current), casting="same_kind")
+                    with np.errstate(over="ignore", invalid="ignore"):  # tested just below
+                        finish(total, current, values)
+
+                    # NaN or Inf in any input, or a result too large for the dtype,
+                    # makes the values' sum non-finite: one cheap test per slab (on
+                    # the result, in its own dtype), the exact search only if it fails.
+                    if not np.isfinite(values.sum()) and not np.all(np.isfinite(values)):
+                        where = _non_finite([*inputs, template], [*sources, like], selection)
+                        raise AggregationError(f"dataset {name!r} contains NaN or Inf in {where}")
                     target.write_direct(values, dest_sel=selection or None)
                 arrays += 1
     return arrays, bytes_read
@@ -292,10 +302,9 @@ def aggregate(
     started = time.perf_counter()
     total_weight = sum(read_weight(c.weight) for c in contributions)
 
-    def finish(total: np.ndarray, current: np.ndarray) -> np.ndarray:
+    def finish(total: np.ndarray, current: np.ndarray, out: np.ndarray) -> None:
         total /= total_weight
-        total += current
-        return total
+        np.add(total, current, out=out, casting="same_kind")
 
     inputs = [c.checkpoint for c in contributions]
     arrays, bytes_read = sum_into(checkpoint, inputs, checkpoint, tmp_dir, finish, cancel)

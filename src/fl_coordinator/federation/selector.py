@@ -27,6 +27,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import purerpc
 import trio
 from google.protobuf.message import Message
@@ -97,9 +98,11 @@ def sum_uploads(uploads: list[tuple[Path, int]], layout: Layout, selector_id: st
     """
     paths = [path for path, _ in uploads]
     weight = sum(n for _, n in uploads)
-    sum_into(
-        paths[0], paths, layout.agg_checkpoint(selector_id), layout.tmp, lambda total, _: total
-    )
+
+    def as_is(total: np.ndarray, _: np.ndarray, out: np.ndarray) -> None:
+        np.copyto(out, total, casting="same_kind")
+
+    sum_into(paths[0], paths, layout.agg_checkpoint(selector_id), layout.tmp, as_is)
     write_atomic(layout.agg_weight(selector_id), f"{weight}\n".encode(), layout.tmp)
     return weight
 

@@ -112,10 +112,9 @@ class Trainer:
             trained = Path(folder) / "trained"
             save_weights(model, trained)
 
-            def update(new: np.ndarray, start: np.ndarray) -> np.ndarray:
+            def update(new: np.ndarray, start: np.ndarray, out: np.ndarray) -> None:
                 new -= start
-                new *= n
-                return new
+                np.multiply(new, n, out=out, casting="same_kind")
 
             sum_into(checkpoint, [trained], dest, Path(folder), update)
         return n
