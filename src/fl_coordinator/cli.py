@@ -31,7 +31,7 @@ DEMO_HYPER = Hyper()
 def _settings(config: Path | None, **overrides: object) -> Settings:
     file_values = read_config_file(config) if config is not None else {}
     settings, unknown = load_settings(file_values)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     for key in unknown:
         log.warning("%s: unknown key %s ignored", config, key)
     return settings.replace(**{k: v for k, v in overrides.items() if v is not None})

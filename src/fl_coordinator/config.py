@@ -113,6 +113,13 @@ def log_level(value: Any) -> str:
     return level
 
 
+def log_format(value: Any) -> str:
+    name = text(value).lower()
+    if name not in ("text", "json"):
+        raise ValueError
+    return name
+
+
 @dataclass(frozen=True)
 class Key:
     """One configuration key: its name, default, parser and meaning."""
@@ -292,6 +299,13 @@ KEYS: tuple[Key, ...] = (
         "the round's clients; otherwise the round is abandoned.",
     ),
     Key("LOG_LEVEL", "INFO", log_level, "DEBUG, INFO, WARNING or ERROR", "Log verbosity."),
+    Key(
+        "LOG_FORMAT",
+        "text",
+        log_format,
+        "text or json",
+        "Log lines for people (`text`) or one JSON object per line (`json`).",
+    ),
 )
 
 
@@ -322,6 +336,7 @@ class Settings:
     reporting_timeout: float
     min_reporting_fraction: float
     log_level: str
+    log_format: str
 
     @property
     def root(self) -> Path:

@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, BadAddress) as error:
         print(f"fl-selector: {error}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     options = SelectorOptions(
         coordinator=args.coordinator,
         layout=Layout.from_settings(settings),
