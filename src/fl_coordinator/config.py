@@ -96,6 +96,13 @@ def address(value: Any) -> str:
     return f"{host}:{number}"
 
 
+def optional_port(value: Any) -> int | None:
+    """A port, or None (off) for an empty value."""
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    return port(value)
+
+
 def optional_url(value: Any) -> str:
     if value is None or value == "":
         return ""
@@ -240,6 +247,13 @@ KEYS: tuple[Key, ...] = (
         "Websocket status stream (`ws://HOST:STATUS_PORT/status`).",
     ),
     Key(
+        "METRICS_PORT",
+        "",
+        optional_port,
+        "a port number 0-65535 (0 = any free port) or empty (off)",
+        "Prometheus metrics at `http://HOST:METRICS_PORT/metrics`; empty: not served.",
+    ),
+    Key(
         "WEBHOOK_URL",
         "",
         optional_url,
@@ -326,6 +340,7 @@ class Settings:
     problem_id: str
     host: str
     status_port: int
+    metrics_port: int | None
     webhook_url: str
     goal_count_timeout: float
     keep_checkpoints: int

@@ -7,6 +7,8 @@ always answers ``Empty``: existing selectors expect nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ._proto import fl_intra_grpc, fl_intra_pb2
 from .coordinator import Coordinator
 from .layout import InvalidSelectorId, check_selector_id
@@ -23,9 +25,18 @@ def problem_with_id(selector_id: str) -> str | None:
     return None
 
 
+def _ignore(accepted: bool) -> None:
+    pass
+
+
 class IntraServicer(fl_intra_grpc.FlIntraServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    """``answered(accepted)`` is called once per ``ClientCountUpdate`` answer (metrics)."""
+
+    def __init__(
+        self, coordinator: Coordinator, answered: Callable[[bool], None] = _ignore
+    ) -> None:
         self._coordinator = coordinator
+        self._answered = answered
 
     async def ClientCountUpdate(
         self, message: fl_intra_pb2.ClientCount
@@ -33,8 +44,10 @@ class IntraServicer(fl_intra_grpc.FlIntraServicer):
         problem = problem_with_id(message.id)
         if problem is not None:
             await self._coordinator.refused(message.id, f"check-in refused: {problem}")
-            return fl_intra_pb2.FlClientStatus(accepted=False)
-        accepted = await self._coordinator.check_in(message.id)
+            accepted = False
+        else:
+            accepted = await self._coordinator.check_in(message.id)
+        self._answered(accepted)
         return fl_intra_pb2.FlClientStatus(accepted=accepted)
 
     async def SelectorAggregationComplete(
