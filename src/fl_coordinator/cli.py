@@ -1,4 +1,4 @@
-"""``fl-coordinator serve | init``: the command line.
+"""``fl-coordinator serve | init | rollback | demo | watch``: the command line.
 
 Errors an operator can fix (a bad setting, a busy port, a missing file) end
 the program with one line on stderr and exit status 2, never a traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,9 +29,13 @@ EXIT_USAGE = 2
 DEMO_HYPER = Hyper()
 
 
+def _load(config: Path | None) -> tuple[Settings, list[str]]:
+    """Settings from ``config`` and the environment, and the file's unknown keys."""
+    return load_settings(read_config_file(config) if config is not None else {})
+
+
 def _settings(config: Path | None, **overrides: object) -> Settings:
-    file_values = read_config_file(config) if config is not None else {}
-    settings, unknown = load_settings(file_values)
+    settings, unknown = _load(config)
     setup_logging(settings.log_level, settings.log_format)
     for key in unknown:
         log.warning("%s: unknown key %s ignored", config, key)
@@ -126,6 +131,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .shutdown import first_of, run_until_signal
+    from .watch import WatchError, watch
+    from .websocket import PATH
+
+    settings, _ = _load(args.config)
+    setup_logging("WARNING", settings.log_format)  # no "SIGINT received" line on Ctrl-C
+    url = args.url or f"ws://127.0.0.1:{settings.status_port}{PATH}"
+    token = args.token if args.token is not None else os.environ.get("STATUS_TOKEN") or None
+    plain = True if args.plain else None
+    try:
+        trio.run(run_until_signal, functools.partial(watch, url, token, plain=plain))
+    except BaseExceptionGroup as group:
+        error = first_of(group, WatchError)
+        if error is None:
+            raise
+        print(f"fl-coordinator watch: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fl-coordinator",
@@ -148,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--round", type=int, help="round to restore (without it: list them)")
     back.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
     back.set_defaults(run=cmd_rollback)
+
+    watch = commands.add_parser("watch", help="follow the rounds of a running coordinator")
+    watch.add_argument(
+        "url", nargs="?", help="status stream (default: ws://127.0.0.1:STATUS_PORT/status)"
+    )
+    watch.add_argument(
+        "--token", help="bearer token for the status stream (default: $STATUS_TOKEN)"
+    )
+    watch.add_argument("--plain", action="store_true", help="lines, even on a terminal")
+    watch.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
+    watch.set_defaults(run=cmd_watch)
 
     demo = commands.add_parser("demo", help="run a whole federation on this machine")
 
