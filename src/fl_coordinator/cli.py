@@ -14,8 +14,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
-
 from .config import ConfigError, Settings, load_settings, read_config_file
 from .federation.training import Hyper
 from .layout import Layout
@@ -45,7 +43,7 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .problem import init_problem, needs_init
     from .server import serve
-    from .shutdown import first_of, run_until_signal
+    from .shutdown import run_main
 
     settings = _settings(args.config)
     layout = Layout.from_settings(settings)
@@ -58,13 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings.init_files_path,
         )
         init_problem(layout)
-    try:
-        trio.run(run_until_signal, functools.partial(serve, settings))
-
-    except BaseExceptionGroup as group:
-        error = first_of(group, ConfigError)
-        if error is None:
-            raise
+    error = run_main(functools.partial(serve, settings), ConfigError)
+    if error is not None:
         raise error from None
     return 0
 
@@ -132,7 +125,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .shutdown import first_of, run_until_signal
+    from .shutdown import run_main
     from .watch import WatchError, watch
     from .websocket import PATH
 
@@ -141,12 +134,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     url = args.url or f"ws://127.0.0.1:{settings.status_port}{PATH}"
     token = args.token if args.token is not None else os.environ.get("STATUS_TOKEN") or None
     plain = True if args.plain else None
-    try:
-        trio.run(run_until_signal, functools.partial(watch, url, token, plain=plain))
-    except BaseExceptionGroup as group:
-        error = first_of(group, WatchError)
-        if error is None:
-            raise
+    error = run_main(functools.partial(watch, url, token, plain=plain), WatchError)
+    if error is not None:
         print(f"fl-coordinator watch: {error}", file=sys.stderr)
         return 1
     return 0

@@ -7,13 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
-
 from ..config import ConfigError, load_settings
 from ..layout import Layout
 from ..logs import setup_logging
 from ..net import BadAddress, split_address
-from ..shutdown import first_of, run_until_signal
+from ..shutdown import run_main
 from .selector import Selector, SelectorOptions
 
 
@@ -75,12 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hold_timeout=args.hold_timeout,
         report_timeout=args.report_timeout,
     )
-    try:
-        trio.run(run_until_signal, Selector(options).serve)
-    except BaseExceptionGroup as group:
-        error = first_of(group, ConfigError)
-        if error is None:
-            raise
+    error = run_main(Selector(options).serve, ConfigError)
+    if error is not None:
         print(f"fl-selector: {error}", file=sys.stderr)
         return 2
     return 0
