@@ -1,4 +1,4 @@
-"""``fl-coordinator serve | init | rollback | demo | watch``: the command line.
+"""``fl-coordinator serve | init | rollback | demo | watch | health``: the command line.
 
 Errors an operator can fix (a bad setting, a busy port, a missing file) end
 the program with one line on stderr and exit status 2, never a traceback.
@@ -141,6 +141,20 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from .health import HealthError, check
+
+    settings, _ = _load(args.config)
+    address = args.address or f"127.0.0.1:{settings.port}"
+    try:
+        health = check(address, args.service, args.timeout)
+    except HealthError as error:
+        print(f"fl-coordinator health: {error}", file=sys.stderr)
+        return 1
+    print(f"{address}: {health.name}")
+    return 0 if health.serving else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fl-coordinator",
@@ -174,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--plain", action="store_true", help="lines, even on a terminal")
     watch.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
     watch.set_defaults(run=cmd_watch)
+
+    health = commands.add_parser(
+        "health", help="exit 0 iff the coordinator's gRPC health service answers SERVING"
+    )
+    health.add_argument("--address", help="host:port (default: 127.0.0.1:PORT)")
+    health.add_argument("--service", default="", help="service name (default: the server)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
+    health.set_defaults(run=cmd_health)
 
     demo = commands.add_parser("demo", help="run a whole federation on this machine")
 
