@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import sys
 from typing import Any, Protocol, TextIO
 
@@ -86,8 +87,15 @@ class PlainView:
 
     def show(self, message: StatusMessage) -> None:
         line = self._changes.line(message)
-        if line is not None:
+        if line is None:
+            return
+        try:
             print(line, file=self._out, flush=True)
+        except BrokenPipeError:  # `watch | head`: the reader is gone
+            # Point the descriptor at /dev/null, or Python's own flush at exit
+            # fails again and prints "Exception ignored ... BrokenPipeError".
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._out.fileno())
+            raise WatchError("standard output was closed") from None
 
 
 class LiveView:
@@ -105,26 +113,34 @@ class LiveView:
         self._live.update(self._render(message), refresh=True)
 
     def _render(self, message: StatusMessage) -> Any:
+        """The panel. Every value from the stream is a ``Text``, never markup: a
+        selector id or an error with ``[...]`` in it must show as it is."""
         from rich.console import Group
         from rich.panel import Panel
         from rich.table import Table
+        from rich.text import Text
 
         table = Table.grid(padding=(0, 2))
         table.add_column(style="bold")
         table.add_column()
+
+        def row(label: str, value: str, style: str = "") -> None:
+            table.add_row(label, Text(value, style=style))
+
         aggregating = "  (aggregating)" if message.get("aggregating") else ""
-        table.add_row("stage", message["stage"] + aggregating)
-        table.add_row("clients", f"{message.get('accepted')} / {message.get('goal')} accepted")
+        row("stage", message["stage"] + aggregating)
+        row("clients", f"{message.get('accepted')} / {message.get('goal')} accepted")
         for key in ("selectors", "configured", "reported", "unreachable"):
-            table.add_row(key, ", ".join(message.get(key, [])) or "-")
+            row(key, ", ".join(message.get(key, [])) or "-")
         for selector, reason in message.get("rejected", {}).items():
-            table.add_row("rejected", f"{selector}: {reason}")
+            row("rejected", f"{selector}: {reason}", "yellow")
         if message.get("held"):
-            table.add_row("held", str(message["held"]))
+            row("held", str(message["held"]))
         if message.get("error"):
-            table.add_row("error", f"[red]{message['error']}[/red]")
-        title = f"{message.get('problem_id', '?')}  round {message['round']}"
-        return Group(Panel(table, title=title, title_align="left"), *self._history)
+            row("error", message["error"], "red")
+        title = Text(f"{message.get('problem_id', '?')}  round {message['round']}")
+        history = [Text(line, no_wrap=True, overflow="ellipsis") for line in self._history]
+        return Group(Panel(table, title=title, title_align="left"), *history)
 
 
 async def _show_each(ws: WebSocketConnection, view: View) -> None:
