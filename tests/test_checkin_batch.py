@@ -11,6 +11,7 @@ import purerpc
 import trio
 import trio.testing
 from federation import FakeSelector, serve_and_watch
+from test_metrics import scrape
 
 from fl_coordinator._proto import (
     fl_intra_batch_pb2,
@@ -52,7 +53,7 @@ async def test_batches_are_served_first_come_first_served_up_to_the_goal(
     settings: Settings, nursery: trio.Nursery
 ) -> None:
     endpoints, watcher, old_style = await serve_and_watch(
-        nursery, settings.replace(checkin_limit=5)
+        nursery, settings.replace(checkin_limit=5, metrics_port=0)
     )
     a, b = await FakeSelector().start(nursery), await FakeSelector().start(nursery)
     client = BatchClient(endpoints.grpc_port)
@@ -72,6 +73,11 @@ async def test_batches_are_served_first_come_first_served_up_to_the_goal(
     with trio.fail_after(10):  # both selectors holding clients are told
         await a.told.receive()
         await b.told.receive()
+    # Metrics count clients, not calls: 5 kept; 3 (bad id) + 2 + 1 + 1 turned away.
+    assert endpoints.metrics_url is not None
+    samples = await scrape(endpoints.metrics_url)
+    assert samples['fl_coordinator_checkins_total{result="accepted"}'] == 5
+    assert samples['fl_coordinator_checkins_total{result="refused"}'] == 7
 
 
 async def test_batcher_asks_once_for_the_clients_that_arrived_during_a_call() -> None:

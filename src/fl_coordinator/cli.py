@@ -1,4 +1,4 @@
-"""``fl-coordinator serve | init``: the command line.
+"""``fl-coordinator serve | init | rollback | demo | watch | health``: the command line.
 
 Errors an operator can fix (a bad setting, a busy port, a missing file) end
 the program with one line on stderr and exit status 2, never a traceback.
@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import trio
 
 from .config import ConfigError, Settings, load_settings, read_config_file
 from .federation.training import Hyper
@@ -28,10 +27,14 @@ EXIT_USAGE = 2
 DEMO_HYPER = Hyper()
 
 
+def _load(config: Path | None) -> tuple[Settings, list[str]]:
+    """Settings from ``config`` and the environment, and the file's unknown keys."""
+    return load_settings(read_config_file(config) if config is not None else {})
+
+
 def _settings(config: Path | None, **overrides: object) -> Settings:
-    file_values = read_config_file(config) if config is not None else {}
-    settings, unknown = load_settings(file_values)
-    setup_logging(settings.log_level)
+    settings, unknown = _load(config)
+    setup_logging(settings.log_level, settings.log_format)
     for key in unknown:
         log.warning("%s: unknown key %s ignored", config, key)
     return settings.replace(**{k: v for k, v in overrides.items() if v is not None})
@@ -40,7 +43,7 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .problem import init_problem, needs_init
     from .server import serve
-    from .shutdown import first_of, run_until_signal
+    from .shutdown import run_main
 
     settings = _settings(args.config)
     layout = Layout.from_settings(settings)
@@ -53,13 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings.init_files_path,
         )
         init_problem(layout)
-    try:
-        trio.run(run_until_signal, functools.partial(serve, settings))
-
-    except BaseExceptionGroup as group:
-        error = first_of(group, ConfigError)
-        if error is None:
-            raise
+    error = run_main(functools.partial(serve, settings), ConfigError)
+    if error is not None:
         raise error from None
     return 0
 
@@ -126,6 +124,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .shutdown import run_main
+    from .watch import WatchError, watch
+    from .websocket import PATH
+
+    settings, _ = _load(args.config)
+    setup_logging("WARNING", settings.log_format)  # no "SIGINT received" line on Ctrl-C
+    url = args.url or f"ws://127.0.0.1:{settings.status_port}{PATH}"
+    token = args.token if args.token is not None else os.environ.get("STATUS_TOKEN") or None
+    plain = True if args.plain else None
+    error = run_main(functools.partial(watch, url, token, plain=plain), WatchError)
+    if error is not None:
+        print(f"fl-coordinator watch: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from .health import HealthError, check
+
+    settings, _ = _load(args.config)
+    address = args.address or f"127.0.0.1:{settings.port}"
+    try:
+        health = check(address, args.service, args.timeout)
+    except HealthError as error:
+        print(f"fl-coordinator health: {error}", file=sys.stderr)
+        return 1
+    print(f"{address}: {health.name}")
+    return 0 if health.serving else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fl-coordinator",
@@ -148,6 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--round", type=int, help="round to restore (without it: list them)")
     back.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
     back.set_defaults(run=cmd_rollback)
+
+    watch = commands.add_parser("watch", help="follow the rounds of a running coordinator")
+    watch.add_argument(
+        "url", nargs="?", help="status stream (default: ws://127.0.0.1:STATUS_PORT/status)"
+    )
+    watch.add_argument(
+        "--token", help="bearer token for the status stream (default: $STATUS_TOKEN)"
+    )
+    watch.add_argument("--plain", action="store_true", help="lines, even on a terminal")
+    watch.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
+    watch.set_defaults(run=cmd_watch)
+
+    health = commands.add_parser(
+        "health", help="exit 0 iff the coordinator's gRPC health service answers SERVING"
+    )
+    health.add_argument("--address", help="host:port (default: 127.0.0.1:PORT)")
+    health.add_argument("--service", default="", help="service name (default: the server)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
+    health.set_defaults(run=cmd_health)
 
     demo = commands.add_parser("demo", help="run a whole federation on this machine")
 

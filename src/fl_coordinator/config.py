@@ -96,6 +96,13 @@ def address(value: Any) -> str:
     return f"{host}:{number}"
 
 
+def optional_port(value: Any) -> int | None:
+    """A port, or None (off) for an empty value."""
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    return port(value)
+
+
 def optional_url(value: Any) -> str:
     if value is None or value == "":
         return ""
@@ -111,6 +118,13 @@ def log_level(value: Any) -> str:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError
     return level
+
+
+def log_format(value: Any) -> str:
+    name = text(value).lower()
+    if name not in ("text", "json"):
+        raise ValueError
+    return name
 
 
 @dataclass(frozen=True)
@@ -233,6 +247,13 @@ KEYS: tuple[Key, ...] = (
         "Websocket status stream (`ws://HOST:STATUS_PORT/status`).",
     ),
     Key(
+        "METRICS_PORT",
+        "",
+        optional_port,
+        "a port number 0-65535 (0 = any free port) or empty (off)",
+        "Prometheus metrics at `http://HOST:METRICS_PORT/metrics`; empty: not served.",
+    ),
+    Key(
         "WEBHOOK_URL",
         "",
         optional_url,
@@ -292,6 +313,13 @@ KEYS: tuple[Key, ...] = (
         "the round's clients; otherwise the round is abandoned.",
     ),
     Key("LOG_LEVEL", "INFO", log_level, "DEBUG, INFO, WARNING or ERROR", "Log verbosity."),
+    Key(
+        "LOG_FORMAT",
+        "text",
+        log_format,
+        "text or json",
+        "Log lines for people (`text`) or one JSON object per line (`json`).",
+    ),
 )
 
 
@@ -312,6 +340,7 @@ class Settings:
     problem_id: str
     host: str
     status_port: int
+    metrics_port: int | None
     webhook_url: str
     goal_count_timeout: float
     keep_checkpoints: int
@@ -322,6 +351,7 @@ class Settings:
     reporting_timeout: float
     min_reporting_fraction: float
     log_level: str
+    log_format: str
 
     @property
     def root(self) -> Path:

@@ -27,6 +27,7 @@ from .aggregation import (
 from .config import Settings
 from .journal import Entry, remember, write_journal
 from .layout import Layout
+from .logs import log_context
 from .rounds import (
     Aggregate,
     AggregationDone,
@@ -106,12 +107,16 @@ class Coordinator:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_journal)
-            for effect in self._round.start():
-                self._execute(effect, nursery)
+            with log_context(round=self._round.number):
+                for effect in self._round.start():
+                    self._execute(effect, nursery)
             task_status.started()
             async for event in self._events:
-                for effect in self._round.handle(event):
-                    self._execute(effect, nursery)
+                # Log lines (and tasks spawned) while handling an event carry its round/selector.
+                number = getattr(event, "round", self._round.number)
+                with log_context(round=number, selector=getattr(event, "selector", None)):
+                    for effect in self._round.handle(event):
+                        self._execute(effect, nursery)
 
     def _execute(self, effect: Effect, nursery: trio.Nursery) -> None:
         match effect:
@@ -171,6 +176,10 @@ class Coordinator:
 
     async def _tell(self, number: int, selector: str) -> None:
         """GoalCountReached with a time limit per call and retries with back-off."""
+        with log_context(round=number, selector=selector):
+            await self._tell_with_retries(number, selector)
+
+    async def _tell_with_retries(self, number: int, selector: str) -> None:
         error: str | None = None
         backoff = 1.0
         for attempt in range(self._settings.goal_count_retries + 1):
@@ -219,14 +228,19 @@ class Coordinator:
 
     async def _check(self, number: int, selector: str) -> None:
         contribution = self._contribution(selector)
-        outcome = await self._off_loop(
-            lambda _: check_contribution(self._layout.checkpoint, contribution),
-            f"round {number}: checking {selector}",
-        )
+        with log_context(round=number, selector=selector):
+            outcome = await self._off_loop(
+                lambda _: check_contribution(self._layout.checkpoint, contribution),
+                f"round {number}: checking {selector}",
+            )
         error = outcome if isinstance(outcome, str) else None
         await self._events_in.send(ContributionChecked(number, selector, error))
 
     async def _aggregate(self, number: int, selectors: tuple[str, ...]) -> None:
+        with log_context(round=number, selector=None):
+            await self._aggregate_round(number, selectors)
+
+    async def _aggregate_round(self, number: int, selectors: tuple[str, ...]) -> None:
         contributions = [self._contribution(s) for s in selectors]
 
         def job(cancel: threading.Event) -> AggregationResult:

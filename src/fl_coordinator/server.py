@@ -1,12 +1,14 @@
 """``serve(settings)``: the nursery that wires the coordinator together.
 
 One nursery runs the round-state task, the purerpc gRPC server for selectors,
-the websocket status server and, if configured, the webhook. Cancelling it
+the websocket status server, the metrics (and, if ``METRICS_PORT`` is set,
+their HTTP endpoint) and, if configured, the webhook. Cancelling it
 (Ctrl-C, SIGTERM, or a test leaving its block) stops all of them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -16,9 +18,12 @@ from .aggregation import Aggregator, aggregate
 from .config import Settings
 from .coordinator import Coordinator
 from .grpc_server import serve_grpc
-from .intra import IntraBatchServicer, IntraServicer
+from .intra import CheckIns, IntraBatchServicer, IntraServicer
 from .journal import next_round
 from .layout import Layout
+from .metrics import Metrics
+from .metrics_http import PATH as METRICS_PATH
+from .metrics_http import serve_metrics
 from .problem import check_problem, clean_tmp
 from .status import StatusHub
 from .webhook import run_webhook
@@ -34,11 +39,22 @@ class Endpoints:
     host: str
     grpc_port: int
     status_port: int
+    metrics_port: int | None = None  # None: metrics not served
 
     @property
     def status_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"ws://{host}:{self.status_port}{PATH}"
+        return f"ws://{self._local_host}:{self.status_port}{PATH}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.metrics_port is None:
+            return None
+        return f"http://{self._local_host}:{self.metrics_port}{METRICS_PATH}"
+
+    @property
+    def _local_host(self) -> str:
+        """An address to reach the servers at (the loopback one for a wildcard address)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
 
 async def serve(
@@ -57,25 +73,38 @@ async def serve(
     clean_tmp(layout)
     first_round = next_round(layout, settings.keep_checkpoints)
     hub = StatusHub(settings.problem_id, str(layout.checkpoint))
-    coordinator = Coordinator(settings, layout, hub, aggregator, first_round)
+    metrics = Metrics(settings.problem_id)
+    coordinator = Coordinator(settings, layout, hub, metrics.measured(aggregator), first_round)
+    status_server = StatusServer(hub)
+    metrics.count_subscribers(lambda: status_server.connected)
 
     async with trio.open_nursery() as nursery:
+        await nursery.start(metrics.follow, hub)
         await nursery.start(coordinator.run)
-        services = [IntraServicer(coordinator).service, IntraBatchServicer(coordinator).service]
+        check_ins = CheckIns(coordinator, answered=metrics.checked_in)
+        services = [IntraServicer(coordinator, check_ins).service,
+                    IntraBatchServicer(check_ins).service]  # fmt: skip
         grpc_port = await nursery.start(serve_grpc, services, settings.host, settings.port)
-
-        status_port = await nursery.start(
-            StatusServer(hub).serve, settings.host, settings.status_port
-        )
+        status_port = await nursery.start(status_server.serve, settings.host, settings.status_port)
+        metrics_port = None
+        if settings.metrics_port is not None:
+            metrics_port = await nursery.start(
+                serve_metrics, metrics.render, settings.host, settings.metrics_port
+            )
         if settings.webhook_url:
-            await nursery.start(run_webhook, hub, settings.webhook_url)
-        endpoints = Endpoints(settings.host, grpc_port, status_port)
+            await nursery.start(
+                functools.partial(run_webhook, failed=metrics.webhook_failed),
+                hub,
+                settings.webhook_url,
+            )
+        endpoints = Endpoints(settings.host, grpc_port, status_port, metrics_port)
         log.info(
-            "problem %r: selectors at %s:%d (FlIntra), status stream at %s, root %s",
+            "problem %r: selectors at %s:%d (FlIntra), status stream at %s, metrics at %s, root %s",
             settings.problem_id,
             settings.host,
             grpc_port,
             endpoints.status_url,
+            endpoints.metrics_url or "(off)",
             layout.root,
         )
         task_status.started(endpoints)

@@ -50,3 +50,20 @@ def first_of(group: BaseExceptionGroup, kind: type[E]) -> E | None:
     while isinstance(matched, BaseExceptionGroup):
         matched = matched.exceptions[0]
     return matched
+
+
+def run_main(main: Callable[[], Awaitable[object]], expected: type[E]) -> E | None:
+    """``trio.run`` ``main`` until it ends or a signal; return the ``expected`` error it raised.
+
+    Errors an operator can act on (a bad setting, an unreachable peer) leave
+    the nursery wrapped in an exception group; command-line entry points want
+    the one error, to print as one line. Anything else is raised as it is.
+    """
+    try:
+        trio.run(run_until_signal, main)
+    except BaseExceptionGroup as group:
+        error = first_of(group, expected)
+        if error is None:
+            raise
+        return error
+    return None

@@ -103,6 +103,12 @@ class Subscription:
     async def get(self) -> StatusMessage:
         return (await self.next()).message
 
+    def take_ready(self) -> list[Published]:
+        """Every message waiting, without waiting (for a reader that must be current now)."""
+        ready = list(self._queue)
+        self._queue.clear()
+        return ready
+
 
 class StatusHub:
     """Numbers, timestamps and fans out status snapshots; never blocks the publisher."""

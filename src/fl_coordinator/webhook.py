@@ -8,6 +8,7 @@ the round. Each message is tried a few times with exponential back-off.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -63,17 +64,26 @@ async def post_with_retries(
     return False
 
 
+def _ignore() -> None:
+    pass
+
+
 async def run_webhook(
     hub: StatusHub,
     url: str,
     retry: Retry = Retry(),
     *,
+    failed: Callable[[], None] = _ignore,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Deliver the hub's messages to ``url`` until cancelled (started once subscribed)."""
+    """Deliver the hub's messages to ``url`` until cancelled (started once subscribed).
+
+    ``failed()`` is called for each message given up on (metrics).
+    """
     async with httpx.AsyncClient() as client:
         with hub.subscribe() as subscription:
             task_status.started()
             while True:
                 message = await subscription.get()
-                await post_with_retries(client, url, message, retry)
+                if not await post_with_retries(client, url, message, retry):
+                    failed()

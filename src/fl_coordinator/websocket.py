@@ -57,6 +57,8 @@ class StatusServer:
 
     def __init__(self, hub: StatusHub) -> None:
         self._hub = hub
+        #: Subscribers connected now (read by the metrics).
+        self.connected = 0
 
     async def handle(self, request: WebSocketRequest) -> None:
         if request.path != PATH:
@@ -65,6 +67,7 @@ class StatusServer:
         ws = await request.accept()
         peer = f"{ws.remote.address}:{ws.remote.port}" if hasattr(ws.remote, "port") else "?"
         log.info("status subscriber %s connected", peer)
+        self.connected += 1
         try:
             with self._hub.subscribe() as subscription:
                 async with trio.open_nursery() as nursery:
@@ -80,6 +83,7 @@ class StatusServer:
         except ConnectionClosed:
             pass
         finally:
+            self.connected -= 1
             await ws.aclose()
             log.info("status subscriber %s disconnected", peer)
 

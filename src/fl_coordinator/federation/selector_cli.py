@@ -7,13 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
-
 from ..config import ConfigError, load_settings
 from ..layout import Layout
 from ..logs import setup_logging
 from ..net import BadAddress, split_address
-from ..shutdown import first_of, run_until_signal
+from ..shutdown import run_main
 from .selector import Selector, SelectorOptions
 
 
@@ -70,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, BadAddress) as error:
         print(f"fl-selector: {error}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     options = SelectorOptions(
         coordinator=args.coordinator,
         layout=Layout.from_settings(settings),
@@ -82,13 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report_timeout=args.report_timeout,
         batch_checkin=not args.per_client_checkin,
     )
-
-    try:
-        trio.run(run_until_signal, Selector(options).serve)
-    except BaseExceptionGroup as group:
-        error = first_of(group, ConfigError)
-        if error is None:
-            raise
+    error = run_main(Selector(options).serve, ConfigError)
+    if error is not None:
         print(f"fl-selector: {error}", file=sys.stderr)
         return 2
     return 0
