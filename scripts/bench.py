@@ -255,7 +255,7 @@ def main() -> int:
     parser.add_argument("--stalled", type=int, default=10, help="fan-out: never-reading ones")
     parser.add_argument("--changes", type=int, default=50, help="fan-out: status changes timed")
     parser.add_argument("--callers", type=int, nargs="+", default=[1, 16], help="check-ins")
-    parser.add_argument("--seconds", type=float, default=5.0, help="check-ins: per measurement")
+    parser.add_argument("--seconds", type=float, default=3.0, help="check-ins: per run")
     parser.add_argument("--batch", type=int, default=100, help="check-ins: clients per batch")
     parser.add_argument("--rounds", type=int, default=100, help="round overhead: rounds timed")
     args = parser.parse_args()
@@ -279,8 +279,9 @@ def main() -> int:
         from bench_checkin import bench_checkin
 
         print(f"\ncheck-ins (ClientCountUpdate from a grpc.aio load process, "
-              f"{args.seconds:g} s per figure)")  # fmt: skip
-        results["checkin"] = bench_checkin(args.callers, args.seconds, args.batch)
+              f"{args.seconds:g} s per run, best of {args.repeat})")  # fmt: skip
+
+        results["checkin"] = bench_checkin(args.callers, args.seconds, args.batch, args.repeat)
     if "round" in args.parts:
         from bench_round import bench_round
 
