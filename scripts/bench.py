@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_report import markdown
+
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -290,7 +292,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / "bench.json"
     target.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written: {target}")
+    command = "./scripts/bench " + " ".join(sys.argv[1:])
+    (args.out / "bench.md").write_text(markdown(results, command.strip()))
+    print(f"written: {target} and {args.out / 'bench.md'} (the same figures as Markdown)")
     return 0
 
 

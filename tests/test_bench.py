@@ -41,3 +41,8 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     assert results["round"]["rounds"] == 5 and results["round"]["ours_rounds_per_s"] > 0
     for title in ("ours/bound", "to last p50 ms", "ours/bare", "batched", "ours/reference"):
         assert title in result.stdout
+    # The same figures as Markdown tables, for the README.
+    report = (tmp_path / "bench.md").read_text()
+    assert report.startswith("`./scripts/bench --quick --out ")
+    assert f"| **{rows[0]['ratio_to_bound']:.2f}** |" in report
+    assert f"**{checkin['per_client'][1]['ratio_to_bare']:.2f}**" in report

@@ -1,0 +1,96 @@
+"""The benchmark's figures as Markdown tables (``bench.md``), pasted as is into the README.
+
+Every figure is printed next to the reference it is compared with, measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GO_CALLS_PER_S = {1: 2100, 16: 4300}  # the older Go coordinator on this machine (issue 5)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def aggregation(rows: list[dict[str, Any]]) -> str:
+    naive = all("naive_s" in row for row in rows)
+    header = ["model MB", "K", "largest array MB", "ours MB/s", "bound MB/s", "ours / bound"]
+    header += ["vs naive", "ours peak MB", "naive peak MB"] if naive else ["ours peak MB"]
+    table = []
+    for row in rows:
+        cells = [f"{row['size_mb']:.0f}", str(row["k"]), f"{row['largest_array_mb']:.0f}",
+                 f"{row['ours_mb_per_s']:.0f}", f"{row['bound_mb_per_s']:.0f}",
+                 f"**{row['ratio_to_bound']:.2f}**"]  # fmt: skip
+        if naive:
+            cells += [f"{row['speedup_over_naive']:.1f}x", f"{row['ours_peak_mb']:.0f}",
+                      f"{row['naive_peak_mb']:.0f}"]  # fmt: skip
+        else:
+            cells.append(f"{row['ours_peak_mb']:.0f}")
+        table.append(cells)
+    return _table(header, table)
+
+
+def _latency(figures: dict[str, Any]) -> str:
+    return f"{figures['p50_ms']:.1f} / {figures['p99_ms']:.1f}"
+
+
+def _go(row: dict[str, Any]) -> str:
+    return str(GO_CALLS_PER_S.get(row["callers"], "-"))
+
+
+def checkin(result: dict[str, Any]) -> str:
+    header = ["callers", "bare purerpc calls/s", "ours calls/s", "ours / bare",
+              "bare p50 / p99 ms", "ours p50 / p99 ms", "Go (issue 5) calls/s"]  # fmt: skip
+    rows = [
+        [str(row["callers"]), f"{row['bare']['calls_per_s']:.0f}",
+         f"{row['ours']['calls_per_s']:.0f}", f"**{row['ratio_to_bare']:.2f}**",
+         _latency(row["bare"]), _latency(row["ours"]), _go(row)]
+        for row in result["per_client"]
+    ]  # fmt: skip
+    batched_header = ["callers", "clients per call", "per-client RPC clients/s",
+                      "batched clients/s", "speed-up", "batched p50 / p99 ms",
+                      "Go (issue 5) clients/s"]  # fmt: skip
+    single = {row["callers"]: row["ours"]["clients_per_s"] for row in result["per_client"]}
+    batched = [
+        [str(row["callers"]), str(row["batch"]), f"{single[row['callers']]:.0f}",
+         f"{row['ours']['clients_per_s']:.0f}", f"**{row['speedup']:.0f}x**",
+         _latency(row["ours"]), _go(row)]
+        for row in result["batched"]
+    ]  # fmt: skip
+    return _table(header, rows) + "\n\n" + _table(batched_header, batched)
+
+
+def fanout(rows: list[dict[str, Any]]) -> str:
+    header = ["subscribers", "stalled", "to last p50 ms", "to last p99 ms", "each p50 ms",
+              "each p99 ms"]  # fmt: skip
+    keys = ["to_last_p50_ms", "to_last_p99_ms", "each_p50_ms", "each_p99_ms"]
+    table = [
+        [str(row["subscribers"]), str(row["stalled"])] + [f"{row[key]:.0f}" for key in keys]
+        for row in rows
+    ]
+    return _table(header, table)
+
+
+def round_overhead(result: dict[str, Any]) -> str:
+    header = ["selectors", "rounds", "reference rounds/s", "ours rounds/s", "ours / reference"]
+    row = [str(result["selectors"]), str(result["rounds"]),
+           f"{result['reference_rounds_per_s']:.1f}", f"{result['ours_rounds_per_s']:.1f}",
+           f"**{result['ratio_to_reference']:.2f}**"]  # fmt: skip
+    return _table(header, [row])
+
+
+PARTS = {"aggregation": aggregation, "checkin": checkin, "fanout": fanout,
+         "round": round_overhead}  # fmt: skip
+
+
+def markdown(results: dict[str, Any], command: str) -> str:
+    sections = [f"`{command}`"]
+    for name, render in PARTS.items():
+        if name in results:
+            sections.append(f"**{name}**\n\n{render(results[name])}")
+    return "\n\n".join(sections) + "\n"
