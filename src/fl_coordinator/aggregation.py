@@ -158,7 +158,7 @@ def slab_shape(shape: tuple[int, ...], selection: tuple[slice, ...]) -> tuple[in
 
 
 def _read_into(
-    buffer: np.ndarray, dataset: h5py.Dataset, selection: tuple[slice, ...], path: Path
+    buffer: np.ndarray, dataset: h5py.Dataset, path: Path, selection: tuple[slice, ...]
 ) -> np.ndarray:
     """Read ``dataset[selection]`` into (the leading rows of) ``buffer``; return that view."""
     rows = buffer[: selection[0].stop - selection[0].start] if selection else buffer
@@ -245,7 +245,7 @@ def sum_into(
         files = [_open_h5(path, stack, "aggregate checkpoint") for path in inputs]
         base = _open_h5(template, stack, "checkpoint")
         names = float_datasets(base)
-        with atomic_target(dest, tmp_dir) as tmp, h5py.File(tmp, "w") as out:
+        with atomic_target(dest, tmp_dir, large=True) as tmp, h5py.File(tmp, "w") as out:
             copy_layout(base, out, names)
             for name in names:
                 like, target = base[name], out[name]
@@ -263,16 +263,22 @@ def sum_into(
                         raise Cancelled("aggregation cancelled: shutting down")
                     rows = slab_shape(like.shape, selection)[:1] if selection else ()
                     total = sums[: rows[0]] if rows else sums
-                    # The first input starts the float64 sum (no zeros pass).
-                    for index, (source, path) in enumerate(zip(sources, inputs, strict=True)):
-                        part = _read_into(buffer, source, selection, path)
-                        if index:
-                            total += part
-                        else:
-                            total[...] = part
-                        bytes_read += part.nbytes
-                    current = _read_into(buffer, like, selection, template)
+                    # The first two inputs start the float64 sum in one pass (the
+                    # memory traffic is what costs: no zeros pass, no cast copy);
+                    # ``result`` holds the second until it holds the result.
+                    parts = zip(sources, inputs, strict=True)
+                    first = _read_into(buffer, *next(parts), selection)
+                    if len(sources) > 1:
+                        second = _read_into(result, *next(parts), selection)
+                        np.add(first, second, out=total, dtype=np.float64)
+                    else:
+                        total[...] = first
+                    for source, path in parts:
+                        total += _read_into(buffer, source, path, selection)
+                    bytes_read += len(sources) * first.nbytes
+                    current = _read_into(buffer, like, template, selection)
                     values = result[: rows[0]] if rows else result
+
                     with np.errstate(over="ignore", invalid="ignore"):  # tested just below
                         finish(total, current, values)
 
@@ -332,7 +338,8 @@ def check_contribution(checkpoint: Path, contribution: Contribution) -> None:
             selections = slabs(source.shape)
             buffer = np.empty(slab_shape(source.shape, selections[0]), source.dtype)
             for selection in selections:
-                part = _read_into(buffer, source, selection, contribution.checkpoint)
+                part = _read_into(buffer, source, contribution.checkpoint, selection)
+
                 if not np.all(np.isfinite(part)):
                     raise AggregationError(
                         f"dataset {name!r} contains NaN or Inf in {contribution.checkpoint}"
