@@ -161,7 +161,11 @@ def worker_main(mode: str, folder: Path, k: int) -> None:
 
 def measure(mode: str, folder: Path, k: int) -> dict[str, float]:
     shutil.copyfile(folder / "fl_checkpoint.orig", folder / "fl_checkpoint")
+    # Put the copy (and the previous run's files) on disk first: otherwise our
+    # fsync, which the bound does not do, would also wait for the bench's own writes.
+    os.sync()
     result = subprocess.run(
+
         [sys.executable, __file__, "--worker", mode, str(folder), str(k)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
