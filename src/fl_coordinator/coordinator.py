@@ -80,6 +80,8 @@ class Coordinator:
                 min_checkin_fraction=settings.min_checkin_fraction,
                 reporting_timeout=settings.reporting_timeout,
                 min_reporting_fraction=settings.min_reporting_fraction,
+                allowed=frozenset(settings.allowed_selectors),
+                max_selectors=settings.max_selectors_per_round,
             ),
             number=first_round,
         )
