@@ -49,6 +49,7 @@ from .rounds import (
     WindowClosed,
 )
 from .status import StatusHub, utc_now
+from .tls import selector_client_context
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class Coordinator:
         first_round: int = 1,
     ) -> None:
         self._settings = settings
+        self._goal_count_tls = selector_client_context(settings)  # ConfigError if unusable
+        self.alive = False  # the round task runs (for the health check)
         self._aggregator = aggregator
         self._layout = layout
         self._hub = hub
@@ -106,14 +109,18 @@ class Coordinator:
         await self._events_in.send(Refused(selector, reason))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write_journal)
-            for effect in self._round.start():
-                self._execute(effect, nursery)
-            task_status.started()
-            async for event in self._events:
-                for effect in self._round.handle(event):
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_journal)
+                for effect in self._round.start():
                     self._execute(effect, nursery)
+                self.alive = True
+                task_status.started()
+                async for event in self._events:
+                    for effect in self._round.handle(event):
+                        self._execute(effect, nursery)
+        finally:
+            self.alive = False
 
     def _execute(self, effect: Effect, nursery: trio.Nursery) -> None:
         match effect:
@@ -188,7 +195,7 @@ class Coordinator:
                 backoff *= 2
             try:
                 with trio.fail_after(self._settings.goal_count_timeout):
-                    await broadcast.goal_count_reached(selector)
+                    await broadcast.goal_count_reached(selector, self._goal_count_tls)
             except Exception as exc:
                 error = broadcast.describe(exc)
             else:

@@ -1,28 +1,34 @@
 """``serve(settings)``: the nursery that wires the coordinator together.
 
-One nursery runs the round-state task, the purerpc gRPC server for selectors,
-the websocket status server and, if configured, the webhook. Cancelling it
-(Ctrl-C, SIGTERM, or a test leaving its block) stops all of them.
+One nursery runs the round-state task, the purerpc gRPC server for selectors
+(with the health service), the websocket status server and, if configured,
+the webhook. Cancelling it (Ctrl-C, SIGTERM, or a test leaving its block)
+stops all of them. TLS contexts and the token are loaded before anything
+listens, so an unusable certificate stops the start-up with one line.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
 import trio
 
 from .aggregation import Aggregator, aggregate
+from .auth import TokenGuard, load_token
 from .config import Settings
 from .coordinator import Coordinator
 from .grpc_server import serve_grpc
+from .health import HealthServicer, checkpoint_readable
 from .intra import IntraServicer
 from .journal import next_round
 from .layout import Layout
 from .problem import check_problem, clean_tmp
 from .status import StatusHub
+from .tls import grpc_server_context, status_server_context, warn_if_exposed
 from .webhook import run_webhook
-from .websocket import PATH, StatusServer
+from .websocket import PATH, StatusLimits, StatusServer
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +40,12 @@ class Endpoints:
     host: str
     grpc_port: int
     status_port: int
+    tls: bool = False
 
     @property
     def status_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"ws://{host}:{self.status_port}{PATH}"
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.status_port}{PATH}"
 
 
 async def serve(
@@ -56,20 +63,44 @@ async def serve(
     check_problem(layout)
     clean_tmp(layout)
     first_round = next_round(layout, settings.keep_checkpoints)
+    grpc_tls = grpc_server_context(settings)
+    status_tls = status_server_context(settings)
+    token = load_token(settings)
     hub = StatusHub(settings.problem_id, str(layout.checkpoint))
     coordinator = Coordinator(settings, layout, hub, aggregator, first_round)
+    status_server = StatusServer(
+        hub,
+        StatusLimits(
+            token=settings.status_token,
+            max_subscribers=settings.max_status_subscribers,
+            max_message_bytes=settings.status_max_message_bytes,
+        ),
+        status_tls,
+    )
 
+    async def healthy() -> bool:
+        return coordinator.alive and await checkpoint_readable(layout.checkpoint)
+
+    services = [IntraServicer(coordinator).service, HealthServicer(healthy).service]
     async with trio.open_nursery() as nursery:
         await nursery.start(coordinator.run)
         grpc_port = await nursery.start(
-            serve_grpc, [IntraServicer(coordinator).service], settings.host, settings.port
+            functools.partial(
+                serve_grpc,
+                services,
+                settings.host,
+                settings.port,
+                ssl_context=grpc_tls,
+                check=TokenGuard(token).check if token else None,
+                max_message_bytes=settings.grpc_max_message_bytes,
+            )
         )
-        status_port = await nursery.start(
-            StatusServer(hub).serve, settings.host, settings.status_port
-        )
+        status_port = await nursery.start(status_server.serve, settings.host, settings.status_port)
         if settings.webhook_url:
             await nursery.start(run_webhook, hub, settings.webhook_url)
-        endpoints = Endpoints(settings.host, grpc_port, status_port)
+        warn_if_exposed("the gRPC server", settings.host, grpc_tls)
+        warn_if_exposed("the status stream", settings.host, status_tls)
+        endpoints = Endpoints(settings.host, grpc_port, status_port, tls=status_tls is not None)
         log.info(
             "problem %r: selectors at %s:%d (FlIntra), status stream at %s, root %s",
             settings.problem_id,
