@@ -14,6 +14,7 @@ import logging
 import shutil
 import ssl
 from collections.abc import Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,9 @@ from fl_coordinator._proto import (
 )
 from fl_coordinator.auth import TokenGuard
 from fl_coordinator.config import ConfigError, Settings, load_settings
-from fl_coordinator.federation.transfer import integer
+from fl_coordinator.federation import selector_cli
+from fl_coordinator.federation.selector import Selector, SelectorOptions
+from fl_coordinator.federation.transfer import file_chunks, integer
 from fl_coordinator.grpc_server import serve_grpc
 from fl_coordinator.layout import Layout
 from fl_coordinator.logs import NOISY, setup_logging
@@ -178,6 +181,62 @@ async def test_tls_round_with_grpcio_and_the_selector_called_over_tls(
     done = await watcher.wait_for(completed(1))
     assert (done["stage"], done["configured"]) == ("COMPLETED", [selector.id])
     client.close()
+
+
+async def _check_in_at(selector_id: str, context: ssl.SSLContext, files: Path) -> None:
+    """A client of the reference selector over TLS: check in, receive initFiles/."""
+    host, port = selector_id.rsplit(":", 1)
+    async with purerpc.secure_channel(host, int(port), context) as channel:
+        stream = await fl_round_grpc.FlRoundStub(channel).CheckIn()
+        await stream.send_message(fl_round_pb2.CheckInRequest(message="check in"))
+        await stream.close()
+        while (message := await stream.receive_message()) is not None:
+            with (files / message.filePath).open("ab") as out:
+                out.write(message.chunk)
+
+
+async def _upload_to(selector_id: str, context: ssl.SSLContext, update: Path, n: int) -> None:
+    async def messages():
+        async with aclosing(file_chunks(update)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+        yield integer(n)
+
+    host, port = selector_id.rsplit(":", 1)
+    async with purerpc.secure_channel(host, int(port), context) as channel:
+        await fl_round_grpc.FlRoundStub(channel).Update(messages())
+
+
+async def test_reference_selector_completes_a_round_over_mutual_tls_with_a_token(
+    settings: Settings, layout: Layout, keras_weights, pki: Pki, nursery: trio.Nursery, tmp_path
+) -> None:
+    """fl-selector's options: token, CA of the coordinator, its own certificate."""
+    settings = tls_settings(
+        settings,
+        pki,
+        checkin_limit=1,
+        tls_client_ca_file=str(pki.ca),
+        tls_selector_ca_file=str(pki.ca),
+        auth_token=TOKEN,
+    )
+    endpoints = await nursery.start(serve, settings)
+    watcher = await watch(nursery, endpoints.status_url, ssl_context=pki.websocket_context())
+    options = SelectorOptions(
+        coordinator=f"127.0.0.1:{endpoints.grpc_port}",
+        layout=layout,
+        token=TOKEN,
+        coordinator_tls=pki.client_context(pki.client),
+        server_tls=server_context(str(pki.server.cert), str(pki.server.key)),
+        report_timeout=60,
+    )
+    selector_id = await nursery.start(Selector(options).serve)
+    context = pki.client_context()
+    (tmp_path / "files").mkdir()
+    await _check_in_at(selector_id, context, tmp_path / "files")
+    assert sorted(p.name for p in (tmp_path / "files").iterdir()) == ["fl_checkpoint", "model.h5"]
+    await _upload_to(selector_id, context, keras_weights[0], n=4)
+    done = await watcher.wait_for(completed(1))
+    assert (done["stage"], done["reported"]) == ("COMPLETED", [selector_id])
 
 
 async def test_plaintext_client_against_tls_server_fails(
@@ -500,3 +559,18 @@ async def test_plaintext_on_a_network_address_is_warned_about(
     caplog.clear()
     await nursery.start(serve, own_root("tls", tls_settings(settings, pki, host="0.0.0.0")))
     assert "without TLS" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--tls-cert", "x.pem"], "--tls-key=''"),
+        (["--coordinator-ca", "/nonexistent/ca.pem"], "--coordinator-ca='/nonexistent/ca.pem'"),
+        (["--token-file", "/nonexistent/token"], "AUTH_TOKEN_FILE='/nonexistent/token'"),
+    ],
+)
+def test_selector_security_flags_are_checked_before_serving(
+    flags: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert selector_cli.main(["serve", *flags]) == 2
+    assert expected in capsys.readouterr().err
