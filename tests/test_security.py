@@ -45,6 +45,7 @@ from fl_coordinator._proto import (
 )
 from fl_coordinator.auth import TokenGuard
 from fl_coordinator.config import ConfigError, Settings, load_settings
+from fl_coordinator.coordinator import Coordinator
 from fl_coordinator.federation import selector_cli
 from fl_coordinator.federation.selector import Selector, SelectorOptions
 from fl_coordinator.federation.transfer import file_chunks, integer
@@ -52,6 +53,7 @@ from fl_coordinator.grpc_server import serve_grpc
 from fl_coordinator.layout import Layout
 from fl_coordinator.logs import NOISY, setup_logging
 from fl_coordinator.server import Endpoints, serve
+from fl_coordinator.status import StatusHub
 from fl_coordinator.tls import client_context, server_context
 
 TOKEN = "s3cret-Token-for-this-problem"
@@ -398,8 +400,11 @@ async def test_too_large_grpc_message_is_refused_and_the_server_goes_on(
     watcher = await watch(nursery, endpoints.status_url)
     before = await watcher.wait_for(lambda m: True)
     client = GrpcioClient(endpoints.grpc_port)
-    code = await grpcio_code(client, "127.0.0.1:" + "1" * 300)
-    assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    with pytest.raises(grpc.RpcError) as failed:
+        await client.check_in("127.0.0.1:" + "1" * 300)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The reason travels in the HTTP/2 GOAWAY, which grpcio puts in the details.
+    assert "message larger than the server's limit of 256 bytes" in failed.value.details()
     assert "larger than GRPC_MAX_MESSAGE_BYTES=256" in caplog.text
     selector = await FakeSelector().start(nursery)
     assert await client.check_in(selector.id) is True
@@ -486,6 +491,17 @@ async def test_health_check_follows_the_checkpoint(
     with pytest.raises(grpc.RpcError) as unknown:
         await health(endpoints.grpc_port, credentials=credentials, service="Nope")
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_health_knows_whether_the_round_task_runs(settings: Settings, layout: Layout) -> None:
+    """The other half of SERVING: Coordinator.alive (the server's probe ANDs both)."""
+    coordinator = Coordinator(settings, layout, StatusHub("p", "c"))
+    assert coordinator.alive is False
+    async with trio.open_nursery() as nursery:
+        await nursery.start(coordinator.run)
+        assert coordinator.alive is True
+        nursery.cancel_scope.cancel()
+    assert coordinator.alive is False
 
 
 # -- secrets stay secret ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import anyio.abc
 import purerpc
 import trio
 from anyio.streams.tls import TLSListener
+from h2.errors import ErrorCodes
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.exceptions import MessageTooLargeError
@@ -54,8 +55,9 @@ class _Handler(ConnectionHandler):
     """purerpc's dispatch, with our message size limit and a clear line when it is exceeded.
 
     purerpc checks the size in the 5-byte gRPC prefix, before buffering the
-    message, and then gives up on the whole connection: we log who sent it and
-    let the connection close; the server goes on serving everyone else.
+    message, and then gives up on the whole connection: we log who sent it,
+    tell the peer why in the HTTP/2 GOAWAY (grpcio shows it in the error's
+    details) and close that connection; the server goes on serving the others.
     """
 
     def __init__(self, services: Sequence[purerpc.Service], max_message_bytes: int) -> None:
@@ -69,20 +71,32 @@ class _Handler(ConnectionHandler):
             async with (
                 stream,  # closed when we are done with it, whatever happened
                 GRPCProtoSocket(self.config, stream) as grpc_socket,
-                anyio.create_task_group() as task_group,
             ):
-                async for request in grpc_socket.listen():
-                    task_group.start_soon(self.request_received, request)
-        except* MessageTooLargeError:
-            log.warning(
-                "refused a gRPC message larger than GRPC_MAX_MESSAGE_BYTES=%d from %s; "
-                "connection closed",
-                self._max_message_bytes,
-                peer,
-            )
+                try:
+                    async with anyio.create_task_group() as task_group:
+                        async for request in grpc_socket.listen():
+                            task_group.start_soon(self.request_received, request)
+                except* MessageTooLargeError:
+                    log.warning(
+                        "refused a gRPC message larger than GRPC_MAX_MESSAGE_BYTES=%d from %s; "
+                        "connection closed",
+                        self._max_message_bytes,
+                        peer,
+                    )
+                    self._go_away(grpc_socket)
         except* Exception as group:
             # A peer that went away mid-call, a protocol error: that connection only.
             log.debug("gRPC connection from %s ended: %r", peer, group.exceptions[0])
+
+    def _go_away(self, grpc_socket: GRPCProtoSocket) -> None:
+        """Tell the peer why its connection closes (HTTP/2 GOAWAY, sent as the socket closes).
+
+        Uses purerpc internals (pinned at 0.8.0): it has no API to close a
+        connection with a reason.
+        """
+        reason = f"message larger than the server's limit of {self._max_message_bytes} bytes"
+        h2 = grpc_socket._grpc_connection.h2_connection
+        h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, additional_data=reason.encode())
 
 
 class _QuietTLSListener(TLSListener):
