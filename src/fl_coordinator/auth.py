@@ -27,7 +27,7 @@ from purerpc.rpc import Cardinality
 from purerpc.server import BoundRPCMethod
 
 from .config import ConfigError, Settings, optional_token
-from .health import SERVICE_NAME as HEALTH_SERVICE
+from .health_service import SERVICE_NAME as HEALTH_SERVICE
 
 log = logging.getLogger(__name__)
 

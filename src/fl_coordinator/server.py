@@ -20,7 +20,7 @@ from .auth import TokenGuard, load_token
 from .config import Settings
 from .coordinator import Coordinator
 from .grpc_server import serve_grpc
-from .health import HealthServicer, checkpoint_readable
+from .health_service import HealthServicer, checkpoint_readable
 from .intra import IntraServicer
 from .journal import next_round
 from .layout import Layout
