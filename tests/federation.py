@@ -7,8 +7,10 @@ protos would show) and purerpc.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,8 +45,11 @@ class FakeSelector(fl_intra_grpc.FLGoalCountBroadcastServicer):
         self._told_in.send_nowait(None)
         return fl_intra_pb2.Empty()
 
-    async def start(self, nursery: trio.Nursery) -> FakeSelector:
-        self.port = await nursery.start(serve_grpc, [self.service], "127.0.0.1", 0)
+    async def start(
+        self, nursery: trio.Nursery, ssl_context: ssl.SSLContext | None = None
+    ) -> FakeSelector:
+        serve = functools.partial(serve_grpc, ssl_context=ssl_context)
+        self.port = await nursery.start(serve, [self.service], "127.0.0.1", 0)
         return self
 
 
@@ -53,11 +58,28 @@ class IntraClient(Protocol):
     async def report(self, selector_id: str) -> None: ...
 
 
-class GrpcioClient:
-    """The official grpcio client, run in a worker thread."""
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying ``token`` (none for None)."""
+    return (("authorization", f"Bearer {token}"),) if token is not None else ()
 
-    def __init__(self, port: int) -> None:
-        self._channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+
+class GrpcioClient:
+    """The official grpcio client, run in a worker thread (TLS with ``credentials``)."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        target = f"127.0.0.1:{port}"
+        self._channel = (
+            grpc.insecure_channel(target)
+            if credentials is None
+            else grpc.secure_channel(target, credentials)
+        )
+        self._metadata = bearer(token)
         self._check_in = self._channel.unary_unary(
             "/FlIntra/ClientCountUpdate",
             request_serializer=fl_intra_pb2.ClientCount.SerializeToString,
@@ -73,12 +95,16 @@ class GrpcioClient:
     async def check_in(self, selector_id: str) -> bool:
         count = self._counts[selector_id] = self._counts.get(selector_id, 0) + 1
         request = fl_intra_pb2.ClientCount(count=count, id=selector_id)
-        answer = await trio.to_thread.run_sync(lambda: self._check_in(request, timeout=30))
+        answer = await trio.to_thread.run_sync(
+            lambda: self._check_in(request, timeout=30, metadata=self._metadata)
+        )
         return answer.accepted
 
     async def report(self, selector_id: str) -> None:
         request = fl_intra_pb2.SelectorId(id=selector_id)
-        answer = await trio.to_thread.run_sync(lambda: self._report(request, timeout=30))
+        answer = await trio.to_thread.run_sync(
+            lambda: self._report(request, timeout=30, metadata=self._metadata)
+        )
         assert isinstance(answer, fl_intra_pb2.Empty)
 
     def close(self) -> None:
@@ -86,12 +112,21 @@ class GrpcioClient:
 
 
 class PurerpcClient:
-    def __init__(self, port: int) -> None:
+    def __init__(
+        self, port: int, *, ssl_context: ssl.SSLContext | None = None, token: str | None = None
+    ) -> None:
         self._port = port
+        self._ssl_context = ssl_context
+        self._metadata = bearer(token)
 
     async def _stub(self, call: Callable[[Any], Any], request: Any) -> Any:
-        async with purerpc.insecure_channel("127.0.0.1", self._port) as channel:
-            return await call(fl_intra_grpc.FlIntraStub(channel))(request)
+        channel = (
+            purerpc.insecure_channel("127.0.0.1", self._port)
+            if self._ssl_context is None
+            else purerpc.secure_channel("127.0.0.1", self._port, self._ssl_context)
+        )
+        async with channel:
+            return await call(fl_intra_grpc.FlIntraStub(channel))(request, metadata=self._metadata)
 
     async def check_in(self, selector_id: str) -> bool:
         request = fl_intra_pb2.ClientCount(count=1, id=selector_id)
@@ -113,8 +148,18 @@ class StatusWatcher:
 
         self._arrived = trio.Event()
 
-    async def run(self, url: str, *, task_status: trio.TaskStatus[None]) -> None:
-        async with trio_websocket.open_websocket_url(url) as ws:
+    async def run(
+        self,
+        url: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        token: str | None = None,
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token is not None else None
+        async with trio_websocket.open_websocket_url(
+            url, ssl_context=ssl_context, extra_headers=headers
+        ) as ws:
             task_status.started()
             try:
                 while True:
@@ -147,9 +192,15 @@ class StatusWatcher:
         return sequence
 
 
-async def watch(nursery: trio.Nursery, url: str) -> StatusWatcher:
+async def watch(
+    nursery: trio.Nursery,
+    url: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    token: str | None = None,
+) -> StatusWatcher:
     watcher = StatusWatcher()
-    await nursery.start(watcher.run, url)
+    await nursery.start(functools.partial(watcher.run, url, ssl_context=ssl_context, token=token))
     return watcher
 
 

@@ -95,3 +95,41 @@ def test_readme_documents_every_key() -> None:
     readme = README.read_text()
     missing = [key.name for key in KEYS if f"| `{key.name}` |" not in readme]
     assert missing == []
+
+
+def test_security_keys_are_off_by_default() -> None:
+    settings, _ = load_settings({}, {})
+    assert (settings.tls_cert_file, settings.auth_token, settings.status_token) == ("", "", "")
+    assert (settings.allowed_selectors, settings.max_selectors_per_round) == ((), 0)
+
+
+def test_allowed_selectors_from_a_yaml_list_or_a_comma_separated_string() -> None:
+    from_file, _ = load_settings({"ALLOWED_SELECTORS": ["a:1", "b.example:2"]}, {})
+    from_env, _ = load_settings({}, {"ALLOWED_SELECTORS": " a:1, b.example:2 ,"})
+    assert from_file.allowed_selectors == from_env.allowed_selectors == ("a:1", "b.example:2")
+    with pytest.raises(ConfigError, match="ALLOWED_SELECTORS"):
+        load_settings({}, {"ALLOWED_SELECTORS": "a:1,nohost"})
+
+
+@pytest.mark.parametrize("key", ["AUTH_TOKEN", "STATUS_TOKEN"])
+def test_secrets_are_never_echoed(key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings({}, {key: "my secret\twith tab"})
+    assert "my secret" not in str(error.value) and f"{key}=<redacted>" in str(error.value)
+    settings, _ = load_settings({}, {key: "hunter2-token"})
+    assert "hunter2" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("environ", "key"),
+    [
+        ({"TLS_CERT_FILE": "c.pem"}, "TLS_KEY_FILE"),
+        ({"TLS_KEY_FILE": "k.pem"}, "TLS_CERT_FILE"),
+        ({"TLS_CLIENT_CA_FILE": "ca.pem"}, "TLS_CLIENT_CA_FILE"),
+        ({"AUTH_TOKEN": "t", "AUTH_TOKEN_FILE": "f"}, "AUTH_TOKEN_FILE"),
+    ],
+)
+def test_keys_that_go_together(environ: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings({}, environ)
+    assert error.value.key == key

@@ -337,3 +337,28 @@ def test_random_event_sequences_keep_the_invariants(
     assert set(answered) | held == set(asked) and not set(answered) & held
     # Accepted answers never exceed the goal per round (drops only lower the count).
     assert accepted_total <= goal * machine.number
+
+
+def test_selectors_outside_the_allow_list_are_refused_and_ignored() -> None:
+    machine = Round(Rules(goal=2, allowed=frozenset({"a:1"})))
+    effects = machine.handle(CheckIn("b:1", 1))
+    assert replies(effects) == [(1, False)]
+    assert machine.accepted == 0 and machine.selectors == {}
+    assert machine.ignored == [("b:1", "check-in refused: not in ALLOWED_SELECTORS")]
+    assert replies(machine.handle(CheckIn("a:1", 2))) == [(2, True)]
+    machine.handle(SelectorReported("b:1"))
+    assert machine.ignored[-1] == ("b:1", "not in ALLOWED_SELECTORS")
+
+
+def test_distinct_selectors_per_round_are_capped_and_the_cap_resets() -> None:
+    machine = Round(Rules(goal=3, max_selectors=2))
+    assert replies(machine.handle(CheckIn("a:1", 1))) == [(1, True)]
+    assert replies(machine.handle(CheckIn("b:1", 2))) == [(2, True)]
+    assert replies(machine.handle(CheckIn("c:1", 3))) == [(3, False)]  # a third selector
+    assert replies(machine.handle(CheckIn("b:1", 4))) == [(4, True)]  # a known one: goal
+    assert machine.selectors == {"a:1": 1, "b:1": 2}
+    machine.handle(WindowClosed(1, Stage.SELECTION))  # (no window armed: ignored)
+    for selector in ("a:1", "b:1"):
+        machine.handle(BroadcastDone(1, selector, error="gone"))
+    assert machine.number == 2  # round 1 abandoned; the cap counts afresh
+    assert replies(machine.handle(CheckIn("c:1", 5))) == [(5, True)]

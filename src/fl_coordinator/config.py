@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +32,16 @@ class ConfigError(Exception):
 
 
 Parser = Callable[[Any], Any]
+
+
+class Redacted:
+    """Stands for a secret value in error messages: a bad token must not be echoed."""
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+
+REDACTED = Redacted()
 
 
 def _integer(value: Any) -> int:
@@ -113,6 +123,41 @@ def optional_url(value: Any) -> str:
     return url
 
 
+def optional_path(value: Any) -> str:
+    """A file path, or empty for "not set" (whether it is readable is checked by its user)."""
+    if value is None or value == "":
+        return ""
+    path = text(value)
+    if "\0" in path:
+        raise ValueError
+    return path
+
+
+def optional_token(value: Any) -> str:
+    """A shared secret: printable ASCII without spaces (it travels in an HTTP header), or empty."""
+    if value is None or value == "":
+        return ""
+    token = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+    if token is None or not 1 <= len(token) <= 4096:
+        raise ValueError
+    if not all(0x21 <= ord(char) <= 0x7E for char in token):
+        raise ValueError
+    return token
+
+
+def selector_ids(value: Any) -> tuple[str, ...]:
+    """Selector ids (``host:port``): a YAML list or a comma-separated string; empty = any."""
+    if value is None or value == "":
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError
+    ids = tuple(address(item) for item in items if str(item).strip())
+    if len(set(ids)) != len(ids):
+        raise ValueError
+    return ids
+
+
 def log_level(value: Any) -> str:
     level = text(value).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -137,6 +182,7 @@ class Key:
     expected: str
     meaning: str
     go: bool = False  # a key of the Go coordinator (kept for drop-in compatibility)
+    secret: bool = False  # never echoed in errors, logs or the settings' repr
 
     @property
     def field(self) -> str:
@@ -320,6 +366,99 @@ KEYS: tuple[Key, ...] = (
         "text or json",
         "Log lines for people (`text`) or one JSON object per line (`json`).",
     ),
+    Key(
+        "TLS_CERT_FILE",
+        "",
+        optional_path,
+        "a PEM certificate file or empty",
+        "Certificate (PEM, chain first) of the gRPC server and the status websocket; "
+        "empty = plaintext. Needs TLS_KEY_FILE.",
+    ),
+    Key(
+        "TLS_KEY_FILE",
+        "",
+        optional_path,
+        "a PEM private key file or empty",
+        "Private key (PEM) of TLS_CERT_FILE.",
+    ),
+    Key(
+        "TLS_CLIENT_CA_FILE",
+        "",
+        optional_path,
+        "a PEM CA bundle file or empty",
+        "Mutual TLS: only gRPC clients with a certificate from this CA may connect (needs "
+        "TLS_CERT_FILE).",
+    ),
+    Key(
+        "TLS_SELECTOR_CA_FILE",
+        "",
+        optional_path,
+        "a PEM CA bundle file or empty",
+        "If set, GoalCountReached calls to selectors use TLS and trust this CA; empty = "
+        "plaintext calls.",
+    ),
+    Key(
+        "AUTH_TOKEN",
+        "",
+        optional_token,
+        "printable ASCII without spaces, or empty",
+        "Shared secret selectors send as `authorization: Bearer <token>` on every gRPC call "
+        "(except the health check); empty = no token required.",
+        secret=True,
+    ),
+    Key(
+        "AUTH_TOKEN_FILE",
+        "",
+        optional_path,
+        "a file holding the token, or empty",
+        "File holding AUTH_TOKEN (first line), e.g. a mounted secret; not with AUTH_TOKEN.",
+    ),
+    Key(
+        "ALLOWED_SELECTORS",
+        "",
+        selector_ids,
+        "distinct selector ids (host:port), comma-separated or a YAML list",
+        "If set, only these selector ids may check in or report; empty = any.",
+    ),
+    Key(
+        "STATUS_TOKEN",
+        "",
+        optional_token,
+        "printable ASCII without spaces, or empty",
+        "If set, status subscribers must send `Authorization: Bearer <token>` on the "
+        "websocket handshake (else HTTP 401).",
+        secret=True,
+    ),
+    Key(
+        "GRPC_MAX_MESSAGE_BYTES",
+        4 * 1024 * 1024,
+        positive_int,
+        "an integer >= 1 (bytes)",
+        "Largest gRPC message accepted; a larger one closes its connection.",
+    ),
+    Key(
+        "MAX_STATUS_SUBSCRIBERS",
+        1000,
+        non_negative_int,
+        "an integer >= 0",
+        "Concurrent status subscribers; one more is refused with HTTP 503 (0 = no limit).",
+    ),
+    Key(
+        "STATUS_MAX_MESSAGE_BYTES",
+        4096,
+        positive_int,
+        "an integer >= 1 (bytes)",
+        "Largest websocket message a status subscriber may send (they should send nothing); "
+        "a larger one closes its connection (code 1009).",
+    ),
+    Key(
+        "MAX_SELECTORS_PER_ROUND",
+        0,
+        non_negative_int,
+        "an integer >= 0",
+        "Distinct selector ids that may hold clients in one round; check-ins from more are "
+        "refused (0 = no limit).",
+    ),
 )
 
 
@@ -352,6 +491,18 @@ class Settings:
     min_reporting_fraction: float
     log_level: str
     log_format: str
+    tls_cert_file: str
+    tls_key_file: str
+    tls_client_ca_file: str
+    tls_selector_ca_file: str
+    auth_token: str = field(repr=False)
+    auth_token_file: str
+    allowed_selectors: tuple[str, ...]
+    status_token: str = field(repr=False)
+    grpc_max_message_bytes: int
+    max_status_subscribers: int
+    status_max_message_bytes: int
+    max_selectors_per_round: int
 
     @property
     def root(self) -> Path:
@@ -401,8 +552,28 @@ def load_settings(
         try:
             values[key.field] = key.parse(raw)
         except (ValueError, TypeError):
-            raise ConfigError(key.name, raw, key.expected) from None
-    return Settings(**values), unknown
+            raise ConfigError(key.name, REDACTED if key.secret else raw, key.expected) from None
+    settings = Settings(**values)
+    check_combinations(settings)
+    return settings, unknown
+
+
+def check_combinations(settings: Settings) -> None:
+    """Keys that only make sense together (the files themselves are loaded at start-up)."""
+    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+        missing, present = (
+            ("TLS_KEY_FILE", "TLS_CERT_FILE")
+            if settings.tls_cert_file
+            else ("TLS_CERT_FILE", "TLS_KEY_FILE")
+        )
+        raise ConfigError(missing, "", f"a file too, since {present} is set")
+    if settings.tls_client_ca_file and not settings.tls_cert_file:
+        raise ConfigError(
+            "TLS_CLIENT_CA_FILE", settings.tls_client_ca_file, "TLS_CERT_FILE and TLS_KEY_FILE too"
+        )
+    if settings.auth_token and settings.auth_token_file:
+        expected = "empty when AUTH_TOKEN is set"
+        raise ConfigError("AUTH_TOKEN_FILE", settings.auth_token_file, expected)
 
 
 def default_settings() -> Settings:

@@ -50,6 +50,7 @@ from .rounds import (
     WindowClosed,
 )
 from .status import StatusHub, utc_now
+from .tls import selector_client_context
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class Coordinator:
         first_round: int = 1,
     ) -> None:
         self._settings = settings
+        self._goal_count_tls = selector_client_context(settings)  # ConfigError if unusable
+        self.alive = False  # the round task runs (for the health check)
         self._aggregator = aggregator
         self._layout = layout
         self._hub = hub
@@ -81,6 +84,8 @@ class Coordinator:
                 min_checkin_fraction=settings.min_checkin_fraction,
                 reporting_timeout=settings.reporting_timeout,
                 min_reporting_fraction=settings.min_reporting_fraction,
+                allowed=frozenset(settings.allowed_selectors),
+                max_selectors=settings.max_selectors_per_round,
             ),
             number=first_round,
         )
@@ -105,18 +110,23 @@ class Coordinator:
         await self._events_in.send(Refused(selector, reason))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write_journal)
-            with log_context(round=self._round.number):
-                for effect in self._round.start():
-                    self._execute(effect, nursery)
-            task_status.started()
-            async for event in self._events:
-                # Log lines (and tasks spawned) while handling an event carry its round/selector.
-                number = getattr(event, "round", self._round.number)
-                with log_context(round=number, selector=getattr(event, "selector", None)):
-                    for effect in self._round.handle(event):
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_journal)
+                with log_context(round=self._round.number):
+                    for effect in self._round.start():
                         self._execute(effect, nursery)
+                self.alive = True
+                task_status.started()
+                async for event in self._events:
+                    # Log lines (and tasks spawned) while handling an event carry its
+                    # round and selector.
+                    number = getattr(event, "round", self._round.number)
+                    with log_context(round=number, selector=getattr(event, "selector", None)):
+                        for effect in self._round.handle(event):
+                            self._execute(effect, nursery)
+        finally:
+            self.alive = False
 
     def _execute(self, effect: Effect, nursery: trio.Nursery) -> None:
         match effect:
@@ -196,7 +206,7 @@ class Coordinator:
                 backoff *= 2
             try:
                 with trio.fail_after(self._settings.goal_count_timeout):
-                    await broadcast.goal_count_reached(selector)
+                    await broadcast.goal_count_reached(selector, self._goal_count_tls)
             except Exception as exc:
                 error = broadcast.describe(exc)
             else:

@@ -31,6 +31,9 @@ _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
     "fl_log_context", default=MappingProxyType({})
 )
 
+#: Loggers kept at WARNING or above whatever LOG_LEVEL says.
+NOISY = ("httpx", "httpcore", "trio-websocket", "hpack", "h2")
+
 
 @contextlib.contextmanager
 def log_context(**fields: Any) -> Iterator[None]:
@@ -87,6 +90,8 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_formatter(log_format))
     logging.basicConfig(level=level, handlers=[handler])
-    # Third-party chatter that says nothing an operator can act on.
-    for noisy in ("httpx", "httpcore", "trio-websocket", "hpack", "h2"):
+    # Third-party chatter that says nothing an operator can act on. hpack and h2
+    # also log raw HTTP/2 headers at DEBUG, bearer tokens included: they stay at
+    # WARNING even with LOG_LEVEL=DEBUG.
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

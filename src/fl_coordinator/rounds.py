@@ -51,6 +51,8 @@ class Rules:
     min_checkin_fraction: float = 1.0
     reporting_timeout: float = 0.0
     min_reporting_fraction: float = 1.0
+    allowed: frozenset[str] = frozenset()  # selector ids that may take part; empty = any
+    max_selectors: int = 0  # distinct selectors holding clients in one round; 0 = no limit
 
     def __post_init__(self) -> None:
         if self.goal < 1:
@@ -286,22 +288,34 @@ class Round:
     # -- transitions ----------------------------------------------------------
 
     def _check_in(self, event: CheckIn) -> list[Effect]:
+        if self.rules.allowed and event.selector not in self.rules.allowed:
+            return self._refuse(event, "not in ALLOWED_SELECTORS")
         if self.aggregating:
             self.held.append(event)
             return [self.status()]
         if self.stage is not Stage.SELECTION:
             return [Reply(event.reply_to, accepted=0)]
+        cap = self.rules.max_selectors
+        if cap and event.selector not in self.selectors and len(self.selectors) >= cap:
+            return self._refuse(
+                event, f"the round already has {cap} selector(s) (MAX_SELECTORS_PER_ROUND)"
+            )
         # First come, first served: a batch larger than what the goal has left
         # gets what is left (always >= 1 in SELECTION: reaching the goal configures).
         taken = min(event.clients, self.goal - self.accepted)
         self.accepted += taken
         self.selectors[event.selector] = self.selectors.get(event.selector, 0) + taken
         effects: list[Effect] = [Reply(event.reply_to, accepted=taken)]
-
         if self.accepted < self.goal:
             effects.append(self.status())
             return effects
         return effects + self._configure(f"goal of {self.goal} reached")
+
+    def _refuse(self, event: CheckIn, why: str) -> list[Effect]:
+        return [
+            Reply(event.reply_to, accepted=0),
+            *self._note(event.selector, f"check-in refused: {why}", "refused a call from"),
+        ]
 
     def _configure(self, why: str) -> list[Effect]:
         self.stage = Stage.CONFIGURATION
@@ -329,6 +343,8 @@ class Round:
         return [Log("WARNING", f"round {self.number}: {what} {selector!r}: {why}"), self.status()]
 
     def _reported(self, selector: str) -> list[Effect]:
+        if self.rules.allowed and selector not in self.rules.allowed:
+            return self._ignore(selector, "not in ALLOWED_SELECTORS")
         if self.aggregating:
             return self._ignore(selector, "round is aggregating, no report expected")
         if self.stage not in (Stage.CONFIGURATION, Stage.REPORTING):

@@ -1,9 +1,11 @@
 """``serve(settings)``: the nursery that wires the coordinator together.
 
-One nursery runs the round-state task, the purerpc gRPC server for selectors,
-the websocket status server, the metrics (and, if ``METRICS_PORT`` is set,
-their HTTP endpoint) and, if configured, the webhook. Cancelling it
-(Ctrl-C, SIGTERM, or a test leaving its block) stops all of them.
+One nursery runs the round-state task, the purerpc gRPC server for selectors
+(with the health service), the websocket status server, the metrics (and, if
+``METRICS_PORT`` is set, their HTTP endpoint) and, if configured, the webhook.
+Cancelling it (Ctrl-C, SIGTERM, or a test leaving its block) stops all of
+them. TLS contexts and the token are loaded before anything listens, so an
+unusable certificate stops the start-up with one line.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from dataclasses import dataclass
 import trio
 
 from .aggregation import Aggregator, aggregate
+from .auth import TokenGuard, load_token
 from .config import Settings
 from .coordinator import Coordinator
 from .grpc_server import serve_grpc
+from .health_service import HealthServicer, checkpoint_readable
 from .intra import CheckIns, IntraBatchServicer, IntraServicer
 from .journal import next_round
 from .layout import Layout
@@ -26,8 +30,9 @@ from .metrics_http import PATH as METRICS_PATH
 from .metrics_http import serve_metrics
 from .problem import check_problem, clean_tmp
 from .status import StatusHub
+from .tls import grpc_server_context, status_server_context, warn_if_exposed
 from .webhook import run_webhook
-from .websocket import PATH, StatusServer
+from .websocket import PATH, StatusLimits, StatusServer
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +45,11 @@ class Endpoints:
     grpc_port: int
     status_port: int
     metrics_port: int | None = None  # None: metrics not served
+    tls: bool = False
 
     @property
     def status_url(self) -> str:
-        return f"ws://{self._local_host}:{self.status_port}{PATH}"
+        return f"{'wss' if self.tls else 'ws'}://{self._local_host}:{self.status_port}{PATH}"
 
     @property
     def metrics_url(self) -> str | None:
@@ -72,19 +78,46 @@ async def serve(
     check_problem(layout)
     clean_tmp(layout)
     first_round = next_round(layout, settings.keep_checkpoints)
+    grpc_tls = grpc_server_context(settings)
+    status_tls = status_server_context(settings)
+    token = load_token(settings)
     hub = StatusHub(settings.problem_id, str(layout.checkpoint))
     metrics = Metrics(settings.problem_id)
     coordinator = Coordinator(settings, layout, hub, metrics.measured(aggregator), first_round)
-    status_server = StatusServer(hub)
+    status_server = StatusServer(
+        hub,
+        StatusLimits(
+            token=settings.status_token,
+            max_subscribers=settings.max_status_subscribers,
+            max_message_bytes=settings.status_max_message_bytes,
+        ),
+        status_tls,
+    )
     metrics.count_subscribers(lambda: status_server.connected)
 
+    async def healthy() -> bool:
+        return coordinator.alive and await checkpoint_readable(layout.checkpoint)
+
+    check_ins = CheckIns(coordinator, answered=metrics.checked_in)
+    services = [
+        IntraServicer(coordinator, check_ins).service,
+        IntraBatchServicer(check_ins).service,
+        HealthServicer(healthy).service,
+    ]
     async with trio.open_nursery() as nursery:
         await nursery.start(metrics.follow, hub)
         await nursery.start(coordinator.run)
-        check_ins = CheckIns(coordinator, answered=metrics.checked_in)
-        services = [IntraServicer(coordinator, check_ins).service,
-                    IntraBatchServicer(check_ins).service]  # fmt: skip
-        grpc_port = await nursery.start(serve_grpc, services, settings.host, settings.port)
+        grpc_port = await nursery.start(
+            functools.partial(
+                serve_grpc,
+                services,
+                settings.host,
+                settings.port,
+                ssl_context=grpc_tls,
+                check=TokenGuard(token).check if token else None,
+                max_message_bytes=settings.grpc_max_message_bytes,
+            )
+        )
         status_port = await nursery.start(status_server.serve, settings.host, settings.status_port)
         metrics_port = None
         if settings.metrics_port is not None:
@@ -97,7 +130,11 @@ async def serve(
                 hub,
                 settings.webhook_url,
             )
-        endpoints = Endpoints(settings.host, grpc_port, status_port, metrics_port)
+        warn_if_exposed("the gRPC server", settings.host, grpc_tls)
+        warn_if_exposed("the status stream", settings.host, status_tls)
+        endpoints = Endpoints(
+            settings.host, grpc_port, status_port, metrics_port, tls=status_tls is not None
+        )
         log.info(
             "problem %r: selectors at %s:%d (FlIntra), status stream at %s, metrics at %s, root %s",
             settings.problem_id,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ class SelectorOptions:
     hold_timeout: float = 300.0
     report_timeout: float = 300.0
     batch_checkin: bool = True  # False: one ClientCountUpdate per client, as the Go selector
+    token: str = field(default="", repr=False)  # sent as `authorization: Bearer` to the coordinator
+    coordinator_tls: ssl.SSLContext | None = None  # dial the coordinator over TLS
+    server_tls: ssl.SSLContext | None = None  # serve (GoalCountReached, clients) over TLS
 
 
 @dataclass
@@ -151,7 +155,8 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._batcher = CheckInBatcher(nursery, self._ask_for)
-            port = await nursery.start(serve_grpc, services, self.options.host, self.options.port)
+            serve = functools.partial(serve_grpc, ssl_context=self.options.server_tls)
+            port = await nursery.start(serve, services, self.options.host, self.options.port)
             self.id = check_selector_id(f"{self.options.advertise or self.options.host}:{port}")
             self.round_files.mkdir(parents=True, exist_ok=True)
             log.info(
@@ -167,8 +172,17 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
     ) -> Message:
         """One call on a fresh connection (as the Go selector dials per call)."""
         host, port = split_address(self.options.coordinator)
-        async with purerpc.insecure_channel(host, port) as channel:
-            return await getattr(stub(channel), method)(request)
+        tls = self.options.coordinator_tls
+        channel = (
+            purerpc.insecure_channel(host, port)
+            if tls is None
+            else purerpc.secure_channel(host, port, tls)
+        )
+        token = self.options.token
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        async with channel:
+            call = getattr(stub(channel), method)
+            return await call(request, metadata=metadata)
 
     async def _ask_coordinator(self) -> bool:
         assert self._batcher is not None

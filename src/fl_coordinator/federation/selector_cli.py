@@ -6,12 +6,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from ..config import ConfigError, load_settings
+from ..auth import load_token
+from ..config import ConfigError, Settings, load_settings
 from ..layout import Layout
 from ..logs import setup_logging
 from ..net import BadAddress, split_address
 from ..shutdown import run_main
+from ..tls import client_context, server_context
 from .selector import Selector, SelectorOptions
 
 
@@ -55,7 +58,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="one ClientCountUpdate per client, as the Go selector (default: batched "
         "CheckInClients, falling back to this when the coordinator does not serve it)",
     )
+    tls = serve.add_argument_group(
+        "security", "token: AUTH_TOKEN or AUTH_TOKEN_FILE in the environment, or --token-file"
+    )
+    tls.add_argument("--token-file", default=None, help="file holding the coordinator's token")
+    tls.add_argument(
+        "--coordinator-ca", default=None, help="CA (PEM) of the coordinator: dial it over TLS"
+    )
+    tls.add_argument(
+        "--tls-cert",
+        default=None,
+        help="certificate (PEM) to serve over TLS and to present to a mutual-TLS coordinator",
+    )
+    tls.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
     return parser
+
+
+def security_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """The token and TLS contexts of SelectorOptions; ConfigError names the flag at fault."""
+    if args.token_file is not None:
+        settings = settings.replace(auth_token="", auth_token_file=args.token_file)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-key" if args.tls_cert else "--tls-cert", "", "both or neither")
+    names = ("--tls-cert", "--tls-key")
+    cert, key = args.tls_cert or "", args.tls_key or ""
+    return {
+        "token": load_token(settings),
+        "coordinator_tls": (
+            client_context(args.coordinator_ca, cert, key, ca_name="--coordinator-ca", names=names)
+            if args.coordinator_ca
+            else None
+        ),
+        "server_tls": server_context(cert, key, names=names) if cert else None,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.root is not None:
             settings = settings.replace(fl_root_path=str(args.root))
         split_address(args.coordinator)
+        security = security_options(args, settings)
     except (ConfigError, BadAddress) as error:
         print(f"fl-selector: {error}", file=sys.stderr)
         return 2
@@ -79,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hold_timeout=args.hold_timeout,
         report_timeout=args.report_timeout,
         batch_checkin=not args.per_client_checkin,
+        **security,
     )
     error = run_main(Selector(options).serve, ConfigError)
     if error is not None:
