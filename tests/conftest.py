@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pki import pki  # noqa: F401 (the session's certificates, a fixture for every module)
 
 from fl_coordinator.config import Settings, default_settings
 from fl_coordinator.layout import Layout

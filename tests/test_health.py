@@ -1,9 +1,5 @@
-"""``fl-coordinator health`` against a real gRPC server implementing the standard health service.
-
-The coordinator's own health service is another piece of work; until it
-lands, these tests serve ``grpc.health.v1.Health/Check`` with grpcio's
-generic handlers (raw bytes, as the wire carries them).
-"""
+"""``fl-coordinator health`` against real gRPC servers: a grpcio one answering raw bytes
+(any status, any failure), and the coordinator itself, over plaintext and TLS."""
 
 from __future__ import annotations
 
@@ -12,9 +8,13 @@ from concurrent import futures
 
 import grpc
 import pytest
+import trio
+from pki import Pki, tls_settings
 
 from fl_coordinator.cli import main
-from fl_coordinator.health import decode_status, encode_request
+from fl_coordinator.config import Settings
+from fl_coordinator.layout import Layout
+from fl_coordinator.server import serve
 
 
 @pytest.fixture
@@ -66,9 +66,32 @@ def test_no_health_service_is_one_line_and_exit_1(
     assert lines == [f"fl-coordinator health: 127.0.0.1:{port}: UNIMPLEMENTED (Method not found!)"]
 
 
-def test_messages_by_hand() -> None:
-    assert encode_request() == b""
-    assert encode_request("x" * 200) == b"\x0a\xc8\x01" + b"x" * 200  # two-byte length
-    assert decode_status(b"\x08\x01") == 1
-    assert decode_status(b"") == 0
-    assert decode_status(b"\x12\x02ab\x08\x03") == 3  # unknown fields are skipped
+async def ask(*args: str) -> int:
+    """``fl-coordinator health ARGS`` (blocking grpcio) in a thread, as the container runs it."""
+    return await trio.to_thread.run_sync(main, ["health", *args])
+
+
+async def test_the_coordinator_is_serving_until_its_checkpoint_is_unreadable(
+    settings: Settings, layout: Layout, nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoints = await nursery.start(serve, settings)
+    address = f"127.0.0.1:{endpoints.grpc_port}"
+    assert await ask("--address", address) == 0
+    good = layout.checkpoint.read_bytes()
+    layout.checkpoint.write_bytes(b"not hdf5")
+    assert await ask("--address", address) == 1
+    layout.checkpoint.write_bytes(good)
+    assert await ask("--address", address) == 0
+    out = capsys.readouterr().out
+    assert out == f"{address}: SERVING\n{address}: NOT_SERVING\n{address}: SERVING\n"
+
+
+async def test_over_tls_with_the_coordinators_ca(
+    settings: Settings, pki: Pki, nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoints = await nursery.start(serve, tls_settings(settings, pki))
+    address = f"127.0.0.1:{endpoints.grpc_port}"
+    assert await ask("--address", address, "--ca", str(pki.ca)) == 0
+    assert capsys.readouterr().out == f"{address}: SERVING\n"
+    assert await ask("--address", address, "--timeout", "2") == 1  # plaintext: refused
+    assert "UNAVAILABLE" in capsys.readouterr().err

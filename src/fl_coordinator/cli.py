@@ -142,12 +142,22 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from .health import HealthError, check
+    from .health import HealthError, Tls, check
 
     settings, _ = _load(args.config)
     address = args.address or f"127.0.0.1:{settings.port}"
+    tls = None
+    if args.ca is not None:
+        # With mutual TLS on, the probe shows the coordinator's own certificate.
+        mutual = bool(settings.tls_client_ca_file and settings.tls_cert_file)
+        tls = Tls(
+            args.ca,
+            Path(settings.tls_cert_file) if mutual else None,
+            Path(settings.tls_key_file) if mutual else None,
+            args.server_name,
+        )
     try:
-        health = check(address, args.service, args.timeout)
+        health = check(address, args.service, args.timeout, tls)
     except HealthError as error:
         print(f"fl-coordinator health: {error}", file=sys.stderr)
         return 1
@@ -195,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--address", help="host:port (default: 127.0.0.1:PORT)")
     health.add_argument("--service", default="", help="service name (default: the server)")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.add_argument(
+        "--ca", type=Path, help="CA (PEM) of the coordinator's certificate: ask over TLS"
+    )
+    health.add_argument("--server-name", help="name in its certificate, if not the address's")
+
     health.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
     health.set_defaults(run=cmd_health)
 

@@ -6,69 +6,45 @@ probes and ``grpc_health_probe`` use, so the image, the cluster and an
 operator's own tools all ask one question the same way.
 
 The client is grpcio, not purerpc: an implementation independent of the
-server's is a better probe. The two tiny messages are written and read by
-hand (the request is one optional string, the answer one enum), so no
-generated code is needed for them.
+server's is a better probe. It speaks TLS (and presents a client
+certificate, for mutual TLS) when the coordinator does; the health service
+needs no token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from ._proto import health_pb2
 
 METHOD = "/grpc.health.v1.Health/Check"
-
-#: ``HealthCheckResponse.ServingStatus`` of grpc/health/v1/health.proto.
-STATUS_NAMES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
-SERVING = 1
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 class HealthError(Exception):
     """The health service could not be asked; ``str()`` is one line."""
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
+@dataclass(frozen=True)
+class Tls:
+    """How to dial a coordinator that serves TLS: its CA, and a client certificate for mTLS."""
 
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None  # the name in its certificate, if not the address's host
 
-def encode_request(service: str = "") -> bytes:
-    """``HealthCheckRequest{service}``; the empty name asks about the server as a whole."""
-    name = service.encode()
-    return b"\x0a" + _varint(len(name)) + name if name else b""
+    def credentials(self) -> object:
+        import grpc
 
+        def read(path: Path | None) -> bytes | None:
+            try:
+                return path.read_bytes() if path else None
+            except OSError as error:
+                raise HealthError(f"{path}: cannot read ({error.strerror})") from None
 
-def _read_varint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if at >= len(data):
-            raise HealthError("truncated health response")
-        byte = data[at]
-        value |= (byte & 0x7F) << shift
-        at, shift = at + 1, shift + 7
-        if not byte & 0x80:
-            return value, at
-
-
-def decode_status(data: bytes) -> int:
-    """``HealthCheckResponse.status`` (field 1, an enum); 0 (UNKNOWN) when absent."""
-    status, at = 0, 0
-    while at < len(data):
-        key, at = _read_varint(data, at)
-        field, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, at = _read_varint(data, at)
-            if field == 1:
-                status = value
-        elif wire_type == 2:
-            length, at = _read_varint(data, at)
-            at += length
-        else:
-            raise HealthError(f"unexpected wire type {wire_type} in health response")
-    return status
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
 @dataclass(frozen=True)
@@ -77,24 +53,35 @@ class Health:
 
     @property
     def name(self) -> str:
-        return STATUS_NAMES.get(self.status, str(self.status))
+        try:
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(self.status)
+        except ValueError:  # a status newer than our copy of health.proto
+            return str(self.status)
 
     @property
     def serving(self) -> bool:
         return self.status == SERVING
 
 
-def check(address: str, service: str = "", timeout: float = 5.0) -> Health:
+def check(address: str, service: str = "", timeout: float = 5.0, tls: Tls | None = None) -> Health:
     """Ask ``address`` (``host:port``) for its health; raise HealthError if it cannot answer."""
     import grpc
 
-    with grpc.insecure_channel(address) as channel:
-        # No serializers: grpcio sends and returns the bytes as they are.
-        call = channel.unary_unary(METHOD)
+    if tls is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+        channel = grpc.secure_channel(address, tls.credentials(), options=options)
+    with channel:
+        call = channel.unary_unary(
+            METHOD,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
         try:
-            answer = call(encode_request(service), timeout=timeout)
+            answer = call(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as error:
             code = error.code().name if hasattr(error, "code") else "ERROR"
             details = error.details() if hasattr(error, "details") else str(error)
             raise HealthError(f"{address}: {code} ({details})") from None
-    return Health(decode_status(answer))
+    return Health(answer.status)
