@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import purerpc
+import pytest
 import trio
 import trio.testing
 from federation import FakeSelector, serve_and_watch
@@ -175,3 +176,27 @@ async def test_selector_falls_back_to_one_call_per_client_with_an_old_coordinato
     assert old.calls == [(selector_id, 1), (selector_id, 2)]
     fallbacks = [r for r in caplog.records if "no batched check-in" in r.getMessage()]
     assert len(fallbacks) == 1  # learnt once, not retried per client
+
+
+async def test_a_coordinator_that_never_answers_costs_a_client_one_call_timeout(
+    layout: Layout, autojump_clock: trio.testing.MockClock, caplog
+) -> None:
+    """A peer that accepts the connection and says nothing (purerpc would wait forever)."""
+    async with trio.open_nursery() as nursery:
+        (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        silent: list[trio.SocketStream] = []
+
+        async def accept_and_keep_quiet() -> None:
+            silent.append(await listener.accept())
+
+        nursery.start_soon(accept_and_keep_quiet)
+        port = listener.socket.getsockname()[1]
+        options = SelectorOptions(
+            coordinator=f"127.0.0.1:{port}", layout=layout, waiting_time_ms=750, call_timeout=30
+        )
+        selector_id = await nursery.start(Selector(options).serve)
+        started = trio.current_time()
+        assert await refused_wait_ms(selector_id) == 750  # refused, told to come back
+        assert trio.current_time() - started == pytest.approx(30, abs=1)
+        assert any("could not ask the coordinator" in r.getMessage() for r in caplog.records)
+        nursery.cancel_scope.cancel()

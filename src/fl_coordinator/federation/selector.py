@@ -67,6 +67,8 @@ class SelectorOptions:
     hold_timeout: float = 300.0
     report_timeout: float = 300.0
     batch_checkin: bool = True  # False: one ClientCountUpdate per client, as the Go selector
+    call_timeout: float = 60.0  # seconds for one call to the coordinator
+
     token: str = field(default="", repr=False)  # sent as `authorization: Bearer` to the coordinator
     coordinator_tls: ssl.SSLContext | None = None  # dial the coordinator over TLS
     server_tls: ssl.SSLContext | None = None  # serve (GoalCountReached, clients) over TLS
@@ -180,9 +182,12 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         )
         token = self.options.token
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        async with channel:
-            call = getattr(stub(channel), method)
-            return await call(request, metadata=metadata)
+        # purerpc waits forever on a connection the server dropped (a TLS or
+        # size refusal): a time limit turns that into an error the caller handles.
+        with trio.fail_after(self.options.call_timeout):
+            async with channel:
+                call = getattr(stub(channel), method)
+                return await call(request, metadata=metadata)
 
     async def _ask_coordinator(self) -> bool:
         assert self._batcher is not None
