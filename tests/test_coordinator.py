@@ -146,9 +146,15 @@ async def test_unreachable_selector_does_not_stop_the_others(
     assert any(f"could not tell {dead} to configure" in r.getMessage() for r in caplog.records)
 
 
+HOSTILE_IDS = [
+    *("", "..", "../../etc:80", "/abs:1", "a/b:1", "x\0y:1", "no-port", "h:99999"),
+    *("a" * 300 + ":1", "bell\x07:1", "del\x7f:1", "new\nline:1"),
+]
+
+
 @pytest.mark.parametrize(
     "selector_id",
-    ["", "../../etc:80", "/abs:1", "a/b:1", "x\0y:1", "no-port", "h:99999", "a" * 300 + ":1", ".."],
+    HOSTILE_IDS,
 )
 async def test_hostile_selector_ids_are_refused(
     settings: Settings, nursery: trio.Nursery, selector_id: str, caplog

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,11 @@ COORDINATOR_DIR = ".coordinator"
 
 class InvalidSelectorId(ValueError):
     """A selector id that is not a safe folder name or not a ``host:port``."""
+
+
+#: C0 controls and DEL. A regex, not a loop over characters: this runs on every
+#: check-in (it was a tenth of the coordinator's own cost per check-in).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_selector_id(selector_id: str) -> str:
@@ -46,7 +52,7 @@ def check_selector_id(selector_id: str) -> str:
         raise InvalidSelectorId(f"selector id {selector_id!r} contains a path separator")
     if selector_id in (".", ".."):
         raise InvalidSelectorId(f"selector id {selector_id!r} is not a folder name")
-    if any(ord(char) < 32 or ord(char) == 127 for char in selector_id):
+    if _CONTROL.search(selector_id):
         raise InvalidSelectorId(f"selector id {selector_id!r} contains a control character")
     return selector_id
 
