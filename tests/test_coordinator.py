@@ -23,8 +23,10 @@ from federation import (
 
 from fl_coordinator.aggregation import aggregate
 from fl_coordinator.config import Settings
+from fl_coordinator.coordinator import Coordinator
 from fl_coordinator.layout import Layout
 from fl_coordinator.server import serve
+from fl_coordinator.status import StatusHub
 
 
 def digest(layout: Layout) -> str:
@@ -221,3 +223,31 @@ async def test_stalled_subscriber_does_not_delay_the_round(
         stalled.close()
     seqs = [m["seq"] for m in watcher.messages]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # the healthy one lost nothing
+
+
+async def test_a_burst_of_check_ins_is_one_step_and_keeps_every_stage(
+    settings: Settings, layout: Layout
+) -> None:
+    """Five check-ins queued at once, goal 3: handled in one step, whose snapshots of the
+    same stage collapse into the last one; the stage change itself is never lost."""
+    hub = StatusHub("p", "c")
+    coordinator = Coordinator(settings.replace(checkin_limit=3), layout, hub)
+    answers: list[int] = []
+
+    async def check_in() -> None:
+        answers.append(await coordinator.check_in("127.0.0.1:1"))  # nobody listens there
+
+    async with trio.open_nursery() as nursery:
+        with hub.subscribe() as stream:
+            await nursery.start(coordinator.run)
+            async with trio.open_nursery() as clients:  # all five answered
+                for _ in range(5):
+                    clients.start_soon(check_in)
+            seen = [await stream.get() for _ in range(3)]
+
+            nursery.cancel_scope.cancel()
+    assert [(m["stage"], m["accepted"]) for m in seen] == [
+        ("SELECTION", 0), ("SELECTION", 2), ("CONFIGURATION", 3),
+    ]  # fmt: skip
+    assert [m["seq"] for m in seen] == [1, 2, 3]
+    assert sorted(answers) == [0, 0, 1, 1, 1]

@@ -60,6 +60,11 @@ T = TypeVar("T")
 EVENT_BUFFER = 1024
 
 
+def _phase(status: Status) -> tuple[int, Stage, bool]:
+    """What a status snapshot is a snapshot of: round, stage, aggregating or not."""
+    return status.round, status.stage, status.aggregating
+
+
 class Answer:
     """The one-shot reply slot of a check-in: set once by the round task, read by the caller.
 
@@ -107,6 +112,7 @@ class Coordinator:
         )
         self._journal_in, self._journal = trio.open_memory_channel[Entry](EVENT_BUFFER)
         self._journaled: tuple[int, Stage, bool] | None = None
+        self._held: Status | None = None  # the last snapshot of this step, not yet published
         self._windows: dict[Stage, trio.CancelScope] = {}
         self._events_in, self._events = trio.open_memory_channel[Event](EVENT_BUFFER)
 
@@ -135,6 +141,7 @@ class Coordinator:
                 with log_context(round=self._round.number):
                     for effect in self._round.start():
                         self._execute(effect, nursery)
+                self._publish_held()
                 self.alive = True
                 task_status.started()
                 async for event in self._events:
@@ -148,6 +155,7 @@ class Coordinator:
                         except trio.WouldBlock:
                             break
                         self._handle(event, nursery)
+                    self._publish_held()
         finally:
             self.alive = False
 
@@ -172,8 +180,13 @@ class Coordinator:
                 reply_to.ready.set()
 
             case Status():
-                self._hub.publish(effect)
-                self._journal_stage_change(effect)
+                # Within one step, a snapshot followed by another of the same round,
+                # stage and aggregation state is replaced by it: each is the whole
+                # state, so subscribers lose only intermediate counts, and a burst
+                # of check-ins costs one message, not one each.
+                if self._held is not None and _phase(self._held) != _phase(effect):
+                    self._publish(self._held)
+                self._held = effect
             case Log(level=level, message=message):
                 log.log(logging.getLevelName(level), message)
             case Broadcast(round=number, selectors=selectors):
@@ -189,9 +202,19 @@ class Coordinator:
                 self._windows[stage] = trio.CancelScope()
                 nursery.start_soon(self._window, self._windows[stage], number, stage, seconds)
 
+    def _publish_held(self) -> None:
+        """Publish the snapshot held back at the end of a step (see ``_execute``)."""
+        if self._held is not None:
+            self._publish(self._held)
+            self._held = None
+
+    def _publish(self, status: Status) -> None:
+        self._hub.publish(status)
+        self._journal_stage_change(status)
+
     def _journal_stage_change(self, status: Status) -> None:
         """Queue a journal entry when the stage (or aggregating) changed; never waits."""
-        key = (status.round, status.stage, status.aggregating)
+        key = _phase(status)
         if key != self._journaled:
             self._journaled = key
             entry = Entry(
