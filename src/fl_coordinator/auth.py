@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +62,13 @@ def load_token(settings: Settings) -> str:
     return token
 
 
-def metadata_value(request: RequestReceived, name: str) -> str | None:
-    """The first value of metadata ``name`` of a call, as text (None if absent)."""
-    for key, value in request.custom_metadata:
+def header_value(headers: Iterable[tuple[bytes | str, bytes | str]], name: str) -> str | None:
+    """The first value of header ``name`` (lower case) as text, None if absent.
+
+    For gRPC metadata and websocket handshake headers alike: both are pairs,
+    of bytes or text depending on the library.
+    """
+    for key, value in headers:
         key_text = key.decode("ascii", "replace") if isinstance(key, bytes) else key
         if key_text.lower() == name:
             return value.decode("latin-1") if isinstance(value, bytes) else value
@@ -94,7 +98,7 @@ class TokenGuard:
         """Raise UNAUTHENTICATED unless the call carries the token."""
         if request.service_name in self.open_services:
             return
-        problem = bearer_problem(metadata_value(request, AUTHORIZATION), self.token)
+        problem = bearer_problem(header_value(request.custom_metadata, AUTHORIZATION), self.token)
         if problem is None:
             return
         log.warning(

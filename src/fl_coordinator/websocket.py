@@ -30,7 +30,7 @@ from trio_websocket import (
     WebSocketServer,
 )
 
-from .auth import bearer_problem
+from .auth import AUTHORIZATION, bearer_problem, header_value
 from .net import bind_error
 from .status import StatusHub, Subscription
 
@@ -51,13 +51,6 @@ class StatusLimits:
     token: str = field(default="", repr=False)  # empty: anyone may subscribe
     max_subscribers: int = 0  # 0: no limit
     max_message_bytes: int = 4096  # what one subscriber may send in one message
-
-
-def _header(request: WebSocketRequest, name: bytes) -> str | None:
-    for key, value in request.headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
 
 
 async def _drain(ws: WebSocketConnection, peer: str) -> None:
@@ -128,7 +121,8 @@ class StatusServer:
         if request.path != PATH:
             return 404, f"the status stream is at {PATH}"
         if self._limits.token:
-            problem = bearer_problem(_header(request, b"authorization"), self._limits.token)
+            authorization = header_value(request.headers, AUTHORIZATION)
+            problem = bearer_problem(authorization, self._limits.token)
             if problem is not None:
                 return 401, f"unauthorized: {problem}"
         cap = self._limits.max_subscribers
