@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import ssl
 
-import purerpc
 import trio
 
 from ._proto import fl_intra_grpc, fl_intra_pb2
-from .net import split_address
+from .net import dial
 
 
 async def goal_count_reached(selector_id: str, ssl_context: ssl.SSLContext | None = None) -> None:
     """Tell one selector to configure its clients (the caller sets the time limit).
 
-    With ``ssl_context`` the call goes over TLS and the selector's certificate
-    must name its id's host (an IP address or a DNS name).
+    With ``ssl_context`` the call goes over TLS (see :func:`.net.dial`).
     """
-    host, port = split_address(selector_id)
-    if ssl_context is None:
-        channel = purerpc.insecure_channel(host, port)
-    else:
-        channel = purerpc.secure_channel(host, port, ssl_context)
-    async with channel:
+    async with dial(selector_id, ssl_context) as channel:
         stub = fl_intra_grpc.FLGoalCountBroadcastStub(channel)
         await stub.GoalCountReached(fl_intra_pb2.Empty())
 

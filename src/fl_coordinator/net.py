@@ -1,8 +1,11 @@
-"""Addresses: parsing selector ids as ``host:port`` and explaining bind failures."""
+"""Addresses: parsing selector ids as ``host:port``, dialing them, explaining bind failures."""
 
 from __future__ import annotations
 
 import errno
+import ssl
+
+import purerpc
 
 from .config import ConfigError
 
@@ -19,6 +22,18 @@ def split_address(address: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port_text)
+
+
+def dial(address: str, ssl_context: ssl.SSLContext | None = None) -> purerpc.Channel:
+    """A purerpc channel to ``host:port`` (not yet connected): over TLS with ``ssl_context``.
+
+    With TLS the peer's certificate must name the address's host (an IP
+    address or a DNS name).
+    """
+    host, port = split_address(address)
+    if ssl_context is None:
+        return purerpc.insecure_channel(host, port)
+    return purerpc.secure_channel(host, port, ssl_context)
 
 
 def bind_error(key: str, host: str, port: int, error: OSError) -> ConfigError:

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import purerpc
 import trio
 from google.protobuf.message import Message
 from purerpc.grpclib.exceptions import RpcFailedError
@@ -46,7 +45,7 @@ from .._proto import (
 from ..aggregation import AggregationError, sum_into
 from ..grpc_server import serve_grpc
 from ..layout import Layout, check_selector_id, write_atomic
-from ..net import split_address
+from ..net import dial
 from ..shutdown import first_of
 from .checkin_batch import CheckInBatcher
 from .transfer import file_chunks, integer, receive_upload
@@ -173,20 +172,14 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         self, method: str, request: Message, stub: type = fl_intra_grpc.FlIntraStub
     ) -> Message:
         """One call on a fresh connection (as the Go selector dials per call)."""
-        host, port = split_address(self.options.coordinator)
-        tls = self.options.coordinator_tls
-        channel = (
-            purerpc.insecure_channel(host, port)
-            if tls is None
-            else purerpc.secure_channel(host, port, tls)
-        )
         token = self.options.token
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
         # purerpc waits forever on a connection the server dropped (a TLS or
         # size refusal): a time limit turns that into an error the caller handles.
         with trio.fail_after(self.options.call_timeout):
-            async with channel:
+            async with dial(self.options.coordinator, self.options.coordinator_tls) as channel:
                 call = getattr(stub(channel), method)
+
                 return await call(request, metadata=metadata)
 
     async def _ask_coordinator(self) -> bool:
