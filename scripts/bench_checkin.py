@@ -28,12 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_report import percentile
+
 HERE = Path(__file__).resolve().parent
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 # -- servers (each run in its own process: `bench_checkin.py serve MODE ROOT`) --------

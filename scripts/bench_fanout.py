@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 import trio_websocket
+from bench_report import percentile
 
 from fl_coordinator.rounds import Stage, Status
 from fl_coordinator.status import StatusHub
@@ -31,11 +32,6 @@ HANDSHAKE = (
     b"GET /status HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 async def _subscribers(url: str, count: int, changes: int) -> None:

@@ -1,4 +1,5 @@
-"""The benchmark's figures as Markdown tables (``bench.md``), pasted as is into the README.
+"""The benchmark's figures as Markdown tables (``bench.md``), pasted as is into the README,
+and the percentile every part reports.
 
 Every figure is printed next to the reference it is compared with, measured
 in the same run.
@@ -9,6 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 GO_CALLS_PER_S = {1: 2100, 16: 4300}  # the older Go coordinator on this machine (issue 5)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The ``fraction`` percentile of ``values`` (nearest rank), as the tables report it."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
