@@ -77,13 +77,14 @@ async def test_the_coordinator_is_serving_until_its_checkpoint_is_unreadable(
     endpoints = await nursery.start(serve, settings)
     address = f"127.0.0.1:{endpoints.grpc_port}"
     assert await ask("--address", address) == 0
+    assert await ask("--address", address, "--service", "flcoordinator.v1.FlIntraBatch") == 0
     good = layout.checkpoint.read_bytes()
     layout.checkpoint.write_bytes(b"not hdf5")
     assert await ask("--address", address) == 1
     layout.checkpoint.write_bytes(good)
     assert await ask("--address", address) == 0
     out = capsys.readouterr().out
-    assert out == f"{address}: SERVING\n{address}: NOT_SERVING\n{address}: SERVING\n"
+    assert out == f"{address}: SERVING\n" * 2 + f"{address}: NOT_SERVING\n{address}: SERVING\n"
 
 
 async def test_over_tls_with_the_coordinators_ca(

@@ -23,8 +23,9 @@ from ._proto import health_grpc, health_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "grpc.health.v1.Health"
-#: Service names a probe may ask about: "" (the whole server) and the selectors' service.
-KNOWN_SERVICES = frozenset({"", "FlIntra"})
+#: Service names a probe may ask about: "" (the whole server) and the selectors' services.
+KNOWN_SERVICES = frozenset({"", "FlIntra", "flcoordinator.v1.FlIntraBatch"})
+
 #: A checkpoint that takes longer than this to open (a hung network mount) is unreadable.
 READ_TIMEOUT = 5.0
 
