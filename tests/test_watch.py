@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 from federation import FakeSelector, completed, serve_and_watch, write_aggregate
+from pki import Pki, tls_settings
 from rich.console import Console
 from rich.live import Live
 from test_cli import COMMAND, environment, run
@@ -19,6 +20,7 @@ from trio_websocket import WebSocketRequest, serve_websocket
 
 from fl_coordinator.config import Settings
 from fl_coordinator.layout import Layout
+from fl_coordinator.server import serve
 from fl_coordinator.status import StatusMessage
 from fl_coordinator.watch import LiveView, PlainView, WatchError, follow, summary
 
@@ -173,3 +175,30 @@ def test_live_view_draws_the_round() -> None:
     assert "P  round 2" in text and "REPORTING" in text
     assert "b:2: [bold]x[/]" in text  # shown as sent, not taken for markup
     assert "round 2  REPORTING" in text
+
+
+class Recorder:
+    """A view that keeps what it is shown and says when something arrived."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.arrived = trio.Event()
+
+    def show(self, message: dict) -> None:
+        self.messages.append(message)
+        self.arrived.set()
+
+
+async def test_watch_follows_a_tls_coordinator_with_its_ca(
+    settings: Settings, pki: Pki, nursery: trio.Nursery
+) -> None:
+    endpoints = await nursery.start(serve, tls_settings(settings, pki))
+    assert endpoints.status_url.startswith("wss://")
+    recorder = Recorder()
+    async with trio.open_nursery() as watching:
+        watching.start_soon(follow, endpoints.status_url, recorder, None, pki.ca)
+        await recorder.arrived.wait()
+        watching.cancel_scope.cancel()
+    assert (recorder.messages[0]["round"], recorder.messages[0]["stage"]) == (1, "SELECTION")
+    with pytest.raises(WatchError, match="not a readable PEM CA bundle"):
+        await follow(endpoints.status_url, Recorder(), ca=pki.ca.parent / "missing.pem")

@@ -134,7 +134,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     url = args.url or f"ws://127.0.0.1:{settings.status_port}{PATH}"
     token = args.token if args.token is not None else os.environ.get("STATUS_TOKEN") or None
     plain = True if args.plain else None
-    error = run_main(functools.partial(watch, url, token, plain=plain), WatchError)
+    error = run_main(functools.partial(watch, url, token, plain=plain, ca=args.ca), WatchError)
     if error is not None:
         print(f"fl-coordinator watch: {error}", file=sys.stderr)
         return 1
@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--token", help="bearer token for the status stream (default: $STATUS_TOKEN)"
     )
     watch.add_argument("--plain", action="store_true", help="lines, even on a terminal")
+    watch.add_argument("--ca", type=Path, help="CA (PEM) of a wss:// coordinator's certificate")
+
     watch.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
     watch.set_defaults(run=cmd_watch)
 

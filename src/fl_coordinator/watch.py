@@ -11,7 +11,9 @@ from __future__ import annotations
 import collections
 import json
 import os
+import ssl
 import sys
+from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from trio_websocket import (
@@ -156,11 +158,28 @@ def _headers(token: str | None) -> list[tuple[bytes, bytes]] | None:
     return [(b"authorization", f"Bearer {token}".encode())] if token else None
 
 
-async def follow(url: str, view: View, token: str | None = None) -> None:
-    """Show every status message from ``url`` until the stream ends; raise WatchError."""
+def _tls(ca: Path | None) -> ssl.SSLContext | None:
+    """Trust ``ca`` (a coordinator with a certificate from a private CA) for ``wss://``."""
+    if ca is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as error:
+        raise WatchError(f"{ca}: not a readable PEM CA bundle ({error})") from None
+
+
+async def follow(url: str, view: View, token: str | None = None, ca: Path | None = None) -> None:
+    """Show every status message from ``url`` until the stream ends; raise WatchError.
+
+    ``ca``: the CA of a ``wss://`` coordinator whose certificate the system
+    does not trust (without it, the system's trust store).
+    """
     try:
         async with open_websocket_url(
-            url, extra_headers=_headers(token), connect_timeout=CONNECT_TIMEOUT
+            url,
+            ssl_context=_tls(ca),
+            extra_headers=_headers(token),
+            connect_timeout=CONNECT_TIMEOUT,
         ) as ws:
             await _show_each(ws, view)
     except (HandshakeError, OSError, ValueError) as error:
@@ -183,14 +202,16 @@ def _reason(error: BaseException) -> str:
     return str(root) or type(root).__name__
 
 
-async def watch(url: str, token: str | None = None, *, plain: bool | None = None) -> None:
+async def watch(
+    url: str, token: str | None = None, *, plain: bool | None = None, ca: Path | None = None
+) -> None:
     """``follow`` with the view that suits stdout: live panel on a terminal, else lines."""
     if plain is None:
         plain = not sys.stdout.isatty()
     if plain:
-        await follow(url, PlainView(sys.stdout), token)
+        await follow(url, PlainView(sys.stdout), token, ca)
         return
     from rich.live import Live
 
     with Live(auto_refresh=False, transient=False) as live:
-        await follow(url, LiveView(live), token)
+        await follow(url, LiveView(live), token, ca)
