@@ -506,13 +506,17 @@ async def test_plaintext_on_a_network_address_is_warned_about(
         shutil.copytree(settings.root, root)
         return settings.replace(fl_root_path=str(root))
 
+    # Copied before any coordinator runs: a live folder has journal files coming and going.
+    exposed = own_root("any", settings.replace(host="0.0.0.0"))
+    exposed_tls = own_root("tls", tls_settings(settings, pki, host="0.0.0.0"))
     await nursery.start(serve, settings)  # 127.0.0.1: local use, no warning
     assert "without TLS" not in caplog.text
-    await nursery.start(serve, own_root("any", settings.replace(host="0.0.0.0")))
+    await nursery.start(serve, exposed)
     assert "the gRPC server listens on 0.0.0.0 without TLS" in caplog.text
     assert "the status stream listens on 0.0.0.0 without TLS" in caplog.text
     caplog.clear()
-    await nursery.start(serve, own_root("tls", tls_settings(settings, pki, host="0.0.0.0")))
+    await nursery.start(serve, exposed_tls)
+
     assert "without TLS" not in caplog.text
 
 
