@@ -7,7 +7,7 @@ Aggregation: for K selector aggregates of a Keras model of about S bytes it
 times, each in a fresh process (so peak memory is that process's own):
 
 
-* ``ours``: ``fl_coordinator.aggregation.aggregate`` end to end (reads K+1
+* ``ours``: ``fl_coordinator.storage.aggregation.aggregate`` end to end (reads K+1
   files, writes the new checkpoint, atomically);
 * ``bound``: the reference bound: h5py ``read_direct`` of the same K+1 files
   into preallocated numpy arrays, summed into preallocated float64
@@ -45,7 +45,7 @@ WIDTH = 2048  # Dense(2048) kernels: 16 MiB of float32 each
 
 
 def build_model(size_mb: float) -> Any:
-    from fl_coordinator.model import import_keras
+    from fl_coordinator.storage.model import import_keras
 
     keras = import_keras()
     layers = max(1, round(size_mb * 2**20 / (WIDTH * WIDTH * 4)))
@@ -94,7 +94,7 @@ def current_rss_bytes() -> int:
 
 
 def work_ours(folder: Path, k: int) -> None:
-    from fl_coordinator.aggregation import Contribution, aggregate
+    from fl_coordinator.storage.aggregation import Contribution, aggregate
 
     parts = [
         Contribution(f"s{i}", folder / f"agg{i}", folder / f"weight{i}") for i in range(1, k + 1)
@@ -106,7 +106,7 @@ def work_bound(folder: Path, k: int) -> None:
     import h5py
     import numpy as np
 
-    from fl_coordinator.aggregation import float_datasets
+    from fl_coordinator.storage.aggregation import float_datasets
 
     with h5py.File(folder / "fl_checkpoint", "r") as file:
         names = float_datasets(file)
@@ -149,7 +149,7 @@ def worker_main(mode: str, folder: Path, k: int) -> None:
         import h5py  # noqa: F401
         import numpy  # noqa: F401
 
-        import fl_coordinator.aggregation  # noqa: F401
+        import fl_coordinator.storage.aggregation  # noqa: F401
     reset_peak_rss()
     before = current_rss_bytes()
 
@@ -223,7 +223,7 @@ def bench_aggregation(cases: list[tuple[float, int]], repeat: int, naive: bool) 
 
 
 def _floats(file: Any) -> list[str]:
-    from fl_coordinator.aggregation import float_datasets
+    from fl_coordinator.storage.aggregation import float_datasets
 
     return float_datasets(file)
 

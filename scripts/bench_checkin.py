@@ -57,8 +57,8 @@ async def _serve_ours(root: Path) -> None:
     import trio
     from bench_round import tiny_problem
 
+    from fl_coordinator.app import serve
     from fl_coordinator.config import default_settings
-    from fl_coordinator.server import serve
 
     settings = default_settings().replace(
         fl_root_path=str(root), host="127.0.0.1", port=0, status_port=0, checkin_limit=10**9

@@ -24,9 +24,9 @@ import trio
 import trio_websocket
 from bench_report import percentile
 
-from fl_coordinator.rounds import Stage, Status
-from fl_coordinator.status import StatusHub
-from fl_coordinator.websocket import StatusServer
+from fl_coordinator.core.rounds import Stage, Status
+from fl_coordinator.status.hub import StatusHub
+from fl_coordinator.status.websocket import StatusServer
 
 HANDSHAKE = (
     b"GET /status HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -29,12 +29,12 @@ import purerpc
 import trio
 import trio_websocket
 
-from fl_coordinator import broadcast
 from fl_coordinator._proto import fl_intra_grpc, fl_intra_pb2
+from fl_coordinator.app import serve
 from fl_coordinator.config import Settings, default_settings
-from fl_coordinator.grpc_server import serve_grpc
-from fl_coordinator.layout import Layout
-from fl_coordinator.server import serve
+from fl_coordinator.rpc import goal_count as broadcast
+from fl_coordinator.rpc.listener import serve_grpc
+from fl_coordinator.storage.layout import Layout
 
 SELECTORS = 10
 DATASET = "layers/dense/vars/0"

@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from pki import pki  # noqa: F401 (the session's certificates, a fixture for every module)
+from helpers.pki import pki  # noqa: F401 (the session's certificates, a fixture for every module)
 
 from fl_coordinator.config import Settings, default_settings
-from fl_coordinator.layout import Layout
-from fl_coordinator.model import builtin_model
-from fl_coordinator.problem import init_problem
+from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.model import builtin_model
+from fl_coordinator.storage.problem import init_problem
 
 #: Keras weights files of the built-in model with these seeds stand in for
 #: selector aggregates: real files written by real Keras, all different.

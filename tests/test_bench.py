@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+BENCH = REPO / "scripts" / "bench.py"
 
 
 def test_bench_quick_writes_its_table(tmp_path: Path) -> None:

@@ -6,10 +6,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from fl_coordinator.config import KEYS, ConfigError, Settings, load_settings, read_config_file
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 
 
 def test_defaults_are_the_go_coordinators() -> None:

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import trio
-from federation import (
+from helpers.peers import (
     FakeSelector,
     PurerpcClient,
     assert_arrays_close,
@@ -21,12 +21,12 @@ from federation import (
     write_aggregate,
 )
 
-from fl_coordinator.aggregation import aggregate
+from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
 from fl_coordinator.coordinator import Coordinator
-from fl_coordinator.layout import Layout
-from fl_coordinator.server import serve
-from fl_coordinator.status import StatusHub
+from fl_coordinator.status.hub import StatusHub
+from fl_coordinator.storage.aggregation import aggregate
+from fl_coordinator.storage.layout import Layout
 
 
 def digest(layout: Layout) -> str:

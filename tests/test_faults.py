@@ -18,7 +18,7 @@ import numpy as np
 import purerpc
 import pytest
 import trio
-from federation import (
+from helpers.peers import (
     FakeSelector,
     GrpcioClient,
     PurerpcClient,
@@ -29,14 +29,14 @@ from federation import (
 )
 
 from fl_coordinator._proto import fl_intra_pb2, fl_round_grpc, fl_round_pb2
-from fl_coordinator.aggregation import Contribution, aggregate
+from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
 from fl_coordinator.coordinator import Coordinator
 from fl_coordinator.federation.processes import Child
-from fl_coordinator.journal import history, read_journal
-from fl_coordinator.layout import Layout
-from fl_coordinator.server import serve
-from fl_coordinator.status import StatusHub
+from fl_coordinator.status.hub import StatusHub
+from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.journal import history, read_journal
+from fl_coordinator.storage.layout import Layout
 
 
 def digest(path: Path) -> str:

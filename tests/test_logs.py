@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import trio
-from federation import FakeSelector, completed, serve_and_watch, write_aggregate
-from test_cli import Served, environment
+from helpers.peers import FakeSelector, completed, serve_and_watch, write_aggregate
+from helpers.processes import Served, environment
 
 from fl_coordinator.config import ConfigError, Settings, load_settings
-from fl_coordinator.layout import Layout
 from fl_coordinator.logs import JsonFormatter, log_context
+from fl_coordinator.storage.layout import Layout
 
 
 def record(message: str, exc_info: Any = None) -> logging.LogRecord:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from federation import (
+from helpers.peers import (
     FakeSelector,
     GrpcioClient,
     IntraClient,
@@ -21,9 +21,9 @@ from federation import (
     write_aggregate,
 )
 
+from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
-from fl_coordinator.layout import Layout
-from fl_coordinator.server import serve
+from fl_coordinator.storage.layout import Layout
 
 
 @pytest.fixture(params=["grpcio", "purerpc"])

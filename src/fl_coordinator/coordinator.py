@@ -15,20 +15,8 @@ from typing import TypeVar
 
 import trio
 
-from . import broadcast
-from .aggregation import (
-    AggregationError,
-    AggregationResult,
-    Aggregator,
-    Contribution,
-    aggregate,
-    check_contribution,
-)
 from .config import Settings
-from .journal import Entry, remember, write_journal
-from .layout import Layout
-from .logs import log_context
-from .rounds import (
+from .core.rounds import (
     Aggregate,
     AggregationDone,
     Arm,
@@ -49,8 +37,20 @@ from .rounds import (
     Status,
     WindowClosed,
 )
-from .status import StatusHub, utc_now
-from .tls import selector_client_context
+from .logs import log_context
+from .rpc import goal_count as broadcast
+from .rpc.tls import selector_client_context
+from .status.hub import StatusHub, utc_now
+from .storage.aggregation import (
+    AggregationError,
+    AggregationResult,
+    Aggregator,
+    Contribution,
+    aggregate,
+    check_contribution,
+)
+from .storage.journal import Entry, remember, write_journal
+from .storage.layout import Layout
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import purerpc
 import trio
 
 from .._proto import fl_round_grpc, fl_round_pb2
-from ..net import split_address
+from ..rpc.addresses import split_address
 from .training import Hyper, Trainer
 from .transfer import file_chunks, integer, safe_name
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import trio
 
+from ..cli.running import first_of, run_until_signal
 from ..logs import setup_logging
-from ..net import BadAddress, split_address
-from ..shutdown import first_of, run_until_signal
+from ..rpc.addresses import BadAddress, split_address
 from .client import Client, ClientOptions, GaveUp
 from .training import Hyper
 

@@ -22,10 +22,10 @@ from typing import Any, TextIO
 import trio
 import trio_websocket
 
+from ..cli.running import first_of
 from ..config import default_settings
-from ..layout import Layout
-from ..problem import init_problem
-from ..shutdown import first_of
+from ..storage.layout import Layout
+from ..storage.problem import init_problem
 from .data import Split, split_digits, write_shards
 from .local import LocalFederation
 from .processes import ChildFailed
@@ -74,7 +74,7 @@ class Evaluator:
     """The demo's own copy of the model, to measure each new global checkpoint."""
 
     def __init__(self, model_file: Path, split: Split) -> None:
-        from ..model import import_keras
+        from ..storage.model import import_keras
 
         self.model = import_keras().models.load_model(model_file, compile=False)
         self.split = split
@@ -86,7 +86,7 @@ class Evaluator:
 
 def centralized_baseline(split: Split, options: DemoOptions) -> list[float]:
     """Same model and initial weights, pooled data, same total epochs; accuracy per round."""
-    from ..model import builtin_model
+    from ..storage.model import builtin_model
 
     model = builtin_model()
     compile_for_training(model, options.hyper)

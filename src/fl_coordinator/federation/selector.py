@@ -42,11 +42,11 @@ from .._proto import (
     fl_round_grpc,
     fl_round_pb2,
 )
-from ..aggregation import AggregationError, sum_into
-from ..grpc_server import serve_grpc
-from ..layout import Layout, check_selector_id, write_atomic
-from ..net import dial
-from ..shutdown import first_of
+from ..cli.running import first_of
+from ..rpc.addresses import dial
+from ..rpc.listener import serve_grpc
+from ..storage.aggregation import AggregationError, sum_into
+from ..storage.layout import Layout, check_selector_id, write_atomic
 from .checkin_batch import CheckInBatcher
 from .transfer import file_chunks, integer, receive_upload
 

@@ -8,13 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..auth import load_token
+from ..cli.running import run_main
 from ..config import ConfigError, Settings, load_settings
-from ..layout import Layout
 from ..logs import setup_logging
-from ..net import BadAddress, split_address
-from ..shutdown import run_main
-from ..tls import client_context, server_context
+from ..rpc.addresses import BadAddress, split_address
+from ..rpc.auth import load_token
+from ..rpc.tls import client_context, server_context
+from ..storage.layout import Layout
 from .selector import Selector, SelectorOptions
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..aggregation import sum_into
-from ..model import import_keras
+from ..storage.aggregation import sum_into
+from ..storage.model import import_keras
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,217 @@
+"""``fl-coordinator watch``: follow a coordinator's rounds from a terminal.
+
+It is one more subscriber of the websocket status stream, exactly as the
+webserver is, so what it shows is what the webserver is told. On a terminal
+it draws a live panel (rich); otherwise (a pipe, a log file, CI) it writes one
+plain line per change, which ``grep`` and ``tail -f`` can follow.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import ssl
+import sys
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from ..status.hub import StatusMessage
+
+#: Seconds to wait for the coordinator to complete the websocket handshake.
+CONNECT_TIMEOUT = 10.0
+#: Status lines kept under the live panel.
+HISTORY = 8
+
+
+class WatchError(Exception):
+    """Why watching stopped; ``str()`` is one line for the operator."""
+
+
+def summary(message: StatusMessage) -> str:
+    """The state of the round in one line, without the time (so repeats can be spotted)."""
+    selectors = message.get("selectors", [])
+    parts = [
+        f"round {message['round']}",
+        f"{message['stage']:<13}",
+        f"clients {message.get('accepted', 0)}/{message.get('goal', '?')}",
+        f"selectors {len(selectors)}",
+        f"configured {len(message.get('configured', []))}",
+        f"reported {len(message.get('reported', []))}",
+    ]
+    for key in ("unreachable", "rejected"):
+        if message.get(key):
+            parts.append(f"{key} {len(message[key])}")
+    if message.get("held"):
+        parts.append(f"held {message['held']}")
+    if message.get("aggregating"):
+        parts.append("aggregating")
+    if message.get("aggregation_seconds") is not None:
+        parts.append(f"aggregated in {message['aggregation_seconds']:.3f} s")
+    if message.get("error"):
+        parts.append(f"error: {message['error']}")
+    return "  ".join(parts)
+
+
+class View(Protocol):
+    def show(self, message: StatusMessage) -> None: ...
+
+
+class _Changes:
+    """Turns messages into timed lines, keeping only those whose summary changed."""
+
+    def __init__(self) -> None:
+        self._last: str | None = None
+
+    def line(self, message: StatusMessage) -> str | None:
+        text = summary(message)
+        if text == self._last:
+            return None
+        self._last = text
+        return f"{message.get('time', '')}  {text}"
+
+
+class PlainView:
+    """One line per change of the summary, prefixed by the message's time."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._changes = _Changes()
+
+    def show(self, message: StatusMessage) -> None:
+        line = self._changes.line(message)
+        if line is None:
+            return
+        try:
+            print(line, file=self._out, flush=True)
+        except BrokenPipeError:  # `watch | head`: the reader is gone
+            # Point the descriptor at /dev/null, or Python's own flush at exit
+            # fails again and prints "Exception ignored ... BrokenPipeError".
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._out.fileno())
+            raise WatchError("standard output was closed") from None
+
+
+class LiveView:
+    """A panel redrawn in place: the current round in detail, the last changes below."""
+
+    def __init__(self, live: Any) -> None:
+        self._live = live
+        self._changes = _Changes()
+        self._history: collections.deque[str] = collections.deque(maxlen=HISTORY)
+
+    def show(self, message: StatusMessage) -> None:
+        line = self._changes.line(message)
+        if line is not None:
+            self._history.append(line)
+        self._live.update(self._render(message), refresh=True)
+
+    def _render(self, message: StatusMessage) -> Any:
+        """The panel. Every value from the stream is a ``Text``, never markup: a
+        selector id or an error with ``[...]`` in it must show as it is."""
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold")
+        table.add_column()
+
+        def row(label: str, value: str, style: str = "") -> None:
+            table.add_row(label, Text(value, style=style))
+
+        aggregating = "  (aggregating)" if message.get("aggregating") else ""
+        row("stage", message["stage"] + aggregating)
+        row("clients", f"{message.get('accepted')} / {message.get('goal')} accepted")
+        for key in ("selectors", "configured", "reported", "unreachable"):
+            row(key, ", ".join(message.get(key, [])) or "-")
+        for selector, reason in message.get("rejected", {}).items():
+            row("rejected", f"{selector}: {reason}", "yellow")
+        if message.get("held"):
+            row("held", str(message["held"]))
+        if message.get("error"):
+            row("error", message["error"], "red")
+        title = Text(f"{message.get('problem_id', '?')}  round {message['round']}")
+        history = [Text(line, no_wrap=True, overflow="ellipsis") for line in self._history]
+        return Group(Panel(table, title=title, title_align="left"), *history)
+
+
+async def _show_each(ws: WebSocketConnection, view: View) -> None:
+    try:
+        while True:
+            view.show(json.loads(await ws.get_message()))
+    except ConnectionClosed:
+        return
+
+
+def _headers(token: str | None) -> list[tuple[bytes, bytes]] | None:
+    # Sent on the handshake; a coordinator without STATUS_TOKEN ignores it.
+    return [(b"authorization", f"Bearer {token}".encode())] if token else None
+
+
+def _tls(ca: Path | None) -> ssl.SSLContext | None:
+    """Trust ``ca`` (a coordinator with a certificate from a private CA) for ``wss://``."""
+    if ca is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as error:
+        raise WatchError(f"{ca}: not a readable PEM CA bundle ({error})") from None
+
+
+async def follow(url: str, view: View, token: str | None = None, ca: Path | None = None) -> None:
+    """Show every status message from ``url`` until the stream ends; raise WatchError.
+
+    ``ca``: the CA of a ``wss://`` coordinator whose certificate the system
+    does not trust (without it, the system's trust store).
+    """
+    try:
+        async with open_websocket_url(
+            url,
+            ssl_context=_tls(ca),
+            extra_headers=_headers(token),
+            connect_timeout=CONNECT_TIMEOUT,
+        ) as ws:
+            await _show_each(ws, view)
+    except (HandshakeError, OSError, ValueError) as error:
+        raise WatchError(f"cannot connect to {url}: {_reason(error)}") from None
+    raise WatchError(f"{url}: the coordinator closed the status stream")
+
+
+def _reason(error: BaseException) -> str:
+    """The most telling part of a failed connection: an HTTP status or an OS error."""
+    if isinstance(error, ConnectionRejected):
+        return f"HTTP {error.status_code}"
+    if isinstance(error, ConnectionTimeout):
+        return f"no handshake within {CONNECT_TIMEOUT:.0f} s"
+    cause: BaseException | None = error
+    while cause is not None:  # trio wraps each address's OSError in a group, in an OSError
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.exceptions[0] if isinstance(cause, BaseExceptionGroup) else cause.__cause__
+    root = error.__cause__ or error
+    return str(root) or type(root).__name__
+
+
+async def watch(
+    url: str, token: str | None = None, *, plain: bool | None = None, ca: Path | None = None
+) -> None:
+    """``follow`` with the view that suits stdout: live panel on a terminal, else lines."""
+    if plain is None:
+        plain = not sys.stdout.isatty()
+    if plain:
+        await follow(url, PlainView(sys.stdout), token, ca)
+        return
+    from rich.live import Live
+
+    with Live(auto_refresh=False, transient=False) as live:
+        await follow(url, LiveView(live), token, ca)

@@ -1,0 +1,160 @@
+"""Status messages and the hub that fans them out to subscribers.
+
+Each message is a complete snapshot of the round (not a delta), so a
+subscriber that misses some still knows the whole state from the next one.
+That is what makes the delivery policy safe: every subscriber has its own
+bounded queue, and when it is full the *oldest* message is dropped. Publishing
+never waits on a subscriber, so a slow or stuck webserver cannot delay the
+round or the other subscribers; it only loses intermediate snapshots, and
+always receives the latest one.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import itertools
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import trio
+
+from ..core.rounds import Stage, Status
+
+#: Messages a subscriber may fall behind before the oldest are dropped.
+QUEUE_LENGTH = 64
+
+StatusMessage = dict[str, Any]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def to_message(
+    status: Status, *, problem_id: str, seq: int, time: datetime, checkpoint: str
+) -> StatusMessage:
+    """The JSON object of one status message (schema in the README)."""
+    message: StatusMessage = {
+        "problem_id": problem_id,
+        "seq": seq,
+        "time": time.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "round": status.round,
+        "stage": status.stage.name,
+        "accepted": status.accepted,
+        "goal": status.goal,
+        "selectors": list(status.selectors),
+        "reported": list(status.reported),
+        "configured": list(status.configured),
+        "unreachable": list(status.unreachable),
+        "rejected": dict(status.rejected),
+        "ignored": [list(pair) for pair in status.ignored],
+        "aggregating": status.aggregating,
+        "held": status.held,
+    }
+    if status.stage is Stage.COMPLETED:
+        message["checkpoint"] = checkpoint
+        message["aggregation_seconds"] = status.aggregation_seconds
+    if status.error is not None:
+        message["error"] = status.error
+    return message
+
+
+class Published:
+    """A status message as published: the object, and its JSON text.
+
+    The text is made at most once per change, not once per subscriber (with a
+    thousand websocket subscribers, a thousand fewer ``json.dumps``), and only
+    if some subscriber sends it: a check-in with nobody watching pays nothing.
+    """
+
+    def __init__(self, message: StatusMessage) -> None:
+        self.message = message
+
+    @functools.cached_property
+    def text(self) -> str:
+        return json.dumps(self.message)
+
+
+class Subscription:
+    """One subscriber's bounded queue (oldest dropped when full)."""
+
+    def __init__(self, maxlen: int) -> None:
+        self._queue: collections.deque[Published] = collections.deque(maxlen=maxlen)
+        self._wake = trio.Event()
+        self.dropped = 0
+
+    def put(self, published: Published) -> None:
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+        self._queue.append(published)
+        self._wake.set()
+
+    async def next(self) -> Published:
+        """The oldest message not yet taken; waits for one if there is none."""
+        while not self._queue:
+            await self._wake.wait()
+            self._wake = trio.Event()
+        return self._queue.popleft()
+
+    async def get(self) -> StatusMessage:
+        return (await self.next()).message
+
+    def take_ready(self) -> list[Published]:
+        """Every message waiting, without waiting (for a reader that must be current now)."""
+        ready = list(self._queue)
+        self._queue.clear()
+        return ready
+
+
+class StatusHub:
+    """Numbers, timestamps and fans out status snapshots; never blocks the publisher."""
+
+    def __init__(
+        self,
+        problem_id: str,
+        checkpoint: str,
+        clock: Callable[[], datetime] = utc_now,
+        queue_length: int = QUEUE_LENGTH,
+    ) -> None:
+        self._problem_id = problem_id
+        self._checkpoint = checkpoint
+        self._clock = clock
+        self._queue_length = queue_length
+        self._seq = itertools.count(1)
+        self._subscribers: set[Subscription] = set()
+        self._latest: Published | None = None
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def publish(self, status: Status) -> StatusMessage:
+        message = to_message(
+            status,
+            problem_id=self._problem_id,
+            seq=next(self._seq),
+            time=self._clock(),
+            checkpoint=self._checkpoint,
+        )
+        self._latest = Published(message)
+
+        for subscription in self._subscribers:
+            subscription.put(self._latest)
+        return message
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[Subscription]:
+        """A subscription that starts with the current status, then every new message."""
+        subscription = Subscription(self._queue_length)
+        if self._latest is not None:
+            subscription.put(self._latest)
+
+        self._subscribers.add(subscription)
+        try:
+            yield subscription
+        finally:
+            self._subscribers.discard(subscription)

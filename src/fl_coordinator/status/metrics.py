@@ -1,0 +1,158 @@
+"""Prometheus metrics of one coordinator, derived from its status stream.
+
+Most metrics are *derived*: :meth:`Metrics.follow` reads the
+:class:`~.status.StatusHub` like any other subscriber, so the round logic
+knows nothing about Prometheus and the numbers an operator graphs are the
+ones the webserver is shown. What the stream does not carry comes from a few
+hooks that the server wires in: answers to check-ins (refusals at the RPC edge
+never reach the round), bytes read by the aggregation (the aggregator is
+wrapped), the number of websocket subscribers and undelivered webhook
+messages.
+
+Each coordinator has its own :class:`~prometheus_client.CollectorRegistry`,
+not the process-wide default one, so several coordinators in one process
+(tests, benchmarks) never share or clash over a metric.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
+from prometheus_client.exposition import generate_latest
+
+from ..core.rounds import Stage
+from ..storage.aggregation import AggregationResult, Aggregator, Contribution
+from .hub import StatusHub, StatusMessage, Subscription
+
+NAMESPACE = "fl_coordinator"
+
+#: Aggregation durations span milliseconds (small models) to minutes (large ones).
+AGGREGATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+_FINISHED = (Stage.COMPLETED.name, Stage.FAILED.name)
+
+
+class Metrics:
+    """The metrics of one coordinator, in a registry of their own."""
+
+    def __init__(self, problem_id: str) -> None:
+        self.registry = CollectorRegistry()
+        common = {"namespace": NAMESPACE, "registry": self.registry}
+        Info("problem", "The FL problem this coordinator serves.", **common).info(
+            {"problem_id": problem_id}
+        )
+        self.rounds_completed = Counter(
+            "rounds_completed", "Rounds that produced a new global checkpoint.", **common
+        )
+        self.rounds_failed = Counter(
+            "rounds_failed", "Rounds abandoned (global checkpoint kept as it was).", **common
+        )
+        self.round = Gauge("round", "Number of the current round.", **common)
+        self.stage = Enum(
+            "stage", "Stage of the current round.", states=[s.name for s in Stage], **common
+        )
+        self.accepted = Gauge(
+            "round_accepted_clients", "Clients accepted so far in the current round.", **common
+        )
+        self.checkins = Counter(
+            "checkins",
+            "Clients checked in (ClientCountUpdate, or CheckInClients batches), by answer.",
+            ["result"],
+            **common,
+        )
+        self.aggregation_seconds = Histogram(
+            "aggregation_seconds",
+            "Duration of the aggregations of completed rounds.",
+            buckets=AGGREGATION_BUCKETS,
+            **common,
+        )
+        self.aggregated_bytes = Counter(
+            "aggregated_bytes", "Bytes of checkpoints read by aggregations.", **common
+        )
+        self.subscribers = Gauge(
+            "status_subscribers", "Websocket subscribers of the status stream.", **common
+        )
+        self.webhook_failures = Counter(
+            "webhook_failures", "Status messages the webhook could not deliver.", **common
+        )
+        # Exported as 0 before the first check-in; kept, as a label lookup per call costs.
+        self._accepted_clients = self.checkins.labels("accepted")
+        self._refused_clients = self.checkins.labels("refused")
+
+        self._counted_up_to = 0  # the last round whose end was counted
+        self._subscription: Subscription | None = None
+
+    # -- derived from the status stream ---------------------------------------
+
+    def observe(self, message: StatusMessage) -> None:
+        """Update the gauges from one status message, and count a round's end once."""
+        number, stage = message["round"], message["stage"]
+        self.round.set(number)
+        self.stage.state(stage)
+        self.accepted.set(message["accepted"])
+        if stage in _FINISHED and number > self._counted_up_to:
+            self._counted_up_to = number
+            if stage == Stage.COMPLETED.name:
+                self.rounds_completed.inc()
+                self.aggregation_seconds.observe(message["aggregation_seconds"] or 0.0)
+            else:
+                self.rounds_failed.inc()
+
+    async def follow(
+        self, hub: StatusHub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Observe every message of ``hub`` until cancelled (started once subscribed)."""
+        with hub.subscribe() as subscription:
+            self._subscription = subscription
+            task_status.started()
+            try:
+                while True:
+                    self.observe((await subscription.next()).message)
+            finally:
+                self._subscription = None
+
+    def render(self) -> bytes:
+        """The exposition text; first takes in any message not yet observed.
+
+        So a scrape that follows a status change always shows it, even if the
+        :meth:`follow` task has not run since.
+        """
+        if self._subscription is not None:
+            for published in self._subscription.take_ready():
+                self.observe(published.message)
+        return generate_latest(self.registry)
+
+    # -- hooks for what the stream does not carry ---------------------------------
+
+    def checked_in(self, asked: int, accepted: int) -> None:
+        """A check-in (one client, or a batch of ``asked``) was answered (hot path)."""
+        if accepted:
+            self._accepted_clients.inc(accepted)
+        if asked > accepted:
+            self._refused_clients.inc(asked - accepted)
+
+    def webhook_failed(self) -> None:
+        self.webhook_failures.inc()
+
+    def count_subscribers(self, count: Callable[[], int]) -> None:
+        """Read the subscriber gauge from ``count`` at each scrape."""
+        self.subscribers.set_function(count)
+
+    def measured(self, aggregator: Aggregator) -> Aggregator:
+        """``aggregator``, also counting the bytes it reads (runs in its worker thread)."""
+
+        def run(
+            checkpoint: Path,
+            contributions: Sequence[Contribution],
+            tmp: Path,
+            cancel: threading.Event | None,
+        ) -> AggregationResult:
+            result = aggregator(checkpoint, contributions, tmp, cancel)
+            self.aggregated_bytes.inc(result.bytes_read)  # prometheus_client is thread-safe
+            return result
+
+        return run

@@ -1,0 +1,93 @@
+"""The Prometheus scrape endpoint: ``GET http://HOST:METRICS_PORT/metrics``.
+
+A small HTTP/1.1 server on trio and h11 (already a dependency, through
+wsproto and httpx) rather than prometheus-client's ``start_http_server``:
+that one runs in a thread of its own that nothing can stop or wait for, binds
+with its own rules and reports a busy port as a traceback. Here the endpoint
+is one more task in the coordinator's nursery, cancelled with the rest,
+listening on ``HOST`` like the other ports and failing to start with the same
+one-line ``ConfigError``. It also reads the metrics on the event loop, where
+they are updated, so no lock is needed.
+
+One request per connection (``Connection: close``): a scrape every few
+seconds does not need keep-alive, and it keeps the handler trivial.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import h11
+import trio
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..rpc.addresses import bind_error
+
+log = logging.getLogger(__name__)
+
+PATH = "/metrics"
+#: A client that has not sent its request by then is dropped.
+REQUEST_TIMEOUT = 10.0
+MAX_REQUEST_BYTES = 16384
+
+
+def _response(status: int, body: bytes, content_type: str) -> list[h11.Response | h11.Data]:
+    headers = [
+        ("content-type", content_type),
+        ("content-length", str(len(body))),
+        ("connection", "close"),
+    ]
+    return [h11.Response(status_code=status, headers=headers), h11.Data(data=body)]
+
+
+async def _read_request(connection: h11.Connection, stream: trio.SocketStream) -> h11.Request:
+    while True:
+        event = connection.next_event()
+        if isinstance(event, h11.Request):
+            return event
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(MAX_REQUEST_BYTES)
+            if not data:
+                raise h11.RemoteProtocolError("closed before a request")
+            connection.receive_data(data)
+        else:
+            raise h11.RemoteProtocolError(f"unexpected {event!r}")
+
+
+async def _handle(render: Callable[[], bytes], stream: trio.SocketStream) -> None:
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    try:
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            request = await _read_request(connection, stream)
+            if request.method != b"GET":
+                events = _response(405, b"only GET\n", "text/plain")
+            elif request.target.split(b"?")[0] != PATH.encode():
+                events = _response(404, f"metrics are at {PATH}\n".encode(), "text/plain")
+            else:
+                events = _response(200, render(), CONTENT_TYPE_LATEST)
+            for event in [*events, h11.EndOfMessage()]:
+                await stream.send_all(connection.send(event) or b"")
+    except (h11.ProtocolError, trio.BrokenResourceError) as error:
+        log.debug("metrics request dropped: %s", error)
+    finally:
+        await stream.aclose()
+
+
+async def serve_metrics(
+    render: Callable[[], bytes],
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``render()`` at :data:`PATH` on ``host:port``; ``started`` gets the bound port."""
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as error:
+        raise bind_error("METRICS_PORT", host, port, error) from None
+    bound = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, functools.partial(_handle, render), listeners)
+        task_status.started(bound)

@@ -1,0 +1,138 @@
+"""``fl-coordinator`` as an operator runs it: real processes, real signals, real ports."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from helpers.processes import Served, environment, run
+
+from fl_coordinator.storage.model import builtin_model
+
+
+@pytest.fixture
+def served() -> Iterator[list[Served]]:
+    started: list[Served] = []
+    yield started
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+@pytest.fixture
+def root(settings) -> Path:
+    return Path(settings.fl_root_path)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_fresh_root_is_initialised_then_signal_stops_cleanly(
+    tmp_path: Path, served: list[Served], signum: int
+) -> None:
+    root = tmp_path / "data"
+    server = Served(environment(root))
+    served.append(server)
+    server.wait_for_line("status stream at")
+    assert any("initialising it with the built-in model" in line for line in server.lines)
+    assert (root / "initFiles" / "fl_checkpoint").is_file()
+    assert (root / "initFiles" / "model.h5").is_file()
+    server.process.send_signal(signum)
+    # A hang fails here; how fast it stops is measured, not asserted (it failed at
+    # 1.03 s under load on a 1.0 s limit; unloaded it takes 0.07 to 0.1 s).
+    assert server.process.wait(timeout=10) == 0
+    log = server.rest()
+    assert "Traceback" not in log and "Got exception" not in log
+    assert f"{signal.Signals(signum).name} received: shutting down" in log
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("PORT", "abc"), ("CHECKIN_LIMIT", "0"), ("STATUS_PORT", "99999"), ("HOST", "")],
+)
+def test_bad_setting_is_one_line_and_status_2(root: Path, key: str, value: str) -> None:
+    result = run(["serve"], environment(root, **{key: value}))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"fl-coordinator serve: configuration error: {key}={value!r}")
+
+
+@pytest.mark.parametrize(
+    ("damage", "key"),
+    [
+        (lambda r: (r / "initFiles" / "model.h5").unlink(), "MODEL_FILE"),
+        (lambda r: (r / "initFiles" / "fl_checkpoint").unlink(), "CHECKPOINT_FILE"),
+        (
+            lambda r: (r / "initFiles" / "fl_checkpoint").write_bytes(b"junk" * 64),
+            "CHECKPOINT_FILE",
+        ),
+        (
+            lambda r: (r / "initFiles" / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 99),
+            "MODEL_FILE",
+        ),
+    ],
+    ids=["no model", "no checkpoint", "corrupt checkpoint", "corrupt model"],
+)
+def test_incomplete_init_files_stop_startup(root: Path, damage, key: str) -> None:
+    damage(root)
+    result = run(["serve"], environment(root))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"configuration error: {key}=" in result.stderr
+    assert "fl-coordinator init" in result.stderr
+    assert "fl-coordinator rollback" in result.stderr
+
+
+def test_root_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    result = run(["serve"], environment(tmp_path / "file"))
+    assert result.returncode == 2
+    assert "FL_ROOT_PATH=" in result.stderr and "a folder" in result.stderr
+
+
+@pytest.mark.parametrize("key", ["PORT", "STATUS_PORT"])
+def test_port_already_taken_even_with_reuseport(root: Path, key: str) -> None:
+    # The other listener sets SO_REUSEPORT, as purerpc's stock server does: if
+    # we set it too, the kernel would let us share the port and split rounds.
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        result = run(["serve"], environment(root, **{key: str(port)}))
+    assert result.returncode == 2
+    assert f"configuration error: {key}={port}: expected a free port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_init_refuses_to_overwrite_then_force(root: Path) -> None:
+    env = environment(root)
+    result = run(["init"], env)
+    assert result.returncode == 2
+    assert "already exists; use --force" in result.stderr
+    (root / "initFiles" / "fl_checkpoint").write_bytes(b"old")
+    assert run(["init", "--force"], env).returncode == 0
+    assert h5py.is_hdf5(root / "initFiles" / "fl_checkpoint")
+
+
+def test_init_with_a_users_model(tmp_path: Path) -> None:
+    source = tmp_path / "mine.h5"
+    model = builtin_model(seed=42)
+    model.save(source)
+    target = tmp_path / "problem"
+    result = run(["init", "--root", str(target), "--model", str(source)], environment(target))
+    assert result.returncode == 0, result.stderr
+    assert (target / "initFiles" / "model.h5").read_bytes() == source.read_bytes()
+    with h5py.File(target / "initFiles" / "fl_checkpoint", "r") as file:
+        np.testing.assert_array_equal(file["layers/dense/vars/0"][()], model.get_weights()[0])
+    missing = run(
+        ["init", "--root", str(tmp_path / "x"), "--model", "nope.h5"], environment(target)
+    )
+    assert missing.returncode == 2 and "--model='nope.h5'" in missing.stderr
+    shutil.rmtree(target)

@@ -1,0 +1,98 @@
+"""``fl-coordinator health`` against real gRPC servers: a grpcio one answering raw bytes
+(any status, any failure), and the coordinator itself, over plaintext and TLS."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+import trio
+from helpers.pki import Pki, tls_settings
+
+from fl_coordinator.app import serve
+from fl_coordinator.cli.main import main
+from fl_coordinator.config import Settings
+from fl_coordinator.storage.layout import Layout
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[str, list[bytes], list[bytes]]]:
+    """A grpcio server answering Check with the next queued bytes; records the requests."""
+    answers: list[bytes] = []
+    requests: list[bytes] = []
+
+    def check(request: bytes, context: grpc.ServicerContext) -> bytes:
+        requests.append(request)
+        return answers.pop(0)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", answers, requests
+    server.stop(grace=None)
+
+
+def test_serving_is_exit_0_anything_else_1(
+    health_server: tuple[str, list[bytes], list[bytes]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    address, answers, requests = health_server
+    answers += [b"\x08\x01", b"\x08\x02", b""]
+    assert main(["health", "--address", address]) == 0
+    assert capsys.readouterr().out == f"{address}: SERVING\n"
+    assert main(["health", "--address", address, "--service", "FlIntra"]) == 1
+    assert capsys.readouterr().out == f"{address}: NOT_SERVING\n"
+    assert main(["health", "--address", address]) == 1
+    assert capsys.readouterr().out == f"{address}: UNKNOWN\n"
+    assert requests == [b"", b"\x0a\x07FlIntra", b""]
+
+
+def test_no_health_service_is_one_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))  # serves nothing
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        assert main(["health", "--address", f"127.0.0.1:{port}", "--timeout", "5"]) == 1
+    finally:
+        server.stop(grace=None)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"fl-coordinator health: 127.0.0.1:{port}: UNIMPLEMENTED (Method not found!)"]
+
+
+async def ask(*args: str) -> int:
+    """``fl-coordinator health ARGS`` (blocking grpcio) in a thread, as the container runs it."""
+    return await trio.to_thread.run_sync(main, ["health", *args])
+
+
+async def test_the_coordinator_is_serving_until_its_checkpoint_is_unreadable(
+    settings: Settings, layout: Layout, nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoints = await nursery.start(serve, settings)
+    address = f"127.0.0.1:{endpoints.grpc_port}"
+    assert await ask("--address", address) == 0
+    assert await ask("--address", address, "--service", "flcoordinator.v1.FlIntraBatch") == 0
+    good = layout.checkpoint.read_bytes()
+    layout.checkpoint.write_bytes(b"not hdf5")
+    assert await ask("--address", address) == 1
+    layout.checkpoint.write_bytes(good)
+    assert await ask("--address", address) == 0
+    out = capsys.readouterr().out
+    assert out == f"{address}: SERVING\n" * 2 + f"{address}: NOT_SERVING\n{address}: SERVING\n"
+
+
+async def test_over_tls_with_the_coordinators_ca(
+    settings: Settings, pki: Pki, nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoints = await nursery.start(serve, tls_settings(settings, pki))
+    address = f"127.0.0.1:{endpoints.grpc_port}"
+    assert await ask("--address", address, "--ca", str(pki.ca)) == 0
+    assert capsys.readouterr().out == f"{address}: SERVING\n"
+    assert await ask("--address", address, "--timeout", "2") == 1  # plaintext: refused
+    assert "UNAVAILABLE" in capsys.readouterr().err

@@ -1,0 +1,204 @@
+"""``fl-coordinator watch``: a real process following a real coordinator, and its views."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from helpers.peers import FakeSelector, completed, serve_and_watch, write_aggregate
+from helpers.pki import Pki, tls_settings
+from helpers.processes import COMMAND, environment, run
+from rich.console import Console
+from rich.live import Live
+from trio_websocket import WebSocketRequest, serve_websocket
+
+from fl_coordinator.app import serve
+from fl_coordinator.cli.watch import LiveView, PlainView, WatchError, follow, summary
+from fl_coordinator.config import Settings
+from fl_coordinator.status.hub import StatusMessage
+from fl_coordinator.storage.layout import Layout
+
+
+class Lines:
+    """Lines of a process's output stream, read as they come."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+        self.seen: list[str] = []
+
+    async def until(self, text: str) -> str:
+        while True:
+            while b"\n" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\n", 1)
+                self.seen.append(raw.decode())
+                if text in self.seen[-1]:
+                    return self.seen[-1]
+            chunk = await self._stream.receive_some()
+            if not chunk:
+                raise AssertionError(f"output ended without {text!r}: {self.seen}")
+            self._buffer += chunk
+
+
+async def test_watch_prints_each_stage_then_stops_on_ctrl_c(
+    settings: Settings, layout: Layout, keras_weights: list[Path], nursery: trio.Nursery
+) -> None:
+    endpoints, watcher, client = await serve_and_watch(nursery, settings.replace(checkin_limit=1))
+    selector = await FakeSelector().start(nursery)
+    env = environment(layout.root)
+    process = await trio.lowlevel.open_process(
+        [*COMMAND, "watch", endpoints.status_url],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        out = Lines(process.stdout)
+        first = await out.until("round 1")  # the current status, sent on connecting
+        assert "SELECTION" in first and "clients 0/1" in first
+
+        assert await client.check_in(selector.id) is True
+        await selector.told.receive()
+        write_aggregate(layout, selector.id, keras_weights[0], weight=1)
+        await client.report(selector.id)
+        await watcher.wait_for(completed(1))
+        done = await out.until("COMPLETED")
+        assert "round 1" in done and "reported 1" in done and "aggregated in" in done
+        await out.until("round 2")
+
+        process.send_signal(signal.SIGINT)
+        assert await process.wait() == 0
+        assert await process.stderr.receive_some() == b""  # no traceback, no log line
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    stages = [line.split()[3] for line in out.seen]
+    assert stages[0] == "SELECTION" and "CONFIGURATION" in stages and "REPORTING" in stages
+    assert stages[-2:] == ["COMPLETED", "SELECTION"]
+    assert all(line.split()[0].endswith("Z") for line in out.seen)  # each with its time
+
+
+def test_unreachable_coordinator_is_one_line_and_status_1(tmp_path: Path) -> None:
+    result = run(["watch", "ws://127.0.0.1:1/status"], environment(tmp_path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "fl-coordinator watch: cannot connect to ws://127.0.0.1:1/status: "
+        "Error connecting to ('127.0.0.1', 1): Connection refused"
+    ]
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.messages: list[StatusMessage] = []
+
+    def show(self, message: StatusMessage) -> None:
+        self.messages.append(message)
+
+
+async def test_token_is_sent_and_a_closed_stream_is_an_error(nursery: trio.Nursery) -> None:
+    headers: list[dict[bytes, bytes]] = []
+
+    async def handler(request: WebSocketRequest) -> None:
+        headers.append(dict(request.headers))
+        ws = await request.accept()
+        await ws.send_message(json.dumps(message(1, "SELECTION")))
+        await ws.aclose()
+
+    server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+    url = f"ws://127.0.0.1:{server.port}/status"
+    shown = Collected()
+    with pytest.raises(WatchError, match="closed the status stream"):
+        await follow(url, shown, token="s3cret")
+    assert headers[0][b"authorization"] == b"Bearer s3cret"
+    assert [m["stage"] for m in shown.messages] == ["SELECTION"]
+
+    with pytest.raises(WatchError):
+        await follow(url, shown)
+    assert b"authorization" not in headers[1]
+
+
+def message(number: int, stage: str, **extra: Any) -> StatusMessage:
+    base = {
+        "problem_id": "P",
+        "time": "2026-11-28T00:00:00.000Z",
+        "round": number,
+        "stage": stage,
+        "accepted": 2,
+        "goal": 3,
+        "selectors": ["a:1", "b:2"],
+        "configured": [],
+        "reported": [],
+        "unreachable": [],
+        "rejected": {},
+        "ignored": [],
+        "aggregating": False,
+        "held": 0,
+    }
+    return {**base, **extra}
+
+
+def test_summary_and_plain_lines() -> None:
+    assert summary(message(3, "SELECTION")) == (
+        "round 3  SELECTION      clients 2/3  selectors 2  configured 0  reported 0"
+    )
+    failed = summary(message(3, "FAILED", rejected={"a:1": "bad"}, error="too few"))
+    assert failed.endswith("rejected 1  error: too few")
+
+    out = io.StringIO()
+    view = PlainView(out)
+    view.show(message(1, "SELECTION"))
+    view.show(message(1, "SELECTION", ignored=[["x", "stranger"]]))  # same summary: no line
+    view.show(message(1, "COMPLETED", aggregation_seconds=0.25))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[1] == "2026-11-28T00:00:00.000Z  round 1  COMPLETED      clients 2/3  " + (
+        "selectors 2  configured 0  reported 0  aggregated in 0.250 s"
+    )
+
+
+def test_live_view_draws_the_round() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=120, force_terminal=True, color_system=None)
+    with Live(console=console, auto_refresh=False) as live:
+        view = LiveView(live)
+        view.show(message(2, "REPORTING", reported=["a:1"], rejected={"b:2": "[bold]x[/]"}))
+    text = out.getvalue()
+    assert "P  round 2" in text and "REPORTING" in text
+    assert "b:2: [bold]x[/]" in text  # shown as sent, not taken for markup
+    assert "round 2  REPORTING" in text
+
+
+class Recorder:
+    """A view that keeps what it is shown and says when something arrived."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.arrived = trio.Event()
+
+    def show(self, message: dict) -> None:
+        self.messages.append(message)
+        self.arrived.set()
+
+
+async def test_watch_follows_a_tls_coordinator_with_its_ca(
+    settings: Settings, pki: Pki, nursery: trio.Nursery
+) -> None:
+    endpoints = await nursery.start(serve, tls_settings(settings, pki))
+    assert endpoints.status_url.startswith("wss://")
+    recorder = Recorder()
+    async with trio.open_nursery() as watching:
+        watching.start_soon(follow, endpoints.status_url, recorder, None, pki.ca)
+        await recorder.arrived.wait()
+        watching.cancel_scope.cancel()
+    assert (recorder.messages[0]["round"], recorder.messages[0]["stage"]) == (1, "SELECTION")
+    with pytest.raises(WatchError, match="not a readable PEM CA bundle"):
+        await follow(endpoints.status_url, Recorder(), ca=pki.ca.parent / "missing.pem")

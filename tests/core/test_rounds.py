@@ -1,0 +1,364 @@
+"""The pure round state machine: examples, then random event sequences (Hypothesis)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fl_coordinator.core.rounds import (
+    Aggregate,
+    AggregationDone,
+    Arm,
+    Broadcast,
+    BroadcastDone,
+    Check,
+    CheckIn,
+    ContributionChecked,
+    Event,
+    Refused,
+    Reply,
+    Round,
+    Rules,
+    SelectorReported,
+    Stage,
+    Status,
+    WindowClosed,
+)
+
+FORWARD = {Stage.SELECTION: 0, Stage.CONFIGURATION: 1, Stage.REPORTING: 2}
+
+
+def replies(effects: list) -> list[tuple[object, bool]]:
+    return [(e.reply_to, e.accepted) for e in effects if isinstance(e, Reply)]
+
+
+def of_type(effects: list, kind: type) -> list:
+    return [e for e in effects if isinstance(e, kind)]
+
+
+def test_goal_reached_configures_every_selector_once() -> None:
+    machine = Round(Rules(goal=3))
+    assert replies(machine.handle(CheckIn("a:1", 1))) == [(1, True)]
+    assert replies(machine.handle(CheckIn("b:1", 2))) == [(2, True)]
+    effects = machine.handle(CheckIn("a:1", 3))
+    assert replies(effects) == [(3, True)]
+    assert of_type(effects, Broadcast) == [Broadcast(1, ("a:1", "b:1"))]
+    assert machine.stage is Stage.CONFIGURATION
+    assert machine.selectors == {"a:1": 2, "b:1": 1}
+    assert replies(machine.handle(CheckIn("c:1", 4))) == [(4, False)]
+
+
+def report(machine: Round, selector: str, error: str | None = None) -> list:
+    """A selector reports and the I/O layer's check of its files comes back."""
+    effects = machine.handle(SelectorReported(selector))
+    checks = of_type(effects, Check)
+    if not checks:
+        return effects
+    return effects + machine.handle(ContributionChecked(checks[0].round, selector, error))
+
+
+def test_reports_then_aggregation_then_next_round() -> None:
+    machine = Round(Rules(goal=2))
+    machine.handle(CheckIn("a:1", 1))
+    machine.handle(CheckIn("b:1", 2))
+    effects = report(machine, "a:1")
+    assert machine.stage is Stage.REPORTING and not of_type(effects, Aggregate)
+    effects = report(machine, "b:1")
+    assert of_type(effects, Aggregate) == [Aggregate(1, ("a:1", "b:1"))]
+    effects = machine.handle(AggregationDone(1, seconds=0.25))
+    statuses = of_type(effects, Status)
+    assert [(s.round, s.stage) for s in statuses] == [(1, Stage.COMPLETED), (2, Stage.SELECTION)]
+    assert statuses[0].aggregation_seconds == 0.25
+    assert (machine.number, machine.accepted, machine.selectors) == (2, 0, {})
+
+
+def test_failed_aggregation_opens_next_round_with_error_status() -> None:
+    machine = Round(Rules(goal=1))
+    machine.handle(CheckIn("a:1", 1))
+    report(machine, "a:1")
+    effects = machine.handle(AggregationDone(1, error="a:1/fl_agg_checkpoint is missing"))
+    failed = of_type(effects, Status)[0]
+    assert (failed.stage, failed.error) == (Stage.FAILED, "a:1/fl_agg_checkpoint is missing")
+    assert machine.number == 2 and machine.stage is Stage.SELECTION
+
+
+def test_reports_that_change_nothing_but_are_shown() -> None:
+    machine = Round(Rules(goal=2))
+    machine.handle(CheckIn("a:1", 1))
+    early = machine.handle(SelectorReported("a:1"))  # still selecting
+    machine.handle(CheckIn("b:1", 2))
+    stranger = machine.handle(SelectorReported("x:1"))  # not in round
+    report(machine, "a:1")
+    twice = machine.handle(SelectorReported("a:1"))
+    hostile = machine.handle(Refused("../x", "check-in refused: contains a path separator"))
+    for effects in (early, stranger, twice, hostile):
+        assert of_type(effects, Check) == [] and of_type(effects, Aggregate) == []
+    assert (
+        machine.reported == ["a:1"] and machine.accepted == 2 and machine.stage.name == "REPORTING"
+    )
+    assert of_type(hostile, Status)[0].ignored == (
+        ("a:1", "round is in SELECTION, no report expected"),
+        ("x:1", "not a selector of this round"),
+        ("a:1", "it already reported"),
+        ("../x", "check-in refused: contains a path separator"),
+    )
+
+
+def test_check_ins_during_aggregation_are_held_for_next_round() -> None:
+    machine = Round(Rules(goal=1))
+    machine.handle(CheckIn("a:1", 1))
+    report(machine, "a:1")
+    assert replies(machine.handle(CheckIn("b:1", 2))) == []
+    assert of_type(machine.handle(CheckIn("c:1", 3)), Status)[0].held == 2
+    effects = machine.handle(AggregationDone(1))
+    assert replies(effects) == [(2, True), (3, False)]
+    assert of_type(effects, Broadcast) == [Broadcast(2, ("b:1",))]
+    assert machine.number == 2 and machine.stage is Stage.CONFIGURATION
+
+
+def test_answer_to_goal_count_reached_outside_configuration_is_ignored() -> None:
+    """Found by Hypothesis: a drop during SELECTION let the round accept more than the goal."""
+    machine = Round(Rules(goal=3))
+    machine.handle(CheckIn("a:1", 1))
+    machine.handle(BroadcastDone(1, "a:1", error="timed out"))
+    assert machine.selectors == {"a:1": 1} and machine.unreachable == []
+    replies_ = [replies(machine.handle(CheckIn("a:1", n)))[0][1] for n in range(2, 5)]
+    assert replies_ == [True, True, False]
+
+
+def test_stale_aggregation_result_is_ignored() -> None:
+
+    machine = Round(Rules(goal=1))
+    assert of_type(machine.handle(AggregationDone(1)), Status) == []
+    assert machine.number == 1
+
+
+# -- time windows, drops and rejections ------------------------------------------
+
+
+def test_selection_window_goes_on_with_enough_clients() -> None:
+    machine = Round(Rules(goal=4, selection_timeout=30, min_checkin_fraction=0.5))
+    assert of_type(machine.start(), Arm) == [Arm(1, Stage.SELECTION, 30)]
+    machine.handle(CheckIn("a:1", 1))
+    machine.handle(CheckIn("b:1", 2))
+    effects = machine.handle(WindowClosed(1, Stage.SELECTION))
+    assert of_type(effects, Broadcast) == [Broadcast(1, ("a:1", "b:1"))]
+    assert machine.stage is Stage.CONFIGURATION and machine.accepted == 2
+
+
+def test_selection_window_abandons_round_without_enough_clients() -> None:
+    machine = Round(Rules(goal=4, selection_timeout=30, min_checkin_fraction=0.5))
+    machine.handle(CheckIn("a:1", 1))
+    effects = machine.handle(WindowClosed(1, Stage.SELECTION))
+    failed = of_type(effects, Status)[0]
+    assert failed.stage is Stage.FAILED
+    assert (
+        failed.error == "selection window of 30 s closed with 1/4 client(s); at least 2 are needed"
+    )
+    assert (machine.number, machine.stage, machine.accepted) == (2, Stage.SELECTION, 0)
+    assert of_type(effects, Arm) == [Arm(2, Stage.SELECTION, 30)]
+    # The window of the abandoned round closing again changes nothing.
+    assert machine.handle(WindowClosed(1, Stage.SELECTION)) == []
+
+
+def test_unreachable_selector_is_dropped_and_the_rest_goes_on() -> None:
+    machine = Round(Rules(goal=3))
+    for token, selector in enumerate(["a:1", "b:1", "a:1"]):
+        machine.handle(CheckIn(selector, token))
+    report(machine, "a:1")
+    effects = machine.handle(BroadcastDone(1, "b:1", error="timed out"))
+    assert machine.selectors == {"a:1": 2} and machine.accepted == 2
+    assert machine.unreachable == ["b:1"]
+    assert of_type(effects, Aggregate) == [Aggregate(1, ("a:1",))]
+
+
+def test_no_selector_reachable_abandons_the_round() -> None:
+    machine = Round(Rules(goal=1))
+    machine.handle(CheckIn("a:1", 1))
+    effects = machine.handle(BroadcastDone(1, "a:1", error="connection refused"))
+    assert (
+        of_type(effects, Status)[0].error == "no selector of the round could be told to configure"
+    )
+    assert machine.number == 2
+
+
+def test_rejected_contribution_follows_the_reporting_fraction() -> None:
+    machine = Round(Rules(goal=4, min_reporting_fraction=0.5))
+    for token, selector in enumerate(["a:1", "a:1", "b:1", "c:1"]):
+        machine.handle(CheckIn(selector, token))
+    report(machine, "b:1", error="weight is 0")
+    report(machine, "c:1", error="NaN")
+    effects = report(machine, "a:1")  # a:1 held 2 of 4 clients: enough
+    assert of_type(effects, Aggregate) == [Aggregate(1, ("a:1",))]
+    assert dict(of_type(effects, Status)[-1].rejected) == {"b:1": "weight is 0", "c:1": "NaN"}
+
+    machine = Round(Rules(goal=4, min_reporting_fraction=0.75))
+    for token, selector in enumerate(["a:1", "a:1", "b:1", "c:1"]):
+        machine.handle(CheckIn(selector, token))
+    report(machine, "b:1", error="weight is 0")
+    report(machine, "c:1")
+    effects = report(machine, "a:1")  # 3 of 4 clients usable: exactly enough
+    assert of_type(effects, Aggregate) == [Aggregate(1, ("c:1", "a:1"))]
+
+
+def test_reporting_window_aggregates_what_arrived_or_abandons() -> None:
+    rules = Rules(goal=3, reporting_timeout=60, min_reporting_fraction=0.5)
+    machine = Round(rules)
+    for token, selector in enumerate(["a:1", "a:1", "b:1"]):
+        effects = machine.handle(CheckIn(selector, token))
+    assert Arm(1, Stage.REPORTING, 60) in effects
+    report(machine, "a:1")
+    effects = machine.handle(WindowClosed(1, Stage.REPORTING))
+    assert of_type(effects, Aggregate) == [Aggregate(1, ("a:1",))]
+    assert of_type(report(machine, "b:1"), Check) == []  # too late: logged and ignored
+
+    machine = Round(rules)
+    for token, selector in enumerate(["a:1", "b:1", "b:1"]):
+        machine.handle(CheckIn(selector, token))
+    report(machine, "a:1")
+    effects = machine.handle(WindowClosed(1, Stage.REPORTING))
+    assert "only 1 of 3 client(s) reported" in of_type(effects, Status)[0].error
+    assert machine.number == 2
+
+
+# -- property-based -----------------------------------------------------------
+
+SELECTORS = [f"10.0.0.{i}:5000" for i in range(4)]
+
+operations = st.lists(
+    st.one_of(
+        # 1 client: ClientCountUpdate; more: the batched CheckInClients.
+        st.tuples(st.just("check_in"), st.sampled_from(SELECTORS), st.sampled_from([1, 1, 2, 7])),
+        st.tuples(st.just("report"), st.sampled_from(SELECTORS)),
+        st.tuples(st.just("aggregated"), st.booleans()),
+        st.tuples(st.just("stale"), st.integers(0, 5)),
+        st.tuples(st.just("told"), st.sampled_from(SELECTORS)),
+        st.tuples(st.just("unreachable"), st.sampled_from(SELECTORS)),
+        st.tuples(st.just("checked"), st.booleans()),
+        st.tuples(st.just("window"), st.sampled_from([Stage.SELECTION, Stage.REPORTING])),
+    ),
+    max_size=150,
+)
+
+
+def to_event(machine: Round, op: tuple, tokens: itertools.count) -> Event:
+    match op:
+        case ("check_in", selector, clients):
+            return CheckIn(selector, reply_to=(next(tokens), selector), clients=clients)
+        case ("report", selector):
+            return SelectorReported(selector)
+        case ("aggregated", ok):
+            return AggregationDone(machine.number, error=None if ok else "broken file")
+        case ("stale", offset):
+            return AggregationDone(machine.number - offset - 1)
+        case ("told", selector):
+            return BroadcastDone(machine.number, selector)
+        case ("unreachable", selector):
+            return BroadcastDone(machine.number, selector, error="timed out")
+        case ("checked", ok):
+            selector = machine.checking[0] if machine.checking else SELECTORS[0]
+            return ContributionChecked(machine.number, selector, None if ok else "bad file")
+        case ("window", stage):
+            return WindowClosed(machine.number, stage)
+    raise AssertionError(op)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    goal=st.integers(1, 5),
+    fractions=st.tuples(st.sampled_from([0.25, 0.5, 1.0]), st.sampled_from([0.25, 0.5, 1.0])),
+    ops=operations,
+)
+def test_random_event_sequences_keep_the_invariants(
+    goal: int, fractions: tuple[float, float], ops: list[tuple]
+) -> None:
+    machine = Round(Rules(goal, 10, fractions[0], 20, fractions[1]))
+    machine.start()
+    tokens = itertools.count()
+    asked: dict[object, int] = {}
+    answered: Counter[object] = Counter()
+    finished_rounds = 0
+    accepted_total = 0
+    finished_accepted = 0
+    last: Status = machine.status()
+
+    for op in ops:
+        event = to_event(machine, op, tokens)
+        if isinstance(event, CheckIn):
+            asked[event.reply_to] = event.clients
+        effects = machine.handle(event)
+
+        # Never more than the goal accepted in a round; selectors hold exactly those.
+        assert 0 <= machine.accepted <= goal
+        assert sum(machine.selectors.values()) == machine.accepted
+        assert set(machine.reported) <= set(machine.selectors)
+
+        for effect in effects:
+            if isinstance(effect, Reply):
+                answered[effect.reply_to] += 1
+                accepted_total += effect.accepted
+                # A batch gets at most what it asked for.
+                assert 0 <= effect.accepted <= asked[effect.reply_to]
+
+            if isinstance(effect, Broadcast):
+                # Every selector holding an accepted client is told, once, in its round.
+                assert effect.round == machine.number
+                assert effect.selectors == tuple(machine.selectors)
+                assert goal >= sum(machine.selectors.values()) >= machine.rules.min_clients
+            if isinstance(effect, Aggregate):
+                # Only selectors that reported usable files, enough of them, are averaged.
+                assert effect.selectors == tuple(machine.reported)
+                held = sum(machine.selectors[s] for s in effect.selectors)
+                assert held >= machine.rules.min_reporting_fraction * machine.accepted - 1e-9
+            if isinstance(effect, Status):
+                # Stages only move forward within a round; rounds grow by exactly one.
+                if effect.round == last.round:
+                    if effect.stage in FORWARD and last.stage in FORWARD:
+                        assert FORWARD[effect.stage] >= FORWARD[last.stage]
+                    else:
+                        assert last.stage in FORWARD, (last, effect)
+                else:
+                    assert effect.round == last.round + 1
+                    assert last.stage in (Stage.COMPLETED, Stage.FAILED)
+                    assert effect.stage is Stage.SELECTION
+                if effect.stage in (Stage.COMPLETED, Stage.FAILED):
+                    finished_rounds += 1
+                    finished_accepted += effect.accepted
+                last = effect
+
+        assert machine.number == 1 + finished_rounds
+
+    # Every check-in is answered exactly once, or still held for the next round.
+    held = {c.reply_to for c in machine.held}
+    assert all(count == 1 for count in answered.values())
+    assert set(answered) | held == set(asked) and not set(answered) & held
+    # Accepted answers never exceed the goal per round (drops only lower the count).
+    assert accepted_total <= goal * machine.number
+
+
+def test_selectors_outside_the_allow_list_are_refused_and_ignored() -> None:
+    machine = Round(Rules(goal=2, allowed=frozenset({"a:1"})))
+    effects = machine.handle(CheckIn("b:1", 1))
+    assert replies(effects) == [(1, False)]
+    assert machine.accepted == 0 and machine.selectors == {}
+    assert machine.ignored == [("b:1", "check-in refused: not in ALLOWED_SELECTORS")]
+    assert replies(machine.handle(CheckIn("a:1", 2))) == [(2, True)]
+    machine.handle(SelectorReported("b:1"))
+    assert machine.ignored[-1] == ("b:1", "not in ALLOWED_SELECTORS")
+
+
+def test_distinct_selectors_per_round_are_capped_and_the_cap_resets() -> None:
+    machine = Round(Rules(goal=3, max_selectors=2))
+    assert replies(machine.handle(CheckIn("a:1", 1))) == [(1, True)]
+    assert replies(machine.handle(CheckIn("b:1", 2))) == [(2, True)]
+    assert replies(machine.handle(CheckIn("c:1", 3))) == [(3, False)]  # a third selector
+    assert replies(machine.handle(CheckIn("b:1", 4))) == [(4, True)]  # a known one: goal
+    assert machine.selectors == {"a:1": 1, "b:1": 2}
+    machine.handle(WindowClosed(1, Stage.SELECTION))  # (no window armed: ignored)
+    for selector in ("a:1", "b:1"):
+        machine.handle(BroadcastDone(1, selector, error="gone"))
+    assert machine.number == 2  # round 1 abandoned; the cap counts afresh
+    assert replies(machine.handle(CheckIn("c:1", 5))) == [(5, True)]

@@ -1,0 +1,250 @@
+"""Real peers for tests: fake selectors (real gRPC servers), intra clients, a status watcher.
+
+Two independent client implementations talk to the coordinator: the
+official ``grpcio`` (method paths spelled out by hand, so a wrong path in our
+protos would show) and purerpc.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+import h5py
+import numpy as np
+import purerpc
+import trio
+import trio_websocket
+
+from fl_coordinator._proto import fl_intra_grpc, fl_intra_pb2
+from fl_coordinator.app import Endpoints, serve
+from fl_coordinator.config import Settings
+from fl_coordinator.rpc.listener import serve_grpc
+from fl_coordinator.storage.aggregation import float_datasets
+from fl_coordinator.storage.layout import Layout
+
+
+class FakeSelector(fl_intra_grpc.FLGoalCountBroadcastServicer):
+    """A real gRPC server answering ``GoalCountReached``; each call lands in ``told``."""
+
+    def __init__(self) -> None:
+        self._told_in, self.told = trio.open_memory_channel[None](100)
+        self.port = 0
+
+    @property
+    def id(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def GoalCountReached(self, message: fl_intra_pb2.Empty) -> fl_intra_pb2.Empty:
+        self._told_in.send_nowait(None)
+        return fl_intra_pb2.Empty()
+
+    async def start(
+        self, nursery: trio.Nursery, ssl_context: ssl.SSLContext | None = None
+    ) -> FakeSelector:
+        serve = functools.partial(serve_grpc, ssl_context=ssl_context)
+        self.port = await nursery.start(serve, [self.service], "127.0.0.1", 0)
+        return self
+
+
+class IntraClient(Protocol):
+    async def check_in(self, selector_id: str) -> bool: ...
+    async def report(self, selector_id: str) -> None: ...
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying ``token`` (none for None)."""
+    return (("authorization", f"Bearer {token}"),) if token is not None else ()
+
+
+class GrpcioClient:
+    """The official grpcio client, run in a worker thread (TLS with ``credentials``)."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        target = f"127.0.0.1:{port}"
+        self._channel = (
+            grpc.insecure_channel(target)
+            if credentials is None
+            else grpc.secure_channel(target, credentials)
+        )
+        self._metadata = bearer(token)
+        self._check_in = self._channel.unary_unary(
+            "/FlIntra/ClientCountUpdate",
+            request_serializer=fl_intra_pb2.ClientCount.SerializeToString,
+            response_deserializer=fl_intra_pb2.FlClientStatus.FromString,
+        )
+        self._report = self._channel.unary_unary(
+            "/FlIntra/SelectorAggregationComplete",
+            request_serializer=fl_intra_pb2.SelectorId.SerializeToString,
+            response_deserializer=fl_intra_pb2.Empty.FromString,
+        )
+        self._counts: dict[str, int] = {}
+
+    async def check_in(self, selector_id: str) -> bool:
+        count = self._counts[selector_id] = self._counts.get(selector_id, 0) + 1
+        request = fl_intra_pb2.ClientCount(count=count, id=selector_id)
+        answer = await trio.to_thread.run_sync(
+            lambda: self._check_in(request, timeout=30, metadata=self._metadata)
+        )
+        return answer.accepted
+
+    async def report(self, selector_id: str) -> None:
+        request = fl_intra_pb2.SelectorId(id=selector_id)
+        answer = await trio.to_thread.run_sync(
+            lambda: self._report(request, timeout=30, metadata=self._metadata)
+        )
+        assert isinstance(answer, fl_intra_pb2.Empty)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class PurerpcClient:
+    def __init__(
+        self, port: int, *, ssl_context: ssl.SSLContext | None = None, token: str | None = None
+    ) -> None:
+        self._port = port
+        self._ssl_context = ssl_context
+        self._metadata = bearer(token)
+
+    async def _stub(self, call: Callable[[Any], Any], request: Any) -> Any:
+        channel = (
+            purerpc.insecure_channel("127.0.0.1", self._port)
+            if self._ssl_context is None
+            else purerpc.secure_channel("127.0.0.1", self._port, self._ssl_context)
+        )
+        async with channel:
+            return await call(fl_intra_grpc.FlIntraStub(channel))(request, metadata=self._metadata)
+
+    async def check_in(self, selector_id: str) -> bool:
+        request = fl_intra_pb2.ClientCount(count=1, id=selector_id)
+        answer = await self._stub(lambda stub: stub.ClientCountUpdate, request)
+        return answer.accepted
+
+    async def report(self, selector_id: str) -> None:
+        request = fl_intra_pb2.SelectorId(id=selector_id)
+        answer = await self._stub(lambda stub: stub.SelectorAggregationComplete, request)
+        assert isinstance(answer, fl_intra_pb2.Empty)
+
+
+class StatusWatcher:
+    """A real websocket subscriber that keeps every message it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.closed = False
+
+        self._arrived = trio.Event()
+
+    async def run(
+        self,
+        url: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        token: str | None = None,
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token is not None else None
+        async with trio_websocket.open_websocket_url(
+            url, ssl_context=ssl_context, extra_headers=headers
+        ) as ws:
+            task_status.started()
+            try:
+                while True:
+                    self.messages.append(json.loads(await ws.get_message()))
+                    self._arrived.set()
+                    self._arrived = trio.Event()
+            except trio_websocket.ConnectionClosed:
+                self.closed = True  # the coordinator went away (some tests kill it)
+                self._arrived.set()
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The first message (already received or future) that satisfies ``predicate``."""
+        seen = 0
+        while True:
+            for message in self.messages[seen:]:
+                if predicate(message):
+                    return message
+            seen = len(self.messages)
+            if self.closed:
+                raise AssertionError("the status stream closed before the awaited message")
+            await self._arrived.wait()
+
+    def stages(self) -> list[tuple[int, str]]:
+        """(round, stage) in order, consecutive repeats collapsed."""
+        sequence: list[tuple[int, str]] = []
+        for message in self.messages:
+            item = (message["round"], message["stage"])
+            if not sequence or sequence[-1] != item:
+                sequence.append(item)
+        return sequence
+
+
+async def watch(
+    nursery: trio.Nursery,
+    url: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    token: str | None = None,
+) -> StatusWatcher:
+    watcher = StatusWatcher()
+    await nursery.start(functools.partial(watcher.run, url, ssl_context=ssl_context, token=token))
+    return watcher
+
+
+def completed(round_no: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda m: m["round"] == round_no and m["stage"] in ("COMPLETED", "FAILED")
+
+
+def write_aggregate(layout: Layout, selector_id: str, source: Path, weight: int) -> None:
+    """What a selector leaves for the coordinator: ``A_s`` (HDF5) and ``N_s`` (text)."""
+    layout.selector_dir(selector_id).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, layout.agg_checkpoint(selector_id))
+    layout.agg_weight(selector_id).write_text(f"{weight}\n")
+
+
+def read_floats(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as file:
+        return {name: file[name][()] for name in float_datasets(file)}
+
+
+def fedavg(
+    global_weights: dict[str, np.ndarray], aggregates: list[tuple[Path, int]]
+) -> dict[str, np.ndarray]:
+    """PROTOCOL.md's arithmetic, recomputed independently with numpy in float64."""
+    total_weight = sum(weight for _, weight in aggregates)
+    sums = {name: np.zeros(array.shape) for name, array in global_weights.items()}
+    for path, _ in aggregates:
+        for name, array in read_floats(path).items():
+            sums[name] += array.astype(np.float64)
+    return {
+        name: (array.astype(np.float64) + sums[name] / total_weight).astype(array.dtype)
+        for name, array in global_weights.items()
+    }
+
+
+def assert_arrays_close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype, name
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+async def serve_and_watch(
+    nursery: trio.Nursery, settings: Settings
+) -> tuple[Endpoints, StatusWatcher, PurerpcClient]:
+    """A coordinator on loopback, a websocket subscriber to it, and a purerpc intra client."""
+    endpoints = await nursery.start(serve, settings)
+    return endpoints, await watch(nursery, endpoints.status_url), PurerpcClient(endpoints.grpc_port)

@@ -1,0 +1,55 @@
+"""The ``fl-coordinator`` command as an operator runs it: subprocesses and their log lines."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+COMMAND = [sys.executable, "-m", "fl_coordinator"]
+
+
+def environment(root: Path, **values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "STATUS_PORT", "HOST")}
+    env.update(FL_ROOT_PATH=str(root), HOST="127.0.0.1", PORT="0", STATUS_PORT="0")
+    env.update(values)
+    return env
+
+
+def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(COMMAND + args, env=env, capture_output=True, text=True, timeout=120)
+
+
+class Served:
+    """A ``serve`` process whose log lines are read by a thread into a queue."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [*COMMAND, "serve"], env=env, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for_line(self, text: str, limit: float = 120) -> str:
+        deadline = time.monotonic() + limit
+        while (line := self._queue.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"serve ended without logging {text!r}:\n{''.join(self.lines)}")
+
+    def rest(self) -> str:
+        while (line := self._queue.get(timeout=30)) is not None:
+            self.lines.append(line)
+        return "".join(self.lines)
