@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from fl_coordinator.config import KEYS, ConfigError, Settings, load_settings, read_config_file
+from fl_coordinator.config import KEYS, Settings, load_settings, read_config_file
+from fl_coordinator.errors import ConfigError
 
 README = REPO / "README.md"
 

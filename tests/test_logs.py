@@ -16,7 +16,8 @@ import trio
 from helpers.peers import FakeSelector, completed, serve_and_watch, write_aggregate
 from helpers.processes import Served, environment
 
-from fl_coordinator.config import ConfigError, Settings, load_settings
+from fl_coordinator.config import Settings, load_settings
+from fl_coordinator.errors import ConfigError
 from fl_coordinator.logs import JsonFormatter, log_context
 from fl_coordinator.storage.layout import Layout
 

@@ -20,16 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-
-class ConfigError(Exception):
-    """A configuration value that cannot be used; ``str()`` is one line for the operator."""
-
-    def __init__(self, key: str, value: object, expected: str) -> None:
-        super().__init__(f"configuration error: {key}={value!r}: expected {expected}")
-        self.key = key
-        self.value = value
-        self.expected = expected
-
+from .errors import ConfigError
 
 Parser = Callable[[Any], Any]
 

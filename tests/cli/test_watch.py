@@ -19,8 +19,9 @@ from rich.live import Live
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from fl_coordinator.app import serve
-from fl_coordinator.cli.watch import LiveView, PlainView, WatchError, follow, summary
+from fl_coordinator.cli.watch import LiveView, PlainView, follow, summary
 from fl_coordinator.config import Settings
+from fl_coordinator.errors import WatchError
 from fl_coordinator.status.hub import StatusMessage
 from fl_coordinator.storage.layout import Layout
 

@@ -43,8 +43,9 @@ from fl_coordinator._proto import (
 )
 from fl_coordinator.app import Endpoints, serve
 from fl_coordinator.cli import main as cli
-from fl_coordinator.config import ConfigError, Settings, load_settings
+from fl_coordinator.config import Settings, load_settings
 from fl_coordinator.coordinator import Coordinator
+from fl_coordinator.errors import ConfigError
 from fl_coordinator.federation import selector_cli
 from fl_coordinator.federation.selector import Selector, SelectorOptions
 from fl_coordinator.federation.transfer import file_chunks, integer

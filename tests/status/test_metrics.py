@@ -13,7 +13,8 @@ from helpers.metrics import Samples, parse, scrape
 from helpers.peers import FakeSelector, completed, serve_and_watch, write_aggregate
 from helpers.processes import environment, run
 
-from fl_coordinator.config import ConfigError, Settings, load_settings
+from fl_coordinator.config import Settings, load_settings
+from fl_coordinator.errors import ConfigError
 from fl_coordinator.status.metrics import Metrics
 from fl_coordinator.storage.layout import Layout
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from helpers.peers import assert_arrays_close, fedavg, read_floats
 
+from fl_coordinator.errors import AggregationError
 from fl_coordinator.storage import aggregation
 from fl_coordinator.storage.aggregation import (
-    AggregationError,
     Contribution,
     aggregate,
     read_weight,

@@ -17,13 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._proto import health_pb2
+from ..errors import HealthError
 
 METHOD = "/grpc.health.v1.Health/Check"
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-class HealthError(Exception):
-    """The health service could not be asked; ``str()`` is one line."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,12 @@
 """``fl-coordinator serve | init | rollback | demo | watch | health``: the command line.
 
-Errors an operator can fix (a bad setting, a busy port, a missing file) end
-the program with one line on stderr and exit status 2, never a traceback.
+Each command imports what it uses when it runs, not before: ``health`` (the
+container's health check, run every few seconds) and ``serve`` load neither
+Keras nor the federation package. Errors an operator can fix are
+:class:`~fl_coordinator.errors.OperatorError`: caught once, in :func:`main`,
+printed as one line on stderr, and the program exits with the error's
+``exit_status`` (2 for settings and folders, 1 when a client tool could not
+do its job), never with a traceback.
 """
 
 from __future__ import annotations
@@ -14,17 +19,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import ConfigError, Settings, load_settings, read_config_file
-from ..federation.training import Hyper
+from ..config import Settings, load_settings, read_config_file
+from ..errors import ConfigError, OperatorError
 from ..logs import setup_logging
-from ..storage.layout import Layout
+
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("fl_coordinator")
-
-EXIT_USAGE = 2
-
-#: Local training of the demo's clients (and of its centralized baseline).
-DEMO_HYPER = Hyper()
 
 
 def _load(config: Path | None) -> tuple[Settings, list[str]]:
@@ -40,8 +41,9 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
     return settings.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from ..app import serve
+    from ..storage.layout import Layout
     from ..storage.problem import init_problem, needs_init
     from .running import run_main
 
@@ -56,29 +58,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings.init_files_path,
         )
         init_problem(layout)
-    error = run_main(functools.partial(serve, settings), ConfigError)
-    if error is not None:
-        raise error from None
+    run_main(functools.partial(serve, settings))
     return 0
 
 
-def cmd_init(args: argparse.Namespace) -> int:
-    from ..storage.problem import InitError, init_problem
+def _init(args: argparse.Namespace) -> int:
+    from ..storage.layout import Layout
+    from ..storage.problem import init_problem
 
     root = str(args.root) if args.root is not None else None
     settings = _settings(args.config, fl_root_path=root)
     if args.model is not None and not args.model.is_file():
         raise ConfigError("--model", str(args.model), "an existing Keras model file")
-    try:
-        init_problem(Layout.from_settings(settings), args.model, force=args.force)
-    except InitError as error:
-        print(f"fl-coordinator init: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    init_problem(Layout.from_settings(settings), args.model, force=args.force)
     return 0
 
 
-def cmd_rollback(args: argparse.Namespace) -> int:
+def _rollback(args: argparse.Namespace) -> int:
     from ..storage.journal import history, rollback
+    from ..storage.layout import Layout
 
     layout = Layout.from_settings(_settings(args.config))
     if args.round is None:
@@ -97,52 +95,35 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _demo(argv: Sequence[str]) -> int:
     try:
-        from ..federation.demo import DemoError, DemoOptions, run_demo
+        from ..federation.demo_cli import main as demo
     except ImportError as error:
         print(
             f"fl-coordinator demo: {error.name} is missing; install the demo extra: "
             "pip install 'fl-coordinator[demo]'",
             file=sys.stderr,
         )
-        return EXIT_USAGE
-    setup_logging("WARNING")
-    options = DemoOptions(
-        root=args.root,
-        selectors=args.selectors,
-        clients=args.clients,
-        rounds=args.rounds,
-        hyper=Hyper(args.epochs, args.batch_size, args.learning_rate, args.momentum),
-        seed=args.seed,
-    )
-    try:
-        run_demo(options)
-    except DemoError as error:
-        print(f"fl-coordinator demo: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return ConfigError.exit_status
+    return demo(argv)
 
 
-def cmd_watch(args: argparse.Namespace) -> int:
+def _watch(args: argparse.Namespace) -> int:
     from ..status.websocket import PATH
     from .running import run_main
-    from .watch import WatchError, watch
+    from .watch import watch
 
     settings, _ = _load(args.config)
     setup_logging("WARNING", settings.log_format)  # no "SIGINT received" line on Ctrl-C
     url = args.url or f"ws://127.0.0.1:{settings.status_port}{PATH}"
     token = args.token if args.token is not None else os.environ.get("STATUS_TOKEN") or None
     plain = True if args.plain else None
-    error = run_main(functools.partial(watch, url, token, plain=plain, ca=args.ca), WatchError)
-    if error is not None:
-        print(f"fl-coordinator watch: {error}", file=sys.stderr)
-        return 1
+    run_main(functools.partial(watch, url, token, plain=plain, ca=args.ca))
     return 0
 
 
-def cmd_health(args: argparse.Namespace) -> int:
-    from .health import HealthError, Tls, check
+def _health(args: argparse.Namespace) -> int:
+    from .health import Tls, check
 
     settings, _ = _load(args.config)
     address = args.address or f"127.0.0.1:{settings.port}"
@@ -156,13 +137,13 @@ def cmd_health(args: argparse.Namespace) -> int:
             Path(settings.tls_key_file) if mutual else None,
             args.server_name,
         )
-    try:
-        health = check(address, args.service, args.timeout, tls)
-    except HealthError as error:
-        print(f"fl-coordinator health: {error}", file=sys.stderr)
-        return 1
+    health = check(address, args.service, args.timeout, tls)
     print(f"{address}: {health.name}")
     return 0 if health.serving else 1
+
+
+def _config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,20 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the coordinator of one FL problem")
-    serve.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
-    serve.set_defaults(run=cmd_serve)
+    _config_flag(serve)
+    serve.set_defaults(run=_serve)
 
     init = commands.add_parser("init", help="prepare a problem folder (model and checkpoint)")
     init.add_argument("--root", type=Path, help="problem folder (default: FL_ROOT_PATH)")
     init.add_argument("--model", type=Path, help="Keras model file (default: built-in model)")
     init.add_argument("--force", action="store_true", help="replace an existing checkpoint")
-    init.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
-    init.set_defaults(run=cmd_init)
+    _config_flag(init)
+    init.set_defaults(run=_init)
 
     back = commands.add_parser("rollback", help="restore the global checkpoint of a past round")
     back.add_argument("--round", type=int, help="round to restore (without it: list them)")
-    back.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
-    back.set_defaults(run=cmd_rollback)
+    _config_flag(back)
+    back.set_defaults(run=_rollback)
 
     watch = commands.add_parser("watch", help="follow the rounds of a running coordinator")
     watch.add_argument(
@@ -197,9 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument("--plain", action="store_true", help="lines, even on a terminal")
     watch.add_argument("--ca", type=Path, help="CA (PEM) of a wss:// coordinator's certificate")
-
-    watch.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
-    watch.set_defaults(run=cmd_watch)
+    _config_flag(watch)
+    watch.set_defaults(run=_watch)
 
     health = commands.add_parser(
         "health", help="exit 0 iff the coordinator's gRPC health service answers SERVING"
@@ -211,33 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--ca", type=Path, help="CA (PEM) of the coordinator's certificate: ask over TLS"
     )
     health.add_argument("--server-name", help="name in its certificate, if not the address's")
+    _config_flag(health)
+    health.set_defaults(run=_health)
 
-    health.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
-    health.set_defaults(run=cmd_health)
-
-    demo = commands.add_parser("demo", help="run a whole federation on this machine")
-
-    demo.add_argument("--root", type=Path, default=Path("demo"), help="demo folder (./demo)")
-    demo.add_argument("--selectors", type=int, default=2)
-    demo.add_argument("--clients", type=int, default=6)
-    demo.add_argument("--rounds", type=int, default=10)
-    demo.add_argument("--epochs", type=int, default=DEMO_HYPER.epochs, help="local epochs")
-    demo.add_argument("--batch-size", type=int, default=DEMO_HYPER.batch_size)
-    demo.add_argument("--learning-rate", type=float, default=DEMO_HYPER.learning_rate)
-    demo.add_argument("--momentum", type=float, default=DEMO_HYPER.momentum)
-
-    demo.add_argument("--seed", type=int, default=0, help="data split and initial model")
-    demo.set_defaults(run=cmd_demo)
+    # Listed here for --help; its flags belong to the federation package (see main).
+    commands.add_parser(
+        "demo",
+        help="run a whole federation on this machine (fl-coordinator demo --help for its flags)",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        return _demo(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ConfigError as error:
+    except OperatorError as error:
         print(f"fl-coordinator {args.command}: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return error.exit_status
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import trio
+
+from ..errors import OperatorError, first_of
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,8 @@ async def run_until_signal(main: Callable[[], Awaitable[object]]) -> None:
                 break
 
 
-E = TypeVar("E", bound=BaseException)
-
-
-def first_of(group: BaseExceptionGroup, kind: type[E]) -> E | None:
-    """The first ``kind`` exception inside a nursery's exception group, if any."""
-    matched, _ = group.split(kind)
-    while isinstance(matched, BaseExceptionGroup):
-        matched = matched.exceptions[0]
-    return matched
-
-
-def run_main(main: Callable[[], Awaitable[object]], expected: type[E]) -> E | None:
-    """``trio.run`` ``main`` until it ends or a signal; return the ``expected`` error it raised.
+def run_main(main: Callable[[], Awaitable[object]]) -> None:
+    """``trio.run`` ``main`` until it ends or a signal; raise the OperatorError it raised.
 
     Errors an operator can act on (a bad setting, an unreachable peer) leave
     the nursery wrapped in an exception group; command-line entry points want
@@ -62,8 +52,7 @@ def run_main(main: Callable[[], Awaitable[object]], expected: type[E]) -> E | No
     try:
         trio.run(run_until_signal, main)
     except BaseExceptionGroup as group:
-        error = first_of(group, expected)
+        error = first_of(group, OperatorError)
         if error is None:
             raise
-        return error
-    return None
+        raise error from None

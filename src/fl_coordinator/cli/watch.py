@@ -25,16 +25,13 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from ..errors import WatchError
 from ..status.hub import StatusMessage
 
 #: Seconds to wait for the coordinator to complete the websocket handshake.
 CONNECT_TIMEOUT = 10.0
 #: Status lines kept under the live panel.
 HISTORY = 8
-
-
-class WatchError(Exception):
-    """Why watching stopped; ``str()`` is one line for the operator."""
 
 
 def summary(message: StatusMessage) -> str:

@@ -18,15 +18,12 @@ import purerpc
 import trio
 
 from .._proto import fl_round_grpc, fl_round_pb2
+from ..errors import GaveUp
 from ..rpc.addresses import split_address
 from .training import Hyper, Trainer
 from .transfer import file_chunks, integer, safe_name
 
 log = logging.getLogger(__name__)
-
-
-class GaveUp(Exception):
-    """The client was refused more often than it was allowed to retry."""
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import trio
 
-from ..cli.running import first_of, run_until_signal
+from ..cli.running import run_until_signal
+from ..errors import GaveUp, first_of
 from ..logs import setup_logging
 from ..rpc.addresses import BadAddress, split_address
-from .client import Client, ClientOptions, GaveUp
+from .client import Client, ClientOptions
 from .training import Hyper
 
 log = logging.getLogger("fl_coordinator.client")

@@ -22,21 +22,16 @@ from typing import Any, TextIO
 import trio
 import trio_websocket
 
-from ..cli.running import first_of
 from ..config import default_settings
+from ..errors import ChildFailed, DemoError, first_of
 from ..storage.layout import Layout
 from ..storage.problem import init_problem
 from .data import Split, split_digits, write_shards
 from .local import LocalFederation
-from .processes import ChildFailed
 from .training import Hyper, accuracy, compile_for_training, load_weights
 
 #: Without any status message for this long, the demo gives up and points at the logs.
 STALL_SECONDS = 180.0
-
-
-class DemoError(Exception):
-    """The demo cannot run or did not finish; the message says why and where to look."""
 
 
 @dataclass(frozen=True)

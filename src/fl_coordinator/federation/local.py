@@ -13,7 +13,8 @@ from pathlib import Path
 
 import trio
 
-from .processes import Child, ChildFailed
+from ..errors import ChildFailed
+from .processes import Child
 from .training import Hyper
 
 

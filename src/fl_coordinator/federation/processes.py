@@ -12,9 +12,7 @@ from pathlib import Path
 
 import trio
 
-
-class ChildFailed(Exception):
-    """A child process ended (or never became ready); the message quotes its log."""
+from ..errors import ChildFailed
 
 
 class Child:

@@ -42,7 +42,7 @@ from .._proto import (
     fl_round_grpc,
     fl_round_pb2,
 )
-from ..cli.running import first_of
+from ..errors import first_of
 from ..rpc.addresses import dial
 from ..rpc.listener import serve_grpc
 from ..storage.aggregation import AggregationError, sum_into

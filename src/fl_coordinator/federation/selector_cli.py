@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..cli.running import run_main
-from ..config import ConfigError, Settings, load_settings
+from ..config import Settings, load_settings
+from ..errors import ConfigError, InputError, OperatorError
 from ..logs import setup_logging
-from ..rpc.addresses import BadAddress, split_address
+from ..rpc.addresses import split_address
 from ..rpc.auth import load_token
 from ..rpc.tls import client_context, server_context
 from ..storage.layout import Layout
@@ -93,17 +94,15 @@ def security_options(args: argparse.Namespace, settings: Settings) -> dict[str, 
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _serve(args: argparse.Namespace) -> None:
+    settings, _ = load_settings()
+    if args.root is not None:
+        settings = settings.replace(fl_root_path=str(args.root))
     try:
-        settings, _ = load_settings()
-        if args.root is not None:
-            settings = settings.replace(fl_root_path=str(args.root))
         split_address(args.coordinator)
-        security = security_options(args, settings)
-    except (ConfigError, BadAddress) as error:
-        print(f"fl-selector: {error}", file=sys.stderr)
-        return 2
+    except InputError as error:
+        raise ConfigError("--coordinator", args.coordinator, "host:port") from error
+    security = security_options(args, settings)
     setup_logging(settings.log_level, settings.log_format)
     options = SelectorOptions(
         coordinator=args.coordinator,
@@ -117,10 +116,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_checkin=not args.per_client_checkin,
         **security,
     )
-    error = run_main(Selector(options).serve, ConfigError)
-    if error is not None:
+    run_main(Selector(options).serve)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _serve(args)
+    except OperatorError as error:
         print(f"fl-selector: {error}", file=sys.stderr)
-        return 2
+        return error.exit_status
     return 0
 
 

@@ -1,17 +1,12 @@
-"""Addresses: parsing selector ids as ``host:port``, dialing them, explaining bind failures."""
+"""Selector addresses: parsing ids as ``host:port`` and dialing them."""
 
 from __future__ import annotations
 
-import errno
 import ssl
 
 import purerpc
 
-from ..config import ConfigError
-
-
-class BadAddress(ValueError):
-    """A selector id that cannot be dialed."""
+from ..errors import BadAddress
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -34,14 +29,3 @@ def dial(address: str, ssl_context: ssl.SSLContext | None = None) -> purerpc.Cha
     if ssl_context is None:
         return purerpc.insecure_channel(host, port)
     return purerpc.secure_channel(host, port, ssl_context)
-
-
-def bind_error(key: str, host: str, port: int, error: OSError) -> ConfigError:
-    """A start-up error for a port we could not listen on."""
-    if error.errno == errno.EADDRINUSE:
-        reason = "a free port (address already in use: is another coordinator running?)"
-    elif error.errno == errno.EADDRNOTAVAIL:
-        reason = f"a port on a local address ({host!r} is not an address of this machine)"
-    else:
-        reason = f"a port we may listen on at {host!r} ({error.strerror or error})"
-    return ConfigError(key, port, reason)

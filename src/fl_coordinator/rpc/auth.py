@@ -26,7 +26,8 @@ from purerpc.grpclib.events import RequestReceived
 from purerpc.rpc import Cardinality
 from purerpc.server import BoundRPCMethod
 
-from ..config import ConfigError, Settings, optional_token
+from ..config import Settings, optional_token
+from ..errors import ConfigError
 from .health import SERVICE_NAME as HEALTH_SERVICE
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.exceptions import MessageTooLargeError
 from purerpc.server import ConnectionHandler
 
-from .addresses import bind_error
+from ..errors import ListenError
 from .auth import Check, guard_services
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ async def serve_grpc(
     try:
         tcp = await anyio.create_tcp_listener(local_host=host, local_port=port)
     except OSError as error:
-        raise bind_error("PORT", host, port, error) from None
+        raise ListenError("PORT", host, port, error) from None
     listener: anyio.abc.Listener[anyio.abc.ByteStream] = tcp
     if ssl_context is not None:
         # standard_compatible=False: gRPC peers close without TLS close_notify.

@@ -14,7 +14,8 @@ import logging
 import ssl
 from pathlib import Path
 
-from ..config import ConfigError, Settings
+from ..config import Settings
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import h11
 import trio
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..rpc.addresses import bind_error
+from ..errors import ListenError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ async def serve_metrics(
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as error:
-        raise bind_error("METRICS_PORT", host, port, error) from None
+        raise ListenError("METRICS_PORT", host, port, error) from None
     bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, functools.partial(_handle, render), listeners)

@@ -30,7 +30,7 @@ from trio_websocket import (
     WebSocketServer,
 )
 
-from ..rpc.addresses import bind_error
+from ..errors import ListenError
 from ..rpc.auth import AUTHORIZATION, bearer_problem, header_value
 from .hub import StatusHub, Subscription
 
@@ -175,7 +175,7 @@ class StatusServer:
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as error:
-            raise bind_error("STATUS_PORT", host, port, error) from None
+            raise ListenError("STATUS_PORT", host, port, error) from None
         if self._ssl_context is not None:
             listeners = [
                 trio.SSLListener(listener, self._ssl_context, https_compatible=True)

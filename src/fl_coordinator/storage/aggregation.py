@@ -40,19 +40,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..errors import AggregationError, ShuttingDown
 from .layout import atomic_target
 
 #: A selector's weight is a count of training batches; anything above this is
 #: a broken file, not a real federation (and would lose float64 precision).
 MAX_WEIGHT = 2**53
-
-
-class AggregationError(Exception):
-    """An input that cannot be aggregated; the message names the file and the problem."""
-
-
-class Cancelled(AggregationError):
-    """The coordinator is shutting down; the checkpoint was left as it was."""
 
 
 @dataclass(frozen=True)
@@ -260,7 +253,7 @@ def sum_into(
                 result = np.empty(largest, like.dtype)
                 for selection in selections:
                     if cancel is not None and cancel.is_set():
-                        raise Cancelled("aggregation cancelled: shutting down")
+                        raise ShuttingDown("aggregation cancelled: shutting down")
                     rows = slab_shape(like.shape, selection)[:1] if selection else ()
                     total = sums[: rows[0]] if rows else sums
                     # The first two inputs start the float64 sum in one pass (the

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError, ProblemError
 from .layout import Layout, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,9 @@ def read_journal(layout: Layout) -> Entry | None:
         if entry.round < 1:
             raise ValueError("round < 1")
     except (ValueError, TypeError) as error:
-        raise ConfigError(
-            "FL_ROOT_PATH",
-            str(path),
-            f"a readable round journal ({error}); move it away to "
-            "start counting rounds from the history",
+        raise ProblemError(
+            f"{path}: not a readable round journal ({error}); move it away to "
+            "start counting rounds from the history"
         ) from None
     return entry
 

@@ -17,16 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Settings
+from ..errors import InvalidSelectorId
 
 #: Longest selector id we accept: an id is a folder name (255 bytes on most
 #: file systems) and also a ``host:port`` we dial.
 MAX_SELECTOR_ID_BYTES = 255
 
 COORDINATOR_DIR = ".coordinator"
-
-
-class InvalidSelectorId(ValueError):
-    """A selector id that is not a safe folder name or not a ``host:port``."""
 
 
 #: C0 controls and DEL. A regex, not a loop over characters: this runs on every

@@ -17,15 +17,11 @@ from typing import Any
 
 import h5py
 
-from ..config import ConfigError
+from ..errors import ConfigError, ProblemError
 from .aggregation import float_datasets
 from .layout import Layout, atomic_target
 
 log = logging.getLogger(__name__)
-
-
-class InitError(Exception):
-    """``init`` cannot do what it was asked; the message says what to do instead."""
 
 
 def _save_with_keras(save: Callable[[Path], Any], suffix: str, dest: Path, tmp_dir: Path) -> None:
@@ -49,7 +45,7 @@ def init_problem(layout: Layout, model_file: Path | None = None, force: bool = F
     from .model import builtin_model, import_keras
 
     if layout.checkpoint.exists() and not force:
-        raise InitError(
+        raise ProblemError(
             f"{layout.checkpoint} already exists; use --force to replace it "
             "(this discards the trained global model)"
         )
@@ -62,7 +58,9 @@ def init_problem(layout: Layout, model_file: Path | None = None, force: bool = F
         try:
             model = keras.models.load_model(model_file, compile=False)
         except Exception as error:
-            raise InitError(f"{model_file}: not a Keras model Keras can load ({error})") from None
+            raise ProblemError(
+                f"{model_file}: not a Keras model Keras can load ({error})"
+            ) from None
         if model_file.suffix == ".h5":
             with atomic_target(layout.model, layout.tmp) as tmp:
                 shutil.copyfile(model_file, tmp)

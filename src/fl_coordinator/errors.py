@@ -1,0 +1,170 @@
+"""Every exception fl-coordinator raises on purpose, in one tree.
+
+Catch at the level you care about: a program embedding the coordinator
+catches :class:`OperatorError` around :func:`fl_coordinator.serve` and shows
+``str(error)`` (one line: what, which value, what to do); the command line
+does exactly that, once, and exits with the error's ``exit_status``. Errors
+about untrusted input are values at the edges: the coordinator turns them
+into a refused call or a rejected selector, never into a crash. The tree
+(as httpx's ``_exceptions.py`` draws its own)::
+
+    FLError
+    ├── OperatorError ............ an operator can fix it; exit status 2
+    │   ├── ConfigError .......... a setting or flag that cannot be used (key, value, expected)
+    │   ├── ListenError .......... a port that cannot be listened on (busy, not local)
+    │   ├── ProblemError ......... the problem folder cannot be initialised, read or rolled back
+    │   └── CommandFailed ........ a client tool could not do its job; exit status 1
+    │       ├── WatchError ....... ``fl-coordinator watch``: the stream cannot be followed
+    │       ├── HealthError ...... ``fl-coordinator health``: the health service cannot be asked
+    │       └── DemoError ........ ``fl-coordinator demo`` did not finish
+    ├── InputError (ValueError) .. untrusted input refused at the edge, with the reason
+    │   ├── InvalidSelectorId .... an id that is not a safe folder name
+    │   └── BadAddress ........... an id or address that is not ``host:port``
+    ├── AggregationError ......... an average could not be computed; the checkpoint is untouched
+    │   └── ShuttingDown ......... ...because the coordinator is stopping
+    └── FederationError .......... the reference selector, client and demo processes
+        ├── GaveUp ............... a client was refused more often than it may retry
+        └── ChildFailed .......... a process of a local federation ended or never became ready
+
+Trio's own exceptions (``trio.Cancelled``) and programming errors are not
+part of the tree: they are not meant to be caught by a caller.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TypeVar
+
+__all__ = [
+    "AggregationError",
+    "BadAddress",
+    "ChildFailed",
+    "CommandFailed",
+    "ConfigError",
+    "DemoError",
+    "FLError",
+    "FederationError",
+    "GaveUp",
+    "HealthError",
+    "InputError",
+    "InvalidSelectorId",
+    "ListenError",
+    "OperatorError",
+    "ProblemError",
+    "ShuttingDown",
+    "WatchError",
+    "first_of",
+]
+
+
+class FLError(Exception):
+    """Base of every exception fl-coordinator raises on purpose."""
+
+
+class OperatorError(FLError):
+    """Something an operator can fix; ``str()`` is one line that says what to do.
+
+    ``exit_status`` is what the command line exits with after printing it.
+    """
+
+    exit_status = 2
+
+
+class ConfigError(OperatorError):
+    """A configuration value (a key, or a command-line flag) that cannot be used."""
+
+    def __init__(self, key: str, value: object, expected: str) -> None:
+        super().__init__(f"configuration error: {key}={value!r}: expected {expected}")
+        self.key = key
+        self.value = value
+        self.expected = expected
+
+
+class ListenError(OperatorError):
+    """A port that cannot be listened on. ``key`` is the setting that chose it."""
+
+    def __init__(self, key: str, host: str, port: int, error: OSError) -> None:
+        if error.errno == errno.EADDRINUSE:
+            reason = "a free port (address already in use: is another coordinator running?)"
+        elif error.errno == errno.EADDRNOTAVAIL:
+            reason = f"a port on a local address ({host!r} is not an address of this machine)"
+        else:
+            reason = f"a port we may listen on at {host!r} ({error.strerror or error})"
+        super().__init__(f"configuration error: {key}={port!r}: expected {reason}")
+        self.key = key
+        self.host = host
+        self.port = port
+
+
+class ProblemError(OperatorError):
+    """The problem folder cannot be initialised, read or rolled back as asked."""
+
+
+class CommandFailed(OperatorError):
+    """A client tool (``watch``, ``health``, ``demo``) could not do its job."""
+
+    exit_status = 1
+
+
+class WatchError(CommandFailed):
+    """Why ``fl-coordinator watch`` stopped following the status stream."""
+
+
+class HealthError(CommandFailed):
+    """The health service could not be asked (unreachable, refused, unreadable TLS files)."""
+
+
+class DemoError(CommandFailed):
+    """The demo cannot run or did not finish; the message says why and where to look."""
+
+
+class InputError(FLError, ValueError):
+    """Untrusted input (from a peer, a selector's folder) refused at the edge."""
+
+
+class InvalidSelectorId(InputError):
+    """A selector id that is not a safe folder name (empty, too long, separators, controls)."""
+
+
+class BadAddress(InputError):
+    """A selector id or an address that cannot be dialed as ``host:port``."""
+
+
+class AggregationError(FLError):
+    """An average (or the check of one contribution) could not be computed.
+
+    The message names the file and what is wrong with it; the global
+    checkpoint is left as it was.
+    """
+
+
+class ShuttingDown(AggregationError):
+    """The coordinator is stopping: the aggregation was given up, the checkpoint kept."""
+
+
+class FederationError(FLError):
+    """A failure of the reference programs (selector, client, local federation)."""
+
+
+class GaveUp(FederationError):
+    """The client was refused more often than it was allowed to retry."""
+
+
+class ChildFailed(FederationError):
+    """A child process ended (or never became ready); the message quotes its log."""
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def first_of(group: BaseExceptionGroup, kind: type[E]) -> E | None:
+    """The first ``kind`` exception inside ``group`` (at any depth), if any.
+
+    Trio's nurseries and purerpc's channels wrap what their tasks raise in
+    exception groups; an entry point that wants one error to print as one
+    line looks it up here.
+    """
+    matched, _ = group.split(kind)
+    while isinstance(matched, BaseExceptionGroup):
+        matched = matched.exceptions[0]
+    return matched

@@ -1,0 +1,64 @@
+"""``fl-coordinator demo``: the flags of the local demo, parsed by the federation package itself.
+
+The coordinator's command line hands ``demo`` and everything after it to
+:func:`main` without importing this package first, so the operator commands
+(``serve``, ``health``, ...) never load the demo's training settings, Keras
+or scikit-learn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import DemoError
+from ..logs import setup_logging
+from .demo import DemoOptions, run_demo
+from .training import Hyper
+
+__all__ = ["build_parser", "main"]
+
+_DEFAULTS = DemoOptions()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fl-coordinator demo",
+        description="Run a whole federation on this machine (coordinator, selectors and "
+        "clients as processes on 127.0.0.1), compared with centralized training.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--root", type=Path, default=_DEFAULTS.root, help="demo folder")
+    parser.add_argument("--selectors", type=int, default=_DEFAULTS.selectors)
+    parser.add_argument("--clients", type=int, default=_DEFAULTS.clients)
+    parser.add_argument("--rounds", type=int, default=_DEFAULTS.rounds)
+    hyper = _DEFAULTS.hyper
+    parser.add_argument("--epochs", type=int, default=hyper.epochs, help="local epochs")
+    parser.add_argument("--batch-size", type=int, default=hyper.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=hyper.learning_rate)
+    parser.add_argument("--momentum", type=float, default=hyper.momentum)
+    parser.add_argument(
+        "--seed", type=int, default=_DEFAULTS.seed, help="data split and initial model"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("WARNING")
+    options = DemoOptions(
+        root=args.root,
+        selectors=args.selectors,
+        clients=args.clients,
+        rounds=args.rounds,
+        hyper=Hyper(args.epochs, args.batch_size, args.learning_rate, args.momentum),
+        seed=args.seed,
+    )
+    try:
+        run_demo(options)
+    except DemoError as error:
+        print(f"fl-coordinator demo: {error}", file=sys.stderr)
+        return error.exit_status
+    return 0
