@@ -24,7 +24,8 @@ import trio
 import trio_websocket
 from bench_report import percentile
 
-from fl_coordinator.core.rounds import Stage, Status
+from fl_coordinator.core.events import Status
+from fl_coordinator.core.stages import Stage
 from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.status.websocket import StatusServer
 

@@ -32,7 +32,7 @@ import trio_websocket
 from fl_coordinator._proto import fl_intra_grpc, fl_intra_pb2
 from fl_coordinator.app import serve
 from fl_coordinator.config import Settings, default_settings
-from fl_coordinator.rpc import goal_count as broadcast
+from fl_coordinator.rpc.goal_count import GoalCountClient
 from fl_coordinator.rpc.listener import serve_grpc
 from fl_coordinator.storage.layout import Layout
 
@@ -130,9 +130,10 @@ async def _one_round(
         for selector in selectors:
             calls.start_soon(stub.ClientCountUpdate, fl_intra_pb2.ClientCount(id=selector.id))
     if reference:  # our coordinator tells the selectors itself; the reference has the bench do it
+        tell = GoalCountClient(call_timeout=10.0)
         async with trio.open_nursery() as calls:
             for selector in selectors:
-                calls.start_soon(broadcast.goal_count_reached, selector.id)
+                calls.start_soon(tell, selector.id)
     async with trio.open_nursery() as calls:
         for _ in selectors:
             request = fl_intra_pb2.SelectorId(id=await told.receive())

@@ -21,9 +21,8 @@ from helpers.peers import (
     write_aggregate,
 )
 
-from fl_coordinator.app import serve
+from fl_coordinator.app import build_coordinator, serve
 from fl_coordinator.config import Settings
-from fl_coordinator.coordinator import Coordinator
 from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.storage.aggregation import aggregate
 from fl_coordinator.storage.layout import Layout
@@ -231,7 +230,7 @@ async def test_a_burst_of_check_ins_is_one_step_and_keeps_every_stage(
     """Five check-ins queued at once, goal 3: handled in one step, whose snapshots of the
     same stage collapse into the last one; the stage change itself is never lost."""
     hub = StatusHub("p", "c")
-    coordinator = Coordinator(settings.replace(checkin_limit=3), layout, hub)
+    coordinator = build_coordinator(settings.replace(checkin_limit=3), layout, hub)
     answers: list[int] = []
 
     async def check_in() -> None:

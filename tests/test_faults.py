@@ -29,9 +29,8 @@ from helpers.peers import (
 )
 
 from fl_coordinator._proto import fl_intra_pb2, fl_round_grpc, fl_round_pb2
-from fl_coordinator.app import serve
+from fl_coordinator.app import build_coordinator, serve
 from fl_coordinator.config import Settings
-from fl_coordinator.coordinator import Coordinator
 from fl_coordinator.federation.processes import Child
 from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.storage.aggregation import Contribution, aggregate
@@ -286,7 +285,7 @@ async def test_selection_window_on_a_mock_clock(
     settings = settings.replace(checkin_limit=4, selection_timeout=30.0, min_checkin_fraction=0.75,
                                 goal_count_retries=0)  # fmt: skip
     hub = StatusHub("p", "c")
-    coordinator = Coordinator(settings, layout, hub)
+    coordinator = build_coordinator(settings, layout, hub)
     async with trio.open_nursery() as nursery:
         with hub.subscribe() as stream:
             await nursery.start(coordinator.run)

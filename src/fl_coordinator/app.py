@@ -1,11 +1,15 @@
-"""``serve(settings)``: the nursery that wires the coordinator together.
+"""``serve(settings)``: the composition root that wires the coordinator together.
 
-One nursery runs the round-state task, the purerpc gRPC server for selectors
-(with the health service), the websocket status server, the metrics (and, if
-``METRICS_PORT`` is set, their HTTP endpoint) and, if configured, the webhook.
-Cancelling it (Ctrl-C, SIGTERM, or a test leaving its block) stops all of
-them. TLS contexts and the token are loaded before anything listens, so an
-unusable certificate stops the start-up with one line.
+This is the one place that reads :class:`~.config.Settings` as a whole. It
+turns them into the small values each part needs (the round's rules, TLS
+contexts, the retry policy, the status stream's limits), builds the I/O the
+round task is handed (the problem folder, the ``GoalCountReached`` client),
+and runs everything in one nursery: the round task, the purerpc gRPC server
+for selectors (with the health service), the websocket status server, the
+metrics (and, if ``METRICS_PORT`` is set, their HTTP endpoint) and, if
+configured, the webhook. Cancelling it (Ctrl-C, SIGTERM, or a test leaving
+its block) stops all of them. TLS contexts and the token are loaded before
+anything listens, so an unusable certificate stops the start-up with one line.
 """
 
 from __future__ import annotations
@@ -18,11 +22,19 @@ import trio
 
 from .config import Settings
 from .coordinator import Coordinator
+from .core.rounds import Rules
+from .retry import RetryPolicy
 from .rpc.auth import TokenGuard, load_token
+from .rpc.goal_count import GoalCountClient
 from .rpc.health import HealthServicer, checkpoint_readable
 from .rpc.listener import serve_grpc
 from .rpc.servicers import CheckIns, IntraBatchServicer, IntraServicer
-from .rpc.tls import grpc_server_context, status_server_context, warn_if_exposed
+from .rpc.tls import (
+    grpc_server_context,
+    selector_client_context,
+    status_server_context,
+    warn_if_exposed,
+)
 from .status.hub import StatusHub
 from .status.metrics import Metrics
 from .status.metrics_endpoint import PATH as METRICS_PATH
@@ -33,6 +45,9 @@ from .storage.aggregation import Aggregator, aggregate
 from .storage.journal import next_round
 from .storage.layout import Layout
 from .storage.problem import check_problem, clean_tmp
+from .storage.round_files import RoundFiles
+
+__all__ = ["Endpoints", "build_coordinator", "round_rules", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +78,52 @@ class Endpoints:
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
 
+def round_rules(settings: Settings) -> Rules:
+    """The goal, windows and admission rules of every round."""
+    return Rules(
+        goal=settings.checkin_limit,
+        selection_timeout=settings.selection_timeout,
+        min_checkin_fraction=settings.min_checkin_fraction,
+        reporting_timeout=settings.reporting_timeout,
+        min_reporting_fraction=settings.min_reporting_fraction,
+        allowed=frozenset(settings.allowed_selectors),
+        max_selectors=settings.max_selectors_per_round,
+    )
+
+
+def goal_count_retry(settings: Settings) -> RetryPolicy:
+    """GOAL_COUNT_RETRIES retries after the first call, waits of 1 s, 2 s, 4 s, ... plus jitter."""
+    return RetryPolicy(attempts=settings.goal_count_retries + 1, first_wait=1.0)
+
+
+def build_coordinator(
+    settings: Settings,
+    layout: Layout,
+    hub: StatusHub,
+    *,
+    aggregator: Aggregator = aggregate,
+    first_round: int = 1,
+) -> Coordinator:
+    """The round task of ``settings``' problem, with its I/O. Raises ConfigError (TLS files)."""
+    tell = GoalCountClient(settings.goal_count_timeout, selector_client_context(settings))
+    files = RoundFiles(layout, aggregator=aggregator, keep=settings.keep_checkpoints)
+    return Coordinator(
+        round_rules(settings),
+        files,
+        hub,
+        tell=tell,
+        retry=goal_count_retry(settings),
+        first_round=first_round,
+    )
+
+
 async def serve(
     settings: Settings,
     *,
     aggregator: Aggregator = aggregate,
     task_status: trio.TaskStatus[Endpoints] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve one FL problem until cancelled. Raises ConfigError if it cannot start.
+    """Serve one FL problem until cancelled. Raises an OperatorError if it cannot start.
 
     ``aggregator`` is the averaging function run in a worker thread; tests and
     benchmarks pass a wrapped one to observe or pace it.
@@ -83,7 +137,13 @@ async def serve(
     token = load_token(settings)
     hub = StatusHub(settings.problem_id, str(layout.checkpoint))
     metrics = Metrics(settings.problem_id)
-    coordinator = Coordinator(settings, layout, hub, metrics.measured(aggregator), first_round)
+    coordinator = build_coordinator(
+        settings,
+        layout,
+        hub,
+        aggregator=metrics.measured(aggregator),
+        first_round=first_round,
+    )
     status_server = StatusServer(
         hub,
         StatusLimits(
@@ -98,12 +158,13 @@ async def serve(
     async def healthy() -> bool:
         return coordinator.alive and await checkpoint_readable(layout.checkpoint)
 
-    check_ins = CheckIns(coordinator, answered=metrics.checked_in)
-    services = [
+    check_ins = CheckIns(coordinator, count=metrics.checked_in)
+    selector_services = [
         IntraServicer(coordinator, check_ins).service,
         IntraBatchServicer(check_ins).service,
-        HealthServicer(healthy).service,
     ]
+    health = HealthServicer(healthy, served=[s.name for s in selector_services])
+    services = [*selector_services, health.service]
     async with trio.open_nursery() as nursery:
         await nursery.start(metrics.follow, hub)
         await nursery.start(coordinator.run)
@@ -114,7 +175,7 @@ async def serve(
                 settings.host,
                 settings.port,
                 ssl_context=grpc_tls,
-                check=TokenGuard(token).check if token else None,
+                guard=TokenGuard(token) if token else None,
                 max_message_bytes=settings.grpc_max_message_bytes,
             )
         )

@@ -1,56 +1,53 @@
 """The task that owns the round state and carries out its effects.
 
-Only this task touches :class:`~.rounds.Round`. RPC handlers send it events on
-a trio memory channel (with a one-shot reply channel when they need an
-answer). It never waits on the network or the disk itself: broadcasts and
-aggregations are spawned into its nursery and report back as new events.
+Only this task touches :class:`~.core.rounds.Round`. RPC handlers send it
+events on a trio memory channel (with a one-shot answer slot when they need
+an answer). It never waits on the network or the disk itself: broadcasts,
+validations and aggregations are spawned into its nursery and report back as
+new events. What it does to the outside world is handed to it by the
+composition root (:mod:`.app`): the problem folder (a
+:class:`~.storage.round_files.RoundFiles`), the function that tells a
+selector to configure, and the retry policy; it builds no TLS context and
+dials nothing by itself.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import trio
 
-from .config import Settings
-from .core.rounds import (
+from .core.events import (
     Aggregate,
     AggregationDone,
+    Answer,
     Arm,
     Broadcast,
     BroadcastDone,
-    Check,
     CheckIn,
-    ContributionChecked,
+    ContributionValidated,
     Effect,
     Event,
     Log,
     Refused,
-    Reply,
-    Round,
-    Rules,
     SelectorReported,
-    Stage,
     Status,
+    Validate,
     WindowClosed,
 )
+from .core.rounds import Round, Rules
+from .core.stages import Stage
+from .errors import AggregationError, short_reason
 from .logs import log_context
-from .rpc import goal_count as broadcast
-from .rpc.tls import selector_client_context
+from .retry import RetryPolicy
 from .status.hub import StatusHub, utc_now
-from .storage.aggregation import (
-    AggregationError,
-    AggregationResult,
-    Aggregator,
-    Contribution,
-    aggregate,
-    check_contribution,
-)
-from .storage.journal import Entry, remember, write_journal
-from .storage.layout import Layout
+from .storage.journal import Entry
+from .storage.round_files import RoundFiles
+
+__all__ = ["EVENT_BUFFER", "Coordinator", "Tell"]
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +62,12 @@ def _phase(status: Status) -> tuple[int, Stage, bool]:
     return status.round, status.stage, status.aggregating
 
 
-class Answer:
-    """The one-shot reply slot of a check-in: set once by the round task, read by the caller.
+#: Tells one selector (its id) to configure its clients; raises if it could not.
+Tell = Callable[[str], Awaitable[None]]
+
+
+class _AnswerSlot:
+    """The one-shot answer slot of a check-in: set once by the round task, read by the caller.
 
     Lighter than a memory channel per call (check-ins are the hot path: see
     ``scripts/bench --parts checkin``); ``waiting`` turns False when the caller
@@ -81,35 +82,56 @@ class Answer:
         self.waiting = True
 
 
+@dataclass(frozen=True)
+class _Done(Generic[T]):
+    value: T
+
+
+@dataclass(frozen=True)
+class _Failed:
+    reason: str
+
+
+#: What came of work on files: its value, or why it failed (a reason for a person).
+_Outcome = _Done[T] | _Failed
+
+
+async def _outcome(work: Awaitable[T], what: str) -> _Outcome[T]:
+    """Await ``work``; an AggregationError is an expected, specific failure; anything
+    else is a bug, logged with its traceback, and reported as an internal error."""
+    try:
+        return _Done(await work)
+    except AggregationError as error:
+        return _Failed(str(error))
+    except Exception as error:
+        log.exception("%s crashed", what)
+        return _Failed(f"internal error: {type(error).__name__}: {error}")
+
+
 class Coordinator:
-    """Round state owner. Use :meth:`check_in` and :meth:`report` from RPC handlers."""
+    """Round state owner. Use :meth:`check_in`, :meth:`report`, :meth:`refused` from RPC handlers.
+
+    ``tell(selector)`` sends ``GoalCountReached`` (it sets its own time limit
+    per call); ``retry`` says how often a failed ``tell`` is tried again before
+    the selector is dropped from the round.
+    """
 
     def __init__(
         self,
-        settings: Settings,
-        layout: Layout,
+        rules: Rules,
+        files: RoundFiles,
         hub: StatusHub,
-        aggregator: Aggregator = aggregate,
+        *,
+        tell: Tell,
+        retry: RetryPolicy,
         first_round: int = 1,
     ) -> None:
-        self._settings = settings
-        self._goal_count_tls = selector_client_context(settings)  # ConfigError if unusable
         self.alive = False  # the round task runs (for the health check)
-        self._aggregator = aggregator
-        self._layout = layout
+        self._files = files
         self._hub = hub
-        self._round = Round(
-            Rules(
-                goal=settings.checkin_limit,
-                selection_timeout=settings.selection_timeout,
-                min_checkin_fraction=settings.min_checkin_fraction,
-                reporting_timeout=settings.reporting_timeout,
-                min_reporting_fraction=settings.min_reporting_fraction,
-                allowed=frozenset(settings.allowed_selectors),
-                max_selectors=settings.max_selectors_per_round,
-            ),
-            number=first_round,
-        )
+        self._tell_one = tell
+        self._retry = retry
+        self._round = Round(rules, number=first_round)
         self._journal_in, self._journal = trio.open_memory_channel[Entry](EVENT_BUFFER)
         self._journaled: tuple[int, Stage, bool] | None = None
         self._held: Status | None = None  # the last snapshot of this step, not yet published
@@ -118,13 +140,13 @@ class Coordinator:
 
     async def check_in(self, selector: str, clients: int = 1) -> int:
         """``clients`` (>= 1) clients wait at ``selector``: how many may it keep for the round?"""
-        answer = Answer()
+        slot = _AnswerSlot()
         try:
-            await self._events_in.send(CheckIn(selector, reply_to=answer, clients=clients))
-            await answer.ready.wait()
+            await self._events_in.send(CheckIn(selector, reply_to=slot, clients=clients))
+            await slot.ready.wait()
         finally:
-            answer.waiting = False
-        return answer.accepted
+            slot.waiting = False
+        return slot.accepted
 
     async def report(self, selector: str) -> None:
         """``selector`` wrote its aggregate files."""
@@ -167,18 +189,16 @@ class Coordinator:
                 self._execute(effect, nursery)
 
     def _execute(self, effect: Effect, nursery: trio.Nursery) -> None:
-
         match effect:
-            case Reply(reply_to=reply_to, accepted=accepted):
-                assert isinstance(reply_to, Answer)
-                if not reply_to.waiting:
+            case Answer(reply_to=slot, accepted=accepted):
+                assert isinstance(slot, _AnswerSlot)
+                if not slot.waiting:
                     log.warning(
                         "a selector gave up waiting for its check-in answer (%d accepted)",
                         accepted,
                     )
-                reply_to.accepted = accepted
-                reply_to.ready.set()
-
+                slot.accepted = accepted
+                slot.ready.set()
             case Status():
                 # Within one step, a snapshot followed by another of the same round,
                 # stage and aggregation state is replaced by it: each is the whole
@@ -194,8 +214,8 @@ class Coordinator:
                     nursery.start_soon(self._tell, number, selector)
             case Aggregate(round=number, selectors=selectors):
                 nursery.start_soon(self._aggregate, number, selectors)
-            case Check(round=number, selector=selector):
-                nursery.start_soon(self._check, number, selector)
+            case Validate(round=number, selector=selector):
+                nursery.start_soon(self._validate, number, selector)
             case Arm(round=number, stage=stage, seconds=seconds):
                 if stage in self._windows:
                     self._windows[stage].cancel()
@@ -230,7 +250,7 @@ class Coordinator:
     async def _write_journal(self) -> None:
         """The one writer of the journal: entries in order, each fsynced, off the loop."""
         async for entry in self._journal:
-            await trio.to_thread.run_sync(write_journal, self._layout, entry)
+            await self._files.write_journal(entry)
 
     async def _window(
         self, scope: trio.CancelScope, number: int, stage: Stage, seconds: float
@@ -240,91 +260,43 @@ class Coordinator:
             await self._events_in.send(WindowClosed(number, stage))
 
     async def _tell(self, number: int, selector: str) -> None:
-        """GoalCountReached with a time limit per call and retries with back-off."""
+        """GoalCountReached to one selector, retried by the policy; the outcome is an event."""
         with log_context(round=number, selector=selector):
-            await self._tell_with_retries(number, selector)
-
-    async def _tell_with_retries(self, number: int, selector: str) -> None:
-        error: str | None = None
-        backoff = 1.0
-        for attempt in range(self._settings.goal_count_retries + 1):
-            if attempt:
-                log.warning(
-                    "round %d: GoalCountReached to %s failed (%s); retry %d in %.0f s",
-                    number,
-                    selector,
-                    error,
-                    attempt,
-                    backoff,
-                )
-                await trio.sleep(backoff)
-                backoff *= 2
             try:
-                with trio.fail_after(self._settings.goal_count_timeout):
-                    await broadcast.goal_count_reached(selector, self._goal_count_tls)
-            except Exception as exc:
-                error = broadcast.describe(exc)
+                await self._retry.call(
+                    lambda: self._tell_one(selector),
+                    on=Exception,
+                    what=f"round {number}: GoalCountReached to {selector}",
+                )
+            except Exception as error:
+                outcome: str | None = short_reason(error)
             else:
-                error = None
-                break
-        await self._events_in.send(BroadcastDone(number, selector, error))
+                outcome = None
+        await self._events_in.send(BroadcastDone(number, selector, outcome))
 
-    def _contribution(self, selector: str) -> Contribution:
-        layout = self._layout
-        return Contribution(selector, layout.agg_checkpoint(selector), layout.agg_weight(selector))
-
-    async def _off_loop(self, job: Callable[[threading.Event], T], what: str) -> T | str:
-        """Run ``job`` in a worker thread; return its result, or the error text.
-
-        An AggregationError is an expected, specific message; anything else is
-        a bug, logged with its traceback. ``job`` gets an event that is set when
-        the coordinator stops waiting (shutdown), so it can stop early.
-        """
-        cancel = threading.Event()
-        try:
-            return await trio.to_thread.run_sync(job, cancel, abandon_on_cancel=True)
-        except AggregationError as exc:
-            return str(exc)
-        except Exception as exc:
-            log.exception("%s crashed", what)
-            return f"internal error: {type(exc).__name__}: {exc}"
-        finally:
-            cancel.set()
-
-    async def _check(self, number: int, selector: str) -> None:
-        contribution = self._contribution(selector)
+    async def _validate(self, number: int, selector: str) -> None:
         with log_context(round=number, selector=selector):
-            outcome = await self._off_loop(
-                lambda _: check_contribution(self._layout.checkpoint, contribution),
-                f"round {number}: checking {selector}",
+            outcome = await _outcome(
+                self._files.validate(selector), f"round {number}: validating {selector}"
             )
-        error = outcome if isinstance(outcome, str) else None
-        await self._events_in.send(ContributionChecked(number, selector, error))
+        error = outcome.reason if isinstance(outcome, _Failed) else None
+        await self._events_in.send(ContributionValidated(number, selector, error))
 
     async def _aggregate(self, number: int, selectors: tuple[str, ...]) -> None:
         with log_context(round=number, selector=None):
-            await self._aggregate_round(number, selectors)
-
-    async def _aggregate_round(self, number: int, selectors: tuple[str, ...]) -> None:
-        contributions = [self._contribution(s) for s in selectors]
-
-        def job(cancel: threading.Event) -> AggregationResult:
-            result = self._aggregator(
-                self._layout.checkpoint, contributions, self._layout.tmp, cancel
+            outcome = await _outcome(
+                self._files.aggregate(number, selectors), f"round {number}: aggregation"
             )
-            remember(self._layout, number, self._settings.keep_checkpoints)
-            return result
-
-        result = await self._off_loop(job, f"round {number}: aggregation")
-        if isinstance(result, str):
-            await self._events_in.send(AggregationDone(number, error=result))
-            return
-        log.info(
-            "round %d: averaged %d arrays from %d selector(s), total weight %d, %.1f MB read",
-            number,
-            result.arrays,
-            len(selectors),
-            result.total_weight,
-            result.bytes_read / 1e6,
-        )
-        await self._events_in.send(AggregationDone(number, seconds=result.seconds))
+            if isinstance(outcome, _Failed):
+                await self._events_in.send(AggregationDone(number, error=outcome.reason))
+                return
+            result = outcome.value
+            log.info(
+                "round %d: averaged %d arrays from %d selector(s), total weight %d, %.1f MB read",
+                number,
+                result.arrays,
+                len(selectors),
+                result.total_weight,
+                result.bytes_read / 1e6,
+            )
+            await self._events_in.send(AggregationDone(number, seconds=result.seconds))

@@ -54,6 +54,7 @@ __all__ = [
     "ShuttingDown",
     "WatchError",
     "first_of",
+    "short_reason",
 ]
 
 
@@ -152,6 +153,16 @@ class GaveUp(FederationError):
 
 class ChildFailed(FederationError):
     """A child process ended (or never became ready); the message quotes its log."""
+
+
+#: The longest reason :func:`short_reason` gives.
+REASON_CHARS = 300
+
+
+def short_reason(error: BaseException) -> str:
+    """What went wrong, for a log line or the status stream: the first line, bounded."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:REASON_CHARS]
 
 
 E = TypeVar("E", bound=BaseException)

@@ -8,31 +8,30 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_coordinator.core.rounds import (
+from fl_coordinator.core.events import (
     Aggregate,
     AggregationDone,
+    Answer,
     Arm,
     Broadcast,
     BroadcastDone,
-    Check,
     CheckIn,
-    ContributionChecked,
+    ContributionValidated,
     Event,
     Refused,
-    Reply,
-    Round,
-    Rules,
     SelectorReported,
-    Stage,
     Status,
+    Validate,
     WindowClosed,
 )
+from fl_coordinator.core.rounds import Round, Rules
+from fl_coordinator.core.stages import Stage
 
 FORWARD = {Stage.SELECTION: 0, Stage.CONFIGURATION: 1, Stage.REPORTING: 2}
 
 
 def replies(effects: list) -> list[tuple[object, bool]]:
-    return [(e.reply_to, e.accepted) for e in effects if isinstance(e, Reply)]
+    return [(e.reply_to, e.accepted) for e in effects if isinstance(e, Answer)]
 
 
 def of_type(effects: list, kind: type) -> list:
@@ -54,10 +53,10 @@ def test_goal_reached_configures_every_selector_once() -> None:
 def report(machine: Round, selector: str, error: str | None = None) -> list:
     """A selector reports and the I/O layer's check of its files comes back."""
     effects = machine.handle(SelectorReported(selector))
-    checks = of_type(effects, Check)
+    checks = of_type(effects, Validate)
     if not checks:
         return effects
-    return effects + machine.handle(ContributionChecked(checks[0].round, selector, error))
+    return effects + machine.handle(ContributionValidated(checks[0].round, selector, error))
 
 
 def test_reports_then_aggregation_then_next_round() -> None:
@@ -95,7 +94,7 @@ def test_reports_that_change_nothing_but_are_shown() -> None:
     twice = machine.handle(SelectorReported("a:1"))
     hostile = machine.handle(Refused("../x", "check-in refused: contains a path separator"))
     for effects in (early, stranger, twice, hostile):
-        assert of_type(effects, Check) == [] and of_type(effects, Aggregate) == []
+        assert of_type(effects, Validate) == [] and of_type(effects, Aggregate) == []
     assert (
         machine.reported == ["a:1"] and machine.accepted == 2 and machine.stage.name == "REPORTING"
     )
@@ -213,7 +212,7 @@ def test_reporting_window_aggregates_what_arrived_or_abandons() -> None:
     report(machine, "a:1")
     effects = machine.handle(WindowClosed(1, Stage.REPORTING))
     assert of_type(effects, Aggregate) == [Aggregate(1, ("a:1",))]
-    assert of_type(report(machine, "b:1"), Check) == []  # too late: logged and ignored
+    assert of_type(report(machine, "b:1"), Validate) == []  # too late: logged and ignored
 
     machine = Round(rules)
     for token, selector in enumerate(["a:1", "b:1", "b:1"]):
@@ -259,8 +258,8 @@ def to_event(machine: Round, op: tuple, tokens: itertools.count) -> Event:
         case ("unreachable", selector):
             return BroadcastDone(machine.number, selector, error="timed out")
         case ("checked", ok):
-            selector = machine.checking[0] if machine.checking else SELECTORS[0]
-            return ContributionChecked(machine.number, selector, None if ok else "bad file")
+            selector = machine.validating[0] if machine.validating else SELECTORS[0]
+            return ContributionValidated(machine.number, selector, None if ok else "bad file")
         case ("window", stage):
             return WindowClosed(machine.number, stage)
     raise AssertionError(op)
@@ -297,7 +296,7 @@ def test_random_event_sequences_keep_the_invariants(
         assert set(machine.reported) <= set(machine.selectors)
 
         for effect in effects:
-            if isinstance(effect, Reply):
+            if isinstance(effect, Answer):
                 answered[effect.reply_to] += 1
                 accepted_total += effect.accepted
                 # A batch gets at most what it asked for.

@@ -41,10 +41,9 @@ from fl_coordinator._proto import (
     fl_round_pb2,
     health_pb2,
 )
-from fl_coordinator.app import Endpoints, serve
+from fl_coordinator.app import Endpoints, build_coordinator, serve
 from fl_coordinator.cli import main as cli
 from fl_coordinator.config import Settings, load_settings
-from fl_coordinator.coordinator import Coordinator
 from fl_coordinator.errors import ConfigError
 from fl_coordinator.federation import selector_cli
 from fl_coordinator.federation.selector import Selector, SelectorOptions
@@ -275,7 +274,7 @@ async def test_the_token_guards_every_service_and_streaming_methods(
 ) -> None:
     """The guard wraps whatever services a server hosts, not one servicer's methods."""
     services = [_Echo().service, FakeSelector().service]
-    serve_guarded = functools.partial(serve_grpc, check=TokenGuard(TOKEN).check)
+    serve_guarded = functools.partial(serve_grpc, guard=TokenGuard(TOKEN))
     port = await nursery.start(serve_guarded, services, "127.0.0.1", 0)
 
     async def check_in(token: str | None) -> tuple[list[int], purerpc.StatusCode]:
@@ -435,7 +434,7 @@ async def test_health_check_follows_the_checkpoint(
 
 async def test_health_knows_whether_the_round_task_runs(settings: Settings, layout: Layout) -> None:
     """The other half of SERVING: Coordinator.alive (the server's probe ANDs both)."""
-    coordinator = Coordinator(settings, layout, StatusHub("p", "c"))
+    coordinator = build_coordinator(settings, layout, StatusHub("p", "c"))
     assert coordinator.alive is False
     async with trio.open_nursery() as nursery:
         await nursery.start(coordinator.run)

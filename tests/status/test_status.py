@@ -11,9 +11,11 @@ from helpers.http_sink import HttpSink
 from helpers.peers import FakeSelector, PurerpcClient, watch
 
 from fl_coordinator.app import serve
-from fl_coordinator.core.rounds import Stage, Status
+from fl_coordinator.core.events import Status
+from fl_coordinator.core.stages import Stage
+from fl_coordinator.retry import RetryPolicy
 from fl_coordinator.status.hub import StatusHub
-from fl_coordinator.status.webhook import Retry, run_webhook
+from fl_coordinator.status.webhook import run_webhook
 
 
 def snapshot(accepted: int, stage: Stage = Stage.SELECTION) -> Status:
@@ -84,7 +86,9 @@ async def test_webhook_gets_every_message_and_retries(settings, nursery: trio.Nu
     sink = HttpSink(statuses=[503, 500])  # the first message needs three attempts
     await nursery.start(sink.serve)
     hub = StatusHub("p", "c")
-    await nursery.start(run_webhook, hub, sink.url, Retry(attempts=3, first_backoff=0.01))
+    await nursery.start(
+        run_webhook, hub, sink.url, RetryPolicy(attempts=3, first_wait=0.01, jitter=0)
+    )
     for accepted in range(3):
         hub.publish(snapshot(accepted))
     await sink.wait_for(3)

@@ -60,7 +60,7 @@ class Health:
         return self.status == SERVING
 
 
-def check(address: str, service: str = "", timeout: float = 5.0, tls: Tls | None = None) -> Health:
+def probe(address: str, service: str = "", timeout: float = 5.0, tls: Tls | None = None) -> Health:
     """Ask ``address`` (``host:port``) for its health; raise HealthError if it cannot answer."""
     import grpc
 

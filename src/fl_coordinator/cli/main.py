@@ -123,7 +123,7 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from .health import Tls, check
+    from .health import Tls, probe
 
     settings, _ = _load(args.config)
     address = args.address or f"127.0.0.1:{settings.port}"
@@ -137,7 +137,7 @@ def _health(args: argparse.Namespace) -> int:
             Path(settings.tls_key_file) if mutual else None,
             args.server_name,
         )
-    health = check(address, args.service, args.timeout, tls)
+    health = probe(address, args.service, args.timeout, tls)
     print(f"{address}: {health.name}")
     return 0 if health.serving else 1
 

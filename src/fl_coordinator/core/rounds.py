@@ -1,45 +1,48 @@
 """The round state machine: pure, synchronous, no I/O.
 
 In the style of h11's ``Connection``: :class:`Round` takes one event at a time
-and returns the effects the I/O layer must carry out (answer an RPC, tell the
-selectors, check or average files, arm a timer, publish a status, write a log
-line). It never reads a clock, a file or a socket, so every sequence of
-events can be replayed in a unit test or thrown at it by Hypothesis. Time
-enters only as events: the machine asks for a window with :class:`Arm` and
-the I/O layer answers :class:`WindowClosed` when it ends.
+(:mod:`.events`) and returns the effects the I/O layer must carry out. It
+never reads a clock, a file or a socket, so every sequence of events can be
+replayed in a unit test or thrown at it by Hypothesis. Time enters only as
+events: the machine asks for a window with :class:`~.events.Arm` and the I/O
+layer answers :class:`~.events.WindowClosed` when it ends.
 
-Stages within a round only move forward::
-
-    SELECTION --goal reached, or window closed with enough clients--> CONFIGURATION
-        --first report--> REPORTING --every selector accounted for--> (aggregation)
-        --> COMPLETED | FAILED
-
-and after COMPLETED or FAILED the next round opens in SELECTION with the next
-number. A round is abandoned (FAILED, checkpoint untouched) when a window
-closes without enough participants, when no selector can be told to
-configure, or when the aggregation fails. Check-ins that arrive while a round
-is aggregating are held and answered, first come first served, when the next
-round's selection opens.
+Every change of stage goes through :meth:`Round._move`, which looks the move
+up in :data:`.stages.TRANSITIONS` (the table, and the README's stage table
+drawn from it, say which moves exist and why). Check-ins that arrive while a
+round is aggregating are held and answered, first come first served, when
+the next round's selection opens.
 """
 
 from __future__ import annotations
 
-import enum
 import math
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-# -- stages and rules ---------------------------------------------------------
+from .events import (
+    Aggregate,
+    AggregationDone,
+    Answer,
+    Arm,
+    Broadcast,
+    BroadcastDone,
+    CheckIn,
+    ContributionValidated,
+    Effect,
+    Event,
+    Log,
+    Refused,
+    SelectorReported,
+    Status,
+    Validate,
+    WindowClosed,
+)
+from .stages import Cause, Stage, next_stage
 
+__all__ = ["IGNORED_KEPT", "Round", "Rules"]
 
-class Stage(enum.Enum):
-    """Stage names and values of fl_status.proto's ``Stages``, plus FAILED (ours)."""
-
-    SELECTION = 0
-    CONFIGURATION = 1
-    REPORTING = 2
-    COMPLETED = 3
-    FAILED = 4
+#: Ignored or refused calls kept in the status of a round (the most recent ones).
+IGNORED_KEPT = 20
 
 
 @dataclass(frozen=True)
@@ -64,156 +67,6 @@ class Rules:
         return max(1, math.ceil(self.min_checkin_fraction * self.goal))
 
 
-# -- events (inputs) ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckIn:
-    """A selector asks to keep ``clients`` clients (1 for ``ClientCountUpdate``, N >= 1 for
-    the batched check-in). ``reply_to`` is opaque to the machine."""
-
-    selector: str
-    reply_to: Hashable
-    clients: int = 1
-
-
-@dataclass(frozen=True)
-class BroadcastDone:
-    """The I/O layer finished telling one selector (``error`` after all its retries)."""
-
-    round: int
-    selector: str
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class SelectorReported:
-    """``SelectorAggregationComplete(selector)`` arrived."""
-
-    selector: str
-
-
-@dataclass(frozen=True)
-class ContributionChecked:
-    """The I/O layer checked a reporting selector's files (``error`` if unusable)."""
-
-    round: int
-    selector: str
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class WindowClosed:
-    """The window armed for ``stage`` of ``round`` ended."""
-
-    round: int
-    stage: Stage
-
-
-@dataclass(frozen=True)
-class Refused:
-    """The RPC layer refused a call it could not even hand to the round (e.g. a hostile id)."""
-
-    selector: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class AggregationDone:
-    """The aggregation of ``round`` ended: ``error`` is None when the checkpoint was replaced."""
-
-    round: int
-    error: str | None = None
-    seconds: float = 0.0
-
-
-Event = (
-    CheckIn | BroadcastDone | SelectorReported | ContributionChecked | WindowClosed
-    | AggregationDone | Refused
-)  # fmt: skip
-
-#: Ignored or refused calls kept in the status of a round (the most recent ones).
-IGNORED_KEPT = 20
-
-
-# -- effects (outputs) --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reply:
-    """Answer a check-in: how many of the clients it asked for were accepted (0 = refused)."""
-
-    reply_to: Hashable
-    accepted: int
-
-
-@dataclass(frozen=True)
-class Broadcast:
-    """Send ``GoalCountReached`` to each of ``selectors`` (concurrently, with retries)."""
-
-    round: int
-    selectors: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Check:
-    """Check ``selector``'s aggregate files; answer with ContributionChecked."""
-
-    round: int
-    selector: str
-
-
-@dataclass(frozen=True)
-class Aggregate:
-    """Average the aggregates of ``selectors`` into the global checkpoint."""
-
-    round: int
-    selectors: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Arm:
-    """Start a window of ``seconds`` for ``stage`` of ``round``; answer with WindowClosed."""
-
-    round: int
-    stage: Stage
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Status:
-    """A snapshot of the round, published to the status stream."""
-
-    round: int
-    stage: Stage
-    accepted: int
-    goal: int
-    selectors: tuple[str, ...]
-    reported: tuple[str, ...]
-    configured: tuple[str, ...] = ()
-    unreachable: tuple[str, ...] = ()
-    rejected: tuple[tuple[str, str], ...] = ()
-    ignored: tuple[tuple[str, str], ...] = ()
-    aggregating: bool = False
-    held: int = 0
-    error: str | None = None
-    aggregation_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class Log:
-    """A line for the operator; ``level`` is a :mod:`logging` level name."""
-
-    level: str
-    message: str
-
-
-Effect = Reply | Broadcast | Check | Aggregate | Arm | Status | Log
-
-
-# -- the machine --------------------------------------------------------------
-
-
 @dataclass
 class Round:
     """State of the current round and the transition function :meth:`handle`.
@@ -231,22 +84,25 @@ class Round:
     accepted: int = 0
     selectors: dict[str, int] = field(default_factory=dict)
     reported: list[str] = field(default_factory=list)
-    checking: list[str] = field(default_factory=list)
+    validating: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     ignored: list[tuple[str, str]] = field(default_factory=list)
     configured: list[str] = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)
-    aggregating: bool = False
     held: list[CheckIn] = field(default_factory=list)
 
     @property
     def goal(self) -> int:
         return self.rules.goal
 
+    @property
+    def aggregating(self) -> bool:
+        return self.stage is Stage.AGGREGATING
+
     def status(self, *, error: str | None = None, seconds: float | None = None) -> Status:
         return Status(
             round=self.number,
-            stage=self.stage,
+            stage=self.stage.shown,
             accepted=self.accepted,
             goal=self.goal,
             selectors=tuple(self.selectors),
@@ -273,8 +129,8 @@ class Round:
                 return self._check_in(event)
             case SelectorReported():
                 return self._reported(event.selector)
-            case ContributionChecked():
-                return self._checked(event)
+            case ContributionValidated():
+                return self._validated(event)
             case BroadcastDone():
                 return self._broadcast_done(event)
             case WindowClosed():
@@ -285,6 +141,10 @@ class Round:
                 return self._note(event.selector, event.reason, "refused a call from")
         raise TypeError(f"not a round event: {event!r}")
 
+    def _move(self, cause: Cause) -> None:
+        """Change stage by the table (ValueError for a move it does not have: a bug)."""
+        self.stage = next_stage(self.stage, cause)
+
     # -- transitions ----------------------------------------------------------
 
     def _check_in(self, event: CheckIn) -> list[Effect]:
@@ -294,7 +154,7 @@ class Round:
             self.held.append(event)
             return [self.status()]
         if self.stage is not Stage.SELECTION:
-            return [Reply(event.reply_to, accepted=0)]
+            return [Answer(event.reply_to, accepted=0)]
         cap = self.rules.max_selectors
         if cap and event.selector not in self.selectors and len(self.selectors) >= cap:
             return self._refuse(
@@ -305,20 +165,20 @@ class Round:
         taken = min(event.clients, self.goal - self.accepted)
         self.accepted += taken
         self.selectors[event.selector] = self.selectors.get(event.selector, 0) + taken
-        effects: list[Effect] = [Reply(event.reply_to, accepted=taken)]
+        effects: list[Effect] = [Answer(event.reply_to, accepted=taken)]
         if self.accepted < self.goal:
             effects.append(self.status())
             return effects
-        return effects + self._configure(f"goal of {self.goal} reached")
+        return effects + self._configure(Cause.GOAL_REACHED, f"goal of {self.goal} reached")
 
     def _refuse(self, event: CheckIn, why: str) -> list[Effect]:
         return [
-            Reply(event.reply_to, accepted=0),
+            Answer(event.reply_to, accepted=0),
             *self._note(event.selector, f"check-in refused: {why}", "refused a call from"),
         ]
 
-    def _configure(self, why: str) -> list[Effect]:
-        self.stage = Stage.CONFIGURATION
+    def _configure(self, cause: Cause, why: str) -> list[Effect]:
+        self._move(cause)
         return [
             Log("INFO", f"round {self.number}: {why}; configuring "
                         f"{len(self.selectors)} selector(s)"),
@@ -351,16 +211,19 @@ class Round:
             return self._ignore(selector, f"round is in {self.stage.name}, no report expected")
         if selector not in self.selectors:
             return self._ignore(selector, "not a selector of this round")
-        if selector in self.reported or selector in self.checking or selector in self.rejected:
+        if selector in self.reported or selector in self.validating or selector in self.rejected:
             return self._ignore(selector, "it already reported")
-        self.checking.append(selector)
-        self.stage = Stage.REPORTING
-        return [self.status(), Check(self.number, selector)]
+        self.validating.append(selector)
+        if self.stage is Stage.CONFIGURATION:
+            self._move(Cause.FIRST_REPORT)
+        return [self.status(), Validate(self.number, selector)]
 
-    def _checked(self, event: ContributionChecked) -> list[Effect]:
-        if event.round != self.number or event.selector not in self.checking:
-            return [Log("INFO", f"round {event.round}: late check of {event.selector}; ignored")]
-        self.checking.remove(event.selector)
+    def _validated(self, event: ContributionValidated) -> list[Effect]:
+        if event.round != self.number or event.selector not in self.validating:
+            return [
+                Log("INFO", f"round {event.round}: late validation of {event.selector}; ignored")
+            ]
+        self.validating.remove(event.selector)
         if event.error is None:
             self.reported.append(event.selector)
             line = Log(
@@ -378,7 +241,7 @@ class Round:
         return [line, *self._maybe_aggregate()]
 
     def _broadcast_done(self, event: BroadcastDone) -> list[Effect]:
-        expected = self.stage in (Stage.CONFIGURATION, Stage.REPORTING) and not self.aggregating
+        expected = self.stage in (Stage.CONFIGURATION, Stage.REPORTING)
         if event.round != self.number or event.selector not in self.selectors or not expected:
             return [
                 Log(
@@ -399,12 +262,17 @@ class Round:
         )
         self._drop(event.selector)
         if not self.selectors:
-            return [line, *self._fail("no selector of the round could be told to configure")]
+            return [
+                line,
+                *self._fail(
+                    Cause.NONE_CONFIGURABLE, "no selector of the round could be told to configure"
+                ),
+            ]
         return [line, *self._maybe_aggregate()]
 
     def _drop(self, selector: str) -> None:
         self.accepted -= self.selectors.pop(selector)
-        for group in (self.reported, self.checking, self.configured):
+        for group in (self.reported, self.validating, self.configured):
             if selector in group:
                 group.remove(selector)
         self.rejected.pop(selector, None)
@@ -419,19 +287,19 @@ class Round:
     def _maybe_aggregate(self) -> list[Effect]:
         """Aggregate (or give up) once every selector is reported or rejected."""
         accounted = len(self.reported) + len(self.rejected)
-        if self.checking or accounted < len(self.selectors):
+        if self.validating or accounted < len(self.selectors):
             return [self.status()]
         if not self._enough_reported():
-            return self._fail(self._shortfall("every selector answered"))
-        return self._aggregate()
+            return self._fail(Cause.TOO_FEW_REPORTS, self._shortfall("every selector answered"))
+        return self._aggregate(Cause.ALL_ACCOUNTED)
 
     def _shortfall(self, when: str) -> str:
         return (f"{when} but only {self._reported_clients()} of {self.accepted} client(s) "
                 f"reported usable updates; at least {self.rules.min_reporting_fraction:.0%} "
                 "are needed")  # fmt: skip
 
-    def _aggregate(self) -> list[Effect]:
-        self.aggregating = True
+    def _aggregate(self, cause: Cause) -> list[Effect]:
+        self._move(cause)
         return [self.status(), Aggregate(self.number, tuple(self.reported))]
 
     def _window_closed(self, event: WindowClosed) -> list[Effect]:
@@ -439,30 +307,31 @@ class Round:
             return []
         if event.stage is Stage.SELECTION and self.stage is Stage.SELECTION:
             seconds = self.rules.selection_timeout
-            if self.accepted >= self.rules.min_clients:
-                return self._configure(
-                    f"selection window of {seconds:g} s closed with {self.accepted}/{self.goal} "
-                    "client(s)"
-                )
-            return self._fail(
+            closed = (
                 f"selection window of {seconds:g} s closed with {self.accepted}/{self.goal} "
-                f"client(s); at least {self.rules.min_clients} are needed"
+                "client(s)"
+            )
+            if self.accepted >= self.rules.min_clients:
+                return self._configure(Cause.WINDOW_ENOUGH_CLIENTS, closed)
+            return self._fail(
+                Cause.WINDOW_TOO_FEW_CLIENTS,
+                f"{closed}; at least {self.rules.min_clients} are needed",
             )
         if event.stage is Stage.REPORTING and self.stage in (Stage.CONFIGURATION, Stage.REPORTING):
             late = [s for s in self.selectors if s not in self.reported and s not in self.rejected]
             when = f"reporting window of {self.rules.reporting_timeout:g} s closed"
             if not self._enough_reported():
-                return self._fail(self._shortfall(when))
+                return self._fail(Cause.TOO_FEW_REPORTS, self._shortfall(when))
             effects: list[Effect] = [
                 Log("WARNING", f"round {self.number}: {when}; aggregating without "
                                f"{', '.join(late)}")
             ]  # fmt: skip
-            self.checking.clear()
-            return effects + self._aggregate()
+            self.validating.clear()
+            return effects + self._aggregate(Cause.WINDOW_ENOUGH_REPORTS)
         return []
 
-    def _fail(self, reason: str) -> list[Effect]:
-        self.stage = Stage.FAILED
+    def _fail(self, cause: Cause, reason: str) -> list[Effect]:
+        self._move(cause)
         return [
             Log("ERROR", f"round {self.number}: abandoned, global checkpoint kept as it was: "
                          f"{reason}"),
@@ -479,10 +348,9 @@ class Round:
                     f"round {self.number} is not aggregating",
                 )
             ]
-        self.aggregating = False
         if event.error is not None:
-            return self._fail(event.error)
-        self.stage = Stage.COMPLETED
+            return self._fail(Cause.AGGREGATION_FAILED, event.error)
+        self._move(Cause.AGGREGATED)
         return [
             Log("INFO", f"round {self.number}: completed, aggregated in {event.seconds:.3f} s"),
             self.status(seconds=event.seconds),
@@ -490,16 +358,15 @@ class Round:
         ]
 
     def _open_next_round(self) -> list[Effect]:
+        self._move(Cause.NEXT_ROUND)
         self.number += 1
-        self.stage = Stage.SELECTION
         self.accepted = 0
         self.selectors = {}
         self.reported = []
-        self.checking = []
+        self.validating = []
         self.rejected = {}
         self.ignored = []
         self.configured = []
-
         self.unreachable = []
         held, self.held = self.held, []
         effects = self.start()

@@ -95,7 +95,7 @@ class TokenGuard:
     token: str = field(repr=False)
     open_services: frozenset[str] = frozenset({HEALTH_SERVICE})
 
-    def check(self, request: RequestReceived) -> None:
+    def __call__(self, request: RequestReceived) -> None:
         """Raise UNAUTHENTICATED unless the call carries the token."""
         if request.service_name in self.open_services:
             return
@@ -110,18 +110,19 @@ class TokenGuard:
         )
 
 
-Check = Callable[[RequestReceived], None]
+#: Runs on the headers of every call before its handler; raises RpcFailedError to refuse it.
+Guard = Callable[[RequestReceived], None]
 
 
-def _guard_method(bound: BoundRPCMethod, check: Check) -> BoundRPCMethod:
-    """``bound`` with ``check`` run on the call's headers before the handler starts."""
+def _guard_method(bound: BoundRPCMethod, guard: Guard) -> BoundRPCMethod:
+    """``bound`` with ``guard`` run on the call's headers before the handler starts."""
     handler = bound.method_fn
     cardinality = bound.signature.cardinality
 
     if cardinality in (Cardinality.UNARY_STREAM, Cardinality.STREAM_STREAM):
 
         async def streaming(arg: Any, request: RequestReceived) -> AsyncIterator[Any]:
-            check(request)
+            guard(request)
             async with aclosing(handler(arg, request=request)) as responses:
                 async for response in responses:
                     yield response
@@ -129,19 +130,19 @@ def _guard_method(bound: BoundRPCMethod, check: Check) -> BoundRPCMethod:
         return BoundRPCMethod(streaming, bound.signature)
 
     async def unary(arg: Any, request: RequestReceived) -> Any:
-        check(request)
+        guard(request)
         return await handler(arg, request=request)
 
     return BoundRPCMethod(unary, bound.signature)
 
 
-def guard_services(services: Sequence[purerpc.Service], check: Check) -> list[purerpc.Service]:
-    """Copies of ``services`` whose every method runs ``check`` first (originals untouched)."""
+def guard_services(services: Sequence[purerpc.Service], guard: Guard) -> list[purerpc.Service]:
+    """Copies of ``services`` whose every method runs ``guard`` first (originals untouched)."""
     guarded = []
     for service in services:
         copy = purerpc.Service(service.name)
         copy.methods = {
-            name: _guard_method(bound, check) for name, bound in service.methods.items()
+            name: _guard_method(bound, guard) for name, bound in service.methods.items()
         }
         guarded.append(copy)
     return guarded

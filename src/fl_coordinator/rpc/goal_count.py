@@ -1,33 +1,40 @@
-"""``GoalCountReached`` to selectors: dial each selector id as ``host:port``.
+"""``GoalCountReached`` to selectors: dial each selector id as ``host:port`` and call.
 
-Each call has its own time limit, and the calls run concurrently in the
-caller's nursery, so one unreachable selector cannot stop the others from
-being told.
+The round task calls a :class:`GoalCountClient` (handed to it by the
+composition root) concurrently for every selector of a round, with retries,
+so one unreachable selector cannot stop the others from being told.
 """
 
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass, field
 
 import trio
 
 from .._proto import fl_intra_grpc, fl_intra_pb2
 from .addresses import dial
 
+__all__ = ["GoalCountClient"]
 
-async def goal_count_reached(selector_id: str, ssl_context: ssl.SSLContext | None = None) -> None:
-    """Tell one selector to configure its clients (the caller sets the time limit).
 
-    With ``ssl_context`` the call goes over TLS (see :func:`.net.dial`).
+@dataclass(frozen=True)
+class GoalCountClient:
+    """Tells one selector at a time to configure its clients.
+
+    Each call has its own time limit, ``call_timeout`` seconds; with
+    ``ssl_context`` it goes over TLS (see :func:`.addresses.dial`).
     """
-    async with dial(selector_id, ssl_context) as channel:
-        stub = fl_intra_grpc.FLGoalCountBroadcastStub(channel)
-        await stub.GoalCountReached(fl_intra_pb2.Empty())
 
+    call_timeout: float
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
 
-def describe(error: BaseException) -> str:
-    """A short reason for the log and the status stream."""
-    if isinstance(error, trio.TooSlowError):
-        return "timed out"
-    text = str(error) or type(error).__name__
-    return text.splitlines()[0][:300]
+    async def __call__(self, selector_id: str) -> None:
+        """``GoalCountReached`` to ``selector_id``; TimeoutError if it does not answer in time."""
+        try:
+            with trio.fail_after(self.call_timeout):
+                async with dial(selector_id, self.ssl_context) as channel:
+                    stub = fl_intra_grpc.FLGoalCountBroadcastStub(channel)
+                    await stub.GoalCountReached(fl_intra_pb2.Empty())
+        except trio.TooSlowError:
+            raise TimeoutError(f"no answer within {self.call_timeout:g} s") from None

@@ -11,7 +11,7 @@ so a probe during aggregation still sees a readable file.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import h5py
@@ -23,8 +23,6 @@ from .._proto import health_grpc, health_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "grpc.health.v1.Health"
-#: Service names a probe may ask about: "" (the whole server) and the selectors' services.
-KNOWN_SERVICES = frozenset({"", "FlIntra", "flcoordinator.v1.FlIntraBatch"})
 
 #: A checkpoint that takes longer than this to open (a hung network mount) is unreadable.
 READ_TIMEOUT = 5.0
@@ -48,14 +46,20 @@ async def checkpoint_readable(path: Path) -> bool:
 
 
 class HealthServicer(health_grpc.HealthServicer):
-    """Answers Check from ``probe`` (True = SERVING). Watch is not offered."""
+    """Answers Check from ``probe`` (True = SERVING). Watch is not offered.
 
-    def __init__(self, probe: Probe) -> None:
+    ``served`` are the names of the other services on the same server: a probe
+    may ask about any of them, about this one, or about "" (the whole server);
+    any other name is NOT_FOUND.
+    """
+
+    def __init__(self, probe: Probe, served: Iterable[str] = ()) -> None:
         self._probe = probe
+        self._known = frozenset({"", SERVICE_NAME, *served})
         self._last: bool | None = None
 
     async def Check(self, message: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
-        if message.service not in KNOWN_SERVICES:
+        if message.service not in self._known:
             raise purerpc.RpcFailedError(
                 purerpc.Status(purerpc.StatusCode.NOT_FOUND, "unknown service")
             )

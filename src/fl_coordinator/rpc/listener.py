@@ -28,7 +28,7 @@ from purerpc.grpclib.exceptions import MessageTooLargeError
 from purerpc.server import ConnectionHandler
 
 from ..errors import ListenError
-from .auth import Check, guard_services
+from .auth import Guard, guard_services
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,13 @@ async def serve_grpc(
     port: int,
     *,
     ssl_context: ssl.SSLContext | None = None,
-    check: Check | None = None,
+    guard: Guard | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``services`` on ``host:port``; ``task_status.started`` gets the bound port.
 
-    ``ssl_context`` turns on TLS; ``check`` runs on the headers of every call
+    ``ssl_context`` turns on TLS; ``guard`` runs on the headers of every call
     before its handler (see :mod:`.auth`) and may refuse it.
     """
     try:
@@ -139,8 +139,8 @@ async def serve_grpc(
     if ssl_context is not None:
         # standard_compatible=False: gRPC peers close without TLS close_notify.
         listener = _QuietTLSListener(tcp, ssl_context, standard_compatible=False)
-    if check is not None:
-        services = guard_services(services, check)
+    if guard is not None:
+        services = guard_services(services, guard)
     async with listener:
         task_status.started(tcp.extra(anyio.abc.SocketAttribute.local_port))
         await listener.serve(_Handler(services, max_message_bytes))

@@ -14,8 +14,8 @@ from ..coordinator import Coordinator
 from ..storage.layout import InvalidSelectorId, check_selector_id
 from .addresses import BadAddress, split_address
 
-#: ``answered(asked, accepted)``: called once per check-in answer, with client counts (metrics).
-Answered = Callable[[int, int], None]
+#: ``count(asked, accepted)``: called once per check-in answer, with client counts (metrics).
+AnswerCounter = Callable[[int, int], None]
 
 
 def problem_with_id(selector_id: str) -> str | None:
@@ -35,9 +35,9 @@ def _ignore(asked: int, accepted: int) -> None:
 class CheckIns:
     """What both check-in calls do: check the id at the edge, ask the round, count the answer."""
 
-    def __init__(self, coordinator: Coordinator, answered: Answered = _ignore) -> None:
+    def __init__(self, coordinator: Coordinator, count: AnswerCounter = _ignore) -> None:
         self._coordinator = coordinator
-        self._answered = answered
+        self._count = count
 
     async def __call__(self, selector_id: str, clients: int) -> int:
         """How many of ``clients`` (>= 1) waiting at ``selector_id`` the round keeps."""
@@ -47,7 +47,7 @@ class CheckIns:
             accepted = 0
         else:
             accepted = await self._coordinator.check_in(selector_id, clients)
-        self._answered(clients, accepted)
+        self._count(clients, accepted)
         return accepted
 
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import trio
 
-from ..core.rounds import Stage, Status
+from ..core.events import Status
+from ..core.stages import Stage
 
 #: Messages a subscriber may fall behind before the oldest are dropped.
 QUEUE_LENGTH = 64

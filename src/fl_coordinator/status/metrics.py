@@ -24,7 +24,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
 from prometheus_client.exposition import generate_latest
 
-from ..core.rounds import Stage
+from ..core.stages import SHOWN_STAGES, Stage
 from ..storage.aggregation import AggregationResult, Aggregator, Contribution
 from .hub import StatusHub, StatusMessage, Subscription
 
@@ -53,7 +53,7 @@ class Metrics:
         )
         self.round = Gauge("round", "Number of the current round.", **common)
         self.stage = Enum(
-            "stage", "Stage of the current round.", states=[s.name for s in Stage], **common
+            "stage", "Stage of the current round.", states=[s.name for s in SHOWN_STAGES], **common
         )
         self.accepted = Gauge(
             "round_accepted_clients", "Clients accepted so far in the current round.", **common

@@ -2,18 +2,20 @@
 
 The webhook reads the hub like any other subscriber, so a slow or dead
 endpoint only costs its own queue (oldest messages dropped) and never blocks
-the round. Each message is tried a few times with exponential back-off.
+the round. Each message is tried a few times (network errors and HTTP 5xx),
+with the coordinator's one :class:`~fl_coordinator.retry.RetryPolicy`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import httpx
 import trio
 
+from ..errors import short_reason
+from ..retry import RetryPolicy
 from .hub import StatusHub, StatusMessage
 
 log = logging.getLogger(__name__)
@@ -21,47 +23,46 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 5.0
 
 
-@dataclass(frozen=True)
-class Retry:
-    """How hard to try one message: attempts, and the first pause (doubling after each)."""
+#: Four attempts, waits from 0.5 s: a webserver restarting loses no message.
+DEFAULT_RETRY = RetryPolicy(attempts=4, first_wait=0.5, max_wait=10.0)
 
-    attempts: int = 4
-    first_backoff: float = 0.5
+
+class _ServerError(Exception):
+    """An HTTP 5xx answer: the endpoint may recover, so the message is retried."""
+
+
+async def _post(client: httpx.AsyncClient, url: str, message: StatusMessage) -> httpx.Response:
+    response = await client.post(url, json=message, timeout=REQUEST_TIMEOUT)
+    if response.status_code >= 500:
+        raise _ServerError(f"HTTP {response.status_code}")
+    return response
 
 
 async def post_with_retries(
-    client: httpx.AsyncClient, url: str, message: StatusMessage, retry: Retry
+    client: httpx.AsyncClient, url: str, message: StatusMessage, retry: RetryPolicy
 ) -> bool:
     """POST ``message``; retry on network errors and 5xx. Return whether it was delivered."""
-    delay = retry.first_backoff
-    for attempt in range(1, retry.attempts + 1):
-        try:
-            response = await client.post(url, json=message, timeout=REQUEST_TIMEOUT)
-            if response.status_code < 500:
-                if response.is_error:
-                    log.warning(
-                        "webhook %s refused status seq=%s: HTTP %d",
-                        url,
-                        message["seq"],
-                        response.status_code,
-                    )
-                    return False
-                return True
-            problem = f"HTTP {response.status_code}"
-        except httpx.HTTPError as error:
-            problem = f"{type(error).__name__}: {error}"
-        if attempt < retry.attempts:
-            log.debug("webhook attempt %d failed (%s); retrying in %.1f s", attempt, problem, delay)
-            await trio.sleep(delay)
-            delay *= 2
-    log.warning(
-        "webhook %s: gave up on status seq=%s after %d attempts (%s)",
-        url,
-        message["seq"],
-        retry.attempts,
-        problem,
-    )
-    return False
+    try:
+        response = await retry.call(
+            lambda: _post(client, url, message),
+            on=(httpx.HTTPError, _ServerError),
+            what=f"webhook {url}: status seq={message['seq']}",
+        )
+    except (httpx.HTTPError, _ServerError) as error:
+        log.warning(
+            "webhook %s: gave up on status seq=%s after %d attempts (%s)",
+            url,
+            message["seq"],
+            retry.attempts,
+            short_reason(error),
+        )
+        return False
+    if response.is_error:
+        log.warning(
+            "webhook %s refused status seq=%s: HTTP %d", url, message["seq"], response.status_code
+        )
+        return False
+    return True
 
 
 def _ignore() -> None:
@@ -71,7 +72,7 @@ def _ignore() -> None:
 async def run_webhook(
     hub: StatusHub,
     url: str,
-    retry: Retry = Retry(),
+    retry: RetryPolicy = DEFAULT_RETRY,
     *,
     failed: Callable[[], None] = _ignore,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,

@@ -1,0 +1,182 @@
+"""The round machine's vocabulary: the events it takes and the effects it asks for.
+
+Small frozen classes, as h11's ``_events.py``: an event is something that
+happened (a check-in arrived, a selector was told, a window closed); an
+effect is something the I/O layer must do (answer, tell the selectors,
+validate or average files, open a window, publish a status, log a line) and
+usually report back as a new event. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from .stages import Stage
+
+__all__ = [
+    "Aggregate",
+    "AggregationDone",
+    "Answer",
+    "Arm",
+    "Broadcast",
+    "BroadcastDone",
+    "CheckIn",
+    "ContributionValidated",
+    "Effect",
+    "Event",
+    "Log",
+    "Refused",
+    "SelectorReported",
+    "Status",
+    "Validate",
+    "WindowClosed",
+]
+
+
+# -- events (inputs) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckIn:
+    """A selector asks to keep ``clients`` clients (1 for ``ClientCountUpdate``, N >= 1 for
+    the batched check-in). ``reply_to`` is opaque to the machine."""
+
+    selector: str
+    reply_to: Hashable
+    clients: int = 1
+
+
+@dataclass(frozen=True)
+class BroadcastDone:
+    """The I/O layer finished telling one selector (``error`` after all its retries)."""
+
+    round: int
+    selector: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SelectorReported:
+    """``SelectorAggregationComplete(selector)`` arrived."""
+
+    selector: str
+
+
+@dataclass(frozen=True)
+class ContributionValidated:
+    """The I/O layer validated a reporting selector's files (``error`` if unusable)."""
+
+    round: int
+    selector: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WindowClosed:
+    """The window armed for ``stage`` of ``round`` ended."""
+
+    round: int
+    stage: Stage
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The RPC layer refused a call it could not even hand to the round (e.g. a hostile id)."""
+
+    selector: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class AggregationDone:
+    """The aggregation of ``round`` ended: ``error`` is None when the checkpoint was replaced."""
+
+    round: int
+    error: str | None = None
+    seconds: float = 0.0
+
+
+Event = (
+    CheckIn | BroadcastDone | SelectorReported | ContributionValidated | WindowClosed
+    | AggregationDone | Refused
+)  # fmt: skip
+
+
+# -- effects (outputs) --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Answer a check-in: how many of the clients it asked for were accepted (0 = refused)."""
+
+    reply_to: Hashable
+    accepted: int
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Send ``GoalCountReached`` to each of ``selectors`` (concurrently, with retries)."""
+
+    round: int
+    selectors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Validate:
+    """Validate ``selector``'s aggregate files; answer with ContributionValidated."""
+
+    round: int
+    selector: str
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Average the aggregates of ``selectors`` into the global checkpoint."""
+
+    round: int
+    selectors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """Start a window of ``seconds`` for ``stage`` of ``round``; answer with WindowClosed."""
+
+    round: int
+    stage: Stage
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Status:
+    """A snapshot of the round, published to the status stream.
+
+    ``stage`` is the stage as the stream names it (:attr:`.Stage.shown`: never
+    AGGREGATING); ``aggregating`` says whether the round is averaging.
+    """
+
+    round: int
+    stage: Stage
+    accepted: int
+    goal: int
+    selectors: tuple[str, ...]
+    reported: tuple[str, ...]
+    configured: tuple[str, ...] = ()
+    unreachable: tuple[str, ...] = ()
+    rejected: tuple[tuple[str, str], ...] = ()
+    ignored: tuple[tuple[str, str], ...] = ()
+    aggregating: bool = False
+    held: int = 0
+    error: str | None = None
+    aggregation_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Log:
+    """A line for the operator; ``level`` is a :mod:`logging` level name."""
+
+    level: str
+    message: str
+
+
+Effect = Answer | Broadcast | Validate | Aggregate | Arm | Status | Log
