@@ -1,3 +1,108 @@
-"""fl-coordinator: the coordinator of a hierarchical federated-learning system, on trio."""
+"""fl-coordinator: the coordinator of a hierarchical federated-learning system, on trio.
+
+An embedding program needs little more than this::
+
+    settings, unknown_keys = fl_coordinator.load_settings({"FL_ROOT_PATH": "/data"})
+    await fl_coordinator.serve(settings)   # until cancelled; OperatorError if it cannot start
+
+General layout (read in this order, as trio's own ``__init__`` suggests for trio):
+
+* ``core/`` is the round, sans-I/O: ``stages.py`` holds every legal move as a
+  table (as h11's ``_state.py``), ``events.py`` what the machine takes and asks
+  for, ``rounds.py`` the machine. No trio, no files, no sockets.
+* ``coordinator.py`` is the one task that owns the round: it feeds the machine
+  events from a memory channel and carries out its effects with the I/O it is
+  handed. ``app.py`` is the composition root: it turns ``Settings`` into the
+  small values each part needs and runs everything in one nursery.
+* ``rpc/`` is everything that speaks gRPC: the listener, the selector-facing
+  servicers, the ``GoalCountReached`` client, the health service, tokens, TLS
+  and selector addresses.
+* ``status/`` is what the coordinator tells the world: the status message
+  schema and the hub that fans it out, the websocket, the webhook, metrics.
+* ``storage/`` is the problem folder: its layout, atomic writes, the journal
+  and history, the aggregation (FedAvg over HDF5), start-up checks and the
+  built-in model.
+* ``cli/`` holds the commands and the client tools (``watch``, the health
+  probe). Each command imports only what it runs.
+* ``config.py``, ``errors.py`` (one exception tree), ``retry.py`` and
+  ``logs.py`` are shared by all of the above.
+* ``federation/`` is not the coordinator: the reference selector and client
+  and the local demo, which speak the same wire contract. ``_proto/`` is
+  generated code.
+
+Importing this package is light (settings, errors, the status schema): the
+server and its dependencies load on first use of :func:`serve`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .config import Settings, default_settings, load_settings, read_config_file
+from .core.stages import Stage
+from .errors import (
+    AggregationError,
+    BadAddress,
+    ChildFailed,
+    CommandFailed,
+    ConfigError,
+    DemoError,
+    FederationError,
+    FLError,
+    GaveUp,
+    HealthError,
+    InputError,
+    InvalidSelectorId,
+    ListenError,
+    OperatorError,
+    ProblemError,
+    ShuttingDown,
+    WatchError,
+)
+from .status.schema import StatusMessage
+
+if TYPE_CHECKING:
+    from .app import Endpoints, serve
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AggregationError",
+    "BadAddress",
+    "ChildFailed",
+    "CommandFailed",
+    "ConfigError",
+    "DemoError",
+    "Endpoints",
+    "FLError",
+    "FederationError",
+    "GaveUp",
+    "HealthError",
+    "InputError",
+    "InvalidSelectorId",
+    "ListenError",
+    "OperatorError",
+    "ProblemError",
+    "Settings",
+    "ShuttingDown",
+    "Stage",
+    "StatusMessage",
+    "WatchError",
+    "default_settings",
+    "load_settings",
+    "read_config_file",
+    "serve",
+]
+
+#: Names loaded on first use: they bring in trio, purerpc, h5py and the rest.
+_LAZY = {"serve": "app", "Endpoints": "app"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

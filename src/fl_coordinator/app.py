@@ -47,7 +47,7 @@ from .storage.layout import Layout
 from .storage.problem import check_problem, clean_tmp
 from .storage.round_files import RoundFiles
 
-__all__ = ["Endpoints", "build_coordinator", "round_rules", "serve"]
+__all__ = ["Endpoints", "build_coordinator", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Endpoints:
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
 
-def round_rules(settings: Settings) -> Rules:
+def _round_rules(settings: Settings) -> Rules:
     """The goal, windows and admission rules of every round."""
     return Rules(
         goal=settings.checkin_limit,
@@ -91,7 +91,7 @@ def round_rules(settings: Settings) -> Rules:
     )
 
 
-def goal_count_retry(settings: Settings) -> RetryPolicy:
+def _goal_count_retry(settings: Settings) -> RetryPolicy:
     """GOAL_COUNT_RETRIES retries after the first call, waits of 1 s, 2 s, 4 s, ... plus jitter."""
     return RetryPolicy(attempts=settings.goal_count_retries + 1, first_wait=1.0)
 
@@ -108,11 +108,11 @@ def build_coordinator(
     tell = GoalCountClient(settings.goal_count_timeout, selector_client_context(settings))
     files = RoundFiles(layout, aggregator=aggregator, keep=settings.keep_checkpoints)
     return Coordinator(
-        round_rules(settings),
+        _round_rules(settings),
         files,
         hub,
         tell=tell,
-        retry=goal_count_retry(settings),
+        retry=_goal_count_retry(settings),
         first_round=first_round,
     )
 

@@ -22,17 +22,28 @@ import yaml
 
 from .errors import ConfigError
 
+__all__ = [
+    "KEYS",
+    "Key",
+    "Parser",
+    "Settings",
+    "default_settings",
+    "load_settings",
+    "optional_token",
+    "read_config_file",
+]
+
 Parser = Callable[[Any], Any]
 
 
-class Redacted:
+class _Redacted:
     """Stands for a secret value in error messages: a bad token must not be echoed."""
 
     def __repr__(self) -> str:
         return "<redacted>"
 
 
-REDACTED = Redacted()
+_REDACTED = _Redacted()
 
 
 def _integer(value: Any) -> int:
@@ -66,59 +77,59 @@ def _checked(convert: Callable[[Any], Any], ok: Callable[[Any], bool]) -> Parser
     return parse
 
 
-port = _checked(_integer, lambda n: 0 <= n <= 65535)
-positive_int = _checked(_integer, lambda n: n >= 1)
-non_negative_int = _checked(_integer, lambda n: n >= 0)
-positive_seconds = _checked(_number, lambda n: n > 0)
-seconds_or_zero = _checked(_number, lambda n: n >= 0)
-fraction = _checked(_number, lambda n: 0 < n <= 1)
+_port = _checked(_integer, lambda n: 0 <= n <= 65535)
+_positive_int = _checked(_integer, lambda n: n >= 1)
+_non_negative_int = _checked(_integer, lambda n: n >= 0)
+_positive_seconds = _checked(_number, lambda n: n > 0)
+_seconds_or_zero = _checked(_number, lambda n: n >= 0)
+_fraction = _checked(_number, lambda n: 0 < n <= 1)
 
 
-def text(value: Any) -> str:
+def _text(value: Any) -> str:
     if not isinstance(value, str | int) or isinstance(value, bool) or str(value).strip() == "":
         raise ValueError
     return str(value).strip()
 
 
-def file_name(value: Any) -> str:
+def _file_name(value: Any) -> str:
     """A file or folder name relative to the root; the Go keys carry stray slashes."""
-    name = text(value)
+    name = _text(value)
     if "\0" in name or ".." in Path(name.strip("/")).parts or name.strip("/") == "":
         raise ValueError
     return name
 
 
-def address(value: Any) -> str:
+def _address(value: Any) -> str:
     """``host:port`` as the Go system writes it."""
-    host, sep, number = text(value).rpartition(":")
+    host, sep, number = _text(value).rpartition(":")
     if not sep or not host:
         raise ValueError
-    port(number)
+    _port(number)
     return f"{host}:{number}"
 
 
-def optional_port(value: Any) -> int | None:
+def _optional_port(value: Any) -> int | None:
     """A port, or None (off) for an empty value."""
     if value is None or (isinstance(value, str) and value.strip() == ""):
         return None
-    return port(value)
+    return _port(value)
 
 
-def optional_url(value: Any) -> str:
+def _optional_url(value: Any) -> str:
     if value is None or value == "":
         return ""
-    url = text(value)
+    url = _text(value)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError
     return url
 
 
-def optional_path(value: Any) -> str:
+def _optional_path(value: Any) -> str:
     """A file path, or empty for "not set" (whether it is readable is checked by its user)."""
     if value is None or value == "":
         return ""
-    path = text(value)
+    path = _text(value)
     if "\0" in path:
         raise ValueError
     return path
@@ -136,28 +147,28 @@ def optional_token(value: Any) -> str:
     return token
 
 
-def selector_ids(value: Any) -> tuple[str, ...]:
+def _selector_ids(value: Any) -> tuple[str, ...]:
     """Selector ids (``host:port``): a YAML list or a comma-separated string; empty = any."""
     if value is None or value == "":
         return ()
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple):
         raise ValueError
-    ids = tuple(address(item) for item in items if str(item).strip())
+    ids = tuple(_address(item) for item in items if str(item).strip())
     if len(set(ids)) != len(ids):
         raise ValueError
     return ids
 
 
-def log_level(value: Any) -> str:
-    level = text(value).upper()
+def _log_level(value: Any) -> str:
+    level = _text(value).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError
     return level
 
 
-def log_format(value: Any) -> str:
-    name = text(value).lower()
+def _log_format(value: Any) -> str:
+    name = _text(value).lower()
     if name not in ("text", "json"):
         raise ValueError
     return name
@@ -184,7 +195,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "FL_ROOT_PATH",
         "./data",
-        text,
+        _text,
         "a folder path",
         "Shared storage of this FL problem (the Go default was `../data`).",
         go=True,
@@ -192,7 +203,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "INIT_FILES_PATH",
         "initFiles/",
-        file_name,
+        _file_name,
         "a folder name under FL_ROOT_PATH",
         "Folder whose every file selectors send to their clients.",
         go=True,
@@ -200,7 +211,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "MODEL_FILE",
         "model.h5",
-        file_name,
+        _file_name,
         "a file name",
         "Keras model (architecture + initial weights) in INIT_FILES_PATH; read only.",
         go=True,
@@ -208,7 +219,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "CHECKPOINT_FILE",
         "fl_checkpoint",
-        file_name,
+        _file_name,
         "a file name",
         "Global weights (HDF5) in INIT_FILES_PATH; replaced atomically after each round.",
         go=True,
@@ -216,7 +227,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "AGG_CHECKPOINT_FILE_PATH",
         "/fl_agg_checkpoint",
-        file_name,
+        _file_name,
         "a file name",
         "A selector's aggregate, under FL_ROOT_PATH/<selector-id>.",
         go=True,
@@ -224,7 +235,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "AGG_CHECKPOINT_WEIGHT_PATH",
         "/fl_agg_checkpoint_weight",
-        file_name,
+        _file_name,
         "a file name",
         "A selector's total weight (decimal integer text), under FL_ROOT_PATH/<selector-id>.",
         go=True,
@@ -232,7 +243,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "ESTIMATED_WAITING_TIME",
         20000,
-        non_negative_int,
+        _non_negative_int,
         "an integer >= 0 (milliseconds)",
         "Reconnection hint for refused clients, in ms (used by selectors).",
         go=True,
@@ -240,7 +251,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "CHECKIN_LIMIT",
         2,
-        positive_int,
+        _positive_int,
         "an integer >= 1",
         "Goal count: clients accepted per round.",
         go=True,
@@ -248,7 +259,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "WEBSERVER_ADDRESS",
         "localhost:50052",
-        address,
+        _address,
         "host:port",
         "Accepted for compatibility; the status stream is served on STATUS_PORT instead.",
         go=True,
@@ -256,7 +267,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "PORT",
         50050,
-        port,
+        _port,
         "a port number 0-65535 (0 = any free port)",
         "gRPC port (FlIntra) for selectors.",
         go=True,
@@ -264,7 +275,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "PROBLEM_ID",
         "DEFAULT",
-        text,
+        _text,
         "a non-empty string",
         "Name of the FL problem, carried in every status message.",
         go=True,
@@ -272,64 +283,64 @@ KEYS: tuple[Key, ...] = (
     Key(
         "HOST",
         "0.0.0.0",
-        text,
+        _text,
         "an interface address or host name",
         "Listen address of the gRPC and status servers.",
     ),
     Key(
         "STATUS_PORT",
         50052,
-        port,
+        _port,
         "a port number 0-65535 (0 = any free port)",
         "Websocket status stream (`ws://HOST:STATUS_PORT/status`).",
     ),
     Key(
         "METRICS_PORT",
         "",
-        optional_port,
+        _optional_port,
         "a port number 0-65535 (0 = any free port) or empty (off)",
         "Prometheus metrics at `http://HOST:METRICS_PORT/metrics`; empty: not served.",
     ),
     Key(
         "WEBHOOK_URL",
         "",
-        optional_url,
+        _optional_url,
         "an http(s) URL or empty",
         "If set, every status message is also POSTed there as JSON.",
     ),
     Key(
         "GOAL_COUNT_TIMEOUT",
         10.0,
-        positive_seconds,
+        _positive_seconds,
         "a number of seconds > 0",
         "Time limit of each GoalCountReached call to a selector.",
     ),
     Key(
         "KEEP_CHECKPOINTS",
         5,
-        positive_int,
+        _positive_int,
         "an integer >= 1",
         "Global checkpoints kept (by round) in FL_ROOT_PATH/.coordinator/history for rollback.",
     ),
     Key(
         "GOAL_COUNT_RETRIES",
         2,
-        non_negative_int,
+        _non_negative_int,
         "an integer >= 0",
-        "Retries of a failed GoalCountReached call (back-off 1 s, 2 s, 4 s, ...) before "
-        "the selector is dropped from the round.",
+        "Retries of a failed GoalCountReached call (waits of 1 s, 2 s, 4 s, ... plus jitter) "
+        "before the selector is dropped from the round.",
     ),
     Key(
         "SELECTION_TIMEOUT",
         0.0,
-        seconds_or_zero,
+        _seconds_or_zero,
         "a number of seconds >= 0",
         "Selection window, in seconds (0 = wait for the goal forever, as the Go coordinator).",
     ),
     Key(
         "MIN_CHECKIN_FRACTION",
         0.5,
-        fraction,
+        _fraction,
         "a fraction in (0, 1]",
         "When the selection window closes, the round goes on if at least this fraction of "
         "the goal checked in; otherwise it is abandoned.",
@@ -337,30 +348,30 @@ KEYS: tuple[Key, ...] = (
     Key(
         "REPORTING_TIMEOUT",
         600.0,
-        seconds_or_zero,
+        _seconds_or_zero,
         "a number of seconds >= 0",
         "Reporting window, in seconds from the goal being reached (0 = no limit).",
     ),
     Key(
         "MIN_REPORTING_FRACTION",
         0.5,
-        fraction,
+        _fraction,
         "a fraction in (0, 1]",
         "Aggregate only if the selectors with usable reports held at least this fraction of "
         "the round's clients; otherwise the round is abandoned.",
     ),
-    Key("LOG_LEVEL", "INFO", log_level, "DEBUG, INFO, WARNING or ERROR", "Log verbosity."),
+    Key("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR", "Log verbosity."),
     Key(
         "LOG_FORMAT",
         "text",
-        log_format,
+        _log_format,
         "text or json",
         "Log lines for people (`text`) or one JSON object per line (`json`).",
     ),
     Key(
         "TLS_CERT_FILE",
         "",
-        optional_path,
+        _optional_path,
         "a PEM certificate file or empty",
         "Certificate (PEM, chain first) of the gRPC server and the status websocket; "
         "empty = plaintext. Needs TLS_KEY_FILE.",
@@ -368,14 +379,14 @@ KEYS: tuple[Key, ...] = (
     Key(
         "TLS_KEY_FILE",
         "",
-        optional_path,
+        _optional_path,
         "a PEM private key file or empty",
         "Private key (PEM) of TLS_CERT_FILE.",
     ),
     Key(
         "TLS_CLIENT_CA_FILE",
         "",
-        optional_path,
+        _optional_path,
         "a PEM CA bundle file or empty",
         "Mutual TLS: only gRPC clients with a certificate from this CA may connect (needs "
         "TLS_CERT_FILE).",
@@ -383,7 +394,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "TLS_SELECTOR_CA_FILE",
         "",
-        optional_path,
+        _optional_path,
         "a PEM CA bundle file or empty",
         "If set, GoalCountReached calls to selectors use TLS and trust this CA; empty = "
         "plaintext calls.",
@@ -400,14 +411,14 @@ KEYS: tuple[Key, ...] = (
     Key(
         "AUTH_TOKEN_FILE",
         "",
-        optional_path,
+        _optional_path,
         "a file holding the token, or empty",
         "File holding AUTH_TOKEN (first line), e.g. a mounted secret; not with AUTH_TOKEN.",
     ),
     Key(
         "ALLOWED_SELECTORS",
         "",
-        selector_ids,
+        _selector_ids,
         "distinct selector ids (host:port), comma-separated or a YAML list",
         "If set, only these selector ids may check in or report; empty = any.",
     ),
@@ -423,21 +434,21 @@ KEYS: tuple[Key, ...] = (
     Key(
         "GRPC_MAX_MESSAGE_BYTES",
         4 * 1024 * 1024,
-        positive_int,
+        _positive_int,
         "an integer >= 1 (bytes)",
         "Largest gRPC message accepted; a larger one closes its connection.",
     ),
     Key(
         "MAX_STATUS_SUBSCRIBERS",
         1000,
-        non_negative_int,
+        _non_negative_int,
         "an integer >= 0",
         "Concurrent status subscribers; one more is refused with HTTP 503 (0 = no limit).",
     ),
     Key(
         "STATUS_MAX_MESSAGE_BYTES",
         4096,
-        positive_int,
+        _positive_int,
         "an integer >= 1 (bytes)",
         "Largest websocket message a status subscriber may send (they should send nothing); "
         "a larger one closes its connection (code 1009).",
@@ -445,7 +456,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "MAX_SELECTORS_PER_ROUND",
         0,
-        non_negative_int,
+        _non_negative_int,
         "an integer >= 0",
         "Distinct selector ids that may hold clients in one round; check-ins from more are "
         "refused (0 = no limit).",
@@ -543,13 +554,13 @@ def load_settings(
         try:
             values[key.field] = key.parse(raw)
         except (ValueError, TypeError):
-            raise ConfigError(key.name, REDACTED if key.secret else raw, key.expected) from None
+            raise ConfigError(key.name, _REDACTED if key.secret else raw, key.expected) from None
     settings = Settings(**values)
-    check_combinations(settings)
+    _check_combinations(settings)
     return settings, unknown
 
 
-def check_combinations(settings: Settings) -> None:
+def _check_combinations(settings: Settings) -> None:
     """Keys that only make sense together (the files themselves are loaded at start-up)."""
     if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
         missing, present = (

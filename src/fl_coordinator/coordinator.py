@@ -43,18 +43,19 @@ from .core.stages import Stage
 from .errors import AggregationError, short_reason
 from .logs import log_context
 from .retry import RetryPolicy
-from .status.hub import StatusHub, utc_now
+from .status.hub import StatusHub
+from .status.schema import utc_now
 from .storage.journal import Entry
 from .storage.round_files import RoundFiles
 
-__all__ = ["EVENT_BUFFER", "Coordinator", "Tell"]
+__all__ = ["Coordinator", "Tell"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 #: Events waiting for the state task; RPC handlers wait when it is full.
-EVENT_BUFFER = 1024
+_EVENT_BUFFER = 1024
 
 
 def _phase(status: Status) -> tuple[int, Stage, bool]:
@@ -132,11 +133,11 @@ class Coordinator:
         self._tell_one = tell
         self._retry = retry
         self._round = Round(rules, number=first_round)
-        self._journal_in, self._journal = trio.open_memory_channel[Entry](EVENT_BUFFER)
+        self._journal_in, self._journal = trio.open_memory_channel[Entry](_EVENT_BUFFER)
         self._journaled: tuple[int, Stage, bool] | None = None
         self._held: Status | None = None  # the last snapshot of this step, not yet published
         self._windows: dict[Stage, trio.CancelScope] = {}
-        self._events_in, self._events = trio.open_memory_channel[Event](EVENT_BUFFER)
+        self._events_in, self._events = trio.open_memory_channel[Event](_EVENT_BUFFER)
 
     async def check_in(self, selector: str, clients: int = 1) -> int:
         """``clients`` (>= 1) clients wait at ``selector``: how many may it keep for the round?"""

@@ -156,13 +156,13 @@ class ChildFailed(FederationError):
 
 
 #: The longest reason :func:`short_reason` gives.
-REASON_CHARS = 300
+_REASON_CHARS = 300
 
 
 def short_reason(error: BaseException) -> str:
     """What went wrong, for a log line or the status stream: the first line, bounded."""
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:REASON_CHARS]
+    return text.splitlines()[0][:_REASON_CHARS]
 
 
 E = TypeVar("E", bound=BaseException)

@@ -22,10 +22,10 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-#: The structured fields a log line may carry, in the order they are written.
-FIELDS = ("round", "selector")
+__all__ = ["NOISY", "JsonFormatter", "log_context", "setup_logging"]
 
-FORMATS = ("text", "json")
+#: The structured fields a log line may carry, in the order they are written.
+_FIELDS = ("round", "selector")
 
 _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
     "fl_log_context", default=MappingProxyType({})
@@ -50,14 +50,14 @@ def log_context(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
-def context_fields(record: logging.LogRecord) -> dict[str, Any]:
+def _context_fields(record: logging.LogRecord) -> dict[str, Any]:
     """The structured fields of ``record``: the context's, overridden by ``extra=``."""
     fields = dict(_context.get())
-    for name in FIELDS:
+    for name in _FIELDS:
         value = getattr(record, name, None)
         if value is not None:
             fields[name] = value
-    return {name: fields[name] for name in FIELDS if name in fields}
+    return {name: fields[name] for name in _FIELDS if name in fields}
 
 
 class JsonFormatter(logging.Formatter):
@@ -70,7 +70,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "event": record.getMessage(),
-            **context_fields(record),
+            **_context_fields(record),
         }
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

@@ -22,7 +22,7 @@ from fl_coordinator.app import serve
 from fl_coordinator.cli.watch import LiveView, PlainView, follow, summary
 from fl_coordinator.config import Settings
 from fl_coordinator.errors import WatchError
-from fl_coordinator.status.hub import StatusMessage
+from fl_coordinator.status.schema import StatusMessage
 from fl_coordinator.storage.layout import Layout
 
 

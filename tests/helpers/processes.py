@@ -25,11 +25,14 @@ def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
 
 
 class Served:
-    """A ``serve`` process whose log lines are read by a thread into a queue."""
+    """A ``serve`` process whose log lines are read by a thread into a queue.
 
-    def __init__(self, env: dict[str, str]) -> None:
+    ``args``: the whole command line, if not ``fl-coordinator serve``.
+    """
+
+    def __init__(self, env: dict[str, str], args: list[str] | None = None) -> None:
         self.process = subprocess.Popen(
-            [*COMMAND, "serve"], env=env, stderr=subprocess.PIPE, text=True
+            args or [*COMMAND, "serve"], env=env, stderr=subprocess.PIPE, text=True
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()

@@ -12,6 +12,7 @@ from helpers.peers import FakeSelector, PurerpcClient, completed, watch, write_a
 
 from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
+from fl_coordinator.storage.atomic import write_atomic
 from fl_coordinator.storage.journal import (
     Entry,
     history,
@@ -20,7 +21,7 @@ from fl_coordinator.storage.journal import (
     rollback,
     write_journal,
 )
-from fl_coordinator.storage.layout import Layout, write_atomic
+from fl_coordinator.storage.layout import Layout
 
 
 def digest(path: Path) -> str:

@@ -19,8 +19,10 @@ from pathlib import Path
 from .._proto import health_pb2
 from ..errors import HealthError
 
-METHOD = "/grpc.health.v1.Health/Check"
-SERVING = health_pb2.HealthCheckResponse.SERVING
+__all__ = ["Health", "Tls", "probe"]
+
+_METHOD = "/grpc.health.v1.Health/Check"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class Health:
 
     @property
     def serving(self) -> bool:
-        return self.status == SERVING
+        return self.status == _SERVING
 
 
 def probe(address: str, service: str = "", timeout: float = 5.0, tls: Tls | None = None) -> Health:
@@ -71,7 +73,7 @@ def probe(address: str, service: str = "", timeout: float = 5.0, tls: Tls | None
         channel = grpc.secure_channel(address, tls.credentials(), options=options)
     with channel:
         call = channel.unary_unary(
-            METHOD,
+            _METHOD,
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
         )

@@ -10,6 +10,8 @@ import trio
 
 from ..errors import OperatorError, first_of
 
+__all__ = ["run_main", "run_until_signal"]
+
 log = logging.getLogger(__name__)
 
 

@@ -26,12 +26,14 @@ from trio_websocket import (
 )
 
 from ..errors import WatchError
-from ..status.hub import StatusMessage
+from ..status.schema import StatusMessage
+
+__all__ = ["LiveView", "PlainView", "View", "follow", "summary", "watch"]
 
 #: Seconds to wait for the coordinator to complete the websocket handshake.
-CONNECT_TIMEOUT = 10.0
+_CONNECT_TIMEOUT = 10.0
 #: Status lines kept under the live panel.
-HISTORY = 8
+_HISTORY = 8
 
 
 def summary(message: StatusMessage) -> str:
@@ -103,7 +105,7 @@ class LiveView:
     def __init__(self, live: Any) -> None:
         self._live = live
         self._changes = _Changes()
-        self._history: collections.deque[str] = collections.deque(maxlen=HISTORY)
+        self._history: collections.deque[str] = collections.deque(maxlen=_HISTORY)
 
     def show(self, message: StatusMessage) -> None:
         line = self._changes.line(message)
@@ -176,7 +178,7 @@ async def follow(url: str, view: View, token: str | None = None, ca: Path | None
             url,
             ssl_context=_tls(ca),
             extra_headers=_headers(token),
-            connect_timeout=CONNECT_TIMEOUT,
+            connect_timeout=_CONNECT_TIMEOUT,
         ) as ws:
             await _show_each(ws, view)
     except (HandshakeError, OSError, ValueError) as error:
@@ -189,7 +191,7 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, ConnectionRejected):
         return f"HTTP {error.status_code}"
     if isinstance(error, ConnectionTimeout):
-        return f"no handshake within {CONNECT_TIMEOUT:.0f} s"
+        return f"no handshake within {_CONNECT_TIMEOUT:.0f} s"
     cause: BaseException | None = error
     while cause is not None:  # trio wraps each address's OSError in a group, in an OSError
         if isinstance(cause, OSError) and cause.strerror:

@@ -39,10 +39,10 @@ from .events import (
 )
 from .stages import Cause, Stage, next_stage
 
-__all__ = ["IGNORED_KEPT", "Round", "Rules"]
+__all__ = ["Round", "Rules"]
 
 #: Ignored or refused calls kept in the status of a round (the most recent ones).
-IGNORED_KEPT = 20
+_IGNORED_KEPT = 20
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ class Round:
 
     def _note(self, selector: str, why: str, what: str) -> list[Effect]:
         """Keep a call that changed nothing in the status (bounded) and log it."""
-        self.ignored = [*self.ignored, (selector[:300], why)][-IGNORED_KEPT:]
+        self.ignored = [*self.ignored, (selector[:300], why)][-_IGNORED_KEPT:]
         return [Log("WARNING", f"round {self.number}: {what} {selector!r}: {why}"), self.status()]
 
     def _reported(self, selector: str) -> list[Effect]:

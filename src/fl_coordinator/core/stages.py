@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 __all__ = [
-    "DESCRIPTIONS",
     "SHOWN_STAGES",
     "TRANSITIONS",
     "Cause",
@@ -112,7 +111,7 @@ TRANSITIONS: Mapping[tuple[Stage, Cause], Stage] = MappingProxyType(
 )
 
 #: What happens in each stage, for the README's table.
-DESCRIPTIONS: Mapping[Stage, str] = MappingProxyType(
+_DESCRIPTIONS: Mapping[Stage, str] = MappingProxyType(
     {
         _S.SELECTION: (
             "each `ClientCountUpdate` is one client (a batched `CheckInClients`, up to N); "
@@ -150,7 +149,7 @@ def markdown_table() -> str:
     for stage in Stage:
         moves = [(cause, dest) for (src, cause), dest in TRANSITIONS.items() if src is stage]
         for index, (cause, dest) in enumerate(moves):
-            name, what = (f"`{stage.name}`", DESCRIPTIONS[stage]) if index == 0 else ("", "")
+            name, what = (f"`{stage.name}`", _DESCRIPTIONS[stage]) if index == 0 else ("", "")
             rows.append(f"| {name} | {what} | `{dest.name}` | {cause.value} |")
     return "\n".join(rows) + "\n"
 

@@ -3,3 +3,5 @@
 None of this is needed to run the coordinator; it exists so that a whole
 federation can run on one machine, for the demo and for end-to-end tests.
 """
+
+__all__: list[str] = []

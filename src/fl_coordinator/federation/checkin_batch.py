@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+__all__ = ["CheckInBatcher"]
+
 
 class _Waiter:
     """One client waiting for its answer: accepted or not, or the error of its batch."""

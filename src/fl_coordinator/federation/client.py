@@ -23,6 +23,8 @@ from ..rpc.addresses import split_address
 from .training import Hyper, Trainer
 from .transfer import file_chunks, integer, safe_name
 
+__all__ = ["Client", "ClientOptions"]
+
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +39,7 @@ class ClientOptions:
     max_wait_s: float = 60.0  # cap on a selector's reconnection time
 
 
-def load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path) as data:
         return data["x"].astype(np.float32), data["y"].astype(np.int64)
 
@@ -52,7 +54,7 @@ async def _upload_messages(path: Path, n: int) -> AsyncIterator[fl_round_pb2.FlD
 class Client:
     def __init__(self, options: ClientOptions) -> None:
         self.options = options
-        self.x, self.y = load_shard(options.data)
+        self.x, self.y = _load_shard(options.data)
         self.trainer = Trainer(options.hyper)
         self.files = options.work_dir / "files"
         self.update = options.work_dir / "update"

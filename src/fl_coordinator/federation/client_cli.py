@@ -18,6 +18,8 @@ from ..rpc.addresses import BadAddress, split_address
 from .client import Client, ClientOptions
 from .training import Hyper
 
+__all__ = ["build_parser", "main"]
+
 log = logging.getLogger("fl_coordinator.client")
 
 

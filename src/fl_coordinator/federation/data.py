@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+__all__ = ["Split", "digits", "split_digits", "write_shards"]
+
 #: Each client gets at least this many samples (the split is redrawn otherwise).
-MIN_SHARD = 20
+_MIN_SHARD = 20
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,12 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64)
 
 
-def dirichlet_shards(
+def _dirichlet_shards(
     y: np.ndarray, clients: int, alpha: float, rng: np.random.Generator
 ) -> list[np.ndarray]:
     """Split sample indices over ``clients`` with per-class Dirichlet(alpha) proportions."""
-    if clients * MIN_SHARD > len(y):
-        raise ValueError(f"{len(y)} samples cannot give {clients} clients {MIN_SHARD} each")
+    if clients * _MIN_SHARD > len(y):
+        raise ValueError(f"{len(y)} samples cannot give {clients} clients {_MIN_SHARD} each")
     while True:
         shards: list[list[int]] = [[] for _ in range(clients)]
         for label in np.unique(y):
@@ -51,7 +53,7 @@ def dirichlet_shards(
             cuts = (np.cumsum(rng.dirichlet([alpha] * clients)) * len(members)).astype(int)[:-1]
             for shard, part in zip(shards, np.split(members, cuts), strict=True):
                 shard.extend(part.tolist())
-        if min(len(s) for s in shards) >= MIN_SHARD:
+        if min(len(s) for s in shards) >= _MIN_SHARD:
             return [rng.permutation(np.array(s, dtype=np.int64)) for s in shards]
 
 
@@ -62,7 +64,7 @@ def split_digits(clients: int, alpha: float = 0.5, seed: int = 0, test_size: flo
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_size, stratify=y, random_state=seed
     )
-    shards = dirichlet_shards(y_train, clients, alpha, np.random.default_rng(seed))
+    shards = _dirichlet_shards(y_train, clients, alpha, np.random.default_rng(seed))
     return Split(x_train, y_train, x_test, y_test, shards)
 
 

@@ -30,8 +30,10 @@ from .data import Split, split_digits, write_shards
 from .local import LocalFederation
 from .training import Hyper, accuracy, compile_for_training, load_weights
 
+__all__ = ["DemoOptions", "run_demo"]
+
 #: Without any status message for this long, the demo gives up and points at the logs.
-STALL_SECONDS = 180.0
+_STALL_SECONDS = 180.0
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,14 @@ class DemoOptions:
 
 
 @dataclass
-class RoundResult:
+class _RoundResult:
     round: int
     accuracy: float
     seconds: float
     clients: int
 
 
-def fresh_root(root: Path) -> None:
+def _fresh_root(root: Path) -> None:
     """Empty ``root`` if it is a previous demo's; refuse to wipe anything else."""
     if root.exists():
         if not root.is_dir():
@@ -65,7 +67,7 @@ def fresh_root(root: Path) -> None:
     (root / "logs").mkdir(parents=True)
 
 
-class Evaluator:
+class _Evaluator:
     """The demo's own copy of the model, to measure each new global checkpoint."""
 
     def __init__(self, model_file: Path, split: Split) -> None:
@@ -79,7 +81,7 @@ class Evaluator:
         return accuracy(self.model, self.split.x_test, self.split.y_test)
 
 
-def centralized_baseline(split: Split, options: DemoOptions) -> list[float]:
+def _centralized_baseline(split: Split, options: DemoOptions) -> list[float]:
     """Same model and initial weights, pooled data, same total epochs; accuracy per round."""
     from ..storage.model import builtin_model
 
@@ -99,7 +101,7 @@ def centralized_baseline(split: Split, options: DemoOptions) -> list[float]:
     return per_round
 
 
-class Progress:
+class _Progress:
     """One line per round; on a terminal, a live line for the stage in between."""
 
     def __init__(self, out: TextIO, rounds: int) -> None:
@@ -122,30 +124,30 @@ class Progress:
     def header(self) -> None:
         self.say(f"{'round':>9}  {'stage':<13} {'clients':>7}  {'accuracy':>8}  {'time':>7}")
 
-    def row(self, result: RoundResult, stage: str) -> None:
+    def row(self, result: _RoundResult, stage: str) -> None:
         self.say(
             f"{result.round:>5}/{self.rounds:<3}  {stage:<13} {result.clients:>7}  "
             f"{result.accuracy:>8.3f}  {result.seconds:>6.1f}s"
         )
 
 
-class Demo:
+class _Demo:
     def __init__(self, options: DemoOptions, out: TextIO = sys.stdout) -> None:
         if options.selectors < 1 or options.clients < options.selectors or options.rounds < 1:
             raise DemoError("need rounds >= 1, selectors >= 1 and clients >= selectors")
         self.options = options
         self.root = options.root.resolve()
         self.layout = Layout.from_settings(default_settings().replace(fl_root_path=str(self.root)))
-        self.progress = Progress(out, options.rounds)
-        self.results: list[RoundResult] = []
+        self.progress = _Progress(out, options.rounds)
+        self.results: list[_RoundResult] = []
 
     async def run(self) -> dict[str, Any]:
         options = self.options
-        fresh_root(self.root)
+        _fresh_root(self.root)
         split = split_digits(options.clients, options.alpha, options.seed)
         shards = write_shards(split, self.root / "clients")
         init_problem(self.layout)
-        self.evaluator = Evaluator(self.layout.model, split)
+        self.evaluator = _Evaluator(self.layout.model, split)
         initial = self.evaluator(self.layout.checkpoint)
         self.progress.say(
             f"federation: 1 coordinator, {options.selectors} selector(s), {options.clients} "
@@ -161,10 +163,10 @@ class Demo:
             with trio.move_on_after(60):
                 await federation.wait_for_clients()
         federated_seconds = time.monotonic() - started
-        baseline = await trio.to_thread.run_sync(centralized_baseline, split, options)
+        baseline = await trio.to_thread.run_sync(_centralized_baseline, split, options)
         summary = self._summary(split, initial, baseline, federated_seconds)
         (self.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot(summary, self.root / "accuracy.png")
+        _plot(summary, self.root / "accuracy.png")
         self._print_summary(summary)
         return summary
 
@@ -174,11 +176,11 @@ class Demo:
         opened: dict[int, float] = {}
         async with trio_websocket.open_websocket_url(status_url) as ws:
             while len(self.results) < self.options.rounds:
-                with trio.move_on_after(STALL_SECONDS) as stalled:
+                with trio.move_on_after(_STALL_SECONDS) as stalled:
                     message = json.loads(await ws.get_message())
                 if stalled.cancelled_caught:
                     raise DemoError(
-                        f"no progress for {STALL_SECONDS:.0f} s; see the logs in "
+                        f"no progress for {_STALL_SECONDS:.0f} s; see the logs in "
                         f"{self.root / 'logs'}"
                     )
                 federation.check_children()
@@ -189,7 +191,7 @@ class Demo:
                     raise DemoError(f"round {number} failed: {message.get('error')}")
                 if message["stage"] == "COMPLETED":
                     score = await trio.to_thread.run_sync(self.evaluator, self.layout.checkpoint)
-                    result = RoundResult(
+                    result = _RoundResult(
                         number, score, time.monotonic() - opened[number], message["accepted"]
                     )
                     self.results.append(result)
@@ -238,7 +240,7 @@ class Demo:
         )
 
 
-def plot(summary: dict[str, Any], dest: Path) -> None:
+def _plot(summary: dict[str, Any], dest: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,7 +269,7 @@ def plot(summary: dict[str, Any], dest: Path) -> None:
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run the demo; raise DemoError (never an exception group) if it cannot finish."""
     try:
-        return trio.run(Demo(options).run)
+        return trio.run(_Demo(options).run)
     except ChildFailed as error:
         raise DemoError(str(error)) from None
     except BaseExceptionGroup as group:

@@ -31,14 +31,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--root", type=Path, default=_DEFAULTS.root, help="demo folder")
-    parser.add_argument("--selectors", type=int, default=_DEFAULTS.selectors)
-    parser.add_argument("--clients", type=int, default=_DEFAULTS.clients)
-    parser.add_argument("--rounds", type=int, default=_DEFAULTS.rounds)
+    parser.add_argument(
+        "--selectors", type=int, default=_DEFAULTS.selectors, help="selector processes"
+    )
+    parser.add_argument("--clients", type=int, default=_DEFAULTS.clients, help="client processes")
+    parser.add_argument("--rounds", type=int, default=_DEFAULTS.rounds, help="rounds to run")
     hyper = _DEFAULTS.hyper
-    parser.add_argument("--epochs", type=int, default=hyper.epochs, help="local epochs")
-    parser.add_argument("--batch-size", type=int, default=hyper.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=hyper.learning_rate)
-    parser.add_argument("--momentum", type=float, default=hyper.momentum)
+    parser.add_argument("--epochs", type=int, default=hyper.epochs, help="local epochs per round")
+    parser.add_argument(
+        "--batch-size", type=int, default=hyper.batch_size, help="local training batch size"
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=hyper.learning_rate, help="clients' SGD rate"
+    )
+    parser.add_argument(
+        "--momentum", type=float, default=hyper.momentum, help="clients' SGD momentum"
+    )
     parser.add_argument(
         "--seed", type=int, default=_DEFAULTS.seed, help="data split and initial model"
     )

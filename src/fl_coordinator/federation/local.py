@@ -17,6 +17,8 @@ from ..errors import ChildFailed
 from .processes import Child
 from .training import Hyper
 
+__all__ = ["Endpoints", "LocalFederation"]
+
 
 @dataclass(frozen=True)
 class Endpoints:

@@ -14,6 +14,8 @@ import trio
 
 from ..errors import ChildFailed
 
+__all__ = ["Child"]
+
 
 class Child:
     """One program of the federation, its stderr copied to ``log_path`` line by line."""

@@ -10,7 +10,7 @@ does not serve the batched call (the Go one), or when told to (``batch_checkin``
 and calls ``FlIntra.SelectorAggregationComplete`` when its aggregate files are written.
 Its id is its own ``host:port``, which also names its folder in shared storage.
 
-A round, as one selector sees it, is a :class:`Cohort`: the clients the
+A round, as one selector sees it, is a :class:`_Cohort`: the clients the
 coordinator accepted, held until ``GoalCountReached``, then sent the files of
 ``initFiles/``, then expected to upload. Nothing hangs forever: a held client
 is let go after ``hold_timeout``, and the cohort is aggregated with whatever
@@ -46,9 +46,12 @@ from ..errors import first_of
 from ..rpc.addresses import dial
 from ..rpc.listener import serve_grpc
 from ..storage.aggregation import AggregationError, sum_into
-from ..storage.layout import Layout, check_selector_id, write_atomic
+from ..storage.atomic import write_atomic
+from ..storage.layout import Layout, check_selector_id
 from .checkin_batch import CheckInBatcher
 from .transfer import file_chunks, integer, receive_upload
+
+__all__ = ["Selector", "SelectorOptions"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ class SelectorOptions:
 
 
 @dataclass
-class Cohort:
+class _Cohort:
     """The clients of one round at this selector, and their uploads."""
 
     number: int
@@ -95,7 +98,7 @@ class Cohort:
             self.complete.set()
 
 
-def sum_uploads(uploads: list[tuple[Path, int]], layout: Layout, selector_id: str) -> int:
+def _sum_uploads(uploads: list[tuple[Path, int]], layout: Layout, selector_id: str) -> int:
     """Write ``fl_agg_checkpoint`` (sum of uploads) and its weight, atomically; return the weight.
 
     The same HDF5 walk as the coordinator's aggregation: every float dataset,
@@ -112,7 +115,7 @@ def sum_uploads(uploads: list[tuple[Path, int]], layout: Layout, selector_id: st
     return weight
 
 
-def unimplemented(error: Exception) -> bool:
+def _unimplemented(error: Exception) -> bool:
     """Did the coordinator answer UNIMPLEMENTED (possibly inside purerpc's exception group)?"""
     if isinstance(error, ExceptionGroup):
         error = first_of(error, RpcFailedError)
@@ -130,8 +133,8 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         self._checked_in = 0
         self._numbers = itertools.count(1)
         self._uploads = itertools.count(1)
-        self._selecting = Cohort(next(self._numbers))
-        self._reporting: Cohort | None = None
+        self._selecting = _Cohort(next(self._numbers))
+        self._reporting: _Cohort | None = None
         self._nursery: trio.Nursery | None = None
         self._batcher: CheckInBatcher | None = None
         self._batch_checkin = options.batch_checkin
@@ -195,7 +198,7 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
                     "CheckInClients", request, fl_intra_batch_grpc.FlIntraBatchStub
                 )
             except Exception as error:
-                if not unimplemented(error):
+                if not _unimplemented(error):
                     raise
                 log.info("the coordinator has no batched check-in; asking once per client")
                 self._batch_checkin = False
@@ -214,7 +217,7 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
                 nursery.start_soon(ask_one)
         return accepted
 
-    async def _report(self, cohort: Cohort) -> None:
+    async def _report(self, cohort: _Cohort) -> None:
         request = fl_intra_pb2.SelectorId(id=self.id)
         await self._call_coordinator("SelectorAggregationComplete", request)
         log.info("cohort %d: reported to the coordinator", cohort.number)
@@ -297,7 +300,7 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
 
     async def GoalCountReached(self, message: fl_intra_pb2.Empty) -> fl_intra_pb2.Empty:
         cohort = self._selecting
-        self._selecting = Cohort(next(self._numbers))
+        self._selecting = _Cohort(next(self._numbers))
         log.info(
             "cohort %d: goal reached; sending files to %d client(s) (%d more awaiting the "
             "coordinator's answer)",
@@ -320,7 +323,7 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         for old in self.round_files.iterdir():
             old.unlink()
 
-    async def _finish(self, cohort: Cohort) -> None:
+    async def _finish(self, cohort: _Cohort) -> None:
         """Wait for the cohort's uploads (bounded), sum them, report to the coordinator."""
         with trio.move_on_after(self.options.report_timeout):
             await cohort.complete.wait()
@@ -339,7 +342,7 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         if not cohort.uploads:
             log.error("cohort %d: no uploads at all; nothing to report", cohort.number)
             return
-        job = functools.partial(sum_uploads, cohort.uploads, self.options.layout, self.id)
+        job = functools.partial(_sum_uploads, cohort.uploads, self.options.layout, self.id)
         try:
             weight = await trio.to_thread.run_sync(job)
         except AggregationError as error:

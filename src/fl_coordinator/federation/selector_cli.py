@@ -18,6 +18,8 @@ from ..rpc.tls import client_context, server_context
 from ..storage.layout import Layout
 from .selector import Selector, SelectorOptions
 
+__all__ = ["build_parser", "main"]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-selector", description="Reference FL selector.")
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def security_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+def _security_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """The token and TLS contexts of SelectorOptions; ConfigError names the flag at fault."""
     if args.token_file is not None:
         settings = settings.replace(auth_token="", auth_token_file=args.token_file)
@@ -102,7 +104,7 @@ def _serve(args: argparse.Namespace) -> None:
         split_address(args.coordinator)
     except InputError as error:
         raise ConfigError("--coordinator", args.coordinator, "host:port") from error
-    security = security_options(args, settings)
+    security = _security_options(args, settings)
     setup_logging(settings.log_level, settings.log_format)
     options = SelectorOptions(
         coordinator=args.coordinator,

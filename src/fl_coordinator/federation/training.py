@@ -19,6 +19,16 @@ import numpy as np
 from ..storage.aggregation import sum_into
 from ..storage.model import import_keras
 
+__all__ = [
+    "Hyper",
+    "Trainer",
+    "accuracy",
+    "batches",
+    "compile_for_training",
+    "load_weights",
+    "save_weights",
+]
+
 
 @dataclass(frozen=True)
 class Hyper:

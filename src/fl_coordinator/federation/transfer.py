@@ -9,7 +9,9 @@ import trio
 
 from .._proto import fl_round_pb2
 
-CHUNK_SIZE = 64 * 1024
+__all__ = ["FlData", "file_chunks", "integer", "receive_upload", "safe_name"]
+
+_CHUNK_SIZE = 64 * 1024
 
 FlData = fl_round_pb2.FlData
 
@@ -26,9 +28,9 @@ async def file_chunks(path: Path) -> AsyncIterator[FlData]:
     empty chunk, so the receiver still learns it exists.
     """
     async with await trio.open_file(path, "rb") as file:
-        chunk = await file.read(CHUNK_SIZE)
+        chunk = await file.read(_CHUNK_SIZE)
         while True:
-            following = await file.read(CHUNK_SIZE)
+            following = await file.read(_CHUNK_SIZE)
             yield FlData(
                 type=fl_round_pb2.FL_FILES,
                 chunk=chunk,

@@ -8,6 +8,8 @@ import purerpc
 
 from ..errors import BadAddress
 
+__all__ = ["dial", "split_address"]
+
 
 def split_address(address: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; raise BadAddress."""

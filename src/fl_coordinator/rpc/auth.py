@@ -30,10 +30,20 @@ from ..config import Settings, optional_token
 from ..errors import ConfigError
 from .health import SERVICE_NAME as HEALTH_SERVICE
 
+__all__ = [
+    "AUTHORIZATION",
+    "Guard",
+    "TokenGuard",
+    "bearer_problem",
+    "guard_services",
+    "header_value",
+    "load_token",
+]
+
 log = logging.getLogger(__name__)
 
 AUTHORIZATION = "authorization"
-SCHEME = "bearer"
+_SCHEME = "bearer"
 
 
 def load_token(settings: Settings) -> str:
@@ -81,7 +91,7 @@ def bearer_problem(header: str | None, token: str) -> str | None:
     if header is None:
         return "no authorization metadata"
     scheme, _, presented = header.strip().partition(" ")
-    if scheme.lower() != SCHEME or not presented.strip():
+    if scheme.lower() != _SCHEME or not presented.strip():
         return "authorization metadata is not 'Bearer <token>'"
     if not hmac.compare_digest(presented.strip().encode(), token.encode()):
         return "wrong token"

@@ -20,17 +20,19 @@ import trio
 
 from .._proto import health_grpc, health_pb2
 
+__all__ = ["SERVICE_NAME", "HealthServicer", "Probe", "checkpoint_readable"]
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "grpc.health.v1.Health"
 
 #: A checkpoint that takes longer than this to open (a hung network mount) is unreadable.
-READ_TIMEOUT = 5.0
+_READ_TIMEOUT = 5.0
 
 Probe = Callable[[], Awaitable[bool]]
 
 
-def is_readable_hdf5(path: Path) -> bool:
+def _is_readable_hdf5(path: Path) -> bool:
     """Whether ``path`` can be opened and is an HDF5 file (blocking: run it in a thread)."""
     try:
         return bool(h5py.is_hdf5(path))
@@ -39,9 +41,9 @@ def is_readable_hdf5(path: Path) -> bool:
 
 
 async def checkpoint_readable(path: Path) -> bool:
-    """:func:`is_readable_hdf5` off the event loop, with a time limit."""
-    with trio.move_on_after(READ_TIMEOUT):
-        return await trio.to_thread.run_sync(is_readable_hdf5, path, abandon_on_cancel=True)
+    """:func:`_is_readable_hdf5` off the event loop, with a time limit."""
+    with trio.move_on_after(_READ_TIMEOUT):
+        return await trio.to_thread.run_sync(_is_readable_hdf5, path, abandon_on_cancel=True)
     return False
 
 

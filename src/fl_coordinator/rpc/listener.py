@@ -30,10 +30,12 @@ from purerpc.server import ConnectionHandler
 from ..errors import ListenError
 from .auth import Guard, guard_services
 
+__all__ = ["serve_grpc"]
+
 log = logging.getLogger(__name__)
 
 #: gRPC's own default limit for received messages.
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+_DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def _peer(stream: anyio.abc.ByteStream) -> str:
@@ -123,7 +125,7 @@ async def serve_grpc(
     *,
     ssl_context: ssl.SSLContext | None = None,
     guard: Guard | None = None,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``services`` on ``host:port``; ``task_status.started`` gets the bound port.

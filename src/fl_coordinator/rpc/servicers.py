@@ -14,11 +14,13 @@ from ..coordinator import Coordinator
 from ..storage.layout import InvalidSelectorId, check_selector_id
 from .addresses import BadAddress, split_address
 
+__all__ = ["AnswerCounter", "CheckIns", "IntraBatchServicer", "IntraServicer"]
+
 #: ``count(asked, accepted)``: called once per check-in answer, with client counts (metrics).
 AnswerCounter = Callable[[int, int], None]
 
 
-def problem_with_id(selector_id: str) -> str | None:
+def _problem_with_id(selector_id: str) -> str | None:
     """Why ``selector_id`` cannot take part in a round, or None if it can."""
     try:
         check_selector_id(selector_id)
@@ -41,7 +43,7 @@ class CheckIns:
 
     async def __call__(self, selector_id: str, clients: int) -> int:
         """How many of ``clients`` (>= 1) waiting at ``selector_id`` the round keeps."""
-        problem = problem_with_id(selector_id)
+        problem = _problem_with_id(selector_id)
         if problem is not None:
             await self._coordinator.refused(selector_id, f"check-in refused: {problem}")
             accepted = 0
@@ -65,7 +67,7 @@ class IntraServicer(fl_intra_grpc.FlIntraServicer):
     async def SelectorAggregationComplete(
         self, message: fl_intra_pb2.SelectorId
     ) -> fl_intra_pb2.Empty:
-        problem = problem_with_id(message.id)
+        problem = _problem_with_id(message.id)
         if problem is not None:
             await self._coordinator.refused(message.id, f"report ignored: {problem}")
 

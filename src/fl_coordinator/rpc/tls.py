@@ -17,14 +17,24 @@ from pathlib import Path
 from ..config import Settings
 from ..errors import ConfigError
 
+__all__ = [
+    "Names",
+    "client_context",
+    "grpc_server_context",
+    "selector_client_context",
+    "server_context",
+    "status_server_context",
+    "warn_if_exposed",
+]
+
 log = logging.getLogger(__name__)
 
-ALPN_H2 = ["h2"]
+_ALPN_H2 = ["h2"]
 
 
 #: The names of a certificate and its key in error messages (config keys or CLI flags).
 Names = tuple[str, str]
-KEY_NAMES: Names = ("TLS_CERT_FILE", "TLS_KEY_FILE")
+_KEY_NAMES: Names = ("TLS_CERT_FILE", "TLS_KEY_FILE")
 
 
 def _load_chain(context: ssl.SSLContext, cert: str, key: str, names: Names) -> None:
@@ -57,8 +67,8 @@ def server_context(
     key: str,
     client_ca: str = "",
     *,
-    alpn: list[str] | None = ALPN_H2,
-    names: Names = KEY_NAMES,
+    alpn: list[str] | None = _ALPN_H2,
+    names: Names = _KEY_NAMES,
     ca_name: str = "TLS_CLIENT_CA_FILE",
 ) -> ssl.SSLContext:
     """A server context; with ``client_ca``, clients must present a certificate from it."""
@@ -79,7 +89,7 @@ def client_context(
     key: str = "",
     *,
     ca_name: str = "TLS_SELECTOR_CA_FILE",
-    names: Names = KEY_NAMES,
+    names: Names = _KEY_NAMES,
 ) -> ssl.SSLContext:
     """A client context that trusts ``ca`` (and presents ``cert``/``key`` for mutual TLS)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -87,7 +97,7 @@ def client_context(
     _load_ca(context, ca_name, ca)
     if cert:
         _load_chain(context, cert, key, names)
-    context.set_alpn_protocols(ALPN_H2)
+    context.set_alpn_protocols(_ALPN_H2)
     return context
 
 
@@ -124,7 +134,7 @@ def selector_client_context(settings: Settings) -> ssl.SSLContext | None:
     )
 
 
-def is_loopback(host: str) -> bool:
+def _is_loopback(host: str) -> bool:
     """Whether ``host`` is only reachable from this machine (a listen address)."""
     if host == "localhost":
         return True
@@ -136,7 +146,7 @@ def is_loopback(host: str) -> bool:
 
 def warn_if_exposed(what: str, host: str, context: ssl.SSLContext | None) -> None:
     """Plaintext is fine on loopback; anywhere else, say so once at start-up."""
-    if context is None and not is_loopback(host):
+    if context is None and not _is_loopback(host):
         log.warning(
             "%s listens on %s without TLS: anyone on the network can read and inject "
             "traffic (set TLS_CERT_FILE and TLS_KEY_FILE)",

@@ -1,0 +1,4 @@
+"""What the coordinator tells the world: the status message schema and its hub, the
+websocket status stream, the webhook, and the Prometheus metrics with their endpoint."""
+
+__all__: list[str] = []

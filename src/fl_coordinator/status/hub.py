@@ -1,7 +1,8 @@
-"""Status messages and the hub that fans them out to subscribers.
+"""The hub that numbers status messages and fans them out to subscribers.
 
-Each message is a complete snapshot of the round (not a delta), so a
-subscriber that misses some still knows the whole state from the next one.
+Each message (:mod:`.schema`) is a complete snapshot of the round (not a
+delta), so a subscriber that misses some still knows the whole state from the
+next one.
 That is what makes the delivery policy safe: every subscriber has its own
 bounded queue, and when it is full the *oldest* message is dropped. Publishing
 never waits on a subscriber, so a slow or stuck webserver cannot delay the
@@ -17,51 +18,17 @@ import functools
 import itertools
 import json
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 import trio
 
 from ..core.events import Status
-from ..core.stages import Stage
+from .schema import StatusMessage, to_message, utc_now
+
+__all__ = ["Published", "StatusHub", "Subscription"]
 
 #: Messages a subscriber may fall behind before the oldest are dropped.
-QUEUE_LENGTH = 64
-
-StatusMessage = dict[str, Any]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def to_message(
-    status: Status, *, problem_id: str, seq: int, time: datetime, checkpoint: str
-) -> StatusMessage:
-    """The JSON object of one status message (schema in the README)."""
-    message: StatusMessage = {
-        "problem_id": problem_id,
-        "seq": seq,
-        "time": time.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "round": status.round,
-        "stage": status.stage.name,
-        "accepted": status.accepted,
-        "goal": status.goal,
-        "selectors": list(status.selectors),
-        "reported": list(status.reported),
-        "configured": list(status.configured),
-        "unreachable": list(status.unreachable),
-        "rejected": dict(status.rejected),
-        "ignored": [list(pair) for pair in status.ignored],
-        "aggregating": status.aggregating,
-        "held": status.held,
-    }
-    if status.stage is Stage.COMPLETED:
-        message["checkpoint"] = checkpoint
-        message["aggregation_seconds"] = status.aggregation_seconds
-    if status.error is not None:
-        message["error"] = status.error
-    return message
+_QUEUE_LENGTH = 64
 
 
 class Published:
@@ -119,7 +86,7 @@ class StatusHub:
         problem_id: str,
         checkpoint: str,
         clock: Callable[[], datetime] = utc_now,
-        queue_length: int = QUEUE_LENGTH,
+        queue_length: int = _QUEUE_LENGTH,
     ) -> None:
         self._problem_id = problem_id
         self._checkpoint = checkpoint

@@ -26,12 +26,15 @@ from prometheus_client.exposition import generate_latest
 
 from ..core.stages import SHOWN_STAGES, Stage
 from ..storage.aggregation import AggregationResult, Aggregator, Contribution
-from .hub import StatusHub, StatusMessage, Subscription
+from .hub import StatusHub, Subscription
+from .schema import StatusMessage
 
-NAMESPACE = "fl_coordinator"
+__all__ = ["Metrics"]
+
+_NAMESPACE = "fl_coordinator"
 
 #: Aggregation durations span milliseconds (small models) to minutes (large ones).
-AGGREGATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_AGGREGATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 _FINISHED = (Stage.COMPLETED.name, Stage.FAILED.name)
 
@@ -41,7 +44,7 @@ class Metrics:
 
     def __init__(self, problem_id: str) -> None:
         self.registry = CollectorRegistry()
-        common = {"namespace": NAMESPACE, "registry": self.registry}
+        common = {"namespace": _NAMESPACE, "registry": self.registry}
         Info("problem", "The FL problem this coordinator serves.", **common).info(
             {"problem_id": problem_id}
         )
@@ -67,7 +70,7 @@ class Metrics:
         self.aggregation_seconds = Histogram(
             "aggregation_seconds",
             "Duration of the aggregations of completed rounds.",
-            buckets=AGGREGATION_BUCKETS,
+            buckets=_AGGREGATION_BUCKETS,
             **common,
         )
         self.aggregated_bytes = Counter(

@@ -25,12 +25,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..errors import ListenError
 
+__all__ = ["PATH", "serve_metrics"]
+
 log = logging.getLogger(__name__)
 
 PATH = "/metrics"
 #: A client that has not sent its request by then is dropped.
-REQUEST_TIMEOUT = 10.0
-MAX_REQUEST_BYTES = 16384
+_REQUEST_TIMEOUT = 10.0
+_MAX_REQUEST_BYTES = 16384
 
 
 def _response(status: int, body: bytes, content_type: str) -> list[h11.Response | h11.Data]:
@@ -48,7 +50,7 @@ async def _read_request(connection: h11.Connection, stream: trio.SocketStream) -
         if isinstance(event, h11.Request):
             return event
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(MAX_REQUEST_BYTES)
+            data = await stream.receive_some(_MAX_REQUEST_BYTES)
             if not data:
                 raise h11.RemoteProtocolError("closed before a request")
             connection.receive_data(data)
@@ -57,9 +59,9 @@ async def _read_request(connection: h11.Connection, stream: trio.SocketStream) -
 
 
 async def _handle(render: Callable[[], bytes], stream: trio.SocketStream) -> None:
-    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_BYTES)
     try:
-        with trio.move_on_after(REQUEST_TIMEOUT):
+        with trio.move_on_after(_REQUEST_TIMEOUT):
             request = await _read_request(connection, stream)
             if request.method != b"GET":
                 events = _response(405, b"only GET\n", "text/plain")

@@ -16,15 +16,18 @@ import trio
 
 from ..errors import short_reason
 from ..retry import RetryPolicy
-from .hub import StatusHub, StatusMessage
+from .hub import StatusHub
+from .schema import StatusMessage
+
+__all__ = ["run_webhook"]
 
 log = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT = 5.0
+_REQUEST_TIMEOUT = 5.0
 
 
 #: Four attempts, waits from 0.5 s: a webserver restarting loses no message.
-DEFAULT_RETRY = RetryPolicy(attempts=4, first_wait=0.5, max_wait=10.0)
+_DEFAULT_RETRY = RetryPolicy(attempts=4, first_wait=0.5, max_wait=10.0)
 
 
 class _ServerError(Exception):
@@ -32,13 +35,13 @@ class _ServerError(Exception):
 
 
 async def _post(client: httpx.AsyncClient, url: str, message: StatusMessage) -> httpx.Response:
-    response = await client.post(url, json=message, timeout=REQUEST_TIMEOUT)
+    response = await client.post(url, json=message, timeout=_REQUEST_TIMEOUT)
     if response.status_code >= 500:
         raise _ServerError(f"HTTP {response.status_code}")
     return response
 
 
-async def post_with_retries(
+async def _post_with_retries(
     client: httpx.AsyncClient, url: str, message: StatusMessage, retry: RetryPolicy
 ) -> bool:
     """POST ``message``; retry on network errors and 5xx. Return whether it was delivered."""
@@ -72,7 +75,7 @@ def _ignore() -> None:
 async def run_webhook(
     hub: StatusHub,
     url: str,
-    retry: RetryPolicy = DEFAULT_RETRY,
+    retry: RetryPolicy = _DEFAULT_RETRY,
     *,
     failed: Callable[[], None] = _ignore,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -86,5 +89,5 @@ async def run_webhook(
             task_status.started()
             while True:
                 message = await subscription.get()
-                if not await post_with_retries(client, url, message, retry):
+                if not await _post_with_retries(client, url, message, retry):
                     failed()

@@ -2,7 +2,7 @@
 
 Each subscriber gets the current status, then one JSON text message per
 change, from its own :class:`~.status.Subscription`. A subscriber that does
-not take a message within :data:`SEND_TIMEOUT` seconds (its TCP buffers are
+not take a message within :data:`_SEND_TIMEOUT` seconds (its TCP buffers are
 full: it stopped reading) is disconnected, so a stuck peer holds no resources
 for long; it only ever delays itself.
 
@@ -34,14 +34,16 @@ from ..errors import ListenError
 from ..rpc.auth import AUTHORIZATION, bearer_problem, header_value
 from .hub import StatusHub, Subscription
 
+__all__ = ["PATH", "StatusLimits", "StatusServer"]
+
 log = logging.getLogger(__name__)
 
 PATH = "/status"
-SEND_TIMEOUT = 10.0
+_SEND_TIMEOUT = 10.0
 
 
 #: WebSocket close code of a message larger than the server accepts (RFC 6455).
-MESSAGE_TOO_BIG = 1009
+_MESSAGE_TOO_BIG = 1009
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ async def _drain(ws: WebSocketConnection, peer: str) -> None:
         while True:
             await ws.get_message()
     except ConnectionClosed as closed:
-        if closed.reason is not None and closed.reason.code == MESSAGE_TOO_BIG:
+        if closed.reason is not None and closed.reason.code == _MESSAGE_TOO_BIG:
             log.warning(
                 "status subscriber %s sent a message larger than STATUS_MAX_MESSAGE_BYTES; "
                 "disconnected",
@@ -74,14 +76,14 @@ async def _push(ws: WebSocketConnection, subscription: Subscription, peer: str) 
     with trio.CancelScope() as sending:
         while True:
             published = await subscription.next()
-            sending.deadline = trio.current_time() + SEND_TIMEOUT
+            sending.deadline = trio.current_time() + _SEND_TIMEOUT
             await ws.send_message(published.text)
             sending.deadline = math.inf
     if sending.cancelled_caught:
         log.warning(
             "status subscriber %s stopped reading for %.0f s; disconnecting it",
             peer,
-            SEND_TIMEOUT,
+            _SEND_TIMEOUT,
         )
 
 

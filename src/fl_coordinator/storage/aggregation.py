@@ -41,11 +41,25 @@ import h5py
 import numpy as np
 
 from ..errors import AggregationError, ShuttingDown
-from .layout import atomic_target
+from .atomic import atomic_target
+
+__all__ = [
+    "SLAB_BYTES",
+    "AggregationResult",
+    "Aggregator",
+    "Contribution",
+    "Finish",
+    "aggregate",
+    "check_contribution",
+    "float_datasets",
+    "read_weight",
+    "slabs",
+    "sum_into",
+]
 
 #: A selector's weight is a count of training batches; anything above this is
 #: a broken file, not a real federation (and would lose float64 precision).
-MAX_WEIGHT = 2**53
+_MAX_WEIGHT = 2**53
 
 
 @dataclass(frozen=True)
@@ -87,8 +101,8 @@ def read_weight(path: Path) -> int:
     weight = int(text)
     if weight <= 0:
         raise AggregationError(f"{path}: weight is {weight}; it must be at least 1")
-    if weight > MAX_WEIGHT:
-        raise AggregationError(f"{path}: weight {weight} is absurdly large (> {MAX_WEIGHT})")
+    if weight > _MAX_WEIGHT:
+        raise AggregationError(f"{path}: weight {weight} is absurdly large (> {_MAX_WEIGHT})")
     return weight
 
 
@@ -143,7 +157,7 @@ def slabs(shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
     return [(slice(start, min(start + step, shape[0])),) for start in range(0, shape[0], step)]
 
 
-def slab_shape(shape: tuple[int, ...], selection: tuple[slice, ...]) -> tuple[int, ...]:
+def _slab_shape(shape: tuple[int, ...], selection: tuple[slice, ...]) -> tuple[int, ...]:
     if not selection:
         return shape
     rows = selection[0]
@@ -171,7 +185,7 @@ def _copy_attrs(source: h5py.HLObject, dest: h5py.HLObject) -> None:
         dest.attrs.create(key, source.attrs[key], shape=spec.shape, dtype=spec.dtype)
 
 
-def copy_layout(source: h5py.File, dest: h5py.File, floats: Sequence[str]) -> None:
+def _copy_layout(source: h5py.File, dest: h5py.File, floats: Sequence[str]) -> None:
     """Make ``dest`` like ``source`` except that the datasets ``floats`` are created empty.
 
     They keep their type, shape and creation properties (chunking, filters,
@@ -239,7 +253,7 @@ def sum_into(
         base = _open_h5(template, stack, "checkpoint")
         names = float_datasets(base)
         with atomic_target(dest, tmp_dir, large=True) as tmp, h5py.File(tmp, "w") as out:
-            copy_layout(base, out, names)
+            _copy_layout(base, out, names)
             for name in names:
                 like, target = base[name], out[name]
                 sources = [
@@ -247,14 +261,14 @@ def sum_into(
                     for file, path in zip(files, inputs, strict=True)
                 ]
                 selections = slabs(like.shape)
-                largest = slab_shape(like.shape, selections[0])
+                largest = _slab_shape(like.shape, selections[0])
                 buffer = np.empty(largest, like.dtype)  # one input's slab, as stored
                 sums = np.empty(largest, np.float64)
                 result = np.empty(largest, like.dtype)
                 for selection in selections:
                     if cancel is not None and cancel.is_set():
                         raise ShuttingDown("aggregation cancelled: shutting down")
-                    rows = slab_shape(like.shape, selection)[:1] if selection else ()
+                    rows = _slab_shape(like.shape, selection)[:1] if selection else ()
                     total = sums[: rows[0]] if rows else sums
                     # The first two inputs start the float64 sum in one pass (the
                     # memory traffic is what costs: no zeros pass, no cast copy);
@@ -329,7 +343,7 @@ def check_contribution(checkpoint: Path, contribution: Contribution) -> None:
         for name in float_datasets(global_file):
             source = _matching(aggregate_file, name, global_file[name], contribution.checkpoint)
             selections = slabs(source.shape)
-            buffer = np.empty(slab_shape(source.shape, selections[0]), source.dtype)
+            buffer = np.empty(_slab_shape(source.shape, selections[0]), source.dtype)
             for selection in selections:
                 part = _read_into(buffer, source, contribution.checkpoint, selection)
 

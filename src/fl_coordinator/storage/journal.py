@@ -25,7 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ProblemError
-from .layout import Layout, fsync_dir, write_atomic
+from .atomic import fsync_dir, write_atomic
+from .layout import Layout
+
+__all__ = [
+    "Entry",
+    "history",
+    "next_round",
+    "read_journal",
+    "remember",
+    "rollback",
+    "write_journal",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +55,16 @@ class Entry:
     time: str = ""
 
 
-def journal_path(layout: Layout) -> Path:
+def _journal_path(layout: Layout) -> Path:
     return layout.own / "journal.json"
 
 
-def history_dir(layout: Layout) -> Path:
+def _history_dir(layout: Layout) -> Path:
     return layout.own / "history"
 
 
 def read_journal(layout: Layout) -> Entry | None:
-    path = journal_path(layout)
+    path = _journal_path(layout)
     if not path.exists():
         return None
     try:
@@ -70,12 +81,12 @@ def read_journal(layout: Layout) -> Entry | None:
 
 
 def write_journal(layout: Layout, entry: Entry) -> None:
-    write_atomic(journal_path(layout), json.dumps(asdict(entry)).encode(), layout.tmp)
+    write_atomic(_journal_path(layout), json.dumps(asdict(entry)).encode(), layout.tmp)
 
 
 def history(layout: Layout) -> dict[int, Path]:
     """Kept checkpoints by the round that produced them (0 = the initial one)."""
-    folder = history_dir(layout)
+    folder = _history_dir(layout)
     if not folder.is_dir():
         return {}
     found = {}
@@ -88,7 +99,7 @@ def history(layout: Layout) -> dict[int, Path]:
 
 def remember(layout: Layout, round_number: int, keep: int) -> Path:
     """Link the current checkpoint into the history as ``round_number``; prune old ones."""
-    folder = history_dir(layout)
+    folder = _history_dir(layout)
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / f"round-{round_number:06d}"
     dest.unlink(missing_ok=True)
@@ -98,7 +109,7 @@ def remember(layout: Layout, round_number: int, keep: int) -> Path:
     return dest
 
 
-def same_file(a: Path, b: Path) -> bool:
+def _same_file(a: Path, b: Path) -> bool:
     return os.path.samefile(a, b) if a.exists() and b.exists() else False
 
 
@@ -113,7 +124,7 @@ def next_round(layout: Layout, keep: int) -> int:
     if entry.stage in ("COMPLETED", "FAILED"):
         return entry.round + 1
     last = kept[max(kept)] if kept else None
-    finished = entry.round in kept or (last is not None and not same_file(layout.checkpoint, last))
+    finished = entry.round in kept or (last is not None and not _same_file(layout.checkpoint, last))
     if entry.aggregating and finished:
         remember(layout, entry.round, keep)
         log.warning(

@@ -1,4 +1,4 @@
-"""The shared-storage layout of one FL problem, selector-id checks and atomic replace.
+"""The shared-storage layout of one FL problem, and the checks of selector ids that name folders.
 
 Existing selectors walk ``initFiles/`` recursively and stream every file they
 find to every client, so the coordinator never leaves anything of its own
@@ -7,23 +7,20 @@ there: temporary files and history live in ``.coordinator/`` beside it.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Settings
 from ..errors import InvalidSelectorId
 
+__all__ = ["Layout", "check_selector_id"]
+
 #: Longest selector id we accept: an id is a folder name (255 bytes on most
 #: file systems) and also a ``host:port`` we dial.
-MAX_SELECTOR_ID_BYTES = 255
+_MAX_SELECTOR_ID_BYTES = 255
 
-COORDINATOR_DIR = ".coordinator"
+_COORDINATOR_DIR = ".coordinator"
 
 
 #: C0 controls and DEL. A regex, not a loop over characters: this runs on every
@@ -39,9 +36,9 @@ def check_selector_id(selector_id: str) -> str:
     """
     if not selector_id:
         raise InvalidSelectorId("selector id is empty")
-    if len(selector_id.encode("utf-8", "surrogatepass")) > MAX_SELECTOR_ID_BYTES:
+    if len(selector_id.encode("utf-8", "surrogatepass")) > _MAX_SELECTOR_ID_BYTES:
         raise InvalidSelectorId(
-            f"selector id is longer than {MAX_SELECTOR_ID_BYTES} bytes ({len(selector_id)} chars)"
+            f"selector id is longer than {_MAX_SELECTOR_ID_BYTES} bytes ({len(selector_id)} chars)"
         )
     if "\0" in selector_id:
         raise InvalidSelectorId(f"selector id {selector_id!r} contains a NUL character")
@@ -81,7 +78,7 @@ class Layout:
     @property
     def own(self) -> Path:
         """The coordinator's private folder (never sent to clients)."""
-        return self.root / COORDINATOR_DIR
+        return self.root / _COORDINATOR_DIR
 
     @property
     def tmp(self) -> Path:
@@ -95,73 +92,3 @@ class Layout:
 
     def agg_weight(self, selector_id: str) -> Path:
         return self.selector_dir(selector_id) / self.agg_weight_name
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-#: How often a large file being written is flushed in the background.
-FLUSH_EVERY = 0.05
-
-
-@contextlib.contextmanager
-def _flushing(path: Path) -> Iterator[None]:
-    """Flush ``path`` to disk every FLUSH_EVERY seconds, in a thread, while the body runs.
-
-    The disk then writes the file while it is still being computed, and the
-    final fsync has only the tail left: for a 1 GB checkpoint that fsync was
-    a sixth of the aggregation (bench, 1000x2).
-    """
-    done = threading.Event()
-    fd = os.open(path, os.O_RDONLY)
-
-    def flush() -> None:
-        while not done.wait(FLUSH_EVERY):
-            os.fdatasync(fd)
-
-    flusher = threading.Thread(target=flush, name=f"flush {path.name}", daemon=True)
-    flusher.start()
-    try:
-        yield
-    finally:
-        done.set()
-        flusher.join()
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_target(dest: Path, tmp_dir: Path, *, large: bool = False) -> Iterator[Path]:
-    """Yield a temporary path; on success it atomically replaces ``dest``.
-
-    The temporary file lives in ``tmp_dir``, which must be on the same file
-    system as ``dest`` (rename is only atomic within one). It is flushed to
-    disk before the rename, and the folder after it, so after a crash ``dest``
-    is either the old file or the new one, whole. On error the temporary file
-    is removed and ``dest`` is untouched. ``large``: the file is flushed in the
-    background while it is written (worth a thread only for big files).
-    """
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=tmp_dir)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        with _flushing(tmp) if large else contextlib.nullcontext():
-            yield tmp
-        with open(tmp, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_atomic(dest: Path, data: bytes, tmp_dir: Path) -> None:
-    """Replace ``dest`` with ``data`` atomically (see :func:`atomic_target`)."""
-    with atomic_target(dest, tmp_dir) as tmp:
-        tmp.write_bytes(data)

@@ -12,9 +12,11 @@ import os
 from types import ModuleType
 from typing import Any
 
+__all__ = ["builtin_model", "import_keras"]
+
 #: The built-in classifier: 8x8 digit images (64 features) into 10 classes.
-INPUT_FEATURES = 64
-CLASSES = 10
+_INPUT_FEATURES = 64
+_CLASSES = 10
 
 
 def import_keras() -> ModuleType:
@@ -40,9 +42,9 @@ def builtin_model(seed: int = 0) -> Any:
     keras.utils.set_random_seed(seed)
     model = keras.Sequential(
         [
-            keras.Input(shape=(INPUT_FEATURES,)),
+            keras.Input(shape=(_INPUT_FEATURES,)),
             keras.layers.Dense(32, activation="relu", name="hidden"),
-            keras.layers.Dense(CLASSES, activation="softmax", name="output"),
+            keras.layers.Dense(_CLASSES, activation="softmax", name="output"),
         ],
         name="fl_classifier",
     )

@@ -19,7 +19,10 @@ import h5py
 
 from ..errors import ConfigError, ProblemError
 from .aggregation import float_datasets
-from .layout import Layout, atomic_target
+from .atomic import atomic_target
+from .layout import Layout
+
+__all__ = ["check_problem", "clean_tmp", "init_problem", "needs_init"]
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,88 @@
+"""Atomic replacement of files: a reader sees the old file or the new one, never half of one.
+
+Every file the coordinator publishes (the global checkpoint, the journal)
+is written to a temporary file on the same file system, flushed to disk,
+renamed over the old one, and the folder flushed, so that a crash at any
+instant leaves either the old file or the new one, whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_target", "fsync_dir", "write_atomic"]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+#: How often a large file being written is flushed in the background.
+_FLUSH_EVERY = 0.05
+
+
+@contextlib.contextmanager
+def _flushing(path: Path) -> Iterator[None]:
+    """Flush ``path`` to disk every _FLUSH_EVERY seconds, in a thread, while the body runs.
+
+    The disk then writes the file while it is still being computed, and the
+    final fsync has only the tail left: for a 1 GB checkpoint that fsync was
+    a sixth of the aggregation (bench, 1000x2).
+    """
+    done = threading.Event()
+    fd = os.open(path, os.O_RDONLY)
+
+    def flush() -> None:
+        while not done.wait(_FLUSH_EVERY):
+            os.fdatasync(fd)
+
+    flusher = threading.Thread(target=flush, name=f"flush {path.name}", daemon=True)
+    flusher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        flusher.join()
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_target(dest: Path, tmp_dir: Path, *, large: bool = False) -> Iterator[Path]:
+    """Yield a temporary path; on success it atomically replaces ``dest``.
+
+    The temporary file lives in ``tmp_dir``, which must be on the same file
+    system as ``dest`` (rename is only atomic within one). It is flushed to
+    disk before the rename, and the folder after it, so after a crash ``dest``
+    is either the old file or the new one, whole. On error the temporary file
+    is removed and ``dest`` is untouched. ``large``: the file is flushed in the
+    background while it is written (worth a thread only for big files).
+    """
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=tmp_dir)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with _flushing(tmp) if large else contextlib.nullcontext():
+            yield tmp
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(dest: Path, data: bytes, tmp_dir: Path) -> None:
+    """Replace ``dest`` with ``data`` atomically (see :func:`atomic_target`)."""
+    with atomic_target(dest, tmp_dir) as tmp:
+        tmp.write_bytes(data)

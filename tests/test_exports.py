@@ -1,0 +1,116 @@
+"""The public surface: what the package exports, what each module exports, what a command loads.
+
+After trio's ``test_exports.py`` and httpx's ``test_exported_members.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.processes import COMMAND, Served, environment
+
+import fl_coordinator
+
+MODULES = sorted(
+    info.name
+    for info in pkgutil.walk_packages(fl_coordinator.__path__, "fl_coordinator.")
+    if "._proto" not in info.name and not info.name.endswith("__main__")
+)
+
+#: What the operator commands must never load: the ML stack and the reference programs.
+HEAVY = ("keras", "jax", "sklearn", "fl_coordinator.federation")
+
+
+def test_the_package_exports_what_an_embedding_program_needs() -> None:
+    exported = set(fl_coordinator.__all__)
+    assert {"serve", "Settings", "load_settings", "StatusMessage", "Stage"} <= exported
+    errors = importlib.import_module("fl_coordinator.errors")
+    assert set(errors.__all__) - {"first_of", "short_reason"} <= exported  # the whole tree
+    for name in fl_coordinator.__all__:
+        assert getattr(fl_coordinator, name) is not None, name
+    assert fl_coordinator.serve is importlib.import_module("fl_coordinator.app").serve
+    with pytest.raises(AttributeError):
+        fl_coordinator.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_module_declares_what_it_exports(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = getattr(module, "__all__", None)
+    assert exported is not None, f"{name} has no __all__"
+    for item in exported:
+        assert not item.startswith("_"), f"{name} exports private {item}"
+        assert hasattr(module, item), f"{name}.__all__ names {item}, which it lacks"
+
+
+def loaded_by(code: str) -> set[str]:
+    """The top-level names of the modules a fresh interpreter loads to run ``code``."""
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    return set(out.split())
+
+
+def heavy(modules: set[str]) -> set[str]:
+    return {m for m in modules if m.startswith(HEAVY)}
+
+
+def test_importing_the_package_is_light() -> None:
+    modules = loaded_by("import fl_coordinator")
+    assert heavy(modules) == set()
+    assert {"trio", "purerpc", "h5py"} & modules == set()
+
+
+def imported_by(args: list[str], **run: object) -> set[str]:
+    """Modules ``python -X importtime -m fl_coordinator ARGS`` imported (from its stderr)."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *COMMAND[1:], *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **run,  # type: ignore[arg-type]
+    )
+    return _importtime_modules(result.stderr)
+
+
+def _importtime_modules(stderr: str) -> set[str]:
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+def test_health_help_loads_no_ml_stack_and_no_reference_programs() -> None:
+    modules = imported_by(["health", "--help"])
+    assert "fl_coordinator.cli.main" in modules  # the measurement sees our own imports
+    assert heavy(modules) == set()
+
+
+def test_serve_loads_no_ml_stack_and_no_reference_programs(settings) -> None:
+    env = environment(Path(settings.fl_root_path))
+    served = Served(env, [sys.executable, "-X", "importtime", *COMMAND[1:], "serve"])
+    served.wait_for_line("selectors at")
+    served.process.send_signal(signal.SIGTERM)
+    modules = _importtime_modules(served.rest())
+    assert served.process.wait(timeout=60) == 0
+    assert {"fl_coordinator.app", "h5py", "purerpc"} <= modules
+    assert heavy(modules) == set()
+
+
+def test_the_demo_keeps_its_own_flags() -> None:
+    result = subprocess.run(
+        [*COMMAND, "demo", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    assert "--rounds" in result.stdout and "(default: 10)" in result.stdout
