@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import Settings, load_settings, read_config_file
-from ..errors import ConfigError, OperatorError
+from ..errors import ConfigError
 from ..logs import setup_logging
 
 __all__ = ["build_parser", "main"]
@@ -208,11 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["demo"]:
         return _demo(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except OperatorError as error:
-        print(f"fl-coordinator {args.command}: {error}", file=sys.stderr)
-        return error.exit_status
+    from .running import exit_status
+
+    return exit_status(f"fl-coordinator {args.command}", lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -58,3 +59,17 @@ def run_main(main: Callable[[], Awaitable[object]]) -> None:
         if error is None:
             raise
         raise error from None
+
+
+def exit_status(prog: str, job: Callable[[], int]) -> int:
+    """Run a command's ``job``: its exit status, or that of the OperatorError it raised.
+
+    The error is printed as one line, ``prog: what, which value, what to do``,
+    never as a traceback: the one place every command line of the project
+    turns an operator's mistake into a message.
+    """
+    try:
+        return job()
+    except OperatorError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return error.exit_status

@@ -9,11 +9,10 @@ or scikit-learn.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import DemoError
+from ..cli.running import exit_status
 from ..logs import setup_logging
 from .demo import DemoOptions, run_demo
 from .training import Hyper
@@ -64,9 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hyper=Hyper(args.epochs, args.batch_size, args.learning_rate, args.momentum),
         seed=args.seed,
     )
-    try:
+
+    def run() -> int:
         run_demo(options)
-    except DemoError as error:
-        print(f"fl-coordinator demo: {error}", file=sys.stderr)
-        return error.exit_status
-    return 0
+        return 0
+
+    return exit_status("fl-coordinator demo", run)

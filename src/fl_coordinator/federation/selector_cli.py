@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..cli.running import run_main
+from ..cli.running import exit_status, run_main
 from ..config import Settings, load_settings
-from ..errors import ConfigError, InputError, OperatorError
+from ..errors import ConfigError, InputError
 from ..logs import setup_logging
 from ..rpc.addresses import split_address
 from ..rpc.auth import load_token
@@ -96,7 +96,7 @@ def _security_options(args: argparse.Namespace, settings: Settings) -> dict[str,
     }
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _serve(args: argparse.Namespace) -> int:
     settings, _ = load_settings()
     if args.root is not None:
         settings = settings.replace(fl_root_path=str(args.root))
@@ -119,16 +119,12 @@ def _serve(args: argparse.Namespace) -> None:
         **security,
     )
     run_main(Selector(options).serve)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        _serve(args)
-    except OperatorError as error:
-        print(f"fl-selector: {error}", file=sys.stderr)
-        return error.exit_status
-    return 0
+    return exit_status("fl-selector", lambda: _serve(args))
 
 
 if __name__ == "__main__":
