@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -365,3 +367,62 @@ async def test_same_selector_reporting_twice_counts_once(
     await client.report(other.id)
     done = await watcher.wait_for(completed(1))
     assert done["stage"] == "COMPLETED" and sorted(done["reported"]) == sorted([twice.id, other.id])
+
+
+async def run_idle(
+    settings: Settings, layout: Layout, seconds: float, clients: int = 0
+) -> tuple[set[tuple[int, str]], list[str], list[logging.LogRecord]]:
+    """A coordinator left ``seconds`` of virtual time after ``clients`` check-ins: the
+    (round, stage) pairs it published, its progress lines, and every log record."""
+    hub = StatusHub("p", "c")
+    coordinator = build_coordinator(settings, layout, hub)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("fl_coordinator")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        with hub.subscribe() as stream:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(coordinator.run)
+                for _ in range(clients):
+                    await coordinator.check_in("127.0.0.1:1")
+                await trio.sleep(seconds)
+                seen = stream.take_ready()
+                nursery.cancel_scope.cancel()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    stages = {(p.message["round"], p.message["stage"]) for p in seen}
+    progress = [r.getMessage() for r in records if "waiting for clients" in r.getMessage()]
+    return stages, progress, records
+
+
+async def test_empty_selection_windows_are_not_failures(
+    settings: Settings, layout: Layout, autojump_clock
+) -> None:
+    """Issue 13: an idle coordinator with SELECTION_TIMEOUT keeps its round, without errors."""
+    settings = settings.replace(checkin_limit=6, selection_timeout=30.0)
+    stages, progress, records = await run_idle(settings, layout, seconds=600)  # twenty windows
+    assert stages == {(1, "SELECTION")}
+    assert progress == [
+        f"round 1: waiting for clients: 0/6 accepted for {s} s (SELECTION_TIMEOUT=30 s windows)"
+        for s in (60, 180, 420)
+    ]
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_long_selection_is_said_at_a_calm_interval(
+    settings: Settings, layout: Layout, autojump_clock
+) -> None:
+    """Issue 13: CHECKIN_LIMIT larger than the clients that come is not five silent minutes."""
+    settings = settings.replace(checkin_limit=6, selection_timeout=0.0)
+    stages, progress, _ = await run_idle(settings, layout, seconds=3700, clients=3)
+    assert stages == {(1, "SELECTION")}
+    waited = [int(re.search(r"accepted for (\d+) s", line).group(1)) for line in progress]
+    assert waited == [60, 180, 420, 900, 1860, 3660]  # after 60 s, then doubling, up to 30 min
+    assert progress[0] == (
+        "round 1: waiting for clients: 3/6 accepted for 60 s (SELECTION_TIMEOUT=0: no time limit)"
+    )

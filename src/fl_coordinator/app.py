@@ -44,6 +44,7 @@ from .status.websocket import PATH, StatusLimits, StatusServer
 from .storage.aggregation import Aggregator, aggregate
 from .storage.journal import next_round
 from .storage.layout import Layout
+from .storage.ownership import hold_ownership
 from .storage.problem import check_problem, clean_tmp
 from .storage.round_files import RoundFiles
 
@@ -121,51 +122,57 @@ async def serve(
     settings: Settings,
     *,
     aggregator: Aggregator = aggregate,
+    take_over: bool = False,
     task_status: trio.TaskStatus[Endpoints] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve one FL problem until cancelled. Raises an OperatorError if it cannot start.
+    """Serve one FL problem until cancelled. Raises an OperatorError if it cannot start,
+    or if another coordinator takes the problem folder over.
 
     ``aggregator`` is the averaging function run in a worker thread; tests and
-    benchmarks pass a wrapped one to observe or pace it.
+    benchmarks pass a wrapped one to observe or pace it. ``take_over``: take
+    the folder over from a coordinator whose ownership lease is stale (see
+    :mod:`.storage.ownership`).
     """
     layout = Layout.from_settings(settings)
     check_problem(layout)
-    clean_tmp(layout)
-    first_round = next_round(layout, settings.keep_checkpoints)
     grpc_tls = grpc_server_context(settings)
     status_tls = status_server_context(settings)
     token = load_token(settings)
-    hub = StatusHub(settings.problem_id, str(layout.checkpoint))
-    metrics = Metrics(settings.problem_id)
-    coordinator = build_coordinator(
-        settings,
-        layout,
-        hub,
-        aggregator=metrics.measured(aggregator),
-        first_round=first_round,
-    )
-    status_server = StatusServer(
-        hub,
-        StatusLimits(
-            token=settings.status_token,
-            max_subscribers=settings.max_status_subscribers,
-            max_message_bytes=settings.status_max_message_bytes,
-        ),
-        status_tls,
-    )
-    metrics.count_subscribers(lambda: status_server.connected)
-
-    async def healthy() -> bool:
-        return coordinator.alive and await checkpoint_readable(layout.checkpoint)
-
-    check_ins = CheckIns(coordinator, count=metrics.checked_in)
-    selector_services = [
-        IntraServicer(coordinator, check_ins).service,
-        IntraBatchServicer(check_ins).service,
-    ]
-    health = HealthServicer(healthy, served=[s.name for s in selector_services])
-    services = [*selector_services, health.service]
     async with trio.open_nursery() as nursery:
+        # Nothing in the folder is touched before this process owns it.
+        await nursery.start(functools.partial(hold_ownership, layout, take_over=take_over))
+        clean_tmp(layout)
+        first_round = next_round(layout, settings.keep_checkpoints)
+        hub = StatusHub(settings.problem_id, str(layout.checkpoint))
+        metrics = Metrics(settings.problem_id)
+        coordinator = build_coordinator(
+            settings,
+            layout,
+            hub,
+            aggregator=metrics.measured(aggregator),
+            first_round=first_round,
+        )
+        status_server = StatusServer(
+            hub,
+            StatusLimits(
+                token=settings.status_token,
+                max_subscribers=settings.max_status_subscribers,
+                max_message_bytes=settings.status_max_message_bytes,
+            ),
+            status_tls,
+        )
+        metrics.count_subscribers(lambda: status_server.connected)
+
+        async def healthy() -> bool:
+            return coordinator.alive and await checkpoint_readable(layout.checkpoint)
+
+        check_ins = CheckIns(coordinator, count=metrics.checked_in)
+        selector_services = [
+            IntraServicer(check_ins).service,
+            IntraBatchServicer(check_ins).service,
+        ]
+        health = HealthServicer(healthy, served=[s.name for s in selector_services])
+        services = [*selector_services, health.service]
         await nursery.start(metrics.follow, hub)
         await nursery.start(coordinator.run)
         grpc_port = await nursery.start(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import trio
 
@@ -24,6 +24,8 @@ from .core.events import (
     Aggregate,
     AggregationDone,
     Answer,
+    AnswerRelease,
+    AnswerReport,
     Arm,
     Broadcast,
     BroadcastDone,
@@ -33,8 +35,10 @@ from .core.events import (
     Event,
     Log,
     Refused,
+    Release,
     SelectorReported,
     Status,
+    StillWaiting,
     Validate,
     WindowClosed,
 )
@@ -48,7 +52,7 @@ from .status.schema import utc_now
 from .storage.journal import Entry
 from .storage.round_files import RoundFiles
 
-__all__ = ["Coordinator", "Tell"]
+__all__ = ["Admission", "Coordinator", "Tell"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,15 @@ T = TypeVar("T")
 
 #: Events waiting for the state task; RPC handlers wait when it is full.
 _EVENT_BUFFER = 1024
+
+#: Seconds a stopping coordinator waits for its last journal entry to be written.
+_JOURNAL_DRAIN = 10.0
+
+#: A stage that lasts is said in the log after this long, then after twice as long since
+#: the last line, up to every _PROGRESS_MAX seconds: an idle coordinator is not silent for
+#: hours, and not noisy either.
+_PROGRESS_FIRST = 60.0
+_PROGRESS_MAX = 1800.0
 
 
 def _phase(status: Status) -> tuple[int, Stage, bool]:
@@ -67,20 +80,46 @@ def _phase(status: Status) -> tuple[int, Stage, bool]:
 Tell = Callable[[str], Awaitable[None]]
 
 
+class Admission(NamedTuple):
+    """The round's answer to a check-in: how many clients it accepted, and its number.
+
+    A named tuple, not a dataclass: one is made per check-in, the hot path.
+    """
+
+    accepted: int
+    round: int
+
+
 class _AnswerSlot:
-    """The one-shot answer slot of a check-in: set once by the round task, read by the caller.
+    """The one-shot answer slot of a call: set once by the round task, read by the caller.
 
     Lighter than a memory channel per call (check-ins are the hot path: see
     ``scripts/bench --parts checkin``); ``waiting`` turns False when the caller
-    stopped waiting, so an answer nobody will read is logged.
+    stopped waiting, so an answer nobody will read is logged. ``value`` is the
+    answer's count (clients accepted or released) or, for a report, 1 if taken.
     """
 
-    __slots__ = ("accepted", "ready", "waiting")
+    __slots__ = ("ready", "round", "value", "waiting")
 
     def __init__(self) -> None:
-        self.accepted = 0
+        self.value = 0
+        self.round = 0
         self.ready = trio.Event()
         self.waiting = True
+
+    async def ask(self, events: trio.MemorySendChannel[Event], event: Event) -> None:
+        """Send ``event`` (which names this slot) and wait for its answer."""
+        try:
+            await events.send(event)
+            await self.ready.wait()
+        finally:
+            self.waiting = False
+
+    def answer(self, value: int, round: int = 0) -> None:
+        if not self.waiting:
+            log.warning("a selector gave up waiting for the round's answer (%d)", value)
+        self.value, self.round = value, round
+        self.ready.set()
 
 
 @dataclass(frozen=True)
@@ -137,21 +176,35 @@ class Coordinator:
         self._journaled: tuple[int, Stage, bool] | None = None
         self._held: Status | None = None  # the last snapshot of this step, not yet published
         self._windows: dict[Stage, trio.CancelScope] = {}
+        self._progress = trio.CancelScope()  # the progress lines of the current stage
+        self._nursery: trio.Nursery | None = None
         self._events_in, self._events = trio.open_memory_channel[Event](_EVENT_BUFFER)
 
-    async def check_in(self, selector: str, clients: int = 1) -> int:
-        """``clients`` (>= 1) clients wait at ``selector``: how many may it keep for the round?"""
-        slot = _AnswerSlot()
+    async def check_in(self, selector: str, clients: int = 1) -> Admission:
+        """``clients`` (>= 1) clients wait at ``selector``: how many may it keep, in which round?"""
+        slot = _AnswerSlot()  # the hot path: ask() written out
         try:
             await self._events_in.send(CheckIn(selector, reply_to=slot, clients=clients))
             await slot.ready.wait()
         finally:
             slot.waiting = False
-        return slot.accepted
+        return Admission(slot.value, slot.round)
+
+    async def release(self, selector: str, clients: int, round: int) -> int:
+        """``selector`` let go ``clients`` clients of round ``round``: how many are un-counted?"""
+        slot = _AnswerSlot()
+        await slot.ask(self._events_in, Release(selector, slot, clients, round))
+        return slot.value
 
     async def report(self, selector: str) -> None:
-        """``selector`` wrote its aggregate files."""
+        """``selector`` wrote its aggregate files (the old wire: for no particular round)."""
         await self._events_in.send(SelectorReported(selector))
+
+    async def report_round(self, selector: str, round: int) -> bool:
+        """``selector`` wrote its aggregate files for round ``round``: is that taken?"""
+        slot = _AnswerSlot()
+        await slot.ask(self._events_in, SelectorReported(selector, round, reply_to=slot))
+        return bool(slot.value)
 
     async def refused(self, selector: str, reason: str) -> None:
         """The RPC layer refused a call from ``selector``: shown in the status stream."""
@@ -160,6 +213,7 @@ class Coordinator:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._write_journal)
                 with log_context(round=self._round.number):
                     for effect in self._round.start():
@@ -191,15 +245,14 @@ class Coordinator:
 
     def _execute(self, effect: Effect, nursery: trio.Nursery) -> None:
         match effect:
-            case Answer(reply_to=slot, accepted=accepted):
+            case Answer():  # the hot path: no sub-patterns to match
+                effect.reply_to.answer(effect.accepted, effect.round)  # type: ignore[attr-defined]
+            case AnswerRelease(reply_to=slot, released=released):
                 assert isinstance(slot, _AnswerSlot)
-                if not slot.waiting:
-                    log.warning(
-                        "a selector gave up waiting for its check-in answer (%d accepted)",
-                        accepted,
-                    )
-                slot.accepted = accepted
-                slot.ready.set()
+                slot.answer(released)
+            case AnswerReport(reply_to=slot, taken=taken):
+                assert isinstance(slot, _AnswerSlot)
+                slot.answer(int(taken))
             case Status():
                 # Within one step, a snapshot followed by another of the same round,
                 # stage and aggregation state is replaced by it: each is the whole
@@ -231,27 +284,58 @@ class Coordinator:
 
     def _publish(self, status: Status) -> None:
         self._hub.publish(status)
-        self._journal_stage_change(status)
+        if _phase(status) != self._journaled:
+            self._stage_changed(status)
 
-    def _journal_stage_change(self, status: Status) -> None:
-        """Queue a journal entry when the stage (or aggregating) changed; never waits."""
-        key = _phase(status)
-        if key != self._journaled:
-            self._journaled = key
-            entry = Entry(
-                round=status.round,
-                stage=status.stage.name,
-                aggregating=status.aggregating,
-                selectors=list(status.selectors),
-                reported=list(status.reported),
-                time=utc_now().isoformat(),
-            )
-            self._journal_in.send_nowait(entry)
+    def _stage_changed(self, status: Status) -> None:
+        """Queue a journal entry and restart the progress lines; never waits."""
+        self._journaled = _phase(status)
+        self._progress.cancel()
+        self._progress = trio.CancelScope()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._say_progress, self._progress, status.round)
+        entry = Entry(
+            round=status.round,
+            stage=status.stage.name,
+            aggregating=status.aggregating,
+            selectors=list(status.selectors),
+            reported=list(status.reported),
+            time=utc_now().isoformat(),
+        )
+        self._journal_in.send_nowait(entry)
+
+    async def _say_progress(self, scope: trio.CancelScope, number: int) -> None:
+        """StillWaiting after _PROGRESS_FIRST seconds in a stage, then at doubling intervals."""
+        with scope:
+            waited, delay = 0.0, _PROGRESS_FIRST
+            while True:
+                await trio.sleep(delay)
+                waited += delay
+                await self._events_in.send(StillWaiting(number, waited))
+                delay = min(2 * delay, _PROGRESS_MAX)
 
     async def _write_journal(self) -> None:
-        """The one writer of the journal: entries in order, each fsynced, off the loop."""
-        async for entry in self._journal:
-            await self._files.write_journal(entry)
+        """The one writer of the journal: entries in order, each fsynced, off the loop.
+
+        On shutdown, what is still queued is not lost: the newest entry (the
+        journal holds one, so the last one is all that counts) is written,
+        shielded, within _JOURNAL_DRAIN seconds, so the journal is never behind
+        the status stream a graceful stop leaves.
+        """
+        try:
+            async for entry in self._journal:
+                await self._files.write_journal(entry)
+        finally:
+            last = None
+            while True:
+                try:
+                    last = self._journal.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            if last is not None:
+                with trio.move_on_after(_JOURNAL_DRAIN) as drain:
+                    drain.shield = True
+                    await self._files.write_journal(last)
 
     async def _window(
         self, scope: trio.CancelScope, number: int, stage: Stage, seconds: float

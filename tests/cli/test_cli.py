@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -136,3 +137,36 @@ def test_init_with_a_users_model(tmp_path: Path) -> None:
     )
     assert missing.returncode == 2 and "--model='nope.h5'" in missing.stderr
     shutil.rmtree(target)
+
+
+def test_one_coordinator_per_problem_folder(root: Path, served: list[Served]) -> None:
+    """Issue 13: a second serve on the same root is refused with one line naming the holder,
+    and so is a rollback; after a kill -9 on this host the next serve takes over, loudly."""
+    env = environment(root)
+    first = Served(env)
+    served.append(first)
+    first.wait_for_line("selectors at")
+
+    second = run(["serve"], env)
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1, second.stderr
+    assert f"is served by {socket.gethostname()} pid {first.process.pid}" in lines[0]
+    journal = root / ".coordinator" / "journal.json"  # the second ran no restart logic:
+    assert not journal.exists() or json.loads(journal.read_text())["stage"] != "FAILED"
+
+    rollback = run(["rollback", "--round", "0"], env)
+    assert rollback.returncode == 2
+    assert rollback.stderr.startswith("fl-coordinator rollback: rollback refused: ")
+
+    first.process.kill()  # kill -9: its lease stays behind
+    first.process.wait()
+    assert (root / ".coordinator" / "owner.json").exists()
+    third = Served(env)
+    served.append(third)
+    took = third.wait_for_line("took")
+    assert f"pid {first.process.pid}" in took and "WARNING" in took
+    third.wait_for_line("selectors at")
+    third.process.send_signal(signal.SIGTERM)
+    assert third.process.wait(timeout=60) == 0
+    assert not (root / ".coordinator" / "owner.json").exists()  # a clean stop gives it up

@@ -12,15 +12,20 @@ from fl_coordinator.core.events import (
     Aggregate,
     AggregationDone,
     Answer,
+    AnswerRelease,
+    AnswerReport,
     Arm,
     Broadcast,
     BroadcastDone,
     CheckIn,
     ContributionValidated,
     Event,
+    Log,
     Refused,
+    Release,
     SelectorReported,
     Status,
+    StillWaiting,
     Validate,
     WindowClosed,
 )
@@ -223,6 +228,91 @@ def test_reporting_window_aggregates_what_arrived_or_abandons() -> None:
     assert machine.number == 2
 
 
+def test_an_empty_selection_window_is_not_a_failure() -> None:
+    machine = Round(Rules(goal=2, selection_timeout=30))
+    machine.start()
+    for _ in range(3):  # an idle federation: the same round waits, window after window
+        effects = machine.handle(WindowClosed(1, Stage.SELECTION))
+        assert of_type(effects, Arm) == [Arm(1, Stage.SELECTION, 30)]
+        assert of_type(effects, Status) == []
+        assert [e.level for e in of_type(effects, Log)] == ["DEBUG"]
+    assert (machine.number, machine.stage) == (1, Stage.SELECTION)
+    machine.handle(CheckIn("a:1", 1))
+    machine.handle(CheckIn("a:1", 2))
+    assert (machine.number, machine.stage) == (1, Stage.CONFIGURATION)
+
+
+def test_the_shortfall_names_how_many_clients_are_needed() -> None:
+    machine = Round(Rules(goal=1, min_reporting_fraction=0.001))
+    machine.handle(CheckIn("a:1", 1))
+    failed = of_type(report(machine, "a:1", error="bad file"), Status)[-2]
+    assert failed.error == (
+        "every selector answered but only 0 of 1 client(s) reported usable updates; "
+        "1 are needed (MIN_REPORTING_FRACTION=0.001)"
+    )
+
+
+def test_a_released_client_is_no_longer_counted_while_selecting() -> None:
+    machine = Round(Rules(goal=3))
+    machine.handle(CheckIn("a:1", 1, clients=2))
+    effects = machine.handle(Release("a:1", "r1", clients=1, round=1))
+    assert of_type(effects, AnswerRelease) == [AnswerRelease("r1", 1)]
+    assert (machine.accepted, machine.selectors) == (1, {"a:1": 1})
+    # More than it holds releases what it holds, and the selector leaves the round.
+    assert of_type(machine.handle(Release("a:1", "r2", 5, 1)), AnswerRelease)[0].released == 1
+    assert (machine.accepted, machine.selectors) == (0, {})
+    # The goal now needs three new clients: nothing was counted twice.
+    for token in range(3):
+        machine.handle(CheckIn("b:1", token))
+    assert machine.stage is Stage.CONFIGURATION and machine.selectors == {"b:1": 3}
+
+
+def test_a_release_after_the_goal_or_for_another_round_changes_nothing() -> None:
+    machine = Round(Rules(goal=1))
+    machine.handle(CheckIn("a:1", 1))  # goal reached: configuring
+    assert of_type(machine.handle(Release("a:1", "r", 1, 1)), AnswerRelease)[0].released == 0
+    assert machine.accepted == 1
+    machine = Round(Rules(goal=2), number=5)
+    machine.handle(CheckIn("a:1", 1))
+    assert of_type(machine.handle(Release("a:1", "r", 1, 4)), AnswerRelease)[0].released == 0
+    assert machine.accepted == 1
+
+
+def test_check_in_answers_name_their_round() -> None:
+    machine = Round(Rules(goal=1), number=7)
+    assert of_type(machine.handle(CheckIn("a:1", "t")), Answer) == [Answer("t", 1, round=7)]
+
+
+def test_a_report_for_another_round_is_refused_and_said_so() -> None:
+    machine = Round(Rules(goal=1), number=5)
+    machine.handle(CheckIn("a:1", 1))
+    stale = machine.handle(SelectorReported("a:1", round=4, reply_to="s"))
+    assert of_type(stale, AnswerReport) == [AnswerReport("s", taken=False)]
+    assert of_type(stale, Validate) == []
+    assert machine.ignored[-1] == ("a:1", "it is for round 4, not this one")
+    current = machine.handle(SelectorReported("a:1", round=5, reply_to="c"))
+    assert of_type(current, AnswerReport) == [AnswerReport("c", taken=True)]
+    assert of_type(current, Validate) == [Validate(5, "a:1")]
+
+
+def test_a_long_stage_is_said_calmly() -> None:
+    machine = Round(Rules(goal=6))
+    for token in range(3):
+        machine.handle(CheckIn("a:1", token))
+    (line,) = of_type(machine.handle(StillWaiting(1, 60)), Log)
+    assert line == Log(
+        "INFO",
+        "round 1: waiting for clients: 3/6 accepted for 60 s (SELECTION_TIMEOUT=0: no time limit)",
+    )
+    assert machine.handle(StillWaiting(0, 60)) == []  # an older round's timer
+    for token in range(3):
+        machine.handle(CheckIn("b:1", token))
+    (line,) = of_type(machine.handle(StillWaiting(1, 120)), Log)
+    assert "waiting for reports: 0 of 2 selector(s) reported, 0 being validated, for 120 s" in (
+        line.message
+    )
+
+
 # -- property-based -----------------------------------------------------------
 
 SELECTORS = [f"10.0.0.{i}:5000" for i in range(4)]
@@ -232,6 +322,8 @@ operations = st.lists(
         # 1 client: ClientCountUpdate; more: the batched CheckInClients.
         st.tuples(st.just("check_in"), st.sampled_from(SELECTORS), st.sampled_from([1, 1, 2, 7])),
         st.tuples(st.just("report"), st.sampled_from(SELECTORS)),
+        st.tuples(st.just("report_round"), st.sampled_from(SELECTORS), st.integers(-1, 0)),
+        st.tuples(st.just("release"), st.sampled_from(SELECTORS), st.integers(1, 3)),
         st.tuples(st.just("aggregated"), st.booleans()),
         st.tuples(st.just("stale"), st.integers(0, 5)),
         st.tuples(st.just("told"), st.sampled_from(SELECTORS)),
@@ -249,6 +341,10 @@ def to_event(machine: Round, op: tuple, tokens: itertools.count) -> Event:
             return CheckIn(selector, reply_to=(next(tokens), selector), clients=clients)
         case ("report", selector):
             return SelectorReported(selector)
+        case ("report_round", selector, offset):
+            return SelectorReported(selector, machine.number + offset, reply_to=next(tokens))
+        case ("release", selector, clients):
+            return Release(selector, next(tokens), clients, machine.number)
         case ("aggregated", ok):
             return AggregationDone(machine.number, error=None if ok else "broken file")
         case ("stale", offset):
@@ -281,6 +377,7 @@ def test_random_event_sequences_keep_the_invariants(
     answered: Counter[object] = Counter()
     finished_rounds = 0
     accepted_total = 0
+    released_total = 0
     finished_accepted = 0
     last: Status = machine.status()
 
@@ -301,6 +398,10 @@ def test_random_event_sequences_keep_the_invariants(
                 accepted_total += effect.accepted
                 # A batch gets at most what it asked for.
                 assert 0 <= effect.accepted <= asked[effect.reply_to]
+            if isinstance(effect, AnswerRelease):
+                # A release gives back at most what it names; those clients may come again.
+                released_total += effect.released
+                assert 0 <= effect.released <= event.clients
 
             if isinstance(effect, Broadcast):
                 # Every selector holding an accepted client is told, once, in its round.
@@ -334,8 +435,9 @@ def test_random_event_sequences_keep_the_invariants(
     held = {c.reply_to for c in machine.held}
     assert all(count == 1 for count in answered.values())
     assert set(answered) | held == set(asked) and not set(answered) & held
-    # Accepted answers never exceed the goal per round (drops only lower the count).
-    assert accepted_total <= goal * machine.number
+    # Accepted answers never exceed the goal per round, but for clients released while
+    # selecting (drops only lower the count).
+    assert accepted_total - released_total <= goal * machine.number
 
 
 def test_selectors_outside_the_allow_list_are_refused_and_ignored() -> None:

@@ -71,6 +71,10 @@ def window_with_enough_reports(machine: Round) -> None:
     machine.handle(WindowClosed(1, Stage.REPORTING))
 
 
+def empty_window(machine: Round) -> None:
+    machine.handle(WindowClosed(1, Stage.SELECTION))
+
+
 def unreachable(machine: Round) -> None:
     machine.handle(CheckIn("a:1", 1))
     machine.handle(BroadcastDone(1, "a:1", error="refused"))
@@ -87,6 +91,7 @@ SCENARIOS: list[tuple[Rules, Callable[[Round], None]]] = [
     (Rules(goal=1, **WINDOWS), window_in_configuration),
     (Rules(goal=2, min_reporting_fraction=0.5, **WINDOWS), window_with_enough_reports),
     (Rules(goal=1), unreachable),
+    (Rules(goal=1, **WINDOWS), empty_window),
 ]
 
 

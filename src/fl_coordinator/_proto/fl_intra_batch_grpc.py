@@ -6,6 +6,12 @@ class FlIntraBatchServicer(purerpc.Servicer):
     async def CheckInClients(self, input_message):
         raise NotImplementedError()
 
+    async def ReleaseClients(self, input_message):
+        raise NotImplementedError()
+
+    async def ReportAggregate(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -18,6 +24,24 @@ class FlIntraBatchServicer(purerpc.Servicer):
                 purerpc.Cardinality.UNARY_UNARY,
                 fl_intra_batch__pb2.ClientBatch,
                 fl_intra_batch__pb2.ClientsAccepted,
+            )
+        )
+        service_obj.add_method(
+            "ReleaseClients",
+            self.ReleaseClients,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                fl_intra_batch__pb2.ClientRelease,
+                fl_intra_batch__pb2.ClientsReleased,
+            )
+        )
+        service_obj.add_method(
+            "ReportAggregate",
+            self.ReportAggregate,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                fl_intra_batch__pb2.AggregateReport,
+                fl_intra_batch__pb2.ReportAnswer,
             )
         )
         return service_obj
@@ -35,5 +59,21 @@ class FlIntraBatchStub:
                 purerpc.Cardinality.UNARY_UNARY,
                 fl_intra_batch__pb2.ClientBatch,
                 fl_intra_batch__pb2.ClientsAccepted,
+            )
+        )
+        self.ReleaseClients = self._client.get_method_stub(
+            "ReleaseClients",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                fl_intra_batch__pb2.ClientRelease,
+                fl_intra_batch__pb2.ClientsReleased,
+            )
+        )
+        self.ReportAggregate = self._client.get_method_stub(
+            "ReportAggregate",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                fl_intra_batch__pb2.AggregateReport,
+                fl_intra_batch__pb2.ReportAnswer,
             )
         )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66l_intra_batch.proto\x12\x10\x66lcoordinator.v1\"*\n\x0b\x43lientBatch\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63lients\x18\x02 \x01(\r\"#\n\x0f\x43lientsAccepted\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r2b\n\x0c\x46lIntraBatch\x12R\n\x0e\x43heckInClients\x12\x1d.flcoordinator.v1.ClientBatch\x1a!.flcoordinator.v1.ClientsAcceptedb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66l_intra_batch.proto\x12\x10\x66lcoordinator.v1\"*\n\x0b\x43lientBatch\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63lients\x18\x02 \x01(\r\"2\n\x0f\x43lientsAccepted\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\r\";\n\rClientRelease\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63lients\x18\x02 \x01(\r\x12\r\n\x05round\x18\x03 \x01(\r\"#\n\x0f\x43lientsReleased\x12\x10\n\x08released\x18\x01 \x01(\r\",\n\x0f\x41ggregateReport\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\x1d\n\x0cReportAnswer\x12\r\n\x05taken\x18\x01 \x01(\x08\x32\x8e\x02\n\x0c\x46lIntraBatch\x12R\n\x0e\x43heckInClients\x12\x1d.flcoordinator.v1.ClientBatch\x1a!.flcoordinator.v1.ClientsAccepted\x12T\n\x0eReleaseClients\x12\x1f.flcoordinator.v1.ClientRelease\x1a!.flcoordinator.v1.ClientsReleased\x12T\n\x0fReportAggregate\x12!.flcoordinator.v1.AggregateReport\x1a\x1e.flcoordinator.v1.ReportAnswerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIENTBATCH']._serialized_start=42
   _globals['_CLIENTBATCH']._serialized_end=84
   _globals['_CLIENTSACCEPTED']._serialized_start=86
-  _globals['_CLIENTSACCEPTED']._serialized_end=121
-  _globals['_FLINTRABATCH']._serialized_start=123
-  _globals['_FLINTRABATCH']._serialized_end=221
+  _globals['_CLIENTSACCEPTED']._serialized_end=136
+  _globals['_CLIENTRELEASE']._serialized_start=138
+  _globals['_CLIENTRELEASE']._serialized_end=197
+  _globals['_CLIENTSRELEASED']._serialized_start=199
+  _globals['_CLIENTSRELEASED']._serialized_end=234
+  _globals['_AGGREGATEREPORT']._serialized_start=236
+  _globals['_AGGREGATEREPORT']._serialized_end=280
+  _globals['_REPORTANSWER']._serialized_start=282
+  _globals['_REPORTANSWER']._serialized_end=311
+  _globals['_FLINTRABATCH']._serialized_start=314
+  _globals['_FLINTRABATCH']._serialized_end=584
 # @@protoc_insertion_point(module_scope)

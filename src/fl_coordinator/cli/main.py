@@ -58,25 +58,29 @@ def _serve(args: argparse.Namespace) -> int:
             settings.init_files_path,
         )
         init_problem(layout)
-    run_main(functools.partial(serve, settings))
+    run_main(functools.partial(serve, settings, take_over=args.take_over))
     return 0
 
 
 def _init(args: argparse.Namespace) -> int:
     from ..storage.layout import Layout
+    from ..storage.ownership import ensure_not_served
     from ..storage.problem import init_problem
 
     root = str(args.root) if args.root is not None else None
     settings = _settings(args.config, fl_root_path=root)
     if args.model is not None and not args.model.is_file():
         raise ConfigError("--model", str(args.model), "an existing Keras model file")
-    init_problem(Layout.from_settings(settings), args.model, force=args.force)
+    layout = Layout.from_settings(settings)
+    ensure_not_served(layout, "init")
+    init_problem(layout, args.model, force=args.force)
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
     from ..storage.journal import history, rollback
     from ..storage.layout import Layout
+    from ..storage.ownership import ensure_not_served
 
     layout = Layout.from_settings(_settings(args.config))
     if args.round is None:
@@ -85,6 +89,7 @@ def _rollback(args: argparse.Namespace) -> int:
         for number, path in kept.items():
             print(f"  {number}: {path}")
         return 0
+    ensure_not_served(layout, "rollback")
     source = rollback(layout, args.round)
     log.info(
         "%s is now the checkpoint of round %d (%s); the next round continues the numbering",
@@ -154,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the coordinator of one FL problem")
+    serve.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the problem folder over from a coordinator whose ownership lease is stale "
+        "(it died on another host, hangs or is cut off)",
+    )
     _config_flag(serve)
     serve.set_defaults(run=_serve)
 

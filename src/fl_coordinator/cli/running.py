@@ -11,7 +11,7 @@ import trio
 
 from ..errors import OperatorError, first_of
 
-__all__ = ["run_main", "run_until_signal"]
+__all__ = ["exit_status", "run_main", "run_until_signal"]
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,8 @@ __all__ = [
     "Aggregate",
     "AggregationDone",
     "Answer",
+    "AnswerRelease",
+    "AnswerReport",
     "Arm",
     "Broadcast",
     "BroadcastDone",
@@ -27,8 +29,10 @@ __all__ = [
     "Event",
     "Log",
     "Refused",
+    "Release",
     "SelectorReported",
     "Status",
+    "StillWaiting",
     "Validate",
     "WindowClosed",
 ]
@@ -58,9 +62,31 @@ class BroadcastDone:
 
 @dataclass(frozen=True)
 class SelectorReported:
-    """``SelectorAggregationComplete(selector)`` arrived."""
+    """A selector wrote its aggregate files: ``SelectorAggregationComplete(selector)``
+    (``round`` None: the old wire cannot say for which round), or our
+    ``ReportAggregate`` (``round`` is the round it was told; answered at ``reply_to``)."""
 
     selector: str
+    round: int | None = None
+    reply_to: Hashable | None = None
+
+
+@dataclass(frozen=True)
+class Release:
+    """A selector no longer holds ``clients`` of the clients round ``round`` accepted."""
+
+    selector: str
+    reply_to: Hashable
+    clients: int
+    round: int
+
+
+@dataclass(frozen=True)
+class StillWaiting:
+    """The round has been in its current stage for ``seconds`` (a calm, growing interval)."""
+
+    round: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -99,7 +125,7 @@ class AggregationDone:
 
 Event = (
     CheckIn | BroadcastDone | SelectorReported | ContributionValidated | WindowClosed
-    | AggregationDone | Refused
+    | AggregationDone | Refused | Release | StillWaiting
 )  # fmt: skip
 
 
@@ -108,10 +134,28 @@ Event = (
 
 @dataclass(frozen=True)
 class Answer:
-    """Answer a check-in: how many of the clients it asked for were accepted (0 = refused)."""
+    """Answer a check-in: how many of the clients it asked for were accepted (0 = refused),
+    and for which round."""
 
     reply_to: Hashable
     accepted: int
+    round: int
+
+
+@dataclass(frozen=True)
+class AnswerRelease:
+    """Answer a release: how many clients the round stopped counting."""
+
+    reply_to: Hashable
+    released: int
+
+
+@dataclass(frozen=True)
+class AnswerReport:
+    """Answer a report that named its round: whether it was taken (its files get validated)."""
+
+    reply_to: Hashable
+    taken: bool
 
 
 @dataclass(frozen=True)
@@ -179,4 +223,6 @@ class Log:
     message: str
 
 
-Effect = Answer | Broadcast | Validate | Aggregate | Arm | Status | Log
+Effect = (
+    Answer | AnswerRelease | AnswerReport | Broadcast | Validate | Aggregate | Arm | Status | Log
+)

@@ -23,6 +23,8 @@ from .events import (
     Aggregate,
     AggregationDone,
     Answer,
+    AnswerRelease,
+    AnswerReport,
     Arm,
     Broadcast,
     BroadcastDone,
@@ -32,8 +34,10 @@ from .events import (
     Event,
     Log,
     Refused,
+    Release,
     SelectorReported,
     Status,
+    StillWaiting,
     Validate,
     WindowClosed,
 )
@@ -65,6 +69,11 @@ class Rules:
     def min_clients(self) -> int:
         """Clients a selection window must have gathered for the round to go on."""
         return max(1, math.ceil(self.min_checkin_fraction * self.goal))
+
+    def min_reported(self, accepted: int) -> int:
+        """Clients that usable reports must hold for a round of ``accepted`` clients to be
+        averaged: ``MIN_REPORTING_FRACTION`` of them, and never none."""
+        return max(1, math.ceil(self.min_reporting_fraction * accepted - 1e-9))
 
 
 @dataclass
@@ -100,9 +109,10 @@ class Round:
         return self.stage is Stage.AGGREGATING
 
     def status(self, *, error: str | None = None, seconds: float | None = None) -> Status:
+        aggregating = self.stage is Stage.AGGREGATING  # Stage.shown, written out: hot path
         return Status(
             round=self.number,
-            stage=self.stage.shown,
+            stage=Stage.REPORTING if aggregating else self.stage,
             accepted=self.accepted,
             goal=self.goal,
             selectors=tuple(self.selectors),
@@ -111,7 +121,7 @@ class Round:
             unreachable=tuple(self.unreachable),
             rejected=tuple(self.rejected.items()),
             ignored=tuple(self.ignored),
-            aggregating=self.aggregating,
+            aggregating=aggregating,
             held=len(self.held),
             error=error,
             aggregation_seconds=seconds,
@@ -128,7 +138,7 @@ class Round:
             case CheckIn():
                 return self._check_in(event)
             case SelectorReported():
-                return self._reported(event.selector)
+                return self._reported(event)
             case ContributionValidated():
                 return self._validated(event)
             case BroadcastDone():
@@ -139,6 +149,10 @@ class Round:
                 return self._aggregation_done(event)
             case Refused():
                 return self._note(event.selector, event.reason, "refused a call from")
+            case Release():
+                return self._release(event)
+            case StillWaiting():
+                return self._still_waiting(event)
         raise TypeError(f"not a round event: {event!r}")
 
     def _move(self, cause: Cause) -> None:
@@ -154,7 +168,7 @@ class Round:
             self.held.append(event)
             return [self.status()]
         if self.stage is not Stage.SELECTION:
-            return [Answer(event.reply_to, accepted=0)]
+            return [Answer(event.reply_to, accepted=0, round=self.number)]
         cap = self.rules.max_selectors
         if cap and event.selector not in self.selectors and len(self.selectors) >= cap:
             return self._refuse(
@@ -165,7 +179,7 @@ class Round:
         taken = min(event.clients, self.goal - self.accepted)
         self.accepted += taken
         self.selectors[event.selector] = self.selectors.get(event.selector, 0) + taken
-        effects: list[Effect] = [Answer(event.reply_to, accepted=taken)]
+        effects: list[Effect] = [Answer(event.reply_to, accepted=taken, round=self.number)]
         if self.accepted < self.goal:
             effects.append(self.status())
             return effects
@@ -173,7 +187,7 @@ class Round:
 
     def _refuse(self, event: CheckIn, why: str) -> list[Effect]:
         return [
-            Answer(event.reply_to, accepted=0),
+            Answer(event.reply_to, accepted=0, round=self.number),
             *self._note(event.selector, f"check-in refused: {why}", "refused a call from"),
         ]
 
@@ -202,21 +216,82 @@ class Round:
         self.ignored = [*self.ignored, (selector[:300], why)][-_IGNORED_KEPT:]
         return [Log("WARNING", f"round {self.number}: {what} {selector!r}: {why}"), self.status()]
 
-    def _reported(self, selector: str) -> list[Effect]:
+    def _reported(self, event: SelectorReported) -> list[Effect]:
+        why = self._unexpected_report(event)
+        if why is None:
+            effects = self._take_report(event.selector)
+        else:
+            effects = self._ignore(event.selector, why)
+        if event.reply_to is not None:
+            effects.insert(0, AnswerReport(event.reply_to, taken=why is None))
+        return effects
+
+    def _unexpected_report(self, event: SelectorReported) -> str | None:
+        """Why a report changes nothing, or None if its selector's files are to be validated."""
+        selector = event.selector
         if self.rules.allowed and selector not in self.rules.allowed:
-            return self._ignore(selector, "not in ALLOWED_SELECTORS")
+            return "not in ALLOWED_SELECTORS"
+        if event.round is not None and event.round != self.number:
+            return f"it is for round {event.round}, not this one"
         if self.aggregating:
-            return self._ignore(selector, "round is aggregating, no report expected")
+            return "round is aggregating, no report expected"
         if self.stage not in (Stage.CONFIGURATION, Stage.REPORTING):
-            return self._ignore(selector, f"round is in {self.stage.name}, no report expected")
+            return f"round is in {self.stage.name}, no report expected"
         if selector not in self.selectors:
-            return self._ignore(selector, "not a selector of this round")
+            return "not a selector of this round"
         if selector in self.reported or selector in self.validating or selector in self.rejected:
-            return self._ignore(selector, "it already reported")
+            return "it already reported"
+        return None
+
+    def _take_report(self, selector: str) -> list[Effect]:
         self.validating.append(selector)
         if self.stage is Stage.CONFIGURATION:
             self._move(Cause.FIRST_REPORT)
         return [self.status(), Validate(self.number, selector)]
+
+    def _release(self, event: Release) -> list[Effect]:
+        """Un-count clients a selector let go, while the round is still selecting them."""
+        held = self.selectors.get(event.selector, 0)
+        if event.round != self.number or self.stage is not Stage.SELECTION or not held:
+            where = "not this round" if event.round != self.number else self.stage.name
+            return [
+                AnswerRelease(event.reply_to, 0),
+                Log("INFO", f"round {self.number}: {event.selector} released {event.clients} "
+                            f"client(s) of round {event.round}; nothing to release ({where}, "
+                            f"{held} held)"),
+            ]  # fmt: skip
+        released = min(event.clients, held)
+        self.accepted -= released
+        if released == held:
+            del self.selectors[event.selector]
+        else:
+            self.selectors[event.selector] = held - released
+        return [
+            AnswerRelease(event.reply_to, released),
+            Log("INFO", f"round {self.number}: {event.selector} released {released} client(s); "
+                        f"{self.accepted}/{self.goal} accepted"),
+            self.status(),
+        ]  # fmt: skip
+
+    def _still_waiting(self, event: StillWaiting) -> list[Effect]:
+        """A calm progress line for a stage that lasts (SELECTION can wait for ever)."""
+        if event.round != self.number:
+            return []
+        waited = f"for {event.seconds:.0f} s"
+        if self.stage is Stage.SELECTION:
+            window = self.rules.selection_timeout
+            limit = f"{window:g} s windows" if window else "0: no time limit"
+            line = (f"waiting for clients: {self.accepted}/{self.goal} accepted {waited} "
+                    f"(SELECTION_TIMEOUT={limit})")  # fmt: skip
+        elif self.stage in (Stage.CONFIGURATION, Stage.REPORTING):
+            window = self.rules.reporting_timeout
+            limit = f"{window:g} s" if window else "0: no time limit"
+            line = (f"waiting for reports: {len(self.reported)} of {len(self.selectors)} "
+                    f"selector(s) reported, {len(self.validating)} being validated, "
+                    f"{waited} (REPORTING_TIMEOUT={limit})")  # fmt: skip
+        else:
+            line = f"{self.stage.name.lower()} {waited}"
+        return [Log("INFO", f"round {self.number}: {line}")]
 
     def _validated(self, event: ContributionValidated) -> list[Effect]:
         if event.round != self.number or event.selector not in self.validating:
@@ -281,8 +356,7 @@ class Round:
         return sum(self.selectors[s] for s in self.reported)
 
     def _enough_reported(self) -> bool:
-        needed = self.rules.min_reporting_fraction * self.accepted
-        return bool(self.reported) and self._reported_clients() >= needed - 1e-9
+        return self._reported_clients() >= self.rules.min_reported(self.accepted)
 
     def _maybe_aggregate(self) -> list[Effect]:
         """Aggregate (or give up) once every selector is reported or rejected."""
@@ -295,8 +369,8 @@ class Round:
 
     def _shortfall(self, when: str) -> str:
         return (f"{when} but only {self._reported_clients()} of {self.accepted} client(s) "
-                f"reported usable updates; at least {self.rules.min_reporting_fraction:.0%} "
-                "are needed")  # fmt: skip
+                f"reported usable updates; {self.rules.min_reported(self.accepted)} are needed "
+                f"(MIN_REPORTING_FRACTION={self.rules.min_reporting_fraction:g})")  # fmt: skip
 
     def _aggregate(self, cause: Cause) -> list[Effect]:
         self._move(cause)
@@ -307,6 +381,13 @@ class Round:
             return []
         if event.stage is Stage.SELECTION and self.stage is Stage.SELECTION:
             seconds = self.rules.selection_timeout
+            if not self.accepted:
+                self._move(Cause.WINDOW_EMPTY)
+                return [
+                    Log("DEBUG", f"round {self.number}: selection window of {seconds:g} s "
+                                 "closed with no client; it opens again"),
+                    *self._arm(Stage.SELECTION),
+                ]  # fmt: skip
             closed = (
                 f"selection window of {seconds:g} s closed with {self.accepted}/{self.goal} "
                 "client(s)"

@@ -63,8 +63,13 @@ class Cause(enum.Enum):
         "the selection window (`SELECTION_TIMEOUT`) closes with at least "
         "`MIN_CHECKIN_FRACTION` of the goal"
     )
+    WINDOW_EMPTY = (
+        "the selection window closes with no client at all: an idle federation, not a "
+        "failure; the window opens again in the same round"
+    )
     WINDOW_TOO_FEW_CLIENTS = (
-        "the selection window closes with less than `MIN_CHECKIN_FRACTION` of the goal"
+        "the selection window closes with some clients, but less than `MIN_CHECKIN_FRACTION` "
+        "of the goal"
     )
     FIRST_REPORT = "the first selector reports"
     NONE_CONFIGURABLE = (
@@ -95,6 +100,7 @@ TRANSITIONS: Mapping[tuple[Stage, Cause], Stage] = MappingProxyType(
     {
         (_S.SELECTION, _C.GOAL_REACHED): _S.CONFIGURATION,
         (_S.SELECTION, _C.WINDOW_ENOUGH_CLIENTS): _S.CONFIGURATION,
+        (_S.SELECTION, _C.WINDOW_EMPTY): _S.SELECTION,
         (_S.SELECTION, _C.WINDOW_TOO_FEW_CLIENTS): _S.FAILED,
         (_S.CONFIGURATION, _C.FIRST_REPORT): _S.REPORTING,
         (_S.CONFIGURATION, _C.NONE_CONFIGURABLE): _S.FAILED,

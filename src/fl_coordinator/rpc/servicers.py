@@ -1,8 +1,13 @@
 """The ``FlIntra`` and ``FlIntraBatch`` servicers: turn selector RPCs into round events.
 
 Selector ids arrive from the network and name folders on disk, so they are
-checked here, at the edge, before they reach the round. ``SelectorAggregationComplete``
-always answers ``Empty``: existing selectors expect nothing else.
+checked here, at the edge, before they reach the round. ``FlIntra`` is the Go
+system's contract, unchanged: ``SelectorAggregationComplete`` always answers
+``Empty``, since existing selectors expect nothing else. ``FlIntraBatch`` is
+our extension (``protos/fl_intra_batch.proto``): batched check-ins that say
+which round the clients belong to, releases of clients a selector no longer
+holds, and reports that name their round, so a late report of an abandoned
+round is refused instead of being taken for the next round's.
 """
 
 from __future__ import annotations
@@ -10,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .._proto import fl_intra_batch_grpc, fl_intra_batch_pb2, fl_intra_grpc, fl_intra_pb2
-from ..coordinator import Coordinator
-from ..storage.layout import InvalidSelectorId, check_selector_id
-from .addresses import BadAddress, split_address
+from ..coordinator import Admission, Coordinator
+from ..errors import InputError
+from ..storage.layout import check_selector_id
+from .addresses import split_address
 
 __all__ = ["AnswerCounter", "CheckIns", "IntraBatchServicer", "IntraServicer"]
 
@@ -25,7 +31,7 @@ def _problem_with_id(selector_id: str) -> str | None:
     try:
         check_selector_id(selector_id)
         split_address(selector_id)
-    except (InvalidSelectorId, BadAddress) as error:
+    except InputError as error:
         return str(error)
     return None
 
@@ -35,53 +41,58 @@ def _ignore(asked: int, accepted: int) -> None:
 
 
 class CheckIns:
-    """What both check-in calls do: check the id at the edge, ask the round, count the answer."""
+    """What every selector call does: check the id at the edge, ask the round, count answers."""
 
     def __init__(self, coordinator: Coordinator, count: AnswerCounter = _ignore) -> None:
-        self._coordinator = coordinator
+        self.coordinator = coordinator
         self._count = count
 
-    async def __call__(self, selector_id: str, clients: int) -> int:
-        """How many of ``clients`` (>= 1) waiting at ``selector_id`` the round keeps."""
+    async def refused(self, selector_id: str, outcome: str) -> bool:
+        """Refuse the call if ``selector_id`` is unusable; shown in the status stream as
+        ``"<outcome>: <why>"`` (e.g. ``"check-in refused: ..."``)."""
         problem = _problem_with_id(selector_id)
         if problem is not None:
-            await self._coordinator.refused(selector_id, f"check-in refused: {problem}")
-            accepted = 0
+            await self.coordinator.refused(selector_id, f"{outcome}: {problem}")
+        return problem is not None
+
+    async def __call__(self, selector_id: str, clients: int) -> Admission:
+        """How many of ``clients`` (>= 1) waiting at ``selector_id`` the round keeps."""
+        if await self.refused(selector_id, "check-in refused"):
+            admission = Admission(accepted=0, round=0)
         else:
-            accepted = await self._coordinator.check_in(selector_id, clients)
-        self._count(clients, accepted)
-        return accepted
+            admission = await self.coordinator.check_in(selector_id, clients)
+        self._count(clients, admission.accepted)
+        return admission
 
 
 class IntraServicer(fl_intra_grpc.FlIntraServicer):
-    def __init__(self, coordinator: Coordinator, check_ins: CheckIns) -> None:
-        self._coordinator = coordinator
+    """The Go system's ``FlIntra``: one client per check-in, reports for no named round."""
+
+    def __init__(self, check_ins: CheckIns) -> None:
         self._check_ins = check_ins
 
     async def ClientCountUpdate(
         self, message: fl_intra_pb2.ClientCount
     ) -> fl_intra_pb2.FlClientStatus:
-        accepted = await self._check_ins(message.id, 1)
-        return fl_intra_pb2.FlClientStatus(accepted=accepted > 0)
+        admission = await self._check_ins(message.id, 1)
+        return fl_intra_pb2.FlClientStatus(accepted=admission.accepted > 0)
 
     async def SelectorAggregationComplete(
         self, message: fl_intra_pb2.SelectorId
     ) -> fl_intra_pb2.Empty:
-        problem = _problem_with_id(message.id)
-        if problem is not None:
-            await self._coordinator.refused(message.id, f"report ignored: {problem}")
-
-        else:
-            await self._coordinator.report(message.id)
+        if not await self._check_ins.refused(message.id, "report ignored"):
+            await self._check_ins.coordinator.report(message.id)
         return fl_intra_pb2.Empty()
 
 
 class IntraBatchServicer(fl_intra_batch_grpc.FlIntraBatchServicer):
-    """``CheckInClients``: N clients in one call, one round event, one answer (how many kept).
+    """Our extension: ``CheckInClients``, ``ReleaseClients``, ``ReportAggregate``.
 
-    At high arrival rates the per-client RPC is bound by gRPC's per-call cost,
-    not by the round; a selector that batches the clients arriving while its
-    previous call is in flight pays that cost once per batch.
+    ``CheckInClients`` takes N clients in one call, one round event, one
+    answer (how many kept, in which round): at high arrival rates the
+    per-client RPC is bound by gRPC's per-call cost, not by the round; a
+    selector that batches the clients arriving while its previous call is in
+    flight pays that cost once per batch.
     """
 
     def __init__(self, check_ins: CheckIns) -> None:
@@ -92,5 +103,24 @@ class IntraBatchServicer(fl_intra_batch_grpc.FlIntraBatchServicer):
     ) -> fl_intra_batch_pb2.ClientsAccepted:
         if message.clients == 0:
             return fl_intra_batch_pb2.ClientsAccepted(accepted=0)  # nothing asked, nothing changes
-        accepted = await self._check_ins(message.id, message.clients)
-        return fl_intra_batch_pb2.ClientsAccepted(accepted=accepted)
+        admission = await self._check_ins(message.id, message.clients)
+        return fl_intra_batch_pb2.ClientsAccepted(
+            accepted=admission.accepted, round=admission.round
+        )
+
+    async def ReleaseClients(
+        self, message: fl_intra_batch_pb2.ClientRelease
+    ) -> fl_intra_batch_pb2.ClientsReleased:
+        released = 0
+        if message.clients and not await self._check_ins.refused(message.id, "release refused"):
+            coordinator = self._check_ins.coordinator
+            released = await coordinator.release(message.id, message.clients, message.round)
+        return fl_intra_batch_pb2.ClientsReleased(released=released)
+
+    async def ReportAggregate(
+        self, message: fl_intra_batch_pb2.AggregateReport
+    ) -> fl_intra_batch_pb2.ReportAnswer:
+        taken = False
+        if not await self._check_ins.refused(message.id, "report ignored"):
+            taken = await self._check_ins.coordinator.report_round(message.id, message.round)
+        return fl_intra_batch_pb2.ReportAnswer(taken=taken)

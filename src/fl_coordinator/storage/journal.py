@@ -10,7 +10,9 @@ by rename, never modified in place), so a bad round can be rolled back.
 On restart, a round that was interrupted is abandoned, except when it was
 aggregating and the checkpoint on disk is no longer the last one in the
 history: then its aggregation had finished (the rename happened) and the
-round is recorded as completed. Nothing of this lives under ``initFiles/``.
+round is recorded as completed; and a round still selecting with no client
+accepted, in which nothing happened, simply opens again with its number.
+Nothing of this lives under ``initFiles/``.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def next_round(layout: Layout, keep: int) -> int:
         return 1
     if entry.stage in ("COMPLETED", "FAILED"):
         return entry.round + 1
+    if entry.stage == "SELECTION" and not entry.selectors:
+        return entry.round  # nothing happened in it: the same round opens again
     last = kept[max(kept)] if kept else None
     finished = entry.round in kept or (last is not None and not _same_file(layout.checkpoint, last))
     if entry.aggregating and finished:

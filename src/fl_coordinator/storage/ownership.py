@@ -1,0 +1,255 @@
+"""One coordinator per problem folder: an ownership lease in ``.coordinator/owner.json``.
+
+Two coordinators on one ``FL_ROOT_PATH`` (a second one started by mistake,
+on this host or another) would both write the journal and the checkpoint and
+split the rounds between them. So ``serve`` (and ``init``, ``rollback``) first
+takes ownership of the folder, and refuses, naming the holder, while another
+coordinator owns it.
+
+Why a lease file and not an ``fcntl`` lock: the folder is shared storage,
+usually NFS. ``fcntl`` locks there depend on the mount (``nolock`` is common
+in containers, where they silently lock nothing), on lockd or NFSv4 state
+that a server reboot or a network partition can lose without telling the
+holder, and they cannot say who holds them. A file created with ``O_EXCL``
+(atomic on NFSv3 and later) works wherever files work, and says who holds
+it: the owner's host, pid and start time, and a heartbeat it renews every
+:data:`RENEW_EVERY` seconds. A lease whose heartbeat is older than
+:data:`LEASE` seconds is *stale*: its owner died, or hangs, or is cut off.
+
+Taking over: never silently. A stale lease is taken over only when the
+operator says so (``serve --take-over``), since a coordinator cut off by a
+network partition may still be alive. The one exception is a lease that is
+provably dead: written on this very host by a process that no longer exists
+(or by an earlier incarnation with our own pid, as a restarted container's
+pid 1), which is taken over with a warning in the log. An owner that finds,
+when renewing, that the lease names someone else (an operator took over)
+stops at once rather than go on beside the new owner.
+
+Clocks: staleness compares a heartbeat written by one host with the clock
+of another, so hosts should run NTP; :data:`LEASE` (30 s) tolerates skew
+well beyond what NTP leaves.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+
+from ..errors import ProblemError
+from .atomic import fsync_dir, write_atomic
+from .layout import Layout
+
+__all__ = [
+    "LEASE",
+    "RENEW_EVERY",
+    "Lease",
+    "Owner",
+    "acquire",
+    "ensure_not_served",
+    "hold_ownership",
+    "holder",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seconds after its last heartbeat that a lease is stale.
+LEASE = 30.0
+#: Seconds between an owner's heartbeats.
+RENEW_EVERY = 10.0
+
+_FILE = "owner.json"
+
+#: Instances this process holds now: a lease with our pid but not in here was written
+#: by an earlier run that had the same pid (a restarted container's pid 1).
+_HELD: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a problem folder: written in the lease file as JSON."""
+
+    host: str
+    pid: int
+    started: str  # ISO 8601, UTC
+    heartbeat: float  # seconds since the epoch, the owner's clock
+    instance: str  # unique per coordinator run: tells an owner from its successor
+
+    def describe(self) -> str:
+        return f"{self.host} pid {self.pid} (since {self.started})"
+
+    def age(self, now: float) -> float:
+        """Seconds since the last heartbeat (negative if the owner's clock is ahead)."""
+        return now - self.heartbeat
+
+    def provably_dead(self) -> bool:
+        """Written on this host by a process that is gone, or by an earlier run with our pid."""
+        if self.host != socket.gethostname():
+            return False
+        if self.pid == os.getpid():
+            return self.instance not in _HELD
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+
+def _path(layout: Layout) -> Path:
+    return layout.own / _FILE
+
+
+def holder(layout: Layout) -> Owner | None:
+    """The current owner of ``layout``'s folder, if any (None for an unreadable lease too)."""
+    try:
+        data = json.loads(_path(layout).read_text())
+        return Owner(**data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _me() -> Owner:
+    return Owner(
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        started=datetime.now(UTC).isoformat(timespec="seconds"),
+        heartbeat=time.time(),
+        instance=uuid.uuid4().hex,
+    )
+
+
+class Lease:
+    """The ownership of a problem folder, held by this process. Blocking I/O: use a thread."""
+
+    def __init__(self, layout: Layout, owner: Owner) -> None:
+        self.layout = layout
+        self.owner = owner
+        _HELD.add(owner.instance)
+
+    def renew(self) -> None:
+        """Renew the heartbeat; ProblemError if another coordinator has taken over."""
+        current = holder(self.layout)
+        if current is not None and current.instance != self.owner.instance:
+            raise ProblemError(
+                f"{self.layout.root}: ownership was taken over by {current.describe()}; "
+                "this coordinator stops so that only one serves the problem"
+            )
+        self.owner = replace(self.owner, heartbeat=time.time())
+        write_atomic(_path(self.layout), _encode(self.owner), self.layout.tmp)
+
+    def release(self) -> None:
+        """Give the folder up (a clean stop), unless someone else has taken it over."""
+        _HELD.discard(self.owner.instance)
+        current = holder(self.layout)
+        if current is not None and current.instance == self.owner.instance:
+            _path(self.layout).unlink(missing_ok=True)
+
+
+def _encode(owner: Owner) -> bytes:
+    return json.dumps(asdict(owner)).encode()
+
+
+def _refusal(layout: Layout, current: Owner, now: float) -> str:
+    age = current.age(now)
+    if age < LEASE:
+        return (
+            f"{layout.root} is served by {current.describe()}, heartbeat {max(age, 0):.0f} s "
+            "ago; stop that coordinator first (only one may serve a problem)"
+        )
+    return (
+        f"{layout.root} was served by {current.describe()}, whose last heartbeat is "
+        f"{age:.0f} s old (a lease lasts {LEASE:.0f} s): it died, hangs or is cut off; if it "
+        "is really stopped, start again with --take-over"
+    )
+
+
+def _create(path: Path, owner: Owner) -> bool:
+    """Create the lease file for ``owner`` unless it exists (O_EXCL: atomic, NFS included)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, _encode(owner))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+    return True
+
+
+def acquire(layout: Layout, *, take_over: bool = False) -> tuple[Lease, Owner | None]:
+    """Own ``layout``'s folder; return the lease and the owner taken over from, if any.
+
+    Raises ProblemError naming the holder while another coordinator owns it or
+    its lease is stale, unless ``take_over`` (the operator's deliberate choice)
+    or the holder is provably dead.
+    """
+    layout.own.mkdir(parents=True, exist_ok=True)
+    me = _me()
+    path = _path(layout)
+    if _create(path, me):
+        return Lease(layout, me), None
+    current = holder(layout)
+    if not take_over:
+        if current is None:  # a crash while it was written, or another start right now
+            raise ProblemError(
+                f"{path} exists but names no owner; if no coordinator serves {layout.root}, "
+                "start with --take-over"
+            )
+        if not current.provably_dead():
+            raise ProblemError(_refusal(layout, current, time.time()))
+    write_atomic(path, _encode(me), layout.tmp)
+    return Lease(layout, me), current
+
+
+def ensure_not_served(layout: Layout, what: str) -> None:
+    """Refuse ``what`` (e.g. "rollback") while a coordinator with a live lease owns the folder."""
+    current = holder(layout)
+    if current is not None and current.age(time.time()) < LEASE and not current.provably_dead():
+        raise ProblemError(
+            f"{what} refused: {layout.root} is served by {current.describe()}; stop that "
+            f"coordinator first, then {what}"
+        )
+
+
+async def hold_ownership(
+    layout: Layout,
+    *,
+    take_over: bool = False,
+    renew_every: float = RENEW_EVERY,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Own ``layout``'s folder while this task runs (started once it owns it), renewing the
+    lease every ``renew_every`` seconds; give it up when cancelled. ProblemError if it
+    cannot own it, or loses it."""
+    lease, previous = await trio.to_thread.run_sync(
+        functools.partial(acquire, layout, take_over=take_over)
+    )
+    if previous is not None:
+        log.warning("took %s over from %s", layout.root, previous.describe())
+    try:
+        task_status.started()
+        while True:
+            await trio.sleep(renew_every)
+            try:
+                await trio.to_thread.run_sync(lease.renew, abandon_on_cancel=True)
+            except OSError as error:  # a full or unreachable disk: the lease may go stale
+                log.warning("could not renew the ownership lease of %s: %s", layout.root, error)
+    finally:
+        with trio.move_on_after(5) as cleanup:
+            cleanup.shield = True
+            await trio.to_thread.run_sync(lease.release, abandon_on_cancel=True)
