@@ -96,7 +96,9 @@ async def serve(
     metrics.count_subscribers(lambda: status_server.connected)
 
     async def healthy() -> bool:
-        return coordinator.alive and await checkpoint_readable(layout.checkpoint)
+        if not coordinator.alive or coordinator.storage_error is not None:
+            return False  # the round task is gone, or its own files cannot be written
+        return await checkpoint_readable(layout.checkpoint)
 
     check_ins = CheckIns(coordinator, answered=metrics.checked_in)
     services = [

@@ -49,7 +49,8 @@ from .storage.aggregation import (
     aggregate,
     check_contribution,
 )
-from .storage.journal import Entry, remember, write_journal
+from .storage.journal import Entry, keep_in_history
+from .storage.journal_writer import JournalWriter
 from .storage.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class Coordinator:
             ),
             number=first_round,
         )
-        self._journal_in, self._journal = trio.open_memory_channel[Entry](EVENT_BUFFER)
+        self._journal = JournalWriter(layout)
         self._journaled: tuple[int, Stage, bool] | None = None
         self._held: Status | None = None  # the last snapshot of this step, not yet published
         self._windows: dict[Stage, trio.CancelScope] = {}
@@ -130,6 +131,11 @@ class Coordinator:
         """``selector`` wrote its aggregate files."""
         await self._events_in.send(SelectorReported(selector))
 
+    @property
+    def storage_error(self) -> str | None:
+        """Why the coordinator's own files cannot be written now (None: they can)."""
+        return self._journal.failure
+
     async def refused(self, selector: str, reason: str) -> None:
         """The RPC layer refused a call from ``selector``: shown in the status stream."""
         await self._events_in.send(Refused(selector, reason))
@@ -137,7 +143,7 @@ class Coordinator:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_journal)
+                nursery.start_soon(self._journal.run)
                 with log_context(round=self._round.number):
                     for effect in self._round.start():
                         self._execute(effect, nursery)
@@ -225,12 +231,7 @@ class Coordinator:
                 reported=list(status.reported),
                 time=utc_now().isoformat(),
             )
-            self._journal_in.send_nowait(entry)
-
-    async def _write_journal(self) -> None:
-        """The one writer of the journal: entries in order, each fsynced, off the loop."""
-        async for entry in self._journal:
-            await trio.to_thread.run_sync(write_journal, self._layout, entry)
+            self._journal.submit(entry)
 
     async def _window(
         self, scope: trio.CancelScope, number: int, stage: Stage, seconds: float
@@ -307,12 +308,18 @@ class Coordinator:
 
     async def _aggregate_round(self, number: int, selectors: tuple[str, ...]) -> None:
         contributions = [self._contribution(s) for s in selectors]
+        # Write-ahead: the checkpoint is replaced only once the journal says so.
+        unwritten = await self._journal.settled()
+        if unwritten is not None:
+            error = f"{unwritten}; the global checkpoint is kept as it was"
+            await self._events_in.send(AggregationDone(number, error=error))
+            return
 
         def job(cancel: threading.Event) -> AggregationResult:
             result = self._aggregator(
                 self._layout.checkpoint, contributions, self._layout.tmp, cancel
             )
-            remember(self._layout, number, self._settings.keep_checkpoints)
+            keep_in_history(self._layout, number, self._settings.keep_checkpoints)
             return result
 
         result = await self._off_loop(job, f"round {number}: aggregation")

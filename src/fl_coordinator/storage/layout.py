@@ -123,7 +123,10 @@ def _flushing(path: Path) -> Iterator[None]:
 
     def flush() -> None:
         while not done.wait(FLUSH_EVERY):
-            os.fdatasync(fd)
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                return  # e.g. ENOSPC: the final fsync, in the writer's thread, reports it
 
     flusher = threading.Thread(target=flush, name=f"flush {path.name}", daemon=True)
     flusher.start()
@@ -165,3 +168,14 @@ def write_atomic(dest: Path, data: bytes, tmp_dir: Path) -> None:
     """Replace ``dest`` with ``data`` atomically (see :func:`atomic_target`)."""
     with atomic_target(dest, tmp_dir) as tmp:
         tmp.write_bytes(data)
+
+
+def os_error_text(error: OSError) -> str:
+    """``error`` in one short line: ``[Errno 28] No space left on device``.
+
+    HDF5's messages carry the same errno inside a paragraph of C details
+    (buffer addresses, offsets); the errno is what an operator acts on.
+    """
+    if error.errno:
+        return f"[Errno {error.errno}] {os.strerror(error.errno)}"
+    return " ".join(str(error).split())[:300]
