@@ -75,7 +75,7 @@ async def serve(
     benchmarks pass a wrapped one to observe or pace it.
     """
     layout = Layout.from_settings(settings)
-    check_problem(layout)
+    plan = check_problem(layout)
     clean_tmp(layout)
     first_round = next_round(layout, settings.keep_checkpoints)
     grpc_tls = grpc_server_context(settings)
@@ -83,7 +83,9 @@ async def serve(
     token = load_token(settings)
     hub = StatusHub(settings.problem_id, str(layout.checkpoint))
     metrics = Metrics(settings.problem_id)
-    coordinator = Coordinator(settings, layout, hub, metrics.measured(aggregator), first_round)
+    coordinator = Coordinator(
+        settings, layout, hub, metrics.measured(aggregator), first_round, plan=plan
+    )
     status_server = StatusServer(
         hub,
         StatusLimits(

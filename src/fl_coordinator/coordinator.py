@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import trio
@@ -37,6 +37,7 @@ from .core.rounds import (
     Status,
     WindowClosed,
 )
+from .errors import CheckpointLocked
 from .logs import log_context
 from .rpc import goal_count as broadcast
 from .rpc.tls import selector_client_context
@@ -49,9 +50,11 @@ from .storage.aggregation import (
     aggregate,
     check_contribution,
 )
+from .storage.checkpoint import read_checkpoint_plan, retry_while_locked
 from .storage.journal import Entry, keep_in_history
 from .storage.journal_writer import JournalWriter
 from .storage.layout import Layout
+from .storage.weights import Weight
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +95,12 @@ class Coordinator:
         hub: StatusHub,
         aggregator: Aggregator = aggregate,
         first_round: int = 1,
+        plan: Sequence[Weight] | None = None,
     ) -> None:
+        """``plan``: the global checkpoint's weight arrays, which every selector's files are
+        checked against (None: read from ``layout.checkpoint`` now)."""
         self._settings = settings
+        self._plan = tuple(plan) if plan is not None else read_checkpoint_plan(layout.checkpoint)
         self._goal_count_tls = selector_client_context(settings)  # ConfigError if unusable
         self.alive = False  # the round task runs (for the health check)
         self._aggregator = aggregator
@@ -278,12 +285,15 @@ class Coordinator:
         """Run ``job`` in a worker thread; return its result, or the error text.
 
         An AggregationError is an expected, specific message; anything else is
-        a bug, logged with its traceback. ``job`` gets an event that is set when
+        a bug, logged with its traceback. CheckpointLocked is raised, for the
+        caller to wait and try again. ``job`` gets an event that is set when
         the coordinator stops waiting (shutdown), so it can stop early.
         """
         cancel = threading.Event()
         try:
             return await trio.to_thread.run_sync(job, cancel, abandon_on_cancel=True)
+        except CheckpointLocked:
+            raise
         except AggregationError as exc:
             return str(exc)
         except Exception as exc:
@@ -296,7 +306,7 @@ class Coordinator:
         contribution = self._contribution(selector)
         with log_context(round=number, selector=selector):
             outcome = await self._off_loop(
-                lambda _: check_contribution(self._layout.checkpoint, contribution),
+                lambda _: check_contribution(self._plan, contribution),
                 f"round {number}: checking {selector}",
             )
         error = outcome if isinstance(outcome, str) else None
@@ -322,7 +332,15 @@ class Coordinator:
             keep_in_history(self._layout, number, self._settings.keep_checkpoints)
             return result
 
-        result = await self._off_loop(job, f"round {number}: aggregation")
+        # Another process may hold the global checkpoint locked: wait for it,
+        # within the reporting window; it is never a selector's fault.
+        try:
+            result: AggregationResult | str = await retry_while_locked(
+                lambda: self._off_loop(job, f"round {number}: aggregation"),
+                self._settings.reporting_timeout,
+            )
+        except CheckpointLocked as locked:
+            result = str(locked)
         if isinstance(result, str):
             await self._events_in.send(AggregationDone(number, error=result))
             return

@@ -21,6 +21,8 @@ into a refused call or a rejected selector, never into a crash. The tree
     │   ├── InvalidSelectorId .... an id that is not a safe folder name
     │   └── BadAddress ........... an id or address that is not ``host:port``
     ├── AggregationError ......... an average could not be computed; the checkpoint is untouched
+    │   ├── CheckpointError ...... ...because of the global checkpoint (never a selector's fault)
+    │   │   └── CheckpointLocked . ...another process holds it locked; worth waiting for
     │   └── ShuttingDown ......... ...because the coordinator is stopping
     └── FederationError .......... the reference selector, client and demo processes
         ├── GaveUp ............... a client was refused more often than it may retry
@@ -38,6 +40,8 @@ from typing import TypeVar
 __all__ = [
     "AggregationError",
     "BadAddress",
+    "CheckpointError",
+    "CheckpointLocked",
     "ChildFailed",
     "CommandFailed",
     "ConfigError",
@@ -136,6 +140,20 @@ class AggregationError(FLError):
     The message names the file and what is wrong with it; the global
     checkpoint is left as it was.
     """
+
+
+class CheckpointError(AggregationError):
+    """The global checkpoint itself cannot be averaged into, read or replaced.
+
+    Its layout or dtypes are refused (see :mod:`.storage.weights`), it cannot
+    be opened, or the new one cannot be written (a full or read-only disk).
+    Never a selector's fault: no selector is rejected for it. At start-up and
+    in ``init`` the same problems are reported as :class:`ProblemError`.
+    """
+
+
+class CheckpointLocked(CheckpointError):
+    """Another process holds the global checkpoint locked (HDF5 file locking, errno 11)."""
 
 
 class ShuttingDown(AggregationError):

@@ -26,8 +26,8 @@ from fl_coordinator._proto import fl_intra_grpc, fl_intra_pb2
 from fl_coordinator.app import Endpoints, serve
 from fl_coordinator.config import Settings
 from fl_coordinator.rpc.listener import serve_grpc
-from fl_coordinator.storage.aggregation import float_datasets
 from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.weights import read_plan
 
 
 class FakeSelector(fl_intra_grpc.FLGoalCountBroadcastServicer):
@@ -216,8 +216,12 @@ def write_aggregate(layout: Layout, selector_id: str, source: Path, weight: int)
 
 
 def read_floats(path: Path) -> dict[str, np.ndarray]:
+    """The weight arrays of a checkpoint, decoded (bfloat16 as ``ml_dtypes.bfloat16``)."""
     with h5py.File(path, "r") as file:
-        return {name: file[name][()] for name in float_datasets(file)}
+        return {
+            weight.name: weight.encoding.decode(np.asarray(file[weight.name][()]))
+            for weight in read_plan(file, path)
+        }
 
 
 def fedavg(

@@ -20,6 +20,8 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import trio
 from helpers.peers import FakeSelector, PurerpcClient, completed, watch, write_aggregate
@@ -27,6 +29,8 @@ from helpers.processes import Served, environment
 
 from fl_coordinator.cli.health import check
 from fl_coordinator.config import Settings, default_settings
+from fl_coordinator.errors import CheckpointError
+from fl_coordinator.storage.aggregation import Contribution, aggregate
 from fl_coordinator.storage.journal import read_journal
 from fl_coordinator.storage.layout import Layout
 
@@ -134,3 +138,26 @@ async def test_unwritable_root_fails_the_round_and_the_coordinator_recovers(
         if served.process.poll() is None:
             served.process.kill()
             served.process.wait()
+
+
+def test_a_new_checkpoint_that_does_not_fit_is_a_checkpoint_error(
+    tmp_path: Path, mount: Path
+) -> None:
+    """ENOSPC while the new checkpoint is written: a clear error, nothing left behind."""
+    checkpoint = mount / "fl_checkpoint"
+    with h5py.File(checkpoint, "w") as file:
+        file["w"] = np.ones(300_000, np.float32)  # 1.2 MB: the new one does not fit twice
+    (tmp_path / "agg").write_bytes(checkpoint.read_bytes())
+    (tmp_path / "weight").write_text("2")
+    before = digest(checkpoint)
+    fill(mount).unlink()  # measure, then leave a bit less than a second copy's room
+    free = shutil.disk_usage(mount).free
+    (mount / "ballast").write_bytes(bytes(free - 600_000))
+    with pytest.raises(CheckpointError) as failed:
+        aggregate(
+            checkpoint, [Contribution("s", tmp_path / "agg", tmp_path / "weight")], mount / "tmp"
+        )
+    assert str(failed.value).startswith(f"cannot write the new global checkpoint {checkpoint}")
+    assert str(failed.value).endswith("[Errno 28] No space left on device")
+    assert digest(checkpoint) == before
+    assert list((mount / "tmp").iterdir()) == []

@@ -17,9 +17,10 @@ from typing import Any
 
 import h5py
 
-from ..errors import ConfigError, ProblemError
-from .aggregation import float_datasets
+from ..errors import CheckpointError, ConfigError, ProblemError
+from .checkpoint import read_checkpoint_plan
 from .layout import Layout, atomic_target
+from .weights import Weight
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _save_with_keras(save: Callable[[Path], Any], suffix: str, dest: Path, tmp_d
 
 def init_problem(layout: Layout, model_file: Path | None = None, force: bool = False) -> None:
     """Write the model and its weights as the initial global checkpoint of ``layout``."""
-    from .model import builtin_model, import_keras
+    from .model import builtin_model, import_keras, save_legacy_model
 
     if layout.checkpoint.exists() and not force:
         raise ProblemError(
@@ -52,7 +53,8 @@ def init_problem(layout: Layout, model_file: Path | None = None, force: bool = F
     layout.init_files.mkdir(parents=True, exist_ok=True)
     if model_file is None:
         model = builtin_model()
-        _save_with_keras(model.save, ".h5", layout.model, layout.tmp)
+        with atomic_target(layout.model, layout.tmp) as tmp:
+            save_legacy_model(model, tmp)
     else:
         keras = import_keras()
         try:
@@ -65,8 +67,14 @@ def init_problem(layout: Layout, model_file: Path | None = None, force: bool = F
             with atomic_target(layout.model, layout.tmp) as tmp:
                 shutil.copyfile(model_file, tmp)
         else:
-            _save_with_keras(model.save, ".h5", layout.model, layout.tmp)
+            with atomic_target(layout.model, layout.tmp) as tmp:
+                save_legacy_model(model, tmp)
+    # An uncompiled model's weights file has no optimizer state to refuse below.
     _save_with_keras(model.save_weights, ".weights.h5", layout.checkpoint, layout.tmp)
+    try:
+        read_checkpoint_plan(layout.checkpoint)
+    except CheckpointError as error:
+        raise ProblemError(f"cannot serve this model: {error}") from None
     log.info("initialised %s: %s and %s", layout.root, layout.model.name, layout.checkpoint.name)
 
 
@@ -83,15 +91,22 @@ def _check_hdf5(path: Path, key: str, what: str) -> None:
     if not path.is_file():
         raise ConfigError(key, str(path), f"{what} (file is missing: {hint})")
     try:
-        with h5py.File(path, "r") as file:
-            if key == "CHECKPOINT_FILE" and not float_datasets(file):
-                raise ConfigError(key, str(path), f"{what} (it has no float datasets)")
+        with h5py.File(path, "r"):
+            pass
+    except BlockingIOError as error:
+        raise ConfigError(
+            key, str(path), f"{what} that no other process holds open for writing ({error})"
+        ) from None
     except OSError as error:
         raise ConfigError(key, str(path), f"{what} (unreadable: {error}; {hint})") from None
 
 
-def check_problem(layout: Layout) -> None:
-    """Raise ConfigError unless ``layout`` can be served."""
+def check_problem(layout: Layout) -> tuple[Weight, ...]:
+    """Raise an OperatorError unless ``layout`` can be served; return the checkpoint's plan.
+
+    The plan (its weight arrays: :func:`.weights.read_plan`) is what every
+    selector's contribution is checked against.
+    """
     root = layout.root
     if not root.is_dir() or not os.access(root, os.R_OK | os.W_OK | os.X_OK):
         raise ConfigError("FL_ROOT_PATH", str(root), "a readable and writable folder")
@@ -99,6 +114,10 @@ def check_problem(layout: Layout) -> None:
         raise ConfigError("INIT_FILES_PATH", str(layout.init_files), "a folder")
     _check_hdf5(layout.checkpoint, "CHECKPOINT_FILE", "an HDF5 weights file")
     _check_hdf5(layout.model, "MODEL_FILE", "a Keras model in HDF5 format")
+    try:
+        return read_checkpoint_plan(layout.checkpoint)
+    except CheckpointError as error:
+        raise ProblemError(str(error)) from None
 
 
 def clean_tmp(layout: Layout) -> None:
