@@ -74,6 +74,8 @@ def same(actual: np.ndarray, expected: np.ndarray) -> None:
     assert np.array_equal(actual, expected), (actual, expected)
 
 
+# This process runs JAX without x64: loading the float64 model says it keeps float32.
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64:UserWarning")
 @pytest.mark.parametrize("dtype", KERAS_DTYPES)
 async def test_keras_dtype_model_is_initialised_averaged_and_loaded_by_keras(
     keras_dtype_models: Path, tmp_path: Path, settings: Settings, nursery: trio.Nursery, dtype: str

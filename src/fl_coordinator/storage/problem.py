@@ -27,7 +27,7 @@ from ..errors import CheckpointError, ConfigError, ProblemError
 from .checkpoint import read_checkpoint_plan
 from .layout import Layout, fsync_dir, os_error_text
 from .swap import NotSupported, exchange
-from .weights import Weight
+from .weights import Weight, describe
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,11 @@ def check_problem(layout: Layout) -> tuple[Weight, ...]:
     _check_hdf5(layout.checkpoint, "CHECKPOINT_FILE", "an HDF5 weights file")
     _check_hdf5(layout.model, "MODEL_FILE", "a Keras model in HDF5 format")
     try:
-        return read_checkpoint_plan(layout.checkpoint)
+        plan = read_checkpoint_plan(layout.checkpoint)
     except CheckpointError as error:
         raise ProblemError(str(error)) from None
+    log.info("%s: %d weight array(s) to average (%s)", layout.checkpoint, len(plan), describe(plan))
+    return plan
 
 
 def clean_tmp(layout: Layout) -> None:

@@ -56,6 +56,7 @@ import numpy as np
 from ..errors import CheckpointError
 
 __all__ = [
+    "DTYPE_ATTRIBUTE",
     "OPTIMIZER_GROUPS",
     "Encoding",
     "Weight",
