@@ -198,6 +198,9 @@ REFUSED = {
     "floats in a compound": (with_base(lambda f, _: f.create_dataset(
         "layers/pair/vars/0", data=np.zeros(3, [("a", "f4"), ("b", "f4")]))),
         "floats inside a"),
+    "opaque tagged as no float": (with_base(lambda f, _: f.create_dataset(
+        "layers/q/vars/0", data=np.zeros(3, "V2")).attrs.create("dtype", "int4")),
+        "opaque values tagged dtype='int4', not a floating-point type"),
     "quantized (Keras int8)": (copy_of("quantized"), "is an integer array (int8, (4, 3))"),
     "float8 (Keras, untagged)": (copy_of("float8"), "1-byte opaque values with no dtype"),
     "optimizer state (Keras)": (copy_of("optimizer"), "holds optimizer state (optimizer/)"),

@@ -99,10 +99,6 @@ class Encoding:
         """Values of ``raw`` (as read from HDF5), without a copy."""
         return raw if self.stored == self.values else raw.view(self.values)
 
-    def encode(self, values: np.ndarray) -> np.ndarray:
-        """``values`` as HDF5 stores them, without a copy."""
-        return values if self.stored == self.values else values.view(self.stored)
-
 
 @dataclass(frozen=True)
 class Weight:
@@ -111,10 +107,6 @@ class Weight:
     name: str
     shape: tuple[int, ...]
     encoding: Encoding
-
-
-class _Unsupported(Exception):
-    """A floating-point dataset this module cannot average; the text says why."""
 
 
 def _native(dtype: np.dtype) -> Encoding:
@@ -135,11 +127,11 @@ def _tagged(dtype: np.dtype, tag: str) -> Encoding:
         values = np.dtype(named)
         ml_dtypes.finfo(values)
     except (TypeError, ValueError):
-        raise _Unsupported(
+        raise ValueError(
             f"opaque values tagged dtype={tag[:40]!r}, not a floating-point type"
         ) from None
     if values.itemsize != dtype.itemsize:
-        raise _Unsupported(f"{dtype.itemsize}-byte opaque values tagged dtype={tag!r}")
+        raise ValueError(f"{dtype.itemsize}-byte opaque values tagged dtype={tag!r}")
     return Encoding(tag, dtype, values, np.dtype(np.float64), tag)
 
 
@@ -152,7 +144,7 @@ def _holds_floats(dtype: np.dtype) -> bool:
 
 
 def _encoding(dtype: np.dtype, tag: object) -> Encoding | None:
-    """The encoding of a dataset of ``dtype`` (None: not floating point); raise _Unsupported."""
+    """The encoding of a dataset of ``dtype`` (None: not floating point); ValueError if unusable."""
     if dtype.kind in "fc" and dtype.subdtype is None:
         return _native(dtype)
     if dtype.kind == "V" and not dtype.fields and dtype.subdtype is None:
@@ -160,13 +152,13 @@ def _encoding(dtype: np.dtype, tag: object) -> Encoding | None:
             tag = tag.decode("utf-8", "replace")
         if isinstance(tag, str):
             return _tagged(dtype, tag)
-        raise _Unsupported(
+        raise ValueError(
             f"{dtype.itemsize}-byte opaque values with no dtype attribute (Keras 3 stores "
             "float8 variables so, and cannot load them back either): convert the model "
             "to float16, bfloat16 or float32"
         )
     if _holds_floats(dtype):
-        raise _Unsupported(f"floats inside a {dtype} type, which Keras never writes")
+        raise ValueError(f"floats inside a {dtype} type, which Keras never writes")
     return None
 
 
@@ -175,10 +167,7 @@ def encoding_of(dataset: h5py.Dataset) -> Encoding | None:
     dtype = dataset.dtype
     # Only opaque values carry their type in an attribute (reading one costs an open).
     tag = dataset.attrs.get(DTYPE_ATTRIBUTE) if dtype.kind == "V" else None
-    try:
-        return _encoding(dtype, tag)
-    except _Unsupported as error:
-        raise ValueError(str(error)) from None
+    return _encoding(dtype, tag)
 
 
 def upload_encoding(encoding: Encoding) -> Encoding:
