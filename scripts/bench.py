@@ -106,10 +106,8 @@ def work_bound(folder: Path, k: int) -> None:
     import h5py
     import numpy as np
 
-    from fl_coordinator.storage.aggregation import float_datasets
-
     with h5py.File(folder / "fl_checkpoint", "r") as file:
-        names = float_datasets(file)
+        names = _floats(file)
         totals = {n: np.zeros(file[n].shape, np.float64) for n in names}
         buffers = {n: np.empty(file[n].shape, file[n].dtype) for n in names}
     for path in [folder / "fl_checkpoint"] + [folder / f"agg{i}" for i in range(1, k + 1)]:
@@ -223,9 +221,10 @@ def bench_aggregation(cases: list[tuple[float, int]], repeat: int, naive: bool) 
 
 
 def _floats(file: Any) -> list[str]:
-    from fl_coordinator.storage.aggregation import float_datasets
+    """Names of the checkpoint's weight arrays (the benchmark's files are float32)."""
+    from fl_coordinator.storage.weights import read_plan
 
-    return float_datasets(file)
+    return [weight.name for weight in read_plan(file, Path(file.filename))]
 
 
 HEADER = (

@@ -43,6 +43,8 @@ from .core.stages import Stage
 from .errors import (
     AggregationError,
     BadAddress,
+    CheckpointError,
+    CheckpointLocked,
     ChildFailed,
     CommandFailed,
     ConfigError,
@@ -69,6 +71,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AggregationError",
     "BadAddress",
+    "CheckpointError",
+    "CheckpointLocked",
     "ChildFailed",
     "CommandFailed",
     "ConfigError",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -42,11 +43,13 @@ from .status.metrics_endpoint import serve_metrics
 from .status.webhook import run_webhook
 from .status.websocket import PATH, StatusLimits, StatusServer
 from .storage.aggregation import Aggregator, aggregate
+from .storage.checkpoint import read_checkpoint_plan
 from .storage.journal import next_round
 from .storage.layout import Layout
 from .storage.ownership import hold_ownership
 from .storage.problem import check_problem, clean_tmp
 from .storage.round_files import RoundFiles
+from .storage.weights import Weight, describe
 
 __all__ = ["Endpoints", "build_coordinator", "serve"]
 
@@ -104,10 +107,21 @@ def build_coordinator(
     *,
     aggregator: Aggregator = aggregate,
     first_round: int = 1,
+    plan: Sequence[Weight] | None = None,
 ) -> Coordinator:
-    """The round task of ``settings``' problem, with its I/O. Raises ConfigError (TLS files)."""
+    """The round task of ``settings``' problem, with its I/O. Raises ConfigError (TLS files).
+
+    ``plan``: the global checkpoint's weight arrays, which every selector's
+    files are checked against (None: read from the checkpoint now).
+    """
     tell = GoalCountClient(settings.goal_count_timeout, selector_client_context(settings))
-    files = RoundFiles(layout, aggregator=aggregator, keep=settings.keep_checkpoints)
+    files = RoundFiles(
+        layout,
+        read_checkpoint_plan(layout.checkpoint) if plan is None else tuple(plan),
+        aggregator=aggregator,
+        keep=settings.keep_checkpoints,
+        lock_patience=settings.reporting_timeout,
+    )
     return Coordinator(
         _round_rules(settings),
         files,
@@ -134,13 +148,16 @@ async def serve(
     :mod:`.storage.ownership`).
     """
     layout = Layout.from_settings(settings)
-    check_problem(layout)
+    plan = check_problem(layout)
     grpc_tls = grpc_server_context(settings)
     status_tls = status_server_context(settings)
     token = load_token(settings)
     async with trio.open_nursery() as nursery:
         # Nothing in the folder is touched before this process owns it.
         await nursery.start(functools.partial(hold_ownership, layout, take_over=take_over))
+        log.info(
+            "%s: %d weight array(s) to average (%s)", layout.checkpoint, len(plan), describe(plan)
+        )
         clean_tmp(layout)
         first_round = next_round(layout, settings.keep_checkpoints)
         hub = StatusHub(settings.problem_id, str(layout.checkpoint))
@@ -151,6 +168,7 @@ async def serve(
             hub,
             aggregator=metrics.measured(aggregator),
             first_round=first_round,
+            plan=plan,
         )
         status_server = StatusServer(
             hub,
@@ -164,7 +182,9 @@ async def serve(
         metrics.count_subscribers(lambda: status_server.connected)
 
         async def healthy() -> bool:
-            return coordinator.alive and await checkpoint_readable(layout.checkpoint)
+            if not coordinator.alive or coordinator.storage_error is not None:
+                return False  # the round task is gone, or its own files cannot be written
+            return await checkpoint_readable(layout.checkpoint)
 
         check_ins = CheckIns(coordinator, count=metrics.checked_in)
         selector_services = [

@@ -350,7 +350,8 @@ KEYS: tuple[Key, ...] = (
         600.0,
         _seconds_or_zero,
         "a number of seconds >= 0",
-        "Reporting window, in seconds from the goal being reached (0 = no limit).",
+        "Reporting window, in seconds from the goal being reached (0 = no limit); also how "
+        "long an aggregation waits for another process's lock on the global checkpoint.",
     ),
     Key(
         "MIN_REPORTING_FRACTION",

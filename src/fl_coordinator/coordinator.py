@@ -61,9 +61,6 @@ T = TypeVar("T")
 #: Events waiting for the state task; RPC handlers wait when it is full.
 _EVENT_BUFFER = 1024
 
-#: Seconds a stopping coordinator waits for its last journal entry to be written.
-_JOURNAL_DRAIN = 10.0
-
 #: A stage that lasts is said in the log after this long, then after twice as long since
 #: the last line, up to every _PROGRESS_MAX seconds: an idle coordinator is not silent for
 #: hours, and not noisy either.
@@ -172,7 +169,6 @@ class Coordinator:
         self._tell_one = tell
         self._retry = retry
         self._round = Round(rules, number=first_round)
-        self._journal_in, self._journal = trio.open_memory_channel[Entry](_EVENT_BUFFER)
         self._journaled: tuple[int, Stage, bool] | None = None
         self._held: Status | None = None  # the last snapshot of this step, not yet published
         self._windows: dict[Stage, trio.CancelScope] = {}
@@ -206,6 +202,11 @@ class Coordinator:
         await slot.ask(self._events_in, SelectorReported(selector, round, reply_to=slot))
         return bool(slot.value)
 
+    @property
+    def storage_error(self) -> str | None:
+        """Why the coordinator's own files cannot be written now (None: they can)."""
+        return self._files.journal.failure
+
     async def refused(self, selector: str, reason: str) -> None:
         """The RPC layer refused a call from ``selector``: shown in the status stream."""
         await self._events_in.send(Refused(selector, reason))
@@ -214,7 +215,7 @@ class Coordinator:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._write_journal)
+                nursery.start_soon(self._files.journal.run)
                 with log_context(round=self._round.number):
                     for effect in self._round.start():
                         self._execute(effect, nursery)
@@ -302,7 +303,7 @@ class Coordinator:
             reported=list(status.reported),
             time=utc_now().isoformat(),
         )
-        self._journal_in.send_nowait(entry)
+        self._files.journal.submit(entry)
 
     async def _say_progress(self, scope: trio.CancelScope, number: int) -> None:
         """StillWaiting after _PROGRESS_FIRST seconds in a stage, then at doubling intervals."""
@@ -313,29 +314,6 @@ class Coordinator:
                 waited += delay
                 await self._events_in.send(StillWaiting(number, waited))
                 delay = min(2 * delay, _PROGRESS_MAX)
-
-    async def _write_journal(self) -> None:
-        """The one writer of the journal: entries in order, each fsynced, off the loop.
-
-        On shutdown, what is still queued is not lost: the newest entry (the
-        journal holds one, so the last one is all that counts) is written,
-        shielded, within _JOURNAL_DRAIN seconds, so the journal is never behind
-        the status stream a graceful stop leaves.
-        """
-        try:
-            async for entry in self._journal:
-                await self._files.write_journal(entry)
-        finally:
-            last = None
-            while True:
-                try:
-                    last = self._journal.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            if last is not None:
-                with trio.move_on_after(_JOURNAL_DRAIN) as drain:
-                    drain.shield = True
-                    await self._files.write_journal(last)
 
     async def _window(
         self, scope: trio.CancelScope, number: int, stage: Stage, seconds: float

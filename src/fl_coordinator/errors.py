@@ -21,6 +21,8 @@ into a refused call or a rejected selector, never into a crash. The tree
     │   ├── InvalidSelectorId .... an id that is not a safe folder name
     │   └── BadAddress ........... an id or address that is not ``host:port``
     ├── AggregationError ......... an average could not be computed; the checkpoint is untouched
+    │   ├── CheckpointError ...... ...because of the global checkpoint (never a selector's fault)
+    │   │   └── CheckpointLocked . ...another process holds it locked; worth waiting for
     │   └── ShuttingDown ......... ...because the coordinator is stopping
     └── FederationError .......... the reference selector, client and demo processes
         ├── GaveUp ............... a client was refused more often than it may retry
@@ -33,11 +35,14 @@ part of the tree: they are not meant to be caught by a caller.
 from __future__ import annotations
 
 import errno
+import os
 from typing import TypeVar
 
 __all__ = [
     "AggregationError",
     "BadAddress",
+    "CheckpointError",
+    "CheckpointLocked",
     "ChildFailed",
     "CommandFailed",
     "ConfigError",
@@ -54,6 +59,7 @@ __all__ = [
     "ShuttingDown",
     "WatchError",
     "first_of",
+    "os_error_text",
     "short_reason",
 ]
 
@@ -139,6 +145,20 @@ class AggregationError(FLError):
     """
 
 
+class CheckpointError(AggregationError):
+    """The global checkpoint itself cannot be averaged into, read or replaced.
+
+    Its layout or dtypes are refused (see :mod:`.storage.weights`), it cannot
+    be opened, or the new one cannot be written (a full or read-only disk).
+    Never a selector's fault: no selector is rejected for it. At start-up and
+    in ``init`` the same problems are reported as :class:`ProblemError`.
+    """
+
+
+class CheckpointLocked(CheckpointError):
+    """Another process holds the global checkpoint locked (HDF5 file locking, errno 11)."""
+
+
 class ShuttingDown(AggregationError):
     """The coordinator is stopping: the aggregation was given up, the checkpoint kept."""
 
@@ -163,6 +183,17 @@ def short_reason(error: BaseException) -> str:
     """What went wrong, for a log line or the status stream: the first line, bounded."""
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:_REASON_CHARS]
+
+
+def os_error_text(error: OSError) -> str:
+    """``error`` in one short line: ``[Errno 28] No space left on device``.
+
+    HDF5's messages carry the same errno inside a paragraph of C details
+    (buffer addresses, offsets); the errno is what an operator acts on.
+    """
+    if error.errno:
+        return f"[Errno {error.errno}] {os.strerror(error.errno)}"
+    return " ".join(str(error).split())[:_REASON_CHARS]
 
 
 E = TypeVar("E", bound=BaseException)

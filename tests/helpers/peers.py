@@ -11,7 +11,7 @@ import functools
 import json
 import shutil
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,8 +26,8 @@ from fl_coordinator._proto import fl_intra_grpc, fl_intra_pb2
 from fl_coordinator.app import Endpoints, serve
 from fl_coordinator.config import Settings
 from fl_coordinator.rpc.listener import serve_grpc
-from fl_coordinator.storage.aggregation import float_datasets
 from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.weights import read_plan
 
 
 class FakeSelector(fl_intra_grpc.FLGoalCountBroadcastServicer):
@@ -216,8 +216,12 @@ def write_aggregate(layout: Layout, selector_id: str, source: Path, weight: int)
 
 
 def read_floats(path: Path) -> dict[str, np.ndarray]:
+    """The weight arrays of a checkpoint, decoded (bfloat16 as ``ml_dtypes.bfloat16``)."""
     with h5py.File(path, "r") as file:
-        return {name: file[name][()] for name in float_datasets(file)}
+        return {
+            weight.name: weight.encoding.decode(np.asarray(file[weight.name][()]))
+            for weight in read_plan(file, path)
+        }
 
 
 def fedavg(
@@ -248,3 +252,28 @@ async def serve_and_watch(
     """A coordinator on loopback, a websocket subscriber to it, and a purerpc intra client."""
     endpoints = await nursery.start(serve, settings)
     return endpoints, await watch(nursery, endpoints.status_url), PurerpcClient(endpoints.grpc_port)
+
+
+async def run_round(
+    nursery: trio.Nursery,
+    port: int,
+    watcher: StatusWatcher,
+    layout: Layout,
+    sources: Sequence[tuple[Path, int]],
+    number: int = 1,
+) -> dict[str, Any]:
+    """One whole round at the coordinator on ``port`` (its goal: ``len(sources)``).
+
+    One fake selector per source checks in one client, is told, writes that
+    source as its aggregate with that weight and reports. Returns the round's
+    COMPLETED or FAILED status message.
+    """
+    client = PurerpcClient(port)
+    selectors = [await FakeSelector().start(nursery) for _ in sources]
+    for selector in selectors:
+        assert await client.check_in(selector.id) is True
+    for selector, (path, weight) in zip(selectors, sources, strict=True):
+        await selector.told.receive()
+        write_aggregate(layout, selector.id, path, weight)
+        await client.report(selector.id)
+    return await watcher.wait_for(completed(number))

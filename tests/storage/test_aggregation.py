@@ -38,8 +38,10 @@ def write_h5(path: Path, arrays: dict[str, np.ndarray], extras: bool = False) ->
         if extras:
             file.attrs["keras_version"] = "3.x"
             file["layers"].attrs["names"] = np.array([b"dense", b"out"])
-            file.create_dataset("meta/step", data=np.arange(6, dtype=np.int64).reshape(2, 3))
+            file.create_dataset("meta/step", data=np.int64(6))  # a counter: kept
             file.create_dataset("meta/flags", data=np.array([True, False]))
+            kinds = h5py.enum_dtype({"dense": 0, "out": 1}, basetype="i1")
+            file.create_dataset("meta/kinds", data=np.array([0, 1], np.int8), dtype=kinds)
             file.create_dataset("meta/label", data="digits", dtype=h5py.string_dtype())
             file["layers/dense/vars/0"].attrs["unit"] = "weight"
             file["layers/out"].attrs.create("scale", 2.5, dtype=np.float16)
@@ -130,11 +132,12 @@ def test_non_float_datasets_groups_and_attributes_are_copied_unchanged(
         assert file.attrs["keras_version"] == "3.x"
         assert list(file["layers"].attrs["names"]) == [b"dense", b"out"]
         assert file["layers/dense/vars/0"].attrs["unit"] == "weight"
-        np.testing.assert_array_equal(file["meta/step"][()], np.arange(6).reshape(2, 3))
-        assert file["meta/step"].dtype == np.int64
+        assert (file["meta/step"][()], file["meta/step"].dtype) == (6, np.int64)
         np.testing.assert_array_equal(file["meta/flags"][()], [True, False])
+        np.testing.assert_array_equal(file["meta/kinds"][()], [0, 1])
+        assert h5py.check_enum_dtype(file["meta/kinds"].dtype) == {"dense": 0, "out": 1}
         assert file["meta/label"][()] == b"digits"
-        assert sorted(file["meta"]) == ["flags", "label", "step"]
+        assert sorted(file["meta"]) == ["flags", "kinds", "label", "step"]
 
 
 def test_keras_weights_file(tmp_path: Path, layout, keras_weights) -> None:
@@ -186,7 +189,7 @@ def test_bad_aggregate_file_leaves_checkpoint_untouched(tmp_path: Path, arrays, 
     [
         (lambda a: a.pop("layers/out/vars/0"), "'layers/out/vars/0' is missing"),
         (lambda a: a.update({"layers/dense/vars/1": np.zeros(5, np.float32)}), "has shape"),
-        (lambda a: a.update({"layers/dense/vars/1": np.zeros(4, np.float64)}), "has dtype"),
+        (lambda a: a.update({"layers/dense/vars/1": np.zeros(4, np.float16)}), "has dtype"),
         (lambda a: a["layers/dense/vars/0"].__setitem__((0, 0), np.nan), "NaN or Inf"),
         (lambda a: a["layers/dense/vars/0"].__setitem__((1, 1), np.inf), "NaN or Inf"),
     ],

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import trio
-from helpers.peers import FakeSelector, PurerpcClient, completed, watch, write_aggregate
+from helpers.peers import (
+    FakeSelector,
+    PurerpcClient,
+    completed,
+    run_round,
+    serve_and_watch,
+    watch,
+    write_aggregate,
+)
+from helpers.processes import Served, environment
 
 from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
@@ -16,11 +28,14 @@ from fl_coordinator.storage.atomic import write_atomic
 from fl_coordinator.storage.journal import (
     Entry,
     history,
+    history_usage,
     next_round,
     read_journal,
+    remember,
     rollback,
     write_journal,
 )
+from fl_coordinator.storage.journal_writer import JournalWriter
 from fl_coordinator.storage.layout import Layout
 
 
@@ -43,13 +58,14 @@ def test_interrupted_round_is_abandoned_and_numbering_continues(layout: Layout) 
     assert digest(layout.checkpoint) == before
 
 
-def test_a_round_still_selecting_nobody_opens_again_with_its_number(layout: Layout) -> None:
+def test_a_round_still_selecting_opens_again_with_its_number(layout: Layout) -> None:
+    """Nothing of it was acted upon (no selector was told): no number is lost."""
     next_round(layout, keep=5)
     write_journal(layout, Entry(5, "SELECTION"))
-    assert next_round(layout, keep=5) == 5  # nothing happened in it: no number lost
+    assert next_round(layout, keep=5) == 5
     write_journal(layout, Entry(5, "SELECTION", selectors=["a:1"]))  # clients were accepted
-    assert next_round(layout, keep=5) == 6
-    assert read_journal(layout).stage == "FAILED"
+    assert next_round(layout, keep=5) == 5
+    assert read_journal(layout).stage == "SELECTION"
 
 
 def test_aggregation_that_finished_before_the_crash_counts_as_completed(layout: Layout) -> None:
@@ -96,8 +112,8 @@ async def test_restart_continues_numbering_and_rollback_restores(
             nursery.cancel_scope.cancel()
         checkpoints.append(digest(layout.checkpoint))
     assert len(set(checkpoints)) == 4
-    entry = read_journal(layout)  # a graceful stop writes what is queued: never behind
-    assert (entry.round, entry.stage) == (4, "SELECTION")
+    entry = read_journal(layout)  # the stop drained the journal: where the status stream was
+    assert (entry.round, entry.stage, entry.aggregating) == (4, "SELECTION", False)
 
     assert {n: digest(p) for n, p in history(layout).items()} == dict(enumerate(checkpoints))
 
@@ -124,3 +140,76 @@ def test_rollback_command(settings: Settings, layout: Layout) -> None:
     assert restored.returncode == 0, restored.stderr
     assert layout.checkpoint.read_bytes() == history(layout)[0].read_bytes()
     assert layout.checkpoint.read_bytes() != b"round one's model"
+
+
+async def test_a_stopping_writer_still_writes_the_latest_entry(layout: Layout) -> None:
+    """Cancelled before it ever ran (SIGTERM right after a stage change): nothing is lost."""
+    writer = JournalWriter(layout)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        for entry in (Entry(5, "REPORTING", aggregating=True), Entry(5, "COMPLETED"),
+                      Entry(6, "SELECTION")):  # fmt: skip
+            writer.submit(entry)
+        nursery.cancel_scope.cancel()
+    assert read_journal(layout) == Entry(6, "SELECTION")
+
+
+async def test_sigterm_leaves_the_journal_where_the_status_stream_is(
+    layout: Layout, keras_weights, nursery: trio.Nursery
+) -> None:
+    served = Served(environment(layout.root, CHECKIN_LIMIT="2"))
+    try:
+        ready = re.search(
+            r"selectors at \S+:(\d+) \(FlIntra\), status stream at (\S+),",
+            await trio.to_thread.run_sync(served.wait_for_line, "FlIntra"),
+        )
+        assert ready is not None
+        watcher = await watch(nursery, ready.group(2))
+        sources = [(keras_weights[0], 2), (keras_weights[1], 3)]
+        done = await run_round(nursery, int(ready.group(1)), watcher, layout, sources)
+        assert done["stage"] == "COMPLETED"
+        last = await watcher.wait_for(lambda m: m["round"] == 2)  # published with COMPLETED
+        served.process.send_signal(signal.SIGTERM)  # at once: no time for a lazy writer
+        assert await trio.to_thread.run_sync(served.process.wait) == 0
+    finally:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait()
+    entry = read_journal(layout)
+    assert (entry.round, entry.stage, entry.aggregating) == (2, "SELECTION", False)
+    assert (last["round"], last["stage"], last["aggregating"]) == (2, "SELECTION", False)
+    assert next_round(layout, keep=5) == 2  # reopened: nothing of it was acted upon
+
+
+def test_kept_checkpoints_are_files_of_their_own_counted_against_the_disk(layout: Layout) -> None:
+    next_round(layout, keep=5)
+    for number in (1, 2, 3):
+        write_atomic(layout.checkpoint, bytes(8192 * number), layout.tmp)  # a new file each round
+        remember(layout, number, keep=5)
+    kept = history(layout)
+    assert list(kept) == [0, 1, 2, 3]
+    own = [kept[n] for n in (0, 1, 2)]  # round 3's shares its blocks with the checkpoint
+    assert history_usage(layout) == (3, sum(p.stat().st_blocks * 512 for p in own))
+    rollback(layout, 1)
+    own = [kept[n] for n in (0, 2, 3)]
+    assert history_usage(layout) == (3, sum(p.stat().st_blocks * 512 for p in own))
+
+
+async def test_a_history_that_cannot_be_written_does_not_undo_a_completed_round(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, caplog
+) -> None:
+    endpoints, watcher, _ = await serve_and_watch(nursery, settings)
+    folder = layout.own / "history"
+    shutil.rmtree(folder)
+    folder.write_text("not a folder")  # every link into it fails
+    sources = [(keras_weights[0], 2), (keras_weights[1], 3)]
+    before = digest(layout.checkpoint)
+    done = await run_round(nursery, endpoints.grpc_port, watcher, layout, sources)
+    assert (done["stage"], done.get("error")) == ("COMPLETED", None)
+    assert digest(layout.checkpoint) != before
+    assert any(
+        "round 1: completed, but its checkpoint could not be kept" in r.getMessage()
+        for r in caplog.records
+    )
+    again = await run_round(nursery, endpoints.grpc_port, watcher, layout, sources, number=2)
+    assert again["stage"] == "COMPLETED"

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..storage.aggregation import sum_into
 from ..storage.model import import_keras
+from ..storage.weights import upload_encoding
 
 __all__ = [
     "Hyper",
@@ -27,6 +28,7 @@ __all__ = [
     "compile_for_training",
     "load_weights",
     "save_weights",
+    "write_update",
 ]
 
 
@@ -101,12 +103,7 @@ class Trainer:
     def train(
         self, model_file: Path, checkpoint: Path, x: np.ndarray, y: np.ndarray, dest: Path
     ) -> int:
-        """Train from the global weights; write ``n * (w_new - w)`` to ``dest``; return n.
-
-        The update is computed file to file with the coordinator's own HDF5 walk,
-        so it has exactly the checkpoint's layout, whatever Keras adds to its
-        own weights files (a compiled model also saves optimizer state).
-        """
+        """Train from the global weights; write ``n * (w_new - w)`` to ``dest``; return n."""
         model = self._model_for(model_file)
         load_weights(model, checkpoint)
         model.fit(
@@ -121,10 +118,26 @@ class Trainer:
         with tempfile.TemporaryDirectory() as folder:
             trained = Path(folder) / "trained"
             save_weights(model, trained)
-
-            def update(new: np.ndarray, start: np.ndarray, out: np.ndarray) -> None:
-                new -= start
-                np.multiply(new, n, out=out, casting="same_kind")
-
-            sum_into(checkpoint, [trained], dest, Path(folder), update)
+            write_update(checkpoint, trained, n, dest)
         return n
+
+
+def write_update(checkpoint: Path, trained: Path, n: int, dest: Path) -> None:
+    """Write the update ``n * (trained - checkpoint)`` to ``dest``, in the checkpoint's layout.
+
+    Computed file to file with the coordinator's own HDF5 walk, so it has
+    exactly the checkpoint's layout, whatever Keras adds to its own weights
+    files (a compiled model also saves optimizer state). Weights narrower than
+    float32 (float16, bfloat16) are uploaded as float32
+    (:func:`.weights.upload_encoding`, which the coordinator accepts): with
+    n = 40000 batches, a float16 weight that moved by 2 needs n * delta =
+    80000, beyond float16's largest value, 65504.
+    """
+
+    def update(new: np.ndarray, start: np.ndarray, out: np.ndarray) -> None:
+        new -= start
+        np.multiply(new, n, out=out, casting="same_kind")
+
+    # Its temporary file is renamed over ``dest``: same folder, same file system.
+    with tempfile.TemporaryDirectory(dir=dest.parent) as folder:
+        sum_into(checkpoint, [trained], dest, Path(folder), update, encode=upload_encoding)

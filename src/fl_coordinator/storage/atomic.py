@@ -44,7 +44,10 @@ def _flushing(path: Path) -> Iterator[None]:
 
     def flush() -> None:
         while not done.wait(_FLUSH_EVERY):
-            os.fdatasync(fd)
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                return  # e.g. ENOSPC: the final fsync, in the writer's thread, reports it
 
     flusher = threading.Thread(target=flush, name=f"flush {path.name}", daemon=True)
     flusher.start()

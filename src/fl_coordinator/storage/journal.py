@@ -2,21 +2,27 @@
 
 The journal (``.coordinator/journal.json``) records the round number, stage
 and participants at each stage change, replaced atomically and fsynced, so a
-restarted coordinator continues numbering where it stopped. The history
+restarted coordinator continues numbering where it stopped (its one writer,
+which survives a full disk, is :mod:`.journal_writer`). The history
 (``.coordinator/history/round-NNNNNN``) keeps the checkpoint each completed
-round produced as a hard link (no copy: the checkpoint is only ever replaced
-by rename, never modified in place), so a bad round can be rolled back.
+round produced, so a bad round can be rolled back. Each is linked, not
+copied, when its round completes (the checkpoint is only ever replaced by
+rename, never modified in place), but the next round's rename leaves it the
+only name of its file: apart from the newest, which shares its blocks with
+the global checkpoint, every kept checkpoint is a file of its own on disk
+(:func:`history_usage`).
 
-On restart, a round that was interrupted is abandoned, except when it was
-aggregating and the checkpoint on disk is no longer the last one in the
-history: then its aggregation had finished (the rename happened) and the
-round is recorded as completed; and a round still selecting with no client
-accepted, in which nothing happened, simply opens again with its number.
-Nothing of this lives under ``initFiles/``.
+On restart, a round that was interrupted in SELECTION is opened again with
+its number (nothing of it was acted upon: no selector had been told). A
+round interrupted later is abandoned, except when it was aggregating and
+the checkpoint on disk is no longer the last one in the history: then its
+aggregation had finished (the rename happened) and the round is recorded as
+completed. Nothing of this lives under ``initFiles/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,19 +32,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ProblemError
+from ..errors import ConfigError, ProblemError, os_error_text
 from .atomic import fsync_dir, write_atomic
 from .layout import Layout
 
 __all__ = [
     "Entry",
     "history",
+    "history_usage",
+    "journal_path",
+    "keep_in_history",
     "next_round",
     "read_journal",
     "remember",
     "rollback",
     "write_journal",
 ]
+
+__all__: list[str] = []
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +68,7 @@ class Entry:
     time: str = ""
 
 
-def _journal_path(layout: Layout) -> Path:
+def journal_path(layout: Layout) -> Path:
     return layout.own / "journal.json"
 
 
@@ -66,7 +77,7 @@ def _history_dir(layout: Layout) -> Path:
 
 
 def read_journal(layout: Layout) -> Entry | None:
-    path = _journal_path(layout)
+    path = journal_path(layout)
     if not path.exists():
         return None
     try:
@@ -83,7 +94,7 @@ def read_journal(layout: Layout) -> Entry | None:
 
 
 def write_journal(layout: Layout, entry: Entry) -> None:
-    write_atomic(_journal_path(layout), json.dumps(asdict(entry)).encode(), layout.tmp)
+    write_atomic(journal_path(layout), json.dumps(asdict(entry)).encode(), layout.tmp)
 
 
 def history(layout: Layout) -> dict[int, Path]:
@@ -111,12 +122,76 @@ def remember(layout: Layout, round_number: int, keep: int) -> Path:
     return dest
 
 
+def keep_in_history(layout: Layout, round_number: int, keep: int) -> None:
+    """:func:`remember`, for a round that has completed: a failure is logged, not raised.
+
+    The new checkpoint is in place by then; a full disk must not turn the
+    round into a failure (nor end the process). Rollback to it is what is lost.
+    """
+    try:
+        remember(layout, round_number, keep)
+    except OSError as error:
+        log.error(
+            "round %d: completed, but its checkpoint could not be kept in %s (%s)",
+            round_number,
+            _history_dir(layout),
+            os_error_text(error),
+        )
+
+
+def history_usage(layout: Layout) -> tuple[int, int]:
+    """(files, bytes) of the kept checkpoints that are not also the global checkpoint.
+
+    What the history costs on disk beyond the checkpoint itself: up to
+    KEEP_CHECKPOINTS - 1 files of a checkpoint's size (the newest shares its
+    blocks with the global checkpoint through a hard link).
+    """
+    seen: set[tuple[int, int]] = set()
+    with contextlib.suppress(OSError):
+        current = layout.checkpoint.stat()
+        seen.add((current.st_dev, current.st_ino))
+    files = size = 0
+    for path in history(layout).values():
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        if (stat.st_dev, stat.st_ino) not in seen:
+            seen.add((stat.st_dev, stat.st_ino))
+            files += 1
+            size += stat.st_blocks * 512
+    return files, size
+
+
 def _same_file(a: Path, b: Path) -> bool:
     return os.path.samefile(a, b) if a.exists() and b.exists() else False
 
 
 def next_round(layout: Layout, keep: int) -> int:
-    """The round to open at start-up, after settling what the journal says was under way."""
+    """The round to open at start-up, after settling what the journal says was under way.
+
+    Raises ProblemError if the coordinator's own files cannot be written.
+    """
+    try:
+        number = _settle(layout, keep)
+    except OSError as error:
+        raise ProblemError(
+            f"cannot write the coordinator's own files in {layout.own} "
+            f"({os_error_text(error)}): free space on FL_ROOT_PATH or make it writable"
+        ) from None
+    files, size = history_usage(layout)
+    log.info(
+        "%d kept checkpoint(s) in %s take %.1f MB of disk besides the global checkpoint "
+        "(KEEP_CHECKPOINTS=%d)",
+        files,
+        _history_dir(layout),
+        size / 1e6,
+        keep,
+    )
+    return number
+
+
+def _settle(layout: Layout, keep: int) -> int:
     entry = read_journal(layout)
     kept = history(layout)
     if not kept:
@@ -125,8 +200,9 @@ def next_round(layout: Layout, keep: int) -> int:
         return 1
     if entry.stage in ("COMPLETED", "FAILED"):
         return entry.round + 1
-    if entry.stage == "SELECTION" and not entry.selectors:
-        return entry.round  # nothing happened in it: the same round opens again
+    if entry.stage == "SELECTION":
+        log.info("round %d was in selection when stopped: opened again", entry.round)
+        return entry.round
     last = kept[max(kept)] if kept else None
     finished = entry.round in kept or (last is not None and not _same_file(layout.checkpoint, last))
     if entry.aggregating and finished:

@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["builtin_model", "import_keras"]
+import h5py
+import ml_dtypes
+import numpy as np
+
+from ..errors import ProblemError
+
+__all__ = ["builtin_model", "import_keras", "save_legacy_model"]
+
+__all__: list[str] = []
+
+log = logging.getLogger(__name__)
 
 #: The built-in classifier: 8x8 digit images (64 features) into 10 classes.
 _INPUT_FEATURES = 64
@@ -49,3 +61,58 @@ def builtin_model(seed: int = 0) -> Any:
         name="fl_classifier",
     )
     return model
+
+
+def _bfloat16_as_float32(path: Path) -> int:
+    """Rewrite the bfloat16 weights of a legacy HDF5 model file as float32; return how many.
+
+    Keras' legacy HDF5 writer stores bfloat16 arrays as raw 2-byte opaque
+    values (``|V2``, no tag), which its own reader then cannot load
+    ("Error interpreting argument to stage as a JAX value"). Stored as
+    float32 (exact: every bfloat16 is a float32) they load, and Keras casts
+    them back into the model's bfloat16 variables. In a file Keras wrote, a
+    2-byte opaque dataset can only be bfloat16 (float16 is a native HDF5 type).
+    """
+    with h5py.File(path, "r+") as file:
+        opaque: list[str] = []
+
+        def visit(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "V" and obj.dtype.itemsize == 2:
+                opaque.append(name)
+
+        file.visititems(visit)
+        for name in opaque:
+            values = file[name][()].view(ml_dtypes.bfloat16).astype(np.float32)
+            attributes = dict(file[name].attrs)
+            del file[name]
+            file.create_dataset(name, data=values).attrs.update(attributes)
+    return len(opaque)
+
+
+def save_legacy_model(model: Any, dest: Path) -> None:
+    """``model.save`` in the legacy HDF5 format (``model.h5``), checked by loading it back.
+
+    ``dest`` needs no ``.h5`` suffix. Raises ProblemError if Keras cannot load
+    what it wrote, or loads other weights.
+    """
+    keras = import_keras()
+    with tempfile.TemporaryDirectory(dir=dest.parent) as folder:
+        named = Path(folder) / "model.h5"
+        model.save(named)
+        converted = _bfloat16_as_float32(named)
+        try:
+            loaded = keras.models.load_model(named, compile=False)
+            same = all(
+                np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True)
+            )
+        except Exception as error:
+            raise ProblemError(
+                f"Keras cannot load back the legacy HDF5 model.h5 it wrote for this model "
+                f"({type(error).__name__}: {' '.join(str(error).split())[:300]})"
+            ) from None
+        if not same:
+            raise ProblemError("the legacy HDF5 model.h5 Keras wrote loads other weights")
+        if converted:
+            log.info("model.h5: %d bfloat16 array(s) stored as float32 (see model.py)", converted)
+        os.replace(named, dest)

@@ -1,15 +1,21 @@
 """Preparing (``init``) and checking a problem folder before serving.
 
 ``init`` writes ``initFiles/model.h5`` and ``initFiles/fl_checkpoint`` (the
-model's weights in Keras 3's HDF5 weights format). ``check_problem`` is what
-``serve`` runs first: a missing or unreadable file is a one-line start-up
-error that names the key, not a traceback halfway through a round.
+model's weights in Keras 3's HDF5 weights format). It is atomic: both files
+are written and checked in a staging folder under ``.coordinator/tmp/``, then
+the folder becomes ``initFiles/`` by one rename (or, when ``initFiles/``
+already exists, one exchange of the two folders), so a ``serve`` killed during
+its first start leaves all of ``initFiles/`` or none of it, never a half that
+makes the next start refuse. ``check_problem`` is what ``serve`` runs first: a
+missing, unreadable or refused file is a one-line start-up error that names
+it, not a traceback halfway through a round.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -17,45 +23,57 @@ from typing import Any
 
 import h5py
 
-from ..errors import ConfigError, ProblemError
-from .aggregation import float_datasets
-from .atomic import atomic_target
+from ..errors import CheckpointError, ConfigError, ProblemError, os_error_text
+from .atomic import fsync_dir
+from .checkpoint import read_checkpoint_plan
 from .layout import Layout
+from .swap import NotSupported, exchange
+from .weights import Weight
 
 __all__ = ["check_problem", "clean_tmp", "init_problem", "needs_init"]
+
+__all__: list[str] = []
 
 log = logging.getLogger(__name__)
 
 
-def _save_with_keras(save: Callable[[Path], Any], suffix: str, dest: Path, tmp_dir: Path) -> None:
-    """Atomically write ``dest`` with a Keras ``save``, which insists on a file suffix.
+def _save_with_keras(save: Callable[[Path], Any], suffix: str, dest: Path) -> None:
+    """Write ``dest`` with a Keras ``save``, which insists on a file suffix, and flush it.
 
     Keras 3 writes weights only to paths ending in ``.weights.h5`` and legacy
     models only to ``.h5``; the shared names have no suffix, so we save under
-    a suffixed temporary name and rename.
+    a suffixed name and rename.
     """
-    with atomic_target(dest, tmp_dir) as tmp:
-        named = tmp.with_name(tmp.name + suffix)
-        try:
-            save(named)
-            os.replace(named, tmp)
-        finally:
-            named.unlink(missing_ok=True)
+    named = dest.with_name(dest.name + suffix)
+    try:
+        save(named)
+        os.replace(named, dest)
+    finally:
+        named.unlink(missing_ok=True)
 
 
-def init_problem(layout: Layout, model_file: Path | None = None, force: bool = False) -> None:
-    """Write the model and its weights as the initial global checkpoint of ``layout``."""
-    from .model import builtin_model, import_keras
+def _flush_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder``, so a rename of it publishes whole files."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as file:
+                os.fsync(file.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(folder)
 
-    if layout.checkpoint.exists() and not force:
-        raise ProblemError(
-            f"{layout.checkpoint} already exists; use --force to replace it "
-            "(this discards the trained global model)"
-        )
-    layout.init_files.mkdir(parents=True, exist_ok=True)
+
+def _stage(layout: Layout, model_file: Path | None, staging: Path) -> None:
+    """Write model and checkpoint into ``staging`` (initFiles' relative paths), checked."""
+    from .model import builtin_model, import_keras, save_legacy_model
+
+    model_path = staging / layout.model.relative_to(layout.init_files)
+    checkpoint_path = staging / layout.checkpoint.relative_to(layout.init_files)
+    for path in (model_path, checkpoint_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     if model_file is None:
         model = builtin_model()
-        _save_with_keras(model.save, ".h5", layout.model, layout.tmp)
+        save_legacy_model(model, model_path)
     else:
         keras = import_keras()
         try:
@@ -65,12 +83,86 @@ def init_problem(layout: Layout, model_file: Path | None = None, force: bool = F
                 f"{model_file}: not a Keras model Keras can load ({error})"
             ) from None
         if model_file.suffix == ".h5":
-            with atomic_target(layout.model, layout.tmp) as tmp:
-                shutil.copyfile(model_file, tmp)
+            shutil.copyfile(model_file, model_path)
         else:
-            _save_with_keras(model.save, ".h5", layout.model, layout.tmp)
-    _save_with_keras(model.save_weights, ".weights.h5", layout.checkpoint, layout.tmp)
+            save_legacy_model(model, model_path)
+    # An uncompiled model's weights file has no optimizer state to refuse below.
+    _save_with_keras(model.save_weights, ".weights.h5", checkpoint_path)
+    try:
+        read_checkpoint_plan(checkpoint_path)
+    except CheckpointError as error:
+        raise ProblemError(f"cannot serve this model: {error}") from None
+
+
+def init_problem(layout: Layout, model_file: Path | None = None, force: bool = False) -> None:
+    """Write the model and its weights as the initial global checkpoint of ``layout``.
+
+    All of ``initFiles/`` or nothing: see the module's docstring. Raises
+    ProblemError (the model cannot be loaded or served, or a checkpoint exists
+    and ``force`` is not set).
+    """
+    if layout.checkpoint.exists() and not force:
+        raise ProblemError(
+            f"{layout.checkpoint} already exists; use --force to replace it "
+            "(this discards the trained global model)"
+        )
+    # mkdir, not mkdtemp: the folder becomes initFiles/, which selectors of other
+    # users read, so it gets the usual permissions (umask), not mkdtemp's 0700.
+    staging = layout.tmp / f"init-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        staging.mkdir(parents=True)
+        _stage(layout, model_file, staging)
+        _flush_tree(staging)
+        layout.init_files.parent.mkdir(parents=True, exist_ok=True)
+        if layout.init_files.exists():
+            _replace(layout, staging)
+        else:
+            os.rename(staging, layout.init_files)
+        fsync_dir(layout.init_files.parent)
+    except OSError as error:
+        raise ProblemError(
+            f"cannot write {layout.init_files} ({os_error_text(error)}); nothing was changed"
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the old initFiles
     log.info("initialised %s: %s and %s", layout.root, layout.model.name, layout.checkpoint.name)
+
+
+def _replace(layout: Layout, staging: Path) -> None:
+    """Make ``staging`` the existing ``initFiles/``: one exchange where the file system can."""
+    _carry_over(layout, staging)
+    try:
+        exchange(staging, layout.init_files)
+    except NotSupported as error:
+        # NFS: each file is still replaced whole, the checkpoint last; an init
+        # interrupted between the two leaves a new model with the old checkpoint.
+        log.warning(
+            "%s cannot be swapped atomically here (%s): replacing its files one by one; "
+            "if this init is interrupted, run it again",
+            layout.init_files,
+            error.strerror,
+        )
+        for dest in (layout.model, layout.checkpoint):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / dest.relative_to(layout.init_files), dest)
+
+
+def _carry_over(layout: Layout, staging: Path) -> None:
+    """Hard-link into ``staging`` every other file of the existing ``initFiles/``.
+
+    Existing selectors send every file of ``initFiles/`` to clients; files an
+    operator put there besides the model and the checkpoint stay.
+    """
+    written = {layout.model, layout.checkpoint}
+    for path in layout.init_files.rglob("*"):
+        target = staging / path.relative_to(layout.init_files)
+        if path in written or target.exists():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target, follow_symlinks=False)
 
 
 def needs_init(layout: Layout) -> bool:
@@ -82,19 +174,25 @@ def _check_hdf5(path: Path, key: str, what: str) -> None:
     hint = (
         "run `fl-coordinator init` to create it, or `fl-coordinator rollback` to restore a kept one"
     )
-
     if not path.is_file():
         raise ConfigError(key, str(path), f"{what} (file is missing: {hint})")
     try:
-        with h5py.File(path, "r") as file:
-            if key == "CHECKPOINT_FILE" and not float_datasets(file):
-                raise ConfigError(key, str(path), f"{what} (it has no float datasets)")
+        with h5py.File(path, "r"):
+            pass
+    except BlockingIOError as error:
+        raise ConfigError(
+            key, str(path), f"{what} that no other process holds open for writing ({error})"
+        ) from None
     except OSError as error:
         raise ConfigError(key, str(path), f"{what} (unreadable: {error}; {hint})") from None
 
 
-def check_problem(layout: Layout) -> None:
-    """Raise ConfigError unless ``layout`` can be served."""
+def check_problem(layout: Layout) -> tuple[Weight, ...]:
+    """Raise an OperatorError unless ``layout`` can be served; return the checkpoint's plan.
+
+    The plan (its weight arrays: :func:`.weights.read_plan`) is what every
+    selector's contribution is checked against.
+    """
     root = layout.root
     if not root.is_dir() or not os.access(root, os.R_OK | os.W_OK | os.X_OK):
         raise ConfigError("FL_ROOT_PATH", str(root), "a readable and writable folder")
@@ -102,11 +200,18 @@ def check_problem(layout: Layout) -> None:
         raise ConfigError("INIT_FILES_PATH", str(layout.init_files), "a folder")
     _check_hdf5(layout.checkpoint, "CHECKPOINT_FILE", "an HDF5 weights file")
     _check_hdf5(layout.model, "MODEL_FILE", "a Keras model in HDF5 format")
+    try:
+        plan = read_checkpoint_plan(layout.checkpoint)
+    except CheckpointError as error:
+        raise ProblemError(str(error)) from None
+    return plan
 
 
 def clean_tmp(layout: Layout) -> None:
-    """Remove temporary files a crash may have left in the coordinator's folder."""
+    """Remove what a crash may have left in the coordinator's folder (files, staging folders)."""
     if layout.tmp.is_dir():
         for leftover in layout.tmp.iterdir():
-            if leftover.is_file():
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
                 leftover.unlink()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import trio
 
+from ..errors import AggregationError
 from .aggregation import (
     AggregationResult,
     Aggregator,
@@ -21,26 +22,44 @@ from .aggregation import (
     aggregate,
     check_contribution,
 )
-from .journal import Entry, remember, write_journal
+from .checkpoint import retry_while_locked
+from .journal import keep_in_history
+from .journal_writer import JournalWriter
 from .layout import Layout
+from .weights import Weight
 
 __all__ = ["RoundFiles"]
 
 
 class RoundFiles:
-    """Blocking file work of one problem, as awaitables. Errors: AggregationError, OSError.
+    """Blocking file work of one problem, as awaitables. Errors: AggregationError.
 
-    ``aggregator`` is the averaging function run in a worker thread (tests and
-    benchmarks pass a wrapped one to observe or pace it); after it succeeds
-    the new checkpoint is kept in the history (``keep`` checkpoints).
+    ``plan`` is the global checkpoint's weight arrays (read at start-up), which
+    every selector's files are validated against: a validation never opens
+    the global checkpoint, so another process holding it locked is no
+    selector's fault. ``aggregator`` is the averaging function run in a worker
+    thread (tests and benchmarks pass a wrapped one to observe or pace it);
+    after it succeeds the new checkpoint is kept in the history (``keep``
+    checkpoints). While another process holds the global checkpoint locked
+    the aggregation waits up to ``lock_patience`` seconds (0: until it goes).
+    :attr:`journal` is the round journal's one writer.
     """
 
     def __init__(
-        self, layout: Layout, *, aggregator: Aggregator = aggregate, keep: int = 5
+        self,
+        layout: Layout,
+        plan: Sequence[Weight],
+        *,
+        aggregator: Aggregator = aggregate,
+        keep: int = 5,
+        lock_patience: float = 0.0,
     ) -> None:
         self.layout = layout
+        self.journal = JournalWriter(layout)
+        self._plan = tuple(plan)
         self._aggregator = aggregator
         self._keep = keep
+        self._lock_patience = lock_patience
 
     def _contribution(self, selector: str) -> Contribution:
         layout = self.layout
@@ -50,28 +69,38 @@ class RoundFiles:
         """Raise AggregationError unless ``selector``'s files can be averaged in."""
         contribution = self._contribution(selector)
         await trio.to_thread.run_sync(
-            check_contribution, self.layout.checkpoint, contribution, abandon_on_cancel=True
+            check_contribution, self._plan, contribution, abandon_on_cancel=True
         )
 
     async def aggregate(self, number: int, selectors: Sequence[str]) -> AggregationResult:
         """Average ``selectors``' aggregates into the checkpoint of round ``number``.
 
-        If the caller is cancelled (shutdown), the worker thread is told to stop
-        at its next slab and the checkpoint is left as it was.
+        Write-ahead: the checkpoint is replaced only once the journal says the
+        round is aggregating, so a restart can always tell whether a new
+        checkpoint belongs to a round. If the caller is cancelled (shutdown),
+        the worker thread is told to stop at its next slab and the checkpoint
+        is left as it was.
         """
+        unwritten = await self.journal.settled()
+        if unwritten is not None:
+            raise AggregationError(f"{unwritten}; the global checkpoint is kept as it was")
         contributions = [self._contribution(s) for s in selectors]
-        stop = threading.Event()
 
-        def job() -> AggregationResult:
-            result = self._aggregator(self.layout.checkpoint, contributions, self.layout.tmp, stop)
-            remember(self.layout, number, self._keep)
-            return result
+        async def attempt() -> AggregationResult:
+            stop = threading.Event()
 
-        try:
-            return await trio.to_thread.run_sync(job, abandon_on_cancel=True)
-        finally:
-            stop.set()
+            def job() -> AggregationResult:
+                result = self._aggregator(
+                    self.layout.checkpoint, contributions, self.layout.tmp, stop
+                )
+                keep_in_history(self.layout, number, self._keep)
+                return result
 
-    async def write_journal(self, entry: Entry) -> None:
-        """Record ``entry`` in the journal (atomically replaced, fsynced)."""
-        await trio.to_thread.run_sync(write_journal, self.layout, entry)
+            try:
+                return await trio.to_thread.run_sync(job, abandon_on_cancel=True)
+            finally:
+                stop.set()
+
+        # Another process may hold the global checkpoint locked: wait for it,
+        # within the reporting window; it is never a selector's fault.
+        return await retry_while_locked(attempt, self._lock_patience)

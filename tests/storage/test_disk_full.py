@@ -1,0 +1,163 @@
+"""The coordinator's own files cannot be written: the round fails, the process lives on.
+
+A real ``fl-coordinator serve`` process serves a problem folder on a small
+tmpfs this test mounts. Mid-way the file system is filled up (ENOSPC) or
+remounted read-only (EROFS): the next round fails with an error naming the
+journal, the health check says NOT_SERVING, the process keeps serving, and
+once space (or write access) is back it recovers by itself and the following
+round completes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import trio
+from helpers.peers import FakeSelector, PurerpcClient, completed, watch, write_aggregate
+from helpers.processes import Served, environment
+
+from fl_coordinator.cli.health import probe
+from fl_coordinator.config import Settings, default_settings
+from fl_coordinator.errors import CheckpointError
+from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.journal import read_journal
+from fl_coordinator.storage.layout import Layout
+
+READY = re.compile(r"selectors at \S+:(\d+) \(FlIntra\), status stream at (\S+),")
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 4 MiB at ``tmp_path/mnt`` (the test runs as root), unmounted after."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(point)], check=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file until the file system is full (ENOSPC); return it."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(65536))
+    except OSError as error:
+        assert error.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def remount(point: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(point)], check=True)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+FAULTS: dict[str, tuple[Callable[[Path], Callable[[], None]], str]] = {
+    "disk full": (lambda point: fill(point).unlink, "[Errno 28] No space left on device"),
+    "read-only": (
+        lambda point: (remount(point, "ro"), lambda: remount(point, "rw"))[1],
+        "[Errno 30] Read-only file system",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+async def test_unwritable_root_fails_the_round_and_the_coordinator_recovers(
+    settings: Settings, keras_weights, mount: Path, nursery: trio.Nursery, fault: str
+) -> None:
+    root = mount / "root"
+    shutil.copytree(settings.fl_root_path, root)
+    layout = Layout.from_settings(default_settings().replace(fl_root_path=str(root)))
+    served = Served(environment(root, CHECKIN_LIMIT="1", LOG_LEVEL="INFO"))
+    try:
+        ready = READY.search(await trio.to_thread.run_sync(served.wait_for_line, "FlIntra"))
+        assert ready is not None
+        port, url = int(ready.group(1)), ready.group(2)
+        address = f"127.0.0.1:{port}"
+        watcher = await watch(nursery, url)
+        client = PurerpcClient(port)
+        selector = await FakeSelector().start(nursery)
+
+        async def one_round(number: int) -> dict:
+            assert await client.check_in(selector.id) is True
+            await selector.told.receive()
+            await client.report(selector.id)
+            return await watcher.wait_for(completed(number))
+
+        write_aggregate(layout, selector.id, keras_weights[0], weight=3)
+        assert (await one_round(1))["stage"] == "COMPLETED"
+        assert (await trio.to_thread.run_sync(probe, address)).serving
+
+        # Round 2: the fault comes between rounds; the selector's files are already there.
+        make_fault, text = FAULTS[fault]
+        before = digest(layout.checkpoint)
+        undo = make_fault(mount)
+        failed = await one_round(2)
+        assert failed["stage"] == "FAILED" and failed["rejected"] == {}
+        assert failed["error"].startswith(
+            f"cannot write the round journal {layout.own / 'journal.json'}: {text}; "
+        )
+        line = await trio.to_thread.run_sync(served.wait_for_line, "cannot write the round journal")
+        assert text in line and "the coordinator goes on" in line
+        assert not (await trio.to_thread.run_sync(probe, address)).serving  # NOT_SERVING
+        assert served.process.poll() is None  # still running
+        assert digest(layout.checkpoint) == before
+
+        undo()  # space, or write access, is back: the writer's retry notices
+        await trio.to_thread.run_sync(served.wait_for_line, "is written again")
+        assert (await trio.to_thread.run_sync(probe, address)).serving
+        done = await one_round(3)
+        assert (done["stage"], done.get("error")) == ("COMPLETED", None)
+        assert digest(layout.checkpoint) != before
+
+        served.process.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(served.process.wait) == 0
+        entry = read_journal(layout)
+        assert (entry.round, entry.stage) == (4, "SELECTION")
+        assert served.rest().count("the coordinator goes on and tries again") == 1  # once
+    finally:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait()
+
+
+def test_a_new_checkpoint_that_does_not_fit_is_a_checkpoint_error(
+    tmp_path: Path, mount: Path
+) -> None:
+    """ENOSPC while the new checkpoint is written: a clear error, nothing left behind."""
+    checkpoint = mount / "fl_checkpoint"
+    with h5py.File(checkpoint, "w") as file:
+        file["w"] = np.ones(300_000, np.float32)  # 1.2 MB: the new one does not fit twice
+    (tmp_path / "agg").write_bytes(checkpoint.read_bytes())
+    (tmp_path / "weight").write_text("2")
+    before = digest(checkpoint)
+    fill(mount).unlink()  # measure, then leave a bit less than a second copy's room
+    free = shutil.disk_usage(mount).free
+    (mount / "ballast").write_bytes(bytes(free - 600_000))
+    with pytest.raises(CheckpointError) as failed:
+        aggregate(
+            checkpoint, [Contribution("s", tmp_path / "agg", tmp_path / "weight")], mount / "tmp"
+        )
+    assert str(failed.value).startswith(f"cannot write the new global checkpoint {checkpoint}")
+    assert str(failed.value).endswith("[Errno 28] No space left on device")
+    assert digest(checkpoint) == before
+    assert list((mount / "tmp").iterdir()) == []
