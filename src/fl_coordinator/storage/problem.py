@@ -52,12 +52,12 @@ def init_problem(layout: Layout, model_file: Path | None = None, force: bool = F
             f"{layout.checkpoint} already exists; use --force to replace it "
             "(this discards the trained global model)"
         )
+    keras = import_keras()  # first: without Keras (the slim image) nothing is written
     layout.init_files.mkdir(parents=True, exist_ok=True)
     if model_file is None:
         model = builtin_model()
         _save_with_keras(model.save, ".h5", layout.model, layout.tmp)
     else:
-        keras = import_keras()
         try:
             model = keras.models.load_model(model_file, compile=False)
         except Exception as error:
