@@ -183,13 +183,17 @@ class StatusWatcher:
             await self._arrived.wait()
 
     def stages(self) -> list[tuple[int, str]]:
-        """(round, stage) in order, consecutive repeats collapsed."""
-        sequence: list[tuple[int, str]] = []
-        for message in self.messages:
-            item = (message["round"], message["stage"])
-            if not sequence or sequence[-1] != item:
-                sequence.append(item)
-        return sequence
+        return stage_sequence(self.messages)
+
+
+def stage_sequence(messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(round, stage) of status messages in order, consecutive repeats collapsed."""
+    sequence: list[tuple[int, str]] = []
+    for message in messages:
+        item = (message["round"], message["stage"])
+        if not sequence or sequence[-1] != item:
+            sequence.append(item)
+    return sequence
 
 
 async def watch(
