@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,16 +28,6 @@ INSTALL_HINT = re.compile(
 
 def slim(root: Path, **values: str) -> dict[str, str]:
     return environment(root, PYTHONPATH=str(WITHOUT_KERAS), **values)
-
-
-@pytest.fixture
-def served() -> Iterator[list[Served]]:
-    started: list[Served] = []
-    yield started
-    for server in started:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
 
 
 def test_keras_really_is_missing_there(tmp_path: Path) -> None:
@@ -65,45 +54,42 @@ def test_init_without_keras_is_one_line_and_writes_nothing(tmp_path: Path, args)
     assert not (root / "initFiles").exists()  # the next start still sees a new folder
 
 
-def test_serve_health_watch_rollback_without_keras(settings, served: list[Served]) -> None:
+def test_serve_health_watch_rollback_without_keras(settings) -> None:
     root = Path(settings.fl_root_path)
     env = slim(root)
-    server = Served(env)
-    served.append(server)
-    ready = server.wait_for_line("selectors at")
-    port, status_url = re.search(r"selectors at \S+:(\d+) \(FlIntra\), status stream at (\S+),",
-                                 ready).groups()  # fmt: skip
+    with Served(env) as server:
+        ready = server.wait_for_line("selectors at")
+        port, status_url = re.search(r"selectors at \S+:(\d+) \(FlIntra\), status stream at (\S+),",
+                                     ready).groups()  # fmt: skip
 
-    health = run(["health", "--address", f"127.0.0.1:{port}"], env)
-    assert (health.returncode, health.stdout) == (0, f"127.0.0.1:{port}: SERVING\n")
+        health = run(["health", "--address", f"127.0.0.1:{port}"], env)
+        assert (health.returncode, health.stdout) == (0, f"127.0.0.1:{port}: SERVING\n")
 
-    watch = subprocess.Popen(
-        [*COMMAND, "watch", status_url, "--plain"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert watch.stdout is not None
-        first = watch.stdout.readline()
-        assert re.search(r"round 1\s+SELECTION\s+clients 0/2", first), first
-        watch.send_signal(signal.SIGINT)
-        assert watch.wait(timeout=30) == 0
-    finally:
-        watch.kill()
-        watch.wait()
+        watch = subprocess.Popen(
+            [*COMMAND, "watch", status_url, "--plain"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert watch.stdout is not None
+            first = watch.stdout.readline()
+            assert re.search(r"round 1\s+SELECTION\s+clients 0/2", first), first
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(timeout=30) == 0
+        finally:
+            watch.kill()
+            watch.wait()
 
-    server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(timeout=30) == 0
-    assert "Traceback" not in server.rest()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        assert "Traceback" not in server.rest()
 
     kept = run(["rollback"], env)
     history = root / ".coordinator" / "history" / "round-000000"
-    assert (kept.returncode, kept.stdout) == (
-        0,
-        f"kept checkpoints (round: file):\n  0: {history}\n",
-    )
+    listing = f"kept checkpoints (round: file):\n  0: {history}\n"
+    assert (kept.returncode, kept.stdout) == (0, listing)
     restored = run(["rollback", "--round", "0"], env)
     assert restored.returncode == 0, restored.stderr
     assert (root / "initFiles" / "fl_checkpoint").read_bytes() == history.read_bytes()

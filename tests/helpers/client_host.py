@@ -30,6 +30,7 @@ import trio
 import trio_websocket
 
 from fl_coordinator.federation.client import Client, ClientOptions
+from helpers.arrivals import Arrivals
 
 __all__ = ["ClientHost", "main"]
 
@@ -109,9 +110,12 @@ class ClientHost:
     """The test's handle on a running client host: send commands, wait for its lines."""
 
     def __init__(self) -> None:
-        self.lines: list[dict[str, Any]] = []
-        self._arrived = trio.Event()
+        self._arrivals: Arrivals[dict[str, Any]] = Arrivals()
         self.process: trio.Process | None = None
+
+    @property
+    def lines(self) -> list[dict[str, Any]]:
+        return self._arrivals.items
 
     async def run(self, prefix: list[str], url: str, work: Path, log: Path,
                   *, task_status: trio.TaskStatus[None]) -> None:  # fmt: skip
@@ -127,11 +131,10 @@ class ClientHost:
             while chunk := await self.process.stdout.receive_some():
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
-                self.lines += [json.loads(line) for line in lines]
-                self._arrived.set()
-                self._arrived = trio.Event()
+                for line in lines:
+                    self._arrivals.add(json.loads(line))
             await self.process.wait()
-            self._arrived.set()
+            self._arrivals.end()
 
     async def send(self, **command: Any) -> None:
         assert self.process is not None and self.process.stdin is not None
@@ -143,15 +146,7 @@ class ClientHost:
 
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         """The first line (already printed or future) that satisfies ``predicate``."""
-        seen = 0
-        while True:
-            for line in self.lines[seen:]:
-                if predicate(line):
-                    return line
-            seen = len(self.lines)
-            if self.process is not None and self.process.returncode is not None:
-                raise AssertionError(f"the client host ended ({self.process.returncode})")
-            await self._arrived.wait()
+        return await self._arrivals.wait_for(predicate, "the client host")
 
     async def wait_for_status(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         """The first status message that satisfies ``predicate``."""

@@ -28,6 +28,7 @@ from fl_coordinator.config import Settings
 from fl_coordinator.rpc.listener import serve_grpc
 from fl_coordinator.storage.aggregation import float_datasets
 from fl_coordinator.storage.layout import Layout
+from helpers.arrivals import Arrivals
 
 
 class FakeSelector(fl_intra_grpc.FLGoalCountBroadcastServicer):
@@ -143,10 +144,15 @@ class StatusWatcher:
     """A real websocket subscriber that keeps every message it receives."""
 
     def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
-        self.closed = False
+        self._arrivals: Arrivals[dict[str, Any]] = Arrivals()
 
-        self._arrived = trio.Event()
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self._arrivals.items
+
+    @property
+    def closed(self) -> bool:
+        return self._arrivals.ended
 
     async def run(
         self,
@@ -163,24 +169,13 @@ class StatusWatcher:
             task_status.started()
             try:
                 while True:
-                    self.messages.append(json.loads(await ws.get_message()))
-                    self._arrived.set()
-                    self._arrived = trio.Event()
+                    self._arrivals.add(json.loads(await ws.get_message()))
             except trio_websocket.ConnectionClosed:
-                self.closed = True  # the coordinator went away (some tests kill it)
-                self._arrived.set()
+                self._arrivals.end()  # the coordinator went away (some tests kill it)
 
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         """The first message (already received or future) that satisfies ``predicate``."""
-        seen = 0
-        while True:
-            for message in self.messages[seen:]:
-                if predicate(message):
-                    return message
-            seen = len(self.messages)
-            if self.closed:
-                raise AssertionError("the status stream closed before the awaited message")
-            await self._arrived.wait()
+        return await self._arrivals.wait_for(predicate, "the status stream")
 
     def stages(self) -> list[tuple[int, str]]:
         return stage_sequence(self.messages)
@@ -252,3 +247,18 @@ async def serve_and_watch(
     """A coordinator on loopback, a websocket subscriber to it, and a purerpc intra client."""
     endpoints = await nursery.start(serve, settings)
     return endpoints, await watch(nursery, endpoints.status_url), PurerpcClient(endpoints.grpc_port)
+
+
+async def one_selector_round(
+    nursery: trio.Nursery, settings: Settings, aggregate: Path, weight: int
+) -> dict[str, Any]:
+    """A coordinator serving one round of one client, held by one fake selector that
+    reports ``aggregate`` with ``weight``; the round's last status message."""
+    layout = Layout.from_settings(settings)
+    _, watcher, client = await serve_and_watch(nursery, settings.replace(checkin_limit=1))
+    selector = await FakeSelector().start(nursery)
+    assert await client.check_in(selector.id) is True
+    await selector.told.receive()
+    write_aggregate(layout, selector.id, aggregate, weight)
+    await client.report(selector.id)
+    return await watcher.wait_for(completed(1))

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers.peers import FakeSelector, PurerpcClient, completed, watch, write_aggregate
+from helpers.peers import one_selector_round
 
-from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
 from fl_coordinator.storage.atomic import write_atomic
 from fl_coordinator.storage.layout import Layout
@@ -58,19 +57,6 @@ def shared(settings: Settings) -> Iterator[Settings]:
     shutil.rmtree(volume)
 
 
-async def one_round(settings: Settings, keras_weights, nursery: trio.Nursery) -> dict:
-    layout = Layout.from_settings(settings)
-    endpoints = await nursery.start(serve, settings.replace(checkin_limit=1))
-    selector = await FakeSelector().start(nursery)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
-    assert await client.check_in(selector.id) is True
-    await selector.told.receive()
-    write_aggregate(layout, selector.id, keras_weights[0], weight=3)
-    await client.report(selector.id)
-    return await watcher.wait_for(completed(1))
-
-
 @pytest.mark.parametrize("mode", [0o644, 0o640])
 async def test_new_checkpoint_keeps_the_mode_of_the_old_one(
     shared: Settings, keras_weights, nursery: trio.Nursery, mode: int
@@ -79,7 +65,7 @@ async def test_new_checkpoint_keeps_the_mode_of_the_old_one(
     checkpoint.chmod(mode)
     old = checkpoint.stat()
 
-    done = await one_round(shared, keras_weights, nursery)
+    done = await one_selector_round(nursery, shared, keras_weights[0], weight=3)
 
     assert done["stage"] == "COMPLETED", done
     new = checkpoint.stat()
