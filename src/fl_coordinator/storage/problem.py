@@ -53,7 +53,14 @@ def init_problem(layout: Layout, model_file: Path | None = None, force: bool = F
             "(this discards the trained global model)"
         )
     keras = import_keras()  # first: without Keras (the slim image) nothing is written
-    layout.init_files.mkdir(parents=True, exist_ok=True)
+    try:
+        layout.init_files.mkdir(parents=True, exist_ok=True)
+    except PermissionError as error:
+        raise ProblemError(
+            f"{layout.root}: cannot create {error.filename} (permission denied): the problem "
+            f"folder must be writable by this user (uid {os.getuid()}); on Kubernetes, give "
+            "the pod an fsGroup or hand the volume to that uid"
+        ) from None
     if model_file is None:
         model = builtin_model()
         _save_with_keras(model.save, ".h5", layout.model, layout.tmp)
