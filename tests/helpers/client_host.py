@@ -58,15 +58,16 @@ def _emit(**fields: Any) -> None:
 async def _take_part(index: int, round_no: int, spec: dict, work: Path, release: trio.Event):
     client = _UploadingClient(spec["selector"], work / f"client{index}-round{round_no}",
                               Path(spec["update"]))  # fmt: skip
-    while (refused_ms := await client.check_in()) is not None:  # noqa: ASYNC110 (the protocol:
-        await trio.sleep(min(refused_ms / 1000, RETRY_LIMIT))  # a refused client waits, retries)
+    # Refused: wait the selector's reconnection time, then check in again (the protocol).
+    while (refused_ms := await client.check_in()) is not None:  # noqa: ASYNC110
+        await trio.sleep(min(refused_ms / 1000, RETRY_LIMIT))
     _emit(client=index, round=round_no, event="configured")
     if spec["hold"]:
         await release.wait()
     try:
         with trio.fail_after(UPLOAD_LIMIT):
             await client.upload(spec["weight"])
-    except (Exception, BaseExceptionGroup) as error:  # the point: it cannot reach its selector
+    except Exception as error:  # (groups of them too) the point: it cannot reach its selector
         _emit(client=index, round=round_no, event="upload_failed", error=repr(error)[:300])
     else:
         _emit(client=index, round=round_no, event="uploaded")
