@@ -30,20 +30,28 @@ from helpers import REPO
 from helpers.containerfile import arguments, image_env
 from helpers.kustomize import files_of, render
 
+from fl_coordinator.cli.main import build_parser
 from fl_coordinator.config import KEYS, default_settings, load_settings
 from fl_coordinator.rpc.addresses import split_address
 from fl_coordinator.storage.layout import check_selector_id
 
 K8S = REPO / "scripts" / "k8s"
-SETS = ("federation", "digits", "fedota")
+#: Every set of manifests; the first three are federations (a coordinator and selectors).
+SETS = ("federation", "digits", "fedota", "rollback")
+FEDERATIONS = SETS[:3]
 #: The oldest Kubernetes the manifests are for (gRPC probes are GA since 1.27), one
 #: between, and the newest kubernetes-validate knows.
 VERSIONS = ("1.27", "1.30", "1.37")
 #: Made outside the set: the Secret by hand (README), the original's claim by its spawner.
-EXTERNAL = {"federation": {"Secret/fl-tokens"}, "digits": {"Secret/fl-tokens"},
-            "fedota": {"PersistentVolumeClaim/fl-pvc"}}  # fmt: skip
+EXTERNAL = {
+    "federation": {"Secret/fl-tokens"},
+    "digits": {"Secret/fl-tokens"},
+    "fedota": {"PersistentVolumeClaim/fl-pvc"},
+    "rollback": {"ConfigMap/fl-settings", "PersistentVolumeClaim/fl-problem-data"},
+}
 #: The problem's namespace in each set, for PROBLEM_ID (a fieldRef); the base has none.
-NAMESPACE = {"federation": "fl-problem", "digits": "fl-digits", "fedota": "fl-problem"}
+NAMESPACE = {"federation": "fl-problem", "digits": "fl-digits", "fedota": "fl-problem",
+             "rollback": "fl-problem"}  # fmt: skip
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 SLIM, FULL = f"fl-coordinator:{VERSION}", f"fl-coordinator:{VERSION}-full"
 FL_UID = 10001
@@ -63,6 +71,12 @@ def objects(name: str) -> list[Manifest]:
     return render(K8S / name)
 
 
+@pytest.fixture(scope="module", params=FEDERATIONS)
+def federation(request: pytest.FixtureRequest) -> tuple[str, list[Manifest]]:
+    """A set with a coordinator and selectors, and its objects."""
+    return request.param, render(K8S / request.param)
+
+
 def by_kind(objects: list[Manifest], kind: str) -> dict[str, Manifest]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
 
@@ -73,7 +87,7 @@ def pods(objects: list[Manifest]) -> dict[str, Manifest]:
     for item in objects:
         if item["kind"] == "Pod":
             found[item["metadata"]["name"]] = {"labels": item["metadata"]["labels"], **item["spec"]}
-        elif item["kind"] in ("Deployment", "StatefulSet"):
+        elif item["kind"] in ("Deployment", "StatefulSet", "Job"):
             template = item["spec"]["template"]
             found[item["metadata"]["name"]] = {"labels": template["metadata"]["labels"],
                                                **template["spec"]}  # fmt: skip
@@ -135,12 +149,24 @@ def running(pod: Manifest, program: str) -> Manifest | None:
     return None
 
 
+def serves(container: Manifest) -> bool:
+    """Runs ``fl-coordinator serve`` from the slim image (its CMD, or said so)."""
+    command = container.get("command", ["fl-coordinator"]) + container.get("args", ["serve"])
+    return container["image"] == SLIM and command == ["fl-coordinator", "serve"]
+
+
 def coordinators(objects: list[Manifest]) -> dict[str, Manifest]:
-    """Workloads whose main container is our coordinator (slim image, ``serve``)."""
+    """Workloads whose main container is our coordinator."""
+    return {n: p for n, p in pods(objects).items() if serves(p["containers"][0])}
+
+
+def selector_sets(objects: list[Manifest]) -> dict[str, Manifest]:
+    """StatefulSets of selectors: ours (``fl-selector``) or the original's (its image)."""
     return {
-        n: p
-        for n, p in pods(objects).items()
-        if p["containers"][0]["image"] == SLIM and running(p, "fl-selector") is None
+        n: s
+        for n, s in by_kind(objects, "StatefulSet").items()
+        if running(s["spec"]["template"]["spec"], "fl-selector")
+        or s["spec"]["template"]["spec"]["containers"][0]["image"].startswith("fedota/fl-selector")
     }
 
 
@@ -181,7 +207,7 @@ def test_every_object_is_valid_kubernetes(objects: list[Manifest], version: str)
 
 def test_a_misspelt_field_is_refused_by_the_schemas(objects: list[Manifest]) -> None:
     """The premise of the validation above: strict schemas refuse unknown fields."""
-    (first, *_) = [o for o in objects if o["kind"] == "Service"]
+    (first, *_) = [o for o in objects if "spec" in o]
     broken = {**first, "spec": {**first["spec"], "selectr": {}}}
     with pytest.raises(kubernetes_validate.ValidationError, match="selectr"):
         kubernetes_validate.validate(broken, VERSIONS[0], strict=True)
@@ -221,7 +247,8 @@ def test_services_reach_container_ports(objects: list[Manifest]) -> None:
                 assert ports[port["targetPort"]] == port["port"], (service_name, port)
 
 
-def test_probes_ask_a_port_of_their_container(objects: list[Manifest]) -> None:
+def test_probes_ask_a_port_of_their_container(federation: tuple[str, list[Manifest]]) -> None:
+    _, objects = federation
     probes = 0
     for pod in pods(objects).values():
         for container in pod["containers"]:
@@ -234,7 +261,8 @@ def test_probes_ask_a_port_of_their_container(objects: list[Manifest]) -> None:
     assert probes >= 3
 
 
-def test_coordinator_settings_are_accepted(name: str, objects: list[Manifest]) -> None:
+def test_coordinator_settings_are_accepted(federation: tuple[str, list[Manifest]]) -> None:
+    name, objects = federation
     (pod_name, pod), *others = coordinators(objects).items()
     assert not others
     container = pod["containers"][0]
@@ -257,7 +285,7 @@ def test_coordinator_settings_are_accepted(name: str, objects: list[Manifest]) -
 def selector_ids(name: str, objects: list[Manifest]) -> dict[str, list[str]]:
     """The ids the selectors of each StatefulSet give themselves, replica by replica."""
     ids = {}
-    for set_name, stateful_set in by_kind(objects, "StatefulSet").items():
+    for set_name, stateful_set in selector_sets(objects).items():
         template = stateful_set["spec"]["template"]["spec"]
         container = template["containers"][0]
         found = []
@@ -275,9 +303,11 @@ def selector_ids(name: str, objects: list[Manifest]) -> dict[str, list[str]]:
 
 
 def test_selector_ids_are_dialable_names_the_coordinator_accepts(
-    name: str, objects: list[Manifest]
+    federation: tuple[str, list[Manifest]],
 ) -> None:
+    name, objects = federation
     services = by_kind(objects, "Service")
+    assert selector_sets(objects)
     for set_name, ids in selector_ids(name, objects).items():
         stateful_set = by_kind(objects, "StatefulSet")[set_name]
         governing = services[stateful_set["spec"]["serviceName"]]
@@ -296,10 +326,11 @@ def test_selector_ids_are_dialable_names_the_coordinator_accepts(
             assert (host, dialed) == (selector_id.rsplit(":", 1)[0], port)
 
 
-def test_selectors_dial_the_coordinator_service(name: str, objects: list[Manifest]) -> None:
+def test_selectors_dial_the_coordinator_service(federation: tuple[str, list[Manifest]]) -> None:
+    name, objects = federation
     services = by_kind(objects, "Service")
     (coordinator,) = coordinators(objects)
-    for stateful_set in by_kind(objects, "StatefulSet").values():
+    for stateful_set in selector_sets(objects).values():
         container = stateful_set["spec"]["template"]["spec"]["containers"][0]
         env = environment(objects, container, name, "any")
         if container.get("command") == ["fl-selector"]:
@@ -312,9 +343,12 @@ def test_selectors_dial_the_coordinator_service(name: str, objects: list[Manifes
         assert port in {p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"}
 
 
-def test_clients_enter_through_a_service_with_affinity(objects: list[Manifest]) -> None:
+def test_clients_enter_through_a_service_with_affinity(
+    federation: tuple[str, list[Manifest]],
+) -> None:
     """A client's check-in and upload are two connections that must reach one selector."""
-    selectors = set(by_kind(objects, "StatefulSet"))
+    _, objects = federation
+    selectors = set(selector_sets(objects))
     entries = [s for s in by_kind(objects, "Service").values()
                if s["spec"].get("clusterIP") != "None"
                and set(selected(objects, s["spec"]["selector"])) == selectors]  # fmt: skip
@@ -362,7 +396,7 @@ def test_federation_has_every_part() -> None:
     kinds = {f"{o['kind']}/{o['metadata']['name']}" for o in objects}
     assert kinds == {
         "Namespace/fl-digits", "ConfigMap/fl-settings", "PersistentVolumeClaim/fl-problem-data",
-        "Deployment/fl-coordinator", "Service/fl-coordinator", "Service/fl-selector",
+        "StatefulSet/fl-coordinator", "Service/fl-coordinator", "Service/fl-selector",
         "Service/fl-selector-entry", "StatefulSet/fl-selector", "PodDisruptionBudget/fl-selector",
     }  # fmt: skip
     assert {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"} == {
@@ -380,10 +414,13 @@ def test_federation_has_every_part() -> None:
 
 def test_federation_coordinator_is_one_replica_with_tokens_from_the_secret() -> None:
     objects = render(K8S / "federation")
-    deployment = by_kind(objects, "Deployment")["fl-coordinator"]["spec"]
-    assert deployment["replicas"] == 1  # two coordinators would split the rounds
-    assert deployment["strategy"]["type"] == "Recreate"  # never two at once, even updating
-    pod = deployment["template"]["spec"]
+    coordinator = by_kind(objects, "StatefulSet")["fl-coordinator"]["spec"]
+    # One, and never two at once, even while updating: a StatefulSet of one. Its pod
+    # keeps its name, the host name in the ownership lease it leaves behind.
+    assert coordinator["replicas"] == 1
+    assert coordinator["serviceName"] == "fl-coordinator"
+    assert coordinator.get("updateStrategy", {"type": "RollingUpdate"})["type"] == "RollingUpdate"
+    pod = coordinator["template"]["spec"]
     assert [c["name"] for c in pod["initContainers"]] == ["volume-owner", "init-problem"]
     assert [c["image"] for c in pod["initContainers"]] == [SLIM, FULL]  # init needs Keras
     readme = (REPO / "README.md").read_text()
@@ -420,6 +457,22 @@ def test_drop_in_has_the_original_names_and_kinds() -> None:
     go_env = {v["name"]: v.get("value") for v in selector["containers"][0]["env"]}
     assert go_env["COORDINATOR_ADDRESS"] == "coordinator:50050"
     assert by_kind(objects, "Service")["selector"]["spec"]["ports"][0]["port"] == 50051
+
+
+def test_rollback_job_restores_on_the_federations_folder() -> None:
+    """The Job runs ``rollback --round N`` where the coordinator keeps the problem folder."""
+    (job,) = by_kind(render(K8S / "rollback"), "Job").values()
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = build_parser().parse_args(container["command"][1:] + container["args"])
+    assert (args.command, args.round) == ("rollback", 1)
+    federation = render(K8S / "federation")
+    (coordinator,) = coordinators(federation).values()
+    serving = coordinator["containers"][0]
+    assert container["envFrom"] == serving["envFrom"]  # the same settings: folder, file names
+    assert pod["volumes"] == [v for v in coordinator["volumes"] if "persistentVolumeClaim" in v]
+    assert claim_mount(pod, container) == claim_mount(coordinator, serving)
+    assert pod["securityContext"] == coordinator["securityContext"]
 
 
 # -- the init containers' commands, run here --------------------------------------------------
