@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 import trio
-from helpers.peers import FakeSelector, completed, serve_and_watch, write_aggregate
+from helpers.peers import one_selector_round
 from helpers.processes import Served, environment
 
 from fl_coordinator.config import Settings, load_settings
 from fl_coordinator.errors import ConfigError
 from fl_coordinator.logs import JsonFormatter, log_context
-from fl_coordinator.storage.layout import Layout
 
 
 def record(message: str, exc_info: Any = None) -> logging.LogRecord:
@@ -82,22 +81,16 @@ def json_lines() -> Iterator[io.StringIO]:
 
 async def test_a_round_logs_its_round_and_selectors(
     settings: Settings,
-    layout: Layout,
     keras_weights: list[Path],
     nursery: trio.Nursery,
     json_lines: io.StringIO,
 ) -> None:
-    _, watcher, client = await serve_and_watch(nursery, settings.replace(checkin_limit=1))
-    selector = await FakeSelector().start(nursery)
-    assert await client.check_in(selector.id) is True
-    await selector.told.receive()
-    write_aggregate(layout, selector.id, keras_weights[0], weight=2)
-    await client.report(selector.id)
-    await watcher.wait_for(completed(1))
+    done = await one_selector_round(nursery, settings, keras_weights[0], weight=2)
+    (selector_id,) = done["selectors"]
 
     lines = [json.loads(line) for line in json_lines.getvalue().splitlines()]
     told = [line for line in lines if "to configure" in line["event"]]
-    assert told and told[0]["round"] == 1 and told[0]["selector"] == selector.id
+    assert told and told[0]["round"] == 1 and told[0]["selector"] == selector_id
     averaged = [line for line in lines if line["event"].startswith("round 1: averaged")]
     assert averaged and averaged[0]["round"] == 1 and "selector" not in averaged[0]
 

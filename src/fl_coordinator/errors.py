@@ -13,6 +13,7 @@ into a refused call or a rejected selector, never into a crash. The tree
     │   ├── ConfigError .......... a setting or flag that cannot be used (key, value, expected)
     │   ├── ListenError .......... a port that cannot be listened on (busy, not local)
     │   ├── ProblemError ......... the problem folder cannot be initialised, read or rolled back
+    │   ├── MissingExtra ......... an optional part (Keras, for init) is not installed here
     │   └── CommandFailed ........ a client tool could not do its job; exit status 1
     │       ├── WatchError ....... ``fl-coordinator watch``: the stream cannot be followed
     │       ├── HealthError ...... ``fl-coordinator health``: the health service cannot be asked
@@ -54,6 +55,7 @@ __all__ = [
     "InputError",
     "InvalidSelectorId",
     "ListenError",
+    "MissingExtra",
     "OperatorError",
     "ProblemError",
     "ShuttingDown",
@@ -105,6 +107,22 @@ class ListenError(OperatorError):
 
 class ProblemError(OperatorError):
     """The problem folder cannot be initialised, read or rolled back as asked."""
+
+
+class MissingExtra(OperatorError):
+    """What was asked needs an optional extra of the package that is not installed.
+
+    The slim image (and ``pip install fl-coordinator``) serves, probes, watches
+    and rolls back without Keras; only preparing a problem and the reference
+    client need it. The message names the pip command.
+    """
+
+    def __init__(self, needed_for: str, extra: str, error: ImportError) -> None:
+        super().__init__(
+            f"{needed_for} needs {error.name or 'a module'}, which is not installed here: "
+            f"pip install 'fl-coordinator[{extra}]' (or use the full image)"
+        )
+        self.extra = extra
 
 
 class CommandFailed(OperatorError):

@@ -28,6 +28,7 @@ from fl_coordinator.config import Settings
 from fl_coordinator.rpc.listener import serve_grpc
 from fl_coordinator.storage.layout import Layout
 from fl_coordinator.storage.weights import read_plan
+from helpers.arrivals import Arrivals
 
 
 class FakeSelector(fl_intra_grpc.FLGoalCountBroadcastServicer):
@@ -143,10 +144,15 @@ class StatusWatcher:
     """A real websocket subscriber that keeps every message it receives."""
 
     def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
-        self.closed = False
+        self._arrivals: Arrivals[dict[str, Any]] = Arrivals()
 
-        self._arrived = trio.Event()
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self._arrivals.items
+
+    @property
+    def closed(self) -> bool:
+        return self._arrivals.ended
 
     async def run(
         self,
@@ -163,33 +169,26 @@ class StatusWatcher:
             task_status.started()
             try:
                 while True:
-                    self.messages.append(json.loads(await ws.get_message()))
-                    self._arrived.set()
-                    self._arrived = trio.Event()
+                    self._arrivals.add(json.loads(await ws.get_message()))
             except trio_websocket.ConnectionClosed:
-                self.closed = True  # the coordinator went away (some tests kill it)
-                self._arrived.set()
+                self._arrivals.end()  # the coordinator went away (some tests kill it)
 
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         """The first message (already received or future) that satisfies ``predicate``."""
-        seen = 0
-        while True:
-            for message in self.messages[seen:]:
-                if predicate(message):
-                    return message
-            seen = len(self.messages)
-            if self.closed:
-                raise AssertionError("the status stream closed before the awaited message")
-            await self._arrived.wait()
+        return await self._arrivals.wait_for(predicate, "the status stream")
 
     def stages(self) -> list[tuple[int, str]]:
-        """(round, stage) in order, consecutive repeats collapsed."""
-        sequence: list[tuple[int, str]] = []
-        for message in self.messages:
-            item = (message["round"], message["stage"])
-            if not sequence or sequence[-1] != item:
-                sequence.append(item)
-        return sequence
+        return stage_sequence(self.messages)
+
+
+def stage_sequence(messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(round, stage) of status messages in order, consecutive repeats collapsed."""
+    sequence: list[tuple[int, str]] = []
+    for message in messages:
+        item = (message["round"], message["stage"])
+        if not sequence or sequence[-1] != item:
+            sequence.append(item)
+    return sequence
 
 
 async def watch(
@@ -277,3 +276,18 @@ async def run_round(
         write_aggregate(layout, selector.id, path, weight)
         await client.report(selector.id)
     return await watcher.wait_for(completed(number))
+
+
+async def one_selector_round(
+    nursery: trio.Nursery, settings: Settings, aggregate: Path, weight: int
+) -> dict[str, Any]:
+    """A coordinator serving one round of one client, held by one fake selector that
+    reports ``aggregate`` with ``weight``; the round's last status message."""
+    layout = Layout.from_settings(settings)
+    _, watcher, client = await serve_and_watch(nursery, settings.replace(checkin_limit=1))
+    selector = await FakeSelector().start(nursery)
+    assert await client.check_in(selector.id) is True
+    await selector.told.receive()
+    write_aggregate(layout, selector.id, aggregate, weight)
+    await client.report(selector.id)
+    return await watcher.wait_for(completed(1))

@@ -52,6 +52,15 @@ class Served:
                 return line
         raise AssertionError(f"serve ended without logging {text!r}:\n{''.join(self.lines)}")
 
+    def __enter__(self) -> Served:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Kill it if it is still running (a test that failed half-way)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
     def rest(self) -> str:
         while (line := self._queue.get(timeout=30)) is not None:
             self.lines.append(line)

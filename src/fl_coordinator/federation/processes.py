@@ -18,13 +18,22 @@ __all__ = ["Child"]
 
 
 class Child:
-    """One program of the federation, its stderr copied to ``log_path`` line by line."""
+    """One program of the federation, its stderr copied to ``log_path`` line by line.
+
+    ``args`` follow ``python -m``; ``prefix`` is a command that runs it elsewhere,
+    such as ``ip netns exec HOST`` (another network namespace), and must exec it.
+    """
 
     def __init__(
-        self, name: str, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        args: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
-        self.args = [sys.executable, "-m", *args]
+        self.args = [*prefix, sys.executable, "-m", *args]
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
         self.process: trio.Process | None = None

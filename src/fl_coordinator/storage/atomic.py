@@ -4,12 +4,19 @@ Every file the coordinator publishes (the global checkpoint, the journal)
 is written to a temporary file on the same file system, flushed to disk,
 renamed over the old one, and the folder flushed, so that a crash at any
 instant leaves either the old file or the new one, whole.
+
+The new file gets the mode of the file it replaces, or the umask's default
+for a new file (0644 under the usual umask 022), as Keras and the Go
+coordinator leave theirs: selectors, the webserver or a Go selector running
+as other users on the shared volume read it as they read the old one.
+(``mkstemp`` alone would leave 0600, readable by its owner only.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -25,6 +32,32 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it.
+
+    ``os.umask`` can only read by setting: another thread creating a file in
+    between would get the wrong mode. Linux shows it in /proc/self/status.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _published_mode(dest: Path) -> int:
+    """The permission bits of ``dest``, or the umask's default for a new file."""
+    try:
+        return stat.S_IMODE(os.stat(dest).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
 
 
 #: How often a large file being written is flushed in the background.
@@ -68,7 +101,8 @@ def atomic_target(dest: Path, tmp_dir: Path, *, large: bool = False) -> Iterator
     disk before the rename, and the folder after it, so after a crash ``dest``
     is either the old file or the new one, whole. On error the temporary file
     is removed and ``dest`` is untouched. ``large``: the file is flushed in the
-    background while it is written (worth a thread only for big files).
+    background while it is written (worth a thread only for big files). The
+    new file keeps ``dest``'s mode (see the module's docstring).
     """
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=tmp_dir)
@@ -78,6 +112,7 @@ def atomic_target(dest: Path, tmp_dir: Path, *, large: bool = False) -> Iterator
         with _flushing(tmp) if large else contextlib.nullcontext():
             yield tmp
         with open(tmp, "rb+") as written:
+            os.fchmod(written.fileno(), _published_mode(dest))
             os.fsync(written.fileno())
         os.replace(tmp, dest)
         fsync_dir(dest.parent)

@@ -18,7 +18,7 @@ import h5py
 import ml_dtypes
 import numpy as np
 
-from ..errors import ProblemError
+from ..errors import MissingExtra, ProblemError
 
 __all__ = ["builtin_model", "import_keras", "save_legacy_model"]
 
@@ -32,11 +32,18 @@ _CLASSES = 10
 
 
 def import_keras() -> ModuleType:
-    """Import Keras with the JAX backend on the CPU unless the user chose otherwise."""
+    """Import Keras with the JAX backend on the CPU unless the user chose otherwise.
+
+    Raises MissingExtra (one line: what to install) where Keras or its backend
+    is not installed, as in the slim image.
+    """
     os.environ.setdefault("KERAS_BACKEND", "jax")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
+    try:
+        import keras
+    except ImportError as error:
+        raise MissingExtra("building or loading a Keras model", "keras", error) from None
 
     # model.h5 is the legacy HDF5 format on purpose (the Go system's wire
     # contract); Keras warns about that format on every save through absl.

@@ -106,6 +106,9 @@ def init_problem(layout: Layout, model_file: Path | None = None, force: bool = F
             f"{layout.checkpoint} already exists; use --force to replace it "
             "(this discards the trained global model)"
         )
+    from .model import import_keras
+
+    import_keras()  # first: without Keras (the slim image) nothing is written
     # mkdir, not mkdtemp: the folder becomes initFiles/, which selectors of other
     # users read, so it gets the usual permissions (umask), not mkdtemp's 0700.
     staging = layout.tmp / f"init-{os.getpid()}-{secrets.token_hex(4)}"
@@ -119,6 +122,12 @@ def init_problem(layout: Layout, model_file: Path | None = None, force: bool = F
         else:
             os.rename(staging, layout.init_files)
         fsync_dir(layout.init_files.parent)
+    except PermissionError as error:
+        raise ProblemError(
+            f"{layout.root}: cannot create {error.filename} (permission denied): the problem "
+            f"folder must be writable by this user (uid {os.getuid()}); on Kubernetes, give "
+            "the pod an fsGroup or hand the volume to that uid"
+        ) from None
     except OSError as error:
         raise ProblemError(
             f"cannot write {layout.init_files} ({os_error_text(error)}); nothing was changed"
