@@ -450,6 +450,21 @@ KEYS: tuple[Key, ...] = (
         "Distinct selector ids that may hold clients in one round; check-ins from more are "
         "refused (0 = no limit).",
     ),
+    Key(
+        "CHECK_TIMEOUT",
+        60.0,
+        positive_seconds,
+        "a number of seconds > 0",
+        "Time limit of the check of one selector's files (in a worker process, killed when "
+        "it is over); the selector is then rejected.",
+    ),
+    Key(
+        "CHECK_WORKERS",
+        2,
+        positive_int,
+        "an integer >= 1",
+        "Worker processes checking selectors' files at once; further reports wait their turn.",
+    ),
 )
 
 
@@ -494,6 +509,8 @@ class Settings:
     max_status_subscribers: int
     status_max_message_bytes: int
     max_selectors_per_round: int
+    check_timeout: float
+    check_workers: int
 
     @property
     def root(self) -> Path:

@@ -37,20 +37,16 @@ from .core.rounds import (
     Status,
     WindowClosed,
 )
+from .errors import AggregationError, ContributionsRefused
 from .logs import log_context
 from .rpc import goal_count as broadcast
 from .rpc.tls import selector_client_context
 from .status.hub import StatusHub, utc_now
-from .storage.aggregation import (
-    AggregationError,
-    AggregationResult,
-    Aggregator,
-    Contribution,
-    aggregate,
-    check_contribution,
-)
+from .storage.aggregation import AggregationResult, Aggregator, Contribution, aggregate
+from .storage.checker import ContributionChecker
 from .storage.journal import Entry, remember, write_journal
 from .storage.layout import Layout
+from .storage.untrusted import clip
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +94,11 @@ class Coordinator:
         self._aggregator = aggregator
         self._layout = layout
         self._hub = hub
+        self.checker = ContributionChecker(layout, settings.check_timeout, settings.check_workers)
+        # What the check of each reporting selector found, by (round, selector): the
+        # aggregation averages exactly these files, as they were when checked.
+        self._checked: dict[tuple[int, str], Contribution] = {}
+        self._checks: dict[int, list[trio.CancelScope]] = {}  # each round's checks, to cancel
         self._round = Round(
             Rules(
                 goal=settings.checkin_limit,
@@ -136,7 +137,7 @@ class Coordinator:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with trio.open_nursery() as nursery:
+            async with self.checker.running(), trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_journal)
                 with log_context(round=self._round.number):
                     for effect in self._round.start():
@@ -180,6 +181,8 @@ class Coordinator:
                 reply_to.ready.set()
 
             case Status():
+                if effect.stage in (Stage.COMPLETED, Stage.FAILED):
+                    self._end_checks(effect.round)
                 # Within one step, a snapshot followed by another of the same round,
                 # stage and aggregation state is replaced by it: each is the whole
                 # state, so subscribers lose only intermediate counts, and a burst
@@ -193,9 +196,12 @@ class Coordinator:
                 for selector in selectors:
                     nursery.start_soon(self._tell, number, selector)
             case Aggregate(round=number, selectors=selectors):
+                self._end_checks(number)  # those not finished are no longer waited for
                 nursery.start_soon(self._aggregate, number, selectors)
             case Check(round=number, selector=selector):
-                nursery.start_soon(self._check, number, selector)
+                scope = trio.CancelScope()
+                self._checks.setdefault(number, []).append(scope)
+                nursery.start_soon(self._check, scope, number, selector)
             case Arm(round=number, stage=stage, seconds=seconds):
                 if stage in self._windows:
                     self._windows[stage].cancel()
@@ -269,44 +275,49 @@ class Coordinator:
                 break
         await self._events_in.send(BroadcastDone(number, selector, error))
 
-    def _contribution(self, selector: str) -> Contribution:
-        layout = self._layout
-        return Contribution(selector, layout.agg_checkpoint(selector), layout.agg_weight(selector))
+    def _end_checks(self, number: int) -> None:
+        """Stop the checks of round ``number`` and forget what they found for older rounds."""
+        for scope in self._checks.pop(number, ()):
+            scope.cancel()
+        for key in [key for key in self._checked if key[0] < number]:
+            del self._checked[key]
 
     async def _off_loop(self, job: Callable[[threading.Event], T], what: str) -> T | str:
         """Run ``job`` in a worker thread; return its result, or the error text.
 
         An AggregationError is an expected, specific message; anything else is
-        a bug, logged with its traceback. ``job`` gets an event that is set when
-        the coordinator stops waiting (shutdown), so it can stop early.
+        a bug, logged with its traceback. ContributionsRefused is raised: the
+        caller decides. ``job`` gets an event that is set when the coordinator
+        stops waiting (shutdown), so it can stop early.
         """
         cancel = threading.Event()
         try:
             return await trio.to_thread.run_sync(job, cancel, abandon_on_cancel=True)
+        except ContributionsRefused:
+            raise
         except AggregationError as exc:
-            return str(exc)
+            return clip(str(exc))
         except Exception as exc:
             log.exception("%s crashed", what)
-            return f"internal error: {type(exc).__name__}: {exc}"
+            return clip(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             cancel.set()
 
-    async def _check(self, number: int, selector: str) -> None:
-        contribution = self._contribution(selector)
-        with log_context(round=number, selector=selector):
-            outcome = await self._off_loop(
-                lambda _: check_contribution(self._layout.checkpoint, contribution),
-                f"round {number}: checking {selector}",
-            )
-        error = outcome if isinstance(outcome, str) else None
-        await self._events_in.send(ContributionChecked(number, selector, error))
+    async def _check(self, scope: trio.CancelScope, number: int, selector: str) -> None:
+        """Check ``selector``'s files in a worker process; tell the round what was found."""
+        with scope, log_context(round=number, selector=selector):
+            outcome = await self.checker.check(selector)
+            error = outcome if isinstance(outcome, str) else None
+            if isinstance(outcome, Contribution):
+                self._checked[(number, selector)] = outcome
+            await self._events_in.send(ContributionChecked(number, selector, error))
 
     async def _aggregate(self, number: int, selectors: tuple[str, ...]) -> None:
         with log_context(round=number, selector=None):
             await self._aggregate_round(number, selectors)
 
     async def _aggregate_round(self, number: int, selectors: tuple[str, ...]) -> None:
-        contributions = [self._contribution(s) for s in selectors]
+        contributions = [self._checked[(number, s)] for s in selectors]
 
         def job(cancel: threading.Event) -> AggregationResult:
             result = self._aggregator(
@@ -315,7 +326,12 @@ class Coordinator:
             remember(self._layout, number, self._settings.keep_checkpoints)
             return result
 
-        result = await self._off_loop(job, f"round {number}: aggregation")
+        try:
+            result = await self._off_loop(job, f"round {number}: aggregation")
+        except ContributionsRefused as refused:  # files changed since their check
+            rejected = tuple((s, clip(reason)) for s, reason in refused.reasons.items())
+            await self._events_in.send(AggregationDone(number, rejected=rejected))
+            return
         if isinstance(result, str):
             await self._events_in.send(AggregationDone(number, error=result))
             return

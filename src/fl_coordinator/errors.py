@@ -21,6 +21,8 @@ into a refused call or a rejected selector, never into a crash. The tree
     │   ├── InvalidSelectorId .... an id that is not a safe folder name
     │   └── BadAddress ........... an id or address that is not ``host:port``
     ├── AggregationError ......... an average could not be computed; the checkpoint is untouched
+    │   ├── ContributionError .... a selector's files cannot be used: it alone is rejected
+    │   ├── ContributionsRefused . files refused while averaging (changed since their check)
     │   └── ShuttingDown ......... ...because the coordinator is stopping
     └── FederationError .......... the reference selector, client and demo processes
         ├── GaveUp ............... a client was refused more often than it may retry
@@ -41,6 +43,8 @@ __all__ = [
     "ChildFailed",
     "CommandFailed",
     "ConfigError",
+    "ContributionError",
+    "ContributionsRefused",
     "DemoError",
     "FLError",
     "FederationError",
@@ -136,6 +140,32 @@ class AggregationError(FLError):
     The message names the file and what is wrong with it; the global
     checkpoint is left as it was.
     """
+
+
+class ContributionError(AggregationError):
+    """A selector's files (its folder, aggregate or weight) cannot be used.
+
+    The fault is the selector's: it alone is rejected, with this message (the
+    file and what is wrong with it), and the round goes on without it. A
+    problem with the global checkpoint is never raised as this.
+    """
+
+
+class ContributionsRefused(AggregationError):
+    """Inputs of an average were refused while it ran: nothing was written.
+
+    ``reasons`` maps each refused input (a selector id, or a path for
+    :func:`~fl_coordinator.storage.aggregation.sum_into`) to why: for the
+    coordinator, a file that changed after it passed its check. The caller
+    drops them and may average the rest.
+    """
+
+    def __init__(self, reasons: dict[str, str]) -> None:
+        super().__init__("; ".join(reasons.values()))
+        self.reasons = reasons
+
+    def __reduce__(self) -> tuple[type, tuple[dict[str, str]]]:
+        return type(self), (self.reasons,)
 
 
 class ShuttingDown(AggregationError):

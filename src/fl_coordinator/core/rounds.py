@@ -120,11 +120,17 @@ class Refused:
 
 @dataclass(frozen=True)
 class AggregationDone:
-    """The aggregation of ``round`` ended: ``error`` is None when the checkpoint was replaced."""
+    """The aggregation of ``round`` ended: ``error`` is None when the checkpoint was replaced.
+
+    ``rejected`` (selector, reason): the aggregation refused these selectors'
+    files (changed since their check) and wrote nothing; the others may be
+    averaged again without them.
+    """
 
     round: int
     error: str | None = None
     seconds: float = 0.0
+    rejected: tuple[tuple[str, str], ...] = ()
 
 
 Event = (
@@ -480,6 +486,8 @@ class Round:
                 )
             ]
         self.aggregating = False
+        if event.rejected:
+            return self._reject_reported(event.rejected)
         if event.error is not None:
             return self._fail(event.error)
         self.stage = Stage.COMPLETED
@@ -488,6 +496,21 @@ class Round:
             self.status(seconds=event.seconds),
             *self._open_next_round(),
         ]
+
+    def _reject_reported(self, rejected: tuple[tuple[str, str], ...]) -> list[Effect]:
+        """Reported selectors refused by the aggregation: average the rest, if enough are left."""
+        effects: list[Effect] = []
+        for selector, why in rejected:
+            if selector in self.reported:
+                self.reported.remove(selector)
+                self.rejected[selector] = why
+                effects.append(Log("ERROR", f"round {self.number}: rejected the contribution "
+                                            f"of {selector} while averaging: {why}"))  # fmt: skip
+        if not effects:  # nobody of this round: averaging the same again would not help
+            return self._fail("; ".join(why for _, why in rejected))
+        if not self._enough_reported():
+            return effects + self._fail(self._shortfall("files were refused while averaging"))
+        return effects + self._aggregate()
 
     def _open_next_round(self) -> list[Effect]:
         self.number += 1

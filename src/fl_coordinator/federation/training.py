@@ -18,6 +18,7 @@ import numpy as np
 
 from ..storage.aggregation import sum_into
 from ..storage.model import import_keras
+from ..storage.untrusted import UntrustedFile
 
 
 @dataclass(frozen=True)
@@ -116,5 +117,5 @@ class Trainer:
                 new -= start
                 np.multiply(new, n, out=out, casting="same_kind")
 
-            sum_into(checkpoint, [trained], dest, Path(folder), update)
+            sum_into(checkpoint, [UntrustedFile.at(trained)], dest, Path(folder), update)
         return n

@@ -26,6 +26,14 @@ How it is laid out, and why:
   dataset's own dtype.
 * Nothing touches the global checkpoint until the new file is complete and
   on disk; then one rename publishes it (see :func:`layout.atomic_target`).
+
+The inputs are untrusted files (a selector's aggregate, a client's upload):
+each is opened and each of its datasets reached by the rules of
+``untrusted.py``. For the coordinator they have passed their check already
+(``contribution.py``, in a worker process); what could still go wrong is a
+file changed since. An input that is not the file that was checked, or is
+written to while it is read, is refused (:class:`ContributionsRefused`)
+before anything is published, and the caller averages the others.
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import AggregationError, ShuttingDown
+from ..errors import AggregationError, ContributionError, ContributionsRefused, ShuttingDown
 from .layout import atomic_target
+from .untrusted import Opened, UntrustedFile, dataset_at
 
 #: A selector's weight is a count of training batches; anything above this is
 #: a broken file, not a real federation (and would lose float64 precision).
@@ -50,11 +59,16 @@ MAX_WEIGHT = 2**53
 
 @dataclass(frozen=True)
 class Contribution:
-    """One selector's aggregate: ``checkpoint`` holds ``A_s``, ``weight`` holds ``N_s``."""
+    """One selector's aggregate ``A_s`` (``checkpoint``) and its weight ``N_s``.
+
+    Made by the check of the selector's files (:func:`.contribution.examine`):
+    the weight is the number read then, the checkpoint carries the identity
+    of the file that passed.
+    """
 
     selector: str
-    checkpoint: Path
-    weight: Path
+    checkpoint: UntrustedFile
+    weight: int
 
 
 @dataclass(frozen=True)
@@ -71,27 +85,6 @@ Aggregator = Callable[
 ]
 
 
-def read_weight(path: Path) -> int:
-    """Read a selector's ``fl_agg_checkpoint_weight``: a positive decimal integer."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise AggregationError(f"{path}: weight file is missing") from None
-    except OSError as error:
-        raise AggregationError(f"{path}: weight file is unreadable ({error.strerror})") from None
-    text = raw.decode("ascii", errors="replace").strip()
-    if not text:
-        raise AggregationError(f"{path}: weight file is empty")
-    if not text.isdigit():
-        raise AggregationError(f"{path}: weight {text[:40]!r} is not a decimal integer")
-    weight = int(text)
-    if weight <= 0:
-        raise AggregationError(f"{path}: weight is {weight}; it must be at least 1")
-    if weight > MAX_WEIGHT:
-        raise AggregationError(f"{path}: weight {weight} is absurdly large (> {MAX_WEIGHT})")
-    return weight
-
-
 def float_datasets(group: h5py.Group) -> list[str]:
     """Names of every floating-point dataset below ``group``, in a stable order."""
     names: list[str] = []
@@ -104,29 +97,44 @@ def float_datasets(group: h5py.Group) -> list[str]:
     return names
 
 
-def _open_h5(path: Path, stack: ExitStack, what: str) -> h5py.File:
+def _open_template(path: Path, stack: ExitStack) -> h5py.File:
+    """The global checkpoint (or a selector's first upload): a file of our own side."""
     if not path.exists():
-        raise AggregationError(f"{path}: {what} is missing")
+        raise AggregationError(f"{path}: checkpoint is missing")
     try:
         return stack.enter_context(h5py.File(path, "r"))
     except OSError as error:
-        raise AggregationError(f"{path}: {what} is not a readable HDF5 file ({error})") from None
+        raise AggregationError(f"{path}: checkpoint is not readable HDF5 ({error})") from None
 
 
-def _matching(file: h5py.File, name: str, like: h5py.Dataset, path: Path) -> h5py.Dataset:
-    """Dataset ``name`` of an aggregate, checked against the checkpoint's shape and dtype."""
-    dataset = file.get(name)
-    if not isinstance(dataset, h5py.Dataset):
-        raise AggregationError(f"{path}: dataset {name!r} is missing")
-    if dataset.shape != like.shape:
-        raise AggregationError(
-            f"{path}: dataset {name!r} has shape {dataset.shape}, expected {like.shape}"
-        )
-    if dataset.dtype != like.dtype:
-        raise AggregationError(
-            f"{path}: dataset {name!r} has dtype {dataset.dtype}, expected {like.dtype}"
-        )
-    return dataset
+def _open_inputs(inputs: Sequence[UntrustedFile], stack: ExitStack) -> list[Opened]:
+    """Open every input; refuse all that cannot be, at once (one retry, not one per input)."""
+    opened: list[Opened] = []
+    refused: dict[str, str] = {}
+    for source in inputs:
+        try:
+            opened.append(stack.enter_context(source.open_hdf5("aggregate checkpoint")))
+        except ContributionError as error:
+            refused[str(source.path)] = str(error)
+    if refused:
+        raise ContributionsRefused(refused)
+    return opened
+
+
+def _refused(source: Opened, name: str, error: Exception) -> ContributionsRefused:
+    """Input ``source`` refused because dataset ``name`` of it could not be used."""
+    path = source.source.path
+    if isinstance(error, ContributionError):
+        return ContributionsRefused({str(path): str(error)})
+    reason = f"{path}: dataset {name!r} cannot be read ({type(error).__name__}: {error})"
+    return ContributionsRefused({str(path): reason})
+
+
+def _input_dataset(source: Opened, name: str, like: h5py.Dataset) -> h5py.Dataset:
+    try:
+        return dataset_at(source.file, name, like.shape, like.dtype, source.source.path)
+    except (ContributionError, OSError, RuntimeError, TypeError, ValueError) as error:
+        raise _refused(source, name, error) from None
 
 
 #: Arrays are streamed in slabs of about this many bytes (in float64): memory
@@ -150,18 +158,32 @@ def slab_shape(shape: tuple[int, ...], selection: tuple[slice, ...]) -> tuple[in
     return (rows.stop - rows.start, *shape[1:])
 
 
-def _read_into(
-    buffer: np.ndarray, dataset: h5py.Dataset, path: Path, selection: tuple[slice, ...]
+def read_into(
+    buffer: np.ndarray, dataset: h5py.Dataset, selection: tuple[slice, ...]
 ) -> np.ndarray:
     """Read ``dataset[selection]`` into (the leading rows of) ``buffer``; return that view."""
     rows = buffer[: selection[0].stop - selection[0].start] if selection else buffer
-    try:
-        dataset.read_direct(rows, source_sel=selection or None)
-    except OSError as error:
-        raise AggregationError(
-            f"{path}: dataset {dataset.name!r} cannot be read ({error})"
-        ) from None
+    dataset.read_direct(rows, source_sel=selection or None)
     return rows
+
+
+def _read_input(
+    buffer: np.ndarray, dataset: h5py.Dataset, source: Opened, selection: tuple[slice, ...]
+) -> np.ndarray:
+    try:
+        return read_into(buffer, dataset, selection)
+    except OSError as error:
+        raise _refused(source, dataset.name, error) from None
+
+
+def _read_template(
+    buffer: np.ndarray, dataset: h5py.Dataset, path: Path, selection: tuple[slice, ...]
+) -> np.ndarray:
+    try:
+        return read_into(buffer, dataset, selection)
+    except OSError as error:
+        message = f"{path}: dataset {dataset.name!r} cannot be read ({error})"
+        raise AggregationError(message) from None
 
 
 def _copy_attrs(source: h5py.HLObject, dest: h5py.HLObject) -> None:
@@ -206,20 +228,32 @@ Finish = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 
 def _non_finite(
-    paths: Sequence[Path], datasets: Sequence[h5py.Dataset], selection: tuple[slice, ...]
-) -> str:
-    """Which files hold NaN or Inf in ``selection`` (only run once a slab failed the test)."""
-    culprits = [
-        str(path)
-        for path, dataset in zip(paths, datasets, strict=True)
+    name: str,
+    sources: Sequence[Opened],
+    datasets: Sequence[h5py.Dataset],
+    template: h5py.Dataset,
+    path: Path,
+    selection: tuple[slice, ...],
+) -> AggregationError:
+    """Which file holds NaN or Inf in ``selection`` (only run once a slab failed the test).
+
+    An input is refused alone; NaN or Inf in the template, or nowhere (the
+    result overflows its dtype), is a failure of the whole average.
+    """
+    refused = {
+        str(source.source.path): f"dataset {name!r} contains NaN or Inf in {source.source.path}"
+        for source, dataset in zip(sources, datasets, strict=True)
         if not np.all(np.isfinite(dataset[selection]))
-    ]
-    return ", ".join(culprits) or "the result (overflow of the dtype)"
+    }
+    if refused:
+        return ContributionsRefused(refused)
+    where = path if not np.all(np.isfinite(template[selection])) else "the result (overflow)"
+    return AggregationError(f"dataset {name!r} contains NaN or Inf in {where}")
 
 
 def sum_into(
     template: Path,
-    inputs: Sequence[Path],
+    inputs: Sequence[UntrustedFile],
     dest: Path,
     tmp_dir: Path,
     finish: Finish,
@@ -231,21 +265,20 @@ def sum_into(
     against the template's shape and dtype and for NaN/Inf, computed slab by
     slab. ``dest`` is replaced atomically, and only if everything succeeded
     (it may be ``template`` itself). Returns (arrays written, input bytes read).
+    Raises ContributionsRefused (keyed by path) for inputs that cannot be used,
+    AggregationError for anything else.
     """
     bytes_read = 0
     arrays = 0
     with ExitStack() as stack:
-        files = [_open_h5(path, stack, "aggregate checkpoint") for path in inputs]
-        base = _open_h5(template, stack, "checkpoint")
+        opened = _open_inputs(inputs, stack)
+        base = _open_template(template, stack)
         names = float_datasets(base)
         with atomic_target(dest, tmp_dir, large=True) as tmp, h5py.File(tmp, "w") as out:
             copy_layout(base, out, names)
             for name in names:
                 like, target = base[name], out[name]
-                sources = [
-                    _matching(file, name, like, path)
-                    for file, path in zip(files, inputs, strict=True)
-                ]
+                sources = [_input_dataset(source, name, like) for source in opened]
                 selections = slabs(like.shape)
                 largest = slab_shape(like.shape, selections[0])
                 buffer = np.empty(largest, like.dtype)  # one input's slab, as stored
@@ -259,30 +292,38 @@ def sum_into(
                     # The first two inputs start the float64 sum in one pass (the
                     # memory traffic is what costs: no zeros pass, no cast copy);
                     # ``result`` holds the second until it holds the result.
-                    parts = zip(sources, inputs, strict=True)
-                    first = _read_into(buffer, *next(parts), selection)
+                    parts = zip(sources, opened, strict=True)
+                    first = _read_input(buffer, *next(parts), selection)
                     if len(sources) > 1:
-                        second = _read_into(result, *next(parts), selection)
+                        second = _read_input(result, *next(parts), selection)
                         np.add(first, second, out=total, dtype=np.float64)
                     else:
                         total[...] = first
-                    for source, path in parts:
-                        total += _read_into(buffer, source, path, selection)
+                    for source, opened_file in parts:
+                        total += _read_input(buffer, source, opened_file, selection)
                     bytes_read += len(sources) * first.nbytes
-                    current = _read_into(buffer, like, template, selection)
+                    current = _read_template(buffer, like, template, selection)
                     values = result[: rows[0]] if rows else result
 
                     with np.errstate(over="ignore", invalid="ignore"):  # tested just below
                         finish(total, current, values)
-
                     # NaN or Inf in any input, or a result too large for the dtype,
                     # makes the values' sum non-finite: one cheap test per slab (on
                     # the result, in its own dtype), the exact search only if it fails.
                     if not np.isfinite(values.sum()) and not np.all(np.isfinite(values)):
-                        where = _non_finite([*inputs, template], [*sources, like], selection)
-                        raise AggregationError(f"dataset {name!r} contains NaN or Inf in {where}")
+                        raise _non_finite(name, opened, sources, like, template, selection)
                     target.write_direct(values, dest_sel=selection or None)
                 arrays += 1
+            # Last, before the rename publishes anything: an input written to while
+            # it was read may have given bytes nobody checked.
+            changed = {
+                str(source.source.path): f"{source.source.path}: aggregate checkpoint "
+                "changed while it was being averaged"
+                for source in opened
+                if source.changed()
+            }
+            if changed:
+                raise ContributionsRefused(changed)
     return arrays, bytes_read
 
 
@@ -295,45 +336,28 @@ def aggregate(
     """Replace ``checkpoint`` by the FedAvg of ``contributions``; raise AggregationError.
 
     On any error (or when ``cancel`` is set) the checkpoint is left untouched.
+    Contributions that cannot be used (their files changed since their check)
+    are refused with ContributionsRefused, keyed by selector.
     """
     if not contributions:
         raise AggregationError("no selector aggregates to average")
     started = time.perf_counter()
-    total_weight = sum(read_weight(c.weight) for c in contributions)
+    total_weight = sum(c.weight for c in contributions)
 
     def finish(total: np.ndarray, current: np.ndarray, out: np.ndarray) -> None:
         total /= total_weight
         np.add(total, current, out=out, casting="same_kind")
 
     inputs = [c.checkpoint for c in contributions]
-    arrays, bytes_read = sum_into(checkpoint, inputs, checkpoint, tmp_dir, finish, cancel)
+    try:
+        arrays, bytes_read = sum_into(checkpoint, inputs, checkpoint, tmp_dir, finish, cancel)
+    except ContributionsRefused as refused:
+        selector_of = {str(c.checkpoint.path): c.selector for c in contributions}
+        reasons = {selector_of[path]: reason for path, reason in refused.reasons.items()}
+        raise ContributionsRefused(reasons) from None
     return AggregationResult(
         arrays=arrays,
         bytes_read=bytes_read,
         total_weight=total_weight,
         seconds=time.perf_counter() - started,
     )
-
-
-def check_contribution(checkpoint: Path, contribution: Contribution) -> None:
-    """Raise AggregationError unless a selector's files can be averaged into ``checkpoint``.
-
-    Run when the selector reports, so that one bad selector is rejected on its
-    own (the round goes on with the others) instead of failing the whole
-    aggregation later. It reads every array once: NaN and Inf hide anywhere.
-    """
-    read_weight(contribution.weight)
-    with ExitStack() as stack:
-        aggregate_file = _open_h5(contribution.checkpoint, stack, "aggregate checkpoint")
-        global_file = _open_h5(checkpoint, stack, "global checkpoint")
-        for name in float_datasets(global_file):
-            source = _matching(aggregate_file, name, global_file[name], contribution.checkpoint)
-            selections = slabs(source.shape)
-            buffer = np.empty(slab_shape(source.shape, selections[0]), source.dtype)
-            for selection in selections:
-                part = _read_into(buffer, source, contribution.checkpoint, selection)
-
-                if not np.all(np.isfinite(part)):
-                    raise AggregationError(
-                        f"dataset {name!r} contains NaN or Inf in {contribution.checkpoint}"
-                    )

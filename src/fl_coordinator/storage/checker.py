@@ -1,0 +1,194 @@
+"""Checking selectors' files in worker processes: bounded in time, memory and number.
+
+A selector reports; before its files may be averaged, :func:`.contribution.examine`
+reads them. That is parsing untrusted HDF5, and it runs in a worker
+**process**, not a thread, because a thread cannot be stopped: an HDF5 call
+that blocks (a file on a hung mount, a malformed file that sends the library
+into a loop) would hold its thread, and h5py's global lock, for good, and
+with them every later check, the aggregation and the health probe. A
+process can be killed. So each check here
+
+* runs in a worker process of a pool (``trio-parallel``; workers are kept
+  for the next check, so a check costs a round trip, not a process start),
+  with a deadline (``CHECK_TIMEOUT``): a check that does not finish in time
+  is killed with its process, and the selector is rejected;
+* has a memory limit: the worker lowers its own address-space limit
+  (``RLIMIT_AS``) to what it uses plus :data:`MEMORY_BUDGET` for the check, so
+  whatever a file claims, the check fails with a MemoryError instead of
+  growing; HDF5 plugin filters are never loaded in a worker;
+* waits for one of ``CHECK_WORKERS`` slots (first come, first served), so
+  any number of selectors never makes more processes, and a slow check holds
+  one slot for at most the deadline; the aggregation uses none of them;
+* reads the layout it checks against from the coordinator, which reads its
+  own global checkpoint (:class:`.contribution.CheckpointSpec`): a problem
+  with that file is logged and waited out, never blamed on a selector.
+
+Whatever goes wrong, the answer is a reason (which file, what was wrong),
+escaped and cut to a few hundred characters by :func:`.untrusted.clip`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import resource
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import h5py
+import trio
+import trio_parallel
+
+from ..errors import ContributionError
+from .aggregation import Contribution
+from .contribution import CheckpointSpec, SelectorFiles, examine, read_spec
+from .layout import Layout
+from .untrusted import clip
+
+__all__ = ["MEMORY_BUDGET", "ContributionChecker"]
+
+log = logging.getLogger(__name__)
+
+#: Memory a check may use above what its worker process already uses. A check
+#: holds one slab (8 MiB), one chunk (CHUNK_MAX_BYTES) and HDF5's metadata cache
+#: (at most 32 MiB by default); the rest is slack for the allocator.
+MEMORY_BUDGET = 256 * 2**20
+
+#: A worker whose resident memory grew past this after a check is replaced.
+RETIRE_RSS = 512 * 2**20
+
+#: Idle workers are ended after this long (a round lasts minutes).
+IDLE_SECONDS = 600.0
+
+#: How long the worker processes get to end when the coordinator stops.
+GRACE_SECONDS = 2.0
+
+#: Longest wait between two attempts to read an unreadable global checkpoint.
+SPEC_RETRY_MAX = 30.0
+
+
+def _statm(field: int) -> int:
+    """Field ``field`` of /proc/self/statm (0: address space, 1: resident), in bytes."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _grown() -> bool:
+    """In a worker, after each check: retire it if its memory grew (trio-parallel's hook)."""
+    return _statm(1) > RETIRE_RSS
+
+
+def _examine_within(
+    budget: int, selector: str, files: SelectorFiles, spec: CheckpointSpec
+) -> Contribution:
+    """In a worker process: :func:`examine` under an address-space limit of now + ``budget``."""
+    while h5py.h5pl.size():  # no filter plugin is ever loaded from the library's search path
+        h5py.h5pl.remove(0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = _statm(0) + budget
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        return examine(selector, files, spec)
+    except MemoryError:
+        folder = files.root / selector
+        raise ContributionError(
+            f"{folder}: checking these files needed more than {budget // 2**20} MiB of memory"
+        ) from None
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _spec_key(checkpoint: Path) -> tuple[int, int, int, int]:
+    status = checkpoint.stat()
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+class ContributionChecker:
+    """Checks selectors' files in worker processes. Use :meth:`running`, then :meth:`check`.
+
+    ``timeout`` (seconds) is the deadline of one check, ``workers`` the number
+    of checks (and processes) at most at once.
+    """
+
+    def __init__(self, layout: Layout, timeout: float, workers: int) -> None:
+        self._layout = layout
+        self._files = SelectorFiles(layout.root, layout.agg_checkpoint_name, layout.agg_weight_name)
+        self._timeout = timeout
+        self.slots = trio.CapacityLimiter(workers)
+        self._unlimited = trio.CapacityLimiter(math.inf)  # ours is taken before the deadline
+        self._context: trio_parallel.WorkerContext | None = None
+        self._spec: CheckpointSpec | None = None
+        self._spec_key: tuple[int, int, int, int] | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The worker processes live (at most ``workers``, started when needed) inside."""
+        context = trio_parallel.open_worker_context(
+            idle_timeout=IDLE_SECONDS, retire=_grown, grace_period=GRACE_SECONDS
+        )
+        try:
+            async with context as self._context:
+                yield
+        except trio_parallel.BrokenWorkerError as error:  # a worker that would not end
+            log.warning("a check worker process had to be killed at shutdown (%s)", error)
+        finally:
+            self._context = None
+
+    async def check(self, selector: str) -> Contribution | str:
+        """The contribution of ``selector`` if its files can be averaged, else why not."""
+        folder = self._layout.selector_dir(selector)
+        spec = await self._current_spec()
+        async with self.slots:
+            with trio.move_on_after(self._timeout):
+                return await self._run(selector, spec, folder)
+        return (
+            f"{folder}: the check of these files did not finish within {self._timeout:g} s "
+            "(CHECK_TIMEOUT); abandoned"
+        )
+
+    async def _run(self, selector: str, spec: CheckpointSpec, folder: Path) -> Contribution | str:
+        assert self._context is not None, "use check() inside running()"
+        try:
+            return await self._context.run_sync(
+                _examine_within, MEMORY_BUDGET, selector, self._files, spec,
+                kill_on_cancel=True, limiter=self._unlimited,
+            )  # fmt: skip
+        except ContributionError as error:
+            return clip(str(error))
+        except trio_parallel.BrokenWorkerError as error:
+            code = getattr(error.args[-1], "exitcode", None)
+            return clip(f"{folder}: checking these files ended its worker process (exit {code})")
+        except Exception as error:
+            log.exception("checking %s crashed", folder)
+            return clip(f"{folder}: internal error: {type(error).__name__}: {error}")
+
+    async def _current_spec(self) -> CheckpointSpec:
+        """The global checkpoint's layout, read again when the file was replaced.
+
+        The layout does not change from round to round (the aggregation keeps
+        it), so if the file cannot be read the last layout read is used; at the
+        very first read, the check waits, retrying, until it can be (or until
+        the round gives up on it), without blaming the selector.
+        """
+        checkpoint = self._layout.checkpoint
+        delay = 1.0
+        while True:
+            try:
+                key = await trio.to_thread.run_sync(_spec_key, checkpoint)
+                if key != self._spec_key or self._spec is None:
+                    self._spec = await trio.to_thread.run_sync(read_spec, checkpoint)
+                    self._spec_key = key
+                return self._spec
+            except Exception as error:  # whatever the file's problem, it is not the selector's
+                if self._spec is not None:
+                    log.warning("%s cannot be read (%s); checking against its last layout",
+                                checkpoint, error)  # fmt: skip
+                    return self._spec
+                log.error("%s cannot be read (%s); checks wait for it (retry in %g s)",
+                          checkpoint, error, delay)  # fmt: skip
+            await trio.sleep(delay)
+            delay = min(delay * 2, SPEC_RETRY_MAX)
