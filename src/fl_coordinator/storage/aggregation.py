@@ -241,7 +241,7 @@ def _non_finite(
     result overflows its dtype), is a failure of the whole average.
     """
     refused = {
-        str(source.source.path): f"dataset {name!r} contains NaN or Inf in {source.source.path}"
+        str(source.source.path): f"{source.source.path}: dataset {name!r} contains NaN or Inf"
         for source, dataset in zip(sources, datasets, strict=True)
         if not np.all(np.isfinite(dataset[selection]))
     }

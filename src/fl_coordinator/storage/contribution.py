@@ -115,7 +115,7 @@ def _check_values(dataset: h5py.Dataset, name: str, path: Path) -> None:
     for selection in selections:
         part = read_into(buffer, dataset, selection)
         if not np.all(np.isfinite(part)):
-            raise ContributionError(f"dataset {name!r} contains NaN or Inf in {path}")
+            raise ContributionError(f"{path}: dataset {name!r} contains NaN or Inf")
 
 
 def examine(selector: str, files: SelectorFiles, spec: CheckpointSpec) -> Contribution:
