@@ -53,7 +53,7 @@ WINDOW = 30.0  # REPORTING_TIMEOUT: every round here must end well before it
 #: Growth of this process's resident memory during a round: a round of the
 #: built-in model costs 0 to 5 MB here; the rows' files used to cost 1 to 10 GB.
 MEMORY_BOUND = 32 * 2**20
-#: Resident peak of a check worker: about 53 MB with numpy and h5py, whatever it read.
+#: Resident peak of a check worker: about 40 MB with numpy and h5py, whatever it read.
 WORKER_BOUND = 128 * 2**20
 KERNEL = "layers/dense/vars/0"
 BIAS = "layers/dense/vars/1"  # shape (32,), float32

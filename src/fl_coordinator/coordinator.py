@@ -94,7 +94,7 @@ class Coordinator:
         self._aggregator = aggregator
         self._layout = layout
         self._hub = hub
-        self.checker = ContributionChecker(layout, settings.check_timeout, settings.check_workers)
+        self._checker = ContributionChecker(layout, settings.check_timeout, settings.check_workers)
         # What the check of each reporting selector found, by (round, selector): the
         # aggregation averages exactly these files, as they were when checked.
         self._checked: dict[tuple[int, str], Contribution] = {}
@@ -137,7 +137,7 @@ class Coordinator:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with self.checker.running(), trio.open_nursery() as nursery:
+            async with self._checker.running(), trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_journal)
                 with log_context(round=self._round.number):
                     for effect in self._round.start():
@@ -195,6 +195,7 @@ class Coordinator:
             case Broadcast(round=number, selectors=selectors):
                 for selector in selectors:
                     nursery.start_soon(self._tell, number, selector)
+                nursery.start_soon(self._checker.warm)  # reports will follow
             case Aggregate(round=number, selectors=selectors):
                 self._end_checks(number)  # those not finished are no longer waited for
                 nursery.start_soon(self._aggregate, number, selectors)
@@ -306,7 +307,7 @@ class Coordinator:
     async def _check(self, scope: trio.CancelScope, number: int, selector: str) -> None:
         """Check ``selector``'s files in a worker process; tell the round what was found."""
         with scope, log_context(round=number, selector=selector):
-            outcome = await self.checker.check(selector)
+            outcome = await self._checker.check(selector)
             error = outcome if isinstance(outcome, str) else None
             if isinstance(outcome, Contribution):
                 self._checked[(number, selector)] = outcome

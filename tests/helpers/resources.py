@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import termios
 from pathlib import Path
 
 import grpc
@@ -50,15 +52,39 @@ def children(pid: int | str = "self") -> list[int]:
 
 
 def check_workers(pid: int | str = "self") -> list[int]:
-    """The live worker processes of ``pid`` that check selectors' files (multiprocessing spawn)."""
+    """The live processes that check selectors' files for ``pid``.
+
+    They are the children of its multiprocessing fork server, itself a child of ``pid``.
+    """
     workers = []
     for child in children(pid):
         try:
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                workers.append(child)
+            if b"multiprocessing.forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.extend(children(child))
         except OSError:
             continue
     return workers
+
+
+def unread_in_pipes(pid: int) -> int:
+    """Bytes waiting in the pipes process ``pid`` has open (a job sent to a stopped worker).
+
+    Each pipe is opened again through /proc (root may) and asked how much it
+    holds (FIONREAD), which reads nothing.
+    """
+    waiting = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if not os.readlink(fd).startswith("pipe:"):
+                continue
+            again = os.open(fd, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            waiting += int.from_bytes(fcntl.ioctl(again, termios.FIONREAD, bytes(4)), "little")
+        finally:
+            os.close(again)
+    return waiting
 
 
 def health(port: int, timeout: float = 2.0) -> str:

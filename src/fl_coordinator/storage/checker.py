@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import multiprocessing
 import os
 import resource
 from collections.abc import AsyncIterator
@@ -43,7 +44,7 @@ import trio_parallel
 
 from ..errors import ContributionError
 from .aggregation import Contribution
-from .contribution import CheckpointSpec, SelectorFiles, examine, read_spec
+from .contribution import SETTLE_SECONDS, CheckpointSpec, SelectorFiles, examine, read_spec
 from .layout import Layout
 from .untrusted import clip
 
@@ -102,6 +103,10 @@ def _examine_within(
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+def _ready() -> None:
+    """A job that does nothing: unpickling it makes a new worker import this module."""
+
+
 def _spec_key(checkpoint: Path) -> tuple[int, int, int, int]:
     status = checkpoint.stat()
     return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
@@ -118,7 +123,7 @@ class ContributionChecker:
         self._layout = layout
         self._files = SelectorFiles(layout.root, layout.agg_checkpoint_name, layout.agg_weight_name)
         self._timeout = timeout
-        self.slots = trio.CapacityLimiter(workers)
+        self._slots = trio.CapacityLimiter(workers)
         self._unlimited = trio.CapacityLimiter(math.inf)  # ours is taken before the deadline
         self._context: trio_parallel.WorkerContext | None = None
         self._spec: CheckpointSpec | None = None
@@ -126,23 +131,60 @@ class ContributionChecker:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """The worker processes live (at most ``workers``, started when needed) inside."""
+        """The worker processes live inside (at most ``workers``; one is started first).
+
+        Workers are forked from multiprocessing's fork server, which imports
+        this module (numpy, h5py) once: a new worker, at start or after one was
+        killed, is ready in milliseconds instead of half a second. (The fork
+        server is single-threaded, so forking it is safe; forking this process,
+        with its threads, would not be.) Like every multiprocessing start
+        method but ``fork``, a worker imports the program's main module: a
+        program that embeds :func:`fl_coordinator.serve` needs the usual
+        ``if __name__ == "__main__":`` guard.
+        """
+        multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
         context = trio_parallel.open_worker_context(
-            idle_timeout=IDLE_SECONDS, retire=_grown, grace_period=GRACE_SECONDS
+            idle_timeout=IDLE_SECONDS,
+            retire=_grown,
+            grace_period=GRACE_SECONDS,
+            worker_type=trio_parallel.WorkerType.FORKSERVER,
         )
         try:
             async with context as self._context:
+                await self.warm()  # ready to serve means ready to check
                 yield
         except trio_parallel.BrokenWorkerError as error:  # a worker that would not end
             log.warning("a check worker process had to be killed at shutdown (%s)", error)
         finally:
             self._context = None
 
+    async def warm(self) -> None:
+        """Start a worker now if none is idle (a round configures: reports will follow).
+
+        A worker takes a few hundred milliseconds to start (Python, numpy,
+        h5py); started here, it is not on the path of the first report.
+        """
+        assert self._context is not None, "use warm() inside running()"
+        if self._context.statistics().idle_workers:
+            return
+        async with self._slots:
+            with trio.move_on_after(self._timeout):
+                try:
+                    await self._context.run_sync(_ready, kill_on_cancel=True,
+                                                 limiter=self._unlimited)  # fmt: skip
+                except trio_parallel.BrokenWorkerError as error:
+                    log.error("a worker process to check selectors' files failed to start (%s)",
+                              error)  # fmt: skip
+
     async def check(self, selector: str) -> Contribution | str:
         """The contribution of ``selector`` if its files can be averaged, else why not."""
         folder = self._layout.selector_dir(selector)
+        # The files were written before the report: a moment after it, their last
+        # change is old enough for the identity to hold (see SETTLE_SECONDS); the
+        # wait is here, where it holds no worker.
+        await trio.sleep(SETTLE_SECONDS)
         spec = await self._current_spec()
-        async with self.slots:
+        async with self._slots:
             with trio.move_on_after(self._timeout):
                 return await self._run(selector, spec, folder)
         return (
