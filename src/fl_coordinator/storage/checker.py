@@ -151,7 +151,7 @@ class ContributionChecker:
         )
         try:
             async with context as self._context:
-                await self.warm()  # ready to serve means ready to check
+                await self.warm()  # ready to serve is ready to check
                 yield
         except trio_parallel.BrokenWorkerError as error:  # a worker that would not end
             log.warning("a check worker process had to be killed at shutdown (%s)", error)
@@ -159,14 +159,20 @@ class ContributionChecker:
             self._context = None
 
     async def warm(self) -> None:
-        """Start a worker now if none is idle (a round configures: reports will follow).
+        """Start the workers that are not idle now (a round configures: reports will follow).
 
-        A worker takes a few hundred milliseconds to start (Python, numpy,
-        h5py); started here, it is not on the path of the first report.
+        A worker takes a few milliseconds to fork, but its first job imports
+        the program's main module again (multiprocessing does so), which takes
+        what that module takes; started here, it is not on a report's path.
         """
         assert self._context is not None, "use warm() inside running()"
-        if self._context.statistics().idle_workers:
-            return
+        missing = int(self._slots.total_tokens) - self._context.statistics().idle_workers
+        async with trio.open_nursery() as nursery:
+            for _ in range(missing):
+                nursery.start_soon(self._start_worker)
+
+    async def _start_worker(self) -> None:
+        assert self._context is not None
         async with self._slots:
             with trio.move_on_after(self._timeout):
                 try:
