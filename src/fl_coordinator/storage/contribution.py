@@ -24,7 +24,14 @@ from ..errors import ContributionError
 from .aggregation import MAX_WEIGHT, Contribution, float_datasets, read_into, slab_shape, slabs
 from .untrusted import WEIGHT_MAX_BYTES, FileIdentity, UntrustedFile, dataset_at
 
-__all__ = ["SETTLE_SECONDS", "CheckpointSpec", "SelectorFiles", "examine", "read_weight"]
+__all__ = [
+    "SETTLE_SECONDS",
+    "CheckpointSpec",
+    "SelectorFiles",
+    "examine",
+    "read_spec",
+    "read_weight",
+]
 
 #: How long after its last change a file is left alone before it is checked.
 #: File times advance in clock ticks (1 to 10 ms on Linux): a file rewritten in
