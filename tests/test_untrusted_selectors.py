@@ -37,6 +37,7 @@ from helpers.resources import (
     check_workers,
     exists,
     health_now,
+    job_sent_to,
     peak_rss,
     reset_peak,
     thread_slots_in_use,
@@ -389,8 +390,10 @@ async def test_a_check_that_hangs_is_killed_and_does_not_hold_up_the_others(
             (stopped,) = check_workers()  # round 1's worker, idle
             os.kill(stopped, signal.SIGSTOP)
             started = trio.current_time()
-        for selector in (hung, good):
-            await client.report(selector.id)
+        await client.report(hung.id)
+        if round_number == 2:
+            await job_sent_to(stopped)  # the hung selector's check got the stopped worker
+        await client.report(good.id)
         if round_number == 2:
             assert await health_now(endpoints.grpc_port) == "SERVING"  # while it hangs
             assert await client.check_in(hung.id) is False  # check-ins are answered too
@@ -443,7 +446,7 @@ async def test_serve_with_a_fifo_and_a_hung_check_stays_responsive_and_stops_on_
         os.kill(worker, signal.SIGSTOP)
         await configured(client, frozen, good)
         await client.report(good.id)
-        await watcher.wait_for(lambda m: m["round"] == 2 and m["stage"] == "REPORTING")
+        await job_sent_to(worker)  # the check hangs now
         assert await health_now(port) == "SERVING"
         served.process.send_signal(signal.SIGTERM)
         with trio.fail_after(10):  # a hang fails here; unloaded it takes well under 1 s

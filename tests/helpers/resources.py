@@ -87,6 +87,13 @@ def unread_in_pipes(pid: int) -> int:
     return waiting
 
 
+async def job_sent_to(pid: int, limit: float = 10.0) -> None:
+    """Wait until a job waits in a pipe of worker ``pid`` (stopped, it cannot take it)."""
+    with trio.fail_after(limit):
+        while not unread_in_pipes(pid):  # noqa: ASYNC110 (no event for another process's pipe)
+            await trio.sleep(0.01)
+
+
 def health(port: int, timeout: float = 2.0) -> str:
     """The health service's answer (grpcio, blocking), which must come within ``timeout``."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

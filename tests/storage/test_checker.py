@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import trio
 from helpers.peers import write_aggregate
-from helpers.resources import check_workers, exists, unread_in_pipes
+from helpers.resources import check_workers, exists, job_sent_to
 
 from fl_coordinator.storage import checker as checker_module
 from fl_coordinator.storage.aggregation import Contribution
@@ -79,10 +79,7 @@ async def test_a_worker_that_dies_during_a_check_rejects_only_that_check(
                 result.append(await checker.check(SELECTOR))
 
             nursery.start_soon(check)
-            with trio.fail_after(10):
-                # Until the job waits in its pipe: another process's pipe has no event.
-                while not unread_in_pipes(worker):  # noqa: ASYNC110
-                    await trio.sleep(0.01)
+            await job_sent_to(worker)
             os.kill(worker, signal.SIGKILL)
         assert result == [
             f"{reported.selector_dir(SELECTOR)}: checking these files ended its worker process "
