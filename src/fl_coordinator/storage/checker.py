@@ -8,8 +8,9 @@ into a loop) would hold its thread, and h5py's global lock, for good, and
 with them every later check, the aggregation and the health probe. A
 process can be killed. So each check here
 
-* runs in a worker process of a pool (``trio-parallel``; workers are kept
-  for the next check, so a check costs a round trip, not a process start),
+* runs in a worker process of a pool (``trio-parallel``; workers are
+  started with the coordinator and kept for the next check, so a check
+  costs a round trip of a few milliseconds, not a process start),
   with a deadline (``CHECK_TIMEOUT``): a check that does not finish in time
   is killed with its process, and the selector is rejected;
 * has a memory limit: the worker lowers its own address-space limit
@@ -131,7 +132,7 @@ class ContributionChecker:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """The worker processes live inside (at most ``workers``; one is started first).
+        """The worker processes live inside (``workers`` of them, started before it yields).
 
         Workers are forked from multiprocessing's fork server, which imports
         this module (numpy, h5py) once: a new worker, at start or after one was
@@ -153,13 +154,15 @@ class ContributionChecker:
             async with context as self._context:
                 await self.warm()  # ready to serve is ready to check
                 yield
-        except trio_parallel.BrokenWorkerError as error:  # a worker that would not end
-            log.warning("a check worker process had to be killed at shutdown (%s)", error)
+        except trio_parallel.BrokenWorkerError as error:
+            # At shutdown: a signal sent to the whole process group (a terminal, a
+            # service manager) ended the workers, or their fork server, first.
+            log.info("check worker processes did not end cleanly at shutdown (%s)", error)
         finally:
             self._context = None
 
     async def warm(self) -> None:
-        """Start the workers that are not idle now (a round configures: reports will follow).
+        """Start the workers that are not there and idle: at start, and when a round configures.
 
         A worker takes a few milliseconds to fork, but its first job imports
         the program's main module again (multiprocessing does so), which takes
