@@ -41,11 +41,15 @@ MARKER = 1234.5
 USABLE = ["contiguous", "chunked", "shuffle", "fletcher32", "unlimited", "compact"]
 UNUSABLE = ["gzip", "lzf", "scaleoffset", "soft link", "external link", "external link to a FIFO",
             "virtual", "external storage", "missing", "group", "other shape", "other dtype",
-            "NaN", "Inf", "huge chunk"]  # fmt: skip
+            "NaN", "Inf", "huge chunk", "odd dtype"]  # fmt: skip
 EXTRAS = ["group", "integers", "strings", "dangling soft link", "external link to a FIFO",
           "hard link", "attribute"]  # fmt: skip
 OTHER_DTYPES = [np.float16, np.float32, np.float64, np.int32, np.dtype(">f4"), np.complex64,
                 np.bool_]  # fmt: skip
+#: HDF5 types with no float values at all, declared and left unwritten.
+ODD_DTYPES = [h5py.string_dtype(), h5py.ref_dtype, h5py.regionref_dtype, np.dtype("V4"),
+              np.dtype([("a", "<f4"), ("b", "<i2")]), h5py.enum_dtype({"a": 0, "b": 1}, "i1"),
+              h5py.vlen_dtype(np.float32)]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,9 @@ def _dataset(file: h5py.File, name: str, how: str, values: np.ndarray, chunks: t
             spoiled = values.copy()
             spoiled.flat[-1] = np.nan if how == "NaN" else -np.inf
             file.create_dataset(name, data=spoiled)
+        case "odd dtype":
+            odd = ODD_DTYPES[int(abs(values.flat[0])) % len(ODD_DTYPES)]
+            file.create_dataset(name, shape=shape, dtype=odd)
         case "huge chunk":  # declared, never written: the file stays small
             rows = CHUNK_MAX_BYTES // (dtype.itemsize * int(np.prod(shape[1:]))) + 1
             file.create_dataset(name, shape=shape, dtype=dtype, maxshape=unlimited,
