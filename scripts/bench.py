@@ -95,9 +95,12 @@ def current_rss_bytes() -> int:
 
 def work_ours(folder: Path, k: int) -> None:
     from fl_coordinator.storage.aggregation import Contribution, aggregate
+    from fl_coordinator.storage.untrusted import UntrustedFile
 
+    weights = [int((folder / f"weight{i}").read_text()) for i in range(1, k + 1)]
     parts = [
-        Contribution(f"s{i}", folder / f"agg{i}", folder / f"weight{i}") for i in range(1, k + 1)
+        Contribution(f"s{i}", UntrustedFile(folder, f"agg{i}"), weight)
+        for i, weight in enumerate(weights, start=1)
     ]
     aggregate(folder / "fl_checkpoint", parts, folder / "tmp")
 

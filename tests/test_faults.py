@@ -38,6 +38,7 @@ from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.storage.aggregation import Contribution, aggregate
 from fl_coordinator.storage.journal import history, read_journal
 from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.untrusted import UntrustedFile
 
 
 def digest(path: Path) -> str:
@@ -77,8 +78,7 @@ async def test_kill_9_during_aggregation_leaves_old_or_new_checkpoint(
     sources = []
     for index, value in enumerate((2.0, 4.0)):
         write_big(replay / f"agg{index}", value)
-        (replay / f"weight{index}").write_text("3")
-        sources.append(Contribution(f"s{index}", replay / f"agg{index}", replay / f"weight{index}"))
+        sources.append(Contribution(f"s{index}", UntrustedFile(replay, f"agg{index}"), 3))
     aggregate(replay / "fl_checkpoint", sources, replay / "tmp")
     new = digest(replay / "fl_checkpoint")
 
@@ -94,8 +94,8 @@ async def test_kill_9_during_aggregation_leaves_old_or_new_checkpoint(
         for selector, source in zip(selectors, sources, strict=True):
             await selector.told.receive()
             layout.selector_dir(selector.id).mkdir()
-            shutil.copyfile(source.checkpoint, layout.agg_checkpoint(selector.id))
-            shutil.copyfile(source.weight, layout.agg_weight(selector.id))
+            shutil.copyfile(source.checkpoint.path, layout.agg_checkpoint(selector.id))
+            layout.agg_weight(selector.id).write_text(f"{source.weight}\n")
             await client.report(selector.id)
         await watcher.wait_for(lambda m: m["aggregating"])
         first.process.send_signal(signal.SIGKILL)

@@ -121,6 +121,8 @@ def build_coordinator(
         aggregator=aggregator,
         keep=settings.keep_checkpoints,
         lock_patience=settings.reporting_timeout,
+        check_timeout=settings.check_timeout,
+        check_workers=settings.check_workers,
     )
     return Coordinator(
         _round_rules(settings),

@@ -462,6 +462,21 @@ KEYS: tuple[Key, ...] = (
         "Distinct selector ids that may hold clients in one round; check-ins from more are "
         "refused (0 = no limit).",
     ),
+    Key(
+        "CHECK_TIMEOUT",
+        60.0,
+        _positive_seconds,
+        "a number of seconds > 0",
+        "Time limit of the check of one selector's files (in a worker process, killed when "
+        "it is over); the selector is then rejected.",
+    ),
+    Key(
+        "CHECK_WORKERS",
+        2,
+        _positive_int,
+        "an integer >= 1",
+        "Worker processes checking selectors' files at once; further reports wait their turn.",
+    ),
 )
 
 
@@ -506,6 +521,8 @@ class Settings:
     max_status_subscribers: int
     status_max_message_bytes: int
     max_selectors_per_round: int
+    check_timeout: float
+    check_workers: int
 
     @property
     def root(self) -> Path:

@@ -44,13 +44,14 @@ from .core.events import (
 )
 from .core.rounds import Round, Rules
 from .core.stages import Stage
-from .errors import AggregationError, short_reason
+from .errors import AggregationError, ContributionError, ContributionsRefused, short_reason
 from .logs import log_context
 from .retry import RetryPolicy
 from .status.hub import StatusHub
 from .status.schema import utc_now
 from .storage.journal import Entry
 from .storage.round_files import RoundFiles
+from .storage.untrusted import clip
 
 __all__ = ["Admission", "Coordinator", "Tell"]
 
@@ -60,6 +61,9 @@ T = TypeVar("T")
 
 #: Events waiting for the state task; RPC handlers wait when it is full.
 _EVENT_BUFFER = 1024
+
+#: Longest reason kept for a failure of the coordinator's own files (paths can be long).
+_OWN_REASON_CHARS = 2000
 
 #: A stage that lasts is said in the log after this long, then after twice as long since
 #: the last line, up to every _PROGRESS_MAX seconds: an idle coordinator is not silent for
@@ -135,14 +139,22 @@ _Outcome = _Done[T] | _Failed
 
 async def _outcome(work: Awaitable[T], what: str) -> _Outcome[T]:
     """Await ``work``; an AggregationError is an expected, specific failure; anything
-    else is a bug, logged with its traceback, and reported as an internal error."""
+    else is a bug, logged with its traceback, and reported as an internal error.
+
+    Reasons are cut and escaped (they quote files a selector wrote).
+    ContributionsRefused is raised: the caller knows what to do with it.
+    """
     try:
         return _Done(await work)
-    except AggregationError as error:
-        return _Failed(str(error))
+    except ContributionsRefused:
+        raise
+    except ContributionError as error:  # quotes a selector's files: a few hundred characters
+        return _Failed(clip(str(error)))
+    except AggregationError as error:  # our own files: long paths, and what to do
+        return _Failed(clip(str(error), _OWN_REASON_CHARS))
     except Exception as error:
         log.exception("%s crashed", what)
-        return _Failed(f"internal error: {type(error).__name__}: {error}")
+        return _Failed(clip(f"internal error: {type(error).__name__}: {error}"))
 
 
 class Coordinator:
@@ -173,6 +185,7 @@ class Coordinator:
         self._held: Status | None = None  # the last snapshot of this step, not yet published
         self._windows: dict[Stage, trio.CancelScope] = {}
         self._progress = trio.CancelScope()  # the progress lines of the current stage
+        self._validations: dict[int, list[trio.CancelScope]] = {}  # by round, to cancel
         self._nursery: trio.Nursery | None = None
         self._events_in, self._events = trio.open_memory_channel[Event](_EVENT_BUFFER)
 
@@ -213,7 +226,7 @@ class Coordinator:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with trio.open_nursery() as nursery:
+            async with self._files.running(), trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._files.journal.run)
                 with log_context(round=self._round.number):
@@ -255,6 +268,8 @@ class Coordinator:
                 assert isinstance(slot, _AnswerSlot)
                 slot.answer(int(taken))
             case Status():
+                if effect.stage in (Stage.COMPLETED, Stage.FAILED):
+                    self._end_validations(effect.round)
                 # Within one step, a snapshot followed by another of the same round,
                 # stage and aggregation state is replaced by it: each is the whole
                 # state, so subscribers lose only intermediate counts, and a burst
@@ -267,10 +282,14 @@ class Coordinator:
             case Broadcast(round=number, selectors=selectors):
                 for selector in selectors:
                     nursery.start_soon(self._tell, number, selector)
+                nursery.start_soon(self._files.warm)  # reports will follow
             case Aggregate(round=number, selectors=selectors):
+                self._end_validations(number)  # those not finished are no longer waited for
                 nursery.start_soon(self._aggregate, number, selectors)
             case Validate(round=number, selector=selector):
-                nursery.start_soon(self._validate, number, selector)
+                scope = trio.CancelScope()
+                self._validations.setdefault(number, []).append(scope)
+                nursery.start_soon(self._validate, scope, number, selector)
             case Arm(round=number, stage=stage, seconds=seconds):
                 if stage in self._windows:
                     self._windows[stage].cancel()
@@ -337,19 +356,31 @@ class Coordinator:
                 outcome = None
         await self._events_in.send(BroadcastDone(number, selector, outcome))
 
-    async def _validate(self, number: int, selector: str) -> None:
-        with log_context(round=number, selector=selector):
+    def _end_validations(self, number: int) -> None:
+        """Stop the validations of round ``number``; forget what older rounds' found."""
+        for scope in self._validations.pop(number, ()):
+            scope.cancel()
+        self._files.forget_before(number)
+
+    async def _validate(self, scope: trio.CancelScope, number: int, selector: str) -> None:
+        """Validate ``selector``'s files (in a worker process); tell the round what was found."""
+        with scope, log_context(round=number, selector=selector):
             outcome = await _outcome(
-                self._files.validate(selector), f"round {number}: validating {selector}"
+                self._files.validate(number, selector), f"round {number}: validating {selector}"
             )
-        error = outcome.reason if isinstance(outcome, _Failed) else None
-        await self._events_in.send(ContributionValidated(number, selector, error))
+            error = outcome.reason if isinstance(outcome, _Failed) else None
+            await self._events_in.send(ContributionValidated(number, selector, error))
 
     async def _aggregate(self, number: int, selectors: tuple[str, ...]) -> None:
         with log_context(round=number, selector=None):
-            outcome = await _outcome(
-                self._files.aggregate(number, selectors), f"round {number}: aggregation"
-            )
+            try:
+                outcome = await _outcome(
+                    self._files.aggregate(number, selectors), f"round {number}: aggregation"
+                )
+            except ContributionsRefused as refused:  # files changed since their validation
+                rejected = tuple((s, clip(why)) for s, why in refused.reasons.items())
+                await self._events_in.send(AggregationDone(number, rejected=rejected))
+                return
             if isinstance(outcome, _Failed):
                 await self._events_in.send(AggregationDone(number, error=outcome.reason))
                 return

@@ -24,6 +24,8 @@ into a refused call or a rejected selector, never into a crash. The tree
     ├── AggregationError ......... an average could not be computed; the checkpoint is untouched
     │   ├── CheckpointError ...... ...because of the global checkpoint (never a selector's fault)
     │   │   └── CheckpointLocked . ...another process holds it locked; worth waiting for
+    │   ├── ContributionError .... a selector's files cannot be used: it alone is rejected
+    │   ├── ContributionsRefused . files refused while averaging (changed since their check)
     │   └── ShuttingDown ......... ...because the coordinator is stopping
     └── FederationError .......... the reference selector, client and demo processes
         ├── GaveUp ............... a client was refused more often than it may retry
@@ -47,6 +49,8 @@ __all__ = [
     "ChildFailed",
     "CommandFailed",
     "ConfigError",
+    "ContributionError",
+    "ContributionsRefused",
     "DemoError",
     "FLError",
     "FederationError",
@@ -175,6 +179,32 @@ class CheckpointError(AggregationError):
 
 class CheckpointLocked(CheckpointError):
     """Another process holds the global checkpoint locked (HDF5 file locking, errno 11)."""
+
+
+class ContributionError(AggregationError):
+    """A selector's files (its folder, aggregate or weight) cannot be used.
+
+    The fault is the selector's: it alone is rejected, with this message (the
+    file and what is wrong with it), and the round goes on without it. A
+    problem with the global checkpoint is never raised as this.
+    """
+
+
+class ContributionsRefused(AggregationError):
+    """Inputs of an average were refused while it ran: nothing was written.
+
+    ``reasons`` maps each refused input (a selector id, or a path for
+    :func:`~fl_coordinator.storage.aggregation.sum_into`) to why: for the
+    coordinator, a file that changed after it passed its check. The caller
+    drops them and may average the rest.
+    """
+
+    def __init__(self, reasons: dict[str, str]) -> None:
+        super().__init__("; ".join(reasons.values()))
+        self.reasons = reasons
+
+    def __reduce__(self) -> tuple[type, tuple[dict[str, str]]]:
+        return type(self), (self.reasons,)
 
 
 class ShuttingDown(AggregationError):

@@ -89,6 +89,29 @@ def test_failed_aggregation_opens_next_round_with_error_status() -> None:
     assert machine.number == 2 and machine.stage is Stage.SELECTION
 
 
+def test_files_refused_while_averaging_reject_their_selector_and_the_rest_is_averaged() -> None:
+    machine = Round(Rules(goal=3, min_reporting_fraction=0.5))
+    for token, selector in enumerate(("a:1", "a:1", "b:1")):
+        machine.handle(CheckIn(selector, token))
+    report(machine, "a:1")
+    assert of_type(report(machine, "b:1"), Aggregate) == [Aggregate(1, ("a:1", "b:1"))]
+    effects = machine.handle(AggregationDone(1, rejected=(("b:1", "b changed"),)))
+    assert of_type(effects, Aggregate) == [Aggregate(1, ("a:1",))]  # a holds 2 of 3 clients
+    assert (machine.reported, machine.rejected, machine.aggregating) == (
+        ["a:1"],
+        {"b:1": "b changed"},
+        True,
+    )
+    effects = machine.handle(AggregationDone(1, rejected=(("a:1", "a changed"),)))
+    failed = of_type(effects, Status)[0]
+    assert (failed.stage, failed.rejected) == (
+        Stage.FAILED,
+        (("b:1", "b changed"), ("a:1", "a changed")),
+    )
+    assert "only 0 of 3 client(s) reported usable updates" in failed.error
+    assert of_type(effects, Aggregate) == [] and machine.number == 2
+
+
 def test_reports_that_change_nothing_but_are_shown() -> None:
     machine = Round(Rules(goal=2))
     machine.handle(CheckIn("a:1", 1))
@@ -326,6 +349,7 @@ operations = st.lists(
         st.tuples(st.just("release"), st.sampled_from(SELECTORS), st.integers(1, 3)),
         st.tuples(st.just("aggregated"), st.booleans()),
         st.tuples(st.just("stale"), st.integers(0, 5)),
+        st.tuples(st.just("refused"), st.integers(0, 3)),
         st.tuples(st.just("told"), st.sampled_from(SELECTORS)),
         st.tuples(st.just("unreachable"), st.sampled_from(SELECTORS)),
         st.tuples(st.just("checked"), st.booleans()),
@@ -349,6 +373,10 @@ def to_event(machine: Round, op: tuple, tokens: itertools.count) -> Event:
             return AggregationDone(machine.number, error=None if ok else "broken file")
         case ("stale", offset):
             return AggregationDone(machine.number - offset - 1)
+        case ("refused", index):  # a reported selector's files changed since their check
+            reported = machine.reported or list(SELECTORS)
+            refused = reported[index % len(reported)]
+            return AggregationDone(machine.number, rejected=((refused, "changed"),))
         case ("told", selector):
             return BroadcastDone(machine.number, selector)
         case ("unreachable", selector):

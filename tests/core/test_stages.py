@@ -71,6 +71,21 @@ def window_with_enough_reports(machine: Round) -> None:
     machine.handle(WindowClosed(1, Stage.REPORTING))
 
 
+def files_changed(survivors: int) -> Callable[[Round], None]:
+    """Two selectors report; the aggregation refuses one's files (changed since checked)."""
+
+    def scenario(machine: Round) -> None:
+        machine.handle(CheckIn("a:1", 1))
+        machine.handle(CheckIn("b:1", 2))
+        report(machine, "a:1")
+        report(machine, "b:1")
+        machine.handle(AggregationDone(1, rejected=(("b:1", "changed after it was checked"),)))
+        if survivors:
+            machine.handle(AggregationDone(1))
+
+    return scenario
+
+
 def empty_window(machine: Round) -> None:
     machine.handle(WindowClosed(1, Stage.SELECTION))
 
@@ -92,6 +107,8 @@ SCENARIOS: list[tuple[Rules, Callable[[Round], None]]] = [
     (Rules(goal=2, min_reporting_fraction=0.5, **WINDOWS), window_with_enough_reports),
     (Rules(goal=1), unreachable),
     (Rules(goal=1, **WINDOWS), empty_window),
+    (Rules(goal=2, min_reporting_fraction=0.5), files_changed(survivors=1)),
+    (Rules(goal=2, min_reporting_fraction=1.0), files_changed(survivors=0)),
 ]
 
 

@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 from helpers.peers import assert_arrays_close, fedavg, read_floats
 
-from fl_coordinator.errors import AggregationError
+from fl_coordinator.errors import AggregationError, ContributionError, ContributionsRefused
 from fl_coordinator.storage import aggregation
-from fl_coordinator.storage.aggregation import (
-    Contribution,
-    aggregate,
-    read_weight,
-)
+from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.contribution import read_weight
 from fl_coordinator.storage.model import builtin_model
+from fl_coordinator.storage.untrusted import UntrustedFile
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -76,13 +74,12 @@ def layout_of(path: Path) -> dict[str, object]:
 
 
 def contribution(
-    tmp_path: Path, name: str, arrays: dict[str, np.ndarray], weight: str
+    tmp_path: Path, name: str, arrays: dict[str, np.ndarray], weight: int
 ) -> Contribution:
     folder = tmp_path / name
     folder.mkdir()
     write_h5(folder / "fl_agg_checkpoint", arrays)
-    (folder / "fl_agg_checkpoint_weight").write_text(weight)
-    return Contribution(name, folder / "fl_agg_checkpoint", folder / "fl_agg_checkpoint_weight")
+    return Contribution(name, UntrustedFile(tmp_path, f"{name}/fl_agg_checkpoint"), weight)
 
 
 @pytest.fixture
@@ -104,15 +101,15 @@ def updates_like(arrays: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarr
 def test_fedavg_of_every_float_dtype_in_its_own_dtype(tmp_path: Path, arrays) -> None:
     checkpoint = write_h5(tmp_path / "fl_checkpoint", arrays)
     parts = [
-        contribution(tmp_path, "s1", updates_like(arrays, 1), "3"),
-        contribution(tmp_path, "s2", updates_like(arrays, 2), "5\n"),
+        contribution(tmp_path, "s1", updates_like(arrays, 1), 3),
+        contribution(tmp_path, "s2", updates_like(arrays, 2), 5),
     ]
-    expected = fedavg(arrays, [(p.checkpoint, w) for p, w in zip(parts, (3, 5), strict=True)])
+    expected = fedavg(arrays, [(p.checkpoint.path, p.weight) for p in parts])
     result = aggregate(checkpoint, parts, tmp_path / "tmp")
     assert (result.arrays, result.total_weight) == (4, 8)
     assert_arrays_close(read_floats(checkpoint), expected)
     # The float64 accumulation really is float64: recompute one value by hand.
-    a1, a2 = (read_floats(p.checkpoint)["layers/out/vars/0"] for p in parts)
+    a1, a2 = (read_floats(p.checkpoint.path)["layers/out/vars/0"] for p in parts)
     by_hand = arrays["layers/out/vars/0"][0, 0] + (a1[0, 0] + a2[0, 0]) / 8
     assert read_floats(checkpoint)["layers/out/vars/0"][0, 0] == pytest.approx(by_hand, rel=1e-12)
     assert leftovers(tmp_path / "tmp") == []
@@ -124,7 +121,7 @@ def test_non_float_datasets_groups_and_attributes_are_copied_unchanged(
     checkpoint = write_h5(tmp_path / "fl_checkpoint", arrays, extras=True)
     before = layout_of(checkpoint)
     extra = {"layers/extra/vars/0": np.full((40, 3), 0.5, np.float32)}
-    update = contribution(tmp_path, "s1", {**updates_like(arrays, 1), **extra}, "2")
+    update = contribution(tmp_path, "s1", {**updates_like(arrays, 1), **extra}, 2)
     aggregate(checkpoint, [update], tmp_path / "tmp")
     assert layout_of(checkpoint) == before
     assert read_floats(checkpoint)["layers/extra/vars/0"][0, 0] == pytest.approx(1.25)
@@ -142,15 +139,13 @@ def test_non_float_datasets_groups_and_attributes_are_copied_unchanged(
 
 def test_keras_weights_file(tmp_path: Path, layout, keras_weights) -> None:
     before = read_floats(layout.checkpoint)
-    parts = []
-    for index, path in enumerate(keras_weights[:3]):
-        folder = tmp_path / f"s{index}"
-        folder.mkdir()
-        (folder / "w").write_text(str(index + 1))
-        parts.append(Contribution(f"s{index}", path, folder / "w"))
+    parts = [
+        Contribution(f"s{index}", UntrustedFile.at(path), index + 1)
+        for index, path in enumerate(keras_weights[:3])
+    ]
     kept = layout_of(layout.checkpoint)
     aggregate(layout.checkpoint, parts, layout.tmp)
-    expected = fedavg(before, [(p.checkpoint, i + 1) for i, p in enumerate(parts)])
+    expected = fedavg(before, [(p.checkpoint.path, p.weight) for p in parts])
     assert_arrays_close(read_floats(layout.checkpoint), expected)
     assert len(expected) == 4  # two Dense layers: kernel and bias each
     assert layout_of(layout.checkpoint) == kept
@@ -173,13 +168,14 @@ BAD_AGGREGATES = {
 def test_bad_aggregate_file_leaves_checkpoint_untouched(tmp_path: Path, arrays, case: str) -> None:
     checkpoint = write_h5(tmp_path / "fl_checkpoint", arrays)
     before = digest(checkpoint)
-    good = contribution(tmp_path, "good", updates_like(arrays, 1), "2")
-    bad = contribution(tmp_path, "bad", updates_like(arrays, 2), "2")
+    good = contribution(tmp_path, "good", updates_like(arrays, 1), 2)
+    bad = contribution(tmp_path, "bad", updates_like(arrays, 2), 2)
     damage, message = BAD_AGGREGATES[case]
-    damage(bad.checkpoint)
-    with pytest.raises(AggregationError, match=message) as raised:
+    damage(bad.checkpoint.path)
+    with pytest.raises(ContributionsRefused, match=message) as raised:
         aggregate(checkpoint, [good, bad], tmp_path / "tmp")
-    assert str(bad.checkpoint) in str(raised.value)
+    assert list(raised.value.reasons) == ["bad"]  # the good one is not blamed
+    assert str(bad.checkpoint.path) in raised.value.reasons["bad"]
     assert digest(checkpoint) == before
     assert leftovers(tmp_path / "tmp") == []
 
@@ -202,8 +198,8 @@ def test_mismatched_aggregate_leaves_checkpoint_untouched(
     before = digest(checkpoint)
     updates = updates_like(arrays, 3)
     change(updates)
-    bad = contribution(tmp_path, "bad", updates, "4")
-    with pytest.raises(AggregationError, match=message):
+    bad = contribution(tmp_path, "bad", updates, 4)
+    with pytest.raises(ContributionsRefused, match=message):
         aggregate(checkpoint, [bad], tmp_path / "tmp")
     assert digest(checkpoint) == before
 
@@ -223,15 +219,15 @@ def test_mismatched_aggregate_leaves_checkpoint_untouched(
 def test_bad_weight_files(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "fl_agg_checkpoint_weight"
     path.write_text(text)
-    with pytest.raises(AggregationError, match=message):
-        read_weight(path)
+    with pytest.raises(ContributionError, match=message):
+        read_weight(UntrustedFile.at(path))
 
 
 def test_weight_file_missing(tmp_path: Path) -> None:
-    with pytest.raises(AggregationError, match="weight file is missing"):
-        read_weight(tmp_path / "nothing")
+    with pytest.raises(ContributionError, match="weight file is missing"):
+        read_weight(UntrustedFile.at(tmp_path / "nothing"))
     (tmp_path / "ok").write_text("42\n")
-    assert read_weight(tmp_path / "ok") == 42
+    assert read_weight(UntrustedFile.at(tmp_path / "ok")) == 42
 
 
 def test_streaming_in_many_small_slabs_gives_the_same_result(
@@ -244,7 +240,7 @@ def test_streaming_in_many_small_slabs_gives_the_same_result(
         folder = tmp_path / str(slab_bytes)
         folder.mkdir()
         checkpoint = write_h5(folder / "fl_checkpoint", arrays)
-        parts = [contribution(folder, f"s{i}", updates_like(arrays, i), str(i + 2)) for i in (1, 2)]
+        parts = [contribution(folder, f"s{i}", updates_like(arrays, i), i + 2) for i in (1, 2)]
         aggregate(checkpoint, parts, folder / "tmp")
         results.append(read_floats(checkpoint))
     assert len(aggregation.slabs((5, 4))) == 1
@@ -261,7 +257,7 @@ def test_result_too_large_for_the_dtype_is_refused(tmp_path: Path, arrays) -> No
     before = digest(checkpoint)
     updates = updates_like(arrays, 3)
     updates["layers/dense/vars/0"][0, 0] = 3e38
-    big = contribution(tmp_path, "big", updates, "1")
+    big = contribution(tmp_path, "big", updates, 1)
     with pytest.raises(AggregationError, match=r"'layers/dense/vars/0'.*overflow"):
         aggregate(checkpoint, [big], tmp_path / "tmp")
     assert digest(checkpoint) == before

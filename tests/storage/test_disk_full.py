@@ -33,6 +33,7 @@ from fl_coordinator.errors import CheckpointError
 from fl_coordinator.storage.aggregation import Contribution, aggregate
 from fl_coordinator.storage.journal import read_journal
 from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.untrusted import UntrustedFile
 
 READY = re.compile(r"selectors at \S+:(\d+) \(FlIntra\), status stream at (\S+),")
 
@@ -148,14 +149,13 @@ def test_a_new_checkpoint_that_does_not_fit_is_a_checkpoint_error(
     with h5py.File(checkpoint, "w") as file:
         file["w"] = np.ones(300_000, np.float32)  # 1.2 MB: the new one does not fit twice
     (tmp_path / "agg").write_bytes(checkpoint.read_bytes())
-    (tmp_path / "weight").write_text("2")
     before = digest(checkpoint)
     fill(mount).unlink()  # measure, then leave a bit less than a second copy's room
     free = shutil.disk_usage(mount).free
     (mount / "ballast").write_bytes(bytes(free - 600_000))
     with pytest.raises(CheckpointError) as failed:
         aggregate(
-            checkpoint, [Contribution("s", tmp_path / "agg", tmp_path / "weight")], mount / "tmp"
+            checkpoint, [Contribution("s", UntrustedFile.at(tmp_path / "agg"), 2)], mount / "tmp"
         )
     assert str(failed.value).startswith(f"cannot write the new global checkpoint {checkpoint}")
     assert str(failed.value).endswith("[Errno 28] No space left on device")

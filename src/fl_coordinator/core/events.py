@@ -116,11 +116,17 @@ class Refused:
 
 @dataclass(frozen=True)
 class AggregationDone:
-    """The aggregation of ``round`` ended: ``error`` is None when the checkpoint was replaced."""
+    """The aggregation of ``round`` ended: ``error`` is None when the checkpoint was replaced.
+
+    ``rejected`` (selector, reason): the aggregation refused these selectors'
+    files (changed since their check) and wrote nothing; the others may be
+    averaged again without them.
+    """
 
     round: int
     error: str | None = None
     seconds: float = 0.0
+    rejected: tuple[tuple[str, str], ...] = ()
 
 
 Event = (

@@ -429,6 +429,8 @@ class Round:
                     f"round {self.number} is not aggregating",
                 )
             ]
+        if event.rejected:
+            return self._reject_reported(event.rejected)
         if event.error is not None:
             return self._fail(Cause.AGGREGATION_FAILED, event.error)
         self._move(Cause.AGGREGATED)
@@ -437,6 +439,24 @@ class Round:
             self.status(seconds=event.seconds),
             *self._open_next_round(),
         ]
+
+    def _reject_reported(self, rejected: tuple[tuple[str, str], ...]) -> list[Effect]:
+        """Reported selectors refused by the aggregation (their files changed since their
+        check): average the rest again, if enough are left."""
+        effects: list[Effect] = []
+        for selector, why in rejected:
+            if selector in self.reported:
+                self.reported.remove(selector)
+                self.rejected[selector] = why
+                effects.append(Log("ERROR", f"round {self.number}: rejected the contribution "
+                                            f"of {selector} while averaging: {why}"))  # fmt: skip
+        if not effects:  # nobody of this round: averaging the same again would not help
+            return self._fail(Cause.AGGREGATION_FAILED, "; ".join(why for _, why in rejected))
+        if not self._enough_reported():
+            return effects + self._fail(
+                Cause.TOO_FEW_REPORTS, self._shortfall("files were refused while averaging")
+            )
+        return effects + self._aggregate(Cause.FILES_CHANGED)
 
     def _open_next_round(self) -> list[Effect]:
         self._move(Cause.NEXT_ROUND)

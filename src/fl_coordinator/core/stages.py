@@ -88,6 +88,10 @@ class Cause(enum.Enum):
         "every selector has answered, or the reporting window has closed, and the usable "
         "reports hold less than `MIN_REPORTING_FRACTION` of the clients"
     )
+    FILES_CHANGED = (
+        "some selectors' files changed after their check: they are rejected, and the others "
+        "averaged again if they still hold `MIN_REPORTING_FRACTION` of the clients"
+    )
     AGGREGATED = "the new global checkpoint is in place"
     AGGREGATION_FAILED = "the aggregation fails (a file or the disk): nothing is replaced"
     NEXT_ROUND = "at once: the next round opens"
@@ -111,6 +115,8 @@ TRANSITIONS: Mapping[tuple[Stage, Cause], Stage] = MappingProxyType(
         (_S.REPORTING, _C.NONE_CONFIGURABLE): _S.FAILED,
         (_S.AGGREGATING, _C.AGGREGATED): _S.COMPLETED,
         (_S.AGGREGATING, _C.AGGREGATION_FAILED): _S.FAILED,
+        (_S.AGGREGATING, _C.FILES_CHANGED): _S.AGGREGATING,
+        (_S.AGGREGATING, _C.TOO_FEW_REPORTS): _S.FAILED,
         (_S.COMPLETED, _C.NEXT_ROUND): _S.SELECTION,
         (_S.FAILED, _C.NEXT_ROUND): _S.SELECTION,
     }

@@ -48,6 +48,7 @@ from ..rpc.listener import serve_grpc
 from ..storage.aggregation import AggregationError, sum_into
 from ..storage.atomic import write_atomic
 from ..storage.layout import Layout, check_selector_id
+from ..storage.untrusted import UntrustedFile
 from .checkin_batch import CheckInBatcher
 from .transfer import file_chunks, integer, receive_upload
 
@@ -110,7 +111,8 @@ def _sum_uploads(uploads: list[tuple[Path, int]], layout: Layout, selector_id: s
     def as_is(total: np.ndarray, _: np.ndarray, out: np.ndarray) -> None:
         np.copyto(out, total, casting="same_kind")
 
-    sum_into(paths[0], paths, layout.agg_checkpoint(selector_id), layout.tmp, as_is)
+    inputs = [UntrustedFile.at(path) for path in paths]
+    sum_into(paths[0], inputs, layout.agg_checkpoint(selector_id), layout.tmp, as_is)
     write_atomic(layout.agg_weight(selector_id), f"{weight}\n".encode(), layout.tmp)
     return weight
 

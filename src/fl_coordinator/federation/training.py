@@ -18,6 +18,7 @@ import numpy as np
 
 from ..storage.aggregation import sum_into
 from ..storage.model import import_keras
+from ..storage.untrusted import UntrustedFile
 from ..storage.weights import upload_encoding
 
 __all__ = [
@@ -140,4 +141,11 @@ def write_update(checkpoint: Path, trained: Path, n: int, dest: Path) -> None:
 
     # Its temporary file is renamed over ``dest``: same folder, same file system.
     with tempfile.TemporaryDirectory(dir=dest.parent) as folder:
-        sum_into(checkpoint, [trained], dest, Path(folder), update, encode=upload_encoding)
+        sum_into(
+            checkpoint,
+            [UntrustedFile.at(trained)],
+            dest,
+            Path(folder),
+            update,
+            encode=upload_encoding,
+        )

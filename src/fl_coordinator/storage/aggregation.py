@@ -26,7 +26,15 @@ How it is laid out, and why:
   batch counts lose digits in float32; complex128 and long double for those
   types) and the result is written in each dataset's own encoding.
 * Nothing touches the global checkpoint until the new file is complete and
-  on disk; then one rename publishes it (see :func:`layout.atomic_target`).
+  on disk; then one rename publishes it (see :func:`.atomic.atomic_target`).
+
+The inputs are untrusted files (a selector's aggregate, a client's upload):
+each is opened and each of its datasets reached by the rules of
+``untrusted.py``. For the coordinator they have passed their check already
+(``contribution.py``, in a worker process); what could still go wrong is a
+file changed since. An input that is not the file that was checked, or is
+written to while it is read, is refused (:class:`ContributionsRefused`)
+before anything is published, and the caller averages the others.
 """
 
 from __future__ import annotations
@@ -41,10 +49,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import AggregationError, CheckpointError, ShuttingDown, os_error_text
+from ..errors import (
+    AggregationError,
+    CheckpointError,
+    ContributionError,
+    ContributionsRefused,
+    ShuttingDown,
+    os_error_text,
+)
 from .atomic import atomic_target
 from .checkpoint import open_checkpoint
-from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, accepts, encoding_of, read_plan
+from .untrusted import Opened, UntrustedFile, dataset_at
+from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
 __all__ = [
     "SLAB_BYTES",
@@ -53,26 +69,27 @@ __all__ = [
     "Contribution",
     "Finish",
     "aggregate",
-    "check_contribution",
-    "read_weight",
+    "read_into",
+    "slab_shape",
     "slabs",
     "sum_into",
 ]
 
 __all__: list[str] = []
 
-#: A selector's weight is a count of training batches; anything above this is
-#: a broken file, not a real federation (and would lose float64 precision).
-_MAX_WEIGHT = 2**53
-
 
 @dataclass(frozen=True)
 class Contribution:
-    """One selector's aggregate: ``checkpoint`` holds ``A_s``, ``weight`` holds ``N_s``."""
+    """One selector's aggregate ``A_s`` (``checkpoint``) and its weight ``N_s``.
+
+    Made by the check of the selector's files (:func:`.contribution.examine`):
+    the weight is the number read then, the checkpoint carries the identity
+    of the file that passed.
+    """
 
     selector: str
-    checkpoint: Path
-    weight: Path
+    checkpoint: UntrustedFile
+    weight: int
 
 
 @dataclass(frozen=True)
@@ -89,65 +106,47 @@ Aggregator = Callable[
 ]
 
 
-def read_weight(path: Path) -> int:
-    """Read a selector's ``fl_agg_checkpoint_weight``: a positive decimal integer."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise AggregationError(f"{path}: weight file is missing") from None
-    except OSError as error:
-        raise AggregationError(f"{path}: weight file is unreadable ({error.strerror})") from None
-    text = raw.decode("ascii", errors="replace").strip()
-    if not text:
-        raise AggregationError(f"{path}: weight file is empty")
-    if not text.isdigit():
-        raise AggregationError(f"{path}: weight {text[:40]!r} is not a decimal integer")
-    weight = int(text)
-    if weight <= 0:
-        raise AggregationError(f"{path}: weight is {weight}; it must be at least 1")
-    if weight > _MAX_WEIGHT:
-        raise AggregationError(f"{path}: weight {weight} is absurdly large (> {_MAX_WEIGHT})")
-    return weight
-
-
-def _open_h5(path: Path, stack: ExitStack, what: str) -> h5py.File:
-    if not path.exists():
-        raise AggregationError(f"{path}: {what} is missing")
-    try:
-        return stack.enter_context(h5py.File(path, "r"))
-    except OSError as error:
-        raise AggregationError(f"{path}: {what} is not a readable HDF5 file ({error})") from None
-
-
 class _Source:
     """One input's dataset of a weight array, with its encoding and file (for messages)."""
 
-    __slots__ = ("dataset", "encoding", "path")
+    __slots__ = ("dataset", "encoding", "opened", "path")
 
-    def __init__(self, dataset: h5py.Dataset, encoding: Encoding, path: Path) -> None:
-        self.dataset, self.encoding, self.path = dataset, encoding, path
+    def __init__(
+        self, dataset: h5py.Dataset, encoding: Encoding, path: Path, opened: Opened | None
+    ) -> None:
+        self.dataset, self.encoding, self.path, self.opened = dataset, encoding, path, opened
 
 
-def _matching(file: h5py.File, weight: Weight, path: Path) -> _Source:
-    """An aggregate's dataset of ``weight``, checked against its shape and encoding."""
-    name = weight.name
-    dataset = file.get(name)
-    if not isinstance(dataset, h5py.Dataset):
-        raise AggregationError(f"{path}: dataset {name!r} is missing")
-    if dataset.shape != weight.shape:
-        raise AggregationError(
-            f"{path}: dataset {name!r} has shape {dataset.shape}, expected {weight.shape}"
-        )
+def _open_inputs(inputs: Sequence[UntrustedFile], stack: ExitStack) -> list[Opened]:
+    """Open every input; refuse all that cannot be, at once (one retry, not one per input)."""
+    opened: list[Opened] = []
+    refused: dict[str, str] = {}
+    for source in inputs:
+        try:
+            opened.append(stack.enter_context(source.open_hdf5("aggregate checkpoint")))
+        except ContributionError as error:
+            refused[str(source.path)] = str(error)
+    if refused:
+        raise ContributionsRefused(refused)
+    return opened
+
+
+def _refused(path: Path, name: str, error: Exception) -> ContributionsRefused:
+    """Input ``path`` refused because dataset ``name`` of it could not be used."""
+    if isinstance(error, ContributionError):
+        return ContributionsRefused({str(path): str(error)})
+    reason = f"{path}: dataset {name!r} cannot be read ({type(error).__name__}: {error})"
+    return ContributionsRefused({str(path): reason})
+
+
+def _input(opened: Opened, weight: Weight) -> _Source:
+    """An input's dataset of ``weight``, by the rules of untrusted files; refused otherwise."""
+    path = opened.source.path
     try:
-        encoding = encoding_of(dataset)
-    except ValueError:
-        encoding = None
-    if encoding is None or not accepts(weight.encoding, encoding):
-        given = encoding.name if encoding is not None else str(dataset.dtype)
-        raise AggregationError(
-            f"{path}: dataset {name!r} has dtype {given}, expected {weight.encoding.name}"
-        )
-    return _Source(dataset, encoding, path)
+        dataset, encoding = dataset_at(opened.file, weight, path)
+    except (ContributionError, OSError, RuntimeError, TypeError, ValueError) as error:
+        raise _refused(path, weight.name, error) from None
+    return _Source(dataset, encoding, path, opened)
 
 
 #: Arrays are streamed in slabs of about this many bytes (in float64): memory
@@ -167,27 +166,35 @@ def slabs(shape: tuple[int, ...], itemsize: int = 8) -> list[tuple[slice, ...]]:
     return [(slice(start, min(start + step, shape[0])),) for start in range(0, shape[0], step)]
 
 
-def _slab_shape(shape: tuple[int, ...], selection: tuple[slice, ...]) -> tuple[int, ...]:
+def slab_shape(shape: tuple[int, ...], selection: tuple[slice, ...]) -> tuple[int, ...]:
+    """The shape of ``selection`` (one of :func:`slabs`) of an array of ``shape``."""
     if not selection:
         return shape
     rows = selection[0]
     return (rows.stop - rows.start, *shape[1:])
 
 
-def _read_into(
-    buffer: np.ndarray,
-    dataset: h5py.Dataset,
-    path: Path,
-    selection: tuple[slice, ...],
-    error: type[AggregationError] = AggregationError,
+def read_into(
+    buffer: np.ndarray, dataset: h5py.Dataset, selection: tuple[slice, ...]
 ) -> np.ndarray:
     """Read ``dataset[selection]`` into (the leading rows of) ``buffer``; return that view."""
     rows = buffer[: selection[0].stop - selection[0].start] if selection else buffer
-    try:
-        dataset.read_direct(rows, source_sel=selection or None)
-    except OSError as reason:
-        raise error(f"{path}: dataset {dataset.name!r} cannot be read ({reason})") from None
+    dataset.read_direct(rows, source_sel=selection or None)
     return rows
+
+
+def _read(buffer: np.ndarray, source: _Source, selection: tuple[slice, ...]) -> np.ndarray:
+    """One slab of ``source``, decoded: an input's failure refuses it, the template's is
+    a CheckpointError."""
+    try:
+        raw = read_into(buffer, source.dataset, selection)
+    except OSError as error:
+        if source.opened is not None:
+            raise _refused(source.path, source.dataset.name, error) from None
+        raise CheckpointError(
+            f"{source.path}: dataset {source.dataset.name!r} cannot be read ({error})"
+        ) from None
+    return source.encoding.decode(raw)
 
 
 def _copy_attrs(source: h5py.HLObject, dest: h5py.HLObject, skip: Sequence[str] = ()) -> None:
@@ -243,19 +250,32 @@ def _copy_layout(
 Finish = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 
-def _non_finite(sources: Sequence[_Source], selection: tuple[slice, ...]) -> str:
-    """Which files hold NaN or Inf in ``selection`` (only run once a slab failed the test)."""
-    culprits = [
-        str(source.path)
+def _non_finite(
+    name: str, sources: Sequence[_Source], like: _Source, selection: tuple[slice, ...]
+) -> AggregationError:
+    """Which file holds NaN or Inf in ``selection`` (only run once a slab failed the test).
+
+    An input is refused alone; NaN or Inf in the template, or nowhere (the
+    result overflows its dtype), is a failure of the whole average.
+    """
+
+    def finite(source: _Source) -> bool:
+        return bool(np.all(np.isfinite(source.encoding.decode(source.dataset[selection]))))
+
+    refused = {
+        str(source.path): f"{source.path}: dataset {name!r} contains NaN or Inf"
         for source in sources
-        if not np.all(np.isfinite(source.encoding.decode(np.asarray(source.dataset[selection]))))
-    ]
-    return ", ".join(culprits) or "the result (overflow of the dtype)"
+        if not finite(source)
+    }
+    if refused:
+        return ContributionsRefused(refused)
+    where = like.path if not finite(like) else "the result (overflow of the dtype)"
+    return AggregationError(f"dataset {name!r} contains NaN or Inf in {where}")
 
 
 def sum_into(
     template: Path,
-    inputs: Sequence[Path],
+    inputs: Sequence[UntrustedFile],
     dest: Path,
     tmp_dir: Path,
     finish: Finish,
@@ -269,12 +289,16 @@ def sum_into(
     for NaN/Inf, computed slab by slab. Each weight is written in its own
     encoding, or in ``encode(its encoding)``. ``dest`` is replaced atomically,
     and only if everything succeeded (it may be ``template`` itself). Returns
-    (arrays written, input bytes read). A problem with ``template`` itself is
-    a CheckpointError (CheckpointLocked while another process holds it).
+    (arrays written, input bytes read).
+
+    Raises ContributionsRefused (keyed by path) for inputs that cannot be used
+    (or were written to while read), CheckpointError for a problem with
+    ``template`` itself (CheckpointLocked while another process holds it),
+    AggregationError for anything else.
     """
     bytes_read = 0
     with ExitStack() as stack:
-        files = [_open_h5(path, stack, "aggregate checkpoint") for path in inputs]
+        opened = _open_inputs(inputs, stack)
         base = open_checkpoint(template, stack)
         plan = read_plan(base, template)
         outputs = {w.name: encode(w.encoding) if encode else w.encoding for w in plan}
@@ -282,10 +306,8 @@ def sum_into(
         with atomic_target(dest, tmp_dir, large=True) as tmp, h5py.File(tmp, "w") as out:
             targets = _copy_layout(base, out, changed)
             for weight in plan:
-                sources = [
-                    _matching(file, weight, path) for file, path in zip(files, inputs, strict=True)
-                ]
-                like = _Source(base[weight.name], weight.encoding, template)
+                sources = [_input(source, weight) for source in opened]
+                like = _Source(base[weight.name], weight.encoding, template, None)
                 bytes_read += _sum_weight(
                     weight,
                     like,
@@ -295,6 +317,16 @@ def sum_into(
                     finish,
                     cancel,
                 )
+            # Last, before the rename publishes anything: an input written to while
+            # it was read may have given bytes nobody checked.
+            written_to = {
+                str(source.source.path): f"{source.source.path}: aggregate checkpoint "
+                "changed while it was being averaged"
+                for source in opened
+                if source.changed()
+            }
+            if written_to:
+                raise ContributionsRefused(written_to)
     return len(plan), bytes_read
 
 
@@ -309,7 +341,7 @@ def _sum_weight(
 ) -> int:
     """Write ``target`` = ``finish(sum of sources, like)``, slab by slab; return bytes read."""
     selections = slabs(weight.shape, weight.encoding.accumulator.itemsize)
-    largest = _slab_shape(weight.shape, selections[0])
+    largest = slab_shape(weight.shape, selections[0])
     sums = np.empty(largest, weight.encoding.accumulator)
     result = np.empty(largest, output.stored)
     buffers: dict[tuple[np.dtype, bool], np.ndarray] = {}  # read buffers, by stored dtype
@@ -326,15 +358,13 @@ def _sum_weight(
             if key not in buffers:
                 buffers[key] = np.empty(largest, source.encoding.stored)
             buffer = buffers[key]
-        error = CheckpointError if source is like else AggregationError
-        raw = _read_into(buffer, source.dataset, source.path, selection, error)
-        return source.encoding.decode(raw)
+        return _read(buffer, source, selection)
 
     bytes_read = 0
     for selection in selections:
         if cancel is not None and cancel.is_set():
             raise ShuttingDown("aggregation cancelled: shutting down")
-        rows = _slab_shape(weight.shape, selection)[:1] if selection else ()
+        rows = slab_shape(weight.shape, selection)[:1] if selection else ()
         total = sums[: rows[0]] if rows else sums
         # The first two inputs start the sum in one pass (the memory traffic is
         # what costs: no zeros pass, no cast copy); ``result`` holds the second
@@ -359,8 +389,7 @@ def _sum_weight(
         # the values' sum non-finite: one cheap test per slab (on the result,
         # in its own dtype), the exact search only if it fails.
         if not np.isfinite(values.sum()) and not np.all(np.isfinite(values)):
-            where = _non_finite([*sources, like], selection)
-            raise AggregationError(f"dataset {weight.name!r} contains NaN or Inf in {where}")
+            raise _non_finite(weight.name, sources, like, selection)
         target.write_direct(stored, dest_sel=selection or None)
     return bytes_read
 
@@ -374,13 +403,15 @@ def aggregate(
     """Replace ``checkpoint`` by the FedAvg of ``contributions``; raise AggregationError.
 
     On any error (or when ``cancel`` is set) the checkpoint is left untouched.
-    Errors of the checkpoint itself, including a new one that cannot be
-    written (a full or read-only disk), are CheckpointError.
+    Contributions that cannot be used (their files changed since their check)
+    are refused with ContributionsRefused, keyed by selector. Errors of the
+    checkpoint itself, including a new one that cannot be written (a full or
+    read-only disk), are CheckpointError.
     """
     if not contributions:
         raise AggregationError("no selector aggregates to average")
     started = time.perf_counter()
-    total_weight = sum(read_weight(c.weight) for c in contributions)
+    total_weight = sum(c.weight for c in contributions)
 
     def finish(total: np.ndarray, current: np.ndarray, out: np.ndarray) -> None:
         total /= total_weight
@@ -389,6 +420,10 @@ def aggregate(
     inputs = [c.checkpoint for c in contributions]
     try:
         arrays, bytes_read = sum_into(checkpoint, inputs, checkpoint, tmp_dir, finish, cancel)
+    except ContributionsRefused as refused:
+        selector_of = {str(c.checkpoint.path): c.selector for c in contributions}
+        reasons = {selector_of[path]: reason for path, reason in refused.reasons.items()}
+        raise ContributionsRefused(reasons) from None
     except OSError as error:  # reading errors are AggregationErrors: this is the writing
         raise CheckpointError(
             f"cannot write the new global checkpoint {checkpoint} (through {tmp_dir}): "
@@ -400,27 +435,3 @@ def aggregate(
         total_weight=total_weight,
         seconds=time.perf_counter() - started,
     )
-
-
-def check_contribution(plan: Sequence[Weight], contribution: Contribution) -> None:
-    """Raise AggregationError unless a selector's files can be averaged into a checkpoint.
-
-    ``plan`` is the checkpoint's weight arrays (read once, at start-up: the
-    global file itself is not opened here, so another process's lock on it
-    never makes a selector look bad). Run when the selector reports, so that
-    one bad selector is rejected on its own (the round goes on with the
-    others) instead of failing the whole aggregation later. It reads every
-    array once: NaN and Inf hide anywhere.
-    """
-    read_weight(contribution.weight)
-    path = contribution.checkpoint
-    with ExitStack() as stack:
-        aggregate_file = _open_h5(path, stack, "aggregate checkpoint")
-        for weight in plan:
-            source = _matching(aggregate_file, weight, path)
-            selections = slabs(weight.shape, source.encoding.stored.itemsize)
-            buffer = np.empty(_slab_shape(weight.shape, selections[0]), source.encoding.stored)
-            for selection in selections:
-                part = source.encoding.decode(_read_into(buffer, source.dataset, path, selection))
-                if not np.all(np.isfinite(part)):
-                    raise AggregationError(f"dataset {weight.name!r} contains NaN or Inf in {path}")

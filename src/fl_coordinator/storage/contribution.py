@@ -1,0 +1,149 @@
+"""The check of one selector's contribution: what ``checker.py`` runs in a worker process.
+
+:func:`examine` reads a selector's weight and aggregate by the rules of
+``untrusted.py``, against the layout of the global checkpoint
+(:class:`CheckpointSpec`, read by the coordinator from its own file and
+passed in, so that the check never touches the global checkpoint and a
+problem with that file is never blamed on a selector). It reads every value
+once (NaN and Inf hide anywhere) and returns the :class:`Contribution` the
+aggregation will use: the weight as read, and the identity of the aggregate
+that passed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import ContributionError
+from .aggregation import Contribution, read_into, slab_shape, slabs
+from .untrusted import WEIGHT_MAX_BYTES, FileIdentity, UntrustedFile, dataset_at
+from .weights import Encoding, Weight
+
+__all__ = [
+    "MAX_WEIGHT",
+    "SETTLE_SECONDS",
+    "CheckpointSpec",
+    "SelectorFiles",
+    "examine",
+    "read_weight",
+]
+
+#: A selector's weight is a count of training batches; anything above this is
+#: a broken file, not a real federation (and would lose float64 precision).
+MAX_WEIGHT = 2**53
+
+#: How long after its last change a file is left alone before it is checked.
+#: File times advance in clock ticks (1 to 10 ms on Linux): a file rewritten in
+#: the same tick as its last change would keep its identity, so the check waits
+#: until that tick is over and any later write shows (see FileIdentity).
+SETTLE_SECONDS = 0.02
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """What a selector's aggregate must hold: the global checkpoint's weight arrays.
+
+    ``plan`` is the checkpoint's plan (:func:`.weights.read_plan`, read by the
+    coordinator at start-up from its own file); ``file_bytes`` is the size of
+    the checkpoint file.
+    """
+
+    plan: tuple[Weight, ...]
+    file_bytes: int
+
+    @property
+    def max_aggregate_bytes(self) -> int:
+        """Largest aggregate file read: twice the checkpoint's values and file, plus 16 MiB.
+
+        An aggregate holds the same arrays as the checkpoint (uncompressed, as
+        Keras writes them; 16-bit ones may be uploaded twice as wide) and may
+        carry its other data too; HDF5's own overhead differs between
+        writers, hence the slack.
+        """
+        values = sum(
+            int(np.prod(w.shape, dtype=object)) * w.encoding.stored.itemsize for w in self.plan
+        )
+        return 2 * (values + self.file_bytes) + 16 * 2**20
+
+
+@dataclass(frozen=True)
+class SelectorFiles:
+    """Where a selector's files are: ``root/<selector>/<checkpoint>`` and ``.../<weight>``."""
+
+    root: Path
+    checkpoint: str
+    weight: str
+
+    def of(self, selector: str, name: str) -> UntrustedFile:
+        return UntrustedFile(self.root, f"{selector}/{name}")
+
+
+def read_weight(source: UntrustedFile) -> int:
+    """A selector's ``fl_agg_checkpoint_weight``: a positive decimal integer, read once."""
+    fd, _ = source.open_fd("weight file", WEIGHT_MAX_BYTES)
+    try:
+        raw = os.read(fd, WEIGHT_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    path = source.path
+    text = raw.decode("ascii", errors="replace").strip()
+    if not text:
+        raise ContributionError(f"{path}: weight file is empty")
+    if not text.isdigit():
+        raise ContributionError(f"{path}: weight {text[:20]!r} is not a decimal integer")
+    weight = int(text)
+    if weight <= 0:
+        raise ContributionError(f"{path}: weight is {weight}; it must be at least 1")
+    if weight > MAX_WEIGHT:
+        raise ContributionError(
+            f"{path}: weight of {len(text)} digits is absurdly large (> 2**53 = {MAX_WEIGHT})"
+        )
+    return weight
+
+
+def _settled(fd: int) -> os.stat_result:
+    """``fstat`` of ``fd`` once its last change is at least SETTLE_SECONDS old."""
+    status = os.fstat(fd)
+    age = time.time() - status.st_ctime_ns / 1e9
+    if age < SETTLE_SECONDS:
+        time.sleep(SETTLE_SECONDS - max(age, 0.0))  # a clock behind the file's: still bounded
+        status = os.fstat(fd)
+    return status
+
+
+def _check_values(dataset: h5py.Dataset, encoding: Encoding, name: str, path: Path) -> None:
+    selections = slabs(dataset.shape, encoding.stored.itemsize)
+    buffer = np.empty(slab_shape(dataset.shape, selections[0]), encoding.stored)
+    for selection in selections:
+        part = encoding.decode(read_into(buffer, dataset, selection))
+        if not np.all(np.isfinite(part)):
+            raise ContributionError(f"{path}: dataset {name!r} contains NaN or Inf")
+
+
+def examine(selector: str, files: SelectorFiles, spec: CheckpointSpec) -> Contribution:
+    """Check ``selector``'s files against ``spec``; raise ContributionError if unusable."""
+    weight = read_weight(files.of(selector, files.weight))
+    source = files.of(selector, files.checkpoint)
+    with source.open_hdf5("aggregate checkpoint", spec.max_aggregate_bytes) as opened:
+        before = FileIdentity.of(_settled(opened.fd))
+        try:
+            for array in spec.plan:
+                dataset, encoding = dataset_at(opened.file, array, source.path)
+                _check_values(dataset, encoding, array.name, source.path)
+        except (OSError, RuntimeError) as error:
+            # HDF5's answers to a malformed file (a broken B-tree, a truncated
+            # dataset, ...): the file's fault.
+            raise ContributionError(
+                f"{source.path}: aggregate checkpoint cannot be read "
+                f"({type(error).__name__}: {error})"
+            ) from None
+        if FileIdentity.of(os.fstat(opened.fd)) != before:
+            raise ContributionError(f"{source.path}: aggregate checkpoint changed while checked")
+    checked = UntrustedFile(source.root, source.name, before)
+    return Contribution(selector, checked, weight)

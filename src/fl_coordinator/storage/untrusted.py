@@ -1,0 +1,349 @@
+"""Reading a selector's files as untrusted input.
+
+A selector's folder (``FL_ROOT_PATH/<selector-id>/``) is written by another
+party, on storage the coordinator does not control: it may hold any file
+type, any link and any HDF5 feature. Everything the coordinator reads there
+goes through this module, the way a browser treats a downloaded file: what
+could reach outside the folder, block, or claim unbounded memory is refused
+before it is used, with a :class:`~fl_coordinator.errors.ContributionError`
+that names the file and what is wrong with it.
+
+* **Paths.** Every component below the (trusted) root is opened with
+  ``O_NOFOLLOW`` relative to its parent's descriptor, so no symbolic link is
+  followed, neither the selector's folder nor the file. The file is first
+  looked at with ``lstat``: anything but a regular file (a FIFO, a device, a
+  socket, a link) is refused *without being opened*, because opening a FIFO
+  blocks until a writer comes and opening a device can have side effects.
+  Then it is opened ``O_NONBLOCK`` and ``fstat``-ed: a file swapped in
+  between (not the inode ``lstat`` saw, or no longer a regular file) is
+  refused. A file with more than one hard link is refused too: it is also
+  a file somewhere else. Folder descriptors are closed as soon as the file
+  is open, so a check holds one descriptor, whatever the number of
+  selectors.
+* **Sizes.** The size is known before anything is read: a weight file is
+  read only if it is at most :data:`WEIGHT_MAX_BYTES`, an aggregate only if
+  it is not absurdly larger than the global checkpoint implies.
+* **HDF5.** The aggregate is opened from the descriptor (h5py's ``fileobj``
+  driver), so HDF5 never resolves a path to it. A dataset is reached
+  through hard links only, one path component at a time, never through a
+  soft, external or user-defined link (HDF5 would follow those, into
+  other files and FIFOs). Refused, before any value is read: virtual
+  datasets (their values live in other files), external raw storage (the
+  bytes of any file, ``/etc/passwd`` included), filters other than
+  :data:`SAFE_FILTERS`, chunks larger than :data:`CHUNK_MAX_BYTES`. No
+  compression is accepted: HDF5 inflates a deflate stream into a buffer it
+  doubles until the stream ends, so a chunk declared small can claim any
+  amount of memory, and its decompression time has no bound either. Keras
+  and the Go selectors write uncompressed files.
+* **Identity.** :class:`FileIdentity` records which file, exactly, passed
+  its check (device, inode, size, modification and change times): the
+  aggregation opens the file again by the same rules and refuses it if it
+  is not the same, unchanged file (see ``checker.py``).
+
+Text taken from a file (link targets, HDF5 messages, names) reaches logs
+and status messages only through :func:`clip`: escaped and cut short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import h5py
+import numpy as np
+
+from ..errors import ContributionError
+from .weights import Encoding, Weight, accepts, encoding_of
+
+__all__ = [
+    "CHUNK_MAX_BYTES",
+    "REASON_MAX_CHARS",
+    "SAFE_FILTERS",
+    "WEIGHT_MAX_BYTES",
+    "FileIdentity",
+    "Opened",
+    "UntrustedFile",
+    "clip",
+    "dataset_at",
+]
+
+#: A weight file holds a decimal integer below 2**53 (16 digits) and a newline;
+#: nothing longer is read.
+WEIGHT_MAX_BYTES = 64
+
+#: Largest chunk of a selector's dataset, in bytes (h5py's automatic chunks are
+#: at most 1 MiB; Keras writes no chunks at all). Reading a chunk costs its size
+#: in memory, so this bounds what a file can make the coordinator allocate.
+CHUNK_MAX_BYTES = 8 * 2**20
+
+#: HDF5 filters a selector's dataset may use: neither changes the size of the
+#: data (shuffle reorders bytes, fletcher32 adds a 4-byte checksum).
+SAFE_FILTERS = {h5py.h5z.FILTER_SHUFFLE: "shuffle", h5py.h5z.FILTER_FLETCHER32: "fletcher32"}
+
+#: Longest reason (from a file) put in a log line or a status message.
+REASON_MAX_CHARS = 300
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def clip(text: str, limit: int = REASON_MAX_CHARS) -> str:
+    """``text`` with every character outside printable ASCII escaped, cut to ``limit``."""
+    text = text[: limit * 2]  # escaping only lengthens: no need to look further
+    escaped = _NOT_PRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a person."""
+    kinds = [(stat.S_ISLNK, "a symbolic link (links are not followed)"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a regular file")]  # fmt: skip
+    return next((text for test, text in kinds if test(mode)), "not a regular file")
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file, in which state: equal identities mean the same, unchanged file.
+
+    The change time (``ctime``) is set by the kernel on every write, rename or
+    ``chmod`` and cannot be set back by the writer (``mtime`` can): a file
+    rewritten in place after its check has another one.
+    """
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> FileIdentity:
+        return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns,
+                   status.st_ctime_ns)  # fmt: skip
+
+
+def _folder_problem(dir_fd: int, name: str, error: OSError) -> str:
+    """Why folder ``name`` (in ``dir_fd``) could not be opened without following links."""
+    try:
+        found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return "is missing"
+    except OSError:
+        found = None
+    if found is not None and not stat.S_ISDIR(found.st_mode):
+        return f"is {_kind(found.st_mode)}, not a folder"
+    return f"cannot be opened ({error.strerror})"
+
+
+def _check_regular(status: os.stat_result, path: Path, what: str, max_bytes: int | None) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        raise ContributionError(f"{path}: {what} is {_kind(status.st_mode)}, not a regular file")
+    if status.st_nlink != 1:
+        raise ContributionError(
+            f"{path}: {what} has {status.st_nlink} hard links; it must be a file of its own, "
+            "not a link to a file elsewhere"
+        )
+    if max_bytes is not None and status.st_size > max_bytes:
+        raise ContributionError(
+            f"{path}: {what} is {status.st_size} bytes; at most {max_bytes} are expected"
+        )
+
+
+@dataclass(frozen=True)
+class UntrustedFile:
+    """The file ``root/name``, every component of ``name`` opened without following links.
+
+    ``root`` is trusted (``FL_ROOT_PATH``, which an operator may well make a
+    link). With an ``identity``, the file must still be the one it names.
+    """
+
+    root: Path
+    name: str
+    identity: FileIdentity | None = None
+
+    @classmethod
+    def at(cls, path: Path) -> UntrustedFile:
+        """``path``, whose last component only is untrusted."""
+        return cls(path.parent, path.name)
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.name
+
+    def open_fd(self, what: str, max_bytes: int | None = None) -> tuple[int, os.stat_result]:
+        """Open the file read-only and non-blocking; return the descriptor and its ``fstat``.
+
+        Raises ContributionError, naming the file, if a component is a link or
+        not a folder, the file is not a regular file of its own, is larger than
+        ``max_bytes``, or is not (any more) the file of ``identity``.
+        """
+        parts = PurePosixPath(self.name).parts
+        if not parts or parts[0] == "/" or ".." in parts:
+            raise ValueError(f"not a relative path below the root: {self.name!r}")
+        dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for depth, part in enumerate(parts[:-1], start=1):
+                try:
+                    inner = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
+                except OSError as error:
+                    where = self.root.joinpath(*parts[:depth])
+                    problem = _folder_problem(dir_fd, part, error)
+                    raise ContributionError(
+                        f"{self.path}: {what} cannot be read: its folder {where} {problem}"
+                    ) from None
+                os.close(dir_fd)
+                dir_fd = inner
+            return self._open_last(dir_fd, parts[-1], what, max_bytes)
+        finally:
+            os.close(dir_fd)
+
+    def _open_last(
+        self, dir_fd: int, name: str, what: str, max_bytes: int | None
+    ) -> tuple[int, os.stat_result]:
+        path = self.path
+        try:
+            seen = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise ContributionError(f"{path}: {what} is missing") from None
+        except OSError as error:
+            raise ContributionError(f"{path}: {what} cannot be read ({error.strerror})") from None
+        _check_regular(seen, path, what, max_bytes)  # a FIFO or a device is never opened
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        except OSError as error:
+            raise ContributionError(f"{path}: {what} cannot be opened ({error.strerror})") from None
+        try:
+            status = os.fstat(fd)
+            if (status.st_dev, status.st_ino) != (seen.st_dev, seen.st_ino):
+                raise ContributionError(f"{path}: {what} was replaced while it was being opened")
+            _check_regular(status, path, what, max_bytes)
+            if self.identity is not None and FileIdentity.of(status) != self.identity:
+                raise ContributionError(f"{path}: {what} changed after it was checked")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, status
+
+    @contextlib.contextmanager
+    def open_hdf5(self, what: str, max_bytes: int | None = None) -> Iterator[Opened]:
+        """The file as HDF5, read through its descriptor (see :meth:`open_fd`)."""
+        fd, status = self.open_fd(what, max_bytes)
+        try:
+            with open(fd, "rb", buffering=0, closefd=False) as raw:
+                try:
+                    # rdcc_nbytes=0: no chunk cache per open file, so K open inputs cost
+                    # K times nothing; each slab is read once anyway.
+                    file = h5py.File(raw, "r", rdcc_nbytes=0)
+                except (OSError, ValueError) as error:
+                    raise ContributionError(
+                        f"{self.path}: {what} is not a readable HDF5 file ({error})"
+                    ) from None
+                with file:
+                    yield Opened(self, file, fd, FileIdentity.of(status))
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """An :class:`UntrustedFile` open as HDF5; ``identity`` is what ``fstat`` said at open."""
+
+    source: UntrustedFile
+    file: h5py.File
+    fd: int
+    identity: FileIdentity
+
+    def changed(self) -> bool:
+        """Whether the open file is no longer what it was when opened (written meanwhile)."""
+        return FileIdentity.of(os.fstat(self.fd)) != self.identity
+
+
+def _link_problem(group: h5py.Group, name: bytes, kind: int) -> str:
+    if kind == h5py.h5l.TYPE_SOFT:
+        target = group.id.links.get_val(name).decode(errors="replace")
+        return f"is a soft link to {target!r} (only hard links are followed)"
+    if kind == h5py.h5l.TYPE_EXTERNAL:
+        file_name, object_name = (v.decode(errors="replace") for v in group.id.links.get_val(name))
+        return (
+            f"is an external link to {object_name!r} in {file_name!r} "
+            "(links out of the file are refused)"
+        )
+    return f"is a user-defined link (type {kind}; only hard links are followed)"
+
+
+def _storage_problem(dataset: h5py.Dataset) -> str | None:
+    """Why HDF5 would read more than this file, or unbounded memory, to read ``dataset``."""
+    plist = dataset.id.get_create_plist()
+    layout = plist.get_layout()
+    if layout == h5py.h5d.VIRTUAL:
+        return "is a virtual dataset (VDS): its values live in other files"
+    if plist.get_external_count():
+        first = plist.get_external(0)[0].decode(errors="replace")
+        return f"stores its values in other files ({first!r}, ...: external storage)"
+    for index in range(plist.get_nfilters()):
+        code, _, _, label = plist.get_filter(index)
+        if code not in SAFE_FILTERS:
+            return (
+                f"is stored with filter {label.decode(errors='replace')!r} (id {code}); "
+                "aggregates must be uncompressed (accepted filters: "
+                f"{', '.join(SAFE_FILTERS.values())})"
+            )
+    if layout == h5py.h5d.CHUNKED:
+        chunk = plist.get_chunk()
+        nbytes = int(np.prod(chunk, dtype=object)) * dataset.dtype.itemsize
+        if nbytes > CHUNK_MAX_BYTES:
+            return f"declares chunks {chunk} of {nbytes} bytes; at most {CHUNK_MAX_BYTES} accepted"
+    return None
+
+
+def dataset_at(file: h5py.File, weight: Weight, path: Path) -> tuple[h5py.Dataset, Encoding]:
+    """The dataset of ``weight`` in an untrusted file, and its encoding, if it can be averaged.
+
+    Reached through hard links only; its storage must keep HDF5 inside this
+    file and within :data:`CHUNK_MAX_BYTES` per chunk; its shape must be the
+    weight's and its encoding one the weight accepts (its own, or a wider one:
+    see :func:`.weights.accepts`). Raises ContributionError otherwise.
+    """
+    name = weight.name
+    parts = name.split("/")
+    node: h5py.Group | h5py.Dataset = file
+    for depth, part in enumerate(parts, start=1):
+        where = "/".join(parts[:depth])
+        if not isinstance(node, h5py.Group):
+            raise ContributionError(f"{path}: {where!r} is not a group, so {name!r} is missing")
+        key = part.encode()
+        try:
+            kind = node.id.links.get_info(key).type
+        except (KeyError, RuntimeError):
+            raise ContributionError(f"{path}: dataset {name!r} is missing") from None
+        if kind != h5py.h5l.TYPE_HARD:
+            raise ContributionError(f"{path}: {where!r} {_link_problem(node, key, kind)}")
+        node = node[part]
+    if not isinstance(node, h5py.Dataset):
+        raise ContributionError(f"{path}: {name!r} is not a dataset")
+    problem = _storage_problem(node)
+    if problem is not None:
+        raise ContributionError(f"{path}: dataset {name!r} {problem}")
+    if node.shape != weight.shape:
+        raise ContributionError(
+            f"{path}: dataset {name!r} has shape {node.shape}, expected {weight.shape}"
+        )
+    try:
+        encoding = encoding_of(node)
+    except ValueError:
+        encoding = None
+    if encoding is None or not accepts(weight.encoding, encoding):
+        given = encoding.name if encoding is not None else clip(str(node.dtype), 60)
+        raise ContributionError(
+            f"{path}: dataset {name!r} has dtype {given}, expected {weight.encoding.name}"
+        )
+    return node, encoding

@@ -1,0 +1,134 @@
+"""What a process uses (Linux ``/proc``): resident memory, its high-water mark, its workers."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import termios
+from pathlib import Path
+
+import grpc
+import trio
+
+from fl_coordinator._proto import health_pb2
+
+
+def _field(pid: int | str, name: str) -> int:
+    """A ``kB`` field of /proc/<pid>/status, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"no {name} in /proc/{pid}/status")
+
+
+def rss(pid: int | str = "self") -> int:
+    return _field(pid, "VmRSS")
+
+
+def peak_rss(pid: int | str = "self") -> int:
+    """The resident high-water mark (VmHWM) since the process began, or since reset_peak."""
+    return _field(pid, "VmHWM")
+
+
+def reset_peak(pid: int | str = "self") -> int:
+    """Start the high-water mark again from the current resident size; return that size."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return rss(pid)
+
+
+def children(pid: int | str = "self") -> list[int]:
+    """Processes whose parent is ``pid``."""
+    parent = os.getpid() if pid == "self" else int(pid)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile
+            if int(fields[1]) == parent and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def check_workers(pid: int | str = "self") -> list[int]:
+    """The live processes that check selectors' files for ``pid``.
+
+    They are the children of its multiprocessing fork server, itself a child of ``pid``.
+    """
+    workers = []
+    for child in children(pid):
+        try:
+            if b"multiprocessing.forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.extend(children(child))
+        except OSError:
+            continue
+    return workers
+
+
+def unread_in_pipes(pid: int) -> int:
+    """Bytes waiting in the pipes process ``pid`` has open (a job sent to a stopped worker).
+
+    Each pipe is opened again through /proc (root may) and asked how much it
+    holds (FIONREAD), which reads nothing.
+    """
+    waiting = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if not os.readlink(fd).startswith("pipe:"):
+                continue
+            again = os.open(fd, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            waiting += int.from_bytes(fcntl.ioctl(again, termios.FIONREAD, bytes(4)), "little")
+        finally:
+            os.close(again)
+    return waiting
+
+
+async def job_sent_to(pid: int, limit: float = 10.0) -> None:
+    """Wait until a job waits in a pipe of worker ``pid`` (stopped, it cannot take it)."""
+    with trio.fail_after(limit):
+        while not unread_in_pipes(pid):  # noqa: ASYNC110 (no event for another process's pipe)
+            await trio.sleep(0.01)
+
+
+def health(port: int, timeout: float = 2.0) -> str:
+    """The health service's answer (grpcio, blocking), which must come within ``timeout``."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        answer = check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
+async def health_now(port: int, within: float = 2.0) -> str:
+    return await trio.to_thread.run_sync(health, port, within)
+
+
+def exists(pid: int) -> bool:
+    """Whether process ``pid`` is still there (a zombie not yet reaped counts)."""
+    return Path(f"/proc/{pid}").exists()
+
+
+async def thread_slots_in_use(limit: float = 10.0) -> int:
+    """trio's worker-thread slots that stay taken: all are borrowed back, waiting at most ``limit``.
+
+    Threads that finish free their slot and the borrow goes on, so a slot
+    counts as taken only if it is still held when the time is up (a leaked
+    thread holds its slot forever).
+    """
+    limiter = trio.to_thread.current_default_thread_limiter()
+    borrowers: list[object] = []
+    with trio.move_on_after(limit):
+        while len(borrowers) < limiter.total_tokens:
+            borrower = object()
+            await limiter.acquire_on_behalf_of(borrower)
+            borrowers.append(borrower)
+    for borrower in borrowers:
+        limiter.release_on_behalf_of(borrower)
+    return int(limiter.total_tokens) - len(borrowers)

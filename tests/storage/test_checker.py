@@ -1,0 +1,105 @@
+"""The check in worker processes: its memory limit, a worker that dies, the global checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import trio
+from helpers.peers import write_aggregate
+from helpers.resources import check_workers, exists, job_sent_to
+
+from fl_coordinator.storage import checker as checker_module
+from fl_coordinator.storage.aggregation import Contribution
+from fl_coordinator.storage.checker import ContributionChecker
+from fl_coordinator.storage.checkpoint import read_checkpoint_plan
+from fl_coordinator.storage.contribution import CheckpointSpec
+from fl_coordinator.storage.layout import Layout
+
+SELECTOR = "127.0.0.1:1"
+
+
+def spec_of(layout: Layout) -> CheckpointSpec:
+    """What the coordinator checks against: its checkpoint's plan, read at start-up."""
+    return CheckpointSpec(read_checkpoint_plan(layout.checkpoint), layout.checkpoint.stat().st_size)
+
+
+@pytest.fixture
+def reported(layout: Layout, keras_weights: list[Path]) -> Layout:
+    write_aggregate(layout, SELECTOR, keras_weights[0], weight=5)
+    return layout
+
+
+async def test_a_good_contribution_comes_back_with_its_weight_and_identity(
+    reported: Layout,
+) -> None:
+    checker = ContributionChecker(reported, spec_of(reported), timeout=60, workers=1)
+    async with checker.running():
+        found = await checker.check(SELECTOR)
+    assert isinstance(found, Contribution)
+    assert (found.selector, found.weight) == (SELECTOR, 5)
+    assert found.checkpoint.path == reported.agg_checkpoint(SELECTOR)
+    assert found.checkpoint.identity is not None
+    assert found.checkpoint.identity.inode == reported.agg_checkpoint(SELECTOR).stat().st_ino
+    assert check_workers() == []  # ended with the checker
+
+
+async def test_a_check_that_needs_more_memory_than_its_budget_is_rejected(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = {"layers/big/vars/0": np.zeros((1024, 1024), np.float32)}  # a slab is 4 MiB
+    for path in (layout.checkpoint, layout.agg_checkpoint(SELECTOR)):
+        path.parent.mkdir(exist_ok=True)
+        with h5py.File(path, "w") as file:
+            file.update(big)
+    layout.agg_weight(SELECTOR).write_text("5\n")
+    reported = layout
+    monkeypatch.setattr(checker_module, "MEMORY_BUDGET", 2**20)  # 1 MiB: less than a slab
+    checker = ContributionChecker(reported, spec_of(reported), timeout=60, workers=1)
+    async with checker.running():
+        found = await checker.check(SELECTOR)
+        assert found == (
+            f"{reported.selector_dir(SELECTOR)}: checking these files needed more than 1 MiB "
+            "of memory"
+        )
+        monkeypatch.undo()  # the same worker, its limit lifted, checks as usual again
+        assert isinstance(await checker.check(SELECTOR), Contribution)
+
+
+async def test_a_worker_that_dies_during_a_check_rejects_only_that_check(
+    reported: Layout,
+) -> None:
+    checker = ContributionChecker(reported, spec_of(reported), timeout=60, workers=1)
+    async with checker.running():
+        assert isinstance(await checker.check(SELECTOR), Contribution)  # a worker is up
+        (worker,) = check_workers()
+        os.kill(worker, signal.SIGSTOP)  # it takes the next check and makes no progress
+        async with trio.open_nursery() as nursery:
+            result: list[object] = []
+
+            async def check() -> None:
+                result.append(await checker.check(SELECTOR))
+
+            nursery.start_soon(check)
+            await job_sent_to(worker)
+            os.kill(worker, signal.SIGKILL)
+        assert result == [
+            f"{reported.selector_dir(SELECTOR)}: checking these files ended its worker process "
+            f"(exit {-signal.SIGKILL})"
+        ]
+        assert not exists(worker)
+        assert isinstance(await checker.check(SELECTOR), Contribution)  # a new worker
+
+
+async def test_a_check_never_opens_the_global_checkpoint(reported: Layout) -> None:
+    """A problem with the global checkpoint (unreadable, locked) is never a selector's."""
+    spec = spec_of(reported)
+    reported.checkpoint.write_bytes(b"not HDF5 any more")  # after start-up read the plan
+    checker = ContributionChecker(reported, spec, timeout=60, workers=1)
+    async with checker.running():
+        found = await checker.check(SELECTOR)
+    assert isinstance(found, Contribution) and found.weight == 5

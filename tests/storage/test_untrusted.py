@@ -1,0 +1,362 @@
+"""A selector's folder as untrusted input: each file type, link and HDF5 feature, one by one.
+
+These call the check (``contribution.examine``) and the aggregation directly;
+``tests/test_untrusted_selectors.py`` throws the same at a running coordinator.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import trio
+
+from fl_coordinator.errors import ContributionError, ContributionsRefused
+from fl_coordinator.storage import aggregation
+from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.checkpoint import read_checkpoint_plan
+from fl_coordinator.storage.contribution import (
+    CheckpointSpec,
+    SelectorFiles,
+    examine,
+)
+from fl_coordinator.storage.untrusted import CHUNK_MAX_BYTES, REASON_MAX_CHARS, clip
+
+GLOBAL = {
+    "layers/dense/vars/0": np.arange(20, dtype=np.float32).reshape(5, 4),
+    "layers/dense/vars/1": np.zeros(4, np.float32),
+}
+MARKER = 1234.5  # the value every file outside the selector's folder holds
+
+
+def write(path: Path, arrays: dict[str, np.ndarray], **options) -> Path:
+    with h5py.File(path, "w") as file:
+        for name, array in arrays.items():
+            file.create_dataset(name, data=array, **options)
+    return path
+
+
+def update(value: float = 0.5) -> dict[str, np.ndarray]:
+    return {name: np.full(array.shape, value, array.dtype) for name, array in GLOBAL.items()}
+
+
+class Problem:
+    """A root with the global checkpoint, a selector folder ``sel`` and files outside the root."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "root"
+        self.folder = self.root / "sel"
+        self.folder.mkdir(parents=True)
+        self.checkpoint = write(self.root / "fl_checkpoint", GLOBAL)
+        self.outside = tmp_path / "outside"
+        self.outside.mkdir()
+        write(self.outside / "fl_agg_checkpoint", update(MARKER))
+        (self.outside / "fl_agg_checkpoint_weight").write_text("7\n")
+        self.files = SelectorFiles(self.root, "fl_agg_checkpoint", "fl_agg_checkpoint_weight")
+        self.aggregate = self.folder / "fl_agg_checkpoint"
+        self.weight = self.folder / "fl_agg_checkpoint_weight"
+        write(self.aggregate, update())
+        self.weight.write_text("3\n")
+
+    @property
+    def spec(self) -> CheckpointSpec:
+        plan = read_checkpoint_plan(self.checkpoint)
+        return CheckpointSpec(plan, self.checkpoint.stat().st_size)
+
+    async def examine(self) -> Contribution:
+        """The check, in a thread with a deadline: a check that blocks fails the test."""
+        with trio.fail_after(20):
+            return await trio.to_thread.run_sync(
+                examine, "sel", self.files, self.spec, abandon_on_cancel=True
+            )
+
+    async def rejected(self, expected: str) -> str:
+        with pytest.raises(ContributionError) as raised:
+            await self.examine()
+        reason = clip(str(raised.value))
+        assert expected in reason
+        assert len(reason) <= REASON_MAX_CHARS
+        return reason
+
+
+@pytest.fixture
+def problem(tmp_path: Path) -> Problem:
+    return Problem(tmp_path)
+
+
+def fifo(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def unix_socket(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX) as bound:
+        bound.bind(str(path))
+
+
+def device(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # what /dev/zero is
+
+
+def link_outside(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.symlink_to(path.parent.parent.parent / "outside" / path.name)
+
+
+def hard_link_outside(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.link(path.parent.parent.parent / "outside" / path.name, path)
+
+
+def sparse(path: Path) -> None:
+    with open(path, "wb") as file:
+        file.truncate(2 * 2**30)  # 2 GiB that take no disk
+
+
+def folder_in_place(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.mkdir()
+
+
+FILE_KINDS = {
+    "fifo": (fifo, "is a FIFO (named pipe), not a regular file"),
+    "socket": (unix_socket, "is a socket, not a regular file"),
+    "device": (device, "is a character device, not a regular file"),
+    "symlink outside": (link_outside, "is a symbolic link (links are not followed)"),
+    "hard link outside": (hard_link_outside, "has 2 hard links"),
+    "folder": (folder_in_place, "is a folder, not a regular file"),
+    "missing": (lambda path: path.unlink(), "is missing"),
+}
+
+
+@pytest.mark.parametrize("which", ["aggregate", "weight"])
+@pytest.mark.parametrize("kind", list(FILE_KINDS))
+async def test_anything_but_a_regular_file_is_refused_unopened(
+    problem: Problem, kind: str, which: str
+) -> None:
+    make, expected = FILE_KINDS[kind]
+    path = problem.aggregate if which == "aggregate" else problem.weight
+    make(path)
+    reason = await problem.rejected(expected)
+    assert reason.startswith(f"{path}: ")
+
+
+async def test_a_huge_sparse_weight_file_is_not_read(problem: Problem) -> None:
+    sparse(problem.weight)
+    await problem.rejected(f"{problem.weight}: weight file is 2147483648 bytes; at most 64")
+
+
+async def test_an_aggregate_far_larger_than_the_layout_is_not_opened(problem: Problem) -> None:
+    sparse(problem.aggregate)
+    limit = problem.spec.max_aggregate_bytes
+    await problem.rejected(f"aggregate checkpoint is 2147483648 bytes; at most {limit}")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "file"])
+async def test_the_selector_folder_must_be_a_folder_of_its_own(problem: Problem, kind: str) -> None:
+    os.replace(problem.folder, problem.root / "moved")
+    if kind == "symlink":
+        problem.folder.symlink_to(problem.outside)
+        expected = "is a symbolic link (links are not followed), not a folder"
+    elif kind == "fifo":
+        os.mkfifo(problem.folder)
+        expected = "is a FIFO (named pipe), not a folder"
+    else:
+        problem.folder.write_bytes(b"x")
+        expected = "is a regular file, not a folder"
+    reason = await problem.rejected(expected)
+    assert f"its folder {problem.folder} " in reason
+
+
+def external_link(file: h5py.File, outside: Path) -> None:
+    del file["layers/dense/vars/0"]
+    file["layers/dense/vars/0"] = h5py.ExternalLink(str(outside / "fl_agg_checkpoint"),
+                                                    "layers/dense/vars/0")  # fmt: skip
+
+
+def link_to_fifo(file: h5py.File, outside: Path) -> None:
+    os.mkfifo(outside / "pipe")
+    del file["layers/dense/vars/0"]
+    file["layers/dense/vars/0"] = h5py.ExternalLink(str(outside / "pipe"), "/x")
+
+
+def virtual(file: h5py.File, outside: Path) -> None:
+    del file["layers/dense/vars/0"]
+    layout = h5py.VirtualLayout(shape=(5, 4), dtype=np.float32)
+    layout[:] = h5py.VirtualSource(str(outside / "fl_agg_checkpoint"), "layers/dense/vars/0",
+                                   shape=(5, 4))  # fmt: skip
+    file.create_virtual_dataset("layers/dense/vars/0", layout)
+
+
+def external_storage(file: h5py.File, outside: Path) -> None:
+    del file["layers/dense/vars/1"]
+    file.create_dataset("layers/dense/vars/1", shape=(4,), dtype=np.float32,
+                        external=[("/etc/passwd", 0, 16)])  # fmt: skip
+
+
+def soft_link(file: h5py.File, outside: Path) -> None:
+    file["spare"] = np.zeros(4, np.float32)
+    del file["layers/dense/vars/1"]
+    file["layers/dense/vars/1"] = h5py.SoftLink("/spare")
+
+
+def soft_linked_group(file: h5py.File, outside: Path) -> None:
+    file.move("layers", "elsewhere")
+    file["layers"] = h5py.SoftLink("/elsewhere")
+
+
+def replaced(name: str, **options):
+    def change(file: h5py.File, outside: Path) -> None:
+        data = file[name][()]
+        del file[name]
+        file.create_dataset(name, data=data, **options)
+
+    return change
+
+
+def group_instead(file: h5py.File, outside: Path) -> None:
+    del file["layers/dense/vars/1"]
+    file.create_group("layers/dense/vars/1")
+
+
+def huge_chunk_bomb(file: h5py.File, outside: Path) -> None:
+    """The issue's row: shape (32,), maxshape None, one gzip chunk of 2**28 float32."""
+    del file["layers/dense/vars/1"]
+    file.create_dataset("layers/dense/vars/1", shape=(4,), maxshape=(None,), dtype=np.float32,
+                        chunks=(2**28,), compression="gzip")  # fmt: skip
+
+
+HDF5_FEATURES = {
+    "external link": (external_link, "is an external link to 'layers/dense/vars/0' in"),
+    "external link to a FIFO": (link_to_fifo, "(links out of the file are refused)"),
+    "virtual dataset": (virtual, "is a virtual dataset (VDS): its values live in other files"),
+    "external storage": (external_storage, "stores its values in other files ('/etc/passwd'"),
+    "soft link": (soft_link, "'layers/dense/vars/1' is a soft link to '/spare'"),
+    "soft-linked group": (soft_linked_group, "'layers' is a soft link to '/elsewhere'"),
+    "gzip": (replaced("layers/dense/vars/0", chunks=(5, 4), compression="gzip"),
+             "is stored with filter 'deflate' (id 1); aggregates must be uncompressed"),
+    "lzf": (replaced("layers/dense/vars/0", chunks=(5, 4), compression="lzf"),
+            "is stored with filter 'lzf' (id 32000)"),
+    "scaleoffset": (replaced("layers/dense/vars/0", chunks=(5, 4), scaleoffset=2),
+                    "filter 'scaleoffset' (id 6)"),
+    "huge declared chunk": (huge_chunk_bomb, "is stored with filter 'deflate'"),
+    "chunk too large": (replaced("layers/dense/vars/1", maxshape=(None,),
+                                 chunks=(CHUNK_MAX_BYTES // 4 + 1,)),
+                        f"declares chunks ({CHUNK_MAX_BYTES // 4 + 1},) of "
+                        f"{CHUNK_MAX_BYTES + 4} bytes; at most {CHUNK_MAX_BYTES}"),
+    "group, not a dataset": (group_instead, "'layers/dense/vars/1' is not a dataset"),
+    "other shape": (replaced("layers/dense/vars/1", maxshape=(None,), chunks=(8,)),
+                    None),  # accepted: maxshape alone changes nothing
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("feature", list(HDF5_FEATURES))
+async def test_hdf5_features_that_leave_the_file_or_claim_memory_are_refused(
+    problem: Problem, feature: str
+) -> None:
+    change, expected = HDF5_FEATURES[feature]
+    with h5py.File(problem.aggregate, "a") as file:
+        change(file, problem.outside)
+    if expected is None:
+        assert (await problem.examine()).weight == 3
+        return
+    reason = await problem.rejected(expected)
+    assert str(MARKER) not in reason and "root:" not in reason  # nothing read from outside
+
+
+ACCEPTED = {
+    "contiguous": {},
+    "chunked": {"chunks": True},
+    "shuffle and fletcher32": {"chunks": True, "shuffle": True, "fletcher32": True},
+    "unlimited maxshape": {"maxshape": "unlimited", "chunks": True},
+    "compact": {"compact": True},
+}
+
+
+@pytest.mark.parametrize("storage", list(ACCEPTED))
+async def test_uncompressed_storage_is_averaged_with_its_values(
+    problem: Problem, storage: str
+) -> None:
+    options = dict(ACCEPTED[storage])
+    compact = options.pop("compact", False)
+    arrays = update(2.0)
+    with h5py.File(problem.aggregate, "w") as file:
+        for name, array in arrays.items():
+            if compact:
+                space = h5py.h5s.create_simple(array.shape)
+                plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                plist.set_layout(h5py.h5d.COMPACT)
+                file.require_group(name.rsplit("/", 1)[0])
+                h5py.h5d.create(file.id, name.encode(), h5py.h5t.IEEE_F32LE, space, dcpl=plist)
+                file[name][...] = array
+            elif options.get("maxshape") == "unlimited":
+                file.create_dataset(name, data=array, chunks=True, maxshape=(None,) * array.ndim)
+            else:
+                file.create_dataset(name, data=array, **options)
+    checked = await problem.examine()
+    assert (checked.selector, checked.weight) == ("sel", 3)
+    tmp = problem.root / "tmp"
+    aggregate(problem.checkpoint, [checked], tmp)
+    with h5py.File(problem.checkpoint, "r") as file:
+        for name, array in GLOBAL.items():
+            expected = (array.astype(np.float64) + 2.0 / 3).astype(np.float32)
+            np.testing.assert_array_equal(file[name][()], expected)
+
+
+async def test_a_file_replaced_after_its_check_is_refused_by_the_aggregation(
+    problem: Problem,
+) -> None:
+    checked = await problem.examine()
+    write(problem.root / "other", update(MARKER))
+    os.replace(problem.root / "other", problem.aggregate)  # same name, another file
+    before = problem.checkpoint.read_bytes()
+    with pytest.raises(ContributionsRefused) as raised:
+        aggregate(problem.checkpoint, [checked], problem.root / "tmp")
+    assert raised.value.reasons == {
+        "sel": f"{problem.aggregate}: aggregate checkpoint changed after it was checked"
+    }
+    assert problem.checkpoint.read_bytes() == before
+
+
+async def test_a_file_rewritten_in_place_while_averaged_is_refused(
+    problem: Problem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked = await problem.examine()
+    before = problem.checkpoint.read_bytes()
+    sum_into = aggregation.sum_into
+
+    def rewritten_meanwhile(template, inputs, dest, tmp_dir, finish, cancel=None):
+        def finish_and_write(total, current, out):  # the selector appends while we average
+            with open(problem.aggregate, "ab") as file:
+                file.write(b"\0")
+            finish(total, current, out)
+
+        return sum_into(template, inputs, dest, tmp_dir, finish_and_write, cancel)
+
+    monkeypatch.setattr(aggregation, "sum_into", rewritten_meanwhile)
+    with pytest.raises(ContributionsRefused) as raised:
+        aggregate(problem.checkpoint, [checked], problem.root / "tmp")
+    assert raised.value.reasons == {
+        "sel": f"{problem.aggregate}: aggregate checkpoint changed while it was being averaged"
+    }
+    assert problem.checkpoint.read_bytes() == before
+    assert list((problem.root / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a" * 1000, "a" * (REASON_MAX_CHARS - 3) + "..."),
+        ("bell\x07 and \x1b[31mred\u202e", "bell\\x07 and \\x1b[31mred\\u202e"),
+        ("line\nbreak", "line\\nbreak"),
+    ],
+)
+def test_text_from_files_is_escaped_and_cut(text: str, expected: str) -> None:
+    assert clip(text) == expected
