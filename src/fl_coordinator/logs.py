@@ -1,11 +1,12 @@
 """Logging set-up for the command line: human-readable lines, or JSON lines.
 
 ``LOG_FORMAT=json`` writes one JSON object per line (``time``, ``level``,
-``logger``, ``event``, and ``round`` / ``selector`` when known), which log
+``logger``, ``event``, and ``round`` / ``selector`` / ``peer`` when known), which log
 shippers (Loki, Elasticsearch, CloudWatch, ...) index without a parsing rule.
 
-``round`` and ``selector`` come from :func:`log_context`, a context variable
-set by the task doing the work (trio tasks each have their own copy of the
+``round``, ``selector`` and ``peer`` (the address of the connection a line
+is about) come from :func:`log_context`, a context variable set by the task
+doing the work (trio tasks each have their own copy of the
 context, so concurrent broadcasts to two selectors never see each other's
 fields), or from ``extra={"round": ..., "selector": ...}`` on one call.
 """
@@ -23,7 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 #: The structured fields a log line may carry, in the order they are written.
-FIELDS = ("round", "selector")
+FIELDS = ("round", "selector", "peer")
 
 FORMATS = ("text", "json")
 
@@ -48,6 +49,11 @@ def log_context(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
+
+
+def context_field(name: str) -> Any:
+    """The value of field ``name`` in the current log context, None if unset."""
+    return _context.get().get(name)
 
 
 def context_fields(record: logging.LogRecord) -> dict[str, Any]:
