@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from .config import Settings
+from .connections import ConnectionLimits, Descriptors
 from .coordinator import Coordinator
 from .rpc.auth import TokenGuard, load_token
 from .rpc.health import HealthServicer, checkpoint_readable
@@ -84,12 +85,19 @@ async def serve(
     hub = StatusHub(settings.problem_id, str(layout.checkpoint))
     metrics = Metrics(settings.problem_id)
     coordinator = Coordinator(settings, layout, hub, metrics.measured(aggregator), first_round)
+    connection_limits = ConnectionLimits(
+        max_connections=settings.max_connections,
+        idle_timeout=settings.idle_connection_timeout or None,
+        handshake_timeout=settings.handshake_timeout,
+    )
+    descriptors = Descriptors()  # shared by the three listeners
     status_server = StatusServer(
         hub,
         StatusLimits(
             token=settings.status_token,
             max_subscribers=settings.max_status_subscribers,
             max_message_bytes=settings.status_max_message_bytes,
+            connections=connection_limits,
         ),
         status_tls,
     )
@@ -116,13 +124,22 @@ async def serve(
                 ssl_context=grpc_tls,
                 check=TokenGuard(token).check if token else None,
                 max_message_bytes=settings.grpc_max_message_bytes,
+                limits=connection_limits,
+                descriptors=descriptors,
             )
         )
-        status_port = await nursery.start(status_server.serve, settings.host, settings.status_port)
+        status_port = await nursery.start(
+            functools.partial(status_server.serve, descriptors=descriptors),
+            settings.host,
+            settings.status_port,
+        )
         metrics_port = None
         if settings.metrics_port is not None:
+            serve_metrics_here = functools.partial(
+                serve_metrics, limits=connection_limits, descriptors=descriptors
+            )
             metrics_port = await nursery.start(
-                serve_metrics, metrics.render, settings.host, settings.metrics_port
+                serve_metrics_here, metrics.render, settings.host, settings.metrics_port
             )
         if settings.webhook_url:
             await nursery.start(
