@@ -112,7 +112,10 @@ async def serve(
         IntraBatchServicer(check_ins).service,
         HealthServicer(healthy).service,
     ]
+    guard = TokenGuard(token) if token else None
     async with trio.open_nursery() as nursery:
+        if guard:
+            nursery.start_soon(guard.throttle.run)
         await nursery.start(metrics.follow, hub)
         await nursery.start(coordinator.run)
         grpc_port = await nursery.start(
@@ -122,7 +125,7 @@ async def serve(
                 settings.host,
                 settings.port,
                 ssl_context=grpc_tls,
-                check=TokenGuard(token).check if token else None,
+                check=guard.check if guard else None,
                 max_message_bytes=settings.grpc_max_message_bytes,
                 limits=connection_limits,
                 descriptors=descriptors,

@@ -37,6 +37,7 @@ from .core.rounds import (
     Status,
     WindowClosed,
 )
+from .log_throttle import Throttle
 from .logs import log_context
 from .rpc import goal_count as broadcast
 from .rpc.tls import selector_client_context
@@ -115,6 +116,7 @@ class Coordinator:
         self._held: Status | None = None  # the last snapshot of this step, not yet published
         self._windows: dict[Stage, trio.CancelScope] = {}
         self._events_in, self._events = trio.open_memory_channel[Event](EVENT_BUFFER)
+        self._repeats = Throttle(log)  # lines peers can repeat at will
 
     async def check_in(self, selector: str, clients: int = 1) -> int:
         """``clients`` (>= 1) clients wait at ``selector``: how many may it keep for the round?"""
@@ -138,6 +140,7 @@ class Coordinator:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_journal)
+                nursery.start_soon(self._repeats.run)
                 with log_context(round=self._round.number):
                     for effect in self._round.start():
                         self._execute(effect, nursery)
@@ -172,9 +175,11 @@ class Coordinator:
             case Reply(reply_to=reply_to, accepted=accepted):
                 assert isinstance(reply_to, Answer)
                 if not reply_to.waiting:
-                    log.warning(
+                    self._repeats.warning(
+                        "check-in answers nobody waited for",
                         "a selector gave up waiting for its check-in answer (%d accepted)",
                         accepted,
+                        peer="",
                     )
                 reply_to.accepted = accepted
                 reply_to.ready.set()
@@ -187,8 +192,10 @@ class Coordinator:
                 if self._held is not None and _phase(self._held) != _phase(effect):
                     self._publish(self._held)
                 self._held = effect
-            case Log(level=level, message=message):
+            case Log(level=level, message=message, kind=""):
                 log.log(logging.getLevelName(level), message)
+            case Log(level=level, message=message, kind=kind, selector=selector):
+                self._repeats.log(logging.getLevelName(level), kind, "%s", message, peer=selector)
             case Broadcast(round=number, selectors=selectors):
                 for selector in selectors:
                     nursery.start_soon(self._tell, number, selector)

@@ -202,10 +202,17 @@ class Status:
 
 @dataclass(frozen=True)
 class Log:
-    """A line for the operator; ``level`` is a :mod:`logging` level name."""
+    """A line for the operator; ``level`` is a :mod:`logging` level name.
+
+    ``kind`` names lines a peer can repeat at will (a refused or ignored
+    call), about ``selector``: the coordinator writes them at most once per
+    interval and selector, with a count (see :mod:`..log_throttle`).
+    """
 
     level: str
     message: str
+    kind: str = ""
+    selector: str = ""
 
 
 Effect = Reply | Broadcast | Check | Aggregate | Arm | Status | Log
@@ -340,7 +347,9 @@ class Round:
     def _note(self, selector: str, why: str, what: str) -> list[Effect]:
         """Keep a call that changed nothing in the status (bounded) and log it."""
         self.ignored = [*self.ignored, (selector[:300], why)][-IGNORED_KEPT:]
-        return [Log("WARNING", f"round {self.number}: {what} {selector!r}: {why}"), self.status()]
+        line = f"round {self.number}: {what} {selector!r}: {why}"
+        kind = f"{what.removesuffix(' from')}: {why.partition(':')[0]}"  # our words, not the id
+        return [Log("WARNING", line, kind=kind, selector=selector), self.status()]
 
     def _reported(self, selector: str) -> list[Effect]:
         if self.rules.allowed and selector not in self.rules.allowed:

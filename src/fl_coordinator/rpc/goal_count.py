@@ -12,6 +12,7 @@ import ssl
 import trio
 
 from .._proto import fl_intra_grpc, fl_intra_pb2
+from ..untrusted_text import shown
 from .addresses import dial
 
 
@@ -26,8 +27,7 @@ async def goal_count_reached(selector_id: str, ssl_context: ssl.SSLContext | Non
 
 
 def describe(error: BaseException) -> str:
-    """A short reason for the log and the status stream."""
+    """A short reason for the log and the status stream (a selector's text, cut and escaped)."""
     if isinstance(error, trio.TooSlowError):
         return "timed out"
-    text = str(error) or type(error).__name__
-    return text.splitlines()[0][:300]
+    return shown(str(error) or type(error).__name__)

@@ -1,8 +1,10 @@
 """The ``FlIntra`` and ``FlIntraBatch`` servicers: turn selector RPCs into round events.
 
 Selector ids arrive from the network and name folders on disk, so they are
-checked here, at the edge, before they reach the round. ``SelectorAggregationComplete``
-always answers ``Empty``: existing selectors expect nothing else.
+checked here, at the edge, before they reach the round; a refused one goes on
+to the status and the log cut to a few hundred characters (it may be 4 MiB).
+``SelectorAggregationComplete`` always answers ``Empty``: existing selectors
+expect nothing else.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from .._proto import fl_intra_batch_grpc, fl_intra_batch_pb2, fl_intra_grpc, fl_intra_pb2
 from ..coordinator import Coordinator
 from ..storage.layout import InvalidSelectorId, check_selector_id
+from ..untrusted_text import cut
 from .addresses import BadAddress, split_address
 
 #: ``answered(asked, accepted)``: called once per check-in answer, with client counts (metrics).
@@ -43,7 +46,7 @@ class CheckIns:
         """How many of ``clients`` (>= 1) waiting at ``selector_id`` the round keeps."""
         problem = problem_with_id(selector_id)
         if problem is not None:
-            await self._coordinator.refused(selector_id, f"check-in refused: {problem}")
+            await self._coordinator.refused(cut(selector_id), f"check-in refused: {problem}")
             accepted = 0
         else:
             accepted = await self._coordinator.check_in(selector_id, clients)
@@ -67,7 +70,7 @@ class IntraServicer(fl_intra_grpc.FlIntraServicer):
     ) -> fl_intra_pb2.Empty:
         problem = problem_with_id(message.id)
         if problem is not None:
-            await self._coordinator.refused(message.id, f"report ignored: {problem}")
+            await self._coordinator.refused(cut(message.id), f"report ignored: {problem}")
 
         else:
             await self._coordinator.report(message.id)
