@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from .config import Settings
-from .connections import ConnectionLimits, Descriptors
+from .connections import ConnectionLimits, descriptor_budget
 from .coordinator import Coordinator
 from .rpc.auth import TokenGuard, load_token
 from .rpc.health import HealthServicer, checkpoint_readable
@@ -64,6 +64,23 @@ class Endpoints:
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
 
+def _connection_limits(settings: Settings) -> ConnectionLimits:
+    """The settings' limits, with MAX_CONNECTIONS lowered to each port's share of descriptors."""
+    ports = 2 if settings.metrics_port is None else 3
+    share = descriptor_budget() // ports
+    if share < settings.max_connections:
+        log.info(
+            "RLIMIT_NOFILE leaves descriptors for %d connections per port (MAX_CONNECTIONS=%d)",
+            share,
+            settings.max_connections,
+        )
+    return ConnectionLimits(
+        max_connections=min(settings.max_connections, share),
+        idle_timeout=settings.idle_connection_timeout or None,
+        handshake_timeout=settings.handshake_timeout,
+    )
+
+
 async def serve(
     settings: Settings,
     *,
@@ -85,12 +102,7 @@ async def serve(
     hub = StatusHub(settings.problem_id, str(layout.checkpoint))
     metrics = Metrics(settings.problem_id)
     coordinator = Coordinator(settings, layout, hub, metrics.measured(aggregator), first_round)
-    connection_limits = ConnectionLimits(
-        max_connections=settings.max_connections,
-        idle_timeout=settings.idle_connection_timeout or None,
-        handshake_timeout=settings.handshake_timeout,
-    )
-    descriptors = Descriptors()  # shared by the three listeners
+    connection_limits = _connection_limits(settings)
     status_server = StatusServer(
         hub,
         StatusLimits(
@@ -128,19 +140,12 @@ async def serve(
                 check=guard.check if guard else None,
                 max_message_bytes=settings.grpc_max_message_bytes,
                 limits=connection_limits,
-                descriptors=descriptors,
             )
         )
-        status_port = await nursery.start(
-            functools.partial(status_server.serve, descriptors=descriptors),
-            settings.host,
-            settings.status_port,
-        )
+        status_port = await nursery.start(status_server.serve, settings.host, settings.status_port)
         metrics_port = None
         if settings.metrics_port is not None:
-            serve_metrics_here = functools.partial(
-                serve_metrics, limits=connection_limits, descriptors=descriptors
-            )
+            serve_metrics_here = functools.partial(serve_metrics, limits=connection_limits)
             metrics_port = await nursery.start(
                 serve_metrics_here, metrics.render, settings.host, settings.metrics_port
             )

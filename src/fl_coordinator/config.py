@@ -447,9 +447,9 @@ KEYS: tuple[Key, ...] = (
         1000,
         positive_int,
         "an integer >= 1",
-        "Concurrent connections per port (gRPC, status, metrics), within three quarters of "
-        "RLIMIT_NOFILE for all; at the limit the gRPC port closes its least recently active "
-        "connection (GOAWAY), the others close the new one.",
+        "Concurrent connections per port (gRPC, status, metrics), lowered to each port's "
+        "share of three quarters of RLIMIT_NOFILE; at the limit the gRPC port closes its least "
+        "recently active connection (GOAWAY), the others close the new one.",
     ),
     Key(
         "IDLE_CONNECTION_TIMEOUT",

@@ -5,17 +5,17 @@ holds a file descriptor, a task and buffers. Every listener of the
 coordinator (gRPC, status websocket, metrics) accepts through a
 :class:`Gate`:
 
-* at most ``max_connections`` are open on the listener (``MAX_CONNECTIONS``).
-  A listener that can *make room* (gRPC) closes its least recently active
-  connection for a new one: the Go selector opens a connection per call and
-  never closes it, and a gRPC client whose idle connection is closed (with
-  an HTTP/2 GOAWAY) simply dials again. The other listeners close the new
-  connection at once: a status subscriber is never idle by choice;
-* all listeners together stay within a budget of descriptors
-  (:class:`Descriptors`: ``RLIMIT_NOFILE`` less a quarter kept for the
-  checkpoint and aggregate files, ``GoalCountReached`` calls and worker
-  threads), so peers holding every connection they may cannot make an
-  aggregation fail for want of a descriptor;
+* at most ``max_connections`` are open on the listener: ``MAX_CONNECTIONS``,
+  lowered by the server to its listener's share of :func:`descriptor_budget`
+  (``RLIMIT_NOFILE`` less a quarter kept for the checkpoint and aggregate
+  files, ``GoalCountReached`` calls and worker threads), so that peers
+  holding every connection they may cannot make an aggregation fail for want
+  of a descriptor, nor fill one port to lock out another. A listener that can
+  *make room* (gRPC) closes its least recently active connection for a new
+  one: the Go selector opens a connection per call and never closes it, and
+  a gRPC client whose idle connection is closed (with an HTTP/2 GOAWAY)
+  simply dials again. The other listeners close the new connection at once:
+  a status subscriber is never idle by choice;
 * if ``accept`` fails for want of descriptors anyway (EMFILE, ENFILE: other
   code opened files meanwhile), the listener does not stop (before, the
   process exited): it closes a descriptor it keeps in reserve, accepts one
@@ -46,14 +46,7 @@ import trio
 
 from .log_throttle import Throttle
 
-__all__ = [
-    "ConnectionLimits",
-    "Descriptors",
-    "Gate",
-    "Slot",
-    "descriptor_budget",
-    "serve_listeners",
-]
+__all__ = ["ConnectionLimits", "Gate", "Slot", "descriptor_budget", "serve_listeners"]
 
 log = logging.getLogger(__name__)
 
@@ -90,25 +83,17 @@ class ConnectionLimits:
 
 
 def descriptor_budget(limit: int | None = None) -> int:
-    """Descriptors the connections of this process may hold: ``limit`` less a quarter.
+    """Descriptors the connections of this process may hold, all ports together.
 
-    ``limit`` defaults to the soft ``RLIMIT_NOFILE``. At least
-    :data:`MIN_RESERVED_DESCRIPTORS` stay for everything else (stdio, the
-    event loop, files, outgoing calls): 192 of 256, 768 of 1,024.
+    ``limit`` (default: the soft ``RLIMIT_NOFILE``) less a quarter, and at
+    least :data:`MIN_RESERVED_DESCRIPTORS`, kept for everything else (stdio,
+    the event loop, files, outgoing calls): 192 of 256, 768 of 1,024.
     """
     if limit is None:
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if limit == resource.RLIM_INFINITY:
             limit = 1 << 20
     return max(1, limit - max(MIN_RESERVED_DESCRIPTORS, limit // 4))
-
-
-class Descriptors:
-    """The descriptor budget shared by every listener of a process (plain accounting)."""
-
-    def __init__(self, capacity: int | None = None) -> None:
-        self.capacity = descriptor_budget() if capacity is None else capacity
-        self.in_use = 0
 
 
 class Slot:
@@ -155,18 +140,16 @@ class Gate(Generic[S]):
         self,
         name: str,
         limits: ConnectionLimits,
-        descriptors: Descriptors,
         *,
         make_room: bool = False,
         throttle: Throttle | None = None,
     ) -> None:
         self.name = name
         self.limits = limits
-        self._descriptors = descriptors
         self._make_room = make_room
         self.throttle = throttle or Throttle(log)
         # Open connections, least recently active first; an evicted one leaves it at
-        # once (it no longer counts against the cap) but holds its descriptor until closed.
+        # once (it no longer counts against the cap) while it says goodbye.
         self._open: OrderedDict[Slot, None] = OrderedDict()
         self._spare: int | None = None
         #: Connections accepted, refused at the limits, closed to make room, shed (EMFILE).
@@ -180,12 +163,7 @@ class Gate(Generic[S]):
     # -- admission ------------------------------------------------------------
 
     def _admit(self) -> Slot | None:
-        descriptors = self._descriptors
-        within = (
-            len(self._open) < self.limits.max_connections
-            and descriptors.in_use < descriptors.capacity
-        )
-        if not within:
+        if len(self._open) >= self.limits.max_connections:
             if not (self._make_room and self._open):
                 self._refuse()
                 return None
@@ -194,18 +172,15 @@ class Gate(Generic[S]):
             self.throttle.log(
                 logging.INFO,
                 f"{self.name}: closed the least recently active connection to make room",
-                "%s: %d connections open (MAX_CONNECTIONS=%d, %d descriptors for connections); "
-                "closing the least recently active one to make room for a new one",
+                "%s: %d connections open (the limit: MAX_CONNECTIONS or this port's share of "
+                "RLIMIT_NOFILE); closing the least recently active one to make room",
                 self.name,
-                len(self._open) + 1,
                 self.limits.max_connections,
-                descriptors.capacity,
                 peer="",
             )
             victim.evict()
         slot = Slot(self)
         self._open[slot] = None
-        descriptors.in_use += 1
         self.accepted += 1
         return slot
 
@@ -213,14 +188,10 @@ class Gate(Generic[S]):
         self.refused += 1
         self.throttle.warning(
             f"{self.name}: refused connections at the limit",
-            "%s: %d connections open (MAX_CONNECTIONS=%d), %d of %d descriptors for "
-            "connections in use (a quarter of RLIMIT_NOFILE is kept for files); closing new "
-            "connections at once",
+            "%s: %d connections open (the limit: MAX_CONNECTIONS or this port's share of "
+            "RLIMIT_NOFILE); closing new connections at once",
             self.name,
             len(self._open),
-            self.limits.max_connections,
-            self._descriptors.in_use,
-            self._descriptors.capacity,
             peer="",
         )
 
@@ -230,7 +201,6 @@ class Gate(Generic[S]):
 
     def _release(self, slot: Slot) -> None:
         self._open.pop(slot, None)
-        self._descriptors.in_use -= 1
 
     # -- accepting ------------------------------------------------------------
 

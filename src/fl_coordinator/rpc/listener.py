@@ -6,8 +6,8 @@ the first and split the round between them, and there is no way to choose
 the interface. We bind the listener ourselves (``SO_REUSEADDR`` only, which
 on Linux still refuses a port another socket listens on), admit each
 connection through a :class:`~..connections.Gate` (a cap that makes room by
-closing the least recently active connection, the process's descriptor
-budget, shedding when descriptors run out), finish TLS within the handshake
+closing the least recently active connection, shedding when descriptors run
+out), finish TLS within the handshake
 timeout when given a context, and serve the connection with our own driver
 of purerpc's protocol objects (:mod:`.connection`: message size limit, idle
 timeout, resets and closed sockets honoured at once). Authentication, when
@@ -28,7 +28,7 @@ import trio
 from anyio.streams.tls import TLSStream
 from purerpc.grpc_socket import SocketWrapper
 
-from ..connections import ConnectionLimits, Descriptors, Gate, Slot
+from ..connections import ConnectionLimits, Gate, Slot
 from ..errors import ListenError
 from ..log_throttle import Throttle
 from ..logs import log_context
@@ -96,7 +96,6 @@ async def serve_grpc(
     check: Check | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     limits: ConnectionLimits | None = None,
-    descriptors: Descriptors | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``services`` on ``host:port``; ``task_status.started`` gets the bound port.
@@ -104,9 +103,7 @@ async def serve_grpc(
     ``ssl_context`` turns on TLS; ``check`` runs on the headers of every call
     before its handler (see :mod:`.auth`) and may refuse it. ``limits`` bound
     the connections (by default without idle timeout: a server whose calls
-    may be quiet for long, like a selector holding clients, keeps them);
-    ``descriptors`` is the process's budget shared with other listeners (a
-    budget of its own if None).
+    may be quiet for long, like a selector holding clients, keeps them).
     """
     limits = limits or ConnectionLimits()
     try:
@@ -126,7 +123,6 @@ async def serve_grpc(
     gate = Gate[anyio.abc.SocketStream](
         f"gRPC port {bound}",
         limits,
-        descriptors or Descriptors(),
         make_room=True,
         throttle=throttle,
     )

@@ -13,7 +13,7 @@ One request per connection (``Connection: close``): a scrape every few
 seconds does not need keep-alive, and it keeps the handler trivial. A client
 has ``HANDSHAKE_TIMEOUT`` seconds to send its request and read the answer;
 connections are accepted through a :class:`~..connections.Gate` like the
-other ports' (``MAX_CONNECTIONS``, the descriptor budget, shedding).
+other ports' (``MAX_CONNECTIONS``, shedding).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import h11
 import trio
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..connections import ConnectionLimits, Descriptors, Gate, Slot, serve_listeners
+from ..connections import ConnectionLimits, Gate, Slot, serve_listeners
 from ..errors import ListenError
 from ..log_throttle import Throttle
 from ..untrusted_text import shown
@@ -94,14 +94,9 @@ async def serve_metrics(
     port: int,
     *,
     limits: ConnectionLimits | None = None,
-    descriptors: Descriptors | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``render()`` at :data:`PATH` on ``host:port``; ``started`` gets the bound port.
-
-    ``descriptors``: the process's budget shared with other listeners (a
-    budget of its own if None).
-    """
+    """Serve ``render()`` at :data:`PATH` on ``host:port``; ``started`` gets the bound port."""
     limits = limits or ConnectionLimits()
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -109,8 +104,6 @@ async def serve_metrics(
         raise ListenError("METRICS_PORT", host, port, error) from None
     bound = listeners[0].socket.getsockname()[1]
     throttle = Throttle(log)
-    gate = Gate[trio.SocketStream](
-        f"metrics port {bound}", limits, descriptors or Descriptors(), throttle=throttle
-    )
+    gate = Gate[trio.SocketStream](f"metrics port {bound}", limits, throttle=throttle)
     task_status.started(bound)
     await serve_listeners(gate, listeners, functools.partial(_handle, render, limits, throttle))

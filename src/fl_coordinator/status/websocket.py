@@ -13,10 +13,10 @@ subscribers have nothing to say, a message larger than a few bytes closes
 the connection (code 1009).
 
 Connections are accepted through a :class:`~..connections.Gate` (at most
-``MAX_CONNECTIONS``, within the process's descriptor budget, shed when
-descriptors run out), and the handshake (TLS, then the HTTP upgrade) must
-complete within ``HANDSHAKE_TIMEOUT``: trio-websocket's own server waits 60 s,
-even for a peer that has already closed, which we notice at once.
+``MAX_CONNECTIONS``, shed when descriptors run out), and the handshake (TLS,
+then the HTTP upgrade) must complete within ``HANDSHAKE_TIMEOUT``:
+trio-websocket's own server waits 60 s, even for a peer that has already
+closed, which we notice at once.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from ..connections import ConnectionLimits, Descriptors, Gate, Slot, serve_listeners
+from ..connections import ConnectionLimits, Gate, Slot, serve_listeners
 from ..errors import ListenError
 from ..log_throttle import Throttle
 from ..logs import context_field, log_context
@@ -272,14 +272,9 @@ class StatusServer:
         host: str,
         port: int,
         *,
-        descriptors: Descriptors | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``host:port``; ``task_status.started`` gets the bound port.
-
-        ``descriptors``: the process's budget shared with other listeners (a
-        budget of its own if None).
-        """
+        """Listen on ``host:port``; ``task_status.started`` gets the bound port."""
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as error:
@@ -288,7 +283,6 @@ class StatusServer:
         gate = Gate[trio.SocketStream](
             f"status port {bound}",
             self._limits.connections,
-            descriptors or Descriptors(),
             throttle=self._throttle,
         )
         task_status.started(bound)
