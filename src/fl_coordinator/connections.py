@@ -319,8 +319,8 @@ class Gate(Generic[S]):
         nursery: trio.Nursery,
     ) -> NoReturn:
         while True:
-            stream, slot = await self._accept(accept, close)
-            nursery.start_soon(self._run, handle, close, stream, slot)
+            # (No locals: the last connection would live as long as this frame waits.)
+            nursery.start_soon(self._run, handle, close, *await self._accept(accept, close))
 
 
 async def serve_listeners(

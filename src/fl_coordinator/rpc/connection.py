@@ -183,6 +183,7 @@ class _Connection:
         self._peer = peer
         self._protocol = _Protocol(server.config)
         self._h2 = self._protocol.h2_connection
+        self._requests: dict[int, RequestReceived] = {}  # headers in, no message yet
         self._streams: dict[int, GRPCProtoStream] = {}  # purerpc's streams delete themselves here
         self._calls: dict[int, trio.CancelScope] = {}
         self._wake_writer = trio.Event()
@@ -213,6 +214,25 @@ class _Connection:
     async def run(self) -> None:
         self._protocol.initiate_connection()
         self._touch()
+        try:
+            await self._run()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Drop the per-stream state now.
+
+        h2's connection object is a reference cycle (its frame dispatch table
+        holds bound methods), so what hangs off it would wait for the cyclic
+        garbage collector: 100 streams per connection, for minutes.
+        """
+        self._requests.clear()
+        self._streams.clear()
+        self._protocol.message_read_buffers.clear()
+        self._h2.streams.clear()
+        self._h2._closed_streams.clear()
+
+    async def _run(self) -> None:
         async with trio.open_nursery() as connection:
             connection.start_soon(self._write, connection.cancel_scope)
             async with trio.open_nursery() as calls:
@@ -330,8 +350,7 @@ class _Connection:
 
     # -- calls ----------------------------------------------------------------------
 
-    def _dispatch(self, events: list[Any], nursery: trio.Nursery) -> None:
-        started: list[GRPCProtoStream] = []
+    def _dispatch(self, events: list[Any], calls: trio.Nursery) -> None:
         for event in events:
             if isinstance(event, WindowUpdated):
                 waiting = self._streams.values() if event.stream_id == 0 else (
@@ -339,28 +358,35 @@ class _Connection:
                 )  # fmt: skip
                 for stream in waiting:
                     stream._flow_control_update_event.set()
-                continue
-            if isinstance(event, _StreamReset):
+            elif isinstance(event, _StreamReset):
+                self._requests.pop(event.stream_id, None)
                 scope = self._calls.get(event.stream_id)
                 if scope is not None:
                     scope.cancel()  # its task drops the stream (purerpc's code may still use it)
-                else:
-                    self._streams.pop(event.stream_id, None)  # no task yet: none will start
-                continue
-            if isinstance(event, RequestReceived):
-                stream = GRPCProtoStream(self._protocol, event.stream_id, self, self)
-                self._streams[event.stream_id] = stream
-                started.append(stream)
-            stream = self._streams.get(event.stream_id)
-            if stream is None:
-                continue  # a call that ended or was reset
-            stream._incoming_events[0].send_nowait(event)
-            if isinstance(event, RequestEnded):
-                stream._close_remote()
-        for stream in started:
-            if self._streams.get(stream.stream_id) is stream:  # not reset meanwhile
-                scope = self._calls[stream.stream_id] = trio.CancelScope()
-                nursery.start_soon(self._answer, stream, scope)
+            elif isinstance(event, RequestReceived):
+                # No task until the first message: a request that never comes whole
+                # (or is reset at once) costs its headers, not a task and a stream.
+                self._requests[event.stream_id] = event
+            else:  # MessageReceived, RequestEnded
+                request = self._requests.pop(event.stream_id, None)
+                stream = (
+                    self._streams.get(event.stream_id)
+                    if request is None
+                    else self._start_call(request, calls)
+                )
+                if stream is None:
+                    continue  # a call that ended or was reset
+                stream._incoming_events[0].send_nowait(event)
+                if isinstance(event, RequestEnded):
+                    stream._close_remote()
+
+    def _start_call(self, request: RequestReceived, calls: trio.Nursery) -> GRPCProtoStream:
+        stream = GRPCProtoStream(self._protocol, request.stream_id, self, self)
+        stream._incoming_events[0].send_nowait(request)
+        self._streams[request.stream_id] = stream
+        scope = self._calls[request.stream_id] = trio.CancelScope()
+        calls.start_soon(self._answer, stream, scope)
+        return stream
 
     async def _answer(self, stream: GRPCProtoStream, scope: trio.CancelScope) -> None:
         try:
