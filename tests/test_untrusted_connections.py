@@ -164,7 +164,7 @@ def test_unfinished_streams_are_released_when_the_peer_closes(
         assert wait_until(lambda: server.open_files() >= files + 20, 30), server.open_files()
         for peer in peers:
             peer.close()
-        assert wait_until(lambda: server.open_files() <= files, 10), (attack, server.open_files())
+        assert wait_until(lambda: server.open_files() <= files, 5), (attack, server.open_files())
         if first_rss is None:
             # the allocator keeps what the first attack took (6.5 MB on this machine)
             first_rss = server.rss_kib()
