@@ -132,6 +132,11 @@ class CoordinatorLink:
         #: Connections dialled so far.
         self.dials = 0
 
+    @property
+    def connected(self) -> bool:
+        """A connection is open and usable (the next call will not dial)."""
+        return self._connection is not None and self._connection.usable
+
     async def call(self, stub: type, method: str, request: Message, metadata: Any) -> Message:
         """``stub(channel).method(request)``, dialling first if needed (the caller bounds the time).
 
