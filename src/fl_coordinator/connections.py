@@ -23,9 +23,8 @@ coordinator (gRPC, status websocket, metrics) accepts through a
   once instead of waiting in the backlog, and it serves again as soon as
   descriptors are free (the nginx and libev remedy).
 
-Refusals are logged through a :class:`~.log_throttle.Throttle` (one line
-per interval with a count, whatever the rate of connections), and counted
-for the metrics.
+Refusals are logged through a :class:`~.log_throttle.Throttle`: one line
+per interval with a count, whatever the rate of connections.
 """
 
 from __future__ import annotations
@@ -131,7 +130,7 @@ def _open_spare() -> int | None:
 class Gate(Generic[S]):
     """Admits connections to one listener (see the module's docstring).
 
-    ``name`` says which listener in log lines ("gRPC (PORT 50050)");
+    ``name`` says which listener in log lines ("gRPC port 50050");
     ``make_room``: at the cap, close the least recently active connection
     (:meth:`Slot.touch`) for the new one instead of refusing it.
     """
@@ -152,13 +151,6 @@ class Gate(Generic[S]):
         # once (it no longer counts against the cap) while it says goodbye.
         self._open: OrderedDict[Slot, None] = OrderedDict()
         self._spare: int | None = None
-        #: Connections accepted, refused at the limits, closed to make room, shed (EMFILE).
-        self.accepted = self.refused = self.evicted = self.shed = 0
-
-    @property
-    def open(self) -> int:
-        """Connections open now (not counting those being closed to make room)."""
-        return len(self._open)
 
     # -- admission ------------------------------------------------------------
 
@@ -168,7 +160,6 @@ class Gate(Generic[S]):
                 self._refuse()
                 return None
             victim, _ = self._open.popitem(last=False)
-            self.evicted += 1
             self.throttle.log(
                 logging.INFO,
                 f"{self.name}: closed the least recently active connection to make room",
@@ -181,11 +172,9 @@ class Gate(Generic[S]):
             victim.evict()
         slot = Slot(self)
         self._open[slot] = None
-        self.accepted += 1
         return slot
 
     def _refuse(self) -> None:
-        self.refused += 1
         self.throttle.warning(
             f"{self.name}: refused connections at the limit",
             "%s: %d connections open (the limit: MAX_CONNECTIONS or this port's share of "
@@ -228,7 +217,6 @@ class Gate(Generic[S]):
             with trio.move_on_after(MIN_BACKOFF):
                 stream = await accept()
                 await close(stream)
-                self.shed += 1
                 return True
             return False
         except (OSError, anyio.BrokenResourceError):
