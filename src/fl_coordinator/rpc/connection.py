@@ -320,19 +320,19 @@ class _Connection:
                 # The peer's bytes broke h2 (which queued a GOAWAY) or purerpc's parsing
                 # of them (bad headers, a body-less request): that connection only.
                 self._go_away(ErrorCodes.PROTOCOL_ERROR)
-                self._server.throttle.log(
-                    logging.DEBUG,
-                    "gRPC protocol error",
-                    "gRPC connection from %s broke the protocol: %s",
-                    self._peer,
-                    shown(repr(error)),
-                )
+                self._peer_broke("gRPC connection broke the protocol", error)
                 return True
             if self._protocol.call_traffic:
                 self._protocol.call_traffic = False
                 self._touch()
             self._dispatch(events, calls)
             self._wake_writer.set()
+
+    def _peer_broke(self, kind: str, error: Exception) -> None:
+        """The peer's mistake, not ours: a debug line (throttled), its text cut and escaped."""
+        self._server.throttle.log(
+            logging.DEBUG, kind, "%s (from %s): %s", kind, self._peer, shown(repr(error))
+        )
 
     def _too_large(self) -> bool:
         limit = self._server.max_message_bytes
@@ -424,13 +424,7 @@ class _Connection:
             await self._close(stream, error.status)
         except (ProtocolError, StreamClosedError, h2.exceptions.H2Error, DecodeError) as error:
             # The peer broke the call: two messages for one, an unparsable one, a reset.
-            self._server.throttle.log(
-                logging.DEBUG,
-                "gRPC call broken by its peer",
-                "gRPC call from %s broken: %s",
-                self._peer,
-                shown(repr(error)),
-            )
+            self._peer_broke("gRPC call broken by its peer", error)
             reason = f"malformed call: {shown(str(error) or type(error).__name__)}"
             await self._close(stream, purerpc.Status(purerpc.StatusCode.INTERNAL, reason))
         except Exception:
