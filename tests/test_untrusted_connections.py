@@ -274,6 +274,8 @@ def test_out_of_descriptors_connections_are_closed_at_once_and_service_resumes(
         assert len(os.listdir(f"/proc/{process.pid}/fd")) <= 64
         for sock in held:
             sock.close()
+        descriptors = f"/proc/{process.pid}/fd"  # until the server has closed its ends:
+        assert wait_until(lambda: len(os.listdir(descriptors)) < 20, 30)
         peer = RawPeer(port)
         assert peer.call(CHECK_IN, check_in_body("127.0.0.1:1"))["grpc-status"] == "0"
         peer.close()
