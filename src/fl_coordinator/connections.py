@@ -20,8 +20,8 @@ coordinator (gRPC, status websocket, metrics) accepts through a
   code opened files meanwhile), the listener does not stop (before, the
   process exited): it closes a descriptor it keeps in reserve, accepts one
   waiting connection with it and closes it at once, so peers are told at
-  once instead of waiting in the backlog, and it serves again as soon as
-  descriptors are free (the nginx and libev remedy).
+  once instead of waiting in the backlog (the libev remedy), and it serves
+  again as soon as descriptors are free.
 
 Refusals are logged through a :class:`~.log_throttle.Throttle`: one line
 per interval with a count, whatever the rate of connections.
@@ -195,7 +195,7 @@ class Gate(Generic[S]):
 
     @contextmanager
     def _reserve(self) -> Iterator[None]:
-        """Hold the spare descriptor used to shed connections (see :meth:`_shed`)."""
+        """Hold the spare descriptor (see :meth:`_accept_with_spare`)."""
         self._spare = _open_spare()
         try:
             yield
@@ -204,25 +204,35 @@ class Gate(Generic[S]):
                 os.close(self._spare)
                 self._spare = None
 
-    async def _shed(
+    async def _accept_with_spare(
         self, accept: Callable[[], Awaitable[S]], close: Callable[[S], Awaitable[None]]
-    ) -> bool:
-        """Accept one waiting connection with the spare descriptor and close it at once."""
+    ) -> tuple[S | None, bool]:
+        """Accept one waiting connection with the spare descriptor, after EMFILE or ENFILE.
+
+        Returns the connection if a descriptor could be had again for the
+        spare (some were freed meanwhile: serve it), else closes it at once
+        (shed: the peer is told now instead of waiting in the backlog); and
+        whether a connection was taken at all.
+        """
         if self._spare is None:
             self._spare = _open_spare()  # re-arm for the next time, if a descriptor is free
-            return False
+            return None, False
         os.close(self._spare)
         self._spare = None
-        try:
-            with trio.move_on_after(MIN_BACKOFF):
-                stream = await accept()
-                await close(stream)
-                return True
-            return False
-        except (OSError, anyio.BrokenResourceError):
-            return False
-        finally:
-            self._spare = _open_spare()
+        stream = None
+        with (
+            trio.move_on_after(MIN_BACKOFF),
+            contextlib.suppress(OSError, anyio.BrokenResourceError),
+        ):
+            stream = await accept()
+        self._spare = _open_spare()
+        if stream is None:
+            return None, False
+        if self._spare is None:
+            await close(stream)
+            self._spare = _open_spare()  # with the descriptor it held
+            return None, True
+        return stream, True
 
     async def _accept(
         self, accept: Callable[[], Awaitable[S]], close: Callable[[S], Awaitable[None]]
@@ -247,10 +257,13 @@ class Gate(Generic[S]):
                     resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                     peer="",
                 )
-                if not await self._shed(accept, close):
-                    await trio.sleep(backoff)
-                    backoff = min(2 * backoff, MAX_BACKOFF)
-                continue
+                spared, taken = await self._accept_with_spare(accept, close)
+                if spared is None:
+                    if not taken:
+                        await trio.sleep(backoff)
+                        backoff = min(2 * backoff, MAX_BACKOFF)
+                    continue
+                stream = spared
             backoff = MIN_BACKOFF
             slot = self._admit()
             if slot is not None:
