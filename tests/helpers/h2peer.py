@@ -72,6 +72,14 @@ class RawPeer:
     def reset(self, stream_id: int) -> None:
         self.h2.reset_stream(stream_id)
 
+    def send_data_when_allowed(self, stream_id: int, body: bytes) -> None:
+        """Queue ``body`` once flow control lets it go (reading the server's window updates)."""
+        while self.h2.local_flow_control_window(stream_id) < len(body):
+            self.send()
+            if not self.receive():
+                raise AssertionError("the server closed the connection")
+        self.h2.send_data(stream_id, body)
+
     def receive(self) -> bool:
         """Read once; False at the end of the connection (EOF or reset). TimeoutError."""
         try:

@@ -93,3 +93,29 @@ async def test_unimplemented_method_and_a_second_message_are_answered_not_logged
     peer.close()
     assert "x" * 300 not in caplog.text
     assert [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")] == []
+
+
+async def test_calls_reset_after_their_message_give_back_the_connection_window(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    """A message the peer reset before its call read it must not use up the window for good.
+
+    purerpc gives the window back as a call reads each message; with small
+    messages the connection's window is HTTP/2's 64 KiB, which 5,000 reset
+    calls of 20 bytes would use up: the peer would then wait for ever.
+    """
+    settings = settings.replace(grpc_max_message_bytes=64)
+    endpoints = await nursery.start(serve, settings)
+    peer = await connected(endpoints.grpc_port)
+    body = check_in_body("127.0.0.1:1")
+
+    def reset_calls_then_call() -> dict[str, str]:
+        for _ in range(5000):
+            stream_id = peer.open_stream(CHECK_IN)
+            peer.send_data_when_allowed(stream_id, body)
+            peer.reset(stream_id)
+        peer.send()
+        return peer.call(CHECK_IN, check_in_body("127.0.0.1:2"))
+
+    assert (await trio.to_thread.run_sync(reset_calls_then_call))["grpc-status"] == "0"
+    peer.close()

@@ -21,9 +21,10 @@ Here the same pieces (h2 through purerpc's ``GRPCConnection``, its
 and dispatch:
 
 * when the peer closes, every call's task is cancelled and its state dropped
-  at once; so is a call whose stream the peer resets, and resets that arrive
-  with their HEADERS in the same read never start a task at all (the "rapid
-  reset" attack costs parsing, nothing more);
+  at once; so is a call whose stream the peer resets (and the flow-control
+  window its unread data held is given back), and a request gets a task only
+  with its first message (a half-sent request, or the "rapid reset" attack,
+  costs its headers and parsing, nothing more);
 * at most :data:`MAX_CONCURRENT_STREAMS` streams at once (an HTTP/2 setting:
   h2 ends a connection that opens more), 16 KiB frames, a connection window
   of two messages, and reading stops while more than :data:`MAX_UNSENT_BYTES`
@@ -115,6 +116,10 @@ class _Protocol(GRPCConnection):
         super().__init__(config)
         #: Request headers or data arrived since the flag was last cleared.
         self.call_traffic = False
+        # Flow-controlled bytes received per stream and not yet given back: purerpc
+        # gives them back as its call reads each message; a call that ends or is
+        # reset before would take them from the connection's window for good.
+        self._unacknowledged: dict[int, int] = {}
 
     def initiate_connection(self) -> None:
         # purerpc opens the connection window by 1 GiB; two messages are enough (the
@@ -136,10 +141,30 @@ class _Protocol(GRPCConnection):
                 event.flow_controlled_length, event.stream_id
             )
             return []
+        unacknowledged = self._unacknowledged.get(event.stream_id, 0)
+        self._unacknowledged[event.stream_id] = unacknowledged + event.flow_controlled_length
         return super()._data_received(event)
 
+    def acknowledge_received_data(self, stream_id: int, flow_controlled_length: int) -> None:
+        if stream_id not in self._unacknowledged:
+            return  # given back when its call ended
+        self._unacknowledged[stream_id] -= flow_controlled_length
+        super().acknowledge_received_data(stream_id, flow_controlled_length)
+
+    def forget(self, stream_id: int) -> None:
+        """Drop a stream's read buffer; give back the window of what its call did not read."""
+        self.message_read_buffers.pop(stream_id, None)
+        unread = self._unacknowledged.pop(stream_id, 0)
+        if unread > 0:
+            self.h2_connection.acknowledge_received_data(unread, stream_id)
+
+    def forget_all(self) -> None:
+        """Drop every stream's read buffer (the connection ended)."""
+        self.message_read_buffers.clear()
+        self._unacknowledged.clear()
+
     def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
-        self.message_read_buffers.pop(event.stream_id, None)
+        self.forget(event.stream_id)
         return [_StreamReset(event.stream_id)]
 
 
@@ -228,7 +253,7 @@ class _Connection:
         """
         self._requests.clear()
         self._streams.clear()
-        self._protocol.message_read_buffers.clear()
+        self._protocol.forget_all()
         self._h2.streams.clear()
         self._h2._closed_streams.clear()
 
@@ -399,7 +424,7 @@ class _Connection:
         """Drop what the call held; tell the peer to stop sending on it if it has not."""
         self._calls.pop(stream_id, None)
         self._streams.pop(stream_id, None)
-        self._protocol.message_read_buffers.pop(stream_id, None)
+        self._protocol.forget(stream_id)
         # Fails when closed both ways (the usual case) or reset by the peer.
         with contextlib.suppress(h2.exceptions.H2Error):
             self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
