@@ -61,10 +61,18 @@ class RawPeer:
         """Write what h2 has queued."""
         self.sock.sendall(self.h2.data_to_send())
 
-    def open_stream(self, path: str = CHECK_IN, body: bytes = b"", *, end: bool = False) -> int:
+    def open_stream(
+        self,
+        path: str = CHECK_IN,
+        body: bytes = b"",
+        *,
+        end: bool = False,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> int:
         """Queue HEADERS (and ``body`` as DATA, ending the stream with ``end``)."""
         stream_id = self.h2.get_next_available_stream_id()
-        self.h2.send_headers(stream_id, request_headers(path), end_stream=end and not body)
+        headers = [*request_headers(path), *metadata]
+        self.h2.send_headers(stream_id, headers, end_stream=end and not body)
         if body:
             self.h2.send_data(stream_id, body, end_stream=end)
         return stream_id

@@ -78,6 +78,24 @@ async def test_too_many_streams_end_that_connection_only(
     greedy.close()
 
 
+async def test_oversized_headers_end_that_connection_only(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    endpoints = await nursery.start(serve, settings)
+    port = endpoints.grpc_port
+    bloated = await connected(port)
+    bloated.open_stream(CHECK_IN, check_in_body("127.0.0.1:1"), end=True,
+                        metadata=(("x-bloat", "b" * 100_000),))  # fmt: skip
+    await trio.to_thread.run_sync(bloated.send)
+    assert await trio.to_thread.run_sync(bloated.wait_closed, 60) < 60
+    goaway = bloated.goaway()
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    client = GrpcioClient(port)
+    assert await client.check_in("127.0.0.1:1") is True
+    client.close()
+    bloated.close()
+
+
 async def test_unimplemented_method_and_a_second_message_are_answered_not_logged(
     settings: Settings, nursery: trio.Nursery, caplog
 ) -> None:
