@@ -59,41 +59,37 @@ async def test_a_full_port_closes_its_least_recently_active_connection(
         peer.close()
 
 
+async def ends_alone(peer: RawPeer, port: int, code: h2.errors.ErrorCodes) -> None:
+    """Send what ``peer`` queued: its connection ends with a GOAWAY ``code``, others go on."""
+    await trio.to_thread.run_sync(peer.send)
+    assert await trio.to_thread.run_sync(peer.wait_closed, 60) < 60
+    goaway = peer.goaway()
+    assert goaway is not None and goaway.error_code == code
+    client = GrpcioClient(port)
+    assert await client.check_in("127.0.0.1:1") is True
+    client.close()
+    peer.close()
+
+
 async def test_too_many_streams_end_that_connection_only(
     settings: Settings, nursery: trio.Nursery
 ) -> None:
     endpoints = await nursery.start(serve, settings)
-    port = endpoints.grpc_port
-    greedy = await connected(port)
+    greedy = await connected(endpoints.grpc_port)
     for _ in range(MAX_CONCURRENT_STREAMS + 1):
         stream_id = greedy.open_stream(CHECK_IN)
         greedy.h2.send_data(stream_id, b"\0")
-    await trio.to_thread.run_sync(greedy.send)
-    assert await trio.to_thread.run_sync(greedy.wait_closed, 60) < 60
-    goaway = greedy.goaway()
-    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
-    client = GrpcioClient(port)
-    assert await client.check_in("127.0.0.1:1") is True
-    client.close()
-    greedy.close()
+    await ends_alone(greedy, endpoints.grpc_port, h2.errors.ErrorCodes.PROTOCOL_ERROR)
 
 
 async def test_oversized_headers_end_that_connection_only(
     settings: Settings, nursery: trio.Nursery
 ) -> None:
     endpoints = await nursery.start(serve, settings)
-    port = endpoints.grpc_port
-    bloated = await connected(port)
-    bloated.open_stream(CHECK_IN, check_in_body("127.0.0.1:1"), end=True,
-                        metadata=(("x-bloat", "b" * 100_000),))  # fmt: skip
-    await trio.to_thread.run_sync(bloated.send)
-    assert await trio.to_thread.run_sync(bloated.wait_closed, 60) < 60
-    goaway = bloated.goaway()
-    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
-    client = GrpcioClient(port)
-    assert await client.check_in("127.0.0.1:1") is True
-    client.close()
-    bloated.close()
+    bloated = await connected(endpoints.grpc_port)
+    bloat = (("x-bloat", "b" * 100_000),)  # h2 accepts 64 KiB of headers
+    bloated.open_stream(CHECK_IN, check_in_body("127.0.0.1:1"), end=True, metadata=bloat)
+    await ends_alone(bloated, endpoints.grpc_port, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
 
 async def test_unimplemented_method_and_a_second_message_are_answered_not_logged(
