@@ -41,6 +41,8 @@ from .status.hub import StatusHub
 from .status.metrics import Metrics
 from .status.metrics_endpoint import PATH as METRICS_PATH
 from .status.metrics_endpoint import serve_metrics
+from .status.rounds import ENDED, record_of
+from .status.schema import StatusMessage
 from .status.webhook import run_webhook
 from .status.websocket import PATH, StatusLimits, StatusServer
 from .storage.aggregation import Aggregator, aggregate
@@ -50,6 +52,7 @@ from .storage.layout import Layout
 from .storage.ownership import hold_ownership
 from .storage.problem import check_problem, clean_tmp
 from .storage.round_files import RoundFiles
+from .storage.round_log import RoundLog
 from .storage.weights import Weight, describe
 
 __all__ = ["Endpoints", "build_coordinator", "serve"]
@@ -152,6 +155,12 @@ def _connection_limits(settings: Settings) -> ConnectionLimits:
     )
 
 
+def _keep_record(round_log: RoundLog, message: StatusMessage) -> None:
+    """Give the round log the record of a round that ``message`` ends."""
+    if message["stage"] in ENDED:
+        round_log.add(record_of(message))
+
+
 async def serve(
     settings: Settings,
     *,
@@ -181,6 +190,9 @@ async def serve(
         clean_tmp(layout)
         first_round = next_round(layout, settings.keep_checkpoints)
         hub = StatusHub(settings.problem_id, str(layout.checkpoint))
+        round_log = RoundLog(layout, settings.round_history)
+        hub.observe(functools.partial(_keep_record, round_log))
+        nursery.start_soon(round_log.run)
         metrics = Metrics(settings.problem_id)
         coordinator = build_coordinator(
             settings,
@@ -200,6 +212,8 @@ async def serve(
                 connections=connection_limits,
             ),
             status_tls,
+            problem_id=settings.problem_id,
+            rounds=round_log.newest,
         )
         metrics.count_subscribers(lambda: status_server.connected)
 

@@ -1,0 +1,134 @@
+"""Plain HTTP on the status port: ``GET /status`` and the round history ``GET /rounds``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from helpers.peers import FakeSelector, completed, serve_and_watch, write_aggregate
+
+from fl_coordinator.app import serve
+from fl_coordinator.config import Settings
+from fl_coordinator.storage.journal import history
+from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.round_log import round_log_path
+
+STATUS_TOKEN = "dashboard-secret"
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def base_url(status_url: str) -> str:
+    return status_url.replace("ws://", "http://").removesuffix("/status")
+
+
+async def get(url: str, token: str | None = None) -> httpx.Response:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient() as client:
+        return await client.get(url, headers=headers)
+
+
+async def a_round(
+    nursery: trio.Nursery, settings: Settings, layout: Layout, number: int, good: list[Path]
+) -> tuple[dict[str, Any], list[str]]:
+    """Round ``number`` of two selectors at a new coordinator; those with no file in ``good``
+    write nothing. Its last status message, and the selectors in order."""
+    _, watcher, client = await serve_and_watch(nursery, settings)
+    selectors = [await FakeSelector().start(nursery) for _ in range(2)]
+    for selector in selectors:
+        assert await client.check_in(selector.id) is True
+    for index, selector in enumerate(selectors):
+        await selector.told.receive()
+        if index < len(good):
+            write_aggregate(layout, selector.id, good[index], weight=index + 1)
+        await client.report(selector.id)
+    return await watcher.wait_for(completed(number)), [s.id for s in selectors]
+
+
+def seconds(time: str) -> float:
+    return datetime.fromisoformat(time).timestamp()
+
+
+async def test_round_history_survives_a_restart_and_matches_the_files(
+    settings: Settings, layout: Layout, keras_weights
+) -> None:
+    async with trio.open_nursery() as nursery:  # round 1: both report
+        done, first_ids = await a_round(nursery, settings, layout, 1, keras_weights[:2])
+        assert done["stage"] == "COMPLETED"
+        nursery.cancel_scope.cancel()
+    first_digest = digest(layout.checkpoint)
+    strict = settings.replace(min_reporting_fraction=1.0)
+    async with trio.open_nursery() as nursery:  # round 2, after a restart: one writes nothing
+        failed, second_ids = await a_round(nursery, strict, layout, 2, keras_weights[:1])
+        assert failed["stage"] == "FAILED"
+        nursery.cancel_scope.cancel()
+    assert digest(layout.checkpoint) == first_digest  # a failed round keeps the checkpoint
+
+    async with trio.open_nursery() as nursery:  # a third one serves the history (round 3 opened)
+        endpoints = await nursery.start(serve, settings)
+        url = base_url(endpoints.status_url)
+        rounds = (await get(f"{url}/rounds")).json()
+        status = (await get(f"{url}/status")).json()
+        older = (await get(f"{url}/rounds?before=2&limit=1")).json()
+        newest = (await get(f"{url}/rounds?limit=1")).json()
+        bad = await get(f"{url}/rounds?limit=0")
+        nursery.cancel_scope.cancel()
+
+    assert rounds["problem_id"] == settings.problem_id
+    assert [r["round"] for r in rounds["rounds"]] == [2, 1]  # newest first
+    second, first = rounds["rounds"]
+    assert (first["outcome"], first["accepted"], first["goal"]) == ("COMPLETED", 2, 2)
+    assert first["checkpoint_sha256"] == first_digest == digest(history(layout)[1])
+    assert first["selectors"] == [{"selector": s, "fate": "reported"} for s in first_ids]
+    assert 0 < first["aggregation_seconds"] < 60
+    assert list(first["stages"]) == [
+        "SELECTION", "CONFIGURATION", "REPORTING", "AGGREGATING", "COMPLETED"
+    ]  # fmt: skip
+    times = [seconds(t) for t in first["stages"].values()]
+    assert times == sorted(times) and first["ended"] == first["stages"]["COMPLETED"]
+    assert "error" not in first
+
+    assert (second["outcome"], second["checkpoint_sha256"]) == ("FAILED", None)
+    assert "only 1 of 2 client(s) reported usable updates" in second["error"]
+    assert second["selectors"][0] == {"selector": second_ids[0], "fate": "reported"}
+    rejected = second["selectors"][1]
+    assert (rejected["selector"], rejected["fate"]) == (second_ids[1], "rejected")
+    assert str(layout.agg_weight(second_ids[1])) in rejected["reason"]
+    assert second["aggregation_seconds"] is None
+
+    assert [r["round"] for r in newest["rounds"]] == [2] and newest["next_before"] == 2
+    assert older["rounds"] == [first] and older["next_before"] is None
+    assert bad.status_code == 400 and "limit must be between 1 and 1000" in bad.text
+
+    # The file holds what was served, one line per round, oldest first.
+    lines = round_log_path(layout).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [first, second]
+
+    assert (status["round"], status["stage"], status["accepted"]) == (3, "SELECTION", 0)
+    assert status["stage_started"] == status["stages"]["SELECTION"]
+
+
+async def test_plain_requests_follow_the_status_token(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    endpoints = await nursery.start(serve, settings.replace(status_token=STATUS_TOKEN))
+    url = base_url(endpoints.status_url)
+    for path in ("/status", "/rounds"):
+        refused = await get(url + path)
+        assert refused.status_code == 401, path
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert (await get(url + path, "wrong")).status_code == 401
+        assert (await get(url + path, STATUS_TOKEN)).status_code == 200
+    assert (await get(url + "/status", STATUS_TOKEN)).json()["round"] == 1
+    assert (await get(url + "/static/../pages.py")).status_code == 404
+    assert (await get(url + "/elsewhere")).status_code == 404
+    async with httpx.AsyncClient() as client:
+        posted = await client.post(url + "/status", content=b"{}")
+    assert posted.status_code == 405
