@@ -127,6 +127,12 @@ async def test_plain_requests_follow_the_status_token(
         assert (await get(url + path, "wrong")).status_code == 401
         assert (await get(url + path, STATUS_TOKEN)).status_code == 200
     assert (await get(url + "/status", STATUS_TOKEN)).json()["round"] == 1
+    page = await get(url + "/")  # the page holds no data: it asks for the token
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert b'<script src="static/dashboard.js">' in page.content
+    chart = await get(url + "/static/uPlot.iife.min.js")
+    assert chart.headers["content-type"].startswith("text/javascript")
+    assert len(chart.content) > 10_000
     assert (await get(url + "/static/../pages.py")).status_code == 404
     assert (await get(url + "/elsewhere")).status_code == 404
     async with httpx.AsyncClient() as client:
