@@ -138,3 +138,30 @@ async def test_plain_requests_follow_the_status_token(
     async with httpx.AsyncClient() as client:
         posted = await client.post(url + "/status", content=b"{}")
     assert posted.status_code == 405
+
+
+async def answer_to(port: int, data: bytes) -> bytes:
+    """What the status port sends back to ``data`` before it closes the connection."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        received = b""
+        with trio.fail_after(30):
+            while chunk := await stream.receive_some():
+                received += chunk
+    return received
+
+
+async def test_hostile_requests_end_their_connection_only(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    endpoints = await nursery.start(serve, settings)
+    port = endpoints.status_port
+    huge = b"GET /status HTTP/1.1\r\nhost: x\r\nx-filler: " + b"a" * 20_000 + b"\r\n\r\n"
+    assert await answer_to(port, huge) == b""  # over 16 KB of head: closed, nothing read
+    assert await answer_to(port, b"\x16\x03\x01\x00\xff" + bytes(range(256))) == b""
+    assert await answer_to(port, b"GET /status HTTP/1.1\r\n\r\n") == b""  # no host: not HTTP/1.1
+    answer = await answer_to(port, b"GET /rounds?limit=2&before=-1 HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"before must be a whole number" in answer
+    ok = await answer_to(port, b"GET /status HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200 ") and b'"stage": "SELECTION"' in ok

@@ -73,6 +73,8 @@ async def read_head(stream: trio.abc.ReceiveStream) -> Head:
         if not data:
             raise h11.RemoteProtocolError("closed before a request")
         received += data
+        if len(received) > MAX_REQUEST_BYTES:  # h11's own bound only counts what it waits on
+            raise h11.RemoteProtocolError(f"request head over {MAX_REQUEST_BYTES} bytes")
         connection.receive_data(bytes(data))
 
 

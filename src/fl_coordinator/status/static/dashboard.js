@@ -130,6 +130,12 @@
       row.append(el("td", id), el("td", state, "fate-" + state), el("td", message.rejected[id] || ""));
       rows.push(row);
     }
+    if (!rows.length) {
+      const empty = el("td", "no selector holds a client of this round yet", "muted");
+      empty.colSpan = 3;
+      rows.push(el("tr"));
+      rows[0].append(empty);
+    }
     $("selectors").tBodies[0].replaceChildren(...rows);
     $("round-error").textContent = message.error || "";
   }
@@ -201,6 +207,7 @@
         problems.push(item);
       }
     }
+    if (!problems.length) problems.push(el("li", "none in the rounds shown", "muted"));
     $("problems").replaceChildren(...problems.slice(0, PROBLEM_ROWS));
   }
 
@@ -220,7 +227,7 @@
         width,
         height: 200,
         scales: { x: { time: false } },
-        axes: [{ label: "round" }, {}],
+        axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000] }, {}],
         series: [
           { label: "round" },
           ...names.map((name, i) => ({ label: name, stroke: palette[i % palette.length], width: 1.5, spanGaps: true })),
