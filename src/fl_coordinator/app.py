@@ -41,8 +41,6 @@ from .status.hub import StatusHub
 from .status.metrics import Metrics
 from .status.metrics_endpoint import PATH as METRICS_PATH
 from .status.metrics_endpoint import serve_metrics
-from .status.rounds import ENDED, record_of
-from .status.schema import StatusMessage
 from .status.webhook import run_webhook
 from .status.websocket import PATH, StatusLimits, StatusServer
 from .storage.aggregation import Aggregator, aggregate
@@ -155,12 +153,6 @@ def _connection_limits(settings: Settings) -> ConnectionLimits:
     )
 
 
-def _keep_record(round_log: RoundLog, message: StatusMessage) -> None:
-    """Give the round log the record of a round that ``message`` ends."""
-    if message["stage"] in ENDED:
-        round_log.add(record_of(message))
-
-
 async def serve(
     settings: Settings,
     *,
@@ -191,7 +183,7 @@ async def serve(
         first_round = next_round(layout, settings.keep_checkpoints)
         hub = StatusHub(settings.problem_id, str(layout.checkpoint))
         round_log = RoundLog(layout, settings.round_history)
-        hub.observe(functools.partial(_keep_record, round_log))
+        hub.observe(round_log.observe)
         nursery.start_soon(round_log.run)
         metrics = Metrics(settings.problem_id)
         coordinator = build_coordinator(

@@ -40,6 +40,8 @@ class RoundRecord(TypedDict):
     aggregation_seconds: float | None  # None unless it aggregated
     checkpoint_sha256: str | None  # of the checkpoint it produced (COMPLETED only)
     error: NotRequired[str]  # FAILED only
+    metrics: NotRequired[dict[str, float]]  # once the round's checkpoint was evaluated (issue 14)
+    finished: NotRequired[str]  # the run ended after (or in) this round: why (issue 14)
 
 
 def _fate(message: StatusMessage, selector: str) -> SelectorFate:
@@ -69,4 +71,6 @@ def record_of(message: StatusMessage) -> RoundRecord:
     }
     if "error" in message:
         record["error"] = message["error"]
+    if "finished" in message:
+        record["finished"] = message["finished"]  # type: ignore[typeddict-item]
     return record

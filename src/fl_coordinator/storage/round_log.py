@@ -1,9 +1,11 @@
 """The round log: a record of every round that ended, kept on disk so it survives restarts.
 
-``.coordinator/rounds.jsonl`` holds one JSON object per line, one line per
-ended round (:class:`~..status.rounds.RoundRecord`), appended and fsynced
-off the event loop when the round ends, with the SHA-256 of the checkpoint
-it produced (read from its history link, ``history/round-NNNNNN``, which
+``.coordinator/rounds.jsonl`` holds one JSON object per line
+(:class:`~..status.rounds.RoundRecord`), a line per ended round and one more
+each time its record changes later (the metrics of its evaluation, the end
+of the run): the last line of a round is its record. Lines are appended and
+fsynced off the event loop, with the SHA-256 of the checkpoint a round
+produced (read from its history link, ``history/round-NNNNNN``, which
 nothing modifies: the next round's checkpoint is a new file). It is bounded:
 once it holds twice ``keep`` lines it is rewritten (atomically) with the
 newest ``keep``, and only those are read at start-up and held in memory.
@@ -30,7 +32,8 @@ from typing import Any
 import trio
 
 from ..errors import os_error_text
-from ..status.rounds import RoundRecord
+from ..status.rounds import ENDED, RoundRecord, record_of
+from ..status.schema import StatusMessage
 from .atomic import write_atomic
 from .journal import history
 from .journal_writer import DRAIN_SECONDS
@@ -64,25 +67,30 @@ def _is_record(value: Any) -> bool:
 
 
 def _read(path: Path, keep: int) -> tuple[list[RoundRecord], int]:
-    """The newest ``keep`` records of the file, and how many lines it has."""
+    """The records of the newest ``keep`` rounds in the file, by round, and its line count.
+
+    Read from the end: the last line of a round is its record.
+    """
     try:
         lines = path.read_bytes().splitlines()
     except FileNotFoundError:
         return [], 0
-    records: list[RoundRecord] = []
+    records: dict[int, RoundRecord] = {}
     bad = 0
-    for line in lines[-keep:]:
+    for line in reversed(lines):
+        if len(records) == keep:
+            break
         try:
             value = json.loads(line)
         except ValueError:
             value = None
-        if _is_record(value):
-            records.append(value)
-        else:
+        if not _is_record(value):
             bad += 1
+        elif value["round"] not in records:
+            records[value["round"]] = value
     if bad:
         log.warning("%s: %d line(s) are not round records; skipped", path, bad)
-    return records, len(lines)
+    return sorted(records.values(), key=lambda record: record["round"]), len(lines)
 
 
 class RoundLog:
@@ -98,11 +106,50 @@ class RoundLog:
         self._work = trio.Event()
         self._failing = False
 
+    def observe(self, message: StatusMessage) -> None:
+        """Keep what a status message says about rounds. Never waits.
+
+        A round that ended (COMPLETED, FAILED) gets its record; the metrics of
+        an evaluated round (which arrive during a later round) and the end of the
+        run (FINISHED: the reason, in the record of the round it follows) are
+        added to the records they belong to; a round that was open when the run
+        finished gets a record of its own, outcome FINISHED.
+        """
+        stage = message["stage"]
+        if stage in ENDED:
+            known = self._find(message["round"])
+            if known is None or stage != "FINISHED":
+                self.add(record_of(message))
+            elif "finished" not in known:
+                self._change(known, finished=message.get("finished", ""))
+        metrics = message.get("metrics")
+        if metrics:
+            evaluated = self._find(metrics["round"])
+            if evaluated is not None and evaluated.get("metrics") != metrics["values"]:
+                self._change(evaluated, metrics=dict(metrics["values"]))
+
     def add(self, record: RoundRecord) -> None:
-        """Keep ``record`` (a round that just ended; served at once). Never waits."""
-        self._records.append(record)
+        """Keep ``record`` (it replaces one of the same round); served at once. Never waits."""
+        known = self._find(record["round"])
+        if known is None:
+            self._records.append(record)
+        else:
+            self._records[self._records.index(known)] = record
         self._pending.append(record)
         self._work.set()
+
+    def _change(self, record: RoundRecord, **fields: Any) -> None:
+        record.update(fields)  # type: ignore[typeddict-item]
+        if not any(waiting is record for waiting in self._pending):
+            self._pending.append(record)
+        self._work.set()
+
+    def _find(self, number: int) -> RoundRecord | None:
+        """The record of round ``number`` (the newest are looked at first)."""
+        for record in reversed(self._records):
+            if record["round"] == number:
+                return record
+        return None
 
     def newest(self, before: int | None = None, limit: int = 100) -> list[RoundRecord]:
         """Up to ``limit`` records, newest first, of rounds numbered below ``before`` if given."""
@@ -128,13 +175,14 @@ class RoundLog:
     async def _write_pending(self) -> None:
         while self._pending:
             record = self._pending[0]  # taken off once written: a cancellation may come first
-            kept = history(self._layout).get(record["round"])
             try:
-                if record["outcome"] == "COMPLETED" and kept is not None:
-                    record["checkpoint_sha256"] = await trio.to_thread.run_sync(_sha256, kept)
+                if record["outcome"] == "COMPLETED" and record["checkpoint_sha256"] is None:
+                    digest = await trio.to_thread.run_sync(self._digest, record["round"])
+                    record["checkpoint_sha256"] = digest
                 if self._lines + 1 >= 2 * self._keep:  # rewritten with the newest only
-                    newest = list(self._records)[-self._keep :]
-                    await trio.to_thread.run_sync(self._rewrite, newest)
+                    held = len(self._pending)  # each of them is in the rewrite
+                    await trio.to_thread.run_sync(self._rewrite, list(self._records))
+                    del self._pending[1:held]
                 else:
                     await trio.to_thread.run_sync(self._append, record)
             except OSError as error:
@@ -144,6 +192,11 @@ class RoundLog:
                     log.warning("the round log %s is written again", self._path)
                 self._failing = False
             self._pending.pop(0)
+
+    def _digest(self, number: int) -> str | None:
+        """The SHA-256 of the checkpoint round ``number`` produced (None: it is not kept)."""
+        kept = history(self._layout).get(number)
+        return _sha256(kept) if kept is not None else None
 
     def _failed(self, record: RoundRecord, error: OSError) -> None:
         if not self._failing:
