@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from datetime import datetime
@@ -9,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
+import trio_websocket
 from helpers.peers import FakeSelector, completed, serve_and_watch, write_aggregate
 
 from fl_coordinator.app import serve
@@ -165,3 +168,24 @@ async def test_hostile_requests_end_their_connection_only(
     assert answer.startswith(b"HTTP/1.1 400 ") and b"before must be a whole number" in answer
     ok = await answer_to(port, b"GET /status HTTP/1.1\r\nhost: x\r\n\r\n")
     assert ok.startswith(b"HTTP/1.1 200 ") and b'"stage": "SELECTION"' in ok
+
+
+async def test_a_browser_sends_the_token_as_a_subprotocol(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    """A browser's WebSocket cannot set headers: ``bearer.<base64url>`` stands for one."""
+    endpoints = await nursery.start(serve, settings.replace(status_token=STATUS_TOKEN))
+    encoded = base64.urlsafe_b64encode(STATUS_TOKEN.encode()).decode().rstrip("=")
+    async with trio_websocket.open_websocket_url(
+        endpoints.status_url, subprotocols=["fl-status", f"bearer.{encoded}"]
+    ) as ws:
+        assert ws.subprotocol == "fl-status"
+        assert json.loads(await ws.get_message())["stage"] == "SELECTION"
+    wrong = base64.urlsafe_b64encode(b"wrong").decode()
+    for protocols in (["fl-status", f"bearer.{wrong}"], ["fl-status", "bearer.%%%"], ["fl-status"]):
+        with pytest.raises(trio_websocket.ConnectionRejected) as refused:
+            async with trio_websocket.open_websocket_url(
+                endpoints.status_url, subprotocols=protocols
+            ):
+                pass
+        assert refused.value.status_code == 401, protocols
