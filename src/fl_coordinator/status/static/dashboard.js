@@ -138,6 +138,12 @@
     }
     $("selectors").tBodies[0].replaceChildren(...rows);
     $("round-error").textContent = message.error || "";
+    $("finished").textContent = message.finished || "";
+    const metrics = message.metrics;
+    $("metrics-now").textContent = metrics
+      ? "metrics of round " + metrics.round + ": " +
+        Object.entries(metrics.values).map(([name, value]) => name + " " + value.toPrecision(4)).join(", ")
+      : "";
   }
 
   // -- the history ---------------------------------------------------------------------
