@@ -1,14 +1,19 @@
-"""Selector addresses: parsing ids as ``host:port`` and dialing them."""
+"""Peer addresses (selector ids, the legacy webserver): parsing ``host:port``, dialing, calling."""
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import purerpc
+import trio
 
 from ..errors import BadAddress
 
-__all__ = ["dial", "split_address"]
+__all__ = ["call_once", "dial", "split_address"]
+
+T = TypeVar("T")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -31,3 +36,24 @@ def dial(address: str, ssl_context: ssl.SSLContext | None = None) -> purerpc.Cha
     if ssl_context is None:
         return purerpc.insecure_channel(host, port)
     return purerpc.secure_channel(host, port, ssl_context)
+
+
+async def call_once(
+    address: str,
+    call: Callable[[purerpc.Channel], Awaitable[T]],
+    *,
+    seconds: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> T:
+    """``call(channel)`` on a connection of its own to ``address``, closed after it.
+
+    The whole of it (connecting, the call, closing) has ``seconds``:
+    TimeoutError after that, so a peer that accepts the connection and never
+    answers costs one time limit, not a stuck task.
+    """
+    try:
+        with trio.fail_after(seconds):
+            async with dial(address, ssl_context) as channel:
+                return await call(channel)
+    except trio.TooSlowError:
+        raise TimeoutError(f"no answer within {seconds:g} s") from None
