@@ -21,11 +21,14 @@ class LegacyWebserver:
 
     Until it starts, the port is bound but not listening, so a push to it is
     refused (a webserver that is down) and no other process can take the port.
-    Each request lands in ``received`` as ``(stage name, roundNo)``.
+    Each request lands in ``received`` as ``(stage name, roundNo)``; the first
+    ``failures`` calls are answered ``UNAVAILABLE`` instead (and counted in ``calls``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, failures: int = 0) -> None:
         self.received: Arrivals[tuple[str, int]] = Arrivals()
+        self.calls = 0
+        self._failures = failures
         self._holder = socket.socket()
         self._holder.bind(("127.0.0.1", 0))
         self.port: int = self._holder.getsockname()[1]
@@ -39,6 +42,9 @@ class LegacyWebserver:
         token = trio.lowlevel.current_trio_token()
 
         def round_status(request: bytes, context: grpc.ServicerContext) -> bytes:
+            self.calls += 1  # one worker thread: no race
+            if self.calls <= self._failures:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "starting up")
             status = fl_status_pb2.FlRoundStatus.FromString(request)
             item = (fl_status_pb2.Stages.Name(status.stage), status.roundNo)
             token.run_sync_soon(self.received.add, item)

@@ -1,6 +1,6 @@
 """The legacy status push (``LEGACY_STATUS_PUSH``): what a grpcio ``FlStatus`` webserver receives
-from a real coordinator, through rounds, a failed round and an outage; a stalled webserver;
-the bounded queue; and the stage changes that status messages imply."""
+from a real coordinator, through rounds, a failed round and an outage; a stalled webserver, and
+one that answers errors; the bounded queue; and the stage changes that status messages imply."""
 
 from __future__ import annotations
 
@@ -110,9 +110,10 @@ async def test_a_stalled_webserver_does_not_delay_a_round(
     endpoints, watcher, _ = await serve_and_watch(nursery, settings)
     await stalled.connected.wait()  # the first push hangs there (for 5 s, then again)
     sources = [(keras_weights[0], 2), (keras_weights[1], 5)]
-    done = await run_round(nursery, endpoints.grpc_port, watcher, layout, sources)
+    with trio.fail_after(60):  # never a hang: a push in the round's way would retry forever
+        done = await run_round(nursery, endpoints.grpc_port, watcher, layout, sources)
+        await watcher.wait_for(lambda m: m["round"] == 2)
     assert done["stage"] == "COMPLETED"
-    await watcher.wait_for(lambda m: m["round"] == 2)
     assert watcher.stages()[:5] == [
         (1, "SELECTION"), (1, "CONFIGURATION"), (1, "REPORTING"), (1, "COMPLETED"),
         (2, "SELECTION"),
@@ -154,6 +155,23 @@ async def test_the_queue_keeps_the_latest_stage_changes_and_logs_drops_once(
         webserver.stop()
 
 
+async def test_a_push_answered_with_an_error_is_sent_again(nursery: trio.Nursery) -> None:
+    hub = StatusHub("p", "c")
+    webserver = LegacyWebserver(failures=2)
+    webserver.start()
+    try:
+        retry = RetryPolicy(attempts=None, first_wait=0.01, jitter=0)
+        await nursery.start(run_legacy_push, hub, webserver.address, retry)
+        hub.publish(Status(7, Stage.CONFIGURATION, 1, 1, ("a:1",), ()))
+        await webserver.wait_for(("CONFIGURATION", 6))
+        assert (webserver.received.items, webserver.calls) == (
+            [("SELECTION", 6), ("CONFIGURATION", 6)],
+            4,
+        )
+    finally:
+        webserver.stop()
+
+
 @pytest.mark.parametrize(
     ("address", "expected"),
     [("127.0.0.1:0", "a port >= 1"), ("localhost:50052", "not this coordinator's STATUS_PORT")],
@@ -166,4 +184,6 @@ def test_the_push_needs_an_address_that_is_not_its_own_status_port(
         load_settings({}, environ)
     settings, _ = load_settings({}, {"LEGACY_STATUS_PUSH": "yes", "WEBSERVER_ADDRESS": "w:50053"})
     assert (settings.legacy_status_push, settings.webserver_address) == (True, "w:50053")
+    yaml_values = {"LEGACY_STATUS_PUSH": True, "WEBSERVER_ADDRESS": "w:50053"}
+    assert load_settings(yaml_values, {})[0].legacy_status_push is True
     assert load_settings({}, {})[0].legacy_status_push is False
