@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +25,21 @@ from fl_coordinator.status.legacy_push import LegacyStatus, run_legacy_push, sta
 from fl_coordinator.storage.layout import Layout
 
 _WIRE = ("SELECTION", "CONFIGURATION", "REPORTING", "COMPLETED")
+
+
+@pytest.fixture
+def webservers() -> Iterator[Callable[..., LegacyWebserver]]:
+    """Makes grpcio webservers, stopped once the test's trio run (and every push) has ended:
+    a grpcio server stopping under a push sends GOAWAY, and purerpc fails that push."""
+    made: list[LegacyWebserver] = []
+
+    def make(failures: int = 0) -> LegacyWebserver:
+        made.append(LegacyWebserver(failures))
+        return made[-1]
+
+    yield make
+    for webserver in made:
+        webserver.stop()
 
 
 def whole_round(round_no: int) -> list[tuple[str, int]]:
@@ -66,37 +82,33 @@ def test_stages_that_snapshots_skipped_are_filled_in_and_older_ones_ignored() ->
 
 
 async def test_legacy_webserver_sees_every_stage_in_order_after_an_outage_and_a_failed_round(
-    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, webservers
 ) -> None:
-    webserver = LegacyWebserver()  # down until round 1 has completed
-    try:
-        settings = settings.replace(
-            checkin_limit=1, legacy_status_push=True, webserver_address=webserver.address
-        )
-        endpoints, watcher, client = await serve_and_watch(nursery, settings)
-        port = endpoints.grpc_port
-        assert (await run_round(nursery, port, watcher, layout, [(keras_weights[0], 2)], 1))[
-            "stage"
-        ] == "COMPLETED"
-        webserver.start()
+    webserver = webservers()  # down until round 1 has completed
+    settings = settings.replace(
+        checkin_limit=1, legacy_status_push=True, webserver_address=webserver.address
+    )
+    endpoints, watcher, client = await serve_and_watch(nursery, settings)
+    port = endpoints.grpc_port
+    first = await run_round(nursery, port, watcher, layout, [(keras_weights[0], 2)], 1)
+    assert first["stage"] == "COMPLETED"
+    webserver.start()
 
-        selector = await FakeSelector().start(nursery)
-        assert await client.check_in(selector.id) is True
-        await selector.told.receive()
-        await client.report(selector.id)  # it wrote no files: the round fails in REPORTING
-        assert (await watcher.wait_for(completed(2)))["stage"] == "FAILED"
+    selector = await FakeSelector().start(nursery)
+    assert await client.check_in(selector.id) is True
+    await selector.told.receive()
+    await client.report(selector.id)  # it wrote no files: the round fails in REPORTING
+    assert (await watcher.wait_for(completed(2)))["stage"] == "FAILED"
 
-        done = await run_round(nursery, port, watcher, layout, [(keras_weights[1], 3)], 3)
-        assert done["stage"] == "COMPLETED"
-        await webserver.wait_for(("SELECTION", 3))  # round 4 opened
-        assert webserver.received.items == [
-            *whole_round(0),
-            ("SELECTION", 1), ("CONFIGURATION", 1), ("REPORTING", 1),  # FAILED: nothing more
-            *whole_round(2),
-            ("SELECTION", 3),
-        ]  # fmt: skip
-    finally:
-        webserver.stop()
+    third = await run_round(nursery, port, watcher, layout, [(keras_weights[1], 3)], 3)
+    assert third["stage"] == "COMPLETED"
+    await webserver.wait_for(("SELECTION", 3))  # round 4 opened
+    assert webserver.received.items == [
+        *whole_round(0),
+        ("SELECTION", 1), ("CONFIGURATION", 1), ("REPORTING", 1),  # FAILED: nothing more
+        *whole_round(2),
+        ("SELECTION", 3),
+    ]  # fmt: skip
 
 
 async def test_a_stalled_webserver_does_not_delay_a_round(
@@ -121,55 +133,48 @@ async def test_a_stalled_webserver_does_not_delay_a_round(
 
 
 async def test_the_queue_keeps_the_latest_stage_changes_and_logs_drops_once(
-    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, webservers
 ) -> None:
     hub = StatusHub("p", "c")
-    webserver = LegacyWebserver()  # down while 100 rounds go by
+    webserver = webservers()  # down while 100 rounds go by
     drops = 0
 
     def dropped() -> None:
         nonlocal drops
         drops += 1
 
-    try:
-        retry = RetryPolicy(attempts=None, first_wait=0.01, max_wait=0.05, jitter=0)
-        logger = "fl_coordinator.status.legacy_push"
-        with caplog.at_level(logging.WARNING, logger=logger):
-            push = functools.partial(run_legacy_push, queue_length=8, dropped=dropped)
-            await nursery.start(push, hub, webserver.address, retry)
-            for number in range(1, 101):
-                for stage in (Stage.SELECTION, Stage.CONFIGURATION, Stage.REPORTING,
-                              Stage.COMPLETED):  # fmt: skip
-                    hub.publish(Status(number, stage, 1, 1, ("a:1",), ()))
-                    await trio.testing.wait_all_tasks_blocked()
-            lines = [r.getMessage() for r in caplog.records if r.name == logger]
-        assert drops == 4 * 100 - 8
-        webserver.start()
-        await webserver.wait_for(("COMPLETED", 99))
-        assert webserver.received.items == [*whole_round(98), *whole_round(99)]
-        assert lines == [
-            f"legacy status push to {webserver.address}: 8 stage changes waiting, "
-            "dropped the oldest (SELECTION of roundNo 0)"
-        ]  # the other 391 are counted in the next line, a minute later
-    finally:
-        webserver.stop()
-
-
-async def test_a_push_answered_with_an_error_is_sent_again(nursery: trio.Nursery) -> None:
-    hub = StatusHub("p", "c")
-    webserver = LegacyWebserver(failures=2)
+    retry = RetryPolicy(attempts=None, first_wait=0.01, max_wait=0.05, jitter=0)
+    logger = "fl_coordinator.status.legacy_push"
+    with caplog.at_level(logging.WARNING, logger=logger):
+        push = functools.partial(run_legacy_push, queue_length=8, dropped=dropped)
+        await nursery.start(push, hub, webserver.address, retry)
+        for number in range(1, 101):
+            for stage in (Stage.SELECTION, Stage.CONFIGURATION, Stage.REPORTING, Stage.COMPLETED):
+                hub.publish(Status(number, stage, 1, 1, ("a:1",), ()))
+                await trio.testing.wait_all_tasks_blocked()
+        lines = [r.getMessage() for r in caplog.records if r.name == logger]
+    assert drops == 4 * 100 - 8
     webserver.start()
-    try:
-        retry = RetryPolicy(attempts=None, first_wait=0.01, jitter=0)
-        await nursery.start(run_legacy_push, hub, webserver.address, retry)
-        hub.publish(Status(7, Stage.CONFIGURATION, 1, 1, ("a:1",), ()))
-        await webserver.wait_for(("CONFIGURATION", 6))
-        assert (webserver.received.items, webserver.calls) == (
-            [("SELECTION", 6), ("CONFIGURATION", 6)],
-            4,
-        )
-    finally:
-        webserver.stop()
+    await webserver.wait_for(("COMPLETED", 99))
+    assert webserver.received.items == [*whole_round(98), *whole_round(99)]
+    assert lines == [
+        f"legacy status push to {webserver.address}: 8 stage changes waiting, "
+        "dropped the oldest (SELECTION of roundNo 0)"
+    ]  # the other 391 are counted in the next line, a minute later
+
+
+async def test_a_push_answered_with_an_error_is_sent_again(
+    nursery: trio.Nursery, webservers
+) -> None:
+    hub = StatusHub("p", "c")
+    webserver = webservers(failures=2)
+    webserver.start()
+    retry = RetryPolicy(attempts=None, first_wait=0.01, jitter=0)
+    await nursery.start(run_legacy_push, hub, webserver.address, retry)
+    hub.publish(Status(7, Stage.CONFIGURATION, 1, 1, ("a:1",), ()))
+    await webserver.wait_for(("CONFIGURATION", 6))
+    assert webserver.received.items == [("SELECTION", 6), ("CONFIGURATION", 6)]
+    assert webserver.calls == 4  # two refused, then each push once
 
 
 @pytest.mark.parametrize(
