@@ -1,8 +1,9 @@
 """Optional legacy status push (``LEGACY_STATUS_PUSH``): stage changes as the Go system had them.
 
-The original Fedota webserver learns the state of a round from gRPC calls
+The Go coordinator told its webserver each stage of a round with gRPC calls
 ``FlStatus/RoundStatus(FlRoundStatus{stage, roundNo})`` (``fl_status.proto``)
-that the coordinator makes to ``WEBSERVER_ADDRESS``. This module makes them,
+to ``WEBSERVER_ADDRESS`` (the published fedota/fl-webserver never had the
+receiving end: the contract is the proto and those calls). This module makes them,
 as a subscriber of the :class:`~.hub.StatusHub` like the websocket and the
 webhook, so a webserver that is down or slow never delays a round:
 
