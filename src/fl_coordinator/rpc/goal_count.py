@@ -10,10 +10,8 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 
-import trio
-
 from .._proto import fl_intra_grpc, fl_intra_pb2
-from .addresses import dial
+from .addresses import call_once
 
 __all__ = ["GoalCountClient"]
 
@@ -31,10 +29,11 @@ class GoalCountClient:
 
     async def __call__(self, selector_id: str) -> None:
         """``GoalCountReached`` to ``selector_id``; TimeoutError if it does not answer in time."""
-        try:
-            with trio.fail_after(self.call_timeout):
-                async with dial(selector_id, self.ssl_context) as channel:
-                    stub = fl_intra_grpc.FLGoalCountBroadcastStub(channel)
-                    await stub.GoalCountReached(fl_intra_pb2.Empty())
-        except trio.TooSlowError:
-            raise TimeoutError(f"no answer within {self.call_timeout:g} s") from None
+        await call_once(
+            selector_id,
+            lambda channel: fl_intra_grpc.FLGoalCountBroadcastStub(channel).GoalCountReached(
+                fl_intra_pb2.Empty()
+            ),
+            seconds=self.call_timeout,
+            ssl_context=self.ssl_context,
+        )
