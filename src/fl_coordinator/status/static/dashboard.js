@@ -94,6 +94,12 @@
     return "selected";
   }
 
+  function metricsText(values) {
+    return Object.entries(values || {})
+      .map(([name, value]) => name + " " + value.toPrecision(4))
+      .join(", ");
+  }
+
   function showStatus(message) {
     latest = message;
     $("problem").textContent = message.problem_id;
@@ -141,8 +147,7 @@
     $("finished").textContent = message.finished || "";
     const metrics = message.metrics;
     $("metrics-now").textContent = metrics
-      ? "metrics of round " + metrics.round + ": " +
-        Object.entries(metrics.values).map(([name, value]) => name + " " + value.toPrecision(4)).join(", ")
+      ? "metrics of round " + metrics.round + ": " + metricsText(metrics.values)
       : "";
   }
 
@@ -189,6 +194,7 @@
         el("td", record.accepted + "/" + record.goal),
         el("td"),
         el("td", span(first ? seconds(record.ended) - seconds(first) : null)),
+        el("td", metricsText(record.metrics), "metrics"),
       ];
       cells[3].append(bar(record));
       row.append(...cells);
