@@ -7,15 +7,23 @@ came, even from a peer that had closed it. Real TCP peers on loopback.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import struct
 
 import h11
+import pytest
 import trio
+import trio.lowlevel
 import trio_websocket
-from helpers.peers import watch
+from helpers.peers import eventually, watch
 
 from fl_coordinator.app import Endpoints, serve
 from fl_coordinator.config import Settings
+from fl_coordinator.core.events import Status
+from fl_coordinator.core.stages import Stage
+from fl_coordinator.status.hub import StatusHub
+from fl_coordinator.status.websocket import StatusServer
 
 
 async def closed_after(stream: trio.SocketStream, limit: float = 60) -> float:
@@ -96,3 +104,40 @@ async def test_metrics_request_that_never_comes_is_dropped(
     response = client.next_event()
     assert isinstance(response, h11.Response) and response.status_code == 200
     await scraper.aclose()
+
+
+_UPGRADE = (
+    b"GET /status HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def test_a_subscriber_that_resets_while_being_sent_to_is_a_plain_disconnect(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subscriber that goes away while a message is being sent to it (a reset, the
+    common case for a browser tab closed) is said with one INFO line, not an ERROR
+    with a traceback ("a connection's handler failed") as if the server had a bug."""
+    hub = StatusHub("p", "c", queue_length=4)
+    port = await nursery.start(StatusServer(hub).serve, "127.0.0.1", 0)
+    peer = trio.socket.socket()
+    peer.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await peer.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(peer)
+    await stream.send_all(_UPGRADE)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += await stream.receive_some(1)
+    assert answer.startswith(b"HTTP/1.1 101")
+    # The peer reads nothing more: messages of ~10 KB fill both socket buffers
+    # (at most 4 MB each way on Linux) and the server's send waits.
+    many = tuple(f"selector-{i:04}.example:50051" for i in range(300))
+    with caplog.at_level(logging.INFO, logger="fl_coordinator"):
+        for accepted in range(1200):
+            hub.publish(Status(1, Stage.SELECTION, accepted, 10**6, many, ()))
+            await trio.lowlevel.checkpoint()
+        peer.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # RST
+        await eventually(lambda: any("disconnected" in r.getMessage() for r in caplog.records))
+    assert hub.subscriber_count == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
