@@ -266,6 +266,7 @@ class StatusServer:
             async with trio.open_nursery() as nursery:  # the websocket's reader task
                 request = await self._handshake(nursery, _Watched(transport))
                 if request is not None:
+                    slot.settle()
                     await self.handle(request)
                 nursery.cancel_scope.cancel()
 
