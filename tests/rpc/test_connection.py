@@ -140,6 +140,13 @@ async def test_calls_reset_after_their_message_give_back_the_connection_window(
     peer.close()
 
 
+#: gRPC's message encodings that purerpc reads: gzip (RFC 1952) and deflate (RFC 1950).
+COMPRESSIONS: tuple[tuple[str, Callable[[bytes], bytes]], ...] = (
+    ("gzip", gzip.compress),
+    ("deflate", zlib.compress),
+)
+
+
 def compressed(body: bytes, compress: Callable[[bytes], bytes]) -> bytes:
     """A gRPC message of ``body``'s message, compressed (the flag set)."""
     data = compress(body[5:])
@@ -157,13 +164,12 @@ async def test_a_compressed_message_inflating_past_the_limit_ends_that_connectio
     """
     settings = settings.replace(grpc_max_message_bytes=65536)
     endpoints = await nursery.start(serve, settings)
-    bomb = struct.pack(">BI", 0, 1 << 20) + bytes(1 << 20)
-    for encoding, compress in (("gzip", gzip.compress), ("deflate", zlib.compress)):
-        peer = await connected(endpoints.grpc_port)
-        peer.open_stream(
-            CHECK_IN, compressed(bomb, compress), end=True, metadata=(("grpc-encoding", encoding),)
-        )
-        await ends_alone(peer, endpoints.grpc_port, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+    zeros = struct.pack(">BI", 0, 1 << 20) + bytes(1 << 20)
+    for encoding, compress in COMPRESSIONS:
+        bomber = await connected(endpoints.grpc_port)
+        metadata = (("grpc-encoding", encoding),)
+        bomber.open_stream(CHECK_IN, compressed(zeros, compress), end=True, metadata=metadata)
+        await ends_alone(bomber, endpoints.grpc_port, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
 
 async def test_compressed_messages_within_the_limit_are_answered(
@@ -172,7 +178,7 @@ async def test_compressed_messages_within_the_limit_are_answered(
     """gRPC's ``gzip`` (RFC 1952, what grpcio sends) and ``deflate`` (RFC 1950) both work."""
     endpoints = await nursery.start(serve, settings)
     peer = await connected(endpoints.grpc_port)
-    for n, (encoding, compress) in enumerate((("gzip", gzip.compress), ("deflate", zlib.compress))):
+    for n, (encoding, compress) in enumerate(COMPRESSIONS):
         body = compressed(check_in_body(f"127.0.0.1:{n + 1}"), compress)
         metadata = (("grpc-encoding", encoding),)
         answer = await trio.to_thread.run_sync(peer.call, CHECK_IN, body, metadata)
