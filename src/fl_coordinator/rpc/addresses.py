@@ -22,7 +22,10 @@ T = TypeVar("T")
 def split_address(address: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; raise BadAddress."""
     host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    # ASCII digits only: str.isdigit() also holds for "²" (which int() refuses) and
+    # for other scripts' digits (which int() reads: Arabic-Indic 50051 would be port 50051).
+    digits = port_text.isascii() and port_text.isdigit()
+    if not sep or not host or not digits or not 0 < int(port_text) < 65536:
         raise BadAddress(f"selector id {address!r} is not host:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
