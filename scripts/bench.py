@@ -384,8 +384,8 @@ def main() -> int:
     if "strategies" in args.parts:
         from bench_strategies import bench_strategies
 
-        print(f"\nstrategies (digits over 6 clients, Dirichlet(0.1), {args.federation_rounds} "
-              f"rounds, seeds {args.seeds})")  # fmt: skip
+        print(f"\nstrategies (the demo's digits federation, Dirichlet(0.1), "
+              f"{args.federation_rounds} rounds, seeds {args.seeds})")  # fmt: skip
         results["strategies"] = bench_strategies(
             args.strategies, args.seeds, args.federation_rounds, args.out, quick=args.quick
         )
