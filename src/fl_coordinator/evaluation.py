@@ -52,6 +52,7 @@ import trio_parallel
 from .core.stopping import METRIC_NAME
 from .errors import ConfigError
 from .storage.untrusted import clip
+from .workers import worker_processes
 
 __all__ = ["MAX_METRICS", "MAX_WAITING", "Evaluator"]
 
@@ -147,19 +148,14 @@ class Evaluator:
 
         Raises ConfigError if the function cannot be imported within the timeout.
         The worker is forked from multiprocessing's fork server, as the file
-        checks' are (see :mod:`.storage.checker`).
+        checks' are (see :mod:`.workers`).
         """
-        context = trio_parallel.open_worker_context(
-            idle_timeout=math.inf,
-            grace_period=_GRACE_SECONDS,
-            worker_type=trio_parallel.WorkerType.FORKSERVER,
-        )
         try:
-            async with context as self._context:
+            async with worker_processes(
+                "the evaluation's worker process", grace_period=_GRACE_SECONDS
+            ) as self._context:
                 await self._prepare()
                 yield
-        except trio_parallel.BrokenWorkerError as error:
-            log.info("the evaluation's worker process did not end cleanly at shutdown (%s)", error)
         finally:
             self._context = None
 

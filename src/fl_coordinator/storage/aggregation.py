@@ -54,6 +54,8 @@ before anything is published, and the caller averages the others.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -65,7 +67,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from ..core.strategy import Strategy
+from ..core.strategy import Combination, Strategy
 from ..errors import (
     AggregationError,
     CheckpointError,
@@ -81,6 +83,8 @@ from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
 if TYPE_CHECKING:  # strategy_state reads and writes slabs as this module cuts them
     from .strategy_state import Moments, StateUpdate
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SLAB_BYTES",
@@ -336,7 +340,7 @@ def sum_into(
     def apply(total: np.ndarray, current: np.ndarray, out: np.ndarray, *_: object) -> None:
         finish(total, current, out)
 
-    return _rewrite(template, inputs, dest, tmp_dir, _Sum(), apply, cancel, encode)
+    return _rewrite(template, inputs, dest, tmp_dir, _Combine(), apply, cancel, encode)
 
 
 #: Computes one slab of the result: ``step(combined, current, out, weight, selection)``
@@ -348,54 +352,29 @@ _Step = Callable[[np.ndarray, np.ndarray, np.ndarray, Weight, tuple[slice, ...]]
 _Read = Callable[[_Source, tuple[slice, ...], bool], np.ndarray]
 
 
-class _Sum:
-    """Combines a slab's inputs into ``sum_s c_s A_s / divisor`` (``c_s`` = ``scales``).
+class _Combine:
+    """How a slab's inputs become the values the step gets: ``D``, the round's mean update.
 
+    By default ``sum_s c_s A_s / divisor`` (``c_s`` = ``scales``, all 1 without
+    clipping; ``divisor`` 1: the bare sum, as the client's update needs).
     Without scales, the first two inputs start the sum in one pass (the memory
     traffic is what costs: no zeros pass, no cast copy); the second is read
-    into the result's buffer, which holds nothing yet.
+    into the result's buffer, which holds nothing yet. With a robust
+    ``combination``: the median or trimmed mean of the selectors' clipped mean
+    updates ``c_s A_s / N_s`` (``weights``: ``N_s``), all K of a slab held at
+    once (:attr:`holds`: the slabs are that many times smaller).
     """
 
-    holds = 1  # input slabs held at once
-
-    def __init__(self, scales: Sequence[float] | None = None, divisor: float = 1.0) -> None:
+    def __init__(
+        self,
+        scales: Sequence[float] | None = None,
+        divisor: float = 1.0,
+        robust: tuple[Combination, Sequence[int]] | None = None,
+    ) -> None:
         self._scales = scales if scales is not None and any(c != 1 for c in scales) else None
         self._divisor = divisor
-
-    def __call__(
-        self,
-        read: _Read,
-        sources: Sequence[_Source],
-        selection: tuple[slice, ...],
-        total: np.ndarray,
-        scratch: np.ndarray,
-    ) -> np.ndarray:
-        first = read(sources[0], selection, False)
-        if self._scales is not None:
-            np.multiply(first, self._scales[0], out=total)
-            for source, scale in zip(sources[1:], self._scales[1:], strict=True):
-                total += np.multiply(read(source, selection, False), scale, out=scratch)
-        elif len(sources) > 1:
-            second = read(sources[1], selection, True)
-            np.add(first, second, out=total, dtype=total.dtype)
-            for source in sources[2:]:
-                total += read(source, selection, False)
-        else:
-            total[...] = first
-        if self._divisor != 1:
-            total /= self._divisor
-        return total
-
-
-class _Robust:
-    """Combines a slab's inputs into the median or trimmed mean of the selectors' clipped
-    mean updates, ``c_s * A_s / N_s`` (``scales``: ``c_s``; ``weights``: ``N_s``)."""
-
-    def __init__(self, strategy: Strategy, scales: Sequence[float], weights: Sequence[int]):
-        self._combination = strategy.combination
-        self._scales = scales
-        self._weights = weights
-        self.holds = len(weights)
+        self._robust = robust
+        self.holds = len(robust[1]) if robust else 1
         self._stack: np.ndarray | None = None
 
     def __call__(
@@ -406,18 +385,40 @@ class _Robust:
         total: np.ndarray,
         scratch: np.ndarray,
     ) -> np.ndarray:
-        shape = (len(sources), *total.shape)
-        if self._stack is None or self._stack.size < int(np.prod(shape)):
-            self._stack = np.empty(int(np.prod(shape)), total.dtype)
-        stack = self._stack[: int(np.prod(shape))].reshape(shape)
-        for row, source in enumerate(sources):
-            np.divide(read(source, selection, False), self._weights[row], out=stack[row])
-            if self._scales[row] != 1:
-                stack[row] *= self._scales[row]
-        return self._combination.combine(stack, total)
+        def load(index: int, spare: bool = False) -> np.ndarray:
+            return read(sources[index], selection, spare)
 
+        if self._robust is not None:
+            return self._ordered(load, len(sources), total)
+        first = load(0)
+        if self._scales is not None:
+            np.multiply(first, self._scales[0], out=total)
+            for index in range(1, len(sources)):
+                total += np.multiply(load(index), self._scales[index], out=scratch)
+        elif len(sources) > 1:
+            np.add(first, load(1, spare=True), out=total, dtype=total.dtype)
+            for index in range(2, len(sources)):
+                total += load(index)
+        else:
+            total[...] = first
+        if self._divisor != 1:
+            total /= self._divisor
+        return total
 
-_Combine = _Sum | _Robust
+    def _ordered(
+        self, load: Callable[[int], np.ndarray], count: int, total: np.ndarray
+    ) -> np.ndarray:
+        assert self._robust is not None
+        combination, weights = self._robust
+        size = count * total.size
+        if self._stack is None or self._stack.size < size:
+            self._stack = np.empty(size, total.dtype)
+        stack = self._stack[:size].reshape((count, *total.shape))
+        for index in range(count):
+            np.divide(load(index), weights[index], out=stack[index])
+            if self._scales is not None and self._scales[index] != 1:
+                stack[index] *= self._scales[index]
+        return combination.combine(stack, total)
 
 
 def _rewrite(
@@ -597,11 +598,16 @@ def aggregate(
     if strategy.combination.clip_norm and None in norms:
         raise AggregationError("clipping needs the norm of every update (measured by its check)")
     scales = strategy.combination.clip_factors(norms, weights)  # type: ignore[arg-type]
-    combine: _Combine = (
-        _Robust(strategy, scales, weights)
-        if strategy.combination.robust
-        else _Sum(scales, total_weight)
-    )
+    for contribution, scale, square in zip(contributions, scales, norms, strict=True):
+        if scale < 1 and square is not None:
+            log.info(
+                "the mean update of %s (L2 norm %.6g) is clipped to SELECTOR_CLIP_NORM=%g",
+                contribution.selector,
+                math.sqrt(square) / contribution.weight,
+                strategy.combination.clip_norm,
+            )
+    robust = (strategy.combination, weights) if strategy.combination.robust else None
+    combine = _Combine(scales, total_weight, robust)
     step = _ServerStep(strategy)
 
     @contextlib.contextmanager
