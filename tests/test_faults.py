@@ -29,6 +29,7 @@ from helpers.peers import (
     watch,
     write_aggregate,
 )
+from helpers.processes import READY
 
 from fl_coordinator._proto import fl_intra_pb2, fl_round_grpc, fl_round_pb2
 from fl_coordinator.app import build_coordinator, serve
@@ -61,9 +62,6 @@ def coordinator_process(layout: Layout, tmp_path: Path, name: str) -> Child:
     env = {"FL_ROOT_PATH": str(layout.root), "HOST": "127.0.0.1", "PORT": "0",
            "STATUS_PORT": "0", "CHECKIN_LIMIT": "2", "LOG_LEVEL": "INFO"}  # fmt: skip
     return Child(name, ["fl_coordinator", "serve"], tmp_path / f"{name}.log", env)
-
-
-READY = r"selectors at \S+:(\d+) \(FlIntra\), status stream at (\S+),"
 
 
 async def test_kill_9_during_aggregation_leaves_old_or_new_checkpoint(

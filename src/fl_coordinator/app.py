@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import trio
 
 from .config import Settings
+from .connections import ConnectionLimits, descriptor_budget
 from .coordinator import Coordinator
 from .core.rounds import Rules
 from .core.stopping import RoundMetrics, StopWhen
@@ -176,6 +177,23 @@ def build_coordinator(
     )
 
 
+def _connection_limits(settings: Settings) -> ConnectionLimits:
+    """The settings' limits, with MAX_CONNECTIONS lowered to each port's share of descriptors."""
+    ports = 2 if settings.metrics_port is None else 3
+    share = descriptor_budget() // ports
+    if share < settings.max_connections:
+        log.info(
+            "RLIMIT_NOFILE leaves descriptors for %d connections per port (MAX_CONNECTIONS=%d)",
+            share,
+            settings.max_connections,
+        )
+    return ConnectionLimits(
+        max_connections=min(settings.max_connections, share),
+        idle_timeout=settings.idle_connection_timeout or None,
+        handshake_timeout=settings.handshake_timeout,
+    )
+
+
 async def serve(
     settings: Settings,
     *,
@@ -214,12 +232,14 @@ async def serve(
             first_round=first_round,
             plan=plan,
         )
+        connection_limits = _connection_limits(settings)
         status_server = StatusServer(
             hub,
             StatusLimits(
                 token=settings.status_token,
                 max_subscribers=settings.max_status_subscribers,
                 max_message_bytes=settings.status_max_message_bytes,
+                connections=connection_limits,
             ),
             status_tls,
         )
@@ -237,6 +257,9 @@ async def serve(
         ]
         health = HealthServicer(healthy, served=[s.name for s in selector_services])
         services = [*selector_services, health.service]
+        guard = TokenGuard(token) if token else None
+        if guard:
+            nursery.start_soon(guard.throttle.run)
         await nursery.start(metrics.follow, hub)
         await nursery.start(coordinator.run)
         grpc_port = await nursery.start(
@@ -246,15 +269,17 @@ async def serve(
                 settings.host,
                 settings.port,
                 ssl_context=grpc_tls,
-                guard=TokenGuard(token) if token else None,
+                guard=guard,
                 max_message_bytes=settings.grpc_max_message_bytes,
+                limits=connection_limits,
             )
         )
         status_port = await nursery.start(status_server.serve, settings.host, settings.status_port)
         metrics_port = None
         if settings.metrics_port is not None:
+            serve_metrics_here = functools.partial(serve_metrics, limits=connection_limits)
             metrics_port = await nursery.start(
-                serve_metrics, metrics.render, settings.host, settings.metrics_port
+                serve_metrics_here, metrics.render, settings.host, settings.metrics_port
             )
         if settings.webhook_url:
             await nursery.start(

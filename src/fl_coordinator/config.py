@@ -501,6 +501,31 @@ KEYS: tuple[Key, ...] = (
         "a larger one closes its connection (code 1009).",
     ),
     Key(
+        "MAX_CONNECTIONS",
+        1000,
+        _positive_int,
+        "an integer >= 1",
+        "Concurrent connections per port (gRPC, status, metrics), lowered to each port's "
+        "share of three quarters of RLIMIT_NOFILE; at the limit the gRPC port closes its least "
+        "recently active connection (GOAWAY), the others close the new one.",
+    ),
+    Key(
+        "IDLE_CONNECTION_TIMEOUT",
+        30.0,
+        _seconds_or_zero,
+        "a number of seconds >= 0",
+        "A gRPC connection without call traffic for this long is closed with an HTTP/2 GOAWAY "
+        "(0 = never).",
+    ),
+    Key(
+        "HANDSHAKE_TIMEOUT",
+        5.0,
+        _positive_seconds,
+        "a number of seconds > 0",
+        "Time a peer has for a TLS handshake, the websocket upgrade or a metrics request; "
+        "then its connection is closed.",
+    ),
+    Key(
         "MAX_SELECTORS_PER_ROUND",
         0,
         _non_negative_int,
@@ -649,6 +674,9 @@ class Settings:
     grpc_max_message_bytes: int
     max_status_subscribers: int
     status_max_message_bytes: int
+    max_connections: int
+    idle_connection_timeout: float
+    handshake_timeout: float
     max_selectors_per_round: int
     check_timeout: float
     check_workers: int

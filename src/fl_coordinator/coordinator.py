@@ -51,6 +51,7 @@ from .core.stages import Stage
 from .core.stopping import RoundMetrics
 from .errors import AggregationError, ContributionError, ContributionsRefused, short_reason
 from .evaluation import Evaluator
+from .log_throttle import Throttle
 from .logs import log_context
 from .retry import RetryPolicy
 from .status.hub import StatusHub
@@ -58,6 +59,7 @@ from .status.schema import utc_now
 from .storage.journal import Entry
 from .storage.round_files import RoundFiles
 from .storage.untrusted import clip
+from .untrusted_text import shown
 
 __all__ = ["Admission", "Coordinator", "Tell"]
 
@@ -128,8 +130,6 @@ class _AnswerSlot:
             self.waiting = False
 
     def answer(self, value: int, round: int = 0) -> None:
-        if not self.waiting:
-            log.warning("a selector gave up waiting for the round's answer (%d)", value)
         self.value, self.round = value, round
         self.ready.set()
 
@@ -162,7 +162,7 @@ async def _outcome(work: Awaitable[T], what: str) -> _Outcome[T]:
     except ContributionError as error:  # quotes a selector's files: a few hundred characters
         return _Failed(clip(str(error)))
     except AggregationError as error:  # our own files: long paths, and what to do
-        return _Failed(clip(str(error), _OWN_REASON_CHARS))
+        return _Failed(shown(str(error), _OWN_REASON_CHARS))
     except Exception as error:
         log.exception("%s crashed", what)
         return _Failed(clip(f"internal error: {type(error).__name__}: {error}"))
@@ -204,6 +204,7 @@ class Coordinator:
         self._validations: dict[int, list[trio.CancelScope]] = {}  # by round, to cancel
         self._nursery: trio.Nursery | None = None
         self._events_in, self._events = trio.open_memory_channel[Event](_EVENT_BUFFER)
+        self._repeats = Throttle(log)  # lines peers can repeat at will
 
     async def check_in(self, selector: str, clients: int = 1) -> Admission:
         """``clients`` (>= 1) clients wait at ``selector``: how many may it keep, in which round?"""
@@ -246,6 +247,7 @@ class Coordinator:
             async with self._files.running(), evaluating, trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._files.journal.run)
+                nursery.start_soon(self._repeats.run)
                 with log_context(round=self._round.number):
                     for effect in self._round.start():
                         self._execute(effect, nursery)
@@ -279,13 +281,11 @@ class Coordinator:
     def _execute(self, effect: Effect, nursery: trio.Nursery) -> None:
         match effect:
             case Answer():  # the hot path: no sub-patterns to match
-                effect.reply_to.answer(effect.accepted, effect.round)  # type: ignore[attr-defined]
+                self._answer(effect.reply_to, effect.accepted, effect.round)
             case AnswerRelease(reply_to=slot, released=released):
-                assert isinstance(slot, _AnswerSlot)
-                slot.answer(released)
+                self._answer(slot, released)
             case AnswerReport(reply_to=slot, taken=taken):
-                assert isinstance(slot, _AnswerSlot)
-                slot.answer(int(taken))
+                self._answer(slot, int(taken))
             case Status():
                 if effect.stage in (Stage.COMPLETED, Stage.FAILED):
                     self._end_validations(effect.round)
@@ -296,8 +296,10 @@ class Coordinator:
                 if self._held is not None and _phase(self._held) != _phase(effect):
                     self._publish(self._held)
                 self._held = effect
-            case Log(level=level, message=message):
+            case Log(level=level, message=message, kind=""):
                 log.log(logging.getLevelName(level), message)
+            case Log(level=level, message=message, kind=kind, selector=selector):
+                self._repeats.log(logging.getLevelName(level), kind, "%s", message, peer=selector)
             case Broadcast(round=number, selectors=selectors):
                 for selector in selectors:
                     nursery.start_soon(self._tell, number, selector)
@@ -316,6 +318,18 @@ class Coordinator:
                     self._windows[stage].cancel()
                 self._windows[stage] = trio.CancelScope()
                 nursery.start_soon(self._window, self._windows[stage], number, stage, seconds)
+
+    def _answer(self, slot: object, value: int, number: int = 0) -> None:
+        """Hand the round's answer to the caller waiting at ``slot``."""
+        assert isinstance(slot, _AnswerSlot)
+        if not slot.waiting:  # a peer can make this happen at will: counted, not each logged
+            self._repeats.warning(
+                "answers nobody waited for",
+                "a selector gave up waiting for the round's answer (%d)",
+                value,
+                peer="",
+            )
+        slot.answer(value, number)
 
     def _publish_held(self) -> None:
         """Publish the snapshot held back at the end of a step (see ``_execute``)."""

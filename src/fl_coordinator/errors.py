@@ -41,6 +41,8 @@ import errno
 import os
 from typing import TypeVar
 
+from .untrusted_text import shown
+
 __all__ = [
     "AggregationError",
     "BadAddress",
@@ -228,9 +230,10 @@ _REASON_CHARS = 300
 
 
 def short_reason(error: BaseException) -> str:
-    """What went wrong, for a log line or the status stream: the first line, bounded."""
+    """What went wrong, for a log line or the status stream: the first line, escaped and
+    bounded (an error from a peer quotes what the peer sent)."""
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:_REASON_CHARS]
+    return shown(text.splitlines()[0], _REASON_CHARS)
 
 
 def os_error_text(error: OSError) -> str:

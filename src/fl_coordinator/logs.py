@@ -1,11 +1,12 @@
 """Logging set-up for the command line: human-readable lines, or JSON lines.
 
 ``LOG_FORMAT=json`` writes one JSON object per line (``time``, ``level``,
-``logger``, ``event``, and ``round`` / ``selector`` when known), which log
+``logger``, ``event``, and ``round`` / ``selector`` / ``peer`` when known), which log
 shippers (Loki, Elasticsearch, CloudWatch, ...) index without a parsing rule.
 
-``round`` and ``selector`` come from :func:`log_context`, a context variable
-set by the task doing the work (trio tasks each have their own copy of the
+``round``, ``selector`` and ``peer`` (the address of the connection a line
+is about) come from :func:`log_context`, a context variable set by the task
+doing the work (trio tasks each have their own copy of the
 context, so concurrent broadcasts to two selectors never see each other's
 fields), or from ``extra={"round": ..., "selector": ...}`` on one call.
 """
@@ -22,10 +23,13 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["NOISY", "JsonFormatter", "log_context", "setup_logging"]
+__all__ = ["NOISY", "JsonFormatter", "context_field", "log_context", "setup_logging"]
+
+__all__: list[str] = []
 
 #: The structured fields a log line may carry, in the order they are written.
-_FIELDS = ("round", "selector")
+_FIELDS = ("round", "selector", "peer")
+
 
 _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
     "fl_log_context", default=MappingProxyType({})
@@ -48,6 +52,11 @@ def log_context(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
+
+
+def context_field(name: str) -> Any:
+    """The value of field ``name`` in the current log context, None if unset."""
+    return _context.get().get(name)
 
 
 def _context_fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import purerpc
 import trio
 import trio_websocket
 
-from fl_coordinator._proto import fl_intra_grpc, fl_intra_pb2
+from fl_coordinator._proto import fl_intra_grpc, fl_intra_pb2, fl_round_grpc, fl_round_pb2
 from fl_coordinator.app import Endpoints, serve
 from fl_coordinator.config import Settings
 from fl_coordinator.rpc.listener import serve_grpc
@@ -138,6 +138,27 @@ class PurerpcClient:
         request = fl_intra_pb2.SelectorId(id=selector_id)
         answer = await self._stub(lambda stub: stub.SelectorAggregationComplete, request)
         assert isinstance(answer, fl_intra_pb2.Empty)
+
+
+async def eventually(condition: Callable[[], bool], limit: float = 30) -> None:
+    """Poll ``condition`` (a state no event announces) until it holds, at most ``limit`` s."""
+    with trio.fail_after(limit):
+        while not condition():  # noqa: ASYNC110 (no event to wait for: that is the point)
+            await trio.sleep(0.01)
+
+
+async def refused_wait_ms(selector_id: str) -> int:
+    """A client checks in at the selector; a refused one is told how long to wait."""
+    host, port = selector_id.rsplit(":", 1)
+    async with purerpc.insecure_channel(host, int(port)) as channel:
+        stream = await fl_round_grpc.FlRoundStub(channel).CheckIn()
+        await stream.send_message(fl_round_pb2.CheckInRequest(message="hello"))
+        await stream.close()
+        messages = []
+        while (message := await stream.receive_message()) is not None:
+            messages.append(message)
+    assert [m.type for m in messages] == [fl_round_pb2.FL_INT]
+    return messages[0].intVal
 
 
 class StatusWatcher:

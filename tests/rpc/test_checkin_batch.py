@@ -7,19 +7,16 @@ import logging
 from typing import Any
 
 import grpc
-import purerpc
 import pytest
 import trio
 import trio.testing
 from helpers.metrics import scrape
-from helpers.peers import FakeSelector, serve_and_watch
+from helpers.peers import FakeSelector, refused_wait_ms, serve_and_watch
 
 from fl_coordinator._proto import (
     fl_intra_batch_pb2,
     fl_intra_grpc,
     fl_intra_pb2,
-    fl_round_grpc,
-    fl_round_pb2,
 )
 from fl_coordinator.config import Settings
 from fl_coordinator.federation.checkin_batch import CheckInBatcher
@@ -146,20 +143,6 @@ class OldCoordinator(fl_intra_grpc.FlIntraServicer):
     async def ClientCountUpdate(self, message: fl_intra_pb2.ClientCount) -> Any:
         self.calls.append((message.id, message.count))
         return fl_intra_pb2.FlClientStatus(accepted=False)
-
-
-async def refused_wait_ms(selector_id: str) -> int:
-    """A client checks in at the selector; a refused one is told how long to wait."""
-    host, port = selector_id.rsplit(":", 1)
-    async with purerpc.insecure_channel(host, int(port)) as channel:
-        stream = await fl_round_grpc.FlRoundStub(channel).CheckIn()
-        await stream.send_message(fl_round_pb2.CheckInRequest(message="hello"))
-        await stream.close()
-        messages = []
-        while (message := await stream.receive_message()) is not None:
-            messages.append(message)
-    assert [m.type for m in messages] == [fl_round_pb2.FL_INT]
-    return messages[0].intVal
 
 
 async def test_selector_falls_back_to_one_call_per_client_with_an_old_coordinator(

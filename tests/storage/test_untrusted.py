@@ -353,7 +353,7 @@ async def test_a_file_rewritten_in_place_while_averaged_is_refused(
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("a" * 1000, "a" * (REASON_MAX_CHARS - 3) + "..."),
+        ("a" * 1000, "a" * (REASON_MAX_CHARS - len("…[1000 chars]")) + "…[1000 chars]"),
         ("bell\x07 and \x1b[31mred\u202e", "bell\\x07 and \\x1b[31mred\\u202e"),
         ("line\nbreak", "line\\nbreak"),
     ],

@@ -248,10 +248,17 @@ class Status:
 
 @dataclass(frozen=True)
 class Log:
-    """A line for the operator; ``level`` is a :mod:`logging` level name."""
+    """A line for the operator; ``level`` is a :mod:`logging` level name.
+
+    ``kind`` names lines a peer can repeat at will (a refused or ignored
+    call), about ``selector``: the coordinator writes them at most once per
+    interval and selector, with a count (see :mod:`fl_coordinator.log_throttle`).
+    """
 
     level: str
     message: str
+    kind: str = ""
+    selector: str = ""
 
 
 Effect = (

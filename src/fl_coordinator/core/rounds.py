@@ -274,7 +274,9 @@ class Round:
     def _note(self, selector: str, why: str, what: str) -> list[Effect]:
         """Keep a call that changed nothing in the status (bounded) and log it."""
         self.ignored = [*self.ignored, (selector[:300], why)][-_IGNORED_KEPT:]
-        return [Log("WARNING", f"round {self.number}: {what} {selector!r}: {why}"), self.status()]
+        line = f"round {self.number}: {what} {selector!r}: {why}"
+        kind = f"{what.removesuffix(' from')}: {why.partition(':')[0]}"  # our words, not the id
+        return [Log("WARNING", line, kind=kind, selector=selector), self.status()]
 
     def _reported(self, event: SelectorReported) -> list[Effect]:
         why = self._unexpected_report(event)

@@ -4,7 +4,8 @@ It speaks the Go system's contract. Clients call ``FlRound.CheckIn`` and
 ``FlRound.Update``; the coordinator calls ``FLGoalCountBroadcast.GoalCountReached``;
 the selector checks its clients in with the batched
 ``flcoordinator.v1.FlIntraBatch.CheckInClients`` (one call for all the clients
-that arrived while the previous call was in flight; see checkin_batch.py),
+that arrived while the previous call was in flight; see checkin_batch.py) on
+one connection it keeps (coordinator_link.py; the Go selector dials per call),
 or with ``FlIntra.ClientCountUpdate`` once per client when the coordinator
 does not serve the batched call (the Go one), or when told to (``batch_checkin``),
 and calls ``FlIntra.SelectorAggregationComplete`` when its aggregate files are written.
@@ -43,13 +44,13 @@ from .._proto import (
     fl_round_pb2,
 )
 from ..errors import first_of
-from ..rpc.addresses import dial
 from ..rpc.listener import serve_grpc
 from ..storage.aggregation import AggregationError, sum_into
 from ..storage.atomic import write_atomic
 from ..storage.layout import Layout, check_selector_id
 from ..storage.untrusted import UntrustedFile
 from .checkin_batch import CheckInBatcher
+from .coordinator_link import CoordinatorLink
 from .transfer import file_chunks, integer, receive_upload
 
 __all__ = ["Selector", "SelectorOptions"]
@@ -139,6 +140,7 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         self._reporting: _Cohort | None = None
         self._nursery: trio.Nursery | None = None
         self._batcher: CheckInBatcher | None = None
+        self._link: CoordinatorLink | None = None
         self._batch_checkin = options.batch_checkin
 
     # -- wiring ---------------------------------------------------------------
@@ -161,6 +163,9 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._batcher = CheckInBatcher(nursery, self._ask_for)
+            self._link = CoordinatorLink(
+                nursery, self.options.coordinator, self.options.coordinator_tls
+            )
             serve = functools.partial(serve_grpc, ssl_context=self.options.server_tls)
             port = await nursery.start(serve, services, self.options.host, self.options.port)
             self.id = check_selector_id(f"{self.options.advertise or self.options.host}:{port}")
@@ -176,16 +181,14 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
     async def _call_coordinator(
         self, method: str, request: Message, stub: type = fl_intra_grpc.FlIntraStub
     ) -> Message:
-        """One call on a fresh connection (as the Go selector dials per call)."""
+        """One call on the connection shared by all calls (the Go selector dials per call)."""
+        assert self._link is not None
         token = self.options.token
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
         # purerpc waits forever on a connection the server dropped (a TLS or
         # size refusal): a time limit turns that into an error the caller handles.
         with trio.fail_after(self.options.call_timeout):
-            async with dial(self.options.coordinator, self.options.coordinator_tls) as channel:
-                call = getattr(stub(channel), method)
-
-                return await call(request, metadata=metadata)
+            return await self._link.call(stub, method, request, metadata)
 
     async def _ask_coordinator(self) -> bool:
         assert self._batcher is not None

@@ -28,6 +28,8 @@ from purerpc.server import BoundRPCMethod
 
 from ..config import Settings, optional_token
 from ..errors import ConfigError
+from ..log_throttle import Throttle
+from ..logs import context_field
 from .health import SERVICE_NAME as HEALTH_SERVICE
 
 __all__ = [
@@ -100,10 +102,15 @@ def bearer_problem(header: str | None, token: str) -> str | None:
 
 @dataclass(frozen=True)
 class TokenGuard:
-    """Requires ``authorization: Bearer <token>`` on every call but those to ``open_services``."""
+    """Requires ``authorization: Bearer <token>`` on every call but those to ``open_services``.
+
+    Refusals are logged through :attr:`throttle` (once per interval and peer,
+    with a count): whoever runs the guard runs ``throttle.run``.
+    """
 
     token: str = field(repr=False)
     open_services: frozenset[str] = frozenset({HEALTH_SERVICE})
+    throttle: Throttle = field(default_factory=lambda: Throttle(log), repr=False, compare=False)
 
     def __call__(self, request: RequestReceived) -> None:
         """Raise UNAUTHENTICATED unless the call carries the token."""
@@ -112,8 +119,13 @@ class TokenGuard:
         problem = bearer_problem(header_value(request.custom_metadata, AUTHORIZATION), self.token)
         if problem is None:
             return
-        log.warning(
-            "refused a call to /%s/%s: %s", request.service_name, request.method_name, problem
+        self.throttle.warning(
+            "refused calls without the token",
+            "refused a call to /%s/%s: %s (from %s)",
+            request.service_name,
+            request.method_name,
+            problem,
+            context_field("peer") or "?",
         )
         raise purerpc.RpcFailedError(
             purerpc.Status(purerpc.StatusCode.UNAUTHENTICATED, f"unauthenticated: {problem}")

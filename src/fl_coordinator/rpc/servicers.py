@@ -7,7 +7,8 @@ system's contract, unchanged: ``SelectorAggregationComplete`` always answers
 our extension (``protos/fl_intra_batch.proto``): batched check-ins that say
 which round the clients belong to, releases of clients a selector no longer
 holds, and reports that name their round, so a late report of an abandoned
-round is refused instead of being taken for the next round's.
+round is refused instead of being taken for the next round's. A refused id goes on
+to the status and the log cut to a few hundred characters (it may be 4 MiB).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .._proto import fl_intra_batch_grpc, fl_intra_batch_pb2, fl_intra_grpc, fl_
 from ..coordinator import Admission, Coordinator
 from ..errors import InputError
 from ..storage.layout import check_selector_id
+from ..untrusted_text import cut
 from .addresses import split_address
 
 __all__ = ["AnswerCounter", "CheckIns", "IntraBatchServicer", "IntraServicer"]
@@ -52,7 +54,7 @@ class CheckIns:
         ``"<outcome>: <why>"`` (e.g. ``"check-in refused: ..."``)."""
         problem = _problem_with_id(selector_id)
         if problem is not None:
-            await self.coordinator.refused(selector_id, f"{outcome}: {problem}")
+            await self.coordinator.refused(cut(selector_id), f"{outcome}: {problem}")
         return problem is not None
 
     async def __call__(self, selector_id: str, clients: int) -> Admission:

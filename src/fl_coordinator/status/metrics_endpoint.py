@@ -10,7 +10,10 @@ one-line ``ConfigError``. It also reads the metrics on the event loop, where
 they are updated, so no lock is needed.
 
 One request per connection (``Connection: close``): a scrape every few
-seconds does not need keep-alive, and it keeps the handler trivial.
+seconds does not need keep-alive, and it keeps the handler trivial. A client
+has ``HANDSHAKE_TIMEOUT`` seconds to send its request and read the answer;
+connections are accepted through a :class:`~..connections.Gate` like the
+other ports' (``MAX_CONNECTIONS``, shedding).
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ import h11
 import trio
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..connections import ConnectionLimits, Gate, Slot, serve_listeners
 from ..errors import ListenError
+from ..log_throttle import Throttle
+from ..untrusted_text import shown
 
 __all__ = ["PATH", "serve_metrics"]
 
 log = logging.getLogger(__name__)
 
 PATH = "/metrics"
-#: A client that has not sent its request by then is dropped.
-_REQUEST_TIMEOUT = 10.0
 _MAX_REQUEST_BYTES = 16384
 
 
@@ -58,10 +62,16 @@ async def _read_request(connection: h11.Connection, stream: trio.SocketStream) -
             raise h11.RemoteProtocolError(f"unexpected {event!r}")
 
 
-async def _handle(render: Callable[[], bytes], stream: trio.SocketStream) -> None:
+async def _handle(
+    render: Callable[[], bytes],
+    limits: ConnectionLimits,
+    throttle: Throttle,
+    stream: trio.SocketStream,
+    slot: Slot,
+) -> None:
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_BYTES)
     try:
-        with trio.move_on_after(_REQUEST_TIMEOUT):
+        with trio.move_on_after(limits.handshake_timeout):
             request = await _read_request(connection, stream)
             if request.method != b"GET":
                 events = _response(405, b"only GET\n", "text/plain")
@@ -72,9 +82,12 @@ async def _handle(render: Callable[[], bytes], stream: trio.SocketStream) -> Non
             for event in [*events, h11.EndOfMessage()]:
                 await stream.send_all(connection.send(event) or b"")
     except (h11.ProtocolError, trio.BrokenResourceError) as error:
-        log.debug("metrics request dropped: %s", error)
-    finally:
-        await stream.aclose()
+        throttle.log(
+            logging.DEBUG,
+            "metrics request dropped",
+            "metrics request dropped: %s",
+            shown(str(error)),
+        )
 
 
 async def serve_metrics(
@@ -82,14 +95,17 @@ async def serve_metrics(
     host: str,
     port: int,
     *,
+    limits: ConnectionLimits | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``render()`` at :data:`PATH` on ``host:port``; ``started`` gets the bound port."""
+    limits = limits or ConnectionLimits()
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as error:
         raise ListenError("METRICS_PORT", host, port, error) from None
     bound = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, functools.partial(_handle, render), listeners)
-        task_status.started(bound)
+    throttle = Throttle(log)
+    gate = Gate[trio.SocketStream](f"metrics port {bound}", limits, throttle=throttle)
+    task_status.started(bound)
+    await serve_listeners(gate, listeners, functools.partial(_handle, render, limits, throttle))

@@ -11,6 +11,12 @@ Only the webserver should watch: with a token set, the handshake must carry
 upgrade. The number of subscribers is capped (HTTP 503 beyond it), and as
 subscribers have nothing to say, a message larger than a few bytes closes
 the connection (code 1009).
+
+Connections are accepted through a :class:`~..connections.Gate` (at most
+``MAX_CONNECTIONS``, shed when descriptors run out), and the handshake (TLS,
+then the HTTP upgrade) must complete within ``HANDSHAKE_TIMEOUT``:
+trio-websocket's own server waits 60 s, even for a peer that has already
+closed, which we notice at once.
 """
 
 from __future__ import annotations
@@ -27,11 +33,15 @@ from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
     WebSocketRequest,
-    WebSocketServer,
+    wrap_server_stream,
 )
 
+from ..connections import ConnectionLimits, Gate, Slot, serve_listeners
 from ..errors import ListenError
+from ..log_throttle import Throttle
+from ..logs import context_field, log_context
 from ..rpc.auth import AUTHORIZATION, bearer_problem, header_value
+from ..untrusted_text import shown
 from .hub import StatusHub, Subscription
 
 __all__ = ["PATH", "StatusLimits", "StatusServer"]
@@ -53,24 +63,26 @@ class StatusLimits:
     token: str = field(default="", repr=False)  # empty: anyone may subscribe
     max_subscribers: int = 0  # 0: no limit
     max_message_bytes: int = 4096  # what one subscriber may send in one message
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
-async def _drain(ws: WebSocketConnection, peer: str) -> None:
+async def _drain(ws: WebSocketConnection, throttle: Throttle) -> None:
     """Read (and ignore) what the subscriber sends; return when it goes away."""
     try:
         while True:
             await ws.get_message()
     except ConnectionClosed as closed:
         if closed.reason is not None and closed.reason.code == _MESSAGE_TOO_BIG:
-            log.warning(
+            throttle.warning(
+                "status subscriber sent too large a message",
                 "status subscriber %s sent a message larger than STATUS_MAX_MESSAGE_BYTES; "
                 "disconnected",
-                peer,
+                context_field("peer"),
             )
         return
 
 
-async def _push(ws: WebSocketConnection, subscription: Subscription, peer: str) -> None:
+async def _push(ws: WebSocketConnection, subscription: Subscription, throttle: Throttle) -> None:
     # One cancel scope for the connection, its deadline armed only while a send is
     # under way: a scope per message cost a tenth of the fan-out (bench --parts fanout).
     with trio.CancelScope() as sending:
@@ -80,9 +92,10 @@ async def _push(ws: WebSocketConnection, subscription: Subscription, peer: str) 
             await ws.send_message(published.text)
             sending.deadline = math.inf
     if sending.cancelled_caught:
-        log.warning(
+        throttle.warning(
+            "status subscriber stopped reading",
             "status subscriber %s stopped reading for %.0f s; disconnecting it",
-            peer,
+            context_field("peer"),
             _SEND_TIMEOUT,
         )
 
@@ -94,9 +107,41 @@ async def _until_first(
     nursery.cancel_scope.cancel()
 
 
-def _peer(request: WebSocketRequest) -> str:
-    remote = request.remote
-    return f"{remote.address}:{remote.port}" if hasattr(remote, "port") else "?"
+class _Watched(trio.abc.Stream):
+    """A stream that tells when it ended: trio-websocket's handshake does not notice."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self.ended = trio.Event()
+        self.failure: BaseException | None = None  # why it broke (a failed TLS handshake)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            self.failure = error.__cause__ or error
+            self.ended.set()
+            raise
+        if not data:
+            self.ended.set()
+        return data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _address(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except (OSError, ValueError):
+        return "?"
+    return f"{host}:{port}"
 
 
 class StatusServer:
@@ -112,6 +157,7 @@ class StatusServer:
         self._limits = limits or StatusLimits()
         self._ssl_context = ssl_context
         self._connections = 0  # accepted or being accepted (the cap counts both)
+        self._throttle = Throttle(log)
 
     @property
     def connected(self) -> int:
@@ -133,11 +179,17 @@ class StatusServer:
         return None
 
     async def handle(self, request: WebSocketRequest) -> None:
+        """Serve one subscriber whose handshake arrived (its peer is in the log context)."""
         refusal = self._refusal(request)
         if refusal is not None:
             code, reason = refusal
             if code != 404:
-                log.warning("refused status subscriber %s: %s", _peer(request), reason)
+                self._throttle.warning(
+                    f"refused status subscribers (HTTP {code})",
+                    "refused status subscriber %s: %s",
+                    context_field("peer"),
+                    reason,
+                )
             headers = [(b"www-authenticate", b"Bearer")] if code == 401 else None
             await request.reject(code, extra_headers=headers, body=f"{reason}\n".encode())
             return
@@ -149,15 +201,17 @@ class StatusServer:
 
     async def _serve(self, request: WebSocketRequest) -> None:
         ws = await request.accept()
-        peer = _peer(request)
-        log.info("status subscriber %s connected", peer)
+        peer = context_field("peer")
+        self._throttle.log(
+            logging.INFO, "status subscribers connected", "status subscriber %s connected", peer
+        )
         try:
             with self._hub.subscribe() as subscription:
                 async with trio.open_nursery() as nursery:
                     # Whichever ends first ends both: a subscriber that went away
                     # (or talked too much) does not wait for the next change.
-                    nursery.start_soon(_until_first, nursery, _drain, ws, peer)
-                    await _until_first(nursery, _push, ws, subscription, peer)
+                    nursery.start_soon(_until_first, nursery, _drain, ws, self._throttle)
+                    await _until_first(nursery, _push, ws, subscription, self._throttle)
                 if subscription.dropped:
                     log.info(
                         "status subscriber %s missed %d message(s) while slow",
@@ -167,25 +221,71 @@ class StatusServer:
         except ConnectionClosed:
             pass
         finally:
-            await ws.aclose()
-            log.info("status subscriber %s disconnected", peer)
+            # The closing handshake waits for the peer's answer: not for ever.
+            with trio.move_on_after(self._limits.connections.handshake_timeout):
+                await ws.aclose()
+            self._throttle.log(
+                logging.INFO,
+                "status subscribers disconnected",
+                "status subscriber %s disconnected",
+                peer,
+            )
+
+    async def _handshake(self, nursery: trio.Nursery, stream: _Watched) -> WebSocketRequest | None:
+        """The subscriber's upgrade request; None if it closed or took too long."""
+        request: WebSocketRequest | None = None
+        with trio.move_on_after(self._limits.connections.handshake_timeout):
+            async with trio.open_nursery() as race:
+
+                async def upgrade() -> None:
+                    nonlocal request
+                    request = await wrap_server_stream(
+                        nursery, stream, max_message_size=self._limits.max_message_bytes
+                    )
+                    race.cancel_scope.cancel()
+
+                race.start_soon(upgrade)
+                await stream.ended.wait()
+                race.cancel_scope.cancel()
+        if request is None and stream.failure is not None:
+            self._throttle.warning(
+                "status handshake failed",
+                "status handshake with %s failed: %s",
+                context_field("peer"),
+                shown(str(stream.failure) or type(stream.failure).__name__),
+            )
+        return request
+
+    async def _connection(self, stream: trio.SocketStream, slot: Slot) -> None:
+        with log_context(peer=_address(stream)):
+            transport: trio.abc.Stream = stream
+            if self._ssl_context is not None:
+                transport = trio.SSLStream(
+                    stream, self._ssl_context, server_side=True, https_compatible=True
+                )
+            async with trio.open_nursery() as nursery:  # the websocket's reader task
+                request = await self._handshake(nursery, _Watched(transport))
+                if request is not None:
+                    await self.handle(request)
+                nursery.cancel_scope.cancel()
 
     async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``host:port``; ``task_status.started`` gets the bound port."""
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as error:
             raise ListenError("STATUS_PORT", host, port, error) from None
-        if self._ssl_context is not None:
-            listeners = [
-                trio.SSLListener(listener, self._ssl_context, https_compatible=True)
-                for listener in listeners
-            ]
-        server = WebSocketServer(
-            self.handle, listeners, max_message_size=self._limits.max_message_bytes
+        bound = listeners[0].socket.getsockname()[1]
+        gate = Gate[trio.SocketStream](
+            f"status port {bound}",
+            self._limits.connections,
+            throttle=self._throttle,
         )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            task_status.started(server.port)
+        task_status.started(bound)
+        await serve_listeners(gate, listeners, self._connection)

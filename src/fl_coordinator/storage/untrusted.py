@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ import h5py
 import numpy as np
 
 from ..errors import ContributionError
+from ..untrusted_text import shown
 from .weights import Encoding, Weight, accepts, encoding_of
 
 __all__ = [
@@ -91,14 +91,11 @@ REASON_MAX_CHARS = 300
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
-_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
-
 
 def clip(text: str, limit: int = REASON_MAX_CHARS) -> str:
-    """``text`` with every character outside printable ASCII escaped, cut to ``limit``."""
-    text = text[: limit * 2]  # escaping only lengthens: no need to look further
-    escaped = _NOT_PRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
-    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
+    """A reason that quotes a selector's files: escaped and cut to ``limit`` characters
+    (see :func:`fl_coordinator.untrusted_text.shown`)."""
+    return shown(text, limit)
 
 
 def _kind(mode: int) -> str:
@@ -342,7 +339,7 @@ def dataset_at(file: h5py.File, weight: Weight, path: Path) -> tuple[h5py.Datase
     except ValueError:
         encoding = None
     if encoding is None or not accepts(weight.encoding, encoding):
-        given = encoding.name if encoding is not None else clip(str(node.dtype), 60)
+        given = encoding.name if encoding is not None else shown(str(node.dtype), 60)
         raise ContributionError(
             f"{path}: dataset {name!r} has dtype {given}, expected {weight.encoding.name}"
         )

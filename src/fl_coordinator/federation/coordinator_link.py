@@ -1,0 +1,210 @@
+"""One connection from a selector to its coordinator, shared by every call, dialled again when gone.
+
+The Go selector dials the coordinator for every call and never closes the
+connection: one descriptor lost per client on both sides. A
+:class:`CoordinatorLink` keeps one HTTP/2 connection, on which concurrent
+calls are multiplexed (at most :data:`MAX_CONCURRENT_CALLS`, below the
+coordinator's 100 streams per connection), and dials a new one when the
+last is gone:
+
+* the coordinator closed it (idle: GOAWAY; restarted: end of stream) or it
+  broke: calls in flight on it fail at once instead of waiting out their
+  time limit (purerpc's client would wait for ever), and the next call dials;
+* it sat unused for :data:`IDLE_CLOSE` seconds: the selector closes it
+  itself, before the coordinator's ``IDLE_CONNECTION_TIMEOUT`` (30 s by
+  default) does, so a call never races the coordinator's GOAWAY.
+
+A failed call is not retried: a check-in the coordinator may have counted
+must not be counted twice. The caller decides (a client is told to come back).
+
+purerpc's client channel is a connection plus two names; the generated stubs
+only read ``_grpc_socket``, ``_host`` and ``_port`` of it, so a
+:class:`_Connection` stands in for one, over a stream that tells when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import anyio.abc
+import trio
+from google.protobuf.message import Message
+from h2.connection import ConnectionState
+from purerpc.grpc_proto import GRPCProtoSocket
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.exceptions import RpcFailedError
+
+from ..rpc.addresses import split_address
+
+__all__ = ["IDLE_CLOSE", "MAX_CONCURRENT_CALLS", "CoordinatorLink"]
+
+log = logging.getLogger(__name__)
+
+#: Calls in flight at once on the connection.
+MAX_CONCURRENT_CALLS = 64
+#: Seconds without calls after which the selector closes the connection itself.
+IDLE_CLOSE = 20.0
+
+_ENDED = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError)
+
+
+def _answered(error: BaseException) -> bool:
+    """Is ``error`` the coordinator's answer (a gRPC status), so the connection is fine?"""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(RpcFailedError)[1] is None
+    return isinstance(error, RpcFailedError)
+
+
+class _Watched(anyio.abc.ByteStream):
+    """An anyio byte stream that sets :attr:`ended` when it ends or breaks."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self._stream = stream
+        self.ended = trio.Event()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        try:
+            return await self._stream.receive(max_bytes)
+        except _ENDED:
+            self.ended.set()
+            raise
+
+    async def send(self, item: bytes) -> None:
+        try:
+            await self._stream.send(item)
+        except _ENDED:
+            self.ended.set()
+            raise
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        self.ended.set()
+        await self._stream.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Any]:
+        return self._stream.extra_attributes
+
+
+class _Connection:
+    """One connection, standing in for a purerpc channel (see the module's docstring)."""
+
+    def __init__(self, host: str, port: int, grpc_socket: GRPCProtoSocket, stream: _Watched):
+        self._host = host
+        self._port = port
+        self._grpc_socket = grpc_socket
+        self.stream = stream
+        self.calls: set[trio.CancelScope] = set()
+        self.idle = trio.CancelScope(deadline=trio.current_time() + IDLE_CLOSE)
+
+    @property
+    def usable(self) -> bool:
+        """Open, and no GOAWAY received (h2 then refuses new streams)."""
+        h2 = self._grpc_socket._grpc_connection.h2_connection
+        return (
+            not self.stream.ended.is_set() and h2.state_machine.state is not ConnectionState.CLOSED
+        )
+
+    def close(self) -> None:
+        """End the connection: its holder closes it, its calls fail."""
+        self.stream.ended.set()
+
+
+class CoordinatorLink:
+    """Calls to the coordinator at ``address`` over one shared connection (TLS with a context)."""
+
+    def __init__(
+        self, nursery: trio.Nursery, address: str, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        self._nursery = nursery
+        self._address = address
+        self._ssl_context = ssl_context
+        self._connection: _Connection | None = None
+        self._dialing = trio.Lock()
+        self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_CALLS)
+        #: Connections dialled so far.
+        self.dials = 0
+
+    @property
+    def connected(self) -> bool:
+        """A connection is open and usable (the next call will not dial)."""
+        return self._connection is not None and self._connection.usable
+
+    async def call(self, stub: type, method: str, request: Message, metadata: Any) -> Message:
+        """``stub(channel).method(request)``, dialling first if needed (the caller bounds the time).
+
+        Raises what the call raised (``purerpc.RpcFailedError`` for the
+        coordinator's answer) and ``trio.BrokenResourceError`` if the
+        connection was lost meanwhile. A call that did not end with the
+        coordinator's answer (broken, timed out) drops the connection.
+        """
+        async with self._limiter:
+            connection = await self._connected()
+            scope = trio.CancelScope()
+            connection.calls.add(scope)
+            connection.idle.deadline = math.inf
+            try:
+                with scope:
+                    return await getattr(stub(connection), method)(request, metadata=metadata)
+                raise trio.BrokenResourceError(
+                    f"the connection to the coordinator {self._address} was lost"
+                )
+            except BaseException as error:
+                if not _answered(error):
+                    connection.close()  # broken, or in an unknown state: dial afresh
+                raise
+            finally:
+                connection.calls.discard(scope)
+                if not connection.calls:
+                    connection.idle.deadline = trio.current_time() + IDLE_CLOSE
+
+    async def _connected(self) -> _Connection:
+        async with self._dialing:
+            if self._connection is None or not self._connection.usable:
+                if self._connection is not None:
+                    self._connection.close()
+                self._connection = await self._nursery.start(self._hold)
+                self.dials += 1
+            return self._connection
+
+    async def _hold(self, *, task_status: trio.TaskStatus[_Connection]) -> None:
+        """Open a connection, hand it out, close it when it ends, idles or is dropped.
+
+        A failure to connect goes to the caller that asked for the connection;
+        a failure after that (purerpc's reader or writer) only ends it.
+        """
+        host, port = split_address(self._address)
+        stream = _Watched(
+            await anyio.connect_tcp(
+                host,
+                port,
+                ssl_context=self._ssl_context,
+                tls=self._ssl_context is not None,
+                tls_standard_compatible=False,
+            )
+        )
+        connection: _Connection | None = None
+        try:
+            async with GRPCProtoSocket(GRPCConfiguration(client_side=True), stream) as grpc_socket:
+                connection = _Connection(host, port, grpc_socket, stream)
+                task_status.started(connection)
+                with connection.idle:
+                    await stream.ended.wait()
+        except Exception as error:
+            if connection is None:
+                raise
+            log.debug("connection to the coordinator %s ended: %r", self._address, error)
+        finally:
+            if connection is not None:
+                for scope in connection.calls:
+                    scope.cancel()
+                if self._connection is connection:
+                    self._connection = None
+            await anyio.aclose_forcefully(stream)

@@ -1,0 +1,477 @@
+"""One HTTP/2 connection from a gRPC peer: purerpc's protocol objects, driven under our rules.
+
+purerpc 0.8's own server (``ConnectionHandler`` over ``GRPCProtoSocket``)
+trusts its peer:
+
+* each call's task reads its events from a memory stream that nothing
+  closes: when the peer closes its socket in the middle of a request, the
+  task waits forever for the rest, and the connection (socket, h2 state,
+  buffers) waits for its tasks. 20 connections of 100 such calls held 20
+  sockets and 24 MB for good;
+* RST_STREAM is dropped (``GRPCConnection._stream_reset`` returns no event):
+  the call's task runs on, its read buffer is never freed, and its failure
+  to answer on the reset stream is a warning: 30,000 resets, 30,000 lines;
+* a peer may open 65,536 streams at once, send 16 MiB frames (64 of them as
+  one header block) and park 1 GiB of unread data in the connection's
+  flow-control window;
+* a connection may stay idle forever, and every failed call is a warning.
+
+Here the same pieces (h2 through purerpc's ``GRPCConnection``, its
+``GRPCProtoStream`` and call wrappers) are driven by our own reader, writer
+and dispatch:
+
+* when the peer closes, every call's task is cancelled and its state dropped
+  at once; so is a call whose stream the peer resets (and the flow-control
+  window its unread data held is given back), and a request gets a task only
+  with its first message (a half-sent request, or the "rapid reset" attack,
+  costs its headers and parsing, nothing more);
+* at most :data:`MAX_CONCURRENT_STREAMS` streams at once (an HTTP/2 setting:
+  h2 ends a connection that opens more), 16 KiB frames, a connection window
+  of two messages, and reading stops while more than :data:`MAX_UNSENT_BYTES`
+  of answers wait for a peer that does not read them;
+* a connection without call traffic (request headers or data in, answers
+  out; pings do not count) for ``idle_timeout`` seconds is closed with an
+  HTTP/2 GOAWAY (NO_ERROR), and so is one closed to make room for another
+  (:class:`~..connections.Gate`); grpcio and grpc-go clients then dial again;
+* what goes wrong is logged through a :class:`~..log_throttle.Throttle`,
+  with the peer's text cut and escaped; the peer gets a gRPC status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import h2.events
+import h2.exceptions
+import purerpc
+import trio
+from google.protobuf.message import DecodeError
+from h2.errors import ErrorCodes
+from purerpc.grpc_proto import GRPCProtoStream
+from purerpc.grpc_socket import GRPCStreamState
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.connection import GRPCConnection
+from purerpc.grpclib.events import RequestEnded, RequestReceived, WindowUpdated
+from purerpc.grpclib.exceptions import MessageTooLargeError, ProtocolError, StreamClosedError
+from purerpc.rpc import Cardinality
+from purerpc.server import BoundRPCMethod
+from purerpc.wrappers import (
+    call_server_stream_stream,
+    call_server_stream_unary,
+    call_server_unary_stream,
+    call_server_unary_unary,
+)
+
+from ..connections import Slot
+from ..log_throttle import Throttle
+from ..untrusted_text import shown
+
+__all__ = [
+    "GOODBYE_TIMEOUT",
+    "MAX_CONCURRENT_STREAMS",
+    "MAX_FRAME_BYTES",
+    "MAX_UNSENT_BYTES",
+    "GrpcServer",
+]
+
+log = logging.getLogger(__name__)
+
+#: Streams a peer may have open on one connection (HTTP/2 recommends at least 100).
+MAX_CONCURRENT_STREAMS = 100
+#: Largest HTTP/2 frame accepted (the protocol's default; purerpc asked for 16 MiB).
+MAX_FRAME_BYTES = 16384
+#: Answers queued for a peer that does not read them, beyond which we stop reading its requests.
+MAX_UNSENT_BYTES = 1 << 20
+#: Time given to a GOAWAY to leave before the socket is closed.
+GOODBYE_TIMEOUT = 1.0
+
+_RECEIVE_BYTES = 65536
+_SEND_BYTES = 65536
+_DEFAULT_WINDOW = 65535  # HTTP/2's initial connection window
+
+_CALLERS: dict[Cardinality, Callable[[Any, GRPCProtoStream], Awaitable[None]]] = {
+    Cardinality.UNARY_UNARY: call_server_unary_unary,
+    Cardinality.UNARY_STREAM: call_server_unary_stream,
+    Cardinality.STREAM_UNARY: call_server_stream_unary,
+    Cardinality.STREAM_STREAM: call_server_stream_stream,
+}
+
+
+class _StreamReset:
+    """The peer reset a stream (purerpc's ``GRPCConnection`` drops this event)."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class _Protocol(GRPCConnection):
+    """purerpc's gRPC-over-h2 state machine with our settings; reports resets and traffic."""
+
+    MAX_CONCURRENT_STREAMS = MAX_CONCURRENT_STREAMS
+    MAX_INBOUND_FRAME_SIZE = MAX_FRAME_BYTES
+
+    def __init__(self, config: GRPCConfiguration) -> None:
+        super().__init__(config)
+        #: Request headers or data arrived since the flag was last cleared.
+        self.call_traffic = False
+        # Flow-controlled bytes received per stream and not yet given back: purerpc
+        # gives them back as its call reads each message; a call that ends or is
+        # reset before would take them from the connection's window for good.
+        self._unacknowledged: dict[int, int] = {}
+
+    def initiate_connection(self) -> None:
+        # purerpc opens the connection window by 1 GiB; two messages are enough (the
+        # window of each stream, as purerpc sets it).
+        self.h2_connection.initiate_connection()
+        extra = 2 * self.config.max_message_length - _DEFAULT_WINDOW
+        if extra > 0:
+            self.h2_connection.increment_flow_control_window(extra)
+
+    def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
+        self.call_traffic = True
+        return super()._request_received(event)
+
+    def _data_received(self, event: h2.events.DataReceived) -> list[Any]:
+        self.call_traffic = True
+        if event.stream_id not in self.message_read_buffers:
+            # A stream whose call ended: give the window back, drop the data.
+            self.h2_connection.acknowledge_received_data(
+                event.flow_controlled_length, event.stream_id
+            )
+            return []
+        unacknowledged = self._unacknowledged.get(event.stream_id, 0)
+        self._unacknowledged[event.stream_id] = unacknowledged + event.flow_controlled_length
+        return super()._data_received(event)
+
+    def acknowledge_received_data(self, stream_id: int, flow_controlled_length: int) -> None:
+        if stream_id not in self._unacknowledged:
+            return  # given back when its call ended
+        self._unacknowledged[stream_id] -= flow_controlled_length
+        super().acknowledge_received_data(stream_id, flow_controlled_length)
+
+    def forget(self, stream_id: int) -> None:
+        """Drop a stream's read buffer; give back the window of what its call did not read."""
+        self.message_read_buffers.pop(stream_id, None)
+        unread = self._unacknowledged.pop(stream_id, 0)
+        if unread > 0:
+            self.h2_connection.acknowledge_received_data(unread, stream_id)
+
+    def forget_all(self) -> None:
+        """Drop every stream's read buffer (the connection ended)."""
+        self.message_read_buffers.clear()
+        self._unacknowledged.clear()
+
+    def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
+        self.forget(event.stream_id)
+        return [_StreamReset(event.stream_id)]
+
+
+class GrpcServer:
+    """Serves ``services`` on each connection handed to :meth:`serve_connection`."""
+
+    def __init__(
+        self,
+        services: Sequence[purerpc.Service],
+        *,
+        max_message_bytes: int,
+        idle_timeout: float | None,
+        throttle: Throttle,
+    ) -> None:
+        self._methods: dict[tuple[str, str], BoundRPCMethod] = {
+            (service.name, name): bound
+            for service in services
+            for name, bound in service.methods.items()
+        }
+        self.config = GRPCConfiguration(client_side=False, max_message_length=max_message_bytes)
+        self.max_message_bytes = max_message_bytes
+        self.idle_timeout = idle_timeout
+        self.throttle = throttle
+
+    async def serve_connection(self, stream: anyio.abc.ByteStream, slot: Slot, peer: str) -> None:
+        """Serve one connection until the peer closes it, it idles out or breaks the protocol."""
+        await _Connection(self, stream, slot, peer).run()
+
+    def method(self, request: RequestReceived) -> BoundRPCMethod | None:
+        return self._methods.get((request.service_name, request.method_name))
+
+
+class _Connection:
+    """One connection. Also what purerpc's streams expect of their socket (``flush``,
+    ``_streams``)."""
+
+    def __init__(self, server: GrpcServer, stream: anyio.abc.ByteStream, slot: Slot, peer: str):
+        self._server = server
+        self._stream = stream
+        self._slot = slot
+        self._peer = peer
+        self._protocol = _Protocol(server.config)
+        self._h2 = self._protocol.h2_connection
+        self._requests: dict[int, RequestReceived] = {}  # headers in, no message yet
+        self._streams: dict[int, GRPCProtoStream] = {}  # purerpc's streams delete themselves here
+        self._calls: dict[int, trio.CancelScope] = {}
+        self._wake_writer = trio.Event()
+        self._sent = trio.Event()
+        self._watchdog = trio.CancelScope()
+        self._evicted = False
+        self._closing = False  # the writer sends what is queued, then stops
+        self._written = trio.Event()
+        slot.evict = self._evict
+
+    # -- what GRPCStream calls -------------------------------------------------
+
+    async def flush(self) -> None:
+        self._wake_writer.set()
+
+    # -- life of the connection ----------------------------------------------------
+
+    def _evict(self) -> None:
+        self._evicted = True
+        self._watchdog.cancel()
+
+    def _touch(self) -> None:
+        """Call traffic: the connection is not idle, and the last one to close for room."""
+        self._slot.touch()
+        if self._server.idle_timeout is not None:
+            self._watchdog.deadline = trio.current_time() + self._server.idle_timeout
+
+    async def run(self) -> None:
+        self._protocol.initiate_connection()
+        self._touch()
+        try:
+            await self._run()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Drop the per-stream state now.
+
+        h2's connection object is a reference cycle (its frame dispatch table
+        holds bound methods), so what hangs off it would wait for the cyclic
+        garbage collector: 100 streams per connection, for minutes.
+        """
+        self._requests.clear()
+        self._streams.clear()
+        self._protocol.forget_all()
+        self._h2.streams.clear()
+        self._h2._closed_streams.clear()
+
+    async def _run(self) -> None:
+        async with trio.open_nursery() as connection:
+            connection.start_soon(self._write, connection.cancel_scope)
+            async with trio.open_nursery() as calls:
+                with self._watchdog:
+                    polite = await self._read(calls)
+                calls.cancel_scope.cancel()  # whatever ended the connection ends its calls
+            if self._watchdog.cancelled_caught:
+                # Idle, or closed to make room: the peer loses nothing but a dial.
+                self._go_away(ErrorCodes.NO_ERROR)
+                polite = True
+            if polite:
+                await self._goodbye(linger=not self._watchdog.cancelled_caught)
+            connection.cancel_scope.cancel()
+
+    def _go_away(self, code: ErrorCodes, reason: str | None = None) -> None:
+        """Queue a GOAWAY (unless one was already sent or received)."""
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._h2.close_connection(code, additional_data=reason.encode() if reason else None)
+
+    async def _goodbye(self, *, linger: bool) -> None:
+        """Let the writer send what is queued (the GOAWAY), within :data:`GOODBYE_TIMEOUT`.
+
+        With ``linger``, then read (and drop) what the peer still sends until
+        it closes, within the same time: closing a socket with unread data
+        resets the connection, and the peer may lose the GOAWAY and its reason.
+        """
+        self._closing = True
+        self._wake_writer.set()
+        with trio.move_on_after(GOODBYE_TIMEOUT):
+            await self._written.wait()
+            if not linger:
+                return
+            try:
+                if isinstance(self._stream, anyio.abc.SocketStream):
+                    await self._stream.send_eof()  # the peer closes at once (not over TLS)
+                while await self._stream.receive(_RECEIVE_BYTES):
+                    pass
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+
+    async def _write(self, connection_scope: trio.CancelScope) -> None:
+        """Send what h2 queues, as it is queued, until closing and all is sent.
+
+        A dead socket ends the connection. The writer is only cancelled when
+        nothing more is to be sent: a chunk taken from h2 and cancelled on
+        its way would be lost (the GOAWAY, say).
+        """
+        try:
+            while True:
+                self._wake_writer = trio.Event()
+                data = self._protocol.data_to_send(_SEND_BYTES)
+                if data:
+                    await self._stream.send(data)
+                    self._sent.set()
+                    self._sent = trio.Event()
+                elif self._closing:
+                    self._written.set()
+                    return
+                else:
+                    await self._wake_writer.wait()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            connection_scope.cancel()
+
+    def _unsent(self) -> int:
+        # purerpc's patched H2Connection keeps its outbound bytes in this bytearray.
+        return len(self._h2._data_to_send)
+
+    async def _read(self, calls: trio.Nursery) -> bool:
+        """Feed the peer's bytes to h2 until it closes (False) or breaks the protocol (True).
+
+        True: a GOAWAY is queued, with the reason, to be sent before closing.
+        """
+        while True:
+            while self._unsent() > MAX_UNSENT_BYTES:
+                await self._sent.wait()
+            try:
+                data = await self._stream.receive(_RECEIVE_BYTES)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return False
+            try:
+                events = self._protocol.receive_data(data)
+            except MessageTooLargeError:
+                return self._too_large()
+            except Exception as error:
+                # The peer's bytes broke h2 (which queued a GOAWAY) or purerpc's parsing
+                # of them (bad headers, a body-less request): that connection only.
+                self._go_away(ErrorCodes.PROTOCOL_ERROR)
+                self._peer_broke("gRPC connection broke the protocol", error)
+                return True
+            if self._protocol.call_traffic:
+                self._protocol.call_traffic = False
+                self._touch()
+            self._dispatch(events, calls)
+            self._wake_writer.set()
+
+    def _peer_broke(self, kind: str, error: Exception) -> None:
+        """The peer's mistake, not ours: a debug line (throttled), its text cut and escaped."""
+        self._server.throttle.log(
+            logging.DEBUG, kind, "%s (from %s): %s", kind, self._peer, shown(repr(error))
+        )
+
+    def _too_large(self) -> bool:
+        limit = self._server.max_message_bytes
+        self._server.throttle.warning(
+            "refused a gRPC message larger than GRPC_MAX_MESSAGE_BYTES",
+            "refused a gRPC message larger than GRPC_MAX_MESSAGE_BYTES=%d from %s; "
+            "connection closed",
+            limit,
+            self._peer,
+        )
+        # The reason travels in the GOAWAY; grpcio shows it in the error's details.
+        reason = f"message larger than the server's limit of {limit} bytes"
+        self._go_away(ErrorCodes.ENHANCE_YOUR_CALM, reason)
+        return True
+
+    # -- calls ----------------------------------------------------------------------
+
+    def _dispatch(self, events: list[Any], calls: trio.Nursery) -> None:
+        for event in events:
+            if isinstance(event, WindowUpdated):
+                waiting = self._streams.values() if event.stream_id == 0 else (
+                    [self._streams[event.stream_id]] if event.stream_id in self._streams else []
+                )  # fmt: skip
+                for stream in waiting:
+                    stream._flow_control_update_event.set()
+            elif isinstance(event, _StreamReset):
+                self._requests.pop(event.stream_id, None)
+                scope = self._calls.get(event.stream_id)
+                if scope is not None:
+                    scope.cancel()  # its task drops the stream (purerpc's code may still use it)
+            elif isinstance(event, RequestReceived):
+                # No task until the first message: a request that never comes whole
+                # (or is reset at once) costs its headers, not a task and a stream.
+                self._requests[event.stream_id] = event
+            else:  # MessageReceived, RequestEnded
+                request = self._requests.pop(event.stream_id, None)
+                stream = (
+                    self._streams.get(event.stream_id)
+                    if request is None
+                    else self._start_call(request, calls)
+                )
+                if stream is None:
+                    continue  # a call that ended or was reset
+                stream._incoming_events[0].send_nowait(event)
+                if isinstance(event, RequestEnded):
+                    stream._close_remote()
+
+    def _start_call(self, request: RequestReceived, calls: trio.Nursery) -> GRPCProtoStream:
+        stream = GRPCProtoStream(self._protocol, request.stream_id, self, self)
+        stream._incoming_events[0].send_nowait(request)
+        self._streams[request.stream_id] = stream
+        scope = self._calls[request.stream_id] = trio.CancelScope()
+        calls.start_soon(self._answer, stream, scope)
+        return stream
+
+    async def _answer(self, stream: GRPCProtoStream, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                await self._call(stream)
+        finally:
+            self._end_call(stream.stream_id)
+
+    def _end_call(self, stream_id: int) -> None:
+        """Drop what the call held; tell the peer to stop sending on it if it has not."""
+        self._calls.pop(stream_id, None)
+        self._streams.pop(stream_id, None)
+        self._protocol.forget(stream_id)
+        # Fails when closed both ways (the usual case) or reset by the peer.
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+        self._touch()
+        self._wake_writer.set()
+
+    async def _call(self, stream: GRPCProtoStream) -> None:
+        """purerpc's dispatch (``ConnectionHandler.request_received``) with our error policy."""
+        try:
+            await stream.start_response()
+            request = await stream.receive_event()
+            bound = self._server.method(request)
+            if bound is None:
+                path = shown(f"/{request.service_name}/{request.method_name}")
+                status = purerpc.Status(purerpc.StatusCode.UNIMPLEMENTED, f"{path} is not served")
+                await self._close(stream, status)
+                return
+            stream.expect_message_type(bound.signature.request_type)
+            call = functools.partial(bound.method_fn, request=request)
+            await _CALLERS[bound.signature.cardinality](call, stream)
+        except purerpc.RpcFailedError as error:
+            await self._close(stream, error.status)
+        except (ProtocolError, StreamClosedError, h2.exceptions.H2Error, DecodeError) as error:
+            # The peer broke the call: two messages for one, an unparsable one, a reset.
+            self._peer_broke("gRPC call broken by its peer", error)
+            reason = f"malformed call: {shown(str(error) or type(error).__name__)}"
+            await self._close(stream, purerpc.Status(purerpc.StatusCode.INTERNAL, reason))
+        except Exception:
+            self._server.throttle.log(
+                logging.ERROR,
+                "gRPC call failed",
+                "gRPC call from %s failed",
+                self._peer,
+                exc_info=True,
+            )
+            status = purerpc.Status(purerpc.StatusCode.INTERNAL, "internal error")
+            await self._close(stream, status)
+
+    async def _close(self, stream: GRPCProtoStream, status: purerpc.Status) -> None:
+        """End the call with ``status`` if it is still ours to end."""
+        if stream.state in (GRPCStreamState.HALF_CLOSED_LOCAL, GRPCStreamState.CLOSED):
+            return
+        with contextlib.suppress(h2.exceptions.H2Error, StreamClosedError):
+            await stream.close(status)

@@ -1,0 +1,66 @@
+"""Bounded, escaped text from the network, for log lines, status messages and errors.
+
+A peer chooses every byte it sends: a selector id of 3 MiB, a header value
+with a newline and a forged log line after it, terminal escape sequences.
+Whatever comes from the network and is shown to a person goes through
+:func:`shown` first: at most :data:`LIMIT` characters, non-printable ones
+escaped (so one value stays one line, and a terminal shows it as text), and
+the full length when it was cut. :func:`cut` bounds the length only, for
+places that escape by themselves (JSON, ``repr``).
+
+The cost does not depend on the size of the value: only its first
+:data:`LIMIT` characters are looked at.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LIMIT", "cut", "shown"]
+
+#: Characters of a value from the network kept in a log line or message.
+LIMIT = 200
+
+
+def _marker(length: int, unit: str) -> str:
+    return f"…[{length} {unit}]"
+
+
+def cut(value: str, limit: int = LIMIT) -> str:
+    """``value`` if it has at most ``limit`` characters, else its start and its length.
+
+    ``cut("a" * 3_000_000)`` is ``"aaa…[3000000 chars]"``, at most ``limit``
+    characters long in all.
+    """
+    if len(value) <= limit:
+        return value
+    marker = _marker(len(value), "chars")
+    return value[: max(0, limit - len(marker))] + marker
+
+
+def _escape(char: str) -> str:
+    if char == "\\":
+        return "\\\\"
+    if char.isprintable():
+        return char
+    return char.encode("unicode_escape").decode("ascii")
+
+
+def shown(value: str | bytes, limit: int = LIMIT) -> str:
+    """``value`` as one printable line of at most ``limit`` characters.
+
+    Control and other non-printable characters (newlines, ESC, bidi
+    overrides) are written as Python escapes (``\\n``, ``\\x1b``,
+    ``\\u202e``) and backslashes doubled, so the text cannot be mistaken for
+    something else. Bytes are decoded as UTF-8 (invalid sequences replaced).
+    A longer value ends with ``…[<length> chars]`` (``bytes`` for bytes).
+    """
+    if isinstance(value, bytes):
+        length, unit = len(value), "bytes"
+        text = value[:limit].decode("utf-8", "replace")
+    else:
+        length, unit = len(value), "chars"
+        text = value[:limit]
+    escaped = "".join(map(_escape, text))
+    if length <= limit and len(escaped) <= limit:
+        return escaped
+    marker = _marker(length, unit)
+    return escaped[: max(0, limit - len(marker))] + marker

@@ -1,0 +1,117 @@
+"""The reference selector keeps one connection to the coordinator, and dials again when it is gone.
+
+The Go selector dials the coordinator for every client and never closes the
+connection. The coordinator here is a real gRPC server (our listener) that
+refuses every client and records the connection (its peer address, from the
+log context) each call came on; clients are real purerpc clients of the selector.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from helpers.peers import eventually, refused_wait_ms
+
+from fl_coordinator._proto import (
+    fl_intra_batch_grpc,
+    fl_intra_batch_pb2,
+    fl_intra_grpc,
+    fl_intra_pb2,
+)
+from fl_coordinator.connections import ConnectionLimits
+from fl_coordinator.federation.selector import Selector, SelectorOptions
+from fl_coordinator.logs import context_field
+from fl_coordinator.rpc.listener import serve_grpc
+from fl_coordinator.storage.layout import Layout
+
+WAIT_MS = 750
+
+
+class RecordingCoordinator(fl_intra_grpc.FlIntraServicer, fl_intra_batch_grpc.FlIntraBatchServicer):
+    """Refuses every client; ``connections`` lists the peer address of each call."""
+
+    def __init__(self) -> None:
+        self.connections: list[str] = []
+
+    async def ClientCountUpdate(
+        self, message: fl_intra_pb2.ClientCount
+    ) -> fl_intra_pb2.FlClientStatus:
+        self.connections.append(context_field("peer"))
+        return fl_intra_pb2.FlClientStatus(accepted=False)
+
+    async def CheckInClients(
+        self, message: fl_intra_batch_pb2.ClientBatch
+    ) -> fl_intra_batch_pb2.ClientsAccepted:
+        self.connections.append(context_field("peer"))
+        return fl_intra_batch_pb2.ClientsAccepted(accepted=0)
+
+    async def serve(
+        self,
+        port: int = 0,
+        limits: ConnectionLimits | None = None,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        services = [
+            fl_intra_grpc.FlIntraServicer.service.fget(self),  # type: ignore[attr-defined]
+            fl_intra_batch_grpc.FlIntraBatchServicer.service.fget(self),  # type: ignore[attr-defined]
+        ]
+        await serve_grpc(services, "127.0.0.1", port, limits=limits, task_status=task_status)
+
+
+async def start_selector(nursery: trio.Nursery, layout: Layout, port: int, batch: bool) -> Selector:
+    options = SelectorOptions(
+        coordinator=f"127.0.0.1:{port}", layout=layout, waiting_time_ms=WAIT_MS, batch_checkin=batch
+    )
+    selector = Selector(options)
+    await nursery.start(selector.serve)
+    return selector
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["CheckInClients", "ClientCountUpdate"])
+async def test_every_call_goes_over_one_connection(
+    layout: Layout, nursery: trio.Nursery, batch: bool
+) -> None:
+    coordinator = RecordingCoordinator()
+    port = await nursery.start(coordinator.serve)
+    selector = await start_selector(nursery, layout, port, batch)
+    for _ in range(10):
+        assert await refused_wait_ms(selector.id) == WAIT_MS
+    assert len(coordinator.connections) == 10
+    assert len(set(coordinator.connections)) == 1  # one source address: one connection
+    assert selector._link is not None and selector._link.dials == 1
+
+
+async def test_a_restarted_coordinator_is_dialled_again(
+    layout: Layout, nursery: trio.Nursery
+) -> None:
+    first = RecordingCoordinator()
+    async with trio.open_nursery() as first_running:
+        port = await first_running.start(first.serve)
+        selector = await start_selector(nursery, layout, port, batch=False)
+        assert await refused_wait_ms(selector.id) == WAIT_MS
+        first_running.cancel_scope.cancel()  # the coordinator stops: its connections close
+    second = RecordingCoordinator()
+    await nursery.start(second.serve, port)
+    # The call in flight when the connection is found dead fails at once (no 60 s
+    # call time limit): the client is refused, and the next call dials the new one.
+    with trio.fail_after(20):
+        for _ in range(2):
+            assert await refused_wait_ms(selector.id) == WAIT_MS
+    assert (len(first.connections), len(second.connections) >= 1) == (1, True)
+    assert selector._link is not None and selector._link.dials == 2
+
+
+async def test_a_connection_the_coordinator_closed_when_idle_is_dialled_again(
+    layout: Layout, nursery: trio.Nursery
+) -> None:
+    coordinator = RecordingCoordinator()
+    port = await nursery.start(coordinator.serve, 0, ConnectionLimits(idle_timeout=0.2))
+    selector = await start_selector(nursery, layout, port, batch=True)
+    link = selector._link
+    assert link is not None
+    assert await refused_wait_ms(selector.id) == WAIT_MS
+    await eventually(lambda: not link.connected)  # the coordinator's GOAWAY and close arrived
+    assert await refused_wait_ms(selector.id) == WAIT_MS
+    assert link.dials == 2 and len(coordinator.connections) == 2
+    assert len(set(coordinator.connections)) == 2  # a new connection

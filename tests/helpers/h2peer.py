@@ -1,0 +1,142 @@
+"""A raw HTTP/2 gRPC peer on a blocking socket: the attacks no well-behaved client makes.
+
+Frames are written by the ``h2`` library (client side), so they are valid
+HTTP/2; what they say is up to the test: half-sent requests, resets, streams
+beyond the limit, connections never closed. Blocking sockets keep it simple;
+tests with an in-process server run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+import h2.config
+import h2.connection
+import h2.events
+from google.protobuf.message import Message
+
+from fl_coordinator._proto import fl_intra_pb2
+
+CHECK_IN = "/FlIntra/ClientCountUpdate"
+
+
+def grpc_body(message: Message) -> bytes:
+    """A gRPC length-prefixed message (uncompressed)."""
+    data = message.SerializeToString()
+    return struct.pack(">BI", 0, len(data)) + data
+
+
+def check_in_body(selector_id: str) -> bytes:
+    return grpc_body(fl_intra_pb2.ClientCount(count=1, id=selector_id))
+
+
+def request_headers(path: str) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "127.0.0.1"),
+        ("te", "trailers"),
+        ("content-type", "application/grpc"),
+    ]
+
+
+class RawPeer:
+    """One HTTP/2 connection to ``127.0.0.1:port``, driven frame by frame."""
+
+    def __init__(self, port: int, *, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        self.h2.initiate_connection()
+        self.events: list[h2.events.Event] = []
+        self.closed_by_server = False
+
+    def send(self) -> None:
+        """Write what h2 has queued."""
+        self.sock.sendall(self.h2.data_to_send())
+
+    def open_stream(
+        self,
+        path: str = CHECK_IN,
+        body: bytes = b"",
+        *,
+        end: bool = False,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> int:
+        """Queue HEADERS (and ``body`` as DATA, ending the stream with ``end``)."""
+        stream_id = self.h2.get_next_available_stream_id()
+        headers = [*request_headers(path), *metadata]
+        self.h2.send_headers(stream_id, headers, end_stream=end and not body)
+        if body:
+            self.h2.send_data(stream_id, body, end_stream=end)
+        return stream_id
+
+    def reset(self, stream_id: int) -> None:
+        self.h2.reset_stream(stream_id)
+
+    def send_data_when_allowed(self, stream_id: int, body: bytes) -> None:
+        """Queue ``body`` once flow control lets it go (reading the server's window updates)."""
+        while self.h2.local_flow_control_window(stream_id) < len(body):
+            self.send()
+            if not self.receive():
+                raise AssertionError("the server closed the connection")
+        self.h2.send_data(stream_id, body)
+
+    def receive(self) -> bool:
+        """Read once; False at the end of the connection (EOF or reset). TimeoutError."""
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.closed_by_server = True
+            return False
+        self.events.extend(self.h2.receive_data(data))
+        self.send()  # acknowledgements
+        return True
+
+    def receive_until(self, done: Callable[[list[h2.events.Event]], bool]) -> None:
+        while not done(self.events) and self.receive():
+            pass
+
+    def call(self, path: str, body: bytes) -> dict[str, str]:
+        """A whole unary call; returns the trailers (``grpc-status``, ``grpc-message``)."""
+        stream_id = self.open_stream(path, body, end=True)
+        self.send()
+        self.receive_until(lambda events: any(_ends(e, stream_id) for e in events))
+        for event in self.events:
+            if _ends(event, stream_id):
+                return dict(event.headers)
+        raise AssertionError(f"the connection ended before the answer: {self.events}")
+
+    def goaway(self) -> h2.events.ConnectionTerminated | None:
+        found = [e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)]
+        return found[0] if found else None
+
+    def wait_closed(self, limit: float) -> float:
+        """Read until the server closes the connection: seconds it took (inf: not within limit)."""
+        started = time.monotonic()
+        self.sock.settimeout(limit)
+        try:
+            while self.receive():
+                pass
+        except TimeoutError:
+            return math.inf
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _ends(event: h2.events.Event, stream_id: int) -> bool:
+    return (
+        isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived)
+        and event.stream_id == stream_id
+        and event.stream_ended is not None
+    )

@@ -1,0 +1,135 @@
+"""The gRPC port's connections under our rules: idle ones closed, room made, limits per connection.
+
+A coordinator on loopback (in process); peers are raw HTTP/2 connections
+(``helpers.h2peer``, in worker threads: they block) and grpcio.
+"""
+
+from __future__ import annotations
+
+import h2.errors
+import trio
+from helpers.h2peer import CHECK_IN, RawPeer, check_in_body
+from helpers.peers import GrpcioClient
+
+from fl_coordinator.app import serve
+from fl_coordinator.config import Settings
+from fl_coordinator.rpc.connection import MAX_CONCURRENT_STREAMS
+
+
+async def connected(port: int) -> RawPeer:
+    """A raw connection that has sent its preface and SETTINGS, and nothing else."""
+    peer = await trio.to_thread.run_sync(RawPeer, port)
+    await trio.to_thread.run_sync(peer.send)
+    return peer
+
+
+async def test_idle_connection_is_closed_with_goaway(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    endpoints = await nursery.start(serve, settings.replace(idle_connection_timeout=0.5))
+    peer = await connected(endpoints.grpc_port)
+    answer = await trio.to_thread.run_sync(peer.call, CHECK_IN, check_in_body("127.0.0.1:1"))
+    assert answer["grpc-status"] == "0"
+    waited = await trio.to_thread.run_sync(peer.wait_closed, 60)
+    goaway = peer.goaway()
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    assert goaway.last_stream_id == 1  # the call it answered
+    assert waited >= 0.4  # not before the idle time (counted from the answer)
+    peer.close()
+
+
+async def test_a_full_port_closes_its_least_recently_active_connection(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    endpoints = await nursery.start(serve, settings.replace(max_connections=3))
+    port = endpoints.grpc_port
+    oldest, middle, newest = [await connected(port) for _ in range(3)]  # accepted in order
+    # A fourth connection makes room: the oldest one is closed, with a GOAWAY...
+    client = GrpcioClient(port)
+    assert await client.check_in("127.0.0.1:1") is True
+    assert await trio.to_thread.run_sync(oldest.wait_closed, 60) < 60
+    goaway = oldest.goaway()
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    # ... and the others go on.
+    for peer, selector_id in ((newest, "127.0.0.1:2"), (middle, "127.0.0.1:3")):
+        answer = await trio.to_thread.run_sync(peer.call, CHECK_IN, check_in_body(selector_id))
+        assert answer["grpc-status"] == "0"
+    client.close()
+    for peer in (oldest, middle, newest):
+        peer.close()
+
+
+async def ends_alone(peer: RawPeer, port: int, code: h2.errors.ErrorCodes) -> None:
+    """Send what ``peer`` queued: its connection ends with a GOAWAY ``code``, others go on."""
+    await trio.to_thread.run_sync(peer.send)
+    assert await trio.to_thread.run_sync(peer.wait_closed, 60) < 60
+    goaway = peer.goaway()
+    assert goaway is not None and goaway.error_code == code
+    client = GrpcioClient(port)
+    assert await client.check_in("127.0.0.1:1") is True
+    client.close()
+    peer.close()
+
+
+async def test_too_many_streams_end_that_connection_only(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    endpoints = await nursery.start(serve, settings)
+    greedy = await connected(endpoints.grpc_port)
+    for _ in range(MAX_CONCURRENT_STREAMS + 1):
+        stream_id = greedy.open_stream(CHECK_IN)
+        greedy.h2.send_data(stream_id, b"\0")
+    await ends_alone(greedy, endpoints.grpc_port, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+
+
+async def test_oversized_headers_end_that_connection_only(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    endpoints = await nursery.start(serve, settings)
+    bloated = await connected(endpoints.grpc_port)
+    bloat = (("x-bloat", "b" * 100_000),)  # h2 accepts 64 KiB of headers
+    bloated.open_stream(CHECK_IN, check_in_body("127.0.0.1:1"), end=True, metadata=bloat)
+    await ends_alone(bloated, endpoints.grpc_port, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+
+async def test_unimplemented_method_and_a_second_message_are_answered_not_logged(
+    settings: Settings, nursery: trio.Nursery, caplog
+) -> None:
+    endpoints = await nursery.start(serve, settings)
+    peer = await connected(endpoints.grpc_port)
+    long_path = "/FlIntra/" + "x" * 5000
+    unknown = await trio.to_thread.run_sync(peer.call, long_path, check_in_body("127.0.0.1:1"))
+    assert unknown["grpc-status"] == "12"  # UNIMPLEMENTED
+    assert len(unknown["grpc-message"]) < 600  # the path is cut
+    twice = check_in_body("127.0.0.1:1") * 2
+    broken = await trio.to_thread.run_sync(peer.call, CHECK_IN, twice)
+    assert broken["grpc-status"] == "13"  # INTERNAL: a unary call with two messages
+    peer.close()
+    assert "x" * 300 not in caplog.text
+    assert [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")] == []
+
+
+async def test_calls_reset_after_their_message_give_back_the_connection_window(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    """A message the peer reset before its call read it must not use up the window for good.
+
+    purerpc gives the window back as a call reads each message; with small
+    messages the connection's window is HTTP/2's 64 KiB, which 5,000 reset
+    calls of 20 bytes would use up: the peer would then wait for ever.
+    """
+    settings = settings.replace(grpc_max_message_bytes=64)
+    endpoints = await nursery.start(serve, settings)
+    peer = await connected(endpoints.grpc_port)
+    body = check_in_body("127.0.0.1:1")
+
+    def reset_calls_then_call() -> dict[str, str]:
+        for _ in range(5000):
+            stream_id = peer.open_stream(CHECK_IN)
+            peer.send_data_when_allowed(stream_id, body)
+            peer.reset(stream_id)
+        peer.send()
+        return peer.call(CHECK_IN, check_in_body("127.0.0.1:2"))
+
+    assert (await trio.to_thread.run_sync(reset_calls_then_call))["grpc-status"] == "0"
+    peer.close()
