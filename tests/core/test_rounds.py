@@ -556,6 +556,19 @@ def test_check_ins_held_during_the_last_aggregation_are_refused() -> None:
     assert machine.held == [] and machine.stage is Stage.FINISHED
 
 
+def test_a_check_that_ends_after_the_last_round_was_abandoned_changes_nothing() -> None:
+    machine = Round(Rules(goal=1, rounds=1, reporting_timeout=60))
+    machine.handle(CheckIn("a:1", 1))
+    checks = of_type(machine.handle(SelectorReported("a:1")), Validate)
+    assert checks == [Validate(1, "a:1")]
+    effects = machine.handle(WindowClosed(1, Stage.REPORTING))  # its check is still running
+    assert [s.stage for s in of_type(effects, Status)] == [Stage.FAILED, Stage.FINISHED]
+    assert machine.validating == []
+    effects = machine.handle(ContributionValidated(1, "a:1", "bad file"))
+    assert of_type(effects, Status) == [] and machine.rejected == {}
+    assert (machine.number, machine.stage) == (1, Stage.FINISHED)
+
+
 def test_metrics_that_meet_stop_when_finish_at_once_while_selecting() -> None:
     rules = Rules(goal=1, evaluate=True, stop_when=StopWhen.parse("accuracy>=0.9"))
     machine = Round(rules)

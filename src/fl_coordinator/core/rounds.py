@@ -556,6 +556,7 @@ class Round:
         self._move(cause)
         self.finished = reason
         self.stopping = None
+        self.validating = []  # the round has ended: a check still running reports too late
         held, self.held = self.held, []
         return [
             Log("INFO", f"the run is finished: {reason}"),
