@@ -1,7 +1,9 @@
 """Benchmarks, measured side by side in one run (this machine is shared: ratios hold, times drift).
 
 Parts: **aggregation** (here), **check-ins** (bench_checkin.py), **fan-out**
-(bench_fanout.py) and **round overhead** (bench_round.py).
+(bench_fanout.py), **round overhead** (bench_round.py) and, asked for by name
+(``--parts strategies``, minutes), **strategies** (bench_strategies.py: the
+server strategies side by side on a federation of the demo's digits).
 
 Aggregation: for K selector aggregates of a Keras model of about S bytes it
 times, each in a fresh process (so peak memory is that process's own):
@@ -14,6 +16,10 @@ times, each in a fresh process (so peak memory is that process's own):
   accumulators (no HDF5-based aggregation can beat it by much);
 * ``naive``: what the older system did: load the Keras model weights per
   file and combine ``get_weights()`` lists layer by layer.
+
+At the largest case (``--strategy-case``), ``ours`` is also timed with each
+server strategy that keeps an optimizer state (read and written in the same
+pass), from a state written by an untimed first aggregation.
 
 Usage: ``scripts/bench [--quick] [--parts ...] [--cases 100x2 100x8 100x16
 1000x2] [--repeat 3] [--out DIR]`` (``--help`` lists the rest; a case is
@@ -37,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_report import markdown
+from bench_strategies import STRATEGIES_COMPARED
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -93,8 +100,12 @@ def current_rss_bytes() -> int:
 # -- workers (each run in its own process) --------------------------------------------
 
 
-def work_ours(folder: Path, k: int) -> None:
-    from fl_coordinator.storage.aggregation import Contribution, aggregate
+def work_ours(folder: Path, k: int, strategy: str = "fedavg") -> None:
+    """Our aggregation; with a ``strategy`` that keeps a state, from ``state-prepared.h5``
+    (made by :func:`prepare_state`) to ``state-new.h5``."""
+    from fl_coordinator.core.strategy import ServerOptimizer, Strategy
+    from fl_coordinator.storage.aggregation import Contribution, ServerUpdate, aggregate
+    from fl_coordinator.storage.strategy_state import StateUpdate
     from fl_coordinator.storage.untrusted import UntrustedFile
 
     weights = [int((folder / f"weight{i}").read_text()) for i in range(1, k + 1)]
@@ -102,7 +113,15 @@ def work_ours(folder: Path, k: int) -> None:
         Contribution(f"s{i}", UntrustedFile(folder, f"agg{i}"), weight)
         for i, weight in enumerate(weights, start=1)
     ]
-    aggregate(folder / "fl_checkpoint", parts, folder / "tmp")
+    optimizer = ServerOptimizer.of(strategy)
+    prepared = folder / "state-prepared.h5"
+    state = None
+    if optimizer.moments:
+        source = prepared if prepared.exists() else None
+        dest = folder / ("state-new.h5" if source else "state-prepared.h5")
+        state = StateUpdate(optimizer, source, dest, 1)
+    aggregate(folder / "fl_checkpoint", parts, folder / "tmp", None,
+              ServerUpdate(Strategy(optimizer), state))  # fmt: skip
 
 
 def work_bound(folder: Path, k: int) -> None:
@@ -140,10 +159,15 @@ def work_naive(folder: Path, k: int) -> None:
 
 
 WORKERS = {"ours": work_ours, "bound": work_bound, "naive": work_naive}
-PARTS = ["aggregation", "checkin", "fanout", "round"]
+PARTS = ["aggregation", "checkin", "fanout", "round", "strategies"]
+#: What ``./scripts/bench`` runs without --parts (strategies take many minutes).
+DEFAULT_PARTS = ["aggregation", "checkin", "fanout", "round"]
+#: The strategies with an optimizer state, timed at --strategy-case.
+STATEFUL = ["fedavgm", "fedadagrad", "fedadam", "fedyogi"]
 
 
 def worker_main(mode: str, folder: Path, k: int) -> None:
+    mode, _, strategy = mode.partition(":")
     if mode == "naive":
         build_model(1)  # import Keras and warm it up outside the timing
     else:
@@ -155,7 +179,10 @@ def worker_main(mode: str, folder: Path, k: int) -> None:
     before = current_rss_bytes()
 
     started = time.perf_counter()
-    WORKERS[mode](folder, k)
+    if strategy:
+        work_ours(folder, k, strategy)
+    else:
+        WORKERS[mode](folder, k)
     seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "peak_extra_bytes": peak_rss_bytes() - before}))
 
@@ -182,10 +209,13 @@ def case(text: str) -> tuple[float, int]:
     return float(size), int(k)
 
 
-def bench_aggregation(cases: list[tuple[float, int]], repeat: int, naive: bool) -> list[dict]:
+def bench_aggregation(
+    cases: list[tuple[float, int]], repeat: int, naive: bool, strategy_case: tuple[float, int]
+) -> tuple[list[dict], list[dict]]:
+    """The rows of each case, and of each stateful strategy at ``strategy_case``."""
     import h5py
 
-    rows = []
+    rows, strategies = [], []
     for size_mb, k in cases:
         with tempfile.TemporaryDirectory(prefix="fl-bench-") as name:
             folder = Path(name)
@@ -195,9 +225,17 @@ def bench_aggregation(cases: list[tuple[float, int]], repeat: int, naive: bool) 
             with h5py.File(paths[0], "r") as file:
                 largest = max(file[n].nbytes for n in _floats(file))
             modes = ["bound", "ours"] + (["naive"] if naive else [])
+            if (size_mb, k) == strategy_case:
+                for strategy in STATEFUL:  # an untimed first round writes its state
+                    measure(f"ours:{strategy}", folder, k)
+                    os.replace(folder / "state-prepared.h5", folder / f"state-{strategy}.h5")
+                modes += [f"ours:{strategy}" for strategy in STATEFUL]
             best: dict[str, dict[str, float]] = {}
             for _ in range(repeat):  # interleaved, best of `repeat`
                 for mode in modes:
+                    if mode.startswith("ours:"):
+                        state = folder / f"state-{mode.partition(':')[2]}.h5"
+                        shutil.copyfile(state, folder / "state-prepared.h5")
                     run = measure(mode, folder, k)
                     if mode not in best or run["seconds"] < best[mode]["seconds"]:
                         best[mode] = run
@@ -220,7 +258,26 @@ def bench_aggregation(cases: list[tuple[float, int]], repeat: int, naive: bool) 
                 row["naive_peak_mb"] = best["naive"]["peak_extra_bytes"] / 2**20
             rows.append(row)
             print_row(row)
-    return rows
+            for mode in modes:
+                if mode.startswith("ours:"):
+                    strategies.append(_strategy_row(row, mode.partition(":")[2], best[mode]))
+    return rows, strategies
+
+
+def _strategy_row(row: dict, strategy: str, best: dict[str, float]) -> dict:
+    """The figures of ``strategy`` at the case of ``row`` (same files, same bound)."""
+    input_bytes = row["ours_mb_per_s"] * row["ours_s"]
+    return {
+        "size_mb": row["size_mb"],
+        "k": row["k"],
+        "strategy": strategy,
+        "ours_s": best["seconds"],
+        "ours_mb_per_s": input_bytes / best["seconds"],
+        "bound_mb_per_s": row["bound_mb_per_s"],
+        "ratio_to_bound": row["bound_s"] / best["seconds"],
+        "ours_peak_mb": best["peak_extra_bytes"] / 2**20,
+        "largest_array_mb": row["largest_array_mb"],
+    }
 
 
 def _floats(file: Any) -> list[str]:
@@ -247,6 +304,15 @@ def print_row(row: dict) -> None:
     )
 
 
+def print_strategy_rows(rows: list[dict]) -> None:
+    print(f"\n{'strategy':>10} {'model MB':>9} {'K':>3} {'ours MB/s':>10} {'ours/bound':>10} "
+          f"{'ours peak MB':>12}")  # fmt: skip
+    for row in rows:
+        print(f"{row['strategy']:>10} {row['size_mb']:>9.0f} {row['k']:>3} "
+              f"{row['ours_mb_per_s']:>10.0f} {row['ratio_to_bound']:>10.2f} "
+              f"{row['ours_peak_mb']:>12.0f}", flush=True)  # fmt: skip
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
@@ -258,7 +324,18 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the Keras approach")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=DEFAULT_PARTS)
+    parser.add_argument(
+        "--strategy-case",
+        type=case,
+        default=(1000.0, 2),
+        help="aggregation: the case also timed with each stateful strategy",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="strategies: data splits")  # fmt: skip
+    parser.add_argument("--strategies", nargs="+", default=STRATEGIES_COMPARED,
+                        help="strategies: which to run")  # fmt: skip
+    parser.add_argument("--federation-rounds", type=int, default=20, help="strategies: rounds")
     parser.add_argument("--subscribers", type=int, default=1000, help="fan-out subscribers")
     parser.add_argument("--stalled", type=int, default=10, help="fan-out: never-reading ones")
     parser.add_argument("--changes", type=int, default=50, help="fan-out: status changes timed")
@@ -269,14 +346,22 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.cases, args.repeat = [(16.0, 2), (16.0, 4)], 1
+        args.strategy_case = (16.0, 2)
         args.subscribers, args.changes = 50, 10
         args.seconds, args.rounds = 0.5, 5
+        args.seeds, args.strategies, args.federation_rounds = [0], ["fedavg", "fedyogi"], 2
     logging.getLogger("purerpc").setLevel(logging.ERROR)  # torn-down connections, by design
     results: dict[str, Any] = {}
     if "aggregation" in args.parts:
         print("aggregation (each figure best of", args.repeat, "runs; throughput = input bytes/s)")
         print(HEADER)
-        results["aggregation"] = bench_aggregation(args.cases, args.repeat, not args.no_naive)
+        rows, strategies = bench_aggregation(
+            args.cases, args.repeat, not args.no_naive, args.strategy_case
+        )
+        results["aggregation"] = rows
+        if strategies:
+            results["aggregation_strategies"] = strategies
+            print_strategy_rows(strategies)
     if "fanout" in args.parts:
         from bench_fanout import bench_fanout
 
@@ -296,6 +381,14 @@ def main() -> int:
         print("\nround overhead (tiny checkpoint, 10 fake selectors, one client each)")
         results["round"] = bench_round(args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
+    if "strategies" in args.parts:
+        from bench_strategies import bench_strategies
+
+        print(f"\nstrategies (the demo's digits federation, Dirichlet(0.1), "
+              f"{args.federation_rounds} rounds, seeds {args.seeds})")  # fmt: skip
+        results["strategies"] = bench_strategies(
+            args.strategies, args.seeds, args.federation_rounds, args.out, quick=args.quick
+        )
     target = args.out / "bench.json"
     target.write_text(json.dumps(results, indent=2) + "\n")
     command = "./scripts/bench " + " ".join(sys.argv[1:])

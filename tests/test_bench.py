@@ -25,6 +25,12 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     for row in rows:
         assert row["ours_s"] > 0 and row["bound_s"] > 0 and row["naive_s"] > 0
         assert row["ours_peak_mb"] >= 0 and row["largest_array_mb"] == 16
+    # Each strategy with an optimizer state, at the strategy case (16 MB, K=2 with --quick).
+    by_strategy = results["aggregation_strategies"]
+    assert [r["strategy"] for r in by_strategy] == ["fedavgm", "fedadagrad", "fedadam", "fedyogi"]
+    for row in by_strategy:
+        assert (row["size_mb"], row["k"], row["largest_array_mb"]) == (16, 2, 16)
+        assert row["ours_s"] > 0 and row["ratio_to_bound"] > 0 and row["ours_peak_mb"] >= 0
     assert [(r["subscribers"], r["stalled"]) for r in results["fanout"]] == [(50, 0), (50, 10)]
     assert all(r["to_last_p99_ms"] >= r["to_last_p50_ms"] > 0 for r in results["fanout"])
     checkin = results["checkin"]
@@ -44,6 +50,7 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
         assert title in result.stdout
     # The same figures as Markdown tables, for the README.
     report = (tmp_path / "bench.md").read_text()
+    assert f"| fedyogi | 16 | 2 | {by_strategy[3]['ours_mb_per_s']:.0f} |" in report
     assert report.startswith("`./scripts/bench --quick --out ")
     assert f"| **{rows[0]['ratio_to_bound']:.2f}** |" in report
     assert f"**{checkin['per_client'][1]['ratio_to_bare']:.2f}**" in report

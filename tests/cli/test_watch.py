@@ -191,7 +191,7 @@ def test_stage_durations_and_metrics() -> None:
         ("REPORTING", 0.25), ("AGGREGATING", 0.125)
     ]  # fmt: skip
     evaluated = message(2, "SELECTION", metrics={"round": 1, "values": {"loss": 0.3125}})
-    assert summary(evaluated).endswith("metrics round 1: loss 0.3125")
+    assert summary(evaluated).endswith("metrics of round 1: loss 0.3125")  # issue 14's
 
 
 def test_live_view_draws_the_round() -> None:

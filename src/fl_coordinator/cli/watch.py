@@ -65,15 +65,6 @@ def _took(message: StatusMessage) -> str:
     return ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in done)
 
 
-def _metrics(message: StatusMessage) -> str:
-    """The evaluation metrics (issue 14's ``metrics``) in one line, '' if there are none."""
-    metrics = message.get("metrics")
-    if not isinstance(metrics, dict) or not metrics.get("values"):
-        return ""
-    values = "  ".join(f"{name} {value:.4g}" for name, value in metrics["values"].items())
-    return f"round {metrics.get('round', '?')}: {values}"
-
-
 def summary(message: StatusMessage) -> str:
     """The state of the round in one line, without the time (so repeats can be spotted)."""
     selectors = message.get("selectors", [])
@@ -96,11 +87,19 @@ def summary(message: StatusMessage) -> str:
         parts.append(f"aggregated in {message['aggregation_seconds']:.3f} s")
     if took := _took(message):
         parts.append(f"took {took}")
-    if metrics := _metrics(message):
-        parts.append(f"metrics {metrics}")
     if message.get("error"):
         parts.append(f"error: {message['error']}")
+    if message.get("metrics"):
+        parts.append(f"metrics of round {message['metrics']['round']}: {_values(message)}")
+    if message.get("finished"):
+        parts.append(f"finished: {message['finished']}")
     return "  ".join(parts)
+
+
+def _values(message: StatusMessage) -> str:
+    """The last evaluated round's metrics, in one short piece of a line."""
+    values = message["metrics"]["values"]
+    return ", ".join(f"{name} {value:.4g}" for name, value in values.items()) or "(none)"
 
 
 class View(Protocol):
@@ -181,10 +180,12 @@ class LiveView:
             row("held", str(message["held"]))
         for stage, seconds in durations(message):
             row(stage.lower(), "under way" if seconds is None else f"took {seconds:.2f} s")
-        if metrics := _metrics(message):
-            row("metrics", metrics)
         if message.get("error"):
             row("error", message["error"], "red")
+        if message.get("metrics"):
+            row(f"round {message['metrics']['round']}", _values(message))
+        if message.get("finished"):
+            row("finished", message["finished"], "green")
         title = Text(f"{message.get('problem_id', '?')}  round {message['round']}")
         history = [Text(line, no_wrap=True, overflow="ellipsis") for line in self._history]
         return Group(Panel(table, title=title, title_align="left"), *history)
