@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from helpers.browser import TrioThread, chromium_page, needs_chromium
-from helpers.peers import FakeSelector, PurerpcClient, write_aggregate
+from helpers.peers import FakeSelector, PurerpcClient, run_round, watch, write_aggregate
 
 from fl_coordinator.app import Endpoints, serve
 from fl_coordinator.config import Settings
@@ -169,4 +169,34 @@ def test_the_page_draws_a_thousand_rounds(settings: Settings, layout: Layout) ->
         # The page still answers at once (its main thread is not stuck drawing).
         assert page.evaluate("() => 1 + 1") == 2
         assert re.fullmatch(r"\d+", page.locator("#round").text_content() or "")
+        stop()
+
+
+def test_the_metrics_chart_draws_evaluated_rounds(
+    settings: Settings, layout: Layout, keras_weights: list[Path]
+) -> None:
+    """A real evaluation (EVALUATE in a worker process) of two rounds, in the chart and table."""
+    from playwright.sync_api import expect
+
+    evaluating = settings.replace(evaluate="helpers.evaluations:by_round", checkin_limit=1)
+    with TrioThread() as loop, chromium_page() as page:
+        endpoints, stop = loop.start_cancellable(serve, evaluating)
+        page.goto(page_url(endpoints))
+        expect(page.locator("#connection")).to_have_text("live")
+        watcher = loop.run(watch, loop.nursery, endpoints.status_url)
+        for number in (1, 2):
+            done = loop.run(
+                run_round, loop.nursery, endpoints.grpc_port, watcher, layout,
+                [(keras_weights[number], 2)], number,
+            )  # fmt: skip
+            assert done["stage"] == "COMPLETED"
+        expect(page.locator("#metrics-now")).to_contain_text("metrics of round 2: accuracy 0.2000")
+        for number, accuracy in ((1, "0.1000"), (2, "0.2000")):
+            cell = page.locator(f'#history tr[data-round="{number}"] td.metrics')
+            expect(cell).to_contain_text(f"accuracy {accuracy}, weights_mean ")
+        chart = page.locator("#metrics-chart .uplot")
+        expect(chart).to_have_count(1)
+        expect(chart.locator(".u-legend")).to_contain_text("accuracy")
+        expect(chart.locator(".u-legend")).to_contain_text("weights_mean")
+        expect(page.locator("#metrics-empty")).to_be_hidden()
         stop()
