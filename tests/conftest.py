@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers.browser import CHROMIUM, HOW_TO_GET_CHROMIUM
 from helpers.pki import pki  # noqa: F401 (the session's certificates, a fixture for every module)
 
 from fl_coordinator.config import Settings, default_settings
@@ -47,3 +48,18 @@ def settings(template: Path, tmp_path: Path) -> Settings:
 @pytest.fixture
 def layout(settings: Settings) -> Layout:
     return Layout.from_settings(settings)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say loudly which browser tests did not run here, and how to run them."""
+    skipped = [
+        report.nodeid
+        for report in terminalreporter.stats.get("skipped", [])
+        if "browser" in report.keywords
+    ]
+    if skipped:
+        terminalreporter.write_sep("!", "BROWSER TESTS NOT RUN", red=True, bold=True)
+        terminalreporter.write_line(f"{CHROMIUM} is missing, so these tests did not run:")
+        for nodeid in skipped:
+            terminalreporter.write_line(f"  {nodeid}")
+        terminalreporter.write_line(f"Get them with: {HOW_TO_GET_CHROMIUM}", bold=True)

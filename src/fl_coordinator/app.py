@@ -55,6 +55,7 @@ from .storage.layout import Layout
 from .storage.ownership import hold_ownership
 from .storage.problem import check_problem, clean_tmp
 from .storage.round_files import RoundFiles
+from .storage.round_log import RoundLog
 from .storage.strategy_state import check_fit, check_strategy
 from .storage.weights import Weight, describe
 
@@ -225,6 +226,9 @@ async def serve(
         clean_tmp(layout)
         first_round = next_round(layout, settings.keep_checkpoints)
         hub = StatusHub(settings.problem_id, str(layout.checkpoint))
+        round_log = RoundLog(layout, settings.round_history)
+        hub.observe(round_log.observe)
+        nursery.start_soon(round_log.run)
         metrics = Metrics(settings.problem_id)
         coordinator = build_coordinator(
             settings,
@@ -244,6 +248,8 @@ async def serve(
                 connections=connection_limits,
             ),
             status_tls,
+            problem_id=settings.problem_id,
+            rounds=round_log.newest,
         )
         metrics.count_subscribers(lambda: status_server.connected)
 

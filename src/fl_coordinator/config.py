@@ -394,6 +394,13 @@ KEYS: tuple[Key, ...] = (
         "Global checkpoints kept (by round) in FL_ROOT_PATH/.coordinator/history for rollback.",
     ),
     Key(
+        "ROUND_HISTORY",
+        2000,
+        _positive_int,
+        "an integer >= 1",
+        "Rounds kept in FL_ROOT_PATH/.coordinator/rounds.jsonl and served by GET /rounds.",
+    ),
+    Key(
         "GOAL_COUNT_RETRIES",
         2,
         _non_negative_int,
@@ -681,6 +688,7 @@ class Settings:
     legacy_status_push: bool
     goal_count_timeout: float
     keep_checkpoints: int
+    round_history: int
     goal_count_retries: int
 
     selection_timeout: float

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -19,7 +20,7 @@ from rich.live import Live
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from fl_coordinator.app import serve
-from fl_coordinator.cli.watch import LiveView, PlainView, follow, summary
+from fl_coordinator.cli.watch import LiveView, PlainView, durations, follow, summary
 from fl_coordinator.config import Settings
 from fl_coordinator.errors import WatchError
 from fl_coordinator.status.schema import StatusMessage
@@ -72,6 +73,11 @@ async def test_watch_prints_each_stage_then_stops_on_ctrl_c(
         await watcher.wait_for(completed(1))
         done = await out.until("COMPLETED")
         assert "round 1" in done and "reported 1" in done and "aggregated in" in done
+        took = done.split("took ", 1)[1].split(", ")  # each stage with its duration
+        assert [part.split()[0] for part in took] == [
+            "SELECTION", "CONFIGURATION", "REPORTING", "AGGREGATING"
+        ]  # fmt: skip
+        assert all(float(part.split()[1]) >= 0 for part in took)
         await out.until("round 2")
 
         process.send_signal(signal.SIGINT)
@@ -166,16 +172,42 @@ def test_summary_and_plain_lines() -> None:
     )
 
 
+def test_stage_durations_and_metrics() -> None:
+    stages = {
+        "SELECTION": "2026-11-28T00:00:00.000Z",
+        "CONFIGURATION": "2026-11-28T00:00:01.500Z",
+        "REPORTING": "2026-11-28T00:00:01.750Z",
+    }
+    reporting = message(1, "REPORTING", stages=stages)
+    assert durations(reporting) == [
+        ("SELECTION", 1.5),
+        ("CONFIGURATION", 0.25),
+        ("REPORTING", None),
+    ]
+    assert summary(reporting).endswith("took SELECTION 1.50 s, CONFIGURATION 0.25 s")
+    done = {**stages, "AGGREGATING": "2026-11-28T00:00:02.000Z",
+            "COMPLETED": "2026-11-28T00:00:02.125Z"}  # fmt: skip
+    assert durations(message(1, "COMPLETED", stages=done))[2:] == [
+        ("REPORTING", 0.25), ("AGGREGATING", 0.125)
+    ]  # fmt: skip
+    evaluated = message(2, "SELECTION", metrics={"round": 1, "values": {"loss": 0.3125}})
+    assert summary(evaluated).endswith("metrics of round 1: loss 0.3125")  # issue 14's
+
+
 def test_live_view_draws_the_round() -> None:
     out = io.StringIO()
     console = Console(file=out, width=120, force_terminal=True, color_system=None)
     with Live(console=console, auto_refresh=False) as live:
         view = LiveView(live)
-        view.show(message(2, "REPORTING", reported=["a:1"], rejected={"b:2": "[bold]x[/]"}))
+        stages = {"SELECTION": "2026-11-28T00:00:00.000Z", "REPORTING": "2026-11-28T00:00:02.500Z"}
+        view.show(
+            message(2, "REPORTING", reported=["a:1"], rejected={"b:2": "[bold]x[/]"}, stages=stages)
+        )
     text = out.getvalue()
     assert "P  round 2" in text and "REPORTING" in text
     assert "b:2: [bold]x[/]" in text  # shown as sent, not taken for markup
     assert "round 2  REPORTING" in text
+    assert re.search(r"selection +took 2\.50 s", text) and re.search(r"reporting +under way", text)
 
 
 class Recorder:

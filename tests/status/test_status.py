@@ -41,13 +41,36 @@ def test_message_schema() -> None:
         "stage": "COMPLETED", "accepted": 2, "goal": 2, "selectors": ["a:1"],
         "reported": ["a:1"], "configured": ["a:1"], "unreachable": [], "rejected": {},
         "ignored": [], "aggregating": False,
-
-
         "held": 0, "checkpoint": "/d/initFiles/fl_checkpoint", "aggregation_seconds": 0.5,
+        "stage_started": "2026-01-02T00:00:00.000Z",
+        "stages": {"COMPLETED": "2026-01-02T00:00:00.000Z"},
     }  # fmt: skip
     failed = hub.publish(Status(5, Stage.FAILED, 0, 2, (), (), error="bad file"))
     assert (failed["seq"], failed["error"]) == (2, "bad file")
     assert "checkpoint" not in failed
+
+
+def test_each_stage_keeps_the_time_it_began() -> None:
+    """A webserver draws a timeline from one message: no bookkeeping of its own."""
+    ticks = iter(range(10))
+    hub = StatusHub("p", "c", clock=lambda: datetime(2026, 1, 2, 0, 0, next(ticks), tzinfo=UTC))
+
+    def at(second: int) -> str:
+        return f"2026-01-02T00:00:{second:02d}.000Z"
+
+    hub.publish(snapshot(0))
+    hub.publish(snapshot(1))  # same stage: its start stays
+    configuring = hub.publish(snapshot(2, Stage.CONFIGURATION))
+    assert configuring["stage_started"] == at(2)
+    assert configuring["stages"] == {"SELECTION": at(0), "CONFIGURATION": at(2)}
+    aggregating = Status(1, Stage.REPORTING, 2, 1000, (), (), aggregating=True)
+    hub.publish(Status(1, Stage.REPORTING, 2, 1000, (), ()))
+    last = hub.publish(aggregating)
+    assert last["stage_started"] == at(3)  # REPORTING began at 3, aggregating at 4
+    assert last["stages"] == {"SELECTION": at(0), "CONFIGURATION": at(2), "REPORTING": at(3),
+                              "AGGREGATING": at(4)}  # fmt: skip
+    following = hub.publish(Status(2, Stage.SELECTION, 0, 1000, (), ()))
+    assert following["stages"] == {"SELECTION": at(5)}  # a new round, a new timeline
 
 
 async def test_a_subscriber_that_never_reads_only_loses_old_messages() -> None:

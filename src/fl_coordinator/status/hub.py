@@ -23,7 +23,7 @@ from datetime import datetime
 import trio
 
 from ..core.events import Status
-from .schema import StatusMessage, to_message, utc_now
+from .schema import StatusMessage, phase_name, timestamp, to_message, utc_now
 
 __all__ = ["Published", "StatusHub", "Subscription"]
 
@@ -95,20 +95,45 @@ class StatusHub:
         self._seq = itertools.count(1)
         self._subscribers: set[Subscription] = set()
         self._latest: Published | None = None
+        self._round = 0
+        self._stages: dict[str, str] = {}  # this round's stages -> when each began
+        self._observers: list[Callable[[StatusMessage], None]] = []
 
     @property
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 
+    @property
+    def latest(self) -> StatusMessage | None:
+        """The last message published (None before the first)."""
+        return self._latest.message if self._latest is not None else None
+
+    def observe(self, observer: Callable[[StatusMessage], None]) -> None:
+        """Call ``observer`` with every message as it is published (it must not block).
+
+        For who must see every message (the round history), where a subscriber
+        may lose intermediate ones.
+        """
+        self._observers.append(observer)
+
     def publish(self, status: Status) -> StatusMessage:
+        now = timestamp(self._clock())
+        if status.round != self._round:
+            self._round, self._stages = status.round, {}
+        # A stage begins with its first snapshot; it is never restarted within a round.
+        self._stages.setdefault(status.stage.name, now)
+        self._stages.setdefault(phase_name(status), now)
         message = to_message(
             status,
             problem_id=self._problem_id,
             seq=next(self._seq),
-            time=self._clock(),
+            time=now,
             checkpoint=self._checkpoint,
+            stages=self._stages,
         )
         self._latest = Published(message)
+        for observer in self._observers:
+            observer(message)
 
         for subscription in self._subscribers:
             subscription.put(self._latest)

@@ -1,7 +1,7 @@
 """The Prometheus scrape endpoint: ``GET http://HOST:METRICS_PORT/metrics``.
 
-A small HTTP/1.1 server on trio and h11 (already a dependency, through
-wsproto and httpx) rather than prometheus-client's ``start_http_server``:
+A small HTTP/1.1 server on trio and h11 (:mod:`.http`; already a dependency,
+through wsproto and httpx) rather than prometheus-client's ``start_http_server``:
 that one runs in a thread of its own that nothing can stop or wait for, binds
 with its own rules and reports a busy port as a traceback. Here the endpoint
 is one more task in the coordinator's nursery, cancelled with the rest,
@@ -9,8 +9,7 @@ listening on ``HOST`` like the other ports and failing to start with the same
 one-line ``ConfigError``. It also reads the metrics on the event loop, where
 they are updated, so no lock is needed.
 
-One request per connection (``Connection: close``): a scrape every few
-seconds does not need keep-alive, and it keeps the handler trivial. A client
+One request per connection (``Connection: close``). A client
 has ``HANDSHAKE_TIMEOUT`` seconds to send its request and read the answer;
 connections are accepted through a :class:`~..connections.Gate` like the
 other ports' (``MAX_CONNECTIONS``, shedding).
@@ -30,36 +29,13 @@ from ..connections import ConnectionLimits, Gate, Slot, serve_listeners
 from ..errors import ListenError
 from ..log_throttle import Throttle
 from ..untrusted_text import shown
+from .http import Answer, read_head, send_answer
 
 __all__ = ["PATH", "serve_metrics"]
 
 log = logging.getLogger(__name__)
 
 PATH = "/metrics"
-_MAX_REQUEST_BYTES = 16384
-
-
-def _response(status: int, body: bytes, content_type: str) -> list[h11.Response | h11.Data]:
-    headers = [
-        ("content-type", content_type),
-        ("content-length", str(len(body))),
-        ("connection", "close"),
-    ]
-    return [h11.Response(status_code=status, headers=headers), h11.Data(data=body)]
-
-
-async def _read_request(connection: h11.Connection, stream: trio.SocketStream) -> h11.Request:
-    while True:
-        event = connection.next_event()
-        if isinstance(event, h11.Request):
-            return event
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(_MAX_REQUEST_BYTES)
-            if not data:
-                raise h11.RemoteProtocolError("closed before a request")
-            connection.receive_data(data)
-        else:
-            raise h11.RemoteProtocolError(f"unexpected {event!r}")
 
 
 async def _handle(
@@ -69,18 +45,16 @@ async def _handle(
     stream: trio.SocketStream,
     slot: Slot,
 ) -> None:
-    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_BYTES)
     try:
         with trio.move_on_after(limits.handshake_timeout):
-            request = await _read_request(connection, stream)
-            if request.method != b"GET":
-                events = _response(405, b"only GET\n", "text/plain")
-            elif request.target.split(b"?")[0] != PATH.encode():
-                events = _response(404, f"metrics are at {PATH}\n".encode(), "text/plain")
+            head = await read_head(stream)
+            if head.request.method != b"GET":
+                answer = Answer(405, b"only GET\n")
+            elif head.path != PATH:
+                answer = Answer(404, f"metrics are at {PATH}\n".encode())
             else:
-                events = _response(200, render(), CONTENT_TYPE_LATEST)
-            for event in [*events, h11.EndOfMessage()]:
-                await stream.send_all(connection.send(event) or b"")
+                answer = Answer(200, render(), CONTENT_TYPE_LATEST)
+            await send_answer(stream, head, answer)
     except (h11.ProtocolError, trio.BrokenResourceError) as error:
         throttle.log(
             logging.DEBUG,

@@ -14,7 +14,14 @@ from typing import NotRequired, TypedDict
 from ..core.events import Status
 from ..core.stages import Stage
 
-__all__ = ["EvaluatedMetrics", "StatusMessage", "to_message", "utc_now"]
+__all__ = [
+    "EvaluatedMetrics",
+    "StatusMessage",
+    "phase_name",
+    "timestamp",
+    "to_message",
+    "utc_now",
+]
 
 
 class EvaluatedMetrics(TypedDict):
@@ -42,6 +49,8 @@ class StatusMessage(TypedDict):
     ignored: list[list[str]]  # [selector, why] of calls that changed nothing
     aggregating: bool
     held: int  # check-ins waiting for the next round
+    stage_started: str  # when the current stage began (ISO 8601, as ``time``)
+    stages: dict[str, str]  # this round's stages (AGGREGATING included) -> when each began
     checkpoint: NotRequired[str]  # COMPLETED only
     aggregation_seconds: NotRequired[float | None]  # COMPLETED only
     error: NotRequired[str]  # FAILED only
@@ -53,14 +62,33 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def timestamp(time: datetime) -> str:
+    """``time`` as the status messages write it: ISO 8601, UTC, milliseconds, "Z"."""
+    return time.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def phase_name(status: Status) -> str:
+    """The name of the part of the round ``status`` is in: its stage, or AGGREGATING."""
+    return "AGGREGATING" if status.aggregating else status.stage.name
+
+
 def to_message(
-    status: Status, *, problem_id: str, seq: int, time: datetime, checkpoint: str
+    status: Status,
+    *,
+    problem_id: str,
+    seq: int,
+    time: str,
+    checkpoint: str,
+    stages: dict[str, str],
 ) -> StatusMessage:
-    """The status message of snapshot ``status``, published as number ``seq`` at ``time``."""
+    """The status message of snapshot ``status``, published as number ``seq`` at ``time``.
+
+    ``stages``: when each stage of this round began (:func:`timestamp` strings).
+    """
     message: StatusMessage = {
         "problem_id": problem_id,
         "seq": seq,
-        "time": time.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": time,
         "round": status.round,
         "stage": status.stage.name,
         "accepted": status.accepted,
@@ -73,6 +101,8 @@ def to_message(
         "ignored": [list(pair) for pair in status.ignored],
         "aggregating": status.aggregating,
         "held": status.held,
+        "stage_started": stages[status.stage.name],
+        "stages": dict(stages),
     }
     if status.stage is Stage.COMPLETED:
         message["checkpoint"] = checkpoint

@@ -17,10 +17,21 @@ Connections are accepted through a :class:`~..connections.Gate` (at most
 then the HTTP upgrade) must complete within ``HANDSHAKE_TIMEOUT``:
 trio-websocket's own server waits 60 s, even for a peer that has already
 closed, which we notice at once.
+
+The same port answers plain HTTP GETs (:mod:`.pages`: the dashboard,
+``/status``, ``/rounds``): the request head is read first, with h11, and
+only a websocket upgrade is handed (its bytes replayed) to trio-websocket.
+A browser cannot set headers on a websocket, so the dashboard sends the
+token as a subprotocol instead, ``bearer.<token in base64url>`` next to
+:data:`SUBPROTOCOL`, which the server then selects (as Kubernetes' API
+server does).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import logging
 import math
 import ssl
@@ -28,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import h11
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -42,13 +54,19 @@ from ..log_throttle import Throttle
 from ..logs import context_field, log_context
 from ..rpc.auth import AUTHORIZATION, bearer_problem, header_value
 from ..untrusted_text import shown
+from .http import Head, read_head, send_answer
 from .hub import StatusHub, Subscription
+from .pages import Pages
+from .rounds import RoundRecord
 
-__all__ = ["PATH", "StatusLimits", "StatusServer"]
+__all__ = ["PATH", "SUBPROTOCOL", "StatusLimits", "StatusServer"]
 
 log = logging.getLogger(__name__)
 
 PATH = "/status"
+#: The subprotocol a browser proposes with ``bearer.<token in base64url>``.
+SUBPROTOCOL = "fl-status"
+_BEARER_PROTOCOL = "bearer."
 _SEND_TIMEOUT = 10.0
 
 
@@ -114,6 +132,11 @@ class _Watched(trio.abc.Stream):
         self._stream = stream
         self.ended = trio.Event()
         self.failure: BaseException | None = None  # why it broke (a failed TLS handshake)
+        self._replay = b""
+
+    def replay(self, data: bytes) -> None:
+        """Receive ``data`` again first (a request head read before it was handed on)."""
+        self._replay = data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
@@ -122,6 +145,9 @@ class _Watched(trio.abc.Stream):
         await self._stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._replay:
+            data, self._replay = self._replay, b""
+            return data
         try:
             data = await self._stream.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
@@ -134,6 +160,19 @@ class _Watched(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+def _browser_authorization(request: WebSocketRequest) -> str | None:
+    """The ``Authorization`` value a browser's ``bearer.<base64url>`` subprotocol stands for."""
+    for proposed in request.proposed_subprotocols:
+        if proposed.startswith(_BEARER_PROTOCOL):
+            encoded = proposed.removeprefix(_BEARER_PROTOCOL)
+            try:
+                token = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            except (binascii.Error, ValueError):
+                return "Bearer (undecodable)"
+            return "Bearer " + token.decode("utf-8", "replace")
+    return None
 
 
 def _address(stream: trio.SocketStream) -> str:
@@ -152,9 +191,14 @@ class StatusServer:
         hub: StatusHub,
         limits: StatusLimits | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        problem_id: str = "",
+        rounds: Callable[[int | None, int], list[RoundRecord]] = lambda before, limit: [],
     ) -> None:
+        """``rounds(before, limit)``: the round history ``GET /rounds`` serves."""
         self._hub = hub
         self._limits = limits or StatusLimits()
+        self._pages = Pages(problem_id, lambda: hub.latest, rounds, self._limits.token)
         self._ssl_context = ssl_context
         self._connections = 0  # accepted or being accepted (the cap counts both)
         self._throttle = Throttle(log)
@@ -170,6 +214,8 @@ class StatusServer:
             return 404, f"the status stream is at {PATH}"
         if self._limits.token:
             authorization = header_value(request.headers, AUTHORIZATION)
+            if authorization is None:
+                authorization = _browser_authorization(request)
             problem = bearer_problem(authorization, self._limits.token)
             if problem is not None:
                 return 401, f"unauthorized: {problem}"
@@ -200,7 +246,8 @@ class StatusServer:
             self._connections -= 1
 
     async def _serve(self, request: WebSocketRequest) -> None:
-        ws = await request.accept()
+        proposed = request.proposed_subprotocols
+        ws = await request.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in proposed else None)
         peer = context_field("peer")
         self._throttle.log(
             logging.INFO, "status subscribers connected", "status subscriber %s connected", peer
@@ -231,22 +278,44 @@ class StatusServer:
                 peer,
             )
 
+    async def _head(self, stream: _Watched) -> Head | None:
+        """The request head (a plain GET or an upgrade); None if it is not one."""
+        try:
+            return await read_head(stream)
+        except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            if stream.failure is None:
+                self._throttle.log(
+                    logging.DEBUG,
+                    "status port requests dropped",
+                    "status port request from %s dropped: %s",
+                    context_field("peer"),
+                    shown(str(error)),
+                )
+            return None
+
     async def _handshake(self, nursery: trio.Nursery, stream: _Watched) -> WebSocketRequest | None:
-        """The subscriber's upgrade request; None if it closed or took too long."""
+        """The subscriber's upgrade request; None if it closed, took too long, or was a plain
+        HTTP request (answered here)."""
         request: WebSocketRequest | None = None
         with trio.move_on_after(self._limits.connections.handshake_timeout):
-            async with trio.open_nursery() as race:
+            head = await self._head(stream)
+            if head is not None and not head.upgrades_to_websocket:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await send_answer(stream, head, self._pages.answer(head))
+            elif head is not None:
+                stream.replay(head.received)
+                async with trio.open_nursery() as race:
 
-                async def upgrade() -> None:
-                    nonlocal request
-                    request = await wrap_server_stream(
-                        nursery, stream, max_message_size=self._limits.max_message_bytes
-                    )
+                    async def upgrade() -> None:
+                        nonlocal request
+                        request = await wrap_server_stream(
+                            nursery, stream, max_message_size=self._limits.max_message_bytes
+                        )
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(upgrade)
+                    await stream.ended.wait()
                     race.cancel_scope.cancel()
-
-                race.start_soon(upgrade)
-                await stream.ended.wait()
-                race.cancel_scope.cancel()
         if request is None and stream.failure is not None:
             self._throttle.warning(
                 "status handshake failed",

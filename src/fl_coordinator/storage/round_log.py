@@ -1,0 +1,221 @@
+"""The round log: a record of every round that ended, kept on disk so it survives restarts.
+
+``.coordinator/rounds.jsonl`` holds one JSON object per line
+(:class:`~..status.rounds.RoundRecord`), a line per ended round and one more
+each time its record changes later (the metrics of its evaluation, the end
+of the run): the last line of a round is its record. Lines are appended and
+fsynced off the event loop, with the SHA-256 of the checkpoint a round
+produced (read from its history link, ``history/round-NNNNNN``, which
+nothing modifies: the next round's checkpoint is a new file). It is bounded:
+once it holds twice ``keep`` lines it is rewritten (atomically) with the
+newest ``keep``, and only those are read at start-up and held in memory.
+
+It is the coordinator's own file, but a crash can cut its last line short:
+lines that are not a record are skipped (with one warning), never fatal.
+A record is served from memory as soon as its round ends, its
+``checkpoint_sha256`` None until the checkpoint has been read (a moment
+later). A write that fails (a full disk) is logged once and the record is
+still served from memory; it is lost at the next restart, the round is not.
+On shutdown the records not yet written are, within DRAIN_SECONDS.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..errors import os_error_text
+from ..status.rounds import ENDED, RoundRecord, record_of
+from ..status.schema import StatusMessage
+from .atomic import write_atomic
+from .journal import history
+from .journal_writer import DRAIN_SECONDS
+from .layout import Layout
+
+__all__ = ["RoundLog", "round_log_path"]
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+def round_log_path(layout: Layout) -> Path:
+    return layout.own / "rounds.jsonl"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _line(record: RoundRecord) -> bytes:
+    return json.dumps(record).encode() + b"\n"
+
+
+def _is_record(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("round"), int)
+
+
+def _read(path: Path, keep: int) -> tuple[list[RoundRecord], int]:
+    """The records of the newest ``keep`` rounds in the file, by round, and its line count.
+
+    Read from the end: the last line of a round is its record.
+    """
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return [], 0
+    records: dict[int, RoundRecord] = {}
+    bad = 0
+    for line in reversed(lines):
+        if len(records) == keep:
+            break
+        try:
+            value = json.loads(line)
+        except ValueError:
+            value = None
+        if not _is_record(value):
+            bad += 1
+        elif value["round"] not in records:
+            records[value["round"]] = value
+    if bad:
+        log.warning("%s: %d line(s) are not round records; skipped", path, bad)
+    return sorted(records.values(), key=lambda record: record["round"]), len(lines)
+
+
+class RoundLog:
+    """The records of the last ``keep`` rounds that ended; run :meth:`run` in a nursery."""
+
+    def __init__(self, layout: Layout, keep: int) -> None:
+        self._layout = layout
+        self._path = round_log_path(layout)
+        self._keep = keep
+        records, self._lines = _read(self._path, keep)
+        self._records: collections.deque[RoundRecord] = collections.deque(records, maxlen=keep)
+        self._pending: list[RoundRecord] = []
+        self._work = trio.Event()
+        self._failing = False
+
+    def observe(self, message: StatusMessage) -> None:
+        """Keep what a status message says about rounds. Never waits.
+
+        A round that ended (COMPLETED, FAILED) gets its record; the metrics of
+        an evaluated round (which arrive during a later round) and the end of the
+        run (FINISHED: the reason, in the record of the round it follows) are
+        added to the records they belong to; a round that was open when the run
+        finished gets a record of its own, outcome FINISHED.
+        """
+        stage = message["stage"]
+        if stage in ENDED:
+            known = self._find(message["round"])
+            if known is None or stage != "FINISHED":
+                self.add(record_of(message))
+            elif "finished" not in known:
+                self._change(known, finished=message.get("finished", ""))
+        metrics = message.get("metrics")
+        if metrics:
+            evaluated = self._find(metrics["round"])
+            if evaluated is not None and evaluated.get("metrics") != metrics["values"]:
+                self._change(evaluated, metrics=dict(metrics["values"]))
+
+    def add(self, record: RoundRecord) -> None:
+        """Keep ``record`` (it replaces one of the same round); served at once. Never waits."""
+        known = self._find(record["round"])
+        if known is None:
+            self._records.append(record)
+        else:
+            self._records[self._records.index(known)] = record
+        self._pending.append(record)
+        self._work.set()
+
+    def _change(self, record: RoundRecord, **fields: Any) -> None:
+        record.update(fields)  # type: ignore[typeddict-item]
+        if not any(waiting is record for waiting in self._pending):
+            self._pending.append(record)
+        self._work.set()
+
+    def _find(self, number: int) -> RoundRecord | None:
+        """The record of round ``number`` (the newest are looked at first)."""
+        for record in reversed(self._records):
+            if record["round"] == number:
+                return record
+        return None
+
+    def newest(self, before: int | None = None, limit: int = 100) -> list[RoundRecord]:
+        """Up to ``limit`` records, newest first, of rounds numbered below ``before`` if given."""
+        found: list[RoundRecord] = []
+        for record in reversed(self._records):
+            if len(found) == limit:
+                break
+            if before is None or record["round"] < before:
+                found.append(record)
+        return found
+
+    async def run(self) -> None:
+        """Write records as rounds end, until cancelled; then, briefly, the ones left."""
+        try:
+            while True:
+                await self._work.wait()
+                self._work = trio.Event()
+                await self._write_pending()
+        finally:
+            with trio.CancelScope(deadline=trio.current_time() + DRAIN_SECONDS, shield=True):
+                await self._write_pending()
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            record = self._pending[0]  # taken off once written: a cancellation may come first
+            try:
+                if record["outcome"] == "COMPLETED" and record["checkpoint_sha256"] is None:
+                    digest = await trio.to_thread.run_sync(self._digest, record["round"])
+                    record["checkpoint_sha256"] = digest
+                if self._lines + 1 >= 2 * self._keep:  # rewritten with the newest only
+                    held = len(self._pending)  # each of them is in the rewrite
+                    await trio.to_thread.run_sync(self._rewrite, list(self._records))
+                    del self._pending[1:held]
+                else:
+                    await trio.to_thread.run_sync(self._append, record)
+            except OSError as error:
+                self._failed(record, error)
+            else:
+                if self._failing:
+                    log.warning("the round log %s is written again", self._path)
+                self._failing = False
+            self._pending.pop(0)
+
+    def _digest(self, number: int) -> str | None:
+        """The SHA-256 of the checkpoint round ``number`` produced (None: it is not kept)."""
+        kept = history(self._layout).get(number)
+        return _sha256(kept) if kept is not None else None
+
+    def _failed(self, record: RoundRecord, error: OSError) -> None:
+        if not self._failing:
+            log.error(
+                "round %d: cannot write its record to %s (%s); served until a restart",
+                record["round"],
+                self._path,
+                os_error_text(error),
+            )
+        self._failing = True
+
+    def _append(self, record: RoundRecord) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        with self._path.open("ab") as file:
+            file.write(_line(record))
+            file.flush()
+            os.fsync(file.fileno())
+        self._lines += 1
+
+    def _rewrite(self, records: list[RoundRecord]) -> None:
+        write_atomic(self._path, b"".join(map(_line, records)), self._layout.tmp)
+        self._lines = len(records)

@@ -1,0 +1,88 @@
+"""The round log: records kept across restarts, later changes, a bound, a cut last line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import trio
+
+from fl_coordinator.storage.journal import remember
+from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.round_log import RoundLog, round_log_path
+
+
+def ended(number: int, stage: str = "COMPLETED", **extra: Any) -> dict[str, Any]:
+    """A status message that ends round ``number`` (the fields a record is made of)."""
+    return {
+        "round": number,
+        "stage": stage,
+        "stage_started": "2026-11-28T00:00:02.000Z",
+        "stages": {"SELECTION": "2026-11-28T00:00:00.000Z", stage: "2026-11-28T00:00:02.000Z"},
+        "accepted": 1,
+        "goal": 1,
+        "selectors": ["a:1"],
+        "reported": ["a:1"],
+        "configured": ["a:1"],
+        "unreachable": [],
+        "rejected": {},
+        **extra,
+    }
+
+
+async def written(log: RoundLog, *messages: dict[str, Any]) -> None:
+    """Hand ``messages`` to ``log`` and stop it (which writes what it holds)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.run)
+        for message in messages:
+            log.observe(message)  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+
+
+async def test_records_survive_a_restart_with_their_later_metrics(layout: Layout) -> None:
+    remember(layout, 1, keep=5)  # the checkpoint round 1 produced, as the aggregation keeps it
+    digest = hashlib.sha256(layout.checkpoint.read_bytes()).hexdigest()
+    await written(
+        RoundLog(layout, keep=10),
+        ended(1, aggregation_seconds=0.5),
+        ended(2, "FAILED", error="too few"),
+    )
+    assert len(round_log_path(layout).read_text().splitlines()) == 2
+    # Evaluated while round 3 runs, at a restarted coordinator: round 1's record gets them.
+    evaluated = {**ended(3, "SELECTION"), "metrics": {"round": 1, "values": {"loss": 0.25}}}
+    await written(RoundLog(layout, keep=10), evaluated, evaluated)
+    assert len(round_log_path(layout).read_text().splitlines()) == 3  # one line more, once
+    again = RoundLog(layout, keep=10)
+    second, first = again.newest()
+    assert (first["round"], first["outcome"], first["metrics"]) == (1, "COMPLETED", {"loss": 0.25})
+    assert first["checkpoint_sha256"] == digest and first["aggregation_seconds"] == 0.5
+    assert (second["round"], second["error"], second["checkpoint_sha256"]) == (2, "too few", None)
+    assert again.newest(before=2) == [first] and again.newest(limit=1) == [second]
+
+
+async def test_the_end_of_the_run_joins_the_round_it_follows(layout: Layout) -> None:
+    why = "round 2 was the last (ROUNDS=2); to go on, raise ROUNDS and restart"
+    await written(RoundLog(layout, keep=10), ended(2))
+    await written(
+        RoundLog(layout, keep=10),
+        ended(2, "FINISHED", finished=why),
+        ended(2, "FINISHED", finished=why),  # repeated while finished: no new line
+        ended(3, "FINISHED", finished="STOP_WHEN met"),  # a round open when the run finished
+    )
+    assert len(round_log_path(layout).read_text().splitlines()) == 3
+    third, second = RoundLog(layout, keep=10).newest()
+    assert (second["outcome"], second["finished"]) == ("COMPLETED", why)
+    assert (third["outcome"], third["finished"]) == ("FINISHED", "STOP_WHEN met")
+
+
+async def test_the_file_is_bounded_and_a_cut_line_is_skipped(layout: Layout, caplog) -> None:
+    await written(RoundLog(layout, keep=3), *[ended(n, "FAILED") for n in range(1, 8)])
+    lines = round_log_path(layout).read_text().splitlines()
+    assert len(lines) < 2 * 3  # rewritten with the newest when it reached twice the bound
+    assert [json.loads(line)["round"] for line in lines][-1] == 7
+    with round_log_path(layout).open("a") as file:
+        file.write('{"round": 8, "outc')  # a crash in the middle of a line
+    log = RoundLog(layout, keep=3)
+    assert [record["round"] for record in log.newest()] == [7, 6, 5]
+    assert "1 line(s) are not round records; skipped" in caplog.text
