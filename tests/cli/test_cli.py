@@ -6,13 +6,15 @@ import json
 import shutil
 import signal
 import socket
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from helpers.processes import Served, environment, run
+from helpers.processes import COMMAND, Served, environment, run
 
 from fl_coordinator.storage.model import builtin_model
 
@@ -37,7 +39,7 @@ def test_fresh_root_is_initialised_then_signal_stops_cleanly(
     tmp_path: Path, served: list[Served], signum: int
 ) -> None:
     root = tmp_path / "data"
-    server = Served(environment(root))
+    server = Served(environment(root), [*COMMAND, "serve", "--init-if-empty"])
     served.append(server)
     server.wait_for_line("status stream at")
     assert any("initialising it with the built-in model" in line for line in server.lines)
@@ -94,7 +96,68 @@ def test_root_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
     result = run(["serve"], environment(tmp_path / "file"))
     assert result.returncode == 2
-    assert "FL_ROOT_PATH=" in result.stderr and "a folder" in result.stderr
+    assert result.stderr == (
+        f"fl-coordinator serve: configuration error: FL_ROOT_PATH='{tmp_path / 'file'}': "
+        "expected a folder (it is a file)\n"
+    )
+
+
+def test_missing_or_empty_root_is_refused_unless_asked(tmp_path: Path) -> None:
+    """A typo or a mount that is not there is not started fresh: one line, nothing written."""
+    typo = tmp_path / "problme"
+    result = run(["serve"], environment(typo))
+    assert (result.returncode, result.stderr) == (2, (
+        f"fl-coordinator serve: configuration error: FL_ROOT_PATH='{typo}': expected an "
+        "initialised problem folder (there is no such folder: a typo, or a mount that is not "
+        f"there?); run `fl-coordinator init --root {typo}` once, or serve with --init-if-empty "
+        "to initialise it with the built-in model\n"
+    ))  # fmt: skip
+    assert not typo.exists()
+    empty = tmp_path / "mnt"
+    empty.mkdir()
+    result = run(["serve"], environment(empty))
+    assert result.returncode == 2
+    assert f"FL_ROOT_PATH='{empty}': expected an initialised problem folder (it has no " \
+        "initFiles/); run `fl-coordinator init" in result.stderr  # fmt: skip
+    assert list(empty.iterdir()) == []
+
+
+@pytest.mark.parametrize("init", [[], ["--init-if-empty"]], ids=["serve", "--init-if-empty"])
+def test_unusable_root_is_one_line(root: Path, tmp_path: Path, init: list[str]) -> None:
+    """/proc/nope cannot be created; a folder of another user cannot be read (as uid 65534)."""
+    result = run(["serve", *init], environment(Path("/proc/nope")))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    if init:  # after the line that says it initialises
+        assert result.stderr.splitlines()[-1] == (
+            "fl-coordinator serve: cannot write /proc/nope/initFiles ([Errno 2] No such file or "
+            "directory); nothing was changed"
+        )
+    else:
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+        assert "FL_ROOT_PATH='/proc/nope': expected an initialised problem folder" in result.stderr
+    # root's, as a volume never handed to the coordinator's uid: the folder itself, and one
+    # inside a folder that uid cannot even look into
+    shared = Path(tempfile.mkdtemp(prefix="fl-root-"))
+    try:
+        shared.chmod(0o755)
+        volume = shared / "volume"
+        shutil.copytree(root, volume)
+        volume.chmod(0o700)
+        hidden = volume / "problem"
+        hidden.mkdir()
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *COMMAND]
+        for folder, expected in [
+            (volume, "can read and write"),
+            (hidden, "can read ([Errno 13] Permission denied)"),
+        ]:
+            as_nobody = subprocess.run([*nobody, "serve", *init], env=environment(folder),
+                                       capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert (as_nobody.returncode, as_nobody.stderr) == (2, (
+                f"fl-coordinator serve: configuration error: FL_ROOT_PATH='{folder}': expected "
+                f"a folder this user (uid 65534) {expected}\n"
+            ))  # fmt: skip
+    finally:
+        shutil.rmtree(shared)
 
 
 @pytest.mark.parametrize("key", ["PORT", "STATUS_PORT"])

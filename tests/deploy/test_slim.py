@@ -43,7 +43,7 @@ def test_keras_really_is_missing_there(tmp_path: Path) -> None:
     assert "ModuleNotFoundError" in probe.stderr and "keras" in probe.stderr
 
 
-@pytest.mark.parametrize("args", [["init"], ["serve"]])
+@pytest.mark.parametrize("args", [["init"], ["serve", "--init-if-empty"]])
 def test_init_without_keras_is_one_line_and_writes_nothing(tmp_path: Path, args) -> None:
     root = tmp_path / "fresh"
     result = run(args, slim(root))

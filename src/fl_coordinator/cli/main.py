@@ -44,20 +44,11 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     from ..app import serve
     from ..storage.layout import Layout
-    from ..storage.problem import init_problem, needs_init
+    from ..storage.problem import open_root
     from .running import run_main
 
     settings = _settings(args.config)
-    layout = Layout.from_settings(settings)
-    if needs_init(layout):
-        if layout.root.exists() and not layout.root.is_dir():
-            raise ConfigError("FL_ROOT_PATH", str(layout.root), "a folder")
-        log.info(
-            "%s has no %s: initialising it with the built-in model",
-            layout.root,
-            settings.init_files_path,
-        )
-        init_problem(layout)
+    open_root(Layout.from_settings(settings), init_if_empty=args.init_if_empty)
     run_main(functools.partial(serve, settings, take_over=args.take_over))
     return 0
 
@@ -164,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take the problem folder over from a coordinator whose ownership lease is stale "
         "(it died on another host, hangs or is cut off)",
+    )
+    serve.add_argument(
+        "--init-if-empty",
+        action="store_true",
+        help="initialise a problem folder that has no initFiles/ (or does not exist) with the "
+        "built-in model, as init would; without it such a folder is refused",
     )
     _config_flag(serve)
     serve.set_defaults(run=_serve)
