@@ -27,6 +27,7 @@ __all__ = [
     "Key",
     "Parser",
     "Settings",
+    "check_not_placeholder",
     "default_settings",
     "load_settings",
     "optional_token",
@@ -145,6 +146,57 @@ def optional_token(value: Any) -> str:
     if not all(0x21 <= ord(char) <= 0x7E for char in token):
         raise ValueError
     return token
+
+
+#: Values that stand in for a secret in examples and shipped manifests, compared in lower
+#: case without punctuation ("Change-Me" is "changeme"): a coordinator must not run with one.
+_PLACEHOLDERS = frozenset(
+    [
+        "changeme",
+        "changeit",
+        "replaceme",
+        "secret",
+        "password",
+        "passw0rd",
+        "token",
+        "authtoken",
+        "statustoken",
+        "mytoken",
+        "yourtoken",
+        "example",
+        "test",
+        "testing",
+        "default",
+        "admin",
+        "todo",
+        "fixme",
+        "placeholder",
+        "none",
+        "null",
+        "undefined",
+        "empty",
+        "insecure",
+        "letmein",
+        "123456",
+        "12345678",
+        "qwerty",
+    ]
+)
+
+
+def check_not_placeholder(key: str, token: str) -> None:
+    """Refuse a well-known placeholder as the secret of ``key`` (ConfigError, exit status 2).
+
+    ``AUTH_TOKEN=change-me`` is what a copied example or an unedited manifest
+    leaves: anyone who read the same example could call the coordinator.
+    """
+    folded = "".join(char for char in token.lower() if char.isalnum())
+    if folded in _PLACEHOLDERS:
+        raise ConfigError(
+            key,
+            token,
+            "a secret, not a well-known placeholder: make one with `openssl rand -hex 24`",
+        )
 
 
 def _selector_ids(value: Any) -> tuple[str, ...]:
@@ -622,6 +674,12 @@ def _check_combinations(settings: Settings) -> None:
     if settings.auth_token and settings.auth_token_file:
         expected = "empty when AUTH_TOKEN is set"
         raise ConfigError("AUTH_TOKEN_FILE", settings.auth_token_file, expected)
+    for key, token in (
+        ("AUTH_TOKEN", settings.auth_token),
+        ("STATUS_TOKEN", settings.status_token),
+    ):
+        if token:
+            check_not_placeholder(key, token)
 
 
 def default_settings() -> Settings:

@@ -233,3 +233,33 @@ def test_one_coordinator_per_problem_folder(root: Path, served: list[Served]) ->
     third.process.send_signal(signal.SIGTERM)
     assert third.process.wait(timeout=60) == 0
     assert not (root / ".coordinator" / "owner.json").exists()  # a clean stop gives it up
+
+
+@pytest.mark.parametrize(
+    ("env", "shown"),
+    [
+        ({"AUTH_TOKEN": "change-me"}, "AUTH_TOKEN='change-me'"),
+        ({"STATUS_TOKEN": "Change_Me"}, "STATUS_TOKEN='Change_Me'"),
+        ({"AUTH_TOKEN_FILE": "{token_file}"}, "AUTH_TOKEN_FILE ({token_file})='changeme'"),
+    ],
+    ids=["AUTH_TOKEN", "STATUS_TOKEN", "AUTH_TOKEN_FILE"],
+)
+def test_placeholder_tokens_are_refused(
+    root: Path, tmp_path: Path, env: dict[str, str], shown: str
+) -> None:
+    """The value of a shipped example is no secret: serve and fl-selector refuse it."""
+    token_file = tmp_path / "token"
+    token_file.write_text("changeme\n")
+    env = {key: value.format(token_file=token_file) for key, value in env.items()}
+    expected = (
+        f"configuration error: {shown.format(token_file=token_file)}: expected a secret, not a "
+        "well-known placeholder: make one with `openssl rand -hex 24`\n"
+    )
+    result = run(["serve"], environment(root, **env))
+    assert (result.returncode, result.stderr) == (2, f"fl-coordinator serve: {expected}")
+    if "STATUS_TOKEN" not in env:
+        selector = subprocess.run(
+            [*COMMAND[:2], "fl_coordinator.federation.selector_cli", "serve", "--port", "0"],
+            env=environment(root, **env), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert (selector.returncode, selector.stderr) == (2, f"fl-selector: {expected}")
