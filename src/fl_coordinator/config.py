@@ -10,6 +10,8 @@ later in the program has to wonder whether a port is numeric.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -30,9 +32,14 @@ __all__ = [
     "check_not_placeholder",
     "default_settings",
     "load_settings",
+    "misspelt_environment",
     "optional_token",
     "read_config_file",
+    "similar_key",
+    "warn_misspelt_environment",
 ]
+
+_log = logging.getLogger(__name__)
 
 Parser = Callable[[Any], Any]
 
@@ -656,6 +663,36 @@ def load_settings(
     settings = Settings(**values)
     _check_combinations(settings)
     return settings, unknown
+
+
+def similar_key(name: str) -> str | None:
+    """The key ``name`` is likely a typo of (``CHECKIN_LIMT``: ``CHECKIN_LIMIT``), or None."""
+    close = difflib.get_close_matches(name.upper(), [key.name for key in KEYS], n=1, cutoff=0.85)
+    return close[0] if close else None
+
+
+def misspelt_environment(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """Environment variables that are not keys but look like one: ``(name, key)`` pairs.
+
+    A mistyped file key is warned about by the caller; a mistyped variable
+    would pass silently (the environment holds many variables that are not
+    ours), so only those within a typo of a key are named, with that key.
+    """
+    environ = os.environ if environ is None else environ
+    known = {key.name for key in KEYS}
+    return sorted(
+        (name, key)
+        for name in environ
+        if name not in known and (key := similar_key(name)) is not None
+    )
+
+
+def warn_misspelt_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Log a warning for each :func:`misspelt_environment` variable (after logging is set up)."""
+    for name, key in misspelt_environment(environ):
+        _log.warning(
+            "environment variable %s is not a setting and is ignored; did you mean %s?", name, key
+        )
 
 
 def _check_combinations(settings: Settings) -> None:

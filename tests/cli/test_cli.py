@@ -263,3 +263,36 @@ def test_placeholder_tokens_are_refused(
             env=environment(root, **env), capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert (selector.returncode, selector.stderr) == (2, f"fl-selector: {expected}")
+
+
+def test_start_line_says_where_it_listens_and_misspelt_variables_are_named(
+    root: Path, tmp_path: Path, served: list[Served]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("CHECKIN_LIMIT: 2\nREPORTING_TIMEOT: 30\n")
+    env = environment(root, HOST="0.0.0.0", CHECKIN_LIMT="6", LOG_LEVL="DEBUG")
+    server = Served(env, [*COMMAND, "serve", "--config", str(config)])
+    served.append(server)
+    grpc_port, status_url = server.ready()
+    status_port = int(status_url.rsplit(":", 1)[1].split("/")[0])
+    started = server.lines[-1]
+    assert (
+        f"selectors at 0.0.0.0:{grpc_port} (FlIntra), status stream at "
+        f"ws://0.0.0.0:{status_port}/status, metrics at "
+    ) in started
+    assert started.rstrip().endswith(
+        f"(0.0.0.0: every address of this machine, e.g. {socket.gethostname()})"
+    )
+    warnings = [line for line in server.lines if " WARNING " in line]
+    for name, key in [("CHECKIN_LIMT", "CHECKIN_LIMIT"), ("LOG_LEVL", "LOG_LEVEL")]:
+        assert any(
+            f"environment variable {name} is not a setting and is ignored; did you mean {key}?"
+            in line
+            for line in warnings
+        ), warnings
+    assert any(
+        f"{config}: unknown key REPORTING_TIMEOT ignored (did you mean REPORTING_TIMEOUT?)" in line
+        for line in warnings
+    ), warnings
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0

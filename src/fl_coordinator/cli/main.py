@@ -19,9 +19,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import Settings, load_settings, read_config_file
+from ..config import (
+    Settings,
+    load_settings,
+    read_config_file,
+    similar_key,
+    warn_misspelt_environment,
+)
 from ..errors import ConfigError
 from ..logs import setup_logging
+from .help import HelpFormatter
 
 __all__ = ["build_parser", "main"]
 
@@ -37,7 +44,10 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
     settings, unknown = _load(config)
     setup_logging(settings.log_level, settings.log_format)
     for key in unknown:
-        log.warning("%s: unknown key %s ignored", config, key)
+        close = similar_key(key)
+        hint = f" (did you mean {close}?)" if close else ""
+        log.warning("%s: unknown key %s ignored%s", config, key, hint)
+    warn_misspelt_environment()
     return settings.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -146,8 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fl-coordinator",
         description="Coordinator (master aggregator) of a hierarchical federated-learning system.",
+        formatter_class=HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    # Every command's --help shows its options' defaults.
+    commands.add_parser = functools.partial(  # type: ignore[method-assign]
+        commands.add_parser, formatter_class=HelpFormatter
+    )
 
     serve = commands.add_parser("serve", help="run the coordinator of one FL problem")
     serve.add_argument(
@@ -194,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--address", help="host:port (default: 127.0.0.1:PORT)")
     health.add_argument("--service", default="", help="service name (default: the server)")
-    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     health.add_argument(
         "--ca", type=Path, help="CA (PEM) of the coordinator's certificate: ask over TLS"
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..cli.help import HelpFormatter
 from ..cli.running import exit_status, run_main
-from ..config import Settings, load_settings
+from ..config import Settings, load_settings, warn_misspelt_environment
 from ..errors import ConfigError, InputError
 from ..logs import setup_logging
 from ..rpc.addresses import split_address
@@ -132,6 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
         key = "--root" if args.root is not None else "FL_ROOT_PATH"
         raise ConfigError(key, settings.fl_root_path, "the problem's shared folder (it must exist)")
     setup_logging(settings.log_level, settings.log_format)
+    warn_misspelt_environment()
     options = SelectorOptions(
         coordinator=args.coordinator,
         layout=Layout.from_settings(settings),
