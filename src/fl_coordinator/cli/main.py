@@ -133,16 +133,17 @@ def _health(args: argparse.Namespace) -> int:
 
     settings, _ = _load(args.config)
     address = args.address or f"127.0.0.1:{settings.port}"
+    if (args.cert is None) != (args.key is None):
+        raise ConfigError("--cert" if args.key else "--key", "", "--cert and --key together")
     tls = None
     if args.ca is not None:
-        # With mutual TLS on, the probe shows the coordinator's own certificate.
-        mutual = bool(settings.tls_client_ca_file and settings.tls_cert_file)
-        tls = Tls(
-            args.ca,
-            Path(settings.tls_cert_file) if mutual else None,
-            Path(settings.tls_key_file) if mutual else None,
-            args.server_name,
-        )
+        # A client certificate for a mutual-TLS coordinator: the one given, else the
+        # coordinator's own where it is set (in its pod), whether or not this host's
+        # settings also name TLS_CLIENT_CA_FILE (an operator host's need not).
+        cert, key = args.cert, args.key
+        if cert is None and settings.tls_cert_file:
+            cert, key = Path(settings.tls_cert_file), Path(settings.tls_key_file)
+        tls = Tls(args.ca, cert, key, args.server_name)
     health = probe(address, args.service, args.timeout, tls)
     print(f"{address}: {health.name}")
     return 0 if health.serving else 1
@@ -214,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ca", type=Path, help="CA (PEM) of the coordinator's certificate: ask over TLS"
     )
     health.add_argument("--server-name", help="name in its certificate, if not the address's")
+    health.add_argument(
+        "--cert",
+        type=Path,
+        help="client certificate (PEM) for a mutual-TLS coordinator (default: TLS_CERT_FILE)",
+    )
+    health.add_argument("--key", type=Path, help="its private key (PEM) (default: TLS_KEY_FILE)")
     _config_flag(health)
     health.set_defaults(run=_health)
 
