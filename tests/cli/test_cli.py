@@ -296,3 +296,19 @@ def test_start_line_says_where_it_listens_and_misspelt_variables_are_named(
     ), warnings
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=60) == 0
+
+
+def test_rollback_names_where_it_looked(root: Path, tmp_path: Path) -> None:
+    """--root, and a listing that says which folder it read (issue 13, item 8)."""
+    env = environment(tmp_path / "not-this-one")
+    empty = run(["rollback", "--root", str(root)], env)
+    assert (empty.returncode, empty.stdout) == (0, (
+        f"no kept checkpoints in {root / '.coordinator' / 'history'} (is {root} the problem's "
+        "folder? a coordinator keeps the last KEEP_CHECKPOINTS=5)\n"
+    ))  # fmt: skip
+    typo = tmp_path / "problme"
+    missing = run(["rollback", "--root", str(typo)], env)
+    assert (missing.returncode, missing.stderr) == (2, (
+        f"fl-coordinator rollback: configuration error: --root='{typo}': expected an existing "
+        "problem folder\n"
+    ))  # fmt: skip

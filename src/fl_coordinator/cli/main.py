@@ -83,10 +83,22 @@ def _rollback(args: argparse.Namespace) -> int:
     from ..storage.layout import Layout
     from ..storage.ownership import ensure_not_served
 
-    layout = Layout.from_settings(_settings(args.config))
+    root = str(args.root) if args.root is not None else None
+    settings = _settings(args.config, fl_root_path=root)
+    layout = Layout.from_settings(settings)
+    if not layout.root.is_dir():
+        key = "--root" if root is not None else "FL_ROOT_PATH"
+        raise ConfigError(key, str(layout.root), "an existing problem folder")
     if args.round is None:
         kept = history(layout)
-        print("kept checkpoints (round: file):" if kept else "no kept checkpoints")
+        where = layout.own / "history"
+        if not kept:
+            print(
+                f"no kept checkpoints in {where} (is {layout.root} the problem's folder? a "
+                f"coordinator keeps the last KEEP_CHECKPOINTS={settings.keep_checkpoints})"
+            )
+        else:
+            print(f"kept checkpoints in {where} (round: file):")
         for number, path in kept.items():
             print(f"  {number}: {path}")
         return 0
@@ -189,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(run=_init)
 
     back = commands.add_parser("rollback", help="restore the global checkpoint of a past round")
+    back.add_argument("--root", type=Path, help="problem folder (default: FL_ROOT_PATH)")
     back.add_argument("--round", type=int, help="round to restore (without it: list them)")
     _config_flag(back)
     back.set_defaults(run=_rollback)
