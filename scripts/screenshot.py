@@ -2,10 +2,11 @@
 
 A real federation on this machine, as the demo runs it (a coordinator, reference
 selectors and clients as processes, training on scikit-learn's digits), for
-``--rounds`` rounds; then Debian's chromium, driven by Playwright as the browser
-tests drive it (``tests/helpers/browser.py``), opens the coordinator's dashboard,
-waits until it shows every round, and saves a PNG. The coordinator is left in the
-selection of the next round (its clients are done), so the page is live.
+``--rounds`` rounds, each evaluated on the digits test set as the demo does; then
+Debian's chromium, driven by Playwright as the browser tests drive it
+(``tests/helpers/browser.py``), opens the coordinator's dashboard, waits until it
+shows every round and the last round's metrics, and saves a PNG. The coordinator is
+left in the selection of the next round (its clients are done), so the page is live.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from helpers.browser import chromium_page  # the tests' browser, with their opti
 
 from fl_coordinator.config import default_settings
 from fl_coordinator.federation.data import split_digits, write_shards
+from fl_coordinator.federation.demo import EVALUATE
 from fl_coordinator.federation.local import LocalFederation
 from fl_coordinator.federation.training import Hyper
 from fl_coordinator.storage.layout import Layout
@@ -50,6 +52,8 @@ def _shoot(url: str, rounds: int, out: Path) -> None:
         expect(page.locator("#connection")).to_have_text("live")
         expect(page.locator("#history-count")).to_have_text(f"({rounds} rounds)")
         expect(page.locator("#aggregation-chart .uplot")).to_have_count(1)
+        expect(page.locator("#metrics-chart .uplot")).to_have_count(1)
+        expect(page.locator("#metrics-now")).to_contain_text(f"metrics of round {rounds}:")
         page.screenshot(path=str(out), full_page=True)
 
 
@@ -60,7 +64,13 @@ async def _main(rounds: int, clients: int, selectors: int, out: Path) -> None:
         shards = write_shards(split, root / "clients")
         init_problem(Layout.from_settings(default_settings().replace(fl_root_path=str(root))))
         federation = LocalFederation(
-            root, selectors, shards, rounds, Hyper(epochs=1), "digits-demo"
+            root,
+            selectors,
+            shards,
+            rounds,
+            Hyper(epochs=1),
+            "digits-demo",
+            coordinator_env={"EVALUATE": EVALUATE},  # the demo's: the metrics chart has lines
         )
         async with federation.running() as endpoints:
             with trio.fail_after(60 * rounds):

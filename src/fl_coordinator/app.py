@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -76,18 +78,53 @@ class Endpoints:
 
     @property
     def status_url(self) -> str:
-        return f"{'wss' if self.tls else 'ws'}://{self._local_host}:{self.status_port}{PATH}"
+        """Where a process on this machine reaches the status stream."""
+        return self.status_url_at(self._local_host)
 
     @property
     def metrics_url(self) -> str | None:
+        return self.metrics_url_at(self._local_host)
+
+    def status_url_at(self, host: str) -> str:
+        return f"{'wss' if self.tls else 'ws'}://{_url_host(host)}:{self.status_port}{PATH}"
+
+    def metrics_url_at(self, host: str) -> str | None:
         if self.metrics_port is None:
             return None
-        return f"http://{self._local_host}:{self.metrics_port}{METRICS_PATH}"
+        return f"http://{_url_host(host)}:{self.metrics_port}{METRICS_PATH}"
+
+    @property
+    def wildcard(self) -> bool:
+        """Listening on every address of this machine (``0.0.0.0``, ``::``)."""
+        return self.host in ("0.0.0.0", "::", "")
 
     @property
     def _local_host(self) -> str:
         """An address to reach the servers at (the loopback one for a wildcard address)."""
-        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return "127.0.0.1" if self.wildcard else self.host
+
+
+def _url_host(host: str) -> str:
+    """``host`` as a URL's authority writes it (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _started_line(problem: str, endpoints: Endpoints, root: Path) -> str:
+    """What the coordinator listens on, as it listens: the addresses it was given.
+
+    A wildcard address is shown as it is, with this machine's name, the one
+    selectors and the webserver on other machines would use (the loopback
+    address it used to show is reachable from this machine only).
+    """
+    host = endpoints.host or "0.0.0.0"
+    line = (
+        f"problem {problem!r}: selectors at {_url_host(host)}:{endpoints.grpc_port} (FlIntra), "
+        f"status stream at {endpoints.status_url_at(host)}, "
+        f"metrics at {endpoints.metrics_url_at(host) or '(off)'}, root {root}"
+    )
+    if endpoints.wildcard:
+        line += f" ({host}: every address of this machine, e.g. {socket.gethostname()})"
+    return line
 
 
 def _round_rules(settings: Settings, strategy: Strategy) -> Rules:
@@ -306,13 +343,5 @@ async def serve(
         endpoints = Endpoints(
             settings.host, grpc_port, status_port, metrics_port, tls=status_tls is not None
         )
-        log.info(
-            "problem %r: selectors at %s:%d (FlIntra), status stream at %s, metrics at %s, root %s",
-            settings.problem_id,
-            settings.host,
-            grpc_port,
-            endpoints.status_url,
-            endpoints.metrics_url or "(off)",
-            layout.root,
-        )
+        log.info("%s", _started_line(settings.problem_id, endpoints, layout.root))
         task_status.started(endpoints)

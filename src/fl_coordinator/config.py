@@ -10,6 +10,8 @@ later in the program has to wonder whether a port is numeric.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 import os
 import re
@@ -30,11 +32,17 @@ __all__ = [
     "Key",
     "Parser",
     "Settings",
+    "check_not_placeholder",
     "default_settings",
     "load_settings",
+    "misspelt_environment",
     "optional_token",
     "read_config_file",
+    "similar_key",
+    "warn_misspelt_environment",
 ]
+
+_log = logging.getLogger(__name__)
 
 Parser = Callable[[Any], Any]
 
@@ -167,6 +175,57 @@ def optional_token(value: Any) -> str:
     if not all(0x21 <= ord(char) <= 0x7E for char in token):
         raise ValueError
     return token
+
+
+#: Values that stand in for a secret in examples and shipped manifests, compared in lower
+#: case without punctuation ("Change-Me" is "changeme"): a coordinator must not run with one.
+_PLACEHOLDERS = frozenset(
+    [
+        "changeme",
+        "changeit",
+        "replaceme",
+        "secret",
+        "password",
+        "passw0rd",
+        "token",
+        "authtoken",
+        "statustoken",
+        "mytoken",
+        "yourtoken",
+        "example",
+        "test",
+        "testing",
+        "default",
+        "admin",
+        "todo",
+        "fixme",
+        "placeholder",
+        "none",
+        "null",
+        "undefined",
+        "empty",
+        "insecure",
+        "letmein",
+        "123456",
+        "12345678",
+        "qwerty",
+    ]
+)
+
+
+def check_not_placeholder(key: str, token: str) -> None:
+    """Refuse a well-known placeholder as the secret of ``key`` (ConfigError, exit status 2).
+
+    ``AUTH_TOKEN=change-me`` is what a copied example or an unedited manifest
+    leaves: anyone who read the same example could call the coordinator.
+    """
+    folded = "".join(char for char in token.lower() if char.isalnum())
+    if folded in _PLACEHOLDERS:
+        raise ConfigError(
+            key,
+            token,
+            "a secret, not a well-known placeholder: make one with `openssl rand -hex 24`",
+        )
 
 
 def _selector_ids(value: Any) -> tuple[str, ...]:
@@ -782,6 +841,36 @@ def load_settings(
     return settings, unknown
 
 
+def similar_key(name: str) -> str | None:
+    """The key ``name`` is likely a typo of (``CHECKIN_LIMT``: ``CHECKIN_LIMIT``), or None."""
+    close = difflib.get_close_matches(name.upper(), [key.name for key in KEYS], n=1, cutoff=0.85)
+    return close[0] if close else None
+
+
+def misspelt_environment(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """Environment variables that are not keys but look like one: ``(name, key)`` pairs.
+
+    A mistyped file key is warned about by the caller; a mistyped variable
+    would pass silently (the environment holds many variables that are not
+    ours), so only those within a typo of a key are named, with that key.
+    """
+    environ = os.environ if environ is None else environ
+    known = {key.name for key in KEYS}
+    return sorted(
+        (name, key)
+        for name in environ
+        if name not in known and (key := similar_key(name)) is not None
+    )
+
+
+def warn_misspelt_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Log a warning for each :func:`misspelt_environment` variable (after logging is set up)."""
+    for name, key in misspelt_environment(environ):
+        _log.warning(
+            "environment variable %s is not a setting and is ignored; did you mean %s?", name, key
+        )
+
+
 def _check_combinations(settings: Settings) -> None:
     """Keys that only make sense together (the files themselves are loaded at start-up)."""
     if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
@@ -800,6 +889,12 @@ def _check_combinations(settings: Settings) -> None:
     if settings.auth_token and settings.auth_token_file:
         expected = "empty when AUTH_TOKEN is set"
         raise ConfigError("AUTH_TOKEN_FILE", settings.auth_token_file, expected)
+    for key, token in (
+        ("AUTH_TOKEN", settings.auth_token),
+        ("STATUS_TOKEN", settings.status_token),
+    ):
+        if token:
+            check_not_placeholder(key, token)
     if settings.stop_when and not settings.evaluate:
         raise ConfigError("STOP_WHEN", settings.stop_when, "empty, or EVALUATE set too")
 

@@ -14,6 +14,9 @@ into a refused call or a rejected selector, never into a crash. The tree
     │   ├── ListenError .......... a port that cannot be listened on (busy, not local)
     │   ├── ProblemError ......... the problem folder cannot be initialised, read or rolled back
     │   ├── MissingExtra ......... an optional part (Keras, for init) is not installed here
+    │   ├── PeerError ............ a reference selector's or client's peer cannot be used as
+    │   │   │                      set up (address, token, TLS); exit status 2, or 1 if it is gone
+    │   │   └── GaveUp ........... a client was refused more often than it may retry; exit 1
     │   └── CommandFailed ........ a client tool could not do its job; exit status 1
     │       ├── WatchError ....... ``fl-coordinator watch``: the stream cannot be followed
     │       ├── HealthError ...... ``fl-coordinator health``: the health service cannot be asked
@@ -28,7 +31,6 @@ into a refused call or a rejected selector, never into a crash. The tree
     │   ├── ContributionsRefused . files refused while averaging (changed since their check)
     │   └── ShuttingDown ......... ...because the coordinator is stopping
     └── FederationError .......... the reference selector, client and demo processes
-        ├── GaveUp ............... a client was refused more often than it may retry
         └── ChildFailed .......... a process of a local federation ended or never became ready
 
 Trio's own exceptions (``trio.Cancelled``) and programming errors are not
@@ -63,6 +65,7 @@ __all__ = [
     "ListenError",
     "MissingExtra",
     "OperatorError",
+    "PeerError",
     "ProblemError",
     "ShuttingDown",
     "WatchError",
@@ -129,6 +132,27 @@ class MissingExtra(OperatorError):
             f"pip install 'fl-coordinator[{extra}]' (or use the full image)"
         )
         self.extra = extra
+
+
+class PeerError(OperatorError):
+    """The reference selector or client cannot work with its peer.
+
+    The message says which peer, at which address, what happened and what to
+    check (:func:`fl_coordinator.federation.call_errors.explain`). Exit status
+    2 when a setting is wrong (a port that is not gRPC, a token or TLS
+    refused), 1 when the peer cannot be reached (it may come back).
+    """
+
+    def __init__(self, message: str, exit_status: int = 2) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class GaveUp(PeerError):
+    """The client was refused more often than it was allowed to retry (exit status 1)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 1)
 
 
 class CommandFailed(OperatorError):
@@ -215,10 +239,6 @@ class ShuttingDown(AggregationError):
 
 class FederationError(FLError):
     """A failure of the reference programs (selector, client, local federation)."""
-
-
-class GaveUp(FederationError):
-    """The client was refused more often than it was allowed to retry."""
 
 
 class ChildFailed(FederationError):

@@ -6,13 +6,15 @@ import json
 import shutil
 import signal
 import socket
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from helpers.processes import Served, environment, run
+from helpers.processes import COMMAND, Served, environment, run
 
 from fl_coordinator.storage.model import builtin_model
 
@@ -37,7 +39,7 @@ def test_fresh_root_is_initialised_then_signal_stops_cleanly(
     tmp_path: Path, served: list[Served], signum: int
 ) -> None:
     root = tmp_path / "data"
-    server = Served(environment(root))
+    server = Served(environment(root), [*COMMAND, "serve", "--init-if-empty"])
     served.append(server)
     server.wait_for_line("status stream at")
     assert any("initialising it with the built-in model" in line for line in server.lines)
@@ -94,7 +96,68 @@ def test_root_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
     result = run(["serve"], environment(tmp_path / "file"))
     assert result.returncode == 2
-    assert "FL_ROOT_PATH=" in result.stderr and "a folder" in result.stderr
+    assert result.stderr == (
+        f"fl-coordinator serve: configuration error: FL_ROOT_PATH='{tmp_path / 'file'}': "
+        "expected a folder (it is a file)\n"
+    )
+
+
+def test_missing_or_empty_root_is_refused_unless_asked(tmp_path: Path) -> None:
+    """A typo or a mount that is not there is not started fresh: one line, nothing written."""
+    typo = tmp_path / "problme"
+    result = run(["serve"], environment(typo))
+    assert (result.returncode, result.stderr) == (2, (
+        f"fl-coordinator serve: configuration error: FL_ROOT_PATH='{typo}': expected an "
+        "initialised problem folder (there is no such folder: a typo, or a mount that is not "
+        f"there?); run `fl-coordinator init --root {typo}` once, or serve with --init-if-empty "
+        "to initialise it with the built-in model\n"
+    ))  # fmt: skip
+    assert not typo.exists()
+    empty = tmp_path / "mnt"
+    empty.mkdir()
+    result = run(["serve"], environment(empty))
+    assert result.returncode == 2
+    assert f"FL_ROOT_PATH='{empty}': expected an initialised problem folder (it has no " \
+        "initFiles/); run `fl-coordinator init" in result.stderr  # fmt: skip
+    assert list(empty.iterdir()) == []
+
+
+@pytest.mark.parametrize("init", [[], ["--init-if-empty"]], ids=["serve", "--init-if-empty"])
+def test_unusable_root_is_one_line(root: Path, tmp_path: Path, init: list[str]) -> None:
+    """/proc/nope cannot be created; a folder of another user cannot be read (as uid 65534)."""
+    result = run(["serve", *init], environment(Path("/proc/nope")))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    if init:  # after the line that says it initialises
+        assert result.stderr.splitlines()[-1] == (
+            "fl-coordinator serve: cannot write /proc/nope/initFiles ([Errno 2] No such file or "
+            "directory); nothing was changed"
+        )
+    else:
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+        assert "FL_ROOT_PATH='/proc/nope': expected an initialised problem folder" in result.stderr
+    # root's, as a volume never handed to the coordinator's uid: the folder itself, and one
+    # inside a folder that uid cannot even look into
+    shared = Path(tempfile.mkdtemp(prefix="fl-root-"))
+    try:
+        shared.chmod(0o755)
+        volume = shared / "volume"
+        shutil.copytree(root, volume)
+        volume.chmod(0o700)
+        hidden = volume / "problem"
+        hidden.mkdir()
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *COMMAND]
+        for folder, expected in [
+            (volume, "can read and write"),
+            (hidden, "can read ([Errno 13] Permission denied)"),
+        ]:
+            as_nobody = subprocess.run([*nobody, "serve", *init], env=environment(folder),
+                                       capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert (as_nobody.returncode, as_nobody.stderr) == (2, (
+                f"fl-coordinator serve: configuration error: FL_ROOT_PATH='{folder}': expected "
+                f"a folder this user (uid 65534) {expected}\n"
+            ))  # fmt: skip
+    finally:
+        shutil.rmtree(shared)
 
 
 @pytest.mark.parametrize("key", ["PORT", "STATUS_PORT"])
@@ -170,3 +233,82 @@ def test_one_coordinator_per_problem_folder(root: Path, served: list[Served]) ->
     third.process.send_signal(signal.SIGTERM)
     assert third.process.wait(timeout=60) == 0
     assert not (root / ".coordinator" / "owner.json").exists()  # a clean stop gives it up
+
+
+@pytest.mark.parametrize(
+    ("env", "shown"),
+    [
+        ({"AUTH_TOKEN": "change-me"}, "AUTH_TOKEN='change-me'"),
+        ({"STATUS_TOKEN": "Change_Me"}, "STATUS_TOKEN='Change_Me'"),
+        ({"AUTH_TOKEN_FILE": "{token_file}"}, "AUTH_TOKEN_FILE ({token_file})='changeme'"),
+    ],
+    ids=["AUTH_TOKEN", "STATUS_TOKEN", "AUTH_TOKEN_FILE"],
+)
+def test_placeholder_tokens_are_refused(
+    root: Path, tmp_path: Path, env: dict[str, str], shown: str
+) -> None:
+    """The value of a shipped example is no secret: serve and fl-selector refuse it."""
+    token_file = tmp_path / "token"
+    token_file.write_text("changeme\n")
+    env = {key: value.format(token_file=token_file) for key, value in env.items()}
+    expected = (
+        f"configuration error: {shown.format(token_file=token_file)}: expected a secret, not a "
+        "well-known placeholder: make one with `openssl rand -hex 24`\n"
+    )
+    result = run(["serve"], environment(root, **env))
+    assert (result.returncode, result.stderr) == (2, f"fl-coordinator serve: {expected}")
+    if "STATUS_TOKEN" not in env:
+        selector = subprocess.run(
+            [*COMMAND[:2], "fl_coordinator.federation.selector_cli", "serve", "--port", "0"],
+            env=environment(root, **env), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert (selector.returncode, selector.stderr) == (2, f"fl-selector: {expected}")
+
+
+def test_start_line_says_where_it_listens_and_misspelt_variables_are_named(
+    root: Path, tmp_path: Path, served: list[Served]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("CHECKIN_LIMIT: 2\nREPORTING_TIMEOT: 30\n")
+    env = environment(root, HOST="0.0.0.0", CHECKIN_LIMT="6", LOG_LEVL="DEBUG")
+    server = Served(env, [*COMMAND, "serve", "--config", str(config)])
+    served.append(server)
+    grpc_port, status_url = server.ready()
+    status_port = int(status_url.rsplit(":", 1)[1].split("/")[0])
+    started = server.lines[-1]
+    assert (
+        f"selectors at 0.0.0.0:{grpc_port} (FlIntra), status stream at "
+        f"ws://0.0.0.0:{status_port}/status, metrics at "
+    ) in started
+    assert started.rstrip().endswith(
+        f"(0.0.0.0: every address of this machine, e.g. {socket.gethostname()})"
+    )
+    warnings = [line for line in server.lines if " WARNING " in line]
+    for name, key in [("CHECKIN_LIMT", "CHECKIN_LIMIT"), ("LOG_LEVL", "LOG_LEVEL")]:
+        assert any(
+            f"environment variable {name} is not a setting and is ignored; did you mean {key}?"
+            in line
+            for line in warnings
+        ), warnings
+    assert any(
+        f"{config}: unknown key REPORTING_TIMEOT ignored (did you mean REPORTING_TIMEOUT?)" in line
+        for line in warnings
+    ), warnings
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0
+
+
+def test_rollback_names_where_it_looked(root: Path, tmp_path: Path) -> None:
+    """--root, and a listing that says which folder it read (issue 13, item 8)."""
+    env = environment(tmp_path / "not-this-one")
+    empty = run(["rollback", "--root", str(root)], env)
+    assert (empty.returncode, empty.stdout) == (0, (
+        f"no kept checkpoints in {root / '.coordinator' / 'history'} (is {root} the problem's "
+        "folder? a coordinator keeps the last KEEP_CHECKPOINTS=5)\n"
+    ))  # fmt: skip
+    typo = tmp_path / "problme"
+    missing = run(["rollback", "--root", str(typo)], env)
+    assert (missing.returncode, missing.stderr) == (2, (
+        f"fl-coordinator rollback: configuration error: --root='{typo}': expected an existing "
+        "problem folder\n"
+    ))  # fmt: skip

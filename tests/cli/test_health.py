@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
 import trio
 from helpers.pki import Pki, tls_settings
+from helpers.processes import environment, run
 
 from fl_coordinator.app import serve
 from fl_coordinator.cli.main import main
@@ -96,3 +98,28 @@ async def test_over_tls_with_the_coordinators_ca(
     assert capsys.readouterr().out == f"{address}: SERVING\n"
     assert await ask("--address", address, "--timeout", "2") == 1  # plaintext: refused
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+async def test_under_mutual_tls_from_an_operator_host(
+    settings: Settings, pki: Pki, nursery: trio.Nursery
+) -> None:
+    """The real command, with only --ca and a client certificate: no TLS_CLIENT_CA_FILE here."""
+    mutual = tls_settings(settings, pki, tls_client_ca_file=str(pki.ca))
+    endpoints = await nursery.start(serve, mutual)
+    address = f"127.0.0.1:{endpoints.grpc_port}"
+    env = environment(Path(settings.fl_root_path))
+    probe = ["health", "--address", address, "--ca", str(pki.ca), "--timeout", "10"]
+    client = ["--cert", str(pki.client.cert), "--key", str(pki.client.key)]
+    done = await trio.to_thread.run_sync(run, [*probe, *client], env)
+    assert (done.returncode, done.stdout) == (0, f"{address}: SERVING\n"), done.stderr
+    # TLS_CERT_FILE alone (as the coordinator's pod has it) is presented too.
+    with_cert = {**env, "TLS_CERT_FILE": str(pki.client.cert), "TLS_KEY_FILE": str(pki.client.key)}
+    done = await trio.to_thread.run_sync(run, probe, with_cert)
+    assert (done.returncode, done.stdout) == (0, f"{address}: SERVING\n"), done.stderr
+    refused = await trio.to_thread.run_sync(run, probe, env)  # no certificate: refused
+    assert refused.returncode == 1 and "SERVING" not in refused.stdout
+    half = await trio.to_thread.run_sync(run, [*probe, "--cert", str(pki.client.cert)], env)
+    assert (half.returncode, half.stderr) == (2, (
+        "fl-coordinator health: configuration error: --key='': expected --cert and --key "
+        "together\n"
+    ))  # fmt: skip

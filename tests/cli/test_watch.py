@@ -6,6 +6,7 @@ import io
 import json
 import re
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 import trio
 from helpers.peers import FakeSelector, completed, serve_and_watch, write_aggregate
 from helpers.pki import Pki, tls_settings
-from helpers.processes import COMMAND, environment, run
+from helpers.processes import COMMAND, Served, environment, run
 from rich.console import Console
 from rich.live import Live
 from trio_websocket import WebSocketRequest, serve_websocket
@@ -106,6 +107,9 @@ def test_unreachable_coordinator_is_one_line_and_status_1(tmp_path: Path) -> Non
 class Collected:
     def __init__(self) -> None:
         self.messages: list[StatusMessage] = []
+
+    def connected(self) -> None:
+        pass
 
     def show(self, message: StatusMessage) -> None:
         self.messages.append(message)
@@ -217,6 +221,9 @@ class Recorder:
         self.messages: list[dict] = []
         self.arrived = trio.Event()
 
+    def connected(self) -> None:
+        pass
+
     def show(self, message: dict) -> None:
         self.messages.append(message)
         self.arrived.set()
@@ -235,3 +242,77 @@ async def test_watch_follows_a_tls_coordinator_with_its_ca(
     assert (recorder.messages[0]["round"], recorder.messages[0]["stage"]) == (1, "SELECTION")
     with pytest.raises(WatchError, match="not a readable PEM CA bundle"):
         await follow(endpoints.status_url, Recorder(), ca=pki.ca.parent / "missing.pem")
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for each in sockets:
+            each.bind(("127.0.0.1", 0))
+        return [each.getsockname()[1] for each in sockets]
+    finally:
+        for each in sockets:
+            each.close()
+
+
+def test_watch_at_the_grpc_port_or_with_ca_on_ws_is_one_line(
+    settings: Settings, layout: Layout, pki: Pki
+) -> None:
+    env = environment(layout.root)
+    with Served(env) as coordinator:
+        grpc_port, status_url = coordinator.ready()
+        wrong = f"ws://127.0.0.1:{grpc_port}/status"
+        result = run(["watch", wrong, "--plain"], env)
+        assert (result.returncode, result.stderr) == (1, (
+            f"fl-coordinator watch: cannot connect to {wrong}: it does not speak HTTP/1.1 (is "
+            "that the coordinator's gRPC PORT? the status stream is on STATUS_PORT, 50052 by "
+            "default)\n"
+        ))  # fmt: skip
+        result = run(["watch", status_url, "--plain", "--ca", str(pki.ca)], env)
+        assert (result.returncode, result.stderr) == (2, (
+            f"fl-coordinator watch: configuration error: --ca='{pki.ca}': expected a wss:// URL "
+            f"to trust it for ({status_url} is plaintext)\n"
+        ))  # fmt: skip
+
+
+async def test_watch_follows_a_coordinator_across_its_restart(
+    settings: Settings, layout: Layout
+) -> None:
+    grpc_port, status_port = _free_ports(2)
+    env = environment(layout.root, PORT=str(grpc_port), STATUS_PORT=str(status_port))
+    url = f"ws://127.0.0.1:{status_port}/status"
+    with trio.fail_after(150), Served(env) as first:
+        await trio.to_thread.run_sync(first.ready)
+        process = await trio.lowlevel.open_process(
+            [*COMMAND, "watch", url, "--plain"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            out, notes = Lines(process.stdout), Lines(process.stderr)
+            assert "SELECTION" in await out.until("round 1")
+            first.process.send_signal(signal.SIGTERM)
+            assert await trio.to_thread.run_sync(first.process.wait) == 0
+            gone = await notes.until("closed")
+            assert gone == (
+                f"fl-coordinator watch: {url}: the coordinator closed the status stream; "
+                "connecting again every 2 s (Ctrl-C stops)"
+            )
+            with Served(env) as second:
+                await trio.to_thread.run_sync(second.ready)
+                back = await notes.until("back")
+                assert back == f"fl-coordinator watch: {url}: the status stream is back"
+                before = len(out.seen)
+                await out.until("SELECTION")  # the restarted coordinator's status, shown again
+                assert len(out.seen) == before + 1 and out.seen[-1].split()[1:3] == ["round", "1"]
+                process.send_signal(signal.SIGINT)
+                assert await process.wait() == 0
+                second.process.send_signal(signal.SIGTERM)
+                assert await trio.to_thread.run_sync(second.process.wait) == 0
+            assert notes.seen == [gone, back]  # one note when it went, one when it came back
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()

@@ -43,7 +43,7 @@ def test_keras_really_is_missing_there(tmp_path: Path) -> None:
     assert "ModuleNotFoundError" in probe.stderr and "keras" in probe.stderr
 
 
-@pytest.mark.parametrize("args", [["init"], ["serve"]])
+@pytest.mark.parametrize("args", [["init"], ["serve", "--init-if-empty"]])
 def test_init_without_keras_is_one_line_and_writes_nothing(tmp_path: Path, args) -> None:
     root = tmp_path / "fresh"
     result = run(args, slim(root))
@@ -88,7 +88,7 @@ def test_serve_health_watch_rollback_without_keras(settings) -> None:
 
     kept = run(["rollback"], env)
     history = root / ".coordinator" / "history" / "round-000000"
-    listing = f"kept checkpoints (round: file, metrics):\n  0: {history}\n"
+    listing = f"kept checkpoints in {history.parent} (round: file, metrics):\n  0: {history}\n"
     assert (kept.returncode, kept.stdout) == (0, listing)
     restored = run(["rollback", "--round", "0"], env)
     assert restored.returncode == 0, restored.stderr

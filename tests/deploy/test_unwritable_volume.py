@@ -32,7 +32,7 @@ def foreign(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("command", [["init"], ["serve"]])
+@pytest.mark.parametrize("command", [["init"], ["serve", "--init-if-empty"]])
 def test_unwritable_volume_is_one_line(foreign: Path, command: list[str]) -> None:
     root = foreign / "problem"
     result = subprocess.run(

@@ -39,3 +39,23 @@ def test_demo_smoke_run(tmp_path: Path) -> None:
     assert refused.returncode == 1
     assert "not a previous demo" in refused.stderr
     assert (other / "thesis.tex").read_text() == "keep me"
+
+
+def test_plot_has_whole_round_ticks() -> None:
+    """One or two rounds used to get ticks at 0.25, 0.5, ... (issue 13, item 10)."""
+    import matplotlib.pyplot as plt
+
+    from fl_coordinator.federation.demo import accuracy_figure
+
+    summary = {
+        "initial_accuracy": 0.1,
+        "rounds": [{"round": 1, "accuracy": 0.5}],
+        "baseline": {"per_round": [0.6]},
+    }
+    figure = accuracy_figure(summary)
+    try:
+        figure.canvas.draw()
+        ticks = [t for t in figure.axes[0].get_xticks() if -0.5 <= t <= 1.5]
+        assert ticks == [0.0, 1.0]
+    finally:
+        plt.close(figure)

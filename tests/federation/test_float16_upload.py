@@ -47,7 +47,8 @@ async def test_update_beyond_the_weights_own_range_is_uploaded_and_averaged(
     selector_id = await nursery.start(selector.serve)
     np.savez(tmp_path / "shard.npz", x=np.zeros((2, 4), np.float32), y=np.zeros(2, np.int64))
     client = Client(ClientOptions(selector_id, tmp_path / "shard.npz", tmp_path / "client"))
-    assert await client.check_in() is None  # accepted: it has the model and the checkpoint
+    client.calls.connect(nursery)
+    assert await client.calls.check_in() is None  # accepted: it has the model and the checkpoint
 
     # "Training" moved every weight by +2 over n = 40000 batches: n * delta = 80000.
     model.set_weights([(w.astype(np.float32) + 2).astype(w.dtype) for w in model.get_weights()])
@@ -62,7 +63,7 @@ async def test_update_beyond_the_weights_own_range_is_uploaded_and_averaged(
                  - start["layers/dense/vars/0"].astype(np.float32))  # fmt: skip
         np.testing.assert_array_equal(kernel[()], delta * n)
         assert np.abs(kernel[()]).max() > FLOAT16_MAX  # float16 could not have held it
-    await client.upload(n)
+    await client.calls.upload(client.update, n)
 
     done = await watcher.wait_for(completed(1))
     assert (done["stage"], done["rejected"]) == ("COMPLETED", {})

@@ -5,7 +5,7 @@ behind ``ip netns exec``), it follows the coordinator's status stream and runs
 clients when told, one JSON object per line both ways:
 
 - on stdin, ``{"round": r, "clients": [{"selector", "update", "weight", "hold"}, ...]}``
-  starts one client per entry: it checks in with the reference client's wire code
+  starts one client per entry: it checks in with the reference client's calls
   (retrying when refused), downloads ``initFiles/``, and uploads ``update`` (a real
   Keras-written file) with weight ``n``: at once, or, if ``hold``, when
   ``{"release": r}`` arrives. No training: the clients are quick to start.
@@ -29,7 +29,7 @@ from typing import Any
 import trio
 import trio_websocket
 
-from fl_coordinator.federation.client import Client, ClientOptions
+from fl_coordinator.federation.client import SelectorCalls
 from helpers.arrivals import Arrivals
 
 __all__ = ["ClientHost", "main"]
@@ -42,35 +42,28 @@ RETRY_LIMIT = 0.5
 _TESTS = Path(__file__).resolve().parents[1]
 
 
-class _UploadingClient(Client):
-    """The reference client's check-in, download and upload, with a ready update: no Keras."""
-
-    def __init__(self, selector: str, work_dir: Path, update: Path) -> None:
-        self.options = ClientOptions(selector=selector, data=update, work_dir=work_dir)
-        self.files = work_dir / "files"
-        self.update = update
-
-
 def _emit(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
 
 async def _take_part(index: int, round_no: int, spec: dict, work: Path, release: trio.Event):
-    client = _UploadingClient(spec["selector"], work / f"client{index}-round{round_no}",
-                              Path(spec["update"]))  # fmt: skip
-    # Refused: wait the selector's reconnection time, then check in again (the protocol).
-    while (refused_ms := await client.check_in()) is not None:  # noqa: ASYNC110
-        await trio.sleep(min(refused_ms / 1000, RETRY_LIMIT))
-    _emit(client=index, round=round_no, event="configured")
-    if spec["hold"]:
-        await release.wait()
-    try:
-        with trio.fail_after(UPLOAD_LIMIT):
-            await client.upload(spec["weight"])
-    except Exception as error:  # (groups of them too) the point: it cannot reach its selector
-        _emit(client=index, round=round_no, event="upload_failed", error=repr(error)[:300])
-    else:
-        _emit(client=index, round=round_no, event="uploaded")
+    client = SelectorCalls(spec["selector"], work / f"client{index}-round{round_no}")
+    async with trio.open_nursery() as nursery:
+        client.connect(nursery)
+        # Refused: wait the selector's reconnection time, then check in again (the protocol).
+        while (refused_ms := await client.check_in()) is not None:  # noqa: ASYNC110
+            await trio.sleep(min(refused_ms / 1000, RETRY_LIMIT))
+        _emit(client=index, round=round_no, event="configured")
+        if spec["hold"]:
+            await release.wait()
+        try:
+            with trio.fail_after(UPLOAD_LIMIT):
+                await client.upload(Path(spec["update"]), spec["weight"])
+        except Exception as error:  # the point: it cannot reach its selector
+            _emit(client=index, round=round_no, event="upload_failed", error=repr(error)[:300])
+        else:
+            _emit(client=index, round=round_no, event="uploaded")
+        nursery.cancel_scope.cancel()
 
 
 async def _follow(url: str) -> None:

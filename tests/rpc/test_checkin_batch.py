@@ -19,7 +19,7 @@ from fl_coordinator._proto import (
     fl_intra_pb2,
 )
 from fl_coordinator.config import Settings
-from fl_coordinator.federation.checkin_batch import CheckInBatcher
+from fl_coordinator.federation.checkin_batch import Batcher
 from fl_coordinator.federation.selector import Selector, SelectorOptions
 from fl_coordinator.rpc.listener import serve_grpc
 from fl_coordinator.storage.layout import Layout
@@ -83,19 +83,19 @@ async def test_batcher_asks_once_for_the_clients_that_arrived_during_a_call() ->
     answers = [trio.Event(), trio.Event()]
     kept = [1, 3]
 
-    async def ask_many(clients: int) -> int:
+    async def ask_many(clients: int) -> tuple[int, int]:
         call = len(asked)
         asked.append(clients)
         await answers[call].wait()
-        return kept[call]
+        return kept[call], 7 + call  # the round of each answer
 
-    results: dict[int, bool] = {}
+    results: dict[int, tuple[bool, int]] = {}
 
     async def client(index: int) -> None:
         results[index] = await batcher.ask()
 
     async with trio.open_nursery() as nursery:
-        batcher = CheckInBatcher(nursery, ask_many)
+        batcher = Batcher(nursery, ask_many)
         nursery.start_soon(client, 0)
         await trio.testing.wait_all_tasks_blocked()
         for index in range(1, 6):  # arrive while the first call is in flight
@@ -107,13 +107,15 @@ async def test_batcher_asks_once_for_the_clients_that_arrived_during_a_call() ->
         assert asked == [1, 5]
         answers[1].set()
     # Client 0 alone, then the first three of the five that waited.
-    assert results == {0: True, 1: True, 2: True, 3: True, 4: False, 5: False}
+    assert results == {
+        0: (True, 7), 1: (True, 8), 2: (True, 8), 3: (True, 8), 4: (False, 0), 5: (False, 0)
+    }  # fmt: skip
 
 
 async def test_batcher_gives_every_client_of_a_failed_call_its_error() -> None:
     release = trio.Event()
 
-    async def ask_many(clients: int) -> int:
+    async def ask_many(clients: int) -> tuple[int, int]:
         await release.wait()
         raise ConnectionError(f"unreachable ({clients} asked)")
 
@@ -126,7 +128,7 @@ async def test_batcher_gives_every_client_of_a_failed_call_its_error() -> None:
             errors.append(str(error))
 
     async with trio.open_nursery() as nursery:
-        batcher = CheckInBatcher(nursery, ask_many)
+        batcher = Batcher(nursery, ask_many)
         for _ in range(3):
             nursery.start_soon(client)
             await trio.testing.wait_all_tasks_blocked()

@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import pytest
 import trio
-from helpers.processes import Served, environment, run
+from helpers.processes import COMMAND, Served, environment, run
 
 from fl_coordinator.config import default_settings
 from fl_coordinator.storage.checkpoint import read_checkpoint_plan
@@ -30,7 +30,7 @@ def complete(layout: Layout) -> bool:
 async def test_serve_killed_during_its_first_start_leaves_all_or_nothing(tmp_path: Path) -> None:
     root = tmp_path / "fresh"
     layout = layout_at(root)
-    first = Served(environment(root))
+    first = Served(environment(root), [*COMMAND, "serve", "--init-if-empty"])
     try:
         await trio.to_thread.run_sync(first.wait_for_line, "initialising it with the built-in")
         first.process.send_signal(signal.SIGKILL)  # Keras is still importing: mid-way
@@ -41,7 +41,7 @@ async def test_serve_killed_during_its_first_start_leaves_all_or_nothing(tmp_pat
     assert not layout.init_files.exists() or complete(layout)
     killed_early = not layout.init_files.exists()
 
-    second = Served(environment(root))
+    second = Served(environment(root), [*COMMAND, "serve", "--init-if-empty"])
     try:
         await trio.to_thread.run_sync(second.wait_for_line, "FlIntra")  # it serves
         second.process.send_signal(signal.SIGTERM)

@@ -19,9 +19,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import Settings, load_settings, read_config_file
+from ..config import (
+    Settings,
+    load_settings,
+    read_config_file,
+    similar_key,
+    warn_misspelt_environment,
+)
 from ..errors import ConfigError
 from ..logs import setup_logging
+from .help import HelpFormatter
 
 __all__ = ["build_parser", "main"]
 
@@ -37,27 +44,21 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
     settings, unknown = _load(config)
     setup_logging(settings.log_level, settings.log_format)
     for key in unknown:
-        log.warning("%s: unknown key %s ignored", config, key)
+        close = similar_key(key)
+        hint = f" (did you mean {close}?)" if close else ""
+        log.warning("%s: unknown key %s ignored%s", config, key, hint)
+    warn_misspelt_environment()
     return settings.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def _serve(args: argparse.Namespace) -> int:
     from ..app import serve
     from ..storage.layout import Layout
-    from ..storage.problem import init_problem, needs_init
+    from ..storage.problem import open_root
     from .running import run_main
 
     settings = _settings(args.config)
-    layout = Layout.from_settings(settings)
-    if needs_init(layout):
-        if layout.root.exists() and not layout.root.is_dir():
-            raise ConfigError("FL_ROOT_PATH", str(layout.root), "a folder")
-        log.info(
-            "%s has no %s: initialising it with the built-in model",
-            layout.root,
-            settings.init_files_path,
-        )
-        init_problem(layout)
+    open_root(Layout.from_settings(settings), init_if_empty=args.init_if_empty)
     run_main(functools.partial(serve, settings, take_over=args.take_over))
     return 0
 
@@ -84,10 +85,22 @@ def _rollback(args: argparse.Namespace) -> int:
     from ..storage.round_files import kept_metrics
     from ..storage.strategy_state import state_path
 
-    layout = Layout.from_settings(_settings(args.config))
+    root = str(args.root) if args.root is not None else None
+    settings = _settings(args.config, fl_root_path=root)
+    layout = Layout.from_settings(settings)
+    if not layout.root.is_dir():
+        key = "--root" if root is not None else "FL_ROOT_PATH"
+        raise ConfigError(key, str(layout.root), "an existing problem folder")
     if args.round is None:
         kept = history(layout)
-        print("kept checkpoints (round: file, metrics):" if kept else "no kept checkpoints")
+        where = layout.own / "history"
+        if not kept:
+            print(
+                f"no kept checkpoints in {where} (is {layout.root} the problem's folder? a "
+                f"coordinator keeps the last KEEP_CHECKPOINTS={settings.keep_checkpoints})"
+            )
+        else:
+            print(f"kept checkpoints in {where} (round: file, metrics):")
         for number, path in kept.items():
             print(f"  {number}: {path}{kept_metrics(layout, number)}")
         return 0
@@ -137,16 +150,17 @@ def _health(args: argparse.Namespace) -> int:
 
     settings, _ = _load(args.config)
     address = args.address or f"127.0.0.1:{settings.port}"
+    if (args.cert is None) != (args.key is None):
+        raise ConfigError("--cert" if args.key else "--key", "", "--cert and --key together")
     tls = None
     if args.ca is not None:
-        # With mutual TLS on, the probe shows the coordinator's own certificate.
-        mutual = bool(settings.tls_client_ca_file and settings.tls_cert_file)
-        tls = Tls(
-            args.ca,
-            Path(settings.tls_cert_file) if mutual else None,
-            Path(settings.tls_key_file) if mutual else None,
-            args.server_name,
-        )
+        # A client certificate for a mutual-TLS coordinator: the one given, else the
+        # coordinator's own where it is set (in its pod), whether or not this host's
+        # settings also name TLS_CLIENT_CA_FILE (an operator host's need not).
+        cert, key = args.cert, args.key
+        if cert is None and settings.tls_cert_file:
+            cert, key = Path(settings.tls_cert_file), Path(settings.tls_key_file)
+        tls = Tls(args.ca, cert, key, args.server_name)
     health = probe(address, args.service, args.timeout, tls)
     print(f"{address}: {health.name}")
     return 0 if health.serving else 1
@@ -160,8 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fl-coordinator",
         description="Coordinator (master aggregator) of a hierarchical federated-learning system.",
+        formatter_class=HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    # Every command's --help shows its options' defaults.
+    commands.add_parser = functools.partial(  # type: ignore[method-assign]
+        commands.add_parser, formatter_class=HelpFormatter
+    )
 
     serve = commands.add_parser("serve", help="run the coordinator of one FL problem")
     serve.add_argument(
@@ -169,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take the problem folder over from a coordinator whose ownership lease is stale "
         "(it died on another host, hangs or is cut off)",
+    )
+    serve.add_argument(
+        "--init-if-empty",
+        action="store_true",
+        help="initialise a problem folder that has no initFiles/ (or does not exist) with the "
+        "built-in model, as init would; without it such a folder is refused",
     )
     _config_flag(serve)
     serve.set_defaults(run=_serve)
@@ -181,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(run=_init)
 
     back = commands.add_parser("rollback", help="restore the global checkpoint of a past round")
+    back.add_argument("--root", type=Path, help="problem folder (default: FL_ROOT_PATH)")
     back.add_argument("--round", type=int, help="round to restore (without it: list them)")
     _config_flag(back)
     back.set_defaults(run=_rollback)
@@ -202,11 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--address", help="host:port (default: 127.0.0.1:PORT)")
     health.add_argument("--service", default="", help="service name (default: the server)")
-    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     health.add_argument(
         "--ca", type=Path, help="CA (PEM) of the coordinator's certificate: ask over TLS"
     )
     health.add_argument("--server-name", help="name in its certificate, if not the address's")
+    health.add_argument(
+        "--cert",
+        type=Path,
+        help="client certificate (PEM) for a mutual-TLS coordinator (default: TLS_CERT_FILE)",
+    )
+    health.add_argument("--key", type=Path, help="its private key (PEM) (default: TLS_KEY_FILE)")
     _config_flag(health)
     health.set_defaults(run=_health)
 

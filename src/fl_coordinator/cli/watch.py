@@ -9,14 +9,18 @@ plain line per change, which ``grep`` and ``tail -f`` can follow.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import ssl
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+import h11
+import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
@@ -26,7 +30,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from ..errors import WatchError
+from ..errors import ConfigError, WatchError, first_of
 from ..status.rounds import ENDED
 from ..status.schema import StatusMessage
 
@@ -34,6 +38,10 @@ __all__ = ["LiveView", "PlainView", "View", "durations", "follow", "summary", "w
 
 #: Seconds to wait for the coordinator to complete the websocket handshake.
 _CONNECT_TIMEOUT = 10.0
+#: Seconds between attempts to follow a coordinator again after its stream ended.
+_RECONNECT = 2.0
+#: What a failed handshake raises: refused, timed out, unreachable, or not HTTP/1.1 there.
+_HANDSHAKE_FAILED = (HandshakeError, OSError, ValueError, h11.ProtocolError)
 #: Status lines kept under the live panel.
 _HISTORY = 8
 
@@ -103,6 +111,9 @@ def _values(message: StatusMessage) -> str:
 
 
 class View(Protocol):
+    def connected(self) -> None:
+        """A (new) connection to the stream: its first message is shown even if unchanged."""
+
     def show(self, message: StatusMessage) -> None: ...
 
 
@@ -127,6 +138,9 @@ class PlainView:
         self._out = out
         self._changes = _Changes()
 
+    def connected(self) -> None:
+        self._changes = _Changes()
+
     def show(self, message: StatusMessage) -> None:
         line = self._changes.line(message)
         if line is None:
@@ -147,6 +161,9 @@ class LiveView:
         self._live = live
         self._changes = _Changes()
         self._history: collections.deque[str] = collections.deque(maxlen=_HISTORY)
+
+    def connected(self) -> None:
+        self._changes = _Changes()
 
     def show(self, message: StatusMessage) -> None:
         line = self._changes.line(message)
@@ -214,27 +231,61 @@ def _tls(ca: Path | None) -> ssl.SSLContext | None:
         raise WatchError(f"{ca}: not a readable PEM CA bundle ({error})") from None
 
 
-async def follow(url: str, view: View, token: str | None = None, ca: Path | None = None) -> None:
+async def follow(
+    url: str,
+    view: View,
+    token: str | None = None,
+    ca: Path | None = None,
+    *,
+    reconnect: float | None = None,
+    note: Callable[[str], None] = lambda text: None,
+) -> None:
     """Show every status message from ``url`` until the stream ends; raise WatchError.
 
     ``ca``: the CA of a ``wss://`` coordinator whose certificate the system
-    does not trust (without it, the system's trust store).
+    does not trust (without it, the system's trust store). With
+    ``reconnect`` (seconds), a stream that ends or breaks after it was
+    followed (the coordinator restarts) is dialled again every ``reconnect``
+    seconds until it answers, and ``note`` is told once when it went and once
+    when it is back; a first connection that fails still raises.
     """
-    try:
-        async with open_websocket_url(
-            url,
-            ssl_context=_tls(ca),
-            extra_headers=_headers(token),
-            connect_timeout=_CONNECT_TIMEOUT,
-        ) as ws:
-            await _show_each(ws, view)
-    except (HandshakeError, OSError, ValueError) as error:
-        raise WatchError(f"cannot connect to {url}: {_reason(error)}") from None
-    raise WatchError(f"{url}: the coordinator closed the status stream")
+    tls = _tls(ca)
+    followed = away = False
+    while True:
+        try:
+            async with open_websocket_url(
+                url,
+                ssl_context=tls,
+                extra_headers=_headers(token),
+                connect_timeout=_CONNECT_TIMEOUT,
+            ) as ws:
+                if away:
+                    note(f"{url}: the status stream is back")
+                followed, away = True, False
+                view.connected()
+                await _show_each(ws, view)
+            error = WatchError(f"{url}: the coordinator closed the status stream")
+        except (*_HANDSHAKE_FAILED, BaseExceptionGroup) as failure:
+            if isinstance(failure, BaseExceptionGroup) and not failure.split(_HANDSHAKE_FAILED)[0]:
+                raise
+            error = WatchError(f"cannot connect to {url}: {_reason(failure)}")
+        if reconnect is None or not followed:
+            raise error
+        if not away:
+            note(f"{error}; connecting again every {reconnect:g} s (Ctrl-C stops)")
+            away = True
+        await trio.sleep(reconnect)
 
 
 def _reason(error: BaseException) -> str:
     """The most telling part of a failed connection: an HTTP status or an OS error."""
+    if isinstance(error, BaseExceptionGroup):
+        error = first_of(error, _HANDSHAKE_FAILED) or error
+    if isinstance(error, h11.ProtocolError):
+        return (
+            "it does not speak HTTP/1.1 (is that the coordinator's gRPC PORT? the status "
+            "stream is on STATUS_PORT, 50052 by default)"
+        )
     if isinstance(error, ConnectionRejected):
         return f"HTTP {error.status_code}"
     if isinstance(error, ConnectionTimeout):
@@ -248,16 +299,28 @@ def _reason(error: BaseException) -> str:
     return str(root) or type(root).__name__
 
 
+def _note(text: str) -> None:
+    """A note of ``watch`` itself (not a status line): on stderr, one line."""
+    print(f"fl-coordinator watch: {text}", file=sys.stderr, flush=True)
+
+
 async def watch(
     url: str, token: str | None = None, *, plain: bool | None = None, ca: Path | None = None
 ) -> None:
-    """``follow`` with the view that suits stdout: live panel on a terminal, else lines."""
+    """``follow`` with the view that suits stdout: live panel on a terminal, else lines.
+
+    A coordinator that restarts (or a stream that breaks) is followed again when
+    it is back, with a note on stderr; Ctrl-C stops.
+    """
+    if ca is not None and not url.startswith("wss://"):
+        raise ConfigError("--ca", str(ca), f"a wss:// URL to trust it for ({url} is plaintext)")
+    follow_here = functools.partial(follow, reconnect=_RECONNECT, note=_note)
     if plain is None:
         plain = not sys.stdout.isatty()
     if plain:
-        await follow(url, PlainView(sys.stdout), token, ca)
+        await follow_here(url, PlainView(sys.stdout), token, ca)
         return
     from rich.live import Live
 
     with Live(auto_refresh=False, transient=False) as live:
-        await follow(url, LiveView(live), token, ca)
+        await follow_here(url, LiveView(live), token, ca)

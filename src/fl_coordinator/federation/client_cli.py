@@ -9,12 +9,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
-
-from ..cli.running import run_until_signal
-from ..errors import GaveUp, first_of
+from ..cli.help import HelpFormatter
+from ..cli.running import exit_status, run_main
+from ..errors import BadAddress, ConfigError
 from ..logs import setup_logging
-from ..rpc.addresses import BadAddress, split_address
+from ..rpc.addresses import split_address
+from ..rpc.tls import client_context
 from .client import Client, ClientOptions
 from .training import Hyper
 
@@ -24,9 +24,28 @@ log = logging.getLogger("fl_coordinator.client")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fl-client", description="Reference FL client.")
+    parser = argparse.ArgumentParser(
+        prog="fl-client", description="Reference FL client.", formatter_class=HelpFormatter
+    )
     parser.add_argument("--selector", default="127.0.0.1:50051", help="selector host:port")
-    parser.add_argument("--data", type=Path, required=True, help=".npz file with arrays x and y")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help=".npz file with x (one row per sample) and y (integer labels); see README",
+    )
+    parser.add_argument(
+        "--selector-ca",
+        type=Path,
+        help="CA (PEM) of the selector's certificate: connect over TLS (its certificate must "
+        "name the host of --selector)",
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="the problem's model.h5, to check --data against before the first check-in "
+        "(without it: after the first download, before training)",
+    )
     parser.add_argument(
         "--work-dir",
         type=Path,
@@ -35,31 +54,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--rounds", type=int, default=1, help="rounds to take part in")
     parser.add_argument("--epochs", type=int, default=Hyper.epochs, help="local epochs per round")
-    parser.add_argument("--batch-size", type=int, default=Hyper.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=Hyper.learning_rate)
-    parser.add_argument("--momentum", type=float, default=Hyper.momentum)
-
+    parser.add_argument(
+        "--batch-size", type=int, default=Hyper.batch_size, help="local training batch size"
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=Hyper.learning_rate, help="SGD learning rate"
+    )
+    parser.add_argument("--momentum", type=float, default=Hyper.momentum, help="SGD momentum")
     parser.add_argument(
         "--max-refusals",
         type=int,
         default=100,
         help="refusals tolerated per round before giving up",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level.upper())
     try:
         split_address(args.selector)
-    except BadAddress as error:
-        print(f"fl-client: --selector: {error}", file=sys.stderr)
-        return 2
+    except BadAddress:
+        raise ConfigError("--selector", args.selector, "host:port") from None
     if not args.data.is_file():
-        print(f"fl-client: --data={str(args.data)!r}: expected an .npz file", file=sys.stderr)
-        return 2
+        raise ConfigError("--data", str(args.data), "an .npz file")
+    if args.model is not None and not args.model.is_file():
+        raise ConfigError("--model", str(args.model), "the problem's model file (model.h5)")
+    tls = None
+    if args.selector_ca is not None:
+        tls = client_context(str(args.selector_ca), ca_name="--selector-ca")
     with tempfile.TemporaryDirectory(prefix="fl-client-") as scratch:
         options = ClientOptions(
             selector=args.selector,
@@ -68,23 +92,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             hyper=Hyper(args.epochs, args.batch_size, args.learning_rate, args.momentum),
             rounds=args.rounds,
             max_refusals=args.max_refusals,
+            tls=tls,
+            model=args.model,
         )
         client = Client(options)
         log.info("client of %s with %d samples", args.selector, len(client.y))
-
-        try:
-            trio.run(run_until_signal, client.run)
-        except BaseExceptionGroup as group:
-            gave_up = first_of(group, GaveUp)
-            if gave_up is not None:
-                log.error("%s", gave_up)
-                return 1
-            unreachable = first_of(group, OSError)  # refused, reset, no route, no such host
-            if unreachable is None:
-                raise
-            log.error("selector %s cannot be reached: %s", args.selector, unreachable)
-            return 1
+        run_main(client.run)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return exit_status("fl-client", lambda: _run(args))
 
 
 if __name__ == "__main__":

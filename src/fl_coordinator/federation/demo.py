@@ -34,7 +34,7 @@ from .evaluation import SEED_VARIABLE, scores
 from .local import LocalFederation
 from .training import Hyper, compile_for_training, load_weights
 
-__all__ = ["DemoOptions", "run_demo"]
+__all__ = ["DemoOptions", "accuracy_figure", "run_demo"]
 
 #: Without any status message for this long, the demo gives up and points at the logs.
 _STALL_SECONDS = 180.0
@@ -282,10 +282,20 @@ class _Demo:
 
 
 def _plot(summary: dict[str, Any], dest: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = accuracy_figure(summary)
+    figure.savefig(dest, dpi=100)
+    plt.close(figure)
+
+
+def accuracy_figure(summary: dict[str, Any]) -> Any:
+    """A matplotlib figure of the demo's accuracy per round (whole rounds on the x axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     # Round 0 is the initial model, the same for both.
     initial = summary["initial_accuracy"]
@@ -297,6 +307,7 @@ def _plot(summary: dict[str, Any], dest: Path) -> None:
     axes.plot(rounds, federated, "o-", label=f"federated ({strategy})")
     axes.plot(range(len(centralized)), centralized, "s--", label="centralized (same epochs)")
     axes.set_xlabel("round (centralized: epochs / local epochs)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 0.5
 
     axes.set_ylabel("test accuracy")
     axes.set_title("digits, non-IID clients: accuracy per round")
@@ -304,8 +315,7 @@ def _plot(summary: dict[str, Any], dest: Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
-    figure.savefig(dest, dpi=100)
-    plt.close(figure)
+    return figure
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:

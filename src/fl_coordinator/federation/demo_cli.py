@@ -12,6 +12,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..cli.help import HelpFormatter
 from ..cli.running import exit_status
 from ..core.strategy import STRATEGIES
 from ..logs import setup_logging
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fl-coordinator demo",
         description="Run a whole federation on this machine (coordinator, selectors and "
         "clients as processes on 127.0.0.1), compared with centralized training.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--root", type=Path, default=_DEFAULTS.root, help="demo folder")
     parser.add_argument(

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..cli.help import HelpFormatter
 from ..cli.running import exit_status, run_main
-from ..config import Settings, load_settings
+from ..config import Settings, load_settings, warn_misspelt_environment
 from ..errors import ConfigError, InputError
 from ..logs import setup_logging
 from ..rpc.addresses import split_address
@@ -22,9 +23,17 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fl-selector", description="Reference FL selector.")
+    parser = argparse.ArgumentParser(
+        prog="fl-selector", description="Reference FL selector.", formatter_class=HelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="hold clients and pre-aggregate their updates")
+    serve = commands.add_parser(
+        "serve",
+        help="hold clients and pre-aggregate their updates",
+        description="Hold clients, send them initFiles/, sum their updates, report to the "
+        "coordinator.",
+        formatter_class=HelpFormatter,
+    )
     serve.add_argument("--coordinator", default="127.0.0.1:50050", help="coordinator host:port")
     serve.add_argument(
         "--root",
@@ -35,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="listen address")
     serve.add_argument("--port", type=int, default=50051, help="listen port (0 = any free)")
     serve.add_argument(
-        "--advertise", default=None, help="host part of the selector id, if --host is a wildcard"
+        "--advertise",
+        default=None,
+        help="host part of the selector id (no port: the port is --port's), as the coordinator "
+        "dials it; needed when --host is a wildcard (default: --host)",
     )
     serve.add_argument(
         "--waiting-time-ms",
@@ -96,6 +108,13 @@ def _security_options(args: argparse.Namespace, settings: Settings) -> dict[str,
     }
 
 
+def _has_port(host: str) -> bool:
+    """``host:port`` or ``[v6]:port`` (a bare IPv6 address has colons too, and no port)."""
+    if host.startswith("["):
+        return "]:" in host
+    return host.count(":") == 1
+
+
 def _serve(args: argparse.Namespace) -> int:
     settings, _ = load_settings()
     if args.root is not None:
@@ -104,8 +123,16 @@ def _serve(args: argparse.Namespace) -> int:
         split_address(args.coordinator)
     except InputError as error:
         raise ConfigError("--coordinator", args.coordinator, "host:port") from error
+    if args.advertise is not None and _has_port(args.advertise):
+        raise ConfigError(
+            "--advertise", args.advertise, "a host name or address without a port (--port's)"
+        )
     security = _security_options(args, settings)
+    if not settings.root.is_dir():
+        key = "--root" if args.root is not None else "FL_ROOT_PATH"
+        raise ConfigError(key, settings.fl_root_path, "the problem's shared folder (it must exist)")
     setup_logging(settings.log_level, settings.log_format)
+    warn_misspelt_environment()
     options = SelectorOptions(
         coordinator=args.coordinator,
         layout=Layout.from_settings(settings),

@@ -95,6 +95,26 @@ class Trainer:
             self._model_digest = digest
         return self._model
 
+    def data_problem(self, model_file: Path, x: np.ndarray, y: np.ndarray) -> str | None:
+        """Why ``x`` and ``y`` cannot train the model of ``model_file`` (None: they can).
+
+        ``x`` must have the model's input shape after the sample axis; the
+        labels, ``0 <= y < classes`` for the model's output (sparse
+        categorical cross-entropy), unless its output has one unit.
+        """
+        model = self._model_for(model_file)
+        wanted, have = tuple(model.input_shape[1:]), x.shape[1:]
+        fits = len(wanted) == len(have) and all(
+            w in (None, h) for w, h in zip(wanted, have, strict=True)
+        )
+        if not fits:
+            shape = ", ".join("any" if size is None else str(size) for size in wanted)
+            return f"samples of shape ({shape}) in x, as the model takes (x: {have})"
+        classes = model.output_shape[-1]
+        if classes and classes > 1 and (y.min() < 0 or y.max() >= classes):
+            return f"labels 0 to {classes - 1} in y (y: {y.min()} to {y.max()})"
+        return None
+
     def train(
         self, model_file: Path, checkpoint: Path, x: np.ndarray, y: np.ndarray, dest: Path
     ) -> int:

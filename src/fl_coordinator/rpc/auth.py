@@ -26,7 +26,7 @@ from purerpc.grpclib.events import RequestReceived
 from purerpc.rpc import Cardinality
 from purerpc.server import BoundRPCMethod
 
-from ..config import Settings, optional_token
+from ..config import Settings, check_not_placeholder, optional_token
 from ..errors import ConfigError
 from ..log_throttle import Throttle
 from ..logs import context_field
@@ -72,6 +72,7 @@ def load_token(settings: Settings) -> str:
         raise ConfigError(
             "AUTH_TOKEN_FILE", str(path), "a first line of printable ASCII without spaces"
         )
+    check_not_placeholder(f"AUTH_TOKEN_FILE ({path})", token)
     return token
 
 

@@ -30,7 +30,7 @@ from .layout import Layout
 from .swap import NotSupported, exchange
 from .weights import Weight
 
-__all__ = ["check_problem", "clean_tmp", "init_problem", "needs_init"]
+__all__ = ["check_problem", "clean_tmp", "init_problem", "needs_init", "open_root"]
 
 __all__: list[str] = []
 
@@ -177,6 +177,49 @@ def _carry_over(layout: Layout, staging: Path) -> None:
 def needs_init(layout: Layout) -> bool:
     """A folder with no ``initFiles/`` at all is new; anything else must be complete."""
     return not layout.init_files.exists()
+
+
+def open_root(layout: Layout, init_if_empty: bool = False) -> None:
+    """Refuse a problem folder ``serve`` cannot use as it is; initialise a new one only if asked.
+
+    A root that does not exist (a typo, an NFS mount that is not there) or has
+    no ``initFiles/`` is not started fresh behind the operator's back: that
+    would train a built-in model nobody asked for. With ``init_if_empty``
+    (``serve --init-if-empty``; the demo initialises its own folder) such a
+    folder is initialised with the built-in model, as ``init`` would. Raises
+    ConfigError (one line, exit status 2) for a root that is missing, not a
+    folder, or that this user cannot read and write; ProblemError if it
+    cannot be initialised.
+    """
+    root = layout.root
+    key = "FL_ROOT_PATH"
+    user = f"this user (uid {os.getuid()})"
+    try:
+        exists = root.exists()
+        if exists and not root.is_dir():
+            raise ConfigError(key, str(root), "a folder (it is a file)")
+        if exists and not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+            raise ConfigError(key, str(root), f"a folder {user} can read and write")
+        if exists and not needs_init(layout):
+            return
+    except OSError as error:  # a folder on the way cannot be looked into
+        raise ConfigError(
+            key, str(root), f"a folder {user} can read ({os_error_text(error)})"
+        ) from None
+    if not init_if_empty:
+        where = (
+            f"it has no {layout.init_files.name}/"
+            if exists
+            else "there is no such folder: a typo, or a mount that is not there?"
+        )
+        raise ConfigError(
+            key,
+            str(root),
+            f"an initialised problem folder ({where}); run `fl-coordinator init --root {root}` "
+            "once, or serve with --init-if-empty to initialise it with the built-in model",
+        )
+    log.info("%s has no %s/: initialising it with the built-in model", root, layout.init_files.name)
+    init_problem(layout)
 
 
 def _check_hdf5(path: Path, key: str, what: str) -> None:

@@ -1,18 +1,25 @@
-"""One connection from a selector to its coordinator, shared by every call, dialled again when gone.
+"""One gRPC connection to a peer, shared by every call, dialled again when gone.
 
-The Go selector dials the coordinator for every call and never closes the
-connection: one descriptor lost per client on both sides. A
-:class:`CoordinatorLink` keeps one HTTP/2 connection, on which concurrent
-calls are multiplexed (at most :data:`MAX_CONCURRENT_CALLS`, below the
-coordinator's 100 streams per connection), and dials a new one when the
+The reference selector calls its coordinator, and the reference client its
+selector, through a :class:`GrpcLink`. The Go selector dials the coordinator
+for every call and never closes the connection: one descriptor lost per
+client on both sides. A link keeps one HTTP/2 connection, on which
+concurrent calls are multiplexed (at most :data:`MAX_CONCURRENT_CALLS`, below
+the coordinator's 100 streams per connection), and dials a new one when the
 last is gone:
 
-* the coordinator closed it (idle: GOAWAY; restarted: end of stream) or it
-  broke: calls in flight on it fail at once instead of waiting out their
-  time limit (purerpc's client would wait for ever), and the next call dials;
-* it sat unused for :data:`IDLE_CLOSE` seconds: the selector closes it
-  itself, before the coordinator's ``IDLE_CONNECTION_TIMEOUT`` (30 s by
-  default) does, so a call never races the coordinator's GOAWAY.
+* the peer closed it (idle: GOAWAY; restarted: end of stream) or it broke:
+  calls in flight on it fail at once with :class:`LinkLost` instead of
+  waiting out their time limit (purerpc's client would wait for ever), and
+  the next call dials;
+* it sat unused for :data:`IDLE_CLOSE` seconds: the link closes it itself,
+  before the coordinator's ``IDLE_CONNECTION_TIMEOUT`` (30 s by default)
+  does, so a call never races the coordinator's GOAWAY.
+
+A peer that is not a gRPC server (the coordinator's status port, an HTTP/1.1
+server, a TLS server dialled in plaintext) answers the HTTP/2 preface with
+something else and closes: :class:`LinkLost` carries the first bytes it sent,
+so the caller can say what listens there (:mod:`.call_errors`).
 
 A failed call is not retried: a check-in the coordinator may have counted
 must not be counted twice. The caller decides (a client is told to come back).
@@ -27,13 +34,12 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 import trio
-from google.protobuf.message import Message
 from h2.connection import ConnectionState
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.config import GRPCConfiguration
@@ -41,9 +47,11 @@ from purerpc.grpclib.exceptions import RpcFailedError
 
 from ..rpc.addresses import split_address
 
-__all__ = ["IDLE_CLOSE", "MAX_CONCURRENT_CALLS", "CoordinatorLink"]
+__all__ = ["IDLE_CLOSE", "MAX_CONCURRENT_CALLS", "GrpcLink", "LinkLost"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Calls in flight at once on the connection.
 MAX_CONCURRENT_CALLS = 64
@@ -52,9 +60,25 @@ IDLE_CLOSE = 20.0
 
 _ENDED = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError)
 
+#: Bytes of the peer's first answer kept, to tell what listens there.
+_FIRST_BYTES = 32
+
+
+class LinkLost(trio.BrokenResourceError):
+    """The connection ended before the call was answered.
+
+    ``answered``: the first bytes the peer ever sent on it (``b""``: none),
+    which tell a gRPC server that went away from something else listening
+    there (``b"HTTP/1.1 400"``: an HTTP/1 server; ``b"\\x15\\x03"``: a TLS alert).
+    """
+
+    def __init__(self, message: str, answered: bytes = b"") -> None:
+        super().__init__(message)
+        self.answered = answered
+
 
 def _answered(error: BaseException) -> bool:
-    """Is ``error`` the coordinator's answer (a gRPC status), so the connection is fine?"""
+    """Is ``error`` the peer's answer (a gRPC status), so the connection is fine?"""
     if isinstance(error, BaseExceptionGroup):
         return error.split(RpcFailedError)[1] is None
     return isinstance(error, RpcFailedError)
@@ -66,13 +90,17 @@ class _Watched(anyio.abc.ByteStream):
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self._stream = stream
         self.ended = trio.Event()
+        self.first_bytes = b""  # what the peer sent first (see LinkLost)
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         try:
-            return await self._stream.receive(max_bytes)
+            data = await self._stream.receive(max_bytes)
         except _ENDED:
             self.ended.set()
             raise
+        if len(self.first_bytes) < _FIRST_BYTES:
+            self.first_bytes += data[: _FIRST_BYTES - len(self.first_bytes)]
+        return data
 
     async def send(self, item: bytes) -> None:
         try:
@@ -117,15 +145,22 @@ class _Connection:
         self.stream.ended.set()
 
 
-class CoordinatorLink:
-    """Calls to the coordinator at ``address`` over one shared connection (TLS with a context)."""
+class GrpcLink:
+    """Calls to the ``peer`` (a name for messages) at ``address`` over one shared connection
+    (TLS with ``ssl_context``)."""
 
     def __init__(
-        self, nursery: trio.Nursery, address: str, ssl_context: ssl.SSLContext | None = None
+        self,
+        nursery: trio.Nursery,
+        address: str,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        peer: str = "coordinator",
     ) -> None:
         self._nursery = nursery
         self._address = address
         self._ssl_context = ssl_context
+        self._peer = peer
         self._connection: _Connection | None = None
         self._dialing = trio.Lock()
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_CALLS)
@@ -137,13 +172,16 @@ class CoordinatorLink:
         """A connection is open and usable (the next call will not dial)."""
         return self._connection is not None and self._connection.usable
 
-    async def call(self, stub: type, method: str, request: Message, metadata: Any) -> Message:
-        """``stub(channel).method(request)``, dialling first if needed (the caller bounds the time).
+    async def call(self, invoke: Callable[[Any], Awaitable[T]]) -> T:
+        """``await invoke(channel)``, dialling first if needed (the caller bounds the time).
 
-        Raises what the call raised (``purerpc.RpcFailedError`` for the
-        coordinator's answer) and ``trio.BrokenResourceError`` if the
-        connection was lost meanwhile. A call that did not end with the
-        coordinator's answer (broken, timed out) drops the connection.
+        ``invoke`` makes one call with a generated stub on ``channel``
+        (``Stub(channel).Method(request, metadata=...)``, or a whole
+        streaming exchange). Raises what the call raised
+        (``purerpc.RpcFailedError`` for the peer's answer), OSError if it
+        cannot be dialled, and :class:`LinkLost` if the connection ended
+        meanwhile. A call that did not end with the peer's answer (broken,
+        timed out) drops the connection.
         """
         async with self._limiter:
             connection = await self._connected()
@@ -152,9 +190,10 @@ class CoordinatorLink:
             connection.idle.deadline = math.inf
             try:
                 with scope:
-                    return await getattr(stub(connection), method)(request, metadata=metadata)
-                raise trio.BrokenResourceError(
-                    f"the connection to the coordinator {self._address} was lost"
+                    return await invoke(connection)
+                raise LinkLost(
+                    f"the connection to the {self._peer} at {self._address} was lost",
+                    connection.stream.first_bytes,
                 )
             except BaseException as error:
                 if not _answered(error):
@@ -200,7 +239,7 @@ class CoordinatorLink:
         except Exception as error:
             if connection is None:
                 raise
-            log.debug("connection to the coordinator %s ended: %r", self._address, error)
+            log.debug("connection to the %s %s ended: %r", self._peer, self._address, error)
         finally:
             if connection is not None:
                 for scope in connection.calls:

@@ -28,7 +28,8 @@ WAIT_MS = 750
 
 
 class RecordingCoordinator(fl_intra_grpc.FlIntraServicer, fl_intra_batch_grpc.FlIntraBatchServicer):
-    """Refuses every client; ``connections`` lists the peer address of each call."""
+    """Refuses every client; ``connections`` lists the peer address of each call about
+    clients (not the selector's start-up call, a batch of none)."""
 
     def __init__(self) -> None:
         self.connections: list[str] = []
@@ -42,7 +43,8 @@ class RecordingCoordinator(fl_intra_grpc.FlIntraServicer, fl_intra_batch_grpc.Fl
     async def CheckInClients(
         self, message: fl_intra_batch_pb2.ClientBatch
     ) -> fl_intra_batch_pb2.ClientsAccepted:
-        self.connections.append(context_field("peer"))
+        if message.clients:
+            self.connections.append(context_field("peer"))
         return fl_intra_batch_pb2.ClientsAccepted(accepted=0)
 
     async def serve(
