@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import trio
+from helpers.h2peer import CHECK_IN, RawPeer, check_in_body
 from helpers.peers import (
     FakeSelector,
     PurerpcClient,
@@ -74,6 +75,53 @@ async def test_check_in_during_aggregation_is_accepted_into_next_round(
     round2 = await watcher.wait_for(lambda m: m["round"] == 2 and m["stage"] == "CONFIGURATION")
     assert answers == [True]
     assert (round2["accepted"], round2["selectors"], round2["held"]) == (1, [second.id], 0)
+    assert (await watcher.wait_for(completed(1)))["stage"] == "COMPLETED"
+
+
+async def test_a_held_check_in_whose_connection_closes_is_not_admitted(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
+) -> None:
+    """A check-in held while the round aggregates, then its peer closes the connection.
+
+    Before: the next round admitted it (and reached its goal of 1 with it),
+    counting a client no selector knew it held; only "a selector gave up
+    waiting" was logged. Now the round forgets it when the caller is gone.
+    """
+    started, release = trio.Event(), threading.Event()
+
+    def paced_aggregate(*args):
+        trio.from_thread.run_sync(started.set)
+        release.wait(timeout=30)
+        return aggregate(*args)
+
+    endpoints = await nursery.start(
+        lambda task_status: serve(
+            settings.replace(checkin_limit=1), aggregator=paced_aggregate, task_status=task_status
+        )
+    )
+    first = await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    assert await client.check_in(first.id) is True
+    await first.told.receive()
+    write_aggregate(layout, first.id, keras_weights[0], weight=1)
+    await client.report(first.id)
+    await started.wait()
+
+    peer = await trio.to_thread.run_sync(RawPeer, endpoints.grpc_port)
+    peer.open_stream(CHECK_IN, check_in_body("127.0.0.1:9"), end=True)
+    await trio.to_thread.run_sync(peer.send)
+    held = await watcher.wait_for(lambda m: m["held"] == 1)
+    assert (held["round"], held["aggregating"]) == (1, True)
+    peer.close()
+    after = len(watcher.messages)
+    # the next snapshot: the held check-in is forgotten while the round still aggregates
+    gone = await watcher.wait_for(lambda m: any(m is x for x in watcher.messages[after:]))
+    assert (gone["round"], gone["aggregating"], gone["held"]) == (1, True, 0)
+    release.set()
+
+    round2 = await watcher.wait_for(lambda m: m["round"] == 2)
+    assert (round2["stage"], round2["accepted"], round2["selectors"]) == ("SELECTION", 0, [])
     assert (await watcher.wait_for(completed(1)))["stage"] == "COMPLETED"
 
 

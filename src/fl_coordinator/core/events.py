@@ -35,6 +35,7 @@ __all__ = [
     "StillWaiting",
     "Validate",
     "WindowClosed",
+    "Withdrawn",
 ]
 
 
@@ -49,6 +50,15 @@ class CheckIn:
     selector: str
     reply_to: Hashable
     clients: int = 1
+
+
+@dataclass(frozen=True)
+class Withdrawn:
+    """The caller of the check-in ``reply_to`` stopped waiting before it was answered (its
+    connection closed): a held check-in is dropped, never admitted for clients nobody holds."""
+
+    selector: str
+    reply_to: Hashable
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,7 @@ class AggregationDone:
 
 Event = (
     CheckIn | BroadcastDone | SelectorReported | ContributionValidated | WindowClosed
-    | AggregationDone | Refused | Release | StillWaiting
+    | AggregationDone | Refused | Release | StillWaiting | Withdrawn
 )  # fmt: skip
 
 
