@@ -13,6 +13,7 @@ from helpers.h2peer import CHECK_IN, RawPeer, check_in_body
 from helpers.peers import (
     FakeSelector,
     PurerpcClient,
+    StatusWatcher,
     assert_arrays_close,
     completed,
     fedavg,
@@ -22,7 +23,7 @@ from helpers.peers import (
     write_aggregate,
 )
 
-from fl_coordinator.app import build_coordinator, serve
+from fl_coordinator.app import Endpoints, build_coordinator, serve
 from fl_coordinator.config import Settings
 from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.storage.aggregation import aggregate
@@ -34,9 +35,13 @@ def digest(layout: Layout) -> str:
     return hashlib.sha256(layout.checkpoint.read_bytes()).hexdigest()
 
 
-async def test_check_in_during_aggregation_is_accepted_into_next_round(
+async def aggregating_round(
     settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
-) -> None:
+) -> tuple[Endpoints, StatusWatcher, PurerpcClient, threading.Event]:
+    """A coordinator (goal 1) whose round 1 is aggregating, held at a gate until ``release``.
+
+    Returns its endpoints, a status watcher, a client, and the gate.
+    """
     started, release = trio.Event(), threading.Event()
 
     def paced_aggregate(*args):  # the real aggregation, held at the gate until released
@@ -50,15 +55,21 @@ async def test_check_in_during_aggregation_is_accepted_into_next_round(
         )
     )
     first = await FakeSelector().start(nursery)
-    second = await FakeSelector().start(nursery)
     watcher = await watch(nursery, endpoints.status_url)
     client = PurerpcClient(endpoints.grpc_port)
-
     assert await client.check_in(first.id) is True
     await first.told.receive()
     write_aggregate(layout, first.id, keras_weights[0], weight=1)
     await client.report(first.id)
     await started.wait()
+    return endpoints, watcher, client, release
+
+
+async def test_check_in_during_aggregation_is_accepted_into_next_round(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
+) -> None:
+    _, watcher, client, release = await aggregating_round(settings, layout, keras_weights, nursery)
+    second = await FakeSelector().start(nursery)
 
     answers: list[bool] = []
 
@@ -87,26 +98,9 @@ async def test_a_held_check_in_whose_connection_closes_is_not_admitted(
     counting a client no selector knew it held; only "a selector gave up
     waiting" was logged. Now the round forgets it when the caller is gone.
     """
-    started, release = trio.Event(), threading.Event()
-
-    def paced_aggregate(*args):
-        trio.from_thread.run_sync(started.set)
-        release.wait(timeout=30)
-        return aggregate(*args)
-
-    endpoints = await nursery.start(
-        lambda task_status: serve(
-            settings.replace(checkin_limit=1), aggregator=paced_aggregate, task_status=task_status
-        )
+    endpoints, watcher, _, release = await aggregating_round(
+        settings, layout, keras_weights, nursery
     )
-    first = await FakeSelector().start(nursery)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
-    assert await client.check_in(first.id) is True
-    await first.told.receive()
-    write_aggregate(layout, first.id, keras_weights[0], weight=1)
-    await client.report(first.id)
-    await started.wait()
 
     peer = await trio.to_thread.run_sync(RawPeer, endpoints.grpc_port)
     peer.open_stream(CHECK_IN, check_in_body("127.0.0.1:9"), end=True)
