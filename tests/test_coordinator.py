@@ -9,9 +9,11 @@ import threading
 
 import pytest
 import trio
+from helpers.h2peer import CHECK_IN, RawPeer, check_in_body
 from helpers.peers import (
     FakeSelector,
     PurerpcClient,
+    StatusWatcher,
     assert_arrays_close,
     completed,
     fedavg,
@@ -21,7 +23,7 @@ from helpers.peers import (
     write_aggregate,
 )
 
-from fl_coordinator.app import build_coordinator, serve
+from fl_coordinator.app import Endpoints, build_coordinator, serve
 from fl_coordinator.config import Settings
 from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.storage.aggregation import aggregate
@@ -33,9 +35,13 @@ def digest(layout: Layout) -> str:
     return hashlib.sha256(layout.checkpoint.read_bytes()).hexdigest()
 
 
-async def test_check_in_during_aggregation_is_accepted_into_next_round(
+async def aggregating_round(
     settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
-) -> None:
+) -> tuple[Endpoints, StatusWatcher, PurerpcClient, threading.Event]:
+    """A coordinator (goal 1) whose round 1 is aggregating, held at a gate until ``release``.
+
+    Returns its endpoints, a status watcher, a client, and the gate.
+    """
     started, release = trio.Event(), threading.Event()
 
     def paced_aggregate(*args):  # the real aggregation, held at the gate until released
@@ -49,15 +55,21 @@ async def test_check_in_during_aggregation_is_accepted_into_next_round(
         )
     )
     first = await FakeSelector().start(nursery)
-    second = await FakeSelector().start(nursery)
     watcher = await watch(nursery, endpoints.status_url)
     client = PurerpcClient(endpoints.grpc_port)
-
     assert await client.check_in(first.id) is True
     await first.told.receive()
     write_aggregate(layout, first.id, keras_weights[0], weight=1)
     await client.report(first.id)
     await started.wait()
+    return endpoints, watcher, client, release
+
+
+async def test_check_in_during_aggregation_is_accepted_into_next_round(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
+) -> None:
+    _, watcher, client, release = await aggregating_round(settings, layout, keras_weights, nursery)
+    second = await FakeSelector().start(nursery)
 
     answers: list[bool] = []
 
@@ -74,6 +86,36 @@ async def test_check_in_during_aggregation_is_accepted_into_next_round(
     round2 = await watcher.wait_for(lambda m: m["round"] == 2 and m["stage"] == "CONFIGURATION")
     assert answers == [True]
     assert (round2["accepted"], round2["selectors"], round2["held"]) == (1, [second.id], 0)
+    assert (await watcher.wait_for(completed(1)))["stage"] == "COMPLETED"
+
+
+async def test_a_held_check_in_whose_connection_closes_is_not_admitted(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
+) -> None:
+    """A check-in held while the round aggregates, then its peer closes the connection.
+
+    Before: the next round admitted it (and reached its goal of 1 with it),
+    counting a client no selector knew it held; only "a selector gave up
+    waiting" was logged. Now the round forgets it when the caller is gone.
+    """
+    endpoints, watcher, _, release = await aggregating_round(
+        settings, layout, keras_weights, nursery
+    )
+
+    peer = await trio.to_thread.run_sync(RawPeer, endpoints.grpc_port)
+    peer.open_stream(CHECK_IN, check_in_body("127.0.0.1:9"), end=True)
+    await trio.to_thread.run_sync(peer.send)
+    held = await watcher.wait_for(lambda m: m["held"] == 1)
+    assert (held["round"], held["aggregating"]) == (1, True)
+    peer.close()
+    after = len(watcher.messages)
+    # the next snapshot: the held check-in is forgotten while the round still aggregates
+    gone = await watcher.wait_for(lambda m: any(m is x for x in watcher.messages[after:]))
+    assert (gone["round"], gone["aggregating"], gone["held"]) == (1, True, 0)
+    release.set()
+
+    round2 = await watcher.wait_for(lambda m: m["round"] == 2)
+    assert (round2["stage"], round2["accepted"], round2["selectors"]) == ("SELECTION", 0, [])
     assert (await watcher.wait_for(completed(1)))["stage"] == "COMPLETED"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
+import h2.errors
 import pytest
 import trio
 import trio_websocket
@@ -173,6 +175,110 @@ def test_unfinished_streams_are_released_when_the_peer_closes(
             assert server.rss_kib() - first_rss < 4 * 1024, (attack, first_rss, server.rss_kib())
     assert check_in(port, TOKEN) is True
     stop(server)
+
+
+MESSAGE = 4 * 1024 * 1024  # GRPC_MAX_MESSAGE_BYTES's default
+MIB = 1024
+
+
+def window_fillers(port: int, connections: int) -> list[RawPeer]:
+    """Connections whose flow-control window (two messages) is full of two half-sent messages."""
+    peers = []
+    for _ in range(connections):
+        peer = RawPeer(port)
+        peer.send()
+        while peer.h2.outbound_flow_control_window < 2 * MESSAGE - 65535 or (
+            peer.h2.remote_settings.initial_window_size < MESSAGE
+        ):
+            assert peer.receive(), "the server closed a connection before its window opened"
+        for _ in range(2):
+            stream_id = peer.open_stream(CHECK_IN)
+            # a message that announces MESSAGE bytes and stops short of it
+            body = struct.pack(">BI", 0, MESSAGE) + b"\x0a" * (MESSAGE - 1)
+            body = body[: peer.h2.local_flow_control_window(stream_id)]
+            for start_at in range(0, len(body), 16384):
+                peer.h2.send_data(stream_id, body[start_at : start_at + 16384])
+            peer.send()
+        peers.append(peer)
+    return peers
+
+
+def shed(peer: RawPeer) -> bool:
+    """Has the server closed ``peer``'s connection? (What it sent, the GOAWAY, is read into h2.)"""
+    peer.sock.setblocking(False)
+    try:
+        while peer.receive():
+            pass
+    except BlockingIOError:
+        return False
+    return True
+
+
+def health_of(port: int, service: str) -> grpc.StatusCode:
+    """A health check of ``service`` over grpcio: the status code the server answered with."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        try:
+            check(health_pb2.HealthCheckRequest(service=service), timeout=60)
+        except grpc.RpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+
+def test_half_sent_messages_hold_at_most_the_budget_and_memory_comes_back(
+    settings: Settings, served: list[Served]
+) -> None:
+    """20 connections fill their 8 MiB windows with half-sent messages, over a 16 MiB budget.
+
+    Before: each connection held its whole window (about 8.5 MB of RSS each,
+    160 MiB here) for as long as it sent HEADERS+RST now and then, and the
+    memory stayed with the allocator after the peers closed. Now the process
+    holds at most the budget (the most stalled connections are closed with
+    GOAWAY ENHANCE_YOUR_CALM), a legitimate message of almost
+    GRPC_MAX_MESSAGE_BYTES still gets its answer while the attackers hold
+    their share, and RSS comes back near its baseline once the peers close.
+    """
+    budget = 16 * 1024 * 1024
+    server, port, _ = start(
+        settings,
+        served,
+        GRPC_MAX_BUFFERED_BYTES=str(budget),
+        IDLE_CONNECTION_TIMEOUT="0",  # only the budget closes them, however slow the machine
+    )
+    # warm up what a large message costs once (parsing, grpcio's answer), then the baseline
+    assert health_of(port, "x" * (MESSAGE - 64)) == grpc.StatusCode.NOT_FOUND
+    assert check_in(port) is True
+    baseline = server.rss_kib()
+
+    attackers = window_fillers(port, 20)
+    # the budget holds two full windows: the other 18 are closed, the two kept
+    assert wait_until(lambda: sum(map(shed, attackers)) >= 18, 30)
+    held = server.rss_kib() - baseline
+    assert held < budget // 1024 + 24 * MIB, (baseline, held)  # 160 MiB before
+
+    # a legitimate message of almost 4 MiB is read whole and answered (NOT_FOUND: no such
+    # service); the most stalled attacker makes room for it
+    assert health_of(port, "x" * (MESSAGE - 64)) == grpc.StatusCode.NOT_FOUND
+    kept = [peer for peer in attackers if not shed(peer)]
+    assert len(kept) == 1, len(kept)
+    goaways = [peer.goaway() for peer in attackers if peer.goaway() is not None]
+    assert goaways and all(
+        g.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM for g in goaways
+    ), goaways
+
+    for peer in attackers:
+        peer.close()
+    assert wait_until(lambda: server.rss_kib() - baseline < 8 * MIB, 10), (
+        baseline,
+        server.rss_kib(),
+    )
+    log = stop(server)
+    assert "over GRPC_MAX_BUFFERED_BYTES=16777216" in log
+    assert "Traceback" not in log
 
 
 # -- the process's descriptor limit -------------------------------------------------------

@@ -322,6 +322,7 @@ async def serve(
                 ssl_context=grpc_tls,
                 guard=guard,
                 max_message_bytes=settings.grpc_max_message_bytes,
+                max_buffered_bytes=settings.grpc_max_buffered_bytes,
                 limits=connection_limits,
             )
         )

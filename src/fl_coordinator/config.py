@@ -577,6 +577,15 @@ KEYS: tuple[Key, ...] = (
         "Largest gRPC message accepted; a larger one closes its connection.",
     ),
     Key(
+        "GRPC_MAX_BUFFERED_BYTES",
+        64 * 1024 * 1024,
+        _positive_int,
+        "an integer >= 1 (bytes), raised to twice GRPC_MAX_MESSAGE_BYTES",
+        "Bytes of gRPC requests received and not read yet (half-sent messages, unfinished "
+        "headers), all connections together; past it the connection whose data waited "
+        "longest is closed (GOAWAY ENHANCE_YOUR_CALM).",
+    ),
+    Key(
         "MAX_STATUS_SUBSCRIBERS",
         1000,
         _non_negative_int,
@@ -765,6 +774,7 @@ class Settings:
     allowed_selectors: tuple[str, ...]
     status_token: str = field(repr=False)
     grpc_max_message_bytes: int
+    grpc_max_buffered_bytes: int
     max_status_subscribers: int
     status_max_message_bytes: int
     max_connections: int

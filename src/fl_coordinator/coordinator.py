@@ -45,6 +45,7 @@ from .core.events import (
     StillWaiting,
     Validate,
     WindowClosed,
+    Withdrawn,
 )
 from .core.rounds import Round, Rules
 from .core.stages import Stage
@@ -214,7 +215,16 @@ class Coordinator:
             await slot.ready.wait()
         finally:
             slot.waiting = False
+            if not slot.ready.is_set():
+                await self._withdraw(selector, slot)
         return Admission(slot.value, slot.round)
+
+    async def _withdraw(self, selector: str, slot: _AnswerSlot) -> None:
+        """The caller is gone (its connection closed) before its answer: if the round holds
+        the check-in (it is aggregating), it must not admit clients nobody holds."""
+        gone = contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError)
+        with trio.CancelScope(shield=True), gone:  # the caller's task is being cancelled
+            await self._events_in.send(Withdrawn(selector, slot))
 
     async def release(self, selector: str, clients: int, round: int) -> int:
         """``selector`` let go ``clients`` clients of round ``round``: how many are un-counted?"""

@@ -30,6 +30,7 @@ from fl_coordinator.core.events import (
     StillWaiting,
     Validate,
     WindowClosed,
+    Withdrawn,
 )
 from fl_coordinator.core.rounds import Round, Rules
 from fl_coordinator.core.stages import Stage
@@ -147,6 +148,19 @@ def test_check_ins_during_aggregation_are_held_for_next_round() -> None:
     assert replies(effects) == [(2, True), (3, False)]
     assert of_type(effects, Broadcast) == [Broadcast(2, ("b:1",))]
     assert machine.number == 2 and machine.stage is Stage.CONFIGURATION
+
+
+def test_a_withdrawn_held_check_in_is_never_admitted() -> None:
+    machine = Round(Rules(goal=1))
+    machine.handle(CheckIn("a:1", 1))
+    report(machine, "a:1")
+    machine.handle(CheckIn("b:1", 2))
+    machine.handle(CheckIn("c:1", 3))
+    assert of_type(machine.handle(Withdrawn("b:1", 2)), Status)[0].held == 1
+    assert machine.handle(Withdrawn("b:1", 2)) == []  # once; and unknown callers change nothing
+    effects = machine.handle(AggregationDone(1))
+    assert replies(effects) == [(3, True)]
+    assert of_type(effects, Broadcast) == [Broadcast(2, ("c:1",))]
 
 
 def test_answer_to_goal_count_reached_outside_configuration_is_ignored() -> None:
@@ -358,6 +372,7 @@ operations = st.lists(
         st.tuples(st.just("checked"), st.booleans()),
         st.tuples(st.just("window"), st.sampled_from([Stage.SELECTION, Stage.REPORTING])),
         st.tuples(st.just("evaluated"), st.sampled_from([0.1, 0.9, None])),
+        st.tuples(st.just("withdrawn"), st.integers(0, 3)),
     ),
     max_size=150,
 )
@@ -394,6 +409,9 @@ def to_event(machine: Round, op: tuple, tokens: itertools.count) -> Event:
             if accuracy is None:
                 return Evaluated(machine.number - 1, error="it raised")
             return Evaluated(machine.number - 1, (("accuracy", accuracy),))
+        case ("withdrawn", index):  # a held caller's connection closed (or one answered)
+            callers = [c.reply_to for c in machine.held] or [(0, SELECTORS[0])]
+            return Withdrawn(SELECTORS[0], callers[index % len(callers)])
     raise AssertionError(op)
 
 
@@ -416,6 +434,7 @@ def test_random_event_sequences_keep_the_invariants(
     tokens = itertools.count()
     asked: dict[object, int] = {}
     answered: Counter[object] = Counter()
+    withdrawn: set[object] = set()
     finished_rounds = 0
     accepted_total = 0
     released_total = 0
@@ -426,6 +445,8 @@ def test_random_event_sequences_keep_the_invariants(
         event = to_event(machine, op, tokens)
         if isinstance(event, CheckIn):
             asked[event.reply_to] = event.clients
+        if isinstance(event, Withdrawn) and event.reply_to in {c.reply_to for c in machine.held}:
+            withdrawn.add(event.reply_to)
         effects = machine.handle(event)
 
         # Never more than the goal accepted in a round; selectors hold exactly those.
@@ -487,10 +508,12 @@ def test_random_event_sequences_keep_the_invariants(
         assert machine.number == finished_rounds + (0 if ended_here else 1)
         assert rounds == 0 or machine.number <= rounds + 1
 
-    # Every check-in is answered exactly once, or still held for the next round.
+    # Every check-in is answered exactly once, or still held for the next round, or was
+    # withdrawn while held (and never answered).
     held = {c.reply_to for c in machine.held}
     assert all(count == 1 for count in answered.values())
-    assert set(answered) | held == set(asked) and not set(answered) & held
+    assert set(answered) | held | withdrawn == set(asked)
+    assert not set(answered) & held and not set(answered) & withdrawn and not held & withdrawn
     # Accepted answers never exceed the goal per round, but for clients released while
     # selecting (drops only lower the count).
     assert accepted_total - released_total <= goal * machine.number

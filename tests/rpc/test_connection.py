@@ -7,7 +7,9 @@ A coordinator on loopback (in process); peers are raw HTTP/2 connections
 from __future__ import annotations
 
 import gzip
+import math
 import struct
+import time
 import zlib
 from collections.abc import Callable
 
@@ -40,6 +42,40 @@ async def test_idle_connection_is_closed_with_goaway(
     assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
     assert goaway.last_stream_id == 1  # the call it answered
     assert waited >= 0.4  # not before the idle time (counted from the answer)
+    peer.close()
+
+
+def park_and_reset(peer: RawPeer, limit: float) -> float:
+    """Park part of a message, then HEADERS + RST_STREAM every 0.1 s: seconds until closed."""
+    stream_id = peer.open_stream(CHECK_IN)
+    peer.h2.send_data(stream_id, struct.pack(">BI", 0, 1000) + b"\x0a" * 10)
+    peer.send()
+    peer.sock.settimeout(0.1)
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        try:
+            if peer.goaway() is None:
+                peer.reset(peer.open_stream(CHECK_IN))
+                peer.send()
+            if not peer.receive():
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - started
+    return math.inf
+
+
+async def test_half_sent_messages_and_resets_are_not_call_traffic(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    """Parked data with HEADERS+RST now and then is idle (before: kept open forever)."""
+    endpoints = await nursery.start(serve, settings.replace(idle_connection_timeout=0.5))
+    peer = await connected(endpoints.grpc_port)
+    waited = await trio.to_thread.run_sync(park_and_reset, peer, 30)
+    assert waited < 30
+    goaway = peer.goaway()
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
     peer.close()
 
 

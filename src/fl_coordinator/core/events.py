@@ -38,6 +38,7 @@ __all__ = [
     "StillWaiting",
     "Validate",
     "WindowClosed",
+    "Withdrawn",
 ]
 
 
@@ -52,6 +53,15 @@ class CheckIn:
     selector: str
     reply_to: Hashable
     clients: int = 1
+
+
+@dataclass(frozen=True)
+class Withdrawn:
+    """The caller of the check-in ``reply_to`` stopped waiting before it was answered (its
+    connection closed): a held check-in is dropped, never admitted for clients nobody holds."""
+
+    selector: str
+    reply_to: Hashable
 
 
 @dataclass(frozen=True)
@@ -144,7 +154,7 @@ class Evaluated:
 
 Event = (
     CheckIn | BroadcastDone | SelectorReported | ContributionValidated | WindowClosed
-    | AggregationDone | Refused | Release | StillWaiting | Evaluated
+    | AggregationDone | Refused | Release | StillWaiting | Evaluated | Withdrawn
 )  # fmt: skip
 
 

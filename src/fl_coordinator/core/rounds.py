@@ -48,6 +48,7 @@ from .events import (
     StillWaiting,
     Validate,
     WindowClosed,
+    Withdrawn,
 )
 from .stages import Cause, Stage, next_stage
 from .stopping import RoundMetrics, StopWhen
@@ -213,6 +214,8 @@ class Round:
                 return self._still_waiting(event)
             case Evaluated():
                 return self._evaluated(event)
+            case Withdrawn():
+                return self._withdrawn(event)
         raise TypeError(f"not a round event: {event!r}")
 
     def _move(self, cause: Cause) -> None:
@@ -244,6 +247,15 @@ class Round:
             effects.append(self.status())
             return effects
         return effects + self._configure(Cause.GOAL_REACHED, f"goal of {self.goal} reached")
+
+    def _withdrawn(self, event: Withdrawn) -> list[Effect]:
+        """Forget a held check-in whose caller is gone. One already answered stays counted,
+        even if the answer could not be delivered (logged as "gave up waiting")."""
+        kept = [check_in for check_in in self.held if check_in.reply_to is not event.reply_to]
+        if len(kept) == len(self.held):
+            return []
+        self.held = kept
+        return [self.status()]
 
     def _refuse(self, event: CheckIn, why: str) -> list[Effect]:
         return [

@@ -34,10 +34,16 @@ and dispatch:
   h2 ends a connection that opens more), 16 KiB frames, a connection window
   of two messages, and reading stops while more than :data:`MAX_UNSENT_BYTES`
   of answers wait for a peer that does not read them;
-* a connection without call traffic (request headers or data in, answers
-  out; pings do not count) for ``idle_timeout`` seconds is closed with an
-  HTTP/2 GOAWAY (NO_ERROR), and so is one closed to make room for another
-  (:class:`~..connections.Gate`); grpcio and grpc-go clients then dial again;
+* what the peer sent and no call has read yet (parts of messages, an
+  unfinished header block) is counted in the process's
+  :class:`~.read_budget.ReadBudget`; over it, the connections whose data
+  waited longest are closed (GOAWAY ENHANCE_YOUR_CALM);
+* a connection without call traffic (a whole message or a request's end in,
+  answers out; request headers alone, resets, part of a message and pings do
+  not count: a peer parking half-sent messages is idle) for ``idle_timeout``
+  seconds is closed with an HTTP/2 GOAWAY (NO_ERROR), and so is one closed
+  to make room for another (:class:`~..connections.Gate`); grpcio and
+  grpc-go clients then dial again;
 * a compressed message is inflated up to ``GRPC_MAX_MESSAGE_BYTES`` and no
   further: one that inflates to more is a message over the limit;
 * what goes wrong is logged through a :class:`~..log_throttle.Throttle`,
@@ -66,7 +72,7 @@ from purerpc.grpc_socket import GRPCStreamState
 from purerpc.grpclib.buffers import MessageReadBuffer
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.connection import GRPCConnection
-from purerpc.grpclib.events import RequestEnded, RequestReceived, WindowUpdated
+from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived, WindowUpdated
 from purerpc.grpclib.exceptions import MessageTooLargeError, ProtocolError, StreamClosedError
 from purerpc.rpc import Cardinality
 from purerpc.server import BoundRPCMethod
@@ -80,6 +86,7 @@ from purerpc.wrappers import (
 from ..connections import Slot
 from ..log_throttle import Throttle
 from ..untrusted_text import shown
+from .read_budget import Account, ReadBudget
 
 __all__ = [
     "GOODBYE_TIMEOUT",
@@ -148,10 +155,13 @@ class _Protocol(GRPCConnection):
     MAX_CONCURRENT_STREAMS = MAX_CONCURRENT_STREAMS
     MAX_INBOUND_FRAME_SIZE = MAX_FRAME_BYTES
 
-    def __init__(self, config: GRPCConfiguration) -> None:
+    def __init__(self, config: GRPCConfiguration, account: Account) -> None:
         super().__init__(config)
-        #: Request headers or data arrived since the flag was last cleared.
+        #: A whole message (or a request's end) arrived since the flag was last cleared.
         self.call_traffic = False
+        #: What the connection holds unread, counted in the process's :class:`ReadBudget`.
+        self.account = account
+        self._header_bytes = 0
         # Flow-controlled bytes received per stream and not yet given back: purerpc
         # gives them back as its call reads each message; a call that ends or is
         # reset before would take them from the connection's window for good.
@@ -165,8 +175,19 @@ class _Protocol(GRPCConnection):
         if extra > 0:
             self.h2_connection.increment_flow_control_window(extra)
 
+    def receive_data(self, data: bytes) -> list[Any]:
+        events = super().receive_data(data)
+        for event in events:
+            if isinstance(event, (MessageReceived, RequestEnded)):
+                self.call_traffic = True  # a whole message, or a request's end
+        # A header block not finished yet (HEADERS, CONTINUATION...) and a partial frame.
+        frames = self.h2_connection.incoming_buffer
+        header_bytes = len(frames.data) + sum(len(f.data) for f in frames._headers_buffer)
+        self.account.add(header_bytes - self._header_bytes)
+        self._header_bytes = header_bytes
+        return events
+
     def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
-        self.call_traffic = True
         events = super()._request_received(event)
         (request,) = events
         self.message_read_buffers[event.stream_id] = _BoundedInflation(
@@ -175,7 +196,6 @@ class _Protocol(GRPCConnection):
         return events
 
     def _data_received(self, event: h2.events.DataReceived) -> list[Any]:
-        self.call_traffic = True
         if event.stream_id not in self.message_read_buffers:
             # A stream whose call ended: give the window back, drop the data.
             self.h2_connection.acknowledge_received_data(
@@ -184,18 +204,21 @@ class _Protocol(GRPCConnection):
             return []
         unacknowledged = self._unacknowledged.get(event.stream_id, 0)
         self._unacknowledged[event.stream_id] = unacknowledged + event.flow_controlled_length
+        self.account.add(event.flow_controlled_length, data=True)
         return super()._data_received(event)
 
     def acknowledge_received_data(self, stream_id: int, flow_controlled_length: int) -> None:
         if stream_id not in self._unacknowledged:
             return  # given back when its call ended
         self._unacknowledged[stream_id] -= flow_controlled_length
+        self.account.add(-flow_controlled_length)
         super().acknowledge_received_data(stream_id, flow_controlled_length)
 
     def forget(self, stream_id: int) -> None:
         """Drop a stream's read buffer; give back the window of what its call did not read."""
         self.message_read_buffers.pop(stream_id, None)
         unread = self._unacknowledged.pop(stream_id, 0)
+        self.account.add(-unread)
         if unread > 0:
             self.h2_connection.acknowledge_received_data(unread, stream_id)
 
@@ -203,6 +226,7 @@ class _Protocol(GRPCConnection):
         """Drop every stream's read buffer (the connection ended)."""
         self.message_read_buffers.clear()
         self._unacknowledged.clear()
+        self.account.close()
 
     def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
         self.forget(event.stream_id)
@@ -217,6 +241,7 @@ class GrpcServer:
         services: Sequence[purerpc.Service],
         *,
         max_message_bytes: int,
+        max_buffered_bytes: int,
         idle_timeout: float | None,
         throttle: Throttle,
     ) -> None:
@@ -227,6 +252,8 @@ class GrpcServer:
         }
         self.config = GRPCConfiguration(client_side=False, max_message_length=max_message_bytes)
         self.max_message_bytes = max_message_bytes
+        # One sender of a whole message (a connection's window is two) always fits.
+        self.budget = ReadBudget(max(max_buffered_bytes, 2 * max_message_bytes), throttle)
         self.idle_timeout = idle_timeout
         self.throttle = throttle
 
@@ -247,7 +274,7 @@ class _Connection:
         self._stream = stream
         self._slot = slot
         self._peer = peer
-        self._protocol = _Protocol(server.config)
+        self._protocol = _Protocol(server.config, server.budget.open(self._shed))
         self._h2 = self._protocol.h2_connection
         self._requests: dict[int, RequestReceived] = {}  # headers in, no message yet
         self._streams: dict[int, GRPCProtoStream] = {}  # purerpc's streams delete themselves here
@@ -256,6 +283,7 @@ class _Connection:
         self._sent = trio.Event()
         self._watchdog = trio.CancelScope()
         self._evicted = False
+        self._over_budget = False
         self._closing = False  # the writer sends what is queued, then stops
         self._written = trio.Event()
         slot.evict = self._evict
@@ -269,6 +297,11 @@ class _Connection:
 
     def _evict(self) -> None:
         self._evicted = True
+        self._watchdog.cancel()
+
+    def _shed(self) -> None:
+        """Closed for holding unread data when the process's budget ran out."""
+        self._over_budget = True
         self._watchdog.cancel()
 
     def _touch(self) -> None:
@@ -305,7 +338,11 @@ class _Connection:
                 with self._watchdog:
                     polite = await self._read(calls)
                 calls.cancel_scope.cancel()  # whatever ended the connection ends its calls
-            if self._watchdog.cancelled_caught:
+            if self._over_budget:
+                reason = "half-sent requests held too long while the server's buffers were full"
+                self._go_away(ErrorCodes.ENHANCE_YOUR_CALM, reason)
+                polite = True
+            elif self._watchdog.cancelled_caught:
                 # Idle, or closed to make room: the peer loses nothing but a dial.
                 self._go_away(ErrorCodes.NO_ERROR)
                 polite = True
@@ -388,6 +425,7 @@ class _Connection:
                 self._go_away(ErrorCodes.PROTOCOL_ERROR)
                 self._peer_broke("gRPC connection broke the protocol", error)
                 return True
+            self._server.budget.fit(self._protocol.account)
             if self._protocol.call_traffic:
                 self._protocol.call_traffic = False
                 self._touch()

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 #: gRPC's own default limit for received messages.
 _DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+_DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024
 
 
 def _peer(stream: anyio.abc.ByteStream) -> str:
@@ -95,13 +96,16 @@ async def serve_grpc(
     ssl_context: ssl.SSLContext | None = None,
     guard: Guard | None = None,
     max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
+    max_buffered_bytes: int = _DEFAULT_MAX_BUFFERED_BYTES,
     limits: ConnectionLimits | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``services`` on ``host:port``; ``task_status.started`` gets the bound port.
 
     ``ssl_context`` turns on TLS; ``guard`` runs on the headers of every call
-    before its handler (see :mod:`.auth`) and may refuse it. ``limits`` bound
+    before its handler (see :mod:`.auth`) and may refuse it.
+    ``max_buffered_bytes`` bounds what all connections together hold of
+    requests not read yet (see :mod:`.read_budget`). ``limits`` bound
     the connections (by default without idle timeout: a server whose calls
     may be quiet for long, like a selector holding clients, keeps them).
     """
@@ -117,6 +121,7 @@ async def serve_grpc(
     server = GrpcServer(
         services,
         max_message_bytes=max_message_bytes,
+        max_buffered_bytes=max_buffered_bytes,
         idle_timeout=limits.idle_timeout,
         throttle=throttle,
     )
