@@ -265,12 +265,24 @@ def main() -> int:
     parser.add_argument("--callers", type=int, nargs="+", default=[1, 16], help="check-ins")
     parser.add_argument("--seconds", type=float, default=3.0, help="check-ins: per run")
     parser.add_argument("--batch", type=int, default=100, help="check-ins: clients per batch")
-    parser.add_argument("--rounds", type=int, default=100, help="round overhead: rounds timed")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=100,
+        help="round overhead: rounds timed with 10 selectors (scaled for others)",
+    )
+    parser.add_argument(
+        "--selectors",
+        type=int,
+        nargs="+",
+        default=[10, 100, 500],
+        help="round overhead: numbers of fake selectors",
+    )
     args = parser.parse_args()
     if args.quick:
         args.cases, args.repeat = [(16.0, 2), (16.0, 4)], 1
         args.subscribers, args.changes = 50, 10
-        args.seconds, args.rounds = 0.5, 5
+        args.seconds, args.rounds, args.selectors = 0.5, 5, [10]
     logging.getLogger("purerpc").setLevel(logging.ERROR)  # torn-down connections, by design
     results: dict[str, Any] = {}
     if "aggregation" in args.parts:
@@ -293,8 +305,9 @@ def main() -> int:
     if "round" in args.parts:
         from bench_round import bench_round
 
-        print("\nround overhead (tiny checkpoint, 10 fake selectors, one client each)")
-        results["round"] = bench_round(args.rounds)
+        print(f"\nround overhead (tiny checkpoint, fake selectors with one client each, "
+              f"{args.repeat} paired runs)")  # fmt: skip
+        results["round"] = bench_round(args.rounds, args.selectors, args.repeat)
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / "bench.json"
     target.write_text(json.dumps(results, indent=2) + "\n")

@@ -83,12 +83,20 @@ def fanout(rows: list[dict[str, Any]]) -> str:
     return _table(header, table)
 
 
-def round_overhead(result: dict[str, Any]) -> str:
-    header = ["selectors", "rounds", "reference rounds/s", "ours rounds/s", "ours / reference"]
-    row = [str(result["selectors"]), str(result["rounds"]),
-           f"{result['reference_rounds_per_s']:.1f}", f"{result['ours_rounds_per_s']:.1f}",
-           f"**{result['ratio_to_reference']:.2f}**"]  # fmt: skip
-    return _table(header, [row])
+def round_overhead(rows: list[dict[str, Any]]) -> str:
+    header = ["selectors", "rounds", "reference rounds/s", "ours rounds/s",
+              "ours / reference (min / **median** / max)",
+              "ours: extra ms per selector"]  # fmt: skip
+    return _table(header, [_round_row(row) for row in rows])
+
+
+def _round_row(row: dict[str, Any]) -> list[str]:
+    ratios = (
+        f"{row['ratio_min']:.2f} / **{row['ratio_to_reference']:.2f}** / {row['ratio_max']:.2f}"
+    )
+    return [str(row["selectors"]), str(row["rounds"]),
+            f"{row['reference_rounds_per_s']:.1f}", f"{row['ours_rounds_per_s']:.1f}",
+            ratios, f"{row['extra_ms_per_selector']:.2f}"]  # fmt: skip
 
 
 PARTS = {"aggregation": aggregation, "checkin": checkin, "fanout": fanout,

@@ -39,7 +39,10 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
             expected = per_call * row["ours"]["calls_per_s"]
             assert row["ours"]["clients_per_s"] == pytest.approx(expected)
 
-    assert results["round"]["rounds"] == 5 and results["round"]["ours_rounds_per_s"] > 0
+    [round_row] = results["round"]
+    assert (round_row["selectors"], round_row["rounds"], round_row["pairs"]) == (10, 5, 1)
+    assert round_row["ours_rounds_per_s"] > 0 and round_row["reference_rounds_per_s"] > 0
+    assert round_row["ratio_min"] == round_row["ratio_to_reference"] == round_row["ratio_max"]
     for title in ("ours/bound", "to last p50 ms", "ours/bare", "batched", "ours/reference"):
         assert title in result.stdout
     # The same figures as Markdown tables, for the README.
