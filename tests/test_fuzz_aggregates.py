@@ -142,7 +142,8 @@ def _dataset(file: h5py.File, name: str, how: str, values: np.ndarray, chunks: t
         case "other shape":
             file.create_dataset(name, data=np.resize(values, tuple(n + 1 for n in shape)))
         case "other dtype":
-            other = next(d for d in OTHER_DTYPES if np.dtype(d) != dtype)
+            # Not a wider float: that one is accepted (weights.accepts), so usable.
+            other = next(d for d in OTHER_DTYPES if not np.can_cast(dtype, d, "safe"))
             file.create_dataset(name, data=values.astype(other))
         case "NaN" | "Inf":
             spoiled = values.copy()

@@ -42,8 +42,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass
+from contextlib import ExitStack, closing
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -59,6 +59,7 @@ from ..errors import (
 )
 from .atomic import atomic_target
 from .checkpoint import open_checkpoint
+from .plain import Descriptors, Extent, extent_of, read_rows
 from .untrusted import Opened, UntrustedFile, dataset_at
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
@@ -107,28 +108,81 @@ Aggregator = Callable[
 
 
 class _Source:
-    """One input's dataset of a weight array, with its encoding and file (for messages)."""
+    """One input's weight array: its h5py dataset, or where its bytes lie (a plain one,
+    read through ``descriptors``); its encoding and file (for messages)."""
 
-    __slots__ = ("dataset", "encoding", "opened", "path")
+    __slots__ = ("dataset", "descriptors", "encoding", "extent", "file", "opened", "path")
 
     def __init__(
-        self, dataset: h5py.Dataset, encoding: Encoding, path: Path, opened: Opened | None
+        self,
+        dataset: h5py.Dataset | None,
+        encoding: Encoding,
+        path: Path,
+        opened: Opened | None,
+        plain: tuple[Descriptors, UntrustedFile, Extent] | None = None,
     ) -> None:
         self.dataset, self.encoding, self.path, self.opened = dataset, encoding, path, opened
+        self.descriptors, self.file, self.extent = plain or (None, None, None)
+
+    @property
+    def name(self) -> str:
+        return self.dataset.name if self.dataset is not None else "?"
 
 
-def _open_inputs(inputs: Sequence[UntrustedFile], stack: ExitStack) -> list[Opened]:
-    """Open every input; refuse all that cannot be, at once (one retry, not one per input)."""
-    opened: list[Opened] = []
+class _PlainInput:
+    """An input whose weight arrays are all plain (see :mod:`.plain`): no HDF5 file is kept
+    open for it, only its arrays' extents; ``file`` carries the identity it had."""
+
+    __slots__ = ("encodings", "extents", "file")
+
+    def __init__(self, file: UntrustedFile) -> None:
+        self.file = file
+        self.extents: dict[str, Extent] = {}
+        self.encodings: dict[str, Encoding] = {}
+
+
+def _locate(
+    source: UntrustedFile, plan: Sequence[Weight], stack: ExitStack
+) -> _PlainInput | Opened:
+    """Open ``source`` and reach each weight by the rules of untrusted files; if all are
+    plain, close it again and keep their extents, else keep it open (h5py reads it)."""
+    with ExitStack() as here:
+        opened = here.enter_context(source.open_hdf5("aggregate checkpoint"))
+        located = _PlainInput(replace(source, identity=opened.identity))
+        for weight in plan:
+            found = _input(opened, weight)
+            assert found.dataset is not None
+            encoding = found.encoding
+            try:
+                extent = extent_of(
+                    found.dataset, encoding.stored, opened.identity.size, source.path
+                )
+            except ContributionError as error:
+                raise _refused(source.path, weight.name, error) from None
+            if extent is None:
+                stack.enter_context(here.pop_all())
+                return opened
+            located.extents[weight.name], located.encodings[weight.name] = extent, encoding
+    return located
+
+
+def _open_inputs(
+    inputs: Sequence[UntrustedFile], plan: Sequence[Weight], stack: ExitStack
+) -> list[_PlainInput | Opened]:
+    """Locate every input, one open file at a time; refuse all that cannot be used, at once
+    (one retry, not one per input)."""
+    located: list[_PlainInput | Opened] = []
     refused: dict[str, str] = {}
     for source in inputs:
         try:
-            opened.append(stack.enter_context(source.open_hdf5("aggregate checkpoint")))
+            located.append(_locate(source, plan, stack))
         except ContributionError as error:
             refused[str(source.path)] = str(error)
+        except ContributionsRefused as error:
+            refused.update(error.reasons)
     if refused:
         raise ContributionsRefused(refused)
-    return opened
+    return located
 
 
 def _refused(path: Path, name: str, error: Exception) -> ContributionsRefused:
@@ -144,7 +198,7 @@ def _input(opened: Opened, weight: Weight) -> _Source:
     path = opened.source.path
     try:
         dataset, encoding = dataset_at(opened.file, weight, path)
-    except (ContributionError, OSError, RuntimeError, TypeError, ValueError) as error:
+    except (ContributionError, KeyError, OSError, RuntimeError, TypeError, ValueError) as error:
         raise _refused(path, weight.name, error) from None
     return _Source(dataset, encoding, path, opened)
 
@@ -187,12 +241,20 @@ def _read(buffer: np.ndarray, source: _Source, selection: tuple[slice, ...]) -> 
     """One slab of ``source``, decoded: an input's failure refuses it, the template's is
     a CheckpointError."""
     try:
-        raw = read_into(buffer, source.dataset, selection)
+        if source.extent is not None:
+            assert source.descriptors is not None and source.file is not None
+            fd = source.descriptors.get(source.file)
+            raw = read_rows(fd, source.extent, selection, buffer, source.path)
+        else:
+            assert source.dataset is not None
+            raw = read_into(buffer, source.dataset, selection)
+    except ContributionError as error:
+        raise _refused(source.path, source.name, error) from None
     except OSError as error:
         if source.opened is not None:
             raise _refused(source.path, source.dataset.name, error) from None
         raise CheckpointError(
-            f"{source.path}: dataset {source.dataset.name!r} cannot be read ({error})"
+            f"{source.path}: dataset {source.name!r} cannot be read ({error})"
         ) from None
     return source.encoding.decode(raw)
 
@@ -260,7 +322,8 @@ def _non_finite(
     """
 
     def finite(source: _Source) -> bool:
-        return bool(np.all(np.isfinite(source.encoding.decode(source.dataset[selection]))))
+        buffer = np.empty(slab_shape(like.dataset.shape, selection), source.encoding.stored)
+        return bool(np.all(np.isfinite(_read(buffer, source, selection))))
 
     refused = {
         str(source.path): f"{source.path}: dataset {name!r} contains NaN or Inf"
@@ -298,15 +361,16 @@ def sum_into(
     """
     bytes_read = 0
     with ExitStack() as stack:
-        opened = _open_inputs(inputs, stack)
         base = open_checkpoint(template, stack)
         plan = read_plan(base, template)
+        located = _open_inputs(inputs, plan, stack)
+        descriptors = stack.enter_context(closing(Descriptors()))
         outputs = {w.name: encode(w.encoding) if encode else w.encoding for w in plan}
         changed = {w.name: outputs[w.name] if outputs[w.name] != w.encoding else None for w in plan}
         with atomic_target(dest, tmp_dir, large=True) as tmp, h5py.File(tmp, "w") as out:
             targets = _copy_layout(base, out, changed)
             for weight in plan:
-                sources = [_input(source, weight) for source in opened]
+                sources = [_source(source, weight, descriptors) for source in located]
                 like = _Source(base[weight.name], weight.encoding, template, None)
                 bytes_read += _sum_weight(
                     weight,
@@ -320,14 +384,28 @@ def sum_into(
             # Last, before the rename publishes anything: an input written to while
             # it was read may have given bytes nobody checked.
             written_to = {
-                str(source.source.path): f"{source.source.path}: aggregate checkpoint "
-                "changed while it was being averaged"
-                for source in opened
-                if source.changed()
+                str(path): f"{path}: aggregate checkpoint changed while it was being averaged"
+                for path, changed in (_changed(source, descriptors) for source in located)
+                if changed
             }
             if written_to:
                 raise ContributionsRefused(written_to)
     return len(plan), bytes_read
+
+
+def _source(located: _PlainInput | Opened, weight: Weight, descriptors: Descriptors) -> _Source:
+    """``located``'s array of ``weight``: read from its extent, or through h5py."""
+    if isinstance(located, Opened):
+        return _input(located, weight)
+    plain = (descriptors, located.file, located.extents[weight.name])
+    return _Source(None, located.encodings[weight.name], located.file.path, None, plain)
+
+
+def _changed(located: _PlainInput | Opened, descriptors: Descriptors) -> tuple[Path, bool]:
+    """An input's path, and whether it was written to since it was first opened."""
+    if isinstance(located, Opened):
+        return located.source.path, located.changed()
+    return located.file.path, descriptors.changed(located.file)
 
 
 def _sum_weight(
