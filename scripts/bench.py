@@ -9,11 +9,17 @@ times, each in a fresh process (so peak memory is that process's own):
 
 * ``ours``: ``fl_coordinator.storage.aggregation.aggregate`` end to end (reads K+1
   files, writes the new checkpoint, atomically);
-* ``bound``: the reference bound: h5py ``read_direct`` of the same K+1 files
-  into preallocated numpy arrays, summed into preallocated float64
-  accumulators (no HDF5-based aggregation can beat it by much);
+* ``raw``: the raw read of the same K+1 files (``os.readv`` into one buffer
+  allocated and touched before the clock starts): what reading the bytes
+  costs, whatever parses them;
+* ``sum``: the float64 sum of the same K+1 models' arrays, already in memory
+  (read and accumulators touched before the clock starts): what adding costs;
 * ``naive``: what the older system did: load the Keras model weights per
   file and combine ``get_weights()`` lists layer by layer.
+
+The runs are paired: each repetition runs every mode once, one after the
+other, and the ratios ``raw/ours`` and ``sum/ours`` (times) of each
+repetition are reported as min/median/max, with the median times.
 
 Usage: ``scripts/bench [--quick] [--parts ...] [--cases 100x2 100x8 100x16
 1000x2] [--repeat 3] [--out DIR]`` (``--help`` lists the rest; a case is
@@ -24,15 +30,18 @@ Usage: ``scripts/bench [--quick] [--parts ...] [--cases 100x2 100x8 100x16
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +102,7 @@ def current_rss_bytes() -> int:
 # -- workers (each run in its own process) --------------------------------------------
 
 
-def work_ours(folder: Path, k: int) -> None:
+def work_ours(folder: Path, k: int) -> Callable[[], None]:
     from fl_coordinator.storage.aggregation import Contribution, aggregate
     from fl_coordinator.storage.untrusted import UntrustedFile
 
@@ -102,27 +111,63 @@ def work_ours(folder: Path, k: int) -> None:
         Contribution(f"s{i}", UntrustedFile(folder, f"agg{i}"), weight)
         for i, weight in enumerate(weights, start=1)
     ]
-    aggregate(folder / "fl_checkpoint", parts, folder / "tmp")
+    return lambda: aggregate(folder / "fl_checkpoint", parts, folder / "tmp")
 
 
-def work_bound(folder: Path, k: int) -> None:
+def _inputs(folder: Path, k: int) -> list[Path]:
+    return [folder / "fl_checkpoint"] + [folder / f"agg{i}" for i in range(1, k + 1)]
+
+
+def work_raw(folder: Path, k: int) -> Callable[[], None]:
+    """Read the K+1 files' bytes into one reused buffer, touched beforehand."""
+    paths = _inputs(folder, k)
+    buffer = bytearray(max(path.stat().st_size for path in paths))
+    view = memoryview(buffer)  # bytearray(n) is zeroed: every page is touched
+
+    def run() -> None:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                while os.readv(fd, [view]) == len(view):
+                    pass
+            finally:
+                os.close(fd)
+
+    return run
+
+
+def work_sum(folder: Path, k: int) -> Callable[[], None]:
+    """Add the K+1 models' arrays, read beforehand, into float64 accumulators."""
     import h5py
     import numpy as np
 
-    with h5py.File(folder / "fl_checkpoint", "r") as file:
+    paths = _inputs(folder, k)
+    with h5py.File(paths[0], "r") as file:
         names = _floats(file)
         totals = {n: np.zeros(file[n].shape, np.float64) for n in names}
-        buffers = {n: np.empty(file[n].shape, file[n].dtype) for n in names}
-    for path in [folder / "fl_checkpoint"] + [folder / f"agg{i}" for i in range(1, k + 1)]:
+    models = []
+    for path in paths:
         with h5py.File(path, "r") as file:
-            for name in names:
-                file[name].read_direct(buffers[name])
-                totals[name] += buffers[name]
+            models.append({name: file[name][()] for name in names})
+    for total in totals.values():
+        total.fill(1.0)  # touched: no page fault inside the clock
+
+    def run() -> None:
+        for name, total in totals.items():
+            np.add(models[0][name], models[1][name], out=total, dtype=np.float64)
+            for model in models[2:]:
+                total += model[name]
+
+    return run
 
 
-def work_naive(folder: Path, k: int) -> None:
+def work_naive(folder: Path, k: int) -> Callable[[], None]:
     size_mb = sum(f.stat().st_size for f in [folder / "fl_checkpoint"]) / 2**20
     model = build_model(size_mb)
+    return lambda: _naive(folder, k, model)
+
+
+def _naive(folder: Path, k: int, model: Any) -> None:
     named = folder / "naive.weights.h5"
 
     def weights_of(path: Path) -> list[Any]:
@@ -139,23 +184,19 @@ def work_naive(folder: Path, k: int) -> None:
     model.save_weights(named)
 
 
-WORKERS = {"ours": work_ours, "bound": work_bound, "naive": work_naive}
+WORKERS = {"raw": work_raw, "sum": work_sum, "ours": work_ours, "naive": work_naive}
 PARTS = ["aggregation", "checkin", "fanout", "round"]
 
 
 def worker_main(mode: str, folder: Path, k: int) -> None:
     if mode == "naive":
         build_model(1)  # import Keras and warm it up outside the timing
-    else:
-        import h5py  # noqa: F401
-        import numpy  # noqa: F401
-
-        import fl_coordinator.storage.aggregation  # noqa: F401
+    run = WORKERS[mode](folder, k)  # what is not the work itself: outside the clock
     reset_peak_rss()
     before = current_rss_bytes()
 
     started = time.perf_counter()
-    WORKERS[mode](folder, k)
+    run()
     seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "peak_extra_bytes": peak_rss_bytes() - before}))
 
@@ -163,7 +204,7 @@ def worker_main(mode: str, folder: Path, k: int) -> None:
 def measure(mode: str, folder: Path, k: int) -> dict[str, float]:
     shutil.copyfile(folder / "fl_checkpoint.orig", folder / "fl_checkpoint")
     # Put the copy (and the previous run's files) on disk first: otherwise our
-    # fsync, which the bound does not do, would also wait for the bench's own writes.
+    # fsync, which the references do not do, would also wait for the bench's own writes.
     os.sync()
     result = subprocess.run(
 
@@ -194,33 +235,41 @@ def bench_aggregation(cases: list[tuple[float, int]], repeat: int, naive: bool) 
             model_bytes = paths[0].stat().st_size
             with h5py.File(paths[0], "r") as file:
                 largest = max(file[n].nbytes for n in _floats(file))
-            modes = ["bound", "ours"] + (["naive"] if naive else [])
-            best: dict[str, dict[str, float]] = {}
-            for _ in range(repeat):  # interleaved, best of `repeat`
-                for mode in modes:
-                    run = measure(mode, folder, k)
-                    if mode not in best or run["seconds"] < best[mode]["seconds"]:
-                        best[mode] = run
+            modes = ["raw", "sum", "ours"] + (["naive"] if naive else [])
+            runs = [{mode: measure(mode, folder, k) for mode in modes} for _ in range(repeat)]
             input_bytes = (k + 1) * model_bytes
+
+            median = functools.partial(_median, runs)
+
             row = {
                 "size_mb": round(model_bytes / 2**20, 1),
                 "k": k,
                 "largest_array_mb": round(largest / 2**20, 1),
-                "ours_s": best["ours"]["seconds"],
-                "bound_s": best["bound"]["seconds"],
-                "ours_mb_per_s": input_bytes / best["ours"]["seconds"] / 2**20,
-                "bound_mb_per_s": input_bytes / best["bound"]["seconds"] / 2**20,
-                "ratio_to_bound": best["bound"]["seconds"] / best["ours"]["seconds"],
-                "ours_peak_mb": best["ours"]["peak_extra_bytes"] / 2**20,
-                "bound_peak_mb": best["bound"]["peak_extra_bytes"] / 2**20,
+                "pairs": repeat,
+                "ours_s": median("ours"),
+                "raw_s": median("raw"),
+                "sum_s": median("sum"),
+                "ours_mb_per_s": input_bytes / median("ours") / 2**20,
+                "raw_mb_per_s": input_bytes / median("raw") / 2**20,
+                "ours_peak_mb": median("ours", "peak_extra_bytes") / 2**20,
             }
+            for reference in ("raw", "sum"):
+                ratios = sorted(run[reference]["seconds"] / run["ours"]["seconds"] for run in runs)
+                row[f"ratio_to_{reference}"] = statistics.median(ratios)
+                row[f"ratio_to_{reference}_min"] = ratios[0]
+                row[f"ratio_to_{reference}_max"] = ratios[-1]
             if naive:
-                row["naive_s"] = best["naive"]["seconds"]
-                row["speedup_over_naive"] = best["naive"]["seconds"] / best["ours"]["seconds"]
-                row["naive_peak_mb"] = best["naive"]["peak_extra_bytes"] / 2**20
+                row["naive_s"] = median("naive")
+                row["speedup_over_naive"] = row["naive_s"] / row["ours_s"]
+                row["naive_peak_mb"] = median("naive", "peak_extra_bytes") / 2**20
             rows.append(row)
             print_row(row)
     return rows
+
+
+def _median(runs: list[dict[str, dict[str, float]]], mode: str, key: str = "seconds") -> float:
+    """The median of ``key`` over the runs of ``mode``."""
+    return statistics.median(run[mode][key] for run in runs)
 
 
 def _floats(file: Any) -> list[str]:
@@ -231,18 +280,24 @@ def _floats(file: Any) -> list[str]:
 
 
 HEADER = (
-    f"{'model MB':>9} {'K':>3} {'largest MB':>10} {'ours MB/s':>10} {'bound MB/s':>10} "
-    f"{'ours/bound':>10} {'vs naive':>9} {'ours peak MB':>12} {'naive peak MB':>13}"
+    f"{'model MB':>9} {'K':>3} {'largest MB':>10} {'ours MB/s':>10} {'raw MB/s':>9} "
+    f"{'raw/ours min/med/max':>20} {'sum/ours min/med/max':>20} {'vs naive':>9} "
+    f"{'ours peak MB':>12}"
 )
+
+
+def _spread(row: dict, reference: str) -> str:
+    key = f"ratio_to_{reference}"
+    return f"{row[key + '_min']:.2f}/{row[key]:.2f}/{row[key + '_max']:.2f}"
 
 
 def print_row(row: dict) -> None:
     naive = f"{row['speedup_over_naive']:>8.1f}x" if "naive_s" in row else f"{'-':>9}"
-    naive_peak = f"{row['naive_peak_mb']:>13.0f}" if "naive_s" in row else f"{'-':>13}"
     print(
         f"{row['size_mb']:>9.0f} {row['k']:>3} {row['largest_array_mb']:>10.0f} "
-        f"{row['ours_mb_per_s']:>10.0f} {row['bound_mb_per_s']:>10.0f} "
-        f"{row['ratio_to_bound']:>10.2f} {naive} {row['ours_peak_mb']:>12.0f} {naive_peak}",
+        f"{row['ours_mb_per_s']:>10.0f} {row['raw_mb_per_s']:>9.0f} "
+        f"{_spread(row, 'raw'):>20} {_spread(row, 'sum'):>20} {naive} "
+        f"{row['ours_peak_mb']:>12.0f}",
         flush=True,
     )
 
@@ -286,7 +341,8 @@ def main() -> int:
     logging.getLogger("purerpc").setLevel(logging.ERROR)  # torn-down connections, by design
     results: dict[str, Any] = {}
     if "aggregation" in args.parts:
-        print("aggregation (each figure best of", args.repeat, "runs; throughput = input bytes/s)")
+        print(f"aggregation ({args.repeat} paired runs, medians; throughput = input bytes/s; "
+              "ratios: reference time / ours)")  # fmt: skip
         print(HEADER)
         results["aggregation"] = bench_aggregation(args.cases, args.repeat, not args.no_naive)
     if "fanout" in args.parts:

@@ -26,20 +26,25 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def aggregation(rows: list[dict[str, Any]]) -> str:
     naive = all("naive_s" in row for row in rows)
-    header = ["model MB", "K", "largest array MB", "ours MB/s", "bound MB/s", "ours / bound"]
-    header += ["vs naive", "ours peak MB", "naive peak MB"] if naive else ["ours peak MB"]
+    header = ["model MB", "K", "largest array MB", "ours MB/s", "raw read MB/s",
+              "raw read / ours (min / **median** / max)",
+              "float64 sum / ours (min / **median** / max)", "ours peak MB"]  # fmt: skip
+    header += ["vs naive", "naive peak MB"] if naive else []
     table = []
     for row in rows:
         cells = [f"{row['size_mb']:.0f}", str(row["k"]), f"{row['largest_array_mb']:.0f}",
-                 f"{row['ours_mb_per_s']:.0f}", f"{row['bound_mb_per_s']:.0f}",
-                 f"**{row['ratio_to_bound']:.2f}**"]  # fmt: skip
+                 f"{row['ours_mb_per_s']:.0f}", f"{row['raw_mb_per_s']:.0f}",
+                 _spread(row, "raw"), _spread(row, "sum"),
+                 f"{row['ours_peak_mb']:.0f}"]  # fmt: skip
         if naive:
-            cells += [f"{row['speedup_over_naive']:.1f}x", f"{row['ours_peak_mb']:.0f}",
-                      f"{row['naive_peak_mb']:.0f}"]  # fmt: skip
-        else:
-            cells.append(f"{row['ours_peak_mb']:.0f}")
+            cells += [f"{row['speedup_over_naive']:.1f}x", f"{row['naive_peak_mb']:.0f}"]
         table.append(cells)
     return _table(header, table)
+
+
+def _spread(row: dict[str, Any], reference: str) -> str:
+    key = f"ratio_to_{reference}"
+    return f"{row[key + '_min']:.2f} / **{row[key]:.2f}** / {row[key + '_max']:.2f}"
 
 
 def _latency(figures: dict[str, Any]) -> str:

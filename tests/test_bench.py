@@ -23,8 +23,12 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     rows = results["aggregation"]
     assert [row["k"] for row in rows] == [2, 4]
     for row in rows:
-        assert row["ours_s"] > 0 and row["bound_s"] > 0 and row["naive_s"] > 0
+        assert row["ours_s"] > 0 and row["raw_s"] > 0 and row["sum_s"] > 0 and row["naive_s"] > 0
         assert row["ours_peak_mb"] >= 0 and row["largest_array_mb"] == 16
+        for reference in ("raw", "sum"):  # one pair with --quick: min = median = max
+            ratio = row[f"ratio_to_{reference}"]
+            assert row[f"ratio_to_{reference}_min"] == ratio == row[f"ratio_to_{reference}_max"]
+            assert ratio == pytest.approx(row[f"{reference}_s"] / row["ours_s"])
     assert [(r["subscribers"], r["stalled"]) for r in results["fanout"]] == [(50, 0), (50, 10)]
     assert all(r["to_last_p99_ms"] >= r["to_last_p50_ms"] > 0 for r in results["fanout"])
     checkin = results["checkin"]
@@ -43,10 +47,16 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     assert (round_row["selectors"], round_row["rounds"], round_row["pairs"]) == (10, 5, 1)
     assert round_row["ours_rounds_per_s"] > 0 and round_row["reference_rounds_per_s"] > 0
     assert round_row["ratio_min"] == round_row["ratio_to_reference"] == round_row["ratio_max"]
-    for title in ("ours/bound", "to last p50 ms", "ours/bare", "batched", "ours/reference"):
+    for title in (
+        "raw/ours min/med/max",
+        "to last p50 ms",
+        "ours/bare",
+        "batched",
+        "ours/reference",
+    ):
         assert title in result.stdout
     # The same figures as Markdown tables, for the README.
     report = (tmp_path / "bench.md").read_text()
     assert report.startswith("`./scripts/bench --quick --out ")
-    assert f"| **{rows[0]['ratio_to_bound']:.2f}** |" in report
+    assert f"/ **{rows[0]['ratio_to_raw']:.2f}** /" in report
     assert f"**{checkin['per_client'][1]['ratio_to_bare']:.2f}**" in report
