@@ -79,10 +79,12 @@ def checkin(result: dict[str, Any]) -> str:
 
 def fanout(rows: list[dict[str, Any]]) -> str:
     header = ["subscribers", "stalled", "to last p50 ms", "to last p99 ms", "each p50 ms",
-              "each p99 ms"]  # fmt: skip
+              "each p99 ms", "server CPU µs per subscriber per message"]  # fmt: skip
     keys = ["to_last_p50_ms", "to_last_p99_ms", "each_p50_ms", "each_p99_ms"]
     table = [
-        [str(row["subscribers"]), str(row["stalled"])] + [f"{row[key]:.0f}" for key in keys]
+        [str(row["subscribers"]), str(row["stalled"])]
+        + [f"{row[key]:.0f}" for key in keys]
+        + [f"{row['server_cpu_us_per_subscriber_message']:.1f}"]
         for row in rows
     ]
     return _table(header, table)

@@ -31,6 +31,7 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
             assert ratio == pytest.approx(row[f"{reference}_s"] / row["ours_s"])
     assert [(r["subscribers"], r["stalled"]) for r in results["fanout"]] == [(50, 0), (50, 10)]
     assert all(r["to_last_p99_ms"] >= r["to_last_p50_ms"] > 0 for r in results["fanout"])
+    assert all(r["server_cpu_us_per_subscriber_message"] > 0 for r in results["fanout"])
     checkin = results["checkin"]
     assert [r["callers"] for r in checkin["per_client"]] == [1, 16]
     for row in checkin["per_client"]:
