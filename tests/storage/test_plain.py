@@ -77,15 +77,20 @@ def test_other_layouts_are_left_to_h5py(tmp_path: Path) -> None:
     assert found == dict.fromkeys(found)
 
 
-def test_plain_and_h5py_reads_give_the_same_bits(tmp_path: Path) -> None:
-    """The same inputs, plain in one run and chunked (h5py reads them) in the other, and
-    mixed: byte-identical arrays."""
-    results = []
-    for run, chunked in enumerate(({0, 1, 2}, set(), {1})):
+def test_plain_and_h5py_paths_give_the_same_bits(tmp_path: Path) -> None:
+    """The same inputs read plain, chunked (through h5py) and mixed, and the result written
+    with pwrite (a plain checkpoint) or through h5py (a chunked one): identical bits."""
+    results, early = [], []
+    runs = [({0, 1, 2}, False), (set(), False), ({1}, False), (set(), True)]
+    for run, (chunked, chunked_checkpoint) in enumerate(runs):
         folder = tmp_path / str(run)
-        checkpoint = _write(folder / "fl_checkpoint", _arrays(0))
+        checkpoint = _write(folder / "fl_checkpoint", _arrays(0), chunked=chunked_checkpoint)
         aggregate(checkpoint, _parts(folder, 3, chunked), folder / "tmp")
         results.append(read_floats(checkpoint))
+        with h5py.File(checkpoint, "r") as file:
+            plist = file["layers/dense/vars/0"].id.get_create_plist()
+            early.append(plist.get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY)
+    assert early == [True, True, True, False]  # pwrite where the checkpoint is plain
     for name in results[0]:
         for other in results[1:]:
             assert results[0][name].tobytes() == other[name].tobytes(), name

@@ -39,9 +39,12 @@ before anything is published, and the caller averages the others.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,7 +62,7 @@ from ..errors import (
 )
 from .atomic import atomic_target
 from .checkpoint import open_checkpoint
-from .plain import Descriptors, Extent, extent_of, read_rows
+from .plain import Descriptors, Extent, allocated_early, extent_of, read_rows, write_rows
 from .untrusted import Opened, UntrustedFile, dataset_at
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
@@ -295,7 +298,7 @@ def _copy_layout(
                     if encoding is None
                     else h5py.h5t.py_create(encoding.stored),
                     dataset_id.get_space(),
-                    dcpl=dataset_id.get_create_plist(),
+                    dcpl=allocated_early(dataset_id.get_create_plist()),
                 )
             )
             _copy_attrs(obj, dataset, skip=() if encoding is None else (DTYPE_ATTRIBUTE,))
@@ -367,16 +370,21 @@ def sum_into(
         descriptors = stack.enter_context(closing(Descriptors()))
         outputs = {w.name: encode(w.encoding) if encode else w.encoding for w in plan}
         changed = {w.name: outputs[w.name] if outputs[w.name] != w.encoding else None for w in plan}
-        with atomic_target(dest, tmp_dir, large=True) as tmp, h5py.File(tmp, "w") as out:
+        with (
+            atomic_target(dest, tmp_dir, large=True) as tmp,
+            h5py.File(tmp, "w") as out,
+            _descriptor(tmp) as out_fd,
+        ):
             targets = _copy_layout(base, out, changed)
             for weight in plan:
                 sources = [_source(source, weight, descriptors) for source in located]
                 like = _Source(base[weight.name], weight.encoding, template, None)
+                target = targets[weight.name]
                 bytes_read += _sum_weight(
                     weight,
                     like,
                     sources,
-                    targets[weight.name],
+                    _writer(target, outputs[weight.name].stored, out_fd, tmp),
                     outputs[weight.name],
                     finish,
                     cancel,
@@ -391,6 +399,29 @@ def sum_into(
             if written_to:
                 raise ContributionsRefused(written_to)
     return len(plan), bytes_read
+
+
+@contextlib.contextmanager
+def _descriptor(path: Path) -> Iterator[int]:
+    """``path`` (the new checkpoint, ours) open for writing, beside HDF5's own handle."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+#: Writes one slab of the result: ``write(values, selection)``.
+_Write = Callable[[np.ndarray, tuple[slice, ...]], None]
+
+
+def _writer(target: h5py.Dataset, stored: np.dtype, fd: int, path: Path) -> _Write:
+    """How a weight's result slabs go to ``target``: ``pwrite`` at its offset (a plain
+    dataset, allocated at creation: see :func:`.plain.allocated_early`), else h5py."""
+    extent = extent_of(target, stored, None, path)
+    if extent is None:
+        return lambda values, selection: target.write_direct(values, dest_sel=selection or None)
+    return functools.partial(write_rows, fd, extent)
 
 
 def _source(located: _PlainInput | Opened, weight: Weight, descriptors: Descriptors) -> _Source:
@@ -412,7 +443,7 @@ def _sum_weight(
     weight: Weight,
     like: _Source,
     sources: Sequence[_Source],
-    target: h5py.Dataset,
+    write: _Write,
     output: Encoding,
     finish: Finish,
     cancel: threading.Event | None,
@@ -468,7 +499,7 @@ def _sum_weight(
         # in its own dtype), the exact search only if it fails.
         if not np.isfinite(values.sum()) and not np.all(np.isfinite(values)):
             raise _non_finite(weight.name, sources, like, selection)
-        target.write_direct(stored, dest_sel=selection or None)
+        write(stored, selection)
     return bytes_read
 
 

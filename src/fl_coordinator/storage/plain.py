@@ -1,7 +1,9 @@
 """Plain datasets, read without HDF5: where a contiguous array's bytes lie in its file.
 
 Keras writes every weight array as a *plain* dataset: contiguous, no
-filters, allocated, in the file itself, in the machine's byte order. Its
+filters, allocated, in the file itself, in the machine's byte order. The
+new checkpoint's plain datasets are created with their space allocated at
+once, and their values written with ``os.pwrite`` at their offset. Its
 values are then ``nbytes`` consecutive bytes at a fixed offset, which
 ``os.preadv`` reads straight into a reused buffer: no HDF5 call, no lock
 and no open HDF5 file per input during the averaging pass (an open h5py
@@ -27,7 +29,7 @@ import numpy as np
 from ..errors import ContributionError
 from .untrusted import FileIdentity, UntrustedFile
 
-__all__ = ["Descriptors", "Extent", "extent_of", "read_rows"]
+__all__ = ["Descriptors", "Extent", "allocated_early", "extent_of", "read_rows", "write_rows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,17 +42,41 @@ class Extent:
     row_bytes: int
 
 
-def extent_of(dataset: h5py.Dataset, stored: np.dtype, file_size: int, path: Path) -> Extent | None:
+def _contiguous(dcpl: h5py.h5p.PropDCID) -> bool:
+    """Whether a dataset of these creation properties keeps its values in one piece, as is."""
+    return (
+        dcpl.get_layout() == h5py.h5d.CONTIGUOUS
+        and not dcpl.get_nfilters()
+        and not dcpl.get_external_count()
+    )
+
+
+def allocated_early(dcpl: h5py.h5p.PropDCID) -> h5py.h5p.PropDCID:
+    """``dcpl``, if contiguous, with its space allocated at creation and never filled.
+
+    A new dataset created so has an offset at once, where its values can be
+    written with ``pwrite`` (:func:`write_rows`), each once; other layouts
+    are returned as they are.
+    """
+    if not _contiguous(dcpl):
+        return dcpl
+    early = dcpl.copy()
+    early.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    early.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return early
+
+
+def extent_of(
+    dataset: h5py.Dataset, stored: np.dtype, file_size: int | None, path: Path
+) -> Extent | None:
     """Where ``dataset``'s values lie, if it is plain and stored as ``stored``; else None.
 
     Raises ContributionError if HDF5 places them (partly) outside the file's
-    ``file_size`` bytes, or their size is not the shape's.
+    ``file_size`` bytes, or their size is not the shape's. ``file_size`` None:
+    a file this process is writing (its values are not there yet).
     """
-    dcpl = dataset.id.get_create_plist()
     if (
-        dcpl.get_layout() != h5py.h5d.CONTIGUOUS
-        or dcpl.get_nfilters()
-        or dcpl.get_external_count()
+        not _contiguous(dataset.id.get_create_plist())
         or dataset.dtype != stored
         or not stored.isnative
     ):
@@ -60,6 +86,8 @@ def extent_of(dataset: h5py.Dataset, stored: np.dtype, file_size: int, path: Pat
         return None
     shape = dataset.shape
     nbytes = stored.itemsize * int(np.prod(shape, dtype=np.int64))
+    if file_size is None:
+        file_size = offset + nbytes
     if dataset.id.get_storage_size() != nbytes or not 0 <= offset <= file_size - nbytes:
         raise ContributionError(
             f"{path}: dataset {dataset.name!r} says its {nbytes} bytes lie at offset {offset}, "
@@ -77,13 +105,8 @@ def read_rows(
 
     Raises ContributionError on a short read (the file is no longer what was checked).
     """
-    if selection:
-        rows = selection[0]
-        view = buffer[: rows.stop - rows.start]
-        offset = extent.offset + rows.start * extent.row_bytes
-    else:
-        view, offset = buffer, extent.offset
-    target = memoryview(view.reshape(-1).view(np.uint8))  # bytes of any dtype, no copy
+    view, offset = _rows(extent, selection, buffer)
+    target = _bytes(view)
     done = 0
     while done < len(target):
         got = os.preadv(fd, [target[done:]], offset + done)
@@ -91,6 +114,30 @@ def read_rows(
             raise ContributionError(f"{path}: file ended before its data: changed after its check")
         done += got
     return view
+
+
+def write_rows(fd: int, extent: Extent, values: np.ndarray, selection: tuple[slice, ...]) -> None:
+    """Write ``values`` (C-contiguous, the rows ``selection`` of the dataset) at their place."""
+    _, offset = _rows(extent, selection, values)
+    data = _bytes(values)
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _rows(
+    extent: Extent, selection: tuple[slice, ...], buffer: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """The leading rows of ``buffer`` that ``selection`` fills, and the file offset of those."""
+    if not selection:
+        return buffer, extent.offset
+    rows = selection[0]
+    return buffer[: rows.stop - rows.start], extent.offset + rows.start * extent.row_bytes
+
+
+def _bytes(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array of any dtype, without a copy."""
+    return memoryview(array.reshape(-1).view(np.uint8))
 
 
 class Descriptors:
