@@ -24,6 +24,7 @@ import purerpc
 import trio
 from helpers.peers import completed, fedavg, read_floats, watch, write_aggregate
 from helpers.processes import Served, environment
+from helpers.relay import relay
 
 from fl_coordinator._proto import fl_intra_grpc, fl_intra_pb2
 from fl_coordinator.config import Settings
@@ -65,19 +66,7 @@ class Loopback:
             host, port = client.socket.getsockname()[:2]
             self.dialed.add(f"{host}:{port}")
             self.connections += 1
-            server = await trio.open_tcp_stream("127.0.0.1", self._target)
-            async with server, trio.open_nursery() as pipes:
-                pipes.start_soon(_pipe, client, server, pipes.cancel_scope)
-                pipes.start_soon(_pipe, server, client, pipes.cancel_scope)
-
-
-async def _pipe(source: trio.SocketStream, dest: trio.SocketStream, done: trio.CancelScope) -> None:
-    try:
-        async for data in source:
-            await dest.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    done.cancel()
+            await relay(client, self._target)
 
 
 class Selectors(fl_intra_grpc.FLGoalCountBroadcastServicer):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import trio
 from helpers.peers import FakeSelector
+from helpers.relay import relay
 
 from fl_coordinator.rpc.goal_count import DEFAULT_MAX_OPEN, GoalCountClient, outgoing_budget
 
@@ -81,22 +82,10 @@ class Relay:
         try:
             with trio.CancelScope() as scope:
                 self._scopes.add(scope)
-                server = await trio.open_tcp_stream("127.0.0.1", self._target)
-                async with client, server, trio.open_nursery() as pipes:
-                    pipes.start_soon(_pipe, client, server, pipes.cancel_scope)
-                    pipes.start_soon(_pipe, server, client, pipes.cancel_scope)
+                await relay(client, self._target)
         finally:
             self._scopes.discard(scope)
             self._wire.closed()
-
-
-async def _pipe(source: trio.SocketStream, dest: trio.SocketStream, done: trio.CancelScope) -> None:
-    try:
-        async for data in source:
-            await dest.send_all(data)
-    except trio.BrokenResourceError:
-        pass
-    done.cancel()
 
 
 async def _selectors(
