@@ -18,6 +18,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import purerpc
@@ -83,17 +84,20 @@ class Selectors(fl_intra_grpc.FLGoalCountBroadcastServicer):
         return fl_intra_pb2.Empty()
 
 
-async def _each(call: Callable[[str], Awaitable[object]], ids: list[str]) -> None:
-    """``call(id)`` for every id, 64 at a time (over one connection)."""
+async def _each(port: int, call: Callable[[Any, str], Awaitable[object]], ids: list[str]) -> None:
+    """``call(stub, id)`` for every id, 64 at a time, over one new connection (the last one
+    may have been closed as idle meanwhile: IDLE_CONNECTION_TIMEOUT)."""
     limit = trio.CapacityLimiter(64)
+    async with purerpc.insecure_channel("127.0.0.1", port) as channel:
+        stub = fl_intra_grpc.FlIntraStub(channel)
 
-    async def one(selector: str) -> None:
-        async with limit:
-            await call(selector)
+        async def one(selector: str) -> None:
+            async with limit:
+                await call(stub, selector)
 
-    async with trio.open_nursery() as calls:
-        for selector in ids:
-            calls.start_soon(one, selector)
+        async with trio.open_nursery() as calls:
+            for selector in ids:
+                calls.start_soon(one, selector)
 
 
 async def test_a_round_of_2000_selectors_under_1024_descriptors(
@@ -117,24 +121,20 @@ async def test_a_round_of_2000_selectors_under_1024_descriptors(
     with Served(env, open_files=OPEN_FILES) as server:
         port, status_url = await trio.to_thread.run_sync(server.ready)
         watcher = await watch(nursery, status_url)
-        async with purerpc.insecure_channel("127.0.0.1", port) as channel:
-            stub = fl_intra_grpc.FlIntraStub(channel)
 
-            async def check_in(selector: str) -> None:
-                answer = await stub.ClientCountUpdate(
-                    fl_intra_pb2.ClientCount(count=1, id=selector)
-                )
-                assert answer.accepted
+        async def check_in(stub: Any, selector: str) -> None:
+            answer = await stub.ClientCountUpdate(fl_intra_pb2.ClientCount(count=1, id=selector))
+            assert answer.accepted
 
-            async def report(selector: str) -> None:
-                await stub.SelectorAggregationComplete(fl_intra_pb2.SelectorId(id=selector))
+        async def report(stub: Any, selector: str) -> None:
+            await stub.SelectorAggregationComplete(fl_intra_pb2.SelectorId(id=selector))
 
-            await _each(check_in, ids)
-            with trio.fail_after(600):
-                await selectors.all_told.wait()
-            assert loopback.dialed == set(ids)  # each selector's own address, dialed
-            assert loopback.connections == SELECTORS  # once: retries would dial again
-            await _each(report, ids)
+        await _each(port, check_in, ids)
+        with trio.fail_after(600):
+            await selectors.all_told.wait()
+        assert loopback.dialed == set(ids)  # each selector's own address, dialed
+        assert loopback.connections == SELECTORS  # once: retries would dial again
+        await _each(port, report, ids)
         with trio.fail_after(1200):
             done = await watcher.wait_for(completed(1))
         assert (done["stage"], done["rejected"], len(done["reported"])) == (
