@@ -9,8 +9,9 @@ the N files and averages them into a new checkpoint (fsynced, renamed,
 journaled, kept in the history).
 
 The reference, measured in the same run: the same 3N RPCs per round with the
-same concurrency (N check-ins, N broadcasts over kept connections, N
-reports) against purerpc servers that answer at once and touch no file.
+same concurrency (N check-ins and N reports, 64 at a time on one connection:
+the gRPC port allows 100 streams per connection; N broadcasts over kept
+connections) against purerpc servers that answer at once and touch no file.
 What is left of a round beyond that is the coordinator's own cost (round
 task, file checks, aggregation, journal). Runs are paired (reference, then
 ours) and repeated; the ratio is given as min/median/max over the pairs.
@@ -126,15 +127,27 @@ async def _rounds(root: Path, rounds: int, selectors: int, reference: bool) -> f
     return seconds
 
 
+#: Calls in flight at once on the bench's one connection: the coordinator's gRPC
+#: port allows 100 concurrent streams per connection (rpc/connection.py).
+_CALLS_IN_FLIGHT = 64
+
+
 async def _one_round(
     stub: Any,
     selectors: list[FakeSelector],
     told: trio.MemoryReceiveChannel,
     tell: GoalCountClient | None,
 ) -> None:
+    limit = trio.CapacityLimiter(_CALLS_IN_FLIGHT)
+
+    async def call(method: Any, request: Any) -> None:
+        async with limit:
+            await method(request)
+
     async with trio.open_nursery() as calls:
         for selector in selectors:
-            calls.start_soon(stub.ClientCountUpdate, fl_intra_pb2.ClientCount(id=selector.id))
+            request = fl_intra_pb2.ClientCount(id=selector.id)
+            calls.start_soon(call, stub.ClientCountUpdate, request)
     if (
         tell is not None
     ):  # our coordinator tells the selectors itself; the reference has the bench do it
@@ -144,7 +157,7 @@ async def _one_round(
     async with trio.open_nursery() as calls:
         for _ in selectors:
             request = fl_intra_pb2.SelectorId(id=await told.receive())
-            calls.start_soon(stub.SelectorAggregationComplete, request)
+            calls.start_soon(call, stub.SelectorAggregationComplete, request)
 
 
 def _rounds_per_s(rounds: int, selectors: int, reference: bool) -> float:
