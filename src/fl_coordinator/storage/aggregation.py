@@ -114,7 +114,7 @@ class _Source:
     """One input's weight array: its h5py dataset, or where its bytes lie (a plain one,
     read through ``descriptors``); its encoding and file (for messages)."""
 
-    __slots__ = ("dataset", "descriptors", "encoding", "extent", "file", "opened", "path")
+    __slots__ = ("dataset", "descriptors", "encoding", "extent", "file", "name", "opened", "path")
 
     def __init__(
         self,
@@ -122,14 +122,22 @@ class _Source:
         encoding: Encoding,
         path: Path,
         opened: Opened | None,
-        plain: tuple[Descriptors, UntrustedFile, Extent] | None = None,
+        plain: tuple[str, Descriptors, UntrustedFile, Extent] | None = None,
     ) -> None:
         self.dataset, self.encoding, self.path, self.opened = dataset, encoding, path, opened
-        self.descriptors, self.file, self.extent = plain or (None, None, None)
+        self.descriptors: Descriptors | None = None
+        self.file: UntrustedFile | None = None
+        self.extent: Extent | None = None
+        if plain is not None:
+            self.name, self.descriptors, self.file, self.extent = plain
+        else:
+            assert dataset is not None
+            self.name = dataset.name
 
     @property
-    def name(self) -> str:
-        return self.dataset.name if self.dataset is not None else "?"
+    def untrusted(self) -> bool:
+        """An input (refused alone when it fails), not the global checkpoint."""
+        return self.opened is not None or self.file is not None
 
 
 class _PlainInput:
@@ -254,8 +262,8 @@ def _read(buffer: np.ndarray, source: _Source, selection: tuple[slice, ...]) -> 
     except ContributionError as error:
         raise _refused(source.path, source.name, error) from None
     except OSError as error:
-        if source.opened is not None:
-            raise _refused(source.path, source.dataset.name, error) from None
+        if source.untrusted:
+            raise _refused(source.path, source.name, error) from None
         raise CheckpointError(
             f"{source.path}: dataset {source.name!r} cannot be read ({error})"
         ) from None
@@ -428,7 +436,7 @@ def _source(located: _PlainInput | Opened, weight: Weight, descriptors: Descript
     """``located``'s array of ``weight``: read from its extent, or through h5py."""
     if isinstance(located, Opened):
         return _input(located, weight)
-    plain = (descriptors, located.file, located.extents[weight.name])
+    plain = (weight.name, descriptors, located.file, located.extents[weight.name])
     return _Source(None, located.encodings[weight.name], located.file.path, None, plain)
 
 
