@@ -62,6 +62,7 @@ def test_file_then_environment(tmp_path: Path) -> None:
         ("WEBSERVER_ADDRESS", "nohost", "host:port"),
         ("INIT_FILES_PATH", "../elsewhere", "a folder name"),
         ("LOG_LEVEL", "LOUD", "DEBUG, INFO"),
+        ("LEGACY_STATUS_PUSH", "maybe", "true or false"),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(key: str, value: str, expected: str) -> None:

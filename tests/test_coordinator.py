@@ -151,6 +151,10 @@ async def test_unreachable_selector_does_not_stop_the_others(
 HOSTILE_IDS = [
     *("", "..", "../../etc:80", "/abs:1", "a/b:1", "x\0y:1", "no-port", "h:99999"),
     *("a" * 300 + ":1", "bell\x07:1", "del\x7f:1", "new\nline:1"),
+    # not printable: C1 controls (NEL, CSI), a line separator, a bidi override
+    *("nel\x85:1", "csi\x9b31m:1", "ls\u2028:1", "bidi\u202e:1"),
+    # digits that are not ASCII: "²" (int() refuses it), Arabic-Indic 50051
+    *("h:\u00b2", "h:\u0665\u0660\u0660\u0665\u0661"),
 ]
 
 

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import trio
 from helpers.peers import FakeSelector, completed, serve_and_watch
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -142,7 +142,8 @@ def _dataset(file: h5py.File, name: str, how: str, values: np.ndarray, chunks: t
         case "other shape":
             file.create_dataset(name, data=np.resize(values, tuple(n + 1 for n in shape)))
         case "other dtype":
-            # Not a wider float: that one is accepted (weights.accepts), so usable.
+            # One the weight cannot be stored as: a wider float is accepted (float32
+            # for a float16 weight is what the reference client uploads).
             other = next(d for d in OTHER_DTYPES if not np.can_cast(dtype, d, "safe"))
             file.create_dataset(name, data=values.astype(other))
         case "NaN" | "Inf":
@@ -182,6 +183,17 @@ def _extra(file: h5py.File, kind: str, label: str, outside: Path) -> None:
                 file[name] = file[first]
         case "attribute":
             file.attrs[label] = np.frombuffer(os.urandom(16), np.uint8)
+
+
+#: Every weight as it is, but the float16 one in a dtype it cannot be stored as.
+OTHER_DTYPE_OF_FLOAT16 = Recipe(
+    datasets={
+        name: ("other dtype" if dtype == np.float16 else "contiguous", np.zeros(shape, dtype), ())
+        for name, (shape, dtype) in GLOBAL.items()
+    },
+    extras=[],
+    weight="1",
+)
 
 
 def write_recipe(recipe: Recipe, layout: Layout, selector: str, outside: Path) -> None:
@@ -261,6 +273,7 @@ async def test_random_aggregates_are_averaged_exactly_or_rejected_with_a_reason(
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(recipes())
+    @example(OTHER_DTYPE_OF_FLOAT16)  # a float16 weight stored as float32 was "unusable"
     def rounds_of(recipe: Recipe) -> None:
         trio.from_thread.run(play, recipe)  # fmt: skip
 

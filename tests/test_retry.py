@@ -1,4 +1,4 @@
-"""The one retry policy (GoalCountReached, webhook): waits, jitter, giving up; on trio's clock."""
+"""The one retry policy (GoalCountReached, webhook, legacy push): waits, jitter, giving up."""
 
 from __future__ import annotations
 
@@ -58,3 +58,12 @@ async def test_other_errors_are_not_retried(autojump_clock) -> None:
 def test_at_least_one_attempt() -> None:
     with pytest.raises(ValueError, match="attempts must be >= 1"):
         RetryPolicy(attempts=0)
+
+
+async def test_without_a_limit_it_tries_until_the_call_succeeds(autojump_clock) -> None:
+    job = Flaky(failures=30, error=ConnectionError("refused"))
+    policy = RetryPolicy(attempts=None, first_wait=0.5, max_wait=60.0, jitter=0.0)
+    assert await policy.call(job, on=ConnectionError, what="x") == 42
+    waits = [round(b - a, 6) for a, b in zip(job.times, job.times[1:], strict=False)]
+    assert waits[:8] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0]
+    assert len(waits) == 30 and set(waits[7:]) == {60.0}

@@ -18,7 +18,8 @@ General layout (read in this order, as trio's own ``__init__`` suggests for trio
   servicers, the ``GoalCountReached`` client, the health service, tokens, TLS
   and selector addresses.
 * ``status/`` is what the coordinator tells the world: the status message
-  schema and the hub that fans it out, the websocket, the webhook, metrics.
+  schema and the hub that fans it out, the websocket, the webhook, the
+  legacy ``FlStatus`` push to the Go system's webserver, metrics.
 * ``storage/`` is the problem folder: its layout, atomic writes, the journal
   and history, the aggregation (FedAvg over HDF5), start-up checks and the
   built-in model.

@@ -7,9 +7,10 @@ round task is handed (the problem folder, the ``GoalCountReached`` client),
 and runs everything in one nursery: the round task, the purerpc gRPC server
 for selectors (with the health service), the websocket status server, the
 metrics (and, if ``METRICS_PORT`` is set, their HTTP endpoint) and, if
-configured, the webhook. Cancelling it (Ctrl-C, SIGTERM, or a test leaving
-its block) stops all of them. TLS contexts and the token are loaded before
-anything listens, so an unusable certificate stops the start-up with one line.
+configured, the webhook and the legacy status push. Cancelling it (Ctrl-C,
+SIGTERM, or a test leaving its block) stops all of them. TLS contexts and the
+token are loaded before anything listens, so an unusable certificate stops the
+start-up with one line.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .rpc.tls import (
     warn_if_exposed,
 )
 from .status.hub import StatusHub
+from .status.legacy_push import run_legacy_push
 from .status.metrics import Metrics
 from .status.metrics_endpoint import PATH as METRICS_PATH
 from .status.metrics_endpoint import serve_metrics
@@ -219,6 +221,12 @@ async def serve(
         if guard:
             nursery.start_soon(guard.throttle.run)
         await nursery.start(metrics.follow, hub)
+        if settings.legacy_status_push:  # subscribed before the first round opens
+            await nursery.start(
+                functools.partial(run_legacy_push, dropped=metrics.legacy_push_dropped),
+                hub,
+                settings.webserver_address,
+            )
         await nursery.start(coordinator.run)
         grpc_port = await nursery.start(
             functools.partial(

@@ -108,6 +108,22 @@ def _address(value: Any) -> str:
     return f"{host}:{number}"
 
 
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0", ""})
+
+
+def _flag(value: Any) -> bool:
+    """A YAML boolean, or its spelling in an environment variable (``true``/``false``, ...)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, str | int) else None
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError
+
+
 def _optional_port(value: Any) -> int | None:
     """A port, or None (off) for an empty value."""
     if value is None or (isinstance(value, str) and value.strip() == ""):
@@ -261,7 +277,8 @@ KEYS: tuple[Key, ...] = (
         "localhost:50052",
         _address,
         "host:port",
-        "Accepted for compatibility; the status stream is served on STATUS_PORT instead.",
+        "The legacy webserver's FlStatus server: with LEGACY_STATUS_PUSH, each stage change is "
+        "pushed there; otherwise unused (the status stream is served on STATUS_PORT).",
         go=True,
     ),
     Key(
@@ -307,6 +324,14 @@ KEYS: tuple[Key, ...] = (
         _optional_url,
         "an http(s) URL or empty",
         "If set, every status message is also POSTed there as JSON.",
+    ),
+    Key(
+        "LEGACY_STATUS_PUSH",
+        False,
+        _flag,
+        "true or false",
+        "Push each stage change as FlStatus/RoundStatus to WEBSERVER_ADDRESS, as the Go "
+        "coordinator did (off: the Go default address is this coordinator's STATUS_PORT).",
     ),
     Key(
         "GOAL_COUNT_TIMEOUT",
@@ -524,6 +549,7 @@ class Settings:
     status_port: int
     metrics_port: int | None
     webhook_url: str
+    legacy_status_push: bool
     goal_count_timeout: float
     keep_checkpoints: int
     goal_count_retries: int
@@ -619,9 +645,26 @@ def _check_combinations(settings: Settings) -> None:
         raise ConfigError(
             "TLS_CLIENT_CA_FILE", settings.tls_client_ca_file, "TLS_CERT_FILE and TLS_KEY_FILE too"
         )
+    if settings.legacy_status_push:
+        _check_webserver_address(settings)
     if settings.auth_token and settings.auth_token_file:
         expected = "empty when AUTH_TOKEN is set"
         raise ConfigError("AUTH_TOKEN_FILE", settings.auth_token_file, expected)
+
+
+def _check_webserver_address(settings: Settings) -> None:
+    """A legacy push needs an address it can dial, and not this coordinator's own status port
+    (the Go default ``localhost:50052`` is exactly that: a push to it never succeeds)."""
+    host, _, port = settings.webserver_address.rpartition(":")
+    if int(port) == 0:
+        raise ConfigError("WEBSERVER_ADDRESS", settings.webserver_address, "a port >= 1")
+    own_hosts = {"localhost", "127.0.0.1", "[::1]", "0.0.0.0", settings.host}
+    if int(port) == settings.status_port and host in own_hosts:
+        expected = (
+            f"the legacy webserver's address, not this coordinator's STATUS_PORT "
+            f"({settings.status_port}), since LEGACY_STATUS_PUSH is on"
+        )
+        raise ConfigError("WEBSERVER_ADDRESS", settings.webserver_address, expected)
 
 
 def default_settings() -> Settings:

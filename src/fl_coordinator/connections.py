@@ -14,8 +14,13 @@ coordinator (gRPC, status websocket, metrics) accepts through a
   *make room* (gRPC) closes its least recently active connection for a new
   one: the Go selector opens a connection per call and never closes it, and
   a gRPC client whose idle connection is closed (with an HTTP/2 GOAWAY)
-  simply dials again. The other listeners close the new connection at once:
-  a status subscriber is never idle by choice;
+  simply dials again. The other listeners close, to make room, the oldest
+  connection still in its handshake (:meth:`Slot.settle` marks the end of
+  one): otherwise peers that start handshakes and never finish them, each
+  replaced as soon as ``handshake_timeout`` closes it, would keep the
+  webserver and the scraper out for as long as they like. A status
+  subscriber is never idle by choice: when every connection has finished
+  its handshake, the new one is closed at once;
 * if ``accept`` fails for want of descriptors anyway (EMFILE, ENFILE: other
   code opened files meanwhile), the listener does not stop (before, the
   process exited): it closes a descriptor it keeps in reserve, accepts one
@@ -108,10 +113,12 @@ def descriptor_budget(limit: int | None = None) -> int:
 class Slot:
     """One admitted connection: its place in its gate's recency order, and how to close it."""
 
-    __slots__ = ("_gate", "cancel_scope", "evict")
+    __slots__ = ("_gate", "cancel_scope", "evict", "settled")
 
     def __init__(self, gate: Gate) -> None:
         self._gate = gate
+        #: The connection finished its handshake (see :meth:`settle`).
+        self.settled = False
         #: Cancels the connection's handler (what :attr:`evict` does unless replaced).
         self.cancel_scope = trio.CancelScope()
         #: Called (synchronously) to close the connection to make room for a new one;
@@ -121,6 +128,11 @@ class Slot:
     def touch(self) -> None:
         """The connection was active: it is the last one to close to make room."""
         self._gate._touch(self)
+
+    def settle(self) -> None:
+        """The connection finished its handshake: a gate that does not make room for
+        any newcomer no longer closes it for one (see :class:`Gate`)."""
+        self.settled = True
 
 
 def _errno(error: BaseException) -> int | None:
@@ -142,7 +154,10 @@ class Gate(Generic[S]):
 
     ``name`` says which listener in log lines ("gRPC port 50050");
     ``make_room``: at the cap, close the least recently active connection
-    (:meth:`Slot.touch`) for the new one instead of refusing it.
+    (:meth:`Slot.touch`) for the new one instead of refusing it. Without it,
+    the oldest connection still in its handshake (whose handler has not
+    called :meth:`Slot.settle`) is closed for the new one; the new one is
+    refused only if there is none.
     """
 
     def __init__(
@@ -166,23 +181,32 @@ class Gate(Generic[S]):
 
     def _admit(self) -> Slot | None:
         if len(self._open) >= self.limits.max_connections:
-            if not (self._make_room and self._open):
+            victim = self._victim()
+            if victim is None:
                 self._refuse()
                 return None
-            victim, _ = self._open.popitem(last=False)
+            del self._open[victim]
+            which = "least recently active" if self._make_room else "oldest still in its handshake"
             self.throttle.log(
                 logging.INFO,
-                f"{self.name}: closed the least recently active connection to make room",
+                f"{self.name}: closed the {which} connection to make room",
                 "%s: %d connections open (the limit: MAX_CONNECTIONS or this port's share of "
-                "RLIMIT_NOFILE); closing the least recently active one to make room",
+                "RLIMIT_NOFILE); closing the %s one to make room",
                 self.name,
                 self.limits.max_connections,
+                which,
                 peer="",
             )
             victim.evict()
         slot = Slot(self)
         self._open[slot] = None
         return slot
+
+    def _victim(self) -> Slot | None:
+        """The connection to close for a newcomer at the cap; None: refuse the newcomer."""
+        if self._make_room:
+            return next(iter(self._open), None)
+        return next((slot for slot in self._open if not slot.settled), None)
 
     def _refuse(self) -> None:
         self.throttle.warning(

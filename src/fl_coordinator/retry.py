@@ -1,7 +1,7 @@
 """One retry policy for every call the coordinator repeats: back-off that doubles, with jitter.
 
-``GoalCountReached`` to a selector and the webhook's POSTs are retried the
-same way, by :class:`RetryPolicy`, on `stamina <https://stamina.hynek.me>`_
+``GoalCountReached`` to a selector, the webhook's POSTs and the legacy
+status push are retried the same way, by :class:`RetryPolicy`, on `stamina <https://stamina.hynek.me>`_
 (which runs on trio, so waits are ``trio.sleep`` and tests can use trio's
 virtual clock). The wait before retry *n* is ``first_wait * 2**(n-1)``, capped
 at ``max_wait``, plus a random part of up to ``jitter`` seconds: when one
@@ -52,21 +52,27 @@ stamina.instrumentation.set_on_retry_hooks([_log_retry])
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard to try: ``attempts`` in all (>= 1), waits in seconds between them."""
+    """How hard to try: ``attempts`` in all (>= 1), waits in seconds between them.
 
-    attempts: int = 3
+    ``attempts=None`` tries until the call succeeds or fails with something
+    not retried: for a caller whose job can give up by itself (the legacy
+    status push stops trying a stage change once its bounded queue dropped it).
+    """
+
+    attempts: int | None = 3
     first_wait: float = 1.0
     max_wait: float = 60.0
     jitter: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
+        if self.attempts is not None and self.attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {self.attempts}")
 
     async def call(self, job: Callable[[], Awaitable[T]], *, on: RetryOn, what: str) -> T:
         """``await job()`` until it succeeds or fails with something ``on`` does not match.
 
-        Raises the last error once ``attempts`` are used up. ``what`` names the
+        Raises the last error once ``attempts`` are used up (never with
+        ``attempts=None``: then only an error ``on`` does not match ends it). ``what`` names the
         call in the log line of each retry.
         """
         attempts = stamina.retry_context(

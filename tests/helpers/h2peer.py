@@ -105,9 +105,11 @@ class RawPeer:
         while not done(self.events) and self.receive():
             pass
 
-    def call(self, path: str, body: bytes) -> dict[str, str]:
+    def call(
+        self, path: str, body: bytes, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> dict[str, str]:
         """A whole unary call; returns the trailers (``grpc-status``, ``grpc-message``)."""
-        stream_id = self.open_stream(path, body, end=True)
+        stream_id = self.open_stream(path, body, end=True, metadata=metadata)
         self.send()
         self.receive_until(lambda events: any(_ends(e, stream_id) for e in events))
         for event in self.events:

@@ -6,6 +6,11 @@ A coordinator on loopback (in process); peers are raw HTTP/2 connections
 
 from __future__ import annotations
 
+import gzip
+import struct
+import zlib
+from collections.abc import Callable
+
 import h2.errors
 import trio
 from helpers.h2peer import CHECK_IN, RawPeer, check_in_body
@@ -132,4 +137,50 @@ async def test_calls_reset_after_their_message_give_back_the_connection_window(
         return peer.call(CHECK_IN, check_in_body("127.0.0.1:2"))
 
     assert (await trio.to_thread.run_sync(reset_calls_then_call))["grpc-status"] == "0"
+    peer.close()
+
+
+#: gRPC's message encodings that purerpc reads: gzip (RFC 1952) and deflate (RFC 1950).
+COMPRESSIONS: tuple[tuple[str, Callable[[bytes], bytes]], ...] = (
+    ("gzip", gzip.compress),
+    ("deflate", zlib.compress),
+)
+
+
+def compressed(body: bytes, compress: Callable[[bytes], bytes]) -> bytes:
+    """A gRPC message of ``body``'s message, compressed (the flag set)."""
+    data = compress(body[5:])
+    return struct.pack(">BI", 1, len(data)) + data
+
+
+async def test_a_compressed_message_inflating_past_the_limit_ends_that_connection_only(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    """GRPC_MAX_MESSAGE_BYTES bounds what a message inflates to, not only what it weighs.
+
+    purerpc inflated a message whole, on the event loop, before any call started:
+    1 MB of deflate stream took 2 GB of memory and froze the loop for 19 s.
+    Here 1 MiB of zeros (1 KiB compressed) against a limit of 64 KiB.
+    """
+    settings = settings.replace(grpc_max_message_bytes=65536)
+    endpoints = await nursery.start(serve, settings)
+    zeros = struct.pack(">BI", 0, 1 << 20) + bytes(1 << 20)
+    for encoding, compress in COMPRESSIONS:
+        bomber = await connected(endpoints.grpc_port)
+        metadata = (("grpc-encoding", encoding),)
+        bomber.open_stream(CHECK_IN, compressed(zeros, compress), end=True, metadata=metadata)
+        await ends_alone(bomber, endpoints.grpc_port, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+
+async def test_compressed_messages_within_the_limit_are_answered(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    """gRPC's ``gzip`` (RFC 1952, what grpcio sends) and ``deflate`` (RFC 1950) both work."""
+    endpoints = await nursery.start(serve, settings)
+    peer = await connected(endpoints.grpc_port)
+    for n, (encoding, compress) in enumerate(COMPRESSIONS):
+        body = compressed(check_in_body(f"127.0.0.1:{n + 1}"), compress)
+        metadata = (("grpc-encoding", encoding),)
+        answer = await trio.to_thread.run_sync(peer.call, CHECK_IN, body, metadata)
+        assert answer["grpc-status"] == "0"
     peer.close()

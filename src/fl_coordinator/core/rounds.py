@@ -208,41 +208,48 @@ class Round:
         }[stage]
         return [Arm(self.number, stage, seconds)] if seconds > 0 else []
 
-    def _ignore(self, selector: str, why: str) -> list[Effect]:
-        return self._note(selector, why, "ignored report from")
+    def _note(self, selector: str, why: str, what: str, kind: str = "") -> list[Effect]:
+        """Keep a call that changed nothing in the status (bounded) and log it.
 
-    def _note(self, selector: str, why: str, what: str) -> list[Effect]:
-        """Keep a call that changed nothing in the status (bounded) and log it."""
+        The line is throttled by ``kind``: our words only, never a value from
+        the call (a peer varying it would make every call a new kind, written
+        whole). By default the part of ``why`` before its first colon.
+        """
         self.ignored = [*self.ignored, (selector[:300], why)][-_IGNORED_KEPT:]
         line = f"round {self.number}: {what} {selector!r}: {why}"
-        kind = f"{what.removesuffix(' from')}: {why.partition(':')[0]}"  # our words, not the id
+        kind = f"{what.removesuffix(' from')}: {kind or why.partition(':')[0]}"
         return [Log("WARNING", line, kind=kind, selector=selector), self.status()]
 
     def _reported(self, event: SelectorReported) -> list[Effect]:
-        why = self._unexpected_report(event)
-        if why is None:
+        unexpected = self._unexpected_report(event)
+        if unexpected is None:
             effects = self._take_report(event.selector)
         else:
-            effects = self._ignore(event.selector, why)
+            kind, why = unexpected
+            effects = self._note(event.selector, why, "ignored report from", kind=kind)
         if event.reply_to is not None:
-            effects.insert(0, AnswerReport(event.reply_to, taken=why is None))
+            effects.insert(0, AnswerReport(event.reply_to, taken=unexpected is None))
         return effects
 
-    def _unexpected_report(self, event: SelectorReported) -> str | None:
-        """Why a report changes nothing, or None if its selector's files are to be validated."""
+    def _unexpected_report(self, event: SelectorReported) -> tuple[str, str] | None:
+        """(kind, why) a report changes nothing; None if its selector's files are to be checked.
+
+        The kind is ours alone: the round number is the peer's, and would make
+        every report of another round a new kind of line (written, not counted).
+        """
         selector = event.selector
         if self.rules.allowed and selector not in self.rules.allowed:
-            return "not in ALLOWED_SELECTORS"
+            return "not allowed", "not in ALLOWED_SELECTORS"
         if event.round is not None and event.round != self.number:
-            return f"it is for round {event.round}, not this one"
+            return "another round", f"it is for round {event.round}, not this one"
         if self.aggregating:
-            return "round is aggregating, no report expected"
+            return "no report expected", "round is aggregating, no report expected"
         if self.stage not in (Stage.CONFIGURATION, Stage.REPORTING):
-            return f"round is in {self.stage.name}, no report expected"
+            return "no report expected", f"round is in {self.stage.name}, no report expected"
         if selector not in self.selectors:
-            return "not a selector of this round"
+            return "not of this round", "not a selector of this round"
         if selector in self.reported or selector in self.validating or selector in self.rejected:
-            return "it already reported"
+            return "already reported", "it already reported"
         return None
 
     def _take_report(self, selector: str) -> list[Effect]:
@@ -258,9 +265,9 @@ class Round:
             where = "not this round" if event.round != self.number else self.stage.name
             return [
                 AnswerRelease(event.reply_to, 0),
-                Log("INFO", f"round {self.number}: {event.selector} released {event.clients} "
+                Log("INFO", f"round {self.number}: {event.selector!r} released {event.clients} "
                             f"client(s) of round {event.round}; nothing to release ({where}, "
-                            f"{held} held)"),
+                            f"{held} held)", kind="release of nothing", selector=event.selector),
             ]  # fmt: skip
         released = min(event.clients, held)
         self.accepted -= released
@@ -270,8 +277,9 @@ class Round:
             self.selectors[event.selector] = held - released
         return [
             AnswerRelease(event.reply_to, released),
-            Log("INFO", f"round {self.number}: {event.selector} released {released} client(s); "
-                        f"{self.accepted}/{self.goal} accepted"),
+            Log("INFO", f"round {self.number}: {event.selector!r} released {released} client(s); "
+                        f"{self.accepted}/{self.goal} accepted", kind="released clients",
+                selector=event.selector),
             self.status(),
         ]  # fmt: skip
 

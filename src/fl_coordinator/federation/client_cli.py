@@ -76,9 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(run_until_signal, client.run)
         except BaseExceptionGroup as group:
             gave_up = first_of(group, GaveUp)
-            if gave_up is None:
+            if gave_up is not None:
+                log.error("%s", gave_up)
+                return 1
+            unreachable = first_of(group, OSError)  # refused, reset, no route, no such host
+            if unreachable is None:
                 raise
-            log.error("%s", gave_up)
+            log.error("selector %s cannot be reached: %s", args.selector, unreachable)
             return 1
     return 0
 

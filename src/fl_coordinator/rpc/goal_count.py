@@ -34,7 +34,7 @@ import trio
 
 from .._proto import fl_intra_grpc, fl_intra_pb2
 from ..connections import descriptor_budget
-from .addresses import dial, socket_stream
+from .addresses import call_once, dial, socket_stream
 
 __all__ = ["DEFAULT_MAX_OPEN", "GoalCountClient", "outgoing_budget"]
 
@@ -92,7 +92,16 @@ class _Link:
         except Exception as error:
             if not started:
                 raise
-            log.debug("connection to %s ended: %s", self.selector, error)
+            log.debug("connection to %s ended: %r", self.selector, error)
+        except BaseExceptionGroup as group:  # the channel's tasks: an error and a cancellation
+            cancelled = group.subgroup(trio.Cancelled)
+            if not started or cancelled is group:
+                raise
+            # A grpcio server shutting down sends GOAWAY and a PING, which purerpc's h2
+            # refuses (see .addresses.call_once): only the cancellation goes on.
+            log.debug("connection to %s ended: %r", self.selector, group)
+            if cancelled is not None:
+                raise cancelled from None
         finally:
             self.stub = None
             for call in self._calls:  # a call on a closed channel would wait forever
@@ -118,11 +127,15 @@ class _Link:
         with trio.CancelScope() as scope:
             self._calls.add(scope)
             try:
-                await stub.GoalCountReached(fl_intra_pb2.Empty())
+                await _goal_count_reached(stub)
                 return
             finally:
                 self._calls.discard(scope)
         raise ConnectionError(f"connection to {self.selector} closed during the call")
+
+
+async def _goal_count_reached(stub: fl_intra_grpc.FLGoalCountBroadcastStub) -> None:
+    await stub.GoalCountReached(fl_intra_pb2.Empty())
 
 
 def _peer_closed(channel: purerpc.Channel) -> bool:
@@ -193,13 +206,18 @@ class GoalCountClient:
     async def __call__(self, selector_id: str) -> None:
         """``GoalCountReached`` to ``selector_id``; TimeoutError if it does not answer in time."""
         async with self._calls:
+            if self._nursery is None:  # not running: a connection of its own per call
+                await call_once(
+                    selector_id,
+                    lambda channel: _goal_count_reached(
+                        fl_intra_grpc.FLGoalCountBroadcastStub(channel)
+                    ),
+                    seconds=self.call_timeout,
+                    ssl_context=self._ssl_context,
+                )
+                return
             try:
                 with trio.fail_after(self.call_timeout):
-                    if self._nursery is None:
-                        async with dial(selector_id, self._ssl_context) as channel:
-                            stub = fl_intra_grpc.FLGoalCountBroadcastStub(channel)
-                            await stub.GoalCountReached(fl_intra_pb2.Empty())
-                        return
                     link = await self._link(selector_id, self._nursery)
                     try:
                         await link.call()

@@ -6,8 +6,8 @@ knows nothing about Prometheus and the numbers an operator graphs are the
 ones the webserver is shown. What the stream does not carry comes from a few
 hooks that the server wires in: answers to check-ins (refusals at the RPC edge
 never reach the round), bytes read by the aggregation (the aggregator is
-wrapped), the number of websocket subscribers and undelivered webhook
-messages.
+wrapped), the number of websocket subscribers, undelivered webhook
+messages and stage changes the legacy status push dropped.
 
 Each coordinator has its own :class:`~prometheus_client.CollectorRegistry`,
 not the process-wide default one, so several coordinators in one process
@@ -82,6 +82,11 @@ class Metrics:
         self.webhook_failures = Counter(
             "webhook_failures", "Status messages the webhook could not deliver.", **common
         )
+        self.legacy_push_drops = Counter(
+            "legacy_push_drops",
+            "Stage changes the legacy status push dropped undelivered (its queue was full).",
+            **common,
+        )
         # Exported as 0 before the first check-in; kept, as a label lookup per call costs.
         self._accepted_clients = self.checkins.labels("accepted")
         self._refused_clients = self.checkins.labels("refused")
@@ -140,6 +145,9 @@ class Metrics:
 
     def webhook_failed(self) -> None:
         self.webhook_failures.inc()
+
+    def legacy_push_dropped(self) -> None:
+        self.legacy_push_drops.inc()
 
     def count_subscribers(self, count: Callable[[], int]) -> None:
         """Read the subscriber gauge from ``count`` at each scrape."""

@@ -218,8 +218,8 @@ class StatusServer:
                         peer,
                         subscription.dropped,
                     )
-        except ConnectionClosed:
-            pass
+        except* ConnectionClosed:
+            pass  # it went away, while we sent (from _push, in the nursery's group) or read
         finally:
             # The closing handshake waits for the peer's answer: not for ever.
             with trio.move_on_after(self._limits.connections.handshake_timeout):
@@ -266,6 +266,7 @@ class StatusServer:
             async with trio.open_nursery() as nursery:  # the websocket's reader task
                 request = await self._handshake(nursery, _Watched(transport))
                 if request is not None:
+                    slot.settle()
                     await self.handle(request)
                 nursery.cancel_scope.cancel()
 

@@ -7,7 +7,6 @@ there: temporary files and history live in ``.coordinator/`` beside it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +24,6 @@ _COORDINATOR_DIR = ".coordinator"
 
 #: C0 controls and DEL. A regex, not a loop over characters: this runs on every
 #: check-in (it was a tenth of the coordinator's own cost per check-in).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def check_selector_id(selector_id: str) -> str:
     """Return ``selector_id`` if it is a safe, single path component; raise otherwise.
 
@@ -46,8 +42,11 @@ def check_selector_id(selector_id: str) -> str:
         raise InvalidSelectorId(f"selector id {selector_id!r} contains a path separator")
     if selector_id in (".", ".."):
         raise InvalidSelectorId(f"selector id {selector_id!r} is not a folder name")
-    if _CONTROL.search(selector_id):
-        raise InvalidSelectorId(f"selector id {selector_id!r} contains a control character")
+    if not selector_id.isprintable():
+        # Control characters of every kind (C0, DEL, C1 such as NEL and CSI), line and
+        # paragraph separators, bidi overrides: none belongs in a host name, a folder
+        # name or a log line.
+        raise InvalidSelectorId(f"selector id {selector_id!r} contains a non-printable character")
     return selector_id
 
 
