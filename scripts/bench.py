@@ -1,7 +1,9 @@
 """Benchmarks, measured side by side in one run (this machine is shared: ratios hold, times drift).
 
 Parts: **aggregation** (here), **check-ins** (bench_checkin.py), **fan-out**
-(bench_fanout.py) and **round overhead** (bench_round.py).
+(bench_fanout.py), **round overhead** (bench_round.py) and, asked for by name
+(``--parts strategies``, minutes), **strategies** (bench_strategies.py: the
+server strategies side by side on a federation of the demo's digits).
 
 Aggregation: for K selector aggregates of a Keras model of about S bytes it
 times, each in a fresh process (so peak memory is that process's own):
@@ -20,6 +22,11 @@ times, each in a fresh process (so peak memory is that process's own):
 The runs are paired: each repetition runs every mode once, one after the
 other, and the ratios ``raw/ours`` and ``sum/ours`` (times) of each
 repetition are reported as min/median/max, with the median times.
+
+At the largest case (``--strategy-case``), ``ours`` is also timed with each
+server strategy that keeps an optimizer state (read and written in the same
+pass), from a state written by an untimed first aggregation, in the same
+pairs (the same raw and sum runs are its references).
 
 Usage: ``scripts/bench [--quick] [--parts ...] [--cases 100x2 100x8 100x16
 1000x2] [--repeat 3] [--out DIR]`` (``--help`` lists the rest; a case is
@@ -46,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_report import markdown
+from bench_strategies import STRATEGIES_COMPARED
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -102,8 +110,12 @@ def current_rss_bytes() -> int:
 # -- workers (each run in its own process) --------------------------------------------
 
 
-def work_ours(folder: Path, k: int) -> Callable[[], None]:
-    from fl_coordinator.storage.aggregation import Contribution, aggregate
+def work_ours(folder: Path, k: int, strategy: str = "fedavg") -> Callable[[], None]:
+    """Our aggregation; with a ``strategy`` that keeps a state, from ``state-prepared.h5``
+    (made by an untimed first run) to ``state-new.h5``."""
+    from fl_coordinator.core.strategy import ServerOptimizer, Strategy
+    from fl_coordinator.storage.aggregation import Contribution, ServerUpdate, aggregate
+    from fl_coordinator.storage.strategy_state import StateUpdate
     from fl_coordinator.storage.untrusted import UntrustedFile
 
     weights = [int((folder / f"weight{i}").read_text()) for i in range(1, k + 1)]
@@ -111,7 +123,15 @@ def work_ours(folder: Path, k: int) -> Callable[[], None]:
         Contribution(f"s{i}", UntrustedFile(folder, f"agg{i}"), weight)
         for i, weight in enumerate(weights, start=1)
     ]
-    return lambda: aggregate(folder / "fl_checkpoint", parts, folder / "tmp")
+    optimizer = ServerOptimizer.of(strategy)
+    prepared = folder / "state-prepared.h5"
+    state = None
+    if optimizer.moments:
+        source = prepared if prepared.exists() else None
+        dest = folder / ("state-new.h5" if source else "state-prepared.h5")
+        state = StateUpdate(optimizer, source, dest, 1)
+    update = ServerUpdate(Strategy(optimizer), state)
+    return lambda: aggregate(folder / "fl_checkpoint", parts, folder / "tmp", None, update)
 
 
 def _inputs(folder: Path, k: int) -> list[Path]:
@@ -185,13 +205,19 @@ def _naive(folder: Path, k: int, model: Any) -> None:
 
 
 WORKERS = {"raw": work_raw, "sum": work_sum, "ours": work_ours, "naive": work_naive}
-PARTS = ["aggregation", "checkin", "fanout", "round"]
+PARTS = ["aggregation", "checkin", "fanout", "round", "strategies"]
+#: What ``./scripts/bench`` runs without --parts (strategies take many minutes).
+DEFAULT_PARTS = ["aggregation", "checkin", "fanout", "round"]
+#: The strategies with an optimizer state, timed at --strategy-case.
+STATEFUL = ["fedavgm", "fedadagrad", "fedadam", "fedyogi"]
 
 
 def worker_main(mode: str, folder: Path, k: int) -> None:
+    mode, _, strategy = mode.partition(":")
     if mode == "naive":
         build_model(1)  # import Keras and warm it up outside the timing
-    run = WORKERS[mode](folder, k)  # what is not the work itself: outside the clock
+    # What is not the work itself: outside the clock.
+    run = work_ours(folder, k, strategy) if strategy else WORKERS[mode](folder, k)
     reset_peak_rss()
     before = current_rss_bytes()
 
@@ -223,10 +249,13 @@ def case(text: str) -> tuple[float, int]:
     return float(size), int(k)
 
 
-def bench_aggregation(cases: list[tuple[float, int]], repeat: int, naive: bool) -> list[dict]:
+def bench_aggregation(
+    cases: list[tuple[float, int]], repeat: int, naive: bool, strategy_case: tuple[float, int]
+) -> tuple[list[dict], list[dict]]:
+    """The rows of each case, and of each stateful strategy at ``strategy_case``."""
     import h5py
 
-    rows = []
+    rows, strategies = [], []
     for size_mb, k in cases:
         with tempfile.TemporaryDirectory(prefix="fl-bench-") as name:
             folder = Path(name)
@@ -236,35 +265,69 @@ def bench_aggregation(cases: list[tuple[float, int]], repeat: int, naive: bool) 
             with h5py.File(paths[0], "r") as file:
                 largest = max(file[n].nbytes for n in _floats(file))
             modes = ["raw", "sum", "ours"] + (["naive"] if naive else [])
-            runs = [{mode: measure(mode, folder, k) for mode in modes} for _ in range(repeat)]
+            if (size_mb, k) == strategy_case:
+                for strategy in STATEFUL:  # an untimed first round writes its state
+                    measure(f"ours:{strategy}", folder, k)
+                    os.replace(folder / "state-prepared.h5", folder / f"state-{strategy}.h5")
+                modes += [f"ours:{strategy}" for strategy in STATEFUL]
+            runs = [{mode: _measure_mode(mode, folder, k) for mode in modes} for _ in range(repeat)]
             input_bytes = (k + 1) * model_bytes
 
             median = functools.partial(_median, runs)
 
-            row = {
+            case_figures = {
                 "size_mb": round(model_bytes / 2**20, 1),
                 "k": k,
                 "largest_array_mb": round(largest / 2**20, 1),
+            }
+            row = {
+                **case_figures,
                 "pairs": repeat,
-                "ours_s": median("ours"),
                 "raw_s": median("raw"),
                 "sum_s": median("sum"),
-                "ours_mb_per_s": input_bytes / median("ours") / 2**20,
                 "raw_mb_per_s": input_bytes / median("raw") / 2**20,
-                "ours_peak_mb": median("ours", "peak_extra_bytes") / 2**20,
+                **_ours_figures(runs, "ours", input_bytes),
             }
-            for reference in ("raw", "sum"):
-                ratios = sorted(run[reference]["seconds"] / run["ours"]["seconds"] for run in runs)
-                row[f"ratio_to_{reference}"] = statistics.median(ratios)
-                row[f"ratio_to_{reference}_min"] = ratios[0]
-                row[f"ratio_to_{reference}_max"] = ratios[-1]
             if naive:
                 row["naive_s"] = median("naive")
                 row["speedup_over_naive"] = row["naive_s"] / row["ours_s"]
                 row["naive_peak_mb"] = median("naive", "peak_extra_bytes") / 2**20
             rows.append(row)
             print_row(row)
-    return rows
+            strategies += [
+                {"strategy": mode.partition(":")[2], **case_figures,
+                 **_ours_figures(runs, mode, input_bytes)}
+                for mode in modes
+                if mode.startswith("ours:")
+            ]  # fmt: skip
+    return rows, strategies
+
+
+def _measure_mode(mode: str, folder: Path, k: int) -> dict[str, float]:
+    """:func:`measure`; a strategy's run starts from its prepared state."""
+    if mode.startswith("ours:"):
+        state = folder / f"state-{mode.partition(':')[2]}.h5"
+        shutil.copyfile(state, folder / "state-prepared.h5")
+    return measure(mode, folder, k)
+
+
+def _ours_figures(
+    runs: list[dict[str, dict[str, float]]], mode: str, input_bytes: int
+) -> dict[str, float]:
+    """The figures of ``mode`` (``ours``, or ``ours:<strategy>``): median time,
+    throughput and peak memory, and its paired ratios to the raw read and the sum."""
+    seconds = _median(runs, mode)
+    figures = {
+        "ours_s": seconds,
+        "ours_mb_per_s": input_bytes / seconds / 2**20,
+        "ours_peak_mb": _median(runs, mode, "peak_extra_bytes") / 2**20,
+    }
+    for reference in ("raw", "sum"):
+        ratios = sorted(run[reference]["seconds"] / run[mode]["seconds"] for run in runs)
+        figures[f"ratio_to_{reference}"] = statistics.median(ratios)
+        figures[f"ratio_to_{reference}_min"] = ratios[0]
+        figures[f"ratio_to_{reference}_max"] = ratios[-1]
+    return figures
 
 
 def _median(runs: list[dict[str, dict[str, float]]], mode: str, key: str = "seconds") -> float:
@@ -302,6 +365,16 @@ def print_row(row: dict) -> None:
     )
 
 
+def print_strategy_rows(rows: list[dict]) -> None:
+    print(f"\n{'strategy':>10} {'model MB':>9} {'K':>3} {'ours MB/s':>10} "
+          f"{'raw/ours min/med/max':>20} {'sum/ours min/med/max':>20} "
+          f"{'ours peak MB':>12}")  # fmt: skip
+    for row in rows:
+        print(f"{row['strategy']:>10} {row['size_mb']:>9.0f} {row['k']:>3} "
+              f"{row['ours_mb_per_s']:>10.0f} {_spread(row, 'raw'):>20} "
+              f"{_spread(row, 'sum'):>20} {row['ours_peak_mb']:>12.0f}", flush=True)  # fmt: skip
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
@@ -313,7 +386,18 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the Keras approach")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=DEFAULT_PARTS)
+    parser.add_argument(
+        "--strategy-case",
+        type=case,
+        default=(1000.0, 2),
+        help="aggregation: the case also timed with each stateful strategy",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="strategies: data splits")  # fmt: skip
+    parser.add_argument("--strategies", nargs="+", default=STRATEGIES_COMPARED,
+                        help="strategies: which to run")  # fmt: skip
+    parser.add_argument("--federation-rounds", type=int, default=20, help="strategies: rounds")
     parser.add_argument("--subscribers", type=int, default=1000, help="fan-out subscribers")
     parser.add_argument("--stalled", type=int, default=10, help="fan-out: never-reading ones")
     parser.add_argument("--changes", type=int, default=50, help="fan-out: status changes timed")
@@ -336,15 +420,23 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.cases, args.repeat = [(16.0, 2), (16.0, 4)], 1
+        args.strategy_case = (16.0, 2)
         args.subscribers, args.changes = 50, 10
         args.seconds, args.rounds, args.selectors = 0.5, 5, [10]
+        args.seeds, args.strategies, args.federation_rounds = [0], ["fedavg", "fedyogi"], 2
     logging.getLogger("purerpc").setLevel(logging.ERROR)  # torn-down connections, by design
     results: dict[str, Any] = {}
     if "aggregation" in args.parts:
         print(f"aggregation ({args.repeat} paired runs, medians; throughput = input bytes/s; "
               "ratios: reference time / ours)")  # fmt: skip
         print(HEADER)
-        results["aggregation"] = bench_aggregation(args.cases, args.repeat, not args.no_naive)
+        rows, strategies = bench_aggregation(
+            args.cases, args.repeat, not args.no_naive, args.strategy_case
+        )
+        results["aggregation"] = rows
+        if strategies:
+            results["aggregation_strategies"] = strategies
+            print_strategy_rows(strategies)
     if "fanout" in args.parts:
         from bench_fanout import bench_fanout
 
@@ -365,6 +457,14 @@ def main() -> int:
               f"{args.repeat} paired runs)")  # fmt: skip
         results["round"] = bench_round(args.rounds, args.selectors, args.repeat)
     args.out.mkdir(parents=True, exist_ok=True)
+    if "strategies" in args.parts:
+        from bench_strategies import bench_strategies
+
+        print(f"\nstrategies (the demo's digits federation, Dirichlet(0.1), "
+              f"{args.federation_rounds} rounds, seeds {args.seeds})")  # fmt: skip
+        results["strategies"] = bench_strategies(
+            args.strategies, args.seeds, args.federation_rounds, args.out, quick=args.quick
+        )
     target = args.out / "bench.json"
     target.write_text(json.dumps(results, indent=2) + "\n")
     command = "./scripts/bench " + " ".join(sys.argv[1:])

@@ -106,8 +106,36 @@ def _round_row(row: dict[str, Any]) -> list[str]:
             ratios, f"{row['extra_ms_per_selector']:.2f}"]  # fmt: skip
 
 
-PARTS = {"aggregation": aggregation, "checkin": checkin, "fanout": fanout,
-         "round": round_overhead}  # fmt: skip
+def aggregation_strategies(rows: list[dict[str, Any]]) -> str:
+    header = ["strategy", "model MB", "K", "ours MB/s",
+              "raw read / ours (min / **median** / max)",
+              "float64 sum / ours (min / **median** / max)", "ours peak MB"]  # fmt: skip
+    table = [
+        [row["strategy"], f"{row['size_mb']:.0f}", str(row["k"]), f"{row['ours_mb_per_s']:.0f}",
+         _spread(row, "raw"), _spread(row, "sum"), f"{row['ours_peak_mb']:.0f}"]
+        for row in rows
+    ]  # fmt: skip
+    return _table(header, table)
+
+
+def strategies(result: dict[str, Any]) -> str:
+    target = result["target"]
+    header = ["strategy", f"round reaching {target:.2f} (per seed)",
+              f"accuracy after {result['rounds']} rounds: mean", "min", "max"]  # fmt: skip
+    table = [
+        [row["strategy"],
+         ", ".join(str(r) if r is not None else "-" for r in row["rounds_to_target"]),
+         f"**{row['final_mean']:.3f}**", f"{row['final_min']:.3f}", f"{row['final_max']:.3f}"]
+        for row in result["rows"]
+    ]  # fmt: skip
+    centralized = f"{result['centralized_final_mean']:.3f}"
+    table.append(["centralized (pooled data)", "", centralized, "", ""])
+    return _table(header, table)
+
+
+PARTS = {"aggregation": aggregation, "aggregation_strategies": aggregation_strategies,
+         "checkin": checkin, "fanout": fanout, "round": round_overhead,
+         "strategies": strategies}  # fmt: skip
 
 
 def markdown(results: dict[str, Any], command: str) -> str:

@@ -13,6 +13,14 @@ from helpers import REPO
 BENCH = REPO / "scripts" / "bench.py"
 
 
+def _assert_paired(row: dict, references: dict) -> None:
+    """``row``'s ratios to the references of its case (``references``: that case's row)."""
+    for reference in ("raw", "sum"):  # one pair with --quick: min = median = max
+        ratio = row[f"ratio_to_{reference}"]
+        assert row[f"ratio_to_{reference}_min"] == ratio == row[f"ratio_to_{reference}_max"]
+        assert ratio == pytest.approx(references[f"{reference}_s"] / row["ours_s"])
+
+
 def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
@@ -25,10 +33,15 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     for row in rows:
         assert row["ours_s"] > 0 and row["raw_s"] > 0 and row["sum_s"] > 0 and row["naive_s"] > 0
         assert row["ours_peak_mb"] >= 0 and row["largest_array_mb"] == 16
-        for reference in ("raw", "sum"):  # one pair with --quick: min = median = max
-            ratio = row[f"ratio_to_{reference}"]
-            assert row[f"ratio_to_{reference}_min"] == ratio == row[f"ratio_to_{reference}_max"]
-            assert ratio == pytest.approx(row[f"{reference}_s"] / row["ours_s"])
+        _assert_paired(row, row)
+    # Each strategy with an optimizer state, at the strategy case (16 MB, K=2 with --quick),
+    # paired with that case's references.
+    by_strategy = results["aggregation_strategies"]
+    assert [r["strategy"] for r in by_strategy] == ["fedavgm", "fedadagrad", "fedadam", "fedyogi"]
+    for row in by_strategy:
+        assert (row["size_mb"], row["k"], row["largest_array_mb"]) == (16, 2, 16)
+        assert row["ours_s"] > 0 and row["ours_peak_mb"] >= 0
+        _assert_paired(row, rows[0])
     assert [(r["subscribers"], r["stalled"]) for r in results["fanout"]] == [(50, 0), (50, 10)]
     assert all(r["to_last_p99_ms"] >= r["to_last_p50_ms"] > 0 for r in results["fanout"])
     assert all(r["server_cpu_us_per_subscriber_message"] > 0 for r in results["fanout"])
@@ -58,6 +71,7 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
         assert title in result.stdout
     # The same figures as Markdown tables, for the README.
     report = (tmp_path / "bench.md").read_text()
+    assert f"| fedyogi | 16 | 2 | {by_strategy[3]['ours_mb_per_s']:.0f} |" in report
     assert report.startswith("`./scripts/bench --quick --out ")
     assert f"/ **{rows[0]['ratio_to_raw']:.2f}** /" in report
     assert f"**{checkin['per_client'][1]['ratio_to_bare']:.2f}**" in report

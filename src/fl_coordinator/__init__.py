@@ -9,11 +9,13 @@ General layout (read in this order, as trio's own ``__init__`` suggests for trio
 
 * ``core/`` is the round, sans-I/O: ``stages.py`` holds every legal move as a
   table (as h11's ``_state.py``), ``events.py`` what the machine takes and asks
-  for, ``rounds.py`` the machine. No trio, no files, no sockets.
+  for, ``rounds.py`` the machine; ``strategy.py`` the server strategies'
+  arithmetic, ``stopping.py`` when a run ends. No trio, no files, no sockets.
 * ``coordinator.py`` is the one task that owns the round: it feeds the machine
   events from a memory channel and carries out its effects with the I/O it is
   handed. ``app.py`` is the composition root: it turns ``Settings`` into the
   small values each part needs and runs everything in one nursery.
+  ``evaluation.py`` runs ``EVALUATE``'s function in a worker process of its own.
 * ``rpc/`` is everything that speaks gRPC: the listener, the selector-facing
   servicers, the ``GoalCountReached`` client, the health service, tokens, TLS
   and selector addresses.
@@ -21,8 +23,8 @@ General layout (read in this order, as trio's own ``__init__`` suggests for trio
   schema and the hub that fans it out, the websocket, the webhook, the
   legacy ``FlStatus`` push to the Go system's webserver, metrics.
 * ``storage/`` is the problem folder: its layout, atomic writes, the journal
-  and history, the aggregation (FedAvg over HDF5), start-up checks and the
-  built-in model.
+  and history, the aggregation (FedAvg or the configured strategy over HDF5)
+  and the optimizer's state, start-up checks and the built-in model.
 * ``cli/`` holds the commands and the client tools (``watch``, the health
   probe). Each command imports only what it runs.
 * ``config.py``, ``errors.py`` (one exception tree), ``retry.py`` and

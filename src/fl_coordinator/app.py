@@ -26,6 +26,9 @@ from .config import Settings
 from .connections import ConnectionLimits, descriptor_budget
 from .coordinator import Coordinator
 from .core.rounds import Rules
+from .core.stopping import RoundMetrics, StopWhen
+from .core.strategy import Combination, ServerOptimizer, Strategy
+from .evaluation import Evaluator
 from .retry import RetryPolicy
 from .rpc.auth import TokenGuard, load_token
 from .rpc.goal_count import GoalCountClient
@@ -47,11 +50,12 @@ from .status.webhook import run_webhook
 from .status.websocket import PATH, StatusLimits, StatusServer
 from .storage.aggregation import Aggregator, aggregate
 from .storage.checkpoint import read_checkpoint_plan
-from .storage.journal import next_round
+from .storage.journal import next_round, read_journal
 from .storage.layout import Layout
 from .storage.ownership import hold_ownership
 from .storage.problem import check_problem, clean_tmp
 from .storage.round_files import RoundFiles
+from .storage.strategy_state import check_fit, check_strategy
 from .storage.weights import Weight, describe
 
 __all__ = ["Endpoints", "build_coordinator", "serve"]
@@ -85,8 +89,8 @@ class Endpoints:
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
 
-def _round_rules(settings: Settings) -> Rules:
-    """The goal, windows and admission rules of every round."""
+def _round_rules(settings: Settings, strategy: Strategy) -> Rules:
+    """The goal, windows and admission rules of every round, and when the run ends."""
     return Rules(
         goal=settings.checkin_limit,
         selection_timeout=settings.selection_timeout,
@@ -95,6 +99,27 @@ def _round_rules(settings: Settings) -> Rules:
         min_reporting_fraction=settings.min_reporting_fraction,
         allowed=frozenset(settings.allowed_selectors),
         max_selectors=settings.max_selectors_per_round,
+        min_selectors=strategy.combination.min_selectors,
+        rounds=settings.rounds,
+        stop_when=StopWhen.parse(settings.stop_when) if settings.stop_when else None,
+        evaluate=bool(settings.evaluate),
+    )
+
+
+def _strategy(settings: Settings) -> Strategy:
+    """What each round's aggregation computes (STRATEGY and its keys, the combination)."""
+    return Strategy(
+        ServerOptimizer.of(
+            settings.strategy,
+            settings.server_learning_rate,
+            settings.tau,
+            momentum=settings.server_momentum,
+            beta_1=settings.beta_1,
+            beta_2=settings.beta_2,
+        ),
+        Combination(
+            settings.robust_aggregation, settings.trim_fraction, settings.selector_clip_norm
+        ),
     )
 
 
@@ -115,25 +140,42 @@ def build_coordinator(
     """The round task of ``settings``' problem, with its I/O. Raises ConfigError (TLS files).
 
     ``plan``: the global checkpoint's weight arrays, which every selector's
-    files are checked against (None: read from the checkpoint now).
+    files are checked against (None: read from the checkpoint now). Raises
+    ConfigError for a strategy the checkpoint cannot take, or that is not the
+    one whose optimizer state belongs to it (see :mod:`.storage.strategy_state`).
     """
     tell = GoalCountClient(settings.goal_count_timeout, selector_client_context(settings))
+    plan = read_checkpoint_plan(layout.checkpoint) if plan is None else tuple(plan)
+    strategy = _strategy(settings)
+    check_fit(strategy, plan)
     files = RoundFiles(
         layout,
-        read_checkpoint_plan(layout.checkpoint) if plan is None else tuple(plan),
+        plan,
         aggregator=aggregator,
         keep=settings.keep_checkpoints,
         lock_patience=settings.reporting_timeout,
         check_timeout=settings.check_timeout,
         check_workers=settings.check_workers,
+        strategy=strategy,
+        state=check_strategy(layout, strategy.optimizer, plan),
+        evaluated=bool(settings.evaluate),
     )
+    entry = read_journal(layout)
+    evaluator = (
+        Evaluator(settings.evaluate, layout.model, settings.evaluate_timeout)
+        if settings.evaluate
+        else None
+    )
+    log.info("strategy: %s", strategy.describe())
     return Coordinator(
-        _round_rules(settings),
+        _round_rules(settings, strategy),
         files,
         hub,
         tell=tell,
         retry=_goal_count_retry(settings),
         first_round=first_round,
+        metrics=RoundMetrics.from_dict(entry.metrics) if entry and entry.metrics else None,
+        evaluator=evaluator,
     )
 
 

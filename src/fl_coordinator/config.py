@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .core.stopping import StopWhen
+from .core.strategy import COMBINATIONS, STRATEGIES
 from .errors import ConfigError
 
 __all__ = [
@@ -83,6 +86,9 @@ _non_negative_int = _checked(_integer, lambda n: n >= 0)
 _positive_seconds = _checked(_number, lambda n: n > 0)
 _seconds_or_zero = _checked(_number, lambda n: n >= 0)
 _fraction = _checked(_number, lambda n: 0 < n <= 1)
+_decay = _checked(_number, lambda n: 0 <= n < 1)
+_positive = _checked(_number, lambda n: n > 0)
+_non_negative = _checked(_number, lambda n: n >= 0)
 
 
 def _text(value: Any) -> str:
@@ -174,6 +180,46 @@ def _selector_ids(value: Any) -> tuple[str, ...]:
     if len(set(ids)) != len(ids):
         raise ValueError
     return ids
+
+
+def _choice(*names: str) -> Parser:
+    """One of ``names`` (any case)."""
+
+    def parse(value: Any) -> str:
+        name = _text(value).lower()
+        if name not in names:
+            raise ValueError
+        return name
+
+    return parse
+
+
+def _optional_number(parse: Parser) -> Parser:
+    """``parse``, or None (the default of another setting) for an empty value."""
+
+    def optional(value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip() == ""):
+            return None
+        return parse(value)
+
+    return optional
+
+
+def _function(value: Any) -> str:
+    """``package.module:function``, or empty (not set)."""
+    if value is None or value == "":
+        return ""
+    text = _text(value)
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text):
+        raise ValueError
+    return text
+
+
+def _condition(value: Any) -> str:
+    """A STOP_WHEN condition (``accuracy>=0.95``), normalised, or empty (not set)."""
+    if value is None or value == "":
+        return ""
+    return str(StopWhen.parse(_text(value)))
 
 
 def _log_level(value: Any) -> str:
@@ -527,6 +573,89 @@ KEYS: tuple[Key, ...] = (
         "an integer >= 1",
         "Worker processes checking selectors' files at once; further reports wait their turn.",
     ),
+    Key(
+        "STRATEGY",
+        "fedavg",
+        _choice(*STRATEGIES),
+        " or ".join(STRATEGIES),
+        "Server optimizer applied to each round's mean update (see Strategies).",
+    ),
+    Key(
+        "SERVER_LEARNING_RATE",
+        "",
+        _optional_number(_positive),
+        "a number > 0, or empty (the strategy's default)",
+        "Server learning rate; empty: the strategy's default.",
+    ),
+    Key(
+        "SERVER_MOMENTUM",
+        0.9,
+        _decay,
+        "a number in [0, 1)",
+        "Momentum of fedavgm.",
+    ),
+    Key("BETA_1", 0.9, _decay, "a number in [0, 1)", "First-moment decay of the adaptive ones."),
+    Key("BETA_2", 0.99, _decay, "a number in [0, 1)", "Second-moment decay (fedadam, fedyogi)."),
+    Key(
+        "TAU",
+        "",
+        _optional_number(_positive),
+        "a number > 0, or empty (the strategy's default)",
+        "Adaptivity of fedadagrad, fedadam and fedyogi (v starts at TAU^2).",
+    ),
+    Key(
+        "SELECTOR_CLIP_NORM",
+        0.0,
+        _non_negative,
+        "a number >= 0",
+        "Each selector's mean update is scaled down to this L2 norm before it is combined "
+        "(0 = off).",
+    ),
+    Key(
+        "ROBUST_AGGREGATION",
+        "mean",
+        _choice(*COMBINATIONS),
+        " or ".join(COMBINATIONS),
+        "How the selectors' updates are combined: weighted mean, or unweighted coordinate-wise "
+        "median or trimmed mean (at least 3 selectors).",
+    ),
+    Key(
+        "TRIM_FRACTION",
+        0.2,
+        _checked(_number, lambda n: 0 < n < 0.5),
+        "a fraction in (0, 0.5)",
+        "Fraction of the selectors' values dropped at each end by trimmed_mean.",
+    ),
+    Key(
+        "EVALUATE",
+        "",
+        _function,
+        "package.module:function, or empty",
+        "Function called as function(checkpoint_path, model_path, round) -> dict[str, float] "
+        "in a worker process after each completed round; empty: no evaluation.",
+    ),
+    Key(
+        "EVALUATE_TIMEOUT",
+        300.0,
+        _positive_seconds,
+        "a number of seconds > 0",
+        "Time limit of one evaluation (and of its import at start-up); then its worker "
+        "process is killed and that round has no metrics.",
+    ),
+    Key(
+        "ROUNDS",
+        0,
+        _non_negative_int,
+        "an integer >= 0",
+        "The run ends (stage FINISHED) after this round; 0 = never.",
+    ),
+    Key(
+        "STOP_WHEN",
+        "",
+        _condition,
+        "a condition such as accuracy>=0.95 (metric, >=, <=, > or <, number), or empty",
+        "The run ends when an evaluated round's metrics meet it (needs EVALUATE).",
+    ),
 )
 
 
@@ -577,6 +706,19 @@ class Settings:
     max_selectors_per_round: int
     check_timeout: float
     check_workers: int
+    strategy: str
+    server_learning_rate: float | None
+    server_momentum: float
+    beta_1: float
+    beta_2: float
+    tau: float | None
+    selector_clip_norm: float
+    robust_aggregation: str
+    trim_fraction: float
+    evaluate: str
+    evaluate_timeout: float
+    rounds: int
+    stop_when: str
 
     @property
     def root(self) -> Path:
@@ -650,6 +792,8 @@ def _check_combinations(settings: Settings) -> None:
     if settings.auth_token and settings.auth_token_file:
         expected = "empty when AUTH_TOKEN is set"
         raise ConfigError("AUTH_TOKEN_FILE", settings.auth_token_file, expected)
+    if settings.stop_when and not settings.evaluate:
+        raise ConfigError("STOP_WHEN", settings.stop_when, "empty, or EVALUATE set too")
 
 
 def _check_webserver_address(settings: Settings) -> None:

@@ -7,12 +7,14 @@ validations and aggregations are spawned into its nursery and report back as
 new events. What it does to the outside world is handed to it by the
 composition root (:mod:`.app`): the problem folder (a
 :class:`~.storage.round_files.RoundFiles`), the function that tells a
-selector to configure, and the retry policy; it builds no TLS context and
-dials nothing by itself.
+selector to configure, the retry policy and, if completed rounds are
+evaluated, the :class:`~.evaluation.Evaluator`; it builds no TLS context
+and dials nothing by itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
@@ -32,6 +34,8 @@ from .core.events import (
     CheckIn,
     ContributionValidated,
     Effect,
+    Evaluate,
+    Evaluated,
     Event,
     Log,
     Refused,
@@ -44,7 +48,9 @@ from .core.events import (
 )
 from .core.rounds import Round, Rules
 from .core.stages import Stage
+from .core.stopping import RoundMetrics
 from .errors import AggregationError, ContributionError, ContributionsRefused, short_reason
+from .evaluation import Evaluator
 from .log_throttle import Throttle
 from .logs import log_context
 from .retry import RetryPolicy
@@ -73,10 +79,15 @@ _OWN_REASON_CHARS = 2000
 _PROGRESS_FIRST = 60.0
 _PROGRESS_MAX = 1800.0
 
+#: How long a stopping coordinator waits for an evaluation's files to be tidied.
+_CLEANUP_SECONDS = 5.0
 
-def _phase(status: Status) -> tuple[int, Stage, bool]:
-    """What a status snapshot is a snapshot of: round, stage, aggregating or not."""
-    return status.round, status.stage, status.aggregating
+
+def _phase(status: Status) -> tuple[int, Stage, bool, int]:
+    """What a status snapshot is a snapshot of: round, stage, aggregating or not, and the
+    round of the last metrics (new metrics are journaled, and never collapsed away)."""
+    metrics = status.metrics.round if status.metrics is not None else 0
+    return status.round, status.stage, status.aggregating, metrics
 
 
 class Tell(Protocol):
@@ -173,6 +184,9 @@ class Coordinator:
     ``tell(selector)`` sends ``GoalCountReached`` (it sets its own time limit
     per call and bounds the calls in flight); ``retry`` says how often a failed
     ``tell`` is tried again before the selector is dropped from the round.
+    ``first_round`` and ``metrics`` (the last evaluated round's) are where the
+    journal says the run stood; ``evaluator`` evaluates each completed round
+    (needed when the rules say so).
     """
 
     def __init__(
@@ -184,14 +198,17 @@ class Coordinator:
         tell: Tell,
         retry: RetryPolicy,
         first_round: int = 1,
+        metrics: RoundMetrics | None = None,
+        evaluator: Evaluator | None = None,
     ) -> None:
         self.alive = False  # the round task runs (for the health check)
         self._files = files
         self._hub = hub
         self._tell_one = tell
         self._retry = retry
-        self._round = Round(rules, number=first_round)
-        self._journaled: tuple[int, Stage, bool] | None = None
+        self._evaluator = evaluator
+        self._round = Round(rules, number=first_round, metrics=metrics)
+        self._journaled: tuple[int, Stage, bool, int] | None = None
         self._held: Status | None = None  # the last snapshot of this step, not yet published
         self._windows: dict[Stage, trio.CancelScope] = {}
         self._progress = trio.CancelScope()  # the progress lines of the current stage
@@ -236,8 +253,9 @@ class Coordinator:
         await self._events_in.send(Refused(selector, reason))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        evaluating = self._evaluator.running() if self._evaluator else contextlib.nullcontext()
         try:
-            async with self._files.running(), trio.open_nursery() as nursery:
+            async with self._files.running(), evaluating, trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._files.journal.run)
                 await nursery.start(self._tell_one.run)
@@ -246,6 +264,8 @@ class Coordinator:
                     for effect in self._round.start():
                         self._execute(effect, nursery)
                 self._publish_held()
+                if self._evaluator is not None:
+                    nursery.start_soon(self._evaluate_current)
                 self.alive = True
                 task_status.started()
                 async for event in self._events:
@@ -300,6 +320,8 @@ class Coordinator:
             case Aggregate(round=number, selectors=selectors):
                 self._end_validations(number)  # those not finished are no longer waited for
                 nursery.start_soon(self._aggregate, number, selectors)
+            case Evaluate(round=number):
+                nursery.start_soon(self._evaluate, number)
             case Validate(round=number, selector=selector):
                 scope = trio.CancelScope()
                 self._validations.setdefault(number, []).append(scope)
@@ -347,6 +369,8 @@ class Coordinator:
             selectors=list(status.selectors),
             reported=list(status.reported),
             time=utc_now().isoformat(),
+            metrics=status.metrics.as_dict() if status.metrics is not None else None,
+            finished=status.finished,
         )
         self._files.journal.submit(entry)
 
@@ -396,6 +420,39 @@ class Coordinator:
             )
             error = outcome.reason if isinstance(outcome, _Failed) else None
             await self._events_in.send(ContributionValidated(number, selector, error))
+
+    async def _evaluate_current(self) -> None:
+        """At start-up: evaluate the checkpoint in place, unless its metrics are known (it
+        is the initial model's on a new problem, and warms the evaluation worker up)."""
+        number = await self._files.keep_current_for_evaluation()
+        known = self._round.metrics
+        if number is None or (known is not None and known.round >= number):
+            if number is not None:
+                await self._files.evaluated(number, None)
+            return
+        await self._evaluate(number)
+
+    async def _evaluate(self, number: int) -> None:
+        """Evaluate round ``number``'s checkpoint (in the evaluator's worker process); keep
+        the metrics beside that checkpoint; tell the round."""
+        assert self._evaluator is not None, "rules that evaluate need an evaluator"
+        with log_context(round=number, selector=None):
+            outcome: dict[str, float] | str = "the coordinator stopped"
+            try:
+                outcome = await self._evaluator.evaluate(
+                    number, self._files.evaluation_copy(number)
+                )
+            finally:
+                # Its copy of the checkpoint is removed even on shutdown (a restart would too).
+                with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_SECONDS):
+                    await self._files.evaluated(
+                        number, None if isinstance(outcome, str) else outcome
+                    )
+            if isinstance(outcome, str):
+                event = Evaluated(number, error=outcome)
+            else:
+                event = Evaluated(number, tuple(outcome.items()))
+            await self._events_in.send(event)
 
     async def _aggregate(self, number: int, selectors: tuple[str, ...]) -> None:
         with log_context(round=number, selector=None):

@@ -19,6 +19,8 @@ from fl_coordinator.core.events import (
     BroadcastDone,
     CheckIn,
     ContributionValidated,
+    Evaluate,
+    Evaluated,
     Event,
     Log,
     Refused,
@@ -31,6 +33,7 @@ from fl_coordinator.core.events import (
 )
 from fl_coordinator.core.rounds import Round, Rules
 from fl_coordinator.core.stages import Stage
+from fl_coordinator.core.stopping import RoundMetrics, StopWhen
 
 FORWARD = {Stage.SELECTION: 0, Stage.CONFIGURATION: 1, Stage.REPORTING: 2}
 
@@ -354,6 +357,7 @@ operations = st.lists(
         st.tuples(st.just("unreachable"), st.sampled_from(SELECTORS)),
         st.tuples(st.just("checked"), st.booleans()),
         st.tuples(st.just("window"), st.sampled_from([Stage.SELECTION, Stage.REPORTING])),
+        st.tuples(st.just("evaluated"), st.sampled_from([0.1, 0.9, None])),
     ),
     max_size=150,
 )
@@ -386,6 +390,10 @@ def to_event(machine: Round, op: tuple, tokens: itertools.count) -> Event:
             return ContributionValidated(machine.number, selector, None if ok else "bad file")
         case ("window", stage):
             return WindowClosed(machine.number, stage)
+        case ("evaluated", accuracy):  # the last completed round's metrics, or none
+            if accuracy is None:
+                return Evaluated(machine.number - 1, error="it raised")
+            return Evaluated(machine.number - 1, (("accuracy", accuracy),))
     raise AssertionError(op)
 
 
@@ -394,11 +402,16 @@ def to_event(machine: Round, op: tuple, tokens: itertools.count) -> Event:
     goal=st.integers(1, 5),
     fractions=st.tuples(st.sampled_from([0.25, 0.5, 1.0]), st.sampled_from([0.25, 0.5, 1.0])),
     ops=operations,
+    rounds=st.integers(0, 3),
+    stop=st.booleans(),
 )
 def test_random_event_sequences_keep_the_invariants(
-    goal: int, fractions: tuple[float, float], ops: list[tuple]
+    goal: int, fractions: tuple[float, float], ops: list[tuple], rounds: int, stop: bool
 ) -> None:
-    machine = Round(Rules(goal, 10, fractions[0], 20, fractions[1]))
+    stop_when = StopWhen.parse("accuracy>=0.5") if stop else None
+    rules = Rules(goal, 10, fractions[0], 20, fractions[1], rounds=rounds, stop_when=stop_when,
+                  evaluate=stop)  # fmt: skip
+    machine = Round(rules)
     machine.start()
     tokens = itertools.count()
     asked: dict[object, int] = {}
@@ -441,8 +454,21 @@ def test_random_event_sequences_keep_the_invariants(
                 assert effect.selectors == tuple(machine.reported)
                 held = sum(machine.selectors[s] for s in effect.selectors)
                 assert held >= machine.rules.min_reporting_fraction * machine.accepted - 1e-9
-            if isinstance(effect, Status):
+            if last.stage is Stage.FINISHED:  # the end: nothing more happens
+                assert not isinstance(effect, Broadcast | Aggregate | Evaluate | Validate)
+                assert not isinstance(effect, Answer) or effect.accepted == 0
+            if isinstance(effect, Evaluate):
+                assert stop and effect.round == last.round and last.stage is Stage.COMPLETED
+            if isinstance(effect, Status) and effect.stage is Stage.FINISHED:
+                # Finished after the last round, or on metrics that meet STOP_WHEN.
+                assert effect.round == last.round and effect.finished
+                assert last.stage in (Stage.COMPLETED, Stage.FAILED, Stage.SELECTION,
+                                      Stage.FINISHED)  # fmt: skip
+                assert (rounds and effect.round >= rounds) or stop
+                last = effect
+            elif isinstance(effect, Status):
                 # Stages only move forward within a round; rounds grow by exactly one.
+                assert last.stage is not Stage.FINISHED
                 if effect.round == last.round:
                     if effect.stage in FORWARD and last.stage in FORWARD:
                         assert FORWARD[effect.stage] >= FORWARD[last.stage]
@@ -457,7 +483,9 @@ def test_random_event_sequences_keep_the_invariants(
                     finished_accepted += effect.accepted
                 last = effect
 
-        assert machine.number == 1 + finished_rounds
+        ended_here = machine.stage is Stage.FINISHED and last.round == finished_rounds
+        assert machine.number == finished_rounds + (0 if ended_here else 1)
+        assert rounds == 0 or machine.number <= rounds + 1
 
     # Every check-in is answered exactly once, or still held for the next round.
     held = {c.reply_to for c in machine.held}
@@ -517,3 +545,122 @@ def test_lines_a_selector_can_repeat_are_throttled_by_kinds_in_our_words() -> No
     kinds = {line.kind for line in repeatable}
     assert len(kinds) <= 8, kinds
     assert not any(char.isdigit() for kind in kinds for char in kind), kinds
+
+
+# -- the end of a run: ROUNDS, STOP_WHEN, evaluations ------------------------------------
+
+
+def complete(machine: Round, selector: str = "a:1") -> list:
+    """One whole round of one client at ``selector``; the effects of its completion."""
+    machine.handle(CheckIn(selector, ("round", machine.number)))
+    report(machine, selector)
+    return machine.handle(AggregationDone(machine.number, seconds=0.1))
+
+
+def test_the_last_round_finishes_the_run_and_check_ins_are_refused_after() -> None:
+    machine = Round(Rules(goal=1, rounds=2))
+    machine.start()
+    complete(machine)
+    effects = complete(machine)
+    finished = of_type(effects, Status)[-1]
+    assert (finished.round, finished.stage) == (2, Stage.FINISHED)
+    assert (
+        finished.finished == "round 2 was the last (ROUNDS=2); to go on, raise ROUNDS and restart"
+    )
+    assert replies(machine.handle(CheckIn("b:1", "late"))) == [("late", False)]
+    assert of_type(machine.handle(SelectorReported("b:1")), Status)[0].stage is Stage.FINISHED
+    assert (machine.number, machine.stage) == (2, Stage.FINISHED)
+
+
+def test_check_ins_held_during_the_last_aggregation_are_refused() -> None:
+    machine = Round(Rules(goal=1, rounds=1))
+    machine.handle(CheckIn("a:1", 1))
+    report(machine, "a:1")
+    assert machine.handle(CheckIn("b:1", "held")) == [machine.status()]  # held, not answered
+    effects = machine.handle(AggregationDone(1))
+    assert replies(effects) == [("held", False)]
+    assert machine.held == [] and machine.stage is Stage.FINISHED
+
+
+def test_a_check_that_ends_after_the_last_round_was_abandoned_changes_nothing() -> None:
+    machine = Round(Rules(goal=1, rounds=1, reporting_timeout=60))
+    machine.handle(CheckIn("a:1", 1))
+    checks = of_type(machine.handle(SelectorReported("a:1")), Validate)
+    assert checks == [Validate(1, "a:1")]
+    effects = machine.handle(WindowClosed(1, Stage.REPORTING))  # its check is still running
+    assert [s.stage for s in of_type(effects, Status)] == [Stage.FAILED, Stage.FINISHED]
+    assert machine.validating == []
+    effects = machine.handle(ContributionValidated(1, "a:1", "bad file"))
+    assert of_type(effects, Status) == [] and machine.rejected == {}
+    assert (machine.number, machine.stage) == (1, Stage.FINISHED)
+
+
+def test_metrics_that_meet_stop_when_finish_at_once_while_selecting() -> None:
+    rules = Rules(goal=1, evaluate=True, stop_when=StopWhen.parse("accuracy>=0.9"))
+    machine = Round(rules)
+    machine.start()
+    assert of_type(complete(machine), Evaluate) == [Evaluate(1)]  # and round 2 opened at once
+    assert (machine.number, machine.stage) == (2, Stage.SELECTION)
+    effects = machine.handle(Evaluated(1, (("accuracy", 0.8), ("loss", 0.5))))
+    assert of_type(effects, Status)[-1].metrics == RoundMetrics(
+        1, (("accuracy", 0.8), ("loss", 0.5))
+    )
+    assert machine.stage is Stage.SELECTION  # not met
+    effects = machine.handle(Evaluated(2, (("accuracy", 0.95),)))  # a later round's, say
+    status = of_type(effects, Status)[-1]
+    assert (status.round, status.stage) == (2, Stage.FINISHED)
+    assert status.finished.startswith("round 2's accuracy=0.95 meets STOP_WHEN accuracy>=0.9")
+
+
+def test_metrics_met_while_a_round_runs_finish_the_run_when_it_ends() -> None:
+    rules = Rules(goal=1, evaluate=True, stop_when=StopWhen.parse("accuracy>=0.9"))
+    machine = Round(rules)
+    complete(machine)
+    machine.handle(CheckIn("a:1", "r2"))  # round 2 configures: its clients train
+    machine.handle(Evaluated(1, (("accuracy", 0.92),)))
+    assert machine.stage is Stage.CONFIGURATION and machine.stopping is not None
+    report(machine, "a:1")
+    effects = machine.handle(AggregationDone(2))
+    stages = [(s.round, s.stage) for s in of_type(effects, Status)]
+    assert stages == [(2, Stage.COMPLETED), (2, Stage.FINISHED)]
+    assert of_type(effects, Evaluate) == [Evaluate(2)]  # the last round is evaluated too
+    assert machine.handle(Evaluated(2, (("accuracy", 0.93),)))[-1].metrics.round == 2
+
+
+def test_evaluations_that_fail_or_come_late_change_nothing() -> None:
+    machine = Round(Rules(goal=1, evaluate=True, stop_when=StopWhen.parse("loss<0.1")))
+    complete(machine)
+    complete(machine)
+    effects = machine.handle(Evaluated(1, error="it raised ValueError"))
+    assert effects == [Log("WARNING", "round 1: no metrics (it raised ValueError)")]
+    machine.handle(Evaluated(2, (("loss", 0.5),)))
+    assert of_type(machine.handle(Evaluated(1, (("loss", 0.01),))), Status) == []  # older
+    assert machine.metrics == RoundMetrics(2, (("loss", 0.5),))
+    assert machine.stage is Stage.SELECTION
+
+
+def test_a_restart_of_a_finished_run_stays_finished_until_the_settings_change() -> None:
+    machine = Round(Rules(goal=1, rounds=2), number=3)  # the journal's round 2 had ended
+    status = of_type(machine.start(), Status)[0]
+    assert (status.round, status.stage) == (2, Stage.FINISHED)
+    assert "raise ROUNDS" in status.finished
+    raised = Round(Rules(goal=1, rounds=5), number=3)
+    assert of_type(raised.start(), Status)[0].stage is Stage.SELECTION
+    met = RoundMetrics(4, (("accuracy", 0.99),))
+    stop = Rules(goal=1, evaluate=True, stop_when=StopWhen.parse("accuracy>=0.9"))
+    assert Round(stop, number=6, metrics=met).start()[-1].stage is Stage.FINISHED
+    other = Rules(goal=1, evaluate=True, stop_when=StopWhen.parse("accuracy>=0.995"))
+    assert Round(other, number=6, metrics=met).start()[1].stage is Stage.SELECTION
+
+
+def test_a_robust_combination_needs_its_selectors() -> None:
+    machine = Round(Rules(goal=2, min_selectors=3))
+    machine.handle(CheckIn("a:1", 1))
+    machine.handle(CheckIn("b:1", 2))
+    report(machine, "a:1")
+    failed = of_type(report(machine, "b:1"), Status)[-2]  # then round 2 opens
+    assert failed.stage is Stage.FAILED
+    assert failed.error == (
+        "every selector answered but only 2 selector(s) reported usable updates; "
+        "ROBUST_AGGREGATION needs 3"
+    )

@@ -14,6 +14,7 @@ from fl_coordinator.core.events import (
     BroadcastDone,
     CheckIn,
     ContributionValidated,
+    Evaluated,
     SelectorReported,
     WindowClosed,
 )
@@ -27,6 +28,7 @@ from fl_coordinator.core.stages import (
     mermaid_diagram,
     next_stage,
 )
+from fl_coordinator.core.stopping import RoundMetrics, StopWhen
 
 
 def report(machine: Round, selector: str, error: str | None = None) -> None:
@@ -95,8 +97,38 @@ def unreachable(machine: Round) -> None:
     machine.handle(BroadcastDone(1, "a:1", error="refused"))
 
 
+GOOD = (("accuracy", 0.97),)
+
+
+def met_in_selection(machine: Round) -> None:
+    """Round 1 completes; its metrics, met while round 2 selects, end the run at once."""
+    aggregated(ok=True)(machine)
+    machine.handle(Evaluated(1, GOOD))
+
+
+def met_while_under_way(ok: bool) -> Callable[[Round], None]:
+    """Round 1's metrics arrive once round 2 is configuring: the run ends with round 2."""
+
+    def scenario(machine: Round) -> None:
+        aggregated(ok=True)(machine)
+        machine.handle(CheckIn("a:1", 2))
+        machine.handle(Evaluated(1, GOOD))
+        report(machine, "a:1")
+        machine.handle(AggregationDone(2, error=None if ok else "disk full"))
+
+    return scenario
+
+
+def nothing(machine: Round) -> None:
+    """The moves of start() alone."""
+
+
 WINDOWS = {"selection_timeout": 5, "reporting_timeout": 5}
-SCENARIOS: list[tuple[Rules, Callable[[Round], None]]] = [
+STOP = {"evaluate": True, "stop_when": StopWhen.parse("accuracy>=0.95")}
+#: (rules, scenario[, how the round machine is made: a restart's number and metrics])
+SCENARIOS: list[
+    tuple[Rules, Callable[[Round], None]] | tuple[Rules, Callable[[Round], None], dict]
+] = [
     (Rules(goal=2, min_checkin_fraction=0.5, **WINDOWS), goal_then_window),
     (Rules(goal=2, min_checkin_fraction=1.0, **WINDOWS), goal_then_window),
     (Rules(goal=1), aggregated(ok=True)),
@@ -109,6 +141,13 @@ SCENARIOS: list[tuple[Rules, Callable[[Round], None]]] = [
     (Rules(goal=1, **WINDOWS), empty_window),
     (Rules(goal=2, min_reporting_fraction=0.5), files_changed(survivors=1)),
     (Rules(goal=2, min_reporting_fraction=1.0), files_changed(survivors=0)),
+    (Rules(goal=1, rounds=1), aggregated(ok=True)),
+    (Rules(goal=1, rounds=1), aggregated(ok=False)),
+    (Rules(goal=1, **STOP), met_in_selection),
+    (Rules(goal=1, **STOP), met_while_under_way(ok=True)),
+    (Rules(goal=1, **STOP), met_while_under_way(ok=False)),
+    (Rules(goal=1, rounds=2), nothing, {"number": 3}),
+    (Rules(goal=1, **STOP), nothing, {"number": 2, "metrics": RoundMetrics(1, GOOD)}),
 ]
 
 
@@ -120,8 +159,8 @@ def test_every_move_in_the_table_is_made_and_no_other(monkeypatch: pytest.Monkey
         return next_stage(stage, cause)
 
     monkeypatch.setattr(rounds, "next_stage", spy)
-    for rules, scenario in SCENARIOS:
-        machine = Round(rules)
+    for rules, scenario, *made_as in SCENARIOS:
+        machine = Round(rules, **(made_as[0] if made_as else {}))
         machine.start()
         scenario(machine)
     assert made == set(TRANSITIONS)
@@ -132,16 +171,17 @@ def test_a_move_outside_the_table_is_refused() -> None:
         next_stage(Stage.COMPLETED, Cause.GOAL_REACHED)
 
 
-def test_every_stage_is_reached_and_left() -> None:
+def test_every_stage_is_reached_and_every_one_but_finished_is_left() -> None:
     sources = {stage for stage, _ in TRANSITIONS}
     targets = set(TRANSITIONS.values())
-    assert sources == targets == set(Stage)
+    assert targets == set(Stage)
+    assert sources == set(Stage) - {Stage.FINISHED}  # the end of the run: no way out
 
 
 def test_aggregating_is_shown_as_reporting() -> None:
     assert Stage.AGGREGATING.shown is Stage.REPORTING
     assert [s.name for s in SHOWN_STAGES] == [
-        "SELECTION", "CONFIGURATION", "REPORTING", "COMPLETED", "FAILED",
+        "SELECTION", "CONFIGURATION", "REPORTING", "COMPLETED", "FAILED", "FINISHED",
     ]  # fmt: skip
     # The wire's values (fl_status.proto's Stages) are the first four.
     assert [Stage[name].value for name in ("SELECTION", "CONFIGURATION", "REPORTING")] == [0, 1, 2]

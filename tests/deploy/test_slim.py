@@ -88,7 +88,7 @@ def test_serve_health_watch_rollback_without_keras(settings) -> None:
 
     kept = run(["rollback"], env)
     history = root / ".coordinator" / "history" / "round-000000"
-    listing = f"kept checkpoints (round: file):\n  0: {history}\n"
+    listing = f"kept checkpoints (round: file, metrics):\n  0: {history}\n"
     assert (kept.returncode, kept.stdout) == (0, listing)
     restored = run(["rollback", "--round", "0"], env)
     assert restored.returncode == 0, restored.stderr

@@ -330,17 +330,17 @@ async def test_a_file_rewritten_in_place_while_averaged_is_refused(
 ) -> None:
     checked = await problem.examine()
     before = problem.checkpoint.read_bytes()
-    sum_into = aggregation.sum_into
+    rewrite = aggregation._rewrite
 
-    def rewritten_meanwhile(template, inputs, dest, tmp_dir, finish, cancel=None):
-        def finish_and_write(total, current, out):  # the selector appends while we average
+    def rewritten_meanwhile(template, inputs, dest, tmp_dir, combine, step, *rest, **named):
+        def step_and_write(*slab):  # the selector appends while we average
             with open(problem.aggregate, "ab") as file:
                 file.write(b"\0")
-            finish(total, current, out)
+            step(*slab)
 
-        return sum_into(template, inputs, dest, tmp_dir, finish_and_write, cancel)
+        return rewrite(template, inputs, dest, tmp_dir, combine, step_and_write, *rest, **named)
 
-    monkeypatch.setattr(aggregation, "sum_into", rewritten_meanwhile)
+    monkeypatch.setattr(aggregation, "_rewrite", rewritten_meanwhile)
     with pytest.raises(ContributionsRefused) as raised:
         aggregate(problem.checkpoint, [checked], problem.root / "tmp")
     assert raised.value.reasons == {

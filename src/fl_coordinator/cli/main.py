@@ -81,21 +81,26 @@ def _rollback(args: argparse.Namespace) -> int:
     from ..storage.journal import history, rollback
     from ..storage.layout import Layout
     from ..storage.ownership import ensure_not_served
+    from ..storage.round_files import kept_metrics
+    from ..storage.strategy_state import state_path
 
     layout = Layout.from_settings(_settings(args.config))
     if args.round is None:
         kept = history(layout)
-        print("kept checkpoints (round: file):" if kept else "no kept checkpoints")
+        print("kept checkpoints (round: file, metrics):" if kept else "no kept checkpoints")
         for number, path in kept.items():
-            print(f"  {number}: {path}")
+            print(f"  {number}: {path}{kept_metrics(layout, number)}")
         return 0
     ensure_not_served(layout, "rollback")
     source = rollback(layout, args.round)
+    state = state_path(layout, args.round)
     log.info(
-        "%s is now the checkpoint of round %d (%s); the next round continues the numbering",
+        "%s is now the checkpoint of round %d (%s); the next round continues the numbering; "
+        "optimizer state: %s",
         layout.checkpoint,
         args.round,
         source,
+        f"round {args.round}'s ({state})" if state.exists() else "none kept for that round",
     )
     return 0
 

@@ -58,7 +58,17 @@ def summary(message: StatusMessage) -> str:
         parts.append(f"aggregated in {message['aggregation_seconds']:.3f} s")
     if message.get("error"):
         parts.append(f"error: {message['error']}")
+    if message.get("metrics"):
+        parts.append(f"metrics of round {message['metrics']['round']}: {_values(message)}")
+    if message.get("finished"):
+        parts.append(f"finished: {message['finished']}")
     return "  ".join(parts)
+
+
+def _values(message: StatusMessage) -> str:
+    """The last evaluated round's metrics, in one short piece of a line."""
+    values = message["metrics"]["values"]
+    return ", ".join(f"{name} {value:.4g}" for name, value in values.items()) or "(none)"
 
 
 class View(Protocol):
@@ -139,6 +149,10 @@ class LiveView:
             row("held", str(message["held"]))
         if message.get("error"):
             row("error", message["error"], "red")
+        if message.get("metrics"):
+            row(f"round {message['metrics']['round']}", _values(message))
+        if message.get("finished"):
+            row("finished", message["finished"], "green")
         title = Text(f"{message.get('problem_id', '?')}  round {message['round']}")
         history = [Text(line, no_wrap=True, overflow="ellipsis") for line in self._history]
         return Group(Panel(table, title=title, title_align="left"), *history)

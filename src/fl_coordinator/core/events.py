@@ -13,6 +13,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from .stages import Stage
+from .stopping import RoundMetrics
 
 __all__ = [
     "Aggregate",
@@ -26,6 +27,8 @@ __all__ = [
     "CheckIn",
     "ContributionValidated",
     "Effect",
+    "Evaluate",
+    "Evaluated",
     "Event",
     "Log",
     "Refused",
@@ -129,9 +132,19 @@ class AggregationDone:
     rejected: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True)
+class Evaluated:
+    """The evaluation of round ``round``'s checkpoint ended: its ``metrics`` (name, value)
+    pairs, or why there are none (``error``: it failed, hung, or was skipped)."""
+
+    round: int
+    metrics: tuple[tuple[str, float], ...] = ()
+    error: str | None = None
+
+
 Event = (
     CheckIn | BroadcastDone | SelectorReported | ContributionValidated | WindowClosed
-    | AggregationDone | Refused | Release | StillWaiting
+    | AggregationDone | Refused | Release | StillWaiting | Evaluated
 )  # fmt: skip
 
 
@@ -189,6 +202,14 @@ class Aggregate:
 
 
 @dataclass(frozen=True)
+class Evaluate:
+    """Evaluate the checkpoint round ``round`` produced (off the round's path: the next
+    round goes on meanwhile); answer with Evaluated."""
+
+    round: int
+
+
+@dataclass(frozen=True)
 class Arm:
     """Start a window of ``seconds`` for ``stage`` of ``round``; answer with WindowClosed."""
 
@@ -202,7 +223,9 @@ class Status:
     """A snapshot of the round, published to the status stream.
 
     ``stage`` is the stage as the stream names it (:attr:`.Stage.shown`: never
-    AGGREGATING); ``aggregating`` says whether the round is averaging.
+    AGGREGATING); ``aggregating`` says whether the round is averaging;
+    ``metrics`` are the last evaluated round's; ``finished`` says why the run
+    ended (with FINISHED).
     """
 
     round: int
@@ -219,6 +242,8 @@ class Status:
     held: int = 0
     error: str | None = None
     aggregation_seconds: float | None = None
+    metrics: RoundMetrics | None = None
+    finished: str | None = None
 
 
 @dataclass(frozen=True)
@@ -237,5 +262,6 @@ class Log:
 
 
 Effect = (
-    Answer | AnswerRelease | AnswerReport | Broadcast | Validate | Aggregate | Arm | Status | Log
-)
+    Answer | AnswerRelease | AnswerReport | Broadcast | Validate | Aggregate | Evaluate | Arm
+    | Status | Log
+)  # fmt: skip

@@ -12,6 +12,12 @@ up in :data:`.stages.TRANSITIONS` (the table, and the README's stage table
 drawn from it, say which moves exist and why). Check-ins that arrive while a
 round is aggregating are held and answered, first come first served, when
 the next round's selection opens.
+
+A run may end (``FINISHED``): after round ``Rules.rounds``, or when the
+metrics of an evaluated round meet ``Rules.stop_when``. Evaluation results
+enter as :class:`~.events.Evaluated` events, whenever they come: the machine
+asks for an evaluation with :class:`~.events.Evaluate` as a round completes
+and opens the next round at once.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from .events import (
     CheckIn,
     ContributionValidated,
     Effect,
+    Evaluate,
+    Evaluated,
     Event,
     Log,
     Refused,
@@ -42,6 +50,7 @@ from .events import (
     WindowClosed,
 )
 from .stages import Cause, Stage, next_stage
+from .stopping import RoundMetrics, StopWhen
 
 __all__ = ["Round", "Rules"]
 
@@ -51,7 +60,13 @@ _IGNORED_KEPT = 20
 
 @dataclass(frozen=True)
 class Rules:
-    """The goal and the time windows of every round (seconds; 0 = no limit)."""
+    """The goal and the time windows of every round (seconds; 0 = no limit), and the run's end.
+
+    ``min_selectors``: selectors whose reports must be usable for a round to be
+    averaged (a median needs 3). ``rounds``: the last round (0: none);
+    ``stop_when``: the run ends once an evaluated round's metrics meet it;
+    ``evaluate``: completed rounds are evaluated.
+    """
 
     goal: int
     selection_timeout: float = 0.0
@@ -60,6 +75,10 @@ class Rules:
     min_reporting_fraction: float = 1.0
     allowed: frozenset[str] = frozenset()  # selector ids that may take part; empty = any
     max_selectors: int = 0  # distinct selectors holding clients in one round; 0 = no limit
+    min_selectors: int = 1
+    rounds: int = 0
+    stop_when: StopWhen | None = None
+    evaluate: bool = False
 
     def __post_init__(self) -> None:
         if self.goal < 1:
@@ -99,6 +118,9 @@ class Round:
     configured: list[str] = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)
     held: list[CheckIn] = field(default_factory=list)
+    metrics: RoundMetrics | None = None  # the last evaluated round's
+    finished: str | None = None  # why the run ended (FINISHED)
+    stopping: str | None = None  # STOP_WHEN was met: finish when the round under way ends
 
     @property
     def goal(self) -> int:
@@ -125,12 +147,48 @@ class Round:
             held=len(self.held),
             error=error,
             aggregation_seconds=seconds,
+            metrics=self.metrics,
+            finished=self.finished,
         )
 
     def start(self) -> list[Effect]:
-        """The effects of opening the current round (call once, before any event)."""
+        """The effects of opening the current round (call once, before any event).
+
+        A run that has already ended (restarted after its last round, or with
+        metrics that meet ``stop_when``) stays FINISHED, showing the last round
+        it opened.
+        """
+        ended = self._ended_before()
+        if ended is not None:
+            self.number -= 1
+            return self._finish(Cause.STILL_FINISHED, ended)
+        return self._open()
+
+    def _open(self) -> list[Effect]:
         return [Log("INFO", f"round {self.number}: selection open (goal {self.goal})"),
                 self.status(), *self._arm(Stage.SELECTION)]  # fmt: skip
+
+    def _ended_before(self) -> str | None:
+        """Why the run ended before round ``number`` could open (None: it goes on)."""
+        last = self.number - 1
+        if self.rules.rounds and last >= self.rules.rounds:
+            return self._last_round_reason(last)
+        if self.metrics is not None:
+            return self._stop_reason(self.metrics)
+        return None
+
+    def _last_round_reason(self, last: int) -> str:
+        return (f"round {last} was the last (ROUNDS={self.rules.rounds}); to go on, raise "
+                "ROUNDS and restart")  # fmt: skip
+
+    def _stop_reason(self, metrics: RoundMetrics) -> str | None:
+        """Why ``metrics`` end the run (None: they do not)."""
+        stop_when = self.rules.stop_when
+        if stop_when is None or not stop_when.met(metrics):
+            return None
+        value = dict(metrics.values)[stop_when.metric]
+        return (f"round {metrics.round}'s {stop_when.metric}={value:.6g} meets STOP_WHEN "
+                f"{stop_when}; to go on, change STOP_WHEN and restart")  # fmt: skip
 
     def handle(self, event: Event) -> list[Effect]:
         """Apply one event; return the effects to carry out, in order."""
@@ -153,6 +211,8 @@ class Round:
                 return self._release(event)
             case StillWaiting():
                 return self._still_waiting(event)
+            case Evaluated():
+                return self._evaluated(event)
         raise TypeError(f"not a round event: {event!r}")
 
     def _move(self, cause: Cause) -> None:
@@ -293,6 +353,8 @@ class Round:
             limit = f"{window:g} s windows" if window else "0: no time limit"
             line = (f"waiting for clients: {self.accepted}/{self.goal} accepted {waited} "
                     f"(SELECTION_TIMEOUT={limit})")  # fmt: skip
+        elif self.stage is Stage.FINISHED:
+            line = f"the run is finished ({self.finished})"
         elif self.stage in (Stage.CONFIGURATION, Stage.REPORTING):
             window = self.rules.reporting_timeout
             limit = f"{window:g} s" if window else "0: no time limit"
@@ -366,7 +428,10 @@ class Round:
         return sum(self.selectors[s] for s in self.reported)
 
     def _enough_reported(self) -> bool:
-        return self._reported_clients() >= self.rules.min_reported(self.accepted)
+        return (
+            self._reported_clients() >= self.rules.min_reported(self.accepted)
+            and len(self.reported) >= self.rules.min_selectors
+        )
 
     def _maybe_aggregate(self) -> list[Effect]:
         """Aggregate (or give up) once every selector is reported or rejected."""
@@ -378,6 +443,9 @@ class Round:
         return self._aggregate(Cause.ALL_ACCOUNTED)
 
     def _shortfall(self, when: str) -> str:
+        if self._reported_clients() >= self.rules.min_reported(self.accepted):
+            return (f"{when} but only {len(self.reported)} selector(s) reported usable updates; "
+                    f"ROBUST_AGGREGATION needs {self.rules.min_selectors}")  # fmt: skip
         return (f"{when} but only {self._reported_clients()} of {self.accepted} client(s) "
                 f"reported usable updates; {self.rules.min_reported(self.accepted)} are needed "
                 f"(MIN_REPORTING_FRACTION={self.rules.min_reporting_fraction:g})")  # fmt: skip
@@ -447,6 +515,7 @@ class Round:
         return [
             Log("INFO", f"round {self.number}: completed, aggregated in {event.seconds:.3f} s"),
             self.status(seconds=event.seconds),
+            *([Evaluate(self.number)] if self.rules.evaluate else []),
             *self._open_next_round(),
         ]
 
@@ -469,6 +538,11 @@ class Round:
         return effects + self._aggregate(Cause.FILES_CHANGED)
 
     def _open_next_round(self) -> list[Effect]:
+        """After a round ended: the next one, or the end of the run."""
+        if self.stopping is not None:
+            return self._finish(Cause.STOP_CONDITION, self.stopping)
+        if self.rules.rounds and self.number >= self.rules.rounds:
+            return self._finish(Cause.LAST_ROUND, self._last_round_reason(self.number))
         self._move(Cause.NEXT_ROUND)
         self.number += 1
         self.accepted = 0
@@ -480,7 +554,43 @@ class Round:
         self.configured = []
         self.unreachable = []
         held, self.held = self.held, []
-        effects = self.start()
+        effects = self._open()
         for check_in in held:
             effects.extend(self._check_in(check_in))
         return effects
+
+    def _finish(self, cause: Cause, reason: str) -> list[Effect]:
+        """End the run: check-ins held for a next round are refused, as every later one is."""
+        self._move(cause)
+        self.finished = reason
+        self.stopping = None
+        self.validating = []  # the round has ended: a check still running reports too late
+        held, self.held = self.held, []
+        return [
+            Log("INFO", f"the run is finished: {reason}"),
+            *(Answer(check_in.reply_to, accepted=0, round=self.number) for check_in in held),
+            self.status(),
+        ]
+
+    def _evaluated(self, event: Evaluated) -> list[Effect]:
+        """Metrics of a completed round arrived (or why none will): show them, and end the
+        run if they meet ``stop_when``."""
+        if event.error is not None:
+            return [Log("WARNING", f"round {event.round}: no metrics ({event.error})")]
+        if self.metrics is not None and event.round <= self.metrics.round:
+            return [Log("INFO", f"round {event.round}: metrics older than round "
+                                f"{self.metrics.round}'s; ignored")]  # fmt: skip
+        self.metrics = RoundMetrics(event.round, event.metrics)
+        effects: list[Effect] = [
+            Log("INFO", f"round {event.round}: evaluated: {self.metrics.describe() or 'nothing'}")
+        ]
+        reason = self._stop_reason(self.metrics)
+        if reason is None or self.stage is Stage.FINISHED:
+            return [*effects, self.status()]
+        if self.stage is Stage.SELECTION:
+            return effects + self._finish(Cause.STOP_CONDITION, reason)
+        if self.stopping is None:
+            self.stopping = reason
+            effects.append(Log("INFO", f"round {self.number}: the run finishes when this round "
+                                       f"ends: {reason}"))  # fmt: skip
+        return [*effects, self.status()]

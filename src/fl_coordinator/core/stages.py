@@ -12,7 +12,9 @@ they cannot drift from the code.
 ``AGGREGATING`` is a state of the machine but not a stage of the wire: the
 Go system's ``fl_status.proto`` knows four stages, and the status stream
 shows an aggregating round as ``REPORTING`` with ``"aggregating": true``
-(:attr:`Stage.shown`).
+(:attr:`Stage.shown`). ``FINISHED`` is the one stage with no way out: the
+run has ended (``ROUNDS``, ``STOP_WHEN``), and only a restart with other
+settings goes on.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ __all__ = [
 class Stage(enum.Enum):
     """The states of a round, in the order a round goes through them.
 
-    Values 0-3 are fl_status.proto's ``Stages`` (the wire's); 4 and 5 are ours.
+    Values 0-3 are fl_status.proto's ``Stages`` (the wire's); 4, 5 and 6 are ours.
     """
 
     SELECTION = 0
@@ -44,6 +46,7 @@ class Stage(enum.Enum):
     AGGREGATING = 5
     COMPLETED = 3
     FAILED = 4
+    FINISHED = 6
 
     @property
     def shown(self) -> Stage:
@@ -78,15 +81,17 @@ class Cause(enum.Enum):
     )
     ALL_ACCOUNTED = (
         "every selector has reported or been rejected, and the usable reports hold at "
-        "least `MIN_REPORTING_FRACTION` of the clients"
+        "least `MIN_REPORTING_FRACTION` of the clients (from at least as many selectors as "
+        "`ROBUST_AGGREGATION` needs)"
     )
     WINDOW_ENOUGH_REPORTS = (
         "the reporting window (`REPORTING_TIMEOUT`) closes and the usable reports hold at "
-        "least `MIN_REPORTING_FRACTION` of the clients"
+        "least `MIN_REPORTING_FRACTION` of the clients (from enough selectors)"
     )
     TOO_FEW_REPORTS = (
         "every selector has answered, or the reporting window has closed, and the usable "
-        "reports hold less than `MIN_REPORTING_FRACTION` of the clients"
+        "reports hold less than `MIN_REPORTING_FRACTION` of the clients, or come from fewer "
+        "selectors than `ROBUST_AGGREGATION` needs"
     )
     FILES_CHANGED = (
         "some selectors' files changed after their check: they are rejected, and the others "
@@ -95,6 +100,12 @@ class Cause(enum.Enum):
     AGGREGATED = "the new global checkpoint is in place"
     AGGREGATION_FAILED = "the aggregation fails (a file or the disk): nothing is replaced"
     NEXT_ROUND = "at once: the next round opens"
+    LAST_ROUND = "the round that ended was round `ROUNDS` (0: there is no last round)"
+    STOP_CONDITION = (
+        "the metrics of an evaluated round meet `STOP_WHEN`: at once in `SELECTION`, "
+        "otherwise when the round under way has ended"
+    )
+    STILL_FINISHED = "at start-up: the run had ended, and `ROUNDS` or `STOP_WHEN` still say so"
 
 
 _S, _C = Stage, Cause
@@ -117,8 +128,14 @@ TRANSITIONS: Mapping[tuple[Stage, Cause], Stage] = MappingProxyType(
         (_S.AGGREGATING, _C.AGGREGATION_FAILED): _S.FAILED,
         (_S.AGGREGATING, _C.FILES_CHANGED): _S.AGGREGATING,
         (_S.AGGREGATING, _C.TOO_FEW_REPORTS): _S.FAILED,
+        (_S.SELECTION, _C.STOP_CONDITION): _S.FINISHED,
+        (_S.SELECTION, _C.STILL_FINISHED): _S.FINISHED,
         (_S.COMPLETED, _C.NEXT_ROUND): _S.SELECTION,
+        (_S.COMPLETED, _C.LAST_ROUND): _S.FINISHED,
+        (_S.COMPLETED, _C.STOP_CONDITION): _S.FINISHED,
         (_S.FAILED, _C.NEXT_ROUND): _S.SELECTION,
+        (_S.FAILED, _C.LAST_ROUND): _S.FINISHED,
+        (_S.FAILED, _C.STOP_CONDITION): _S.FINISHED,
     }
 )
 
@@ -143,6 +160,10 @@ _DESCRIPTIONS: Mapping[Stage, str] = MappingProxyType(
         ),
         _S.COMPLETED: "the new global checkpoint is in place",
         _S.FAILED: "the round is abandoned; the global checkpoint is kept as it was",
+        _S.FINISHED: (
+            "the run has ended: every check-in is answered `accepted=false`; status, health "
+            "and metrics are served until the coordinator is stopped"
+        ),
     }
 )
 
@@ -155,11 +176,18 @@ def next_stage(stage: Stage, cause: Cause) -> Stage:
         raise ValueError(f"no move from {stage.name} on {cause.name}") from None
 
 
+#: What ends a stage that no move leaves, for the README's table.
+_TERMINAL = "a restart with a higher `ROUNDS` (or another `STOP_WHEN`) opens the next round"
+
+
 def markdown_table() -> str:
-    """The README's stage table: one row per move, grouped by stage."""
+    """The README's stage table: one row per move, grouped by stage (one row for a stage
+    that no move leaves)."""
     rows = ["| stage | what happens | next stage | when |", "|---|---|---|---|"]
     for stage in Stage:
         moves = [(cause, dest) for (src, cause), dest in TRANSITIONS.items() if src is stage]
+        if not moves:
+            rows.append(f"| `{stage.name}` | {_DESCRIPTIONS[stage]} | (none) | {_TERMINAL} |")
         for index, (cause, dest) in enumerate(moves):
             name, what = (f"`{stage.name}`", _DESCRIPTIONS[stage]) if index == 0 else ("", "")
             rows.append(f"| {name} | {what} | `{dest.name}` | {cause.value} |")

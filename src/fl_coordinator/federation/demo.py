@@ -3,10 +3,13 @@
 It creates a fresh problem folder, starts the coordinator, S selectors and C
 clients as separate processes talking gRPC over 127.0.0.1, and follows the
 rounds through the coordinator's websocket status stream, like a webserver
-would. After each completed round it evaluates the new global checkpoint on a
-held-out test set. At the end it trains the same model on the pooled data for
-the same total number of epochs (the centralized baseline), prints a summary,
-and leaves ``summary.json`` and ``accuracy.png`` in the root folder.
+would. The coordinator itself evaluates each new global checkpoint on a
+held-out test set (``EVALUATE=fl_coordinator.federation.evaluation:digits``,
+in its evaluation worker process) and ends the run after the last round
+(``ROUNDS``); the demo reads the metrics from the stream. At the end it
+trains the same model on the pooled data for the same total number of epochs
+(the centralized baseline), prints a summary, and leaves ``summary.json`` and
+``accuracy.png`` in the root folder.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from ..errors import ChildFailed, DemoError, first_of
 from ..storage.layout import Layout
 from ..storage.problem import init_problem
 from .data import Split, split_digits, write_shards
+from .evaluation import SEED_VARIABLE, scores
 from .local import LocalFederation
-from .training import Hyper, accuracy, compile_for_training, load_weights
+from .training import Hyper, compile_for_training, load_weights
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -45,14 +49,20 @@ class DemoOptions:
     hyper: Hyper = field(default_factory=Hyper)
     alpha: float = 0.5
     seed: int = 0
+    strategy: str = "fedavg"
+
+
+#: The coordinator's evaluation of each round: the demo's own, shipped in the package.
+EVALUATE = "fl_coordinator.federation.evaluation:digits"
 
 
 @dataclass
 class _RoundResult:
     round: int
-    accuracy: float
+    accuracy: float | None  # None: its evaluation was skipped (a later round's came first)
     seconds: float
     clients: int
+    loss: float | None = None
 
 
 def _fresh_root(root: Path) -> None:
@@ -67,18 +77,13 @@ def _fresh_root(root: Path) -> None:
     (root / "logs").mkdir(parents=True)
 
 
-class _Evaluator:
-    """The demo's own copy of the model, to measure each new global checkpoint."""
+def _initial_accuracy(model_file: Path, checkpoint: Path, split: Split) -> float:
+    """The accuracy of the initial model (round 0), measured here as the coordinator will."""
+    from ..storage.model import import_keras
 
-    def __init__(self, model_file: Path, split: Split) -> None:
-        from ..storage.model import import_keras
-
-        self.model = import_keras().models.load_model(model_file, compile=False)
-        self.split = split
-
-    def __call__(self, checkpoint: Path) -> float:
-        load_weights(self.model, checkpoint)
-        return accuracy(self.model, self.split.x_test, self.split.y_test)
+    model = import_keras().models.load_model(model_file, compile=False)
+    load_weights(model, checkpoint)
+    return scores(model, split.x_test, split.y_test)["accuracy"]
 
 
 def _centralized_baseline(split: Split, options: DemoOptions) -> list[float]:
@@ -97,7 +102,7 @@ def _centralized_baseline(split: Split, options: DemoOptions) -> list[float]:
             verbose=0,
             shuffle=True,
         )
-        per_round.append(accuracy(model, split.x_test, split.y_test))
+        per_round.append(scores(model, split.x_test, split.y_test)["accuracy"])
     return per_round
 
 
@@ -125,9 +130,10 @@ class _Progress:
         self.say(f"{'round':>9}  {'stage':<13} {'clients':>7}  {'accuracy':>8}  {'time':>7}")
 
     def row(self, result: _RoundResult, stage: str) -> None:
+        shown = "-" if result.accuracy is None else f"{result.accuracy:.3f}"
         self.say(
             f"{result.round:>5}/{self.rounds:<3}  {stage:<13} {result.clients:>7}  "
-            f"{result.accuracy:>8.3f}  {result.seconds:>6.1f}s"
+            f"{shown:>8}  {result.seconds:>6.1f}s"
         )
 
 
@@ -147,16 +153,29 @@ class _Demo:
         split = split_digits(options.clients, options.alpha, options.seed)
         shards = write_shards(split, self.root / "clients")
         init_problem(self.layout)
-        self.evaluator = _Evaluator(self.layout.model, split)
-        initial = self.evaluator(self.layout.checkpoint)
+        initial = await trio.to_thread.run_sync(
+            _initial_accuracy, self.layout.model, self.layout.checkpoint, split
+        )
         self.progress.say(
-            f"federation: 1 coordinator, {options.selectors} selector(s), {options.clients} "
-            f"client(s), {options.rounds} round(s), {options.hyper.epochs} local epoch(s); "
-            f"non-IID digits (Dirichlet alpha={options.alpha}); logs in {self.root / 'logs'}"
+            f"federation: 1 coordinator ({options.strategy}), {options.selectors} selector(s), "
+            f"{options.clients} client(s), {options.rounds} round(s), {options.hyper.epochs} "
+            f"local epoch(s); non-IID digits (Dirichlet alpha={options.alpha}); logs in "
+            f"{self.root / 'logs'}"
         )
         started = time.monotonic()
         federation = LocalFederation(
-            self.root, options.selectors, shards, options.rounds, options.hyper, "digits-demo"
+            self.root,
+            options.selectors,
+            shards,
+            options.rounds,
+            options.hyper,
+            "digits-demo",
+            coordinator_env={
+                "STRATEGY": options.strategy,
+                "EVALUATE": EVALUATE,
+                SEED_VARIABLE: str(options.seed),
+                "ROUNDS": str(options.rounds),
+            },
         )
         async with federation.running() as endpoints:
             await self._follow(endpoints.status_url, federation)
@@ -171,11 +190,18 @@ class _Demo:
         return summary
 
     async def _follow(self, status_url: str, federation: LocalFederation) -> None:
-        """Read the status stream until the last round completes; a row per round."""
+        """Read the status stream until the last round is evaluated; a row per round.
+
+        A round's row is printed once its metrics arrive (the coordinator
+        evaluates it while the next round runs), or without them if a later
+        round's metrics come first (its evaluation was skipped).
+        """
         self.progress.header()
         opened: dict[int, float] = {}
+        completed: dict[int, tuple[float, int]] = {}  # round: (seconds, clients)
+        evaluated: dict[int, dict[str, float]] = {}
         async with trio_websocket.open_websocket_url(status_url) as ws:
-            while len(self.results) < self.options.rounds:
+            while self.options.rounds not in evaluated:
                 with trio.move_on_after(_STALL_SECONDS) as stalled:
                     message = json.loads(await ws.get_message())
                 if stalled.cancelled_caught:
@@ -189,13 +215,27 @@ class _Demo:
                 self.progress.stage(message)
                 if message["stage"] == "FAILED":
                     raise DemoError(f"round {number} failed: {message.get('error')}")
-                if message["stage"] == "COMPLETED":
-                    score = await trio.to_thread.run_sync(self.evaluator, self.layout.checkpoint)
-                    result = _RoundResult(
-                        number, score, time.monotonic() - opened[number], message["accepted"]
-                    )
-                    self.results.append(result)
-                    self.progress.row(result, "COMPLETED")
+                if message["stage"] == "COMPLETED" and number not in completed:
+                    completed[number] = (time.monotonic() - opened[number], message["accepted"])
+                if "metrics" in message:
+                    evaluated[message["metrics"]["round"]] = message["metrics"]["values"]
+                self._rows(completed, evaluated)
+
+    def _rows(
+        self, completed: dict[int, tuple[float, int]], evaluated: dict[int, dict[str, float]]
+    ) -> None:
+        """Print the rows that can be printed, in order of rounds."""
+        while (number := len(self.results) + 1) in completed:
+            values = evaluated.get(number)
+            if values is None and not any(later > number for later in evaluated):
+                return  # its metrics may still come
+            seconds, clients = completed[number]
+            values = values or {}
+            result = _RoundResult(
+                number, values.get("accuracy"), seconds, clients, values.get("loss")
+            )
+            self.results.append(result)
+            self.progress.row(result, "COMPLETED")
 
     def _summary(
         self, split: Split, initial: float, baseline: list[float], seconds: float
@@ -217,6 +257,7 @@ class _Demo:
                 "learning_rate": self.options.hyper.learning_rate,
                 "alpha": self.options.alpha,
                 "seed": self.options.seed,
+                "strategy": self.options.strategy,
                 "test_samples": len(split.y_test),
             },
             "client_label_counts": split.label_counts().tolist(),
@@ -248,11 +289,12 @@ def _plot(summary: dict[str, Any], dest: Path) -> None:
 
     # Round 0 is the initial model, the same for both.
     initial = summary["initial_accuracy"]
-    rounds = [0] + [r["round"] for r in summary["rounds"]]
-    federated = [initial] + [r["accuracy"] for r in summary["rounds"]]
+    rounds = [0] + [r["round"] for r in summary["rounds"] if r["accuracy"] is not None]
+    federated = [initial] + [r["accuracy"] for r in summary["rounds"] if r["accuracy"] is not None]
     centralized = [initial, *summary["baseline"]["per_round"]]
     figure, axes = plt.subplots(figsize=(6.4, 4))
-    axes.plot(rounds, federated, "o-", label="federated (FedAvg)")
+    strategy = summary["settings"]["strategy"]
+    axes.plot(rounds, federated, "o-", label=f"federated ({strategy})")
     axes.plot(range(len(centralized)), centralized, "s--", label="centralized (same epochs)")
     axes.set_xlabel("round (centralized: epochs / local epochs)")
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..cli.running import exit_status
+from ..core.strategy import STRATEGIES
 from ..logs import setup_logging
 from .demo import DemoOptions, run_demo
 from .training import Hyper
@@ -46,8 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--momentum", type=float, default=hyper.momentum, help="clients' SGD momentum"
     )
+    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="data split and test set")
     parser.add_argument(
-        "--seed", type=int, default=_DEFAULTS.seed, help="data split and initial model"
+        "--alpha",
+        type=float,
+        default=_DEFAULTS.alpha,
+        help="Dirichlet concentration of the clients' label mix (smaller: more skewed)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=_DEFAULTS.strategy,
+        help="the coordinator's STRATEGY, with its documented defaults",
     )
     return parser
 
@@ -61,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         clients=args.clients,
         rounds=args.rounds,
         hyper=Hyper(args.epochs, args.batch_size, args.learning_rate, args.momentum),
+        alpha=args.alpha,
         seed=args.seed,
+        strategy=args.strategy,
     )
 
     def run() -> int:

@@ -24,7 +24,6 @@ from ..storage.weights import upload_encoding
 __all__ = [
     "Hyper",
     "Trainer",
-    "accuracy",
     "batches",
     "compile_for_training",
     "load_weights",
@@ -72,11 +71,6 @@ def save_weights(model: Any, dest: Path) -> None:
         named = Path(folder) / "weights.weights.h5"
         model.save_weights(named)
         dest.write_bytes(named.read_bytes())
-
-
-def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
-    predictions = model.predict(x, verbose=0, batch_size=512)
-    return float(np.mean(np.argmax(predictions, axis=1) == y))
 
 
 def batches(samples: int, hyper: Hyper) -> int:

@@ -7,7 +7,9 @@ ones the webserver is shown. What the stream does not carry comes from a few
 hooks that the server wires in: answers to check-ins (refusals at the RPC edge
 never reach the round), bytes read by the aggregation (the aggregator is
 wrapped), the number of websocket subscribers, undelivered webhook
-messages and stage changes the legacy status push dropped.
+messages and stage changes the legacy status push dropped. The metrics of the
+last evaluated round (``EVALUATE``) are a gauge each,
+``fl_coordinator_evaluation_<name>``, created when a name is first seen.
 
 Each coordinator has its own :class:`~prometheus_client.CollectorRegistry`,
 not the process-wide default one, so several coordinators in one process
@@ -25,11 +27,11 @@ from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from ..core.stages import SHOWN_STAGES, Stage
-from ..storage.aggregation import AggregationResult, Aggregator, Contribution
+from ..storage.aggregation import AggregationResult, Aggregator, Contribution, ServerUpdate
 from .hub import StatusHub, Subscription
-from .schema import StatusMessage
+from .schema import EvaluatedMetrics, StatusMessage
 
-__all__ = ["Metrics"]
+__all__ = ["MAX_EVALUATION_GAUGES", "Metrics"]
 
 _NAMESPACE = "fl_coordinator"
 
@@ -37,6 +39,9 @@ _NAMESPACE = "fl_coordinator"
 _AGGREGATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 _FINISHED = (Stage.COMPLETED.name, Stage.FAILED.name)
+
+#: Evaluation gauges made at most (names come from the EVALUATE function).
+MAX_EVALUATION_GAUGES = 64
 
 
 class Metrics:
@@ -87,6 +92,11 @@ class Metrics:
             "Stage changes the legacy status push dropped undelivered (its queue was full).",
             **common,
         )
+        self.evaluated_round = Gauge(
+            "evaluated_round", "Round whose metrics the evaluation gauges show.", **common
+        )
+        self._common = common
+        self._evaluation: dict[str, Gauge] = {}
         # Exported as 0 before the first check-in; kept, as a label lookup per call costs.
         self._accepted_clients = self.checkins.labels("accepted")
         self._refused_clients = self.checkins.labels("refused")
@@ -102,6 +112,8 @@ class Metrics:
         self.round.set(number)
         self.stage.state(stage)
         self.accepted.set(message["accepted"])
+        if "metrics" in message:
+            self._evaluated(message["metrics"])
         if stage in _FINISHED and number > self._counted_up_to:
             self._counted_up_to = number
             if stage == Stage.COMPLETED.name:
@@ -122,6 +134,21 @@ class Metrics:
                     self.observe((await subscription.next()).message)
             finally:
                 self._subscription = None
+
+    def _evaluated(self, metrics: EvaluatedMetrics) -> None:
+        """A gauge per metric name: the value of the last evaluated round."""
+        self.evaluated_round.set(metrics["round"])
+        for name, value in metrics["values"].items():
+            gauge = self._evaluation.get(name)
+            if gauge is None:
+                if len(self._evaluation) >= MAX_EVALUATION_GAUGES:
+                    continue  # names are bounded per round, not over rounds
+                gauge = self._evaluation[name] = Gauge(
+                    f"evaluation_{name}",
+                    f"{name} of the last evaluated round (EVALUATE).",
+                    **self._common,
+                )
+            gauge.set(value)
 
     def render(self) -> bytes:
         """The exposition text; first takes in any message not yet observed.
@@ -161,8 +188,9 @@ class Metrics:
             contributions: Sequence[Contribution],
             tmp: Path,
             cancel: threading.Event | None,
+            update: ServerUpdate,
         ) -> AggregationResult:
-            result = aggregator(checkpoint, contributions, tmp, cancel)
+            result = aggregator(checkpoint, contributions, tmp, cancel, update)
             self.aggregated_bytes.inc(result.bytes_read)  # prometheus_client is thread-safe
             return result
 

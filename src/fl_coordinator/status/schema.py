@@ -14,17 +14,24 @@ from typing import NotRequired, TypedDict
 from ..core.events import Status
 from ..core.stages import Stage
 
-__all__ = ["StatusMessage", "to_message", "utc_now"]
+__all__ = ["EvaluatedMetrics", "StatusMessage", "to_message", "utc_now"]
+
+
+class EvaluatedMetrics(TypedDict):
+    """The metrics ``EVALUATE`` measured on the checkpoint of round ``round``."""
+
+    round: int
+    values: dict[str, float]
 
 
 class StatusMessage(TypedDict):
-    """One status message. Stage names are fl_status.proto's, plus ``FAILED``."""
+    """One status message. Stage names are fl_status.proto's, plus ``FAILED`` and ``FINISHED``."""
 
     problem_id: str
     seq: int  # 1, 2, ... in the order published
     time: str  # ISO 8601, UTC, milliseconds, "Z"
     round: int
-    stage: str  # SELECTION, CONFIGURATION, REPORTING, COMPLETED or FAILED
+    stage: str  # SELECTION, CONFIGURATION, REPORTING, COMPLETED, FAILED or FINISHED
     accepted: int
     goal: int
     selectors: list[str]
@@ -38,6 +45,8 @@ class StatusMessage(TypedDict):
     checkpoint: NotRequired[str]  # COMPLETED only
     aggregation_seconds: NotRequired[float | None]  # COMPLETED only
     error: NotRequired[str]  # FAILED only
+    metrics: NotRequired[EvaluatedMetrics]  # once a round has been evaluated: the latest
+    finished: NotRequired[str]  # FINISHED only: why the run ended, and how to go on
 
 
 def utc_now() -> datetime:
@@ -70,4 +79,8 @@ def to_message(
         message["aggregation_seconds"] = status.aggregation_seconds
     if status.error is not None:
         message["error"] = status.error
+    if status.metrics is not None:
+        message["metrics"] = {"round": status.metrics.round, "values": dict(status.metrics.values)}
+    if status.finished is not None:
+        message["finished"] = status.finished
     return message

@@ -1,9 +1,21 @@
-"""FedAvg over HDF5 checkpoints: ``w_new = w + (sum_s A_s) / (sum_s N_s)``.
+"""The round's average over HDF5 checkpoints, streamed, in one pass.
+
+FedAvg, ``w_new = w + (sum_s A_s) / (sum_s N_s)``, or the configured
+strategy (:mod:`..core.strategy`).
 
 Pure numeric work on files, run in a worker thread (``trio.to_thread``) so the
 event loop keeps answering RPCs. It does not assume a Keras layout: which
 datasets are weight arrays, and how each dtype is decoded, summed and
 encoded, is decided by :mod:`.weights` (the checkpoint's *plan*).
+
+Each slab of each weight array goes through the same three steps: the
+selectors' inputs are combined into ``D``, the round's mean update (a
+weighted sum divided by the total weight, or a median or trimmed mean of
+the clipped mean updates); ``D`` is a buffer of its own, which a later step
+may perturb; the server optimizer then turns ``D``, the current weights and
+its state (``m``, ``v``, read and written slab by slab:
+:mod:`.strategy_state`) into the new weights. With the default settings
+that is ``w + D`` with the very operations the Go system's FedAvg needs.
 
 How it is laid out, and why:
 
@@ -14,14 +26,22 @@ How it is laid out, and why:
   exactly once. (A byte copy of the old file overwritten in place keeps the
   layout too, but writes every value twice and reads the old ones back: at
   K = 2 that was a quarter of the time.)
-* Reads go straight into one preallocated buffer per array (``read_direct``)
-  and the result is computed into another, so a slab costs no allocation.
-  HDF5 reads are serialised by h5py's lock, so K inputs are read one after
-  the other: threads would only add switching.
+* Reads go straight into one preallocated buffer per array and the result is
+  computed into another, so a slab costs no allocation. A plain dataset
+  (contiguous, uncompressed: what Keras writes) is read with ``preadv`` at
+  its checked file offset and the result written with ``pwrite``
+  (:mod:`.plain`), whatever the strategy; any other layout goes through
+  h5py's ``read_direct``/``write_direct``. Inputs are located one open file
+  at a time and read through a bounded pool of descriptors, so open files
+  do not grow with K. Reads are sequential: threads would only add switching.
 
-* One array at a time: for each dataset we hold the float64 accumulator and
-  one input array, never K whole models, so memory is bounded by the largest
-  array, whatever K is.
+* One slab at a time: for each dataset we hold a float64 accumulator slab and
+  one input slab (the optimizer's moments add a few more slabs), never K
+  whole models, so memory is bounded by the largest array plus a constant,
+  whatever K is. A median or trimmed mean needs all K inputs of a slab at
+  once: its slabs are K times smaller, but never less than one row, so its
+  memory grows with K once K rows exceed a slab (K rows of the widest
+  array, in float64).
 * Sums are accumulated in float64 (K aggregates of float32 values weighted by
   batch counts lose digits in float32; complex128 and long double for those
   types) and the result is written in each dataset's own encoding.
@@ -41,17 +61,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
+from ..core.strategy import Combination, Strategy
 from ..errors import (
     AggregationError,
     CheckpointError,
@@ -66,20 +90,24 @@ from .plain import Descriptors, Extent, allocated_early, extent_of, read_rows, w
 from .untrusted import Opened, UntrustedFile, dataset_at
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
+if TYPE_CHECKING:  # strategy_state reads and writes slabs as this module cuts them
+    from .strategy_state import Moments, StateUpdate
+
+log = logging.getLogger(__name__)
+
 __all__ = [
     "SLAB_BYTES",
     "AggregationResult",
     "Aggregator",
     "Contribution",
     "Finish",
+    "ServerUpdate",
     "aggregate",
     "read_into",
     "slab_shape",
     "slabs",
     "sum_into",
 ]
-
-__all__: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -94,6 +122,8 @@ class Contribution:
     selector: str
     checkpoint: UntrustedFile
     weight: int
+    #: ``||A_s||^2`` over all weight arrays, when the check measured it (for clipping).
+    square_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -104,9 +134,24 @@ class AggregationResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class ServerUpdate:
+    """What an aggregation computes from the sum of its inputs: ``strategy``, and the
+    optimizer state it reads and writes (``state``: needed when the optimizer keeps
+    moments). The default is the Go system's FedAvg."""
+
+    strategy: Strategy = field(default_factory=Strategy)
+    state: StateUpdate | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.strategy.optimizer.moments) != (self.state is not None):
+            raise ValueError("the optimizer state is needed exactly when the optimizer keeps one")
+
+
 #: The signature of :func:`aggregate`, for code that takes one as a parameter.
 Aggregator = Callable[
-    [Path, Sequence[Contribution], Path, threading.Event | None], AggregationResult
+    [Path, Sequence[Contribution], Path, threading.Event | None, ServerUpdate],
+    AggregationResult,
 ]
 
 
@@ -370,6 +415,104 @@ def sum_into(
     ``template`` itself (CheckpointLocked while another process holds it),
     AggregationError for anything else.
     """
+
+    def apply(total: np.ndarray, current: np.ndarray, out: np.ndarray, *_: object) -> None:
+        finish(total, current, out)
+
+    return _rewrite(template, inputs, dest, tmp_dir, _Combine(), apply, cancel, encode)
+
+
+#: Computes one slab of the result: ``step(combined, current, out, weight, selection)``
+#: (``combined`` may be used as work space).
+_Step = Callable[[np.ndarray, np.ndarray, np.ndarray, Weight, tuple[slice, ...]], None]
+
+#: Reads one slab of an input, decoded: ``read(source, selection, spare)``; ``spare``:
+#: while the first input's slab is in use.
+_Read = Callable[[_Source, tuple[slice, ...], bool], np.ndarray]
+
+
+class _Combine:
+    """How a slab's inputs become the values the step gets: ``D``, the round's mean update.
+
+    By default ``sum_s c_s A_s / divisor`` (``c_s`` = ``scales``, all 1 without
+    clipping; ``divisor`` 1: the bare sum, as the client's update needs).
+    Without scales, the first two inputs start the sum in one pass (the memory
+    traffic is what costs: no zeros pass, no cast copy); the second is read
+    into the result's buffer, which holds nothing yet. With a robust
+    ``combination``: the median or trimmed mean of the selectors' clipped mean
+    updates ``c_s A_s / N_s`` (``weights``: ``N_s``), all K of a slab held at
+    once (:attr:`holds`: the slabs are that many times smaller).
+    """
+
+    def __init__(
+        self,
+        scales: Sequence[float] | None = None,
+        divisor: float = 1.0,
+        robust: tuple[Combination, Sequence[int]] | None = None,
+    ) -> None:
+        self._scales = scales if scales is not None and any(c != 1 for c in scales) else None
+        self._divisor = divisor
+        self._robust = robust
+        self.holds = len(robust[1]) if robust else 1
+        self._stack: np.ndarray | None = None
+
+    def __call__(
+        self,
+        read: _Read,
+        sources: Sequence[_Source],
+        selection: tuple[slice, ...],
+        total: np.ndarray,
+        scratch: np.ndarray,
+    ) -> np.ndarray:
+        def load(index: int, spare: bool = False) -> np.ndarray:
+            return read(sources[index], selection, spare)
+
+        if self._robust is not None:
+            return self._ordered(load, len(sources), total)
+        first = load(0)
+        if self._scales is not None:
+            np.multiply(first, self._scales[0], out=total)
+            for index in range(1, len(sources)):
+                total += np.multiply(load(index), self._scales[index], out=scratch)
+        elif len(sources) > 1:
+            np.add(first, load(1, spare=True), out=total, dtype=total.dtype)
+            for index in range(2, len(sources)):
+                total += load(index)
+        else:
+            total[...] = first
+        if self._divisor != 1:
+            total /= self._divisor
+        return total
+
+    def _ordered(
+        self, load: Callable[[int], np.ndarray], count: int, total: np.ndarray
+    ) -> np.ndarray:
+        assert self._robust is not None
+        combination, weights = self._robust
+        size = count * total.size
+        if self._stack is None or self._stack.size < size:
+            self._stack = np.empty(size, total.dtype)
+        stack = self._stack[:size].reshape((count, *total.shape))
+        for index in range(count):
+            np.divide(load(index), weights[index], out=stack[index])
+            if self._scales is not None and self._scales[index] != 1:
+                stack[index] *= self._scales[index]
+        return combination.combine(stack, total)
+
+
+def _rewrite(
+    template: Path,
+    inputs: Sequence[UntrustedFile],
+    dest: Path,
+    tmp_dir: Path,
+    combine: _Combine,
+    step: _Step,
+    cancel: threading.Event | None = None,
+    encode: Callable[[Encoding], Encoding] | None = None,
+    moments: Callable[[], contextlib.AbstractContextManager[Moments | None]] | None = None,
+) -> tuple[int, int]:
+    """:func:`sum_into` with a given ``combine`` and ``step``; ``moments`` opens the
+    optimizer's state (published tied to the new file, before ``dest`` is replaced)."""
     bytes_read = 0
     with ExitStack() as stack:
         base = open_checkpoint(template, stack)
@@ -380,32 +523,34 @@ def sum_into(
         changed = {w.name: outputs[w.name] if outputs[w.name] != w.encoding else None for w in plan}
         with (
             atomic_target(dest, tmp_dir, large=True) as tmp,
-            h5py.File(tmp, "w") as out,
-            _descriptor(tmp) as out_fd,
+            (moments or contextlib.nullcontext)() as state,
         ):
-            targets = _copy_layout(base, out, changed)
-            for weight in plan:
-                sources = [_source(source, weight, descriptors) for source in located]
-                like = _Source(base[weight.name], weight.encoding, template, None)
-                target = targets[weight.name]
-                bytes_read += _sum_weight(
-                    weight,
-                    like,
-                    sources,
-                    _writer(target, outputs[weight.name].stored, out_fd, tmp),
-                    outputs[weight.name],
-                    finish,
-                    cancel,
-                )
-            # Last, before the rename publishes anything: an input written to while
-            # it was read may have given bytes nobody checked.
-            written_to = {
-                str(path): f"{path}: aggregate checkpoint changed while it was being averaged"
-                for path, changed in (_changed(source, descriptors) for source in located)
-                if changed
-            }
-            if written_to:
-                raise ContributionsRefused(written_to)
+            with h5py.File(tmp, "w") as out, _descriptor(tmp) as out_fd:
+                targets = _copy_layout(base, out, changed)
+                for weight in plan:
+                    sources = [_source(source, weight, descriptors) for source in located]
+                    like = _Source(base[weight.name], weight.encoding, template, None)
+                    bytes_read += _write_weight(
+                        weight,
+                        like,
+                        sources,
+                        _writer(targets[weight.name], outputs[weight.name].stored, out_fd, tmp),
+                        outputs[weight.name],
+                        combine,
+                        step,
+                        cancel,
+                    )
+                # Last, before the rename publishes anything: an input written to
+                # while it was read may have given bytes nobody checked.
+                written_to = {
+                    str(path): f"{path}: aggregate checkpoint changed while it was being averaged"
+                    for path, changed in (_changed(source, descriptors) for source in located)
+                    if changed
+                }
+                if written_to:
+                    raise ContributionsRefused(written_to)
+            if state is not None:
+                state.publish(tmp)  # the new file is complete: the state names it
     return len(plan), bytes_read
 
 
@@ -447,19 +592,22 @@ def _changed(located: _PlainInput | Opened, descriptors: Descriptors) -> tuple[P
     return located.file.path, descriptors.changed(located.file)
 
 
-def _sum_weight(
+def _write_weight(
     weight: Weight,
     like: _Source,
     sources: Sequence[_Source],
     write: _Write,
     output: Encoding,
-    finish: Finish,
+    combine: _Combine,
+    step: _Step,
     cancel: threading.Event | None,
 ) -> int:
-    """Write ``target`` = ``finish(sum of sources, like)``, slab by slab; return bytes read."""
-    selections = slabs(weight.shape, weight.encoding.accumulator.itemsize)
+    """``write`` ``step(combine(sources), like)``, slab by slab; return bytes read."""
+    accumulator = weight.encoding.accumulator
+    selections = slabs(weight.shape, accumulator.itemsize * combine.holds)
     largest = slab_shape(weight.shape, selections[0])
-    sums = np.empty(largest, weight.encoding.accumulator)
+    sums = np.empty(largest, accumulator)
+    scratch = np.empty(largest, accumulator)
     result = np.empty(largest, output.stored)
     buffers: dict[tuple[np.dtype, bool], np.ndarray] = {}  # read buffers, by stored dtype
 
@@ -482,25 +630,21 @@ def _sum_weight(
         if cancel is not None and cancel.is_set():
             raise ShuttingDown("aggregation cancelled: shutting down")
         rows = slab_shape(weight.shape, selection)[:1] if selection else ()
-        total = sums[: rows[0]] if rows else sums
-        # The first two inputs start the sum in one pass (the memory traffic is
-        # what costs: no zeros pass, no cast copy); ``result`` holds the second
-        # until it holds the result.
-        first = read(sources[0], selection)
-        if len(sources) > 1:
-            second = read(sources[1], selection, spare=True)
-            np.add(first, second, out=total, dtype=total.dtype)
-        else:
-            total[...] = first
-        for source in sources[2:]:
-            total += read(source, selection)
-        bytes_read += sum(first.size * source.encoding.stored.itemsize for source in sources)
+        combined = combine(
+            read,
+            sources,
+            selection,
+            sums[: rows[0]] if rows else sums,
+            scratch[: rows[0]] if rows else scratch,
+        )
+        size = combined.size
+        bytes_read += sum(size * source.encoding.stored.itemsize for source in sources)
         current = read(like, selection)
         stored = result[: rows[0]] if rows else result
         values = output.decode(stored)
 
         with np.errstate(over="ignore", invalid="ignore"):  # tested just below
-            finish(total, current, values)
+            step(combined, current, values, weight, selection)
 
         # NaN or Inf in any input, or a result too large for the dtype, makes
         # the values' sum non-finite: one cheap test per slab (on the result,
@@ -511,13 +655,43 @@ def _sum_weight(
     return bytes_read
 
 
+class _ServerStep:
+    """The optimizer's step on one slab, with its moments read and written around it."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self._optimizer = strategy.optimizer
+        self.moments: Moments | None = None
+        self._scratch: np.ndarray | None = None
+
+    def __call__(
+        self,
+        d: np.ndarray,
+        current: np.ndarray,
+        out: np.ndarray,
+        weight: Weight,
+        selection: tuple[slice, ...],
+    ) -> None:
+        if self.moments is None:
+            self._optimizer.step(d, current, out)
+            return
+        state = {name: self.moments.read(weight, name, selection) for name in self.moments.names}
+        if self._scratch is None or self._scratch.size < d.size:
+            self._scratch = np.empty(d.size, d.dtype)
+        scratch = self._scratch[: d.size].reshape(d.shape)
+        self._optimizer.step(d, current, out, state.get("m"), state.get("v"), scratch)
+        for name, values in state.items():
+            self.moments.write(weight, name, selection, values)
+
+
 def aggregate(
     checkpoint: Path,
     contributions: Sequence[Contribution],
     tmp_dir: Path,
     cancel: threading.Event | None = None,
+    update: ServerUpdate | None = None,
 ) -> AggregationResult:
-    """Replace ``checkpoint`` by the FedAvg of ``contributions``; raise AggregationError.
+    """Replace ``checkpoint`` by the average of ``contributions`` (FedAvg, or ``update``'s
+    strategy, whose optimizer state is rewritten in the same pass); raise AggregationError.
 
     On any error (or when ``cancel`` is set) the checkpoint is left untouched.
     Contributions that cannot be used (their files changed since their check)
@@ -527,16 +701,45 @@ def aggregate(
     """
     if not contributions:
         raise AggregationError("no selector aggregates to average")
+    update = update or ServerUpdate()
+    strategy = update.strategy
+    if len(contributions) < strategy.combination.min_selectors:
+        raise AggregationError(
+            f"{strategy.combination.method} needs the updates of at least "
+            f"{strategy.combination.min_selectors} selectors, not {len(contributions)}"
+        )
     started = time.perf_counter()
-    total_weight = sum(c.weight for c in contributions)
+    weights = [c.weight for c in contributions]
+    total_weight = sum(weights)
+    norms = [c.square_norm for c in contributions]
+    if strategy.combination.clip_norm and None in norms:
+        raise AggregationError("clipping needs the norm of every update (measured by its check)")
+    scales = strategy.combination.clip_factors(norms, weights)  # type: ignore[arg-type]
+    for contribution, scale, square in zip(contributions, scales, norms, strict=True):
+        if scale < 1 and square is not None:
+            log.info(
+                "the mean update of %s (L2 norm %.6g) is clipped to SELECTOR_CLIP_NORM=%g",
+                contribution.selector,
+                math.sqrt(square) / contribution.weight,
+                strategy.combination.clip_norm,
+            )
+    robust = (strategy.combination, weights) if strategy.combination.robust else None
+    combine = _Combine(scales, total_weight, robust)
+    step = _ServerStep(strategy)
 
-    def finish(total: np.ndarray, current: np.ndarray, out: np.ndarray) -> None:
-        total /= total_weight
-        np.add(total, current, out=out, casting="same_kind")
+    @contextlib.contextmanager
+    def moments() -> Iterator[Moments | None]:
+        if update.state is None:
+            yield None
+            return
+        with update.state.rewrite(tmp_dir) as step.moments:
+            yield step.moments
 
     inputs = [c.checkpoint for c in contributions]
     try:
-        arrays, bytes_read = sum_into(checkpoint, inputs, checkpoint, tmp_dir, finish, cancel)
+        arrays, bytes_read = _rewrite(
+            checkpoint, inputs, checkpoint, tmp_dir, combine, step, cancel, moments=moments
+        )
     except ContributionsRefused as refused:
         selector_of = {str(c.checkpoint.path): c.selector for c in contributions}
         reasons = {selector_of[path]: reason for path, reason in refused.reasons.items()}

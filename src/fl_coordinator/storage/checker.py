@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import multiprocessing
 import os
 import resource
 from collections.abc import AsyncIterator
@@ -45,6 +44,7 @@ import trio
 import trio_parallel
 
 from ..errors import ContributionError
+from ..workers import worker_processes
 from .aggregation import Contribution
 from .contribution import SETTLE_SECONDS, CheckpointSpec, SelectorFiles, examine
 from .layout import Layout
@@ -129,28 +129,19 @@ class ContributionChecker:
 
         Workers are forked from multiprocessing's fork server, which imports
         this module (numpy, h5py) once: a new worker, at start or after one was
-        killed, is ready in milliseconds instead of half a second. (The fork
-        server is single-threaded, so forking it is safe; forking this process,
-        with its threads, would not be.) Like every multiprocessing start
-        method but ``fork``, a worker imports the program's main module: a
-        program that embeds :func:`fl_coordinator.serve` needs the usual
-        ``if __name__ == "__main__":`` guard.
+        killed, is ready in milliseconds instead of half a second (see
+        :mod:`..workers`).
         """
-        multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
-        context = trio_parallel.open_worker_context(
-            idle_timeout=IDLE_SECONDS,
-            retire=_grown,
-            grace_period=GRACE_SECONDS,
-            worker_type=trio_parallel.WorkerType.FORKSERVER,
-        )
         try:
-            async with context as self._context:
+            async with worker_processes(
+                "check worker processes",
+                idle_timeout=IDLE_SECONDS,
+                retire=_grown,
+                grace_period=GRACE_SECONDS,
+                preload=[__name__],
+            ) as self._context:
                 await self.warm()  # ready to serve is ready to check
                 yield
-        except trio_parallel.BrokenWorkerError as error:
-            # At shutdown: a signal sent to the whole process group (a terminal, a
-            # service manager) ended the workers, or their fork server, first.
-            log.info("check worker processes did not end cleanly at shutdown (%s)", error)
         finally:
             self._context = None
 

@@ -6,12 +6,14 @@
 passed in, so that the check never touches the global checkpoint and a
 problem with that file is never blamed on a selector). It reads every value
 once (NaN and Inf hide anywhere) and returns the :class:`Contribution` the
-aggregation will use: the weight as read, and the identity of the aggregate
-that passed.
+aggregation will use: the weight as read, the identity of the aggregate
+that passed and, when the strategy clips updates, the aggregate's squared
+L2 norm, measured in the same read.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -51,11 +53,13 @@ class CheckpointSpec:
 
     ``plan`` is the checkpoint's plan (:func:`.weights.read_plan`, read by the
     coordinator at start-up from its own file); ``file_bytes`` is the size of
-    the checkpoint file.
+    the checkpoint file; ``measure_norms``: also measure each aggregate's norm
+    (``SELECTOR_CLIP_NORM``).
     """
 
     plan: tuple[Weight, ...]
     file_bytes: int
+    measure_norms: bool = False
 
     @property
     def max_aggregate_bytes(self) -> int:
@@ -117,13 +121,21 @@ def _settled(fd: int) -> os.stat_result:
     return status
 
 
-def _check_values(dataset: h5py.Dataset, encoding: Encoding, name: str, path: Path) -> None:
+def _check_values(
+    dataset: h5py.Dataset, encoding: Encoding, name: str, path: Path, measure: bool
+) -> float:
+    """Raise ContributionError for NaN or Inf; return the squared L2 norm if ``measure``."""
     selections = slabs(dataset.shape, encoding.stored.itemsize)
     buffer = np.empty(slab_shape(dataset.shape, selections[0]), encoding.stored)
+    square = 0.0
     for selection in selections:
         part = encoding.decode(read_into(buffer, dataset, selection))
         if not np.all(np.isfinite(part)):
             raise ContributionError(f"{path}: dataset {name!r} contains NaN or Inf")
+        if measure:  # in the accumulator's precision: float32 squares of n * delta overflow
+            wide = part.astype(encoding.accumulator).ravel()
+            square += float(np.vdot(wide, wide).real)
+    return square
 
 
 def examine(selector: str, files: SelectorFiles, spec: CheckpointSpec) -> Contribution:
@@ -132,10 +144,13 @@ def examine(selector: str, files: SelectorFiles, spec: CheckpointSpec) -> Contri
     source = files.of(selector, files.checkpoint)
     with source.open_hdf5("aggregate checkpoint", spec.max_aggregate_bytes) as opened:
         before = FileIdentity.of(_settled(opened.fd))
+        square = 0.0
         try:
             for array in spec.plan:
                 dataset, encoding = dataset_at(opened.file, array, source.path)
-                _check_values(dataset, encoding, array.name, source.path)
+                square += _check_values(
+                    dataset, encoding, array.name, source.path, spec.measure_norms
+                )
         except (OSError, RuntimeError) as error:
             # HDF5's answers to a malformed file (a broken B-tree, a truncated
             # dataset, ...): the file's fault.
@@ -146,4 +161,6 @@ def examine(selector: str, files: SelectorFiles, spec: CheckpointSpec) -> Contri
         if FileIdentity.of(os.fstat(opened.fd)) != before:
             raise ContributionError(f"{source.path}: aggregate checkpoint changed while checked")
     checked = UntrustedFile(source.root, source.name, before)
-    return Contribution(selector, checked, weight)
+    if spec.measure_norms and not math.isfinite(square):
+        raise ContributionError(f"{source.path}: aggregate checkpoint's L2 norm overflows float64")
+    return Contribution(selector, checked, weight, square if spec.measure_norms else None)

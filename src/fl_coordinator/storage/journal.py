@@ -10,7 +10,10 @@ copied, when its round completes (the checkpoint is only ever replaced by
 rename, never modified in place), but the next round's rename leaves it the
 only name of its file: apart from the newest, which shares its blocks with
 the global checkpoint, every kept checkpoint is a file of its own on disk
-(:func:`history_usage`).
+(:func:`history_usage`). Beside each kept checkpoint ``round-NNNNNN`` the
+history may keep files of the same round (``round-NNNNNN.state.h5``, the
+server optimizer's state; ``round-NNNNNN.metrics.json``, its evaluation),
+pruned with it (:func:`kept_file`).
 
 On restart, a round that was interrupted in SELECTION is opened again with
 its number (nothing of it was acted upon: no selector had been told). A
@@ -32,16 +35,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.stopping import RoundMetrics
 from ..errors import ConfigError, ProblemError, os_error_text
 from .atomic import fsync_dir, write_atomic
 from .layout import Layout
 
 __all__ = [
     "Entry",
+    "checkpoint_round",
     "history",
     "history_usage",
     "journal_path",
     "keep_in_history",
+    "kept_file",
     "next_round",
     "read_journal",
     "remember",
@@ -49,11 +55,11 @@ __all__ = [
     "write_journal",
 ]
 
-__all__: list[str] = []
-
 log = logging.getLogger(__name__)
 
 _ENTRY = re.compile(r"^round-(\d{6,})$")
+#: A file kept beside a round's checkpoint: ``round-NNNNNN.<what>``.
+_COMPANION = re.compile(r"^round-(\d{6,})\.")
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,10 @@ class Entry:
     selectors: list[str] = field(default_factory=list)
     reported: list[str] = field(default_factory=list)
     time: str = ""
+    #: The last evaluated metrics: ``{"round": N, "values": {name: value}}`` (None: none yet).
+    metrics: dict[str, Any] | None = None
+    #: With stage FINISHED: why the run ended.
+    finished: str | None = None
 
 
 def journal_path(layout: Layout) -> Path:
@@ -85,7 +95,9 @@ def read_journal(layout: Layout) -> Entry | None:
         entry = Entry(**data)
         if entry.round < 1:
             raise ValueError("round < 1")
-    except (ValueError, TypeError) as error:
+        if entry.metrics is not None:
+            RoundMetrics.from_dict(entry.metrics)
+    except (ValueError, TypeError, KeyError) as error:
         raise ProblemError(
             f"{path}: not a readable round journal ({error}); move it away to "
             "start counting rounds from the history"
@@ -95,6 +107,11 @@ def read_journal(layout: Layout) -> Entry | None:
 
 def write_journal(layout: Layout, entry: Entry) -> None:
     write_atomic(journal_path(layout), json.dumps(asdict(entry)).encode(), layout.tmp)
+
+
+def kept_file(layout: Layout, round_number: int, suffix: str = "") -> Path:
+    """The kept checkpoint of ``round_number`` (``suffix`` empty), or a file kept beside it."""
+    return _history_dir(layout) / f"round-{round_number:06d}{suffix}"
 
 
 def history(layout: Layout) -> dict[int, Path]:
@@ -114,12 +131,24 @@ def remember(layout: Layout, round_number: int, keep: int) -> Path:
     """Link the current checkpoint into the history as ``round_number``; prune old ones."""
     folder = _history_dir(layout)
     folder.mkdir(parents=True, exist_ok=True)
-    dest = folder / f"round-{round_number:06d}"
+    dest = kept_file(layout, round_number)
     dest.unlink(missing_ok=True)
     os.link(layout.checkpoint, dest)
     for old in list(history(layout))[:-keep] if keep > 0 else []:
-        (folder / f"round-{old:06d}").unlink(missing_ok=True)
+        kept_file(layout, old).unlink(missing_ok=True)
+    _prune_companions(layout)
     return dest
+
+
+def _prune_companions(layout: Layout) -> None:
+    """Remove the files kept beside checkpoints that are no longer kept (or never were:
+    the state of a round whose checkpoint never made it into place)."""
+    kept = set(history(layout))
+    with contextlib.suppress(FileNotFoundError):
+        for path in _history_dir(layout).iterdir():
+            match = _COMPANION.match(path.name)
+            if match and int(match.group(1)) not in kept:
+                path.unlink(missing_ok=True)
 
 
 def keep_in_history(layout: Layout, round_number: int, keep: int) -> None:
@@ -140,18 +169,25 @@ def keep_in_history(layout: Layout, round_number: int, keep: int) -> None:
 
 
 def history_usage(layout: Layout) -> tuple[int, int]:
-    """(files, bytes) of the kept checkpoints that are not also the global checkpoint.
+    """(files, bytes) of the kept files that are not also the global checkpoint.
 
     What the history costs on disk beyond the checkpoint itself: up to
     KEEP_CHECKPOINTS - 1 files of a checkpoint's size (the newest shares its
-    blocks with the global checkpoint through a hard link).
+    blocks with the global checkpoint through a hard link), plus what is kept
+    beside them (an optimizer's state: up to twice the checkpoint's values).
     """
     seen: set[tuple[int, int]] = set()
     with contextlib.suppress(OSError):
         current = layout.checkpoint.stat()
         seen.add((current.st_dev, current.st_ino))
     files = size = 0
-    for path in history(layout).values():
+    kept = history(layout)
+    companions = [
+        path
+        for path in (_history_dir(layout).iterdir() if kept else ())
+        if (match := _COMPANION.match(path.name)) and int(match.group(1)) in kept
+    ]
+    for path in [*kept.values(), *sorted(companions)]:
         try:
             stat = path.stat()
         except OSError:
@@ -165,6 +201,14 @@ def history_usage(layout: Layout) -> tuple[int, int]:
 
 def _same_file(a: Path, b: Path) -> bool:
     return os.path.samefile(a, b) if a.exists() and b.exists() else False
+
+
+def checkpoint_round(layout: Layout) -> int | None:
+    """The round that produced the checkpoint in place, as far as the history knows."""
+    for number, path in sorted(history(layout).items(), reverse=True):
+        if _same_file(layout.checkpoint, path):
+            return number
+    return None
 
 
 def next_round(layout: Layout, keep: int) -> int:
@@ -192,13 +236,19 @@ def next_round(layout: Layout, keep: int) -> int:
 
 
 def _settle(layout: Layout, keep: int) -> int:
+    number = _settle_journal(layout, keep)
+    _prune_companions(layout)  # e.g. the state of a round whose checkpoint never made it
+    return number
+
+
+def _settle_journal(layout: Layout, keep: int) -> int:
     entry = read_journal(layout)
     kept = history(layout)
     if not kept:
         remember(layout, entry.round if entry else 0, keep)
     if entry is None:
         return 1
-    if entry.stage in ("COMPLETED", "FAILED"):
+    if entry.stage in ("COMPLETED", "FAILED", "FINISHED"):
         return entry.round + 1
     if entry.stage == "SELECTION":
         log.info("round %d was in selection when stopped: opened again", entry.round)

@@ -10,22 +10,44 @@ stream while HDF5 files are read and written.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import trio
 
-from ..errors import AggregationError, ContributionError
-from .aggregation import AggregationResult, Aggregator, Contribution, aggregate
+from ..core.strategy import Strategy
+from ..errors import AggregationError, ContributionError, os_error_text
+from .aggregation import AggregationResult, Aggregator, Contribution, ServerUpdate, aggregate
+from .atomic import write_atomic
 from .checker import ContributionChecker
 from .checkpoint import retry_while_locked
 from .contribution import CheckpointSpec
-from .journal import keep_in_history
+from .journal import checkpoint_round, keep_in_history, kept_file
 from .journal_writer import JournalWriter
 from .layout import Layout
+from .strategy_state import StateUpdate, state_path
 from .weights import Weight
 
-__all__ = ["RoundFiles"]
+__all__ = ["METRICS_SUFFIX", "RoundFiles", "kept_metrics"]
+
+#: A kept round's evaluated metrics: ``round-NNNNNN`` + this, in the history.
+METRICS_SUFFIX = ".metrics.json"
+
+log = logging.getLogger(__name__)
+
+
+def kept_metrics(layout: Layout, number: int) -> str:
+    """The metrics kept for round ``number``, for a person: ``"  (accuracy 0.93)"`` or ``""``."""
+    try:
+        metrics = json.loads(kept_file(layout, number, METRICS_SUFFIX).read_text())["metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+    return f"  ({shown})"
 
 
 class RoundFiles:
@@ -43,7 +65,11 @@ class RoundFiles:
     the history (``keep`` checkpoints). While another process holds the global
     checkpoint locked the aggregation waits up to ``lock_patience`` seconds
     (0: until it goes). :attr:`journal` is the round journal's one writer.
-    Use inside :meth:`running`.
+    ``strategy`` is what each aggregation computes; ``state`` is the optimizer
+    state the next one starts from (None: the initial one; see
+    :mod:`.strategy_state`), then each round's own. ``evaluated``: keep each new
+    checkpoint for its evaluation (:meth:`evaluation_copy`). Use inside
+    :meth:`running`.
     """
 
     def __init__(
@@ -56,10 +82,20 @@ class RoundFiles:
         lock_patience: float = 0.0,
         check_timeout: float = 60.0,
         check_workers: int = 2,
+        strategy: Strategy | None = None,
+        state: Path | None = None,
+        evaluated: bool = False,
     ) -> None:
         self.layout = layout
         self.journal = JournalWriter(layout)
-        spec = CheckpointSpec(tuple(plan), layout.checkpoint.stat().st_size)
+        self._strategy = strategy or Strategy()
+        self._state = state
+        self._evaluated = evaluated
+        spec = CheckpointSpec(
+            tuple(plan),
+            layout.checkpoint.stat().st_size,
+            measure_norms=self._strategy.combination.clip_norm > 0,
+        )
         self._checker = ContributionChecker(layout, spec, check_timeout, check_workers)
         self._checked: dict[tuple[int, str], Contribution] = {}
         self._aggregator = aggregator
@@ -103,15 +139,24 @@ class RoundFiles:
         if unwritten is not None:
             raise AggregationError(f"{unwritten}; the global checkpoint is kept as it was")
         contributions = [self._checked[(number, s)] for s in selectors]
+        optimizer = self._strategy.optimizer
+        state = (
+            StateUpdate(optimizer, self._state, state_path(self.layout, number), number)
+            if optimizer.moments
+            else None
+        )
+        update = ServerUpdate(self._strategy, state)
 
         async def attempt() -> AggregationResult:
             stop = threading.Event()
 
             def job() -> AggregationResult:
                 result = self._aggregator(
-                    self.layout.checkpoint, contributions, self.layout.tmp, stop
+                    self.layout.checkpoint, contributions, self.layout.tmp, stop, update
                 )
                 keep_in_history(self.layout, number, self._keep)
+                if self._evaluated:
+                    self._keep_for_evaluation(number)
                 return result
 
             try:
@@ -121,4 +166,56 @@ class RoundFiles:
 
         # Another process may hold the global checkpoint locked: wait for it,
         # within the reporting window; it is never a selector's fault.
-        return await retry_while_locked(attempt, self._lock_patience)
+        result = await retry_while_locked(attempt, self._lock_patience)
+        if state is not None:
+            self._state = state.dest  # the next round goes on from this round's state
+        return result
+
+    def evaluation_copy(self, number: int) -> Path:
+        """Where round ``number``'s checkpoint is kept for its evaluation (a hard link, made
+        as the round completes, so a later round cannot replace it first; in ``tmp/``, so
+        a restart removes what an evaluation did not). Named ``*.weights.h5``: Keras loads
+        weights only from such names."""
+        return self.layout.tmp / f"evaluate-round-{number:06d}.weights.h5"
+
+    async def keep_current_for_evaluation(self) -> int | None:
+        """Keep the checkpoint in place for an evaluation: the round that produced it (None:
+        the history does not know it, or it cannot be kept)."""
+
+        def keep() -> int | None:
+            number = checkpoint_round(self.layout)
+            return number if number is not None and self._keep_for_evaluation(number) else None
+
+        return await trio.to_thread.run_sync(keep)
+
+    async def evaluated(self, number: int, metrics: dict[str, float] | None) -> None:
+        """Round ``number``'s evaluation ended: keep its ``metrics`` beside its checkpoint
+        in the history (if it is still kept), and remove the checkpoint's copy."""
+
+        def tidy() -> None:
+            if metrics is not None and kept_file(self.layout, number).exists():
+                text = json.dumps({"round": number, "metrics": metrics}, indent=1)
+                try:
+                    write_atomic(
+                        kept_file(self.layout, number, METRICS_SUFFIX),
+                        text.encode(),
+                        self.layout.tmp,
+                    )
+                except OSError as error:
+                    log.error("round %d: cannot keep its metrics in the history (%s)", number,
+                              os_error_text(error))  # fmt: skip
+            self.evaluation_copy(number).unlink(missing_ok=True)
+
+        await trio.to_thread.run_sync(tidy)
+
+    def _keep_for_evaluation(self, number: int) -> bool:
+        """In a worker thread: link the checkpoint in place for round ``number``'s evaluation."""
+        copy = self.evaluation_copy(number)
+        try:
+            copy.unlink(missing_ok=True)
+            os.link(self.layout.checkpoint, copy)
+        except OSError as error:  # the round has completed: only its metrics are lost
+            log.error("round %d: cannot keep its checkpoint for evaluation (%s)", number,
+                      os_error_text(error))  # fmt: skip
+            return False
+        return True

@@ -1,0 +1,320 @@
+"""The server optimizer's state (``m``, ``v``): one file per kept round, tied to its checkpoint.
+
+FedAvgM keeps ``m``, the adaptive strategies ``m`` and ``v``, each shaped
+like the weights, from one round to the next. The state a round produces
+is written *beside the checkpoint it belongs to* in the history:
+``.coordinator/history/round-NNNNNN.state.h5``, with the groups ``m/`` and
+``v/`` holding one dataset per weight array under the checkpoint's own names
+(the checkpoint's layout), in :func:`state_encoding` (float32 for the usual
+float32 weights, as every deep-learning optimizer keeps its moments in the
+variable's own precision; at least float32 for 16-bit weights). It never
+goes near ``initFiles/``, whose every file is sent to clients.
+
+**Tied to its checkpoint.** A state file names the checkpoint it was
+computed with: the inode, size and modification time of the new checkpoint
+file, taken once that file is complete and before it is renamed into place
+(a rename and a hard link keep all three). The order of the writes is: the
+new checkpoint, complete, in ``.coordinator/tmp/``; its state, complete,
+renamed into the history; then the checkpoint renamed over the global one.
+At start-up the state used is the one that names the checkpoint in place
+(:func:`paired_state`), so after a crash at any instant the coordinator never
+pairs a checkpoint with another round's state: a state written for a
+checkpoint that never made it into place names a file that no longer exists.
+``rollback --round N`` links round N's kept checkpoint back into place, which
+makes round N's state the paired one again. A checkpoint replaced by hand, or
+a folder copied without keeping inode numbers, pairs with no state: the
+optimizer starts again from ``m = 0``, ``v = tau^2``, with a warning.
+
+**Changing STRATEGY is refused** (:func:`check_strategy`): the state paired
+with the checkpoint says which strategy made it, and another one cannot use
+it (FedAvgM's ``m`` is a sum, FedAdam's an average; FedAvg keeps none). A
+forgotten setting (a restart without the config file falls back to
+``fedavg``) would otherwise throw away the state of a long run silently; an
+operator who means it removes the state files, and the new strategy starts
+from its initial state. Other hyperparameters may change between runs
+(learning-rate schedules are common): the state carries over, and the change
+is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..core.strategy import ServerOptimizer, Strategy
+from ..errors import AggregationError, ConfigError, ProblemError
+from .aggregation import slab_shape
+from .atomic import atomic_target
+from .journal import history, kept_file
+from .layout import Layout
+from .weights import Encoding, Weight, upload_encoding
+
+__all__ = [
+    "STATE_SUFFIX",
+    "CheckpointIdentity",
+    "Moments",
+    "StateUpdate",
+    "check_fit",
+    "check_strategy",
+    "paired_state",
+    "state_encoding",
+    "state_path",
+]
+
+log = logging.getLogger(__name__)
+
+#: A kept round's optimizer state: ``round-NNNNNN`` + this, in the history.
+STATE_SUFFIX = ".state.h5"
+
+
+def state_encoding(encoding: Encoding) -> Encoding:
+    """How a moment of a weight stored as ``encoding`` is stored: the weight's own dtype,
+    but at least float32 (``v`` holds squares: float16 loses them below 6e-8)."""
+    return upload_encoding(encoding)
+
+
+def state_path(layout: Layout, round_number: int) -> Path:
+    return kept_file(layout, round_number, STATE_SUFFIX)
+
+
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    """Which checkpoint file a state belongs to: kept by renames and hard links.
+
+    No device number: it changes when a network file system is mounted again.
+    """
+
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> CheckpointIdentity:
+        status = os.stat(path)
+        return cls(status.st_ino, status.st_size, status.st_mtime_ns)
+
+    def to_text(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_text(cls, text: str) -> CheckpointIdentity:
+        return cls(**json.loads(text))
+
+
+def _attribute(file: h5py.File, name: str) -> str:
+    value = file.attrs[name]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _states(layout: Layout) -> dict[int, Path]:
+    """The state files of the history, by round."""
+    return {
+        number: state_path(layout, number)
+        for number in history(layout)
+        if state_path(layout, number).is_file()
+    }
+
+
+def paired_state(layout: Layout) -> tuple[int, Path] | None:
+    """(round, file) of the state that belongs to the checkpoint in place, if one does.
+
+    Raises ProblemError for a state file that cannot be read.
+    """
+    try:
+        current = CheckpointIdentity.of(layout.checkpoint)
+    except OSError:
+        return None
+    for number, path in sorted(_states(layout).items(), reverse=True):
+        try:
+            with h5py.File(path, "r") as file:
+                identity = CheckpointIdentity.from_text(_attribute(file, "checkpoint"))
+        except (OSError, KeyError, ValueError, TypeError) as error:
+            raise ProblemError(
+                f"{path}: not a readable optimizer state ({error}); move it away (the "
+                "optimizer of that round's checkpoint then starts again from its initial state)"
+            ) from None
+        if identity == current:
+            return number, path
+    return None
+
+
+def check_fit(strategy: Strategy, plan: Sequence[Weight]) -> None:
+    """Raise ConfigError if ``strategy`` cannot work on the weights of ``plan``.
+
+    Complex weights have no order (median, trimmed mean) and no sign (Yogi),
+    and ``D^2`` of a complex update is not a variance: only the mean with
+    fedavg or fedavgm averages them.
+    """
+    complex_weight = next((w for w in plan if w.encoding.is_complex), None)
+    if complex_weight is None:
+        return
+    where = f"(the checkpoint has complex weights: {complex_weight.name!r})"
+    if strategy.optimizer.adaptive:
+        raise ConfigError("STRATEGY", strategy.optimizer.name, f"fedavg or fedavgm {where}")
+    if strategy.combination.robust:
+        raise ConfigError("ROBUST_AGGREGATION", strategy.combination.method, f"mean {where}")
+
+
+def check_strategy(
+    layout: Layout, optimizer: ServerOptimizer, plan: Sequence[Weight]
+) -> Path | None:
+    """The state the next aggregation starts from (None: the initial one), checked.
+
+    Raises ConfigError if the state that belongs to the checkpoint was made by
+    another strategy (see the module's docstring), ProblemError if it does not
+    hold the moments of every weight array.
+    """
+    paired = paired_state(layout)
+    if paired is None:
+        if _states(layout) and optimizer.moments:
+            log.warning(
+                "no optimizer state in %s belongs to the checkpoint in place (replaced by "
+                "hand, or the folder was copied): %s starts from m = 0, v = TAU^2",
+                layout.own / "history",
+                optimizer.name,
+            )
+        elif optimizer.moments:
+            log.info("%s: the optimizer state starts from m = 0, v = TAU^2", optimizer.name)
+        return None
+    number, path = paired
+    with h5py.File(path, "r") as file:
+        made_by = _attribute(file, "strategy")
+        if made_by != optimizer.name:
+            raise ConfigError(
+                "STRATEGY",
+                optimizer.name,
+                f"{made_by!r}, the strategy whose state ({path}) belongs to the checkpoint of "
+                f"round {number}; to change strategy, remove the files "
+                f"{layout.own / 'history'}/round-*{STATE_SUFFIX}: {optimizer.name} then starts "
+                "from its initial state",
+            )
+        before = json.loads(_attribute(file, "hyperparameters"))
+        _check_moments(file, path, optimizer, plan)
+    changed = {k: (before.get(k), v) for k, v in optimizer.hyperparameters.items()
+               if before.get(k) != v}  # fmt: skip
+    if changed:
+        shown = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        log.warning("%s: changed since round %d (%s); its state carries over",
+                    optimizer.name, number, shown)  # fmt: skip
+    log.info("%s: the optimizer state of round %d (%s) goes on", optimizer.name, number, path)
+    return path
+
+
+def _check_moments(
+    file: h5py.File, path: Path, optimizer: ServerOptimizer, plan: Sequence[Weight]
+) -> None:
+    for moment in optimizer.moments:
+        for weight in plan:
+            dataset = file.get(f"{moment}/{weight.name}")
+            stored = state_encoding(weight.encoding).stored
+            if (
+                not isinstance(dataset, h5py.Dataset)
+                or dataset.shape != weight.shape
+                or dataset.dtype != stored
+            ):
+                raise ProblemError(
+                    f"{path}: no {moment} of shape {weight.shape} ({stored}) for {weight.name!r}: "
+                    "not the state of this model; move it away (the optimizer then starts "
+                    "again from its initial state)"
+                )
+
+
+@dataclass(frozen=True)
+class StateUpdate:
+    """The optimizer state a round's aggregation reads (``source``; None: the initial
+    values) and writes (``dest``, published tied to the new checkpoint), for ``round``."""
+
+    optimizer: ServerOptimizer
+    source: Path | None
+    dest: Path
+    round: int
+
+    @contextlib.contextmanager
+    def rewrite(self, tmp_dir: Path) -> Iterator[Moments]:
+        """The moments of this round, read and written slab by slab; published by
+        :meth:`Moments.publish` (else nothing of them is left)."""
+        with contextlib.ExitStack() as stack:
+            old = stack.enter_context(h5py.File(self.source, "r")) if self.source else None
+            target = stack.enter_context(atomic_target(self.dest, tmp_dir, large=True))
+            new = stack.enter_context(h5py.File(target, "w"))
+            moments = Moments(self, old, new)
+            yield moments
+            if not moments.published:
+                raise AggregationError("the optimizer state was not published")  # a bug
+
+
+class Moments:
+    """The moments of one aggregation: the old values in, the new values out."""
+
+    def __init__(self, update: StateUpdate, old: h5py.File | None, new: h5py.File) -> None:
+        self._update = update
+        self._old = old
+        self._new = new
+        self._written: dict[str, h5py.Dataset] = {}
+        self._buffers: dict[Hashable, np.ndarray] = {}
+        self.published = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._update.optimizer.moments
+
+    def read(self, weight: Weight, moment: str, selection: tuple[slice, ...]) -> np.ndarray:
+        """``moment`` of ``weight`` over ``selection``, in the accumulator's dtype (a work
+        array of its own: the step updates it in place, :meth:`write` stores it)."""
+        shape = slab_shape(weight.shape, selection)
+        work = self._buffer((moment, weight.encoding.accumulator), shape)
+        if self._old is None:
+            work.fill(self._update.optimizer.initial(moment))
+            return work
+        stored = self._buffer(state_encoding(weight.encoding).stored, shape)
+        self._old[f"{moment}/{weight.name}"].read_direct(stored, source_sel=selection or None)
+        work[...] = stored
+        return work
+
+    def write(
+        self, weight: Weight, moment: str, selection: tuple[slice, ...], values: np.ndarray
+    ) -> None:
+        """Store ``values`` as ``moment`` of ``weight`` over ``selection``; AggregationError if
+        they do not fit its dtype (an update so large that ``D^2`` overflows)."""
+        name = f"{moment}/{weight.name}"
+        encoding = state_encoding(weight.encoding)
+        if name not in self._written:
+            self._written[name] = self._new.create_dataset(name, weight.shape, encoding.stored)
+        stored = self._buffer(encoding.stored, values.shape)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.copyto(stored, values, casting="same_kind")
+        if not np.isfinite(stored.sum()) and not np.all(np.isfinite(stored)):
+            raise AggregationError(
+                f"dataset {weight.name!r}: the optimizer's {moment} overflows "
+                f"{encoding.stored} (an update of that size cannot be averaged)"
+            )
+        self._written[name].write_direct(stored, dest_sel=selection or None)
+
+    def _buffer(self, key: Hashable, shape: tuple[int, ...]) -> np.ndarray:
+        """A buffer of ``shape`` for ``key`` (a dtype, or (name, dtype)): a view of the
+        largest one made for that key so far, so a pass allocates a few slabs in all."""
+        dtype = key[1] if isinstance(key, tuple) else key
+        size = int(np.prod(shape, dtype=np.int64))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.size < size:
+            buffer = self._buffers[key] = np.empty(size, dtype)
+        return buffer[:size].reshape(shape)
+
+    def publish(self, checkpoint: Path) -> None:
+        """Name the new ``checkpoint`` (complete, not yet in place) in the state, then let
+        the state be renamed into the history (before the checkpoint is)."""
+        optimizer = self._update.optimizer
+        attrs = self._new.attrs
+        attrs["strategy"] = optimizer.name
+        attrs["round"] = self._update.round
+        attrs["hyperparameters"] = json.dumps(optimizer.hyperparameters)
+        attrs["checkpoint"] = CheckpointIdentity.of(checkpoint).to_text()
+        self.published = True

@@ -1,0 +1,58 @@
+"""Worker processes that can be killed: the checks of selectors' files, the evaluation.
+
+Work that may block for good (a hung mount, a malformed file, a user's
+evaluation function) runs in a process, not a thread, because a process can
+be killed and a thread cannot. Both kinds of workers come from
+``trio-parallel`` worker contexts and are forked from multiprocessing's fork
+server: a new worker is ready in milliseconds, and forking the single-threaded
+fork server is safe where forking this process, with its threads, is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import multiprocessing
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import trio_parallel
+
+__all__ = ["worker_processes"]
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def worker_processes(
+    what: str,
+    *,
+    grace_period: float,
+    idle_timeout: float = math.inf,
+    retire: Callable[[], bool] = bool,
+    preload: Sequence[str] = (),
+) -> AsyncIterator[trio_parallel.WorkerContext]:
+    """A worker context for ``what`` (for the log); its workers end when it is left.
+
+    ``preload``: modules the fork server imports once, so that every worker
+    starts with them (it is started by the first worker of any context). Like
+    every multiprocessing start method but ``fork``, a worker imports the
+    program's main module: a program that embeds :func:`fl_coordinator.serve`
+    needs the usual ``if __name__ == "__main__":`` guard. Workers that did not
+    end cleanly at shutdown are logged, not raised: a signal sent to the whole
+    process group (a terminal, a service manager) ends them, or their fork
+    server, first.
+    """
+    if preload:
+        multiprocessing.get_context("forkserver").set_forkserver_preload(list(preload))
+    context = trio_parallel.open_worker_context(
+        idle_timeout=idle_timeout,
+        retire=retire,
+        grace_period=grace_period,
+        worker_type=trio_parallel.WorkerType.FORKSERVER,
+    )
+    try:
+        async with context as opened:
+            yield opened
+    except trio_parallel.BrokenWorkerError as error:
+        log.info("%s did not end cleanly at shutdown (%s)", what, error)
