@@ -32,8 +32,11 @@ How it is laid out, and why:
   its checked file offset and the result written with ``pwrite``
   (:mod:`.plain`), whatever the strategy; any other layout goes through
   h5py's ``read_direct``/``write_direct``. Inputs are located one open file
-  at a time and read through a bounded pool of descriptors, so open files
-  do not grow with K. Reads are sequential: threads would only add switching.
+  at a time; one whose arrays are all plain is not kept open but read through
+  a bounded pool of descriptors, so open files do not grow with K (one with
+  any other layout stays open as an HDF5 file). The optimizer's moments go
+  through h5py (:mod:`.strategy_state`). Reads are sequential: threads would
+  only add switching.
 
 * One slab at a time: for each dataset we hold a float64 accumulator slab and
   one input slab (the optimizer's moments add a few more slabs), never K
