@@ -11,15 +11,22 @@ times, each in a fresh process (so peak memory is that process's own):
 
 * ``ours``: ``fl_coordinator.storage.aggregation.aggregate`` end to end (reads K+1
   files, writes the new checkpoint, atomically);
-* ``bound``: the reference bound: h5py ``read_direct`` of the same K+1 files
-  into preallocated numpy arrays, summed into preallocated float64
-  accumulators (no HDF5-based aggregation can beat it by much);
+* ``raw``: the raw read of the same K+1 files (``os.readv`` into one buffer
+  allocated and touched before the clock starts): what reading the bytes
+  costs, whatever parses them;
+* ``sum``: the float64 sum of the same K+1 models' arrays, already in memory
+  (read and accumulators touched before the clock starts): what adding costs;
 * ``naive``: what the older system did: load the Keras model weights per
   file and combine ``get_weights()`` lists layer by layer.
 
+The runs are paired: each repetition runs every mode once, one after the
+other, and the ratios ``raw/ours`` and ``sum/ours`` (times) of each
+repetition are reported as min/median/max, with the median times.
+
 At the largest case (``--strategy-case``), ``ours`` is also timed with each
 server strategy that keeps an optimizer state (read and written in the same
-pass), from a state written by an untimed first aggregation.
+pass), from a state written by an untimed first aggregation, in the same
+pairs (the same raw and sum runs are its references).
 
 Usage: ``scripts/bench [--quick] [--parts ...] [--cases 100x2 100x8 100x16
 1000x2] [--repeat 3] [--out DIR]`` (``--help`` lists the rest; a case is
@@ -30,15 +37,18 @@ Usage: ``scripts/bench [--quick] [--parts ...] [--cases 100x2 100x8 100x16
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +110,9 @@ def current_rss_bytes() -> int:
 # -- workers (each run in its own process) --------------------------------------------
 
 
-def work_ours(folder: Path, k: int, strategy: str = "fedavg") -> None:
+def work_ours(folder: Path, k: int, strategy: str = "fedavg") -> Callable[[], None]:
     """Our aggregation; with a ``strategy`` that keeps a state, from ``state-prepared.h5``
-    (made by :func:`prepare_state`) to ``state-new.h5``."""
+    (made by an untimed first run) to ``state-new.h5``."""
     from fl_coordinator.core.strategy import ServerOptimizer, Strategy
     from fl_coordinator.storage.aggregation import Contribution, ServerUpdate, aggregate
     from fl_coordinator.storage.strategy_state import StateUpdate
@@ -120,28 +130,64 @@ def work_ours(folder: Path, k: int, strategy: str = "fedavg") -> None:
         source = prepared if prepared.exists() else None
         dest = folder / ("state-new.h5" if source else "state-prepared.h5")
         state = StateUpdate(optimizer, source, dest, 1)
-    aggregate(folder / "fl_checkpoint", parts, folder / "tmp", None,
-              ServerUpdate(Strategy(optimizer), state))  # fmt: skip
+    update = ServerUpdate(Strategy(optimizer), state)
+    return lambda: aggregate(folder / "fl_checkpoint", parts, folder / "tmp", None, update)
 
 
-def work_bound(folder: Path, k: int) -> None:
+def _inputs(folder: Path, k: int) -> list[Path]:
+    return [folder / "fl_checkpoint"] + [folder / f"agg{i}" for i in range(1, k + 1)]
+
+
+def work_raw(folder: Path, k: int) -> Callable[[], None]:
+    """Read the K+1 files' bytes into one reused buffer, touched beforehand."""
+    paths = _inputs(folder, k)
+    buffer = bytearray(max(path.stat().st_size for path in paths))
+    view = memoryview(buffer)  # bytearray(n) is zeroed: every page is touched
+
+    def run() -> None:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                while os.readv(fd, [view]) == len(view):
+                    pass
+            finally:
+                os.close(fd)
+
+    return run
+
+
+def work_sum(folder: Path, k: int) -> Callable[[], None]:
+    """Add the K+1 models' arrays, read beforehand, into float64 accumulators."""
     import h5py
     import numpy as np
 
-    with h5py.File(folder / "fl_checkpoint", "r") as file:
+    paths = _inputs(folder, k)
+    with h5py.File(paths[0], "r") as file:
         names = _floats(file)
         totals = {n: np.zeros(file[n].shape, np.float64) for n in names}
-        buffers = {n: np.empty(file[n].shape, file[n].dtype) for n in names}
-    for path in [folder / "fl_checkpoint"] + [folder / f"agg{i}" for i in range(1, k + 1)]:
+    models = []
+    for path in paths:
         with h5py.File(path, "r") as file:
-            for name in names:
-                file[name].read_direct(buffers[name])
-                totals[name] += buffers[name]
+            models.append({name: file[name][()] for name in names})
+    for total in totals.values():
+        total.fill(1.0)  # touched: no page fault inside the clock
+
+    def run() -> None:
+        for name, total in totals.items():
+            np.add(models[0][name], models[1][name], out=total, dtype=np.float64)
+            for model in models[2:]:
+                total += model[name]
+
+    return run
 
 
-def work_naive(folder: Path, k: int) -> None:
+def work_naive(folder: Path, k: int) -> Callable[[], None]:
     size_mb = sum(f.stat().st_size for f in [folder / "fl_checkpoint"]) / 2**20
     model = build_model(size_mb)
+    return lambda: _naive(folder, k, model)
+
+
+def _naive(folder: Path, k: int, model: Any) -> None:
     named = folder / "naive.weights.h5"
 
     def weights_of(path: Path) -> list[Any]:
@@ -158,7 +204,7 @@ def work_naive(folder: Path, k: int) -> None:
     model.save_weights(named)
 
 
-WORKERS = {"ours": work_ours, "bound": work_bound, "naive": work_naive}
+WORKERS = {"raw": work_raw, "sum": work_sum, "ours": work_ours, "naive": work_naive}
 PARTS = ["aggregation", "checkin", "fanout", "round", "strategies"]
 #: What ``./scripts/bench`` runs without --parts (strategies take many minutes).
 DEFAULT_PARTS = ["aggregation", "checkin", "fanout", "round"]
@@ -170,19 +216,13 @@ def worker_main(mode: str, folder: Path, k: int) -> None:
     mode, _, strategy = mode.partition(":")
     if mode == "naive":
         build_model(1)  # import Keras and warm it up outside the timing
-    else:
-        import h5py  # noqa: F401
-        import numpy  # noqa: F401
-
-        import fl_coordinator.storage.aggregation  # noqa: F401
+    # What is not the work itself: outside the clock.
+    run = work_ours(folder, k, strategy) if strategy else WORKERS[mode](folder, k)
     reset_peak_rss()
     before = current_rss_bytes()
 
     started = time.perf_counter()
-    if strategy:
-        work_ours(folder, k, strategy)
-    else:
-        WORKERS[mode](folder, k)
+    run()
     seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "peak_extra_bytes": peak_rss_bytes() - before}))
 
@@ -190,7 +230,7 @@ def worker_main(mode: str, folder: Path, k: int) -> None:
 def measure(mode: str, folder: Path, k: int) -> dict[str, float]:
     shutil.copyfile(folder / "fl_checkpoint.orig", folder / "fl_checkpoint")
     # Put the copy (and the previous run's files) on disk first: otherwise our
-    # fsync, which the bound does not do, would also wait for the bench's own writes.
+    # fsync, which the references do not do, would also wait for the bench's own writes.
     os.sync()
     result = subprocess.run(
 
@@ -224,60 +264,75 @@ def bench_aggregation(
             model_bytes = paths[0].stat().st_size
             with h5py.File(paths[0], "r") as file:
                 largest = max(file[n].nbytes for n in _floats(file))
-            modes = ["bound", "ours"] + (["naive"] if naive else [])
+            modes = ["raw", "sum", "ours"] + (["naive"] if naive else [])
             if (size_mb, k) == strategy_case:
                 for strategy in STATEFUL:  # an untimed first round writes its state
                     measure(f"ours:{strategy}", folder, k)
                     os.replace(folder / "state-prepared.h5", folder / f"state-{strategy}.h5")
                 modes += [f"ours:{strategy}" for strategy in STATEFUL]
-            best: dict[str, dict[str, float]] = {}
-            for _ in range(repeat):  # interleaved, best of `repeat`
-                for mode in modes:
-                    if mode.startswith("ours:"):
-                        state = folder / f"state-{mode.partition(':')[2]}.h5"
-                        shutil.copyfile(state, folder / "state-prepared.h5")
-                    run = measure(mode, folder, k)
-                    if mode not in best or run["seconds"] < best[mode]["seconds"]:
-                        best[mode] = run
+            runs = [{mode: _measure_mode(mode, folder, k) for mode in modes} for _ in range(repeat)]
             input_bytes = (k + 1) * model_bytes
-            row = {
+
+            median = functools.partial(_median, runs)
+
+            case_figures = {
                 "size_mb": round(model_bytes / 2**20, 1),
                 "k": k,
                 "largest_array_mb": round(largest / 2**20, 1),
-                "ours_s": best["ours"]["seconds"],
-                "bound_s": best["bound"]["seconds"],
-                "ours_mb_per_s": input_bytes / best["ours"]["seconds"] / 2**20,
-                "bound_mb_per_s": input_bytes / best["bound"]["seconds"] / 2**20,
-                "ratio_to_bound": best["bound"]["seconds"] / best["ours"]["seconds"],
-                "ours_peak_mb": best["ours"]["peak_extra_bytes"] / 2**20,
-                "bound_peak_mb": best["bound"]["peak_extra_bytes"] / 2**20,
+            }
+            row = {
+                **case_figures,
+                "pairs": repeat,
+                "raw_s": median("raw"),
+                "sum_s": median("sum"),
+                "raw_mb_per_s": input_bytes / median("raw") / 2**20,
+                **_ours_figures(runs, "ours", input_bytes),
             }
             if naive:
-                row["naive_s"] = best["naive"]["seconds"]
-                row["speedup_over_naive"] = best["naive"]["seconds"] / best["ours"]["seconds"]
-                row["naive_peak_mb"] = best["naive"]["peak_extra_bytes"] / 2**20
+                row["naive_s"] = median("naive")
+                row["speedup_over_naive"] = row["naive_s"] / row["ours_s"]
+                row["naive_peak_mb"] = median("naive", "peak_extra_bytes") / 2**20
             rows.append(row)
             print_row(row)
-            for mode in modes:
-                if mode.startswith("ours:"):
-                    strategies.append(_strategy_row(row, mode.partition(":")[2], best[mode]))
+            strategies += [
+                {"strategy": mode.partition(":")[2], **case_figures,
+                 **_ours_figures(runs, mode, input_bytes)}
+                for mode in modes
+                if mode.startswith("ours:")
+            ]  # fmt: skip
     return rows, strategies
 
 
-def _strategy_row(row: dict, strategy: str, best: dict[str, float]) -> dict:
-    """The figures of ``strategy`` at the case of ``row`` (same files, same bound)."""
-    input_bytes = row["ours_mb_per_s"] * row["ours_s"]
-    return {
-        "size_mb": row["size_mb"],
-        "k": row["k"],
-        "strategy": strategy,
-        "ours_s": best["seconds"],
-        "ours_mb_per_s": input_bytes / best["seconds"],
-        "bound_mb_per_s": row["bound_mb_per_s"],
-        "ratio_to_bound": row["bound_s"] / best["seconds"],
-        "ours_peak_mb": best["peak_extra_bytes"] / 2**20,
-        "largest_array_mb": row["largest_array_mb"],
+def _measure_mode(mode: str, folder: Path, k: int) -> dict[str, float]:
+    """:func:`measure`; a strategy's run starts from its prepared state."""
+    if mode.startswith("ours:"):
+        state = folder / f"state-{mode.partition(':')[2]}.h5"
+        shutil.copyfile(state, folder / "state-prepared.h5")
+    return measure(mode, folder, k)
+
+
+def _ours_figures(
+    runs: list[dict[str, dict[str, float]]], mode: str, input_bytes: int
+) -> dict[str, float]:
+    """The figures of ``mode`` (``ours``, or ``ours:<strategy>``): median time,
+    throughput and peak memory, and its paired ratios to the raw read and the sum."""
+    seconds = _median(runs, mode)
+    figures = {
+        "ours_s": seconds,
+        "ours_mb_per_s": input_bytes / seconds / 2**20,
+        "ours_peak_mb": _median(runs, mode, "peak_extra_bytes") / 2**20,
     }
+    for reference in ("raw", "sum"):
+        ratios = sorted(run[reference]["seconds"] / run[mode]["seconds"] for run in runs)
+        figures[f"ratio_to_{reference}"] = statistics.median(ratios)
+        figures[f"ratio_to_{reference}_min"] = ratios[0]
+        figures[f"ratio_to_{reference}_max"] = ratios[-1]
+    return figures
+
+
+def _median(runs: list[dict[str, dict[str, float]]], mode: str, key: str = "seconds") -> float:
+    """The median of ``key`` over the runs of ``mode``."""
+    return statistics.median(run[mode][key] for run in runs)
 
 
 def _floats(file: Any) -> list[str]:
@@ -288,29 +343,36 @@ def _floats(file: Any) -> list[str]:
 
 
 HEADER = (
-    f"{'model MB':>9} {'K':>3} {'largest MB':>10} {'ours MB/s':>10} {'bound MB/s':>10} "
-    f"{'ours/bound':>10} {'vs naive':>9} {'ours peak MB':>12} {'naive peak MB':>13}"
+    f"{'model MB':>9} {'K':>3} {'largest MB':>10} {'ours MB/s':>10} {'raw MB/s':>9} "
+    f"{'raw/ours min/med/max':>20} {'sum/ours min/med/max':>20} {'vs naive':>9} "
+    f"{'ours peak MB':>12}"
 )
+
+
+def _spread(row: dict, reference: str) -> str:
+    key = f"ratio_to_{reference}"
+    return f"{row[key + '_min']:.2f}/{row[key]:.2f}/{row[key + '_max']:.2f}"
 
 
 def print_row(row: dict) -> None:
     naive = f"{row['speedup_over_naive']:>8.1f}x" if "naive_s" in row else f"{'-':>9}"
-    naive_peak = f"{row['naive_peak_mb']:>13.0f}" if "naive_s" in row else f"{'-':>13}"
     print(
         f"{row['size_mb']:>9.0f} {row['k']:>3} {row['largest_array_mb']:>10.0f} "
-        f"{row['ours_mb_per_s']:>10.0f} {row['bound_mb_per_s']:>10.0f} "
-        f"{row['ratio_to_bound']:>10.2f} {naive} {row['ours_peak_mb']:>12.0f} {naive_peak}",
+        f"{row['ours_mb_per_s']:>10.0f} {row['raw_mb_per_s']:>9.0f} "
+        f"{_spread(row, 'raw'):>20} {_spread(row, 'sum'):>20} {naive} "
+        f"{row['ours_peak_mb']:>12.0f}",
         flush=True,
     )
 
 
 def print_strategy_rows(rows: list[dict]) -> None:
-    print(f"\n{'strategy':>10} {'model MB':>9} {'K':>3} {'ours MB/s':>10} {'ours/bound':>10} "
+    print(f"\n{'strategy':>10} {'model MB':>9} {'K':>3} {'ours MB/s':>10} "
+          f"{'raw/ours min/med/max':>20} {'sum/ours min/med/max':>20} "
           f"{'ours peak MB':>12}")  # fmt: skip
     for row in rows:
         print(f"{row['strategy']:>10} {row['size_mb']:>9.0f} {row['k']:>3} "
-              f"{row['ours_mb_per_s']:>10.0f} {row['ratio_to_bound']:>10.2f} "
-              f"{row['ours_peak_mb']:>12.0f}", flush=True)  # fmt: skip
+              f"{row['ours_mb_per_s']:>10.0f} {_spread(row, 'raw'):>20} "
+              f"{_spread(row, 'sum'):>20} {row['ours_peak_mb']:>12.0f}", flush=True)  # fmt: skip
 
 
 def main() -> int:
@@ -342,18 +404,31 @@ def main() -> int:
     parser.add_argument("--callers", type=int, nargs="+", default=[1, 16], help="check-ins")
     parser.add_argument("--seconds", type=float, default=3.0, help="check-ins: per run")
     parser.add_argument("--batch", type=int, default=100, help="check-ins: clients per batch")
-    parser.add_argument("--rounds", type=int, default=100, help="round overhead: rounds timed")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=100,
+        help="round overhead: rounds timed with 10 selectors (scaled for others)",
+    )
+    parser.add_argument(
+        "--selectors",
+        type=int,
+        nargs="+",
+        default=[10, 100, 500],
+        help="round overhead: numbers of fake selectors",
+    )
     args = parser.parse_args()
     if args.quick:
         args.cases, args.repeat = [(16.0, 2), (16.0, 4)], 1
         args.strategy_case = (16.0, 2)
         args.subscribers, args.changes = 50, 10
-        args.seconds, args.rounds = 0.5, 5
+        args.seconds, args.rounds, args.selectors = 0.5, 5, [10]
         args.seeds, args.strategies, args.federation_rounds = [0], ["fedavg", "fedyogi"], 2
     logging.getLogger("purerpc").setLevel(logging.ERROR)  # torn-down connections, by design
     results: dict[str, Any] = {}
     if "aggregation" in args.parts:
-        print("aggregation (each figure best of", args.repeat, "runs; throughput = input bytes/s)")
+        print(f"aggregation ({args.repeat} paired runs, medians; throughput = input bytes/s; "
+              "ratios: reference time / ours)")  # fmt: skip
         print(HEADER)
         rows, strategies = bench_aggregation(
             args.cases, args.repeat, not args.no_naive, args.strategy_case
@@ -378,8 +453,9 @@ def main() -> int:
     if "round" in args.parts:
         from bench_round import bench_round
 
-        print("\nround overhead (tiny checkpoint, 10 fake selectors, one client each)")
-        results["round"] = bench_round(args.rounds)
+        print(f"\nround overhead (tiny checkpoint, fake selectors with one client each, "
+              f"{args.repeat} paired runs)")  # fmt: skip
+        results["round"] = bench_round(args.rounds, args.selectors, args.repeat)
     args.out.mkdir(parents=True, exist_ok=True)
     if "strategies" in args.parts:
         from bench_strategies import bench_strategies

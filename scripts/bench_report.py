@@ -26,20 +26,25 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def aggregation(rows: list[dict[str, Any]]) -> str:
     naive = all("naive_s" in row for row in rows)
-    header = ["model MB", "K", "largest array MB", "ours MB/s", "bound MB/s", "ours / bound"]
-    header += ["vs naive", "ours peak MB", "naive peak MB"] if naive else ["ours peak MB"]
+    header = ["model MB", "K", "largest array MB", "ours MB/s", "raw read MB/s",
+              "raw read / ours (min / **median** / max)",
+              "float64 sum / ours (min / **median** / max)", "ours peak MB"]  # fmt: skip
+    header += ["vs naive", "naive peak MB"] if naive else []
     table = []
     for row in rows:
         cells = [f"{row['size_mb']:.0f}", str(row["k"]), f"{row['largest_array_mb']:.0f}",
-                 f"{row['ours_mb_per_s']:.0f}", f"{row['bound_mb_per_s']:.0f}",
-                 f"**{row['ratio_to_bound']:.2f}**"]  # fmt: skip
+                 f"{row['ours_mb_per_s']:.0f}", f"{row['raw_mb_per_s']:.0f}",
+                 _spread(row, "raw"), _spread(row, "sum"),
+                 f"{row['ours_peak_mb']:.0f}"]  # fmt: skip
         if naive:
-            cells += [f"{row['speedup_over_naive']:.1f}x", f"{row['ours_peak_mb']:.0f}",
-                      f"{row['naive_peak_mb']:.0f}"]  # fmt: skip
-        else:
-            cells.append(f"{row['ours_peak_mb']:.0f}")
+            cells += [f"{row['speedup_over_naive']:.1f}x", f"{row['naive_peak_mb']:.0f}"]
         table.append(cells)
     return _table(header, table)
+
+
+def _spread(row: dict[str, Any], reference: str) -> str:
+    key = f"ratio_to_{reference}"
+    return f"{row[key + '_min']:.2f} / **{row[key]:.2f}** / {row[key + '_max']:.2f}"
 
 
 def _latency(figures: dict[str, Any]) -> str:
@@ -74,30 +79,40 @@ def checkin(result: dict[str, Any]) -> str:
 
 def fanout(rows: list[dict[str, Any]]) -> str:
     header = ["subscribers", "stalled", "to last p50 ms", "to last p99 ms", "each p50 ms",
-              "each p99 ms"]  # fmt: skip
+              "each p99 ms", "server CPU µs per subscriber per message"]  # fmt: skip
     keys = ["to_last_p50_ms", "to_last_p99_ms", "each_p50_ms", "each_p99_ms"]
     table = [
-        [str(row["subscribers"]), str(row["stalled"])] + [f"{row[key]:.0f}" for key in keys]
+        [str(row["subscribers"]), str(row["stalled"])]
+        + [f"{row[key]:.0f}" for key in keys]
+        + [f"{row['server_cpu_us_per_subscriber_message']:.1f}"]
         for row in rows
     ]
     return _table(header, table)
 
 
-def round_overhead(result: dict[str, Any]) -> str:
-    header = ["selectors", "rounds", "reference rounds/s", "ours rounds/s", "ours / reference"]
-    row = [str(result["selectors"]), str(result["rounds"]),
-           f"{result['reference_rounds_per_s']:.1f}", f"{result['ours_rounds_per_s']:.1f}",
-           f"**{result['ratio_to_reference']:.2f}**"]  # fmt: skip
-    return _table(header, [row])
+def round_overhead(rows: list[dict[str, Any]]) -> str:
+    header = ["selectors", "rounds", "reference rounds/s", "ours rounds/s",
+              "ours / reference (min / **median** / max)",
+              "ours: extra ms per selector"]  # fmt: skip
+    return _table(header, [_round_row(row) for row in rows])
+
+
+def _round_row(row: dict[str, Any]) -> list[str]:
+    ratios = (
+        f"{row['ratio_min']:.2f} / **{row['ratio_to_reference']:.2f}** / {row['ratio_max']:.2f}"
+    )
+    return [str(row["selectors"]), str(row["rounds"]),
+            f"{row['reference_rounds_per_s']:.1f}", f"{row['ours_rounds_per_s']:.1f}",
+            ratios, f"{row['extra_ms_per_selector']:.2f}"]  # fmt: skip
 
 
 def aggregation_strategies(rows: list[dict[str, Any]]) -> str:
-    header = ["strategy", "model MB", "K", "ours MB/s", "bound MB/s", "ours / bound",
-              "ours peak MB"]  # fmt: skip
+    header = ["strategy", "model MB", "K", "ours MB/s",
+              "raw read / ours (min / **median** / max)",
+              "float64 sum / ours (min / **median** / max)", "ours peak MB"]  # fmt: skip
     table = [
         [row["strategy"], f"{row['size_mb']:.0f}", str(row["k"]), f"{row['ours_mb_per_s']:.0f}",
-         f"{row['bound_mb_per_s']:.0f}", f"**{row['ratio_to_bound']:.2f}**",
-         f"{row['ours_peak_mb']:.0f}"]
+         _spread(row, "raw"), _spread(row, "sum"), f"{row['ours_peak_mb']:.0f}"]
         for row in rows
     ]  # fmt: skip
     return _table(header, table)

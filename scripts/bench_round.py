@@ -1,23 +1,26 @@
 """Round-overhead part of scripts/bench: complete rounds per second, the protocol's own cost.
 
-A coordinator (``serve()``) with a tiny checkpoint and 10 fake selectors, all
-in this process on one trio loop. Every round: each selector checks in one
-client (goal = 10), the coordinator tells all ten (``GoalCountReached``, a
-fresh connection each, as the Go system dials), each reports a tiny
-aggregate written once up front, the coordinator checks the ten files and
-averages them into a new checkpoint (fsynced, renamed, journaled, kept in the
-history).
+A coordinator (``serve()``) with a tiny checkpoint and N fake selectors (10,
+100, 500: ``--selectors``), all in this process on one trio loop. Every
+round: each selector checks in one client (goal = N), the coordinator tells
+all N (``GoalCountReached``, over the connection it keeps per selector),
+each reports a tiny aggregate written once up front, the coordinator checks
+the N files and averages them into a new checkpoint (fsynced, renamed,
+journaled, kept in the history).
 
-The reference, measured in the same run: the same 30 RPCs per round with
-the same concurrency (10 check-ins, 10 broadcasts, 10 reports) against
-purerpc servers that answer at once and touch no file. What is left of a
-round beyond that is the coordinator's own cost (round task, file checks,
-aggregation, journal).
+The reference, measured in the same run: the same 3N RPCs per round with the
+same concurrency (N check-ins and N reports, 64 at a time on one connection:
+the gRPC port allows 100 streams per connection; N broadcasts over kept
+connections) against purerpc servers that answer at once and touch no file.
+What is left of a round beyond that is the coordinator's own cost (round
+task, file checks, aggregation, journal). Runs are paired (reference, then
+ours) and repeated; the ratio is given as min/median/max over the pairs.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +39,6 @@ from fl_coordinator.rpc.goal_count import GoalCountClient
 from fl_coordinator.rpc.listener import serve_grpc
 from fl_coordinator.storage.layout import Layout
 
-SELECTORS = 10
 DATASET = "layers/dense/vars/0"
 
 
@@ -88,34 +90,36 @@ async def _completions(url: str, done: trio.MemorySendChannel) -> None:
                 done.send_nowait(status["round"])
 
 
-async def _rounds(root: Path, rounds: int, reference: bool) -> float:
+async def _rounds(root: Path, rounds: int, selectors: int, reference: bool) -> float:
     """Seconds for ``rounds`` rounds, against our coordinator or the reference servers."""
     settings = default_settings().replace(
         fl_root_path=str(root), host="127.0.0.1", port=0, status_port=0,
-        checkin_limit=SELECTORS, keep_checkpoints=2,
+        checkin_limit=selectors, keep_checkpoints=2,
     )  # fmt: skip
     layout = tiny_problem(settings)
-    told_in, told = trio.open_memory_channel[str](SELECTORS)
+    told_in, told = trio.open_memory_channel[str](selectors)
     done_in, done = trio.open_memory_channel[int](rounds + 1)
+    tell = GoalCountClient(call_timeout=10.0)  # the reference's broadcasts
     async with trio.open_nursery() as nursery:
         if reference:
             port = await nursery.start(serve_grpc, [ConstantIntra().service], "127.0.0.1", 0)
+            await nursery.start(tell.run)
         else:
             endpoints = await nursery.start(serve, settings)
             port = endpoints.grpc_port
             nursery.start_soon(_completions, endpoints.status_url, done_in)
-        selectors = []
-        for _ in range(SELECTORS):
+        fakes = []
+        for _ in range(selectors):
             selector = FakeSelector(told_in)
             selector_port = await nursery.start(serve_grpc, [selector.service], "127.0.0.1", 0)
             selector.id = f"127.0.0.1:{selector_port}"
             write_aggregate(layout, selector.id)
-            selectors.append(selector)
+            fakes.append(selector)
         async with purerpc.insecure_channel("127.0.0.1", port) as channel:
             stub = fl_intra_grpc.FlIntraStub(channel)
             started = time.perf_counter()
             for _ in range(rounds):
-                await _one_round(stub, selectors, told, reference)
+                await _one_round(stub, fakes, told, tell if reference else None)
                 if not reference:
                     await done.receive()
             seconds = time.perf_counter() - started
@@ -123,36 +127,77 @@ async def _rounds(root: Path, rounds: int, reference: bool) -> float:
     return seconds
 
 
+#: Calls in flight at once on the bench's one connection: the coordinator's gRPC
+#: port allows 100 concurrent streams per connection (rpc/connection.py).
+_CALLS_IN_FLIGHT = 64
+
+
 async def _one_round(
-    stub: Any, selectors: list[FakeSelector], told: trio.MemoryReceiveChannel, reference: bool
+    stub: Any,
+    selectors: list[FakeSelector],
+    told: trio.MemoryReceiveChannel,
+    tell: GoalCountClient | None,
 ) -> None:
+    limit = trio.CapacityLimiter(_CALLS_IN_FLIGHT)
+
+    async def call(method: Any, request: Any) -> None:
+        async with limit:
+            await method(request)
+
     async with trio.open_nursery() as calls:
         for selector in selectors:
-            calls.start_soon(stub.ClientCountUpdate, fl_intra_pb2.ClientCount(id=selector.id))
-    if reference:  # our coordinator tells the selectors itself; the reference has the bench do it
-        tell = GoalCountClient(call_timeout=10.0)
+            request = fl_intra_pb2.ClientCount(id=selector.id)
+            calls.start_soon(call, stub.ClientCountUpdate, request)
+    if (
+        tell is not None
+    ):  # our coordinator tells the selectors itself; the reference has the bench do it
         async with trio.open_nursery() as calls:
             for selector in selectors:
                 calls.start_soon(tell, selector.id)
     async with trio.open_nursery() as calls:
         for _ in selectors:
             request = fl_intra_pb2.SelectorId(id=await told.receive())
-            calls.start_soon(stub.SelectorAggregationComplete, request)
+            calls.start_soon(call, stub.SelectorAggregationComplete, request)
 
 
-def bench_round(rounds: int) -> dict[str, Any]:
-    results = {}
-    for mode in ("reference", "ours"):
-        with tempfile.TemporaryDirectory(prefix="fl-bench-round-") as name:
-            seconds = trio.run(_rounds, Path(name), rounds, mode == "reference")
-        results[f"{mode}_rounds_per_s"] = rounds / seconds
-    results["rounds"] = rounds
-    results["selectors"] = SELECTORS
-    results["ratio_to_reference"] = results["ours_rounds_per_s"] / results["reference_rounds_per_s"]
+def _rounds_per_s(rounds: int, selectors: int, reference: bool) -> float:
+    with tempfile.TemporaryDirectory(prefix="fl-bench-round-") as name:
+        return rounds / trio.run(_rounds, Path(name), rounds, selectors, reference)
+
+
+def bench_round(rounds: int, selector_counts: list[int], repeat: int) -> list[dict[str, Any]]:
+    """One row per number of selectors: rounds/s of each (median of ``repeat`` pairs), and
+    the ratio ours/reference of each pair as min/median/max.
+
+    ``rounds`` is the number of rounds timed with 10 selectors; with N it is
+    ``rounds * 10 / N`` (at least 3), the same number of RPCs.
+    """
     print(f"{'selectors':>9} {'rounds':>6} {'reference rounds/s':>18} {'ours rounds/s':>13} "
-          f"{'ours/reference':>14}")  # fmt: skip
-    print(f"{SELECTORS:>9} {rounds:>6} {results['reference_rounds_per_s']:>18.1f} "
-          f"{results['ours_rounds_per_s']:>13.1f} "
-          f"{results['ratio_to_reference']:>14.2f}")  # fmt: skip
-
-    return results
+          f"{'ours/reference min/median/max':>29} {'ours ms/selector':>16}")  # fmt: skip
+    rows = []
+    for selectors in selector_counts:
+        timed = max(3, rounds * 10 // selectors)
+        pairs = [
+            (_rounds_per_s(timed, selectors, True), _rounds_per_s(timed, selectors, False))
+            for _ in range(repeat)
+        ]
+        ratios = sorted(ours / reference for reference, ours in pairs)
+        row = {
+            "selectors": selectors,
+            "rounds": timed,
+            "pairs": len(pairs),
+            "reference_rounds_per_s": statistics.median(r for r, _ in pairs),
+            "ours_rounds_per_s": statistics.median(o for _, o in pairs),
+            "ratio_min": ratios[0],
+            "ratio_to_reference": statistics.median(ratios),
+            "ratio_max": ratios[-1],
+        }
+        # What a round costs beyond the reference's, per selector (ms).
+        extra = 1 / row["ours_rounds_per_s"] - 1 / row["reference_rounds_per_s"]
+        row["extra_ms_per_selector"] = 1000 * extra / selectors
+        rows.append(row)
+        print(f"{selectors:>9} {timed:>6} {row['reference_rounds_per_s']:>18.1f} "
+              f"{row['ours_rounds_per_s']:>13.1f} "
+              f"{ratios[0]:>13.2f}/{row['ratio_to_reference']:.2f}/{ratios[-1]:.2f} "
+              f"{row['extra_ms_per_selector']:>16.2f}")  # fmt: skip
+    return rows

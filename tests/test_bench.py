@@ -13,6 +13,14 @@ from helpers import REPO
 BENCH = REPO / "scripts" / "bench.py"
 
 
+def _assert_paired(row: dict, references: dict) -> None:
+    """``row``'s ratios to the references of its case (``references``: that case's row)."""
+    for reference in ("raw", "sum"):  # one pair with --quick: min = median = max
+        ratio = row[f"ratio_to_{reference}"]
+        assert row[f"ratio_to_{reference}_min"] == ratio == row[f"ratio_to_{reference}_max"]
+        assert ratio == pytest.approx(references[f"{reference}_s"] / row["ours_s"])
+
+
 def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
@@ -23,16 +31,20 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     rows = results["aggregation"]
     assert [row["k"] for row in rows] == [2, 4]
     for row in rows:
-        assert row["ours_s"] > 0 and row["bound_s"] > 0 and row["naive_s"] > 0
+        assert row["ours_s"] > 0 and row["raw_s"] > 0 and row["sum_s"] > 0 and row["naive_s"] > 0
         assert row["ours_peak_mb"] >= 0 and row["largest_array_mb"] == 16
-    # Each strategy with an optimizer state, at the strategy case (16 MB, K=2 with --quick).
+        _assert_paired(row, row)
+    # Each strategy with an optimizer state, at the strategy case (16 MB, K=2 with --quick),
+    # paired with that case's references.
     by_strategy = results["aggregation_strategies"]
     assert [r["strategy"] for r in by_strategy] == ["fedavgm", "fedadagrad", "fedadam", "fedyogi"]
     for row in by_strategy:
         assert (row["size_mb"], row["k"], row["largest_array_mb"]) == (16, 2, 16)
-        assert row["ours_s"] > 0 and row["ratio_to_bound"] > 0 and row["ours_peak_mb"] >= 0
+        assert row["ours_s"] > 0 and row["ours_peak_mb"] >= 0
+        _assert_paired(row, rows[0])
     assert [(r["subscribers"], r["stalled"]) for r in results["fanout"]] == [(50, 0), (50, 10)]
     assert all(r["to_last_p99_ms"] >= r["to_last_p50_ms"] > 0 for r in results["fanout"])
+    assert all(r["server_cpu_us_per_subscriber_message"] > 0 for r in results["fanout"])
     checkin = results["checkin"]
     assert [r["callers"] for r in checkin["per_client"]] == [1, 16]
     for row in checkin["per_client"]:
@@ -45,12 +57,21 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
             expected = per_call * row["ours"]["calls_per_s"]
             assert row["ours"]["clients_per_s"] == pytest.approx(expected)
 
-    assert results["round"]["rounds"] == 5 and results["round"]["ours_rounds_per_s"] > 0
-    for title in ("ours/bound", "to last p50 ms", "ours/bare", "batched", "ours/reference"):
+    [round_row] = results["round"]
+    assert (round_row["selectors"], round_row["rounds"], round_row["pairs"]) == (10, 5, 1)
+    assert round_row["ours_rounds_per_s"] > 0 and round_row["reference_rounds_per_s"] > 0
+    assert round_row["ratio_min"] == round_row["ratio_to_reference"] == round_row["ratio_max"]
+    for title in (
+        "raw/ours min/med/max",
+        "to last p50 ms",
+        "ours/bare",
+        "batched",
+        "ours/reference",
+    ):
         assert title in result.stdout
     # The same figures as Markdown tables, for the README.
     report = (tmp_path / "bench.md").read_text()
     assert f"| fedyogi | 16 | 2 | {by_strategy[3]['ours_mb_per_s']:.0f} |" in report
     assert report.startswith("`./scripts/bench --quick --out ")
-    assert f"| **{rows[0]['ratio_to_bound']:.2f}** |" in report
+    assert f"/ **{rows[0]['ratio_to_raw']:.2f}** /" in report
     assert f"**{checkin['per_client'][1]['ratio_to_bare']:.2f}**" in report

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
-from typing import Generic, NamedTuple, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import trio
 
@@ -91,8 +91,18 @@ def _phase(status: Status) -> tuple[int, Stage, bool, int]:
     return status.round, status.stage, status.aggregating, metrics
 
 
-#: Tells one selector (its id) to configure its clients; raises if it could not.
-Tell = Callable[[str], Awaitable[None]]
+class Tell(Protocol):
+    """Tells one selector (its id) to configure its clients; raises if it could not.
+
+    :meth:`run` holds its connections (the round task runs it); :meth:`retain`
+    closes those of selectors not in a round (see :mod:`.rpc.goal_count`).
+    """
+
+    async def __call__(self, selector: str, /) -> None: ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+    def retain(self, selectors: Collection[str], /) -> None: ...
 
 
 class Admission(NamedTuple):
@@ -173,10 +183,11 @@ class Coordinator:
     """Round state owner. Use :meth:`check_in`, :meth:`report`, :meth:`refused` from RPC handlers.
 
     ``tell(selector)`` sends ``GoalCountReached`` (it sets its own time limit
-    per call); ``retry`` says how often a failed ``tell`` is tried again before
-    the selector is dropped from the round. ``first_round`` and ``metrics`` (the
-    last evaluated round's) are where the journal says the run stood;
-    ``evaluator`` evaluates each completed round (needed when the rules say so).
+    per call and bounds the calls in flight); ``retry`` says how often a failed
+    ``tell`` is tried again before the selector is dropped from the round.
+    ``first_round`` and ``metrics`` (the last evaluated round's) are where the
+    journal says the run stood; ``evaluator`` evaluates each completed round
+    (needed when the rules say so).
     """
 
     def __init__(
@@ -257,6 +268,7 @@ class Coordinator:
             async with self._files.running(), evaluating, trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._files.journal.run)
+                await nursery.start(self._tell_one.run)
                 nursery.start_soon(self._repeats.run)
                 with log_context(round=self._round.number):
                     for effect in self._round.start():
@@ -311,6 +323,7 @@ class Coordinator:
             case Log(level=level, message=message, kind=kind, selector=selector):
                 self._repeats.log(logging.getLevelName(level), kind, "%s", message, peer=selector)
             case Broadcast(round=number, selectors=selectors):
+                self._tell_one.retain(selectors)  # a channel per selector taking part
                 for selector in selectors:
                     nursery.start_soon(self._tell, number, selector)
                 nursery.start_soon(self._files.warm)  # reports will follow

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import anyio.abc
 import purerpc
 import trio
 
 from ..errors import BadAddress
 
-__all__ = ["call_once", "dial", "split_address"]
+__all__ = ["call_once", "dial", "socket_stream", "split_address"]
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +34,34 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def dial(address: str, ssl_context: ssl.SSLContext | None = None) -> purerpc.Channel:
-    """A purerpc channel to ``host:port`` (not yet connected): over TLS with ``ssl_context``.
+@contextlib.asynccontextmanager
+async def dial(
+    address: str, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[purerpc.Channel]:
+    """A purerpc channel connected to ``host:port``: over TLS with ``ssl_context``.
 
     With TLS the peer's certificate must name the address's host (an IP
-    address or a DNS name).
+    address or a DNS name). Leaving the context closes the connection's
+    socket: purerpc's channel leaves that to the garbage collector, so a
+    process that dials often would hold one descriptor per past call.
     """
     host, port = split_address(address)
     if ssl_context is None:
-        return purerpc.insecure_channel(host, port)
-    return purerpc.secure_channel(host, port, ssl_context)
+        channel = purerpc.insecure_channel(host, port)
+    else:
+        channel = purerpc.secure_channel(host, port, ssl_context)
+    try:
+        async with channel:
+            yield channel
+    finally:
+        if channel._grpc_socket is not None:  # connected
+            with trio.CancelScope(shield=True):
+                await socket_stream(channel).aclose()
+
+
+def socket_stream(channel: purerpc.Channel) -> anyio.abc.SocketStream:
+    """The socket stream under a connected purerpc ``channel`` (purerpc does not expose it)."""
+    return channel._grpc_socket._socket._stream  # type: ignore[no-any-return]
 
 
 async def call_once(

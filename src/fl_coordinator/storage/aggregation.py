@@ -26,16 +26,25 @@ How it is laid out, and why:
   exactly once. (A byte copy of the old file overwritten in place keeps the
   layout too, but writes every value twice and reads the old ones back: at
   K = 2 that was a quarter of the time.)
-* Reads go straight into one preallocated buffer per array (``read_direct``)
-  and the result is computed into another, so a slab costs no allocation.
-  HDF5 reads are serialised by h5py's lock, so K inputs are read one after
-  the other: threads would only add switching.
+* Reads go straight into one preallocated buffer per array and the result is
+  computed into another, so a slab costs no allocation. A plain dataset
+  (contiguous, uncompressed: what Keras writes) is read with ``preadv`` at
+  its checked file offset and the result written with ``pwrite``
+  (:mod:`.plain`), whatever the strategy; any other layout goes through
+  h5py's ``read_direct``/``write_direct``. Inputs are located one open file
+  at a time; one whose arrays are all plain is not kept open but read through
+  a bounded pool of descriptors, so open files do not grow with K (one with
+  any other layout stays open as an HDF5 file). The optimizer's moments go
+  through h5py (:mod:`.strategy_state`). Reads are sequential: threads would
+  only add switching.
 
 * One slab at a time: for each dataset we hold a float64 accumulator slab and
-  one input slab (the optimizer's moments add a few more slabs; a median or
-  trimmed mean holds all K inputs of a slab, so its slabs are K times
-  smaller), never K whole models, so memory is bounded by the largest
-  array plus a constant, whatever K and the strategy are.
+  one input slab (the optimizer's moments add a few more slabs), never K
+  whole models, so memory is bounded by the largest array plus a constant,
+  whatever K is. A median or trimmed mean needs all K inputs of a slab at
+  once: its slabs are K times smaller, but never less than one row, so its
+  memory grows with K once K rows exceed a slab (K rows of the widest
+  array, in float64).
 * Sums are accumulated in float64 (K aggregates of float32 values weighted by
   batch counts lose digits in float32; complex128 and long double for those
   types) and the result is written in each dataset's own encoding.
@@ -54,13 +63,15 @@ before anything is published, and the caller averages the others.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from contextlib import ExitStack, closing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,6 +89,7 @@ from ..errors import (
 )
 from .atomic import atomic_target
 from .checkpoint import open_checkpoint
+from .plain import Descriptors, Extent, allocated_early, extent_of, read_rows, write_rows
 from .untrusted import Opened, UntrustedFile, dataset_at
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
@@ -147,28 +159,89 @@ Aggregator = Callable[
 
 
 class _Source:
-    """One input's dataset of a weight array, with its encoding and file (for messages)."""
+    """One input's weight array: its h5py dataset, or where its bytes lie (a plain one,
+    read through ``descriptors``); its encoding and file (for messages)."""
 
-    __slots__ = ("dataset", "encoding", "opened", "path")
+    __slots__ = ("dataset", "descriptors", "encoding", "extent", "file", "name", "opened", "path")
 
     def __init__(
-        self, dataset: h5py.Dataset, encoding: Encoding, path: Path, opened: Opened | None
+        self,
+        dataset: h5py.Dataset | None,
+        encoding: Encoding,
+        path: Path,
+        opened: Opened | None,
+        plain: tuple[str, Descriptors, UntrustedFile, Extent] | None = None,
     ) -> None:
         self.dataset, self.encoding, self.path, self.opened = dataset, encoding, path, opened
+        self.descriptors: Descriptors | None = None
+        self.file: UntrustedFile | None = None
+        self.extent: Extent | None = None
+        if plain is not None:
+            self.name, self.descriptors, self.file, self.extent = plain
+        else:
+            assert dataset is not None
+            self.name = dataset.name
+
+    @property
+    def untrusted(self) -> bool:
+        """An input (refused alone when it fails), not the global checkpoint."""
+        return self.opened is not None or self.file is not None
 
 
-def _open_inputs(inputs: Sequence[UntrustedFile], stack: ExitStack) -> list[Opened]:
-    """Open every input; refuse all that cannot be, at once (one retry, not one per input)."""
-    opened: list[Opened] = []
+class _PlainInput:
+    """An input whose weight arrays are all plain (see :mod:`.plain`): no HDF5 file is kept
+    open for it, only its arrays' extents; ``file`` carries the identity it had."""
+
+    __slots__ = ("encodings", "extents", "file")
+
+    def __init__(self, file: UntrustedFile) -> None:
+        self.file = file
+        self.extents: dict[str, Extent] = {}
+        self.encodings: dict[str, Encoding] = {}
+
+
+def _locate(
+    source: UntrustedFile, plan: Sequence[Weight], stack: ExitStack
+) -> _PlainInput | Opened:
+    """Open ``source`` and reach each weight by the rules of untrusted files; if all are
+    plain, close it again and keep their extents, else keep it open (h5py reads it)."""
+    with ExitStack() as here:
+        opened = here.enter_context(source.open_hdf5("aggregate checkpoint"))
+        located = _PlainInput(replace(source, identity=opened.identity))
+        for weight in plan:
+            found = _input(opened, weight)
+            assert found.dataset is not None
+            encoding = found.encoding
+            try:
+                extent = extent_of(
+                    found.dataset, encoding.stored, opened.identity.size, source.path
+                )
+            except ContributionError as error:
+                raise _refused(source.path, weight.name, error) from None
+            if extent is None:
+                stack.enter_context(here.pop_all())
+                return opened
+            located.extents[weight.name], located.encodings[weight.name] = extent, encoding
+    return located
+
+
+def _open_inputs(
+    inputs: Sequence[UntrustedFile], plan: Sequence[Weight], stack: ExitStack
+) -> list[_PlainInput | Opened]:
+    """Locate every input, one open file at a time; refuse all that cannot be used, at once
+    (one retry, not one per input)."""
+    located: list[_PlainInput | Opened] = []
     refused: dict[str, str] = {}
     for source in inputs:
         try:
-            opened.append(stack.enter_context(source.open_hdf5("aggregate checkpoint")))
+            located.append(_locate(source, plan, stack))
         except ContributionError as error:
             refused[str(source.path)] = str(error)
+        except ContributionsRefused as error:
+            refused.update(error.reasons)
     if refused:
         raise ContributionsRefused(refused)
-    return opened
+    return located
 
 
 def _refused(path: Path, name: str, error: Exception) -> ContributionsRefused:
@@ -184,7 +257,7 @@ def _input(opened: Opened, weight: Weight) -> _Source:
     path = opened.source.path
     try:
         dataset, encoding = dataset_at(opened.file, weight, path)
-    except (ContributionError, OSError, RuntimeError, TypeError, ValueError) as error:
+    except (ContributionError, KeyError, OSError, RuntimeError, TypeError, ValueError) as error:
         raise _refused(path, weight.name, error) from None
     return _Source(dataset, encoding, path, opened)
 
@@ -227,12 +300,20 @@ def _read(buffer: np.ndarray, source: _Source, selection: tuple[slice, ...]) -> 
     """One slab of ``source``, decoded: an input's failure refuses it, the template's is
     a CheckpointError."""
     try:
-        raw = read_into(buffer, source.dataset, selection)
+        if source.extent is not None:
+            assert source.descriptors is not None and source.file is not None
+            fd = source.descriptors.get(source.file)
+            raw = read_rows(fd, source.extent, selection, buffer, source.path)
+        else:
+            assert source.dataset is not None
+            raw = read_into(buffer, source.dataset, selection)
+    except ContributionError as error:
+        raise _refused(source.path, source.name, error) from None
     except OSError as error:
-        if source.opened is not None:
-            raise _refused(source.path, source.dataset.name, error) from None
+        if source.untrusted:
+            raise _refused(source.path, source.name, error) from None
         raise CheckpointError(
-            f"{source.path}: dataset {source.dataset.name!r} cannot be read ({error})"
+            f"{source.path}: dataset {source.name!r} cannot be read ({error})"
         ) from None
     return source.encoding.decode(raw)
 
@@ -273,7 +354,7 @@ def _copy_layout(
                     if encoding is None
                     else h5py.h5t.py_create(encoding.stored),
                     dataset_id.get_space(),
-                    dcpl=dataset_id.get_create_plist(),
+                    dcpl=allocated_early(dataset_id.get_create_plist()),
                 )
             )
             _copy_attrs(obj, dataset, skip=() if encoding is None else (DTYPE_ATTRIBUTE,))
@@ -300,7 +381,8 @@ def _non_finite(
     """
 
     def finite(source: _Source) -> bool:
-        return bool(np.all(np.isfinite(source.encoding.decode(source.dataset[selection]))))
+        buffer = np.empty(slab_shape(like.dataset.shape, selection), source.encoding.stored)
+        return bool(np.all(np.isfinite(_read(buffer, source, selection))))
 
     refused = {
         str(source.path): f"{source.path}: dataset {name!r} contains NaN or Inf"
@@ -436,25 +518,26 @@ def _rewrite(
     optimizer's state (published tied to the new file, before ``dest`` is replaced)."""
     bytes_read = 0
     with ExitStack() as stack:
-        opened = _open_inputs(inputs, stack)
         base = open_checkpoint(template, stack)
         plan = read_plan(base, template)
+        located = _open_inputs(inputs, plan, stack)
+        descriptors = stack.enter_context(closing(Descriptors()))
         outputs = {w.name: encode(w.encoding) if encode else w.encoding for w in plan}
         changed = {w.name: outputs[w.name] if outputs[w.name] != w.encoding else None for w in plan}
         with (
             atomic_target(dest, tmp_dir, large=True) as tmp,
             (moments or contextlib.nullcontext)() as state,
         ):
-            with h5py.File(tmp, "w") as out:
+            with h5py.File(tmp, "w") as out, _descriptor(tmp) as out_fd:
                 targets = _copy_layout(base, out, changed)
                 for weight in plan:
-                    sources = [_input(source, weight) for source in opened]
+                    sources = [_source(source, weight, descriptors) for source in located]
                     like = _Source(base[weight.name], weight.encoding, template, None)
                     bytes_read += _write_weight(
                         weight,
                         like,
                         sources,
-                        targets[weight.name],
+                        _writer(targets[weight.name], outputs[weight.name].stored, out_fd, tmp),
                         outputs[weight.name],
                         combine,
                         step,
@@ -463,10 +546,9 @@ def _rewrite(
                 # Last, before the rename publishes anything: an input written to
                 # while it was read may have given bytes nobody checked.
                 written_to = {
-                    str(source.source.path): f"{source.source.path}: aggregate checkpoint "
-                    "changed while it was being averaged"
-                    for source in opened
-                    if source.changed()
+                    str(path): f"{path}: aggregate checkpoint changed while it was being averaged"
+                    for path, changed in (_changed(source, descriptors) for source in located)
+                    if changed
                 }
                 if written_to:
                     raise ContributionsRefused(written_to)
@@ -475,17 +557,55 @@ def _rewrite(
     return len(plan), bytes_read
 
 
+@contextlib.contextmanager
+def _descriptor(path: Path) -> Iterator[int]:
+    """``path`` (the new checkpoint, ours) open for writing, beside HDF5's own handle."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+#: Writes one slab of the result: ``write(values, selection)``.
+_Write = Callable[[np.ndarray, tuple[slice, ...]], None]
+
+
+def _writer(target: h5py.Dataset, stored: np.dtype, fd: int, path: Path) -> _Write:
+    """How a weight's result slabs go to ``target``: ``pwrite`` at its offset (a plain
+    dataset, allocated at creation: see :func:`.plain.allocated_early`), else h5py."""
+    extent = extent_of(target, stored, None, path)
+    if extent is None:
+        return lambda values, selection: target.write_direct(values, dest_sel=selection or None)
+    return functools.partial(write_rows, fd, extent)
+
+
+def _source(located: _PlainInput | Opened, weight: Weight, descriptors: Descriptors) -> _Source:
+    """``located``'s array of ``weight``: read from its extent, or through h5py."""
+    if isinstance(located, Opened):
+        return _input(located, weight)
+    plain = (weight.name, descriptors, located.file, located.extents[weight.name])
+    return _Source(None, located.encodings[weight.name], located.file.path, None, plain)
+
+
+def _changed(located: _PlainInput | Opened, descriptors: Descriptors) -> tuple[Path, bool]:
+    """An input's path, and whether it was written to since it was first opened."""
+    if isinstance(located, Opened):
+        return located.source.path, located.changed()
+    return located.file.path, descriptors.changed(located.file)
+
+
 def _write_weight(
     weight: Weight,
     like: _Source,
     sources: Sequence[_Source],
-    target: h5py.Dataset,
+    write: _Write,
     output: Encoding,
     combine: _Combine,
     step: _Step,
     cancel: threading.Event | None,
 ) -> int:
-    """Write ``target`` = ``step(combine(sources), like)``, slab by slab; return bytes read."""
+    """``write`` ``step(combine(sources), like)``, slab by slab; return bytes read."""
     accumulator = weight.encoding.accumulator
     selections = slabs(weight.shape, accumulator.itemsize * combine.holds)
     largest = slab_shape(weight.shape, selections[0])
@@ -534,7 +654,7 @@ def _write_weight(
         # in its own dtype), the exact search only if it fails.
         if not np.isfinite(values.sum()) and not np.all(np.isfinite(values)):
             raise _non_finite(weight.name, sources, like, selection)
-        target.write_direct(stored, dest_sel=selection or None)
+        write(stored, selection)
     return bytes_read
 
 

@@ -1,0 +1,208 @@
+"""GoalCountReached over kept connections: reused, bounded in number, redialed when closed.
+
+The selectors are real gRPC servers (:class:`FakeSelector`) reached through a
+TCP relay that counts the connections it carries, so what is asserted is what
+a selector sees on the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import trio
+from helpers.peers import FakeSelector
+from helpers.relay import relay
+
+from fl_coordinator.rpc.goal_count import DEFAULT_MAX_OPEN, GoalCountClient, outgoing_budget
+
+
+class Wire:
+    """Connections carried by every :class:`Relay` that shares it: accepted, open, and
+    ``peak``, the most connections the client held open to the relays at once.
+
+    ``peak`` is sampled from the kernel's table each time a relay accepts (the
+    only moment it can grow): a relay sees a closed connection a little after
+    the client closed it, so its own count would overstate what the client holds.
+    """
+
+    def __init__(self) -> None:
+        self.accepted = self.open = self.peak = 0
+        self.ports: set[int] = set()
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def opened(self) -> None:
+        self.accepted += 1
+        self.open += 1
+        self.peak = max(self.peak, self._client_side())
+        self._changed.unpark_all()
+
+    def _client_side(self) -> int:
+        """ESTABLISHED IPv4 connections whose remote end is one of the relays."""
+        established = 0
+        with open("/proc/net/tcp") as table:
+            for line in list(table)[1:]:
+                _, _, remote, state, *_ = line.split()
+                if state == "01" and int(remote.split(":")[1], 16) in self.ports:
+                    established += 1
+        return established
+
+    def closed(self) -> None:
+        self.open -= 1
+        self._changed.unpark_all()
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        with trio.fail_after(30):
+            while not condition():
+                await self._changed.park()
+
+
+class Relay:
+    """Listens on 127.0.0.1 and forwards each connection to ``target`` (a port), counted."""
+
+    def __init__(self, target: int, wire: Wire) -> None:
+        self._target, self._wire = target, wire
+        self._scopes: set[trio.CancelScope] = set()
+        self.port = 0
+
+    async def start(self, nursery: trio.Nursery) -> str:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        self._wire.ports.add(self.port)
+        nursery.start_soon(trio.serve_listeners, self._relay, listeners)
+        return f"127.0.0.1:{self.port}"
+
+    def cut(self) -> None:
+        """Close every connection (as a selector that restarts or drops idle ones)."""
+        for scope in self._scopes:
+            scope.cancel()
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        self._wire.opened()
+        try:
+            with trio.CancelScope() as scope:
+                self._scopes.add(scope)
+                await relay(client, self._target)
+        finally:
+            self._scopes.discard(scope)
+            self._wire.closed()
+
+
+async def _selectors(
+    nursery: trio.Nursery, count: int, wire: Wire
+) -> list[tuple[str, FakeSelector, Relay]]:
+    made = []
+    for _ in range(count):
+        selector = await FakeSelector().start(nursery)
+        relay = Relay(selector.port, wire)
+        made.append((await relay.start(nursery), selector, relay))
+    return made
+
+
+async def _told(selector: FakeSelector) -> int:
+    """How many GoalCountReached calls ``selector`` answered so far (drained)."""
+    count = 0
+    while True:
+        try:
+            selector.told.receive_nowait()
+        except trio.WouldBlock:
+            return count
+        count += 1
+
+
+async def test_one_connection_per_selector_across_calls() -> None:
+    wire = Wire()
+    client = GoalCountClient(call_timeout=30)
+    async with trio.open_nursery() as nursery:
+        [(address, selector, _)] = await _selectors(nursery, 1, wire)
+        await nursery.start(client.run)
+        for _ in range(3):
+            await client(address)
+        assert await _told(selector) == 3
+        assert (wire.accepted, wire.open, client.open) == (1, 1, 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_without_run_each_call_dials() -> None:
+    wire = Wire()
+    client = GoalCountClient(call_timeout=30)
+    async with trio.open_nursery() as nursery:
+        [(address, selector, _)] = await _selectors(nursery, 1, wire)
+        for _ in range(3):
+            await client(address)
+        await wire.until(lambda: wire.open == 0)
+        assert (await _told(selector), wire.accepted) == (3, 3)
+        nursery.cancel_scope.cancel()
+
+
+async def test_open_connections_bounded_by_the_pool_limit() -> None:
+    """A broadcast to 24 selectors through 4 slots: all told once, never 5 connections."""
+    wire = Wire()
+    client = GoalCountClient(call_timeout=30, max_open=4)
+    async with trio.open_nursery() as nursery:
+        selectors = await _selectors(nursery, 24, wire)
+        await nursery.start(client.run)
+        async with trio.open_nursery() as broadcast:
+            for address, _, _ in selectors:
+                broadcast.start_soon(client, address)
+        assert [await _told(selector) for _, selector, _ in selectors] == [1] * 24
+        assert wire.accepted == 24
+        assert wire.peak == 4
+        assert client.open == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_the_selector_closed_is_dialed_again() -> None:
+    """A kept connection the peer ended is seen before the call: no wait for the timeout."""
+    wire = Wire()
+    client = GoalCountClient(call_timeout=600)
+    async with trio.open_nursery() as nursery:
+        [(address, selector, relay)] = await _selectors(nursery, 1, wire)
+        await nursery.start(client.run)
+        await client(address)
+        relay.cut()
+        await wire.until(lambda: wire.open == 0)
+        with trio.fail_after(60):  # far below call_timeout: a hang would show
+            await client(address)
+        assert (await _told(selector), wire.accepted, wire.open) == (2, 2, 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_retain_closes_the_channels_of_selectors_not_in_the_round() -> None:
+    wire = Wire()
+    client = GoalCountClient(call_timeout=30)
+    async with trio.open_nursery() as nursery:
+        selectors = await _selectors(nursery, 3, wire)
+        await nursery.start(client.run)
+        for address, _, _ in selectors:
+            await client(address)
+        client.retain([selectors[0][0]])
+        await wire.until(lambda: wire.open == 1)
+        assert client.open == 1
+        await client(selectors[0][0])
+        assert wire.accepted == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_unreachable_selector_fails_and_frees_its_slot() -> None:
+    client = GoalCountClient(call_timeout=30, max_open=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        await listener.aclose()  # nothing listens there now
+        with pytest.raises(OSError):
+            await client(f"127.0.0.1:{port}")
+        assert client.open == 0
+        wire = Wire()
+        [(address, selector, _)] = await _selectors(nursery, 1, wire)
+        await client(address)
+        assert (await _told(selector), client.open) == (1, 1)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"), [(64, 16), (256, 32), (1024, 128), (20000, DEFAULT_MAX_OPEN)]
+)
+def test_outgoing_budget_is_half_the_reserve(limit: int, expected: int) -> None:
+    assert outgoing_budget(limit) == expected

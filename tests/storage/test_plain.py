@@ -1,0 +1,159 @@
+"""Plain datasets read without HDF5: the same bits as h5py, nothing outside the file,
+descriptors and open files flat in the number of inputs."""
+
+from __future__ import annotations
+
+import os
+import resource
+import struct
+from collections.abc import Collection
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from helpers.peers import read_floats
+
+from fl_coordinator.errors import ContributionError, ContributionsRefused
+from fl_coordinator.storage import aggregation
+from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.plain import extent_of
+from fl_coordinator.storage.untrusted import UntrustedFile
+
+
+def _arrays(seed: int, rows: int = 7) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "layers/dense/vars/0": (rng.normal(size=(rows, 5)) * 10).astype(np.float32),
+        "layers/dense/vars/1": rng.normal(size=(5,)).astype(np.float64),
+        "layers/out/vars/0": rng.normal(size=(5, 3)).astype(np.float16),
+        "layers/scalar": np.array(rng.normal(), np.float32),
+    }
+
+
+def _write(path: Path, arrays: dict[str, np.ndarray], chunked: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as file:
+        for name, array in arrays.items():
+            file.create_dataset(name, data=array, chunks=True if chunked and array.ndim else None)
+    return path
+
+
+def _parts(folder: Path, count: int, chunked: Collection[int] = ()) -> list[Contribution]:
+    """``count`` selectors' aggregates (weights 1, 2, ...); those in ``chunked`` chunked."""
+    parts = []
+    for i in range(count):
+        _write(folder / f"s{i}" / "agg", _arrays(i + 1), chunked=i in chunked)
+        parts.append(Contribution(f"s{i}", UntrustedFile(folder, f"s{i}/agg"), i + 1))
+    return parts
+
+
+def test_extent_is_where_h5py_reads_the_values(tmp_path: Path) -> None:
+    arrays = _arrays(3)
+    path = _write(tmp_path / "f.h5", arrays)
+    data = path.read_bytes()
+    with h5py.File(path, "r") as file:
+        for name, array in arrays.items():
+            extent = extent_of(file[name], array.dtype, len(data), path)
+            assert extent is not None
+            found = np.frombuffer(data[extent.offset : extent.offset + extent.nbytes], array.dtype)
+            np.testing.assert_array_equal(found.reshape(array.shape), array)
+            assert extent.row_bytes * (array.shape[0] if array.ndim else 1) == extent.nbytes
+
+
+def test_other_layouts_are_left_to_h5py(tmp_path: Path) -> None:
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as file:
+        file.create_dataset("chunked", data=np.ones((8, 2), np.float32), chunks=(2, 2))
+        file.create_dataset("gzip", data=np.ones((8, 2), np.float32), compression="gzip")
+        file.create_dataset("big_endian", data=np.ones((8, 2), ">f4"))
+        file.create_dataset("unwritten", shape=(8, 2), dtype=np.float32)
+    size = path.stat().st_size
+    with h5py.File(path, "r") as file:
+        found = {
+            name: extent_of(file[name], np.dtype(np.float32), size, path)
+            for name in ("chunked", "gzip", "big_endian", "unwritten")
+        }
+    assert found == dict.fromkeys(found)
+
+
+def test_plain_and_h5py_paths_give_the_same_bits(tmp_path: Path) -> None:
+    """The same inputs read plain, chunked (through h5py) and mixed, and the result written
+    with pwrite (a plain checkpoint) or through h5py (a chunked one): identical bits."""
+    results, early = [], []
+    runs = [({0, 1, 2}, False), (set(), False), ({1}, False), (set(), True)]
+    for run, (chunked, chunked_checkpoint) in enumerate(runs):
+        folder = tmp_path / str(run)
+        checkpoint = _write(folder / "fl_checkpoint", _arrays(0), chunked=chunked_checkpoint)
+        aggregate(checkpoint, _parts(folder, 3, chunked), folder / "tmp")
+        results.append(read_floats(checkpoint))
+        with h5py.File(checkpoint, "r") as file:
+            plist = file["layers/dense/vars/0"].id.get_create_plist()
+            early.append(plist.get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY)
+    assert early == [True, True, True, False]  # pwrite where the checkpoint is plain
+    for name in results[0]:
+        for other in results[1:]:
+            assert results[0][name].tobytes() == other[name].tobytes(), name
+    assert not np.array_equal(results[0]["layers/dense/vars/0"], _arrays(0)["layers/dense/vars/0"])
+
+
+def _move_data_address(path: Path, name: str, new_offset: int) -> None:
+    """Rewrite the address in ``name``'s layout message (HDF5 object header v1, unchecked)."""
+    with h5py.File(path, "r") as file:
+        offset = file[name].id.get_offset()
+        nbytes = file[name].id.get_storage_size()
+    data = bytearray(path.read_bytes())
+    needle = struct.pack("<QQ", offset, nbytes)
+    assert data.count(needle) == 1
+    at = data.index(needle)
+    data[at : at + 8] = struct.pack("<Q", new_offset)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["past_end", "straddles_end"])
+def test_data_said_to_lie_outside_the_file_refuses_that_input(tmp_path: Path, where: str) -> None:
+    checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
+    parts = _parts(tmp_path, 2)
+    bad = parts[1].checkpoint.path
+    size = bad.stat().st_size
+    _move_data_address(bad, "layers/dense/vars/0", size + 64 if where == "past_end" else size - 8)
+    before = checkpoint.read_bytes()
+    with pytest.raises(ContributionsRefused) as refused:
+        aggregate(checkpoint, parts, tmp_path / "tmp")
+    assert list(refused.value.reasons) == ["s1"]  # HDF5 itself sees it (invalid dataset size)
+    assert "layers/dense/vars/0" in refused.value.reasons["s1"]
+    assert checkpoint.read_bytes() == before
+
+
+def test_extent_past_the_size_seen_at_open_is_refused(tmp_path: Path) -> None:
+    """HDF5 checks addresses against the file's end when it opens it; the extent is checked
+    again against the size ``fstat`` gave (the file may have been cut since)."""
+    path = _write(tmp_path / "f.h5", _arrays(1))
+    with h5py.File(path, "r") as file:
+        dataset = file["layers/dense/vars/0"]
+        end = dataset.id.get_offset() + dataset.id.get_storage_size()
+        assert extent_of(dataset, dataset.dtype, end, path) is not None
+        with pytest.raises(ContributionError, match="outside the file's"):
+            extent_of(dataset, dataset.dtype, end - 1, path)
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_descriptors_flat_in_the_number_of_inputs(tmp_path: Path, monkeypatch) -> None:
+    """300 inputs averaged under a descriptor limit of what is open now + 100."""
+    checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
+    parts = _parts(tmp_path, 300)
+    monkeypatch.setattr(aggregation, "SLAB_BYTES", 64)  # several slabs: inputs read again
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_open_descriptors() + 100, hard))
+    try:
+        result = aggregate(checkpoint, parts, tmp_path / "tmp")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (result.arrays, result.total_weight) == (4, sum(range(1, 301)))
+    expected = _arrays(0)["layers/dense/vars/1"] + sum(
+        _arrays(i + 1)["layers/dense/vars/1"] for i in range(300)
+    ) / sum(range(1, 301))
+    np.testing.assert_allclose(read_floats(checkpoint)["layers/dense/vars/1"], expected)
