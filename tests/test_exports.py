@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 import signal
 import subprocess
 import sys
@@ -119,3 +120,33 @@ def test_the_demo_keeps_its_own_flags() -> None:
     )
     assert result.returncode == 0
     assert "--rounds" in result.stdout and "(default: 10)" in result.stdout
+
+
+def _development_tree() -> list[str]:
+    """The README's module tree: the first code block of its Development section."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Development") :]
+    start = section.index("```\n") + 4
+    return section[start : section.index("```", start)].splitlines()
+
+
+def _folder_lines(tree: list[str], folder: str) -> str:
+    """The lines of ``  folder/`` in the tree, up to the next entry of the package's level."""
+    start = tree.index(next(line for line in tree if line.startswith(f"  {folder}/ ")))
+    end = next(
+        (i for i in range(start + 1, len(tree)) if re.match(r"^(  )?\S", tree[i])), len(tree)
+    )
+    return "\n".join(tree[start:end])
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_module_has_its_line_in_the_readme_tree(name: str) -> None:
+    """The Development section's tree names every module, in its folder (issue 10)."""
+    if hasattr(importlib.import_module(name), "__path__"):
+        return  # a folder: its modules are checked one by one
+    tree = _development_tree()
+    folders, module = name.split(".")[1:-1], name.split(".")[-1]
+    if not folders:
+        assert any(re.match(rf"^  {module}\.py\b", line) for line in tree), name
+    else:
+        assert re.search(rf"\b{module}\.py\b", _folder_lines(tree, folders[0])), name
