@@ -51,6 +51,7 @@ def test_plot_has_whole_round_ticks() -> None:
         "initial_accuracy": 0.1,
         "rounds": [{"round": 1, "accuracy": 0.5}],
         "baseline": {"per_round": [0.6]},
+        "settings": {"strategy": "fedavg"},
     }
     figure = accuracy_figure(summary)
     try:
