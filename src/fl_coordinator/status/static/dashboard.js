@@ -267,7 +267,10 @@
   }
 
   function keep(page) {
-    for (const record of page.rounds) records.set(record.round, record);
+    for (const record of page.rounds) {
+      if (!record.metrics && streamed.has(record.round)) record.metrics = streamed.get(record.round);
+      records.set(record.round, record);
+    }
     scheduleDraw();
   }
 
@@ -287,10 +290,23 @@
   // -- the live stream -----------------------------------------------------------------
 
   function wantsRecords(message) {
-    if (ENDED.has(message.stage) && !records.has(message.round)) return true;
+    return ENDED.has(message.stage) && !records.has(message.round);
+  }
+
+  // A round's metrics come after its record (the evaluation runs once the round has
+  // ended) and the stream carries them: put them in the record at once, rather than
+  // fetching /rounds again, which may not have them yet.
+  // (Kept by round for a record fetched later; only the latest few are needed.)
+  const streamed = new Map();
+  function takeMetrics(message) {
     const metrics = message.metrics;
-    const record = metrics && records.get(metrics.round);
-    return Boolean(record && !record.metrics);
+    if (!metrics || streamed.has(metrics.round)) return;
+    streamed.set(metrics.round, metrics.values);
+    if (streamed.size > 10) streamed.delete(streamed.keys().next().value);
+    const record = records.get(metrics.round);
+    if (!record || record.metrics) return;
+    record.metrics = metrics.values;
+    scheduleDraw();
   }
 
   function connect() {
@@ -305,6 +321,7 @@
     socket.onmessage = (event) => {
       const message = JSON.parse(event.data);
       showStatus(message);
+      takeMetrics(message);
       if (wantsRecords(message)) refreshRecent();
     };
     socket.onclose = () => {
