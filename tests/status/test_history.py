@@ -189,3 +189,25 @@ async def test_a_browser_sends_the_token_as_a_subprotocol(
             ):
                 pass
         assert refused.value.status_code == 401, protocols
+
+
+async def test_head_requests_are_answered_as_gets_without_a_body(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    # A HEAD (curl -I, a load balancer's check) once went unanswered: h11 refuses a HEAD
+    # response's body, and the handler failed with a traceback.
+    endpoints = await nursery.start(serve, settings.replace(metrics_port=0))
+    assert endpoints.metrics_port is not None
+    for port, path in (
+        (endpoints.status_port, b"/"),
+        (endpoints.status_port, b"/rounds"),
+        (endpoints.metrics_port, b"/metrics"),
+    ):
+        got = await answer_to(port, b"GET " + path + b" HTTP/1.1\r\nhost: x\r\n\r\n")
+        head, body = got.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 ") and len(body) > 0, path
+        headed = await answer_to(port, b"HEAD " + path + b" HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert headed.startswith(b"HTTP/1.1 200 ") and headed.endswith(b"\r\n\r\n"), path
+        # The page is fixed; the data may change between the two requests (a round ends).
+        length = f"{len(body)}\r\n".encode() if path == b"/" else b""
+        assert b"\r\ncontent-length: " + length in headed.lower(), path

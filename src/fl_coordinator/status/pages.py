@@ -93,8 +93,8 @@ class Pages:
         self._token = token
 
     def answer(self, head: Head) -> Answer:
-        if head.request.method != b"GET":
-            return _error(405, "only GET (or a websocket upgrade at /status)")
+        if not head.reads:
+            return _error(405, "only GET or HEAD (or a websocket upgrade at /status)")
         path = head.path
         if path in ("/", "/index.html"):
             path = "/static/index.html"
