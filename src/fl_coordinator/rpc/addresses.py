@@ -121,6 +121,15 @@ class _BoundedChannel(_Channel):  # type: ignore[misc]
         return self
 
 
+def _cause(group: ExceptionGroup[Exception]) -> Exception:
+    """The first error in purerpc's (and anyio's) nested task groups, whose text is only
+    "Exceptions from Trio nursery (1 sub-exception)"."""
+    error: Exception = group
+    while isinstance(error, ExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 def socket_stream(channel: purerpc.Channel) -> anyio.abc.SocketStream:
     """The socket stream under a connected purerpc ``channel`` (purerpc does not expose it)."""
     return channel._grpc_socket._socket._stream  # type: ignore[no-any-return]
@@ -134,6 +143,8 @@ async def call_once(
     ssl_context: ssl.SSLContext | None = None,
 ) -> T:
     """``call(channel)`` on a connection of its own to ``address``, closed after it.
+
+    A call that fails raises its first error, out of purerpc's task groups.
 
     The whole of it (connecting, the call, closing) has ``seconds``:
     TimeoutError after that, so a peer that accepts the connection and never
@@ -156,6 +167,8 @@ async def call_once(
         log.debug("%s: closing the connection after the answer took over %g s", address, seconds)
     except Exception as error:
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller gets Cancelled
+        if not answers and isinstance(error, ExceptionGroup):
+            raise _cause(error) from error  # the group's own text says nothing
         if not answers:
             raise
         log.debug("%s: closing the connection after the answer failed: %r", address, error)
