@@ -230,3 +230,23 @@ def test_untrusted_text_is_shown_as_text(settings: Settings, layout: Layout) -> 
         expect(page.locator("#problems li").last).to_contain_text(f"{_MARKUP}:1 rejected: ")
         assert page.evaluate("() => [window.injected, document.images.length]") == [None, 0]
         stop()
+
+
+def test_the_page_follows_the_pages_of_a_large_history(settings: Settings, layout: Layout) -> None:
+    # 30 rounds of 2,000 selectors are about 3 MB of records: GET /rounds answers them in
+    # pages of about 1 MB, which the page follows (next_before) to show every round.
+    from playwright.sync_api import expect
+
+    many = [
+        {"selector": f"10.0.{i // 250}.{i % 250}:50051", "fate": "reported"} for i in range(2000)
+    ]
+    lines = [json.dumps({**_record(number), "selectors": many}) for number in range(1, 31)]
+    round_log_path(layout).parent.mkdir(parents=True, exist_ok=True)
+    round_log_path(layout).write_text("\n".join(lines) + "\n")
+    write_journal(layout, Entry(30, "COMPLETED"))
+    with TrioThread() as loop, chromium_page() as page:
+        endpoints, stop = loop.start_cancellable(serve, settings)
+        page.goto(page_url(endpoints))
+        expect(page.locator("#history-count")).to_have_text("(30 rounds)")
+        expect(page.locator("#history tbody tr").last).to_have_attribute("data-round", "1")
+        stop()
