@@ -144,13 +144,17 @@ def _record(number: int) -> dict[str, Any]:
     }
 
 
+def _write_history(layout: Layout, records: list[dict[str, Any]]) -> None:
+    """A round log of ``records`` (oldest first), the last of them the journal's round."""
+    round_log_path(layout).parent.mkdir(parents=True, exist_ok=True)
+    round_log_path(layout).write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_journal(layout, Entry(records[-1]["round"], "COMPLETED"))
+
+
 def test_the_page_draws_a_thousand_rounds(settings: Settings, layout: Layout) -> None:
     from playwright.sync_api import expect
 
-    lines = [json.dumps(_record(number)) for number in range(1, 1001)]
-    round_log_path(layout).parent.mkdir(parents=True, exist_ok=True)
-    round_log_path(layout).write_text("\n".join(lines) + "\n")
-    write_journal(layout, Entry(1000, "COMPLETED"))
+    _write_history(layout, [_record(number) for number in range(1, 1001)])
     with TrioThread() as loop, chromium_page() as page:
         endpoints, stop = loop.start_cancellable(serve, settings)
         page.goto(page_url(endpoints))
@@ -240,10 +244,7 @@ def test_the_page_follows_the_pages_of_a_large_history(settings: Settings, layou
     many = [
         {"selector": f"10.0.{i // 250}.{i % 250}:50051", "fate": "reported"} for i in range(2000)
     ]
-    lines = [json.dumps({**_record(number), "selectors": many}) for number in range(1, 31)]
-    round_log_path(layout).parent.mkdir(parents=True, exist_ok=True)
-    round_log_path(layout).write_text("\n".join(lines) + "\n")
-    write_journal(layout, Entry(30, "COMPLETED"))
+    _write_history(layout, [{**_record(number), "selectors": many} for number in range(1, 31)])
     with TrioThread() as loop, chromium_page() as page:
         endpoints, stop = loop.start_cancellable(serve, settings)
         page.goto(page_url(endpoints))
