@@ -63,6 +63,14 @@ def test_file_then_environment(tmp_path: Path) -> None:
         ("INIT_FILES_PATH", "../elsewhere", "a folder name"),
         ("LOG_LEVEL", "LOUD", "DEBUG, INFO"),
         ("LEGACY_STATUS_PUSH", "maybe", "true or false"),
+        # Python's int() and float() read other scripts' digits and underscores: an
+        # operator's number is ASCII (these were taken as port 50051, 12 rounds, 1000).
+        ("PORT", "\u0665\u0660\u0660\u0665\u0661", "a port number"),
+        ("ROUNDS", "\u0661\u0662", "an integer >= 0"),
+        ("KEEP_CHECKPOINTS", "\uff11\uff10", "an integer >= 1"),
+        ("SERVER_LEARNING_RATE", "1_000", "a number > 0"),
+        ("TAU", "\uff11e-3", "a number > 0"),
+        ("STOP_WHEN", "accuracy>=\uff11", "a condition such as"),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(key: str, value: str, expected: str) -> None:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .core.stopping import StopWhen
+from .core.stopping import StopWhen, decimal
 from .core.strategy import COMBINATIONS, STRATEGIES
 from .errors import ConfigError
 
@@ -62,14 +62,17 @@ def _integer(value: Any) -> int:
         raise ValueError
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return int(value.strip())
+    text = value.strip() if isinstance(value, str) else ""
+    if text.lstrip("+-").isascii() and text.lstrip("+-").isdigit():  # int() reads any digits
+        return int(text)
     raise ValueError
 
 
 def _number(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError
+    if isinstance(value, str):
+        return decimal(value)  # ASCII: float() also reads fullwidth digits and "1_000"
     number = float(value)
     if not math.isfinite(number):
         raise ValueError

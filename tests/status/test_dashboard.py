@@ -144,13 +144,17 @@ def _record(number: int) -> dict[str, Any]:
     }
 
 
+def _write_history(layout: Layout, records: list[dict[str, Any]]) -> None:
+    """A round log of ``records`` (oldest first), the last of them the journal's round."""
+    round_log_path(layout).parent.mkdir(parents=True, exist_ok=True)
+    round_log_path(layout).write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_journal(layout, Entry(records[-1]["round"], "COMPLETED"))
+
+
 def test_the_page_draws_a_thousand_rounds(settings: Settings, layout: Layout) -> None:
     from playwright.sync_api import expect
 
-    lines = [json.dumps(_record(number)) for number in range(1, 1001)]
-    round_log_path(layout).parent.mkdir(parents=True, exist_ok=True)
-    round_log_path(layout).write_text("\n".join(lines) + "\n")
-    write_journal(layout, Entry(1000, "COMPLETED"))
+    _write_history(layout, [_record(number) for number in range(1, 1001)])
     with TrioThread() as loop, chromium_page() as page:
         endpoints, stop = loop.start_cancellable(serve, settings)
         page.goto(page_url(endpoints))
@@ -199,4 +203,51 @@ def test_the_metrics_chart_draws_evaluated_rounds(
         expect(chart.locator(".u-legend")).to_contain_text("accuracy")
         expect(chart.locator(".u-legend")).to_contain_text("weights_mean")
         expect(page.locator("#metrics-empty")).to_be_hidden()
+        stop()
+
+
+#: Text that runs a script if the page ever puts it in as markup.
+_MARKUP = '<img src=x onerror="window.injected=1"><script>window.injected=2</script>'
+
+
+def test_untrusted_text_is_shown_as_text(settings: Settings, layout: Layout) -> None:
+    # Selector ids (host:port: the host part is anything but empty), rejection reasons and
+    # errors come from peers and files: the page shows them as text, never as markup.
+    from playwright.sync_api import expect
+
+    record = _record(1)
+    record["selectors"] = [{"selector": f"{_MARKUP}:1", "fate": "rejected", "reason": _MARKUP}]
+    failed = {**_record(2), "outcome": "FAILED", "error": _MARKUP}
+    round_log_path(layout).parent.mkdir(parents=True, exist_ok=True)
+    round_log_path(layout).write_text(json.dumps(record) + "\n" + json.dumps(failed) + "\n")
+    write_journal(layout, Entry(2, "FAILED"))
+    with TrioThread() as loop, chromium_page() as page:
+        endpoints, stop = loop.start_cancellable(serve, settings)
+        page.goto(page_url(endpoints))
+        client = PurerpcClient(endpoints.grpc_port)
+        live = '<img src=x onerror="window.injected=3">:2'  # an id holds no "/"
+        assert loop.run(client.check_in, live) is True
+        expect(page.locator("#clients")).to_have_text("1 / 2")
+        expect(page.locator("#selectors tbody tr").first).to_contain_text(live)
+        expect(page.locator("#problems li")).to_have_count(2)
+        expect(page.locator("#problems li").first).to_have_text(f"round 2 FAILED: {_MARKUP}")
+        expect(page.locator("#problems li").last).to_contain_text(f"{_MARKUP}:1 rejected: ")
+        assert page.evaluate("() => [window.injected, document.images.length]") == [None, 0]
+        stop()
+
+
+def test_the_page_follows_the_pages_of_a_large_history(settings: Settings, layout: Layout) -> None:
+    # 30 rounds of 2,000 selectors are about 3 MB of records: GET /rounds answers them in
+    # pages of about 1 MB, which the page follows (next_before) to show every round.
+    from playwright.sync_api import expect
+
+    many = [
+        {"selector": f"10.0.{i // 250}.{i % 250}:50051", "fate": "reported"} for i in range(2000)
+    ]
+    _write_history(layout, [{**_record(number), "selectors": many} for number in range(1, 31)])
+    with TrioThread() as loop, chromium_page() as page:
+        endpoints, stop = loop.start_cancellable(serve, settings)
+        page.goto(page_url(endpoints))
+        expect(page.locator("#history-count")).to_have_text("(30 rounds)")
+        expect(page.locator("#history tbody tr").last).to_have_attribute("data-round", "1")
         stop()

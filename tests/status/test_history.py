@@ -17,6 +17,7 @@ from helpers.peers import FakeSelector, completed, serve_and_watch, write_aggreg
 
 from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
+from fl_coordinator.status.pages import MAX_PAGE_BYTES
 from fl_coordinator.storage.journal import history
 from fl_coordinator.storage.layout import Layout
 from fl_coordinator.storage.round_log import round_log_path
@@ -189,3 +190,69 @@ async def test_a_browser_sends_the_token_as_a_subprotocol(
             ):
                 pass
         assert refused.value.status_code == 401, protocols
+
+
+async def test_head_requests_are_answered_as_gets_without_a_body(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    # A HEAD (curl -I, a load balancer's check) once went unanswered: h11 refuses a HEAD
+    # response's body, and the handler failed with a traceback.
+    endpoints = await nursery.start(serve, settings.replace(metrics_port=0))
+    assert endpoints.metrics_port is not None
+    for port, path in (
+        (endpoints.status_port, b"/"),
+        (endpoints.status_port, b"/rounds"),
+        (endpoints.metrics_port, b"/metrics"),
+    ):
+        got = await answer_to(port, b"GET " + path + b" HTTP/1.1\r\nhost: x\r\n\r\n")
+        head, body = got.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 ") and len(body) > 0, path
+        headed = await answer_to(port, b"HEAD " + path + b" HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert headed.startswith(b"HTTP/1.1 200 ") and headed.endswith(b"\r\n\r\n"), path
+        # The page is fixed; the data may change between the two requests (a round ends).
+        length = f"{len(body)}\r\n".encode() if path == b"/" else b""
+        assert b"\r\ncontent-length: " + length in headed.lower(), path
+
+
+def _big_record(number: int, selectors: int) -> dict[str, Any]:
+    """The record of a round of ``selectors`` selectors that all reported (~50 B each)."""
+    return {
+        "round": number,
+        "outcome": "COMPLETED",
+        "stages": {"SELECTION": "2026-11-28T00:00:00.000Z"},
+        "ended": "2026-11-28T00:00:02.000Z",
+        "accepted": selectors,
+        "goal": selectors,
+        "selectors": [
+            {"selector": f"10.0.{i // 250}.{i % 250}:50051", "fate": "reported"}
+            for i in range(selectors)
+        ],
+        "aggregation_seconds": 1.0,
+        "checkpoint_sha256": None,
+    }
+
+
+async def test_a_page_of_rounds_is_bounded_in_bytes_and_the_pages_hold_every_round(
+    settings: Settings, layout: Layout, nursery: trio.Nursery
+) -> None:
+    # A record lists every selector of its round: 1,000 records of 2,000 selectors were a
+    # 107 MB answer, built on the event loop (3.8 s) for anyone who asked for ?limit=1000.
+    lines = [json.dumps(_big_record(number, 2000)) for number in range(1, 31)]
+    round_log_path(layout).parent.mkdir(parents=True, exist_ok=True)
+    round_log_path(layout).write_text("\n".join(lines) + "\n")
+    endpoints = await nursery.start(serve, settings)
+    url = base_url(endpoints.status_url) + "/rounds?limit=1000"
+    seen: list[int] = []
+    sizes: list[int] = []
+    while True:
+        answer = await get(url)
+        page = answer.json()
+        sizes.append(len(answer.content))
+        seen += [record["round"] for record in page["rounds"]]
+        if page["next_before"] is None:
+            break
+        assert page["next_before"] == seen[-1]
+        url = base_url(endpoints.status_url) + f"/rounds?limit=1000&before={seen[-1]}"
+    assert seen == list(range(30, 0, -1))  # every round once, newest first
+    record_bytes = len(lines[0])  # about 100 KB
+    assert max(sizes) <= MAX_PAGE_BYTES + 200 and len(sizes) >= 30 * record_bytes // MAX_PAGE_BYTES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
 import signal
@@ -193,6 +194,20 @@ def test_kept_checkpoints_are_files_of_their_own_counted_against_the_disk(layout
     rollback(layout, 1)
     own = [kept[n] for n in (0, 2, 3)]
     assert history_usage(layout) == (3, sum(p.stat().st_blocks * 512 for p in own))
+
+
+def test_the_start_up_line_counts_kept_rounds_not_their_files(layout: Layout, caplog) -> None:
+    # A round's metrics file beside its checkpoint was counted as a checkpoint: the demo's
+    # folder said "9 kept checkpoint(s) ... (KEEP_CHECKPOINTS=5)" for 5 rounds.
+    next_round(layout, keep=5)
+    for number in (1, 2):
+        write_atomic(layout.checkpoint, bytes(8192 * number), layout.tmp)
+        remember(layout, number, keep=5)
+        history(layout)[number].with_name(f"round-{number:06d}.metrics.json").write_text("{}")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fl_coordinator.storage.journal"):
+        next_round(layout, keep=5)
+    assert "3 kept round(s) in " in caplog.text and ": 4 file(s), " in caplog.text
 
 
 async def test_a_history_that_cannot_be_written_does_not_undo_a_completed_round(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tracemalloc
 from typing import Any
 
 import trio
 
 from fl_coordinator.storage.journal import remember
 from fl_coordinator.storage.layout import Layout
-from fl_coordinator.storage.round_log import RoundLog, round_log_path
+from fl_coordinator.storage.round_log import MAX_LINE_BYTES, RoundLog, round_log_path
 
 
 def ended(number: int, stage: str = "COMPLETED", **extra: Any) -> dict[str, Any]:
@@ -86,3 +87,62 @@ async def test_the_file_is_bounded_and_a_cut_line_is_skipped(layout: Layout, cap
     log = RoundLog(layout, keep=3)
     assert [record["round"] for record in log.newest()] == [7, 6, 5]
     assert "1 line(s) are not round records; skipped" in caplog.text
+
+
+def _line(number: int, **fields: Any) -> bytes:
+    """A record's line, as the round log writes it."""
+    record = {
+        "round": number,
+        "outcome": "COMPLETED",
+        "stages": {},
+        "ended": "2026-11-28T00:00:02.000Z",
+        "accepted": 1,
+        "goal": 1,
+        "selectors": [],
+        "aggregation_seconds": 0.5,
+        "checkpoint_sha256": None,
+        **fields,
+    }
+    return json.dumps(record).encode() + b"\n"
+
+
+def test_lines_that_are_not_records_are_skipped_whatever_they_hold(layout: Layout, caplog) -> None:
+    # Each of these once either ended the start-up (nested brackets: RecursionError), was
+    # served as JSON no browser parses (NaN), broke the dashboard (no selectors), or was held
+    # and served whole on every request (a 5 MiB line).
+    lines = [
+        _line(1),
+        b"[" * 100_000 + b"\n",
+        _line(2, aggregation_seconds=float("nan")),
+        _line(3),
+        _line(True),
+        json.dumps({"round": 4, "outcome": "COMPLETED"}).encode() + b"\n",
+        _line(5, outcome="FAILED", error="x" * (MAX_LINE_BYTES + 1)),
+        _line(6),
+        b'{"round": 7, "outc',
+    ]
+    round_log_path(layout).parent.mkdir(parents=True, exist_ok=True)
+    round_log_path(layout).write_bytes(b"".join(lines))
+    records = RoundLog(layout, keep=10).newest()
+    assert [record["round"] for record in records] == [6, 3, 1]
+    json.dumps(records, allow_nan=False)  # strict JSON, as GET /rounds serves it
+    assert "6 line(s) are not round records; skipped" in caplog.text
+
+
+async def test_a_huge_file_costs_bounded_memory_and_is_compacted(layout: Layout) -> None:
+    path = round_log_path(layout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as file:
+        for _ in range(32):  # 45 MB of junk: lines that are not records, 1 MiB long ones
+            file.write(b"not a record\n" * (1 << 15) + b"x" * (1 << 20) + b"\n")
+        file.write(_line(1) + _line(2) + _line(3))
+    tracemalloc.start()
+    try:
+        log = RoundLog(layout, keep=3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [record["round"] for record in log.newest()] == [3, 2, 1]
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB held to read a 45 MB file"
+    await written(log, ended(4))
+    assert [json.loads(line)["round"] for line in path.read_bytes().splitlines()] == [2, 3, 4]

@@ -14,10 +14,30 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["METRIC_NAME", "RoundMetrics", "StopWhen"]
+__all__ = ["METRIC_NAME", "RoundMetrics", "StopWhen", "decimal"]
 
 #: What a metric may be called: a Prometheus name part, so each is a gauge of its own.
 METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+#: A number as an operator writes one: ASCII digits, a point, an exponent.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def decimal(text: str) -> float:
+    """The finite number ``text`` writes (``0.95``, ``-1``, ``1e-3``); ValueError otherwise.
+
+    Stricter than ``float()``, which also reads other scripts' digits (``"\\uff11"``,
+    ``"\\u0661"``), underscores (``"1_000"``), ``nan`` and ``inf``: a value an
+    operator did not mean as that number is refused, not guessed.
+    """
+    stripped = text.strip()
+    if not _DECIMAL.fullmatch(stripped):
+        raise ValueError(f"not a number: {text!r}")
+    number = float(stripped)
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {text!r}")
+    return number
+
 
 _COMPARISONS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -68,10 +88,7 @@ class StopWhen:
         match = _CONDITION.fullmatch(text)
         if match is None:
             raise ValueError(f"not a condition: {text!r}")
-        threshold = float(match.group(3))
-        if not math.isfinite(threshold):
-            raise ValueError(f"not a finite threshold: {match.group(3)!r}")
-        return cls(match.group(1), match.group(2), threshold)
+        return cls(match.group(1), match.group(2), decimal(match.group(3)))
 
     def met(self, metrics: RoundMetrics) -> bool:
         """Whether ``metrics`` meet the condition (a metric they lack never does)."""

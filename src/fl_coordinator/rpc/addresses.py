@@ -1,4 +1,15 @@
-"""Peer addresses (selector ids, the legacy webserver): parsing ``host:port``, dialing, calling."""
+"""Peer addresses (selector ids, the legacy webserver): parsing ``host:port``, dialing, calling.
+
+The peers the coordinator calls are as untrusted as those that call it: a
+selector answers GoalCountReached, anyone may listen at WEBSERVER_ADDRESS.
+purerpc's client takes answers of up to 32 MiB and inflates a compressed one
+whole with ``zlib.decompress``, on the event loop: a 4 MB answer
+(``grpc-encoding: gzip``) that inflated to 4 GiB froze the loop for 21 s and
+took 8 GB of memory, a 32 MiB one would end the process. So every
+connection dialed here takes answers of at most :data:`MAX_ANSWER_BYTES`,
+inflated up to that and no further (one over it fails that call), and opens
+no more flow-control window than two such answers.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +17,26 @@ import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import anyio
 import anyio.abc
 import purerpc
 import trio
+from purerpc.client import _Channel
+from purerpc.grpc_proto import GRPCProtoSocket
+from purerpc.grpc_socket import SocketWrapper
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.connection import GRPCConnection
 
 from ..errors import BadAddress
+from .connection import BoundedInflation
 
-__all__ = ["call_once", "dial", "socket_stream", "split_address"]
+__all__ = ["MAX_ANSWER_BYTES", "call_once", "dial", "socket_stream", "split_address"]
+
+#: The largest answer (after inflation) taken from a peer the coordinator calls: its
+#: calls (GoalCountReached, FlStatus/RoundStatus) are answered with a few bytes.
+MAX_ANSWER_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +68,7 @@ async def dial(
     process that dials often would hold one descriptor per past call.
     """
     host, port = split_address(address)
-    if ssl_context is None:
-        channel = purerpc.insecure_channel(host, port)
-    else:
-        channel = purerpc.secure_channel(host, port, ssl_context)
+    channel = _BoundedChannel(host, port, ssl_context)
     try:
         async with channel:
             yield channel
@@ -57,6 +76,58 @@ async def dial(
         if channel._grpc_socket is not None:  # connected
             with trio.CancelScope(shield=True):
                 await socket_stream(channel).aclose()
+
+
+class _AnswerProtocol(GRPCConnection):
+    """purerpc's client state machine, with answers bounded (:data:`MAX_ANSWER_BYTES`)."""
+
+    def initiate_connection(self) -> None:
+        # purerpc opens the connection window by 1 GiB; the streams' windows (two answers
+        # each, as purerpc sets them from max_message_length) are enough.
+        self.h2_connection.initiate_connection()
+
+    def _response_received(self, event: Any) -> list[Any]:
+        events = super()._response_received(event)
+        if event.stream_id in self.message_read_buffers:  # a message may follow the headers
+            self.message_read_buffers[event.stream_id] = BoundedInflation(
+                events[0].message_encoding, self.config.max_message_length
+            )
+        return events
+
+
+class _AnswerSocket(GRPCProtoSocket):
+    """purerpc's client socket over :class:`_AnswerProtocol`."""
+
+    def __init__(self, config: GRPCConfiguration, stream: anyio.abc.SocketStream) -> None:
+        super().__init__(config, stream)
+        self._grpc_connection = _AnswerProtocol(config)
+        self._socket = SocketWrapper(self._grpc_connection, stream)
+
+
+class _BoundedChannel(_Channel):  # type: ignore[misc]
+    """purerpc's channel, connected through :class:`_AnswerSocket`."""
+
+    async def __aenter__(self) -> _BoundedChannel:
+        await contextlib.AsyncExitStack.__aenter__(self)
+        stream = await anyio.connect_tcp(
+            self._host,
+            self._port,
+            ssl_context=self._ssl_context,
+            tls=self._ssl_context is not None,
+            tls_standard_compatible=False,
+        )
+        config = GRPCConfiguration(client_side=True, max_message_length=MAX_ANSWER_BYTES)
+        self._grpc_socket = await self.enter_async_context(_AnswerSocket(config, stream))
+        return self
+
+
+def _cause(group: ExceptionGroup[Exception]) -> Exception:
+    """The first error in purerpc's (and anyio's) nested task groups, whose text is only
+    "Exceptions from Trio nursery (1 sub-exception)"."""
+    error: Exception = group
+    while isinstance(error, ExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def socket_stream(channel: purerpc.Channel) -> anyio.abc.SocketStream:
@@ -72,6 +143,8 @@ async def call_once(
     ssl_context: ssl.SSLContext | None = None,
 ) -> T:
     """``call(channel)`` on a connection of its own to ``address``, closed after it.
+
+    A call that fails raises its first error, out of purerpc's task groups.
 
     The whole of it (connecting, the call, closing) has ``seconds``:
     TimeoutError after that, so a peer that accepts the connection and never
@@ -94,6 +167,8 @@ async def call_once(
         log.debug("%s: closing the connection after the answer took over %g s", address, seconds)
     except Exception as error:
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller gets Cancelled
+        if not answers and isinstance(error, ExceptionGroup):
+            raise _cause(error) from error  # the group's own text says nothing
         if not answers:
             raise
         log.debug("%s: closing the connection after the answer failed: %r", address, error)

@@ -93,6 +93,7 @@ __all__ = [
     "MAX_CONCURRENT_STREAMS",
     "MAX_FRAME_BYTES",
     "MAX_UNSENT_BYTES",
+    "BoundedInflation",
     "GrpcServer",
 ]
 
@@ -128,8 +129,9 @@ class _StreamReset:
         self.stream_id = stream_id
 
 
-class _BoundedInflation(MessageReadBuffer):
-    """A stream's message parser that inflates a compressed message up to the size limit only.
+class BoundedInflation(MessageReadBuffer):
+    """A stream's message parser that inflates a compressed message up to the size limit only
+    (requests here; answers to the coordinator's own calls in :mod:`.addresses`).
 
     ``gzip`` and ``deflate`` (gRPC's names: RFC 1952 and RFC 1950 streams)
     are both read, by their header; other encodings are refused as purerpc
@@ -190,7 +192,7 @@ class _Protocol(GRPCConnection):
     def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
         events = super()._request_received(event)
         (request,) = events
-        self.message_read_buffers[event.stream_id] = _BoundedInflation(
+        self.message_read_buffers[event.stream_id] = BoundedInflation(
             request.message_encoding, self.config.max_message_length
         )
         return events

@@ -45,6 +45,11 @@ class Head:
         return None
 
     @property
+    def reads(self) -> bool:
+        """A GET, or a HEAD (answered as a GET, without the body)."""
+        return self.request.method in (b"GET", b"HEAD")
+
+    @property
     def upgrades_to_websocket(self) -> bool:
         return (self.header(b"upgrade") or b"").lower() == b"websocket"
 
@@ -81,6 +86,8 @@ async def read_head(stream: trio.abc.ReceiveStream) -> Head:
 async def send_answer(stream: trio.abc.SendStream, head: Head, answer: Answer) -> None:
     """Send ``answer`` to the request ``head`` as a complete response that closes the connection.
 
+    A ``HEAD`` request gets the same head and no body (RFC 9110 9.3.2: h11
+    refuses to send one, and the request went unanswered, with a traceback).
     Raises h11.LocalProtocolError if h11 cannot answer that request (a bug).
     """
     headers = [
@@ -91,7 +98,7 @@ async def send_answer(stream: trio.abc.SendStream, head: Head, answer: Answer) -
     ]
     events = [
         h11.Response(status_code=answer.status, headers=headers),
-        h11.Data(data=answer.body),
+        *([] if head.request.method == b"HEAD" else [h11.Data(data=answer.body)]),
         h11.EndOfMessage(),
     ]
     await stream.send_all(b"".join(head.connection.send(event) or b"" for event in events))

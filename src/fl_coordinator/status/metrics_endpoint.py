@@ -48,8 +48,8 @@ async def _handle(
     try:
         with trio.move_on_after(limits.handshake_timeout):
             head = await read_head(stream)
-            if head.request.method != b"GET":
-                answer = Answer(405, b"only GET\n")
+            if not head.reads:
+                answer = Answer(405, b"only GET or HEAD\n")
             elif head.path != PATH:
                 answer = Answer(404, f"metrics are at {PATH}\n".encode())
             else:

@@ -9,8 +9,11 @@ set, ``Authorization: Bearer <token>`` or HTTP 401.
 
 ``/rounds?before=N&limit=K``: the records of the rounds numbered below ``N``
 (all if absent), newest first, at most ``K`` (1 to :data:`MAX_LIMIT`,
-default :data:`DEFAULT_LIMIT`); ``next_before`` is the ``before`` of the next
-page (None on the last).
+default :data:`DEFAULT_LIMIT`) and, beyond the first, no more than
+:data:`MAX_PAGE_BYTES` of them; ``next_before`` is the ``before`` of the next
+page (None on the last). The byte bound is what keeps a page cheap: a record
+lists every selector of its round, and 1,000 records of 2,000 selectors were
+107 MB of JSON, built on the event loop in 3.8 s for anyone who asked.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from .http import Answer, Head
 from .rounds import RoundRecord
 from .schema import StatusMessage
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "Pages"]
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "MAX_PAGE_BYTES", "Pages"]
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+#: Records of one page, in bytes of JSON, at most (a larger record is served alone).
+MAX_PAGE_BYTES = 1 << 20
 
 _TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -93,8 +98,8 @@ class Pages:
         self._token = token
 
     def answer(self, head: Head) -> Answer:
-        if head.request.method != b"GET":
-            return _error(405, "only GET (or a websocket upgrade at /status)")
+        if not head.reads:
+            return _error(405, "only GET or HEAD (or a websocket upgrade at /status)")
         path = head.path
         if path in ("/", "/index.html"):
             path = "/static/index.html"
@@ -130,11 +135,17 @@ class Pages:
         if not 1 <= limit <= MAX_LIMIT:
             return _error(400, f"limit must be between 1 and {MAX_LIMIT}")
         records = self._rounds(before, limit)
-        more = records and records[-1]["round"] > 1 and len(records) == limit
-        return _json(
-            {
-                "problem_id": self._problem_id,
-                "rounds": records,
-                "next_before": records[-1]["round"] if more else None,
-            }
-        )
+        served: list[bytes] = []
+        size = 0
+        for record in records:
+            text = json.dumps(record).encode()
+            if served and size + len(text) > MAX_PAGE_BYTES:
+                break
+            served.append(text)
+            size += len(text)
+        last = records[len(served) - 1]["round"] if served else 0
+        more = last > 1 and (len(served) < len(records) or len(records) == limit)
+        head = json.dumps({"problem_id": self._problem_id})[:-1].encode()
+        tail = json.dumps(last if more else None).encode()
+        body = head + b', "rounds": [' + b", ".join(served) + b'], "next_before": ' + tail + b"}"
+        return Answer(200, body, _JSON, [("cache-control", "no-store")])

@@ -225,10 +225,11 @@ def next_round(layout: Layout, keep: int) -> int:
         ) from None
     files, size = history_usage(layout)
     log.info(
-        "%d kept checkpoint(s) in %s take %.1f MB of disk besides the global checkpoint "
+        "%d kept round(s) in %s: %d file(s), %.1f MB of disk besides the global checkpoint "
         "(KEEP_CHECKPOINTS=%d)",
-        files,
+        len(history(layout)),
         _history_dir(layout),
+        files,
         size / 1e6,
         keep,
     )

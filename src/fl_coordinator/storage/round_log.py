@@ -10,8 +10,12 @@ nothing modifies: the next round's checkpoint is a new file). It is bounded:
 once it holds twice ``keep`` lines it is rewritten (atomically) with the
 newest ``keep``, and only those are read at start-up and held in memory.
 
-It is the coordinator's own file, but a crash can cut its last line short:
-lines that are not a record are skipped (with one warning), never fatal.
+It is the coordinator's own file, but a crash can cut its last line short,
+and a disk or a hand can leave anything in it: lines that are not a record
+(not strict JSON, nested too deep, not a record's shape, longer than
+:data:`MAX_LINE_BYTES`) are skipped with one warning, never fatal, and it
+is read from its end, no more lines than it can hold: a corrupt or huge
+file costs bounded time and memory at start-up.
 A record is served from memory as soon as its round ends, its
 ``checkpoint_sha256`` None until the checkpoint has been read (a moment
 later). A write that fails (a full disk) is logged once and the record is
@@ -26,8 +30,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import trio
 
@@ -39,11 +44,14 @@ from .journal import history
 from .journal_writer import DRAIN_SECONDS
 from .layout import Layout
 
-__all__ = ["RoundLog", "round_log_path"]
+__all__ = ["MAX_LINE_BYTES", "RoundLog", "round_log_path"]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+
+#: The longest line read back: a record is a few KiB (a few hundred bytes per selector).
+MAX_LINE_BYTES = 4 << 20
 
 
 def round_log_path(layout: Layout) -> Path:
@@ -63,34 +71,86 @@ def _line(record: RoundRecord) -> bytes:
 
 
 def _is_record(value: Any) -> bool:
-    return isinstance(value, dict) and isinstance(value.get("round"), int)
+    """Whether a parsed line has a record's shape (what the dashboard relies on)."""
+    return (
+        isinstance(value, dict)
+        and type(value.get("round")) is int  # not a bool
+        and value.get("outcome") in ENDED
+        and isinstance(value.get("stages"), dict)
+        and isinstance(value.get("selectors"), list)
+    )
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: a page's JSON.parse refuses them
+
+
+def _parsed(line: bytes | None) -> Any:
+    """The value of one line of the file, or None if it is not strict JSON (or too long)."""
+    if line is None:
+        return None
+    try:
+        return json.loads(line, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # RecursionError: a line of nested brackets
+        return None
+
+
+def _lines_from_end(file: BinaryIO, max_line: int) -> Iterator[bytes | None]:
+    """The file's non-empty lines, last first, read backwards a chunk at a time; None for
+    a line longer than ``max_line`` bytes (its bytes are not kept: memory stays bounded)."""
+    position = file.seek(0, os.SEEK_END)
+    tail = b""  # the end of a line whose start is not read yet
+    overlong = False  # that line is longer than max_line (tail holds none of it)
+    while position > 0:
+        step = min(_CHUNK, position)
+        position -= step
+        file.seek(position)
+        *lines, last = file.read(step).split(b"\n")
+        tail = last + tail
+        overlong = overlong or len(tail) > max_line
+        if overlong:
+            tail = b""
+        if lines:  # the tail's line starts here: it is complete
+            if tail or overlong:
+                yield None if overlong else tail
+            for line in reversed(lines[1:]):
+                if line:
+                    yield line if len(line) <= max_line else None
+            tail, overlong = lines[0], len(lines[0]) > max_line
+            if overlong:
+                tail = b""
+    if tail or overlong:
+        yield None if overlong else tail
 
 
 def _read(path: Path, keep: int) -> tuple[list[RoundRecord], int]:
     """The records of the newest ``keep`` rounds in the file, by round, and its line count.
 
-    Read from the end: the last line of a round is its record.
+    Read from the end: the last line of a round is its record. The file holds
+    fewer than ``2 * keep`` lines when this process wrote it; no more are read
+    (a longer file counts as ``2 * keep`` lines: the next write rewrites it),
+    and a line longer than :data:`MAX_LINE_BYTES` is not parsed, so a
+    corrupt or foreign file costs bounded time and memory at start-up.
     """
+    records: dict[int, RoundRecord] = {}
+    bad = lines = 0
     try:
-        lines = path.read_bytes().splitlines()
+        with path.open("rb") as file:
+            for line in _lines_from_end(file, MAX_LINE_BYTES):
+                if len(records) == keep or lines == 2 * keep:
+                    lines = 2 * keep
+                    break
+                lines += 1
+                value = _parsed(line)
+                if not _is_record(value):
+                    bad += 1
+                elif value["round"] not in records:
+                    records[value["round"]] = value
     except FileNotFoundError:
         return [], 0
-    records: dict[int, RoundRecord] = {}
-    bad = 0
-    for line in reversed(lines):
-        if len(records) == keep:
-            break
-        try:
-            value = json.loads(line)
-        except ValueError:
-            value = None
-        if not _is_record(value):
-            bad += 1
-        elif value["round"] not in records:
-            records[value["round"]] = value
     if bad:
         log.warning("%s: %d line(s) are not round records; skipped", path, bad)
-    return sorted(records.values(), key=lambda record: record["round"]), len(lines)
+    return sorted(records.values(), key=lambda record: record["round"]), lines
 
 
 class RoundLog:

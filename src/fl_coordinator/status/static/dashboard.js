@@ -274,9 +274,18 @@
     scheduleDraw();
   }
 
+  // Pages follow next_before: a page is at most FETCH_LIMIT records and about 1 MB
+  // (a round of many selectors is a large record).
   async function loadHistory() {
     records.clear();
-    keep(await getJSON("rounds?limit=" + FETCH_LIMIT));
+    let path = "rounds?limit=" + FETCH_LIMIT;
+    for (let fetched = 0; ; ) {
+      const page = await getJSON(path);
+      keep(page);
+      fetched += page.rounds.length;
+      if (page.next_before === null || fetched >= FETCH_LIMIT) break;
+      path = "rounds?limit=" + (FETCH_LIMIT - fetched) + "&before=" + page.next_before;
+    }
   }
 
   async function refreshRecent() {
