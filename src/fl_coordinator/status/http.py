@@ -9,6 +9,7 @@ few requests do not need keep-alive, and it keeps the handlers trivial.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import h11
@@ -18,6 +19,12 @@ __all__ = ["MAX_REQUEST_BYTES", "Answer", "Head", "read_head", "send_answer"]
 
 #: The largest request head a client may send (its bytes, headers included).
 MAX_REQUEST_BYTES = 16384
+
+#: What is read and dropped after a refusal, at most, so the refusal is not reset away.
+_LINGER_BYTES = 4 * MAX_REQUEST_BYTES
+_LINGER_SECONDS = 2.0
+
+_REASONS = {400: "Bad Request", 431: "Request Header Fields Too Large"}
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,44 @@ class Answer:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
-async def read_head(stream: trio.abc.ReceiveStream) -> Head:
-    """Read one request head. Raises h11.RemoteProtocolError (malformed, too large, closed)."""
+async def read_head(stream: trio.abc.Stream) -> Head:
+    """Read one request head.
+
+    A head that is malformed or over :data:`MAX_REQUEST_BYTES` is answered
+    with h11's status for it (400, or 431 Request Header Fields Too Large)
+    before h11.RemoteProtocolError is raised, so a client learns why it was
+    cut off; a peer that closes first gets nothing (trio.BrokenResourceError).
+    """
+    try:
+        return await _receive_head(stream)
+    except h11.RemoteProtocolError as error:
+        status = error.error_status_hint
+        refusal = f"HTTP/1.1 {status} {_REASONS.get(status, 'Bad Request')}\r\n"
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(
+                f"{refusal}content-length: 0\r\nconnection: close\r\n\r\n".encode()
+            )
+            await _linger(stream)
+        raise
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Close our side, then discard what the peer still sends, a little and briefly.
+
+    Closing a socket with unread bytes makes the kernel reset the connection,
+    which can destroy our answer before the peer reads it (the "lingering
+    close" web servers do, bounded here by :data:`_LINGER_BYTES` and
+    :data:`_LINGER_SECONDS`).
+    """
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        await stream.send_eof()
+    discarded = 0
+    with trio.move_on_after(_LINGER_SECONDS):
+        while discarded < _LINGER_BYTES and (data := await stream.receive_some(MAX_REQUEST_BYTES)):
+            discarded += len(data)
+
+
+async def _receive_head(stream: trio.abc.ReceiveStream) -> Head:
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     received = bytearray()
     while True:
@@ -76,10 +119,12 @@ async def read_head(stream: trio.abc.ReceiveStream) -> Head:
             raise h11.RemoteProtocolError(f"unexpected {event!r}")
         data = await stream.receive_some(MAX_REQUEST_BYTES)
         if not data:
-            raise h11.RemoteProtocolError("closed before a request")
+            raise trio.BrokenResourceError("closed before a request")
         received += data
         if len(received) > MAX_REQUEST_BYTES:  # h11's own bound only counts what it waits on
-            raise h11.RemoteProtocolError(f"request head over {MAX_REQUEST_BYTES} bytes")
+            raise h11.RemoteProtocolError(
+                f"request head over {MAX_REQUEST_BYTES} bytes", error_status_hint=431
+            )
         connection.receive_data(bytes(data))
 
 

@@ -67,14 +67,15 @@ def _error(status: int, reason: str) -> Answer:
     return Answer(status, f"{reason}\n".encode())
 
 
-def _int_parameter(query: dict[str, list[str]], name: str) -> int | None:
-    """The integer query parameter ``name`` (None if absent). Raises ValueError."""
+def _int_parameter(query: dict[str, list[str]], name: str, least: int) -> int | None:
+    """The integer query parameter ``name``, at least ``least`` (None if absent). Raises
+    ValueError."""
     values = query.get(name)
     if not values:
         return None
     text = values[-1]
-    if not text.isascii() or not text.isdigit() or len(text) > 12:
-        raise ValueError(f"{name} must be a whole number >= 0, not {text[:20]!r}")
+    if not text.isascii() or not text.isdigit() or len(text) > 12 or int(text) < least:
+        raise ValueError(f"{name} must be a whole number >= {least}, not {text[:20]!r}")
     return int(text)
 
 
@@ -126,13 +127,13 @@ class Pages:
     def _history(self, query_text: str) -> Answer:
         query = urllib.parse.parse_qs(query_text)
         try:
-            before = _int_parameter(query, "before")
-            limit = _int_parameter(query, "limit")
+            before = _int_parameter(query, "before", 0)
+            limit = _int_parameter(query, "limit", 1)
         except ValueError as error:
             return _error(400, str(error))
         if limit is None:
             limit = DEFAULT_LIMIT
-        if not 1 <= limit <= MAX_LIMIT:
+        if limit > MAX_LIMIT:
             return _error(400, f"limit must be between 1 and {MAX_LIMIT}")
         records = self._rounds(before, limit)
         served: list[bytes] = []
