@@ -18,9 +18,21 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio_parallel
 
-__all__ = ["worker_processes"]
+__all__ = ["OOM_SCORE_ADJ", "worker_processes"]
 
 log = logging.getLogger(__name__)
+
+#: Every worker asks the kernel to be the first killed when memory runs out (the
+#: most: 1000), so a malformed file or an evaluation that eats memory ends its own
+#: worker (seen as that worker's failure), not the coordinator.
+OOM_SCORE_ADJ = 1000
+
+
+def _first_to_go_when_memory_runs_out() -> bool:
+    """A worker's start: raise its OOM score (Linux; where it cannot, nothing changes)."""
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as score:
+        score.write(str(OOM_SCORE_ADJ))
+    return True
 
 
 @contextlib.asynccontextmanager
@@ -47,6 +59,7 @@ async def worker_processes(
         multiprocessing.get_context("forkserver").set_forkserver_preload(list(preload))
     context = trio_parallel.open_worker_context(
         idle_timeout=idle_timeout,
+        init=_first_to_go_when_memory_runs_out,
         retire=retire,
         grace_period=grace_period,
         worker_type=trio_parallel.WorkerType.FORKSERVER,
