@@ -11,7 +11,12 @@ import trio
 
 from fl_coordinator.storage.journal import remember
 from fl_coordinator.storage.layout import Layout
-from fl_coordinator.storage.round_log import MAX_LINE_BYTES, RoundLog, round_log_path
+from fl_coordinator.storage.round_log import (
+    MAX_HISTORY_BYTES,
+    MAX_LINE_BYTES,
+    RoundLog,
+    round_log_path,
+)
 
 
 def ended(number: int, stage: str = "COMPLETED", **extra: Any) -> dict[str, Any]:
@@ -87,6 +92,26 @@ async def test_the_file_is_bounded_and_a_cut_line_is_skipped(layout: Layout, cap
     log = RoundLog(layout, keep=3)
     assert [record["round"] for record in log.newest()] == [7, 6, 5]
     assert "1 line(s) are not round records; skipped" in caplog.text
+
+
+async def test_rounds_of_many_selectors_are_kept_fewer_within_the_byte_bound(
+    layout: Layout,
+) -> None:
+    selectors = [f"selector-{index:06d}.example:50051" for index in range(20_000)]
+    big = [
+        ended(n, "FAILED", selectors=selectors, configured=selectors, reported=selectors)
+        for n in range(1, 31)
+    ]  # 30 rounds of 20,000 selectors: about 1.3 MB each as a line
+    log = RoundLog(layout, keep=2000)
+    await written(log, *big)
+    held = [record["round"] for record in log.newest(limit=1000)]
+    weight = len(json.dumps(log.newest(limit=1)[0])) + 1
+    assert held == list(range(30, 30 - len(held), -1))  # the newest, none missing between
+    assert len(held) == MAX_HISTORY_BYTES // weight  # as many as fit, and no more
+    assert 5 < len(held) < 30
+    again = RoundLog(layout, keep=2000)  # the file holds no more than memory did
+    assert [record["round"] for record in again.newest(limit=1000)] == held
+    assert round_log_path(layout).stat().st_size <= 2 * MAX_HISTORY_BYTES
 
 
 def _line(number: int, **fields: Any) -> bytes:

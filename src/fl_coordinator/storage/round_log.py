@@ -7,8 +7,11 @@ of the run): the last line of a round is its record. Lines are appended and
 fsynced off the event loop, with the SHA-256 of the checkpoint a round
 produced (read from its history link, ``history/round-NNNNNN``, which
 nothing modifies: the next round's checkpoint is a new file). It is bounded:
-once it holds twice ``keep`` lines it is rewritten (atomically) with the
-newest ``keep``, and only those are read at start-up and held in memory.
+once it holds twice ``keep`` lines (or twice :data:`MAX_HISTORY_BYTES`) it is rewritten (atomically) with the
+newest ``keep``, and only those are read at start-up and held in memory;
+fewer when their records, encoded, would exceed :data:`MAX_HISTORY_BYTES`
+(rounds of thousands of selectors each: 2,000 of them held 1.26 GB), the
+oldest records going first.
 
 It is the coordinator's own file, but a crash can cut its last line short,
 and a disk or a hand can leave anything in it: lines that are not a record
@@ -44,7 +47,7 @@ from .journal import history
 from .journal_writer import DRAIN_SECONDS
 from .layout import Layout
 
-__all__ = ["MAX_LINE_BYTES", "RoundLog", "round_log_path"]
+__all__ = ["MAX_HISTORY_BYTES", "MAX_LINE_BYTES", "RoundLog", "round_log_path"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,11 @@ _CHUNK = 1 << 20
 
 #: The longest line read back: a record is a few KiB (a few hundred bytes per selector).
 MAX_LINE_BYTES = 4 << 20
+
+#: The most the records held (and kept in the file) may weigh, as JSON lines: the
+#: newest ``ROUND_HISTORY`` rounds of a few hundred bytes each fit many times over;
+#: rounds of thousands of selectors are kept fewer (about 6 times this in memory).
+MAX_HISTORY_BYTES = 16 << 20
 
 
 def round_log_path(layout: Layout) -> Path:
@@ -124,7 +132,8 @@ def _lines_from_end(file: BinaryIO, max_line: int) -> Iterator[bytes | None]:
 
 
 def _read(path: Path, keep: int) -> tuple[list[RoundRecord], int]:
-    """The records of the newest ``keep`` rounds in the file, by round, and its line count.
+    """The records of the newest ``keep`` rounds in the file (fewer if they would weigh more
+    than :data:`MAX_HISTORY_BYTES`), by round, and its line count.
 
     Read from the end: the last line of a round is its record. The file holds
     fewer than ``2 * keep`` lines when this process wrote it; no more are read
@@ -133,7 +142,7 @@ def _read(path: Path, keep: int) -> tuple[list[RoundRecord], int]:
     corrupt or foreign file costs bounded time and memory at start-up.
     """
     records: dict[int, RoundRecord] = {}
-    bad = lines = 0
+    bad = lines = weight = 0
     try:
         with path.open("rb") as file:
             for line in _lines_from_end(file, MAX_LINE_BYTES):
@@ -145,6 +154,10 @@ def _read(path: Path, keep: int) -> tuple[list[RoundRecord], int]:
                 if not _is_record(value):
                     bad += 1
                 elif value["round"] not in records:
+                    weight += len(_line(value))
+                    if weight > MAX_HISTORY_BYTES:
+                        lines = 2 * keep  # the next write rewrites it with what is held
+                        break
                     records[value["round"]] = value
     except FileNotFoundError:
         return [], 0
@@ -161,7 +174,9 @@ class RoundLog:
         self._path = round_log_path(layout)
         self._keep = keep
         records, self._lines = _read(self._path, keep)
-        self._records: collections.deque[RoundRecord] = collections.deque(records, maxlen=keep)
+        self._records: collections.deque[RoundRecord] = collections.deque(records)
+        self._weights = {record["round"]: len(_line(record)) for record in records}
+        self._bytes = self._size()  # of the file, which is rewritten at twice the bound
         self._pending: list[RoundRecord] = []
         self._work = trio.Event()
         self._failing = False
@@ -195,14 +210,25 @@ class RoundLog:
             self._records.append(record)
         else:
             self._records[self._records.index(known)] = record
+        self._weigh(record)
         self._pending.append(record)
         self._work.set()
 
     def _change(self, record: RoundRecord, **fields: Any) -> None:
         record.update(fields)  # type: ignore[typeddict-item]
+        self._weigh(record)
         if not any(waiting is record for waiting in self._pending):
             self._pending.append(record)
         self._work.set()
+
+    def _weigh(self, record: RoundRecord) -> None:
+        """Count ``record``'s weight, then let the oldest records go while there are more
+        than ``keep`` or they weigh more than :data:`MAX_HISTORY_BYTES` (never the newest)."""
+        self._weights[record["round"]] = len(_line(record))
+        while len(self._records) > 1 and (
+            len(self._records) > self._keep or sum(self._weights.values()) > MAX_HISTORY_BYTES
+        ):
+            del self._weights[self._records.popleft()["round"]]
 
     def _find(self, number: int) -> RoundRecord | None:
         """The record of round ``number`` (the newest are looked at first)."""
@@ -239,7 +265,10 @@ class RoundLog:
                 if record["outcome"] == "COMPLETED" and record["checkpoint_sha256"] is None:
                     digest = await trio.to_thread.run_sync(self._digest, record["round"])
                     record["checkpoint_sha256"] = digest
-                if self._lines + 1 >= 2 * self._keep:  # rewritten with the newest only
+                if (  # rewritten with the newest only
+                    self._lines + 1 >= 2 * self._keep
+                    or self._bytes + self._weights.get(record["round"], 0) > 2 * MAX_HISTORY_BYTES
+                ):
                     held = len(self._pending)  # each of them is in the rewrite
                     await trio.to_thread.run_sync(self._rewrite, list(self._records))
                     del self._pending[1:held]
@@ -268,14 +297,24 @@ class RoundLog:
             )
         self._failing = True
 
+    def _size(self) -> int:
+        try:
+            return self._path.stat().st_size
+        except OSError:
+            return 0
+
     def _append(self, record: RoundRecord) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        line = _line(record)
         with self._path.open("ab") as file:
-            file.write(_line(record))
+            file.write(line)
             file.flush()
             os.fsync(file.fileno())
         self._lines += 1
+        self._bytes += len(line)
 
     def _rewrite(self, records: list[RoundRecord]) -> None:
-        write_atomic(self._path, b"".join(map(_line, records)), self._layout.tmp)
+        content = b"".join(map(_line, records))
+        write_atomic(self._path, content, self._layout.tmp)
         self._lines = len(records)
+        self._bytes = len(content)
