@@ -28,6 +28,8 @@ __all__ = ["explain", "innermost", "is_mistake", "rpc_status"]
 
 #: Longest text quoted from a peer (its status details, its first bytes).
 _QUOTED = 120
+#: The type of an HTTP/2 SETTINGS frame, the first frame of every HTTP/2 server (RFC 9113, 3.4).
+_SETTINGS = b"\x04"
 
 
 def innermost(error: BaseException) -> BaseException:
@@ -57,6 +59,8 @@ def _answered_by(first: bytes) -> str | None:
         return f"answered in HTTP/1 ({shown(line, _QUOTED)}), not gRPC"
     if first[:1] == b"\x15":  # a TLS alert record: it expected a TLS handshake
         return "answered with a TLS alert: it speaks TLS, and this call was plaintext"
+    if first[3:4] == _SETTINGS and first[5:9] == b"\x00\x00\x00\x00":
+        return None  # an HTTP/2 server's preface (SETTINGS on stream 0): it went away
     if first:
         return f"answered with bytes that are not HTTP/2 ({shown(first, _QUOTED)})"
     return None
