@@ -40,3 +40,15 @@ def test_other_kinds_of_port_are_named(first: bytes, said: str) -> None:
     lost = LinkLost("lost", first)
     assert said in explain(lost, "sel1.example:50051", "selector")
     assert is_mistake(lost) is True
+
+
+def test_a_connection_closed_without_a_byte_suggests_tls_to_a_plaintext_caller() -> None:
+    """A TLS server closes a plaintext connection without a byte (no alert)."""
+    lost = LinkLost("lost", b"")
+    hint = "if it serves TLS, give the client --selector-ca"
+    assert explain(lost, "sel1.example:50051", "selector", tls_hint=hint) == (
+        f"the selector at sel1.example:50051 closed the connection before answering: {hint}"
+    )
+    # Once it has spoken HTTP/2, it is a gRPC server that went away: no TLS hint.
+    assert explain(LinkLost("lost", server_preface()), "sel1.example:50051", "selector",
+                   tls_hint=hint).endswith("closed the connection before answering")  # fmt: skip

@@ -135,6 +135,7 @@ async def test_three_roles_on_separate_machines(
                     "watch",
                     on("operator"),
                     "fl-coordinator watch ws://coord.example:50052/status --plain",
+                    WATCHED,  # following the rounds before any client comes
                 )
                 for name in ("sel1", "sel2"):
                     line = replaced(selector, ("sel1", name)) if name != "sel1" else selector
@@ -166,3 +167,98 @@ async def test_three_roles_on_separate_machines(
         assert weight > 0
     after = read_floats(root / "initFiles" / "fl_checkpoint")
     assert len(changed(before, after)) == len(before)  # every weight array was trained
+
+
+# -- "Security": the TLS walkthrough ------------------------------------------------------------
+
+
+async def make_certificates(operator: Operator, shell: Shell) -> None:
+    """The README's openssl lines for the CA and the coordinator, then, as its comment says,
+    "the same for each selector": the coordinator's lines with ``coord`` -> ``sel1``."""
+    (lines,) = commands(block("Security", "openssl req -x509"))
+    assert lines.title == ""  # the CA's line, then the coordinator's
+    for index, line in enumerate(lines.lines):
+        await operator.run(f"openssl-{index}", shell, line)
+    for index, line in enumerate(lines.lines[1:]):
+        await operator.run(f"openssl-sel1-{index}", shell, replaced(line, ("coord", "sel1")))
+
+
+async def test_tls_walkthrough(network: Network, tmp_path: Path) -> None:
+    parts = commands(block("Security", "fl-coordinator serve"))
+    (serve,) = part(parts, "coordinator: TLS")
+    (selector,) = part(parts, "reference selector")
+    three_roles = commands(block("The three roles, on separate machines", "fl-selector serve"))
+    (client,) = part(three_roles, "each client")
+    # "With TLS on the selector, give the client the selector's CA with --selector-ca ca.pem"
+    client = replaced(client, ("--rounds 10", "--rounds 1")) + " --selector-ca ca.pem"
+    plaintext_client = replaced(client, (" --selector-ca ca.pem", ""))
+    health = "fl-coordinator health --address coord.example:50050"
+    names = {"coord.example": "192.0.2.1", "sel1.example": "192.0.2.11",
+             "operator.example": "192.0.2.2", "client0.example": "192.0.2.100",
+             "client1.example": "192.0.2.101"}  # fmt: skip
+    machines = hosts(network, names)
+    work = tmp_path / "work"  # where the certificates are made, and ./data: FL_ROOT_PATH
+    secrets = tmp_path / "secrets"  # mounted at /run/secrets where the README reads it
+    for folder in (work, secrets):
+        folder.mkdir()
+    homes = [path.parent for path in shards(tmp_path, 2)]
+
+    def on(name: str, cwd: Path = work) -> Shell:
+        return Shell(machines[f"{name}.example"], cwd, binds={"/run/secrets": secrets},
+                     empty=("/run",))  # fmt: skip
+
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            operator = Operator(nursery, tmp_path / "logs")
+            try:
+                await make_certificates(operator, on("operator"))
+                for token in ("fl-token", "status-token"):  # "make them with openssl rand -hex 24"
+                    await operator.run(
+                        token, on("operator", secrets), f"openssl rand -hex 24 > {token}"
+                    )
+                for home in homes:  # the CA goes to the clients' machines
+                    shutil.copy(work / "ca.pem", home)
+                await operator.run("init", on("coord"), "fl-coordinator init")  # ./data
+                before = read_floats(work / "data" / "initFiles" / "fl_checkpoint")
+                await operator.start("coordinator", on("coord"), serve, SERVING)
+                sel1 = await operator.start("sel1", on("sel1"), selector)
+                assert (await sel1.line(SELECTOR_READY))[1] == "sel1.example:50051"
+                watch = await operator.start("watch", on("operator"),
+                    "fl-coordinator watch wss://coord.example:50052/status --ca ca.pem "
+                    '--token "$(cat /run/secrets/status-token)" --plain', WATCHED)  # fmt: skip
+                clients = [await operator.start(f"client{k}", on(f"client{k}", home), client)
+                           for k, home in enumerate(homes)]  # fmt: skip
+                for program in clients:
+                    assert await program.wait() == 0, program.tail()
+                    await program.line(r"round done \(1/1\)")
+                await watch.line(r"round 1\s+COMPLETED")
+                # Plaintext is refused, by the selector (a client without --selector-ca)
+                # and by the coordinator (its health service too: the port is TLS only).
+                plain = await operator.start(
+                    "plain-client", on("client0", homes[0]), plaintext_client
+                )
+                plain_health = await operator.start("plain-health", on("operator"), health)
+                plain_statuses = (await plain.wait(), await plain_health.wait())
+                mutual = f"{health} --ca ca.pem --cert sel1.pem --key sel1.key"
+                await operator.run("health", on("operator"), mutual)
+                assert await operator.stop("coordinator") == 0
+            finally:
+                await operator.stop_all()
+
+    assert [stage for number, stage in watched(watch) if number == 1] == ROUND
+    (done, *_) = round_lines(watch.lines, 1, "COMPLETED")
+    assert done[2:] == ("2", "2", "1", "1", "1"), done  # clients 2/2 (CHECKIN_LIMIT's default)
+    assert kept_rounds(work / "data") == [0, 1]
+    after = read_floats(work / "data" / "initFiles" / "fl_checkpoint")
+    assert len(changed(before, after)) == len(before)
+    # The selector took only TLS: the plaintext client's handshake failed there, and the
+    # client said what to do (exit status 1: it cannot tell this from a selector going away).
+    assert plain_statuses[0] == 1, plain.tail()
+    assert plain.lines[-1] == (
+        "fl-client: the selector at sel1.example:50051 closed the connection before answering: "
+        "if it serves TLS, give the client --selector-ca"
+    )
+    refused = r"TLS handshake with 192\.0\.2\.100:\d+ failed: WRONG_VERSION_NUMBER"
+    assert any(re.search(refused, line) for line in sel1.lines)
+    assert plain_statuses[1] == 1, plain_health.tail()
+    assert "UNAVAILABLE" in plain_health.lines[-1]

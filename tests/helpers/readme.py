@@ -75,13 +75,18 @@ class Part:
 def commands(text: str) -> list[Part]:
     """The block's commands, continuation lines joined, grouped by the comment lines above them.
 
-    Commands before any comment line form a part titled ``""``; trailing comments
-    stay on their command (``sh`` ignores them).
+    Consecutive comment lines make one title; commands before any comment line
+    form a part titled ``""``; trailing comments stay on their command (``sh``
+    ignores them).
     """
     parts = [Part("", [])]
     for line in re.sub(r"\\\n\s*", "", text).splitlines():
         if line.startswith("#"):
-            parts.append(Part(line.lstrip("#").strip(), []))
+            comment = line.lstrip("#").strip()
+            if parts[-1].lines or not parts[-1].title:
+                parts.append(Part(comment, []))
+            else:
+                parts[-1] = Part(f"{parts[-1].title} {comment}", [])
         elif line.strip():
             parts[-1].lines.append(line.strip())
     return [part for part in parts if part.lines]

@@ -66,11 +66,16 @@ def _answered_by(first: bytes) -> str | None:
     return None
 
 
-def explain(error: BaseException, address: str, peer: str, port_hint: str = "") -> str:
+def explain(
+    error: BaseException, address: str, peer: str, port_hint: str = "", tls_hint: str = ""
+) -> str:
     """One line: the ``peer`` at ``address`` could not be called, why, what to check.
 
     ``port_hint`` is appended where the address may be the wrong port
-    ("selectors call the coordinator's PORT, 50050 by default").
+    ("selectors call the coordinator's PORT, 50050 by default"); ``tls_hint``
+    where a connection closed before the peer sent a byte, which is what a TLS
+    server does to a plaintext call (it sends no alert: no TLS version was agreed),
+    so give it for plaintext calls ("if it serves TLS, give --selector-ca").
     """
     cause = innermost(error)
     where = f"the {peer} at {address}"
@@ -88,6 +93,8 @@ def explain(error: BaseException, address: str, peer: str, port_hint: str = "") 
         kind = _answered_by(cause.answered)
         if kind is not None:
             return f"{where} {kind}: is that its gRPC port?{hint}"
+        if tls_hint and not cause.answered:
+            return f"{where} closed the connection before answering: {tls_hint}"
         return f"{where} closed the connection before answering"
     if isinstance(cause, ssl.SSLError):
         reason = cause.reason or cause.strerror or str(cause)
