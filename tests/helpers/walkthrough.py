@@ -78,7 +78,10 @@ class Shell:
     ``binds``: folder on the host -> folder of this machine mounted there;
     ``empty``: folders covered by an empty tmpfs first (``/run``, to make
     ``/run/secrets`` without touching this machine's ``/run``); ``hostname``: a
-    UTS namespace with that name (a pod's); ``user``: uid and gid to run as.
+    UTS namespace with that name (a pod's); ``user``: uid and gid to run as (not 0),
+    with one capability kept, CAP_DAC_READ_SEARCH, so that it can read this
+    checkout's Python wherever it lives (under ``/root``, with pyenv): what it may
+    write is still only what the user may.
     """
 
     host: Host
@@ -99,8 +102,9 @@ class Shell:
             setup.append(f"hostname {shlex.quote(self.hostname)}")
         setup.append(f"cd {shlex.quote(str(self.cwd))}")
         become = ""
-        if self.user is not None:
-            become = f"setpriv --reuid {self.user} --regid {self.user} --clear-groups "
+        if self.user:  # keeps CAP_DAC_READ_SEARCH only: this checkout's Python may be under /root
+            become = (f"setpriv --reuid {self.user} --regid {self.user} --clear-groups "
+                      "--inh-caps +dac_read_search --ambient-caps +dac_read_search ")  # fmt: skip
         setup.append(f'exec {become}sh -c "$1"')
         uts = ["unshare", "--uts"] if self.hostname else []
         return [*self.host.prefix, *uts, "sh", "-c", "\n".join(setup), "sh", line]
