@@ -35,7 +35,7 @@ import pytest
 import trio
 from helpers.netns import Host, Network
 from helpers.peers import read_floats
-from helpers.readme import block, commands, part, replaced
+from helpers.readme import BlockNotFound, block, commands, part, replaced
 from helpers.walkthrough import WATCHED, Operator, Shell, mount_point, watched
 
 from fl_coordinator.config import default_settings
@@ -47,7 +47,7 @@ SERVING = r"selectors at \S+:50050 \(FlIntra\), status stream at"
 SELECTOR_READY = r"selector (\S+) serving"
 #: Each round's stages as the status stream shows them, in order.
 ROUND = ["SELECTION", "CONFIGURATION", "REPORTING", "COMPLETED"]
-LIMIT = 240  # s, for the whole walkthrough: far more than it takes (about 40 s)
+LIMIT = 240  # s, for a whole walkthrough: far more than they take (about 60 s and 25 s)
 
 
 @pytest.fixture
@@ -97,6 +97,15 @@ def round_lines(watch_lines: list[str], round_no: int, stage: str) -> list[tuple
         if match and (int(match[1]), match[2]) == (round_no, stage):
             found.append(match.groups())
     return found
+
+
+def test_a_block_the_readme_no_longer_holds_fails_loudly() -> None:
+    with pytest.raises(BlockNotFound, match="no section headed 'Nowhere'"):
+        block("Nowhere", "fl-selector serve")
+    with pytest.raises(BlockNotFound, match="0 ```sh blocks contain 'fl-coordinator teleport'"):
+        block("Security", "fl-coordinator teleport")
+    with pytest.raises(BlockNotFound, match="'--rounds 10' is no longer in the README's line"):
+        replaced("fl-client --rounds 3", ("--rounds 10", "--rounds 2"))
 
 
 # -- "The three roles, on separate machines" --------------------------------------------------
