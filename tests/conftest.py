@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers.browser import CHROMIUM, HOW_TO_GET_CHROMIUM
+from helpers.netns import network  # noqa: F401 (hosts of their own: a fixture for every module)
 from helpers.pki import pki  # noqa: F401 (the session's certificates, a fixture for every module)
 
 from fl_coordinator.config import Settings, default_settings

@@ -25,8 +25,6 @@ from typing import Any
 
 __all__ = ["NOISY", "JsonFormatter", "context_field", "log_context", "setup_logging"]
 
-__all__: list[str] = []
-
 #: The structured fields a log line may carry, in the order they are written.
 _FIELDS = ("round", "selector", "peer")
 

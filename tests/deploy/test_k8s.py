@@ -14,11 +14,9 @@ run here for real.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from helpers import REPO
-from helpers.containerfile import arguments, image_env
+from helpers.containerfile import arguments
 from helpers.kustomize import files_of, render
+from helpers.pods import FULL, SLIM, by_kind, expand, pods
+from helpers.pods import environment as pod_environment
 
 from fl_coordinator.cli.main import build_parser
 from fl_coordinator.config import KEYS, default_settings, load_settings
@@ -52,11 +52,7 @@ EXTERNAL = {
 #: The problem's namespace in each set, for PROBLEM_ID (a fieldRef); the base has none.
 NAMESPACE = {"federation": "fl-problem", "digits": "fl-digits", "fedota": "fl-problem",
              "rollback": "fl-problem"}  # fmt: skip
-VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-SLIM, FULL = f"fl-coordinator:{VERSION}", f"fl-coordinator:{VERSION}-full"
 FL_UID = 10001
-#: What the image's ENV sets that is no setting of the coordinator.
-IMAGE_ONLY = {"PATH", "PYTHONUNBUFFERED"}
 
 Manifest = dict[str, Any]
 
@@ -75,23 +71,6 @@ def objects(name: str) -> list[Manifest]:
 def federation(request: pytest.FixtureRequest) -> tuple[str, list[Manifest]]:
     """A set with a coordinator and selectors, and its objects."""
     return request.param, render(K8S / request.param)
-
-
-def by_kind(objects: list[Manifest], kind: str) -> dict[str, Manifest]:
-    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
-
-
-def pods(objects: list[Manifest]) -> dict[str, Manifest]:
-    """The pod spec of every workload (a Pod's own, a template's), with its labels."""
-    found = {}
-    for item in objects:
-        if item["kind"] == "Pod":
-            found[item["metadata"]["name"]] = {"labels": item["metadata"]["labels"], **item["spec"]}
-        elif item["kind"] in ("Deployment", "StatefulSet", "Job"):
-            template = item["spec"]["template"]
-            found[item["metadata"]["name"]] = {"labels": template["metadata"]["labels"],
-                                               **template["spec"]}  # fmt: skip
-    return found
 
 
 def containers(pod: Manifest) -> Iterator[Manifest]:
@@ -114,31 +93,8 @@ def selected(objects: list[Manifest], selector: dict[str, str]) -> dict[str, Man
 
 
 def environment(objects: list[Manifest], container: Manifest, set_name: str, pod: str) -> dict:
-    """The container's environment as Kubernetes makes it (tokens as a placeholder).
-
-    Our images' ENV first (the Containerfile's), except PATH and PYTHONUNBUFFERED.
-    """
-    config_maps = by_kind(objects, "ConfigMap")
-    env: dict[str, str] = {}
-    if container["image"] in (SLIM, FULL):
-        env.update({k: v for k, v in image_env().items() if k not in IMAGE_ONLY})
-    for source in container.get("envFrom", []):
-        env.update(config_maps[source["configMapRef"]["name"]]["data"])
-    for variable in container.get("env", []):
-        if "value" in variable:
-            env[variable["name"]] = variable["value"]
-        elif "fieldRef" in variable["valueFrom"]:
-            path = variable["valueFrom"]["fieldRef"]["fieldPath"]
-            env[variable["name"]] = {"metadata.namespace": NAMESPACE[set_name],
-                                     "metadata.name": pod}[path]  # fmt: skip
-        else:
-            env[variable["name"]] = "a-token"
-    return env
-
-
-def expand(argument: str, env: dict[str, str]) -> str:
-    """Kubernetes' ``$(VAR)`` in command and args."""
-    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), argument)
+    """The container's environment as Kubernetes makes it (tokens as a placeholder)."""
+    return pod_environment(objects, container, NAMESPACE[set_name], pod, lambda *_: "a-token")
 
 
 def running(pod: Manifest, program: str) -> Manifest | None:

@@ -20,13 +20,12 @@ fails and says so (CI runs as root; .ci/run installs iproute2 if it is missing).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from helpers.client_host import ClientHost
-from helpers.netns import Host, Network, NetworkUnavailable
+from helpers.netns import Host, Network
 from helpers.peers import assert_arrays_close, completed, fedavg, read_floats, stage_sequence
 
 from fl_coordinator.config import Settings
@@ -38,21 +37,6 @@ SELECTOR_IDS = tuple(f"{address}:50051" for address in SELECTORS)
 #: Client k uploads keras_weights[k] with weight WEIGHTS[k] to selector k // 2.
 WEIGHTS = (3, 5, 7, 11)
 REPORTING_WINDOW = 15  # s: far longer than a selector needs to report, even on a busy machine
-
-
-@pytest.fixture
-def network() -> Iterator[Network]:
-    try:
-        made = Network()
-    except NetworkUnavailable as error:
-        pytest.fail(
-            f"cannot make the test's hosts (network namespaces): {error}. This test needs "
-            "root and iproute2; CI runs as root, and .ci/run installs iproute2 if missing."
-        )
-    try:
-        yield made
-    finally:
-        made.remove()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 from helpers.peers import eventually, refused_wait_ms
 
 from fl_coordinator._proto import (
@@ -19,6 +20,7 @@ from fl_coordinator._proto import (
     fl_intra_pb2,
 )
 from fl_coordinator.connections import ConnectionLimits
+from fl_coordinator.federation.link import IDLE_CLOSE
 from fl_coordinator.federation.selector import Selector, SelectorOptions
 from fl_coordinator.logs import context_field
 from fl_coordinator.rpc.listener import serve_grpc
@@ -117,3 +119,24 @@ async def test_a_connection_the_coordinator_closed_when_idle_is_dialled_again(
     assert await refused_wait_ms(selector.id) == WAIT_MS
     assert link.dials == 2 and len(coordinator.connections) == 2
     assert len(set(coordinator.connections)) == 2  # a new connection
+
+
+async def test_a_call_as_the_idle_close_runs_out_dials_again(
+    layout: Layout, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    """A refused client waits the selector's reconnection time (20 s by default), exactly
+    IDLE_CLOSE: its next check-in must not take the connection being closed at that moment
+    (it failed as lost, and was explained as a peer that does not speak HTTP/2)."""
+    coordinator = RecordingCoordinator()
+    port = await nursery.start(coordinator.serve, 0, ConnectionLimits(idle_timeout=None))
+    selector = await start_selector(nursery, layout, port, batch=False)
+    link = selector._link
+    assert link is not None
+    assert await refused_wait_ms(selector.id) == WAIT_MS
+    assert link.connected
+    mock_clock.jump(IDLE_CLOSE)
+    # Not a checkpoint since: the link's own closing of the connection (purerpc's
+    # socket shut down, the stream closed) has not even begun, and takes I/O.
+    assert not link.connected  # the next call will not be handed the dying connection
+    assert await refused_wait_ms(selector.id) == WAIT_MS
+    assert link.dials == 2 and len(coordinator.connections) == 2

@@ -6,7 +6,9 @@ switch, a bridge in a namespace of its own, an address in 192.0.2.0/24
 runs there reaches the other hosts and nothing else. Nothing is added to the
 machine's own namespace, and the names carry the test process's id, so runs
 side by side do not meet. :meth:`Network.cut` pulls a host's cable: its port
-on the switch goes down. Needs root and iproute2 (``ip``).
+on the switch goes down. :meth:`Network.resolve` gives a host names for the
+others (its own ``/etc/hosts``, which ``ip netns exec`` mounts over the machine's
+for what runs there). Needs root and iproute2 (``ip``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["Host", "Network", "NetworkUnavailable"]
+import pytest
+
+__all__ = ["Host", "Network", "NetworkUnavailable", "network"]
 
 _PREFIX = "flnet"
+#: Where ``ip netns exec NAME`` finds files to mount over /etc's for that namespace.
+_ETC = Path("/etc/netns")
 _SUBNET_BITS = 24
 
 
@@ -77,9 +85,22 @@ class Network:
         """Unplug ``host``: its port on the switch goes down (the host sees NO-CARRIER)."""
         _ip("-n", self.switch, "link", "set", host.port, "down")
 
+    def resolve(self, host: Host, names: dict[str, str]) -> None:
+        """On ``host``, each of ``names`` (host name -> address) resolves to its address,
+        as a DNS server would say (``localhost`` too)."""
+        lines = ["127.0.0.1 localhost", *(f"{address} {name}" for name, address in names.items())]
+        folder = _ETC / host.name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "hosts").write_text("\n".join(lines) + "\n")
+
     def remove(self) -> None:
         for name in [h.name for h in self.hosts] + [self.switch]:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+            _delete(name)
+
+
+def _delete(name: str) -> None:
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    shutil.rmtree(_ETC / name, ignore_errors=True)
 
 
 def _remove_stale() -> None:
@@ -90,4 +111,21 @@ def _remove_stale() -> None:
         parts = name.split("-")
         ours = len(parts) >= 3 and parts[0] == _PREFIX and parts[1].isdigit()
         if ours and not os.path.exists(f"/proc/{parts[1]}"):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+            _delete(name)
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    """A switch for the test's hosts, removed after it; a test that cannot have one fails
+    and says why (never skipped: CI runs as root, and .ci/run installs iproute2)."""
+    try:
+        made = Network()
+    except NetworkUnavailable as error:
+        pytest.fail(
+            f"cannot make the test's hosts (network namespaces): {error}. This test needs "
+            "root and iproute2; CI runs as root, and .ci/run installs iproute2 if missing."
+        )
+    try:
+        yield made
+    finally:
+        made.remove()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 from helpers.peers import (
     FakeSelector,
@@ -228,3 +229,24 @@ async def test_a_history_that_cannot_be_written_does_not_undo_a_completed_round(
     )
     again = await run_round(nursery, endpoints.grpc_port, watcher, layout, sources, number=2)
     assert again["stage"] == "COMPLETED"
+
+
+def test_a_start_after_a_rollback_says_which_round_it_starts_from(
+    layout: Layout, caplog: pytest.LogCaptureFixture
+) -> None:
+    next_round(layout, keep=5)  # keeps the initial checkpoint as round 0
+    for number in (1, 2):
+        write_atomic(layout.checkpoint, f"round {number}'s model".encode(), layout.tmp)
+        remember(layout, number, keep=5)
+    write_journal(layout, Entry(round=2, stage="COMPLETED"))
+    with caplog.at_level(logging.INFO, logger="fl_coordinator.storage.journal"):
+        assert next_round(layout, keep=5) == 3
+    assert "restored" not in caplog.text  # the newest round's checkpoint: nothing to say
+    rollback(layout, 1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fl_coordinator.storage.journal"):
+        assert next_round(layout, keep=5) == 3
+    assert [r.getMessage() for r in caplog.records if "restored" in r.getMessage()] == [
+        "round 3 starts from the checkpoint of round 1, restored by rollback "
+        "(the newest kept round is 2)"
+    ]

@@ -28,6 +28,8 @@ __all__ = ["explain", "innermost", "is_mistake", "rpc_status"]
 
 #: Longest text quoted from a peer (its status details, its first bytes).
 _QUOTED = 120
+#: The type of an HTTP/2 SETTINGS frame, the first frame of every HTTP/2 server (RFC 9113, 3.4).
+_SETTINGS = b"\x04"
 
 
 def innermost(error: BaseException) -> BaseException:
@@ -57,16 +59,23 @@ def _answered_by(first: bytes) -> str | None:
         return f"answered in HTTP/1 ({shown(line, _QUOTED)}), not gRPC"
     if first[:1] == b"\x15":  # a TLS alert record: it expected a TLS handshake
         return "answered with a TLS alert: it speaks TLS, and this call was plaintext"
+    if first[3:4] == _SETTINGS and first[5:9] == b"\x00\x00\x00\x00":
+        return None  # an HTTP/2 server's preface (SETTINGS on stream 0): it went away
     if first:
         return f"answered with bytes that are not HTTP/2 ({shown(first, _QUOTED)})"
     return None
 
 
-def explain(error: BaseException, address: str, peer: str, port_hint: str = "") -> str:
+def explain(
+    error: BaseException, address: str, peer: str, port_hint: str = "", tls_hint: str = ""
+) -> str:
     """One line: the ``peer`` at ``address`` could not be called, why, what to check.
 
     ``port_hint`` is appended where the address may be the wrong port
-    ("selectors call the coordinator's PORT, 50050 by default").
+    ("selectors call the coordinator's PORT, 50050 by default"); ``tls_hint``
+    where a connection closed before the peer sent a byte, which is what a TLS
+    server does to a plaintext call (it sends no alert: no TLS version was agreed),
+    so give it for plaintext calls ("if it serves TLS, give --selector-ca").
     """
     cause = innermost(error)
     where = f"the {peer} at {address}"
@@ -84,6 +93,8 @@ def explain(error: BaseException, address: str, peer: str, port_hint: str = "") 
         kind = _answered_by(cause.answered)
         if kind is not None:
             return f"{where} {kind}: is that its gRPC port?{hint}"
+        if tls_hint and not cause.answered:
+            return f"{where} closed the connection before answering: {tls_hint}"
         return f"{where} closed the connection before answering"
     if isinstance(cause, ssl.SSLError):
         reason = cause.reason or cause.strerror or str(cause)

@@ -112,7 +112,8 @@ class SelectorCalls:
         try:
             return await self._link.call(invoke)
         except Exception as error:
-            reason = explain(error, self.selector, "selector", _PORT_HINT)
+            tls_hint = "" if self._tls else "if it serves TLS, give the client --selector-ca"
+            reason = explain(error, self.selector, "selector", _PORT_HINT, tls_hint)
             raise PeerError(reason, 2 if is_mistake(error) else 1) from None
 
     async def check_in(self) -> int | None:

@@ -134,10 +134,18 @@ class _Connection:
 
     @property
     def usable(self) -> bool:
-        """Open, and no GOAWAY received (h2 then refuses new streams)."""
+        """Open, no GOAWAY received (h2 then refuses new streams), and not idle too long.
+
+        A call made just as :data:`IDLE_CLOSE` runs out (a client that waited the
+        selector's reconnection time, 20 s, after its last call) must not take the
+        connection that is being closed: it would fail as lost.
+        """
         h2 = self._grpc_socket._grpc_connection.h2_connection
         return (
-            not self.stream.ended.is_set() and h2.state_machine.state is not ConnectionState.CLOSED
+            not self.stream.ended.is_set()
+            and h2.state_machine.state is not ConnectionState.CLOSED
+            and not self.idle.cancel_called
+            and trio.current_time() < self.idle.deadline
         )
 
     def close(self) -> None:

@@ -120,6 +120,7 @@ class _Cohort:
     superseded: bool = False  # the next round was configured before this one reported
     complete: trio.Event = field(default_factory=trio.Event)
     releases: Batcher | None = None
+    announced: bool = False  # "goal reached" was logged
 
     @property
     def label(self) -> str:
@@ -474,6 +475,7 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
                 cohort.configured += 1
             cohort.check_complete()
         asked_in.check_complete()
+        self._announce(asked_in)
         return cohort
 
     async def _hold(self, cohort: _Cohort) -> bool:
@@ -550,24 +552,37 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         if previous is not None and not previous.complete.is_set():
             previous.superseded = True  # the coordinator moved on: its report would be refused
             previous.complete.set()
-        log.info(
-            "%s: goal reached; sending files to %d client(s) (%d more awaiting the "
-            "coordinator's answer)",
-            cohort.label,
-            cohort.held,
-            cohort.asking,
-        )
-
         self._clear_round_files()
         self._reporting = cohort
         cohort.configured = cohort.held
         cohort.go.set()
         cohort.settled.set()
+        self._announce(cohort)
 
         cohort.check_complete()
         assert self._nursery is not None
         self._nursery.start_soon(self._finish, cohort)
         return fl_intra_pb2.Empty()
+
+    def _announce(self, cohort: _Cohort) -> None:
+        """Log "goal reached" once, naming the coordinator's round number.
+
+        GoalCountReached may overtake the check-in answers that say which round
+        the clients are for: then the line waits for the first of them (or for the
+        last answer, from a coordinator that names no rounds: ``cohort N``).
+        """
+        if cohort.announced or not cohort.go.is_set():
+            return
+        if cohort.round is None and cohort.asking:
+            return  # an answer on its way names the round
+        cohort.announced = True
+        log.info(
+            "%s: goal reached; sending files to %d client(s) (%d more awaiting the "
+            "coordinator's answer)",
+            cohort.label,
+            cohort.configured,
+            cohort.asking,
+        )
 
     def _clear_round_files(self) -> None:
         """Remove the uploads of rounds that are over (not those still being summed)."""

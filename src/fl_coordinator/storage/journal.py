@@ -233,7 +233,23 @@ def next_round(layout: Layout, keep: int) -> int:
         size / 1e6,
         keep,
     )
+    _say_if_restored(layout, number)
     return number
+
+
+def _say_if_restored(layout: Layout, number: int) -> None:
+    """Log it when the global checkpoint is an older kept round's: a rollback restored it
+    while no coordinator ran, so this start is the first any log can say so."""
+    restored = checkpoint_round(layout)
+    kept = history(layout)
+    if restored is not None and restored < max(kept, default=restored):
+        log.warning(
+            "round %d starts from the checkpoint of round %d, restored by rollback (the "
+            "newest kept round is %d)",
+            number,
+            restored,
+            max(kept),
+        )
 
 
 def _settle(layout: Layout, keep: int) -> int:
