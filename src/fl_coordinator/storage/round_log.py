@@ -7,11 +7,11 @@ of the run): the last line of a round is its record. Lines are appended and
 fsynced off the event loop, with the SHA-256 of the checkpoint a round
 produced (read from its history link, ``history/round-NNNNNN``, which
 nothing modifies: the next round's checkpoint is a new file). It is bounded:
-once it holds twice ``keep`` lines (or twice :data:`MAX_HISTORY_BYTES`) it is rewritten (atomically) with the
-newest ``keep``, and only those are read at start-up and held in memory;
-fewer when their records, encoded, would exceed :data:`MAX_HISTORY_BYTES`
-(rounds of thousands of selectors each: 2,000 of them held 1.26 GB), the
-oldest records going first.
+once it holds twice ``keep`` lines (or twice :data:`MAX_HISTORY_BYTES`) it
+is rewritten (atomically) with the newest ``keep``, and only those are read
+at start-up and held in memory; fewer when their records, encoded, would
+exceed :data:`MAX_HISTORY_BYTES` (rounds of thousands of selectors each:
+2,000 of them held 1.26 GB), the oldest records going first.
 
 It is the coordinator's own file, but a crash can cut its last line short,
 and a disk or a hand can leave anything in it: lines that are not a record
