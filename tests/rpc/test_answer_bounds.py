@@ -13,8 +13,10 @@ from concurrent import futures
 
 import grpc
 import pytest
+import trio
 
 from fl_coordinator._proto import fl_status_grpc, fl_status_pb2
+from fl_coordinator.federation.link import GrpcLink, LinkLost
 from fl_coordinator.rpc.addresses import MAX_ANSWER_BYTES, call_once
 
 
@@ -33,6 +35,18 @@ def _server(answer: bytes, compression: grpc.Compression) -> tuple[grpc.Server, 
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
+
+
+def _padded(size: int) -> bytes:
+    """A valid answer (an empty message) carrying an unknown field of ``size`` zero bytes,
+    which protobuf parses and skips: without a bound, it is taken whole."""
+    length = bytearray()
+    rest = size
+    while rest >= 0x80:
+        length.append(rest & 0x7F | 0x80)
+        rest >>= 7
+    length.append(rest)
+    return bytes([15 << 3 | 2]) + bytes(length) + bytes(size)
 
 
 async def _call(port: int) -> str:
@@ -85,3 +99,26 @@ async def test_a_compressed_answer_within_the_bound_is_taken(
     finally:
         server.stop(None)
     assert outcome == "NULL"
+
+
+@pytest.mark.parametrize("compression", [grpc.Compression.Deflate, grpc.Compression.Gzip])
+async def test_the_reference_selector_and_client_bound_answers_too(
+    compression: grpc.Compression,
+) -> None:
+    """Their calls (the selector's to the coordinator, the client's to its selector) go
+    through :class:`GrpcLink`, which took purerpc's 32 MiB and inflated it whole."""
+    server, port = _server(_padded(20 << 20), compression)  # under purerpc's 32 MiB
+    request = fl_status_pb2.FlRoundStatus(stage=fl_status_pb2.REPORTING, roundNo=4)
+    try:
+        async with trio.open_nursery() as nursery:
+            link = GrpcLink(nursery, f"127.0.0.1:{port}")
+            with pytest.raises(BaseException) as raised:
+                await link.call(lambda ch: fl_status_grpc.FlStatusStub(ch).RoundStatus(request))
+            nursery.cancel_scope.cancel()
+    finally:
+        server.stop(None)
+    assert isinstance(raised.value, LinkLost)
+    assert str(raised.value) == (
+        f"the connection to the coordinator at 127.0.0.1:{port} was lost: "
+        f"message inflates to more than {MAX_ANSWER_BYTES} bytes"
+    )

@@ -42,10 +42,9 @@ import anyio.abc
 import trio
 from h2.connection import ConnectionState
 from purerpc.grpc_proto import GRPCProtoSocket
-from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.exceptions import RpcFailedError
 
-from ..rpc.addresses import split_address
+from ..rpc.addresses import answer_socket, first_cause, split_address
 
 __all__ = ["IDLE_CLOSE", "MAX_CONCURRENT_CALLS", "GrpcLink", "LinkLost"]
 
@@ -131,6 +130,9 @@ class _Connection:
         self.stream = stream
         self.calls: set[trio.CancelScope] = set()
         self.idle = trio.CancelScope(deadline=trio.current_time() + IDLE_CLOSE)
+        #: What ended the connection, when purerpc's reader or writer failed (an answer
+        #: over the bound, a protocol error): named in the calls' LinkLost.
+        self.failure: Exception | None = None
 
     @property
     def usable(self) -> bool:
@@ -199,8 +201,9 @@ class GrpcLink:
             try:
                 with scope:
                     return await invoke(connection)
+                why = f": {connection.failure}" if connection.failure is not None else ""
                 raise LinkLost(
-                    f"the connection to the {self._peer} at {self._address} was lost",
+                    f"the connection to the {self._peer} at {self._address} was lost{why}",
                     connection.stream.first_bytes,
                 )
             except BaseException as error:
@@ -239,7 +242,7 @@ class GrpcLink:
         )
         connection: _Connection | None = None
         try:
-            async with GRPCProtoSocket(GRPCConfiguration(client_side=True), stream) as grpc_socket:
+            async with answer_socket(stream) as grpc_socket:
                 connection = _Connection(host, port, grpc_socket, stream)
                 task_status.started(connection)
                 with connection.idle:
@@ -247,6 +250,7 @@ class GrpcLink:
         except Exception as error:
             if connection is None:
                 raise
+            connection.failure = first_cause(error) if isinstance(error, ExceptionGroup) else error
             log.debug("connection to the %s %s ended: %r", self._peer, self._address, error)
         finally:
             if connection is not None:

@@ -32,7 +32,15 @@ from purerpc.grpclib.connection import GRPCConnection
 from ..errors import BadAddress
 from .connection import BoundedInflation
 
-__all__ = ["MAX_ANSWER_BYTES", "call_once", "dial", "socket_stream", "split_address"]
+__all__ = [
+    "MAX_ANSWER_BYTES",
+    "answer_socket",
+    "call_once",
+    "dial",
+    "first_cause",
+    "socket_stream",
+    "split_address",
+]
 
 #: The largest answer (after inflation) taken from a peer the coordinator calls: its
 #: calls (GoalCountReached, FlStatus/RoundStatus) are answered with a few bytes.
@@ -98,10 +106,19 @@ class _AnswerProtocol(GRPCConnection):
 class _AnswerSocket(GRPCProtoSocket):
     """purerpc's client socket over :class:`_AnswerProtocol`."""
 
-    def __init__(self, config: GRPCConfiguration, stream: anyio.abc.SocketStream) -> None:
+    def __init__(self, config: GRPCConfiguration, stream: anyio.abc.ByteStream) -> None:
         super().__init__(config, stream)
         self._grpc_connection = _AnswerProtocol(config)
         self._socket = SocketWrapper(self._grpc_connection, stream)
+
+
+def answer_socket(stream: anyio.abc.ByteStream) -> GRPCProtoSocket:
+    """purerpc's client socket over ``stream``, taking answers of at most
+    :data:`MAX_ANSWER_BYTES` (after inflation): for every connection we dial, the
+    coordinator's and the reference selector's and client's alike."""
+    return _AnswerSocket(
+        GRPCConfiguration(client_side=True, max_message_length=MAX_ANSWER_BYTES), stream
+    )
 
 
 class _BoundedChannel(_Channel):  # type: ignore[misc]
@@ -116,12 +133,11 @@ class _BoundedChannel(_Channel):  # type: ignore[misc]
             tls=self._ssl_context is not None,
             tls_standard_compatible=False,
         )
-        config = GRPCConfiguration(client_side=True, max_message_length=MAX_ANSWER_BYTES)
-        self._grpc_socket = await self.enter_async_context(_AnswerSocket(config, stream))
+        self._grpc_socket = await self.enter_async_context(answer_socket(stream))
         return self
 
 
-def _cause(group: ExceptionGroup[Exception]) -> Exception:
+def first_cause(group: ExceptionGroup[Exception]) -> Exception:
     """The first error in purerpc's (and anyio's) nested task groups, whose text is only
     "Exceptions from Trio nursery (1 sub-exception)"."""
     error: Exception = group
@@ -168,7 +184,7 @@ async def call_once(
     except Exception as error:
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller gets Cancelled
         if not answers and isinstance(error, ExceptionGroup):
-            raise _cause(error) from error  # the group's own text says nothing
+            raise first_cause(error) from error  # the group's own text says nothing
         if not answers:
             raise
         log.debug("%s: closing the connection after the answer failed: %r", address, error)
