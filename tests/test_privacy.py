@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,9 +23,11 @@ from dp_accounting.rdp import RdpAccountant
 from helpers.peers import completed, read_floats, run_round, watch
 
 from fl_coordinator.app import build_coordinator, serve
+from fl_coordinator.cli.watch import summary
 from fl_coordinator.config import Settings
 from fl_coordinator.errors import ProblemError
 from fl_coordinator.status.hub import StatusHub
+from fl_coordinator.status.metrics import Metrics
 from fl_coordinator.storage.aggregation import AggregationResult, Contribution, ServerUpdate
 from fl_coordinator.storage.aggregation import aggregate as real_aggregate
 from fl_coordinator.storage.journal import rollback
@@ -223,6 +226,18 @@ async def test_epsilon_after_each_round_is_dp_accountings_own_figure(
         assert done["epsilon"] == pytest.approx(expected_epsilon(number), rel=1e-12)
         assert done["delta"] == DELTA
     assert 0 < expected_epsilon(1) < expected_epsilon(2) < expected_epsilon(3)
+    # Shown by `watch`, and as Prometheus gauges derived from the same messages.
+    assert f"privacy epsilon {expected_epsilon(3):.4g} at delta 1e-05" in summary(done)
+    metrics = Metrics("p")
+    for message in messages:
+        metrics.observe(message)  # type: ignore[arg-type]
+    exported = metrics.render().decode()
+    [epsilon] = re.findall(r"^fl_coordinator_privacy_epsilon (\S+)$", exported, re.M)
+    [delta] = re.findall(r"^fl_coordinator_privacy_delta (\S+)$", exported, re.M)
+    assert (float(epsilon), float(delta)) == (pytest.approx(expected_epsilon(3)), DELTA)
+    without = Metrics("p")
+    without.observe({k: v for k, v in done.items() if k not in ("epsilon", "delta")})  # type: ignore[arg-type]
+    assert "privacy" not in without.render().decode()  # no DP: no gauge at all, not a 0
 
 
 async def test_the_run_ends_at_the_budget_stays_ended_and_a_rollback_gives_nothing_back(

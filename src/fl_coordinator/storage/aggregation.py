@@ -13,8 +13,9 @@ selectors' inputs are combined into ``D``, the round's mean update (a
 weighted sum divided by the total weight, or a median or trimmed mean of
 the clipped mean updates); ``D`` is a buffer of its own, which differential
 privacy perturbs (Gaussian noise added to the sum, which is then divided by
-the fixed CHECKIN_LIMIT: :mod:`..core.privacy`); the server optimizer then turns ``D``, the current weights and
-its state (``m``, ``v``, read and written slab by slab:
+the fixed CHECKIN_LIMIT: :mod:`..core.privacy`); the server optimizer then
+turns ``D``, the current weights and its state (``m``, ``v``, read and
+written slab by slab:
 :mod:`.strategy_state`) into the new weights. With the default settings
 that is ``w + D`` with the very operations the Go system's FedAvg needs.
 
