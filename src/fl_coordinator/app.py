@@ -56,7 +56,7 @@ from .storage.checkpoint import read_checkpoint_plan
 from .storage.journal import next_round, read_journal
 from .storage.layout import Layout
 from .storage.ownership import hold_ownership
-from .storage.privacy_ledger import PrivacyLedger
+from .storage.privacy_ledger import PrivacyLedger, ledger_path
 from .storage.problem import check_problem, clean_tmp
 from .storage.round_files import RoundFiles
 from .storage.round_log import RoundLog
@@ -189,6 +189,13 @@ def privacy_ledger(settings: Settings, layout: Layout) -> tuple[PrivacyLedger, S
     """
     privacy = _privacy(settings)
     if privacy is None:
+        if ledger_path(layout).exists():
+            log.warning(
+                "%s lists rounds released under differential privacy; with "
+                "DP_NOISE_MULTIPLIER=0 the rounds that follow are not private (the ledger is "
+                "kept: setting DP on again goes on from what it says)",
+                ledger_path(layout),
+            )
         return None
     ledger = PrivacyLedger(layout, privacy)
     ledger.load()
