@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import math
 import re
 import shutil
@@ -226,6 +227,11 @@ async def test_epsilon_after_each_round_is_dp_accountings_own_figure(
         assert done["epsilon"] == pytest.approx(expected_epsilon(number), rel=1e-12)
         assert done["delta"] == DELTA
     assert 0 < expected_epsilon(1) < expected_epsilon(2) < expected_epsilon(3)
+    # Each round's record in the history (GET /rounds, rounds.jsonl) keeps its figure.
+    records = [json.loads(line) for line in (layout.own / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["epsilon"], r["delta"]) for r in records] == [
+        (n, pytest.approx(expected_epsilon(n), rel=1e-12), DELTA) for n in (1, 2, 3)
+    ]
     # Shown by `watch`, and as Prometheus gauges derived from the same messages.
     assert f"privacy epsilon {expected_epsilon(3):.4g} at delta 1e-05" in summary(done)
     metrics = Metrics("p")
