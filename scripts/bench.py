@@ -26,7 +26,10 @@ repetition are reported as min/median/max, with the median times.
 At the largest case (``--strategy-case``), ``ours`` is also timed with each
 server strategy that keeps an optimizer state (read and written in the same
 pass), from a state written by an untimed first aggregation, in the same
-pairs (the same raw and sum runs are its references).
+pairs (the same raw and sum runs are its references), and with client-level
+differential privacy (``dp``: FedAvg plus Gaussian noise drawn for every
+coordinate, the same streaming pass; its peak memory beside ``ours``' shows
+the bound holds with DP on).
 
 Usage: ``scripts/bench [--quick] [--parts ...] [--cases 100x2 100x8 100x16
 1000x2] [--repeat 3] [--out DIR]`` (``--help`` lists the rest; a case is
@@ -112,7 +115,9 @@ def current_rss_bytes() -> int:
 
 def work_ours(folder: Path, k: int, strategy: str = "fedavg") -> Callable[[], None]:
     """Our aggregation; with a ``strategy`` that keeps a state, from ``state-prepared.h5``
-    (made by an untimed first run) to ``state-new.h5``."""
+    (made by an untimed first run) to ``state-new.h5``; with :data:`DP`, FedAvg with
+    differential privacy's noise (z = 1, C = 1, the noise drawn from OS entropy)."""
+    from fl_coordinator.core.privacy import DifferentialPrivacy
     from fl_coordinator.core.strategy import ServerOptimizer, Strategy
     from fl_coordinator.storage.aggregation import Contribution, ServerUpdate, aggregate
     from fl_coordinator.storage.strategy_state import StateUpdate
@@ -123,6 +128,10 @@ def work_ours(folder: Path, k: int, strategy: str = "fedavg") -> Callable[[], No
         Contribution(f"s{i}", UntrustedFile(folder, f"agg{i}"), weight)
         for i, weight in enumerate(weights, start=1)
     ]
+    if strategy == DP:
+        privacy = DifferentialPrivacy(1.0, 1.0, denominator=k, population=1000)
+        noised = ServerUpdate(Strategy(privacy=privacy))
+        return lambda: aggregate(folder / "fl_checkpoint", parts, folder / "tmp", None, noised)
     optimizer = ServerOptimizer.of(strategy)
     prepared = folder / "state-prepared.h5"
     state = None
@@ -210,6 +219,8 @@ PARTS = ["aggregation", "checkin", "fanout", "round", "strategies"]
 DEFAULT_PARTS = ["aggregation", "checkin", "fanout", "round"]
 #: The strategies with an optimizer state, timed at --strategy-case.
 STATEFUL = ["fedavgm", "fedadagrad", "fedadam", "fedyogi"]
+#: The mode of FedAvg with differential privacy's noise, timed at --strategy-case too.
+DP = "dp"
 
 
 def worker_main(mode: str, folder: Path, k: int) -> None:
@@ -269,7 +280,7 @@ def bench_aggregation(
                 for strategy in STATEFUL:  # an untimed first round writes its state
                     measure(f"ours:{strategy}", folder, k)
                     os.replace(folder / "state-prepared.h5", folder / f"state-{strategy}.h5")
-                modes += [f"ours:{strategy}" for strategy in STATEFUL]
+                modes += [f"ours:{strategy}" for strategy in [*STATEFUL, DP]]
             runs = [{mode: _measure_mode(mode, folder, k) for mode in modes} for _ in range(repeat)]
             input_bytes = (k + 1) * model_bytes
 
@@ -305,7 +316,7 @@ def bench_aggregation(
 
 def _measure_mode(mode: str, folder: Path, k: int) -> dict[str, float]:
     """:func:`measure`; a strategy's run starts from its prepared state."""
-    if mode.startswith("ours:"):
+    if mode.startswith("ours:") and mode != f"ours:{DP}":
         state = folder / f"state-{mode.partition(':')[2]}.h5"
         shutil.copyfile(state, folder / "state-prepared.h5")
     return measure(mode, folder, k)

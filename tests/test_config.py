@@ -144,3 +144,41 @@ def test_keys_that_go_together(environ: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_settings({}, environ)
     assert error.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"DP_NOISE_MULTIPLIER": "1"}, "DP_CLIP_NORM=0.0: expected a number > 0, since"),
+        (
+            {"DP_NOISE_MULTIPLIER": "1", "DP_CLIP_NORM": "0.5", "DP_POPULATION": "2"},
+            "DP_POPULATION=2: expected an integer >= CHECKIN_LIMIT (10)",
+        ),
+        (
+            {"DP_NOISE_MULTIPLIER": "1", "DP_CLIP_NORM": "1", "DP_POPULATION": "1000",
+             "ROBUST_AGGREGATION": "median"},
+            "ROBUST_AGGREGATION='median': expected mean, since DP_NOISE_MULTIPLIER is set",
+        ),
+        (
+            {"DP_NOISE_MULTIPLIER": "1", "DP_CLIP_NORM": "1", "DP_POPULATION": "1000",
+             "SELECTOR_CLIP_NORM": "3"},
+            "SELECTOR_CLIP_NORM=3.0: expected 0, since DP_NOISE_MULTIPLIER is set",
+        ),
+        ({"DP_MAX_EPSILON": "8"}, "DP_MAX_EPSILON=8.0: expected empty, or DP_NOISE_MULTIPLIER"),
+        ({"DP_DELTA": "1"}, "DP_DELTA='1': expected a number in (0, 1)"),
+        ({"DP_NOISE_MULTIPLIER": "-1"}, "DP_NOISE_MULTIPLIER='-1': expected a number >= 0"),
+    ],
+)  # fmt: skip
+def test_differential_privacy_mistakes_are_one_line(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings({"CHECKIN_LIMIT": 10}, environ)
+    assert str(error.value).startswith(f"configuration error: {message}")
+    assert "\n" not in str(error.value)
+    settings, _ = load_settings(
+        {}, {"DP_NOISE_MULTIPLIER": "1", "DP_CLIP_NORM": "1", "DP_POPULATION": "1000"}
+    )
+    assert (settings.dp_noise_multiplier, settings.dp_delta, settings.dp_max_epsilon) == (
+        1.0,
+        1e-5,
+        None,
+    )

@@ -27,6 +27,7 @@ import trio
 from .config import Settings
 from .connections import ConnectionLimits, descriptor_budget
 from .coordinator import Coordinator
+from .core.privacy import DifferentialPrivacy, Spent
 from .core.rounds import Rules
 from .core.stopping import RoundMetrics, StopWhen
 from .core.strategy import Combination, ServerOptimizer, Strategy
@@ -55,13 +56,14 @@ from .storage.checkpoint import read_checkpoint_plan
 from .storage.journal import next_round, read_journal
 from .storage.layout import Layout
 from .storage.ownership import hold_ownership
+from .storage.privacy_ledger import PrivacyLedger, ledger_path
 from .storage.problem import check_problem, clean_tmp
 from .storage.round_files import RoundFiles
 from .storage.round_log import RoundLog
 from .storage.strategy_state import check_fit, check_strategy
 from .storage.weights import Weight, describe
 
-__all__ = ["Endpoints", "build_coordinator", "serve"]
+__all__ = ["Endpoints", "build_coordinator", "privacy_ledger", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,8 @@ def _round_rules(settings: Settings, strategy: Strategy) -> Rules:
         rounds=settings.rounds,
         stop_when=StopWhen.parse(settings.stop_when) if settings.stop_when else None,
         evaluate=bool(settings.evaluate),
+        dp_clip_norm=settings.dp_clip_norm if strategy.privacy is not None else 0.0,
+        max_epsilon=settings.dp_max_epsilon,
     )
 
 
@@ -158,7 +162,44 @@ def _strategy(settings: Settings) -> Strategy:
         Combination(
             settings.robust_aggregation, settings.trim_fraction, settings.selector_clip_norm
         ),
+        _privacy(settings),
     )
+
+
+def _privacy(settings: Settings) -> DifferentialPrivacy | None:
+    """Client-level differential privacy (None: DP_NOISE_MULTIPLIER is 0)."""
+    if not settings.dp_noise_multiplier:
+        return None
+    return DifferentialPrivacy(
+        settings.dp_noise_multiplier,
+        settings.dp_clip_norm,
+        denominator=settings.checkin_limit,
+        population=settings.dp_population,
+        delta=settings.dp_delta,
+        max_epsilon=settings.dp_max_epsilon,
+    )
+
+
+def privacy_ledger(settings: Settings, layout: Layout) -> tuple[PrivacyLedger, Spent] | None:
+    """The problem's privacy ledger and what it says was spent (None: DP is off).
+
+    Blocking (reads the ledger, runs the accountant: about a second the first
+    time, for the import): call it from a worker thread. Raises ProblemError for
+    a ledger that cannot be read.
+    """
+    privacy = _privacy(settings)
+    if privacy is None:
+        if ledger_path(layout).exists():
+            log.warning(
+                "%s lists rounds released under differential privacy; with "
+                "DP_NOISE_MULTIPLIER=0 the rounds that follow are not private (the ledger is "
+                "kept: setting DP on again goes on from what it says)",
+                ledger_path(layout),
+            )
+        return None
+    ledger = PrivacyLedger(layout, privacy)
+    ledger.load()
+    return ledger, ledger.spent()
 
 
 def _goal_count_retry(settings: Settings) -> RetryPolicy:
@@ -174,6 +215,7 @@ def build_coordinator(
     aggregator: Aggregator = aggregate,
     first_round: int = 1,
     plan: Sequence[Weight] | None = None,
+    privacy: tuple[PrivacyLedger, Spent] | None = None,
 ) -> Coordinator:
     """The round task of ``settings``' problem, with its I/O. Raises ConfigError (TLS files).
 
@@ -181,11 +223,16 @@ def build_coordinator(
     files are checked against (None: read from the checkpoint now). Raises
     ConfigError for a strategy the checkpoint cannot take, or that is not the
     one whose optimizer state belongs to it (see :mod:`.storage.strategy_state`).
+    ``privacy``: :func:`privacy_ledger`'s answer (None: computed here, blocking,
+    when differential privacy is on).
     """
     tell = GoalCountClient(settings.goal_count_timeout, selector_client_context(settings))
     plan = read_checkpoint_plan(layout.checkpoint) if plan is None else tuple(plan)
     strategy = _strategy(settings)
     check_fit(strategy, plan)
+    if privacy is None and strategy.privacy is not None:
+        privacy = privacy_ledger(settings, layout)
+    ledger, spent = privacy if privacy is not None else (None, None)
     files = RoundFiles(
         layout,
         plan,
@@ -197,6 +244,7 @@ def build_coordinator(
         strategy=strategy,
         state=check_strategy(layout, strategy.optimizer, plan),
         evaluated=bool(settings.evaluate),
+        privacy=ledger,
     )
     entry = read_journal(layout)
     evaluator = (
@@ -205,6 +253,13 @@ def build_coordinator(
         else None
     )
     log.info("strategy: %s", strategy.describe())
+    if spent is not None:
+        log.info(
+            "privacy spent by %d released round(s): epsilon=%.4g at delta=%g",
+            spent.rounds,
+            spent.epsilon,
+            spent.delta,
+        )
     return Coordinator(
         _round_rules(settings, strategy),
         files,
@@ -214,6 +269,7 @@ def build_coordinator(
         first_round=first_round,
         metrics=RoundMetrics.from_dict(entry.metrics) if entry and entry.metrics else None,
         evaluator=evaluator,
+        privacy=spent,
     )
 
 
@@ -267,6 +323,7 @@ async def serve(
         hub.observe(round_log.observe)
         nursery.start_soon(round_log.run)
         metrics = Metrics(settings.problem_id)
+        privacy = await trio.to_thread.run_sync(privacy_ledger, settings, layout)
         coordinator = build_coordinator(
             settings,
             layout,
@@ -274,6 +331,7 @@ async def serve(
             aggregator=metrics.measured(aggregator),
             first_round=first_round,
             plan=plan,
+            privacy=privacy,
         )
         connection_limits = _connection_limits(settings)
         status_server = StatusServer(

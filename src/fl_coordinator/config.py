@@ -734,6 +734,42 @@ KEYS: tuple[Key, ...] = (
         "a condition such as accuracy>=0.95 (metric, >=, <=, > or <, number), or empty",
         "The run ends when an evaluated round's metrics meet it (needs EVALUATE).",
     ),
+    Key(
+        "DP_NOISE_MULTIPLIER",
+        0.0,
+        _non_negative,
+        "a number >= 0",
+        "z of client-level differential privacy: noise N(0, (z*DP_CLIP_NORM)^2) per coordinate "
+        "of each round's sum (see Differential privacy); 0 = off.",
+    ),
+    Key(
+        "DP_CLIP_NORM",
+        0.0,
+        _non_negative,
+        "a number >= 0 (> 0 with DP_NOISE_MULTIPLIER)",
+        "C: the L2 norm every client's update is clipped to (and selectors check).",
+    ),
+    Key(
+        "DP_DELTA",
+        1e-5,
+        _checked(_number, lambda n: 0 < n < 1),
+        "a number in (0, 1)",
+        "delta at which the privacy spent (epsilon) is reported.",
+    ),
+    Key(
+        "DP_POPULATION",
+        0,
+        _non_negative_int,
+        "an integer >= CHECKIN_LIMIT with DP_NOISE_MULTIPLIER",
+        "Clients that could be sampled; the sampling rate is CHECKIN_LIMIT / DP_POPULATION.",
+    ),
+    Key(
+        "DP_MAX_EPSILON",
+        "",
+        _optional_number(_positive),
+        "a number > 0, or empty (no budget)",
+        "The run ends (FINISHED) before a round that would spend more epsilon than this.",
+    ),
 )
 
 
@@ -799,6 +835,11 @@ class Settings:
     evaluate_timeout: float
     rounds: int
     stop_when: str
+    dp_noise_multiplier: float
+    dp_clip_norm: float
+    dp_delta: float
+    dp_population: int
+    dp_max_epsilon: float | None
 
     @property
     def root(self) -> Path:
@@ -910,6 +951,30 @@ def _check_combinations(settings: Settings) -> None:
             check_not_placeholder(key, token)
     if settings.stop_when and not settings.evaluate:
         raise ConfigError("STOP_WHEN", settings.stop_when, "empty, or EVALUATE set too")
+    _check_privacy(settings)
+
+
+def _check_privacy(settings: Settings) -> None:
+    """Differential privacy needs its clip norm and population, and combines with the plain
+    weighted mean only: a robust combination or SELECTOR_CLIP_NORM would change the
+    sensitivity the noise is calibrated to (the README's Differential privacy section)."""
+    if not settings.dp_noise_multiplier:
+        if settings.dp_max_epsilon is not None:
+            raise ConfigError(
+                "DP_MAX_EPSILON", settings.dp_max_epsilon, "empty, or DP_NOISE_MULTIPLIER > 0"
+            )
+        return
+    if not settings.dp_clip_norm:
+        raise ConfigError("DP_CLIP_NORM", 0.0, "a number > 0, since DP_NOISE_MULTIPLIER is set")
+    if settings.dp_population < settings.checkin_limit:
+        expected = f"an integer >= CHECKIN_LIMIT ({settings.checkin_limit})"
+        raise ConfigError("DP_POPULATION", settings.dp_population, expected)
+    if settings.robust_aggregation != "mean":
+        expected = "mean, since DP_NOISE_MULTIPLIER is set (DP needs the summed updates)"
+        raise ConfigError("ROBUST_AGGREGATION", settings.robust_aggregation, expected)
+    if settings.selector_clip_norm:
+        expected = "0, since DP_NOISE_MULTIPLIER is set (DP_CLIP_NORM bounds each client)"
+        raise ConfigError("SELECTOR_CLIP_NORM", settings.selector_clip_norm, expected)
 
 
 def _check_webserver_address(settings: Settings) -> None:

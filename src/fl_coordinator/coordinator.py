@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, Protocol, TypeVar
@@ -47,6 +48,7 @@ from .core.events import (
     WindowClosed,
     Withdrawn,
 )
+from .core.privacy import Spent
 from .core.rounds import Round, Rules
 from .core.stages import Stage
 from .core.stopping import RoundMetrics
@@ -185,9 +187,9 @@ class Coordinator:
     ``tell(selector)`` sends ``GoalCountReached`` (it sets its own time limit
     per call and bounds the calls in flight); ``retry`` says how often a failed
     ``tell`` is tried again before the selector is dropped from the round.
-    ``first_round`` and ``metrics`` (the last evaluated round's) are where the
-    journal says the run stood; ``evaluator`` evaluates each completed round
-    (needed when the rules say so).
+    ``first_round``, ``metrics`` (the last evaluated round's) and ``privacy``
+    (spent under differential privacy) are where the run stood; ``evaluator``
+    evaluates each completed round (needed when the rules say so).
     """
 
     def __init__(
@@ -201,6 +203,7 @@ class Coordinator:
         first_round: int = 1,
         metrics: RoundMetrics | None = None,
         evaluator: Evaluator | None = None,
+        privacy: Spent | None = None,
     ) -> None:
         self.alive = False  # the round task runs (for the health check)
         self._files = files
@@ -208,7 +211,7 @@ class Coordinator:
         self._tell_one = tell
         self._retry = retry
         self._evaluator = evaluator
-        self._round = Round(rules, number=first_round, metrics=metrics)
+        self._round = Round(rules, number=first_round, metrics=metrics, privacy=privacy)
         self._journaled: tuple[int, Stage, bool, int] | None = None
         self._held: Status | None = None  # the last snapshot of this step, not yet published
         self._windows: dict[Stage, trio.CancelScope] = {}
@@ -428,8 +431,13 @@ class Coordinator:
             outcome = await _outcome(
                 self._files.validate(number, selector), f"round {number}: validating {selector}"
             )
-            error = outcome.reason if isinstance(outcome, _Failed) else None
-            await self._events_in.send(ContributionValidated(number, selector, error))
+            if isinstance(outcome, _Failed):
+                event = ContributionValidated(number, selector, outcome.reason)
+            else:
+                found = outcome.value
+                norm = None if found.square_norm is None else math.sqrt(found.square_norm)
+                event = ContributionValidated(number, selector, weight=found.weight, norm=norm)
+            await self._events_in.send(event)
 
     async def _evaluate_current(self) -> None:
         """At start-up: evaluate the checkpoint in place, unless its metrics are known (it
@@ -472,10 +480,16 @@ class Coordinator:
                 )
             except ContributionsRefused as refused:  # files changed since their validation
                 rejected = tuple((s, clip(why)) for s, why in refused.reasons.items())
-                await self._events_in.send(AggregationDone(number, rejected=rejected))
+                privacy = await self._privacy_spent(number)
+                await self._events_in.send(
+                    AggregationDone(number, rejected=rejected, privacy=privacy)
+                )
                 return
+            privacy = await self._privacy_spent(number)
             if isinstance(outcome, _Failed):
-                await self._events_in.send(AggregationDone(number, error=outcome.reason))
+                await self._events_in.send(
+                    AggregationDone(number, error=outcome.reason, privacy=privacy)
+                )
                 return
             result = outcome.value
             log.info(
@@ -486,4 +500,15 @@ class Coordinator:
                 result.total_weight,
                 result.bytes_read / 1e6,
             )
-            await self._events_in.send(AggregationDone(number, seconds=result.seconds))
+            await self._events_in.send(
+                AggregationDone(number, seconds=result.seconds, privacy=privacy)
+            )
+
+    async def _privacy_spent(self, number: int) -> Spent | None:
+        """The privacy spent after round ``number`` was (perhaps) released; None if DP is off
+        (or the accountant failed: logged, and the round's budget check keeps the last figure)."""
+        outcome = await _outcome(self._files.privacy_spent(), f"round {number}: accounting")
+        if isinstance(outcome, _Failed):
+            log.error("round %d: the privacy spent cannot be computed: %s", number, outcome.reason)
+            return None
+        return outcome.value

@@ -18,6 +18,7 @@ from fl_coordinator.core.events import (
     SelectorReported,
     WindowClosed,
 )
+from fl_coordinator.core.privacy import Spent
 from fl_coordinator.core.rounds import Round, Rules
 from fl_coordinator.core.stages import (
     SHOWN_STAGES,
@@ -119,12 +120,25 @@ def met_while_under_way(ok: bool) -> Callable[[Round], None]:
     return scenario
 
 
+def spent(ok: bool) -> Callable[[Round], None]:
+    """Round 1 ends (completed or not) with a budget that allows no second round."""
+
+    def scenario(machine: Round) -> None:
+        machine.handle(CheckIn("a:1", 1))
+        report(machine, "a:1")
+        over = Spent(epsilon=0.9, delta=1e-5, rounds=1, next_epsilon=1.2)
+        machine.handle(AggregationDone(1, error=None if ok else "disk full", privacy=over))
+
+    return scenario
+
+
 def nothing(machine: Round) -> None:
     """The moves of start() alone."""
 
 
 WINDOWS = {"selection_timeout": 5, "reporting_timeout": 5}
 STOP = {"evaluate": True, "stop_when": StopWhen.parse("accuracy>=0.95")}
+BUDGET = {"dp_clip_norm": 1.0, "max_epsilon": 1.0}
 #: (rules, scenario[, how the round machine is made: a restart's number and metrics])
 SCENARIOS: list[
     tuple[Rules, Callable[[Round], None]] | tuple[Rules, Callable[[Round], None], dict]
@@ -148,6 +162,9 @@ SCENARIOS: list[
     (Rules(goal=1, **STOP), met_while_under_way(ok=False)),
     (Rules(goal=1, rounds=2), nothing, {"number": 3}),
     (Rules(goal=1, **STOP), nothing, {"number": 2, "metrics": RoundMetrics(1, GOOD)}),
+    (Rules(goal=1, **BUDGET), spent(ok=True)),
+    (Rules(goal=1, **BUDGET), spent(ok=False)),
+    (Rules(goal=1, **BUDGET), nothing, {"number": 2, "privacy": Spent(0.9, 1e-5, 1, 1.2)}),
 ]
 
 

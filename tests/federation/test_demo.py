@@ -60,3 +60,30 @@ def test_plot_has_whole_round_ticks() -> None:
         assert ticks == [0.0, 1.0]
     finally:
         plt.close(figure)
+
+
+def test_demo_with_differential_privacy(tmp_path: Path) -> None:
+    """Real clients clip, real selectors check, the coordinator adds noise and accounts."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    root = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "fl_coordinator", "demo", "--rounds", "1", "--clients", "2",
+         "--root", str(root), "--dp", "1.5", "--clip-norm", "0.5"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((root / "summary.json").read_text())
+    accountant = RdpAccountant()  # 2 of 2 clients each round: q = 1
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(1.5)))
+    expected = accountant.get_epsilon(1e-5)
+    assert summary["privacy"] == {
+        "noise_multiplier": 1.5, "clip_norm": 0.5, "population": 2, "sampling_rate": 1.0,
+        "delta": 1e-5, "epsilon": expected,
+    }  # fmt: skip
+    assert f"epsilon {expected:.4g} at delta=1e-05" in result.stdout
+    # Every client's clipped upload passed its selector's check (none refused).
+    selector_logs = "".join(p.read_text() for p in (root / "logs").glob("selector*.log"))
+    assert "aggregated 1 upload(s), total weight 1" in selector_logs
+    assert "refused" not in selector_logs

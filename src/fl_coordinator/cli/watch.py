@@ -99,9 +99,18 @@ def summary(message: StatusMessage) -> str:
         parts.append(f"error: {message['error']}")
     if message.get("metrics"):
         parts.append(f"metrics of round {message['metrics']['round']}: {_values(message)}")
+    if (spent := _privacy(message)) is not None:
+        parts.append(f"privacy {spent}")
     if message.get("finished"):
         parts.append(f"finished: {message['finished']}")
     return "  ".join(parts)
+
+
+def _privacy(message: StatusMessage) -> str | None:
+    """The privacy spent (differential privacy), or None if the message carries none."""
+    if "epsilon" not in message or "delta" not in message:
+        return None
+    return f"epsilon {message['epsilon']:.4g} at delta {message['delta']:g}"
 
 
 def _values(message: StatusMessage) -> str:
@@ -201,6 +210,8 @@ class LiveView:
             row("error", message["error"], "red")
         if message.get("metrics"):
             row(f"round {message['metrics']['round']}", _values(message))
+        if (spent := _privacy(message)) is not None:
+            row("privacy", spent)
         if message.get("finished"):
             row("finished", message["finished"], "green")
         title = Text(f"{message.get('problem_id', '?')}  round {message['round']}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from .privacy import Spent
 from .stages import Stage
 from .stopping import RoundMetrics
 
@@ -104,11 +105,18 @@ class StillWaiting:
 
 @dataclass(frozen=True)
 class ContributionValidated:
-    """The I/O layer validated a reporting selector's files (``error`` if unusable)."""
+    """The I/O layer validated a reporting selector's files (``error`` if unusable).
+
+    ``weight`` is the ``N_s`` the files claim and ``norm`` the L2 norm of their
+    ``A_s`` over all weight arrays (None: not measured); under differential
+    privacy the round compares them with the clients the selector was accepted for.
+    """
 
     round: int
     selector: str
     error: str | None = None
+    weight: int | None = None
+    norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,8 @@ class AggregationDone:
     error: str | None = None
     seconds: float = 0.0
     rejected: tuple[tuple[str, str], ...] = ()
+    #: Under differential privacy: what the released rounds have spent, this one included.
+    privacy: Spent | None = None
 
 
 @dataclass(frozen=True)
@@ -254,6 +264,7 @@ class Status:
     aggregation_seconds: float | None = None
     metrics: RoundMetrics | None = None
     finished: str | None = None
+    privacy: Spent | None = None  # under differential privacy: spent so far
 
 
 @dataclass(frozen=True)

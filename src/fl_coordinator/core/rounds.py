@@ -17,7 +17,9 @@ A run may end (``FINISHED``): after round ``Rules.rounds``, or when the
 metrics of an evaluated round meet ``Rules.stop_when``. Evaluation results
 enter as :class:`~.events.Evaluated` events, whenever they come: the machine
 asks for an evaluation with :class:`~.events.Evaluate` as a round completes
-and opens the next round at once.
+and opens the next round at once. Under differential privacy the run also
+ends before a round that would spend more than ``Rules.max_epsilon``: what
+the released rounds spent enters with each :class:`~.events.AggregationDone`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .events import (
     WindowClosed,
     Withdrawn,
 )
+from .privacy import Spent
 from .stages import Cause, Stage, next_stage
 from .stopping import RoundMetrics, StopWhen
 
@@ -66,7 +69,10 @@ class Rules:
     ``min_selectors``: selectors whose reports must be usable for a round to be
     averaged (a median needs 3). ``rounds``: the last round (0: none);
     ``stop_when``: the run ends once an evaluated round's metrics meet it;
-    ``evaluate``: completed rounds are evaluated.
+    ``evaluate``: completed rounds are evaluated. ``dp_clip_norm`` (> 0: under
+    differential privacy) bounds what a selector may report: a weight of at
+    most the clients it was accepted for, each update of L2 norm at most that;
+    ``max_epsilon``: the privacy budget (None: none).
     """
 
     goal: int
@@ -80,6 +86,8 @@ class Rules:
     rounds: int = 0
     stop_when: StopWhen | None = None
     evaluate: bool = False
+    dp_clip_norm: float = 0.0
+    max_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         if self.goal < 1:
@@ -122,6 +130,7 @@ class Round:
     metrics: RoundMetrics | None = None  # the last evaluated round's
     finished: str | None = None  # why the run ended (FINISHED)
     stopping: str | None = None  # STOP_WHEN was met: finish when the round under way ends
+    privacy: Spent | None = None  # under differential privacy: what the released rounds spent
 
     @property
     def goal(self) -> int:
@@ -150,6 +159,7 @@ class Round:
             aggregation_seconds=seconds,
             metrics=self.metrics,
             finished=self.finished,
+            privacy=self.privacy,
         )
 
     def start(self) -> list[Effect]:
@@ -174,9 +184,18 @@ class Round:
         last = self.number - 1
         if self.rules.rounds and last >= self.rules.rounds:
             return self._last_round_reason(last)
+        if self.privacy is not None and (spent := self._budget_reason()) is not None:
+            return spent
         if self.metrics is not None:
             return self._stop_reason(self.metrics)
         return None
+
+    def _budget_reason(self) -> str | None:
+        """Why the privacy budget allows no further round (None: it allows one)."""
+        if self.privacy is None:
+            return None
+        reason = self.privacy.exceeded_by_next(self.rules.max_epsilon)
+        return None if reason is None else f"{reason}; to go on, raise DP_MAX_EPSILON and restart"
 
     def _last_round_reason(self, last: int) -> str:
         return (f"round {last} was the last (ROUNDS={self.rules.rounds}); to go on, raise "
@@ -383,7 +402,8 @@ class Round:
                 Log("INFO", f"round {event.round}: late validation of {event.selector}; ignored")
             ]
         self.validating.remove(event.selector)
-        if event.error is None:
+        error = event.error or self._beyond_privacy_bounds(event)
+        if error is None:
             self.reported.append(event.selector)
             line = Log(
                 "INFO",
@@ -391,13 +411,34 @@ class Round:
                 f"({len(self.reported)}/{len(self.selectors)})",
             )
         else:
-            self.rejected[event.selector] = event.error
+            self.rejected[event.selector] = error
             line = Log(
                 "ERROR",
-                f"round {self.number}: rejected the contribution of "
-                f"{event.selector}: {event.error}",
+                f"round {self.number}: rejected the contribution of {event.selector}: {error}",
             )
         return [line, *self._maybe_aggregate()]
+
+    def _beyond_privacy_bounds(self, event: ContributionValidated) -> str | None:
+        """Under differential privacy: why a selector's valid files exceed what its clients
+        may contribute (None: they do not). Each client counts once (weight 1) with an update
+        of norm <= C, so a selector holding ``n`` clients reports ``N_s <= n`` and
+        ``||A_s|| <= N_s C`` (the triangle inequality; a relative 1e-5 for float rounding)."""
+        clip = self.rules.dp_clip_norm
+        if not clip:
+            return None
+        accepted = self.selectors[event.selector]
+        weight, norm = event.weight, event.norm
+        if weight is not None and weight > accepted:
+            return (
+                f"weight {weight} exceeds the {accepted} client(s) it was accepted for; under "
+                "differential privacy each client counts once (weight 1)"
+            )
+        if norm is not None and weight is not None and not norm <= weight * clip * (1 + 1e-5):
+            return (
+                f"its update's L2 norm {norm:.6g} exceeds weight x DP_CLIP_NORM = {weight} x "
+                f"{clip:g}: its clients' updates were not clipped"
+            )
+        return None
 
     def _broadcast_done(self, event: BroadcastDone) -> list[Effect]:
         expected = self.stage in (Stage.CONFIGURATION, Stage.REPORTING)
@@ -511,6 +552,8 @@ class Round:
         ]  # fmt: skip
 
     def _aggregation_done(self, event: AggregationDone) -> list[Effect]:
+        if event.privacy is not None:  # spent whatever became of the round
+            self.privacy = event.privacy
         if not self.aggregating or event.round != self.number:
             return [
                 Log(
@@ -525,11 +568,21 @@ class Round:
             return self._fail(Cause.AGGREGATION_FAILED, event.error)
         self._move(Cause.AGGREGATED)
         return [
-            Log("INFO", f"round {self.number}: completed, aggregated in {event.seconds:.3f} s"),
+            Log(
+                "INFO",
+                f"round {self.number}: completed, aggregated in {event.seconds:.3f} s"
+                + self._spent_words(),
+            ),
             self.status(seconds=event.seconds),
             *([Evaluate(self.number)] if self.rules.evaluate else []),
             *self._open_next_round(),
         ]
+
+    def _spent_words(self) -> str:
+        if self.privacy is None:
+            return ""
+        spent = self.privacy
+        return f"; privacy spent: epsilon={spent.epsilon:.4g} at delta={spent.delta:g}"
 
     def _reject_reported(self, rejected: tuple[tuple[str, str], ...]) -> list[Effect]:
         """Reported selectors refused by the aggregation (their files changed since their
@@ -555,6 +608,8 @@ class Round:
             return self._finish(Cause.STOP_CONDITION, self.stopping)
         if self.rules.rounds and self.number >= self.rules.rounds:
             return self._finish(Cause.LAST_ROUND, self._last_round_reason(self.number))
+        if (spent := self._budget_reason()) is not None:
+            return self._finish(Cause.PRIVACY_BUDGET, spent)
         self._move(Cause.NEXT_ROUND)
         self.number += 1
         self.accepted = 0

@@ -105,7 +105,12 @@ class Cause(enum.Enum):
         "the metrics of an evaluated round meet `STOP_WHEN`: at once in `SELECTION`, "
         "otherwise when the round under way has ended"
     )
-    STILL_FINISHED = "at start-up: the run had ended, and `ROUNDS` or `STOP_WHEN` still say so"
+    PRIVACY_BUDGET = (
+        "the next round would spend more privacy than `DP_MAX_EPSILON` (differential privacy)"
+    )
+    STILL_FINISHED = (
+        "at start-up: the run had ended, and `ROUNDS`, `STOP_WHEN` or `DP_MAX_EPSILON` still say so"
+    )
 
 
 _S, _C = Stage, Cause
@@ -133,9 +138,11 @@ TRANSITIONS: Mapping[tuple[Stage, Cause], Stage] = MappingProxyType(
         (_S.COMPLETED, _C.NEXT_ROUND): _S.SELECTION,
         (_S.COMPLETED, _C.LAST_ROUND): _S.FINISHED,
         (_S.COMPLETED, _C.STOP_CONDITION): _S.FINISHED,
+        (_S.COMPLETED, _C.PRIVACY_BUDGET): _S.FINISHED,
         (_S.FAILED, _C.NEXT_ROUND): _S.SELECTION,
         (_S.FAILED, _C.LAST_ROUND): _S.FINISHED,
         (_S.FAILED, _C.STOP_CONDITION): _S.FINISHED,
+        (_S.FAILED, _C.PRIVACY_BUDGET): _S.FINISHED,
     }
 )
 

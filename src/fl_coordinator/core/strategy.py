@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .privacy import DifferentialPrivacy
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -283,10 +285,23 @@ class Combination:
 
 @dataclass(frozen=True)
 class Strategy:
-    """The whole of what a round's aggregation computes: combination, then optimizer."""
+    """The whole of what a round's aggregation computes: combination, then optimizer.
+
+    With ``privacy`` (client-level DP, :mod:`.privacy`) the combination is the
+    noised sum over the fixed denominator, ``D = (sum_s A_s + N(0, (z C)^2 I)) /
+    CHECKIN_LIMIT``, and needs the plain ``mean`` without clipping of selectors:
+    a robust statistic or a clip per selector would change the sensitivity the
+    noise is calibrated to.
+    """
 
     optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
     combination: Combination = field(default_factory=Combination)
+    privacy: DifferentialPrivacy | None = None
+
+    def __post_init__(self) -> None:
+        if self.privacy is not None and (self.combination.robust or self.combination.clip_norm):
+            raise ValueError("differential privacy needs the plain mean, without clipping")
 
     def describe(self) -> str:
-        return f"{self.optimizer.describe()}, combining by {self.combination.describe()}"
+        shown = f"{self.optimizer.describe()}, combining by {self.combination.describe()}"
+        return shown if self.privacy is None else f"{shown}, {self.privacy.describe()}"

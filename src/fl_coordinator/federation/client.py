@@ -55,6 +55,7 @@ class ClientOptions:
     max_wait_s: float = 60.0  # cap on a selector's reconnection time
     tls: ssl.SSLContext | None = None  # dial the selector over TLS (trusting its CA)
     model: Path | None = None  # the problem's model, to check the data before the first round
+    clip_norm: float = 0.0  # differential privacy: upload w_i - w clipped to this, weight 1
 
 
 def load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -220,6 +221,7 @@ class Client:
             self.x,
             self.y,
             self.update,
+            self.options.clip_norm,
         )
         await self.calls.upload(self.update, n)
         self.rounds_done += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -67,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="refusals tolerated per round before giving up",
     )
+    parser.add_argument(
+        "--clip-norm",
+        type=float,
+        default=0.0,
+        help="differential privacy: upload the update w_i - w clipped to this L2 norm, with "
+        "weight 1 (0 = off: n * (w_i - w) with weight n, the Go wire's update)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser
 
@@ -81,6 +89,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--data", str(args.data), "an .npz file")
     if args.model is not None and not args.model.is_file():
         raise ConfigError("--model", str(args.model), "the problem's model file (model.h5)")
+    if not (math.isfinite(args.clip_norm) and args.clip_norm >= 0):
+        raise ConfigError("--clip-norm", args.clip_norm, "a number >= 0 (0: off)")
     tls = None
     if args.selector_ca is not None:
         tls = client_context(str(args.selector_ca), ca_name="--selector-ca")
@@ -94,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
             max_refusals=args.max_refusals,
             tls=tls,
             model=args.model,
+            clip_norm=args.clip_norm,
         )
         client = Client(options)
         log.info("client of %s with %d samples", args.selector, len(client.y))

@@ -50,6 +50,26 @@ class DemoOptions:
     alpha: float = 0.5
     seed: int = 0
     strategy: str = "fedavg"
+    #: Differential privacy's noise multiplier z (None: off; 0: clipped updates, no noise).
+    noise_multiplier: float | None = None
+    clip_norm: float = 1.0  # C, with noise_multiplier
+
+    @property
+    def dp_environment(self) -> dict[str, str]:
+        """The coordinator's DP keys: its population is the demo's clients, all sampled
+        each round (q = 1); z = 0 leaves the coordinator's DP off (nothing to account)."""
+        if not self.noise_multiplier:
+            return {}
+        return {
+            "DP_NOISE_MULTIPLIER": str(self.noise_multiplier),
+            "DP_CLIP_NORM": str(self.clip_norm),
+            "DP_POPULATION": str(self.clients),
+            "DP_DELTA": str(DEMO_DELTA),
+        }
+
+
+#: The delta the demo's epsilon is reported at.
+DEMO_DELTA = 1e-5
 
 
 #: The coordinator's evaluation of each round: the demo's own, shipped in the package.
@@ -141,11 +161,15 @@ class _Demo:
     def __init__(self, options: DemoOptions, out: TextIO = sys.stdout) -> None:
         if options.selectors < 1 or options.clients < options.selectors or options.rounds < 1:
             raise DemoError("need rounds >= 1, selectors >= 1 and clients >= selectors")
+        dp = options.noise_multiplier
+        if dp is not None and not (dp >= 0 and options.clip_norm > 0):
+            raise DemoError(f"--dp {dp:g} --clip-norm {options.clip_norm:g}: need Z >= 0, C > 0")
         self.options = options
         self.root = options.root.resolve()
         self.layout = Layout.from_settings(default_settings().replace(fl_root_path=str(self.root)))
         self.progress = _Progress(out, options.rounds)
         self.results: list[_RoundResult] = []
+        self.epsilon: float | None = None  # the privacy spent, as the coordinator said
 
     async def run(self) -> dict[str, Any]:
         options = self.options
@@ -175,7 +199,9 @@ class _Demo:
                 "EVALUATE": EVALUATE,
                 SEED_VARIABLE: str(options.seed),
                 "ROUNDS": str(options.rounds),
+                **options.dp_environment,
             },
+            clip_norm=options.clip_norm if options.noise_multiplier is not None else 0.0,
         )
         async with federation.running() as endpoints:
             await self._follow(endpoints.status_url, federation)
@@ -219,6 +245,8 @@ class _Demo:
                     completed[number] = (time.monotonic() - opened[number], message["accepted"])
                 if "metrics" in message:
                     evaluated[message["metrics"]["round"]] = message["metrics"]["values"]
+                if "epsilon" in message:
+                    self.epsilon = message["epsilon"]
                 self._rows(completed, evaluated)
 
     def _rows(
@@ -248,6 +276,7 @@ class _Demo:
             "baseline": {"accuracy": baseline[-1], "per_round": baseline},
             "ratio_to_baseline": final / baseline[-1],
             "federation_seconds": seconds,
+            "privacy": self._privacy(),
             "settings": {
                 "selectors": self.options.selectors,
                 "clients": self.options.clients,
@@ -263,6 +292,21 @@ class _Demo:
             "client_label_counts": split.label_counts().tolist(),
         }
 
+    def _privacy(self) -> dict[str, Any] | None:
+        """The DP run's parameters and the epsilon spent (None: DP off). With z = 0 the
+        updates are clipped but nothing is hidden: epsilon is infinite (null in JSON)."""
+        options = self.options
+        if options.noise_multiplier is None:
+            return None
+        return {
+            "noise_multiplier": options.noise_multiplier,
+            "clip_norm": options.clip_norm,
+            "population": options.clients,
+            "sampling_rate": 1.0,
+            "delta": DEMO_DELTA,
+            "epsilon": self.epsilon if options.noise_multiplier else None,
+        }
+
     def _print_summary(self, summary: dict[str, Any]) -> None:
         say = self.progress.say
         say("")
@@ -275,6 +319,14 @@ class _Demo:
             f"(same model, pooled data, {self.options.rounds * self.options.hyper.epochs} epochs)"
         )
         say(f"ratio       : {summary['ratio_to_baseline']:.3f} of the centralized baseline")
+        if (privacy := summary["privacy"]) is not None:
+            spent = privacy["epsilon"]
+            say(
+                f"privacy     : z={privacy['noise_multiplier']:g}, C={privacy['clip_norm']:g}, "
+                f"q={privacy['sampling_rate']:g}: epsilon "
+                f"{'infinite (no noise)' if spent is None else f'{spent:.4g}'} "
+                f"at delta={privacy['delta']:g}"
+            )
         say(
             f"files       : {self.root / 'summary.json'}, {self.root / 'accuracy.png'}, "
             f"global model in {self.layout.init_files}"

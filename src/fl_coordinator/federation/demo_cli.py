@@ -61,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=_DEFAULTS.strategy,
         help="the coordinator's STRATEGY, with its documented defaults",
     )
+    parser.add_argument(
+        "--dp",
+        type=float,
+        default=None,
+        metavar="Z",
+        help="differential privacy with noise multiplier Z (0: clipped updates, no noise); "
+        "the population is the demo's clients, all sampled each round",
+    )
+    parser.add_argument(
+        "--clip-norm",
+        type=float,
+        default=_DEFAULTS.clip_norm,
+        help="with --dp: the L2 norm clients clip their updates to",
+    )
     return parser
 
 
@@ -76,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         alpha=args.alpha,
         seed=args.seed,
         strategy=args.strategy,
+        noise_multiplier=args.dp,
+        clip_norm=args.clip_norm,
     )
 
     def run() -> int:

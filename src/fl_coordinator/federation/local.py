@@ -32,6 +32,8 @@ class LocalFederation:
     """``root`` must already hold the problem (``initFiles/``); logs go to ``root/logs``.
 
     Client ``k`` trains on ``shards[k]`` and talks to selector ``k % selectors``.
+    ``clip_norm`` > 0: clients clip their updates to it and upload them with weight 1,
+    selectors refuse the uploads that do not (differential privacy).
     """
 
     root: Path
@@ -42,6 +44,7 @@ class LocalFederation:
     problem_id: str = "local"
     report_timeout: float = 120.0
     coordinator_env: dict[str, str] = field(default_factory=dict)
+    clip_norm: float = 0.0
     children: list[Child] = field(default_factory=list)
 
     def _child(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
@@ -90,6 +93,7 @@ class LocalFederation:
                     "--coordinator", address, "--root", str(self.root), "--port", "0",
                     "--waiting-time-ms", "200", "--hold-timeout", "120",
                     "--report-timeout", str(self.report_timeout),
+                    "--clip-norm", str(self.clip_norm),
                 ],
             )  # fmt: skip
             selector_ids.append((await selector.start(nursery, r"selector (\S+) serving")).group(1))
@@ -105,7 +109,7 @@ class LocalFederation:
                     "--batch-size", str(self.hyper.batch_size),
                     "--learning-rate", str(self.hyper.learning_rate),
                     "--momentum", str(self.hyper.momentum),
-
+                    "--clip-norm", str(self.clip_norm),
                     "--max-refusals", "1000",
                 ],
             )  # fmt: skip

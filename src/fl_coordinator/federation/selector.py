@@ -61,8 +61,11 @@ from ..log_throttle import Throttle
 from ..rpc.listener import serve_grpc
 from ..storage.aggregation import AggregationError, sum_into
 from ..storage.atomic import write_atomic
+from ..storage.checkpoint import read_checkpoint_plan
+from ..storage.contribution import update_norm
 from ..storage.layout import Layout, check_selector_id
 from ..storage.untrusted import UntrustedFile
+from ..storage.weights import Weight
 from .call_errors import explain, is_mistake, rpc_status
 from .checkin_batch import Batcher, Grant
 from .link import GrpcLink
@@ -92,6 +95,9 @@ class SelectorOptions:
     report_timeout: float = 300.0
     batch_checkin: bool = True  # False: one ClientCountUpdate per client, as the Go selector
     call_timeout: float = 60.0  # seconds for one call to the coordinator
+    #: Differential privacy's C: an upload must have weight 1 and an L2 norm (over all
+    #: weight arrays) of at most C, or it is refused before summing. 0: no check.
+    clip_norm: float = 0.0
 
     token: str = field(default="", repr=False)  # sent as `authorization: Bearer` to the coordinator
     coordinator_tls: ssl.SSLContext | None = None  # dial the coordinator over TLS
@@ -186,6 +192,7 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         self._link: GrpcLink | None = None
         self._batch_checkin = options.batch_checkin
         self._throttle = Throttle(log)  # lines every client can cause
+        self._plan: tuple[Weight, ...] | None = None  # the checkpoint's weight arrays (clip_norm)
 
     # -- wiring ---------------------------------------------------------------
 
@@ -526,17 +533,41 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
         k = next(self._uploads)
         dest = self.round_files / f"checkpoint_{k}"
         weight = await receive_upload(messages, dest)
+        refused = None
+        if cohort is not None and weight is not None and weight > 0 and self.options.clip_norm:
+            refused = await trio.to_thread.run_sync(self._beyond_clip, dest, weight)
         if cohort is None or cohort.complete.is_set():
             log.warning("upload %d arrived with no round waiting for it; ignored", k)
         elif weight is None or weight <= 0:
             log.warning(
                 "%s: upload %d has no positive weight (%s); ignored", cohort.label, k, weight
             )
+        elif refused is not None:
+            log.warning("%s: upload %d refused: %s", cohort.label, k, refused)
+            cohort.lost += 1  # its client's share is not summed: the cohort expects one less
+            cohort.check_complete()
         else:
             (self.round_files / f"checkpoint_weight_{k}").write_text(f"{weight}\n")
             cohort.uploads.append((dest, weight))
             cohort.check_complete()
         return integer(self.options.waiting_time_ms)
+
+    def _beyond_clip(self, upload: Path, weight: int) -> str | None:
+        """In a worker thread: why ``upload`` breaks differential privacy's bound (None: it
+        does not). Each client counts once: weight 1, an update of L2 norm <= C (a relative
+        1e-6 more for float32 rounding of a clipped update)."""
+        clip = self.options.clip_norm
+        if weight != 1:
+            return f"weight {weight}, not 1 (under differential privacy each client counts once)"
+        try:
+            if self._plan is None:
+                self._plan = read_checkpoint_plan(self.options.layout.checkpoint)
+            norm = update_norm(UntrustedFile.at(upload), self._plan)
+        except (AggregationError, OSError) as error:
+            return f"cannot be measured ({error})"
+        if not norm <= clip * (1 + 1e-6):
+            return f"L2 norm {norm:.6g} exceeds the clip norm {clip:g}"
+        return None
 
     # -- FLGoalCountBroadcast (coordinator) -------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="one ClientCountUpdate per client, as the Go selector (default: batched "
         "CheckInClients, falling back to this when the coordinator does not serve it)",
     )
+    serve.add_argument(
+        "--clip-norm",
+        type=float,
+        default=None,
+        help="differential privacy: refuse an upload whose weight is not 1 or whose L2 norm "
+        "exceeds this (default: DP_CLIP_NORM; 0 = no check)",
+    )
     tls = serve.add_argument_group(
         "security", "token: AUTH_TOKEN or AUTH_TOKEN_FILE in the environment, or --token-file"
     )
@@ -127,6 +135,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--advertise", args.advertise, "a host name or address without a port (--port's)"
         )
+    clip_norm = settings.dp_clip_norm if args.clip_norm is None else args.clip_norm
+    if not (math.isfinite(clip_norm) and clip_norm >= 0):
+        raise ConfigError("--clip-norm", clip_norm, "a number >= 0 (0: no check)")
     security = _security_options(args, settings)
     if not settings.root.is_dir():
         key = "--root" if args.root is not None else "FL_ROOT_PATH"
@@ -143,6 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
         hold_timeout=args.hold_timeout,
         report_timeout=args.report_timeout,
         batch_checkin=not args.per_client_checkin,
+        clip_norm=clip_norm,
         **security,
     )
     run_main(Selector(options).serve)

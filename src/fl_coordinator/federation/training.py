@@ -14,17 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from ..storage.aggregation import sum_into
+from ..storage.contribution import update_norm
 from ..storage.model import import_keras
 from ..storage.untrusted import UntrustedFile
-from ..storage.weights import upload_encoding
+from ..storage.weights import read_plan, upload_encoding
 
 __all__ = [
     "Hyper",
     "Trainer",
     "batches",
+    "clip_update",
     "compile_for_training",
     "load_weights",
     "save_weights",
@@ -116,9 +119,19 @@ class Trainer:
         return None
 
     def train(
-        self, model_file: Path, checkpoint: Path, x: np.ndarray, y: np.ndarray, dest: Path
+        self,
+        model_file: Path,
+        checkpoint: Path,
+        x: np.ndarray,
+        y: np.ndarray,
+        dest: Path,
+        clip_norm: float = 0.0,
     ) -> int:
-        """Train from the global weights; write ``n * (w_new - w)`` to ``dest``; return n."""
+        """Train from the global weights; write ``n * (w_new - w)`` to ``dest``; return n.
+
+        With ``clip_norm`` C > 0 (differential privacy), write ``w_new - w`` clipped to L2
+        norm C over all weight arrays instead, and return 1: each client counts once.
+        """
         model = self._model_for(model_file)
         load_weights(model, checkpoint)
         model.fit(
@@ -129,12 +142,30 @@ class Trainer:
             verbose=0,
             shuffle=True,
         )
-        n = batches(len(x), self.hyper)
+        n = 1 if clip_norm else batches(len(x), self.hyper)
         with tempfile.TemporaryDirectory() as folder:
             trained = Path(folder) / "trained"
             save_weights(model, trained)
             write_update(checkpoint, trained, n, dest)
+        if clip_norm:
+            clip_update(dest, clip_norm)
         return n
+
+
+def clip_update(update: Path, clip_norm: float) -> float:
+    """Scale the update file ``update`` (ours) in place to L2 norm <= ``clip_norm`` over all
+    its weight arrays; return its norm before (McMahan et al. 2018's per-client clip:
+    ``delta * min(1, C / ||delta||)``)."""
+    with h5py.File(update, "r") as file:
+        plan = read_plan(file, update)
+    norm = update_norm(UntrustedFile.at(update), plan, "update")
+    if norm > clip_norm:
+        factor = clip_norm / norm
+        with h5py.File(update, "r+") as file:
+            for weight in plan:
+                dataset = file[weight.name]
+                dataset[...] = np.asarray(dataset[()]) * factor
+    return norm
 
 
 def write_update(checkpoint: Path, trained: Path, n: int, dest: Path) -> None:

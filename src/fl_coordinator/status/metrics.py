@@ -10,6 +10,10 @@ wrapped), the number of websocket subscribers, undelivered webhook
 messages and stage changes the legacy status push dropped. The metrics of the
 last evaluated round (``EVALUATE``) are a gauge each,
 ``fl_coordinator_evaluation_<name>``, created when a name is first seen.
+Under differential privacy the privacy spent is two gauges,
+``fl_coordinator_privacy_epsilon`` and ``fl_coordinator_privacy_delta``
+(created with the first message that carries them: without DP there are none,
+rather than a misleading 0).
 
 Each coordinator has its own :class:`~prometheus_client.CollectorRegistry`,
 not the process-wide default one, so several coordinators in one process
@@ -97,6 +101,7 @@ class Metrics:
         )
         self._common = common
         self._evaluation: dict[str, Gauge] = {}
+        self._privacy: tuple[Gauge, Gauge] | None = None
         # Exported as 0 before the first check-in; kept, as a label lookup per call costs.
         self._accepted_clients = self.checkins.labels("accepted")
         self._refused_clients = self.checkins.labels("refused")
@@ -114,6 +119,8 @@ class Metrics:
         self.accepted.set(message["accepted"])
         if "metrics" in message:
             self._evaluated(message["metrics"])
+        if "epsilon" in message and "delta" in message:
+            self._spent(message["epsilon"], message["delta"])
         if stage in _FINISHED and number > self._counted_up_to:
             self._counted_up_to = number
             if stage == Stage.COMPLETED.name:
@@ -134,6 +141,19 @@ class Metrics:
                     self.observe((await subscription.next()).message)
             finally:
                 self._subscription = None
+
+    def _spent(self, epsilon: float, delta: float) -> None:
+        if self._privacy is None:
+            self._privacy = (
+                Gauge(
+                    "privacy_epsilon",
+                    "Differential privacy spent by the released rounds: epsilon at delta.",
+                    **self._common,
+                ),
+                Gauge("privacy_delta", "The delta of privacy_epsilon (DP_DELTA).", **self._common),
+            )
+        self._privacy[0].set(epsilon)
+        self._privacy[1].set(delta)
 
     def _evaluated(self, metrics: EvaluatedMetrics) -> None:
         """A gauge per metric name: the value of the last evaluated round."""

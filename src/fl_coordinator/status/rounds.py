@@ -42,6 +42,8 @@ class RoundRecord(TypedDict):
     error: NotRequired[str]  # FAILED only
     metrics: NotRequired[dict[str, float]]  # once the round's checkpoint was evaluated (issue 14)
     finished: NotRequired[str]  # the run ended after (or in) this round: why (issue 14)
+    epsilon: NotRequired[float]  # differential privacy: spent once this round ended (issue 18)
+    delta: NotRequired[float]
 
 
 def _fates(message: StatusMessage) -> list[SelectorFate]:
@@ -80,4 +82,6 @@ def record_of(message: StatusMessage) -> RoundRecord:
         record["error"] = message["error"]
     if "finished" in message:
         record["finished"] = message["finished"]  # type: ignore[typeddict-item]
+    if "epsilon" in message and "delta" in message:
+        record["epsilon"], record["delta"] = message["epsilon"], message["delta"]
     return record

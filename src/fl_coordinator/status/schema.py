@@ -56,6 +56,8 @@ class StatusMessage(TypedDict):
     error: NotRequired[str]  # FAILED only
     metrics: NotRequired[EvaluatedMetrics]  # once a round has been evaluated: the latest
     finished: NotRequired[str]  # FINISHED only: why the run ended, and how to go on
+    epsilon: NotRequired[float]  # differential privacy only: spent by the released rounds
+    delta: NotRequired[float]  # ... at this delta (DP_DELTA)
 
 
 def utc_now() -> datetime:
@@ -113,4 +115,7 @@ def to_message(
         message["metrics"] = {"round": status.metrics.round, "values": dict(status.metrics.values)}
     if status.finished is not None:
         message["finished"] = status.finished
+    if status.privacy is not None:
+        message["epsilon"] = status.privacy.epsilon
+        message["delta"] = status.privacy.delta
     return message

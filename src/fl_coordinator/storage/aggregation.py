@@ -11,9 +11,11 @@ encoded, is decided by :mod:`.weights` (the checkpoint's *plan*).
 Each slab of each weight array goes through the same three steps: the
 selectors' inputs are combined into ``D``, the round's mean update (a
 weighted sum divided by the total weight, or a median or trimmed mean of
-the clipped mean updates); ``D`` is a buffer of its own, which a later step
-may perturb; the server optimizer then turns ``D``, the current weights and
-its state (``m``, ``v``, read and written slab by slab:
+the clipped mean updates); ``D`` is a buffer of its own, which differential
+privacy perturbs (Gaussian noise added to the sum, which is then divided by
+the fixed CHECKIN_LIMIT: :mod:`..core.privacy`); the server optimizer then
+turns ``D``, the current weights and its state (``m``, ``v``, read and
+written slab by slab:
 :mod:`.strategy_state`) into the new weights. With the default settings
 that is ``w + D`` with the very operations the Go system's FedAvg needs.
 
@@ -145,6 +147,9 @@ class ServerUpdate:
 
     strategy: Strategy = field(default_factory=Strategy)
     state: StateUpdate | None = None
+    #: Where the differential privacy noise comes from (None: a generator seeded by the
+    #: operating system's entropy, drawn anew for each aggregation). Tests seed one.
+    noise: np.random.Generator | None = None
 
     def __post_init__(self) -> None:
         if bool(self.strategy.optimizer.moments) != (self.state is not None):
@@ -444,7 +449,10 @@ class _Combine:
     into the result's buffer, which holds nothing yet. With a robust
     ``combination``: the median or trimmed mean of the selectors' clipped mean
     updates ``c_s A_s / N_s`` (``weights``: ``N_s``), all K of a slab held at
-    once (:attr:`holds`: the slabs are that many times smaller).
+    once (:attr:`holds`: the slabs are that many times smaller). With
+    ``noise`` (standard deviation, generator): Gaussian noise is added to each
+    coordinate of the sum before it is divided (differential privacy, where the
+    divisor is the fixed CHECKIN_LIMIT), drawn in float64 into a slab of its own.
     """
 
     def __init__(
@@ -452,12 +460,15 @@ class _Combine:
         scales: Sequence[float] | None = None,
         divisor: float = 1.0,
         robust: tuple[Combination, Sequence[int]] | None = None,
+        noise: tuple[float, np.random.Generator] | None = None,
     ) -> None:
         self._scales = scales if scales is not None and any(c != 1 for c in scales) else None
         self._divisor = divisor
         self._robust = robust
+        self._noise = noise
         self.holds = len(robust[1]) if robust else 1
         self._stack: np.ndarray | None = None
+        self._drawn: np.ndarray | None = None
 
     def __call__(
         self,
@@ -483,9 +494,20 @@ class _Combine:
                 total += load(index)
         else:
             total[...] = first
+        if self._noise is not None:
+            self._add_noise(total, *self._noise)
         if self._divisor != 1:
             total /= self._divisor
         return total
+
+    def _add_noise(self, total: np.ndarray, std: float, generator: np.random.Generator) -> None:
+        """``total += N(0, std^2)``, one draw per coordinate, without allocating per slab."""
+        if self._drawn is None or self._drawn.size < total.size:
+            self._drawn = np.empty(total.size, np.float64)
+        drawn = self._drawn[: total.size]
+        generator.standard_normal(out=drawn)
+        drawn *= std
+        total += drawn.reshape(total.shape)
 
     def _ordered(
         self, load: Callable[[int], np.ndarray], count: int, total: np.ndarray
@@ -727,7 +749,12 @@ def aggregate(
                 strategy.combination.clip_norm,
             )
     robust = (strategy.combination, weights) if strategy.combination.robust else None
-    combine = _Combine(scales, total_weight, robust)
+    privacy = strategy.privacy
+    if privacy is None:
+        combine = _Combine(scales, total_weight, robust)
+    else:  # the fixed denominator; weights are bounded by the round (see core.privacy)
+        noise = (privacy.noise_std, update.noise or np.random.default_rng())
+        combine = _Combine(None, privacy.denominator, None, noise)
     step = _ServerStep(strategy)
 
     @contextlib.contextmanager

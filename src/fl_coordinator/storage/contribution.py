@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ __all__ = [
     "SelectorFiles",
     "examine",
     "read_weight",
+    "update_norm",
 ]
 
 #: A selector's weight is a count of training batches; anything above this is
@@ -136,6 +138,27 @@ def _check_values(
             wide = part.astype(encoding.accumulator).ravel()
             square += float(np.vdot(wide, wide).real)
     return square
+
+
+def update_norm(source: UntrustedFile, plan: Sequence[Weight], what: str = "upload") -> float:
+    """The L2 norm of ``source``'s weight arrays of ``plan``, all together, in float64.
+
+    For a reference selector under differential privacy, which refuses a
+    client's update longer than the clip norm. Blocking (run it in a worker
+    thread); ContributionError if the file cannot be read as ``plan`` says or
+    holds NaN or Inf.
+    """
+    square = 0.0
+    with source.open_hdf5(what) as opened:
+        try:
+            for array in plan:
+                dataset, encoding = dataset_at(opened.file, array, source.path)
+                square += _check_values(dataset, encoding, array.name, source.path, True)
+        except (OSError, RuntimeError) as error:
+            raise ContributionError(
+                f"{source.path}: {what} cannot be read ({type(error).__name__}: {error})"
+            ) from None
+    return math.sqrt(square)
 
 
 def examine(selector: str, files: SelectorFiles, spec: CheckpointSpec) -> Contribution:

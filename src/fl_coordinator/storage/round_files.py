@@ -19,6 +19,7 @@ from pathlib import Path
 
 import trio
 
+from ..core.privacy import Spent
 from ..core.strategy import Strategy
 from ..errors import AggregationError, ContributionError, os_error_text
 from .aggregation import AggregationResult, Aggregator, Contribution, ServerUpdate, aggregate
@@ -29,6 +30,7 @@ from .contribution import CheckpointSpec
 from .journal import checkpoint_round, keep_in_history, kept_file
 from .journal_writer import JournalWriter
 from .layout import Layout
+from .privacy_ledger import PrivacyLedger
 from .strategy_state import StateUpdate, state_path
 from .weights import Weight
 
@@ -68,7 +70,9 @@ class RoundFiles:
     ``strategy`` is what each aggregation computes; ``state`` is the optimizer
     state the next one starts from (None: the initial one; see
     :mod:`.strategy_state`), then each round's own. ``evaluated``: keep each new
-    checkpoint for its evaluation (:meth:`evaluation_copy`). Use inside
+    checkpoint for its evaluation (:meth:`evaluation_copy`). ``privacy``: the
+    ledger of rounds released under differential privacy (None: DP is off),
+    which each aggregation is recorded in before it starts. Use inside
     :meth:`running`.
     """
 
@@ -85,16 +89,18 @@ class RoundFiles:
         strategy: Strategy | None = None,
         state: Path | None = None,
         evaluated: bool = False,
+        privacy: PrivacyLedger | None = None,
     ) -> None:
         self.layout = layout
         self.journal = JournalWriter(layout)
         self._strategy = strategy or Strategy()
         self._state = state
         self._evaluated = evaluated
+        self._privacy = privacy
         spec = CheckpointSpec(
             tuple(plan),
             layout.checkpoint.stat().st_size,
-            measure_norms=self._strategy.combination.clip_norm > 0,
+            measure_norms=self._strategy.combination.clip_norm > 0 or privacy is not None,
         )
         self._checker = ContributionChecker(layout, spec, check_timeout, check_workers)
         self._checked: dict[tuple[int, str], Contribution] = {}
@@ -112,13 +118,19 @@ class RoundFiles:
         """Have the validation's workers ready (reports are coming: a round configures)."""
         await self._checker.warm()
 
-    async def validate(self, number: int, selector: str) -> None:
+    async def validate(self, number: int, selector: str) -> Contribution:
         """Raise ContributionError unless ``selector``'s files can be averaged in round
-        ``number``; remember what passed, for that round's aggregation."""
+        ``number``; remember what passed, for that round's aggregation, and return it."""
         outcome = await self._checker.check(selector)
         if isinstance(outcome, str):
             raise ContributionError(outcome)
         self._checked[(number, selector)] = outcome
+        return outcome
+
+    async def privacy_spent(self) -> Spent | None:
+        """What the rounds released under differential privacy spent (None: DP is off)."""
+        ledger = self._privacy
+        return None if ledger is None else await trio.to_thread.run_sync(ledger.spent)
 
     def forget_before(self, number: int) -> None:
         """Drop what the validations of rounds before ``number`` found."""
@@ -138,6 +150,8 @@ class RoundFiles:
         unwritten = await self.journal.settled()
         if unwritten is not None:
             raise AggregationError(f"{unwritten}; the global checkpoint is kept as it was")
+        if self._privacy is not None:
+            await self._record_release(self._privacy, number)
         contributions = [self._checked[(number, s)] for s in selectors]
         optimizer = self._strategy.optimizer
         state = (
@@ -170,6 +184,16 @@ class RoundFiles:
         if state is not None:
             self._state = state.dest  # the next round goes on from this round's state
         return result
+
+    async def _record_release(self, ledger: PrivacyLedger, number: int) -> None:
+        """Write ahead that round ``number`` is released (nothing is averaged otherwise)."""
+        try:
+            await trio.to_thread.run_sync(ledger.record, number)
+        except OSError as error:
+            raise AggregationError(
+                f"cannot record round {number} in the privacy ledger ({os_error_text(error)}); "
+                "the global checkpoint is kept as it was"
+            ) from None
 
     def evaluation_copy(self, number: int) -> Path:
         """Where round ``number``'s checkpoint is kept for its evaluation (a hard link, made

@@ -151,7 +151,7 @@ def check_fit(strategy: Strategy, plan: Sequence[Weight]) -> None:
 
     Complex weights have no order (median, trimmed mean) and no sign (Yogi),
     and ``D^2`` of a complex update is not a variance: only the mean with
-    fedavg or fedavgm averages them.
+    fedavg or fedavgm averages them, without differential privacy.
     """
     complex_weight = next((w for w in plan if w.encoding.is_complex), None)
     if complex_weight is None:
@@ -161,6 +161,9 @@ def check_fit(strategy: Strategy, plan: Sequence[Weight]) -> None:
         raise ConfigError("STRATEGY", strategy.optimizer.name, f"fedavg or fedavgm {where}")
     if strategy.combination.robust:
         raise ConfigError("ROBUST_AGGREGATION", strategy.combination.method, f"mean {where}")
+    if strategy.privacy is not None:  # the noise is real; its analysis is for real vectors
+        expected = f"0 {where}"
+        raise ConfigError("DP_NOISE_MULTIPLIER", strategy.privacy.noise_multiplier, expected)
 
 
 def check_strategy(

@@ -1,0 +1,132 @@
+"""The privacy ledger: every round released under differential privacy, kept for good.
+
+``.coordinator/privacy.json`` lists each round whose aggregation ran with
+noise, with its mechanism (``q``, ``z``, ``C``). The epsilon spent so far is
+recomputed from it (:func:`..core.privacy.epsilon`), never stored, so a change
+of accountant cannot leave a stale figure behind.
+
+Nothing may give budget back:
+
+* A round is recorded *before* its aggregation starts (write-ahead, fsynced):
+  if the new checkpoint is published, its round is in the ledger, whatever
+  crash follows. A round whose aggregation then fails is counted all the
+  same; that overstates epsilon a little and never understates it.
+* ``rollback`` restores an older checkpoint, but the rounds released since
+  were seen by whoever read them: the ledger lives outside the history and
+  rollback never touches it (round numbers keep increasing after a rollback,
+  so no entry is ever overwritten).
+* A ledger that cannot be read stops the start-up (ProblemError: the budget
+  is unknown), rather than starting again from zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.privacy import DifferentialPrivacy, Release, Spent, epsilon
+from ..errors import ProblemError, os_error_text
+from .atomic import write_atomic
+from .layout import Layout
+
+__all__ = ["PrivacyLedger", "ledger_path"]
+
+
+def ledger_path(layout: Layout) -> Path:
+    return layout.own / "privacy.json"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    round: int
+    q: float
+    z: float
+    clip_norm: float
+
+
+class PrivacyLedger:
+    """The released rounds of one problem folder, under mechanism ``privacy``.
+
+    Blocking file work and accounting: call from worker threads (the round
+    task does, through :class:`.round_files.RoundFiles`). :meth:`load` raises
+    ProblemError for a ledger that cannot be used.
+    """
+
+    def __init__(self, layout: Layout, privacy: DifferentialPrivacy) -> None:
+        self._layout = layout
+        self.privacy = privacy
+        self._entries: dict[int, _Entry] | None = None
+
+    def load(self) -> None:
+        """Read the ledger (a missing one is empty); ProblemError if it cannot be used."""
+        path = ledger_path(self._layout)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            self._entries = {}
+            return
+        except OSError as error:
+            raise ProblemError(
+                f"{path}: cannot read the privacy ledger ({os_error_text(error)})"
+            ) from None
+        try:
+            self._entries = _parse(json.loads(text))
+        except (ValueError, TypeError, KeyError) as error:
+            raise ProblemError(
+                f"{path}: not a readable privacy ledger ({error}); the privacy already spent "
+                "is unknown: restore the file from a backup (it is never rewritten with less)"
+            ) from None
+
+    def record(self, number: int) -> None:
+        """Write ahead that round ``number`` is released under :attr:`privacy` (OSError if
+        it cannot be written: the round must then not be aggregated)."""
+        entries = self._loaded()
+        if number in entries:
+            return  # averaged again without a refused selector: the same release
+        mechanism = self.privacy.release
+        entries[number] = _Entry(number, mechanism.q, mechanism.z, self.privacy.clip_norm)
+        rounds = [vars(entry) for entry in sorted(entries.values(), key=lambda e: e.round)]
+        data = json.dumps({"releases": rounds}, indent=1).encode()
+        try:
+            write_atomic(ledger_path(self._layout), data, self._layout.tmp)
+        except OSError:
+            del entries[number]
+            raise
+
+    def spent(self) -> Spent:
+        """Epsilon at DP_DELTA of the released rounds, and after one more (RDP accountant)."""
+        released = [Release(e.q, e.z) for e in self._loaded().values()]
+        delta = self.privacy.delta
+        return Spent(
+            epsilon=epsilon(released, delta),
+            delta=delta,
+            rounds=len(released),
+            next_epsilon=epsilon([*released, self.privacy.release], delta),
+        )
+
+    def _loaded(self) -> dict[int, _Entry]:
+        if self._entries is None:
+            self.load()
+        assert self._entries is not None
+        return self._entries
+
+
+def _parse(data: Any) -> dict[int, _Entry]:
+    releases = data["releases"]
+    if not isinstance(releases, list):
+        raise TypeError("releases is not a list")
+    entries: dict[int, _Entry] = {}
+    for item in releases:
+        entry = _Entry(
+            round=int(item["round"]),
+            q=float(item["q"]),
+            z=float(item["z"]),
+            clip_norm=float(item["clip_norm"]),
+        )
+        if not (0 < entry.q <= 1 and entry.z >= 0 and math.isfinite(entry.z)):
+            raise ValueError(f"round {entry.round}: q={entry.q}, z={entry.z} is not a mechanism")
+        entries[entry.round] = entry
+    return entries
