@@ -480,15 +480,19 @@ class Coordinator:
                 )
             except ContributionsRefused as refused:  # files changed since their validation
                 rejected = tuple((s, clip(why)) for s, why in refused.reasons.items())
-                privacy = await self._privacy_spent(number)
+                privacy, unaccounted = await self._privacy_spent(number)
                 await self._events_in.send(
-                    AggregationDone(number, rejected=rejected, privacy=privacy)
+                    AggregationDone(
+                        number, rejected=rejected, privacy=privacy, unaccounted=unaccounted
+                    )
                 )
                 return
-            privacy = await self._privacy_spent(number)
+            privacy, unaccounted = await self._privacy_spent(number)
             if isinstance(outcome, _Failed):
                 await self._events_in.send(
-                    AggregationDone(number, error=outcome.reason, privacy=privacy)
+                    AggregationDone(
+                        number, error=outcome.reason, privacy=privacy, unaccounted=unaccounted
+                    )
                 )
                 return
             result = outcome.value
@@ -501,14 +505,17 @@ class Coordinator:
                 result.bytes_read / 1e6,
             )
             await self._events_in.send(
-                AggregationDone(number, seconds=result.seconds, privacy=privacy)
+                AggregationDone(
+                    number, seconds=result.seconds, privacy=privacy, unaccounted=unaccounted
+                )
             )
 
-    async def _privacy_spent(self, number: int) -> Spent | None:
-        """The privacy spent after round ``number`` was (perhaps) released; None if DP is off
-        (or the accountant failed: logged, and the round's budget check keeps the last figure)."""
+    async def _privacy_spent(self, number: int) -> tuple[Spent | None, str | None]:
+        """The privacy spent after round ``number`` was (perhaps) released (None if DP is
+        off), or why the accountant could not say (logged; with DP_MAX_EPSILON set the run
+        then ends: an unknown spending fails closed)."""
         outcome = await _outcome(self._files.privacy_spent(), f"round {number}: accounting")
         if isinstance(outcome, _Failed):
             log.error("round %d: the privacy spent cannot be computed: %s", number, outcome.reason)
-            return None
-        return outcome.value
+            return None, outcome.reason
+        return outcome.value, None

@@ -83,6 +83,26 @@ def test_reports_then_aggregation_then_next_round() -> None:
     assert (machine.number, machine.accepted, machine.selectors) == (2, 0, {})
 
 
+def test_an_accountant_that_fails_ends_a_run_with_a_budget_and_only_such_a_run() -> None:
+    """The privacy spent is unknown: a budget fails closed; without one, rounds go on."""
+    for budget, stages in ((5.0, [Stage.COMPLETED, Stage.FINISHED]),
+                           (None, [Stage.COMPLETED, Stage.SELECTION])):  # fmt: skip
+        machine = Round(Rules(goal=1, dp_clip_norm=1.0, max_epsilon=budget))
+        machine.handle(CheckIn("a:1", 1))
+        report(machine, "a:1")
+        effects = machine.handle(AggregationDone(1, seconds=0.1, unaccounted="ValueError: q"))
+        assert [s.stage for s in of_type(effects, Status)] == stages
+    assert machine.finished is None
+    finished = Round(Rules(goal=1, dp_clip_norm=1.0, max_epsilon=5.0))
+    finished.handle(CheckIn("a:1", 1))
+    report(finished, "a:1")
+    finished.handle(AggregationDone(1, unaccounted="ValueError: q"))
+    assert finished.finished == (
+        "the privacy spent cannot be computed (ValueError: q), so no further round may be "
+        "released under DP_MAX_EPSILON=5; fix the cause and restart"
+    )
+
+
 def test_failed_aggregation_opens_next_round_with_error_status() -> None:
     machine = Round(Rules(goal=1))
     machine.handle(CheckIn("a:1", 1))

@@ -150,6 +150,9 @@ class AggregationDone:
     rejected: tuple[tuple[str, str], ...] = ()
     #: Under differential privacy: what the released rounds have spent, this one included.
     privacy: Spent | None = None
+    #: Under differential privacy: why the accountant could not say what was spent (the
+    #: budget is then unknown, and a run with one ends rather than release more).
+    unaccounted: str | None = None
 
 
 @dataclass(frozen=True)

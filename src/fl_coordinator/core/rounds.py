@@ -131,6 +131,7 @@ class Round:
     finished: str | None = None  # why the run ended (FINISHED)
     stopping: str | None = None  # STOP_WHEN was met: finish when the round under way ends
     privacy: Spent | None = None  # under differential privacy: what the released rounds spent
+    unaccounted: str | None = None  # why the accountant failed: the budget is unknown
 
     @property
     def goal(self) -> int:
@@ -184,14 +185,21 @@ class Round:
         last = self.number - 1
         if self.rules.rounds and last >= self.rules.rounds:
             return self._last_round_reason(last)
-        if self.privacy is not None and (spent := self._budget_reason()) is not None:
+        if (spent := self._budget_reason()) is not None:
             return spent
         if self.metrics is not None:
             return self._stop_reason(self.metrics)
         return None
 
     def _budget_reason(self) -> str | None:
-        """Why the privacy budget allows no further round (None: it allows one)."""
+        """Why the privacy budget allows no further round (None: it allows one). A budget
+        whose spending cannot be computed allows none: it fails closed."""
+        if self.unaccounted is not None and self.rules.max_epsilon is not None:
+            return (
+                f"the privacy spent cannot be computed ({self.unaccounted}), so no further "
+                f"round may be released under DP_MAX_EPSILON={self.rules.max_epsilon:g}; "
+                "fix the cause and restart"
+            )
         if self.privacy is None:
             return None
         reason = self.privacy.exceeded_by_next(self.rules.max_epsilon)
@@ -554,6 +562,8 @@ class Round:
     def _aggregation_done(self, event: AggregationDone) -> list[Effect]:
         if event.privacy is not None:  # spent whatever became of the round
             self.privacy = event.privacy
+        if event.unaccounted is not None:
+            self.unaccounted = event.unaccounted
         if not self.aggregating or event.round != self.number:
             return [
                 Log(
