@@ -24,7 +24,7 @@ from helpers.peers import read_floats, run_round, serve_and_watch
 from fl_coordinator.app import build_coordinator
 from fl_coordinator.config import Settings
 from fl_coordinator.core.strategy import STRATEGIES, Combination, ServerOptimizer, Strategy
-from fl_coordinator.errors import CheckpointError, ConfigError
+from fl_coordinator.errors import AggregationError, CheckpointError, ConfigError
 from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.storage import atomic
 from fl_coordinator.storage.aggregation import Contribution, ServerUpdate, aggregate
@@ -433,3 +433,19 @@ def test_complex_weights_are_only_averaged(tmp_path: Path) -> None:
         check_fit(Strategy(ServerOptimizer.of("fedyogi")), plan)
     with pytest.raises(ConfigError, match="ROBUST_AGGREGATION='median': expected mean"):
         check_fit(Strategy(combination=Combination("median")), plan)
+
+
+def test_a_learning_rate_that_overflows_the_weights_is_named(tmp_path: Path) -> None:
+    write_weights(tmp_path / "fl_checkpoint", {"layers/d/vars/0": np.ones(4, np.float32)})
+    write_weights(tmp_path / "agg", {"layers/d/vars/0": np.full(4, 2, np.float32)})
+    huge = Strategy(ServerOptimizer.of("fedavg", learning_rate=1e308))
+    part = Contribution("s", UntrustedFile(tmp_path, "agg"), 1)
+    before = (tmp_path / "fl_checkpoint").read_bytes()
+    with pytest.raises(AggregationError) as raised:
+        aggregate(tmp_path / "fl_checkpoint", [part], tmp_path / "tmp", None, ServerUpdate(huge))
+    assert str(raised.value) == (
+        "dataset 'layers/d/vars/0' contains NaN or Inf in the result: the new weights overflow "
+        "float32; check SERVER_LEARNING_RATE and the strategy's settings (STRATEGY, TAU), or "
+        "the selectors' updates"
+    )
+    assert (tmp_path / "fl_checkpoint").read_bytes() == before

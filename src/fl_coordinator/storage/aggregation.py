@@ -396,8 +396,13 @@ def _non_finite(
     }
     if refused:
         return ContributionsRefused(refused)
-    where = like.path if not finite(like) else "the result (overflow of the dtype)"
-    return AggregationError(f"dataset {name!r} contains NaN or Inf in {where}")
+    if not finite(like):
+        return AggregationError(f"dataset {name!r} contains NaN or Inf in {like.path}")
+    return AggregationError(
+        f"dataset {name!r} contains NaN or Inf in the result: the new weights overflow "
+        f"{like.encoding.name}; check SERVER_LEARNING_RATE and the strategy's settings "
+        "(STRATEGY, TAU), or the selectors' updates"
+    )
 
 
 def sum_into(
