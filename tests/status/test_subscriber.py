@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,3 +154,30 @@ async def test_pings_are_answered_and_a_close_is_answered_then_the_connection_en
     assert answer.code == 1000
     assert await peer.event() is None  # and the server closed the TCP connection
     assert hub.subscriber_count == 0
+
+
+async def test_a_peer_that_pings_without_reading_is_owed_one_pong_not_one_per_ping(
+    nursery: trio.Nursery,
+) -> None:
+    """Pongs a peer does not read are not queued without bound: only the latest is kept."""
+    hub = StatusHub("p", "c")
+    port = await nursery.start(StatusServer(hub).serve, "127.0.0.1", 0)
+    hub.publish(_status(0))
+    peer = await _Peer.connect(port, receive_buffer=4096)
+    assert (await peer.event())["accepted"] == 0
+    pong_bytes = 127  # a pong of 125 bytes, as the server frames it
+    # What the server's send buffer (at most tcp_wmem's maximum) and our small receive
+    # buffer can hold at most, in pongs: more than that were answered by replacing.
+    wmem = Path("/proc/sys/net/ipv4/tcp_wmem").read_text()  # noqa: ASYNC240 (procfs: instant)
+    held = (int(wmem.split()[2]) + 2**17) // pong_bytes
+    pings = 3 * held
+    ping = peer.ws.send(Ping(b"p" * 125))
+    with trio.fail_after(120):
+        for _ in range(pings // 1000 + 1):
+            await peer.stream.send_all(ping * 1000)
+    hub.publish(_status(1))  # sent after the pongs still owed
+    pongs = 0
+    while isinstance(event := await peer.event(), Pong):
+        pongs += 1
+    assert event["accepted"] == 1
+    assert 0 < pongs <= held + 1  # what the buffers held, and the latest
