@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import h5py
@@ -14,10 +15,17 @@ from helpers.peers import write_aggregate
 from helpers.resources import check_workers, exists, job_sent_to
 
 from fl_coordinator.storage import checker as checker_module
+from fl_coordinator.storage import contribution
 from fl_coordinator.storage.aggregation import Contribution
 from fl_coordinator.storage.checker import ContributionChecker
 from fl_coordinator.storage.checkpoint import read_checkpoint_plan
-from fl_coordinator.storage.contribution import CheckpointSpec
+from fl_coordinator.storage.contribution import (
+    SETTLE_SECONDS,
+    CheckpointSpec,
+    NotSettled,
+    SelectorFiles,
+    examine,
+)
 from fl_coordinator.storage.layout import Layout
 
 SELECTOR = "127.0.0.1:1"
@@ -103,3 +111,38 @@ async def test_a_check_never_opens_the_global_checkpoint(reported: Layout) -> No
     async with checker.running():
         found = await checker.check(SELECTOR)
     assert isinstance(found, Contribution) and found.weight == 5
+
+
+async def test_a_file_just_written_is_read_once_settled_and_an_older_one_at_once(
+    reported: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint changed within SETTLE_SECONDS is not read (its identity could miss a
+    rewrite in the same clock tick): its check is run again once it settled; an older
+    file is read by the first run, with no wait."""
+    aggregate = reported.agg_checkpoint(SELECTOR)
+    files = SelectorFiles(reported.root, aggregate.name, reported.agg_weight(SELECTOR).name)
+    with monkeypatch.context() as patched:  # in this process: "fresh" for a minute
+        patched.setattr(contribution, "SETTLE_SECONDS", 60.0)
+        with pytest.raises(NotSettled) as fresh:
+            examine(SELECTOR, files, spec_of(reported), settle=False)
+        assert 59 < fresh.value.wait <= 60
+
+    runs: list[bool] = []
+    run = ContributionChecker._run
+
+    async def counted(self: ContributionChecker, *args: object) -> object:
+        runs.append(bool(args[-1]))
+        return await run(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ContributionChecker, "_run", counted)
+    checker = ContributionChecker(reported, spec_of(reported), timeout=60, workers=1)
+    async with checker.running():
+        os.utime(aggregate)  # its last change: now
+        found = await checker.check(SELECTOR)
+        assert isinstance(found, Contribution)
+        assert time.time() >= aggregate.stat().st_ctime + SETTLE_SECONDS  # read once settled
+        assert runs in ([False, True], [False])  # [False]: the worker started that late
+        await trio.sleep(2 * SETTLE_SECONDS)  # the file ages (not a synchronization)
+        runs.clear()
+        assert isinstance(await checker.check(SELECTOR), Contribution)
+        assert runs == [False]  # read at the first run

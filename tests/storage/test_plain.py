@@ -7,6 +7,7 @@ import os
 import resource
 import struct
 from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -17,8 +18,10 @@ from helpers.peers import read_floats
 from fl_coordinator.errors import ContributionError, ContributionsRefused
 from fl_coordinator.storage import aggregation
 from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.contribution import CheckpointSpec, SelectorFiles, examine
 from fl_coordinator.storage.plain import extent_of
 from fl_coordinator.storage.untrusted import UntrustedFile
+from fl_coordinator.storage.weights import read_plan
 
 
 def _arrays(seed: int, rows: int = 7) -> dict[str, np.ndarray]:
@@ -157,3 +160,59 @@ def test_descriptors_flat_in_the_number_of_inputs(tmp_path: Path, monkeypatch) -
         _arrays(i + 1)["layers/dense/vars/1"] for i in range(300)
     ) / sum(range(1, 301))
     np.testing.assert_allclose(read_floats(checkpoint)["layers/dense/vars/1"], expected)
+
+
+def _checked(
+    folder: Path, checkpoint: Path, count: int, chunked: Collection[int]
+) -> list[Contribution]:
+    """``count`` selectors' files (weights 1, 2, ...), checked as a report's check does."""
+    for i in range(count):
+        _write(folder / f"s{i}" / "agg", _arrays(i + 1), chunked=i in chunked)
+        (folder / f"s{i}" / "weight").write_text(f"{i + 1}\n")
+    with h5py.File(checkpoint, "r") as file:
+        spec = CheckpointSpec(read_plan(file, checkpoint), checkpoint.stat().st_size)
+    files = SelectorFiles(folder, "agg", "weight")
+    return [examine(f"s{i}", files, spec) for i in range(count)]
+
+
+def test_the_check_locates_plain_arrays_and_the_aggregation_does_not_parse_them_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read of each file's structure (the check, in its worker): the aggregation reads
+    a plain input's values at the extents its check found; a chunked one through h5py."""
+    checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
+    parts = _checked(tmp_path, checkpoint, 3, chunked={1})
+    plan_names = list(_arrays(0))
+    assert [None if p.plain is None else list(p.plain) for p in parts] == [
+        plan_names, None, plan_names
+    ]  # fmt: skip
+    opened: list[str] = []
+    open_hdf5 = UntrustedFile.open_hdf5
+
+    def counted(self: UntrustedFile, *args: object, **kwargs: object) -> object:
+        opened.append(self.name)
+        return open_hdf5(self, *args, **kwargs)
+
+    monkeypatch.setattr(UntrustedFile, "open_hdf5", counted)
+    before = checkpoint.read_bytes()
+    aggregate(checkpoint, parts, tmp_path / "tmp")
+    assert opened == ["s1/agg"]  # only the chunked input was parsed again
+    located = read_floats(checkpoint)
+    checkpoint.write_bytes(before)
+    aggregate(checkpoint, [replace(p, plain=None) for p in parts], tmp_path / "tmp")
+    again = read_floats(checkpoint)
+    assert opened == ["s1/agg", "s0/agg", "s1/agg", "s2/agg"]
+    for name in plan_names:
+        assert located[name].tobytes() == again[name].tobytes(), name
+
+
+def test_a_plain_input_changed_after_its_check_is_refused_alone(tmp_path: Path) -> None:
+    checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
+    parts = _checked(tmp_path, checkpoint, 3, chunked=())
+    _write(tmp_path / "s2" / "agg", _arrays(99))  # same layout and size, other values
+    before = checkpoint.read_bytes()
+    with pytest.raises(ContributionsRefused) as refused:
+        aggregate(checkpoint, parts, tmp_path / "tmp")
+    assert list(refused.value.reasons) == ["s2"]
+    assert "changed" in refused.value.reasons["s2"]
+    assert checkpoint.read_bytes() == before

@@ -2,7 +2,7 @@
 
 A request is read with a bound on its size (:data:`MAX_REQUEST_BYTES`), and
 the bytes it came in are kept, so the status port can hand a websocket
-upgrade, unread, to trio-websocket (:class:`Head`). Every answer closes the
+upgrade, as received, to wsproto (:class:`Head`). Every answer closes the
 connection (``Connection: close``): a scrape every few seconds or a page's
 few requests do not need keep-alive, and it keeps the handlers trivial.
 """

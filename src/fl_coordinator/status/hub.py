@@ -19,13 +19,15 @@ import itertools
 import json
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from typing import Protocol, TypeVar
 
 import trio
+from wsproto.frame_protocol import FrameProtocol
 
 from ..core.events import Status
 from .schema import StatusMessage, phase_name, timestamp, to_message, utc_now
 
-__all__ = ["Published", "StatusHub", "Subscription"]
+__all__ = ["Published", "Sink", "StatusHub", "Subscription"]
 
 #: Messages a subscriber may fall behind before the oldest are dropped.
 _QUEUE_LENGTH = 64
@@ -45,6 +47,21 @@ class Published:
     @functools.cached_property
     def text(self) -> str:
         return json.dumps(self.message)
+
+    @functools.cached_property
+    def frame(self) -> bytes:
+        """The text as one websocket text frame, server to client (RFC 6455, 5.2).
+
+        A server's frames are not masked and we negotiate no extension, so
+        these same bytes go to every subscriber: framed once per change.
+        """
+        return bytes(FrameProtocol(client=False, extensions=[]).send_data(self.text, fin=True))
+
+
+class Sink(Protocol):
+    """What the hub hands each message to; ``put`` must not block or raise."""
+
+    def put(self, published: Published) -> None: ...
 
 
 class Subscription:
@@ -78,6 +95,9 @@ class Subscription:
         return ready
 
 
+_S = TypeVar("_S", bound=Sink)
+
+
 class StatusHub:
     """Numbers, timestamps and fans out status snapshots; never blocks the publisher."""
 
@@ -93,7 +113,7 @@ class StatusHub:
         self._clock = clock
         self._queue_length = queue_length
         self._seq = itertools.count(1)
-        self._subscribers: set[Subscription] = set()
+        self._subscribers: set[Sink] = set()
         self._latest: Published | None = None
         self._round = 0
         self._stages: dict[str, str] = {}  # this round's stages -> when each began
@@ -139,15 +159,29 @@ class StatusHub:
             subscription.put(self._latest)
         return message
 
+    @property
+    def queue_length(self) -> int:
+        """Messages a subscriber may fall behind before the oldest are dropped."""
+        return self._queue_length
+
     @contextlib.contextmanager
     def subscribe(self) -> Iterator[Subscription]:
         """A subscription that starts with the current status, then every new message."""
-        subscription = Subscription(self._queue_length)
-        if self._latest is not None:
-            subscription.put(self._latest)
-
-        self._subscribers.add(subscription)
-        try:
+        with self.attach(Subscription(self._queue_length)) as subscription:
             yield subscription
+
+    @contextlib.contextmanager
+    def attach(self, sink: _S) -> Iterator[_S]:
+        """Hand ``sink`` the current status, then every new message, until the block ends.
+
+        For a subscriber that delivers a message as it is published when it
+        can (the websocket stream writes it at once), and keeps its own
+        bounded queue, at most :attr:`queue_length` long, when it cannot.
+        """
+        if self._latest is not None:
+            sink.put(self._latest)
+        self._subscribers.add(sink)
+        try:
+            yield sink
         finally:
-            self._subscribers.discard(subscription)
+            self._subscribers.discard(sink)

@@ -1,10 +1,11 @@
 """The websocket status stream for the webserver: ``ws://HOST:STATUS_PORT/status``.
 
 Each subscriber gets the current status, then one JSON text message per
-change, from its own :class:`~.status.Subscription`. A subscriber that does
-not take a message within :data:`_SEND_TIMEOUT` seconds (its TCP buffers are
-full: it stopped reading) is disconnected, so a stuck peer holds no resources
-for long; it only ever delays itself.
+change (:mod:`.subscriber`: written to its socket as the change is
+published, the same frame bytes for every subscriber). A subscriber that
+does not take a message within :data:`_SEND_TIMEOUT` seconds (its TCP
+buffers are full: it stopped reading) is disconnected, so a stuck peer holds
+no resources for long; it only ever delays itself.
 
 Only the webserver should watch: with a token set, the handshake must carry
 ``Authorization: Bearer <token>`` or it is answered HTTP 401 before the
@@ -14,17 +15,16 @@ the connection (code 1009).
 
 Connections are accepted through a :class:`~..connections.Gate` (at most
 ``MAX_CONNECTIONS``, shed when descriptors run out), and the handshake (TLS,
-then the HTTP upgrade) must complete within ``HANDSHAKE_TIMEOUT``:
-trio-websocket's own server waits 60 s, even for a peer that has already
-closed, which we notice at once.
+then the HTTP upgrade) must complete within ``HANDSHAKE_TIMEOUT``.
 
 The same port answers plain HTTP GETs (:mod:`.pages`: the dashboard,
-``/status``, ``/rounds``): the request head is read first, with h11, and
-only a websocket upgrade is handed (its bytes replayed) to trio-websocket.
-A browser cannot set headers on a websocket, so the dashboard sends the
-token as a subprotocol instead, ``bearer.<token in base64url>`` next to
-:data:`SUBPROTOCOL`, which the server then selects (as Kubernetes' API
-server does).
+``/status``, ``/rounds``): the request head is read with h11, and a
+websocket upgrade is handed, as received, to wsproto (the protocol engine
+trio-websocket is built on: we drive it ourselves so that a change is framed
+once, not once per subscriber). A browser cannot set headers on a
+websocket, so the dashboard sends the token as a subprotocol instead,
+``bearer.<token in base64url>`` next to :data:`SUBPROTOCOL`, which the
+server then selects (as Kubernetes' API server does).
 """
 
 from __future__ import annotations
@@ -33,20 +33,15 @@ import base64
 import binascii
 import contextlib
 import logging
-import math
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import h11
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    WebSocketRequest,
-    wrap_server_stream,
-)
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
+from wsproto.utilities import RemoteProtocolError
 
 from ..connections import ConnectionLimits, Gate, Slot, serve_listeners
 from ..errors import ListenError
@@ -54,10 +49,11 @@ from ..log_throttle import Throttle
 from ..logs import context_field, log_context
 from ..rpc.auth import AUTHORIZATION, bearer_problem, header_value
 from ..untrusted_text import shown
-from .http import Head, read_head, send_answer
-from .hub import StatusHub, Subscription
+from .http import Answer, Head, read_head, send_answer
+from .hub import StatusHub
 from .pages import Pages
 from .rounds import RoundRecord
+from .subscriber import Subscriber, SubscriberLimits
 
 __all__ = ["PATH", "SUBPROTOCOL", "StatusLimits", "StatusServer"]
 
@@ -70,10 +66,6 @@ _BEARER_PROTOCOL = "bearer."
 _SEND_TIMEOUT = 10.0
 
 
-#: WebSocket close code of a message larger than the server accepts (RFC 6455).
-_MESSAGE_TOO_BIG = 1009
-
-
 @dataclass(frozen=True)
 class StatusLimits:
     """Who may subscribe and how much they may cost (see STATUS_* keys)."""
@@ -84,87 +76,9 @@ class StatusLimits:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
-async def _drain(ws: WebSocketConnection, throttle: Throttle) -> None:
-    """Read (and ignore) what the subscriber sends; return when it goes away."""
-    try:
-        while True:
-            await ws.get_message()
-    except ConnectionClosed as closed:
-        if closed.reason is not None and closed.reason.code == _MESSAGE_TOO_BIG:
-            throttle.warning(
-                "status subscriber sent too large a message",
-                "status subscriber %s sent a message larger than STATUS_MAX_MESSAGE_BYTES; "
-                "disconnected",
-                context_field("peer"),
-            )
-        return
-
-
-async def _push(ws: WebSocketConnection, subscription: Subscription, throttle: Throttle) -> None:
-    # One cancel scope for the connection, its deadline armed only while a send is
-    # under way: a scope per message cost a tenth of the fan-out (bench --parts fanout).
-    with trio.CancelScope() as sending:
-        while True:
-            published = await subscription.next()
-            sending.deadline = trio.current_time() + _SEND_TIMEOUT
-            await ws.send_message(published.text)
-            sending.deadline = math.inf
-    if sending.cancelled_caught:
-        throttle.warning(
-            "status subscriber stopped reading",
-            "status subscriber %s stopped reading for %.0f s; disconnecting it",
-            context_field("peer"),
-            _SEND_TIMEOUT,
-        )
-
-
-async def _until_first(
-    nursery: trio.Nursery, job: Callable[..., Awaitable[None]], *args: Any
-) -> None:
-    await job(*args)
-    nursery.cancel_scope.cancel()
-
-
-class _Watched(trio.abc.Stream):
-    """A stream that tells when it ended: trio-websocket's handshake does not notice."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
-        self.ended = trio.Event()
-        self.failure: BaseException | None = None  # why it broke (a failed TLS handshake)
-        self._replay = b""
-
-    def replay(self, data: bytes) -> None:
-        """Receive ``data`` again first (a request head read before it was handed on)."""
-        self._replay = data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._replay:
-            data, self._replay = self._replay, b""
-            return data
-        try:
-            data = await self._stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            self.failure = error.__cause__ or error
-            self.ended.set()
-            raise
-        if not data:
-            self.ended.set()
-        return data
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-
-def _browser_authorization(request: WebSocketRequest) -> str | None:
+def _browser_authorization(request: Request) -> str | None:
     """The ``Authorization`` value a browser's ``bearer.<base64url>`` subprotocol stands for."""
-    for proposed in request.proposed_subprotocols:
+    for proposed in request.subprotocols:
         if proposed.startswith(_BEARER_PROTOCOL):
             encoded = proposed.removeprefix(_BEARER_PROTOCOL)
             try:
@@ -181,6 +95,15 @@ def _address(stream: trio.SocketStream) -> str:
     except (OSError, ValueError):
         return "?"
     return f"{host}:{port}"
+
+
+async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> bool:
+    """Send ``data``; False if the peer is gone."""
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    return True
 
 
 class StatusServer:
@@ -202,18 +125,24 @@ class StatusServer:
         self._ssl_context = ssl_context
         self._connections = 0  # accepted or being accepted (the cap counts both)
         self._throttle = Throttle(log)
+        self._subscriber_limits = SubscriberLimits(
+            queue_length=hub.queue_length,
+            send_timeout=_SEND_TIMEOUT,
+            close_timeout=self._limits.connections.handshake_timeout,
+            max_message_bytes=self._limits.max_message_bytes,
+        )
 
     @property
     def connected(self) -> int:
         """Subscribers connected now, or being accepted (read by the metrics)."""
         return self._connections
 
-    def _refusal(self, request: WebSocketRequest) -> tuple[int, str] | None:
+    def _refusal(self, request: Request) -> tuple[int, str] | None:
         """The HTTP status and reason to refuse a handshake with, or None to accept it."""
-        if request.path != PATH:
+        if request.target.split("?", 1)[0] != PATH:
             return 404, f"the status stream is at {PATH}"
         if self._limits.token:
-            authorization = header_value(request.headers, AUTHORIZATION)
+            authorization = header_value(request.extra_headers, AUTHORIZATION)
             if authorization is None:
                 authorization = _browser_authorization(request)
             problem = bearer_problem(authorization, self._limits.token)
@@ -224,53 +153,71 @@ class StatusServer:
             return 503, f"too many subscribers (MAX_STATUS_SUBSCRIBERS={cap})"
         return None
 
-    async def handle(self, request: WebSocketRequest) -> None:
-        """Serve one subscriber whose handshake arrived (its peer is in the log context)."""
+    async def _refuse(self, stream: trio.abc.Stream, head: Head, code: int, reason: str) -> None:
+        if code not in (400, 404):
+            self._throttle.warning(
+                f"refused status subscribers (HTTP {code})",
+                "refused status subscriber %s: %s",
+                context_field("peer"),
+                reason,
+            )
+        headers = [("www-authenticate", "Bearer")] if code == 401 else []
+        answer = Answer(code, f"{reason}\n".encode(), headers=headers)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await send_answer(stream, head, answer)
+
+    async def _upgrade(self, stream: trio.abc.Stream, head: Head) -> WSConnection | None:
+        """The accepted websocket of the upgrade request ``head``, counted in
+        :attr:`connected`; None if it was refused or the peer went away."""
+        connection = WSConnection(ConnectionType.SERVER)
+        try:
+            connection.receive_data(head.received)
+            request = next((e for e in connection.events() if isinstance(e, Request)), None)
+        except RemoteProtocolError as error:
+            await self._refuse(stream, head, 400, f"not a websocket upgrade: {error}")
+            return None
+        if request is None:
+            await self._refuse(stream, head, 400, "not a websocket upgrade")
+            return None
         refusal = self._refusal(request)
         if refusal is not None:
-            code, reason = refusal
-            if code != 404:
-                self._throttle.warning(
-                    f"refused status subscribers (HTTP {code})",
-                    "refused status subscriber %s: %s",
-                    context_field("peer"),
-                    reason,
-                )
-            headers = [(b"www-authenticate", b"Bearer")] if code == 401 else None
-            await request.reject(code, extra_headers=headers, body=f"{reason}\n".encode())
-            return
-        self._connections += 1
-        try:
-            await self._serve(request)
-        finally:
+            await self._refuse(stream, head, *refusal)
+            return None
+        subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.subprotocols else None
+        self._connections += 1  # counted at once: the cap holds for upgrades in flight
+        if not await _send_quietly(stream, connection.send(AcceptConnection(subprotocol))):
             self._connections -= 1
+            return None
+        return connection
 
-    async def _serve(self, request: WebSocketRequest) -> None:
-        proposed = request.proposed_subprotocols
-        ws = await request.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in proposed else None)
+    async def _serve(self, stream: trio.abc.Stream, connection: WSConnection) -> None:
+        """Serve one accepted subscriber (its peer is in the log context) until it goes."""
         peer = context_field("peer")
         self._throttle.log(
             logging.INFO, "status subscribers connected", "status subscriber %s connected", peer
         )
+        subscriber = Subscriber(stream, connection, self._subscriber_limits)
         try:
-            with self._hub.subscribe() as subscription:
+            with self._hub.attach(subscriber):
                 async with trio.open_nursery() as nursery:
-                    # Whichever ends first ends both: a subscriber that went away
-                    # (or talked too much) does not wait for the next change.
-                    nursery.start_soon(_until_first, nursery, _drain, ws, self._throttle)
-                    await _until_first(nursery, _push, ws, subscription, self._throttle)
-                if subscription.dropped:
-                    log.info(
-                        "status subscriber %s missed %d message(s) while slow",
-                        peer,
-                        subscription.dropped,
-                    )
-        except* ConnectionClosed:
-            pass  # it went away, while we sent (from _push, in the nursery's group) or read
+                    nursery.start_soon(self._send, subscriber, nursery.cancel_scope)
+                    await subscriber.receive()
+                    if not subscriber.closing:
+                        nursery.cancel_scope.cancel()  # it went away: nothing to close
+            if subscriber.too_big:
+                self._throttle.warning(
+                    "status subscriber sent too large a message",
+                    "status subscriber %s sent a message larger than "
+                    "STATUS_MAX_MESSAGE_BYTES; disconnected",
+                    peer,
+                )
+            if subscriber.dropped:
+                log.info(
+                    "status subscriber %s missed %d message(s) while slow",
+                    peer,
+                    subscriber.dropped,
+                )
         finally:
-            # The closing handshake waits for the peer's answer: not for ever.
-            with trio.move_on_after(self._limits.connections.handshake_timeout):
-                await ws.aclose()
             self._throttle.log(
                 logging.INFO,
                 "status subscribers disconnected",
@@ -278,52 +225,43 @@ class StatusServer:
                 peer,
             )
 
-    async def _head(self, stream: _Watched) -> Head | None:
+    async def _send(self, subscriber: Subscriber, connection: trio.CancelScope) -> None:
+        """Run the subscriber's writes; whichever way they end, the connection ends."""
+        try:
+            await subscriber.send()
+        except trio.TooSlowError:
+            self._throttle.warning(
+                "status subscriber stopped reading",
+                "status subscriber %s stopped reading for %.0f s; disconnecting it",
+                context_field("peer"),
+                _SEND_TIMEOUT,
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # it went away while we wrote
+        finally:
+            connection.cancel()
+
+    async def _head(self, stream: trio.abc.Stream) -> Head | None:
         """The request head (a plain GET or an upgrade); None if it is not one."""
         try:
             return await read_head(stream)
-        except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            if stream.failure is None:
-                self._throttle.log(
-                    logging.DEBUG,
-                    "status port requests dropped",
-                    "status port request from %s dropped: %s",
-                    context_field("peer"),
-                    shown(str(error)),
-                )
-            return None
-
-    async def _handshake(self, nursery: trio.Nursery, stream: _Watched) -> WebSocketRequest | None:
-        """The subscriber's upgrade request; None if it closed, took too long, or was a plain
-        HTTP request (answered here)."""
-        request: WebSocketRequest | None = None
-        with trio.move_on_after(self._limits.connections.handshake_timeout):
-            head = await self._head(stream)
-            if head is not None and not head.upgrades_to_websocket:
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await send_answer(stream, head, self._pages.answer(head))
-            elif head is not None:
-                stream.replay(head.received)
-                async with trio.open_nursery() as race:
-
-                    async def upgrade() -> None:
-                        nonlocal request
-                        request = await wrap_server_stream(
-                            nursery, stream, max_message_size=self._limits.max_message_bytes
-                        )
-                        race.cancel_scope.cancel()
-
-                    race.start_soon(upgrade)
-                    await stream.ended.wait()
-                    race.cancel_scope.cancel()
-        if request is None and stream.failure is not None:
+        except h11.ProtocolError as error:
+            self._throttle.log(
+                logging.DEBUG,
+                "status port requests dropped",
+                "status port request from %s dropped: %s",
+                context_field("peer"),
+                shown(str(error)),
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            failure = error.__cause__ or error  # a failed TLS handshake, a reset
             self._throttle.warning(
                 "status handshake failed",
                 "status handshake with %s failed: %s",
                 context_field("peer"),
-                shown(str(stream.failure) or type(stream.failure).__name__),
+                shown(str(failure) or type(failure).__name__),
             )
-        return request
+        return None
 
     async def _connection(self, stream: trio.SocketStream, slot: Slot) -> None:
         with log_context(peer=_address(stream)):
@@ -332,12 +270,21 @@ class StatusServer:
                 transport = trio.SSLStream(
                     stream, self._ssl_context, server_side=True, https_compatible=True
                 )
-            async with trio.open_nursery() as nursery:  # the websocket's reader task
-                request = await self._handshake(nursery, _Watched(transport))
-                if request is not None:
-                    slot.settle()
-                    await self.handle(request)
-                nursery.cancel_scope.cancel()
+            connection = None
+            with trio.move_on_after(self._limits.connections.handshake_timeout):
+                head = await self._head(transport)
+                if head is not None and not head.upgrades_to_websocket:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await send_answer(transport, head, self._pages.answer(head))
+                elif head is not None:
+                    connection = await self._upgrade(transport, head)
+            if connection is None:
+                return
+            slot.settle()
+            try:
+                await self._serve(transport, connection)
+            finally:
+                self._connections -= 1
 
     async def serve(
         self,

@@ -129,6 +129,10 @@ class Contribution:
     weight: int
     #: ``||A_s||^2`` over all weight arrays, when the check measured it (for clipping).
     square_norm: float | None = None
+    #: Where each weight array's values lie and how they are encoded, by name, when
+    #: all are plain (found by the check, in its worker process): the aggregation
+    #: then reads them with ``preadv`` without parsing the file again; else None.
+    plain: Mapping[str, tuple[Extent, Encoding]] | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,24 @@ class _PlainInput:
         self.extents: dict[str, Extent] = {}
         self.encodings: dict[str, Encoding] = {}
 
+    @classmethod
+    def checked(cls, contribution: Contribution) -> _PlainInput | UntrustedFile:
+        """What ``contribution``'s check found, if its arrays are plain; else its file."""
+        if contribution.plain is None:
+            return contribution.checkpoint
+        located = cls(contribution.checkpoint)
+        for name, (extent, encoding) in contribution.plain.items():
+            located.extents[name], located.encodings[name] = extent, encoding
+        return located
+
+    def fits(self, plan: Sequence[Weight]) -> bool:
+        """Whether its extents are those of ``plan``'s arrays (the plan its check used)."""
+        return [w.name for w in plan] == list(self.extents) and all(
+            self.extents[w.name].nbytes
+            == self.encodings[w.name].stored.itemsize * math.prod(w.shape)
+            for w in plan
+        )
+
 
 def _locate(
     source: UntrustedFile, plan: Sequence[Weight], stack: ExitStack
@@ -231,13 +253,18 @@ def _locate(
 
 
 def _open_inputs(
-    inputs: Sequence[UntrustedFile], plan: Sequence[Weight], stack: ExitStack
+    inputs: Sequence[UntrustedFile | _PlainInput], plan: Sequence[Weight], stack: ExitStack
 ) -> list[_PlainInput | Opened]:
-    """Locate every input, one open file at a time; refuse all that cannot be used, at once
-    (one retry, not one per input)."""
+    """Locate every input, one open file at a time (unless its check found its plain
+    extents); refuse all that cannot be used, at once (one retry, not one per input)."""
     located: list[_PlainInput | Opened] = []
     refused: dict[str, str] = {}
     for source in inputs:
+        if isinstance(source, _PlainInput):
+            if source.fits(plan):
+                located.append(source)
+                continue
+            source = source.file
         try:
             located.append(_locate(source, plan, stack))
         except ContributionError as error:
@@ -532,7 +559,7 @@ class _Combine:
 
 def _rewrite(
     template: Path,
-    inputs: Sequence[UntrustedFile],
+    inputs: Sequence[UntrustedFile | _PlainInput],
     dest: Path,
     tmp_dir: Path,
     combine: _Combine,
@@ -770,7 +797,7 @@ def aggregate(
         with update.state.rewrite(tmp_dir) as step.moments:
             yield step.moments
 
-    inputs = [c.checkpoint for c in contributions]
+    inputs = [_PlainInput.checked(c) for c in contributions]
     try:
         arrays, bytes_read = _rewrite(
             checkpoint, inputs, checkpoint, tmp_dir, combine, step, cancel, moments=moments

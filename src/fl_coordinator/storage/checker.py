@@ -46,7 +46,7 @@ import trio_parallel
 from ..errors import ContributionError
 from ..workers import worker_processes
 from .aggregation import Contribution
-from .contribution import SETTLE_SECONDS, CheckpointSpec, SelectorFiles, examine
+from .contribution import CheckpointSpec, NotSettled, SelectorFiles, examine
 from .layout import Layout
 from .untrusted import clip
 
@@ -81,7 +81,7 @@ def _grown() -> bool:
 
 
 def _examine_within(
-    budget: int, selector: str, files: SelectorFiles, spec: CheckpointSpec
+    budget: int, selector: str, files: SelectorFiles, spec: CheckpointSpec, settle: bool
 ) -> Contribution:
     """In a worker process: :func:`examine` under an address-space limit of now + ``budget``."""
     while h5py.h5pl.size():  # no filter plugin is ever loaded from the library's search path
@@ -92,7 +92,7 @@ def _examine_within(
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     try:
-        return examine(selector, files, spec)
+        return examine(selector, files, spec, settle)
     except MemoryError:
         folder = files.root / selector
         raise ContributionError(
@@ -170,27 +170,43 @@ class ContributionChecker:
                               error)  # fmt: skip
 
     async def check(self, selector: str) -> Contribution | str:
-        """The contribution of ``selector`` if its files can be averaged, else why not."""
-        folder = self._layout.selector_dir(selector)
-        # The files were written before the report: a moment after it, their last
-        # change is old enough for the identity to hold (see SETTLE_SECONDS); the
-        # wait is here, where it holds no worker.
-        await trio.sleep(SETTLE_SECONDS)
-        async with self._slots:
-            with trio.move_on_after(self._timeout):
-                return await self._run(selector, self._spec, folder)
-        return (
-            f"{folder}: the check of these files did not finish within {self._timeout:g} s "
-            "(CHECK_TIMEOUT); abandoned"
-        )
+        """The contribution of ``selector`` if its files can be averaged, else why not.
 
-    async def _run(self, selector: str, spec: CheckpointSpec, folder: Path) -> Contribution | str:
+        A checkpoint changed less than SETTLE_SECONDS ago (its identity would
+        not show a rewrite in the same clock tick) is not read: its check
+        returns at once and is run again once the file has settled, the wait
+        spent here, where it holds no worker; the second time, the worker
+        waits if it must. A file written well before its report (the common
+        case) costs no wait at all.
+        """
+        folder = self._layout.selector_dir(selector)
+        for settle in (False, True):
+            outcome: Contribution | str | NotSettled | None = None
+            async with self._slots:
+                with trio.move_on_after(self._timeout):
+                    outcome = await self._run(selector, self._spec, folder, settle)
+            if not isinstance(outcome, NotSettled):
+                break
+            await trio.sleep(outcome.wait)
+        if outcome is None:
+            return (
+                f"{folder}: the check of these files did not finish within {self._timeout:g} s "
+                "(CHECK_TIMEOUT); abandoned"
+            )
+        assert not isinstance(outcome, NotSettled), "a settling check waits in its worker"
+        return outcome
+
+    async def _run(
+        self, selector: str, spec: CheckpointSpec, folder: Path, settle: bool
+    ) -> Contribution | str | NotSettled:
         assert self._context is not None, "use check() inside running()"
         try:
             return await self._context.run_sync(
-                _examine_within, MEMORY_BUDGET, selector, self._files, spec,
+                _examine_within, MEMORY_BUDGET, selector, self._files, spec, settle,
                 kill_on_cancel=True, limiter=self._unlimited,
             )  # fmt: skip
+        except NotSettled as fresh:
+            return fresh
         except ContributionError as error:
             return clip(str(error))
         except trio_parallel.BrokenWorkerError as error:

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import ContributionError
 from .aggregation import Contribution, read_into, slab_shape, slabs
+from .plain import Extent, extent_of
 from .untrusted import WEIGHT_MAX_BYTES, FileIdentity, UntrustedFile, dataset_at
 from .weights import Encoding, Weight
 
@@ -32,6 +33,7 @@ __all__ = [
     "MAX_WEIGHT",
     "SETTLE_SECONDS",
     "CheckpointSpec",
+    "NotSettled",
     "SelectorFiles",
     "examine",
     "read_weight",
@@ -113,12 +115,24 @@ def read_weight(source: UntrustedFile) -> int:
     return weight
 
 
-def _settled(fd: int) -> os.stat_result:
-    """``fstat`` of ``fd`` once its last change is at least SETTLE_SECONDS old."""
+class NotSettled(Exception):
+    """A file changed less than SETTLE_SECONDS ago: look again after ``wait`` seconds."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(wait)
+        self.wait = wait
+
+
+def _settled(fd: int, wait: bool) -> os.stat_result:
+    """``fstat`` of ``fd`` once its last change is at least SETTLE_SECONDS old: waited
+    for here if ``wait``, else NotSettled is raised."""
     status = os.fstat(fd)
     age = time.time() - status.st_ctime_ns / 1e9
     if age < SETTLE_SECONDS:
-        time.sleep(SETTLE_SECONDS - max(age, 0.0))  # a clock behind the file's: still bounded
+        rest = SETTLE_SECONDS - max(age, 0.0)  # a clock behind the file's: still bounded
+        if not wait:
+            raise NotSettled(rest)
+        time.sleep(rest)
         status = os.fstat(fd)
     return status
 
@@ -161,19 +175,31 @@ def update_norm(source: UntrustedFile, plan: Sequence[Weight], what: str = "uplo
     return math.sqrt(square)
 
 
-def examine(selector: str, files: SelectorFiles, spec: CheckpointSpec) -> Contribution:
-    """Check ``selector``'s files against ``spec``; raise ContributionError if unusable."""
+def examine(
+    selector: str, files: SelectorFiles, spec: CheckpointSpec, settle: bool = True
+) -> Contribution:
+    """Check ``selector``'s files against ``spec``; raise ContributionError if unusable.
+
+    A checkpoint changed less than SETTLE_SECONDS ago is waited for, or if
+    not ``settle``, NotSettled is raised (before any of it is read).
+    """
     weight = read_weight(files.of(selector, files.weight))
     source = files.of(selector, files.checkpoint)
     with source.open_hdf5("aggregate checkpoint", spec.max_aggregate_bytes) as opened:
-        before = FileIdentity.of(_settled(opened.fd))
+        before = FileIdentity.of(_settled(opened.fd, settle))
         square = 0.0
+        plain: dict[str, tuple[Extent, Encoding]] | None = {}
         try:
             for array in spec.plan:
                 dataset, encoding = dataset_at(opened.file, array, source.path)
                 square += _check_values(
                     dataset, encoding, array.name, source.path, spec.measure_norms
                 )
+                extent = extent_of(dataset, encoding.stored, before.size, source.path)
+                if plain is not None and extent is not None:
+                    plain[array.name] = (extent, encoding)
+                else:
+                    plain = None  # the aggregation reads this file through h5py
         except (OSError, RuntimeError) as error:
             # HDF5's answers to a malformed file (a broken B-tree, a truncated
             # dataset, ...): the file's fault.
@@ -186,4 +212,6 @@ def examine(selector: str, files: SelectorFiles, spec: CheckpointSpec) -> Contri
     checked = UntrustedFile(source.root, source.name, before)
     if spec.measure_norms and not math.isfinite(square):
         raise ContributionError(f"{source.path}: aggregate checkpoint's L2 norm overflows float64")
-    return Contribution(selector, checked, weight, square if spec.measure_norms else None)
+    return Contribution(
+        selector, checked, weight, square if spec.measure_norms else None, plain or None
+    )
