@@ -30,6 +30,7 @@ from pathlib import Path
 
 import trio
 
+from . import REPO
 from .arrivals import Arrivals
 from .netns import Host
 
@@ -37,6 +38,12 @@ __all__ = ["WATCHED", "Operator", "Program", "Shell", "mount_point", "watched"]
 
 #: The commands of this checkout (fl-coordinator, fl-selector, fl-client), then the system's.
 PATH = f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: What every line needs to see where it is on this machine, whatever a host mounts over it
+#: (a pod's emptyDir at /tmp hides a checkout cloned under /tmp): the checkout, with its
+#: editable install's sources, and the environment its commands run from.
+_OWN = tuple(sorted({REPO, Path(sys.prefix)}))
+#: Where the folders to mount wait, in a tmpfs of the host's own, while others are covered.
+_STAGE = "/mnt"
 _LOCKS = Path("/run/lock")
 
 
@@ -93,11 +100,18 @@ class Shell:
     user: int | None = None
 
     def argv(self, line: str) -> list[str]:
-        setup = ["set -e"]
+        # Every source is bound into the stage first, before a mount can hide it, then
+        # onto its target; last, this checkout is bound back where it was.
+        targets = [*self.binds, *map(str, _OWN)]
+        sources = [*self.binds.values(), *_OWN]
+        setup = ["set -e", f"mount -t tmpfs -o mode=755 fl-stage {_STAGE}"]
+        for index, source in enumerate(sources):
+            setup.append(f"mkdir {_STAGE}/{index}")
+            setup.append(f"mount --bind {shlex.quote(str(source))} {_STAGE}/{index}")
         setup += [f"mount -t tmpfs -o mode=755 fl-empty {shlex.quote(path)}" for path in self.empty]
-        for target, source in self.binds.items():
+        for index, target in enumerate(targets):
             setup.append(f"mkdir -p {shlex.quote(target)}")
-            setup.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)}")
+            setup.append(f"mount --bind {_STAGE}/{index} {shlex.quote(target)}")
         if self.hostname:
             setup.append(f"hostname {shlex.quote(self.hostname)}")
         setup.append(f"cd {shlex.quote(str(self.cwd))}")
