@@ -306,6 +306,9 @@
   // ended) and the stream carries them: put them in the record at once, rather than
   // fetching /rounds again, which may not have them yet.
   // (Kept by round for a record fetched later; only the latest few are needed.)
+  // Evaluations end in round order and the server's records have a round's metrics by
+  // the time the stream shows them: a recent completed round still without metrics (its
+  // message was missed, say while reconnecting) is fetched again.
   const streamed = new Map();
   function takeMetrics(message) {
     const metrics = message.metrics;
@@ -313,9 +316,13 @@
     streamed.set(metrics.round, metrics.values);
     if (streamed.size > 10) streamed.delete(streamed.keys().next().value);
     const record = records.get(metrics.round);
-    if (!record || record.metrics) return;
-    record.metrics = metrics.values;
-    scheduleDraw();
+    if (record && !record.metrics) {
+      record.metrics = metrics.values;
+      scheduleDraw();
+    }
+    const missed = [...records.values()].some((r) => r.round < metrics.round
+      && r.round >= metrics.round - 10 && r.outcome === "COMPLETED" && !r.metrics);
+    if (missed) refreshRecent();
   }
 
   function connect() {
