@@ -26,7 +26,7 @@ from helpers.peers import completed, read_floats, run_round, watch
 from fl_coordinator.app import build_coordinator, serve
 from fl_coordinator.cli.watch import summary
 from fl_coordinator.config import Settings
-from fl_coordinator.errors import ProblemError
+from fl_coordinator.errors import ConfigError, ProblemError
 from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.status.metrics import Metrics
 from fl_coordinator.storage.aggregation import AggregationResult, Contribution, ServerUpdate
@@ -285,4 +285,34 @@ def test_a_ledger_that_cannot_be_read_stops_the_start_up_rather_than_forget(
     assert str(error.value) == (
         f"{ledger}: not a readable privacy ledger ('z'); the privacy already spent is unknown: "
         "restore the file from a backup (it is never rewritten with less)"
+    )
+
+
+def test_a_noise_multiplier_too_small_to_bound_epsilon_is_refused_at_start_up(
+    settings: Settings, layout: Layout
+) -> None:
+    """z = 1e-300 squares to 0: the accountant's epsilon is Infinity, which the status stream
+    and rounds.jsonl carried as non-JSON ``Infinity`` after one round; now no round runs."""
+    with pytest.raises(ConfigError) as error:
+        tiny = dp_settings(settings).replace(dp_noise_multiplier=1e-300)
+        build_coordinator(tiny, layout, StatusHub("p", "c"))
+    assert str(error.value) == (
+        "configuration error: DP_NOISE_MULTIPLIER=1e-300: expected a noise multiplier large "
+        "enough to bound the privacy spent (the accountant finds no finite epsilon for "
+        f"q={GOAL / POPULATION:g} z=1e-300)"
+    )
+    assert not (layout.own / "privacy.json").exists()  # nothing released, nothing recorded
+
+
+def test_a_ledger_whose_rounds_have_no_finite_epsilon_stops_the_start_up(
+    settings: Settings, layout: Layout
+) -> None:
+    ledger = layout.own / "privacy.json"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.write_text('{"releases": [{"round": 1, "q": 0.02, "z": 0, "clip_norm": 2}]}')
+    with pytest.raises(ProblemError) as error:
+        build_coordinator(dp_settings(settings), layout, StatusHub("p", "c"))
+    assert str(error.value) == (
+        f"{ledger}: the accountant finds no finite epsilon for q=0.02 z=0: the privacy spent "
+        "is unbounded"
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.privacy import DifferentialPrivacy, Release, Spent, epsilon
-from ..errors import ProblemError, os_error_text
+from ..errors import ConfigError, ProblemError, os_error_text
 from .atomic import write_atomic
 from .layout import Layout
 
@@ -97,15 +97,28 @@ class PrivacyLedger:
             raise
 
     def spent(self) -> Spent:
-        """Epsilon at DP_DELTA of the released rounds, and after one more (RDP accountant)."""
+        """Epsilon at DP_DELTA of the released rounds, and after one more (RDP accountant).
+
+        Raises ProblemError if the ledger's rounds have no finite epsilon, ConfigError if one
+        more round of DP_NOISE_MULTIPLIER would have none (z too small to bound anything).
+        """
         released = [Release(e.q, e.z) for e in self._loaded().values()]
         delta = self.privacy.delta
-        return Spent(
-            epsilon=epsilon(released, delta),
-            delta=delta,
-            rounds=len(released),
-            next_epsilon=epsilon([*released, self.privacy.release], delta),
-        )
+        try:
+            spent = epsilon(released, delta)
+        except OverflowError as error:
+            raise ProblemError(
+                f"{ledger_path(self._layout)}: {error}: the privacy spent is unbounded"
+            ) from None
+        try:
+            next_epsilon = epsilon([*released, self.privacy.release], delta)
+        except OverflowError as error:
+            raise ConfigError(
+                "DP_NOISE_MULTIPLIER",
+                self.privacy.noise_multiplier,
+                f"a noise multiplier large enough to bound the privacy spent ({error})",
+            ) from None
+        return Spent(epsilon=spent, delta=delta, rounds=len(released), next_epsilon=next_epsilon)
 
     def _loaded(self) -> dict[int, _Entry]:
         if self._entries is None:
