@@ -31,7 +31,7 @@ from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.status.metrics import Metrics
 from fl_coordinator.storage.aggregation import AggregationResult, Contribution, ServerUpdate
 from fl_coordinator.storage.aggregation import aggregate as real_aggregate
-from fl_coordinator.storage.journal import rollback
+from fl_coordinator.storage.journal import journal_path, rollback
 from fl_coordinator.storage.layout import Layout
 from fl_coordinator.storage.weights import read_plan
 
@@ -316,3 +316,20 @@ def test_a_ledger_whose_rounds_have_no_finite_epsilon_stops_the_start_up(
         f"{ledger}: the accountant finds no finite epsilon for q=0.02 z=0: the privacy spent "
         "is unbounded"
     )
+
+
+async def test_a_round_number_released_again_is_counted_again(
+    settings: Settings, layout: Layout, keras_weights: list[Path], tmp_path: Path
+) -> None:
+    """Round numbers can start over (the journal moved away, as its own error advises: the
+    next run opens round 1): each release is counted, not each round number."""
+    zero = zero_update(keras_weights[0], tmp_path / "zero.weights.h5")
+    settings = dp_settings(settings)
+    await serve_rounds(settings, [(zero, 1), (zero, 1)], [1, 2])
+    journal_path(layout).unlink()
+    messages = await serve_rounds(settings, [(zero, 1), (zero, 1)], [1])
+    assert messages[0]["epsilon"] == pytest.approx(expected_epsilon(2), rel=1e-12)
+    [done] = [m for m in messages if completed(1)(m)]
+    assert done["epsilon"] == pytest.approx(expected_epsilon(3), rel=1e-12)
+    ledger = json.loads((layout.own / "privacy.json").read_text())
+    assert [release["round"] for release in ledger["releases"]] == [1, 2, 1]
