@@ -333,3 +333,23 @@ async def test_a_round_number_released_again_is_counted_again(
     assert done["epsilon"] == pytest.approx(expected_epsilon(3), rel=1e-12)
     ledger = json.loads((layout.own / "privacy.json").read_text())
     assert [release["round"] for release in ledger["releases"]] == [1, 2, 1]
+
+
+async def test_noise_too_large_for_the_checkpoints_dtype_names_the_dp_keys(
+    settings: Settings, keras_weights: list[Path], tmp_path: Path
+) -> None:
+    """z x C = 1e40 overflows float32: the round fails naming the DP keys, not only the
+    server step's (SERVER_LEARNING_RATE, STRATEGY, TAU), which are not the cause."""
+    zero = zero_update(keras_weights[0], tmp_path / "zero.weights.h5")
+    loud = dp_settings(settings).replace(dp_noise_multiplier=1e20, dp_clip_norm=1e20)
+    async with trio.open_nursery() as nursery:
+        endpoints = await nursery.start(serve, loud)
+        watcher = await watch(nursery, endpoints.status_url)
+        layout = Layout.from_settings(loud)
+        done = await run_round(nursery, endpoints.grpc_port, watcher, layout, [(zero, 1)] * 2, 1)
+        nursery.cancel_scope.cancel()
+    assert done["stage"] == "FAILED"
+    assert (
+        "DP_NOISE_MULTIPLIER x DP_CLIP_NORM = 1e+40 (the noise's standard deviation)"
+        in (done["error"])
+    )
