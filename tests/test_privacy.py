@@ -335,6 +335,7 @@ async def test_a_round_number_released_again_is_counted_again(
     assert [release["round"] for release in ledger["releases"]] == [1, 2, 1]
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # and the overflow is tested quietly
 async def test_noise_too_large_for_the_checkpoints_dtype_names_the_dp_keys(
     settings: Settings, keras_weights: list[Path], tmp_path: Path
 ) -> None:

@@ -714,11 +714,11 @@ def _write_weight(
 
         with np.errstate(over="ignore", invalid="ignore"):  # tested just below
             step(combined, current, values, weight, selection)
-
-        # NaN or Inf in any input, or a result too large for the dtype, makes
-        # the values' sum non-finite: one cheap test per slab (on the result,
-        # in its own dtype), the exact search only if it fails.
-        if not np.isfinite(values.sum()) and not np.all(np.isfinite(values)):
+            # NaN or Inf in any input, or a result too large for the dtype, makes
+            # the values' sum non-finite: one cheap test per slab (on the result,
+            # in its own dtype), the exact search only if it fails.
+            finite = np.isfinite(values.sum()) or np.all(np.isfinite(values))
+        if not finite:
             raise _non_finite(weight.name, sources, like, selection, combine.causes)
         write(stored, selection)
     return bytes_read
