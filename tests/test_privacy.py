@@ -26,12 +26,12 @@ from helpers.peers import completed, read_floats, run_round, watch
 from fl_coordinator.app import build_coordinator, serve
 from fl_coordinator.cli.watch import summary
 from fl_coordinator.config import Settings
-from fl_coordinator.errors import ProblemError
+from fl_coordinator.errors import ConfigError, ProblemError
 from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.status.metrics import Metrics
 from fl_coordinator.storage.aggregation import AggregationResult, Contribution, ServerUpdate
 from fl_coordinator.storage.aggregation import aggregate as real_aggregate
-from fl_coordinator.storage.journal import rollback
+from fl_coordinator.storage.journal import journal_path, rollback
 from fl_coordinator.storage.layout import Layout
 from fl_coordinator.storage.weights import read_plan
 
@@ -285,4 +285,72 @@ def test_a_ledger_that_cannot_be_read_stops_the_start_up_rather_than_forget(
     assert str(error.value) == (
         f"{ledger}: not a readable privacy ledger ('z'); the privacy already spent is unknown: "
         "restore the file from a backup (it is never rewritten with less)"
+    )
+
+
+def test_a_noise_multiplier_too_small_to_bound_epsilon_is_refused_at_start_up(
+    settings: Settings, layout: Layout
+) -> None:
+    """z = 1e-300 squares to 0: the accountant's epsilon is Infinity, which the status stream
+    and rounds.jsonl carried as non-JSON ``Infinity`` after one round; now no round runs."""
+    with pytest.raises(ConfigError) as error:
+        tiny = dp_settings(settings).replace(dp_noise_multiplier=1e-300)
+        build_coordinator(tiny, layout, StatusHub("p", "c"))
+    assert str(error.value) == (
+        "configuration error: DP_NOISE_MULTIPLIER=1e-300: expected a noise multiplier large "
+        "enough to bound the privacy spent (the accountant finds no finite epsilon for "
+        f"q={GOAL / POPULATION:g} z=1e-300)"
+    )
+    assert not (layout.own / "privacy.json").exists()  # nothing released, nothing recorded
+
+
+def test_a_ledger_whose_rounds_have_no_finite_epsilon_stops_the_start_up(
+    settings: Settings, layout: Layout
+) -> None:
+    ledger = layout.own / "privacy.json"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.write_text('{"releases": [{"round": 1, "q": 0.02, "z": 0, "clip_norm": 2}]}')
+    with pytest.raises(ProblemError) as error:
+        build_coordinator(dp_settings(settings), layout, StatusHub("p", "c"))
+    assert str(error.value) == (
+        f"{ledger}: the accountant finds no finite epsilon for q=0.02 z=0: the privacy spent "
+        "is unbounded"
+    )
+
+
+async def test_a_round_number_released_again_is_counted_again(
+    settings: Settings, layout: Layout, keras_weights: list[Path], tmp_path: Path
+) -> None:
+    """Round numbers can start over (the journal moved away, as its own error advises: the
+    next run opens round 1): each release is counted, not each round number."""
+    zero = zero_update(keras_weights[0], tmp_path / "zero.weights.h5")
+    settings = dp_settings(settings)
+    await serve_rounds(settings, [(zero, 1), (zero, 1)], [1, 2])
+    journal_path(layout).unlink()
+    messages = await serve_rounds(settings, [(zero, 1), (zero, 1)], [1])
+    assert messages[0]["epsilon"] == pytest.approx(expected_epsilon(2), rel=1e-12)
+    [done] = [m for m in messages if completed(1)(m)]
+    assert done["epsilon"] == pytest.approx(expected_epsilon(3), rel=1e-12)
+    ledger = json.loads((layout.own / "privacy.json").read_text())
+    assert [release["round"] for release in ledger["releases"]] == [1, 2, 1]
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # and the overflow is tested quietly
+async def test_noise_too_large_for_the_checkpoints_dtype_names_the_dp_keys(
+    settings: Settings, keras_weights: list[Path], tmp_path: Path
+) -> None:
+    """z x C = 1e40 overflows float32: the round fails naming the DP keys, not only the
+    server step's (SERVER_LEARNING_RATE, STRATEGY, TAU), which are not the cause."""
+    zero = zero_update(keras_weights[0], tmp_path / "zero.weights.h5")
+    loud = dp_settings(settings).replace(dp_noise_multiplier=1e20, dp_clip_norm=1e20)
+    async with trio.open_nursery() as nursery:
+        endpoints = await nursery.start(serve, loud)
+        watcher = await watch(nursery, endpoints.status_url)
+        layout = Layout.from_settings(loud)
+        done = await run_round(nursery, endpoints.grpc_port, watcher, layout, [(zero, 1)] * 2, 1)
+        nursery.cancel_scope.cancel()
+    assert done["stage"] == "FAILED"
+    assert (
+        "DP_NOISE_MULTIPLIER x DP_CLIP_NORM = 1e+40 (the noise's standard deviation)"
+        in (done["error"])
     )

@@ -20,12 +20,17 @@ fails and says so (CI runs as root; .ci/run installs iproute2 if it is missing).
 from __future__ import annotations
 
 import functools
+import os
+import select
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import trio
 from helpers.client_host import ClientHost
-from helpers.netns import Host, Network
+from helpers.netns import Host, Network, network_names
 from helpers.peers import assert_arrays_close, completed, fedavg, read_floats, stage_sequence
 
 from fl_coordinator.config import Settings
@@ -143,3 +148,39 @@ async def three_rounds(
     assert stages_of(host, 3) == ["SELECTION", "CONFIGURATION", "REPORTING", "COMPLETED"]
     expected = fedavg(before, list(zip(keras_weights[:2], WEIGHTS[:2], strict=True)))
     assert_arrays_close(read_floats(problem.checkpoint), expected)
+
+
+_KILLED_RUN = """
+import os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from helpers.netns import Network
+network = Network()
+host = network.add("h", "192.0.2.1")
+network.resolve(host, {})
+running = subprocess.Popen([*host.prefix, "sleep", "3600"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+print(network.switch, host.name, running.pid, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_the_hosts_of_a_killed_run_are_removed_with_what_runs_on_them() -> None:
+    """A run killed before its cleanup (SIGKILL; SIGTERM is the same for pytest) leaves its
+    namespaces and what runs on them: the next run's Network deletes both, and kills them."""
+    tests = str(Path(__file__).parents[1])
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_RUN, tests], capture_output=True, text=True, timeout=60
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    switch, name, pid = killed.stdout.split()
+    left = os.pidfd_open(int(pid))  # that very process, whatever pid it may be given later
+    try:
+        assert {switch, name} <= network_names()
+        Network().remove()  # the next run
+        ended, _, _ = select.select([left], [], [], 60)
+        assert ended == [left]  # the program on the killed run's host was killed
+        assert not {switch, name} & network_names()
+        assert not (Path("/etc/netns") / name).exists()
+    finally:
+        signal.pidfd_send_signal(left, signal.SIGKILL)
+        os.close(left)

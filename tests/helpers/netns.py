@@ -9,12 +9,19 @@ side by side do not meet. :meth:`Network.cut` pulls a host's cable: its port
 on the switch goes down. :meth:`Network.resolve` gives a host names for the
 others (its own ``/etc/hosts``, which ``ip netns exec`` mounts over the machine's
 for what runs there). Needs root and iproute2 (``ip``).
+
+A run killed before its cleanup (SIGTERM from ``timeout`` or a cancelled CI
+job, SIGKILL) leaves its namespaces, their ``/etc/netns`` files and what runs
+on its hosts (a ``serve`` never ends by itself); the next run deletes them all
+(:func:`_remove_stale`): what still runs on a host is killed with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["Host", "Network", "NetworkUnavailable", "network"]
+__all__ = ["Host", "Network", "NetworkUnavailable", "network", "network_names"]
 
 _PREFIX = "flnet"
 #: Where ``ip netns exec NAME`` finds files to mount over /etc's for that namespace.
@@ -99,18 +106,37 @@ class Network:
 
 
 def _delete(name: str) -> None:
+    """Kill what still runs on host ``name`` (nothing may outlive its test), then delete it."""
+    running = subprocess.run(
+        ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30
+    )
+    for pid in running.stdout.split():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
     subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
     shutil.rmtree(_ETC / name, ignore_errors=True)
 
 
-def _remove_stale() -> None:
-    """Delete namespaces left by runs that were killed (their process is gone)."""
+def _stale(name: str) -> bool:
+    """Whether ``name`` is a host of a run whose process is gone."""
+    parts = name.split("-")
+    ours = len(parts) >= 3 and parts[0] == _PREFIX and parts[1].isdigit()
+    return ours and not os.path.exists(f"/proc/{parts[1]}")
+
+
+def network_names() -> set[str]:
+    """The names of this machine's network namespaces (``ip netns list``)."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
-    for line in listed.stdout.splitlines():
-        name = line.split()[0] if line.strip() else ""
-        parts = name.split("-")
-        ours = len(parts) >= 3 and parts[0] == _PREFIX and parts[1].isdigit()
-        if ours and not os.path.exists(f"/proc/{parts[1]}"):
+    return {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
+
+
+def _remove_stale() -> None:
+    """Delete the hosts (namespaces, /etc/netns files, what runs there) of killed runs."""
+    names = network_names()
+    if _ETC.is_dir():
+        names |= {path.name for path in _ETC.iterdir()}
+    for name in sorted(names):
+        if _stale(name):
             _delete(name)
 
 

@@ -6,6 +6,7 @@ each frame the server sends (unmasked, well formed, valid UTF-8).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -181,3 +182,27 @@ async def test_a_peer_that_pings_without_reading_is_owed_one_pong_not_one_per_pi
         pongs += 1
     assert event["accepted"] == 1
     assert 0 < pongs <= held + 1  # what the buffers held, and the latest
+
+
+async def test_a_ping_after_our_close_goes_unanswered_and_the_close_still_ends_it(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that pings right after a message too large (our close 1009 is on its way) gets
+    the close and no pong: wsproto refuses a pong after a close, which failed the handler."""
+    hub = StatusHub("p", "c")
+    port = await nursery.start(StatusServer(hub).serve, "127.0.0.1", 0)
+    hub.publish(_status(0))
+    peer = await _Peer.connect(port)
+    assert (await peer.event())["accepted"] == 0
+    with caplog.at_level(logging.INFO, logger="fl_coordinator"):
+        too_big = peer.ws.send(TextMessage("x" * 5000))  # STATUS_MAX_MESSAGE_BYTES: 4096
+        await peer.stream.send_all(too_big + peer.ws.send(Ping(b"still there?")))
+        close = await peer.event()
+        assert isinstance(close, CloseConnection)
+        assert close.code == 1009
+        await peer.stream.send_all(peer.ws.send(close.response()))
+        with contextlib.suppress(trio.BrokenResourceError):  # closed, or reset: either ends it
+            assert await peer.event() is None
+        await eventually(lambda: hub.subscriber_count == 0)
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == ["WARNING"]
+    assert "larger than STATUS_MAX_MESSAGE_BYTES" in caplog.text

@@ -112,7 +112,11 @@ def epsilon(releases: Iterable[Release], delta: float) -> float:
     """Epsilon at ``delta`` of the composition of ``releases`` (RDP accountant; 0 if none).
 
     Blocking for tens of milliseconds and imports ``dp_accounting`` (about a
-    second the first time): call it from a worker thread.
+    second the first time): call it from a worker thread. Raises OverflowError
+    when the accountant finds no finite bound (a noise multiplier so small that
+    ``z**2`` underflows, about z < 1e-154: dp-accounting then returns Infinity,
+    or raises ZeroDivisionError when q < 1). Epsilon is shown in JSON (status
+    stream, ``/rounds``), which has no Infinity, and "no bound" is no figure.
     """
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
@@ -123,10 +127,16 @@ def epsilon(releases: Iterable[Release], delta: float) -> float:
     if not counts:
         return 0.0
     accountant = RdpAccountant()
-    for release, count in counts.items():
-        event = dp_accounting.PoissonSampledDpEvent(
-            release.q, dp_accounting.GaussianDpEvent(release.z)
-        )
-        accountant.compose(event, count)
-    value = float(accountant.get_epsilon(delta))
-    return value if math.isfinite(value) else math.inf
+    try:
+        for release, count in counts.items():
+            event = dp_accounting.PoissonSampledDpEvent(
+                release.q, dp_accounting.GaussianDpEvent(release.z)
+            )
+            accountant.compose(event, count)
+        value = float(accountant.get_epsilon(delta))
+    except ArithmeticError:  # a tiny z: ZeroDivisionError when q < 1
+        value = math.inf
+    if not math.isfinite(value):
+        mechanisms = ", ".join(f"q={release.q:g} z={release.z:g}" for release in counts)
+        raise OverflowError(f"the accountant finds no finite epsilon for {mechanisms}")
+    return value

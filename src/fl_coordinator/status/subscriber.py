@@ -14,7 +14,8 @@ rest of one frame and ``queue_length`` messages (the oldest dropped, as for
 any subscription of the hub: each message is a whole snapshot).
 
 The rest of the protocol is wsproto's (RFC 6455): pings are answered (the
-latest only, so a peer that pings without reading costs one pong), a close
+latest only, so a peer that pings without reading costs one pong; none after
+our close, which must be the last frame we send), a close
 is answered and ends the connection, and a message from the subscriber
 larger than ``max_message_bytes`` closes it with code 1009. Control frames
 go through the same queue, after the rest of a frame already begun, so
@@ -162,8 +163,10 @@ class Subscriber:
     def _handle_events(self) -> None:
         for event in self._connection.events():
             if isinstance(event, Ping):
-                self._pong = self._connection.send(event.response())
-                self._start_writing()
+                # Once a close is sent, no pong may follow it (wsproto refuses one).
+                if self._connection.state is ConnectionState.OPEN:
+                    self._pong = self._connection.send(event.response())
+                    self._start_writing()
             elif isinstance(event, CloseConnection):
                 if self._connection.state is ConnectionState.REMOTE_CLOSING:
                     self._close = self._connection.send(event.response())

@@ -404,7 +404,11 @@ Finish = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 
 def _non_finite(
-    name: str, sources: Sequence[_Source], like: _Source, selection: tuple[slice, ...]
+    name: str,
+    sources: Sequence[_Source],
+    like: _Source,
+    selection: tuple[slice, ...],
+    causes: str = "",
 ) -> AggregationError:
     """Which file holds NaN or Inf in ``selection`` (only run once a slab failed the test).
 
@@ -427,8 +431,8 @@ def _non_finite(
         return AggregationError(f"dataset {name!r} contains NaN or Inf in {like.path}")
     return AggregationError(
         f"dataset {name!r} contains NaN or Inf in the result: the new weights overflow "
-        f"{like.encoding.name}; check SERVER_LEARNING_RATE and the strategy's settings "
-        "(STRATEGY, TAU), or the selectors' updates"
+        f"{like.encoding.name}; check {causes}SERVER_LEARNING_RATE and the strategy's "
+        "settings (STRATEGY, TAU), or the selectors' updates"
     )
 
 
@@ -531,6 +535,14 @@ class _Combine:
         if self._divisor != 1:
             total /= self._divisor
         return total
+
+    @property
+    def causes(self) -> str:
+        """The settings of this combination that can make a result overflow (or "")."""
+        if self._noise is None:
+            return ""
+        std = self._noise[0]
+        return f"DP_NOISE_MULTIPLIER x DP_CLIP_NORM = {std:g} (the noise's standard deviation), "
 
     def _add_noise(self, total: np.ndarray, std: float, generator: np.random.Generator) -> None:
         """``total += N(0, std^2)``, one draw per coordinate, without allocating per slab."""
@@ -702,12 +714,12 @@ def _write_weight(
 
         with np.errstate(over="ignore", invalid="ignore"):  # tested just below
             step(combined, current, values, weight, selection)
-
-        # NaN or Inf in any input, or a result too large for the dtype, makes
-        # the values' sum non-finite: one cheap test per slab (on the result,
-        # in its own dtype), the exact search only if it fails.
-        if not np.isfinite(values.sum()) and not np.all(np.isfinite(values)):
-            raise _non_finite(weight.name, sources, like, selection)
+            # NaN or Inf in any input, or a result too large for the dtype, makes
+            # the values' sum non-finite: one cheap test per slab (on the result,
+            # in its own dtype), the exact search only if it fails.
+            finite = np.isfinite(values.sum()) or np.all(np.isfinite(values))
+        if not finite:
+            raise _non_finite(weight.name, sources, like, selection, combine.causes)
         write(stored, selection)
     return bytes_read
 

@@ -13,8 +13,12 @@ Nothing may give budget back:
   same; that overstates epsilon a little and never understates it.
 * ``rollback`` restores an older checkpoint, but the rounds released since
   were seen by whoever read them: the ledger lives outside the history and
-  rollback never touches it (round numbers keep increasing after a rollback,
-  so no entry is ever overwritten).
+  rollback never touches it.
+* The ledger counts releases, not round numbers: a round number can come
+  again (the journal moved away, and counting starts over at round 1), and
+  is then one more release. Only a round averaged again in the same run (a
+  selector refused while averaging: nothing was written) is not recorded
+  twice.
 * A ledger that cannot be read stops the start-up (ProblemError: the budget
   is unknown), rather than starting again from zero.
 """
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.privacy import DifferentialPrivacy, Release, Spent, epsilon
-from ..errors import ProblemError, os_error_text
+from ..errors import ConfigError, ProblemError, os_error_text
 from .atomic import write_atomic
 from .layout import Layout
 
@@ -58,7 +62,8 @@ class PrivacyLedger:
     def __init__(self, layout: Layout, privacy: DifferentialPrivacy) -> None:
         self._layout = layout
         self.privacy = privacy
-        self._entries: dict[int, _Entry] | None = None
+        self._entries: list[_Entry] | None = None
+        self._recorded: set[int] = set()  # rounds this run recorded
 
     def load(self) -> None:
         """Read the ledger (a missing one is empty); ProblemError if it cannot be used."""
@@ -66,7 +71,7 @@ class PrivacyLedger:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            self._entries = {}
+            self._entries = []
             return
         except OSError as error:
             raise ProblemError(
@@ -84,41 +89,54 @@ class PrivacyLedger:
         """Write ahead that round ``number`` is released under :attr:`privacy` (OSError if
         it cannot be written: the round must then not be aggregated)."""
         entries = self._loaded()
-        if number in entries:
+        if number in self._recorded:
             return  # averaged again without a refused selector: the same release
         mechanism = self.privacy.release
-        entries[number] = _Entry(number, mechanism.q, mechanism.z, self.privacy.clip_norm)
-        rounds = [vars(entry) for entry in sorted(entries.values(), key=lambda e: e.round)]
-        data = json.dumps({"releases": rounds}, indent=1).encode()
+        entries.append(_Entry(number, mechanism.q, mechanism.z, self.privacy.clip_norm))
+        data = json.dumps({"releases": [vars(entry) for entry in entries]}, indent=1).encode()
         try:
             write_atomic(ledger_path(self._layout), data, self._layout.tmp)
         except OSError:
-            del entries[number]
+            entries.pop()
             raise
+        self._recorded.add(number)
 
     def spent(self) -> Spent:
-        """Epsilon at DP_DELTA of the released rounds, and after one more (RDP accountant)."""
-        released = [Release(e.q, e.z) for e in self._loaded().values()]
-        delta = self.privacy.delta
-        return Spent(
-            epsilon=epsilon(released, delta),
-            delta=delta,
-            rounds=len(released),
-            next_epsilon=epsilon([*released, self.privacy.release], delta),
-        )
+        """Epsilon at DP_DELTA of the released rounds, and after one more (RDP accountant).
 
-    def _loaded(self) -> dict[int, _Entry]:
+        Raises ProblemError if the ledger's rounds have no finite epsilon, ConfigError if one
+        more round of DP_NOISE_MULTIPLIER would have none (z too small to bound anything).
+        """
+        released = [Release(e.q, e.z) for e in self._loaded()]
+        delta = self.privacy.delta
+        try:
+            spent = epsilon(released, delta)
+        except OverflowError as error:
+            raise ProblemError(
+                f"{ledger_path(self._layout)}: {error}: the privacy spent is unbounded"
+            ) from None
+        try:
+            next_epsilon = epsilon([*released, self.privacy.release], delta)
+        except OverflowError as error:
+            raise ConfigError(
+                "DP_NOISE_MULTIPLIER",
+                self.privacy.noise_multiplier,
+                f"a noise multiplier large enough to bound the privacy spent ({error})",
+            ) from None
+        return Spent(epsilon=spent, delta=delta, rounds=len(released), next_epsilon=next_epsilon)
+
+    def _loaded(self) -> list[_Entry]:
         if self._entries is None:
             self.load()
         assert self._entries is not None
         return self._entries
 
 
-def _parse(data: Any) -> dict[int, _Entry]:
+def _parse(data: Any) -> list[_Entry]:
     releases = data["releases"]
     if not isinstance(releases, list):
         raise TypeError("releases is not a list")
-    entries: dict[int, _Entry] = {}
+    entries: list[_Entry] = []
     for item in releases:
         entry = _Entry(
             round=int(item["round"]),
@@ -128,5 +146,5 @@ def _parse(data: Any) -> dict[int, _Entry]:
         )
         if not (0 < entry.q <= 1 and entry.z >= 0 and math.isfinite(entry.z)):
             raise ValueError(f"round {entry.round}: q={entry.q}, z={entry.z} is not a mechanism")
-        entries[entry.round] = entry
+        entries.append(entry)
     return entries
