@@ -319,7 +319,7 @@ async def serve(
         clean_tmp(layout)
         first_round = next_round(layout, settings.keep_checkpoints)
         hub = StatusHub(settings.problem_id, str(layout.checkpoint))
-        round_log = RoundLog(layout, settings.round_history)
+        round_log = await trio.to_thread.run_sync(RoundLog, layout, settings.round_history)
         hub.observe(round_log.observe)
         nursery.start_soon(round_log.run)
         metrics = Metrics(settings.problem_id)

@@ -20,6 +20,7 @@ stream after a graceful stop.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -27,7 +28,7 @@ from ..errors import os_error_text
 from .journal import Entry, journal_path, write_journal
 from .layout import Layout
 
-__all__ = ["DRAIN_SECONDS", "RETRY_FIRST", "RETRY_MAX", "JournalWriter"]
+__all__ = ["DRAIN_SECONDS", "RETRY_FIRST", "RETRY_MAX", "JournalWriter", "write_when_woken"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,25 @@ RETRY_FIRST = 0.5
 RETRY_MAX = 5.0
 #: How long a stopping coordinator waits for the last entry to be written.
 DRAIN_SECONDS = 5.0
+
+
+async def write_when_woken(
+    woken: Callable[[], Awaitable[None]],
+    write: Callable[[], Awaitable[None]],
+    drain: Callable[[], Awaitable[None]],
+) -> None:
+    """``write()`` each time ``woken()`` returns, until cancelled; then ``drain()``, shielded,
+    for at most :data:`DRAIN_SECONDS`: what is not on disk at shutdown gets one bounded try.
+
+    The loop of the coordinator's background writers (the journal, the round log).
+    """
+    try:
+        while True:
+            await woken()
+            await write()
+    finally:
+        with trio.CancelScope(deadline=trio.current_time() + DRAIN_SECONDS, shield=True):
+            await drain()
 
 
 class JournalWriter:
@@ -72,15 +92,15 @@ class JournalWriter:
 
     async def run(self) -> None:
         """Write entries as they come until cancelled; then write the latest one."""
-        try:
-            while True:
-                await self._work.wait()
-                self._work = trio.Event()
-                await self._write_pending()
-        finally:
-            with trio.CancelScope(deadline=trio.current_time() + DRAIN_SECONDS, shield=True):
-                if self._pending is not None:
-                    await self._attempt(self._pending, abandon_on_cancel=True)
+        await write_when_woken(self._woken, self._write_pending, self._drain)
+
+    async def _woken(self) -> None:
+        await self._work.wait()
+        self._work = trio.Event()
+
+    async def _drain(self) -> None:
+        if self._pending is not None:
+            await self._attempt(self._pending, abandon_on_cancel=True)
 
     async def _write_pending(self) -> None:
         delay = RETRY_FIRST

@@ -44,7 +44,7 @@ from ..status.rounds import ENDED, RoundRecord, record_of
 from ..status.schema import StatusMessage
 from .atomic import write_atomic
 from .journal import history
-from .journal_writer import DRAIN_SECONDS
+from .journal_writer import write_when_woken
 from .layout import Layout
 
 __all__ = ["MAX_HISTORY_BYTES", "MAX_LINE_BYTES", "RoundLog", "round_log_path"]
@@ -249,14 +249,11 @@ class RoundLog:
 
     async def run(self) -> None:
         """Write records as rounds end, until cancelled; then, briefly, the ones left."""
-        try:
-            while True:
-                await self._work.wait()
-                self._work = trio.Event()
-                await self._write_pending()
-        finally:
-            with trio.CancelScope(deadline=trio.current_time() + DRAIN_SECONDS, shield=True):
-                await self._write_pending()
+        await write_when_woken(self._woken, self._write_pending, self._write_pending)
+
+    async def _woken(self) -> None:
+        await self._work.wait()
+        self._work = trio.Event()
 
     async def _write_pending(self) -> None:
         while self._pending:
