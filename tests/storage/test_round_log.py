@@ -91,7 +91,7 @@ async def test_the_file_is_bounded_and_a_cut_line_is_skipped(layout: Layout, cap
         file.write('{"round": 8, "outc')  # a crash in the middle of a line
     log = RoundLog(layout, keep=3)
     assert [record["round"] for record in log.newest()] == [7, 6, 5]
-    assert "1 line(s) are not round records; skipped" in caplog.text
+    assert "1 line(s) are not round records (or longer than 16 MiB); skipped" in caplog.text
 
 
 async def test_rounds_of_many_selectors_are_kept_fewer_within_the_byte_bound(
@@ -151,7 +151,7 @@ def test_lines_that_are_not_records_are_skipped_whatever_they_hold(layout: Layou
     records = RoundLog(layout, keep=10).newest()
     assert [record["round"] for record in records] == [6, 3, 1]
     json.dumps(records, allow_nan=False)  # strict JSON, as GET /rounds serves it
-    assert "6 line(s) are not round records; skipped" in caplog.text
+    assert "6 line(s) are not round records (or longer than 16 MiB); skipped" in caplog.text
 
 
 async def test_a_huge_file_costs_bounded_memory_and_is_compacted(layout: Layout) -> None:
@@ -171,3 +171,31 @@ async def test_a_huge_file_costs_bounded_memory_and_is_compacted(layout: Layout)
     assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB held to read a 45 MB file"
     await written(log, ended(4))
     assert [json.loads(line)["round"] for line in path.read_bytes().splitlines()] == [2, 3, 4]
+
+
+async def test_a_record_memory_holds_is_read_back_after_a_restart(layout: Layout) -> None:
+    """A round of 15,000 rejected selectors (a 5.5 MB line) was served, then skipped at the
+    next start-up: lines up to what memory may hold are read back."""
+    selectors = [f"selector-{index:05d}.example:50051" for index in range(15_000)]
+    rejected = {selector: "r" * 300 for selector in selectors}
+    big = ended(2, "FAILED", selectors=selectors, rejected=rejected, reported=[], configured=[])
+    await written(RoundLog(layout, keep=10), ended(1), big)
+    assert 4 << 20 < len(round_log_path(layout).read_bytes().splitlines()[-1]) < MAX_LINE_BYTES
+    again = RoundLog(layout, keep=10).newest()
+    assert [record["round"] for record in again] == [2, 1]
+    assert len(again[0]["selectors"]) == 15_000
+
+
+async def test_every_completed_round_of_a_rewrite_gets_its_digest(layout: Layout) -> None:
+    """Rounds 4 and 5 end before the writer wakes, and the file is due for a rewrite: round
+    5's checkpoint_sha256 stayed None for good (only the first waiting record was digested)."""
+    for number in range(1, 6):
+        remember(layout, number, keep=10)
+    digest = hashlib.sha256(layout.checkpoint.read_bytes()).hexdigest()
+    log = RoundLog(layout, keep=2)
+    await written(log, ended(1), ended(2), ended(3))
+    await written(log, ended(4), ended(5))  # the fourth line would make twice keep: rewritten
+    served = [(record["round"], record["checkpoint_sha256"]) for record in log.newest()]
+    assert served == [(5, digest), (4, digest)]
+    lines = [json.loads(line) for line in round_log_path(layout).read_bytes().splitlines()]
+    assert [(line["round"], line["checkpoint_sha256"]) for line in lines] == served[::-1]

@@ -53,13 +53,14 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 
-#: The longest line read back: a record is a few KiB (a few hundred bytes per selector).
-MAX_LINE_BYTES = 4 << 20
-
 #: The most the records held (and kept in the file) may weigh, as JSON lines: the
 #: newest ``ROUND_HISTORY`` rounds of a few hundred bytes each fit many times over;
 #: rounds of thousands of selectors are kept fewer (about 6 times this in memory).
 MAX_HISTORY_BYTES = 16 << 20
+
+#: The longest line read back: whatever memory may hold is read back after a restart
+#: (a record is a few hundred bytes, plus up to a few hundred per selector).
+MAX_LINE_BYTES = MAX_HISTORY_BYTES
 
 
 def round_log_path(layout: Layout) -> Path:
@@ -162,7 +163,12 @@ def _read(path: Path, keep: int) -> tuple[list[RoundRecord], int]:
     except FileNotFoundError:
         return [], 0
     if bad:
-        log.warning("%s: %d line(s) are not round records; skipped", path, bad)
+        log.warning(
+            "%s: %d line(s) are not round records (or longer than %d MiB); skipped",
+            path,
+            bad,
+            MAX_LINE_BYTES >> 20,
+        )
     return sorted(records.values(), key=lambda record: record["round"]), lines
 
 
@@ -259,14 +265,14 @@ class RoundLog:
         while self._pending:
             record = self._pending[0]  # taken off once written: a cancellation may come first
             try:
-                if record["outcome"] == "COMPLETED" and record["checkpoint_sha256"] is None:
-                    digest = await trio.to_thread.run_sync(self._digest, record["round"])
-                    record["checkpoint_sha256"] = digest
+                await self._fill_digest(record)
                 if (  # rewritten with the newest only
                     self._lines + 1 >= 2 * self._keep
                     or self._bytes + self._weights.get(record["round"], 0) > 2 * MAX_HISTORY_BYTES
                 ):
                     held = len(self._pending)  # each of them is in the rewrite
+                    for waiting in self._pending[1:held]:
+                        await self._fill_digest(waiting)
                     await trio.to_thread.run_sync(self._rewrite, list(self._records))
                     del self._pending[1:held]
                 else:
@@ -278,6 +284,12 @@ class RoundLog:
                     log.warning("the round log %s is written again", self._path)
                 self._failing = False
             self._pending.pop(0)
+
+    async def _fill_digest(self, record: RoundRecord) -> None:
+        """A completed round's record gets its checkpoint's SHA-256 before it is written."""
+        if record["outcome"] == "COMPLETED" and record["checkpoint_sha256"] is None:
+            digest = await trio.to_thread.run_sync(self._digest, record["round"])
+            record["checkpoint_sha256"] = digest
 
     def _digest(self, number: int) -> str | None:
         """The SHA-256 of the checkpoint round ``number`` produced (None: it is not kept)."""
