@@ -36,7 +36,7 @@ import trio
 from helpers.netns import Host, Network
 from helpers.peers import read_floats
 from helpers.readme import BlockNotFound, block, commands, part, replaced
-from helpers.walkthrough import WATCHED, Operator, Shell, mount_point, watched
+from helpers.walkthrough import WATCHED, Operator, Shell, mount_point, stage_for, watched
 
 from fl_coordinator.config import default_settings
 from fl_coordinator.federation.data import split_digits, write_shards
@@ -271,3 +271,13 @@ async def test_tls_walkthrough(network: Network, tmp_path: Path) -> None:
     assert any(re.search(refused, line) for line in sel1.lines)
     assert plain_statuses[1] == 1, plain_health.tail()
     assert "UNAVAILABLE" in plain_health.lines[-1]
+
+
+def test_mounts_are_staged_apart_from_every_folder_they_touch() -> None:
+    """A checkout (or a test's folder) under /mnt, as on runners with TMPDIR=/mnt/tmp, was
+    hidden by the stage's own tmpfs at /mnt before it could be bound."""
+    assert stage_for([Path("/tmp/checkout"), Path("/shared")]) == "/mnt"
+    assert stage_for([Path("/mnt/tmp/checkout"), Path("/shared")]) == "/media"
+    assert stage_for([Path("/mnt/a"), Path("/media"), Path("/srv/b/c")]) == "/opt"
+    with pytest.raises(RuntimeError, match="no folder among"):
+        stage_for([Path("/")])  # covers every candidate

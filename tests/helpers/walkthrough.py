@@ -34,7 +34,7 @@ from . import REPO
 from .arrivals import Arrivals
 from .netns import Host
 
-__all__ = ["WATCHED", "Operator", "Program", "Shell", "mount_point", "watched"]
+__all__ = ["WATCHED", "Operator", "Program", "Shell", "mount_point", "stage_for", "watched"]
 
 #: The commands of this checkout (fl-coordinator, fl-selector, fl-client), then the system's.
 PATH = f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -42,8 +42,23 @@ PATH = f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:
 #: (a pod's emptyDir at /tmp hides a checkout cloned under /tmp): the checkout, with its
 #: editable install's sources, and the environment its commands run from.
 _OWN = tuple(sorted({REPO, Path(sys.prefix)}))
-#: Where the folders to mount wait, in a tmpfs of the host's own, while others are covered.
-_STAGE = "/mnt"
+#: Where the folders to mount may wait, in a tmpfs of the host's own, while others are
+#: covered: the first that exists and neither holds nor lies in a folder mounted or bound.
+_STAGES = ("/mnt", "/media", "/srv", "/opt", "/var/opt")
+
+
+def _related(one: Path, other: Path) -> bool:
+    return one == other or one in other.parents or other in one.parents
+
+
+def stage_for(paths: list[Path]) -> str:
+    """A folder to stage mounts in that covers none of ``paths`` and is covered by none."""
+    for candidate in map(Path, _STAGES):
+        if candidate.is_dir() and not any(_related(candidate, path) for path in paths):
+            return str(candidate)
+    raise RuntimeError(f"no folder among {_STAGES} to stage mounts in, apart from {paths}")
+
+
 _LOCKS = Path("/run/lock")
 
 
@@ -104,14 +119,15 @@ class Shell:
         # onto its target; last, this checkout is bound back where it was.
         targets = [*self.binds, *map(str, _OWN)]
         sources = [*self.binds.values(), *_OWN]
-        setup = ["set -e", f"mount -t tmpfs -o mode=755 fl-stage {_STAGE}"]
+        stage = stage_for([*sources, *map(Path, targets), *map(Path, self.empty), self.cwd])
+        setup = ["set -e", f"mount -t tmpfs -o mode=755 fl-stage {stage}"]
         for index, source in enumerate(sources):
-            setup.append(f"mkdir {_STAGE}/{index}")
-            setup.append(f"mount --bind {shlex.quote(str(source))} {_STAGE}/{index}")
+            setup.append(f"mkdir {stage}/{index}")
+            setup.append(f"mount --bind {shlex.quote(str(source))} {stage}/{index}")
         setup += [f"mount -t tmpfs -o mode=755 fl-empty {shlex.quote(path)}" for path in self.empty]
         for index, target in enumerate(targets):
             setup.append(f"mkdir -p {shlex.quote(target)}")
-            setup.append(f"mount --bind {_STAGE}/{index} {shlex.quote(target)}")
+            setup.append(f"mount --bind {stage}/{index} {shlex.quote(target)}")
         if self.hostname:
             setup.append(f"hostname {shlex.quote(self.hostname)}")
         setup.append(f"cd {shlex.quote(str(self.cwd))}")
