@@ -310,6 +310,7 @@
   // the time the stream shows them: a recent completed round still without metrics (its
   // message was missed, say while reconnecting) is fetched again.
   const streamed = new Map();
+  const refetched = new Set();  // rounds fetched again for their metrics (the last 10)
   function takeMetrics(message) {
     const metrics = message.metrics;
     if (!metrics || streamed.has(metrics.round)) return;
@@ -320,9 +321,12 @@
       record.metrics = metrics.values;
       scheduleDraw();
     }
-    const missed = [...records.values()].some((r) => r.round < metrics.round
-      && r.round >= metrics.round - 10 && r.outcome === "COMPLETED" && !r.metrics);
-    if (missed) refreshRecent();
+    const missed = [...records.values()].filter((r) => r.round < metrics.round
+      && r.round >= metrics.round - 10 && r.outcome === "COMPLETED" && !r.metrics
+      && !refetched.has(r.round));  // once: a round whose evaluation failed never has any
+    for (const n of refetched) if (n < metrics.round - 10) refetched.delete(n);
+    for (const r of missed) refetched.add(r.round);
+    if (missed.length) refreshRecent();
   }
 
   function connect() {
