@@ -250,7 +250,11 @@ def read_plan(file: h5py.File, path: Path) -> tuple[Weight, ...]:
             refusals.append(f"{text!r} is one object under several names (hard links)")
         if info.type != h5py.h5o.TYPE_DATASET:
             return
-        dataset = h5py.Dataset(h5py.h5d.open(file.id, name))
+        try:
+            dataset = h5py.Dataset(h5py.h5d.open(file.id, name))
+        except (KeyError, OSError, RuntimeError, ValueError) as error:  # HDF5's own check
+            refusals.append(f"{text!r} cannot be opened ({error})")
+            return
         refusal = _refusal(text, dataset)
         if refusal is not None:
             refusals.append(refusal)
