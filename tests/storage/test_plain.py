@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from helpers.peers import read_floats
 
-from fl_coordinator.errors import ContributionError, ContributionsRefused
+from fl_coordinator.errors import CheckpointError, ContributionError, ContributionsRefused
 from fl_coordinator.storage import aggregation
 from fl_coordinator.storage.aggregation import Contribution, aggregate
 from fl_coordinator.storage.contribution import CheckpointSpec, SelectorFiles, examine
-from fl_coordinator.storage.plain import extent_of
+from fl_coordinator.storage.plain import extent_of, reserve
 from fl_coordinator.storage.untrusted import UntrustedFile
 from fl_coordinator.storage.weights import read_plan
 
@@ -216,3 +216,35 @@ def test_a_plain_input_changed_after_its_check_is_refused_alone(tmp_path: Path) 
     assert list(refused.value.reasons) == ["s2"]
     assert "changed" in refused.value.reasons["s2"]
     assert checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["past_end", "straddles_end"])
+def test_a_global_checkpoint_whose_data_lies_outside_it_fails_the_average(
+    tmp_path: Path, where: str
+) -> None:
+    """A fault of the global checkpoint's arrays is the checkpoint's (CheckpointError, naming
+    the file and the array), not a selector's refusal, and not a raw KeyError of h5py."""
+    checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
+    parts = _parts(tmp_path, 2)
+    size = checkpoint.stat().st_size
+    _move_data_address(
+        checkpoint, "layers/dense/vars/0", size + 64 if where == "past_end" else size - 8
+    )
+    before = checkpoint.read_bytes()
+    with pytest.raises(CheckpointError, match="layers/dense/vars/0") as failed:
+        aggregate(checkpoint, parts, tmp_path / "tmp")
+    assert str(failed.value).startswith(str(checkpoint))
+    assert checkpoint.read_bytes() == before
+    assert list((tmp_path / "tmp").glob("*")) == []
+
+
+def test_reserve_allocates_the_blocks_before_they_are_written(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "new", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        assert os.fstat(fd).st_blocks == 0
+        reserve(fd, 3 * 2**20 + 5)
+        stat = os.fstat(fd)
+    finally:
+        os.close(fd)
+    assert stat.st_blocks * 512 >= 3 * 2**20 + 5
+    assert stat.st_size == 3 * 2**20 + 5

@@ -91,7 +91,15 @@ from ..errors import (
 )
 from .atomic import atomic_target
 from .checkpoint import open_checkpoint
-from .plain import Descriptors, Extent, allocated_early, extent_of, read_rows, write_rows
+from .plain import (
+    Descriptors,
+    Extent,
+    allocated_early,
+    extent_of,
+    read_rows,
+    reserve,
+    write_rows,
+)
 from .untrusted import Opened, UntrustedFile, dataset_at
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
@@ -168,10 +176,12 @@ Aggregator = Callable[
 
 
 class _Source:
-    """One input's weight array: its h5py dataset, or where its bytes lie (a plain one,
-    read through ``descriptors``); its encoding and file (for messages)."""
+    """One weight array of an input or of the global checkpoint: its h5py dataset, or
+    where its bytes lie (a plain one, read with ``preadv`` from the descriptor ``fd_of()``
+    gives); its encoding, and its file (``file``, for an input read so; ``path``: for
+    messages)."""
 
-    __slots__ = ("dataset", "descriptors", "encoding", "extent", "file", "name", "opened", "path")
+    __slots__ = ("dataset", "encoding", "extent", "fd_of", "file", "name", "opened", "path")
 
     def __init__(
         self,
@@ -179,14 +189,15 @@ class _Source:
         encoding: Encoding,
         path: Path,
         opened: Opened | None,
-        plain: tuple[str, Descriptors, UntrustedFile, Extent] | None = None,
+        plain: tuple[str, Callable[[], int], Extent] | None = None,
+        file: UntrustedFile | None = None,
     ) -> None:
         self.dataset, self.encoding, self.path, self.opened = dataset, encoding, path, opened
-        self.descriptors: Descriptors | None = None
-        self.file: UntrustedFile | None = None
+        self.file = file
+        self.fd_of: Callable[[], int] | None = None
         self.extent: Extent | None = None
         if plain is not None:
-            self.name, self.descriptors, self.file, self.extent = plain
+            self.name, self.fd_of, self.extent = plain
         else:
             assert dataset is not None
             self.name = dataset.name
@@ -295,8 +306,12 @@ def _input(opened: Opened, weight: Weight) -> _Source:
 
 
 #: Arrays are streamed in slabs of about this many bytes (in float64): memory
-#: stays bounded by a few slabs, whatever the size of the largest array.
-SLAB_BYTES = 8 * 2**20
+#: stays bounded by a few slabs, whatever the size of the largest array. Small
+#: enough that a slab's accumulator, its input and its result stay in the
+#: processor's cache while the K inputs are added and the step applied (8 MiB
+#: made every addition a trip to memory: 96 MB x 8 took 1.5 times as long),
+#: large enough that the calls per slab cost little (at 256 KiB they showed).
+SLAB_BYTES = 2**20
 
 
 def slabs(shape: tuple[int, ...], itemsize: int = 8) -> list[tuple[slice, ...]]:
@@ -333,15 +348,12 @@ def _read(buffer: np.ndarray, source: _Source, selection: tuple[slice, ...]) -> 
     a CheckpointError."""
     try:
         if source.extent is not None:
-            assert source.descriptors is not None and source.file is not None
-            fd = source.descriptors.get(source.file)
-            raw = read_rows(fd, source.extent, selection, buffer, source.path)
+            assert source.fd_of is not None
+            raw = read_rows(source.fd_of(), source.extent, selection, buffer, source.path)
         else:
             assert source.dataset is not None
             raw = read_into(buffer, source.dataset, selection)
-    except ContributionError as error:
-        raise _refused(source.path, source.name, error) from None
-    except OSError as error:
+    except (ContributionError, OSError) as error:
         if source.untrusted:
             raise _refused(source.path, source.name, error) from None
         raise CheckpointError(
@@ -404,7 +416,7 @@ Finish = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 
 def _non_finite(
-    name: str,
+    weight: Weight,
     sources: Sequence[_Source],
     like: _Source,
     selection: tuple[slice, ...],
@@ -415,9 +427,10 @@ def _non_finite(
     An input is refused alone; NaN or Inf in the template, or nowhere (the
     result overflows its dtype), is a failure of the whole average.
     """
+    name = weight.name
 
     def finite(source: _Source) -> bool:
-        buffer = np.empty(slab_shape(like.dataset.shape, selection), source.encoding.stored)
+        buffer = np.empty(slab_shape(weight.shape, selection), source.encoding.stored)
         return bool(np.all(np.isfinite(_read(buffer, source, selection))))
 
     refused = {
@@ -596,9 +609,10 @@ def _rewrite(
         ):
             with h5py.File(tmp, "w") as out, _descriptor(tmp) as out_fd:
                 targets = _copy_layout(base, out, changed)
+                reserve(out_fd, out.id.get_filesize())  # its arrays are allocated: all of it
                 for weight in plan:
                     sources = [_source(source, weight, descriptors) for source in located]
-                    like = _Source(base[weight.name], weight.encoding, template, None)
+                    like = _template(base, weight, template)
                     bytes_read += _write_weight(
                         weight,
                         like,
@@ -650,8 +664,27 @@ def _source(located: _PlainInput | Opened, weight: Weight, descriptors: Descript
     """``located``'s array of ``weight``: read from its extent, or through h5py."""
     if isinstance(located, Opened):
         return _input(located, weight)
-    plain = (weight.name, descriptors, located.file, located.extents[weight.name])
-    return _Source(None, located.encodings[weight.name], located.file.path, None, plain)
+    plain = (
+        weight.name,
+        functools.partial(descriptors.get, located.file),
+        located.extents[weight.name],
+    )
+    return _Source(None, located.encodings[weight.name], located.file.path, None, plain,
+                   located.file)  # fmt: skip
+
+
+def _template(base: h5py.File, weight: Weight, path: Path) -> _Source:
+    """The global checkpoint's array of ``weight``: read from its extent (through HDF5's
+    own descriptor of the file) if plain, else through h5py."""
+    dataset = base[weight.name]
+    fd = base.id.get_vfd_handle()
+    try:
+        extent = extent_of(dataset, weight.encoding.stored, os.fstat(fd).st_size, path)
+    except ContributionError as error:
+        raise CheckpointError(str(error)) from None
+    if extent is None:
+        return _Source(dataset, weight.encoding, path, None)
+    return _Source(None, weight.encoding, path, None, (weight.name, lambda: fd, extent))
 
 
 def _changed(located: _PlainInput | Opened, descriptors: Descriptors) -> tuple[Path, bool]:
@@ -719,7 +752,7 @@ def _write_weight(
             # in its own dtype), the exact search only if it fails.
             finite = np.isfinite(values.sum()) or np.all(np.isfinite(values))
         if not finite:
-            raise _non_finite(weight.name, sources, like, selection, combine.causes)
+            raise _non_finite(weight, sources, like, selection, combine.causes)
         write(stored, selection)
     return bytes_read
 
