@@ -37,8 +37,12 @@ How it is laid out, and why:
   at a time; one whose arrays are all plain is not kept open but read through
   a bounded pool of descriptors, so open files do not grow with K (one with
   any other layout stays open as an HDF5 file). The optimizer's moments go
-  through h5py (:mod:`.strategy_state`). Reads are sequential: threads would
-  only add switching.
+  through h5py (:mod:`.strategy_state`).
+* Weight arrays are independent: FedAvg and clipping (no optimizer state,
+  no noise, not robust) compute them in two lanes (threads, one per core, see
+  :mod:`.lanes`), each taking the next array; ``preadv``, ``pwrite`` and numpy
+  release the GIL. Within a lane, an array's slabs and inputs are read in
+  order, into buffers small enough to stay in the processor's cache.
 
 * One slab at a time: for each dataset we hold a float64 accumulator slab and
   one input slab (the optimizer's moments add a few more slabs), never K
@@ -91,7 +95,9 @@ from ..errors import (
 )
 from .atomic import atomic_target
 from .checkpoint import open_checkpoint
+from .lanes import LANES, Halt, in_lanes
 from .plain import (
+    DESCRIPTORS,
     Descriptors,
     Extent,
     allocated_early,
@@ -550,6 +556,12 @@ class _Combine:
         return total
 
     @property
+    def shareable(self) -> bool:
+        """Whether slabs may be combined by several threads at once: no work space kept
+        between calls (the robust combinations' stack), no draws whose order matters."""
+        return self._robust is None and self._noise is None
+
+    @property
     def causes(self) -> str:
         """The settings of this combination that can make a result overflow (or "")."""
         if self._noise is None:
@@ -595,12 +607,10 @@ def _rewrite(
 ) -> tuple[int, int]:
     """:func:`sum_into` with a given ``combine`` and ``step``; ``moments`` opens the
     optimizer's state (published tied to the new file, before ``dest`` is replaced)."""
-    bytes_read = 0
     with ExitStack() as stack:
         base = open_checkpoint(template, stack)
         plan = read_plan(base, template)
         located = _open_inputs(inputs, plan, stack)
-        descriptors = stack.enter_context(closing(Descriptors()))
         outputs = {w.name: encode(w.encoding) if encode else w.encoding for w in plan}
         changed = {w.name: outputs[w.name] if outputs[w.name] != w.encoding else None for w in plan}
         with (
@@ -610,19 +620,27 @@ def _rewrite(
             with h5py.File(tmp, "w") as out, _descriptor(tmp) as out_fd:
                 targets = _copy_layout(base, out, changed)
                 reserve(out_fd, out.id.get_filesize())  # its arrays are allocated: all of it
-                for weight in plan:
-                    sources = [_source(source, weight, descriptors) for source in located]
-                    like = _template(base, weight, template)
-                    bytes_read += _write_weight(
+
+                def average(weight: Weight, descriptors: Descriptors, halt: Halt) -> int:
+                    return _write_weight(
                         weight,
-                        like,
-                        sources,
+                        _template(base, weight, template),
+                        [_source(source, weight, descriptors) for source in located],
                         _writer(targets[weight.name], outputs[weight.name].stored, out_fd, tmp),
                         outputs[weight.name],
                         combine,
                         step,
-                        cancel,
+                        halt,
                     )
+
+                # The optimizer's moments and the noise's draws are in one order: one lane.
+                lanes = LANES if state is None and combine.shareable else 1
+                pools = [
+                    stack.enter_context(closing(Descriptors(DESCRIPTORS // lanes)))
+                    for _ in range(lanes)
+                ]
+                bytes_read = in_lanes(plan, average, pools, cancel)
+                descriptors = pools[0]
                 # Last, before the rename publishes anything: an input written to
                 # while it was read may have given bytes nobody checked.
                 written_to = {
@@ -702,7 +720,7 @@ def _write_weight(
     output: Encoding,
     combine: _Combine,
     step: _Step,
-    cancel: threading.Event | None,
+    halt: Halt,
 ) -> int:
     """``write`` ``step(combine(sources), like)``, slab by slab; return bytes read."""
     accumulator = weight.encoding.accumulator
@@ -729,7 +747,7 @@ def _write_weight(
 
     bytes_read = 0
     for selection in selections:
-        if cancel is not None and cancel.is_set():
+        if halt.is_set():
             raise ShuttingDown("aggregation cancelled: shutting down")
         rows = slab_shape(weight.shape, selection)[:1] if selection else ()
         combined = combine(

@@ -32,6 +32,7 @@ from ..errors import ContributionError
 from .untrusted import FileIdentity, UntrustedFile
 
 __all__ = [
+    "DESCRIPTORS",
     "Descriptors",
     "Extent",
     "allocated_early",
@@ -177,6 +178,10 @@ def _bytes(array: np.ndarray) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))
 
 
+#: Descriptors an averaging pass keeps open at most (shared by its lanes).
+DESCRIPTORS = 64
+
+
 class Descriptors:
     """Open descriptors of untrusted files, at most ``limit`` at once (least recently used
     closed first), so an averaging pass over K plain inputs holds ``min(K, limit)``.
@@ -185,7 +190,7 @@ class Descriptors:
     with its identity: a file changed since it was first opened is refused.
     """
 
-    def __init__(self, limit: int = 64) -> None:
+    def __init__(self, limit: int = DESCRIPTORS) -> None:
         self._limit = limit
         self._open: dict[UntrustedFile, int] = {}
 
