@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from helpers.peers import read_floats
 
+from fl_coordinator.core.strategy import ServerOptimizer, Strategy
 from fl_coordinator.errors import ContributionsRefused, ShuttingDown
 from fl_coordinator.storage import aggregation
-from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.aggregation import Contribution, ServerUpdate, aggregate
 from fl_coordinator.storage.lanes import Halt, in_lanes
+from fl_coordinator.storage.strategy_state import StateUpdate
 from fl_coordinator.storage.untrusted import UntrustedFile
 
 #: Waits in these tests are bounded, never synchronization: a lane that never comes fails.
@@ -106,10 +108,12 @@ def _write(path: Path, seed: int) -> Path:
     return path
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_the_average_is_the_same_bits_in_one_lane_or_two(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lanes: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lanes: int, strategy: str
 ) -> None:
+    """Two rounds (the second reads the optimizer state the first wrote, if any)."""
     monkeypatch.setattr(aggregation, "SLAB_BYTES", 4096)  # several slabs per array
     used: set[str] = set()
     write_weight = aggregation._write_weight
@@ -119,6 +123,7 @@ def test_the_average_is_the_same_bits_in_one_lane_or_two(
         return write_weight(*args, **named)  # type: ignore[arg-type]
 
     monkeypatch.setattr(aggregation, "_write_weight", recorded)
+    optimizer = ServerOptimizer.of(strategy)
     results = {}
     for count in (1, lanes):
         monkeypatch.setattr(aggregation, "LANES", count)
@@ -128,10 +133,22 @@ def test_the_average_is_the_same_bits_in_one_lane_or_two(
             Contribution(f"s{i}", UntrustedFile.at(_write(folder / f"s{i}", i + 1)), i + 2)
             for i in range(3)
         ]
-        used.clear()
-        aggregate(checkpoint, parts, folder / "tmp")
-        assert len(used) == count
+        state = None
+        for round_number in (1, 2):
+            used.clear()
+            update = None
+            if optimizer.moments:
+                dest = folder / f"state{round_number}.h5"
+                update = ServerUpdate(
+                    Strategy(optimizer), StateUpdate(optimizer, state, dest, round_number)
+                )
+                state = dest
+            aggregate(checkpoint, parts, folder / "tmp", None, update)
+            assert len(used) == count
         results[count] = read_floats(checkpoint)
+        if state is not None:
+            results[count].update({f"state/{k}": v for k, v in read_floats(state).items()})
+    assert len(results[1]) == (6 if strategy == "fedavg" else 18)  # m and v of each array
     for name, values in results[1].items():
         assert values.tobytes() == results[lanes][name].tobytes(), name
 

@@ -102,6 +102,7 @@ from .plain import (
     Extent,
     allocated_early,
     extent_of,
+    open_for_writing,
     read_rows,
     reserve,
     write_rows,
@@ -617,7 +618,7 @@ def _rewrite(
             atomic_target(dest, tmp_dir, large=True) as tmp,
             (moments or contextlib.nullcontext)() as state,
         ):
-            with h5py.File(tmp, "w") as out, _descriptor(tmp) as out_fd:
+            with h5py.File(tmp, "w") as out, open_for_writing(tmp) as out_fd:
                 targets = _copy_layout(base, out, changed)
                 reserve(out_fd, out.id.get_filesize())  # its arrays are allocated: all of it
 
@@ -633,8 +634,9 @@ def _rewrite(
                         halt,
                     )
 
-                # The optimizer's moments and the noise's draws are in one order: one lane.
-                lanes = LANES if state is None and combine.shareable else 1
+                if state is not None:
+                    state.prepare(plan)
+                lanes = LANES if combine.shareable else 1  # noise is drawn in one order
                 pools = [
                     stack.enter_context(closing(Descriptors(DESCRIPTORS // lanes)))
                     for _ in range(lanes)
@@ -653,16 +655,6 @@ def _rewrite(
             if state is not None:
                 state.publish(tmp)  # the new file is complete: the state names it
     return len(plan), bytes_read
-
-
-@contextlib.contextmanager
-def _descriptor(path: Path) -> Iterator[int]:
-    """``path`` (the new checkpoint, ours) open for writing, beside HDF5's own handle."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
 
 
 #: Writes one slab of the result: ``write(values, selection)``.
@@ -776,12 +768,13 @@ def _write_weight(
 
 
 class _ServerStep:
-    """The optimizer's step on one slab, with its moments read and written around it."""
+    """The optimizer's step on one slab, with its moments read and written around it
+    (work space kept per lane: several threads may step their own arrays at once)."""
 
     def __init__(self, strategy: Strategy) -> None:
         self._optimizer = strategy.optimizer
         self.moments: Moments | None = None
-        self._scratch: np.ndarray | None = None
+        self._lanes = threading.local()
 
     def __call__(
         self,
@@ -795,9 +788,10 @@ class _ServerStep:
             self._optimizer.step(d, current, out)
             return
         state = {name: self.moments.read(weight, name, selection) for name in self.moments.names}
-        if self._scratch is None or self._scratch.size < d.size:
-            self._scratch = np.empty(d.size, d.dtype)
-        scratch = self._scratch[: d.size].reshape(d.shape)
+        kept: np.ndarray | None = getattr(self._lanes, "scratch", None)
+        if kept is None or kept.size < d.size:
+            kept = self._lanes.scratch = np.empty(d.size, d.dtype)
+        scratch = kept[: d.size].reshape(d.shape)
         self._optimizer.step(d, current, out, state.get("m"), state.get("v"), scratch)
         for name, values in state.items():
             self.moments.write(weight, name, selection, values)

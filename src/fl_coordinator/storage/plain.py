@@ -19,9 +19,11 @@ was truncated since) refuses the input.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,7 @@ __all__ = [
     "Extent",
     "allocated_early",
     "extent_of",
+    "open_for_writing",
     "read_rows",
     "reserve",
     "write_rows",
@@ -106,6 +109,17 @@ def extent_of(
         )
     rows = shape[0] if shape else 1
     return Extent(offset, nbytes, nbytes // rows if rows else 0)
+
+
+@contextlib.contextmanager
+def open_for_writing(path: Path) -> Iterator[int]:
+    """``path`` (a new file of ours, open in HDF5 too) open for ``pwrite`` beside HDF5's
+    own handle, for :func:`write_rows`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def read_rows(

@@ -42,6 +42,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,11 +51,20 @@ import h5py
 import numpy as np
 
 from ..core.strategy import ServerOptimizer, Strategy
-from ..errors import AggregationError, ConfigError, ProblemError
+from ..errors import AggregationError, ConfigError, ContributionError, ProblemError
 from .aggregation import slab_shape
 from .atomic import atomic_target
 from .journal import history, kept_file
 from .layout import Layout
+from .plain import (
+    Extent,
+    allocated_early,
+    extent_of,
+    open_for_writing,
+    read_rows,
+    reserve,
+    write_rows,
+)
 from .weights import Encoding, Weight, upload_encoding
 
 __all__ = [
@@ -242,32 +252,72 @@ class StateUpdate:
 
     @contextlib.contextmanager
     def rewrite(self, tmp_dir: Path) -> Iterator[Moments]:
-        """The moments of this round, read and written slab by slab; published by
-        :meth:`Moments.publish` (else nothing of them is left)."""
+        """The moments of this round, read and written slab by slab (after
+        :meth:`Moments.prepare`); published by :meth:`Moments.publish` (else nothing of
+        them is left)."""
         with contextlib.ExitStack() as stack:
             old = stack.enter_context(h5py.File(self.source, "r")) if self.source else None
             target = stack.enter_context(atomic_target(self.dest, tmp_dir, large=True))
             new = stack.enter_context(h5py.File(target, "w"))
-            moments = Moments(self, old, new)
+            moments = Moments(self, old, new, stack.enter_context(open_for_writing(target)))
             yield moments
             if not moments.published:
                 raise AggregationError("the optimizer state was not published")  # a bug
 
 
-class Moments:
-    """The moments of one aggregation: the old values in, the new values out."""
+#: A moment's dataset in a state file, and where its values lie when it is plain.
+_Place = tuple[h5py.Dataset, Extent | None]
 
-    def __init__(self, update: StateUpdate, old: h5py.File | None, new: h5py.File) -> None:
+
+class Moments:
+    """The moments of one aggregation: the old values in, the new values out.
+
+    Plain datasets (what :meth:`prepare` creates, and so what earlier rounds
+    wrote) are read with ``preadv`` and written with ``pwrite`` at their
+    offsets, as the checkpoints' arrays are; others go through h5py. Reads
+    and writes may come from several lanes (threads) at once, each on its own
+    arrays: work buffers are kept per thread.
+    """
+
+    def __init__(
+        self, update: StateUpdate, old: h5py.File | None, new: h5py.File, new_fd: int
+    ) -> None:
         self._update = update
         self._old = old
         self._new = new
-        self._written: dict[str, h5py.Dataset] = {}
-        self._buffers: dict[Hashable, np.ndarray] = {}
+        self._new_fd = new_fd
+        self._read_from: dict[str, _Place] = {}
+        self._written: dict[str, _Place] = {}
+        self._lanes = threading.local()
         self.published = False
 
     @property
     def names(self) -> tuple[str, ...]:
         return self._update.optimizer.moments
+
+    def prepare(self, plan: Sequence[Weight]) -> None:
+        """Create every moment of ``plan``'s arrays in the new state, allocated and its
+        space reserved, and find the old ones: before the pass, whose lanes then only
+        read and write values. AggregationError if an old one is not where it says."""
+        old_size = os.fstat(self._old.id.get_vfd_handle()).st_size if self._old else 0
+        for moment in self.names:
+            for weight in plan:
+                name = f"{moment}/{weight.name}"
+                stored = state_encoding(weight.encoding).stored
+                dcpl = allocated_early(h5py.h5p.create(h5py.h5p.DATASET_CREATE))
+                created = self._new.create_dataset(name, weight.shape, stored, dcpl=dcpl)
+                self._written[name] = (created, extent_of(created, stored, None, self._update.dest))
+                if self._old is not None:
+                    source = self._update.source
+                    try:
+                        found = self._old[name]
+                        self._read_from[name] = (found, extent_of(found, stored, old_size, source))
+                    except (ContributionError, KeyError) as error:
+                        raise AggregationError(
+                            f"{source}: the optimizer's {moment} of {weight.name!r} cannot be "
+                            f"read ({error})"
+                        ) from None
+        reserve(self._new_fd, self._new.id.get_filesize())
 
     def read(self, weight: Weight, moment: str, selection: tuple[slice, ...]) -> np.ndarray:
         """``moment`` of ``weight`` over ``selection``, in the accumulator's dtype (a work
@@ -278,7 +328,16 @@ class Moments:
             work.fill(self._update.optimizer.initial(moment))
             return work
         stored = self._buffer(state_encoding(weight.encoding).stored, shape)
-        self._old[f"{moment}/{weight.name}"].read_direct(stored, source_sel=selection or None)
+        dataset, extent = self._read_from[f"{moment}/{weight.name}"]
+        if extent is None:
+            dataset.read_direct(stored, source_sel=selection or None)
+        else:
+            source = self._update.source
+            assert source is not None
+            try:
+                read_rows(self._old.id.get_vfd_handle(), extent, selection, stored, source)
+            except ContributionError as error:
+                raise AggregationError(str(error)) from None
         work[...] = stored
         return work
 
@@ -287,10 +346,7 @@ class Moments:
     ) -> None:
         """Store ``values`` as ``moment`` of ``weight`` over ``selection``; AggregationError if
         they do not fit its dtype (an update so large that ``D^2`` overflows)."""
-        name = f"{moment}/{weight.name}"
         encoding = state_encoding(weight.encoding)
-        if name not in self._written:
-            self._written[name] = self._new.create_dataset(name, weight.shape, encoding.stored)
         stored = self._buffer(encoding.stored, values.shape)
         with np.errstate(over="ignore", invalid="ignore"):
             np.copyto(stored, values, casting="same_kind")
@@ -299,16 +355,22 @@ class Moments:
                 f"dataset {weight.name!r}: the optimizer's {moment} overflows "
                 f"{encoding.stored} (an update of that size cannot be averaged)"
             )
-        self._written[name].write_direct(stored, dest_sel=selection or None)
+        dataset, extent = self._written[f"{moment}/{weight.name}"]
+        if extent is None:
+            dataset.write_direct(stored, dest_sel=selection or None)
+        else:
+            write_rows(self._new_fd, extent, stored, selection)
 
     def _buffer(self, key: Hashable, shape: tuple[int, ...]) -> np.ndarray:
         """A buffer of ``shape`` for ``key`` (a dtype, or (name, dtype)): a view of the
-        largest one made for that key so far, so a pass allocates a few slabs in all."""
+        largest one this thread made for that key so far, so a pass allocates a few
+        slabs per lane in all."""
+        buffers: dict[Hashable, np.ndarray] = self._lanes.__dict__.setdefault("buffers", {})
         dtype = key[1] if isinstance(key, tuple) else key
         size = int(np.prod(shape, dtype=np.int64))
-        buffer = self._buffers.get(key)
+        buffer = buffers.get(key)
         if buffer is None or buffer.size < size:
-            buffer = self._buffers[key] = np.empty(size, dtype)
+            buffer = buffers[key] = np.empty(size, dtype)
         return buffer[:size].reshape(shape)
 
     def publish(self, checkpoint: Path) -> None:
