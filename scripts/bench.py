@@ -246,6 +246,7 @@ def measure(mode: str, folder: Path, k: int) -> dict[str, float]:
     # the one an aggregation replaces stays on disk: freeing its blocks (0.2 s for 1 GB
     # here) is the pruning of the oldest kept one, another step than the aggregation.
     os.link(folder / "fl_checkpoint", kept)
+    (folder / "state-new.h5").unlink(missing_ok=True)  # serve writes each round's state anew
     # Put the copy (and the previous run's files) on disk first: otherwise our
     # fsync, which the references do not do, would also wait for the bench's own writes.
     os.sync()
