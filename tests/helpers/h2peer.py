@@ -98,7 +98,11 @@ class RawPeer:
             self.closed_by_server = True
             return False
         self.events.extend(self.h2.receive_data(data))
-        self.send()  # acknowledgements
+        try:
+            self.send()  # acknowledgements
+        except (BrokenPipeError, ConnectionResetError):  # it closed after its last words
+            self.closed_by_server = True
+            return False
         return True
 
     def receive_until(self, done: Callable[[list[h2.events.Event]], bool]) -> None:
