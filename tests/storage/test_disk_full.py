@@ -33,6 +33,7 @@ from fl_coordinator.errors import CheckpointError
 from fl_coordinator.storage.aggregation import Contribution, aggregate
 from fl_coordinator.storage.journal import read_journal
 from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.plain import reserve
 from fl_coordinator.storage.untrusted import UntrustedFile
 
 READY = re.compile(r"selectors at \S+:(\d+) \(FlIntra\), status stream at (\S+),")
@@ -44,6 +45,24 @@ def mount(tmp_path: Path) -> Iterator[Path]:
     point = tmp_path / "mnt"
     point.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(point)], check=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+@pytest.fixture
+def ext4(tmp_path: Path) -> Iterator[Path]:
+    """An ext4 file system of 32 MiB (a loop device) at ``tmp_path/ext4``, unmounted after.
+
+    ext4, unlike tmpfs, keeps the blocks a failed fallocate(2) took.
+    """
+    image, point = tmp_path / "ext4.img", tmp_path / "ext4"
+    point.mkdir()
+    with image.open("wb") as file:
+        file.truncate(32 * 2**20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(point)], check=True)
     try:
         yield point
     finally:
@@ -161,3 +180,47 @@ def test_a_new_checkpoint_that_does_not_fit_is_a_checkpoint_error(
     assert str(failed.value).endswith("[Errno 28] No space left on device")
     assert digest(checkpoint) == before
     assert list((mount / "tmp").iterdir()) == []
+
+
+def test_a_reservation_that_does_not_fit_takes_no_space(ext4: Path) -> None:
+    """reserve() of more than the disk holds: ENOSPC, and the disk is as free as before
+    while the file is still open (ext4 kept a failed fallocate's blocks: free space 0)."""
+    free = shutil.disk_usage(ext4).free
+    disk = os.statvfs(ext4)
+    every_block = disk.f_bfree * disk.f_frsize  # root may use the reserved blocks too
+    for asked in (every_block + 2**20, 2**40):  # a little more than is free; a crafted 1 TB
+        fd = os.open(ext4 / "new", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, b"superblock")
+            with pytest.raises(OSError) as failed:
+                reserve(fd, asked)
+            assert failed.value.errno == errno.ENOSPC
+            assert os.fstat(fd).st_size == 10
+            assert shutil.disk_usage(ext4).free >= free - 65536, asked
+        finally:
+            os.close(fd)
+            os.unlink(ext4 / "new")
+
+
+def test_a_checkpoint_declaring_more_than_the_disk_is_a_checkpoint_error(
+    tmp_path: Path, ext4: Path
+) -> None:
+    """A global checkpoint of 9 KB whose never-written array declares 64 MiB (more than the
+    disk): a CheckpointError naming ENOSPC (was HDF5's raw RuntimeError from closing a file
+    on the disk the reservation had filled), the checkpoint unchanged, nothing left behind."""
+    checkpoint = ext4 / "fl_checkpoint"
+    for path in (checkpoint, tmp_path / "agg"):
+        with h5py.File(path, "w") as file:
+            file["layers/a/vars/0"] = np.ones(10, np.float32)
+            file.create_dataset("layers/b/vars/0", shape=(2**24,), dtype=np.float32)
+    before = digest(checkpoint)
+    free = shutil.disk_usage(ext4).free
+    with pytest.raises(CheckpointError) as failed:
+        aggregate(
+            checkpoint, [Contribution("s", UntrustedFile.at(tmp_path / "agg"), 2)], ext4 / "tmp"
+        )
+    assert str(failed.value).startswith(f"cannot write the new global checkpoint {checkpoint}")
+    assert str(failed.value).endswith("[Errno 28] No space left on device")
+    assert digest(checkpoint) == before
+    assert list((ext4 / "tmp").iterdir()) == []
+    assert shutil.disk_usage(ext4).free >= free - 65536

@@ -153,14 +153,27 @@ def reserve(fd: int, nbytes: int) -> None:
     (this machine, 4 MiB writes). Also fails at once, not midway, when the
     disk is full (OSError ENOSPC). Does nothing where the file system or the
     platform cannot reserve space.
+
+    A reservation that cannot be had takes nothing: ``nbytes`` (which the
+    global checkpoint's declared shapes set, whatever its own size) beyond
+    the file system's free blocks is refused before any is taken, and blocks
+    a failed fallocate took are given back. ext4 keeps them otherwise: a
+    failed 1 TB reservation left the disk full while the file was open, so
+    HDF5's own writes to it (and the journal's) failed with ENOSPC too.
     """
     if _fallocate is None or nbytes <= 0:
         return
+    status = os.fstat(fd)
+    disk = os.fstatvfs(fd)
+    if nbytes - status.st_blocks * 512 > disk.f_bfree * disk.f_frsize:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if _fallocate(fd, 0, 0, nbytes) == 0:
         return
     code = ctypes.get_errno()
-    if code not in (errno.EOPNOTSUPP, errno.ENOSYS):
-        raise OSError(code, os.strerror(code))
+    if code in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return
+    os.ftruncate(fd, status.st_size)  # frees what it took beyond the file's end
+    raise OSError(code, os.strerror(code))
 
 
 def _rows(
