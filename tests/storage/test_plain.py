@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import resource
 import struct
+import subprocess
+import sys
 from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
@@ -248,3 +250,39 @@ def test_reserve_allocates_the_blocks_before_they_are_written(tmp_path: Path) ->
         os.close(fd)
     assert stat.st_blocks * 512 >= 3 * 2**20 + 5
     assert stat.st_size == 3 * 2**20 + 5
+
+
+_AVERAGE_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.untrusted import UntrustedFile
+folder = Path(sys.argv[1])
+parts = [Contribution(f"s{i}", UntrustedFile(folder, f"s{i}/agg"), i + 1) for i in range(2)]
+aggregate(folder / "fl_checkpoint", parts, folder / "tmp")
+"""
+
+
+@pytest.mark.parametrize("driver", ["stdio", "core"])
+def test_the_average_does_not_depend_on_hdf5s_default_driver(tmp_path: Path, driver: str) -> None:
+    """HDF5_DRIVER (read by HDF5 at start) changes the default file driver: the template's
+    "descriptor" was then a FILE * or a buffer's address (EBADF, reported as a failed write),
+    and core would rewrite the new file from memory over the values pwritten into it."""
+    results = {}
+    for name, environ in (("sec2", {}), (driver, {"HDF5_DRIVER": driver})):
+        folder = tmp_path / name
+        _write(folder / "fl_checkpoint", _arrays(0))
+        _parts(folder, 2)
+        subprocess.run(
+            [sys.executable, "-c", _AVERAGE_IN_A_PROCESS, str(folder)],
+            env={**os.environ, **environ},
+            check=True,
+            capture_output=True,
+        )
+        results[name] = read_floats(folder / "fl_checkpoint")
+    assert (
+        results["sec2"]["layers/dense/vars/0"].tobytes()
+        != _arrays(0)["layers/dense/vars/0"].tobytes()
+    )
+    for name, values in results["sec2"].items():
+        assert values.tobytes() == results[driver][name].tobytes(), name

@@ -617,7 +617,9 @@ def _rewrite(
             atomic_target(dest, tmp_dir, large=True) as tmp,
             (moments or contextlib.nullcontext)() as state,
         ):
-            with h5py.File(tmp, "w") as out, _descriptor(tmp) as out_fd:
+            # sec2 whatever HDF5_DRIVER says: values are pwritten beside HDF5's own
+            # writes, which core (the whole file in memory, written at close) would undo.
+            with h5py.File(tmp, "w", driver="sec2") as out, _descriptor(tmp) as out_fd:
                 targets = _copy_layout(base, out, changed)
                 reserve(out_fd, out.id.get_filesize())  # its arrays are allocated: all of it
 
