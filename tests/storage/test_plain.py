@@ -21,7 +21,7 @@ from fl_coordinator.errors import CheckpointError, ContributionError, Contributi
 from fl_coordinator.storage import aggregation
 from fl_coordinator.storage.aggregation import Contribution, aggregate
 from fl_coordinator.storage.contribution import CheckpointSpec, SelectorFiles, examine
-from fl_coordinator.storage.plain import extent_of, reserve
+from fl_coordinator.storage.plain import Extent, extent_of, reserve
 from fl_coordinator.storage.untrusted import UntrustedFile
 from fl_coordinator.storage.weights import read_plan
 
@@ -286,3 +286,53 @@ def test_the_average_does_not_depend_on_hdf5s_default_driver(tmp_path: Path, dri
     )
     for name, values in results["sec2"].items():
         assert values.tobytes() == results[driver][name].tobytes(), name
+
+
+@pytest.mark.parametrize("change", ["written to", "replaced"])
+def test_a_global_checkpoint_changed_while_averaged_is_not_published_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """Another process rewrites the global checkpoint's values in place, or replaces the
+    file, after the pass read its first slab: was COMPLETED with a mix of old and new
+    values (in place), or the replacement overwritten by a result of the old file."""
+    monkeypatch.setattr(aggregation, "SLAB_BYTES", 64)  # several slabs per array
+    checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
+    parts = _parts(tmp_path, 2)
+    theirs = _write(tmp_path / "theirs", _arrays(9))
+    read = aggregation.read_rows
+    template_reads: list[int] = []
+
+    def meanwhile(fd: int, extent: Extent, *args: object) -> np.ndarray:
+        if args[-1] == checkpoint:
+            template_reads.append(fd)
+            if len(template_reads) == 2:
+                if change == "replaced":
+                    os.replace(theirs, checkpoint)
+                else:
+                    with h5py.File(checkpoint, "r") as file:
+                        at = file["layers/dense/vars/0"].id.get_offset()
+                    with checkpoint.open("r+b") as file:
+                        file.seek(at)
+                        file.write(bytes(4 * 7 * 5))
+        return read(fd, extent, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(aggregation, "read_rows", meanwhile)
+    expected = checkpoint.read_bytes() if change == "replaced" else None
+    with pytest.raises(CheckpointError) as failed:
+        aggregate(checkpoint, parts, tmp_path / "tmp")
+    said = "replaced or removed" if change == "replaced" else change
+    assert str(failed.value) == (
+        f"{checkpoint}: the global checkpoint was {said} "
+        "by another process while it was being averaged; the result is not published "
+        "(run one coordinator per problem folder, and leave its initFiles to it)"
+    )
+    assert len(template_reads) > 2
+    if expected is None:  # theirs, in place: the zeros written, nothing of ours
+        assert not read_floats(checkpoint)["layers/dense/vars/0"].any()
+    else:
+        assert checkpoint.read_bytes() != expected
+        assert (
+            read_floats(checkpoint)["layers/dense/vars/0"].tobytes()
+            == _arrays(9)["layers/dense/vars/0"].tobytes()
+        )
+    assert list((tmp_path / "tmp").iterdir()) == []

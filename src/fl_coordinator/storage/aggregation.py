@@ -609,6 +609,7 @@ def _rewrite(
     optimizer's state (published tied to the new file, before ``dest`` is replaced)."""
     with ExitStack() as stack:
         base = open_checkpoint(template, stack)
+        unchanged = _Unchanged(template, base.id.get_vfd_handle())
         plan = read_plan(base, template)
         located = _open_inputs(inputs, plan, stack)
         outputs = {w.name: encode(w.encoding) if encode else w.encoding for w in plan}
@@ -652,9 +653,45 @@ def _rewrite(
                 }
                 if written_to:
                     raise ContributionsRefused(written_to)
+                unchanged.check()
             if state is not None:
                 state.publish(tmp)  # the new file is complete: the state names it
     return len(plan), bytes_read
+
+
+class _Unchanged:
+    """The global checkpoint as the pass opened it: written to in place or replaced since
+    (the folder may be shared storage), the pass read a mix of two files, or would
+    publish over another's: a CheckpointError before anything is published.
+
+    Its size, modification time and inode tell, not its change time: the history's
+    links to it (made and removed while a round runs) change that too.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self._path, self._fd = path, fd
+        self._was = self._of(os.fstat(fd))
+
+    @staticmethod
+    def _of(status: os.stat_result) -> tuple[int, int, int, int]:
+        return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+    def check(self) -> None:
+        try:
+            now = self._of(os.stat(self._path))
+        except FileNotFoundError:
+            now = None
+        if now is None or now[:2] != self._was[:2]:
+            what = "replaced or removed"
+        elif self._of(os.fstat(self._fd)) != self._was:
+            what = "written to"
+        else:
+            return
+        raise CheckpointError(
+            f"{self._path}: the global checkpoint was {what} by another process while it "
+            "was being averaged; the result is not published (run one coordinator per "
+            "problem folder, and leave its initFiles to it)"
+        )
 
 
 @contextlib.contextmanager
