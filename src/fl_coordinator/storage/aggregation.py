@@ -42,7 +42,9 @@ How it is laid out, and why:
   no noise, not robust) compute them in two lanes (threads, one per core, see
   :mod:`.lanes`), each taking the next array; ``preadv``, ``pwrite`` and numpy
   release the GIL. Within a lane, an array's slabs and inputs are read in
-  order, into buffers small enough to stay in the processor's cache.
+  order, into buffers small enough to stay in the processor's cache. An
+  array one row of which is more than a slab (a slab is whole rows) is
+  averaged alone, after the others: two at once would double the memory.
 
 * One slab at a time: for each dataset we hold a float64 accumulator slab and
   one input slab (the optimizer's moments add a few more slabs), never K
@@ -330,6 +332,12 @@ def slabs(shape: tuple[int, ...], itemsize: int = 8) -> list[tuple[slice, ...]]:
     row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
     step = max(1, SLAB_BYTES // max(row_bytes, 1))
     return [(slice(start, min(start + step, shape[0])),) for start in range(0, shape[0], step)]
+
+
+def _row_bytes(weight: Weight, combine: _Combine) -> int:
+    """Bytes of one row of ``weight``'s accumulator (the least a slab of it holds)."""
+    values = math.prod(weight.shape[1:]) if weight.shape else 1
+    return weight.encoding.accumulator.itemsize * combine.holds * values
 
 
 def slab_shape(shape: tuple[int, ...], selection: tuple[slice, ...]) -> tuple[int, ...]:
@@ -642,7 +650,12 @@ def _rewrite(
                     stack.enter_context(closing(Descriptors(DESCRIPTORS // lanes)))
                     for _ in range(lanes)
                 ]
-                bytes_read = in_lanes(plan, average, pools, cancel)
+                # An array one row of which is more than a slab is computed a row at a
+                # time, whole rows: two such at once would double the pass's memory.
+                wide = [w for w in plan if _row_bytes(w, combine) > SLAB_BYTES]
+                narrow = [w for w in plan if _row_bytes(w, combine) <= SLAB_BYTES]
+                bytes_read = in_lanes(narrow, average, pools, cancel)
+                bytes_read += in_lanes(wide, average, pools[:1], cancel)
                 descriptors = pools[0]
                 # Last, before the rename publishes anything: an input written to
                 # while it was read may have given bytes nobody checked.
