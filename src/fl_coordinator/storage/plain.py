@@ -164,8 +164,8 @@ def reserve(fd: int, nbytes: int) -> None:
     if _fallocate is None or nbytes <= 0:
         return
     status = os.fstat(fd)
-    disk = os.fstatvfs(fd)
-    if nbytes - status.st_blocks * 512 > disk.f_bfree * disk.f_frsize:
+    disk = os.fstatvfs(fd)  # no blocks at all: a file system without a size (ramfs)
+    if disk.f_blocks and nbytes - status.st_blocks * 512 > disk.f_bfree * disk.f_frsize:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if _fallocate(fd, 0, 0, nbytes) == 0:
         return
