@@ -336,3 +336,37 @@ def test_a_global_checkpoint_changed_while_averaged_is_not_published_over(
             == _arrays(9)["layers/dense/vars/0"].tobytes()
         )
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def _at_address_zero(path: Path, name: str) -> None:
+    """Rewrite the address in ``name``'s layout message (contiguous: address, size) to 0:
+    HDF5 then says its values lie at the superblock, and cannot give that offset."""
+    with h5py.File(path, "r") as file:
+        dataset = file[name]
+        message = struct.pack("<QQ", dataset.id.get_offset(), dataset.id.get_storage_size())
+    data = path.read_bytes()
+    assert data.count(message) == 1
+    path.write_bytes(data.replace(message, bytes(8) + message[8:]))
+
+
+@pytest.mark.parametrize("whose", ["template", "input"])
+def test_an_array_at_address_zero_is_a_specific_error(tmp_path: Path, whose: str) -> None:
+    """H5Dget_offset fails for an address of 0: a raw RuntimeError (an internal error,
+    every selector lost) became a CheckpointError, or that input's refusal."""
+    checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
+    parts = _parts(tmp_path, 2)
+    broken = checkpoint if whose == "template" else parts[1].checkpoint.path
+    _at_address_zero(broken, "layers/dense/vars/0")
+    said = (
+        f"{broken}: dataset '/layers/dense/vars/0': HDF5 cannot say where its values lie "
+        "(Unspecified error in H5Dget_offset (return value ==0))"
+    )
+    if whose == "template":
+        with pytest.raises(CheckpointError) as failed:
+            aggregate(checkpoint, parts, tmp_path / "tmp")
+        assert str(failed.value) == said
+    else:
+        with pytest.raises(ContributionsRefused) as refused:
+            aggregate(checkpoint, parts, tmp_path / "tmp")
+        assert refused.value.reasons == {"s1": said}
+    assert list((tmp_path / "tmp").glob("*")) == []  # made only when writing began

@@ -83,8 +83,9 @@ def extent_of(
     """Where ``dataset``'s values lie, if it is plain and stored as ``stored``; else None.
 
     Raises ContributionError if HDF5 places them (partly) outside the file's
-    ``file_size`` bytes, or their size is not the shape's. ``file_size`` None:
-    a file this process is writing (its values are not there yet).
+    ``file_size`` bytes, or their size is not the shape's, or it cannot say
+    where. ``file_size`` None: a file this process is writing (its values are
+    not there yet).
     """
     if (
         not _contiguous(dataset.id.get_create_plist())
@@ -92,14 +93,20 @@ def extent_of(
         or not stored.isnative
     ):
         return None
-    offset = dataset.id.get_offset()
+    try:
+        offset = dataset.id.get_offset()
+        storage_size = dataset.id.get_storage_size()
+    except (OSError, RuntimeError, ValueError) as error:  # address 0 (the superblock), ...
+        raise ContributionError(
+            f"{path}: dataset {dataset.name!r}: HDF5 cannot say where its values lie ({error})"
+        ) from None
     if offset is None:  # never written: every value is the fill value
         return None
     shape = dataset.shape
     nbytes = stored.itemsize * int(np.prod(shape, dtype=np.int64))
     if file_size is None:
         file_size = offset + nbytes
-    if dataset.id.get_storage_size() != nbytes or not 0 <= offset <= file_size - nbytes:
+    if storage_size != nbytes or not 0 <= offset <= file_size - nbytes:
         raise ContributionError(
             f"{path}: dataset {dataset.name!r} says its {nbytes} bytes lie at offset {offset}, "
             f"outside the file's {file_size} bytes"
