@@ -113,9 +113,16 @@ def test_the_average_is_the_same_bits_in_one_lane_or_two(
     monkeypatch.setattr(aggregation, "SLAB_BYTES", 4096)  # several slabs per array
     used: set[str] = set()
     write_weight = aggregation._write_weight
+    # The first two arrays wait for each other: each lane takes one (else, on a busy
+    # machine, one lane could take them all before the other thread started).
+    both = threading.Barrier(lanes, timeout=PATIENCE)
+    calls: list[None] = []
 
     def recorded(*args: object, **named: object) -> int:
         used.add(threading.current_thread().name)
+        calls.append(None)
+        if lanes == aggregation.LANES and len(calls) <= lanes:
+            both.wait()
         return write_weight(*args, **named)  # type: ignore[arg-type]
 
     monkeypatch.setattr(aggregation, "_write_weight", recorded)
@@ -129,6 +136,7 @@ def test_the_average_is_the_same_bits_in_one_lane_or_two(
             for i in range(3)
         ]
         used.clear()
+        calls.clear()
         aggregate(checkpoint, parts, folder / "tmp")
         assert len(used) == count
         results[count] = read_floats(checkpoint)
