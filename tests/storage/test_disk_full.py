@@ -10,6 +10,7 @@ round completes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -39,47 +40,44 @@ from fl_coordinator.storage.untrusted import UntrustedFile
 READY = re.compile(r"selectors at \S+:(\d+) \(FlIntra\), status stream at (\S+),")
 
 
-@pytest.fixture
-def mount(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs of 4 MiB at ``tmp_path/mnt`` (the test runs as root), unmounted after."""
-    point = tmp_path / "mnt"
+@contextlib.contextmanager
+def _mounted(point: Path, *how: str) -> Iterator[Path]:
+    """``mount *how point`` (the test runs as root) for the ``with`` block, unmounted after."""
     point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(point)], check=True)
+    subprocess.run(["mount", *how, str(point)], check=True)
     try:
         yield point
     finally:
         subprocess.run(["umount", str(point)], check=True)
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 4 MiB at ``tmp_path/mnt``."""
+    with _mounted(tmp_path / "mnt", "-t", "tmpfs", "-o", "size=4m", "tmpfs") as point:
+        yield point
 
 
 @pytest.fixture
 def ext4(tmp_path: Path) -> Iterator[Path]:
-    """An ext4 file system of 32 MiB (a loop device) at ``tmp_path/ext4``, unmounted after.
+    """An ext4 file system of 32 MiB (a loop device) at ``tmp_path/ext4``.
 
     ext4, unlike tmpfs, keeps the blocks a failed fallocate(2) took.
     """
-    image, point = tmp_path / "ext4.img", tmp_path / "ext4"
-    point.mkdir()
+    image = tmp_path / "ext4.img"
     with image.open("wb") as file:
         file.truncate(32 * 2**20)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(point)], check=True)
-    try:
+    with _mounted(tmp_path / "ext4", "-o", "loop", str(image)) as point:
         yield point
-    finally:
-        subprocess.run(["umount", str(point)], check=True)
 
 
 @pytest.fixture
 def ramfs(tmp_path: Path) -> Iterator[Path]:
     """A ramfs at ``tmp_path/ramfs``: no fallocate(2) (EOPNOTSUPP), no size (statvfs: 0
-    blocks, 0 free), unmounted after."""
-    point = tmp_path / "ramfs"
-    point.mkdir()
-    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(point)], check=True)
-    try:
+    blocks, 0 free)."""
+    with _mounted(tmp_path / "ramfs", "-t", "ramfs", "ramfs") as point:
         yield point
-    finally:
-        subprocess.run(["umount", str(point)], check=True)
 
 
 def fill(folder: Path) -> Path:
@@ -173,6 +171,19 @@ async def test_unwritable_root_fails_the_round_and_the_coordinator_recovers(
             served.process.wait()
 
 
+def _does_not_fit(checkpoint: Path, aggregate_file: Path) -> None:
+    """Averaging ``aggregate_file`` into ``checkpoint`` fails for want of space, clearly:
+    the checkpoint unchanged, nothing left in the temporary folder beside it."""
+    before = digest(checkpoint)
+    tmp = checkpoint.parent / "tmp"
+    with pytest.raises(CheckpointError) as failed:
+        aggregate(checkpoint, [Contribution("s", UntrustedFile.at(aggregate_file), 2)], tmp)
+    assert str(failed.value).startswith(f"cannot write the new global checkpoint {checkpoint}")
+    assert str(failed.value).endswith("[Errno 28] No space left on device")
+    assert digest(checkpoint) == before
+    assert list(tmp.iterdir()) == []
+
+
 def test_a_new_checkpoint_that_does_not_fit_is_a_checkpoint_error(
     tmp_path: Path, mount: Path
 ) -> None:
@@ -181,18 +192,10 @@ def test_a_new_checkpoint_that_does_not_fit_is_a_checkpoint_error(
     with h5py.File(checkpoint, "w") as file:
         file["w"] = np.ones(300_000, np.float32)  # 1.2 MB: the new one does not fit twice
     (tmp_path / "agg").write_bytes(checkpoint.read_bytes())
-    before = digest(checkpoint)
     fill(mount).unlink()  # measure, then leave a bit less than a second copy's room
     free = shutil.disk_usage(mount).free
     (mount / "ballast").write_bytes(bytes(free - 600_000))
-    with pytest.raises(CheckpointError) as failed:
-        aggregate(
-            checkpoint, [Contribution("s", UntrustedFile.at(tmp_path / "agg"), 2)], mount / "tmp"
-        )
-    assert str(failed.value).startswith(f"cannot write the new global checkpoint {checkpoint}")
-    assert str(failed.value).endswith("[Errno 28] No space left on device")
-    assert digest(checkpoint) == before
-    assert list((mount / "tmp").iterdir()) == []
+    _does_not_fit(checkpoint, tmp_path / "agg")
 
 
 def test_a_reservation_that_does_not_fit_takes_no_space(ext4: Path) -> None:
@@ -226,16 +229,8 @@ def test_a_checkpoint_declaring_more_than_the_disk_is_a_checkpoint_error(
         with h5py.File(path, "w") as file:
             file["layers/a/vars/0"] = np.ones(10, np.float32)
             file.create_dataset("layers/b/vars/0", shape=(2**24,), dtype=np.float32)
-    before = digest(checkpoint)
     free = shutil.disk_usage(ext4).free
-    with pytest.raises(CheckpointError) as failed:
-        aggregate(
-            checkpoint, [Contribution("s", UntrustedFile.at(tmp_path / "agg"), 2)], ext4 / "tmp"
-        )
-    assert str(failed.value).startswith(f"cannot write the new global checkpoint {checkpoint}")
-    assert str(failed.value).endswith("[Errno 28] No space left on device")
-    assert digest(checkpoint) == before
-    assert list((ext4 / "tmp").iterdir()) == []
+    _does_not_fit(checkpoint, tmp_path / "agg")
     assert shutil.disk_usage(ext4).free >= free - 65536
 
 
