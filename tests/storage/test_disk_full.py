@@ -10,6 +10,7 @@ round completes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -33,21 +34,50 @@ from fl_coordinator.errors import CheckpointError
 from fl_coordinator.storage.aggregation import Contribution, aggregate
 from fl_coordinator.storage.journal import read_journal
 from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.plain import reserve
 from fl_coordinator.storage.untrusted import UntrustedFile
 
 READY = re.compile(r"selectors at \S+:(\d+) \(FlIntra\), status stream at (\S+),")
 
 
-@pytest.fixture
-def mount(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs of 4 MiB at ``tmp_path/mnt`` (the test runs as root), unmounted after."""
-    point = tmp_path / "mnt"
+@contextlib.contextmanager
+def _mounted(point: Path, *how: str) -> Iterator[Path]:
+    """``mount *how point`` (the test runs as root) for the ``with`` block, unmounted after."""
     point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(point)], check=True)
+    subprocess.run(["mount", *how, str(point)], check=True)
     try:
         yield point
     finally:
         subprocess.run(["umount", str(point)], check=True)
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 4 MiB at ``tmp_path/mnt``."""
+    with _mounted(tmp_path / "mnt", "-t", "tmpfs", "-o", "size=4m", "tmpfs") as point:
+        yield point
+
+
+@pytest.fixture
+def ext4(tmp_path: Path) -> Iterator[Path]:
+    """An ext4 file system of 32 MiB (a loop device) at ``tmp_path/ext4``.
+
+    ext4, unlike tmpfs, keeps the blocks a failed fallocate(2) took.
+    """
+    image = tmp_path / "ext4.img"
+    with image.open("wb") as file:
+        file.truncate(32 * 2**20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    with _mounted(tmp_path / "ext4", "-o", "loop", str(image)) as point:
+        yield point
+
+
+@pytest.fixture
+def ramfs(tmp_path: Path) -> Iterator[Path]:
+    """A ramfs at ``tmp_path/ramfs``: no fallocate(2) (EOPNOTSUPP), no size (statvfs: 0
+    blocks, 0 free)."""
+    with _mounted(tmp_path / "ramfs", "-t", "ramfs", "ramfs") as point:
+        yield point
 
 
 def fill(folder: Path) -> Path:
@@ -141,6 +171,19 @@ async def test_unwritable_root_fails_the_round_and_the_coordinator_recovers(
             served.process.wait()
 
 
+def _does_not_fit(checkpoint: Path, aggregate_file: Path) -> None:
+    """Averaging ``aggregate_file`` into ``checkpoint`` fails for want of space, clearly:
+    the checkpoint unchanged, nothing left in the temporary folder beside it."""
+    before = digest(checkpoint)
+    tmp = checkpoint.parent / "tmp"
+    with pytest.raises(CheckpointError) as failed:
+        aggregate(checkpoint, [Contribution("s", UntrustedFile.at(aggregate_file), 2)], tmp)
+    assert str(failed.value).startswith(f"cannot write the new global checkpoint {checkpoint}")
+    assert str(failed.value).endswith("[Errno 28] No space left on device")
+    assert digest(checkpoint) == before
+    assert list(tmp.iterdir()) == []
+
+
 def test_a_new_checkpoint_that_does_not_fit_is_a_checkpoint_error(
     tmp_path: Path, mount: Path
 ) -> None:
@@ -149,15 +192,67 @@ def test_a_new_checkpoint_that_does_not_fit_is_a_checkpoint_error(
     with h5py.File(checkpoint, "w") as file:
         file["w"] = np.ones(300_000, np.float32)  # 1.2 MB: the new one does not fit twice
     (tmp_path / "agg").write_bytes(checkpoint.read_bytes())
-    before = digest(checkpoint)
     fill(mount).unlink()  # measure, then leave a bit less than a second copy's room
     free = shutil.disk_usage(mount).free
     (mount / "ballast").write_bytes(bytes(free - 600_000))
-    with pytest.raises(CheckpointError) as failed:
-        aggregate(
-            checkpoint, [Contribution("s", UntrustedFile.at(tmp_path / "agg"), 2)], mount / "tmp"
-        )
-    assert str(failed.value).startswith(f"cannot write the new global checkpoint {checkpoint}")
-    assert str(failed.value).endswith("[Errno 28] No space left on device")
-    assert digest(checkpoint) == before
-    assert list((mount / "tmp").iterdir()) == []
+    _does_not_fit(checkpoint, tmp_path / "agg")
+
+
+def test_a_reservation_that_does_not_fit_takes_no_space(ext4: Path) -> None:
+    """reserve() of more than the disk holds: ENOSPC, and the disk is as free as before
+    while the file is still open (ext4 kept a failed fallocate's blocks: free space 0)."""
+    free = shutil.disk_usage(ext4).free
+    disk = os.statvfs(ext4)
+    every_block = disk.f_bfree * disk.f_frsize  # root may use the reserved blocks too
+    for asked in (every_block + 2**20, 2**40):  # a little more than is free; a crafted 1 TB
+        fd = os.open(ext4 / "new", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, b"superblock")
+            with pytest.raises(OSError) as failed:
+                reserve(fd, asked)
+            assert failed.value.errno == errno.ENOSPC
+            assert os.fstat(fd).st_size == 10
+            assert shutil.disk_usage(ext4).free >= free - 65536, asked
+        finally:
+            os.close(fd)
+            os.unlink(ext4 / "new")
+
+
+def test_a_checkpoint_declaring_more_than_the_disk_is_a_checkpoint_error(
+    tmp_path: Path, ext4: Path
+) -> None:
+    """A global checkpoint of 9 KB whose never-written array declares 64 MiB (more than the
+    disk): a CheckpointError naming ENOSPC (was HDF5's raw RuntimeError from closing a file
+    on the disk the reservation had filled), the checkpoint unchanged, nothing left behind."""
+    checkpoint = ext4 / "fl_checkpoint"
+    for path in (checkpoint, tmp_path / "agg"):
+        with h5py.File(path, "w") as file:
+            file["layers/a/vars/0"] = np.ones(10, np.float32)
+            file.create_dataset("layers/b/vars/0", shape=(2**24,), dtype=np.float32)
+    free = shutil.disk_usage(ext4).free
+    _does_not_fit(checkpoint, tmp_path / "agg")
+    assert shutil.disk_usage(ext4).free >= free - 65536
+
+
+def test_a_file_system_without_fallocate_averages_the_same(tmp_path: Path, ramfs: Path) -> None:
+    """ramfs: reserve() does nothing (fallocate: EOPNOTSUPP; its statvfs says 0 blocks
+    free, which a check before reserving must not take for a full disk), and the new
+    checkpoint holds the same values as one written where blocks are reserved."""
+    fd = os.open(ramfs / "new", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        reserve(fd, 2**20)
+        assert os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
+    results = {}
+    for folder in (tmp_path / "disk", ramfs):
+        folder.mkdir(exist_ok=True)
+        for name, value in (("fl_checkpoint", 1.5), ("agg", 4.0)):
+            with h5py.File(folder / name, "w") as file:
+                file["layers/d/vars/0"] = np.full((300, 40), value, np.float32)
+        part = Contribution("s", UntrustedFile.at(folder / "agg"), 2)
+        aggregate(folder / "fl_checkpoint", [part], folder / "tmp")
+        with h5py.File(folder / "fl_checkpoint") as file:
+            results[folder] = file["layers/d/vars/0"][()]
+    assert np.all(results[ramfs] == 3.5)
+    assert results[ramfs].tobytes() == results[tmp_path / "disk"].tobytes()

@@ -117,9 +117,16 @@ def test_the_average_is_the_same_bits_in_one_lane_or_two(
     monkeypatch.setattr(aggregation, "SLAB_BYTES", 4096)  # several slabs per array
     used: set[str] = set()
     write_weight = aggregation._write_weight
+    # The first two arrays wait for each other: each lane takes one (else, on a busy
+    # machine, one lane could take them all before the other thread started).
+    both = threading.Barrier(lanes, timeout=PATIENCE)
+    calls: list[None] = []
 
     def recorded(*args: object, **named: object) -> int:
         used.add(threading.current_thread().name)
+        calls.append(None)
+        if lanes == aggregation.LANES and len(calls) <= lanes:
+            both.wait()
         return write_weight(*args, **named)  # type: ignore[arg-type]
 
     monkeypatch.setattr(aggregation, "_write_weight", recorded)
@@ -136,6 +143,7 @@ def test_the_average_is_the_same_bits_in_one_lane_or_two(
         state = None
         for round_number in (1, 2):
             used.clear()
+            calls.clear()
             update = None
             if optimizer.moments:
                 dest = folder / f"state{round_number}.h5"
@@ -172,3 +180,50 @@ def test_a_bad_input_found_by_the_second_lane_is_refused_alone(
     assert "layers/d5/vars/0" in refused.value.reasons["s1"]
     assert checkpoint.read_bytes() == before
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+_PEAK_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from fl_coordinator.storage import aggregation
+from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.untrusted import UntrustedFile
+aggregation.LANES = int(sys.argv[2])
+folder = Path(sys.argv[1])
+parts = [Contribution(f"s{i}", UntrustedFile.at(folder / f"s{i}"), 1) for i in range(2)]
+def kb(key):
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith(key)).split()[1])
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from now
+before = kb("VmRSS:")
+aggregate(folder / "fl_checkpoint", parts, folder / "tmp")
+print(kb("VmHWM:") - before)
+"""
+
+
+def test_two_lanes_never_hold_two_arrays_wider_than_a_slab(tmp_path: Path) -> None:
+    """Arrays of one row of 16 MB (a slab is at least a row): two lanes held two at once,
+    twice the memory of one lane (the peak RSS grew by 125 MB against 64 in one lane)."""
+    import subprocess
+    import sys
+
+    import h5py
+
+    growth = {}
+    for lanes in (1, 2):
+        folder = tmp_path / str(lanes)
+        folder.mkdir()
+        for name, value in (("fl_checkpoint", 1.0), ("s0", 2.0), ("s1", 3.0)):
+            with h5py.File(folder / name, "w") as file:
+                for index in range(4):
+                    file[f"layers/d{index}/vars/0"] = np.full((1, 4_000_000), value, np.float32)
+        done = subprocess.run(
+            [sys.executable, "-c", _PEAK_IN_A_PROCESS, str(folder), str(lanes)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        growth[lanes] = int(done.stdout) / 1024  # MB
+        assert np.all(read_floats(folder / "fl_checkpoint")["layers/d3/vars/0"] == 3.5)
+    assert growth[1] > 32  # a 16 MB array's float64 sum at least: the figure is real
+    assert growth[2] < growth[1] + 16, growth

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import resource
 import struct
+import subprocess
+import sys
 from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +21,7 @@ from fl_coordinator.errors import CheckpointError, ContributionError, Contributi
 from fl_coordinator.storage import aggregation
 from fl_coordinator.storage.aggregation import Contribution, aggregate
 from fl_coordinator.storage.contribution import CheckpointSpec, SelectorFiles, examine
-from fl_coordinator.storage.plain import extent_of, reserve
+from fl_coordinator.storage.plain import Extent, extent_of, reserve
 from fl_coordinator.storage.untrusted import UntrustedFile
 from fl_coordinator.storage.weights import read_plan
 
@@ -248,3 +250,140 @@ def test_reserve_allocates_the_blocks_before_they_are_written(tmp_path: Path) ->
         os.close(fd)
     assert stat.st_blocks * 512 >= 3 * 2**20 + 5
     assert stat.st_size == 3 * 2**20 + 5
+
+
+_AVERAGE_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from fl_coordinator.core.strategy import ServerOptimizer, Strategy
+from fl_coordinator.storage.aggregation import Contribution, ServerUpdate, aggregate
+from fl_coordinator.storage.strategy_state import StateUpdate
+from fl_coordinator.storage.untrusted import UntrustedFile
+folder, optimizer = Path(sys.argv[1]), ServerOptimizer.of(sys.argv[2])
+parts = [Contribution(f"s{i}", UntrustedFile(folder, f"s{i}/agg"), i + 1) for i in range(2)]
+state = None
+for round_number in (1, 2):  # the second reads the state the first wrote
+    update = None
+    if optimizer.moments:
+        dest = folder / f"state{round_number}.h5"
+        kept = StateUpdate(optimizer, state, dest, round_number)
+        update = ServerUpdate(Strategy(optimizer), kept)
+        state = dest
+    aggregate(folder / "fl_checkpoint", parts, folder / "tmp", None, update)
+"""
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+@pytest.mark.parametrize("driver", ["stdio", "core"])
+def test_the_average_does_not_depend_on_hdf5s_default_driver(
+    tmp_path: Path, driver: str, strategy: str
+) -> None:
+    """HDF5_DRIVER (read by HDF5 at start) changes the default file driver: the template's
+    "descriptor" was then a FILE * or a buffer's address (EBADF, reported as a failed write),
+    and core would rewrite the new file from memory over the values pwritten into it (the
+    optimizer's state too)."""
+    results = {}
+    for name, environ in (("sec2", {}), (driver, {"HDF5_DRIVER": driver})):
+        folder = tmp_path / name
+        _write(folder / "fl_checkpoint", _arrays(0))
+        _parts(folder, 2)
+        subprocess.run(
+            [sys.executable, "-c", _AVERAGE_IN_A_PROCESS, str(folder), strategy],
+            env={**os.environ, **environ},
+            check=True,
+            capture_output=True,
+        )
+        results[name] = read_floats(folder / "fl_checkpoint")
+        if strategy != "fedavg":
+            state = read_floats(folder / "state2.h5")
+            results[name].update({f"state/{key}": value for key, value in state.items()})
+    assert (
+        results["sec2"]["layers/dense/vars/0"].tobytes()
+        != _arrays(0)["layers/dense/vars/0"].tobytes()
+    )
+    for name, values in results["sec2"].items():
+        assert values.tobytes() == results[driver][name].tobytes(), name
+
+
+@pytest.mark.parametrize("change", ["written to", "replaced"])
+def test_a_global_checkpoint_changed_while_averaged_is_not_published_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """Another process rewrites the global checkpoint's values in place, or replaces the
+    file, after the pass read its first slab: was COMPLETED with a mix of old and new
+    values (in place), or the replacement overwritten by a result of the old file."""
+    monkeypatch.setattr(aggregation, "SLAB_BYTES", 64)  # several slabs per array
+    checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
+    parts = _parts(tmp_path, 2)
+    theirs = _write(tmp_path / "theirs", _arrays(9))
+    read = aggregation.read_rows
+    template_reads: list[int] = []
+
+    def meanwhile(fd: int, extent: Extent, *args: object) -> np.ndarray:
+        if args[-1] == checkpoint:
+            template_reads.append(fd)
+            if len(template_reads) == 2:
+                if change == "replaced":
+                    os.replace(theirs, checkpoint)
+                else:
+                    with h5py.File(checkpoint, "r") as file:
+                        at = file["layers/dense/vars/0"].id.get_offset()
+                    with checkpoint.open("r+b") as file:
+                        file.seek(at)
+                        file.write(bytes(4 * 7 * 5))
+        return read(fd, extent, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(aggregation, "read_rows", meanwhile)
+    expected = checkpoint.read_bytes() if change == "replaced" else None
+    with pytest.raises(CheckpointError) as failed:
+        aggregate(checkpoint, parts, tmp_path / "tmp")
+    said = "replaced or removed" if change == "replaced" else change
+    assert str(failed.value) == (
+        f"{checkpoint}: the global checkpoint was {said} "
+        "by another process while it was being averaged; the result is not published "
+        "(run one coordinator per problem folder, and leave its initFiles to it)"
+    )
+    assert len(template_reads) > 2
+    if expected is None:  # theirs, in place: the zeros written, nothing of ours
+        assert not read_floats(checkpoint)["layers/dense/vars/0"].any()
+    else:
+        assert checkpoint.read_bytes() != expected
+        assert (
+            read_floats(checkpoint)["layers/dense/vars/0"].tobytes()
+            == _arrays(9)["layers/dense/vars/0"].tobytes()
+        )
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def _at_address_zero(path: Path, name: str) -> None:
+    """Rewrite the address in ``name``'s layout message (contiguous: address, size) to 0:
+    HDF5 then says its values lie at the superblock, and cannot give that offset."""
+    with h5py.File(path, "r") as file:
+        dataset = file[name]
+        message = struct.pack("<QQ", dataset.id.get_offset(), dataset.id.get_storage_size())
+    data = path.read_bytes()
+    assert data.count(message) == 1
+    path.write_bytes(data.replace(message, bytes(8) + message[8:]))
+
+
+@pytest.mark.parametrize("whose", ["template", "input"])
+def test_an_array_at_address_zero_is_a_specific_error(tmp_path: Path, whose: str) -> None:
+    """H5Dget_offset fails for an address of 0: a raw RuntimeError (an internal error,
+    every selector lost) became a CheckpointError, or that input's refusal."""
+    checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
+    parts = _parts(tmp_path, 2)
+    broken = checkpoint if whose == "template" else parts[1].checkpoint.path
+    _at_address_zero(broken, "layers/dense/vars/0")
+    said = (
+        f"{broken}: dataset '/layers/dense/vars/0': HDF5 cannot say where its values lie "
+        "(Unspecified error in H5Dget_offset (return value ==0))"
+    )
+    if whose == "template":
+        with pytest.raises(CheckpointError) as failed:
+            aggregate(checkpoint, parts, tmp_path / "tmp")
+        assert str(failed.value) == said
+    else:
+        with pytest.raises(ContributionsRefused) as refused:
+            aggregate(checkpoint, parts, tmp_path / "tmp")
+        assert refused.value.reasons == {"s1": said}
+    assert list((tmp_path / "tmp").glob("*")) == []  # made only when writing began

@@ -252,3 +252,29 @@ def test_init_from_a_compiled_trained_model_writes_no_optimizer_state(
         np.testing.assert_array_equal(
             read_floats(layout.checkpoint)["layers/dense/vars/0"], trained["layers/dense/vars/0"]
         )
+
+
+def test_a_checkpoint_whose_groups_cannot_be_read_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """A link table pointing past the file's end (one address overwritten): HDF5's raw
+    RuntimeError ("Link visitation failed") escaped the plan, at start-up and in every
+    aggregation; now a CheckpointError naming the file and what to do."""
+    import struct
+
+    from fl_coordinator.errors import CheckpointError
+    from fl_coordinator.storage.checkpoint import read_checkpoint_plan
+
+    checkpoint = tmp_path / "fl_checkpoint"
+    with h5py.File(checkpoint, "w") as file:
+        file["layers/d/vars/0"] = np.ones(32, np.float32)
+        address = file["layers/d/vars/0"].id.get_offset()
+    data = bytearray(checkpoint.read_bytes())
+    at = data.find(struct.pack("<Q", address))  # first: a group's, before the array's layout
+    assert 0 < at < address
+    data[at : at + 8] = struct.pack("<Q", len(data) - 64)
+    checkpoint.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as failed:
+        read_checkpoint_plan(checkpoint)
+    assert str(failed.value).startswith(f"{checkpoint}: its groups cannot be read (")
+    assert str(failed.value).endswith(
+        "restore it (`fl-coordinator rollback`) or initialise the problem again"
+    )

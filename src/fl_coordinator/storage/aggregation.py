@@ -42,7 +42,9 @@ How it is laid out, and why:
   no noise, not robust) compute them in two lanes (threads, one per core, see
   :mod:`.lanes`), each taking the next array; ``preadv``, ``pwrite`` and numpy
   release the GIL. Within a lane, an array's slabs and inputs are read in
-  order, into buffers small enough to stay in the processor's cache.
+  order, into buffers small enough to stay in the processor's cache. An
+  array one row of which is more than a slab (a slab is whole rows) is
+  averaged alone, after the others: two at once would double the memory.
 
 * One slab at a time: for each dataset we hold a float64 accumulator slab and
   one input slab (the optimizer's moments add a few more slabs), never K
@@ -333,6 +335,12 @@ def slabs(shape: tuple[int, ...], itemsize: int = 8) -> list[tuple[slice, ...]]:
     return [(slice(start, min(start + step, shape[0])),) for start in range(0, shape[0], step)]
 
 
+def _row_bytes(weight: Weight, combine: _Combine) -> int:
+    """Bytes of one row of ``weight``'s accumulator (the least a slab of it holds)."""
+    values = math.prod(weight.shape[1:]) if weight.shape else 1
+    return weight.encoding.accumulator.itemsize * combine.holds * values
+
+
 def slab_shape(shape: tuple[int, ...], selection: tuple[slice, ...]) -> tuple[int, ...]:
     """The shape of ``selection`` (one of :func:`slabs`) of an array of ``shape``."""
     if not selection:
@@ -610,6 +618,7 @@ def _rewrite(
     optimizer's state (published tied to the new file, before ``dest`` is replaced)."""
     with ExitStack() as stack:
         base = open_checkpoint(template, stack)
+        unchanged = _Unchanged(template, base.id.get_vfd_handle())
         plan = read_plan(base, template)
         located = _open_inputs(inputs, plan, stack)
         outputs = {w.name: encode(w.encoding) if encode else w.encoding for w in plan}
@@ -618,7 +627,9 @@ def _rewrite(
             atomic_target(dest, tmp_dir, large=True) as tmp,
             (moments or contextlib.nullcontext)() as state,
         ):
-            with h5py.File(tmp, "w") as out, open_for_writing(tmp) as out_fd:
+            # sec2 whatever HDF5_DRIVER says: values are pwritten beside HDF5's own
+            # writes, which core (the whole file in memory, written at close) would undo.
+            with h5py.File(tmp, "w", driver="sec2") as out, open_for_writing(tmp) as out_fd:
                 targets = _copy_layout(base, out, changed)
                 reserve(out_fd, out.id.get_filesize())  # its arrays are allocated: all of it
 
@@ -641,7 +652,12 @@ def _rewrite(
                     stack.enter_context(closing(Descriptors(DESCRIPTORS // lanes)))
                     for _ in range(lanes)
                 ]
-                bytes_read = in_lanes(plan, average, pools, cancel)
+                # An array one row of which is more than a slab is computed a row at a
+                # time, whole rows: two such at once would double the pass's memory.
+                wide = [w for w in plan if _row_bytes(w, combine) > SLAB_BYTES]
+                narrow = [w for w in plan if _row_bytes(w, combine) <= SLAB_BYTES]
+                bytes_read = in_lanes(narrow, average, pools, cancel)
+                bytes_read += in_lanes(wide, average, pools[:1], cancel)
                 descriptors = pools[0]
                 # Last, before the rename publishes anything: an input written to
                 # while it was read may have given bytes nobody checked.
@@ -652,9 +668,45 @@ def _rewrite(
                 }
                 if written_to:
                     raise ContributionsRefused(written_to)
+                unchanged.check()
             if state is not None:
                 state.publish(tmp)  # the new file is complete: the state names it
     return len(plan), bytes_read
+
+
+class _Unchanged:
+    """The global checkpoint as the pass opened it: written to in place or replaced since
+    (the folder may be shared storage), the pass read a mix of two files, or would
+    publish over another's: a CheckpointError before anything is published.
+
+    Its size, modification time and inode tell, not its change time: the history's
+    links to it (made and removed while a round runs) change that too.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self._path, self._fd = path, fd
+        self._was = self._of(os.fstat(fd))
+
+    @staticmethod
+    def _of(status: os.stat_result) -> tuple[int, int, int, int]:
+        return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+    def check(self) -> None:
+        try:
+            now = self._of(os.stat(self._path))
+        except FileNotFoundError:
+            now = None
+        if now is None or now[:2] != self._was[:2]:
+            what = "replaced or removed"
+        elif self._of(os.fstat(self._fd)) != self._was:
+            what = "written to"
+        else:
+            return
+        raise CheckpointError(
+            f"{self._path}: the global checkpoint was {what} by another process while it "
+            "was being averaged; the result is not published (run one coordinator per "
+            "problem folder, and leave its initFiles to it)"
+        )
 
 
 #: Writes one slab of the result: ``write(values, selection)``.

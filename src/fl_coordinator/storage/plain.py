@@ -86,8 +86,9 @@ def extent_of(
     """Where ``dataset``'s values lie, if it is plain and stored as ``stored``; else None.
 
     Raises ContributionError if HDF5 places them (partly) outside the file's
-    ``file_size`` bytes, or their size is not the shape's. ``file_size`` None:
-    a file this process is writing (its values are not there yet).
+    ``file_size`` bytes, or their size is not the shape's, or it cannot say
+    where. ``file_size`` None: a file this process is writing (its values are
+    not there yet).
     """
     if (
         not _contiguous(dataset.id.get_create_plist())
@@ -95,14 +96,20 @@ def extent_of(
         or not stored.isnative
     ):
         return None
-    offset = dataset.id.get_offset()
+    try:
+        offset = dataset.id.get_offset()
+        storage_size = dataset.id.get_storage_size()
+    except (OSError, RuntimeError, ValueError) as error:  # address 0 (the superblock), ...
+        raise ContributionError(
+            f"{path}: dataset {dataset.name!r}: HDF5 cannot say where its values lie ({error})"
+        ) from None
     if offset is None:  # never written: every value is the fill value
         return None
     shape = dataset.shape
     nbytes = stored.itemsize * int(np.prod(shape, dtype=np.int64))
     if file_size is None:
         file_size = offset + nbytes
-    if dataset.id.get_storage_size() != nbytes or not 0 <= offset <= file_size - nbytes:
+    if storage_size != nbytes or not 0 <= offset <= file_size - nbytes:
         raise ContributionError(
             f"{path}: dataset {dataset.name!r} says its {nbytes} bytes lie at offset {offset}, "
             f"outside the file's {file_size} bytes"
@@ -167,14 +174,27 @@ def reserve(fd: int, nbytes: int) -> None:
     (this machine, 4 MiB writes). Also fails at once, not midway, when the
     disk is full (OSError ENOSPC). Does nothing where the file system or the
     platform cannot reserve space.
+
+    A reservation that cannot be had takes nothing: ``nbytes`` (which the
+    global checkpoint's declared shapes set, whatever its own size) beyond
+    the file system's free blocks is refused before any is taken, and blocks
+    a failed fallocate took are given back. ext4 keeps them otherwise: a
+    failed 1 TB reservation left the disk full while the file was open, so
+    HDF5's own writes to it (and the journal's) failed with ENOSPC too.
     """
     if _fallocate is None or nbytes <= 0:
         return
+    status = os.fstat(fd)
+    disk = os.fstatvfs(fd)  # no blocks at all: a file system without a size (ramfs)
+    if disk.f_blocks and nbytes - status.st_blocks * 512 > disk.f_bfree * disk.f_frsize:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if _fallocate(fd, 0, 0, nbytes) == 0:
         return
     code = ctypes.get_errno()
-    if code not in (errno.EOPNOTSUPP, errno.ENOSYS):
-        raise OSError(code, os.strerror(code))
+    if code in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return
+    os.ftruncate(fd, status.st_size)  # frees what it took beyond the file's end
+    raise OSError(code, os.strerror(code))
 
 
 def _rows(

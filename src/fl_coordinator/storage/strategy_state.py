@@ -256,9 +256,15 @@ class StateUpdate:
         :meth:`Moments.prepare`); published by :meth:`Moments.publish` (else nothing of
         them is left)."""
         with contextlib.ExitStack() as stack:
-            old = stack.enter_context(h5py.File(self.source, "r")) if self.source else None
+            # sec2 whatever HDF5_DRIVER says: plain moments are read through the old file's
+            # descriptor and written with pwrite beside HDF5 (see .aggregation._rewrite).
+            old = (
+                stack.enter_context(h5py.File(self.source, "r", driver="sec2"))
+                if self.source
+                else None
+            )
             target = stack.enter_context(atomic_target(self.dest, tmp_dir, large=True))
-            new = stack.enter_context(h5py.File(target, "w"))
+            new = stack.enter_context(h5py.File(target, "w", driver="sec2"))
             moments = Moments(self, old, new, stack.enter_context(open_for_writing(target)))
             yield moments
             if not moments.published:

@@ -261,8 +261,14 @@ def read_plan(file: h5py.File, path: Path) -> tuple[Weight, ...]:
         elif not _no_values(dataset) and (encoding := encoding_of(dataset)) is not None:
             plan.append(Weight(text, dataset.shape, encoding))
 
-    file.id.links.visit(link, info=True)
-    h5py.h5o.visit(file.id, visit, info=True)
+    try:
+        file.id.links.visit(link, info=True)
+        h5py.h5o.visit(file.id, visit, info=True)
+    except (OSError, RuntimeError) as error:  # HDF5's answer to a broken group or link
+        raise CheckpointError(
+            f"{path}: its groups cannot be read ({' '.join(str(error).split())[:300]}); "
+            "restore it (`fl-coordinator rollback`) or initialise the problem again"
+        ) from None
     if refusals:
         more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
         raise CheckpointError(f"{path}: {refusals[0]}{more}")
