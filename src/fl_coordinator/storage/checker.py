@@ -335,6 +335,8 @@ class ContributionChecker:
         job = _Job(batch)
         for request in batch:
             request.job = job
+        if not any(request.waited for request in batch):  # abandoned since it was taken
+            job.scope.cancel()
         outcomes: list[_Outcome] | str | None = None
         try:
             with job.scope:
