@@ -22,6 +22,8 @@ import h5py
 import numpy as np
 import pytest
 import trio
+import trio.testing
+from helpers.fatal_file import fatal_to_open
 from helpers.peers import (
     FakeSelector,
     PurerpcClient,
@@ -406,6 +408,56 @@ async def test_a_check_that_hangs_is_killed_and_does_not_hold_up_the_others(
         f"within {timeout:g} s (CHECK_TIMEOUT); abandoned"
     }
     assert not exists(stopped)  # killed and reaped
+    assert len(check_workers()) == 1
+    assert await thread_slots_in_use() == 0
+
+
+async def test_a_file_that_ends_its_worker_in_a_shared_check_rejects_only_its_selector(
+    settings: Settings,
+    layout: Layout,
+    keras_weights: list[Path],
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Reports that queue up while the worker is busy are checked in one job. A file whose
+    opening ends its worker (as a file that crashes HDF5 would) fails that job as a whole;
+    each of its files is then checked again alone: only the hostile selector is refused,
+    the three good ones are averaged."""
+    _, watcher, client = await serve_and_watch(
+        nursery,
+        settings.replace(check_workers=1, checkin_limit=4, min_reporting_fraction=0.5,
+                         reporting_timeout=WINDOW),
+    )  # fmt: skip
+    selectors = [await FakeSelector().start(nursery) for _ in range(4)]
+    first, hostile, *others = selectors
+    await configured(client, *selectors)
+    before = read_floats(layout.checkpoint)
+    good = {first.id: (keras_weights[1], 1), others[0].id: (keras_weights[2], 2),
+            others[1].id: (keras_weights[3], 3)}  # fmt: skip
+    for selector, (source, weight) in good.items():
+        write_aggregate(layout, selector, source, weight)
+    write_aggregate(layout, hostile.id, keras_weights[0], weight=5)
+    (worker,) = check_workers()
+    os.kill(worker, signal.SIGSTOP)  # busy: the reports after the first queue up
+    caplog.set_level("INFO", logger="fl_coordinator.storage.checker")
+    async with fatal_to_open(layout.agg_checkpoint(hostile.id)) as kills:
+        await client.report(first.id)
+        await job_sent_to(worker)
+        for selector in (hostile, *others):
+            await client.report(selector.id)
+        await trio.testing.wait_all_tasks_blocked()  # their checks wait for the worker
+        os.kill(worker, signal.SIGCONT)
+        with trio.fail_after(WINDOW):
+            done = await watcher.wait_for(completed(1))
+    assert done["stage"] == "COMPLETED"
+    assert sorted(done["reported"]) == sorted(good)
+    assert done["rejected"] == {
+        hostile.id: f"{layout.selector_dir(hostile.id)}: checking these files ended its worker "
+        f"process (exit {-signal.SIGKILL})"
+    }
+    assert len(kills.pids) == 2  # in the shared job, then alone
+    assert "a check of 3 selectors' files failed as a whole" in caplog.text
+    assert_arrays_close(read_floats(layout.checkpoint), fedavg(before, list(good.values())))
     assert len(check_workers()) == 1
     assert await thread_slots_in_use() == 0
 

@@ -11,6 +11,8 @@ import h5py
 import numpy as np
 import pytest
 import trio
+import trio.testing
+from helpers.fatal_file import fatal_to_open
 from helpers.peers import write_aggregate
 from helpers.resources import check_workers, exists, job_sent_to
 
@@ -130,9 +132,9 @@ async def test_a_file_just_written_is_read_once_settled_and_an_older_one_at_once
     runs: list[bool] = []
     run = ContributionChecker._run
 
-    async def counted(self: ContributionChecker, *args: object) -> object:
-        runs.append(bool(args[-1]))
-        return await run(self, *args)  # type: ignore[arg-type]
+    async def counted(self: ContributionChecker, batch: list) -> object:
+        runs.extend(request.settle for request in batch)
+        return await run(self, batch)
 
     monkeypatch.setattr(ContributionChecker, "_run", counted)
     checker = ContributionChecker(reported, spec_of(reported), timeout=60, workers=1)
@@ -146,3 +148,91 @@ async def test_a_file_just_written_is_read_once_settled_and_an_older_one_at_once
         runs.clear()
         assert isinstance(await checker.check(SELECTOR), Contribution)
         assert runs == [False]  # read at the first run
+
+
+def recorded_batches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The selectors of each job the checkers run from now on, in order."""
+    batches: list[list[str]] = []
+    run = ContributionChecker._run
+
+    async def recorded(self: ContributionChecker, batch: list) -> object:
+        batches.append([request.selector for request in batch])
+        return await run(self, batch)
+
+    monkeypatch.setattr(ContributionChecker, "_run", recorded)
+    return batches
+
+
+async def checked_behind_the_first(
+    checker: ContributionChecker, selectors: list[str]
+) -> dict[str, object]:
+    """Each outcome, the first selector's check held up in the only worker (stopped) until
+    the others' checks queued up behind it."""
+    found: dict[str, object] = {}
+
+    async def check(selector: str) -> None:
+        found[selector] = await checker.check(selector)
+
+    (worker,) = check_workers()
+    os.kill(worker, signal.SIGSTOP)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(check, selectors[0])
+        await job_sent_to(worker)
+        for selector in selectors[1:]:
+            nursery.start_soon(check, selector)
+        await trio.testing.wait_all_tasks_blocked()
+        os.kill(worker, signal.SIGCONT)
+    return found
+
+
+async def test_checks_that_queue_up_while_the_worker_is_busy_share_one_job(
+    layout: Layout, keras_weights: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One job per batch of waiting checks: one inter-process round trip, each its answer."""
+    selectors = [f"127.0.0.1:{port}" for port in range(1, 6)]
+    for number, selector in enumerate(selectors):
+        write_aggregate(layout, selector, keras_weights[number % 4], weight=number + 1)
+    batches = recorded_batches(monkeypatch)
+    checker = ContributionChecker(layout, spec_of(layout), timeout=60, workers=1)
+    async with checker.running():
+        found = await checked_behind_the_first(checker, selectors)
+    assert [sorted(batch) for batch in batches] == [selectors[:1], selectors[1:]]
+    for number, selector in enumerate(selectors):
+        outcome = found[selector]
+        assert isinstance(outcome, Contribution)
+        assert (outcome.selector, outcome.weight) == (selector, number + 1)
+        assert outcome.checkpoint.path == layout.agg_checkpoint(selector)
+
+
+async def test_a_shared_check_that_hangs_is_split_and_each_file_gets_its_own_deadline(
+    layout: Layout, keras_weights: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file whose check makes no progress (its opener is stopped, as an HDF5 call that
+    blocks would leave it) holds up the batch it shares until the deadline; then each file
+    of that batch is checked alone, with its own deadline: only the hostile one is abandoned."""
+    selectors = [f"127.0.0.1:{port}" for port in range(1, 5)]
+    for number, selector in enumerate(selectors):
+        write_aggregate(layout, selector, keras_weights[number], weight=number + 1)
+    hostile = selectors[1]
+    batches = recorded_batches(monkeypatch)
+    timeout = 2.0
+    checker = ContributionChecker(layout, spec_of(layout), timeout=timeout, workers=1)
+    async with (
+        checker.running(),
+        fatal_to_open(layout.agg_checkpoint(hostile), signal.SIGSTOP) as stopped,
+    ):
+        found = await checked_behind_the_first(checker, selectors)
+    # The first alone, the three that queued up together and, that job abandoned at its
+    # deadline, each of the three alone, in the same order.
+    assert [sorted(batch) for batch in batches[:2]] == [selectors[:1], selectors[1:]]
+    assert batches[2:] == [[selector] for selector in batches[1]]
+    assert found[hostile] == (
+        f"{layout.selector_dir(hostile)}: the check of these files did not finish within "
+        f"{timeout:g} s (CHECK_TIMEOUT); abandoned"
+    )
+    for number, selector in enumerate(selectors):
+        if selector != hostile:
+            outcome = found[selector]
+            assert isinstance(outcome, Contribution) and outcome.weight == number + 1
+    assert len(stopped.pids) == 2  # in the shared job, then alone
+    assert not any(exists(pid) for pid in stopped.pids)  # killed at the deadline, and reaped

@@ -20,6 +20,16 @@ process can be killed. So each check here
 * waits for one of ``CHECK_WORKERS`` slots (first come, first served), so
   any number of selectors never makes more processes, and a slow check holds
   one slot for at most the deadline; the aggregation uses none of them;
+* shares its job with the checks that queued up while every slot was busy
+  (a *batch*): one job costs one inter-process round trip (about 8 ms on a
+  busy machine) where the check of a small file itself costs under 2 ms.
+  Batches are bounded (:data:`BATCH_MAX` files, :data:`BATCH_BYTES` of
+  checkpoint), and a batch that fails as a whole (its worker crashed or was
+  killed by the kernel, it did not finish in time) is split: each of its
+  files is checked again in a job of its own, so a hostile file still
+  rejects only its own selector. ``CHECK_TIMEOUT`` keeps its meaning per
+  file: a batch gets one file's deadline, and a file is abandoned only when
+  its check *alone* does not finish within it;
 * checks against the global checkpoint's plan that the coordinator read at
   start-up (:class:`.contribution.CheckpointSpec`): a check never opens the
   global checkpoint, so a problem with that file (another process holding it
@@ -31,13 +41,15 @@ escaped and cut to a few hundred characters by :func:`.untrusted.clip`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
 import os
 import resource
-from collections.abc import AsyncIterator
-from pathlib import Path
+import traceback
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
 import h5py
 import trio
@@ -50,7 +62,15 @@ from .contribution import CheckpointSpec, NotSettled, SelectorFiles, examine
 from .layout import Layout
 from .untrusted import clip
 
-__all__ = ["GRACE_SECONDS", "IDLE_SECONDS", "MEMORY_BUDGET", "RETIRE_RSS", "ContributionChecker"]
+__all__ = [
+    "BATCH_BYTES",
+    "BATCH_MAX",
+    "GRACE_SECONDS",
+    "IDLE_SECONDS",
+    "MEMORY_BUDGET",
+    "RETIRE_RSS",
+    "ContributionChecker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +88,16 @@ IDLE_SECONDS = 600.0
 #: How long the worker processes get to end when the coordinator stops.
 GRACE_SECONDS = 2.0
 
+#: Most files checked in one job. It bounds what a batch that fails as a whole
+#: costs: each of its files checked again alone.
+BATCH_MAX = 32
+
+#: Most checkpoint bytes (the global checkpoint's size per file) checked in one
+#: job. Batching pays where the inter-process round trip (milliseconds) is a
+#: large part of a check; a batch of larger files would only add to what the
+#: last of them waits, and could not end within one file's deadline.
+BATCH_BYTES = 64 * 2**20
+
 
 def _statm(field: int) -> int:
     """Field ``field`` of /proc/self/statm (0: address space, 1: resident), in bytes."""
@@ -84,8 +114,6 @@ def _examine_within(
     budget: int, selector: str, files: SelectorFiles, spec: CheckpointSpec, settle: bool
 ) -> Contribution:
     """In a worker process: :func:`examine` under an address-space limit of now + ``budget``."""
-    while h5py.h5pl.size():  # no filter plugin is ever loaded from the library's search path
-        h5py.h5pl.remove(0)
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = _statm(0) + budget
     if hard != resource.RLIM_INFINITY:
@@ -102,15 +130,71 @@ def _examine_within(
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+@dataclass(frozen=True)
+class _Crashed:
+    """A check that raised what no file should make it raise (a bug): its traceback, as text."""
+
+    error: str
+    traceback: str
+
+
+_Outcome = Contribution | str | NotSettled | _Crashed
+
+
+def _examine_each(
+    budget: int, checks: Sequence[tuple[str, bool]], files: SelectorFiles, spec: CheckpointSpec
+) -> list[_Outcome]:
+    """In a worker process: each ``(selector, settle)`` of ``checks`` examined, in order.
+
+    Each file gets its own memory limit, and what one file does to its check
+    (a malformed file's error, NotSettled, a bug) is that file's outcome
+    only; only what ends the job as a whole (the process dies, the deadline)
+    is the batch's.
+    """
+    while h5py.h5pl.size():  # no filter plugin is ever loaded from the library's search path
+        h5py.h5pl.remove(0)
+    outcomes: list[_Outcome] = []
+    for selector, settle in checks:
+        try:
+            outcomes.append(_examine_within(budget, selector, files, spec, settle))
+        except NotSettled as fresh:
+            outcomes.append(fresh)
+        except ContributionError as error:
+            outcomes.append(clip(str(error)))
+        except Exception as error:
+            outcomes.append(_Crashed(f"{type(error).__name__}: {error}", traceback.format_exc()))
+    return outcomes
+
+
 def _ready() -> None:
     """A job that does nothing: unpickling it makes a new worker import this module."""
+
+
+@dataclass(eq=False)
+class _Request:
+    """One selector's check, from :meth:`ContributionChecker.check` to the job that ran it."""
+
+    selector: str
+    settle: bool
+    outcome: _Outcome | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    waited: bool = True  # False once its caller stopped waiting (cancelled)
+    job: _Job | None = None
+
+
+@dataclass(eq=False)
+class _Job:
+    """Requests checked in one worker job; cancelled (its worker killed) when none is waited."""
+
+    requests: list[_Request]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 class ContributionChecker:
     """Checks selectors' files in worker processes. Use :meth:`running`, then :meth:`check`.
 
     ``spec`` is what every aggregate is checked against; ``timeout`` (seconds)
-    is the deadline of one check, ``workers`` the number of checks (and
+    is the deadline of one file's check, ``workers`` the number of jobs (and
     processes) at most at once.
     """
 
@@ -119,9 +203,14 @@ class ContributionChecker:
         self._spec = spec
         self._files = SelectorFiles(layout.root, layout.agg_checkpoint_name, layout.agg_weight_name)
         self._timeout = timeout
-        self._slots = trio.CapacityLimiter(workers)
+        self._workers = workers
+        self._slots = trio.Semaphore(workers)
         self._unlimited = trio.CapacityLimiter(math.inf)  # ours is taken before the deadline
         self._context: trio_parallel.WorkerContext | None = None
+        self._batch_max = max(1, min(BATCH_MAX, BATCH_BYTES // max(1, spec.file_bytes)))
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._alone: collections.deque[_Request] = collections.deque()  # from failed batches
+        self._arrived = trio.Event()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -133,15 +222,20 @@ class ContributionChecker:
         :mod:`..workers`).
         """
         try:
-            async with worker_processes(
-                "check worker processes",
-                idle_timeout=IDLE_SECONDS,
-                retire=_grown,
-                grace_period=GRACE_SECONDS,
-                preload=[__name__],
-            ) as self._context:
+            async with (
+                worker_processes(
+                    "check worker processes",
+                    idle_timeout=IDLE_SECONDS,
+                    retire=_grown,
+                    grace_period=GRACE_SECONDS,
+                    preload=[__name__],
+                ) as self._context,
+                trio.open_nursery() as jobs,
+            ):
+                jobs.start_soon(self._dispatch, jobs)
                 await self.warm()  # ready to serve is ready to check
                 yield
+                jobs.cancel_scope.cancel()
         finally:
             self._context = None
 
@@ -153,7 +247,7 @@ class ContributionChecker:
         what that module takes; started here, it is not on a report's path.
         """
         assert self._context is not None, "use warm() inside running()"
-        missing = int(self._slots.total_tokens) - self._context.statistics().idle_workers
+        missing = self._workers - self._context.statistics().idle_workers
         async with trio.open_nursery() as nursery:
             for _ in range(missing):
                 nursery.start_soon(self._start_worker)
@@ -179,39 +273,112 @@ class ContributionChecker:
         waits if it must. A file written well before its report (the common
         case) costs no wait at all.
         """
-        folder = self._layout.selector_dir(selector)
         for settle in (False, True):
-            outcome: Contribution | str | NotSettled | None = None
-            async with self._slots:
-                with trio.move_on_after(self._timeout):
-                    outcome = await self._run(selector, self._spec, folder, settle)
+            outcome = await self._checked(selector, settle)
             if not isinstance(outcome, NotSettled):
                 break
             await trio.sleep(outcome.wait)
-        if outcome is None:
-            return (
-                f"{folder}: the check of these files did not finish within {self._timeout:g} s "
-                "(CHECK_TIMEOUT); abandoned"
-            )
         assert not isinstance(outcome, NotSettled), "a settling check waits in its worker"
+        if isinstance(outcome, _Crashed):
+            folder = self._layout.selector_dir(selector)
+            log.error("checking %s crashed:\n%s", folder, outcome.traceback)
+            return clip(f"{folder}: internal error: {outcome.error}")
         return outcome
 
-    async def _run(
-        self, selector: str, spec: CheckpointSpec, folder: Path, settle: bool
-    ) -> Contribution | str | NotSettled:
+    async def _checked(self, selector: str, settle: bool) -> _Outcome:
+        """Queue ``selector``'s check for the next job; its outcome once that job ran."""
         assert self._context is not None, "use check() inside running()"
+        request = _Request(selector, settle)
+        self._queue.append(request)
+        self._arrived.set()
+        try:
+            await request.done.wait()
+        finally:
+            if not request.done.is_set():  # cancelled: its job goes on only for the others
+                request.waited = False
+                job = request.job
+                if job is not None and not any(other.waited for other in job.requests):
+                    job.scope.cancel()
+        assert request.outcome is not None
+        return request.outcome
+
+    async def _dispatch(self, jobs: trio.Nursery) -> None:
+        """Start a job whenever checks wait and a slot is free: those that waited, together."""
+        while True:
+            if not (self._queue or self._alone):
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+                continue
+            await self._slots.acquire()
+            batch = self._next_batch()
+            if batch:
+                jobs.start_soon(self._job, batch)
+            else:
+                self._slots.release()  # every request that waited was abandoned
+
+    def _next_batch(self) -> list[_Request]:
+        """A file of a failed batch, alone; else up to the batch's bounds of the queue, in order."""
+        while self._alone:
+            request = self._alone.popleft()
+            if request.waited:
+                return [request]
+        batch: list[_Request] = []
+        while self._queue and len(batch) < self._batch_max:
+            request = self._queue.popleft()
+            if request.waited:
+                batch.append(request)
+        return batch
+
+    async def _job(self, batch: list[_Request]) -> None:
+        """Check ``batch`` in one worker job (holding the slot taken for it), then answer each
+        request, or, if the job failed as a whole, queue each file to be checked alone."""
+        job = _Job(batch)
+        for request in batch:
+            request.job = job
+        if not any(request.waited for request in batch):  # abandoned since it was taken
+            job.scope.cancel()
+        outcomes: list[_Outcome] | str | None = None
+        try:
+            with job.scope:
+                job.scope.deadline = trio.current_time() + self._timeout
+                outcomes = await self._run(batch)
+        finally:
+            self._slots.release()
+        if isinstance(outcomes, list):
+            for request, outcome in zip(batch, outcomes, strict=True):
+                self._answer(request, outcome)
+        elif len(batch) == 1:
+            (request,) = batch
+            folder = self._layout.selector_dir(request.selector)
+            self._answer(request, clip(f"{folder}: {outcomes}") if outcomes else (
+                f"{folder}: the check of these files did not finish within {self._timeout:g} s "
+                "(CHECK_TIMEOUT); abandoned"
+            ))  # fmt: skip
+        else:
+            log.info("a check of %d selectors' files failed as a whole (%s); each is checked "
+                     "again alone", len(batch), outcomes or "deadline")  # fmt: skip
+            for request in batch:
+                request.job = None
+                self._alone.append(request)
+            self._arrived.set()
+
+    @staticmethod
+    def _answer(request: _Request, outcome: _Outcome) -> None:
+        request.outcome = outcome
+        request.done.set()
+
+    async def _run(self, batch: Sequence[_Request]) -> list[_Outcome] | str:
+        """Each outcome of ``batch``, or why the job failed as a whole (for a person)."""
+        assert self._context is not None, "use check() inside running()"
+        checks = [(request.selector, request.settle) for request in batch]
         try:
             return await self._context.run_sync(
-                _examine_within, MEMORY_BUDGET, selector, self._files, spec, settle,
+                _examine_each, MEMORY_BUDGET, checks, self._files, self._spec,
                 kill_on_cancel=True, limiter=self._unlimited,
             )  # fmt: skip
-        except NotSettled as fresh:
-            return fresh
-        except ContributionError as error:
-            return clip(str(error))
         except trio_parallel.BrokenWorkerError as error:
             code = getattr(error.args[-1], "exitcode", None)
-            return clip(f"{folder}: checking these files ended its worker process (exit {code})")
+            return f"checking these files ended its worker process (exit {code})"
         except Exception as error:
-            log.exception("checking %s crashed", folder)
-            return clip(f"{folder}: internal error: {type(error).__name__}: {error}")
+            log.exception("a job checking %d selectors' files crashed", len(batch))
+            return f"internal error: {type(error).__name__}: {error}"
