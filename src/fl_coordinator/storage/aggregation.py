@@ -36,10 +36,11 @@ How it is laid out, and why:
   h5py's ``read_direct``/``write_direct``. Inputs are located one open file
   at a time; one whose arrays are all plain is not kept open but read through
   a bounded pool of descriptors, so open files do not grow with K (one with
-  any other layout stays open as an HDF5 file). The optimizer's moments go
-  through h5py (:mod:`.strategy_state`).
-* Weight arrays are independent: FedAvg and clipping (no optimizer state,
-  no noise, not robust) compute them in two lanes (threads, one per core, see
+  any other layout stays open as an HDF5 file). The optimizer's moments are
+  read and written the same way (:mod:`.strategy_state`).
+* Weight arrays are independent: every strategy but differential privacy's
+  noise (drawn in one order) and the median and trimmed mean (one work
+  stack) computes them in two lanes (threads, one per core, see
   :mod:`.lanes`), each taking the next array; ``preadv``, ``pwrite`` and numpy
   release the GIL. Within a lane, an array's slabs and inputs are read in
   order, into buffers small enough to stay in the processor's cache. An
