@@ -50,7 +50,10 @@ How it is laid out, and why:
 * One slab at a time: for each dataset we hold a float64 accumulator slab and
   one input slab (the optimizer's moments add a few more slabs), never K
   whole models, so memory is bounded by the largest array plus a constant,
-  whatever K is. A median or trimmed mean needs all K inputs of a slab at
+  whatever K is. A slab is whole rows: an array whose rows are wider than a
+  slab is held a row at a time (a (1, N) float32 array: the float64 sum,
+  the result and a read buffer of the whole array, four times its size). A
+  median or trimmed mean needs all K inputs of a slab at
   once: its slabs are K times smaller, but never less than one row, so its
   memory grows with K once K rows exceed a slab (K rows of the widest
   array, in float64).
