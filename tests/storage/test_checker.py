@@ -14,7 +14,7 @@ import trio
 import trio.testing
 from helpers.fatal_file import fatal_to_open
 from helpers.peers import write_aggregate
-from helpers.resources import check_workers, exists, job_sent_to
+from helpers.resources import check_workers, exists, job_sent_to, vm_size
 
 from fl_coordinator.storage import checker as checker_module
 from fl_coordinator.storage import contribution
@@ -236,3 +236,62 @@ async def test_a_shared_check_that_hangs_is_split_and_each_file_gets_its_own_dea
             assert isinstance(outcome, Contribution) and outcome.weight == number + 1
     assert len(stopped.pids) == 2  # in the shared job, then alone
     assert not any(exists(pid) for pid in stopped.pids)  # killed at the deadline, and reaped
+
+
+def _tiny_chunks(path: Path, shape: tuple[int, int]) -> None:
+    """A valid aggregate whose array is in chunks of 4 values: HDF5 needs hundreds of MiB
+    of bookkeeping to read 131,072 of them (240 MiB more than a worker's 190, measured), and
+    glibc keeps most of it in the process afterwards."""
+    path.parent.mkdir(exist_ok=True)
+    with h5py.File(path, "w") as file:
+        file.create_dataset("layers/big/vars/0", data=np.ones(shape, np.float32), chunks=(1, 4))
+    old = time.time() - 10  # settled
+    os.utime(path, (old, old))
+
+
+async def test_every_file_of_a_batch_is_held_to_the_memory_budget_and_bloat_ends_its_worker(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file whose check takes memory up to the budget leaves the worker's heap grown;
+    before, the next file's limit was the grown size plus the budget (the second such file
+    was accepted after using about 240 MiB, over a budget of 128) and the worker, under
+    RETIRE_RSS, kept that memory for the next jobs. Now a job stops at the first file
+    after which its worker grew; the rest are checked in a new worker."""
+    monkeypatch.setattr(checker_module, "MEMORY_BUDGET", 128 * 2**20)
+    shape = (512, 1024)
+    with h5py.File(layout.checkpoint, "w") as file:
+        file.create_dataset("layers/big/vars/0", data=np.zeros(shape, np.float32))
+    selectors = [f"127.0.0.1:{port}" for port in range(1, 6)]
+    hostile = selectors[1:3]
+    for selector in selectors:
+        if selector in hostile:
+            _tiny_chunks(layout.agg_checkpoint(selector), shape)
+        else:
+            layout.selector_dir(selector).mkdir()
+            with h5py.File(layout.agg_checkpoint(selector), "w") as file:
+                file["layers/big/vars/0"] = np.full(shape, 2.0, np.float32)
+        layout.agg_weight(selector).write_text("3\n")
+    batches = recorded_batches(monkeypatch)
+    checker = ContributionChecker(layout, spec_of(layout), timeout=120, workers=1)
+    async with checker.running():
+        (first,) = check_workers()
+        baseline = vm_size(first)
+        found = await checked_behind_the_first(checker, selectors)
+        retired = not exists(first)
+        (worker,) = check_workers()
+        grown = vm_size(worker) - baseline
+    for selector in hostile:  # HDF5's or our words for the same MemoryError
+        reason = found[selector]
+        assert isinstance(reason, str) and reason.startswith(f"{layout.selector_dir(selector)}")
+        assert "memory" in reason
+    for selector in set(selectors) - set(hostile):
+        outcome = found[selector]
+        assert isinstance(outcome, Contribution) and outcome.weight == 3
+    # The four that queued up share a job, which stops after the first hostile file in it
+    # (in whatever order they queued); the files left go, first, to the next job.
+    assert sorted(batches[1]) == selectors[1:]
+    for batch, following in zip(batches[1:], [*batches[2:], []], strict=True):
+        stop = next((at for at, selector in enumerate(batch) if selector in hostile), len(batch))
+        assert following == batch[stop + 1 :]
+    assert retired  # after the first hostile file
+    assert grown < checker_module.RETIRE_GROWTH  # was 220 MiB: the worker kept it

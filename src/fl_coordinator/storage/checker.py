@@ -16,7 +16,11 @@ process can be killed. So each check here
 * has a memory limit: the worker lowers its own address-space limit
   (``RLIMIT_AS``) to what it uses plus :data:`MEMORY_BUDGET` for the check, so
   whatever a file claims, the check fails with a MemoryError instead of
-  growing; HDF5 plugin filters are never loaded in a worker;
+  growing; HDF5 plugin filters are never loaded in a worker. What a check
+  freed, glibc mostly keeps in the process, and the next check's limit would
+  start from there: a worker that grew by :data:`RETIRE_GROWTH` is replaced,
+  and its job stops at the file after which it did (the files left are
+  checked in a new worker), so every file gets the budget, no more;
 * waits for one of ``CHECK_WORKERS`` slots (first come, first served), so
   any number of selectors never makes more processes, and a slow check holds
   one slot for at most the deadline; the aggregation uses none of them;
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -68,7 +73,7 @@ __all__ = [
     "GRACE_SECONDS",
     "IDLE_SECONDS",
     "MEMORY_BUDGET",
-    "RETIRE_RSS",
+    "RETIRE_GROWTH",
     "ContributionChecker",
 ]
 
@@ -79,8 +84,11 @@ log = logging.getLogger(__name__)
 #: (at most 32 MiB by default); the rest is slack for the allocator.
 MEMORY_BUDGET = 256 * 2**20
 
-#: A worker whose resident memory grew past this after a check is replaced.
-RETIRE_RSS = 512 * 2**20
+#: A worker whose address space grew by more than this since its first job is
+#: replaced, after the check that grew it (a slab and a chunk kept by the
+#: allocator stay below it). A check that took memory up to MEMORY_BUDGET left a
+#: worker 220 MiB larger, and the next file's limit 220 MiB higher (measured).
+RETIRE_GROWTH = 64 * 2**20
 
 #: Idle workers are ended after this long (a round lasts minutes).
 IDLE_SECONDS = 600.0
@@ -105,9 +113,16 @@ def _statm(field: int) -> int:
         return int(statm.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@functools.cache
+def _baseline() -> int:
+    """In a worker: its address space at its first job (taken once per process)."""
+    return _statm(0)
+
+
 def _grown() -> bool:
-    """In a worker, after each check: retire it if its memory grew (trio-parallel's hook)."""
-    return _statm(1) > RETIRE_RSS
+    """In a worker: whether it grew by RETIRE_GROWTH (after each file, and after each job:
+    trio-parallel's hook, which then replaces it)."""
+    return _statm(0) > _baseline() + RETIRE_GROWTH
 
 
 def _examine_within(
@@ -144,13 +159,16 @@ _Outcome = Contribution | str | NotSettled | _Crashed
 def _examine_each(
     budget: int, checks: Sequence[tuple[str, bool]], files: SelectorFiles, spec: CheckpointSpec
 ) -> list[_Outcome]:
-    """In a worker process: each ``(selector, settle)`` of ``checks`` examined, in order.
+    """In a worker process: each ``(selector, settle)`` of ``checks`` examined, in order,
+    up to the first after which the worker had grown (see RETIRE_GROWTH): the outcomes
+    of a prefix of ``checks``, at least one.
 
     Each file gets its own memory limit, and what one file does to its check
     (a malformed file's error, NotSettled, a bug) is that file's outcome
     only; only what ends the job as a whole (the process dies, the deadline)
     is the batch's.
     """
+    _baseline()
     while h5py.h5pl.size():  # no filter plugin is ever loaded from the library's search path
         h5py.h5pl.remove(0)
     outcomes: list[_Outcome] = []
@@ -163,11 +181,15 @@ def _examine_each(
             outcomes.append(clip(str(error)))
         except Exception as error:
             outcomes.append(_Crashed(f"{type(error).__name__}: {error}", traceback.format_exc()))
+        if _grown():
+            break
     return outcomes
 
 
 def _ready() -> None:
-    """A job that does nothing: unpickling it makes a new worker import this module."""
+    """A new worker's first job: unpickling it imports this module; the worker's size then
+    is what it may grow from."""
+    _baseline()
 
 
 @dataclass(eq=False)
@@ -344,9 +366,10 @@ class ContributionChecker:
                 outcomes = await self._run(batch)
         finally:
             self._slots.release()
-        if isinstance(outcomes, list):
-            for request, outcome in zip(batch, outcomes, strict=True):
+        if isinstance(outcomes, list):  # of a prefix: the worker grew, the rest in another
+            for request, outcome in zip(batch[: len(outcomes)], outcomes, strict=True):
                 self._answer(request, outcome)
+            self._again(batch[len(outcomes) :], alone=False)
         elif len(batch) == 1:
             (request,) = batch
             folder = self._layout.selector_dir(request.selector)
@@ -357,10 +380,18 @@ class ContributionChecker:
         else:
             log.info("a check of %d selectors' files failed as a whole (%s); each is checked "
                      "again alone", len(batch), outcomes or "deadline")  # fmt: skip
-            for request in batch:
-                request.job = None
-                self._alone.append(request)
-            self._arrived.set()
+            self._again(batch, alone=True)
+
+    def _again(self, requests: list[_Request], *, alone: bool) -> None:
+        """Queue ``requests`` for later jobs: each alone (from a batch that failed as a
+        whole), or else at the head of the queue, in order."""
+        for request in requests:
+            request.job = None
+        if alone:
+            self._alone.extend(requests)
+        else:
+            self._queue.extendleft(reversed(requests))
+        self._arrived.set()
 
     @staticmethod
     def _answer(request: _Request, outcome: _Outcome) -> None:
