@@ -295,3 +295,37 @@ async def test_every_file_of_a_batch_is_held_to_the_memory_budget_and_bloat_ends
         assert following == batch[stop + 1 :]
     assert retired  # after the first hostile file
     assert grown < checker_module.RETIRE_GROWTH  # was 220 MiB: the worker kept it
+
+
+async def test_checks_abandoned_while_their_job_runs_kill_its_worker_and_leave_nothing(
+    layout: Layout, keras_weights: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round abandoned (reset, shutdown) while a shared job runs: its worker is killed at
+    once (not left to its deadline), the jobs queued behind it never run, its slot is free,
+    and the next check is answered by a new worker."""
+    selectors = [f"127.0.0.1:{port}" for port in range(1, 6)]
+    for number, selector in enumerate(selectors):
+        write_aggregate(layout, selector, keras_weights[number % 4], weight=number + 1)
+    batches = recorded_batches(monkeypatch)
+    checker = ContributionChecker(layout, spec_of(layout), timeout=600, workers=1)
+    async with checker.running():
+        (worker,) = check_workers()
+        os.kill(worker, signal.SIGSTOP)  # the job it takes makes no progress
+        async with trio.open_nursery() as round_:
+            for selector in selectors[:3]:
+                round_.start_soon(checker.check, selector)
+            await job_sent_to(worker)
+            for selector in selectors[3:]:  # queued behind the running job
+                round_.start_soon(checker.check, selector)
+            await trio.testing.wait_all_tasks_blocked()
+            round_.cancel_scope.cancel()
+        with trio.fail_after(30):  # bounded, not a sleep: the kill is at once
+            while exists(worker):  # noqa: ASYNC110 (no event for another process's end)
+                await trio.sleep(0.01)
+        found = await checker.check(selectors[4])
+        assert isinstance(found, Contribution) and found.weight == 5
+        assert checker._slots.value == 1
+    # One job ran (the stopped worker's, of some of the first three); those queued behind
+    # it never did: the next job is the new check's.
+    assert len(batches) == 2 and set(batches[0]) <= set(selectors[:3])
+    assert batches[1] == [selectors[4]]
