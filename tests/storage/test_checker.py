@@ -329,3 +329,49 @@ async def test_checks_abandoned_while_their_job_runs_kill_its_worker_and_leave_n
     # it never did: the next job is the new check's.
     assert len(batches) == 2 and set(batches[0]) <= set(selectors[:3])
     assert batches[1] == [selectors[4]]
+
+
+async def test_a_file_that_hangs_holds_up_the_others_of_its_batch_for_batch_seconds_only(
+    layout: Layout, keras_weights: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, a batch got a whole CHECK_TIMEOUT: the others that shared a hanging file's
+    job waited for it (60 s by default, often past the reporting window, which then drops
+    them). Now the batch is split after BATCH_SECONDS; the hanging file alone keeps its
+    CHECK_TIMEOUT (here 600 s: only the split can answer the others in time)."""
+    selectors = [f"127.0.0.1:{port}" for port in range(1, 5)]
+    for number, selector in enumerate(selectors):
+        write_aggregate(layout, selector, keras_weights[number], weight=number + 1)
+    hostile = selectors[-1]  # last in the queue: checked alone after the others
+    batches = recorded_batches(monkeypatch)
+    checker = ContributionChecker(layout, spec_of(layout), timeout=600, workers=1)
+    found: dict[str, object] = {}
+    others_answered = trio.Event()
+
+    async def check(selector: str) -> None:
+        found[selector] = await checker.check(selector)
+        if set(found) == set(selectors) - {hostile}:
+            others_answered.set()
+
+    async with (
+        checker.running(),
+        fatal_to_open(layout.agg_checkpoint(hostile), signal.SIGSTOP) as stopped,
+        trio.open_nursery() as nursery,
+    ):
+        (worker,) = check_workers()
+        os.kill(worker, signal.SIGSTOP)
+        nursery.start_soon(check, selectors[0])
+        await job_sent_to(worker)
+        for selector in selectors[1:]:  # queued in this order
+            nursery.start_soon(check, selector)
+            await trio.testing.wait_all_tasks_blocked()
+        os.kill(worker, signal.SIGCONT)
+        with trio.fail_after(checker_module.BATCH_SECONDS + 120):  # a bound, far below 600 s
+            await others_answered.wait()
+        assert hostile not in found  # its check alone is still running (stopped)
+        nursery.cancel_scope.cancel()  # the round is abandoned
+    assert batches[1:] == [selectors[1:], *([selector] for selector in selectors[1:])]
+    for number, selector in enumerate(selectors[:-1]):
+        outcome = found[selector]
+        assert isinstance(outcome, Contribution) and outcome.weight == number + 1
+    assert stopped.pids  # in the shared job (and alone, if it got that far before the end)
+    assert not any(exists(pid) for pid in stopped.pids)  # killed with the round, and reaped
