@@ -150,6 +150,14 @@ async def test_a_file_just_written_is_read_once_settled_and_an_older_one_at_once
         assert runs == [False]  # read at the first run
 
 
+def reporting(layout: Layout, keras_weights: list[Path], count: int) -> list[str]:
+    """``count`` selectors that reported good files, the n-th (from 0) with weight n + 1."""
+    selectors = [f"127.0.0.1:{port}" for port in range(1, count + 1)]
+    for number, selector in enumerate(selectors):
+        write_aggregate(layout, selector, keras_weights[number % 4], weight=number + 1)
+    return selectors
+
+
 def recorded_batches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """The selectors of each job the checkers run from now on, in order."""
     batches: list[list[str]] = []
@@ -189,9 +197,7 @@ async def test_checks_that_queue_up_while_the_worker_is_busy_share_one_job(
     layout: Layout, keras_weights: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One job per batch of waiting checks: one inter-process round trip, each its answer."""
-    selectors = [f"127.0.0.1:{port}" for port in range(1, 6)]
-    for number, selector in enumerate(selectors):
-        write_aggregate(layout, selector, keras_weights[number % 4], weight=number + 1)
+    selectors = reporting(layout, keras_weights, 5)
     batches = recorded_batches(monkeypatch)
     checker = ContributionChecker(layout, spec_of(layout), timeout=60, workers=1)
     async with checker.running():
@@ -210,9 +216,7 @@ async def test_a_shared_check_that_hangs_is_split_and_each_file_gets_its_own_dea
     """A file whose check makes no progress (its opener is stopped, as an HDF5 call that
     blocks would leave it) holds up the batch it shares until the deadline; then each file
     of that batch is checked alone, with its own deadline: only the hostile one is abandoned."""
-    selectors = [f"127.0.0.1:{port}" for port in range(1, 5)]
-    for number, selector in enumerate(selectors):
-        write_aggregate(layout, selector, keras_weights[number], weight=number + 1)
+    selectors = reporting(layout, keras_weights, 4)
     hostile = selectors[1]
     batches = recorded_batches(monkeypatch)
     timeout = 2.0
@@ -303,9 +307,7 @@ async def test_checks_abandoned_while_their_job_runs_kill_its_worker_and_leave_n
     """A round abandoned (reset, shutdown) while a shared job runs: its worker is killed at
     once (not left to its deadline), the jobs queued behind it never run, its slot is free,
     and the next check is answered by a new worker."""
-    selectors = [f"127.0.0.1:{port}" for port in range(1, 6)]
-    for number, selector in enumerate(selectors):
-        write_aggregate(layout, selector, keras_weights[number % 4], weight=number + 1)
+    selectors = reporting(layout, keras_weights, 5)
     batches = recorded_batches(monkeypatch)
     checker = ContributionChecker(layout, spec_of(layout), timeout=600, workers=1)
     async with checker.running():
@@ -338,9 +340,7 @@ async def test_a_file_that_hangs_holds_up_the_others_of_its_batch_for_batch_seco
     job waited for it (60 s by default, often past the reporting window, which then drops
     them). Now the batch is split after BATCH_SECONDS; the hanging file alone keeps its
     CHECK_TIMEOUT (here 600 s: only the split can answer the others in time)."""
-    selectors = [f"127.0.0.1:{port}" for port in range(1, 5)]
-    for number, selector in enumerate(selectors):
-        write_aggregate(layout, selector, keras_weights[number], weight=number + 1)
+    selectors = reporting(layout, keras_weights, 4)
     hostile = selectors[-1]  # last in the queue: checked alone after the others
     batches = recorded_batches(monkeypatch)
     checker = ContributionChecker(layout, spec_of(layout), timeout=600, workers=1)
