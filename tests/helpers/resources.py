@@ -110,6 +110,12 @@ async def health_now(port: int, within: float = 2.0) -> str:
     return await trio.to_thread.run_sync(health, port, within)
 
 
+def vm_size(pid: int) -> int:
+    """The address space of process ``pid``, in bytes (what RLIMIT_AS bounds)."""
+    fields = Path(f"/proc/{pid}/statm").read_text().split()
+    return int(fields[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def exists(pid: int) -> bool:
     """Whether process ``pid`` is still there (a zombie not yet reaped counts)."""
     return Path(f"/proc/{pid}").exists()

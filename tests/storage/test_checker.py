@@ -14,7 +14,7 @@ import trio
 import trio.testing
 from helpers.fatal_file import fatal_to_open
 from helpers.peers import write_aggregate
-from helpers.resources import check_workers, exists, job_sent_to
+from helpers.resources import check_workers, exists, job_sent_to, vm_size
 
 from fl_coordinator.storage import checker as checker_module
 from fl_coordinator.storage import contribution
@@ -150,6 +150,14 @@ async def test_a_file_just_written_is_read_once_settled_and_an_older_one_at_once
         assert runs == [False]  # read at the first run
 
 
+def reporting(layout: Layout, keras_weights: list[Path], count: int) -> list[str]:
+    """``count`` selectors that reported good files, the n-th (from 0) with weight n + 1."""
+    selectors = [f"127.0.0.1:{port}" for port in range(1, count + 1)]
+    for number, selector in enumerate(selectors):
+        write_aggregate(layout, selector, keras_weights[number % 4], weight=number + 1)
+    return selectors
+
+
 def recorded_batches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """The selectors of each job the checkers run from now on, in order."""
     batches: list[list[str]] = []
@@ -189,9 +197,7 @@ async def test_checks_that_queue_up_while_the_worker_is_busy_share_one_job(
     layout: Layout, keras_weights: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One job per batch of waiting checks: one inter-process round trip, each its answer."""
-    selectors = [f"127.0.0.1:{port}" for port in range(1, 6)]
-    for number, selector in enumerate(selectors):
-        write_aggregate(layout, selector, keras_weights[number % 4], weight=number + 1)
+    selectors = reporting(layout, keras_weights, 5)
     batches = recorded_batches(monkeypatch)
     checker = ContributionChecker(layout, spec_of(layout), timeout=60, workers=1)
     async with checker.running():
@@ -210,9 +216,7 @@ async def test_a_shared_check_that_hangs_is_split_and_each_file_gets_its_own_dea
     """A file whose check makes no progress (its opener is stopped, as an HDF5 call that
     blocks would leave it) holds up the batch it shares until the deadline; then each file
     of that batch is checked alone, with its own deadline: only the hostile one is abandoned."""
-    selectors = [f"127.0.0.1:{port}" for port in range(1, 5)]
-    for number, selector in enumerate(selectors):
-        write_aggregate(layout, selector, keras_weights[number], weight=number + 1)
+    selectors = reporting(layout, keras_weights, 4)
     hostile = selectors[1]
     batches = recorded_batches(monkeypatch)
     timeout = 2.0
@@ -236,3 +240,138 @@ async def test_a_shared_check_that_hangs_is_split_and_each_file_gets_its_own_dea
             assert isinstance(outcome, Contribution) and outcome.weight == number + 1
     assert len(stopped.pids) == 2  # in the shared job, then alone
     assert not any(exists(pid) for pid in stopped.pids)  # killed at the deadline, and reaped
+
+
+def _tiny_chunks(path: Path, shape: tuple[int, int]) -> None:
+    """A valid aggregate whose array is in chunks of 4 values: HDF5 needs hundreds of MiB
+    of bookkeeping to read 131,072 of them (240 MiB more than a worker's 190, measured), and
+    glibc keeps most of it in the process afterwards."""
+    path.parent.mkdir(exist_ok=True)
+    with h5py.File(path, "w") as file:
+        file.create_dataset("layers/big/vars/0", data=np.ones(shape, np.float32), chunks=(1, 4))
+    old = time.time() - 10  # settled
+    os.utime(path, (old, old))
+
+
+async def test_every_file_of_a_batch_is_held_to_the_memory_budget_and_bloat_ends_its_worker(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file whose check takes memory up to the budget leaves the worker's heap grown;
+    before, the next file's limit was the grown size plus the budget (the second such file
+    was accepted after using about 240 MiB, over a budget of 128) and the worker, under
+    RETIRE_RSS, kept that memory for the next jobs. Now a job stops at the first file
+    after which its worker grew; the rest are checked in a new worker."""
+    monkeypatch.setattr(checker_module, "MEMORY_BUDGET", 128 * 2**20)
+    shape = (512, 1024)
+    with h5py.File(layout.checkpoint, "w") as file:
+        file.create_dataset("layers/big/vars/0", data=np.zeros(shape, np.float32))
+    selectors = [f"127.0.0.1:{port}" for port in range(1, 6)]
+    hostile = selectors[1:3]
+    for selector in selectors:
+        if selector in hostile:
+            _tiny_chunks(layout.agg_checkpoint(selector), shape)
+        else:
+            layout.selector_dir(selector).mkdir()
+            with h5py.File(layout.agg_checkpoint(selector), "w") as file:
+                file["layers/big/vars/0"] = np.full(shape, 2.0, np.float32)
+        layout.agg_weight(selector).write_text("3\n")
+    batches = recorded_batches(monkeypatch)
+    checker = ContributionChecker(layout, spec_of(layout), timeout=120, workers=1)
+    async with checker.running():
+        (first,) = check_workers()
+        baseline = vm_size(first)
+        found = await checked_behind_the_first(checker, selectors)
+        retired = not exists(first)
+        (worker,) = check_workers()
+        grown = vm_size(worker) - baseline
+    for selector in hostile:  # HDF5's or our words for the same MemoryError
+        reason = found[selector]
+        assert isinstance(reason, str) and reason.startswith(f"{layout.selector_dir(selector)}")
+        assert "memory" in reason
+    for selector in set(selectors) - set(hostile):
+        outcome = found[selector]
+        assert isinstance(outcome, Contribution) and outcome.weight == 3
+    # The four that queued up share a job, which stops after the first hostile file in it
+    # (in whatever order they queued); the files left go, first, to the next job.
+    assert sorted(batches[1]) == selectors[1:]
+    for batch, following in zip(batches[1:], [*batches[2:], []], strict=True):
+        stop = next((at for at, selector in enumerate(batch) if selector in hostile), len(batch))
+        assert following == batch[stop + 1 :]
+    assert retired  # after the first hostile file
+    assert grown < checker_module.RETIRE_GROWTH  # was 220 MiB: the worker kept it
+
+
+async def test_checks_abandoned_while_their_job_runs_kill_its_worker_and_leave_nothing(
+    layout: Layout, keras_weights: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round abandoned (reset, shutdown) while a shared job runs: its worker is killed at
+    once (not left to its deadline), the jobs queued behind it never run, its slot is free,
+    and the next check is answered by a new worker."""
+    selectors = reporting(layout, keras_weights, 5)
+    batches = recorded_batches(monkeypatch)
+    checker = ContributionChecker(layout, spec_of(layout), timeout=600, workers=1)
+    async with checker.running():
+        (worker,) = check_workers()
+        os.kill(worker, signal.SIGSTOP)  # the job it takes makes no progress
+        async with trio.open_nursery() as round_:
+            for selector in selectors[:3]:
+                round_.start_soon(checker.check, selector)
+            await job_sent_to(worker)
+            for selector in selectors[3:]:  # queued behind the running job
+                round_.start_soon(checker.check, selector)
+            await trio.testing.wait_all_tasks_blocked()
+            round_.cancel_scope.cancel()
+        with trio.fail_after(30):  # bounded, not a sleep: the kill is at once
+            while exists(worker):  # noqa: ASYNC110 (no event for another process's end)
+                await trio.sleep(0.01)
+        found = await checker.check(selectors[4])
+        assert isinstance(found, Contribution) and found.weight == 5
+        assert checker._slots.value == 1
+    # One job ran (the stopped worker's, of some of the first three); those queued behind
+    # it never did: the next job is the new check's.
+    assert len(batches) == 2 and set(batches[0]) <= set(selectors[:3])
+    assert batches[1] == [selectors[4]]
+
+
+async def test_a_file_that_hangs_holds_up_the_others_of_its_batch_for_batch_seconds_only(
+    layout: Layout, keras_weights: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, a batch got a whole CHECK_TIMEOUT: the others that shared a hanging file's
+    job waited for it (60 s by default, often past the reporting window, which then drops
+    them). Now the batch is split after BATCH_SECONDS; the hanging file alone keeps its
+    CHECK_TIMEOUT (here 600 s: only the split can answer the others in time)."""
+    selectors = reporting(layout, keras_weights, 4)
+    hostile = selectors[-1]  # last in the queue: checked alone after the others
+    batches = recorded_batches(monkeypatch)
+    checker = ContributionChecker(layout, spec_of(layout), timeout=600, workers=1)
+    found: dict[str, object] = {}
+    others_answered = trio.Event()
+
+    async def check(selector: str) -> None:
+        found[selector] = await checker.check(selector)
+        if set(found) == set(selectors) - {hostile}:
+            others_answered.set()
+
+    async with (
+        checker.running(),
+        fatal_to_open(layout.agg_checkpoint(hostile), signal.SIGSTOP) as stopped,
+        trio.open_nursery() as nursery,
+    ):
+        (worker,) = check_workers()
+        os.kill(worker, signal.SIGSTOP)
+        nursery.start_soon(check, selectors[0])
+        await job_sent_to(worker)
+        for selector in selectors[1:]:  # queued in this order
+            nursery.start_soon(check, selector)
+            await trio.testing.wait_all_tasks_blocked()
+        os.kill(worker, signal.SIGCONT)
+        with trio.fail_after(checker_module.BATCH_SECONDS + 120):  # a bound, far below 600 s
+            await others_answered.wait()
+        assert hostile not in found  # its check alone is still running (stopped)
+        nursery.cancel_scope.cancel()  # the round is abandoned
+    assert batches[1:] == [selectors[1:], *([selector] for selector in selectors[1:])]
+    for number, selector in enumerate(selectors[:-1]):
+        outcome = found[selector]
+        assert isinstance(outcome, Contribution) and outcome.weight == number + 1
+    assert stopped.pids  # in the shared job (and alone, if it got that far before the end)
+    assert not any(exists(pid) for pid in stopped.pids)  # killed with the round, and reaped

@@ -16,7 +16,11 @@ process can be killed. So each check here
 * has a memory limit: the worker lowers its own address-space limit
   (``RLIMIT_AS``) to what it uses plus :data:`MEMORY_BUDGET` for the check, so
   whatever a file claims, the check fails with a MemoryError instead of
-  growing; HDF5 plugin filters are never loaded in a worker;
+  growing; HDF5 plugin filters are never loaded in a worker. What a check
+  freed, glibc mostly keeps in the process, and the next check's limit would
+  start from there: a worker that grew by :data:`RETIRE_GROWTH` is replaced,
+  and its job stops at the file after which it did (the files left are
+  checked in a new worker), so every file gets the budget, no more;
 * waits for one of ``CHECK_WORKERS`` slots (first come, first served), so
   any number of selectors never makes more processes, and a slow check holds
   one slot for at most the deadline; the aggregation uses none of them;
@@ -28,8 +32,11 @@ process can be killed. So each check here
   killed by the kernel, it did not finish in time) is split: each of its
   files is checked again in a job of its own, so a hostile file still
   rejects only its own selector. ``CHECK_TIMEOUT`` keeps its meaning per
-  file: a batch gets one file's deadline, and a file is abandoned only when
-  its check *alone* does not finish within it;
+  file: a file is abandoned only when its check *alone* does not finish
+  within it. A batch gets :data:`BATCH_SECONDS` (or CHECK_TIMEOUT if less):
+  the others that shared a hostile file's job wait that long, not a whole
+  CHECK_TIMEOUT (60 s, often longer than what is left of the reporting
+  window, which would have dropped them all);
 * checks against the global checkpoint's plan that the coordinator read at
   start-up (:class:`.contribution.CheckpointSpec`): a check never opens the
   global checkpoint, so a problem with that file (another process holding it
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -65,10 +73,11 @@ from .untrusted import clip
 __all__ = [
     "BATCH_BYTES",
     "BATCH_MAX",
+    "BATCH_SECONDS",
     "GRACE_SECONDS",
     "IDLE_SECONDS",
     "MEMORY_BUDGET",
-    "RETIRE_RSS",
+    "RETIRE_GROWTH",
     "ContributionChecker",
 ]
 
@@ -79,8 +88,11 @@ log = logging.getLogger(__name__)
 #: (at most 32 MiB by default); the rest is slack for the allocator.
 MEMORY_BUDGET = 256 * 2**20
 
-#: A worker whose resident memory grew past this after a check is replaced.
-RETIRE_RSS = 512 * 2**20
+#: A worker whose address space grew by more than this since its first job is
+#: replaced, after the check that grew it (a slab and a chunk kept by the
+#: allocator stay below it). A check that took memory up to MEMORY_BUDGET left a
+#: worker 220 MiB larger, and the next file's limit 220 MiB higher (measured).
+RETIRE_GROWTH = 64 * 2**20
 
 #: Idle workers are ended after this long (a round lasts minutes).
 IDLE_SECONDS = 600.0
@@ -99,15 +111,30 @@ BATCH_MAX = 32
 BATCH_BYTES = 64 * 2**20
 
 
+#: Deadline of a job of several files (one file's is CHECK_TIMEOUT): what the
+#: others of a batch wait when one of its files hangs, before each is checked
+#: alone. A batch's checks take well under a second (at most BATCH_BYTES of
+#: plain arrays); one that is only slow (a loaded machine) is checked again
+#: alone, which costs time, never a rejection.
+BATCH_SECONDS = 5.0
+
+
 def _statm(field: int) -> int:
     """Field ``field`` of /proc/self/statm (0: address space, 1: resident), in bytes."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@functools.cache
+def _baseline() -> int:
+    """In a worker: its address space at its first job (taken once per process)."""
+    return _statm(0)
+
+
 def _grown() -> bool:
-    """In a worker, after each check: retire it if its memory grew (trio-parallel's hook)."""
-    return _statm(1) > RETIRE_RSS
+    """In a worker: whether it grew by RETIRE_GROWTH (after each file, and after each job:
+    trio-parallel's hook, which then replaces it)."""
+    return _statm(0) > _baseline() + RETIRE_GROWTH
 
 
 def _examine_within(
@@ -144,13 +171,16 @@ _Outcome = Contribution | str | NotSettled | _Crashed
 def _examine_each(
     budget: int, checks: Sequence[tuple[str, bool]], files: SelectorFiles, spec: CheckpointSpec
 ) -> list[_Outcome]:
-    """In a worker process: each ``(selector, settle)`` of ``checks`` examined, in order.
+    """In a worker process: each ``(selector, settle)`` of ``checks`` examined, in order,
+    up to the first after which the worker had grown (see RETIRE_GROWTH): the outcomes
+    of a prefix of ``checks``, at least one.
 
     Each file gets its own memory limit, and what one file does to its check
     (a malformed file's error, NotSettled, a bug) is that file's outcome
     only; only what ends the job as a whole (the process dies, the deadline)
     is the batch's.
     """
+    _baseline()
     while h5py.h5pl.size():  # no filter plugin is ever loaded from the library's search path
         h5py.h5pl.remove(0)
     outcomes: list[_Outcome] = []
@@ -163,11 +193,15 @@ def _examine_each(
             outcomes.append(clip(str(error)))
         except Exception as error:
             outcomes.append(_Crashed(f"{type(error).__name__}: {error}", traceback.format_exc()))
+        if _grown():
+            break
     return outcomes
 
 
 def _ready() -> None:
-    """A job that does nothing: unpickling it makes a new worker import this module."""
+    """A new worker's first job: unpickling it imports this module; the worker's size then
+    is what it may grow from."""
+    _baseline()
 
 
 @dataclass(eq=False)
@@ -340,13 +374,15 @@ class ContributionChecker:
         outcomes: list[_Outcome] | str | None = None
         try:
             with job.scope:
-                job.scope.deadline = trio.current_time() + self._timeout
+                deadline = self._timeout if len(batch) == 1 else min(self._timeout, BATCH_SECONDS)
+                job.scope.deadline = trio.current_time() + deadline
                 outcomes = await self._run(batch)
         finally:
             self._slots.release()
-        if isinstance(outcomes, list):
-            for request, outcome in zip(batch, outcomes, strict=True):
+        if isinstance(outcomes, list):  # of a prefix: the worker grew, the rest in another
+            for request, outcome in zip(batch[: len(outcomes)], outcomes, strict=True):
                 self._answer(request, outcome)
+            self._again(batch[len(outcomes) :], alone=False)
         elif len(batch) == 1:
             (request,) = batch
             folder = self._layout.selector_dir(request.selector)
@@ -357,10 +393,18 @@ class ContributionChecker:
         else:
             log.info("a check of %d selectors' files failed as a whole (%s); each is checked "
                      "again alone", len(batch), outcomes or "deadline")  # fmt: skip
-            for request in batch:
-                request.job = None
-                self._alone.append(request)
-            self._arrived.set()
+            self._again(batch, alone=True)
+
+    def _again(self, requests: list[_Request], *, alone: bool) -> None:
+        """Queue ``requests`` for later jobs: each alone (from a batch that failed as a
+        whole), or else at the head of the queue, in order."""
+        for request in requests:
+            request.job = None
+        if alone:
+            self._alone.extend(requests)
+        else:
+            self._queue.extendleft(reversed(requests))
+        self._arrived.set()
 
     @staticmethod
     def _answer(request: _Request, outcome: _Outcome) -> None:

@@ -124,6 +124,14 @@ def _attribute(file: h5py.File, name: str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _move_away(path: Path, what: str) -> str:
+    """Why the state file ``path`` cannot be used (``what``), and what to do."""
+    return (
+        f"{path}: {what}; move it away (the optimizer of that round's checkpoint then starts "
+        "again from its initial state)"
+    )
+
+
 def _states(layout: Layout) -> dict[int, Path]:
     """The state files of the history, by round."""
     return {
@@ -147,10 +155,8 @@ def paired_state(layout: Layout) -> tuple[int, Path] | None:
             with h5py.File(path, "r") as file:
                 identity = CheckpointIdentity.from_text(_attribute(file, "checkpoint"))
         except (OSError, KeyError, ValueError, TypeError) as error:
-            raise ProblemError(
-                f"{path}: not a readable optimizer state ({error}); move it away (the "
-                "optimizer of that round's checkpoint then starts again from its initial state)"
-            ) from None
+            what = f"not a readable optimizer state ({error})"
+            raise ProblemError(_move_away(path, what)) from None
         if identity == current:
             return number, path
     return None
@@ -226,18 +232,37 @@ def _check_moments(
 ) -> None:
     for moment in optimizer.moments:
         for weight in plan:
-            dataset = file.get(f"{moment}/{weight.name}")
-            stored = state_encoding(weight.encoding).stored
-            if (
-                not isinstance(dataset, h5py.Dataset)
-                or dataset.shape != weight.shape
-                or dataset.dtype != stored
-            ):
-                raise ProblemError(
-                    f"{path}: no {moment} of shape {weight.shape} ({stored}) for {weight.name!r}: "
-                    "not the state of this model; move it away (the optimizer then starts "
-                    "again from its initial state)"
-                )
+            _moment_in(file, path, moment, weight, ProblemError)
+
+
+def _moment_in(
+    file: h5py.File,
+    path: Path,
+    moment: str,
+    weight: Weight,
+    error: type[ProblemError] | type[AggregationError],
+) -> h5py.Dataset:
+    """The dataset of ``moment`` of ``weight`` in the state ``file``; ``error`` if there is
+    none of the weight's shape and the moment's dtype (at start-up, and in every round: a
+    dataset of another shape would be read as rows of another length, wrong values)."""
+    dataset = file.get(f"{moment}/{weight.name}")
+    stored = state_encoding(weight.encoding).stored
+    if (
+        not isinstance(dataset, h5py.Dataset)
+        or dataset.shape != weight.shape
+        or dataset.dtype != stored
+    ):
+        found = (
+            f"{dataset.shape} ({dataset.dtype})" if isinstance(dataset, h5py.Dataset) else "none"
+        )
+        raise error(
+            _move_away(
+                path,
+                f"no {moment} of shape {weight.shape} ({stored}) for {weight.name!r} (found "
+                f"{found}): not the state of this model",
+            )
+        )
+    return dataset
 
 
 @dataclass(frozen=True)
@@ -258,17 +283,23 @@ class StateUpdate:
         with contextlib.ExitStack() as stack:
             # sec2 whatever HDF5_DRIVER says: plain moments are read through the old file's
             # descriptor and written with pwrite beside HDF5 (see .aggregation._rewrite).
-            old = (
-                stack.enter_context(h5py.File(self.source, "r", driver="sec2"))
-                if self.source
-                else None
-            )
+            old = stack.enter_context(self._opened_source()) if self.source else None
             target = stack.enter_context(atomic_target(self.dest, tmp_dir, large=True))
             new = stack.enter_context(h5py.File(target, "w", driver="sec2"))
             moments = Moments(self, old, new, stack.enter_context(open_for_writing(target)))
             yield moments
             if not moments.published:
                 raise AggregationError("the optimizer state was not published")  # a bug
+
+    def _opened_source(self) -> h5py.File:
+        """The state this round starts from, open; AggregationError naming it if HDF5 cannot
+        open it (else the OSError would be taken for a failure to write the checkpoint)."""
+        assert self.source is not None
+        try:
+            return h5py.File(self.source, "r", driver="sec2")
+        except OSError as error:
+            what = f"not a readable optimizer state ({error})"
+            raise AggregationError(_move_away(self.source, what)) from None
 
 
 #: A moment's dataset in a state file, and where its values lie when it is plain.
@@ -315,10 +346,11 @@ class Moments:
                 self._written[name] = (created, extent_of(created, stored, None, self._update.dest))
                 if self._old is not None:
                     source = self._update.source
+                    assert source is not None
+                    found = _moment_in(self._old, source, moment, weight, AggregationError)
                     try:
-                        found = self._old[name]
                         self._read_from[name] = (found, extent_of(found, stored, old_size, source))
-                    except (ContributionError, KeyError) as error:
+                    except ContributionError as error:
                         raise AggregationError(
                             f"{source}: the optimizer's {moment} of {weight.name!r} cannot be "
                             f"read ({error})"
@@ -335,15 +367,18 @@ class Moments:
             return work
         stored = self._buffer(state_encoding(weight.encoding).stored, shape)
         dataset, extent = self._read_from[f"{moment}/{weight.name}"]
-        if extent is None:
-            dataset.read_direct(stored, source_sel=selection or None)
-        else:
-            source = self._update.source
-            assert source is not None
-            try:
+        source = self._update.source
+        assert source is not None
+        try:
+            if extent is None:
+                dataset.read_direct(stored, source_sel=selection or None)
+            else:
                 read_rows(self._old.id.get_vfd_handle(), extent, selection, stored, source)
-            except ContributionError as error:
-                raise AggregationError(str(error)) from None
+        except ContributionError as error:
+            raise AggregationError(str(error)) from None
+        except (OSError, RuntimeError) as error:  # HDF5's, of a chunk it cannot read
+            what = f"the optimizer's {moment} of {weight.name!r} cannot be read ({error})"
+            raise AggregationError(_move_away(source, what)) from None
         work[...] = stored
         return work
 
