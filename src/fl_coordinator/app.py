@@ -25,7 +25,7 @@ from pathlib import Path
 import trio
 
 from .config import Settings
-from .connections import ConnectionLimits, descriptor_budget
+from .connections import ConnectionLimits, port_share
 from .coordinator import Coordinator
 from .core.privacy import DifferentialPrivacy, Spent
 from .core.rounds import Rules
@@ -276,7 +276,7 @@ def build_coordinator(
 def _connection_limits(settings: Settings) -> ConnectionLimits:
     """The settings' limits, with MAX_CONNECTIONS lowered to each port's share of descriptors."""
     ports = 2 if settings.metrics_port is None else 3
-    share = descriptor_budget() // ports
+    share = port_share(ports)
     if share < settings.max_connections:
         log.info(
             "RLIMIT_NOFILE leaves descriptors for %d connections per port (MAX_CONNECTIONS=%d)",

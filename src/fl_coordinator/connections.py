@@ -21,6 +21,13 @@ coordinator (gRPC, status websocket, metrics) accepts through a
   webserver and the scraper out for as long as they like. A status
   subscriber is never idle by choice: when every connection has finished
   its handshake, the new one is closed at once;
+* a connection closed to make room still holds its descriptor while it
+  says goodbye (a GOAWAY, up to a second for a peer that does not read):
+  at most :data:`CLOSING_MAX` of them per listener. With that many closing,
+  the listener hurries the oldest (closes it at once) and accepts the next
+  connection only when one has gone; otherwise a peer that dials faster
+  than its connections take their goodbyes would hold descriptors beyond
+  the port's share. :func:`port_share` counts them in the share;
 * if ``accept`` fails for want of descriptors anyway (EMFILE, ENFILE: other
   code opened files meanwhile), the listener does not stop (before, the
   process exited): it closes a descriptor it keeps in reserve, accepts one
@@ -52,6 +59,7 @@ from .log_throttle import Throttle
 
 __all__ = [
     "CAPACITY_ERRNOS",
+    "CLOSING_MAX",
     "IGNORED_ERRNOS",
     "MIN_RESERVED_DESCRIPTORS",
     "ConnectionLimits",
@@ -59,6 +67,7 @@ __all__ = [
     "S",
     "Slot",
     "descriptor_budget",
+    "port_share",
     "serve_listeners",
 ]
 
@@ -78,6 +87,8 @@ IGNORED_ERRNOS = frozenset(
 
 #: Descriptors always kept out of the connections' budget (see :func:`descriptor_budget`).
 MIN_RESERVED_DESCRIPTORS = 32
+#: Connections of one listener closed to make room that may still be saying goodbye.
+CLOSING_MAX = 8
 #: Back-off between ``accept`` attempts while no descriptor can be had at all.
 MIN_BACKOFF, MAX_BACKOFF = 0.01, 1.0
 
@@ -108,6 +119,16 @@ def descriptor_budget(limit: int | None = None) -> int:
         if limit == resource.RLIM_INFINITY:
             limit = 1 << 20
     return max(1, limit - max(MIN_RESERVED_DESCRIPTORS, limit // 4))
+
+
+def port_share(ports: int, limit: int | None = None) -> int:
+    """Connections one of ``ports`` listeners may keep open (its ``max_connections``).
+
+    Its part of :func:`descriptor_budget` less what it may hold besides:
+    :data:`CLOSING_MAX` connections closing and the one being accepted
+    (256 descriptors, two ports: 87 each). At least 1.
+    """
+    return max(1, descriptor_budget(limit) // ports - CLOSING_MAX - 1)
 
 
 class Slot:
@@ -172,9 +193,11 @@ class Gate(Generic[S]):
         self.limits = limits
         self._make_room = make_room
         self.throttle = throttle or Throttle(log)
-        # Open connections, least recently active first; an evicted one leaves it at
-        # once (it no longer counts against the cap) while it says goodbye.
+        # Open connections, least recently active first; an evicted one moves to
+        # _closing (no longer counted against the cap) while it says goodbye.
         self._open: OrderedDict[Slot, None] = OrderedDict()
+        self._closing: OrderedDict[Slot, None] = OrderedDict()
+        self._gone = trio.Event()  # set when a closing connection has gone
         self._spare: int | None = None
 
     # -- admission ------------------------------------------------------------
@@ -186,6 +209,7 @@ class Gate(Generic[S]):
                 self._refuse()
                 return None
             del self._open[victim]
+            self._closing[victim] = None
             which = "least recently active" if self._make_room else "oldest still in its handshake"
             self.throttle.log(
                 logging.INFO,
@@ -224,6 +248,20 @@ class Gate(Generic[S]):
 
     def _release(self, slot: Slot) -> None:
         self._open.pop(slot, None)
+        if slot in self._closing:
+            del self._closing[slot]
+            self._gone.set()
+
+    async def _room_to_close(self) -> None:
+        """Wait until one more connection may be closed to make room (see :data:`CLOSING_MAX`).
+
+        Called before each ``accept``: at the cap, the newcomer will close one.
+        """
+        while len(self._closing) >= CLOSING_MAX and len(self._open) >= self.limits.max_connections:
+            if self._gone.is_set():  # (each accept loop of this gate waits on the same one)
+                self._gone = trio.Event()
+            next(iter(self._closing)).cancel_scope.cancel()  # its goodbye is cut short
+            await self._gone.wait()
 
     # -- accepting ------------------------------------------------------------
 
@@ -274,6 +312,7 @@ class Gate(Generic[S]):
         """The next connection admitted; refused and shed ones are closed on the way."""
         backoff = MIN_BACKOFF
         while True:
+            await self._room_to_close()
             try:
                 stream = await accept()
             except (OSError, anyio.BrokenResourceError) as error:

@@ -1,0 +1,80 @@
+"""The admission gate on its own, with real sockets on 127.0.0.1.
+
+The whole coordinator under a descriptor limit is tested in
+test_untrusted_connections.py; here, the gate's bound on connections closed
+to make room that take their time to go.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from fl_coordinator.connections import CLOSING_MAX, ConnectionLimits, Gate, Slot, port_share
+
+CAP = 4
+DIALS = 40
+
+
+async def test_connections_closed_to_make_room_that_never_go_hold_at_most_closing_max(
+    nursery: trio.Nursery,
+) -> None:
+    """Every connection ignores its eviction (as a peer that never takes its GOAWAY:
+    its goodbye would last GOODBYE_TIMEOUT): 40 dials at a cap of 4 hold at most
+    4 + CLOSING_MAX descriptors, and the oldest evicted ones are closed at once.
+
+    Before: an evicted connection left the count at once, so all 40 were held.
+    """
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    live = peak = 0
+    evicted: list[int] = []
+
+    async def accept() -> trio.SocketStream:
+        nonlocal live, peak
+        stream = await listener.accept()
+        live += 1
+        peak = max(peak, live)
+        return stream
+
+    async def close(stream: trio.SocketStream) -> None:
+        nonlocal live
+        live -= 1
+        await trio.aclose_forcefully(stream)
+
+    async def handle(stream: trio.SocketStream, slot: Slot) -> None:
+        number = int((await stream.receive_some(8)).decode())
+        slot.evict = lambda: evicted.append(number)  # told to go, and does not
+        await stream.send_all(b"!")
+        await trio.sleep_forever()
+
+    gate: Gate[trio.SocketStream] = Gate(
+        "test port", ConnectionLimits(max_connections=CAP), make_room=True
+    )
+    nursery.start_soon(gate.serve, [accept], close, handle)
+
+    clients = []
+    with trio.fail_after(60):
+        for number in range(DIALS):
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            await client.send_all(str(number).encode())
+            assert await client.receive_some(1) == b"!"  # served
+            clients.append(client)
+        assert evicted == list(range(DIALS - CAP))  # least recently active first
+        assert peak == CAP + CLOSING_MAX, peak
+        # with every place taken and CLOSING_MAX closing, the gate hurries the oldest
+        # before its next accept: one fewer is left closing while no one dials
+        assert live == CAP + CLOSING_MAX - 1
+        gone = DIALS - CAP - CLOSING_MAX + 1
+        for client in clients[:gone]:  # hurried: closed without waiting for their goodbye
+            assert await client.receive_some(1) == b""
+    for client in clients:
+        await client.aclose()
+    nursery.cancel_scope.cancel()
+
+
+def test_a_ports_share_leaves_room_for_its_closing_connections() -> None:
+    """192 descriptors of 256 for the connections, two ports: 96 each, of which
+    CLOSING_MAX closing ones and the one being accepted."""
+    assert port_share(2, 256) == 96 - CLOSING_MAX - 1
+    assert port_share(3, 256) == 64 - CLOSING_MAX - 1
+    assert port_share(2, 40) == 1  # never none
