@@ -640,7 +640,7 @@ def _rewrite(
                 def average(weight: Weight, descriptors: Descriptors, halt: Halt) -> int:
                     return _write_weight(
                         weight,
-                        _template(base, weight, template),
+                        _template(base, weight, unchanged),
                         [_source(source, weight, descriptors) for source in located],
                         _writer(targets[weight.name], outputs[weight.name].stored, out_fd, tmp),
                         outputs[weight.name],
@@ -658,8 +658,10 @@ def _rewrite(
                 ]
                 # An array one row of which is more than a slab is computed a row at a
                 # time, whole rows: two such at once would double the pass's memory.
-                wide = [w for w in plan if _row_bytes(w, combine) > SLAB_BYTES]
-                narrow = [w for w in plan if _row_bytes(w, combine) <= SLAB_BYTES]
+                wide: list[Weight] = []
+                narrow: list[Weight] = []
+                for weight in plan:
+                    (wide if _row_bytes(weight, combine) > SLAB_BYTES else narrow).append(weight)
                 bytes_read = in_lanes(narrow, average, pools, cancel)
                 bytes_read += in_lanes(wide, average, pools[:1], cancel)
                 descriptors = pools[0]
@@ -688,8 +690,10 @@ class _Unchanged:
     """
 
     def __init__(self, path: Path, fd: int) -> None:
-        self._path, self._fd = path, fd
+        #: The file, HDF5's own descriptor of it, and its size as the pass opened it.
+        self.path, self.fd = path, fd
         self._was = self._of(os.fstat(fd))
+        self.size = self._was[2]
 
     @staticmethod
     def _of(status: os.stat_result) -> tuple[int, int, int, int]:
@@ -697,17 +701,17 @@ class _Unchanged:
 
     def check(self) -> None:
         try:
-            now = self._of(os.stat(self._path))
+            now = self._of(os.stat(self.path))
         except FileNotFoundError:
             now = None
         if now is None or now[:2] != self._was[:2]:
             what = "replaced or removed"
-        elif self._of(os.fstat(self._fd)) != self._was:
+        elif self._of(os.fstat(self.fd)) != self._was:
             what = "written to"
         else:
             return
         raise CheckpointError(
-            f"{self._path}: the global checkpoint was {what} by another process while it "
+            f"{self.path}: the global checkpoint was {what} by another process while it "
             "was being averaged; the result is not published (run one coordinator per "
             "problem folder, and leave its initFiles to it)"
         )
@@ -739,18 +743,18 @@ def _source(located: _PlainInput | Opened, weight: Weight, descriptors: Descript
                    located.file)  # fmt: skip
 
 
-def _template(base: h5py.File, weight: Weight, path: Path) -> _Source:
+def _template(base: h5py.File, weight: Weight, opened: _Unchanged) -> _Source:
     """The global checkpoint's array of ``weight``: read from its extent (through HDF5's
-    own descriptor of the file) if plain, else through h5py."""
+    own descriptor of the file, ``opened.fd``) if plain, else through h5py."""
     dataset = base[weight.name]
-    fd = base.id.get_vfd_handle()
+    path = opened.path
     try:
-        extent = extent_of(dataset, weight.encoding.stored, os.fstat(fd).st_size, path)
+        extent = extent_of(dataset, weight.encoding.stored, opened.size, path)
     except ContributionError as error:
         raise CheckpointError(str(error)) from None
     if extent is None:
         return _Source(dataset, weight.encoding, path, None)
-    return _Source(None, weight.encoding, path, None, (weight.name, lambda: fd, extent))
+    return _Source(None, weight.encoding, path, None, (weight.name, lambda: opened.fd, extent))
 
 
 def _changed(located: _PlainInput | Opened, descriptors: Descriptors) -> tuple[Path, bool]:

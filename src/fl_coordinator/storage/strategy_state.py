@@ -325,6 +325,7 @@ class Moments:
         self._new_fd = new_fd
         self._read_from: dict[str, _Place] = {}
         self._written: dict[str, _Place] = {}
+        self._old_fd = -1  # see prepare()
         self._lanes = threading.local()
         self.published = False
 
@@ -336,7 +337,10 @@ class Moments:
         """Create every moment of ``plan``'s arrays in the new state, allocated and its
         space reserved, and find the old ones: before the pass, whose lanes then only
         read and write values. AggregationError if an old one is not where it says."""
-        old_size = os.fstat(self._old.id.get_vfd_handle()).st_size if self._old else 0
+        # HDF5's own descriptor of the old state, taken once: each h5py call takes
+        # h5py's global lock, which the lanes would contend for on every slab.
+        self._old_fd = self._old.id.get_vfd_handle() if self._old else -1
+        old_size = os.fstat(self._old_fd).st_size if self._old else 0
         for moment in self.names:
             for weight in plan:
                 name = f"{moment}/{weight.name}"
@@ -373,7 +377,7 @@ class Moments:
             if extent is None:
                 dataset.read_direct(stored, source_sel=selection or None)
             else:
-                read_rows(self._old.id.get_vfd_handle(), extent, selection, stored, source)
+                read_rows(self._old_fd, extent, selection, stored, source)
         except ContributionError as error:
             raise AggregationError(str(error)) from None
         except (OSError, RuntimeError) as error:  # HDF5's, of a chunk it cannot read
