@@ -49,6 +49,18 @@ def test_every_item_once_in_two_threads() -> None:
     assert len({name for _, name in seen}) == 2
 
 
+def test_one_item_is_done_in_the_callers_thread() -> None:
+    """No thread is started where a second lane would have nothing to take."""
+    names: list[str] = []
+
+    def work(item: int, context: str, halt: Halt) -> int:
+        names.append(threading.current_thread().name)
+        return item
+
+    assert in_lanes([7], work, ["a", "b"], None) == 7
+    assert names == [threading.current_thread().name]
+
+
 def test_a_failure_stops_the_other_lane_and_is_raised() -> None:
     both = threading.Barrier(2, timeout=PATIENCE)
     ran: list[int] = []

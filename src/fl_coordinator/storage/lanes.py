@@ -77,10 +77,10 @@ def in_lanes(
 ) -> int:
     """The sum of ``work(item, context, halt)`` over ``items``, in ``len(contexts)`` lanes.
 
-    Each lane owns one of ``contexts`` (what may not be shared between threads,
-    such as a pool of descriptors) and takes the next item until none is left;
-    the caller's thread is the first lane. ``work`` checks ``halt.is_set()``
-    between its steps and stops (raising) when it is set.
+    Each lane (at most one per item) owns one of ``contexts`` (what may not be
+    shared between threads, such as a pool of descriptors) and takes the next
+    item until none is left; the caller's thread is the first lane. ``work``
+    checks ``halt.is_set()`` between its steps and stops (raising) when it is set.
     """
     halt = Halt(cancel)
     remaining: Iterator[T] = iter(items)
@@ -100,6 +100,7 @@ def in_lanes(
                 halt.fail(error, caused_by_halt=isinstance(error, ShuttingDown) and halt.is_set())
                 return done
 
+    contexts = contexts[: max(1, len(items))]  # no thread started for nothing to do
     if len(contexts) == 1:
         total = lane(contexts[0])
     else:
