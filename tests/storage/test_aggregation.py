@@ -13,7 +13,7 @@ import pytest
 from helpers.peers import assert_arrays_close, fedavg, read_floats
 
 from fl_coordinator.errors import AggregationError, ContributionError, ContributionsRefused
-from fl_coordinator.storage import aggregation
+from fl_coordinator.storage import slab
 from fl_coordinator.storage.aggregation import Contribution, aggregate
 from fl_coordinator.storage.contribution import read_weight
 from fl_coordinator.storage.model import builtin_model
@@ -235,17 +235,17 @@ def test_streaming_in_many_small_slabs_gives_the_same_result(
 ) -> None:
     arrays = {**arrays, "layers/scalar": np.array(0.5, np.float32)}
     results = []
-    for slab_bytes in (64, 2**30):  # 64 bytes: every row of every array is its own slab
-        monkeypatch.setattr(aggregation, "SLAB_BYTES", slab_bytes)
+    for slab_bytes in (64, 2**30):  # 64 bytes: 8 float64 values, rows cut within
+        monkeypatch.setattr(slab, "SLAB_BYTES", slab_bytes)
         folder = tmp_path / str(slab_bytes)
         folder.mkdir()
         checkpoint = write_h5(folder / "fl_checkpoint", arrays)
         parts = [contribution(folder, f"s{i}", updates_like(arrays, i), i + 2) for i in (1, 2)]
         aggregate(checkpoint, parts, folder / "tmp")
         results.append(read_floats(checkpoint))
-    assert len(aggregation.slabs((5, 4))) == 1
-    monkeypatch.setattr(aggregation, "SLAB_BYTES", 64)
-    assert aggregation.slabs((5, 4)) == [(slice(i, i + 2),) for i in (0, 2)] + [(slice(4, 5),)]
+    assert len(slab.slabs((5, 4))) == 1
+    monkeypatch.setattr(slab, "SLAB_BYTES", 64)
+    assert slab.slabs((5, 4)) == [(slice(i, i + 2),) for i in (0, 2)] + [(slice(4, 5),)]
     for name in results[0]:
         np.testing.assert_array_equal(results[0][name], results[1][name], err_msg=name)
 

@@ -18,7 +18,7 @@ import pytest
 from helpers.peers import read_floats
 
 from fl_coordinator.errors import CheckpointError, ContributionError, ContributionsRefused
-from fl_coordinator.storage import aggregation
+from fl_coordinator.storage import aggregation, slab
 from fl_coordinator.storage.aggregation import Contribution, aggregate
 from fl_coordinator.storage.contribution import CheckpointSpec, SelectorFiles, examine
 from fl_coordinator.storage.plain import Extent, extent_of, reserve
@@ -63,7 +63,7 @@ def test_extent_is_where_h5py_reads_the_values(tmp_path: Path) -> None:
             assert extent is not None
             found = np.frombuffer(data[extent.offset : extent.offset + extent.nbytes], array.dtype)
             np.testing.assert_array_equal(found.reshape(array.shape), array)
-            assert extent.row_bytes * (array.shape[0] if array.ndim else 1) == extent.nbytes
+            assert (extent.shape, extent.itemsize) == (array.shape, array.dtype.itemsize)
 
 
 def test_other_layouts_are_left_to_h5py(tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_descriptors_flat_in_the_number_of_inputs(tmp_path: Path, monkeypatch) -
     """300 inputs averaged under a descriptor limit of what is open now + 100."""
     checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
     parts = _parts(tmp_path, 300)
-    monkeypatch.setattr(aggregation, "SLAB_BYTES", 64)  # several slabs: inputs read again
+    monkeypatch.setattr(slab, "SLAB_BYTES", 64)  # several slabs: inputs read again
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (_open_descriptors() + 100, hard))
     try:
@@ -312,11 +312,11 @@ def test_a_global_checkpoint_changed_while_averaged_is_not_published_over(
     """Another process rewrites the global checkpoint's values in place, or replaces the
     file, after the pass read its first slab: was COMPLETED with a mix of old and new
     values (in place), or the replacement overwritten by a result of the old file."""
-    monkeypatch.setattr(aggregation, "SLAB_BYTES", 64)  # several slabs per array
+    monkeypatch.setattr(slab, "SLAB_BYTES", 64)  # several slabs per array
     checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
     parts = _parts(tmp_path, 2)
     theirs = _write(tmp_path / "theirs", _arrays(9))
-    read = aggregation.read_rows
+    read = aggregation.read_slab
     template_reads: list[int] = []
 
     def meanwhile(fd: int, extent: Extent, *args: object) -> np.ndarray:
@@ -333,7 +333,7 @@ def test_a_global_checkpoint_changed_while_averaged_is_not_published_over(
                         file.write(bytes(4 * 7 * 5))
         return read(fd, extent, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(aggregation, "read_rows", meanwhile)
+    monkeypatch.setattr(aggregation, "read_slab", meanwhile)
     expected = checkpoint.read_bytes() if change == "replaced" else None
     with pytest.raises(CheckpointError) as failed:
         aggregate(checkpoint, parts, tmp_path / "tmp")

@@ -43,20 +43,15 @@ How it is laid out, and why:
   stack) computes them in two lanes (threads, one per core, see
   :mod:`.lanes`), each taking the next array; ``preadv``, ``pwrite`` and numpy
   release the GIL. Within a lane, an array's slabs and inputs are read in
-  order, into buffers small enough to stay in the processor's cache. An
-  array one row of which is more than a slab (a slab is whole rows) is
-  averaged alone, after the others: two at once would double the memory.
+  order, into buffers small enough to stay in the processor's cache.
 
 * One slab at a time: for each dataset we hold a float64 accumulator slab and
   one input slab (the optimizer's moments add a few more slabs), never K
   whole models, so memory is bounded by the largest array plus a constant,
-  whatever K is. A slab is whole rows: an array whose rows are wider than a
-  slab is held a row at a time (a (1, N) float32 array: the float64 sum,
-  the result and a read buffer of the whole array, four times its size). A
-  median or trimmed mean needs all K inputs of a slab at
-  once: its slabs are K times smaller, but never less than one row, so its
-  memory grows with K once K rows exceed a slab (K rows of the widest
-  array, in float64).
+  whatever K is. A slab is whole rows where a row fits in one, else cut
+  within rows (:mod:`.slab`). A median or trimmed mean needs all K inputs of
+  a slab at once: its slabs hold K times fewer values (one at least), so its
+  memory stays about a slab's for any K up to SLAB_BYTES / 8.
 * Sums are accumulated in float64 (K aggregates of float32 values weighted by
   batch counts lose digits in float32; complex128 and long double for those
   types) and the result is written in each dataset's own encoding.
@@ -109,10 +104,11 @@ from .plain import (
     allocated_early,
     extent_of,
     open_for_writing,
-    read_rows,
+    read_slab,
     reserve,
-    write_rows,
+    write_slab,
 )
+from .slab import Selection, leading, slab_shape, slabs
 from .untrusted import Opened, UntrustedFile, dataset_at
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
@@ -122,7 +118,6 @@ if TYPE_CHECKING:  # strategy_state reads and writes slabs as this module cuts t
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SLAB_BYTES",
     "AggregationResult",
     "Aggregator",
     "Contribution",
@@ -130,8 +125,6 @@ __all__ = [
     "ServerUpdate",
     "aggregate",
     "read_into",
-    "slab_shape",
-    "slabs",
     "sum_into",
 ]
 
@@ -318,57 +311,20 @@ def _input(opened: Opened, weight: Weight) -> _Source:
     return _Source(dataset, encoding, path, opened)
 
 
-#: Arrays are streamed in slabs of about this many bytes (in float64): memory
-#: stays bounded by a few slabs, whatever the size of the largest array. Small
-#: enough that a slab's accumulator, its input and its result stay in the
-#: processor's cache while the K inputs are added and the step applied (8 MiB
-#: made every addition a trip to memory: 96 MB x 8 took 1.5 times as long),
-#: large enough that the calls per slab cost little (at 256 KiB they showed).
-SLAB_BYTES = 2**20
+def read_into(buffer: np.ndarray, dataset: h5py.Dataset, selection: Selection) -> np.ndarray:
+    """Read ``dataset[selection]`` into the leading values of ``buffer``; return that view."""
+    values = leading(buffer, slab_shape(dataset.shape, selection))
+    dataset.read_direct(values, source_sel=selection or None)
+    return values
 
 
-def slabs(shape: tuple[int, ...], itemsize: int = 8) -> list[tuple[slice, ...]]:
-    """Selections covering an array of ``shape`` in row slabs of about SLAB_BYTES.
-
-    ``itemsize`` is the bytes per value of the accumulator (8: float64).
-    """
-    if not shape:
-        return [()]
-    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
-    step = max(1, SLAB_BYTES // max(row_bytes, 1))
-    return [(slice(start, min(start + step, shape[0])),) for start in range(0, shape[0], step)]
-
-
-def _row_bytes(weight: Weight, combine: _Combine) -> int:
-    """Bytes of one row of ``weight``'s accumulator (the least a slab of it holds)."""
-    values = math.prod(weight.shape[1:]) if weight.shape else 1
-    return weight.encoding.accumulator.itemsize * combine.holds * values
-
-
-def slab_shape(shape: tuple[int, ...], selection: tuple[slice, ...]) -> tuple[int, ...]:
-    """The shape of ``selection`` (one of :func:`slabs`) of an array of ``shape``."""
-    if not selection:
-        return shape
-    rows = selection[0]
-    return (rows.stop - rows.start, *shape[1:])
-
-
-def read_into(
-    buffer: np.ndarray, dataset: h5py.Dataset, selection: tuple[slice, ...]
-) -> np.ndarray:
-    """Read ``dataset[selection]`` into (the leading rows of) ``buffer``; return that view."""
-    rows = buffer[: selection[0].stop - selection[0].start] if selection else buffer
-    dataset.read_direct(rows, source_sel=selection or None)
-    return rows
-
-
-def _read(buffer: np.ndarray, source: _Source, selection: tuple[slice, ...]) -> np.ndarray:
+def _read(buffer: np.ndarray, source: _Source, selection: Selection) -> np.ndarray:
     """One slab of ``source``, decoded: an input's failure refuses it, the template's is
     a CheckpointError."""
     try:
         if source.extent is not None:
             assert source.fd_of is not None
-            raw = read_rows(source.fd_of(), source.extent, selection, buffer, source.path)
+            raw = read_slab(source.fd_of(), source.extent, selection, buffer, source.path)
         else:
             assert source.dataset is not None
             raw = read_into(buffer, source.dataset, selection)
@@ -438,7 +394,7 @@ def _non_finite(
     weight: Weight,
     sources: Sequence[_Source],
     like: _Source,
-    selection: tuple[slice, ...],
+    selection: Selection,
     causes: str = "",
 ) -> AggregationError:
     """Which file holds NaN or Inf in ``selection`` (only run once a slab failed the test).
@@ -500,11 +456,11 @@ def sum_into(
 
 #: Computes one slab of the result: ``step(combined, current, out, weight, selection)``
 #: (``combined`` may be used as work space).
-_Step = Callable[[np.ndarray, np.ndarray, np.ndarray, Weight, tuple[slice, ...]], None]
+_Step = Callable[[np.ndarray, np.ndarray, np.ndarray, Weight, Selection], None]
 
 #: Reads one slab of an input, decoded: ``read(source, selection, spare)``; ``spare``:
 #: while the first input's slab is in use.
-_Read = Callable[[_Source, tuple[slice, ...], bool], np.ndarray]
+_Read = Callable[[_Source, Selection, bool], np.ndarray]
 
 
 class _Combine:
@@ -542,7 +498,7 @@ class _Combine:
         self,
         read: _Read,
         sources: Sequence[_Source],
-        selection: tuple[slice, ...],
+        selection: Selection,
         total: np.ndarray,
         scratch: np.ndarray,
     ) -> np.ndarray:
@@ -656,14 +612,7 @@ def _rewrite(
                     stack.enter_context(closing(Descriptors(DESCRIPTORS // lanes)))
                     for _ in range(lanes)
                 ]
-                # An array one row of which is more than a slab is computed a row at a
-                # time, whole rows: two such at once would double the pass's memory.
-                wide: list[Weight] = []
-                narrow: list[Weight] = []
-                for weight in plan:
-                    (wide if _row_bytes(weight, combine) > SLAB_BYTES else narrow).append(weight)
-                bytes_read = in_lanes(narrow, average, pools, cancel)
-                bytes_read += in_lanes(wide, average, pools[:1], cancel)
+                bytes_read = in_lanes(plan, average, pools, cancel)
                 descriptors = pools[0]
                 # Last, before the rename publishes anything: an input written to
                 # while it was read may have given bytes nobody checked.
@@ -718,7 +667,7 @@ class _Unchanged:
 
 
 #: Writes one slab of the result: ``write(values, selection)``.
-_Write = Callable[[np.ndarray, tuple[slice, ...]], None]
+_Write = Callable[[np.ndarray, Selection], None]
 
 
 def _writer(target: h5py.Dataset, stored: np.dtype, fd: int, path: Path) -> _Write:
@@ -727,7 +676,7 @@ def _writer(target: h5py.Dataset, stored: np.dtype, fd: int, path: Path) -> _Wri
     extent = extent_of(target, stored, None, path)
     if extent is None:
         return lambda values, selection: target.write_direct(values, dest_sel=selection or None)
-    return functools.partial(write_rows, fd, extent)
+    return functools.partial(write_slab, fd, extent)
 
 
 def _source(located: _PlainInput | Opened, weight: Weight, descriptors: Descriptors) -> _Source:
@@ -783,7 +732,7 @@ def _write_weight(
     result = np.empty(largest, output.stored)
     buffers: dict[tuple[np.dtype, bool], np.ndarray] = {}  # read buffers, by stored dtype
 
-    def read(source: _Source, selection: tuple[slice, ...], spare: bool = False) -> np.ndarray:
+    def read(source: _Source, selection: Selection, spare: bool = False) -> np.ndarray:
         """Read one slab of ``source``; ``spare``: while the first input's slab is in use.
 
         The spare goes to ``result`` (it holds nothing yet) when the dtypes allow.
@@ -801,18 +750,12 @@ def _write_weight(
     for selection in selections:
         if halt.is_set():
             raise ShuttingDown("aggregation cancelled: shutting down")
-        rows = slab_shape(weight.shape, selection)[:1] if selection else ()
-        combined = combine(
-            read,
-            sources,
-            selection,
-            sums[: rows[0]] if rows else sums,
-            scratch[: rows[0]] if rows else scratch,
-        )
+        shape = slab_shape(weight.shape, selection)
+        combined = combine(read, sources, selection, leading(sums, shape), leading(scratch, shape))
         size = combined.size
         bytes_read += sum(size * source.encoding.stored.itemsize for source in sources)
         current = read(like, selection)
-        stored = result[: rows[0]] if rows else result
+        stored = leading(result, shape)
         values = output.decode(stored)
 
         with np.errstate(over="ignore", invalid="ignore"):  # tested just below
@@ -842,7 +785,7 @@ class _ServerStep:
         current: np.ndarray,
         out: np.ndarray,
         weight: Weight,
-        selection: tuple[slice, ...],
+        selection: Selection,
     ) -> None:
         if self.moments is None:
             self._optimizer.step(d, current, out)

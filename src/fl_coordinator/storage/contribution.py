@@ -24,8 +24,9 @@ import h5py
 import numpy as np
 
 from ..errors import ContributionError
-from .aggregation import Contribution, read_into, slab_shape, slabs
+from .aggregation import Contribution, read_into
 from .plain import Extent, extent_of
+from .slab import slab_shape, slabs
 from .untrusted import WEIGHT_MAX_BYTES, FileIdentity, UntrustedFile, dataset_at
 from .weights import Encoding, Weight
 

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from ..errors import ContributionError
+from .slab import Selection, leading, slab_shape, start_of
 from .untrusted import FileIdentity, UntrustedFile
 
 __all__ = [
@@ -40,9 +41,9 @@ __all__ = [
     "allocated_early",
     "extent_of",
     "open_for_writing",
-    "read_rows",
+    "read_slab",
     "reserve",
-    "write_rows",
+    "write_slab",
 ]
 
 
@@ -52,8 +53,9 @@ class Extent:
 
     offset: int
     nbytes: int
-    #: Bytes per row (the first axis; all of it for a scalar).
-    row_bytes: int
+    #: The dataset's shape, and the bytes of one value (where a slab's bytes lie).
+    shape: tuple[int, ...]
+    itemsize: int
 
 
 def _contiguous(dcpl: h5py.h5p.PropDCID) -> bool:
@@ -69,7 +71,7 @@ def allocated_early(dcpl: h5py.h5p.PropDCID) -> h5py.h5p.PropDCID:
     """``dcpl``, if contiguous, with its space allocated at creation and never filled.
 
     A new dataset created so has an offset at once, where its values can be
-    written with ``pwrite`` (:func:`write_rows`), each once; other layouts
+    written with ``pwrite`` (:func:`write_slab`), each once; other layouts
     are returned as they are.
     """
     if not _contiguous(dcpl):
@@ -114,14 +116,13 @@ def extent_of(
             f"{path}: dataset {dataset.name!r} says its {nbytes} bytes lie at offset {offset}, "
             f"outside the file's {file_size} bytes"
         )
-    rows = shape[0] if shape else 1
-    return Extent(offset, nbytes, nbytes // rows if rows else 0)
+    return Extent(offset, nbytes, shape, stored.itemsize)
 
 
 @contextlib.contextmanager
 def open_for_writing(path: Path) -> Iterator[int]:
     """``path`` (a new file of ours, open in HDF5 too) open for ``pwrite`` beside HDF5's
-    own handle, for :func:`write_rows`."""
+    own handle, for :func:`write_slab`."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         yield fd
@@ -129,15 +130,15 @@ def open_for_writing(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def read_rows(
-    fd: int, extent: Extent, selection: tuple[slice, ...], buffer: np.ndarray, path: Path
+def read_slab(
+    fd: int, extent: Extent, selection: Selection, buffer: np.ndarray, path: Path
 ) -> np.ndarray:
-    """Rows ``selection`` (one slice of the first axis, or ``()``: all) of a plain dataset,
-    read from ``fd`` into the leading rows of ``buffer`` (C-contiguous); return that view.
+    """Slab ``selection`` (see :mod:`.slab`; ``()``: all) of a plain dataset, read from
+    ``fd`` into the leading values of ``buffer`` (C-contiguous); return that view.
 
     Raises ContributionError on a short read (the file is no longer what was checked).
     """
-    view, offset = _rows(extent, selection, buffer)
+    view, offset = _place(extent, selection, buffer)
     target = _bytes(view)
     done = 0
     while done < len(target):
@@ -148,9 +149,9 @@ def read_rows(
     return view
 
 
-def write_rows(fd: int, extent: Extent, values: np.ndarray, selection: tuple[slice, ...]) -> None:
-    """Write ``values`` (C-contiguous, the rows ``selection`` of the dataset) at their place."""
-    _, offset = _rows(extent, selection, values)
+def write_slab(fd: int, extent: Extent, values: np.ndarray, selection: Selection) -> None:
+    """Write ``values`` (C-contiguous, slab ``selection`` of the dataset) at their place."""
+    _, offset = _place(extent, selection, values)
     data = _bytes(values)
     done = 0
     while done < len(data):
@@ -197,14 +198,10 @@ def reserve(fd: int, nbytes: int) -> None:
     raise OSError(code, os.strerror(code))
 
 
-def _rows(
-    extent: Extent, selection: tuple[slice, ...], buffer: np.ndarray
-) -> tuple[np.ndarray, int]:
-    """The leading rows of ``buffer`` that ``selection`` fills, and the file offset of those."""
-    if not selection:
-        return buffer, extent.offset
-    rows = selection[0]
-    return buffer[: rows.stop - rows.start], extent.offset + rows.start * extent.row_bytes
+def _place(extent: Extent, selection: Selection, buffer: np.ndarray) -> tuple[np.ndarray, int]:
+    """The leading values of ``buffer`` that slab ``selection`` fills, and their file offset."""
+    view = leading(buffer, slab_shape(extent.shape, selection))
+    return view, extent.offset + extent.itemsize * start_of(extent.shape, selection)
 
 
 def _bytes(array: np.ndarray) -> memoryview:

@@ -52,7 +52,6 @@ import numpy as np
 
 from ..core.strategy import ServerOptimizer, Strategy
 from ..errors import AggregationError, ConfigError, ContributionError, ProblemError
-from .aggregation import slab_shape
 from .atomic import atomic_target
 from .journal import history, kept_file
 from .layout import Layout
@@ -61,10 +60,11 @@ from .plain import (
     allocated_early,
     extent_of,
     open_for_writing,
-    read_rows,
+    read_slab,
     reserve,
-    write_rows,
+    write_slab,
 )
+from .slab import Selection, slab_shape
 from .weights import Encoding, Weight, upload_encoding
 
 __all__ = [
@@ -361,7 +361,7 @@ class Moments:
                         ) from None
         reserve(self._new_fd, self._new.id.get_filesize())
 
-    def read(self, weight: Weight, moment: str, selection: tuple[slice, ...]) -> np.ndarray:
+    def read(self, weight: Weight, moment: str, selection: Selection) -> np.ndarray:
         """``moment`` of ``weight`` over ``selection``, in the accumulator's dtype (a work
         array of its own: the step updates it in place, :meth:`write` stores it)."""
         shape = slab_shape(weight.shape, selection)
@@ -377,7 +377,7 @@ class Moments:
             if extent is None:
                 dataset.read_direct(stored, source_sel=selection or None)
             else:
-                read_rows(self._old_fd, extent, selection, stored, source)
+                read_slab(self._old_fd, extent, selection, stored, source)
         except ContributionError as error:
             raise AggregationError(str(error)) from None
         except (OSError, RuntimeError) as error:  # HDF5's, of a chunk it cannot read
@@ -386,9 +386,7 @@ class Moments:
         work[...] = stored
         return work
 
-    def write(
-        self, weight: Weight, moment: str, selection: tuple[slice, ...], values: np.ndarray
-    ) -> None:
+    def write(self, weight: Weight, moment: str, selection: Selection, values: np.ndarray) -> None:
         """Store ``values`` as ``moment`` of ``weight`` over ``selection``; AggregationError if
         they do not fit its dtype (an update so large that ``D^2`` overflows)."""
         encoding = state_encoding(weight.encoding)
@@ -404,7 +402,7 @@ class Moments:
         if extent is None:
             dataset.write_direct(stored, dest_sel=selection or None)
         else:
-            write_rows(self._new_fd, extent, stored, selection)
+            write_slab(self._new_fd, extent, stored, selection)
 
     def _buffer(self, key: Hashable, shape: tuple[int, ...]) -> np.ndarray:
         """A buffer of ``shape`` for ``key`` (a dtype, or (name, dtype)): a view of the
