@@ -208,6 +208,29 @@ def test_the_check_locates_plain_arrays_and_the_aggregation_does_not_parse_them_
         assert located[name].tobytes() == again[name].tobytes(), name
 
 
+def test_extents_found_for_another_shape_are_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a slab lies depends on the array's shape: extents said to be of other shapes
+    than the plan's (the same bytes) are not read with the plan's slabs; that input is
+    located again, and the average is the same bits."""
+    monkeypatch.setattr(slab, "SLAB_BYTES", 64)  # several slabs per array
+    checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
+    parts = _checked(tmp_path, checkpoint, 2, chunked=())
+    before = checkpoint.read_bytes()
+    aggregate(checkpoint, parts, tmp_path / "tmp")
+    expected = read_floats(checkpoint)
+    checkpoint.write_bytes(before)
+    assert parts[0].plain is not None
+    transposed = {
+        name: (replace(extent, shape=extent.shape[::-1]), encoding)
+        for name, (extent, encoding) in parts[0].plain.items()
+    }
+    aggregate(checkpoint, [replace(parts[0], plain=transposed), parts[1]], tmp_path / "tmp")
+    for name, values in read_floats(checkpoint).items():
+        assert values.tobytes() == expected[name].tobytes(), name
+
+
 def test_a_plain_input_changed_after_its_check_is_refused_alone(tmp_path: Path) -> None:
     checkpoint = _write(tmp_path / "fl_checkpoint", _arrays(0))
     parts = _checked(tmp_path, checkpoint, 3, chunked=())

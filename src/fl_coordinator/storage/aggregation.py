@@ -238,7 +238,8 @@ class _PlainInput:
     def fits(self, plan: Sequence[Weight]) -> bool:
         """Whether its extents are those of ``plan``'s arrays (the plan its check used)."""
         return [w.name for w in plan] == list(self.extents) and all(
-            self.extents[w.name].nbytes
+            self.extents[w.name].shape == w.shape
+            and self.extents[w.name].nbytes
             == self.encodings[w.name].stored.itemsize * math.prod(w.shape)
             for w in plan
         )
