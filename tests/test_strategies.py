@@ -26,7 +26,7 @@ from fl_coordinator.config import Settings
 from fl_coordinator.core.strategy import STRATEGIES, Combination, ServerOptimizer, Strategy
 from fl_coordinator.errors import AggregationError, CheckpointError, ConfigError
 from fl_coordinator.status.hub import StatusHub
-from fl_coordinator.storage import atomic
+from fl_coordinator.storage import atomic, slab
 from fl_coordinator.storage.aggregation import Contribution, ServerUpdate, aggregate
 from fl_coordinator.storage.journal import (
     Entry,
@@ -268,6 +268,37 @@ async def test_one_huge_update_stays_outside_a_median_or_trimmed_mean(
         high = start + np.max([u[name] for u in honest], axis=0)
         eps = 1e-6 * np.abs(start) + 1e-7
         assert np.all(after[name] >= low - eps) and np.all(after[name] <= high + eps), name
+
+
+@pytest.mark.parametrize("robust", ["median", "trimmed_mean"])
+def test_a_median_or_trimmed_mean_takes_scalars_and_rows_wider_than_a_slab(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, robust: str
+) -> None:
+    """A scalar weight (Keras' ``add_weight(shape=())``) is a slab of its own: its K values
+    were stacked as K numpy scalars, which ``np.divide(out=...)`` refused (TypeError)."""
+    monkeypatch.setattr(slab, "SLAB_BYTES", 64)  # the wide row in several slabs of 2 values
+    rng = np.random.default_rng(5)
+    shapes = {"layers/s/vars/0": (), "layers/w/vars/0": (1, 1, 13), "layers/d/vars/0": (4, 2)}
+    start = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    write_weights(tmp_path / "fl_checkpoint", start)
+    weights = [1, 2, 3, 4, 5]
+    updates = []
+    for i, weight in enumerate(weights):
+        update = {k: (rng.normal(size=s) * weight).astype(np.float32) for k, s in shapes.items()}
+        write_weights(tmp_path / f"agg{i}", update)
+        updates.append(update)
+    parts = [Contribution(f"s{i}", UntrustedFile(tmp_path, f"agg{i}"), w)
+             for i, w in enumerate(weights)]  # fmt: skip
+    strategy = Strategy(combination=Combination(robust, trim_fraction=0.2))
+    aggregate(tmp_path / "fl_checkpoint", parts, tmp_path / "tmp", None, ServerUpdate(strategy))
+    after = read_floats(tmp_path / "fl_checkpoint")
+    for name, x in start.items():
+        means = [u[name].astype(np.float64) / w for u, w in zip(updates, weights, strict=True)]
+        stack = np.sort(np.stack(means), axis=0)
+        d = stack[2] if robust == "median" else stack[1:4].mean(axis=0)  # 1 cut at each end
+        expected = (x.astype(np.float64) + d).astype(np.float32)
+        assert after[name].shape == x.shape
+        np.testing.assert_allclose(after[name], expected, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 async def test_clipping_bounds_a_huge_update_to_the_clip_norm(

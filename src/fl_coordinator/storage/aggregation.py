@@ -558,9 +558,10 @@ class _Combine:
             self._stack = np.empty(size, total.dtype)
         stack = self._stack[:size].reshape((count, *total.shape))
         for index in range(count):
-            np.divide(load(index), weights[index], out=stack[index])
+            row = stack[index, ...]  # an array even of a scalar's slab (stack[index]: a number)
+            np.divide(load(index), weights[index], out=row)
             if self._scales is not None and self._scales[index] != 1:
-                stack[index] *= self._scales[index]
+                row *= self._scales[index]
         return combination.combine(stack, total)
 
 
