@@ -108,7 +108,7 @@ from .plain import (
     reserve,
     write_slab,
 )
-from .slab import Selection, leading, slab_shape, slabs
+from .slab import Selection, largest_slab, leading, slab_shape, slabs
 from .untrusted import Opened, UntrustedFile, dataset_at
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
@@ -727,8 +727,8 @@ def _write_weight(
 ) -> int:
     """``write`` ``step(combine(sources), like)``, slab by slab; return bytes read."""
     accumulator = weight.encoding.accumulator
-    selections = slabs(weight.shape, accumulator.itemsize * combine.holds)
-    largest = slab_shape(weight.shape, selections[0])
+    itemsize = accumulator.itemsize * combine.holds
+    largest = largest_slab(weight.shape, itemsize)
     sums = np.empty(largest, accumulator)
     scratch = np.empty(largest, accumulator)
     result = np.empty(largest, output.stored)
@@ -749,7 +749,7 @@ def _write_weight(
         return _read(buffer, source, selection)
 
     bytes_read = 0
-    for selection in selections:
+    for selection in slabs(weight.shape, itemsize):
         if halt.is_set():
             raise ShuttingDown("aggregation cancelled: shutting down")
         shape = slab_shape(weight.shape, selection)
