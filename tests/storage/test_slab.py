@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from fl_coordinator.storage import slab
-from fl_coordinator.storage.slab import largest_slab, leading, slab_shape, slabs, start_of
+from fl_coordinator.storage.slab import (
+    chunk_slabs,
+    largest_slab,
+    leading,
+    slab_shape,
+    slabs,
+    start_of,
+)
 
 SHAPES = [(), (1,), (7,), (5, 4), (1, 1, 3, 40), (2, 3, 20), (3, 0, 5), (0,), (4, 1, 1, 9)]
 
@@ -75,3 +82,29 @@ def test_slabs_are_made_one_at_a_time_not_listed() -> None:
     assert count == 2**24 // (slab.SLAB_BYTES // 8000) + 1
     assert peak < 2**20
     assert largest_slab(shape, 8 * 1000) == (1,) * 7 + (slab.SLAB_BYTES // 8000,)
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunks"),
+    [((7,), (3,)), ((5, 4), (2, 4)), ((5, 4), (5, 1)), ((1, 1, 3, 40), (1, 1, 2, 7)),
+     ((2, 3, 20), (1, 2, 20)), ((1, 20), (1, 20))],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("slab_bytes", [8, 64, 200, 2**20])
+def test_chunk_slabs_cover_every_value_once_in_whole_chunks(
+    shape: tuple[int, ...], chunks: tuple[int, ...], slab_bytes: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(slab, "SLAB_BYTES", slab_bytes)
+    seen = np.zeros(shape, np.int64)
+    largest, selections = chunk_slabs(shape, chunks, 8)
+    for selection in selections:
+        part = seen[selection]
+        assert part.shape == slab_shape(shape, selection)
+        assert part.size <= math.prod(largest)
+        assert part.size * 8 <= max(slab_bytes, 8 * math.prod(chunks))
+        for axis, where in enumerate(selection):  # starts and ends on a chunk's edge
+            assert where.start % chunks[axis] == 0
+            assert where.stop % chunks[axis] == 0 or where.stop == shape[axis]
+        part += 1
+    assert np.all(seen == 1)

@@ -24,6 +24,7 @@ import numpy as np
 __all__ = [
     "SLAB_BYTES",
     "Selection",
+    "chunk_slabs",
     "largest_slab",
     "leading",
     "slab_shape",
@@ -78,6 +79,31 @@ def _cut(shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
     while axis < len(shape) - 1 and itemsize * math.prod(shape[axis + 1 :]) > SLAB_BYTES:
         axis += 1
     return axis, max(1, SLAB_BYTES // max(itemsize * math.prod(shape[axis + 1 :]), 1))
+
+
+def chunk_slabs(
+    shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int
+) -> tuple[tuple[int, ...], Iterator[Selection]]:
+    """Selections covering an array of ``shape`` stored in ``chunks``, each of whole chunks
+    (cut only by the array's edges), of about SLAB_BYTES or one chunk if that is more
+    (``itemsize``: bytes per value); and the shape of the largest.
+
+    For a reader that needs each value once in any order (a check): HDF5 reads
+    a chunk whole whatever part of it is asked for, so C-order slabs would read
+    a chunk that spans n of them n times (untrusted files get no chunk cache).
+    These are :func:`slabs` of the grid of chunks, not runs in C order.
+    """
+    grid = tuple(-(-length // chunk) for length, chunk in zip(shape, chunks, strict=True))
+    chunk_bytes = itemsize * math.prod(chunks)
+
+    def values(selection: Selection) -> Selection:
+        return tuple(
+            slice(part.start * chunk, min(part.stop * chunk, length))
+            for part, chunk, length in zip(selection, chunks, shape, strict=False)
+        )
+
+    largest = slab_shape(shape, values(tuple(slice(0, n) for n in largest_slab(grid, chunk_bytes))))
+    return largest, (values(selection) for selection in slabs(grid, chunk_bytes))
 
 
 def slab_shape(shape: tuple[int, ...], selection: Selection) -> tuple[int, ...]:
