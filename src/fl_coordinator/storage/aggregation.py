@@ -556,13 +556,16 @@ class _Combine:
         size = count * total.size
         if self._stack is None or self._stack.size < size:
             self._stack = np.empty(size, total.dtype)
-        stack = self._stack[:size].reshape((count, *total.shape))
+        # K rows of the slab's values, flat: the statistic is per coordinate, and a stack
+        # of the slab's own shape would have one axis more than numpy sorts (32 at most,
+        # as many as HDF5 allows), or be a row of numbers for a scalar.
+        stack = self._stack[:size].reshape((count, total.size))
         for index in range(count):
-            row = stack[index, ...]  # an array even of a scalar's slab (stack[index]: a number)
-            np.divide(load(index), weights[index], out=row)
+            np.divide(load(index).reshape(-1), weights[index], out=stack[index])
             if self._scales is not None and self._scales[index] != 1:
-                row *= self._scales[index]
-        return combination.combine(stack, total)
+                stack[index] *= self._scales[index]
+        combination.combine(stack, total.reshape(-1))
+        return total
 
 
 def _rewrite(
