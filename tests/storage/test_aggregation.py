@@ -243,9 +243,9 @@ def test_streaming_in_many_small_slabs_gives_the_same_result(
         parts = [contribution(folder, f"s{i}", updates_like(arrays, i), i + 2) for i in (1, 2)]
         aggregate(checkpoint, parts, folder / "tmp")
         results.append(read_floats(checkpoint))
-    assert len(slab.slabs((5, 4))) == 1
+    assert len(list(slab.slabs((5, 4)))) == 1
     monkeypatch.setattr(slab, "SLAB_BYTES", 64)
-    assert slab.slabs((5, 4)) == [(slice(i, i + 2),) for i in (0, 2)] + [(slice(4, 5),)]
+    assert list(slab.slabs((5, 4))) == [(slice(i, i + 2),) for i in (0, 2)] + [(slice(4, 5),)]
     for name in results[0]:
         np.testing.assert_array_equal(results[0][name], results[1][name], err_msg=name)
 

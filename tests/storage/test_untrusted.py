@@ -366,3 +366,45 @@ async def test_a_file_rewritten_in_place_while_averaged_is_refused(
 )
 def test_text_from_files_is_escaped_and_cut(text: str, expected: str) -> None:
     assert clip(text) == expected
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read with read(2) and the like (``rchar``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunks"),
+    [((1, 2**21), (1, 2**21)), ((2**16, 32), (2**16, 1))],
+    ids=["one wide row in one chunk", "column chunks across every slab"],
+)
+def test_the_check_reads_each_chunk_once(
+    tmp_path: Path, shape: tuple[int, ...], chunks: tuple[int, ...]
+) -> None:
+    """A chunk is read whole (checksummed, unshuffled) whatever part of it a slab wants, and
+    untrusted files get no chunk cache: read in C-order slabs, an 8 MiB chunk spanning 8
+    slabs was read 8 times (64 MiB for these 8 MiB arrays). Read whole chunks at a time,
+    each once; the norm and the NaN test see every value."""
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=shape).astype(np.float32)
+    root = tmp_path / "root"
+    (root / "sel").mkdir(parents=True)
+    name = "layers/w/vars/0"
+    checkpoint = write(root / "fl_checkpoint", {name: np.zeros(shape, np.float32)})
+    spec = CheckpointSpec(read_checkpoint_plan(checkpoint), checkpoint.stat().st_size, True)
+    files = SelectorFiles(root, "agg", "weight")
+    (root / "sel" / "weight").write_text("1")
+    options = {"chunks": chunks, "shuffle": True, "fletcher32": True}
+    size = write(root / "sel" / "agg", {name: values}, **options).stat().st_size
+    before = _bytes_read()
+    checked = examine("sel", files, spec)
+    read = _bytes_read() - before
+    assert size <= read < 1.25 * size, (read, size)
+    assert checked.square_norm == pytest.approx(np.sum(values.astype(np.float64) ** 2), rel=1e-12)
+    values[-1, -1] = np.nan  # in the last chunk read
+    write(root / "sel" / "agg", {name: values}, **options)
+    with pytest.raises(ContributionError, match="contains NaN or Inf"):
+        examine("sel", files, spec)

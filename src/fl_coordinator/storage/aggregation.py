@@ -108,7 +108,7 @@ from .plain import (
     reserve,
     write_slab,
 )
-from .slab import Selection, leading, slab_shape, slabs
+from .slab import Selection, largest_slab, leading, slab_shape, slabs
 from .untrusted import Opened, UntrustedFile, dataset_at
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
@@ -556,12 +556,16 @@ class _Combine:
         size = count * total.size
         if self._stack is None or self._stack.size < size:
             self._stack = np.empty(size, total.dtype)
-        stack = self._stack[:size].reshape((count, *total.shape))
+        # K rows of the slab's values, flat: the statistic is per coordinate, and a stack
+        # of the slab's own shape would have one axis more than numpy sorts (32 at most,
+        # as many as HDF5 allows), or be a row of numbers for a scalar.
+        stack = self._stack[:size].reshape((count, total.size))
         for index in range(count):
-            np.divide(load(index), weights[index], out=stack[index])
+            np.divide(load(index).reshape(-1), weights[index], out=stack[index])
             if self._scales is not None and self._scales[index] != 1:
                 stack[index] *= self._scales[index]
-        return combination.combine(stack, total)
+        combination.combine(stack, total.reshape(-1))
+        return total
 
 
 def _rewrite(
@@ -726,8 +730,8 @@ def _write_weight(
 ) -> int:
     """``write`` ``step(combine(sources), like)``, slab by slab; return bytes read."""
     accumulator = weight.encoding.accumulator
-    selections = slabs(weight.shape, accumulator.itemsize * combine.holds)
-    largest = slab_shape(weight.shape, selections[0])
+    itemsize = accumulator.itemsize * combine.holds
+    largest = largest_slab(weight.shape, itemsize)
     sums = np.empty(largest, accumulator)
     scratch = np.empty(largest, accumulator)
     result = np.empty(largest, output.stored)
@@ -748,7 +752,7 @@ def _write_weight(
         return _read(buffer, source, selection)
 
     bytes_read = 0
-    for selection in selections:
+    for selection in slabs(weight.shape, itemsize):
         if halt.is_set():
             raise ShuttingDown("aggregation cancelled: shutting down")
         shape = slab_shape(weight.shape, selection)

@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import ContributionError
 from .aggregation import Contribution, read_into
 from .plain import Extent, extent_of
-from .slab import slab_shape, slabs
+from .slab import chunk_slabs, largest_slab, slabs
 from .untrusted import WEIGHT_MAX_BYTES, FileIdentity, UntrustedFile, dataset_at
 from .weights import Encoding, Weight
 
@@ -142,8 +142,12 @@ def _check_values(
     dataset: h5py.Dataset, encoding: Encoding, name: str, path: Path, measure: bool
 ) -> float:
     """Raise ContributionError for NaN or Inf; return the squared L2 norm if ``measure``."""
-    selections = slabs(dataset.shape, encoding.stored.itemsize)
-    buffer = np.empty(slab_shape(dataset.shape, selections[0]), encoding.stored)
+    shape, itemsize = dataset.shape, encoding.stored.itemsize
+    if dataset.chunks is None:
+        largest, selections = largest_slab(shape, itemsize), slabs(shape, itemsize)
+    else:  # whole chunks at a time: each read once (see chunk_slabs)
+        largest, selections = chunk_slabs(shape, dataset.chunks, itemsize)
+    buffer = np.empty(largest, encoding.stored)
     square = 0.0
     for selection in selections:
         part = encoding.decode(read_into(buffer, dataset, selection))

@@ -17,10 +17,20 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["SLAB_BYTES", "Selection", "leading", "slab_shape", "slabs", "start_of"]
+__all__ = [
+    "SLAB_BYTES",
+    "Selection",
+    "chunk_slabs",
+    "largest_slab",
+    "leading",
+    "slab_shape",
+    "slabs",
+    "start_of",
+]
 
 #: Arrays are streamed in slabs of about this many bytes (in float64): memory
 #: stays bounded by a few slabs, whatever the size of the largest array. Small
@@ -35,25 +45,65 @@ SLAB_BYTES = 2**20
 Selection = tuple[slice, ...]
 
 
-def slabs(shape: tuple[int, ...], itemsize: int = 8) -> list[Selection]:
+def slabs(shape: tuple[int, ...], itemsize: int = 8) -> Iterator[Selection]:
     """Selections covering an array of ``shape`` in C order, in slabs of at most about
-    SLAB_BYTES (one value, if a value is larger).
+    SLAB_BYTES (one value, if a value is larger), made one at a time.
 
     ``itemsize`` is the bytes each value costs while a slab is worked on (8: a
     float64 accumulator; more where several work arrays are held per value).
+    Never listed: a median of K selectors cuts K times more slabs, each a
+    slice per axis, which listed could outweigh the array itself.
     """
     if not shape:
-        return [()]
+        yield ()
+        return
+    axis, step = _cut(shape, itemsize)
+    length = shape[axis]
+    for outer in itertools.product(*(range(n) for n in shape[:axis])):
+        before = tuple(slice(index, index + 1) for index in outer)
+        for start in range(0, length, step):
+            yield (*before, slice(start, min(start + step, length)))
+
+
+def largest_slab(shape: tuple[int, ...], itemsize: int = 8) -> tuple[int, ...]:
+    """The shape of the largest of :func:`slabs` (the first): what its buffers hold."""
+    if not shape:
+        return ()
+    axis, step = _cut(shape, itemsize)
+    return (*(1,) * axis, min(step, shape[axis]), *shape[axis + 1 :])
+
+
+def _cut(shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    """The axis ``k`` the slabs of ``shape`` cut, and how many of its indices a slab takes."""
     axis = 0  # the first whose trailing block fits (the last axis' is one value)
     while axis < len(shape) - 1 and itemsize * math.prod(shape[axis + 1 :]) > SLAB_BYTES:
         axis += 1
-    step = max(1, SLAB_BYTES // max(itemsize * math.prod(shape[axis + 1 :]), 1))
-    length = shape[axis]
-    return [
-        (*(slice(index, index + 1) for index in outer), slice(start, min(start + step, length)))
-        for outer in itertools.product(*(range(n) for n in shape[:axis]))
-        for start in range(0, length, step)
-    ]
+    return axis, max(1, SLAB_BYTES // max(itemsize * math.prod(shape[axis + 1 :]), 1))
+
+
+def chunk_slabs(
+    shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int
+) -> tuple[tuple[int, ...], Iterator[Selection]]:
+    """Selections covering an array of ``shape`` stored in ``chunks``, each of whole chunks
+    (cut only by the array's edges), of about SLAB_BYTES or one chunk if that is more
+    (``itemsize``: bytes per value); and the shape of the largest.
+
+    For a reader that needs each value once in any order (a check): HDF5 reads
+    a chunk whole whatever part of it is asked for, so C-order slabs would read
+    a chunk that spans n of them n times (untrusted files get no chunk cache).
+    These are :func:`slabs` of the grid of chunks, not runs in C order.
+    """
+    grid = tuple(-(-length // chunk) for length, chunk in zip(shape, chunks, strict=True))
+    chunk_bytes = itemsize * math.prod(chunks)
+
+    def values(selection: Selection) -> Selection:
+        return tuple(
+            slice(part.start * chunk, min(part.stop * chunk, length))
+            for part, chunk, length in zip(selection, chunks, shape, strict=False)
+        )
+
+    largest = slab_shape(shape, values(tuple(slice(0, n) for n in largest_slab(grid, chunk_bytes))))
+    return largest, (values(selection) for selection in slabs(grid, chunk_bytes))
 
 
 def slab_shape(shape: tuple[int, ...], selection: Selection) -> tuple[int, ...]:

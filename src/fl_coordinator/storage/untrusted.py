@@ -238,7 +238,9 @@ class UntrustedFile:
             with open(fd, "rb", buffering=0, closefd=False) as raw:
                 try:
                     # rdcc_nbytes=0: no chunk cache per open file, so K open inputs cost
-                    # K times nothing; each slab is read once anyway.
+                    # K times nothing. A chunk is then read once per slab it spans: the
+                    # check reads whole chunks (slab.chunk_slabs); the aggregation's
+                    # C-order slabs re-read a chunk that spans several (a known cost).
                     file = h5py.File(raw, "r", rdcc_nbytes=0)
                 except (OSError, ValueError) as error:
                     raise ContributionError(
