@@ -45,19 +45,23 @@ SLAB_BYTES = 2**20
 Selection = tuple[slice, ...]
 
 
-def slabs(shape: tuple[int, ...], itemsize: int = 8) -> Iterator[Selection]:
+def slabs(
+    shape: tuple[int, ...], itemsize: int = 8, *, whole_rows: bool = False
+) -> Iterator[Selection]:
     """Selections covering an array of ``shape`` in C order, in slabs of at most about
     SLAB_BYTES (one value, if a value is larger), made one at a time.
 
     ``itemsize`` is the bytes each value costs while a slab is worked on (8: a
     float64 accumulator; more where several work arrays are held per value).
+    ``whole_rows``: never cut within a row (a slab is then at least one row),
+    for readers to whom that costs more than memory (see :mod:`.aggregation`).
     Never listed: a median of K selectors cuts K times more slabs, each a
     slice per axis, which listed could outweigh the array itself.
     """
     if not shape:
         yield ()
         return
-    axis, step = _cut(shape, itemsize)
+    axis, step = _cut(shape, itemsize, whole_rows)
     length = shape[axis]
     for outer in itertools.product(*(range(n) for n in shape[:axis])):
         before = tuple(slice(index, index + 1) for index in outer)
@@ -65,18 +69,24 @@ def slabs(shape: tuple[int, ...], itemsize: int = 8) -> Iterator[Selection]:
             yield (*before, slice(start, min(start + step, length)))
 
 
-def largest_slab(shape: tuple[int, ...], itemsize: int = 8) -> tuple[int, ...]:
+def largest_slab(
+    shape: tuple[int, ...], itemsize: int = 8, *, whole_rows: bool = False
+) -> tuple[int, ...]:
     """The shape of the largest of :func:`slabs` (the first): what its buffers hold."""
     if not shape:
         return ()
-    axis, step = _cut(shape, itemsize)
+    axis, step = _cut(shape, itemsize, whole_rows)
     return (*(1,) * axis, min(step, shape[axis]), *shape[axis + 1 :])
 
 
-def _cut(shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+def _cut(shape: tuple[int, ...], itemsize: int, whole_rows: bool) -> tuple[int, int]:
     """The axis ``k`` the slabs of ``shape`` cut, and how many of its indices a slab takes."""
     axis = 0  # the first whose trailing block fits (the last axis' is one value)
-    while axis < len(shape) - 1 and itemsize * math.prod(shape[axis + 1 :]) > SLAB_BYTES:
+    while (
+        not whole_rows
+        and axis < len(shape) - 1
+        and itemsize * math.prod(shape[axis + 1 :]) > SLAB_BYTES
+    ):
         axis += 1
     return axis, max(1, SLAB_BYTES // max(itemsize * math.prod(shape[axis + 1 :]), 1))
 
