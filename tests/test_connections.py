@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import trio
 
-from fl_coordinator.connections import CLOSING_MAX, ConnectionLimits, Gate, Slot, port_share
+from fl_coordinator.connections import (
+    CLOSING_MAX,
+    ConnectionLimits,
+    Gate,
+    Slot,
+    descriptor_budget,
+    port_share,
+)
 
 CAP = 4
 DIALS = 40
@@ -75,6 +82,24 @@ async def test_connections_closed_to_make_room_that_never_go_hold_at_most_closin
 def test_a_ports_share_leaves_room_for_its_closing_connections() -> None:
     """192 descriptors of 256 for the connections, two ports: 96 each, of which
     CLOSING_MAX closing ones and the one being accepted."""
-    assert port_share(2, 256) == 96 - CLOSING_MAX - 1
-    assert port_share(3, 256) == 64 - CLOSING_MAX - 1
-    assert port_share(2, 40) == 1  # never none
+    assert port_share(2, 256) == (96 - CLOSING_MAX - 1, CLOSING_MAX)
+    assert port_share(3, 256) == (64 - CLOSING_MAX - 1, CLOSING_MAX)
+    assert port_share(2, 40) == (2, 1)  # 4 each
+
+
+def test_under_a_small_limit_closing_connections_leave_most_of_the_share_open() -> None:
+    """64 descriptors, three ports: 10 each. Before: 9 of them kept for closing ones
+    and the one being accepted, 1 for open connections (two selectors closed each
+    other's connections; and 48, two ports: 8 each, 10 held); now 1 closing, 8
+    open. Whatever the limit, a port's connections fit its part, and at least
+    half of it is for open ones."""
+    assert port_share(3, 64) == (8, 1)
+    assert port_share(2, 64) == (13, 2)
+    for ports in (2, 3):
+        for limit in range(40, 4096):
+            part = descriptor_budget(limit) // ports
+            share = port_share(ports, limit)
+            assert 1 <= share.closing <= CLOSING_MAX
+            if part >= 3:  # (below, 1 open and 1 closing are more than the part)
+                assert share.connections + share.closing + 1 <= part, (ports, limit, share)
+            assert share.connections >= part // 2, (ports, limit, share)

@@ -23,7 +23,8 @@ coordinator (gRPC, status websocket, metrics) accepts through a
   its handshake, the new one is closed at once;
 * a connection closed to make room still holds its descriptor while it
   says goodbye (a GOAWAY, up to a second for a peer that does not read):
-  at most :data:`CLOSING_MAX` of them per listener. With that many closing,
+  at most :data:`CLOSING_MAX` of them per listener (fewer under a small
+  ``RLIMIT_NOFILE``: see :func:`port_share`). With that many closing,
   the listener hurries the oldest (closes it at once) and accepts the next
   connection only when one has gone; otherwise a peer that dials faster
   than its connections take their goodbyes would hold descriptors beyond
@@ -50,7 +51,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generic, NoReturn, TypeVar
+from typing import Generic, NamedTuple, NoReturn, TypeVar
 
 import anyio
 import trio
@@ -64,6 +65,7 @@ __all__ = [
     "MIN_RESERVED_DESCRIPTORS",
     "ConnectionLimits",
     "Gate",
+    "PortShare",
     "S",
     "Slot",
     "descriptor_budget",
@@ -97,12 +99,15 @@ MIN_BACKOFF, MAX_BACKOFF = 0.01, 1.0
 class ConnectionLimits:
     """What one listener's peers may cost (``MAX_CONNECTIONS``, ``*_TIMEOUT`` keys).
 
+    ``max_closing``: connections closed to make room that may still be saying
+    goodbye (:data:`CLOSING_MAX`, or fewer: see :func:`port_share`);
     ``idle_timeout`` (seconds, None: never) applies where a connection has
     calls to be idle between (gRPC); ``handshake_timeout`` (seconds) bounds a
     TLS handshake on every port, the websocket upgrade and a metrics request.
     """
 
     max_connections: int = 1000
+    max_closing: int = CLOSING_MAX
     idle_timeout: float | None = None
     handshake_timeout: float = 5.0
 
@@ -121,14 +126,27 @@ def descriptor_budget(limit: int | None = None) -> int:
     return max(1, limit - max(MIN_RESERVED_DESCRIPTORS, limit // 4))
 
 
-def port_share(ports: int, limit: int | None = None) -> int:
-    """Connections one of ``ports`` listeners may keep open (its ``max_connections``).
+class PortShare(NamedTuple):
+    """One listener's part of :func:`descriptor_budget`, as :class:`ConnectionLimits` counts it."""
 
-    Its part of :func:`descriptor_budget` less what it may hold besides:
-    :data:`CLOSING_MAX` connections closing and the one being accepted
-    (256 descriptors, two ports: 87 each). At least 1.
+    #: Connections it may keep open (its ``max_connections``), at least 1.
+    connections: int
+    #: Connections closed to make room that may still be saying goodbye (its ``max_closing``).
+    closing: int
+
+
+def port_share(ports: int, limit: int | None = None) -> PortShare:
+    """What one of ``ports`` listeners may hold of :func:`descriptor_budget`.
+
+    Its part, less the connections closing (:data:`CLOSING_MAX`, but no more
+    than an eighth of the part, and at least 1: under a small limit, the
+    closing ones must not take the open ones' places) and the one being
+    accepted. 256 descriptors, two ports: 87 open and 8 closing each; 64, three
+    ports: 8 and 1.
     """
-    return max(1, descriptor_budget(limit) // ports - CLOSING_MAX - 1)
+    part = descriptor_budget(limit) // ports
+    closing = max(1, min(CLOSING_MAX, part // 8))
+    return PortShare(max(1, part - closing - 1), closing)
 
 
 class Slot:
@@ -253,11 +271,14 @@ class Gate(Generic[S]):
             self._gone.set()
 
     async def _room_to_close(self) -> None:
-        """Wait until one more connection may be closed to make room (see :data:`CLOSING_MAX`).
+        """Wait until one more connection may be closed to make room (``max_closing``).
 
         Called before each ``accept``: at the cap, the newcomer will close one.
         """
-        while len(self._closing) >= CLOSING_MAX and len(self._open) >= self.limits.max_connections:
+        limits = self.limits
+        while (
+            len(self._closing) >= limits.max_closing and len(self._open) >= limits.max_connections
+        ):
             if self._gone.is_set():  # (each accept loop of this gate waits on the same one)
                 self._gone = trio.Event()
             next(iter(self._closing)).cancel_scope.cancel()  # its goodbye is cut short
