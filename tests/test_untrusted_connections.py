@@ -385,7 +385,7 @@ def test_go_selector_check_ins_never_closed_stay_within_the_limit(
             kept.append(peer)  # never closed, as the Go selector does
     assert [answer["grpc-status"] for answer in answers] == ["0"] * 2000
     assert server.process.poll() is None
-    share = sum(port_share(2, 256)) + 1  # open, closing, being accepted
+    share = sum(port_share(2, 256)) + 1  # open, closing, its spare
     assert share == 96
     assert peak.sockets <= sockets + share, (sockets, peak.sockets)
     # 4: files opened meanwhile (the journal's next version, rounds.jsonl)
