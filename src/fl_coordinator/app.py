@@ -277,14 +277,17 @@ def _connection_limits(settings: Settings) -> ConnectionLimits:
     """The settings' limits, with MAX_CONNECTIONS lowered to each port's share of descriptors."""
     ports = 2 if settings.metrics_port is None else 3
     share = port_share(ports)
-    if share < settings.max_connections:
+    if share.connections < settings.max_connections:
         log.info(
-            "RLIMIT_NOFILE leaves descriptors for %d connections per port (MAX_CONNECTIONS=%d)",
-            share,
+            "RLIMIT_NOFILE leaves descriptors for %d connections per port (MAX_CONNECTIONS=%d), "
+            "and %d closing to make room",
+            share.connections,
             settings.max_connections,
+            share.closing,
         )
     return ConnectionLimits(
-        max_connections=min(settings.max_connections, share),
+        max_connections=min(settings.max_connections, share.connections),
+        max_closing=share.closing,
         idle_timeout=settings.idle_connection_timeout or None,
         handshake_timeout=settings.handshake_timeout,
     )

@@ -23,11 +23,13 @@ coordinator (gRPC, status websocket, metrics) accepts through a
   its handshake, the new one is closed at once;
 * a connection closed to make room still holds its descriptor while it
   says goodbye (a GOAWAY, up to a second for a peer that does not read):
-  at most :data:`CLOSING_MAX` of them per listener. With that many closing,
-  the listener hurries the oldest (closes it at once) and accepts the next
-  connection only when one has gone; otherwise a peer that dials faster
-  than its connections take their goodbyes would hold descriptors beyond
-  the port's share. :func:`port_share` counts them in the share;
+  at most :data:`CLOSING_MAX` of them per listener (fewer under a small
+  ``RLIMIT_NOFILE``: see :func:`port_share`), all its sockets together
+  (``localhost``: IPv4 and IPv6). With that many closing, the listener
+  hurries the oldest (closes it at once) and accepts the next connection
+  only when one has gone; otherwise a peer that dials faster than its
+  connections take their goodbyes would hold descriptors beyond the port's
+  share. :func:`port_share` counts them in the share;
 * if ``accept`` fails for want of descriptors anyway (EMFILE, ENFILE: other
   code opened files meanwhile), the listener does not stop (before, the
   process exited): it closes a descriptor it keeps in reserve, accepts one
@@ -47,10 +49,10 @@ import logging
 import os
 import resource
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Generic, NoReturn, TypeVar
+from typing import Generic, NamedTuple, NoReturn, TypeVar
 
 import anyio
 import trio
@@ -64,6 +66,7 @@ __all__ = [
     "MIN_RESERVED_DESCRIPTORS",
     "ConnectionLimits",
     "Gate",
+    "PortShare",
     "S",
     "Slot",
     "descriptor_budget",
@@ -97,12 +100,15 @@ MIN_BACKOFF, MAX_BACKOFF = 0.01, 1.0
 class ConnectionLimits:
     """What one listener's peers may cost (``MAX_CONNECTIONS``, ``*_TIMEOUT`` keys).
 
+    ``max_closing``: connections closed to make room that may still be saying
+    goodbye (:data:`CLOSING_MAX`, or fewer: see :func:`port_share`);
     ``idle_timeout`` (seconds, None: never) applies where a connection has
     calls to be idle between (gRPC); ``handshake_timeout`` (seconds) bounds a
     TLS handshake on every port, the websocket upgrade and a metrics request.
     """
 
     max_connections: int = 1000
+    max_closing: int = CLOSING_MAX
     idle_timeout: float | None = None
     handshake_timeout: float = 5.0
 
@@ -121,14 +127,27 @@ def descriptor_budget(limit: int | None = None) -> int:
     return max(1, limit - max(MIN_RESERVED_DESCRIPTORS, limit // 4))
 
 
-def port_share(ports: int, limit: int | None = None) -> int:
-    """Connections one of ``ports`` listeners may keep open (its ``max_connections``).
+class PortShare(NamedTuple):
+    """One listener's part of :func:`descriptor_budget`, as :class:`ConnectionLimits` counts it."""
 
-    Its part of :func:`descriptor_budget` less what it may hold besides:
-    :data:`CLOSING_MAX` connections closing and the one being accepted
-    (256 descriptors, two ports: 87 each). At least 1.
+    #: Connections it may keep open (its ``max_connections``), at least 1.
+    connections: int
+    #: Connections closed to make room that may still be saying goodbye (its ``max_closing``).
+    closing: int
+
+
+def port_share(ports: int, limit: int | None = None) -> PortShare:
+    """What one of ``ports`` listeners may hold of :func:`descriptor_budget`.
+
+    Its part, less the connections closing (:data:`CLOSING_MAX`, but no more
+    than an eighth of the part, and at least 1: under a small limit, the
+    closing ones must not take the open ones' places) and its spare
+    descriptor (kept for ``accept`` failing with EMFILE). 256 descriptors,
+    two ports: 87 open and 8 closing each; 64, three ports: 8 and 1.
     """
-    return max(1, descriptor_budget(limit) // ports - CLOSING_MAX - 1)
+    part = descriptor_budget(limit) // ports
+    closing = max(1, min(CLOSING_MAX, part // 8))
+    return PortShare(max(1, part - closing - 1), closing)
 
 
 class Slot:
@@ -197,7 +216,9 @@ class Gate(Generic[S]):
         # _closing (no longer counted against the cap) while it says goodbye.
         self._open: OrderedDict[Slot, None] = OrderedDict()
         self._closing: OrderedDict[Slot, None] = OrderedDict()
-        self._gone = trio.Event()  # set when a closing connection has gone
+        self._placed = 0  # connections accept loops may admit before they look again
+        self._loops = 1  # accept loops (one per socket)
+        self._released = trio.Event()  # set when an admitted connection has gone
         self._spare: int | None = None
 
     # -- admission ------------------------------------------------------------
@@ -248,20 +269,35 @@ class Gate(Generic[S]):
 
     def _release(self, slot: Slot) -> None:
         self._open.pop(slot, None)
-        if slot in self._closing:
-            del self._closing[slot]
-            self._gone.set()
+        self._closing.pop(slot, None)
+        self._released.set()
 
-    async def _room_to_close(self) -> None:
-        """Wait until one more connection may be closed to make room (see :data:`CLOSING_MAX`).
+    @asynccontextmanager
+    async def _place(self) -> AsyncIterator[None]:
+        """A place for the connection an accept loop takes next, until it is admitted or closed.
 
-        Called before each ``accept``: at the cap, the newcomer will close one.
+        The open connections, those closing to make room and those the accept
+        loops may admit stay within ``max_connections + max_closing``: with as
+        many, the oldest closing one is hurried (its goodbye cut short) and the
+        loop waits until one has gone. Each loop takes its place before its
+        ``accept`` (one that sits in it while others admit holds one), so a
+        port with several sockets stays within it too; its ``max_closing`` is
+        raised to its number of loops if below (a loop always finds one
+        closing to hurry: open ones are at most ``max_connections``, places
+        one fewer than the loops).
         """
-        while len(self._closing) >= CLOSING_MAX and len(self._open) >= self.limits.max_connections:
-            if self._gone.is_set():  # (each accept loop of this gate waits on the same one)
-                self._gone = trio.Event()
+        limits = self.limits
+        room = limits.max_connections + max(limits.max_closing, self._loops)
+        while len(self._open) + len(self._closing) + self._placed >= room:
+            if self._released.is_set():  # (each accept loop of this gate waits on the same one)
+                self._released = trio.Event()
             next(iter(self._closing)).cancel_scope.cancel()  # its goodbye is cut short
-            await self._gone.wait()
+            await self._released.wait()
+        self._placed += 1
+        try:
+            yield
+        finally:
+            self._placed -= 1
 
     # -- accepting ------------------------------------------------------------
 
@@ -312,36 +348,36 @@ class Gate(Generic[S]):
         """The next connection admitted; refused and shed ones are closed on the way."""
         backoff = MIN_BACKOFF
         while True:
-            await self._room_to_close()
-            try:
-                stream = await accept()
-            except (OSError, anyio.BrokenResourceError) as error:
-                code = _errno(error)
-                if code in IGNORED_ERRNOS:
-                    continue
-                if code not in CAPACITY_ERRNOS:
-                    raise
-                self.throttle.warning(
-                    f"{self.name}: out of file descriptors",
-                    "%s: cannot accept connections: %s (RLIMIT_NOFILE=%d); closing new "
-                    "connections at once until descriptors are free",
-                    self.name,
-                    os.strerror(code),
-                    resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-                    peer="",
-                )
-                spared, taken = await self._accept_with_spare(accept, close)
-                if spared is None:
-                    if not taken:
-                        await trio.sleep(backoff)
-                        backoff = min(2 * backoff, MAX_BACKOFF)
-                    continue
-                stream = spared
-            backoff = MIN_BACKOFF
-            slot = self._admit()
-            if slot is not None:
-                return stream, slot
-            await close(stream)
+            async with self._place():
+                try:
+                    stream = await accept()
+                except (OSError, anyio.BrokenResourceError) as error:
+                    code = _errno(error)
+                    if code in IGNORED_ERRNOS:
+                        continue
+                    if code not in CAPACITY_ERRNOS:
+                        raise
+                    self.throttle.warning(
+                        f"{self.name}: out of file descriptors",
+                        "%s: cannot accept connections: %s (RLIMIT_NOFILE=%d); closing new "
+                        "connections at once until descriptors are free",
+                        self.name,
+                        os.strerror(code),
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                        peer="",
+                    )
+                    spared, taken = await self._accept_with_spare(accept, close)
+                    if spared is None:
+                        if not taken:
+                            await trio.sleep(backoff)
+                            backoff = min(2 * backoff, MAX_BACKOFF)
+                        continue
+                    stream = spared
+                backoff = MIN_BACKOFF
+                slot = self._admit()
+                if slot is not None:
+                    return stream, slot
+                await close(stream)
 
     async def _run(
         self,
@@ -378,6 +414,7 @@ class Gate(Generic[S]):
         ``close`` closes a stream at once (``trio.aclose_forcefully``); it is
         called for every stream, after its handler returns.
         """
+        self._loops = len(accepts)
         with self._reserve():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.throttle.run)
