@@ -610,7 +610,8 @@ KEYS: tuple[Key, ...] = (
         "an integer >= 1",
         "Concurrent connections per port (gRPC, status, metrics), lowered to each port's "
         "share of three quarters of RLIMIT_NOFILE; at the limit the gRPC port closes its least "
-        "recently active connection (GOAWAY), the others close the new one.",
+        "recently active connection (GOAWAY), the others the oldest one still in its "
+        "handshake, or else the new one.",
     ),
     Key(
         "IDLE_CONNECTION_TIMEOUT",
