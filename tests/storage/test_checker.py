@@ -282,8 +282,10 @@ async def test_every_file_of_a_batch_is_held_to_the_memory_budget_and_bloat_ends
         baseline = vm_size(first)
         found = await checked_behind_the_first(checker, selectors)
         retired = not exists(first)
-        (worker,) = check_workers()
-        grown = vm_size(worker) - baseline
+        # None, if the last file checked was hostile (its worker retired after it; the
+        # next job starts another): which it is depends on the order the four queued in.
+        left = check_workers()
+        grown = [vm_size(worker) - baseline for worker in left]
     for selector in hostile:  # HDF5's or our words for the same MemoryError
         reason = found[selector]
         assert isinstance(reason, str) and reason.startswith(f"{layout.selector_dir(selector)}")
@@ -298,7 +300,8 @@ async def test_every_file_of_a_batch_is_held_to_the_memory_budget_and_bloat_ends
         stop = next((at for at, selector in enumerate(batch) if selector in hostile), len(batch))
         assert following == batch[stop + 1 :]
     assert retired  # after the first hostile file
-    assert grown < checker_module.RETIRE_GROWTH  # was 220 MiB: the worker kept it
+    assert len(left) <= 1
+    assert all(size < checker_module.RETIRE_GROWTH for size in grown), grown  # was 220 MiB
 
 
 async def test_checks_abandoned_while_their_job_runs_kill_its_worker_and_leave_nothing(
