@@ -785,12 +785,12 @@ def _write_weight(
 
 class _ServerStep:
     """The optimizer's step on one slab, with its moments read and written around it
-    (work space kept per lane: several threads may step their own arrays at once)."""
+    (work space from the moments' buffers, per lane: several threads may step their own
+    arrays at once)."""
 
     def __init__(self, strategy: Strategy) -> None:
         self._optimizer = strategy.optimizer
         self.moments: Moments | None = None
-        self._lanes = threading.local()
 
     def __call__(
         self,
@@ -804,10 +804,7 @@ class _ServerStep:
             self._optimizer.step(d, current, out)
             return
         state = {name: self.moments.read(weight, name, selection) for name in self.moments.names}
-        kept: np.ndarray | None = getattr(self._lanes, "scratch", None)
-        if kept is None or kept.size < d.size:
-            kept = self._lanes.scratch = np.empty(d.size, d.dtype)
-        scratch = kept[: d.size].reshape(d.shape)
+        scratch = self.moments.buffer(("scratch", d.dtype), d.shape)
         self._optimizer.step(d, current, out, state.get("m"), state.get("v"), scratch)
         for name, values in state.items():
             self.moments.write(weight, name, selection, values)

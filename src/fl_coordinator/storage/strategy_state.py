@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Hashable, Iterator, Sequence
@@ -64,7 +65,7 @@ from .plain import (
     reserve,
     write_slab,
 )
-from .slab import Selection, slab_shape
+from .slab import Selection, leading, slab_shape
 from .weights import Encoding, Weight, upload_encoding
 
 __all__ = [
@@ -365,11 +366,11 @@ class Moments:
         """``moment`` of ``weight`` over ``selection``, in the accumulator's dtype (a work
         array of its own: the step updates it in place, :meth:`write` stores it)."""
         shape = slab_shape(weight.shape, selection)
-        work = self._buffer((moment, weight.encoding.accumulator), shape)
+        work = self.buffer((moment, weight.encoding.accumulator), shape)
         if self._old is None:
             work.fill(self._update.optimizer.initial(moment))
             return work
-        stored = self._buffer(state_encoding(weight.encoding).stored, shape)
+        stored = self.buffer(state_encoding(weight.encoding).stored, shape)
         dataset, extent = self._read_from[f"{moment}/{weight.name}"]
         source = self._update.source
         assert source is not None
@@ -390,7 +391,7 @@ class Moments:
         """Store ``values`` as ``moment`` of ``weight`` over ``selection``; AggregationError if
         they do not fit its dtype (an update so large that ``D^2`` overflows)."""
         encoding = state_encoding(weight.encoding)
-        stored = self._buffer(encoding.stored, values.shape)
+        stored = self.buffer(encoding.stored, values.shape)
         with np.errstate(over="ignore", invalid="ignore"):
             np.copyto(stored, values, casting="same_kind")
         if not np.isfinite(stored.sum()) and not np.all(np.isfinite(stored)):
@@ -404,17 +405,17 @@ class Moments:
         else:
             write_slab(self._new_fd, extent, stored, selection)
 
-    def _buffer(self, key: Hashable, shape: tuple[int, ...]) -> np.ndarray:
-        """A buffer of ``shape`` for ``key`` (a dtype, or (name, dtype)): a view of the
-        largest one this thread made for that key so far, so a pass allocates a few
-        slabs per lane in all."""
+    def buffer(self, key: Hashable, shape: tuple[int, ...]) -> np.ndarray:
+        """A work buffer of ``shape`` for ``key`` (a dtype, or (name, dtype)): a view of
+        the largest one this thread made for that key so far, so a pass allocates a few
+        slabs per lane in all (the step's scratch space comes from here too)."""
         buffers: dict[Hashable, np.ndarray] = self._lanes.__dict__.setdefault("buffers", {})
         dtype = key[1] if isinstance(key, tuple) else key
-        size = int(np.prod(shape, dtype=np.int64))
+        size = math.prod(shape)
         buffer = buffers.get(key)
         if buffer is None or buffer.size < size:
             buffer = buffers[key] = np.empty(size, dtype)
-        return buffer[:size].reshape(shape)
+        return leading(buffer, shape)
 
     def publish(self, checkpoint: Path) -> None:
         """Name the new ``checkpoint`` (complete, not yet in place) in the state, then let
