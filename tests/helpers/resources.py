@@ -13,6 +13,14 @@ import trio
 from fl_coordinator._proto import health_pb2
 
 
+def bytes_read() -> int:
+    """Bytes this process has read with read(2) and the like, all threads (``rchar``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
 def _field(pid: int | str, name: str) -> int:
     """A ``kB`` field of /proc/<pid>/status, in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 from helpers.peers import assert_arrays_close, fedavg, read_floats
+from helpers.resources import bytes_read
 
 from fl_coordinator.errors import AggregationError, ContributionError, ContributionsRefused
 from fl_coordinator.storage import slab
@@ -263,14 +264,6 @@ def test_result_too_large_for_the_dtype_is_refused(tmp_path: Path, arrays) -> No
     assert digest(checkpoint) == before
 
 
-def _bytes_read() -> int:
-    """Bytes this process has read with read(2) and the like (``rchar``), all threads."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/self/io")
-
-
 def test_a_chunk_of_an_input_read_through_h5py_is_read_once_per_pass(tmp_path: Path) -> None:
     """HDF5 reads a chunk whole for each slab that wants part of it (untrusted files get no
     chunk cache). Slabs cut within a wide row read an 8 MiB chunk (1, 2**21) 16 times per
@@ -287,8 +280,8 @@ def test_a_chunk_of_an_input_read_through_h5py_is_read_once_per_pass(tmp_path: P
                                 shuffle=True, fletcher32=True)  # fmt: skip
         parts.append(Contribution(f"s{index}", UntrustedFile(tmp_path, f"s{index}/agg"), index))
     files = sum(path.stat().st_size for path in tmp_path.glob("**/*") if path.is_file())
-    before = _bytes_read()
+    before = bytes_read()
     aggregate(checkpoint, parts, tmp_path / "tmp")
-    read = _bytes_read() - before
+    read = bytes_read() - before
     assert read < 1.5 * files, (read, files)
     assert np.all(read_floats(checkpoint)[name] == 1 + (1 + 2 + 3) / 6)  # w + sum A_s / sum N_s

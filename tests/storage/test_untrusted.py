@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import trio
+from helpers.resources import bytes_read
 
 from fl_coordinator.errors import ContributionError, ContributionsRefused
 from fl_coordinator.storage import aggregation
@@ -368,14 +369,6 @@ def test_text_from_files_is_escaped_and_cut(text: str, expected: str) -> None:
     assert clip(text) == expected
 
 
-def _bytes_read() -> int:
-    """Bytes this process has read with read(2) and the like (``rchar``)."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/self/io")
-
-
 @pytest.mark.parametrize(
     ("shape", "chunks"),
     [((1, 2**21), (1, 2**21)), ((2**16, 32), (2**16, 1))],
@@ -399,9 +392,9 @@ def test_the_check_reads_each_chunk_once(
     (root / "sel" / "weight").write_text("1")
     options = {"chunks": chunks, "shuffle": True, "fletcher32": True}
     size = write(root / "sel" / "agg", {name: values}, **options).stat().st_size
-    before = _bytes_read()
+    before = bytes_read()
     checked = examine("sel", files, spec)
-    read = _bytes_read() - before
+    read = bytes_read() - before
     assert size <= read < 1.25 * size, (read, size)
     assert checked.square_norm == pytest.approx(np.sum(values.astype(np.float64) ** 2), rel=1e-12)
     values[-1, -1] = np.nan  # in the last chunk read
