@@ -165,3 +165,41 @@ def test_under_a_small_limit_closing_connections_leave_most_of_the_share_open() 
             if part >= 3:  # (below, 1 open and 1 closing are more than the part)
                 assert share.connections + share.closing + 1 <= part, (ports, limit, share)
             assert share.connections >= part // 2, (ports, limit, share)
+
+
+async def test_a_full_port_closes_a_connection_without_calls_in_flight_first(
+    nursery: trio.Nursery,
+) -> None:
+    """Clients 0 and 1 have calls in flight (Slot.set_busy), 2 and 3 not, the newcomers
+    do: dials 4 and 5 close 2 and 3 (the least recently active without calls), then 6
+    and 7 close 0 and 1 (every open one is busy). Two may be closing: before each accept
+    with two closing, the gate hurries one: 2 (of 2, 3), then 3 (of 3 and the older but
+    busy 0), then 0 (of 0, 1: both busy).
+
+    Before: 0, 1, 2, 3 closed in that order, and hurried in that order."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    held = Held()
+    evicted: list[int] = []
+    hurried: list[int] = []
+
+    async def handle(stream: trio.SocketStream, slot: Slot) -> None:
+        number = int((await stream.receive_some(8)).decode())
+        slot.evict = lambda: evicted.append(number)
+        slot.set_busy(number in (0, 1) or number >= CAP)
+        await stream.send_all(b"!")
+        try:
+            await trio.sleep_forever()
+        finally:
+            hurried.append(number)
+
+    limits = ConnectionLimits(max_connections=CAP, max_closing=2)
+    gate: Gate[trio.SocketStream] = Gate("test port", limits, make_room=True)
+    nursery.start_soon(gate.serve, [held.accepting(listener)], held.close, handle)
+    with trio.fail_after(60):
+        clients = [await dial(port, number) for number in range(CAP + 4)]
+        assert evicted == [2, 3, 0, 1]
+        assert hurried == [2, 3, 0]
+    for client in clients:
+        await client.aclose()
+    nursery.cancel_scope.cancel()

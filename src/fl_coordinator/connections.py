@@ -12,24 +12,26 @@ coordinator (gRPC, status websocket, metrics) accepts through a
   holding every connection they may cannot make an aggregation fail for want
   of a descriptor, nor fill one port to lock out another. A listener that can
   *make room* (gRPC) closes its least recently active connection for a new
-  one: the Go selector opens a connection per call and never closes it, and
-  a gRPC client whose idle connection is closed (with an HTTP/2 GOAWAY)
-  simply dials again. The other listeners close, to make room, the oldest
-  connection still in its handshake (:meth:`Slot.settle` marks the end of
-  one): otherwise peers that start handshakes and never finish them, each
-  replaced as soon as ``handshake_timeout`` closes it, would keep the
-  webserver and the scraper out for as long as they like. A status
-  subscriber is never idle by choice: when every connection has finished
-  its handshake, the new one is closed at once;
+  one, preferring one without calls in flight (:meth:`Slot.set_busy`): the
+  Go selector opens a connection per call and never closes it, and a gRPC
+  client whose connection is closed (with an HTTP/2 GOAWAY, after its calls
+  in flight finish) simply dials again. The other listeners close, to make
+  room, the oldest connection still in its handshake (:meth:`Slot.settle`
+  marks the end of one): otherwise peers that start handshakes and never
+  finish them, each replaced as soon as ``handshake_timeout`` closes it,
+  would keep the webserver and the scraper out for as long as they like. A
+  status subscriber is never idle by choice: when every connection has
+  finished its handshake, the new one is closed at once;
 * a connection closed to make room still holds its descriptor while it
-  says goodbye (a GOAWAY, up to a second for a peer that does not read):
+  says goodbye (a GOAWAY, its calls in flight finishing: up to a second):
   at most :data:`CLOSING_MAX` of them per listener (fewer under a small
   ``RLIMIT_NOFILE``: see :func:`port_share`), all its sockets together
   (``localhost``: IPv4 and IPv6). With that many closing, the listener
-  hurries the oldest (closes it at once) and accepts the next connection
-  only when one has gone; otherwise a peer that dials faster than its
-  connections take their goodbyes would hold descriptors beyond the port's
-  share. :func:`port_share` counts them in the share;
+  hurries one (closes it at once: the oldest without calls in flight, else
+  the oldest) and accepts the next connection only when one has gone;
+  otherwise a peer that dials faster than its connections take their
+  goodbyes would hold descriptors beyond the port's share.
+  :func:`port_share` counts them in the share;
 * if ``accept`` fails for want of descriptors anyway (EMFILE, ENFILE: other
   code opened files meanwhile), the listener does not stop (before, the
   process exited): it closes a descriptor it keeps in reserve, accepts one
@@ -153,12 +155,14 @@ def port_share(ports: int, limit: int | None = None) -> PortShare:
 class Slot:
     """One admitted connection: its place in its gate's recency order, and how to close it."""
 
-    __slots__ = ("_gate", "cancel_scope", "evict", "settled")
+    __slots__ = ("_gate", "busy", "cancel_scope", "evict", "settled")
 
     def __init__(self, gate: Gate) -> None:
         self._gate = gate
         #: The connection finished its handshake (see :meth:`settle`).
         self.settled = False
+        #: The connection has calls in flight (see :meth:`set_busy`).
+        self.busy = False
         #: Cancels the connection's handler (what :attr:`evict` does unless replaced).
         self.cancel_scope = trio.CancelScope()
         #: Called (synchronously) to close the connection to make room for a new one;
@@ -168,6 +172,16 @@ class Slot:
     def touch(self) -> None:
         """The connection was active: it is the last one to close to make room."""
         self._gate._touch(self)
+
+    def set_busy(self, busy: bool) -> None:
+        """The connection has calls in flight (True) or none (False): a gate that makes
+        room closes one without while there is any, and hurries one without first.
+
+        A connection becomes quiet as it is touched (its last call ended) or, rarely
+        (a request reset before its message), without: the gate takes it as just touched.
+        """
+        self.busy = busy
+        self._gate._set_busy(self)
 
     def settle(self) -> None:
         """The connection finished its handshake: a gate that does not make room for
@@ -194,7 +208,8 @@ class Gate(Generic[S]):
 
     ``name`` says which listener in log lines ("gRPC port 50050");
     ``make_room``: at the cap, close the least recently active connection
-    (:meth:`Slot.touch`) for the new one instead of refusing it. Without it,
+    (:meth:`Slot.touch`) without calls in flight (:meth:`Slot.set_busy`), else
+    the least recently active one, for the new one instead of refusing it. Without it,
     the oldest connection still in its handshake (whose handler has not
     called :meth:`Slot.settle`) is closed for the new one; the new one is
     refused only if there is none.
@@ -215,6 +230,8 @@ class Gate(Generic[S]):
         # Open connections, least recently active first; an evicted one moves to
         # _closing (no longer counted against the cap) while it says goodbye.
         self._open: OrderedDict[Slot, None] = OrderedDict()
+        # The open ones without calls in flight, in the same order (see Slot.set_busy).
+        self._quiet: OrderedDict[Slot, None] = OrderedDict()
         self._closing: OrderedDict[Slot, None] = OrderedDict()
         self._placed = 0  # connections accept loops may admit before they look again
         self._loops = 1  # accept loops (one per socket)
@@ -230,6 +247,7 @@ class Gate(Generic[S]):
                 self._refuse()
                 return None
             del self._open[victim]
+            self._quiet.pop(victim, None)
             self._closing[victim] = None
             which = "least recently active" if self._make_room else "oldest still in its handshake"
             self.throttle.log(
@@ -245,12 +263,13 @@ class Gate(Generic[S]):
             victim.evict()
         slot = Slot(self)
         self._open[slot] = None
+        self._quiet[slot] = None
         return slot
 
     def _victim(self) -> Slot | None:
         """The connection to close for a newcomer at the cap; None: refuse the newcomer."""
         if self._make_room:
-            return next(iter(self._open), None)
+            return next(iter(self._quiet), None) or next(iter(self._open), None)
         return next((slot for slot in self._open if not slot.settled), None)
 
     def _refuse(self) -> None:
@@ -266,9 +285,25 @@ class Gate(Generic[S]):
     def _touch(self, slot: Slot) -> None:
         if slot in self._open:
             self._open.move_to_end(slot)
+            if slot in self._quiet:
+                self._quiet.move_to_end(slot)
+
+    def _set_busy(self, slot: Slot) -> None:
+        if slot.busy:
+            self._quiet.pop(slot, None)
+        elif slot in self._open:
+            self._quiet[slot] = None  # touched as it became quiet: the most recently active
+
+    def _hurried(self) -> Slot:
+        """The closing connection to close at once: the oldest without calls in flight,
+        else the oldest (at most ``max_closing`` are looked at)."""
+        return next((slot for slot in self._closing if not slot.busy), None) or next(
+            iter(self._closing)
+        )
 
     def _release(self, slot: Slot) -> None:
         self._open.pop(slot, None)
+        self._quiet.pop(slot, None)
         self._closing.pop(slot, None)
         self._released.set()
 
@@ -278,7 +313,7 @@ class Gate(Generic[S]):
 
         The open connections, those closing to make room and those the accept
         loops may admit stay within ``max_connections + max_closing``: with as
-        many, the oldest closing one is hurried (its goodbye cut short) and the
+        many, a closing one is hurried (its goodbye cut short: :meth:`_hurried`) and the
         loop waits until one has gone. Each loop takes its place before its
         ``accept`` (one that sits in it while others admit holds one), so a
         port with several sockets stays within it too; its ``max_closing`` is
@@ -291,7 +326,7 @@ class Gate(Generic[S]):
         while len(self._open) + len(self._closing) + self._placed >= room:
             if self._released.is_set():  # (each accept loop of this gate waits on the same one)
                 self._released = trio.Event()
-            next(iter(self._closing)).cancel_scope.cancel()  # its goodbye is cut short
+            self._hurried().cancel_scope.cancel()  # its goodbye is cut short
             await self._released.wait()
         self._placed += 1
         try:
