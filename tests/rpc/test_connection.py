@@ -14,13 +14,18 @@ import zlib
 from collections.abc import Callable
 
 import h2.errors
+import h2.events
+import h2.settings
+import pytest
 import trio
+import trio.testing
 from helpers.h2peer import CHECK_IN, RawPeer, check_in_body
 from helpers.peers import GrpcioClient
 
+from fl_coordinator._proto import fl_intra_pb2
 from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
-from fl_coordinator.rpc.connection import MAX_CONCURRENT_STREAMS
+from fl_coordinator.rpc.connection import GOODBYE_TIMEOUT, MAX_CONCURRENT_STREAMS
 
 
 async def connected(port: int) -> RawPeer:
@@ -220,3 +225,136 @@ async def test_compressed_messages_within_the_limit_are_answered(
         answer = await trio.to_thread.run_sync(peer.call, CHECK_IN, body, metadata)
         assert answer["grpc-status"] == "0"
     peer.close()
+
+
+# -- a graceful close: the calls in flight finish ------------------------------------------
+
+
+def ends(stream_id: int, kind: type) -> Callable[[list[h2.events.Event]], bool]:
+    """A condition on a peer's events: an event of ``kind`` came on ``stream_id``."""
+    return lambda events: any(isinstance(e, kind) and e.stream_id == stream_id for e in events)
+
+
+def goaways(peer: RawPeer) -> list[h2.events.ConnectionTerminated]:
+    return [e for e in peer.events if isinstance(e, h2.events.ConnectionTerminated)]
+
+
+def call_waiting_for_window(port: int) -> tuple[RawPeer, int]:
+    """A check-in whose answer waits: the peer's window is 0, so only its headers came."""
+    peer = RawPeer(port)
+    peer.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    stream_id = peer.open_stream(CHECK_IN, check_in_body("127.0.0.1:1"), end=True)
+    peer.send()
+    peer.receive_until(ends(stream_id, h2.events.ResponseReceived))
+    return peer, stream_id
+
+
+def request_without_message(port: int) -> tuple[RawPeer, int]:
+    """A check-in whose headers the server took in (a PING's answer says so), no message."""
+    peer = RawPeer(port)
+    stream_id = peer.open_stream(CHECK_IN)
+    peer.h2.ping(b"in order")
+    peer.send()
+    peer.receive_until(lambda events: any(isinstance(e, h2.events.PingAckReceived) for e in events))
+    return peer, stream_id
+
+
+def sees_both_goaways(peer: RawPeer) -> list[h2.events.ConnectionTerminated]:
+    """Read until the second GOAWAY (the first one's PING is answered on the way)."""
+    peer.receive_until(lambda events: len(goaways(peer)) >= 2)
+    assert len(goaways(peer)) == 2, (goaways(peer), peer.closed_by_server)
+    return goaways(peer)
+
+
+def refused(peer: RawPeer) -> h2.events.StreamReset:
+    """Open a check-in on ``peer``: how the server ended it."""
+    stream_id = peer.open_stream(CHECK_IN, check_in_body("127.0.0.1:2"), end=True)
+    peer.send()
+    peer.receive_until(ends(stream_id, h2.events.StreamReset))
+    assert not ends(stream_id, h2.events.ResponseReceived)(peer.events)  # it did not run
+    resets = [e for e in peer.events if ends(stream_id, h2.events.StreamReset)([e])]
+    assert len(resets) == 1, (resets, peer.closed_by_server)
+    return resets[0]
+
+
+async def test_a_call_in_flight_on_a_connection_closed_to_make_room_is_answered(
+    settings: Settings, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    """At MAX_CONNECTIONS=1, a check-in waits to send its answer when a second dial
+    closes its connection: a GOAWAY that leaves out no stream and a PING, then, the PING
+    answered, a GOAWAY naming the check-in's stream; a stream opened after it is refused
+    (REFUSED_STREAM, not run), and the check-in's answer (accepted) arrives once the peer
+    reads. Then the server closes. (Time stands still: no timeout is involved.)
+
+    Before: one GOAWAY, the check-in cancelled at once, its stream reset, no answer.
+    """
+    endpoints = await nursery.start(
+        serve, settings.replace(max_connections=1, idle_connection_timeout=0)
+    )
+    port = endpoints.grpc_port
+    peer, stream_id = await trio.to_thread.run_sync(call_waiting_for_window, port)
+    other = await connected(port)  # closes the peer's connection to make room
+    first, last = await trio.to_thread.run_sync(sees_both_goaways, peer)
+    assert (first.error_code, first.last_stream_id) == (h2.errors.ErrorCodes.NO_ERROR, 2**31 - 1)
+    assert (last.error_code, last.last_stream_id) == (h2.errors.ErrorCodes.NO_ERROR, stream_id)
+    reset = await trio.to_thread.run_sync(refused, peer)
+    assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+
+    def read_the_answer() -> tuple[bytes, dict[str, str]]:
+        peer.h2.increment_flow_control_window(65535, stream_id=stream_id)
+        peer.send()
+        peer.receive_until(ends(stream_id, h2.events.TrailersReceived))
+        data = b"".join(e.data for e in peer.events if ends(stream_id, h2.events.DataReceived)([e]))
+        trailers = next(e for e in peer.events if ends(stream_id, h2.events.TrailersReceived)([e]))
+        return data, dict(trailers.headers)
+
+    data, trailers = await trio.to_thread.run_sync(read_the_answer)
+    assert trailers["grpc-status"] == "0"
+    assert fl_intra_pb2.FlClientStatus.FromString(data[5:]) == fl_intra_pb2.FlClientStatus(
+        accepted=True
+    )
+    assert await trio.to_thread.run_sync(peer.wait_closed, 60) < 60  # its calls done: closed
+    peer.close()
+    other.close()
+
+
+@pytest.mark.parametrize("hold", [call_waiting_for_window, request_without_message])
+async def test_a_connection_that_never_finishes_its_call_closes_at_the_bound(
+    settings: Settings,
+    nursery: trio.Nursery,
+    mock_clock: trio.testing.MockClock,
+    hold: Callable[[int], tuple[RawPeer, int]],
+) -> None:
+    """A peer that keeps its connection draining (does not read its answer, or never sends
+    its request's message, and opens streams after the GOAWAY): the connection is still
+    open (a PING is answered) just before GOODBYE_TIMEOUT from the first GOAWAY, and closed
+    at it, without the call's answer (on trio's MockClock: no real time involved)."""
+    endpoints = await nursery.start(
+        serve, settings.replace(max_connections=1, idle_connection_timeout=0)
+    )
+    port = endpoints.grpc_port
+    peer, stream_id = await trio.to_thread.run_sync(hold, port)
+    other = await connected(port)  # closes the peer's connection to make room
+    await trio.to_thread.run_sync(sees_both_goaways, peer)
+    for _ in range(3):
+        reset = await trio.to_thread.run_sync(refused, peer)
+        assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+
+    def answers_a_ping() -> bool:
+        peer.h2.ping(b"still on")
+        peer.send()
+        peer.receive_until(
+            lambda events: any(
+                isinstance(e, h2.events.PingAckReceived) and e.ping_data == b"still on"
+                for e in events
+            )
+        )
+        return not peer.closed_by_server
+
+    mock_clock.jump(GOODBYE_TIMEOUT - 0.01)
+    assert await trio.to_thread.run_sync(answers_a_ping) is True
+    mock_clock.jump(0.02)
+    assert await trio.to_thread.run_sync(peer.wait_closed, 60) < 60
+    assert not ends(stream_id, h2.events.TrailersReceived)(peer.events)  # cut: no answer
+    peer.close()
+    other.close()

@@ -41,9 +41,20 @@ and dispatch:
 * a connection without call traffic (a whole message or a request's end in,
   answers out; request headers alone, resets, part of a message and pings do
   not count: a peer parking half-sent messages is idle) for ``idle_timeout``
-  seconds is closed with an HTTP/2 GOAWAY (NO_ERROR), and so is one closed
-  to make room for another (:class:`~..connections.Gate`); grpcio and
-  grpc-go clients then dial again;
+  seconds is closed gracefully, and so is one closed to make room for
+  another (:class:`~..connections.Gate`, which tells apart, through
+  :meth:`~..connections.Slot.set_busy`, the connections with calls in
+  flight): as gRPC servers do, an HTTP/2 GOAWAY (NO_ERROR) that leaves out no
+  stream and a PING, then, once the PING is answered (the peer saw the
+  GOAWAY), a second GOAWAY naming the last stream taken in. The calls in
+  flight, and the requests taken in, get their messages and send their
+  answers; newer streams are refused (REFUSED_STREAM); grpcio and grpc-go
+  clients send those calls again on a new connection. All within
+  :data:`GOODBYE_TIMEOUT` of the first GOAWAY (what is still in flight then
+  is cancelled), and the gate may cut it short to make room. Shedding
+  (above) and a peer's protocol errors close at once. (Clients on python's
+  ``h2``, purerpc's included, cannot take answers after a GOAWAY: h2 closes
+  its side as the GOAWAY arrives, python-hyper/h2 issue 1181);
 * a compressed message is inflated up to ``GRPC_MAX_MESSAGE_BYTES`` and no
   further: one that inflates to more is a message over the limit;
 * what goes wrong is logged through a :class:`~..log_throttle.Throttle`,
@@ -55,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -66,7 +78,9 @@ import h2.exceptions
 import purerpc
 import trio
 from google.protobuf.message import DecodeError
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 from purerpc.grpc_proto import GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState
 from purerpc.grpclib.buffers import MessageReadBuffer
@@ -105,9 +119,15 @@ MAX_CONCURRENT_STREAMS = 100
 MAX_FRAME_BYTES = 16384
 #: Answers queued for a peer that does not read them, beyond which we stop reading its requests.
 MAX_UNSENT_BYTES = 1 << 20
-#: Time given to a GOAWAY to leave before the socket is closed.
+#: Time from a GOAWAY to the socket's close: for the GOAWAY to leave and, on a graceful
+#: close, for the calls in flight to finish (a selector's calls take milliseconds).
 GOODBYE_TIMEOUT = 1.0
 
+#: The first GOAWAY of a graceful close names the highest stream id there may be, and
+#: this PING follows it: the streams the peer opened before it saw the GOAWAY arrive
+#: before the PING's acknowledgement, and are served (see ``_Connection._drain``).
+_ANY_STREAM = 2**31 - 1
+_DRAIN_PING = b"draining"
 _RECEIVE_BYTES = 65536
 _SEND_BYTES = 65536
 _DEFAULT_WINDOW = 65535  # HTTP/2's initial connection window
@@ -224,6 +244,19 @@ class _Protocol(GRPCConnection):
         if unread > 0:
             self.h2_connection.acknowledge_received_data(unread, stream_id)
 
+    def announce_goaway(self, last_stream_id: int) -> None:
+        """Queue a GOAWAY (NO_ERROR) that names ``last_stream_id``; the connection goes on.
+
+        h2's ``close_connection`` would also close its state machine, which then
+        refuses to send the answers of the calls still in flight (h2 has no
+        draining state), so the frame is queued as h2 queues its own.
+        """
+        frame = GoAwayFrame(0, last_stream_id=last_stream_id, error_code=ErrorCodes.NO_ERROR)
+        self.h2_connection._prepare_for_sending([frame])
+
+    def _ping_acknowledged(self, event: h2.events.PingAcknowledged) -> list[Any]:
+        return [event]  # (purerpc drops it)
+
     def forget_all(self) -> None:
         """Drop every stream's read buffer (the connection ended)."""
         self.message_read_buffers.clear()
@@ -283,8 +316,11 @@ class _Connection:
         self._calls: dict[int, trio.CancelScope] = {}
         self._wake_writer = trio.Event()
         self._sent = trio.Event()
-        self._watchdog = trio.CancelScope()
-        self._evicted = False
+        self._watchdog = trio.CancelScope()  # reading, until idle or evicted
+        self._draining = trio.CancelScope()  # then, until the calls in flight are done
+        self._drained = trio.Event()
+        self._last_stream_id: int | None = None  # the last GOAWAY's, once draining
+        self._deadline = math.inf  # when the socket is closed, once saying goodbye
         self._over_budget = False
         self._closing = False  # the writer sends what is queued, then stops
         self._written = trio.Event()
@@ -298,13 +334,14 @@ class _Connection:
     # -- life of the connection ----------------------------------------------------
 
     def _evict(self) -> None:
-        self._evicted = True
+        """Closed to make room (while it drains already, nothing changes)."""
         self._watchdog.cancel()
 
     def _shed(self) -> None:
-        """Closed for holding unread data when the process's budget ran out."""
+        """Closed for holding unread data when the process's budget ran out (at once)."""
         self._over_budget = True
         self._watchdog.cancel()
+        self._draining.cancel()
 
     def _touch(self) -> None:
         """Call traffic: the connection is not idle, and the last one to close for room."""
@@ -337,36 +374,100 @@ class _Connection:
         async with trio.open_nursery() as connection:
             connection.start_soon(self._write, connection.cancel_scope)
             async with trio.open_nursery() as calls:
+                polite = False  # (cut short: idle, evicted or shed)
                 with self._watchdog:
                     polite = await self._read(calls)
+                if self._watchdog.cancelled_caught and not self._over_budget:
+                    polite = await self._drain(calls)  # idle, or closed to make room
                 calls.cancel_scope.cancel()  # whatever ended the connection ends its calls
             if self._over_budget:
                 reason = "half-sent requests held too long while the server's buffers were full"
                 self._go_away(ErrorCodes.ENHANCE_YOUR_CALM, reason)
-                polite = True
-            elif self._watchdog.cancelled_caught:
-                # Idle, or closed to make room: the peer loses nothing but a dial.
-                self._go_away(ErrorCodes.NO_ERROR)
-                polite = True
-            if polite:
-                await self._goodbye(linger=not self._watchdog.cancelled_caught)
+            if polite or self._over_budget:
+                await self._goodbye(linger=not self._over_budget)
             connection.cancel_scope.cancel()
 
+    async def _drain(self, calls: trio.Nursery) -> bool:
+        """Close gracefully, as gRPC servers do: the calls in flight finish first.
+
+        A GOAWAY (NO_ERROR) that leaves out no stream, and a PING; when the
+        peer acknowledges the PING, it saw the GOAWAY, and a second one names
+        the last stream taken in. Meanwhile the connection reads on, so that
+        those calls get their messages and their answers are sent; streams
+        opened after the second GOAWAY are refused (REFUSED_STREAM: the peer's
+        gRPC library retries such a call on a new connection, as it does the
+        calls the GOAWAY leaves out: they never ran). Done when the PING came
+        back and no call is left; within :data:`GOODBYE_TIMEOUT` of the first
+        GOAWAY, the goodbye included, after which what is still in flight is
+        cancelled. Shedding (:meth:`_shed`) and the gate's hurry cut it short.
+
+        Returns whether to say goodbye: False if the peer closed or the time
+        is up (as :meth:`_read`: True, a GOAWAY with a reason is queued).
+        """
+        self._deadline = trio.current_time() + GOODBYE_TIMEOUT
+        self._last_stream_id = _ANY_STREAM
+        self._protocol.announce_goaway(_ANY_STREAM)
+        try:
+            self._h2.ping(_DRAIN_PING)
+        except h2.exceptions.ProtocolError:  # the peer sent a GOAWAY: no PING
+            self._last_goaway()
+        self._wake_writer.set()
+        polite = True
+
+        async def read(done: trio.CancelScope) -> None:
+            nonlocal polite
+            polite = await self._read(calls)
+            done.cancel()  # the peer closed, or broke the protocol: nothing to wait for
+
+        self._draining.deadline = self._deadline
+        with self._draining:
+            async with trio.open_nursery() as reading:
+                reading.start_soon(read, reading.cancel_scope)
+                self._settle()
+                await self._drained.wait()
+                reading.cancel_scope.cancel()
+        return polite and not self._draining.cancelled_caught
+
+    def _last_goaway(self) -> None:
+        """The peer saw the first GOAWAY: name the last stream taken in."""
+        self._last_stream_id = self._h2.highest_inbound_stream_id
+        self._protocol.announce_goaway(self._last_stream_id)
+
+    def _settle(self) -> None:
+        """Calls (or requests taken in) in flight, or none: tell the gate (it closes a
+        connection without any first) and, while draining, the drain (done when none are
+        left and the peer saw the GOAWAY)."""
+        busy = bool(self._calls or self._requests)
+        if busy != self._slot.busy:
+            self._slot.set_busy(busy)
+        if not busy and self._last_stream_id not in (None, _ANY_STREAM):
+            self._drained.set()
+
     def _go_away(self, code: ErrorCodes, reason: str | None = None) -> None:
-        """Queue a GOAWAY (unless one was already sent or received)."""
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self._h2.close_connection(code, additional_data=reason.encode() if reason else None)
+        """Queue a GOAWAY (unless one was already sent or received; while draining, it
+        names no later stream than the last one did: HTTP/2 forbids raising it)."""
+        if self._h2.state_machine.state == ConnectionState.CLOSED:
+            return  # (h2 would send another)
+        last = self._last_stream_id
+        if last is not None:
+            last = min(last, self._h2.highest_inbound_stream_id)
+        self._h2.close_connection(
+            code, additional_data=reason.encode() if reason else None, last_stream_id=last
+        )
 
     async def _goodbye(self, *, linger: bool) -> None:
-        """Let the writer send what is queued (the GOAWAY), within :data:`GOODBYE_TIMEOUT`.
+        """Let the writer send what is queued (the GOAWAY), within :data:`GOODBYE_TIMEOUT`
+        (of the first GOAWAY, if the connection drained).
 
         With ``linger``, then read (and drop) what the peer still sends until
         it closes, within the same time: closing a socket with unread data
-        resets the connection, and the peer may lose the GOAWAY and its reason.
+        resets the connection, and the peer may lose the GOAWAY and its reason
+        (and, after draining, the last answers).
         """
         self._closing = True
         self._wake_writer.set()
-        with trio.move_on_after(GOODBYE_TIMEOUT):
+        self._deadline = min(self._deadline, trio.current_time() + GOODBYE_TIMEOUT)
+        with trio.move_on_at(self._deadline):
             await self._written.wait()
             if not linger:
                 return
@@ -432,6 +533,7 @@ class _Connection:
                 self._protocol.call_traffic = False
                 self._touch()
             self._dispatch(events, calls)
+            self._settle()
             self._wake_writer.set()
 
     def _peer_broke(self, kind: str, error: Exception) -> None:
@@ -464,12 +566,18 @@ class _Connection:
                 )  # fmt: skip
                 for stream in waiting:
                     stream._flow_control_update_event.set()
+            elif isinstance(event, h2.events.PingAcknowledged):
+                if event.ping_data == _DRAIN_PING and self._last_stream_id == _ANY_STREAM:
+                    self._last_goaway()
             elif isinstance(event, _StreamReset):
                 self._requests.pop(event.stream_id, None)
                 scope = self._calls.get(event.stream_id)
                 if scope is not None:
                     scope.cancel()  # its task drops the stream (purerpc's code may still use it)
             elif isinstance(event, RequestReceived):
+                if self._last_stream_id is not None and event.stream_id > self._last_stream_id:
+                    self._refuse(event.stream_id)  # opened after the GOAWAY
+                    continue
                 # No task until the first message: a request that never comes whole
                 # (or is reset at once) costs its headers, not a task and a stream.
                 self._requests[event.stream_id] = event
@@ -485,6 +593,12 @@ class _Connection:
                 stream._incoming_events[0].send_nowait(event)
                 if isinstance(event, RequestEnded):
                     stream._close_remote()
+
+    def _refuse(self, stream_id: int) -> None:
+        """A stream the GOAWAY left out: not run; the peer may retry it elsewhere."""
+        self._protocol.forget(stream_id)
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
 
     def _start_call(self, request: RequestReceived, calls: trio.Nursery) -> GRPCProtoStream:
         stream = GRPCProtoStream(self._protocol, request.stream_id, self, self)
@@ -510,6 +624,7 @@ class _Connection:
         with contextlib.suppress(h2.exceptions.H2Error):
             self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
         self._touch()
+        self._settle()
         self._wake_writer.set()
 
     async def _call(self, stream: GRPCProtoStream) -> None:
