@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import grpc
 import h2.errors
+import h2.events
 import pytest
 import trio
 import trio_websocket
@@ -215,6 +216,13 @@ def window_fillers(port: int, connections: int) -> list[RawPeer]:
             for start_at in range(0, len(body), 16384):
                 peer.h2.send_data(stream_id, body[start_at : start_at + 16384])
             peer.send()
+        # The server read it all (frames are read in order) before the next one sends:
+        # otherwise, read interleaved, this one's data may look the more stalled.
+        peer.h2.ping(b"read all")
+        peer.send()
+        peer.receive_until(
+            lambda events: any(isinstance(e, h2.events.PingAckReceived) for e in events)
+        )
         peers.append(peer)
     return peers
 
