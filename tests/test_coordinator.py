@@ -7,8 +7,10 @@ import logging
 import socket
 import threading
 
+import h2.events
 import pytest
 import trio
+import trio.testing
 from helpers.h2peer import CHECK_IN, RawPeer, check_in_body
 from helpers.peers import (
     FakeSelector,
@@ -23,6 +25,7 @@ from helpers.peers import (
     write_aggregate,
 )
 
+from fl_coordinator._proto import fl_intra_pb2
 from fl_coordinator.app import Endpoints, build_coordinator, serve
 from fl_coordinator.config import Settings
 from fl_coordinator.status.hub import StatusHub
@@ -117,6 +120,69 @@ async def test_a_held_check_in_whose_connection_closes_is_not_admitted(
     round2 = await watcher.wait_for(lambda m: m["round"] == 2)
     assert (round2["stage"], round2["accepted"], round2["selectors"]) == ("SELECTION", 0, [])
     assert (await watcher.wait_for(completed(1)))["stage"] == "COMPLETED"
+
+
+async def test_a_check_in_held_longer_than_the_idle_timeout_keeps_its_connection(
+    settings: Settings,
+    layout: Layout,
+    keras_weights,
+    nursery: trio.Nursery,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A check-in held while the round aggregates for more than IDLE_CONNECTION_TIMEOUT
+    (a large model): its connection stays open and it is answered (accepted) when the
+    aggregation ends. (On trio's MockClock at the real clock's rate, made to jump past
+    the idle time once the check-in is held.)
+
+    Before: the connection counted as idle (no traffic while the method waited), was
+    closed with a GOAWAY after IDLE_CONNECTION_TIMEOUT and the check-in cancelled.
+    """
+    idle = 30.0
+    mock_clock.rate = 1.0  # the round's own waits (a report settling) as on the real clock
+    endpoints, watcher, _, release = await aggregating_round(
+        settings.replace(idle_connection_timeout=idle), layout, keras_weights, nursery
+    )
+    peer = await trio.to_thread.run_sync(RawPeer, endpoints.grpc_port)
+    stream_id = peer.open_stream(CHECK_IN, check_in_body("127.0.0.1:9"), end=True)
+    await trio.to_thread.run_sync(peer.send)
+    held = await watcher.wait_for(lambda m: m["held"] == 1)
+    assert (held["round"], held["aggregating"]) == (1, True)
+
+    mock_clock.jump(2 * idle)
+    await trio.testing.wait_all_tasks_blocked()
+
+    def answers_a_ping() -> bool:
+        peer.h2.ping(b"still on")
+        peer.send()
+        peer.receive_until(
+            lambda events: any(
+                isinstance(e, h2.events.PingAckReceived) and e.ping_data == b"still on"
+                for e in events
+            )
+        )
+        return peer.goaway() is None and not peer.closed_by_server
+
+    assert await trio.to_thread.run_sync(answers_a_ping) is True
+    release.set()
+
+    def the_answer() -> bytes:
+        peer.receive_until(
+            lambda events: any(
+                isinstance(e, h2.events.TrailersReceived) and e.stream_id == stream_id
+                for e in events
+            )
+        )
+        return b"".join(
+            e.data
+            for e in peer.events
+            if isinstance(e, h2.events.DataReceived) and e.stream_id == stream_id
+        )
+
+    data = await trio.to_thread.run_sync(the_answer)
+    assert fl_intra_pb2.FlClientStatus.FromString(data[5:]).accepted is True
+    assert peer.goaway() is None
+    assert (await watcher.wait_for(completed(1)))["stage"] == "COMPLETED"
+    peer.close()
 
 
 async def test_missing_aggregate_is_rejected_and_round_goes_on_with_the_rest(

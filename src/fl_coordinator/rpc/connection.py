@@ -40,9 +40,11 @@ and dispatch:
   waited longest are closed (GOAWAY ENHANCE_YOUR_CALM);
 * a connection without call traffic (a whole message or a request's end in,
   answers out; request headers alone, resets, part of a message and pings do
-  not count: a peer parking half-sent messages is idle) for ``idle_timeout``
-  seconds is closed gracefully, and so is one closed to make room for
-  another (:class:`~..connections.Gate`, which tells apart, through
+  not count: a peer parking half-sent messages is idle), outside the time a
+  unary call's method runs (a check-in held while the round aggregates waits
+  for us, not the peer for us), for ``idle_timeout`` seconds is closed
+  gracefully, and so is one closed to make room for another
+  (:class:`~..connections.Gate`, which tells apart, through
   :meth:`~..connections.Slot.set_busy`, the connections with calls in
   flight): as gRPC servers do, an HTTP/2 GOAWAY (NO_ERROR) that leaves out no
   stream and a PING, then, once the PING is answered (the peer saw the
@@ -321,6 +323,7 @@ class _Connection:
         self._drained = trio.Event()
         self._last_stream_id: int | None = None  # the last GOAWAY's, once draining
         self._deadline = math.inf  # when the socket is closed, once saying goodbye
+        self._working = 0  # unary calls whose method runs (see _at_work)
         self._over_budget = False
         self._closing = False  # the writer sends what is queued, then stops
         self._written = trio.Event()
@@ -347,7 +350,26 @@ class _Connection:
         """Call traffic: the connection is not idle, and the last one to close for room."""
         self._slot.touch()
         if self._server.idle_timeout is not None:
-            self._watchdog.deadline = trio.current_time() + self._server.idle_timeout
+            self._watchdog.deadline = (
+                math.inf if self._working else trio.current_time() + self._server.idle_timeout
+            )
+
+    async def _at_work(self, method: Callable[[Any], Awaitable[Any]], message: Any) -> Any:
+        """A unary call's method, whose time is not idle time: the peer waits for us.
+
+        A check-in that arrives while the round aggregates is held until the
+        aggregation ends, which for a large model may take longer than
+        ``idle_timeout``; its connection was closed as idle, and the check-in
+        cancelled. Only the method's own time counts: an answer the peer does
+        not read is idle time again (``_touch`` when the method returns).
+        """
+        self._working += 1
+        self._touch()
+        try:
+            return await method(message)
+        finally:
+            self._working -= 1
+            self._touch()
 
     async def run(self) -> None:
         self._protocol.initiate_connection()
@@ -640,6 +662,8 @@ class _Connection:
                 return
             stream.expect_message_type(bound.signature.request_type)
             call = functools.partial(bound.method_fn, request=request)
+            if bound.signature.cardinality is Cardinality.UNARY_UNARY:
+                call = functools.partial(self._at_work, call)
             await _CALLERS[bound.signature.cardinality](call, stream)
         except purerpc.RpcFailedError as error:
             await self._close(stream, error.status)
