@@ -33,6 +33,7 @@ NAME = "layers/w/vars/0"
 #: A selector's choice: h5py's create_dataset options for an (n, n) array.
 LAYOUTS = {
     "plain": lambda n: {},
+    "rows (1048, n)": lambda n: {"chunks": (min(n, 1048), n)},
     "rows (1048, n), filtered": lambda n: {"chunks": (min(n, 1048), n), "shuffle": True,
                                            "fletcher32": True},
     "columns (n, 1)": lambda n: {"chunks": (n, 1)},

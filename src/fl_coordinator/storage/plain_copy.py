@@ -1,11 +1,13 @@
 """Plain copies of inputs stored in chunks, so that each chunk is read once per pass.
 
 A selector chooses its file's layout freely: chunked, with the filters the
-rules of ``untrusted.py`` accept (shuffle, fletcher32). HDF5 reads a chunk
-whole for each read that wants part of it (untrusted files get no chunk
-cache: K caches would not be flat in K), and the averaging pass reads its
-inputs slab by slab in C order, the order its output is written in. A chunk
-spanning n slabs was read n times per input: K = 10 inputs of a (2000, 2000)
+rules of ``untrusted.py`` accept (shuffle, fletcher32). Without a chunk
+cache (untrusted files get none: K caches would not be flat in K), HDF5
+reads a filtered chunk whole for each read that wants part of it, and an
+unfiltered one in a call per run of values the read wants; the averaging
+pass reads its inputs slab by slab in C order, the order its output is
+written in. A filtered chunk spanning n slabs was read n times per input, a
+column chunk a value per call: K = 10 inputs of a (2000, 2000)
 float32 array took 2 s for the mean and 20 s for a median in (1048, 2000)
 filtered chunks, 130 s and 155 s in unfiltered (2000, 1) column chunks, where
 plain inputs take 0.1 s and 0.4 s. No slab order fits every input (each
@@ -14,13 +16,15 @@ so slabs of whole chunks would hold K chunks.
 
 So, before the pass, each input that is not plain is copied here, array by
 array, in blocks of whole chunks (:func:`.slab.chunk_slabs`: each chunk read
-and unfiltered once, a block of about SLAB_BYTES or one chunk in memory),
-into a file of our own in the coordinator's tmp folder: the arrays' values
+and unfiltered once, in one call through a cache of one chunk, emptied once
+the array is copied; a block of BLOCK_BYTES, or one chunk, in memory), into
+a file of our own in the coordinator's tmp folder: the arrays' values
 in C order, one after the other, as the input's encoding stores them (the
 very bytes HDF5 gives the pass today, so the result is the same bits). The
 pass then reads the copy as a plain input (:mod:`.plain`), at extents known
 because we wrote them: one descriptor from a bounded pool, no HDF5 file kept
-open per input. The copy costs one write of the input's values; the check
+open per input (K = 10 of the same: 0.4 to 1.0 s, reading twice the inputs'
+bytes). The copy costs one write of the input's values; the check
 could make it instead (it already reads every chunk once, in its worker
 process), but a copy made there would outlive the check: kept for a round
 that may never aggregate it, made for every report and not only those
@@ -55,7 +59,7 @@ __all__ = ["BLOCK_BYTES", "PlainCopy", "copy_plain"]
 #: A copy reads blocks of whole chunks of about this many bytes (or one chunk, if more):
 #: a block of column chunks is written in one ``pwrite`` per row, and at SLAB_BYTES K = 10
 #: inputs of a (2000, 2000) float32 array in (2000, 1) chunks took 320,000 of them (1.5 s
-#: for the pass, against 0.5 s here). A chunk is as large (CHUNK_MAX_BYTES).
+#: for the pass, against 0.7 to 0.9 s here). A chunk may be as large (CHUNK_MAX_BYTES).
 BLOCK_BYTES = CHUNK_MAX_BYTES
 
 
