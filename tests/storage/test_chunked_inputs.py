@@ -1,10 +1,10 @@
 """Inputs stored in chunks (any layout a selector may choose) are read once per pass.
 
-HDF5 reads a chunk whole for each read that wants part of it (untrusted files
-get no chunk cache), and an unfiltered chunk in one call per run of values a
-read wants. The pass reads C-order slabs, so before bdb695e's successor a
-chunk spanning n slabs was read n times per input, and a column chunk read a
-value per call. Now each input that is not plain is copied, in whole chunks,
+HDF5 reads a filtered chunk whole for each read that wants part of it
+(untrusted files get no chunk cache), and an unfiltered chunk in one call per
+run of values a read wants. The pass reads C-order slabs, so up to bdb695e a
+chunk spanning n slabs was read n times per input, and a column chunk a value
+per call. Now each input that is not plain is copied, in whole chunks,
 into a plain file of the coordinator's own (storage/plain_copy.py), which the
 pass reads like any plain input, and removes.
 """
@@ -68,15 +68,12 @@ def write_input(path: Path, arrays: dict[str, np.ndarray], layout: str) -> Path:
 def inputs(
     folder: Path, arrays: list[dict[str, np.ndarray]], layouts: list[str]
 ) -> list[Contribution]:
-    return [
-        Contribution(
-            f"s{i}",
-            UntrustedFile(folder, str(write_input(folder / f"s{i}/agg", values, layout)
-                                      .relative_to(folder))),
-            i + 2,
-        )
-        for i, (values, layout) in enumerate(zip(arrays, layouts, strict=True))
-    ]  # fmt: skip
+    """One selector's aggregate per ``arrays``, in ``folder/s<i>/agg``, stored as ``layouts``."""
+    parts = []
+    for i, (values, layout) in enumerate(zip(arrays, layouts, strict=True)):
+        write_input(folder / f"s{i}/agg", values, layout)
+        parts.append(Contribution(f"s{i}", UntrustedFile(folder, f"s{i}/agg"), i + 2))
+    return parts
 
 
 def model(shape: tuple[int, ...], count: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
