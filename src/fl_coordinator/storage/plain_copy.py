@@ -78,12 +78,13 @@ def copy_plain(
     tmp_dir: Path,
     path: Path,
     cancel: threading.Event | None = None,
+    what: Callable[[str], str] = lambda name: f"dataset {name!r}",
 ) -> Iterator[PlainCopy]:
     """A plain copy of ``arrays`` (name, dataset, stored dtype) of input ``path``, made in
     ``tmp_dir`` and removed when the context ends, whatever happens.
 
-    Raises ContributionError (naming ``path`` and the dataset) when a chunk
-    cannot be read or unfiltered: the input's fault. An OSError is ours: the
+    Raises ContributionError, ``"{path}: {what(name)} cannot be read (...)"``,
+    when a chunk cannot be read or unfiltered: the input's fault. An OSError is ours: the
     copy cannot be written (no room in ``tmp_dir``: its space is reserved
     before anything is read). ShuttingDown when ``cancel`` is set.
     """
@@ -98,7 +99,8 @@ def copy_plain(
             offset = 0
             for (array, dataset, stored), nbytes in zip(arrays, sizes, strict=True):
                 extents[array] = Extent(offset, nbytes, dataset.shape, stored.itemsize)
-                _copy_array(dataset, stored, fd, extents[array], path, cancel)
+                failed = f"{path}: {what(array)} cannot be read"
+                _copy_array(dataset, stored, fd, extents[array], failed, cancel)
                 offset += nbytes
             identity = FileIdentity.of(os.fstat(fd))
         finally:
@@ -113,10 +115,11 @@ def _copy_array(
     stored: np.dtype,
     fd: int,
     extent: Extent,
-    path: Path,
+    failed: str,
     cancel: threading.Event | None,
 ) -> None:
-    """Copy ``dataset``'s values, in blocks of whole chunks, to ``extent`` of ``fd``."""
+    """Copy ``dataset``'s values, in blocks of whole chunks, to ``extent`` of ``fd``;
+    ContributionError, ``failed`` and why, if HDF5 cannot read them."""
     shape, itemsize = dataset.shape, stored.itemsize
     if dataset.chunks is None:  # contiguous or compact, not readable as plain (byte order)
         largest = largest_slab(shape, itemsize, budget=BLOCK_BYTES)
@@ -128,9 +131,7 @@ def _copy_array(
         if cancel is not None and cancel.is_set():
             raise ShuttingDown("aggregation cancelled: shutting down")
         values = leading(buffer, slab_shape(shape, block))
-        _read(
-            dataset, functools.partial(dataset.read_direct, values, source_sel=block or None), path
-        )
+        _read(functools.partial(dataset.read_direct, values, source_sel=block or None), failed)
         data = memoryview(values.reshape(-1).view(np.uint8))
         start = 0
         for first, count in _runs(shape, block):
@@ -139,17 +140,15 @@ def _copy_array(
     # Each dataset keeps its chunk cache while open, and the file's datasets stay open
     # while the file is copied: the chunks last read of 40 arrays held 290 MB. Refreshed
     # (closed and opened again inside HDF5), it holds none.
-    _read(dataset, dataset.id.refresh, path)
+    _read(dataset.id.refresh, failed)
 
 
-def _read(dataset: h5py.Dataset, call: Callable[[], object], path: Path) -> None:
-    """``call()``, which reads ``dataset``; ContributionError (the input's fault) if it fails."""
+def _read(call: Callable[[], object], failed: str) -> None:
+    """``call()``, which reads a dataset; ContributionError (the input's fault) if it fails."""
     try:
         call()
     except (OSError, RuntimeError, ValueError) as error:  # a chunk HDF5 cannot read
-        raise ContributionError(
-            f"{path}: dataset {dataset.name!r} cannot be read ({type(error).__name__}: {error})"
-        ) from None
+        raise ContributionError(f"{failed} ({type(error).__name__}: {error})") from None
 
 
 def _runs(shape: tuple[int, ...], block: Selection) -> Iterator[tuple[int, int]]:
