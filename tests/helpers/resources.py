@@ -13,12 +13,21 @@ import trio
 from fl_coordinator._proto import health_pb2
 
 
+def _io(name: str) -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {name} in /proc/self/io")
+
+
 def bytes_read() -> int:
     """Bytes this process has read with read(2) and the like, all threads (``rchar``)."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/self/io")
+    return _io("rchar")
+
+
+def read_calls() -> int:
+    """Calls this process has made to read(2) and the like, all threads (``syscr``)."""
+    return _io("syscr")
 
 
 def _field(pid: int | str, name: str) -> int:

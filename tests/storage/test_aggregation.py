@@ -11,7 +11,6 @@ import h5py
 import numpy as np
 import pytest
 from helpers.peers import assert_arrays_close, fedavg, read_floats
-from helpers.resources import bytes_read
 
 from fl_coordinator.errors import AggregationError, ContributionError, ContributionsRefused
 from fl_coordinator.storage import slab
@@ -262,26 +261,3 @@ def test_result_too_large_for_the_dtype_is_refused(tmp_path: Path, arrays) -> No
     with pytest.raises(AggregationError, match=r"'layers/dense/vars/0'.*overflow"):
         aggregate(checkpoint, [big], tmp_path / "tmp")
     assert digest(checkpoint) == before
-
-
-def test_a_chunk_of_an_input_read_through_h5py_is_read_once_per_pass(tmp_path: Path) -> None:
-    """HDF5 reads a chunk whole for each slab that wants part of it (untrusted files get no
-    chunk cache). Slabs cut within a wide row read an 8 MiB chunk (1, 2**21) 16 times per
-    input (three inputs: 400 MB for 25 MB of files); where an input is read through h5py,
-    slabs stay whole rows and each chunk is read once."""
-    name, shape = "layers/w/vars/0", (1, 2**21)
-    checkpoint = write_h5(tmp_path / "fl_checkpoint", {name: np.full(shape, 1.0, np.float32)})
-    parts = []
-    for index in (1, 2, 3):
-        folder = tmp_path / f"s{index}"
-        folder.mkdir()
-        with h5py.File(folder / "agg", "w") as file:
-            file.create_dataset(name, data=np.full(shape, index, np.float32), chunks=shape,
-                                shuffle=True, fletcher32=True)  # fmt: skip
-        parts.append(Contribution(f"s{index}", UntrustedFile(tmp_path, f"s{index}/agg"), index))
-    files = sum(path.stat().st_size for path in tmp_path.glob("**/*") if path.is_file())
-    before = bytes_read()
-    aggregate(checkpoint, parts, tmp_path / "tmp")
-    read = bytes_read() - before
-    assert read < 1.5 * files, (read, files)
-    assert np.all(read_floats(checkpoint)[name] == 1 + (1 + 2 + 3) / 6)  # w + sum A_s / sum N_s

@@ -32,12 +32,19 @@ How it is laid out, and why:
   computed into another, so a slab costs no allocation. A plain dataset
   (contiguous, uncompressed: what Keras writes) is read with ``preadv`` at
   its checked file offset and the result written with ``pwrite``
-  (:mod:`.plain`), whatever the strategy; any other layout goes through
-  h5py's ``read_direct``/``write_direct``. Inputs are located one open file
-  at a time; one whose arrays are all plain is not kept open but read through
-  a bounded pool of descriptors, so open files do not grow with K (one with
-  any other layout stays open as an HDF5 file). The optimizer's moments are
-  read and written the same way (:mod:`.strategy_state`).
+  (:mod:`.plain`), whatever the strategy. An input stored any other way
+  (chunked, filtered, another byte order: a selector chooses) is first copied,
+  each chunk read and unfiltered once, into a plain file of our own in the
+  tmp folder (:mod:`.plain_copy`), removed when the pass ends, and read like
+  the others; read in C-order slabs through h5py, a chunk was read once per
+  slab that wanted part of it (10 to 300 times). Inputs are located (and
+  copied) one open file at a time and read through a bounded pool of
+  descriptors, so open files do not grow with K. Where a copy cannot be
+  written (our disk is full), that input stays open as an HDF5 file and is
+  read through h5py, in whole rows, slowly. The global checkpoint, if not
+  plain, is read through h5py too (its layout is the operator's), and the
+  result written with ``write_direct``. The optimizer's moments are read and
+  written like the checkpoint (:mod:`.strategy_state`).
 * Weight arrays are independent: every strategy but differential privacy's
   noise (drawn in one order) and the median and trimmed mean (one work
   stack) computes them in two lanes (threads, one per core, see
@@ -50,9 +57,11 @@ How it is laid out, and why:
   whole models, so memory is bounded by the largest array plus a constant,
   whatever K is. A slab is whole rows where a row fits in one, else cut
   within rows (:mod:`.slab`), unless a source of the array is read through
-  h5py (chunked, filtered: HDF5 would read a chunk once per slab in it);
-  such an array is held a row at a time, as much as four times its size
-  for one row. A median or trimmed mean needs all K inputs of
+  h5py (a global checkpoint not plain, an input without room for its copy:
+  HDF5 would read a chunk once per slab in it); such an array is held a row
+  at a time, as much as four times its size for one row. A copy holds one
+  block of whole chunks (:data:`.plain_copy.BLOCK_BYTES`) and HDF5 one chunk.
+  A median or trimmed mean needs all K inputs of
   a slab at once: its slabs hold K times fewer values (one at least), so its
   memory stays about a slab's for any K up to SLAB_BYTES / 8.
 * Sums are accumulated in float64 (K aggregates of float32 values weighted by
@@ -111,8 +120,9 @@ from .plain import (
     reserve,
     write_slab,
 )
+from .plain_copy import copy_plain
 from .slab import Selection, largest_slab, leading, slab_shape, slabs
-from .untrusted import Opened, UntrustedFile, dataset_at
+from .untrusted import CHUNK_MAX_BYTES, Opened, UntrustedFile, dataset_at
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
 if TYPE_CHECKING:  # strategy_state reads and writes slabs as this module cuts them
@@ -218,13 +228,16 @@ class _Source:
 
 
 class _PlainInput:
-    """An input whose weight arrays are all plain (see :mod:`.plain`): no HDF5 file is kept
-    open for it, only its arrays' extents; ``file`` carries the identity it had."""
+    """An input whose weight arrays are all plain (see :mod:`.plain`), or a plain copy of
+    one (:mod:`.plain_copy`): no HDF5 file is kept open for it, only its arrays' extents
+    in ``file``, which carries the identity it had; ``path`` is the input's, for messages
+    and refusals (the copy's file is ours)."""
 
-    __slots__ = ("encodings", "extents", "file")
+    __slots__ = ("encodings", "extents", "file", "path")
 
-    def __init__(self, file: UntrustedFile) -> None:
+    def __init__(self, file: UntrustedFile, path: Path | None = None) -> None:
         self.file = file
+        self.path = file.path if path is None else path
         self.extents: dict[str, Extent] = {}
         self.encodings: dict[str, Encoding] = {}
 
@@ -248,36 +261,76 @@ class _PlainInput:
         )
 
 
-def _locate(
-    source: UntrustedFile, plan: Sequence[Weight], stack: ExitStack
-) -> _PlainInput | Opened:
+@dataclass(frozen=True)
+class _Copies:
+    """Where the pass copies its inputs that are not plain (:mod:`.plain_copy`), and the
+    stack that removes the copies when it ends."""
+
+    tmp_dir: Path
+    stack: ExitStack
+    cancel: threading.Event | None
+
+
+def _locate(source: UntrustedFile, plan: Sequence[Weight], copies: _Copies) -> _PlainInput | Opened:
     """Open ``source`` and reach each weight by the rules of untrusted files; if all are
-    plain, close it again and keep their extents, else keep it open (h5py reads it)."""
+    plain, close it again and keep their extents, else copy them into a plain file of our
+    own and read that. Where the copy cannot be written (our disk is full), the file is
+    kept open and read through h5py, each chunk once per slab it spans."""
     with ExitStack() as here:
-        opened = here.enter_context(source.open_hdf5("aggregate checkpoint"))
+        # A chunk cache of one chunk: a copy reads whole chunks, each in one call.
+        opened = here.enter_context(source.open_hdf5("aggregate checkpoint", None, CHUNK_MAX_BYTES))
         located = _PlainInput(replace(source, identity=opened.identity))
-        for weight in plan:
-            found = _input(opened, weight)
-            assert found.dataset is not None
-            encoding = found.encoding
+        found = {weight.name: _input(opened, weight) for weight in plan}
+        for weight, array in zip(plan, found.values(), strict=True):
+            assert array.dataset is not None
             try:
                 extent = extent_of(
-                    found.dataset, encoding.stored, opened.identity.size, source.path
+                    array.dataset, array.encoding.stored, opened.identity.size, source.path
                 )
             except ContributionError as error:
                 raise _refused(source.path, weight.name, error) from None
             if extent is None:
-                stack.enter_context(here.pop_all())
-                return opened
-            located.extents[weight.name], located.encodings[weight.name] = extent, encoding
+                return _copied(opened, found, copies, here)
+            located.extents[weight.name], located.encodings[weight.name] = extent, array.encoding
+    return located
+
+
+def _copied(
+    opened: Opened, found: Mapping[str, _Source], copies: _Copies, here: ExitStack
+) -> _PlainInput | Opened:
+    """``opened``'s arrays ``found`` (by weight name), copied into a plain file (see
+    :func:`_locate`)."""
+    path = opened.source.path
+    arrays = [(name, s.dataset, s.encoding.stored) for name, s in found.items()]
+    try:
+        copy = copies.stack.enter_context(copy_plain(arrays, copies.tmp_dir, path, copies.cancel))
+    except ContributionError as error:
+        raise ContributionsRefused({str(path): str(error)}) from None
+    except OSError as error:
+        log.warning(
+            "%s: no plain copy of this aggregate could be written in %s (%s); it is read "
+            "through HDF5 instead, each chunk once per slab that needs part of it (slower)",
+            path, copies.tmp_dir, os_error_text(error),
+        )  # fmt: skip
+        here.close()  # open again without a chunk cache: K of them would not be flat in K
+        again = replace(opened.source, identity=opened.identity)
+        return copies.stack.enter_context(again.open_hdf5("aggregate checkpoint"))
+    if opened.changed():
+        raise ContributionsRefused(
+            {str(path): f"{path}: aggregate checkpoint changed while it was being copied"}
+        )
+    located = _PlainInput(copy.file, path)
+    for name, array in found.items():
+        located.extents[name], located.encodings[name] = copy.extents[name], array.encoding
     return located
 
 
 def _open_inputs(
-    inputs: Sequence[UntrustedFile | _PlainInput], plan: Sequence[Weight], stack: ExitStack
+    inputs: Sequence[UntrustedFile | _PlainInput], plan: Sequence[Weight], copies: _Copies
 ) -> list[_PlainInput | Opened]:
     """Locate every input, one open file at a time (unless its check found its plain
-    extents); refuse all that cannot be used, at once (one retry, not one per input)."""
+    extents), copying those that are not plain; refuse all that cannot be used, at once
+    (one retry, not one per input)."""
     located: list[_PlainInput | Opened] = []
     refused: dict[str, str] = {}
     for source in inputs:
@@ -287,7 +340,7 @@ def _open_inputs(
                 continue
             source = source.file
         try:
-            located.append(_locate(source, plan, stack))
+            located.append(_locate(source, plan, copies))
         except ContributionError as error:
             refused[str(source.path)] = str(error)
         except ContributionsRefused as error:
@@ -588,7 +641,6 @@ def _rewrite(
         base = open_checkpoint(template, stack)
         unchanged = _Unchanged(template, base.id.get_vfd_handle())
         plan = read_plan(base, template)
-        located = _open_inputs(inputs, plan, stack)
         outputs = {w.name: encode(w.encoding) if encode else w.encoding for w in plan}
         changed = {w.name: outputs[w.name] if outputs[w.name] != w.encoding else None for w in plan}
         with (
@@ -615,6 +667,8 @@ def _rewrite(
 
                 if state is not None:
                     state.prepare(plan)
+                # Once the new files' space is reserved: copies take what is left.
+                located = _open_inputs(inputs, plan, _Copies(tmp_dir, stack, cancel))
                 lanes = LANES if combine.shareable else 1  # noise is drawn in one order
                 pools = [
                     stack.enter_context(closing(Descriptors(DESCRIPTORS // lanes)))
@@ -696,7 +750,7 @@ def _source(located: _PlainInput | Opened, weight: Weight, descriptors: Descript
         functools.partial(descriptors.get, located.file),
         located.extents[weight.name],
     )
-    return _Source(None, located.encodings[weight.name], located.file.path, None, plain,
+    return _Source(None, located.encodings[weight.name], located.path, None, plain,
                    located.file)  # fmt: skip
 
 
@@ -718,7 +772,7 @@ def _changed(located: _PlainInput | Opened, descriptors: Descriptors) -> tuple[P
     """An input's path, and whether it was written to since it was first opened."""
     if isinstance(located, Opened):
         return located.source.path, located.changed()
-    return located.file.path, descriptors.changed(located.file)
+    return located.path, descriptors.changed(located.file)
 
 
 def _write_weight(
@@ -737,7 +791,8 @@ def _write_weight(
     # HDF5 reads a chunk whole for each slab that wants part of it (untrusted files get
     # no chunk cache): cut within rows, a chunk of one wide row spanning n slabs was read
     # n times per input (K = 10 of a (1, 4e6) array: 9 s against 0.9 s in whole rows).
-    # Where any source is read through h5py, slabs stay whole rows, as they were.
+    # Where any source is read through h5py (a chunked global checkpoint, an input
+    # without room for its plain copy), slabs stay whole rows.
     whole_rows = like.extent is None or any(source.extent is None for source in sources)
     largest = largest_slab(weight.shape, itemsize, whole_rows=whole_rows)
     sums = np.empty(largest, accumulator)

@@ -84,8 +84,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Memory a check may use above what its worker process already uses. A check
-#: holds one slab (8 MiB), one chunk (CHUNK_MAX_BYTES) and HDF5's metadata cache
-#: (at most 32 MiB by default); the rest is slack for the allocator.
+#: holds one slab (8 MiB), one chunk (CHUNK_MAX_BYTES) being read and one in the
+#: chunk cache, and HDF5's metadata cache (at most 32 MiB by default); the rest is
+#: slack for the allocator.
 MEMORY_BUDGET = 256 * 2**20
 
 #: A worker whose address space grew by more than this since its first job is

@@ -27,7 +27,7 @@ from ..errors import ContributionError
 from .aggregation import Contribution, read_into
 from .plain import Extent, extent_of
 from .slab import chunk_slabs, largest_slab, slabs
-from .untrusted import WEIGHT_MAX_BYTES, FileIdentity, UntrustedFile, dataset_at
+from .untrusted import CHUNK_MAX_BYTES, WEIGHT_MAX_BYTES, FileIdentity, UntrustedFile, dataset_at
 from .weights import Encoding, Weight
 
 __all__ = [
@@ -168,7 +168,7 @@ def update_norm(source: UntrustedFile, plan: Sequence[Weight], what: str = "uplo
     holds NaN or Inf.
     """
     square = 0.0
-    with source.open_hdf5(what) as opened:
+    with source.open_hdf5(what, None, CHUNK_MAX_BYTES) as opened:  # whole chunks, one call each
         try:
             for array in plan:
                 dataset, encoding = dataset_at(opened.file, array, source.path)
@@ -190,7 +190,10 @@ def examine(
     """
     weight = read_weight(files.of(selector, files.weight))
     source = files.of(selector, files.checkpoint)
-    with source.open_hdf5("aggregate checkpoint", spec.max_aggregate_bytes) as opened:
+    # A chunk cache of one chunk: whole chunks are read, each in one call (see open_hdf5).
+    with source.open_hdf5(
+        "aggregate checkpoint", spec.max_aggregate_bytes, CHUNK_MAX_BYTES
+    ) as opened:
         before = FileIdentity.of(_settled(opened.fd, settle))
         square = 0.0
         plain: dict[str, tuple[Extent, Encoding]] | None = {}

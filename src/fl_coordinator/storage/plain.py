@@ -43,6 +43,7 @@ __all__ = [
     "open_for_writing",
     "read_slab",
     "reserve",
+    "write_at",
     "write_slab",
 ]
 
@@ -152,7 +153,11 @@ def read_slab(
 def write_slab(fd: int, extent: Extent, values: np.ndarray, selection: Selection) -> None:
     """Write ``values`` (C-contiguous, slab ``selection`` of the dataset) at their place."""
     _, offset = _place(extent, selection, values)
-    data = _bytes(values)
+    write_at(fd, _bytes(values), offset)
+
+
+def write_at(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd`` (``pwrite`` may write less at once)."""
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], offset + done)

@@ -46,7 +46,11 @@ Selection = tuple[slice, ...]
 
 
 def slabs(
-    shape: tuple[int, ...], itemsize: int = 8, *, whole_rows: bool = False
+    shape: tuple[int, ...],
+    itemsize: int = 8,
+    *,
+    whole_rows: bool = False,
+    budget: int | None = None,
 ) -> Iterator[Selection]:
     """Selections covering an array of ``shape`` in C order, in slabs of at most about
     SLAB_BYTES (one value, if a value is larger), made one at a time.
@@ -55,13 +59,14 @@ def slabs(
     float64 accumulator; more where several work arrays are held per value).
     ``whole_rows``: never cut within a row (a slab is then at least one row),
     for readers to whom that costs more than memory (see :mod:`.aggregation`).
-    Never listed: a median of K selectors cuts K times more slabs, each a
-    slice per axis, which listed could outweigh the array itself.
+    ``budget``: bytes of a slab, if not SLAB_BYTES. Never listed: a median of K
+    selectors cuts K times more slabs, each a slice per axis, which listed could
+    outweigh the array itself.
     """
     if not shape:
         yield ()
         return
-    axis, step = _cut(shape, itemsize, whole_rows)
+    axis, step = _cut(shape, itemsize, whole_rows, budget)
     length = shape[axis]
     for outer in itertools.product(*(range(n) for n in shape[:axis])):
         before = tuple(slice(index, index + 1) for index in outer)
@@ -70,33 +75,40 @@ def slabs(
 
 
 def largest_slab(
-    shape: tuple[int, ...], itemsize: int = 8, *, whole_rows: bool = False
+    shape: tuple[int, ...],
+    itemsize: int = 8,
+    *,
+    whole_rows: bool = False,
+    budget: int | None = None,
 ) -> tuple[int, ...]:
     """The shape of the largest of :func:`slabs` (the first): what its buffers hold."""
     if not shape:
         return ()
-    axis, step = _cut(shape, itemsize, whole_rows)
+    axis, step = _cut(shape, itemsize, whole_rows, budget)
     return (*(1,) * axis, min(step, shape[axis]), *shape[axis + 1 :])
 
 
-def _cut(shape: tuple[int, ...], itemsize: int, whole_rows: bool) -> tuple[int, int]:
+def _cut(
+    shape: tuple[int, ...], itemsize: int, whole_rows: bool, budget: int | None
+) -> tuple[int, int]:
     """The axis ``k`` the slabs of ``shape`` cut, and how many of its indices a slab takes."""
+    budget = SLAB_BYTES if budget is None else budget
     axis = 0  # the first whose trailing block fits (the last axis' is one value)
     while (
         not whole_rows
         and axis < len(shape) - 1
-        and itemsize * math.prod(shape[axis + 1 :]) > SLAB_BYTES
+        and itemsize * math.prod(shape[axis + 1 :]) > budget
     ):
         axis += 1
-    return axis, max(1, SLAB_BYTES // max(itemsize * math.prod(shape[axis + 1 :]), 1))
+    return axis, max(1, budget // max(itemsize * math.prod(shape[axis + 1 :]), 1))
 
 
 def chunk_slabs(
-    shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int
+    shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int, budget: int | None = None
 ) -> tuple[tuple[int, ...], Iterator[Selection]]:
     """Selections covering an array of ``shape`` stored in ``chunks``, each of whole chunks
-    (cut only by the array's edges), of about SLAB_BYTES or one chunk if that is more
-    (``itemsize``: bytes per value); and the shape of the largest.
+    (cut only by the array's edges), of about SLAB_BYTES (or ``budget`` bytes) or one chunk
+    if that is more (``itemsize``: bytes per value); and the shape of the largest.
 
     For a reader that needs each value once in any order (a check): HDF5 reads
     a chunk whole whatever part of it is asked for, so C-order slabs would read
@@ -112,8 +124,9 @@ def chunk_slabs(
             for part, chunk, length in zip(selection, chunks, shape, strict=False)
         )
 
-    largest = slab_shape(shape, values(tuple(slice(0, n) for n in largest_slab(grid, chunk_bytes))))
-    return largest, (values(selection) for selection in slabs(grid, chunk_bytes))
+    first = largest_slab(grid, chunk_bytes, budget=budget)
+    largest = slab_shape(shape, values(tuple(slice(0, n) for n in first)))
+    return largest, (values(selection) for selection in slabs(grid, chunk_bytes, budget=budget))
 
 
 def slab_shape(shape: tuple[int, ...], selection: Selection) -> tuple[int, ...]:

@@ -65,6 +65,7 @@ from .plain import (
     reserve,
     write_slab,
 )
+from .plain_copy import copy_plain
 from .slab import Selection, leading, slab_shape
 from .weights import Encoding, Weight, upload_encoding
 
@@ -287,7 +288,8 @@ class StateUpdate:
             old = stack.enter_context(self._opened_source()) if self.source else None
             target = stack.enter_context(atomic_target(self.dest, tmp_dir, large=True))
             new = stack.enter_context(h5py.File(target, "w", driver="sec2"))
-            moments = Moments(self, old, new, stack.enter_context(open_for_writing(target)))
+            new_fd = stack.enter_context(open_for_writing(target))
+            moments = Moments(self, old, new, new_fd, (tmp_dir, stack))
             yield moments
             if not moments.published:
                 raise AggregationError("the optimizer state was not published")  # a bug
@@ -303,6 +305,12 @@ class StateUpdate:
             raise AggregationError(_move_away(self.source, what)) from None
 
 
+def _moment_of(name: str) -> str:
+    """A moment's dataset ``m/<weight>``, for a person."""
+    moment, weight = name.split("/", 1)
+    return f"the optimizer's {moment} of {weight!r}"
+
+
 #: A moment's dataset in a state file, and where its values lie when it is plain.
 _Place = tuple[h5py.Dataset, Extent | None]
 
@@ -312,13 +320,19 @@ class Moments:
 
     Plain datasets (what :meth:`prepare` creates, and so what earlier rounds
     wrote) are read with ``preadv`` and written with ``pwrite`` at their
-    offsets, as the checkpoints' arrays are; others go through h5py. Reads
+    offsets, as the checkpoints' arrays are; old ones in any other layout are
+    copied into a plain file first (:mod:`.plain_copy`), as inputs are. Reads
     and writes may come from several lanes (threads) at once, each on its own
     arrays: work buffers are kept per thread.
     """
 
     def __init__(
-        self, update: StateUpdate, old: h5py.File | None, new: h5py.File, new_fd: int
+        self,
+        update: StateUpdate,
+        old: h5py.File | None,
+        new: h5py.File,
+        new_fd: int,
+        copies: tuple[Path, contextlib.ExitStack],
     ) -> None:
         self._update = update
         self._old = old
@@ -327,6 +341,11 @@ class Moments:
         self._read_from: dict[str, _Place] = {}
         self._written: dict[str, _Place] = {}
         self._old_fd = -1  # see prepare()
+        #: Where the old moments that are not plain are copied, and the stack that
+        #: removes the copy (and closes it) when the pass ends.
+        self._copies = copies
+        #: Where the moments of ``_read_from`` are read from, when not the old file.
+        self._fds: dict[str, int] = {}
         self._lanes = threading.local()
         self.published = False
 
@@ -361,6 +380,37 @@ class Moments:
                             f"read ({error})"
                         ) from None
         reserve(self._new_fd, self._new.id.get_filesize())
+        self._copy_unplain()
+
+    def _copy_unplain(self) -> None:
+        """Copy the old moments that are not plain (a state file made by hand: ours are
+        plain), each chunk read once, into a plain file read like the others: read in
+        C-order slabs through h5py, whose chunk cache (8 MiB) may hold less than a band
+        of chunks, each chunk was read once per slab in it (column chunks of a (1500,
+        1500) moment: 19 times). Without room for the copy, through h5py, slowly."""
+        source = self._update.source
+        unplain = {name: dataset for name, (dataset, extent) in self._read_from.items()
+                   if extent is None}  # fmt: skip
+        if not unplain:
+            return
+        assert source is not None
+        tmp_dir, stack = self._copies
+        arrays = [(name, dataset, dataset.dtype) for name, dataset in unplain.items()]
+        try:
+            copy = stack.enter_context(copy_plain(arrays, tmp_dir, source, None, _moment_of))
+            fd, _ = copy.file.open_fd("plain copy of the optimizer state")
+        except ContributionError as error:
+            what = str(error).removeprefix(f"{source}: ")
+            raise AggregationError(_move_away(source, what)) from None
+        except OSError as error:
+            log.warning("%s: no plain copy of the optimizer state could be written in %s "
+                        "(%s); it is read through HDF5, slowly", source, tmp_dir,
+                        error)  # fmt: skip
+            return
+        stack.callback(os.close, fd)
+        for name, dataset in unplain.items():
+            self._read_from[name] = (dataset, copy.extents[name])
+            self._fds[name] = fd
 
     def read(self, weight: Weight, moment: str, selection: Selection) -> np.ndarray:
         """``moment`` of ``weight`` over ``selection``, in the accumulator's dtype (a work
@@ -371,18 +421,19 @@ class Moments:
             work.fill(self._update.optimizer.initial(moment))
             return work
         stored = self.buffer(state_encoding(weight.encoding).stored, shape)
-        dataset, extent = self._read_from[f"{moment}/{weight.name}"]
+        name = f"{moment}/{weight.name}"
+        dataset, extent = self._read_from[name]
         source = self._update.source
         assert source is not None
         try:
             if extent is None:
                 dataset.read_direct(stored, source_sel=selection or None)
             else:
-                read_slab(self._old_fd, extent, selection, stored, source)
+                read_slab(self._fds.get(name, self._old_fd), extent, selection, stored, source)
         except ContributionError as error:
             raise AggregationError(str(error)) from None
         except (OSError, RuntimeError) as error:  # HDF5's, of a chunk it cannot read
-            what = f"the optimizer's {moment} of {weight.name!r} cannot be read ({error})"
+            what = f"{_moment_of(name)} cannot be read ({error})"
             raise AggregationError(_move_away(source, what)) from None
         work[...] = stored
         return work

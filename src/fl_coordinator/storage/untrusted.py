@@ -231,17 +231,24 @@ class UntrustedFile:
         return fd, status
 
     @contextlib.contextmanager
-    def open_hdf5(self, what: str, max_bytes: int | None = None) -> Iterator[Opened]:
-        """The file as HDF5, read through its descriptor (see :meth:`open_fd`)."""
+    def open_hdf5(
+        self, what: str, max_bytes: int | None = None, chunk_cache: int = 0
+    ) -> Iterator[Opened]:
+        """The file as HDF5, read through its descriptor (see :meth:`open_fd`).
+
+        ``chunk_cache``: bytes of HDF5's chunk cache per dataset. None by
+        default, so K open inputs cost K times nothing: a chunk is then read
+        whole for each read that wants part of it, or, unfiltered, read in
+        one call per run of values the read wants (a column chunk read into
+        rows: a call per value). Readers of whole chunks (the check, the
+        aggregation's plain copies) read each once; with a cache of one chunk
+        (CHUNK_MAX_BYTES at most) also in one call.
+        """
         fd, status = self.open_fd(what, max_bytes)
         try:
             with open(fd, "rb", buffering=0, closefd=False) as raw:
                 try:
-                    # rdcc_nbytes=0: no chunk cache per open file, so K open inputs cost
-                    # K times nothing. A chunk is then read once per slab it spans: the
-                    # check reads whole chunks (slab.chunk_slabs); the aggregation's
-                    # C-order slabs re-read a chunk that spans several (a known cost).
-                    file = h5py.File(raw, "r", rdcc_nbytes=0)
+                    file = h5py.File(raw, "r", rdcc_nbytes=chunk_cache)
                 except (OSError, ValueError) as error:
                     raise ContributionError(
                         f"{self.path}: {what} is not a readable HDF5 file ({error})"
