@@ -26,7 +26,12 @@ from fl_coordinator.storage.contribution import (
     SelectorFiles,
     examine,
 )
-from fl_coordinator.storage.untrusted import CHUNK_MAX_BYTES, REASON_MAX_CHARS, clip
+from fl_coordinator.storage.untrusted import (
+    CHUNK_MAX_BYTES,
+    NAME_MAX_CHARS,
+    REASON_MAX_CHARS,
+    clip,
+)
 
 GLOBAL = {
     "layers/dense/vars/0": np.arange(20, dtype=np.float32).reshape(5, 4),
@@ -235,19 +240,24 @@ def huge_chunk_bomb(file: h5py.File, outside: Path) -> None:
 
 
 HDF5_FEATURES = {
-    "external link": (external_link, "is an external link to 'layers/dense/vars/0' in"),
+    "external link": (external_link, "is an external link (links out of the file are refused) "
+                                     "to 'layers/dense/vars/0' in"),
     "external link to a FIFO": (link_to_fifo, "(links out of the file are refused)"),
     "virtual dataset": (virtual, "is a virtual dataset (VDS): its values live in other files"),
-    "external storage": (external_storage, "stores its values in other files ('/etc/passwd'"),
-    "soft link": (soft_link, "'layers/dense/vars/1' is a soft link to '/spare'"),
-    "soft-linked group": (soft_linked_group, "'layers' is a soft link to '/elsewhere'"),
+    "external storage": (external_storage,
+                         "stores its values in other files (external storage: '/etc/passwd', ...)"),
+    "soft link": (soft_link, "'layers/dense/vars/1' is a soft link "
+                             "(only hard links are followed) to '/spare'"),
+    "soft-linked group": (soft_linked_group,
+                          "'layers' is a soft link (only hard links are followed) to '/elsewhere'"),
     "gzip": (replaced("layers/dense/vars/0", chunks=(5, 4), compression="gzip"),
-             "is stored with filter 'deflate' (id 1); aggregates must be uncompressed"),
+             "is stored with a filter that is not accepted (aggregates must be uncompressed; "
+             "accepted filters: shuffle, fletcher32): 'deflate' (id 1)"),
     "lzf": (replaced("layers/dense/vars/0", chunks=(5, 4), compression="lzf"),
-            "is stored with filter 'lzf' (id 32000)"),
+            "'lzf' (id 32000)"),
     "scaleoffset": (replaced("layers/dense/vars/0", chunks=(5, 4), scaleoffset=2),
-                    "filter 'scaleoffset' (id 6)"),
-    "huge declared chunk": (huge_chunk_bomb, "is stored with filter 'deflate'"),
+                    "'scaleoffset' (id 6)"),
+    "huge declared chunk": (huge_chunk_bomb, "filter that is not accepted"),
     "chunk too large": (replaced("layers/dense/vars/1", maxshape=(None,),
                                  chunks=(CHUNK_MAX_BYTES // 4 + 1,)),
                         f"declares chunks ({CHUNK_MAX_BYTES // 4 + 1},) of "
@@ -270,6 +280,39 @@ async def test_hdf5_features_that_leave_the_file_or_claim_memory_are_refused(
         return
     reason = await problem.rejected(expected)
     assert str(MARKER) not in reason and "root:" not in reason  # nothing read from outside
+
+
+LONG = "n" * 10_000
+
+LONG_NAMES = {
+    "soft link": (lambda file: file.__setitem__("layers/dense/vars/1", h5py.SoftLink("/" + LONG)),
+                  "is a soft link (only hard links are followed) to '/nnn"),
+    "external link": (
+        lambda file: file.__setitem__("layers/dense/vars/1", h5py.ExternalLink("/" + LONG, LONG)),
+        "is an external link (links out of the file are refused) to 'nnn",
+    ),
+    "external storage": (
+        lambda file: file.create_dataset("layers/dense/vars/1", (4,), np.float32,
+                                         external=[("/" + LONG, 0, 16)]),
+        "stores its values in other files (external storage: '/nnn",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("feature", list(LONG_NAMES))
+async def test_a_long_name_in_a_file_leaves_the_reason_its_own_words(
+    problem: Problem, feature: str
+) -> None:
+    """A link's target or an external file named with 10,000 characters: the reason
+    still says what is wrong and what is accepted, within REASON_MAX_CHARS (before: the
+    name came first and the cut took the explanation; on a long enough path, even short
+    names did)."""
+    change, expected = LONG_NAMES[feature]
+    with h5py.File(problem.aggregate, "a") as file:
+        del file["layers/dense/vars/1"]
+        change(file)
+    reason = await problem.rejected(expected)
+    assert "n" * NAME_MAX_CHARS not in reason  # each name cut (its start, then its length)
 
 
 ACCEPTED = {

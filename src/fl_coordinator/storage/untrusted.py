@@ -57,7 +57,7 @@ import h5py
 import numpy as np
 
 from ..errors import ContributionError
-from ..untrusted_text import shown
+from ..untrusted_text import cut, shown
 from .weights import Encoding, Weight, accepts, encoding_of
 
 __all__ = [
@@ -273,15 +273,25 @@ class Opened:
         return FileIdentity.of(os.fstat(self.fd)) != self.identity
 
 
+#: Most characters of a name that a file gives (a link's target, a filter's label) quoted
+#: in a reason: the reason's own words come first and survive its cut to REASON_MAX_CHARS.
+NAME_MAX_CHARS = 64
+
+
+def _named(value: bytes) -> str:
+    """A name the file gives, quoted: decoded, cut to NAME_MAX_CHARS, escaped."""
+    return repr(cut(value.decode(errors="replace"), NAME_MAX_CHARS))
+
+
 def _link_problem(group: h5py.Group, name: bytes, kind: int) -> str:
     if kind == h5py.h5l.TYPE_SOFT:
-        target = group.id.links.get_val(name).decode(errors="replace")
-        return f"is a soft link to {target!r} (only hard links are followed)"
+        target = _named(group.id.links.get_val(name))
+        return f"is a soft link (only hard links are followed) to {target}"
     if kind == h5py.h5l.TYPE_EXTERNAL:
-        file_name, object_name = (v.decode(errors="replace") for v in group.id.links.get_val(name))
+        file_name, object_name = (_named(value) for value in group.id.links.get_val(name))
         return (
-            f"is an external link to {object_name!r} in {file_name!r} "
-            "(links out of the file are refused)"
+            f"is an external link (links out of the file are refused) to {object_name} "
+            f"in {file_name}"
         )
     return f"is a user-defined link (type {kind}; only hard links are followed)"
 
@@ -293,15 +303,15 @@ def _storage_problem(dataset: h5py.Dataset) -> str | None:
     if layout == h5py.h5d.VIRTUAL:
         return "is a virtual dataset (VDS): its values live in other files"
     if plist.get_external_count():
-        first = plist.get_external(0)[0].decode(errors="replace")
-        return f"stores its values in other files ({first!r}, ...: external storage)"
+        first = _named(plist.get_external(0)[0])
+        return f"stores its values in other files (external storage: {first}, ...)"
     for index in range(plist.get_nfilters()):
         code, _, _, label = plist.get_filter(index)
         if code not in SAFE_FILTERS:
             return (
-                f"is stored with filter {label.decode(errors='replace')!r} (id {code}); "
-                "aggregates must be uncompressed (accepted filters: "
-                f"{', '.join(SAFE_FILTERS.values())})"
+                "is stored with a filter that is not accepted (aggregates must be uncompressed; "
+                f"accepted filters: {', '.join(SAFE_FILTERS.values())}): {_named(label)} "
+                f"(id {code})"
             )
     if layout == h5py.h5d.CHUNKED:
         chunk = plist.get_chunk()
