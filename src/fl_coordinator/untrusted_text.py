@@ -14,7 +14,7 @@ The cost does not depend on the size of the value: only its first
 
 from __future__ import annotations
 
-__all__ = ["LIMIT", "cut", "shown"]
+__all__ = ["LIMIT", "cut", "shown", "shown_ends"]
 
 #: Characters of a value from the network kept in a log line or message.
 LIMIT = 200
@@ -64,3 +64,23 @@ def shown(value: str | bytes, limit: int = LIMIT) -> str:
         return escaped
     marker = _marker(length, unit)
     return escaped[: max(0, limit - len(marker))] + marker
+
+
+def shown_ends(value: str, limit: int = LIMIT) -> str:
+    """``value`` escaped as by :func:`shown`, but a longer one keeps its start *and* its end.
+
+    For a message that names something before it says what is wrong with it
+    (``<path>: dataset 'x' is a soft link (only hard links are followed)``): on a
+    long path, a cut at the end would leave the name and lose the explanation.
+    ``shown_ends("a" * 1000 + "!", 40)`` is ``"aaaaaaaa…[1001 chars]…aaaaaaaaaaaaaaaaa!"``:
+    a third of the room for the start, the rest for the end, at most ``limit``
+    characters in all.
+    """
+    escaped = "".join(map(_escape, value[: limit + 1]))
+    if len(value) <= limit and len(escaped) <= limit:
+        return escaped
+    marker = f"{_marker(len(value), 'chars')}…"
+    room = max(0, limit - len(marker))
+    head, tail = room // 3, room - room // 3
+    end = "".join(map(_escape, value[-tail:]))[-tail:] if tail else ""
+    return escaped[:head] + marker + end

@@ -57,7 +57,7 @@ import h5py
 import numpy as np
 
 from ..errors import ContributionError
-from ..untrusted_text import cut, shown
+from ..untrusted_text import cut, shown, shown_ends
 from .weights import Encoding, Weight, accepts, encoding_of
 
 __all__ = [
@@ -93,9 +93,10 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_C
 
 
 def clip(text: str, limit: int = REASON_MAX_CHARS) -> str:
-    """A reason that quotes a selector's files: escaped and cut to ``limit`` characters
-    (see :func:`fl_coordinator.untrusted_text.shown`)."""
-    return shown(text, limit)
+    """A reason that quotes a selector's files: escaped and cut to ``limit`` characters,
+    its start (which file) and its end (what is wrong) kept (see
+    :func:`fl_coordinator.untrusted_text.shown_ends`)."""
+    return shown_ends(text, limit)
 
 
 def _kind(mode: int) -> str:
@@ -192,10 +193,10 @@ class UntrustedFile:
                 try:
                     inner = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
                 except OSError as error:
-                    where = self.root.joinpath(*parts[:depth])
+                    where = PurePosixPath(*parts[:depth])  # below the root: reasons are cut
                     problem = _folder_problem(dir_fd, part, error)
                     raise ContributionError(
-                        f"{self.path}: {what} cannot be read: its folder {where} {problem}"
+                        f"{self.path}: {what} cannot be read: its folder '{where}' {problem}"
                     ) from None
                 os.close(dir_fd)
                 dir_fd = inner
@@ -274,7 +275,7 @@ class Opened:
 
 
 #: Most characters of a name that a file gives (a link's target, a filter's label) quoted
-#: in a reason: the reason's own words come first and survive its cut to REASON_MAX_CHARS.
+#: in a reason, so that the reason's own words after it survive its cut (REASON_MAX_CHARS).
 NAME_MAX_CHARS = 64
 
 
@@ -286,12 +287,12 @@ def _named(value: bytes) -> str:
 def _link_problem(group: h5py.Group, name: bytes, kind: int) -> str:
     if kind == h5py.h5l.TYPE_SOFT:
         target = _named(group.id.links.get_val(name))
-        return f"is a soft link (only hard links are followed) to {target}"
+        return f"is a soft link to {target} (only hard links are followed)"
     if kind == h5py.h5l.TYPE_EXTERNAL:
         file_name, object_name = (_named(value) for value in group.id.links.get_val(name))
         return (
-            f"is an external link (links out of the file are refused) to {object_name} "
-            f"in {file_name}"
+            f"is an external link to {object_name} in {file_name} "
+            "(links out of the file are refused)"
         )
     return f"is a user-defined link (type {kind}; only hard links are followed)"
 
@@ -304,14 +305,13 @@ def _storage_problem(dataset: h5py.Dataset) -> str | None:
         return "is a virtual dataset (VDS): its values live in other files"
     if plist.get_external_count():
         first = _named(plist.get_external(0)[0])
-        return f"stores its values in other files (external storage: {first}, ...)"
+        return f"stores its values in other files ({first}, ...: external storage)"
     for index in range(plist.get_nfilters()):
         code, _, _, label = plist.get_filter(index)
         if code not in SAFE_FILTERS:
             return (
-                "is stored with a filter that is not accepted (aggregates must be uncompressed; "
-                f"accepted filters: {', '.join(SAFE_FILTERS.values())}): {_named(label)} "
-                f"(id {code})"
+                f"is stored with filter {_named(label)} (id {code}); aggregates must be "
+                f"uncompressed (accepted filters: {', '.join(SAFE_FILTERS.values())})"
             )
     if layout == h5py.h5d.CHUNKED:
         chunk = plist.get_chunk()
