@@ -40,11 +40,14 @@ How it is laid out, and why:
   slab that wanted part of it (10 to 300 times). Inputs are located (and
   copied) one open file at a time and read through a bounded pool of
   descriptors, so open files do not grow with K. Where a copy cannot be
-  written (our disk is full), that input stays open as an HDF5 file and is
-  read through h5py, in whole rows, slowly. The global checkpoint, if not
-  plain, is read through h5py too (its layout is the operator's), and the
-  result written with ``write_direct``. The optimizer's moments are read and
-  written like the checkpoint (:mod:`.strategy_state`).
+  written (our disk is full, or it would leave less than
+  :data:`.plain_copy.HEADROOM` free), that input stays open as an HDF5 file
+  and is read through h5py, in whole rows, slowly: THROUGH_HDF5_MAX inputs
+  at most, beyond which the pass fails as our disk's fault (CheckpointError).
+  The global checkpoint, if not plain, is read through h5py too (its layout
+  is the operator's), and the result written with ``write_direct``. The
+  optimizer's moments are read and written like the checkpoint
+  (:mod:`.strategy_state`).
 * Weight arrays are independent: every strategy but differential privacy's
   noise (drawn in one order) and the median and trimmed mean (one work
   stack) computes them in two lanes (threads, one per core, see
