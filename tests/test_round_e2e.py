@@ -5,7 +5,9 @@ websocket subscriber watching every stage."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import h5py
 import pytest
 import trio
 from helpers.peers import (
@@ -89,3 +91,54 @@ async def test_two_complete_rounds(
     assert all(m["time"].endswith("Z") and m["goal"] == 3 for m in watcher.messages)
     # Nothing of the coordinator's own may appear under initFiles/ (selectors send it all).
     assert sorted(p.name for p in layout.init_files.rglob("*")) == ["fl_checkpoint", "model.h5"]
+
+
+def _rechunked(source: Path, dest: Path) -> Path:
+    """``source``'s datasets in filtered (shuffle, fletcher32) column chunks, big-endian:
+    a layout a selector may choose, copied by the coordinator before its pass."""
+    with h5py.File(source, "r") as old, h5py.File(dest, "w") as new:
+
+        def copy(name: str, item: object) -> None:
+            if isinstance(item, h5py.Group):
+                new.require_group(name).attrs.update(dict(item.attrs))
+                return
+            assert isinstance(item, h5py.Dataset)
+            values = item[()]
+            if values.ndim < 2 or values.dtype.kind != "f":
+                new.create_dataset(name, data=values)
+            else:
+                new.create_dataset(name, data=values.astype(values.dtype.newbyteorder(">")),
+                                   chunks=(values.shape[0], *(1,) * (values.ndim - 1)),
+                                   shuffle=True, fletcher32=True)  # fmt: skip
+            new[name].attrs.update(dict(item.attrs))
+
+        new.attrs.update(dict(old.attrs))
+        old.visititems(copy)
+    return dest
+
+
+async def test_a_round_with_an_aggregate_in_chunks_completes(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """One selector's aggregate in filtered big-endian column chunks, one plain: the round
+    completes with PROTOCOL.md's average, and the coordinator's tmp folder is left empty."""
+    settings = settings.replace(checkin_limit=2)
+    endpoints = await nursery.start(serve, settings)
+    first = await FakeSelector().start(nursery)
+    second = await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    before = read_floats(layout.checkpoint)
+    assert [await client.check_in(first.id), await client.check_in(second.id)] == [True, True]
+    await first.told.receive()
+    await second.told.receive()
+    chunked = _rechunked(keras_weights[0], tmp_path / "chunked.h5")
+    write_aggregate(layout, first.id, chunked, weight=5)
+    write_aggregate(layout, second.id, keras_weights[1], weight=7)
+    await client.report(first.id)
+    await client.report(second.id)
+    done = await watcher.wait_for(completed(1))
+    assert done["stage"] == "COMPLETED", done
+    expected = fedavg(before, [(keras_weights[0], 5), (keras_weights[1], 7)])
+    assert_arrays_close(read_floats(layout.checkpoint), expected)
+    assert [p.name for p in layout.tmp.iterdir() if p.name.startswith(".input-copy.")] == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,13 +25,19 @@ import numpy as np
 import pytest
 from helpers import REPO
 from helpers.resources import bytes_read, read_calls
-from storage.test_disk_full import mount  # noqa: F401 (a fixture)
+from storage.test_disk_full import _mounted, mount  # noqa: F401 (a fixture)
 
 from fl_coordinator.core.privacy import DifferentialPrivacy
 from fl_coordinator.core.strategy import STRATEGIES, Combination, ServerOptimizer, Strategy
-from fl_coordinator.errors import ContributionsRefused, ShuttingDown
-from fl_coordinator.storage.aggregation import Contribution, ServerUpdate, aggregate
+from fl_coordinator.errors import CheckpointError, ContributionsRefused, ShuttingDown
+from fl_coordinator.storage.aggregation import (
+    THROUGH_HDF5_MAX,
+    Contribution,
+    ServerUpdate,
+    aggregate,
+)
 from fl_coordinator.storage.contribution import CheckpointSpec, SelectorFiles, examine
+from fl_coordinator.storage.plain_copy import HEADROOM
 from fl_coordinator.storage.strategy_state import StateUpdate
 from fl_coordinator.storage.untrusted import UntrustedFile
 from fl_coordinator.storage.weights import read_plan
@@ -287,12 +294,75 @@ def test_without_room_for_copies_inputs_are_read_through_hdf5(
     assert leftovers(mount / "tmp") == []
 
 
+class Watching(threading.Event):
+    """Never set; each look at it (every block of a copy, every slab of the pass) records
+    the free bytes of ``folder``'s file system and this process's open descriptors."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+        self.free: list[int] = []
+        self.descriptors: list[int] = []
+
+    def is_set(self) -> bool:
+        self.free.append(shutil.disk_usage(self.folder).free)
+        self.descriptors.append(len(os.listdir("/proc/self/fd")))
+        return super().is_set()
+
+
+def test_copies_leave_a_share_of_the_disk_free(tmp_path: Path) -> None:
+    """30 inputs of 800 kB in chunks, the checkpoint on a 20 MiB tmpfs: the pass holds every
+    copy at once, and on bc4dbaa they took all that was free (80 KiB left during the
+    pass, for the journal, the lease, the round log). Now at least HEADROOM of the file
+    system stays free; the inputs left without a copy are read through HDF5, same bits."""
+    arrays = model((400, 500), 30)
+    expected = averaged(tmp_path / "plain", arrays, ["plain"] * 30, Strategy())
+    with _mounted(tmp_path / "mnt", "-t", "tmpfs", "-o", "size=20m", "tmpfs") as point:
+        checkpoint = write_input(point / "fl_checkpoint", arrays[0], "plain")
+        parts = inputs(tmp_path / "inputs", arrays[1:], ["columns-filtered"] * 30)
+        watching = Watching(point)
+        aggregate(checkpoint, parts, point / "tmp", watching)
+        assert bits(checkpoint) == expected
+        assert leftovers(point / "tmp") == []
+        assert min(watching.free) >= HEADROOM * 20 * 2**20, min(watching.free)
+
+
+def test_inputs_read_through_hdf5_for_want_of_room_are_bounded(
+    tmp_path: Path,
+    mount: Path,  # noqa: F811 (the fixture)
+) -> None:
+    """No room for any copy and more inputs in chunks than THROUGH_HDF5_MAX: each read
+    through HDF5 stays open for the pass, so on bc4dbaa K of them held K files open (K = 100
+    under a limit of 100 open files: ten selectors refused for "Too many open files").
+    Now the pass fails as our disk's fault, naming the tmp folder; no selector refused,
+    the checkpoint unchanged, nothing left behind, descriptors bounded."""
+    count = THROUGH_HDF5_MAX + 8
+    arrays = model((100, 200), count)  # 80 kB per array
+    checkpoint = write_input(mount / "fl_checkpoint", arrays[0], "plain")
+    before = checkpoint.read_bytes()
+    parts = inputs(tmp_path / "inputs", arrays[1:], ["columns-filtered"] * count)
+    # Room for the new checkpoint (about 82 kB) and the share kept free, not for a copy.
+    free = shutil.disk_usage(mount).free
+    (mount / "ballast").write_bytes(bytes(free - int(HEADROOM * 4 * 2**20) - 120_000))
+    watching = Watching(mount)
+    at_start = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(CheckpointError) as failed:
+        aggregate(checkpoint, parts, mount / "tmp", watching)
+    message = str(failed.value)
+    assert message.startswith(f"no room in {mount / 'tmp'} for a plain copy of "), message
+    assert f"nor of {THROUGH_HDF5_MAX} other aggregates" in message
+    assert checkpoint.read_bytes() == before
+    assert leftovers(mount / "tmp") == []
+    assert max(watching.descriptors, default=at_start) - at_start <= THROUGH_HDF5_MAX + 8
+
+
 MEASURE = """
 import resource, sys
 from pathlib import Path
 from fl_coordinator.core.strategy import Combination, Strategy
 from fl_coordinator.storage.aggregation import Contribution, ServerUpdate, aggregate
 from fl_coordinator.storage.contribution import CheckpointSpec, SelectorFiles, examine
+from fl_coordinator.storage.plain_copy import HEADROOM
 from fl_coordinator.storage.untrusted import UntrustedFile
 from fl_coordinator.storage.weights import read_plan
 from helpers.resources import peak_rss, reset_peak

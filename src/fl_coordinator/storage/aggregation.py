@@ -40,11 +40,14 @@ How it is laid out, and why:
   slab that wanted part of it (10 to 300 times). Inputs are located (and
   copied) one open file at a time and read through a bounded pool of
   descriptors, so open files do not grow with K. Where a copy cannot be
-  written (our disk is full), that input stays open as an HDF5 file and is
-  read through h5py, in whole rows, slowly. The global checkpoint, if not
-  plain, is read through h5py too (its layout is the operator's), and the
-  result written with ``write_direct``. The optimizer's moments are read and
-  written like the checkpoint (:mod:`.strategy_state`).
+  written (our disk is full, or it would leave less than
+  :data:`.plain_copy.HEADROOM` free), that input stays open as an HDF5 file
+  and is read through h5py, in whole rows, slowly: THROUGH_HDF5_MAX inputs
+  at most, beyond which the pass fails as our disk's fault (CheckpointError).
+  The global checkpoint, if not plain, is read through h5py too (its layout
+  is the operator's), and the result written with ``write_direct``. The
+  optimizer's moments are read and written like the checkpoint
+  (:mod:`.strategy_state`).
 * Weight arrays are independent: every strategy but differential privacy's
   noise (drawn in one order) and the median and trimmed mean (one work
   stack) computes them in two lanes (threads, one per core, see
@@ -261,14 +264,25 @@ class _PlainInput:
         )
 
 
-@dataclass(frozen=True)
+#: Inputs without room for their plain copy that a pass reads through HDF5, at most.
+#: Each stays open as an HDF5 file (a descriptor and about 0.65 MB) for the whole pass:
+#: without a bound, K = 100 such inputs in a process allowed 100 open files had the last
+#: ten refused ("Too many open files", blamed on their selectors), and a disk full of
+#: K = 2,000 copies would hold 2,000 files open. Beyond it the pass fails as our disk's
+#: fault (CheckpointError), refusing no selector.
+THROUGH_HDF5_MAX = 16
+
+
+@dataclass
 class _Copies:
-    """Where the pass copies its inputs that are not plain (:mod:`.plain_copy`), and the
-    stack that removes the copies when it ends."""
+    """Where the pass copies its inputs that are not plain (:mod:`.plain_copy`), the
+    stack that removes the copies when it ends, and how many inputs it reads through
+    HDF5 for want of room (at most THROUGH_HDF5_MAX)."""
 
     tmp_dir: Path
     stack: ExitStack
     cancel: threading.Event | None
+    through_hdf5: int = 0
 
 
 def _locate(source: UntrustedFile, plan: Sequence[Weight], copies: _Copies) -> _PlainInput | Opened:
@@ -307,6 +321,15 @@ def _copied(
     except ContributionError as error:
         raise ContributionsRefused({str(path): str(error)}) from None
     except OSError as error:
+        if copies.through_hdf5 == THROUGH_HDF5_MAX:
+            raise CheckpointError(
+                f"no room in {copies.tmp_dir} for a plain copy of {path} "
+                f"({os_error_text(error)}), nor of {THROUGH_HDF5_MAX} other aggregates stored "
+                "in chunks, which are read through HDF5 instead (each held open for the "
+                f"whole pass, {THROUGH_HDF5_MAX} at most): free space on the file system of "
+                f"{copies.tmp_dir}; the global checkpoint is kept as it was"
+            ) from None
+        copies.through_hdf5 += 1
         log.warning(
             "%s: no plain copy of this aggregate could be written in %s (%s); it is read "
             "through HDF5 instead, each chunk once per slab that needs part of it (slower)",

@@ -36,6 +36,7 @@ long as its pass.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import math
@@ -54,13 +55,21 @@ from .plain import Extent, reserve, write_at
 from .slab import Selection, chunk_slabs, largest_slab, leading, slab_shape, slabs
 from .untrusted import CHUNK_MAX_BYTES, FileIdentity, UntrustedFile
 
-__all__ = ["BLOCK_BYTES", "PlainCopy", "copy_plain"]
+__all__ = ["BLOCK_BYTES", "HEADROOM", "PlainCopy", "copy_plain"]
 
 #: A copy reads blocks of whole chunks of about this many bytes (or one chunk, if more):
 #: a block of column chunks is written in one ``pwrite`` per row, and at SLAB_BYTES K = 10
 #: inputs of a (2000, 2000) float32 array in (2000, 1) chunks took 320,000 of them (1.5 s
 #: for the pass, against 0.7 to 0.9 s here). A chunk may be as large (CHUNK_MAX_BYTES).
 BLOCK_BYTES = CHUNK_MAX_BYTES
+
+#: Share of the tmp folder's file system that copies leave free. The pass holds every
+#: copy at once (K inputs in chunks: K copies of the model), and the coordinator keeps
+#: writing beside it (its journal, its lease, the round log; other problems may share
+#: the disk): taking all that was free, 30 copies of 800 kB left 80 KiB of a 20 MiB
+#: file system during the pass. A copy that would cut into this is not made (its input
+#: is read through HDF5 instead), like one that does not fit at all.
+HEADROOM = 0.1
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,9 @@ def copy_plain(
 
     Raises ContributionError, ``"{path}: {what(name)} cannot be read (...)"``,
     when a chunk cannot be read or unfiltered: the input's fault. An OSError is ours: the
-    copy cannot be written (no room in ``tmp_dir``: its space is reserved
-    before anything is read). ShuttingDown when ``cancel`` is set.
+    copy cannot be written (no room in ``tmp_dir``, or less than HEADROOM of its file
+    system left after it: its space is reserved before anything is read). ShuttingDown
+    when ``cancel`` is set.
     """
     sizes = [stored.itemsize * math.prod(dataset.shape) for _, dataset, stored in arrays]
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +104,7 @@ def copy_plain(
     copy = Path(name)
     try:
         try:
+            _keep_headroom(fd, sum(sizes))
             reserve(fd, sum(sizes))
             extents: dict[str, Extent] = {}
             offset = 0
@@ -108,6 +119,19 @@ def copy_plain(
         yield PlainCopy(UntrustedFile(tmp_dir, copy.name, identity), extents)
     finally:
         copy.unlink(missing_ok=True)
+
+
+def _keep_headroom(fd: int, nbytes: int) -> None:
+    """OSError ENOSPC if writing ``nbytes`` more to ``fd``'s file system would leave less
+    than HEADROOM of it free (nothing, where it has no size: ramfs)."""
+    disk = os.fstatvfs(fd)
+    if disk.f_blocks and disk.f_bavail - HEADROOM * disk.f_blocks < nbytes / disk.f_frsize:
+        left = disk.f_bavail * disk.f_frsize
+        raise OSError(
+            errno.ENOSPC,
+            f"{os.strerror(errno.ENOSPC)}: {nbytes} bytes would leave less than "
+            f"{HEADROOM:.0%} of the file system free ({left} bytes free now)",
+        )
 
 
 def _copy_array(
