@@ -421,6 +421,17 @@ def test_a_copy_holds_about_one_chunk_whatever_the_number_of_arrays(tmp_path: Pa
     assert int(result.stdout) < 2 * largest + 24 * 2**20
 
 
+def store_in_chunks(state: Path) -> None:
+    """Rewrite a state file of ours (plain) with its moments in filtered column chunks."""
+    with h5py.File(state, "r") as old, h5py.File(state.with_suffix(".new"), "w") as new:
+        new.attrs.update(dict(old.attrs))
+        for name in [f"{m}/{k}" for m in ("m", "v") for k in (NAME, BIAS)]:
+            values = old[name][()]
+            options = LAYOUTS["columns-filtered"](values.shape) if values.ndim > 1 else {}
+            new.create_dataset(name, data=values, **options)
+    os.replace(state.with_suffix(".new"), state)
+
+
 def test_an_optimizer_state_stored_in_chunks_is_read_once_and_gives_the_same_bits(
     tmp_path: Path,
 ) -> None:
@@ -440,13 +451,7 @@ def test_an_optimizer_state_stored_in_chunks_is_read_once_and_gives_the_same_bit
                   ServerUpdate(Strategy(optimizer), first))  # fmt: skip
         state = folder / "state-1.h5"
         if chunked:
-            with h5py.File(state, "r") as old, h5py.File(folder / "chunked.h5", "w") as new:
-                new.attrs.update(dict(old.attrs))
-                for name in [f"{m}/{k}" for m in ("m", "v") for k in (NAME, BIAS)]:
-                    values = old[name][()]
-                    options = LAYOUTS["columns-filtered"](values.shape) if values.ndim > 1 else {}
-                    new.create_dataset(name, data=values, **options)
-            os.replace(folder / "chunked.h5", state)
+            store_in_chunks(state)
         second = StateUpdate(optimizer, state, folder / "state-2.h5", 2)
         before = bytes_read()
         aggregate(checkpoint, parts, folder / "tmp", None,
@@ -456,3 +461,28 @@ def test_an_optimizer_state_stored_in_chunks_is_read_once_and_gives_the_same_bit
         assert leftovers(folder / "tmp") == []
     assert found[0] == found[1]
     assert extra[1] - extra[0] < 1.5 * (tmp_path / "True/state-1.h5").stat().st_size, extra
+
+
+def test_the_copy_of_an_optimizer_state_stored_in_chunks_stops_when_cancelled(
+    tmp_path: Path,
+) -> None:
+    """Shutting down while an old state in chunks is copied: ShuttingDown before it is
+    read through (before: the copy was given no cancel event, so the whole state was read
+    first), nothing left in tmp."""
+    arrays = model((1500, 1500), 3)
+    optimizer = ServerOptimizer.of("fedadam")
+    checkpoint = write_input(tmp_path / "fl_checkpoint", arrays[0], "plain")
+    parts = inputs(tmp_path, arrays[1:], ["plain"] * 3)
+    first = StateUpdate(optimizer, None, tmp_path / "state-1.h5", 1)
+    aggregate(checkpoint, parts, tmp_path / "tmp", None, ServerUpdate(Strategy(optimizer), first))
+    state = tmp_path / "state-1.h5"
+    store_in_chunks(state)
+    cancel = threading.Event()
+    cancel.set()
+    second = StateUpdate(optimizer, state, tmp_path / "state-2.h5", 2)
+    before = bytes_read()
+    with pytest.raises(ShuttingDown):
+        aggregate(checkpoint, parts, tmp_path / "tmp", cancel,
+                  ServerUpdate(Strategy(optimizer), second))  # fmt: skip
+    assert bytes_read() - before < state.stat().st_size / 2
+    assert leftovers(tmp_path / "tmp") == []

@@ -689,7 +689,7 @@ def _rewrite(
                     )
 
                 if state is not None:
-                    state.prepare(plan)
+                    state.prepare(plan, cancel)
                 # Once the new files' space is reserved: copies take what is left.
                 located = _open_inputs(inputs, plan, _Copies(tmp_dir, stack, cancel))
                 lanes = LANES if combine.shareable else 1  # noise is drawn in one order

@@ -353,10 +353,11 @@ class Moments:
     def names(self) -> tuple[str, ...]:
         return self._update.optimizer.moments
 
-    def prepare(self, plan: Sequence[Weight]) -> None:
+    def prepare(self, plan: Sequence[Weight], cancel: threading.Event | None = None) -> None:
         """Create every moment of ``plan``'s arrays in the new state, allocated and its
         space reserved, and find the old ones: before the pass, whose lanes then only
-        read and write values. AggregationError if an old one is not where it says."""
+        read and write values. AggregationError if an old one is not where it says;
+        ShuttingDown when ``cancel`` is set while an old one is copied."""
         # HDF5's own descriptor of the old state, taken once: each h5py call takes
         # h5py's global lock, which the lanes would contend for on every slab.
         self._old_fd = self._old.id.get_vfd_handle() if self._old else -1
@@ -380,9 +381,9 @@ class Moments:
                             f"read ({error})"
                         ) from None
         reserve(self._new_fd, self._new.id.get_filesize())
-        self._copy_unplain()
+        self._copy_unplain(cancel)
 
-    def _copy_unplain(self) -> None:
+    def _copy_unplain(self, cancel: threading.Event | None) -> None:
         """Copy the old moments that are not plain (a state file made by hand: ours are
         plain), each chunk read once, into a plain file read like the others: read in
         C-order slabs through h5py, whose chunk cache (8 MiB) may hold less than a band
@@ -397,7 +398,7 @@ class Moments:
         tmp_dir, stack = self._copies
         arrays = [(name, dataset, dataset.dtype) for name, dataset in unplain.items()]
         try:
-            copy = stack.enter_context(copy_plain(arrays, tmp_dir, source, None, _moment_of))
+            copy = stack.enter_context(copy_plain(arrays, tmp_dir, source, cancel, _moment_of))
             fd, _ = copy.file.open_fd("plain copy of the optimizer state")
         except ContributionError as error:
             what = str(error).removeprefix(f"{source}: ")
