@@ -43,18 +43,21 @@ and dispatch:
   not count: a peer parking half-sent messages is idle) for ``idle_timeout``
   seconds is closed gracefully, and so is one closed to make room for
   another (:class:`~..connections.Gate`, which tells apart, through
-  :meth:`~..connections.Slot.set_busy`, the connections with calls in
-  flight): as gRPC servers do, an HTTP/2 GOAWAY (NO_ERROR) that leaves out no
-  stream and a PING, then, once the PING is answered (the peer saw the
-  GOAWAY), a second GOAWAY naming the last stream taken in. The calls in
-  flight, and the requests taken in, get their messages and send their
-  answers; newer streams are refused (REFUSED_STREAM); grpcio and grpc-go
-  clients send those calls again on a new connection. All within
-  :data:`GOODBYE_TIMEOUT` of the first GOAWAY (what is still in flight then
-  is cancelled), and the gate may cut it short to make room. Shedding
-  (above) and a peer's protocol errors close at once. (Clients on python's
-  ``h2``, purerpc's included, cannot take answers after a GOAWAY: h2 closes
-  its side as the GOAWAY arrives, python-hyper/h2 issue 1181);
+  :meth:`~..connections.Slot.set_busy`, the connections with calls the
+  server works on: a whole request in, the answer not waiting for the peer's
+  window; a peer holds requests half-sent or answers unread for free, and
+  would otherwise be closed last): as gRPC servers do, an HTTP/2 GOAWAY
+  (NO_ERROR) that leaves out no stream and a PING, then, once the PING is
+  answered (the peer saw the GOAWAY), a second GOAWAY naming the last stream
+  taken in. The calls in flight, and the requests taken in, get their
+  messages and send their answers; newer streams are refused
+  (REFUSED_STREAM); grpcio and grpc-go clients send those calls again on a
+  new connection. All within :data:`GOODBYE_TIMEOUT` of the first GOAWAY
+  (what is still in flight then is cancelled), and the gate may cut it short
+  to make room. Shedding (above) and a peer's protocol errors close at once.
+  (Clients on python's ``h2``, purerpc's included, cannot take answers after
+  a GOAWAY: h2 closes its side as the GOAWAY arrives, python-hyper/h2 issue
+  1181);
 * a compressed message is inflated up to ``GRPC_MAX_MESSAGE_BYTES`` and no
   further: one that inflates to more is a message over the limit;
 * what goes wrong is logged through a :class:`~..log_throttle.Throttle`,
@@ -147,6 +150,19 @@ class _StreamReset:
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
+
+
+class _Stream(GRPCProtoStream):
+    """purerpc's server stream; tells its connection while its answer waits for the peer's
+    flow-control window (the call then waits on the peer, not on the server)."""
+
+    async def _wait_flow_control_update(self) -> None:
+        connection: _Connection = self._grpc_socket
+        connection._stall(self._stream_id, True)
+        try:
+            await super()._wait_flow_control_update()
+        finally:
+            connection._stall(self._stream_id, False)
 
 
 class BoundedInflation(MessageReadBuffer):
@@ -314,6 +330,8 @@ class _Connection:
         self._requests: dict[int, RequestReceived] = {}  # headers in, no message yet
         self._streams: dict[int, GRPCProtoStream] = {}  # purerpc's streams delete themselves here
         self._calls: dict[int, trio.CancelScope] = {}
+        self._whole: set[int] = set()  # calls whose request came whole (its end in)
+        self._stalled: set[int] = set()  # calls whose answer waits for the peer's window
         self._wake_writer = trio.Event()
         self._sent = trio.Event()
         self._watchdog = trio.CancelScope()  # reading, until idle or evicted
@@ -366,6 +384,8 @@ class _Connection:
         """
         self._requests.clear()
         self._streams.clear()
+        self._whole.clear()
+        self._stalled.clear()
         self._protocol.forget_all()
         self._h2.streams.clear()
         self._h2._closed_streams.clear()
@@ -434,14 +454,24 @@ class _Connection:
         self._protocol.announce_goaway(self._last_stream_id)
 
     def _settle(self) -> None:
-        """Calls (or requests taken in) in flight, or none: tell the gate (it closes a
-        connection without any first) and, while draining, the drain (done when none are
-        left and the peer saw the GOAWAY)."""
-        busy = bool(self._calls or self._requests)
+        """Tell the gate whether the server works on a call here (it closes a connection
+        without first): one whose request came whole and whose answer does not wait for
+        the peer's window. While draining, tell the drain when no call (nor request taken
+        in) is left and the peer saw the GOAWAY."""
+        busy = bool(self._whole - self._stalled)
         if busy != self._slot.busy:
             self._slot.set_busy(busy)
-        if not busy and self._last_stream_id not in (None, _ANY_STREAM):
+        in_flight = self._calls or self._requests
+        if not in_flight and self._last_stream_id not in (None, _ANY_STREAM):
             self._drained.set()
+
+    def _stall(self, stream_id: int, stalled: bool) -> None:
+        """A call's answer waits for the peer's window (True), or no longer (False)."""
+        if stalled:
+            self._stalled.add(stream_id)
+        else:
+            self._stalled.discard(stream_id)
+        self._settle()
 
     def _go_away(self, code: ErrorCodes, reason: str | None = None) -> None:
         """Queue a GOAWAY (unless one was already sent or received; while draining, it
@@ -593,6 +623,7 @@ class _Connection:
                 stream._incoming_events[0].send_nowait(event)
                 if isinstance(event, RequestEnded):
                     stream._close_remote()
+                    self._whole.add(event.stream_id)
 
     def _refuse(self, stream_id: int) -> None:
         """A stream the GOAWAY left out: not run; the peer may retry it elsewhere."""
@@ -601,7 +632,7 @@ class _Connection:
             self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
 
     def _start_call(self, request: RequestReceived, calls: trio.Nursery) -> GRPCProtoStream:
-        stream = GRPCProtoStream(self._protocol, request.stream_id, self, self)
+        stream = _Stream(self._protocol, request.stream_id, self, self)
         stream._incoming_events[0].send_nowait(request)
         self._streams[request.stream_id] = stream
         scope = self._calls[request.stream_id] = trio.CancelScope()
@@ -619,6 +650,8 @@ class _Connection:
         """Drop what the call held; tell the peer to stop sending on it if it has not."""
         self._calls.pop(stream_id, None)
         self._streams.pop(stream_id, None)
+        self._whole.discard(stream_id)
+        self._stalled.discard(stream_id)
         self._protocol.forget(stream_id)
         # Fails when closed both ways (the usual case) or reset by the peer.
         with contextlib.suppress(h2.exceptions.H2Error):
