@@ -503,10 +503,17 @@ class _Connection:
                 return
             try:
                 if isinstance(self._stream, anyio.abc.SocketStream):
+                    # (anyio passes on shutdown's OSError as it is: ENOTCONN when the
+                    # peer reset the connection since the last bytes were sent)
                     await self._stream.send_eof()  # the peer closes at once (not over TLS)
                 while await self._stream.receive(_RECEIVE_BYTES):
                     pass
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            except (
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                OSError,
+            ):
                 pass
 
     async def _write(self, connection_scope: trio.CancelScope) -> None:
