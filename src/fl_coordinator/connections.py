@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import resource
 from collections import OrderedDict
@@ -155,7 +156,7 @@ def port_share(ports: int, limit: int | None = None) -> PortShare:
 class Slot:
     """One admitted connection: its place in its gate's recency order, and how to close it."""
 
-    __slots__ = ("_gate", "busy", "cancel_scope", "evict", "settled")
+    __slots__ = ("_busy_until", "_gate", "busy", "cancel_scope", "evict", "settled")
 
     def __init__(self, gate: Gate) -> None:
         self._gate = gate
@@ -163,6 +164,7 @@ class Slot:
         self.settled = False
         #: The connection has calls in flight (see :meth:`set_busy`).
         self.busy = False
+        self._busy_until = -math.inf  # (see busy_for)
         #: Cancels the connection's handler (what :attr:`evict` does unless replaced).
         self.cancel_scope = trio.CancelScope()
         #: Called (synchronously) to close the connection to make room for a new one;
@@ -182,6 +184,17 @@ class Slot:
         the last one to close by opening and resetting requests).
         """
         self.busy = busy
+
+    def busy_for(self, seconds: float) -> None:
+        """The connection counts as having a call in flight for ``seconds`` from now (0: no
+        longer), besides :attr:`busy` (gRPC: a request whose bytes are arriving; one that
+        stops arriving for that long no longer protects its connection: it costs its
+        peer nothing)."""
+        self._busy_until = trio.current_time() + seconds
+
+    def in_flight(self, now: float) -> bool:
+        """Whether the connection has a call in flight at ``now`` (trio's clock)."""
+        return self.busy or now < self._busy_until
 
     def settle(self) -> None:
         """The connection finished its handshake: a gate that does not make room for
@@ -266,7 +279,8 @@ class Gate(Generic[S]):
         """The connection to close for a newcomer at the cap; None: refuse the newcomer."""
         if self._make_room:
             # (A scan: the busy ones are few, unless calls the server works on fill the port.)
-            return next((slot for slot in self._open if not slot.busy), None) or next(
+            now = trio.current_time()
+            return next((slot for slot in self._open if not slot.in_flight(now)), None) or next(
                 iter(self._open), None
             )
         return next((slot for slot in self._open if not slot.settled), None)
@@ -288,7 +302,8 @@ class Gate(Generic[S]):
     def _hurried(self) -> Slot:
         """The closing connection to close at once: the oldest without calls in flight,
         else the oldest (at most ``max_closing`` are looked at)."""
-        return next((slot for slot in self._closing if not slot.busy), None) or next(
+        now = trio.current_time()
+        return next((slot for slot in self._closing if not slot.in_flight(now)), None) or next(
             iter(self._closing)
         )
 

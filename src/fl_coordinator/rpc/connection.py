@@ -197,6 +197,8 @@ class _Protocol(GRPCConnection):
         super().__init__(config)
         #: A whole message (or a request's end) arrived since the flag was last cleared.
         self.call_traffic = False
+        #: A request's data (not headers alone) arrived since the flag was last cleared.
+        self.request_bytes = False
         #: What the connection holds unread, counted in the process's :class:`ReadBudget`.
         self.account = account
         self._header_bytes = 0
@@ -240,6 +242,7 @@ class _Protocol(GRPCConnection):
                 event.flow_controlled_length, event.stream_id
             )
             return []
+        self.request_bytes = True
         unacknowledged = self._unacknowledged.get(event.stream_id, 0)
         self._unacknowledged[event.stream_id] = unacknowledged + event.flow_controlled_length
         self.account.add(event.flow_controlled_length, data=True)
@@ -461,6 +464,8 @@ class _Connection:
         busy = bool(self._whole - self._stalled)
         if busy != self._slot.busy:
             self._slot.set_busy(busy)
+        if not self._requests:
+            self._slot.busy_for(0)  # (no request on its way)
         in_flight = self._calls or self._requests
         if not in_flight and self._last_stream_id not in (None, _ANY_STREAM):
             self._drained.set()
@@ -570,6 +575,10 @@ class _Connection:
                 self._protocol.call_traffic = False
                 self._touch()
             self._dispatch(events, calls)
+            if self._protocol.request_bytes:
+                self._protocol.request_bytes = False
+                if self._requests:  # a request's message on its way: let it come
+                    self._slot.busy_for(GOODBYE_TIMEOUT)
             self._settle()
             self._wake_writer.set()
 
