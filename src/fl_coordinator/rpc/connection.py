@@ -43,21 +43,23 @@ and dispatch:
   not count: a peer parking half-sent messages is idle) for ``idle_timeout``
   seconds is closed gracefully, and so is one closed to make room for
   another (:class:`~..connections.Gate`, which tells apart, through
-  :meth:`~..connections.Slot.set_busy`, the connections with calls the
-  server works on: a whole request in, the answer not waiting for the peer's
-  window; a peer holds requests half-sent or answers unread for free, and
-  would otherwise be closed last): as gRPC servers do, an HTTP/2 GOAWAY
-  (NO_ERROR) that leaves out no stream and a PING, then, once the PING is
-  answered (the peer saw the GOAWAY), a second GOAWAY naming the last stream
-  taken in. The calls in flight, and the requests taken in, get their
-  messages and send their answers; newer streams are refused
-  (REFUSED_STREAM); grpcio and grpc-go clients send those calls again on a
-  new connection. All within :data:`GOODBYE_TIMEOUT` of the first GOAWAY
-  (what is still in flight then is cancelled), and the gate may cut it short
-  to make room. Shedding (above) and a peer's protocol errors close at once.
-  (Clients on python's ``h2``, purerpc's included, cannot take answers after
-  a GOAWAY: h2 closes its side as the GOAWAY arrives, python-hyper/h2 issue
-  1181);
+  :meth:`~..connections.Slot.set_busy` and
+  :meth:`~..connections.Slot.busy_for`, the connections with calls the
+  server works on, a whole request in and the answer not waiting for the
+  peer's window, and those with a request whose message is arriving, for
+  :data:`GOODBYE_TIMEOUT` after each of its bytes: a peer holds requests
+  half-sent or answers unread for free, and would otherwise be closed last):
+  as gRPC servers do, an HTTP/2 GOAWAY (NO_ERROR) that leaves out no stream
+  and a PING, then, once the PING is answered (the peer saw the GOAWAY), a
+  second GOAWAY naming the last stream taken in. The calls in flight, and
+  the requests taken in, get their messages and send their answers; newer
+  streams are refused (REFUSED_STREAM); grpcio and grpc-go clients send
+  those calls again on a new connection. All within :data:`GOODBYE_TIMEOUT`
+  of the first GOAWAY (what is still in flight then is cancelled), and the
+  gate may cut it short to make room. Shedding (above) and a peer's protocol
+  errors close at once. (Clients on python's ``h2``, purerpc's included,
+  cannot take answers after a GOAWAY: h2 closes its side as the GOAWAY
+  arrives, python-hyper/h2 issue 1181);
 * a compressed message is inflated up to ``GRPC_MAX_MESSAGE_BYTES`` and no
   further: one that inflates to more is a message over the limit;
 * what goes wrong is logged through a :class:`~..log_throttle.Throttle`,
