@@ -203,3 +203,37 @@ async def test_a_full_port_closes_a_connection_without_calls_in_flight_first(
     for client in clients:
         await client.aclose()
     nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_that_goes_quiet_keeps_its_place_in_the_recency_order(
+    nursery: trio.Nursery,
+) -> None:
+    """Clients 0..3 are quiet, 0 the least recently active; 0 then has a call in flight
+    and goes quiet again without any activity (a request opened and reset, as a peer may
+    do for nothing): dial 4 still closes 0, the least recently active.
+
+    Before: going quiet made 0 the last to close; dial 4 closed 1."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    held = Held()
+    evicted: list[int] = []
+    slots: dict[int, Slot] = {}
+
+    async def handle(stream: trio.SocketStream, slot: Slot) -> None:
+        number = int((await stream.receive_some(8)).decode())
+        slot.evict = lambda: evicted.append(number)
+        slots[number] = slot
+        if number == CAP - 1:  # all are in: 0 has a call, then none
+            slots[0].set_busy(True)
+            slots[0].set_busy(False)
+        await stream.send_all(b"!")
+        await trio.sleep_forever()
+
+    gate: Gate[trio.SocketStream] = Gate("test port", ConnectionLimits(CAP), make_room=True)
+    nursery.start_soon(gate.serve, [held.accepting(listener)], held.close, handle)
+    with trio.fail_after(60):
+        clients = [await dial(port, number) for number in range(CAP + 1)]
+        assert evicted == [0]
+    for client in clients:
+        await client.aclose()
+    nursery.cancel_scope.cancel()

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import resource
 from collections import OrderedDict
@@ -155,7 +156,7 @@ def port_share(ports: int, limit: int | None = None) -> PortShare:
 class Slot:
     """One admitted connection: its place in its gate's recency order, and how to close it."""
 
-    __slots__ = ("_gate", "busy", "cancel_scope", "evict", "settled")
+    __slots__ = ("_busy_until", "_gate", "busy", "cancel_scope", "evict", "settled")
 
     def __init__(self, gate: Gate) -> None:
         self._gate = gate
@@ -163,6 +164,7 @@ class Slot:
         self.settled = False
         #: The connection has calls in flight (see :meth:`set_busy`).
         self.busy = False
+        self._busy_until = -math.inf  # (see busy_for)
         #: Cancels the connection's handler (what :attr:`evict` does unless replaced).
         self.cancel_scope = trio.CancelScope()
         #: Called (synchronously) to close the connection to make room for a new one;
@@ -177,11 +179,22 @@ class Slot:
         """The connection has calls in flight (True) or none (False): a gate that makes
         room closes one without while there is any, and hurries one without first.
 
-        A connection becomes quiet as it is touched (its last call ended) or, rarely
-        (a request reset before its message), without: the gate takes it as just touched.
+        Either way it keeps its place in the recency order: only :meth:`touch` moves
+        it (becoming quiet is no activity: a peer could otherwise make its connection
+        the last one to close by opening and resetting requests).
         """
         self.busy = busy
-        self._gate._set_busy(self)
+
+    def busy_for(self, seconds: float) -> None:
+        """The connection counts as having a call in flight for ``seconds`` from now (0: no
+        longer), besides :attr:`busy` (gRPC: a request whose bytes are arriving; one that
+        stops arriving for that long no longer protects its connection: it costs its
+        peer nothing)."""
+        self._busy_until = trio.current_time() + seconds
+
+    def in_flight(self, now: float) -> bool:
+        """Whether the connection has a call in flight at ``now`` (trio's clock)."""
+        return self.busy or now < self._busy_until
 
     def settle(self) -> None:
         """The connection finished its handshake: a gate that does not make room for
@@ -230,8 +243,6 @@ class Gate(Generic[S]):
         # Open connections, least recently active first; an evicted one moves to
         # _closing (no longer counted against the cap) while it says goodbye.
         self._open: OrderedDict[Slot, None] = OrderedDict()
-        # The open ones without calls in flight, in the same order (see Slot.set_busy).
-        self._quiet: OrderedDict[Slot, None] = OrderedDict()
         self._closing: OrderedDict[Slot, None] = OrderedDict()
         self._placed = 0  # connections accept loops may admit before they look again
         self._loops = 1  # accept loops (one per socket)
@@ -247,7 +258,6 @@ class Gate(Generic[S]):
                 self._refuse()
                 return None
             del self._open[victim]
-            self._quiet.pop(victim, None)
             self._closing[victim] = None
             which = "least recently active" if self._make_room else "oldest still in its handshake"
             self.throttle.log(
@@ -263,13 +273,16 @@ class Gate(Generic[S]):
             victim.evict()
         slot = Slot(self)
         self._open[slot] = None
-        self._quiet[slot] = None
         return slot
 
     def _victim(self) -> Slot | None:
         """The connection to close for a newcomer at the cap; None: refuse the newcomer."""
         if self._make_room:
-            return next(iter(self._quiet), None) or next(iter(self._open), None)
+            # (A scan: the busy ones are few, unless calls the server works on fill the port.)
+            now = trio.current_time()
+            return next((slot for slot in self._open if not slot.in_flight(now)), None) or next(
+                iter(self._open), None
+            )
         return next((slot for slot in self._open if not slot.settled), None)
 
     def _refuse(self) -> None:
@@ -285,25 +298,17 @@ class Gate(Generic[S]):
     def _touch(self, slot: Slot) -> None:
         if slot in self._open:
             self._open.move_to_end(slot)
-            if slot in self._quiet:
-                self._quiet.move_to_end(slot)
-
-    def _set_busy(self, slot: Slot) -> None:
-        if slot.busy:
-            self._quiet.pop(slot, None)
-        elif slot in self._open:
-            self._quiet[slot] = None  # touched as it became quiet: the most recently active
 
     def _hurried(self) -> Slot:
         """The closing connection to close at once: the oldest without calls in flight,
         else the oldest (at most ``max_closing`` are looked at)."""
-        return next((slot for slot in self._closing if not slot.busy), None) or next(
+        now = trio.current_time()
+        return next((slot for slot in self._closing if not slot.in_flight(now)), None) or next(
             iter(self._closing)
         )
 
     def _release(self, slot: Slot) -> None:
         self._open.pop(slot, None)
-        self._quiet.pop(slot, None)
         self._closing.pop(slot, None)
         self._released.set()
 

@@ -358,3 +358,109 @@ async def test_a_connection_that_never_finishes_its_call_closes_at_the_bound(
     assert not ends(stream_id, h2.events.TrailersReceived)(peer.events)  # cut: no answer
     peer.close()
     other.close()
+
+
+# -- the connection closed to make room: calls in flight protect only the server's work ----
+
+
+def message_without_end(port: int) -> tuple[RawPeer, int]:
+    """A check-in whose whole message the server took in (a PING's answer says so), and
+    not the request's end: its call waits for the peer."""
+    peer = RawPeer(port)
+    stream_id = peer.open_stream(CHECK_IN, check_in_body("127.0.0.1:1"))
+    peer.h2.ping(b"in order")
+    peer.send()
+    peer.receive_until(lambda events: any(isinstance(e, h2.events.PingAckReceived) for e in events))
+    return peer, stream_id
+
+
+def told_to_go(peer: RawPeer) -> bool:
+    """Whether the server sent ``peer`` a GOAWAY before answering a PING sent now (an
+    eviction queues its GOAWAY before the connection reads on)."""
+
+    def acks(events: list[h2.events.Event]) -> int:
+        return sum(isinstance(e, h2.events.PingAckReceived) for e in events)
+
+    answered = acks(peer.events) + 1
+    peer.h2.ping(b"told you")
+    peer.send()
+    peer.receive_until(lambda events: acks(events) >= answered)
+    return bool(goaways(peer))
+
+
+@pytest.mark.parametrize(
+    "hold", [request_without_message, message_without_end, call_waiting_for_window]
+)
+async def test_a_call_that_waits_on_its_peer_does_not_keep_its_connection_open(
+    settings: Settings,
+    nursery: trio.Nursery,
+    mock_clock: trio.testing.MockClock,
+    hold: Callable[[int], tuple[RawPeer, int]],
+) -> None:
+    """At MAX_CONNECTIONS=2, a peer holds a call that waits on itself (a request without
+    its message, a message without the request's end, an answer it gives no window to),
+    then an honest selector's check-in is answered; GOODBYE_TIMEOUT later (MockClock: a
+    request's arriving bytes protect its connection that long), a third dial closes the
+    holder's connection (the least recently active, and the server works on no call of
+    either), not the selector's.
+
+    Before: the holder counted as having a call in flight, and the selector's connection
+    was closed: a peer kept its connections for one HEADERS frame each, whatever their age."""
+    endpoints = await nursery.start(
+        serve, settings.replace(max_connections=2, idle_connection_timeout=0)
+    )
+    port = endpoints.grpc_port
+    holder, _ = await trio.to_thread.run_sync(hold, port)
+    selector = await connected(port)
+    answer = await trio.to_thread.run_sync(selector.call, CHECK_IN, check_in_body("127.0.0.1:2"))
+    assert answer["grpc-status"] == "0"
+    mock_clock.jump(GOODBYE_TIMEOUT)
+    newcomer = await connected(port)
+    assert await trio.to_thread.run_sync(told_to_go, newcomer) is False  # admitted
+    assert await trio.to_thread.run_sync(told_to_go, holder) is True
+    assert await trio.to_thread.run_sync(told_to_go, selector) is False
+    for peer in (holder, selector, newcomer):
+        peer.close()
+
+
+async def test_a_request_still_arriving_keeps_its_connection_open(
+    settings: Settings, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    """At MAX_CONNECTIONS=2, a large request is arriving (its headers and part of its
+    message in) when an honest selector's check-in is answered: a third dial closes the
+    selector's quiet connection, not the one whose request is on its way; GOODBYE_TIMEOUT
+    later without more of it (MockClock), a fourth dial closes that one.
+
+    (Without this, grpcio's large requests, cut on their way under a flood of dials, were
+    sent again and cut again: 2/100 health checks with 200 KB ended DEADLINE_EXCEEDED.)"""
+    endpoints = await nursery.start(
+        serve, settings.replace(max_connections=2, idle_connection_timeout=0)
+    )
+    port = endpoints.grpc_port
+
+    def part_of_a_request() -> RawPeer:
+        peer = RawPeer(port)
+        stream_id = peer.open_stream(CHECK_IN)
+        peer.h2.send_data(stream_id, struct.pack(">BI", 0, 100_000) + b"\x0a" * 1000)
+        peer.h2.ping(b"in order")
+        peer.send()
+        peer.receive_until(
+            lambda events: any(isinstance(e, h2.events.PingAckReceived) for e in events)
+        )
+        return peer
+
+    sender = await trio.to_thread.run_sync(part_of_a_request)
+    selector = await connected(port)
+    answer = await trio.to_thread.run_sync(selector.call, CHECK_IN, check_in_body("127.0.0.1:2"))
+    assert answer["grpc-status"] == "0"
+    third = await connected(port)
+    assert await trio.to_thread.run_sync(told_to_go, third) is False  # admitted
+    assert await trio.to_thread.run_sync(told_to_go, selector) is True
+    assert await trio.to_thread.run_sync(told_to_go, sender) is False
+    mock_clock.jump(GOODBYE_TIMEOUT)
+    fourth = await connected(port)
+    assert await trio.to_thread.run_sync(told_to_go, fourth) is False  # admitted
+    assert await trio.to_thread.run_sync(told_to_go, sender) is True
+    assert await trio.to_thread.run_sync(told_to_go, third) is False
+    for peer in (sender, selector, third, fourth):
+        peer.close()

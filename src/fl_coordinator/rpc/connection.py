@@ -43,20 +43,25 @@ and dispatch:
   not count: a peer parking half-sent messages is idle), outside the time a
   unary call's method runs (a check-in held while the round aggregates waits
   for us, not the peer for us), for ``idle_timeout`` seconds is closed
-  gracefully, and so is one closed to make room for another
-  (:class:`~..connections.Gate`, which tells apart, through
-  :meth:`~..connections.Slot.set_busy`, the connections with calls in
-  flight): as gRPC servers do, an HTTP/2 GOAWAY (NO_ERROR) that leaves out no
-  stream and a PING, then, once the PING is answered (the peer saw the
-  GOAWAY), a second GOAWAY naming the last stream taken in. The calls in
-  flight, and the requests taken in, get their messages and send their
-  answers; newer streams are refused (REFUSED_STREAM); grpcio and grpc-go
-  clients send those calls again on a new connection. All within
-  :data:`GOODBYE_TIMEOUT` of the first GOAWAY (what is still in flight then
-  is cancelled), and the gate may cut it short to make room. Shedding
-  (above) and a peer's protocol errors close at once. (Clients on python's
-  ``h2``, purerpc's included, cannot take answers after a GOAWAY: h2 closes
-  its side as the GOAWAY arrives, python-hyper/h2 issue 1181);
+  gracefully, and so is one closed to make room for
+  another (:class:`~..connections.Gate`, which tells apart, through
+  :meth:`~..connections.Slot.set_busy` and
+  :meth:`~..connections.Slot.busy_for`, the connections with calls the
+  server works on, a whole request in and the answer not waiting for the
+  peer's window, and those with a request whose message is arriving, for
+  :data:`GOODBYE_TIMEOUT` after each of its bytes: a peer holds requests
+  half-sent or answers unread for free, and would otherwise be closed last):
+  as gRPC servers do, an HTTP/2 GOAWAY (NO_ERROR) that leaves out no stream
+  and a PING, then, once the PING is answered (the peer saw the GOAWAY), a
+  second GOAWAY naming the last stream taken in. The calls in flight, and
+  the requests taken in, get their messages and send their answers; newer
+  streams are refused (REFUSED_STREAM); grpcio and grpc-go clients send
+  those calls again on a new connection. All within :data:`GOODBYE_TIMEOUT`
+  of the first GOAWAY (what is still in flight then is cancelled), and the
+  gate may cut it short to make room. Shedding (above) and a peer's protocol
+  errors close at once. (Clients on python's ``h2``, purerpc's included,
+  cannot take answers after a GOAWAY: h2 closes its side as the GOAWAY
+  arrives, python-hyper/h2 issue 1181);
 * a compressed message is inflated up to ``GRPC_MAX_MESSAGE_BYTES`` and no
   further: one that inflates to more is a message over the limit;
 * what goes wrong is logged through a :class:`~..log_throttle.Throttle`,
@@ -151,6 +156,19 @@ class _StreamReset:
         self.stream_id = stream_id
 
 
+class _Stream(GRPCProtoStream):
+    """purerpc's server stream; tells its connection while its answer waits for the peer's
+    flow-control window (the call then waits on the peer, not on the server)."""
+
+    async def _wait_flow_control_update(self) -> None:
+        connection: _Connection = self._grpc_socket
+        connection._stall(self._stream_id, True)
+        try:
+            await super()._wait_flow_control_update()
+        finally:
+            connection._stall(self._stream_id, False)
+
+
 class BoundedInflation(MessageReadBuffer):
     """A stream's message parser that inflates a compressed message up to the size limit only
     (requests here; answers to the coordinator's own calls in :mod:`.addresses`).
@@ -183,6 +201,8 @@ class _Protocol(GRPCConnection):
         super().__init__(config)
         #: A whole message (or a request's end) arrived since the flag was last cleared.
         self.call_traffic = False
+        #: A request's data (not headers alone) arrived since the flag was last cleared.
+        self.request_bytes = False
         #: What the connection holds unread, counted in the process's :class:`ReadBudget`.
         self.account = account
         self._header_bytes = 0
@@ -226,6 +246,7 @@ class _Protocol(GRPCConnection):
                 event.flow_controlled_length, event.stream_id
             )
             return []
+        self.request_bytes = True
         unacknowledged = self._unacknowledged.get(event.stream_id, 0)
         self._unacknowledged[event.stream_id] = unacknowledged + event.flow_controlled_length
         self.account.add(event.flow_controlled_length, data=True)
@@ -316,6 +337,8 @@ class _Connection:
         self._requests: dict[int, RequestReceived] = {}  # headers in, no message yet
         self._streams: dict[int, GRPCProtoStream] = {}  # purerpc's streams delete themselves here
         self._calls: dict[int, trio.CancelScope] = {}
+        self._whole: set[int] = set()  # calls whose request came whole (its end in)
+        self._stalled: set[int] = set()  # calls whose answer waits for the peer's window
         self._wake_writer = trio.Event()
         self._sent = trio.Event()
         self._watchdog = trio.CancelScope()  # reading, until idle or evicted
@@ -388,6 +411,8 @@ class _Connection:
         """
         self._requests.clear()
         self._streams.clear()
+        self._whole.clear()
+        self._stalled.clear()
         self._protocol.forget_all()
         self._h2.streams.clear()
         self._h2._closed_streams.clear()
@@ -456,14 +481,26 @@ class _Connection:
         self._protocol.announce_goaway(self._last_stream_id)
 
     def _settle(self) -> None:
-        """Calls (or requests taken in) in flight, or none: tell the gate (it closes a
-        connection without any first) and, while draining, the drain (done when none are
-        left and the peer saw the GOAWAY)."""
-        busy = bool(self._calls or self._requests)
+        """Tell the gate whether the server works on a call here (it closes a connection
+        without first): one whose request came whole and whose answer does not wait for
+        the peer's window. While draining, tell the drain when no call (nor request taken
+        in) is left and the peer saw the GOAWAY."""
+        busy = bool(self._whole - self._stalled)
         if busy != self._slot.busy:
             self._slot.set_busy(busy)
-        if not busy and self._last_stream_id not in (None, _ANY_STREAM):
+        if not self._requests:
+            self._slot.busy_for(0)  # (no request on its way)
+        in_flight = self._calls or self._requests
+        if not in_flight and self._last_stream_id not in (None, _ANY_STREAM):
             self._drained.set()
+
+    def _stall(self, stream_id: int, stalled: bool) -> None:
+        """A call's answer waits for the peer's window (True), or no longer (False)."""
+        if stalled:
+            self._stalled.add(stream_id)
+        else:
+            self._stalled.discard(stream_id)
+        self._settle()
 
     def _go_away(self, code: ErrorCodes, reason: str | None = None) -> None:
         """Queue a GOAWAY (unless one was already sent or received; while draining, it
@@ -495,10 +532,17 @@ class _Connection:
                 return
             try:
                 if isinstance(self._stream, anyio.abc.SocketStream):
+                    # (anyio passes on shutdown's OSError as it is: ENOTCONN when the
+                    # peer reset the connection since the last bytes were sent)
                     await self._stream.send_eof()  # the peer closes at once (not over TLS)
                 while await self._stream.receive(_RECEIVE_BYTES):
                     pass
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            except (
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                OSError,
+            ):
                 pass
 
     async def _write(self, connection_scope: trio.CancelScope) -> None:
@@ -555,6 +599,10 @@ class _Connection:
                 self._protocol.call_traffic = False
                 self._touch()
             self._dispatch(events, calls)
+            if self._protocol.request_bytes:
+                self._protocol.request_bytes = False
+                if self._requests:  # a request's message on its way: let it come
+                    self._slot.busy_for(GOODBYE_TIMEOUT)
             self._settle()
             self._wake_writer.set()
 
@@ -615,6 +663,7 @@ class _Connection:
                 stream._incoming_events[0].send_nowait(event)
                 if isinstance(event, RequestEnded):
                     stream._close_remote()
+                    self._whole.add(event.stream_id)
 
     def _refuse(self, stream_id: int) -> None:
         """A stream the GOAWAY left out: not run; the peer may retry it elsewhere."""
@@ -623,7 +672,7 @@ class _Connection:
             self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
 
     def _start_call(self, request: RequestReceived, calls: trio.Nursery) -> GRPCProtoStream:
-        stream = GRPCProtoStream(self._protocol, request.stream_id, self, self)
+        stream = _Stream(self._protocol, request.stream_id, self, self)
         stream._incoming_events[0].send_nowait(request)
         self._streams[request.stream_id] = stream
         scope = self._calls[request.stream_id] = trio.CancelScope()
@@ -641,6 +690,8 @@ class _Connection:
         """Drop what the call held; tell the peer to stop sending on it if it has not."""
         self._calls.pop(stream_id, None)
         self._streams.pop(stream_id, None)
+        self._whole.discard(stream_id)
+        self._stalled.discard(stream_id)
         self._protocol.forget(stream_id)
         # Fails when closed both ways (the usual case) or reset by the peer.
         with contextlib.suppress(h2.exceptions.H2Error):
