@@ -134,6 +134,17 @@ class RawPeer:
                 return dict(event.headers)
         raise AssertionError(f"the connection ended before the answer: {self.events}")
 
+    def answers_a_ping(self, data: bytes = b"still on") -> bool:
+        """Send a PING and read until its answer: whether the connection is still open."""
+        self.h2.ping(data)
+        self.send()
+        self.receive_until(
+            lambda events: any(
+                isinstance(e, h2.events.PingAckReceived) and e.ping_data == data for e in events
+            )
+        )
+        return not self.closed_by_server
+
     def goaway(self) -> h2.events.ConnectionTerminated | None:
         """The last GOAWAY received (a graceful close sends two), if any."""
         found = [e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)]
