@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -445,3 +447,47 @@ def test_the_check_reads_each_chunk_once(
     write(root / "sel" / "agg", {name: values}, **options)
     with pytest.raises(ContributionError, match="contains NaN or Inf"):
         examine("sel", files, spec)
+
+
+OUT_OF_DESCRIPTORS = """
+import os, resource, sys
+from pathlib import Path
+from fl_coordinator.errors import CheckpointError
+from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.untrusted import UntrustedFile
+
+root = Path(sys.argv[1])
+aggregate_file = UntrustedFile(root, "sel/fl_agg_checkpoint")
+spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(8)]  # room for the rest of the run
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))) + 1,
+                                            resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    aggregate_file.open_fd("aggregate checkpoint")
+except OSError as error:
+    print("open_fd:", type(error).__name__, error.errno)
+else:
+    print("open_fd: opened")
+for fd in spare[:4]:
+    os.close(fd)
+try:
+    aggregate(root / "fl_checkpoint", [Contribution("sel", aggregate_file, 3)], root / "tmp")
+except CheckpointError as error:
+    print("aggregate:", error)
+"""
+
+
+def test_out_of_descriptors_is_the_coordinators_error_not_the_selectors(problem: Problem) -> None:
+    """Opening a selector's file when the coordinator has no descriptor left: the OSError
+    (EMFILE) is raised as ours, and a pass that meets it fails as the coordinator's own
+    (a CheckpointError that says so), not as a selector's fault (before: a
+    ContributionError, "cannot be opened (Too many open files)", refused the selector)."""
+    (problem.root / "tmp").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", OUT_OF_DESCRIPTORS, str(problem.root)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "open_fd: OSError 24", result.stdout
+    assert lines[1].startswith("aggregate: the coordinator ran out of its own resources"), lines
+    assert "raise its RLIMIT_NOFILE" in lines[1]

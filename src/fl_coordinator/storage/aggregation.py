@@ -125,7 +125,7 @@ from .plain import (
 )
 from .plain_copy import copy_plain
 from .slab import Selection, largest_slab, leading, slab_shape, slabs
-from .untrusted import CHUNK_MAX_BYTES, Opened, UntrustedFile, dataset_at
+from .untrusted import CHUNK_MAX_BYTES, OURS, Opened, UntrustedFile, dataset_at
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
 if TYPE_CHECKING:  # strategy_state reads and writes slabs as this module cuts them
@@ -954,7 +954,13 @@ def aggregate(
         selector_of = {str(c.checkpoint.path): c.selector for c in contributions}
         reasons = {selector_of[path]: reason for path, reason in refused.reasons.items()}
         raise ContributionsRefused(reasons) from None
-    except OSError as error:  # reading errors are AggregationErrors: this is the writing
+    except OSError as error:  # reading errors are AggregationErrors: this is the writing,
+        if error.errno in OURS:  # or the coordinator's own descriptors or memory ran out
+            raise CheckpointError(
+                f"the coordinator ran out of its own resources while averaging "
+                f"({os_error_text(error)}): raise its RLIMIT_NOFILE or memory; the global "
+                "checkpoint is kept as it was"
+            ) from None
         raise CheckpointError(
             f"cannot write the new global checkpoint {checkpoint} (through {tmp_dir}): "
             f"{os_error_text(error)}"

@@ -47,6 +47,7 @@ and status messages only through :func:`clip`: escaped and cut short.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -62,6 +63,8 @@ from .weights import Encoding, Weight, accepts, encoding_of
 
 __all__ = [
     "CHUNK_MAX_BYTES",
+    "NAME_MAX_CHARS",
+    "OURS",
     "REASON_MAX_CHARS",
     "SAFE_FILTERS",
     "WEIGHT_MAX_BYTES",
@@ -129,6 +132,18 @@ class FileIdentity:
                    status.st_ctime_ns)  # fmt: skip
 
 
+#: errno values that say the coordinator ran out of its own resources (descriptors, memory),
+#: not that a selector's file is wrong: raised as they are, never a ContributionError.
+OURS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+def _not_ours(error: OSError) -> OSError:
+    """``error``, if the file's fault may be told from it; re-raised if it is ours (OURS)."""
+    if error.errno in OURS:
+        raise error
+    return error
+
+
 def _folder_problem(dir_fd: int, name: str, error: OSError) -> str:
     """Why folder ``name`` (in ``dir_fd``) could not be opened without following links."""
     try:
@@ -182,7 +197,9 @@ class UntrustedFile:
 
         Raises ContributionError, naming the file, if a component is a link or
         not a folder, the file is not a regular file of its own, is larger than
-        ``max_bytes``, or is not (any more) the file of ``identity``.
+        ``max_bytes``, or is not (any more) the file of ``identity``; OSError if
+        the coordinator is out of descriptors or memory (:data:`OURS`): not the
+        file's fault.
         """
         parts = PurePosixPath(self.name).parts
         if not parts or parts[0] == "/" or ".." in parts:
@@ -194,7 +211,7 @@ class UntrustedFile:
                     inner = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
                 except OSError as error:
                     where = PurePosixPath(*parts[:depth])  # below the root: reasons are cut
-                    problem = _folder_problem(dir_fd, part, error)
+                    problem = _folder_problem(dir_fd, part, _not_ours(error))
                     raise ContributionError(
                         f"{self.path}: {what} cannot be read: its folder '{where}' {problem}"
                     ) from None
@@ -213,11 +230,13 @@ class UntrustedFile:
         except FileNotFoundError:
             raise ContributionError(f"{path}: {what} is missing") from None
         except OSError as error:
+            error = _not_ours(error)
             raise ContributionError(f"{path}: {what} cannot be read ({error.strerror})") from None
         _check_regular(seen, path, what, max_bytes)  # a FIFO or a device is never opened
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as error:
+            error = _not_ours(error)
             raise ContributionError(f"{path}: {what} cannot be opened ({error.strerror})") from None
         try:
             status = os.fstat(fd)
