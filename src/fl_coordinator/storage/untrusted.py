@@ -137,11 +137,11 @@ class FileIdentity:
 OURS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
-def _not_ours(error: OSError) -> OSError:
-    """``error``, if the file's fault may be told from it; re-raised if it is ours (OURS)."""
+def _raise_if_ours(error: OSError) -> None:
+    """Re-raise ``error`` if it says the coordinator is out of its own resources (OURS):
+    what follows would blame the selector's file for it."""
     if error.errno in OURS:
         raise error
-    return error
 
 
 def _folder_problem(dir_fd: int, name: str, error: OSError) -> str:
@@ -211,7 +211,8 @@ class UntrustedFile:
                     inner = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
                 except OSError as error:
                     where = PurePosixPath(*parts[:depth])  # below the root: reasons are cut
-                    problem = _folder_problem(dir_fd, part, _not_ours(error))
+                    _raise_if_ours(error)
+                    problem = _folder_problem(dir_fd, part, error)
                     raise ContributionError(
                         f"{self.path}: {what} cannot be read: its folder '{where}' {problem}"
                     ) from None
@@ -230,13 +231,13 @@ class UntrustedFile:
         except FileNotFoundError:
             raise ContributionError(f"{path}: {what} is missing") from None
         except OSError as error:
-            error = _not_ours(error)
+            _raise_if_ours(error)
             raise ContributionError(f"{path}: {what} cannot be read ({error.strerror})") from None
         _check_regular(seen, path, what, max_bytes)  # a FIFO or a device is never opened
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as error:
-            error = _not_ours(error)
+            _raise_if_ours(error)
             raise ContributionError(f"{path}: {what} cannot be opened ({error.strerror})") from None
         try:
             status = os.fstat(fd)
