@@ -430,7 +430,7 @@ def to_event(machine: Round, op: tuple, tokens: itertools.count) -> Event:
                 return Evaluated(machine.number - 1, error="it raised")
             return Evaluated(machine.number - 1, (("accuracy", accuracy),))
         case ("withdrawn", index):  # a held caller's connection closed (or one answered)
-            callers = [c.reply_to for c in machine.held] or [(0, SELECTORS[0])]
+            callers = [c.reply_to for c in machine.held.values()] or [(0, SELECTORS[0])]
             return Withdrawn(SELECTORS[0], callers[index % len(callers)])
     raise AssertionError(op)
 
@@ -465,7 +465,9 @@ def test_random_event_sequences_keep_the_invariants(
         event = to_event(machine, op, tokens)
         if isinstance(event, CheckIn):
             asked[event.reply_to] = event.clients
-        if isinstance(event, Withdrawn) and event.reply_to in {c.reply_to for c in machine.held}:
+        if isinstance(event, Withdrawn) and event.reply_to in {
+            c.reply_to for c in machine.held.values()
+        }:
             withdrawn.add(event.reply_to)
         effects = machine.handle(event)
 
@@ -530,7 +532,7 @@ def test_random_event_sequences_keep_the_invariants(
 
     # Every check-in is answered exactly once, or still held for the next round, or was
     # withdrawn while held (and never answered).
-    held = {c.reply_to for c in machine.held}
+    held = {c.reply_to for c in machine.held.values()}
     assert all(count == 1 for count in answered.values())
     assert set(answered) | held | withdrawn == set(asked)
     assert not set(answered) & held and not set(answered) & withdrawn and not held & withdrawn
@@ -622,7 +624,7 @@ def test_check_ins_held_during_the_last_aggregation_are_refused() -> None:
     assert machine.handle(CheckIn("b:1", "held")) == [machine.status()]  # held, not answered
     effects = machine.handle(AggregationDone(1))
     assert replies(effects) == [("held", False)]
-    assert machine.held == [] and machine.stage is Stage.FINISHED
+    assert machine.held == {} and machine.stage is Stage.FINISHED
 
 
 def test_a_check_that_ends_after_the_last_round_was_abandoned_changes_nothing() -> None:
