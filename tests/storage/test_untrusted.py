@@ -288,6 +288,10 @@ LONG_NAMES = {
         lambda file: file.__setitem__("layers/dense/vars/1", h5py.ExternalLink("/" + LONG, LONG)),
         "(links out of the file are refused)",
     ),
+    "escaped name": (
+        lambda file: file.__setitem__("layers/dense/vars/1", h5py.SoftLink("\U000e0001" * 10_000)),
+        "(only hard links are followed)",
+    ),
     "external storage": (
         lambda file: file.create_dataset("layers/dense/vars/1", (4,), np.float32,
                                          external=[("/" + LONG, 0, 16)]),
@@ -310,6 +314,7 @@ async def test_a_long_name_in_a_file_leaves_the_reason_its_own_words(
         change(file)
     reason = await problem.rejected(expected)
     assert "n" * NAME_MAX_CHARS not in reason  # each name cut (its start, then its length)
+    assert reason.count("\\U000e0001") < NAME_MAX_CHARS / 10  # cut after escaping
 
 
 ACCEPTED = {

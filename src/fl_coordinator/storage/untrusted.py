@@ -58,7 +58,7 @@ import h5py
 import numpy as np
 
 from ..errors import ContributionError
-from ..untrusted_text import cut, shown, shown_ends
+from ..untrusted_text import shown, shown_ends
 from .weights import Encoding, Weight, accepts, encoding_of
 
 __all__ = [
@@ -300,8 +300,9 @@ NAME_MAX_CHARS = 64
 
 
 def _named(value: bytes) -> str:
-    """A name the file gives, quoted: decoded, cut to NAME_MAX_CHARS, escaped."""
-    return repr(cut(value.decode(errors="replace"), NAME_MAX_CHARS))
+    """A name the file gives, quoted: decoded, escaped and cut to NAME_MAX_CHARS (counted
+    after escaping: a character may take ten to write)."""
+    return f"'{shown(value.decode(errors='replace'), NAME_MAX_CHARS)}'"
 
 
 def _link_problem(group: h5py.Group, name: bytes, kind: int) -> str:
