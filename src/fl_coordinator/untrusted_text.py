@@ -14,6 +14,8 @@ The cost does not depend on the size of the value: only its first
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = ["LIMIT", "cut", "shown", "shown_ends"]
 
 #: Characters of a value from the network kept in a log line or message.
@@ -44,6 +46,19 @@ def _escape(char: str) -> str:
     return char.encode("unicode_escape").decode("ascii")
 
 
+def _escaped_within(chars: Iterable[str], room: int) -> list[str]:
+    """The escapes of ``chars``, in order, as many whole ones as fit in ``room`` characters:
+    a cut never splits an escape (``\\n`` cut to ``n`` would read as a letter)."""
+    kept: list[str] = []
+    for char in chars:
+        escaped = _escape(char)
+        room -= len(escaped)
+        if room < 0:
+            break
+        kept.append(escaped)
+    return kept
+
+
 def shown(value: str | bytes, limit: int = LIMIT) -> str:
     """``value`` as one printable line of at most ``limit`` characters.
 
@@ -63,7 +78,7 @@ def shown(value: str | bytes, limit: int = LIMIT) -> str:
     if length <= limit and len(escaped) <= limit:
         return escaped
     marker = _marker(length, unit)
-    return escaped[: max(0, limit - len(marker))] + marker
+    return "".join(_escaped_within(text, limit - len(marker))) + marker
 
 
 def shown_ends(value: str, limit: int = LIMIT) -> str:
@@ -82,5 +97,6 @@ def shown_ends(value: str, limit: int = LIMIT) -> str:
     marker = f"{_marker(len(value), 'chars')}…"
     room = max(0, limit - len(marker))
     head, tail = room // 3, room - room // 3
-    end = "".join(map(_escape, value[-tail:]))[-tail:] if tail else ""
-    return escaped[:head] + marker + end
+    start = _escaped_within(value[:head], head)
+    end = _escaped_within(reversed(value[-tail:]) if tail else (), tail)
+    return "".join(start) + marker + "".join(reversed(end))
