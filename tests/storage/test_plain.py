@@ -410,3 +410,22 @@ def test_an_array_at_address_zero_is_a_specific_error(tmp_path: Path, whose: str
             aggregate(checkpoint, parts, tmp_path / "tmp")
         assert refused.value.reasons == {"s1": said}
     assert list((tmp_path / "tmp").glob("*")) == []  # made only when writing began
+
+
+def test_a_stored_size_other_than_the_shape_says_so(tmp_path: Path) -> None:
+    """A layout whose stored size is not what the shape holds is refused with both sizes
+    (not as data lying outside the file: it may lie well inside)."""
+    path = _write(tmp_path / "f.h5", _arrays(1))
+    with h5py.File(path, "r") as file:
+        dataset = file["layers/dense/vars/0"]
+        offset, nbytes = dataset.id.get_offset(), dataset.id.get_storage_size()
+    data = bytearray(path.read_bytes())
+    at = data.index(struct.pack("<QQ", offset, nbytes))
+    data[at + 8 : at + 16] = struct.pack("<Q", nbytes - 4)
+    path.write_bytes(bytes(data))
+    with h5py.File(path, "r") as file:
+        dataset = file["layers/dense/vars/0"]
+        with pytest.raises(ContributionError) as refused:
+            extent_of(dataset, dataset.dtype, path.stat().st_size, path)
+    assert f"stores {nbytes - 4} bytes for the {nbytes}" in str(refused.value)
+    assert "outside" not in str(refused.value)

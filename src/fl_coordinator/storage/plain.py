@@ -112,7 +112,12 @@ def extent_of(
     nbytes = stored.itemsize * int(np.prod(shape, dtype=np.int64))
     if file_size is None:
         file_size = offset + nbytes
-    if storage_size != nbytes or not 0 <= offset <= file_size - nbytes:
+    if storage_size != nbytes:
+        raise ContributionError(
+            f"{path}: dataset {dataset.name!r} stores {storage_size} bytes for the "
+            f"{nbytes} its shape {shape} and type {stored} hold"
+        )
+    if not 0 <= offset <= file_size - nbytes:
         raise ContributionError(
             f"{path}: dataset {dataset.name!r} says its {nbytes} bytes lie at offset {offset}, "
             f"outside the file's {file_size} bytes"
