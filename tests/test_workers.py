@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 from pathlib import Path
+
+import pytest
+import trio
+import trio_parallel
 
 from fl_coordinator.workers import OOM_SCORE_ADJ, worker_processes
 
@@ -19,3 +26,30 @@ async def test_a_worker_is_the_first_to_go_when_memory_runs_out() -> None:
         in_worker = await workers.run_sync(score)
     assert in_worker == OOM_SCORE_ADJ == 1000
     assert score() == ours < OOM_SCORE_ADJ  # the coordinator itself keeps its own score
+
+
+async def _killed(workers: trio_parallel.WorkerContext) -> None:
+    """One idle worker killed (SIGKILL) and gone: it will not end cleanly at shutdown."""
+    pid = await workers.run_sync(os.getpid)
+    pidfd = os.pidfd_open(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        await trio.lowlevel.wait_readable(pidfd)  # readable once the process has ended
+    finally:
+        os.close(pidfd)
+
+
+async def test_a_worker_that_did_not_end_cleanly_is_logged(caplog) -> None:
+    caplog.set_level(logging.INFO, "fl_coordinator.workers")
+    async with worker_processes("the test's workers", grace_period=5) as workers:
+        await _killed(workers)
+    assert "the test's workers did not end cleanly at shutdown" in caplog.text
+
+
+async def test_a_worker_that_did_not_end_cleanly_does_not_hide_the_bodys_error(caplog) -> None:
+    caplog.set_level(logging.INFO, "fl_coordinator.workers")
+    with pytest.raises(ValueError, match="the body's own error"):
+        async with worker_processes("the test's workers", grace_period=5) as workers:
+            await _killed(workers)
+            raise ValueError("the body's own error")
+    assert "did not end cleanly at shutdown" in caplog.text

@@ -53,7 +53,8 @@ async def worker_processes(
     needs the usual ``if __name__ == "__main__":`` guard. Workers that did not
     end cleanly at shutdown are logged, not raised: a signal sent to the whole
     process group (a terminal, a service manager) ends them, or their fork
-    server, first.
+    server, first; an error of the body is raised all the same (a worker that
+    did not end cleanly must not hide why the body ended).
     """
     if preload:
         multiprocessing.get_context("forkserver").set_forkserver_preload(list(preload))
@@ -64,8 +65,15 @@ async def worker_processes(
         grace_period=grace_period,
         worker_type=trio_parallel.WorkerType.FORKSERVER,
     )
+    failed: BaseException | None = None
     try:
         async with context as opened:
-            yield opened
+            try:
+                yield opened
+            except BaseException as error:
+                failed = error
+                raise
     except trio_parallel.BrokenWorkerError as error:
         log.info("%s did not end cleanly at shutdown (%s)", what, error)
+        if failed is not None:
+            raise failed from None
