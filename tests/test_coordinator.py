@@ -24,11 +24,13 @@ from helpers.peers import (
     watch,
     write_aggregate,
 )
+from helpers.resources import check_workers, out_of_descriptors, when_logged
 
 from fl_coordinator._proto import fl_intra_pb2
 from fl_coordinator.app import Endpoints, build_coordinator, serve
 from fl_coordinator.config import Settings
 from fl_coordinator.status.hub import StatusHub
+from fl_coordinator.storage import checker
 from fl_coordinator.storage.aggregation import aggregate
 from fl_coordinator.storage.layout import Layout
 from fl_coordinator.untrusted_text import cut
@@ -353,3 +355,71 @@ async def test_a_burst_of_check_ins_is_one_step_and_keeps_every_stage(
     ]  # fmt: skip
     assert [m["seq"] for m in seen] == [1, 2, 3]
     assert sorted(answers) == [0, 0, 1, 1, 1]
+
+
+async def test_a_report_checked_while_out_of_descriptors_fails_the_round_as_ours_not_the_selector(
+    settings: Settings,
+    layout: Layout,
+    keras_weights,
+    nursery: trio.Nursery,
+    mock_clock: trio.testing.MockClock,
+    caplog,
+) -> None:
+    """The worker checking a report can open no file (EMFILE) for CHECK_TIMEOUT (the clock
+    jumps there as the check first says it will try again): round 1 fails as the
+    coordinator's (its error says what ran out and what to raise), nobody is rejected, the
+    global checkpoint is kept, round 2 opens. In round 2 descriptors are freed while the
+    check waits to try again: the report is accepted and averaged. Before, the selector was
+    rejected ("internal error: OSError: [Errno 24] ...") and round 1 averaged without it."""
+    mock_clock.rate = 1.0  # the round's own waits (a report settling) as on the real clock
+    timeout = 60.0
+    served = settings.replace(checkin_limit=2, min_reporting_fraction=0.5, check_workers=1,
+                              check_timeout=timeout, idle_connection_timeout=0)  # fmt: skip
+    _, watcher, client = await serve_and_watch(nursery, served)
+    first, second = [await FakeSelector().start(nursery) for _ in range(2)]
+    before = digest(layout)
+    global_weights = read_floats(layout.checkpoint)
+
+    async def configured(number: int) -> None:
+        assert [await client.check_in(first.id), await client.check_in(second.id)] == [True] * 2
+        await first.told.receive()
+        await second.told.receive()
+        write_aggregate(layout, first.id, keras_weights[0], weight=3)
+        await client.report(first.id)
+        await watcher.wait_for(lambda m: m["round"] == number and first.id in m["reported"])
+        write_aggregate(layout, second.id, keras_weights[1], weight=1)
+
+    await configured(1)
+    (worker,) = check_workers()
+    with (
+        out_of_descriptors(worker),
+        when_logged(checker.__name__, "out of its own resources", lambda: mock_clock.jump(timeout)),
+    ):
+        await client.report(second.id)
+        failed = await watcher.wait_for(completed(1))
+    assert failed["stage"] == "FAILED"
+    assert failed["error"] == (
+        f"{layout.selector_dir(second.id)}: these files could not be checked: the coordinator "
+        "ran out of its own resources ([Errno 24] Too many open files) and still had none "
+        "after trying again for 60 s (CHECK_TIMEOUT); not the selector's fault: raise the "
+        "coordinator's RLIMIT_NOFILE (ulimit -n) or memory, or lower CHECK_WORKERS"
+    )
+    assert (failed["rejected"], failed["reported"]) == ({}, [first.id])
+    assert digest(layout) == before
+    await watcher.wait_for(lambda m: m["round"] == 2)
+    assert watcher.stages()[:5] == [
+        (1, "SELECTION"), (1, "CONFIGURATION"), (1, "REPORTING"), (1, "FAILED"), (2, "SELECTION")
+    ]  # fmt: skip
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not any("rejected the contribution" in e for e in errors), errors
+
+    await configured(2)
+    (worker,) = check_workers()
+    with out_of_descriptors(worker) as free, when_logged(checker.__name__, "out of its own", free):
+        await client.report(second.id)
+        done = await watcher.wait_for(completed(2))
+    assert (done["stage"], done["rejected"], done["reported"]) == (
+        "COMPLETED", {}, [first.id, second.id]
+    )  # fmt: skip
+    expected = fedavg(global_weights, [(keras_weights[0], 3), (keras_weights[1], 1)])
+    assert_arrays_close(read_floats(layout.checkpoint), expected)

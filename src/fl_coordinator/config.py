@@ -643,7 +643,9 @@ KEYS: tuple[Key, ...] = (
         _positive_seconds,
         "a number of seconds > 0",
         "Time limit of the check of one selector's files (in a worker process, killed when "
-        "it is over); the selector is then rejected.",
+        "it is over); the selector is then rejected. A check that cannot run for want of the "
+        "coordinator's own descriptors or memory is tried again for this long, then fails "
+        "the round (no selector is rejected).",
     ),
     Key(
         "CHECK_WORKERS",

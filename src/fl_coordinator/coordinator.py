@@ -44,6 +44,7 @@ from .core.events import (
     SelectorReported,
     Status,
     StillWaiting,
+    Unchecked,
     Validate,
     WindowClosed,
     Withdrawn,
@@ -52,7 +53,13 @@ from .core.privacy import Spent
 from .core.rounds import Round, Rules
 from .core.stages import Stage
 from .core.stopping import RoundMetrics
-from .errors import AggregationError, ContributionError, ContributionsRefused, short_reason
+from .errors import (
+    AggregationError,
+    ContributionError,
+    ContributionsRefused,
+    OutOfResources,
+    short_reason,
+)
 from .evaluation import Evaluator
 from .log_throttle import Throttle
 from .logs import log_context
@@ -166,11 +173,12 @@ async def _outcome(work: Awaitable[T], what: str) -> _Outcome[T]:
     else is a bug, logged with its traceback, and reported as an internal error.
 
     Reasons are cut and escaped (they quote files a selector wrote).
-    ContributionsRefused is raised: the caller knows what to do with it.
+    ContributionsRefused and OutOfResources are raised: the caller knows what to do
+    with them.
     """
     try:
         return _Done(await work)
-    except ContributionsRefused:
+    except (ContributionsRefused, OutOfResources):
         raise
     except ContributionError as error:  # quotes a selector's files: a few hundred characters
         return _Failed(clip(str(error)))
@@ -428,9 +436,15 @@ class Coordinator:
     async def _validate(self, scope: trio.CancelScope, number: int, selector: str) -> None:
         """Validate ``selector``'s files (in a worker process); tell the round what was found."""
         with scope, log_context(round=number, selector=selector):
-            outcome = await _outcome(
-                self._files.validate(number, selector), f"round {number}: validating {selector}"
-            )
+            try:
+                outcome = await _outcome(
+                    self._files.validate(number, selector), f"round {number}: validating {selector}"
+                )
+            except OutOfResources as error:  # not the selector's fault: the round's
+                await self._events_in.send(
+                    Unchecked(number, selector, shown(str(error), _OWN_REASON_CHARS))
+                )
+                return
             if isinstance(outcome, _Failed):
                 event = ContributionValidated(number, selector, outcome.reason)
             else:

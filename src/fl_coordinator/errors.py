@@ -29,6 +29,8 @@ into a refused call or a rejected selector, never into a crash. The tree
     │   │   └── CheckpointLocked . ...another process holds it locked; worth waiting for
     │   ├── ContributionError .... a selector's files cannot be used: it alone is rejected
     │   ├── ContributionsRefused . files refused while averaging (changed since their check)
+    │   ├── OutOfResources ....... a check could not run: the coordinator is out of its own
+    │   │                          descriptors or memory (never a selector's fault)
     │   └── ShuttingDown ......... ...because the coordinator is stopping
     └── FederationError .......... the reference selector, client and demo processes
         └── ChildFailed .......... a process of a local federation ended or never became ready
@@ -65,6 +67,7 @@ __all__ = [
     "ListenError",
     "MissingExtra",
     "OperatorError",
+    "OutOfResources",
     "PeerError",
     "ProblemError",
     "ShuttingDown",
@@ -231,6 +234,17 @@ class ContributionsRefused(AggregationError):
 
     def __reduce__(self) -> tuple[type, tuple[dict[str, str]]]:
         return type(self), (self.reasons,)
+
+
+class OutOfResources(AggregationError):
+    """A selector's files could not be checked: the coordinator ran out of its own
+    descriptors, memory or processes (errno EMFILE, ENFILE, ENOMEM, EAGAIN...), and
+    still had none when it tried again.
+
+    Never the selector's fault: no selector is rejected for it. The round
+    fails (the global checkpoint is kept) with this message, which says what
+    ran out and what to raise; the next round goes on.
+    """
 
 
 class ShuttingDown(AggregationError):

@@ -28,6 +28,7 @@ from fl_coordinator.core.events import (
     SelectorReported,
     Status,
     StillWaiting,
+    Unchecked,
     Validate,
     WindowClosed,
     Withdrawn,
@@ -111,6 +112,31 @@ def test_failed_aggregation_opens_next_round_with_error_status() -> None:
     failed = of_type(effects, Status)[0]
     assert (failed.stage, failed.error) == (Stage.FAILED, "a:1/fl_agg_checkpoint is missing")
     assert machine.number == 2 and machine.stage is Stage.SELECTION
+
+
+def test_a_report_the_coordinator_could_not_check_fails_the_round_and_blames_nobody() -> None:
+    """Out of its own descriptors, the coordinator cannot check a report: the round fails
+    with the checker's reason (as when an aggregation fails as ours), the selector is not
+    rejected, the global checkpoint is not replaced (no Aggregate), the next round opens;
+    a late one (the round ended meanwhile) changes nothing. Before, it was a rejection."""
+    machine = Round(Rules(goal=3, min_reporting_fraction=0.3))
+    for token, selector in enumerate(("a:1", "b:1", "c:1")):
+        machine.handle(CheckIn(selector, token))
+    report(machine, "a:1")
+    machine.handle(SelectorReported("b:1"))
+    machine.handle(SelectorReported("c:1"))
+    reason = "b:1: these files could not be checked: ... raise RLIMIT_NOFILE"
+    effects = machine.handle(Unchecked(1, "b:1", reason))
+    failed = of_type(effects, Status)[0]
+    assert (failed.round, failed.stage, failed.error) == (1, Stage.FAILED, reason)
+    assert (failed.reported, failed.rejected) == (("a:1",), ())
+    assert of_type(effects, Aggregate) == []
+    assert [line.level for line in of_type(effects, Log)] == ["ERROR", "INFO"]
+    assert reason in of_type(effects, Log)[0].message
+    assert (machine.number, machine.stage) == (2, Stage.SELECTION)
+    late = machine.handle(Unchecked(1, "c:1", reason))
+    assert late == [Log("INFO", "round 1: late validation of c:1; ignored")]
+    assert (machine.number, machine.stage, machine.rejected) == (2, Stage.SELECTION, {})
 
 
 def test_files_refused_while_averaging_reject_their_selector_and_the_rest_is_averaged() -> None:
@@ -390,6 +416,7 @@ operations = st.lists(
         st.tuples(st.just("told"), st.sampled_from(SELECTORS)),
         st.tuples(st.just("unreachable"), st.sampled_from(SELECTORS)),
         st.tuples(st.just("checked"), st.booleans()),
+        st.tuples(st.just("unchecked")),
         st.tuples(st.just("window"), st.sampled_from([Stage.SELECTION, Stage.REPORTING])),
         st.tuples(st.just("evaluated"), st.sampled_from([0.1, 0.9, None])),
         st.tuples(st.just("withdrawn"), st.integers(0, 3)),
@@ -423,6 +450,9 @@ def to_event(machine: Round, op: tuple, tokens: itertools.count) -> Event:
         case ("checked", ok):
             selector = machine.validating[0] if machine.validating else SELECTORS[0]
             return ContributionValidated(machine.number, selector, None if ok else "bad file")
+        case ("unchecked",):  # the coordinator ran out of descriptors checking it
+            selector = machine.validating[0] if machine.validating else SELECTORS[0]
+            return Unchecked(machine.number, selector, "out of descriptors")
         case ("window", stage):
             return WindowClosed(machine.number, stage)
         case ("evaluated", accuracy):  # the last completed round's metrics, or none

@@ -16,6 +16,7 @@ from fl_coordinator.core.events import (
     ContributionValidated,
     Evaluated,
     SelectorReported,
+    Unchecked,
     WindowClosed,
 )
 from fl_coordinator.core.privacy import Spent
@@ -60,6 +61,12 @@ def dropped_after_report(machine: Round) -> None:
 def rejected(machine: Round) -> None:
     machine.handle(CheckIn("a:1", 1))
     report(machine, "a:1", error="bad file")
+
+
+def unchecked(machine: Round) -> None:
+    machine.handle(CheckIn("a:1", 1))
+    machine.handle(SelectorReported("a:1"))
+    machine.handle(Unchecked(1, "a:1", "out of descriptors"))
 
 
 def window_in_configuration(machine: Round) -> None:
@@ -149,6 +156,7 @@ SCENARIOS: list[
     (Rules(goal=1), aggregated(ok=False)),
     (Rules(goal=1), dropped_after_report),
     (Rules(goal=1), rejected),
+    (Rules(goal=1), unchecked),
     (Rules(goal=1, **WINDOWS), window_in_configuration),
     (Rules(goal=2, min_reporting_fraction=0.5, **WINDOWS), window_with_enough_reports),
     (Rules(goal=1), unreachable),

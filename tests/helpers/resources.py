@@ -1,10 +1,16 @@
-"""What a process uses (Linux ``/proc``): resident memory, its high-water mark, its workers."""
+"""What a process uses (Linux ``/proc``): resident memory, its high-water mark, its workers,
+its descriptors (and none left)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import itertools
+import logging
 import os
+import resource
 import termios
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -155,3 +161,56 @@ async def thread_slots_in_use(limit: float = 10.0) -> int:
     for borrower in borrowers:
         limiter.release_on_behalf_of(borrower)
     return int(limiter.total_tokens) - len(borrowers)
+
+
+def lowest_free_descriptor(pid: int | str = "self") -> int:
+    """The descriptor number the next ``open`` of process ``pid`` would get."""
+    if pid == "self":
+        probe = os.open(os.devnull, os.O_RDONLY)
+        os.close(probe)
+        return probe
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return next(number for number in itertools.count() if number not in used)
+
+
+@contextlib.contextmanager
+def out_of_descriptors(pid: int | str = "self") -> Iterator[Callable[[], None]]:
+    """Process ``pid`` can open nothing (EMFILE): its soft RLIMIT_NOFILE lowered to its
+    lowest free descriptor, until the context ends or the function it gives is called."""
+    target = 0 if pid == "self" else int(pid)
+    soft, hard = resource.prlimit(target, resource.RLIMIT_NOFILE)
+    resource.prlimit(target, resource.RLIMIT_NOFILE, (lowest_free_descriptor(pid), hard))
+
+    def free() -> None:
+        with contextlib.suppress(ProcessLookupError):  # a worker may have ended meanwhile
+            resource.prlimit(target, resource.RLIMIT_NOFILE, (soft, hard))
+
+    try:
+        yield free
+    finally:
+        free()
+
+
+class _WhenLogged(logging.Handler):
+    def __init__(self, text: str, action: Callable[[], None]) -> None:
+        super().__init__()
+        self.text, self.action, self.seen = text, action, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen += 1
+            if self.seen == 1:
+                self.action()
+
+
+@contextlib.contextmanager
+def when_logged(logger: str, text: str, action: Callable[[], None]) -> Iterator[_WhenLogged]:
+    """Call ``action`` inside the logging call of the first record of ``logger`` (a name)
+    whose message holds ``text``: at that point of the code, synchronously (a check that
+    says it will try again, before it waits). ``seen``: how many such records came."""
+    handler = _WhenLogged(text, action)
+    logging.getLogger(logger).addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logging.getLogger(logger).removeHandler(handler)

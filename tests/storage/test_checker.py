@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -14,8 +15,16 @@ import trio
 import trio.testing
 from helpers.fatal_file import fatal_to_open
 from helpers.peers import write_aggregate
-from helpers.resources import check_workers, exists, job_sent_to, vm_size
+from helpers.resources import (
+    check_workers,
+    exists,
+    job_sent_to,
+    out_of_descriptors,
+    vm_size,
+    when_logged,
+)
 
+from fl_coordinator.errors import OutOfResources
 from fl_coordinator.storage import checker as checker_module
 from fl_coordinator.storage import contribution
 from fl_coordinator.storage.aggregation import Contribution
@@ -378,3 +387,110 @@ async def test_a_file_that_hangs_holds_up_the_others_of_its_batch_for_batch_seco
         assert isinstance(outcome, Contribution) and outcome.weight == number + 1
     assert stopped.pids  # in the shared job (and alone, if it got that far before the end)
     assert not any(exists(pid) for pid in stopped.pids)  # killed with the round, and reaped
+
+
+TRIED_AGAIN = "the coordinator is out of its own resources"
+
+
+async def test_a_worker_out_of_descriptors_is_tried_again_and_accepts_once_they_are_freed(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker can open no file (EMFILE): not the files' fault. The check is tried
+    again, in the same worker (kept: a new one would need descriptors too), and accepts
+    them once descriptors are free; a hostile file that exhausts the check's own memory
+    budget is still rejected, alone. Before, EMFILE in a worker rejected the selector
+    ("internal error: OSError: [Errno 24] Too many open files"). (Asserted outside the
+    checker: a worker that does not end cleanly there hides what its body raised.)"""
+    monkeypatch.setattr(checker_module, "MEMORY_BUDGET", 128 * 2**20)
+    shape = (512, 1024)
+    with h5py.File(layout.checkpoint, "w") as file:
+        file.create_dataset("layers/big/vars/0", data=np.zeros(shape, np.float32))
+    good, hostile = SELECTOR, "127.0.0.1:2"
+    _tiny_chunks(layout.agg_checkpoint(hostile), shape)
+    layout.selector_dir(good).mkdir()
+    with h5py.File(layout.agg_checkpoint(good), "w") as file:
+        file["layers/big/vars/0"] = np.full(shape, 2.0, np.float32)
+    for selector in (good, hostile):
+        layout.agg_weight(selector).write_text("3\n")
+    checker = ContributionChecker(layout, spec_of(layout), timeout=60, workers=1)
+    async with checker.running():
+        first = await checker.check(good)
+        (worker,) = check_workers()
+        with (
+            out_of_descriptors(worker) as free,
+            when_logged(checker_module.__name__, TRIED_AGAIN, free) as said,
+        ):
+            found = await checker.check(good)
+        workers = check_workers()
+        rejected = await checker.check(hostile)
+    assert isinstance(rejected, str) and rejected.startswith(str(layout.selector_dir(hostile)))
+    assert "memory" in rejected and "internal error" not in rejected
+    assert isinstance(first, Contribution)
+    assert isinstance(found, Contribution) and found.weight == 3
+    assert said.seen == 1
+    assert workers == [worker]
+
+
+async def test_a_check_that_cannot_run_for_its_timeout_is_out_of_resources_not_a_rejection(
+    reported: Layout, mock_clock: trio.testing.MockClock
+) -> None:
+    """Out of descriptors until CHECK_TIMEOUT has passed (the clock jumps there as the
+    check first says it will try again): OutOfResources, which says what ran out and what
+    to raise, instead of a rejection of the selector; the next check, descriptors freed,
+    accepts its files."""
+    mock_clock.rate = 1.0  # the checks' own waits as on the real clock
+    timeout = 60.0
+    checker = ContributionChecker(reported, spec_of(reported), timeout=timeout, workers=1)
+    outcomes: list[object] = []
+    async with checker.running():
+        outcomes.append(await checker.check(SELECTOR))  # a worker is up
+        (worker,) = check_workers()
+        with (
+            out_of_descriptors(worker),
+            when_logged(checker_module.__name__, TRIED_AGAIN, lambda: mock_clock.jump(timeout)),
+        ):
+            try:
+                outcomes.append(await checker.check(SELECTOR))
+            except OutOfResources as error:
+                outcomes.append(error)
+        workers = check_workers()
+        outcomes.append(await checker.check(SELECTOR))
+    first, failed, after = outcomes
+    assert isinstance(first, Contribution) and isinstance(after, Contribution)
+    assert isinstance(failed, OutOfResources), failed
+    assert str(failed) == (
+        f"{reported.selector_dir(SELECTOR)}: these files could not be checked: the "
+        "coordinator ran out of its own resources ([Errno 24] Too many open files) and "
+        "still had none after trying again for 60 s (CHECK_TIMEOUT); not the selector's "
+        "fault: raise the coordinator's RLIMIT_NOFILE (ulimit -n) or memory, or lower "
+        "CHECK_WORKERS"
+    )
+    assert workers == [worker]
+
+
+async def test_a_worker_the_coordinator_cannot_start_is_tried_again_not_a_rejection(
+    reported: Layout, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The coordinator itself is out of descriptors when a check needs a new worker (its
+    last one was killed): trio-parallel's pipes cannot be made (OSError EMFILE on our
+    side). Warming the workers up then logs, and does not raise; the check is tried again
+    and accepts the files once descriptors are free. Before, it rejected the selector
+    ("internal error: OSError: [Errno 24] Too many open files")."""
+    checker = ContributionChecker(reported, spec_of(reported), timeout=60, workers=1)
+    async with checker.running():
+        (worker,) = check_workers()
+        os.kill(worker, signal.SIGKILL)
+        while exists(worker):  # noqa: ASYNC110 (no event for another process's end)
+            await trio.sleep(0.01)
+        with out_of_descriptors() as free:
+            await checker.warm()
+            with when_logged(checker_module.__name__, TRIED_AGAIN, free) as said:
+                found = await checker.check(SELECTOR)
+        workers = check_workers()
+    assert isinstance(found, Contribution) and found.weight == 5
+    assert said.seen == 1
+    assert len(workers) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "a worker process to check selectors' files failed to start ([Errno 24] Too many "
+        "open files)"
+    ]

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -30,6 +33,7 @@ from storage.test_disk_full import _mounted, mount  # noqa: F401 (a fixture)
 from fl_coordinator.core.privacy import DifferentialPrivacy
 from fl_coordinator.core.strategy import STRATEGIES, Combination, ServerOptimizer, Strategy
 from fl_coordinator.errors import CheckpointError, ContributionsRefused, ShuttingDown
+from fl_coordinator.storage import plain_copy
 from fl_coordinator.storage.aggregation import (
     THROUGH_HDF5_MAX,
     Contribution,
@@ -486,3 +490,57 @@ def test_the_copy_of_an_optimizer_state_stored_in_chunks_stops_when_cancelled(
                   ServerUpdate(Strategy(optimizer), second))  # fmt: skip
     assert bytes_read() - before < state.stat().st_size / 2
     assert leftovers(tmp_path / "tmp") == []
+
+
+def out_of_descriptors_at_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each plain copy's ``mkstemp`` runs with no descriptor left to this process (its
+    RLIMIT_NOFILE lowered to the lowest free descriptor, and raised again after)."""
+    real = tempfile.mkstemp
+
+    def exhausted(*args: object, **kwargs: object) -> tuple[int, str]:
+        lowest = os.open(os.devnull, os.O_RDONLY)
+        os.close(lowest)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+        try:
+            return real(*args, **kwargs)  # type: ignore[call-overload]
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    monkeypatch.setattr(plain_copy, "tempfile", SimpleNamespace(mkstemp=exhausted))
+
+
+@pytest.mark.parametrize("chunked", ["input", "optimizer state"])
+def test_out_of_descriptors_for_a_copy_fails_the_pass_as_ours_not_as_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, chunked: str
+) -> None:
+    """A plain copy whose file cannot be made for want of descriptors (EMFILE): the pass
+    fails as the coordinator's (its CheckpointError, what to raise), the checkpoint and
+    state kept, nothing left in tmp. Before, EMFILE was taken for no room on the disk: the
+    input (or state) was read through HDF5 instead, which holds one descriptor more."""
+    arrays = model((300, 300), 2)
+    optimizer = ServerOptimizer.of("fedadam")
+    checkpoint = write_input(tmp_path / "fl_checkpoint", arrays[0], "plain")
+    layouts = ["columns-filtered", "plain"] if chunked == "input" else ["plain", "plain"]
+    parts = inputs(tmp_path, arrays[1:], layouts)
+    state = tmp_path / "state-1.h5"
+    first = StateUpdate(optimizer, None, state, 1)
+    aggregate(checkpoint, parts, tmp_path / "tmp", None, ServerUpdate(Strategy(optimizer), first))
+    if chunked == "optimizer state":
+        store_in_chunks(state)
+    before = checkpoint.read_bytes(), state.read_bytes()
+    out_of_descriptors_at_copy(monkeypatch)
+    second = StateUpdate(optimizer, state, tmp_path / "state-2.h5", 2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError) as failed:
+        aggregate(
+            checkpoint, parts, tmp_path / "tmp", None, ServerUpdate(Strategy(optimizer), second)
+        )
+    assert str(failed.value) == (
+        "the coordinator ran out of its own resources while averaging ([Errno 24] Too many "
+        "open files): raise its RLIMIT_NOFILE or memory; the global checkpoint is kept as it was"
+    )
+    assert (checkpoint.read_bytes(), state.read_bytes()) == before
+    assert not (tmp_path / "state-2.h5").exists()
+    assert leftovers(tmp_path / "tmp") == []
+    assert [r.getMessage() for r in caplog.records if "no plain copy" in r.getMessage()] == []

@@ -37,6 +37,7 @@ __all__ = [
     "SelectorReported",
     "Status",
     "StillWaiting",
+    "Unchecked",
     "Validate",
     "WindowClosed",
     "Withdrawn",
@@ -120,6 +121,16 @@ class ContributionValidated:
 
 
 @dataclass(frozen=True)
+class Unchecked:
+    """A reporting selector's files could not be checked: the coordinator ran out of its
+    own resources (``reason`` says which, and what to raise). Not the selector's fault."""
+
+    round: int
+    selector: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class WindowClosed:
     """The window armed for ``stage`` of ``round`` ended."""
 
@@ -167,7 +178,7 @@ class Evaluated:
 
 Event = (
     CheckIn | BroadcastDone | SelectorReported | ContributionValidated | WindowClosed
-    | AggregationDone | Refused | Release | StillWaiting | Evaluated | Withdrawn
+    | AggregationDone | Refused | Release | StillWaiting | Evaluated | Withdrawn | Unchecked
 )  # fmt: skip
 
 

@@ -48,6 +48,7 @@ from .events import (
     SelectorReported,
     Status,
     StillWaiting,
+    Unchecked,
     Validate,
     WindowClosed,
     Withdrawn,
@@ -230,6 +231,8 @@ class Round:
                 return self._reported(event)
             case ContributionValidated():
                 return self._validated(event)
+            case Unchecked():
+                return self._unchecked(event)
             case BroadcastDone():
                 return self._broadcast_done(event)
             case WindowClosed():
@@ -405,11 +408,17 @@ class Round:
             line = f"{self.stage.name.lower()} {waited}"
         return [Log("INFO", f"round {self.number}: {line}")]
 
-    def _validated(self, event: ContributionValidated) -> list[Effect]:
+    def _late_validation(self, event: ContributionValidated | Unchecked) -> list[Effect] | None:
+        """The effects of a validation the round no longer waits for (None: it waits)."""
         if event.round != self.number or event.selector not in self.validating:
             return [
                 Log("INFO", f"round {event.round}: late validation of {event.selector}; ignored")
             ]
+        return None
+
+    def _validated(self, event: ContributionValidated) -> list[Effect]:
+        if (late := self._late_validation(event)) is not None:
+            return late
         self.validating.remove(event.selector)
         error = event.error or self._beyond_privacy_bounds(event)
         if error is None:
@@ -426,6 +435,15 @@ class Round:
                 f"round {self.number}: rejected the contribution of {event.selector}: {error}",
             )
         return [line, *self._maybe_aggregate()]
+
+    def _unchecked(self, event: Unchecked) -> list[Effect]:
+        """A report that could not be checked, for want of the coordinator's own resources:
+        the round fails as the coordinator's fault (as when an aggregation does), and the
+        selector is neither rejected nor averaged without a check."""
+        if (late := self._late_validation(event)) is not None:
+            return late
+        self.validating.remove(event.selector)
+        return self._fail(Cause.OUT_OF_RESOURCES, event.reason)
 
     def _beyond_privacy_bounds(self, event: ContributionValidated) -> str | None:
         """Under differential privacy: why a selector's valid files exceed what its clients

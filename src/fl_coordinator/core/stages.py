@@ -97,6 +97,11 @@ class Cause(enum.Enum):
         "some selectors' files changed after their check: they are rejected, and the others "
         "averaged again if they still hold `MIN_REPORTING_FRACTION` of the clients"
     )
+    OUT_OF_RESOURCES = (
+        "a selector's files cannot be checked because the coordinator is out of its own "
+        "descriptors or memory, still after trying again for `CHECK_TIMEOUT`: no selector is "
+        "rejected for it"
+    )
     AGGREGATED = "the new global checkpoint is in place"
     AGGREGATION_FAILED = "the aggregation fails (a file or the disk): nothing is replaced"
     NEXT_ROUND = "at once: the next round opens"
@@ -129,6 +134,7 @@ TRANSITIONS: Mapping[tuple[Stage, Cause], Stage] = MappingProxyType(
         (_S.REPORTING, _C.WINDOW_ENOUGH_REPORTS): _S.AGGREGATING,
         (_S.REPORTING, _C.TOO_FEW_REPORTS): _S.FAILED,
         (_S.REPORTING, _C.NONE_CONFIGURABLE): _S.FAILED,
+        (_S.REPORTING, _C.OUT_OF_RESOURCES): _S.FAILED,
         (_S.AGGREGATING, _C.AGGREGATED): _S.COMPLETED,
         (_S.AGGREGATING, _C.AGGREGATION_FAILED): _S.FAILED,
         (_S.AGGREGATING, _C.FILES_CHANGED): _S.AGGREGATING,

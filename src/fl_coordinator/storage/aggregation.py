@@ -125,7 +125,14 @@ from .plain import (
 )
 from .plain_copy import copy_plain
 from .slab import Selection, largest_slab, leading, slab_shape, slabs
-from .untrusted import CHUNK_MAX_BYTES, OURS, Opened, UntrustedFile, dataset_at
+from .untrusted import (
+    CHUNK_MAX_BYTES,
+    OURS,
+    Opened,
+    UntrustedFile,
+    dataset_at,
+    raise_if_ours,
+)
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
 if TYPE_CHECKING:  # strategy_state reads and writes slabs as this module cuts them
@@ -321,6 +328,8 @@ def _copied(
     except ContributionError as error:
         raise ContributionsRefused({str(path): str(error)}) from None
     except OSError as error:
+        # Out of descriptors is not out of room: reading through HDF5 would hold one more.
+        raise_if_ours(error)  # the pass fails as the coordinator's (see aggregate)
         if copies.through_hdf5 == THROUGH_HDF5_MAX:
             raise CheckpointError(
                 f"no room in {copies.tmp_dir} for a plain copy of {path} "

@@ -40,7 +40,17 @@ process can be killed. So each check here
 * checks against the global checkpoint's plan that the coordinator read at
   start-up (:class:`.contribution.CheckpointSpec`): a check never opens the
   global checkpoint, so a problem with that file (another process holding it
-  locked) is never blamed on a selector.
+  locked) is never blamed on a selector;
+* is tried again when the coordinator is out of its own resources, and then
+  blames nobody: a worker out of descriptors (EMFILE, ENFILE: :data:`OURS_IN_A_CHECK`),
+  or the coordinator unable to start or talk to a worker (any OSError on its
+  side: no descriptor for a pipe, no process for a fork). Such a check is
+  tried again after :data:`RETRY_FIRST_SECONDS`, doubling up to
+  :data:`RETRY_MAX_SECONDS`, for up to ``CHECK_TIMEOUT``; if it still cannot
+  run, :class:`~fl_coordinator.errors.OutOfResources` says what ran out, and
+  the round (not the selector) fails. Memory is the exception: a worker's
+  limit is set *for the file* (above), so a MemoryError or ENOMEM inside a
+  check is the file's doing, and rejects it.
 
 Whatever goes wrong, the answer is a reason (which file, what was wrong),
 escaped and cut to a few hundred characters by :func:`.untrusted.clip`.
@@ -50,6 +60,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import logging
 import math
@@ -63,12 +74,12 @@ import h5py
 import trio
 import trio_parallel
 
-from ..errors import ContributionError
+from ..errors import ContributionError, OutOfResources, os_error_text
 from ..workers import worker_processes
 from .aggregation import Contribution
 from .contribution import CheckpointSpec, NotSettled, SelectorFiles, examine
 from .layout import Layout
-from .untrusted import clip
+from .untrusted import OURS, clip
 
 __all__ = [
     "BATCH_BYTES",
@@ -77,7 +88,10 @@ __all__ = [
     "GRACE_SECONDS",
     "IDLE_SECONDS",
     "MEMORY_BUDGET",
+    "OURS_IN_A_CHECK",
     "RETIRE_GROWTH",
+    "RETRY_FIRST_SECONDS",
+    "RETRY_MAX_SECONDS",
     "ContributionChecker",
 ]
 
@@ -119,6 +133,18 @@ BATCH_BYTES = 64 * 2**20
 #: alone, which costs time, never a rejection.
 BATCH_SECONDS = 5.0
 
+#: errno values that, inside a check, say its worker process is out of the coordinator's
+#: resources (descriptors), not that the file is wrong. Not ENOMEM: a check's memory
+#: limit is the file's budget (MEMORY_BUDGET), and a file that exhausts it is rejected.
+OURS_IN_A_CHECK = OURS - {errno.ENOMEM}
+
+#: A check that could not run for want of the coordinator's own resources is tried again
+#: after this long, then after twice as long each time, up to RETRY_MAX_SECONDS, until
+#: CHECK_TIMEOUT has passed since its first try: descriptors are usually freed in
+#: moments (connections closing, an aggregation ending), and a round lasts minutes.
+RETRY_FIRST_SECONDS = 0.1
+RETRY_MAX_SECONDS = 5.0
+
 
 def _statm(field: int) -> int:
     """Field ``field`` of /proc/self/statm (0: address space, 1: resident), in bytes."""
@@ -134,8 +160,12 @@ def _baseline() -> int:
 
 def _grown() -> bool:
     """In a worker: whether it grew by RETIRE_GROWTH (after each file, and after each job:
-    trio-parallel's hook, which then replaces it)."""
-    return _statm(0) > _baseline() + RETIRE_GROWTH
+    trio-parallel's hook, which then replaces it, and must not raise). A worker that cannot
+    read its size (out of descriptors) is kept: a new one would need descriptors too."""
+    try:
+        return _statm(0) > _baseline() + RETIRE_GROWTH
+    except OSError:
+        return False
 
 
 def _examine_within(
@@ -149,7 +179,9 @@ def _examine_within(
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     try:
         return examine(selector, files, spec, settle)
-    except MemoryError:
+    except (MemoryError, OSError) as error:
+        if isinstance(error, OSError) and error.errno != errno.ENOMEM:
+            raise
         folder = files.root / selector
         raise ContributionError(
             f"{folder}: checking these files needed more than {budget // 2**20} MiB of memory"
@@ -166,7 +198,15 @@ class _Crashed:
     traceback: str
 
 
-_Outcome = Contribution | str | NotSettled | _Crashed
+@dataclass(frozen=True)
+class _Ours:
+    """A check that could not run for want of the coordinator's own resources: why
+    (:func:`~fl_coordinator.errors.os_error_text`). Tried again; never a rejection."""
+
+    error: str
+
+
+_Outcome = Contribution | str | NotSettled | _Crashed | _Ours
 
 
 def _examine_each(
@@ -193,7 +233,12 @@ def _examine_each(
         except ContributionError as error:
             outcomes.append(clip(str(error)))
         except Exception as error:
-            outcomes.append(_Crashed(f"{type(error).__name__}: {error}", traceback.format_exc()))
+            if isinstance(error, OSError) and error.errno in OURS_IN_A_CHECK:
+                outcomes.append(_Ours(os_error_text(error)))
+            else:
+                outcomes.append(
+                    _Crashed(f"{type(error).__name__}: {error}", traceback.format_exc())
+                )
         if _grown():
             break
     return outcomes
@@ -294,7 +339,7 @@ class ContributionChecker:
                 try:
                     await self._context.run_sync(_ready, kill_on_cancel=True,
                                                  limiter=self._unlimited)  # fmt: skip
-                except trio_parallel.BrokenWorkerError as error:
+                except (trio_parallel.BrokenWorkerError, OSError) as error:
                     log.error("a worker process to check selectors' files failed to start (%s)",
                               error)  # fmt: skip
 
@@ -307,18 +352,46 @@ class ContributionChecker:
         spent here, where it holds no worker; the second time, the worker
         waits if it must. A file written well before its report (the common
         case) costs no wait at all.
+
+        A check that cannot run for want of the coordinator's own resources
+        is tried again (RETRY_FIRST_SECONDS, doubling) until CHECK_TIMEOUT has
+        passed; then OutOfResources, which blames nobody.
         """
-        for settle in (False, True):
+        deadline = trio.current_time() + self._timeout
+        delay, settle = RETRY_FIRST_SECONDS, False
+        while True:
             outcome = await self._checked(selector, settle)
-            if not isinstance(outcome, NotSettled):
+            if isinstance(outcome, NotSettled):
+                assert not settle, "a settling check waits in its worker"
+                settle = True
+                await trio.sleep(outcome.wait)
+                continue
+            if not isinstance(outcome, _Ours):
                 break
-            await trio.sleep(outcome.wait)
-        assert not isinstance(outcome, NotSettled), "a settling check waits in its worker"
+            left = deadline - trio.current_time()
+            if left <= 0:
+                raise OutOfResources(self._out_of_resources(selector, outcome))
+            # Said once per check (at most one line per report), then quietly.
+            level = logging.WARNING if delay == RETRY_FIRST_SECONDS else logging.DEBUG
+            log.log(level, "the check of %s's files cannot run: the coordinator is out of its "
+                    "own resources (%s); tried again for up to %.3g s", selector, outcome.error,
+                    left)  # fmt: skip
+            await trio.sleep(min(delay, left))
+            delay = min(2 * delay, RETRY_MAX_SECONDS)
         if isinstance(outcome, _Crashed):
             folder = self._layout.selector_dir(selector)
             log.error("checking %s crashed:\n%s", folder, outcome.traceback)
             return clip(f"{folder}: internal error: {outcome.error}")
         return outcome
+
+    def _out_of_resources(self, selector: str, ours: _Ours) -> str:
+        folder = self._layout.selector_dir(selector)
+        return (
+            f"{folder}: these files could not be checked: the coordinator ran out of its own "
+            f"resources ({ours.error}) and still had none after trying again for "
+            f"{self._timeout:g} s (CHECK_TIMEOUT); not the selector's fault: raise the "
+            "coordinator's RLIMIT_NOFILE (ulimit -n) or memory, or lower CHECK_WORKERS"
+        )
 
     async def _checked(self, selector: str, settle: bool) -> _Outcome:
         """Queue ``selector``'s check for the next job; its outcome once that job ran."""
@@ -372,7 +445,7 @@ class ContributionChecker:
             request.job = job
         if not any(request.waited for request in batch):  # abandoned since it was taken
             job.scope.cancel()
-        outcomes: list[_Outcome] | str | None = None
+        outcomes: list[_Outcome] | _Ours | str | None = None
         try:
             with job.scope:
                 deadline = self._timeout if len(batch) == 1 else min(self._timeout, BATCH_SECONDS)
@@ -380,7 +453,10 @@ class ContributionChecker:
                 outcomes = await self._run(batch)
         finally:
             self._slots.release()
-        if isinstance(outcomes, list):  # of a prefix: the worker grew, the rest in another
+        if isinstance(outcomes, _Ours):  # the job could not run: each is tried again
+            for request in batch:
+                self._answer(request, outcomes)
+        elif isinstance(outcomes, list):  # of a prefix: the worker grew, the rest in another
             for request, outcome in zip(batch[: len(outcomes)], outcomes, strict=True):
                 self._answer(request, outcome)
             self._again(batch[len(outcomes) :], alone=False)
@@ -412,8 +488,10 @@ class ContributionChecker:
         request.outcome = outcome
         request.done.set()
 
-    async def _run(self, batch: Sequence[_Request]) -> list[_Outcome] | str:
-        """Each outcome of ``batch``, or why the job failed as a whole (for a person)."""
+    async def _run(self, batch: Sequence[_Request]) -> list[_Outcome] | _Ours | str:
+        """Each outcome of ``batch``, or why the job failed as a whole: _Ours if the
+        coordinator could not start or talk to a worker (an OSError on its side: no
+        descriptor for a pipe, no process), else for a person."""
         assert self._context is not None, "use check() inside running()"
         checks = [(request.selector, request.settle) for request in batch]
         try:
@@ -424,6 +502,8 @@ class ContributionChecker:
         except trio_parallel.BrokenWorkerError as error:
             code = getattr(error.args[-1], "exitcode", None)
             return f"checking these files ended its worker process (exit {code})"
+        except OSError as error:
+            return _Ours(os_error_text(error))
         except Exception as error:
             log.exception("a job checking %d selectors' files crashed", len(batch))
             return f"internal error: {type(error).__name__}: {error}"

@@ -67,6 +67,7 @@ from .plain import (
 )
 from .plain_copy import copy_plain
 from .slab import Selection, leading, slab_shape
+from .untrusted import raise_if_ours
 from .weights import Encoding, Weight, upload_encoding
 
 __all__ = [
@@ -301,6 +302,7 @@ class StateUpdate:
         try:
             return h5py.File(self.source, "r", driver="sec2")
         except OSError as error:
+            raise_if_ours(error)  # not the file's fault: it stays where it is
             what = f"not a readable optimizer state ({error})"
             raise AggregationError(_move_away(self.source, what)) from None
 
@@ -404,6 +406,7 @@ class Moments:
             what = str(error).removeprefix(f"{source}: ")
             raise AggregationError(_move_away(source, what)) from None
         except OSError as error:
+            raise_if_ours(error)  # out of descriptors, not of room: the pass fails as ours
             log.warning("%s: no plain copy of the optimizer state could be written in %s "
                         "(%s); it is read through HDF5, slowly", source, tmp_dir,
                         error)  # fmt: skip

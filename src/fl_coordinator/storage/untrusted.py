@@ -73,6 +73,7 @@ __all__ = [
     "UntrustedFile",
     "clip",
     "dataset_at",
+    "raise_if_ours",
 ]
 
 #: A weight file holds a decimal integer below 2**53 (16 digits) and a newline;
@@ -137,9 +138,10 @@ class FileIdentity:
 OURS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
-def _raise_if_ours(error: OSError) -> None:
+def raise_if_ours(error: OSError) -> None:
     """Re-raise ``error`` if it says the coordinator is out of its own resources (OURS):
-    what follows would blame the selector's file for it."""
+    what follows would blame the selector's file for it, or take it for another fault
+    (a full disk)."""
     if error.errno in OURS:
         raise error
 
@@ -211,7 +213,7 @@ class UntrustedFile:
                     inner = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
                 except OSError as error:
                     where = PurePosixPath(*parts[:depth])  # below the root: reasons are cut
-                    _raise_if_ours(error)
+                    raise_if_ours(error)
                     problem = _folder_problem(dir_fd, part, error)
                     raise ContributionError(
                         f"{self.path}: {what} cannot be read: its folder '{where}' {problem}"
@@ -231,13 +233,13 @@ class UntrustedFile:
         except FileNotFoundError:
             raise ContributionError(f"{path}: {what} is missing") from None
         except OSError as error:
-            _raise_if_ours(error)
+            raise_if_ours(error)
             raise ContributionError(f"{path}: {what} cannot be read ({error.strerror})") from None
         _check_regular(seen, path, what, max_bytes)  # a FIFO or a device is never opened
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as error:
-            _raise_if_ours(error)
+            raise_if_ours(error)
             raise ContributionError(f"{path}: {what} cannot be opened ({error.strerror})") from None
         try:
             status = os.fstat(fd)
