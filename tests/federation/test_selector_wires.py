@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import urllib.parse
 from pathlib import Path
 
 import grpc
+import h2.events
 import purerpc
 import pytest
 import trio
-from helpers.h2peer import padded
+from helpers.h2peer import RawPeer, framed, padded
 from helpers.peers import assert_arrays_close, fedavg, read_floats
 
 from fl_coordinator._proto import (
@@ -169,11 +171,10 @@ def selector_refusals(selector_id: str) -> list[tuple[grpc.StatusCode, str]]:
             response_deserializer=fl_round_pb2.FlData.FromString,
         )
         large = 1 << 20
+        hello = fl_round_pb2.CheckInRequest(message="hi")
         calls = (
             lambda: told(padded(fl_intra_pb2.Empty(), large), timeout=30),
-            lambda: list(
-                check_in(iter([padded(fl_round_pb2.CheckInRequest(message="hi"), large)]))
-            ),
+            lambda: list(check_in(iter([padded(hello, large)]), timeout=30)),
         )
         for call in calls:
             with pytest.raises(grpc.RpcError) as refused:
@@ -198,3 +199,29 @@ async def test_the_selectors_small_requests_are_refused_past_their_limit(
         "/FLGoalCountBroadcast/GoalCountReached",
         "request message larger than the limit of 16384 bytes for /FlRound/CheckIn",
     ]
+    # A CheckIn under way (its first message in, its answer begun) whose second is large.
+    status = await trio.to_thread.run_sync(second_message_too_large, selector.id)
+    assert status["grpc-status"] == "8"
+    message = urllib.parse.unquote(status["grpc-message"])
+    assert message.startswith("request message larger than the limit of 16384 bytes for /FlRound")
+
+
+def second_message_too_large(selector_id: str) -> dict[str, str]:
+    """A raw CheckIn stream: a small message, the answer's headers (its call started), then a
+    1 MiB one: the trailers of the answer."""
+    peer = RawPeer(int(selector_id.rsplit(":", 1)[1]), timeout=30)
+    try:
+        hello = fl_round_pb2.CheckInRequest(message="hi")
+        stream_id = peer.open_stream("/FlRound/CheckIn", framed(padded(hello, 0)))
+        peer.send()
+        peer.receive_until(
+            lambda events: any(
+                isinstance(e, h2.events.ResponseReceived) and e.stream_id == stream_id
+                for e in events
+            )
+        )
+        peer.push(stream_id, framed(padded(hello, 1 << 20)))
+        peer.receive_until(lambda events: peer.answer(stream_id) is not None)
+        return peer.answer(stream_id) or {}
+    finally:
+        peer.close()
