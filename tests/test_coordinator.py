@@ -5,69 +5,36 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
-import threading
 
 import h2.events
 import pytest
 import trio
 import trio.testing
-from helpers.h2peer import CHECK_IN, RawPeer, check_in_body
+from helpers.h2peer import CHECK_IN, RawPeer, check_in_body, framed, padded
 from helpers.peers import (
     FakeSelector,
-    PurerpcClient,
-    StatusWatcher,
+    GrpcioClient,
+    aggregating_round,
     assert_arrays_close,
     completed,
     fedavg,
     read_floats,
     serve_and_watch,
-    watch,
     write_aggregate,
 )
-from helpers.resources import check_workers, out_of_descriptors, when_logged
+from helpers.resources import check_workers, out_of_descriptors, peak_rss, reset_peak, when_logged
 
 from fl_coordinator._proto import fl_intra_pb2
-from fl_coordinator.app import Endpoints, build_coordinator, serve
+from fl_coordinator.app import build_coordinator
 from fl_coordinator.config import Settings
 from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.storage import checker
-from fl_coordinator.storage.aggregation import aggregate
 from fl_coordinator.storage.layout import Layout
 from fl_coordinator.untrusted_text import cut
 
 
 def digest(layout: Layout) -> str:
     return hashlib.sha256(layout.checkpoint.read_bytes()).hexdigest()
-
-
-async def aggregating_round(
-    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
-) -> tuple[Endpoints, StatusWatcher, PurerpcClient, threading.Event]:
-    """A coordinator (goal 1) whose round 1 is aggregating, held at a gate until ``release``.
-
-    Returns its endpoints, a status watcher, a client, and the gate.
-    """
-    started, release = trio.Event(), threading.Event()
-
-    def paced_aggregate(*args):  # the real aggregation, held at the gate until released
-        trio.from_thread.run_sync(started.set)
-        release.wait(timeout=30)
-        return aggregate(*args)
-
-    endpoints = await nursery.start(
-        lambda task_status: serve(
-            settings.replace(checkin_limit=1), aggregator=paced_aggregate, task_status=task_status
-        )
-    )
-    first = await FakeSelector().start(nursery)
-    watcher = await watch(nursery, endpoints.status_url)
-    client = PurerpcClient(endpoints.grpc_port)
-    assert await client.check_in(first.id) is True
-    await first.told.receive()
-    write_aggregate(layout, first.id, keras_weights[0], weight=1)
-    await client.report(first.id)
-    await started.wait()
-    return endpoints, watcher, client, release
 
 
 async def test_check_in_during_aggregation_is_accepted_into_next_round(
@@ -423,3 +390,122 @@ async def test_a_report_checked_while_out_of_descriptors_fails_the_round_as_ours
     )  # fmt: skip
     expected = fedavg(global_weights, [(keras_weights[0], 3), (keras_weights[1], 1)])
     assert_arrays_close(read_floats(layout.checkpoint), expected)
+
+
+# -- what check-ins held during an aggregation may cost ---------------------------------------
+
+#: A check-in's size: a valid ClientCount padded with an unknown field to almost 4 MiB
+#: (under GRPC_MAX_MESSAGE_BYTES: only the method's own limit refuses it).
+LARGE_CHECK_IN = 4 * 1024 * 1024 - 1024
+
+
+def flood(port: int, streams: int, body: bytes) -> tuple[RawPeer, list[int]]:
+    """``streams`` check-ins of ``body`` on one connection, each sent whole unless the server
+    ends it first: the connection and the streams."""
+    peer = RawPeer(port, timeout=60)
+    stream_ids = []
+    for _ in range(streams):
+        stream_ids.append(peer.open_stream(CHECK_IN))
+        peer.push(stream_ids[-1], body)
+    return peer, stream_ids
+
+
+def answers(peer: RawPeer, stream_ids: list[int]) -> list[str]:
+    """The ``grpc-status`` of each of ``stream_ids``, once all are answered; closes ``peer``."""
+    try:
+        peer.receive_until(lambda events: all(peer.answer(s) is not None for s in stream_ids))
+        return [(peer.answer(s) or {}).get("grpc-status", "none") for s in stream_ids]
+    finally:
+        peer.close()
+
+
+async def test_large_check_ins_during_an_aggregation_are_refused_before_they_are_held(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
+) -> None:
+    """200 check-ins of almost 4 MiB each (4 connections of 50 streams, every message sent
+    whole, after one to warm up) while the round aggregates: each refused with
+    RESOURCE_EXHAUSTED, the process's
+    peak RSS grows by less than 16 MiB, and a normal check-in is then held as before.
+
+    Before: each was parsed and held until the aggregation ended (rt12: 50 took RSS from
+    23 to 223 MiB; these 200 would hold 800 MiB).
+    """
+    endpoints, watcher, client, release = await aggregating_round(
+        settings, layout, keras_weights, nursery, hold=120
+    )
+    body = framed(padded(fl_intra_pb2.ClientCount(count=1, id="127.0.0.1:9"), LARGE_CHECK_IN))
+    warm_up = await trio.to_thread.run_sync(flood, endpoints.grpc_port, 1, body)
+    before = reset_peak()
+    floods = [warm_up]
+
+    async def one_connection() -> None:
+        floods.append(await trio.to_thread.run_sync(flood, endpoints.grpc_port, 50, body))
+
+    async with trio.open_nursery() as peers:
+        for _ in range(4):
+            peers.start_soon(one_connection)
+    grown = peak_rss() - before
+    assert grown < 16 * 1024 * 1024, grown / 2**20  # 0.7 MiB here
+    statuses = [status for one in floods for status in await trio.to_thread.run_sync(answers, *one)]
+    assert statuses == ["8"] * 201
+    assert watcher.messages[-1]["held"] == 0 and watcher.messages[-1]["aggregating"] is True
+
+    answered: list[bool] = []
+    done = trio.Event()
+
+    async def held_check_in() -> None:
+        answered.append(await client.check_in("127.0.0.1:9"))
+        done.set()
+
+    nursery.start_soon(held_check_in)
+    await watcher.wait_for(lambda m: m["held"] == 1)
+    release.set()
+    await done.wait()
+    round2 = await watcher.wait_for(lambda m: m["round"] == 2 and m["accepted"] == 1)
+    assert (answered, round2["selectors"]) == ([True], ["127.0.0.1:9"])
+
+
+async def test_check_ins_beyond_the_next_rounds_goal_are_answered_at_once_while_aggregating(
+    settings: Settings, layout: Layout, keras_weights, nursery: trio.Nursery
+) -> None:
+    """Goal 1: the first check-in during the aggregation is held; 20 more (grpcio and
+    purerpc) are refused at once (accepted false: the protocol's "come back later") while
+    the aggregation is still held, and the first is accepted into round 2.
+
+    Before: all 21 were held (calls, connections, memory) until the aggregation ended,
+    then the 20 refused: a flood during a long aggregation held without bound.
+    """
+    endpoints, watcher, client, release = await aggregating_round(
+        settings, layout, keras_weights, nursery, hold=120
+    )
+    first = await FakeSelector().start(nursery)
+    answered: list[bool] = []
+    done = trio.Event()
+
+    async def held_check_in() -> None:
+        answered.append(await client.check_in(first.id))
+        done.set()
+
+    nursery.start_soon(held_check_in)
+    await watcher.wait_for(lambda m: m["held"] == 1)
+    grpcio = GrpcioClient(endpoints.grpc_port)
+    refused = []
+    with trio.fail_after(60):  # (before: no answer until the aggregation ends)
+        for index in range(10):
+            refused.append(await client.check_in(f"127.0.0.1:{100 + index}"))
+            refused.append(await grpcio.check_in(f"127.0.0.1:{200 + index}"))
+    grpcio.close()
+    assert refused == [False] * 20
+    shown = watcher.messages[-1]
+    assert (shown["round"], shown["aggregating"], shown["held"]) == (1, True, 1)
+    assert shown["ignored"][-1] == [
+        "127.0.0.1:209",
+        "check-in refused: the check-ins held for round 2 already bring its goal of 1 "
+        "client(s); check in again once its selection opens",
+    ]
+    assert answered == []
+    release.set()
+    await first.told.receive()
+    await done.wait()
+    round2 = await watcher.wait_for(lambda m: m["round"] == 2 and m["stage"] == "CONFIGURATION")
+    assert (answered, round2["selectors"], round2["held"]) == ([True], [first.id], 0)

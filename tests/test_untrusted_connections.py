@@ -29,7 +29,7 @@ import h2.events
 import pytest
 import trio
 import trio_websocket
-from helpers.h2peer import CHECK_IN, RawPeer, check_in_body
+from helpers.h2peer import CHECK_IN, RawPeer, check_in_body, padded
 from helpers.peers import GrpcioClient
 from helpers.processes import Served, environment, wait_until
 from hyperframe.frame import HeadersFrame
@@ -220,6 +220,9 @@ def test_unfinished_streams_are_released_when_the_peer_closes(
 
 
 MESSAGE = 4 * 1024 * 1024  # GRPC_MAX_MESSAGE_BYTES's default
+#: A method the coordinator does not serve: its messages have only the server's limit (each
+#: served one refuses more than 16 KiB from a message's length prefix: test_request_limits.py).
+NOT_SERVED = "/FlIntra/NotServed"
 MIB = 1024
 
 
@@ -234,7 +237,7 @@ def window_fillers(port: int, connections: int) -> list[RawPeer]:
         ):
             assert peer.receive(), "the server closed a connection before its window opened"
         for _ in range(2):
-            stream_id = peer.open_stream(CHECK_IN)
+            stream_id = peer.open_stream(NOT_SERVED)
             # a message that announces MESSAGE bytes and stops short of it
             body = struct.pack(">BI", 0, MESSAGE) + b"\x0a" * (MESSAGE - 1)
             body = body[: peer.h2.local_flow_control_window(stream_id)]
@@ -263,16 +266,15 @@ def shed(peer: RawPeer) -> bool:
     return True
 
 
-def health_of(port: int, service: str) -> grpc.StatusCode:
-    """A health check of ``service`` over grpcio: the status code the server answered with."""
+def not_served(port: int, size: int) -> grpc.StatusCode:
+    """A call of ``size`` bytes to :data:`NOT_SERVED` over grpcio: the status code the server
+    answered with (UNIMPLEMENTED, once it read the whole message)."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        check = channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        call = channel.unary_unary(
+            NOT_SERVED, request_serializer=lambda request: request, response_deserializer=bytes
         )
         try:
-            check(health_pb2.HealthCheckRequest(service=service), timeout=60)
+            call(b"x" * size, timeout=60)
         except grpc.RpcError as error:
             return error.code()
         return grpc.StatusCode.OK
@@ -287,9 +289,11 @@ def test_half_sent_messages_hold_at_most_the_budget_and_memory_comes_back(
     160 MiB here) for as long as it sent HEADERS+RST now and then, and the
     memory stayed with the allocator after the peers closed. Now the process
     holds at most the budget (the most stalled connections are closed with
-    GOAWAY ENHANCE_YOUR_CALM), a legitimate message of almost
+    GOAWAY ENHANCE_YOUR_CALM), a whole message of almost
     GRPC_MAX_MESSAGE_BYTES still gets its answer while the attackers hold
     their share, and RSS comes back near its baseline once the peers close.
+    (Attackers and message go to a method not served: every served one
+    refuses more than 16 KiB from the length prefix.)
     """
     budget = 16 * 1024 * 1024
     server, port, _ = start(
@@ -299,7 +303,7 @@ def test_half_sent_messages_hold_at_most_the_budget_and_memory_comes_back(
         IDLE_CONNECTION_TIMEOUT="0",  # only the budget closes them, however slow the machine
     )
     # warm up what a large message costs once (parsing, grpcio's answer), then the baseline
-    assert health_of(port, "x" * (MESSAGE - 64)) == grpc.StatusCode.NOT_FOUND
+    assert not_served(port, MESSAGE - 64) == grpc.StatusCode.UNIMPLEMENTED
     assert check_in(port) is True
     baseline = server.rss_kib()
 
@@ -309,9 +313,9 @@ def test_half_sent_messages_hold_at_most_the_budget_and_memory_comes_back(
     held = server.rss_kib() - baseline
     assert held < budget // 1024 + 24 * MIB, (baseline, held)  # 160 MiB before
 
-    # a legitimate message of almost 4 MiB is read whole and answered (NOT_FOUND: no such
-    # service); the most stalled attacker makes room for it
-    assert health_of(port, "x" * (MESSAGE - 64)) == grpc.StatusCode.NOT_FOUND
+    # a message of almost 4 MiB is read whole and answered (UNIMPLEMENTED: no such method);
+    # the most stalled attacker makes room for it
+    assert not_served(port, MESSAGE - 64) == grpc.StatusCode.UNIMPLEMENTED
     kept = [peer for peer in attackers if not shed(peer)]
     assert len(kept) == 1, len(kept)
     goaways = [peer.goaway() for peer in attackers if peer.goaway() is not None]
@@ -524,11 +528,10 @@ class Flood:
 def health_with(port: int, padding: int) -> int | grpc.StatusCode:
     """A health check on a connection of its own (grpcio), its request carrying ``padding``
     bytes in a field the server does not know (and skips): the status, or the error's code."""
-    extra = b"\x7a" + _varint(padding) + b"p" * padding if padding else b""  # field 15
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         check = channel.unary_unary(
             "/grpc.health.v1.Health/Check",
-            request_serializer=lambda request: request.SerializeToString() + extra,
+            request_serializer=lambda request: padded(request, padding),
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
         )
         try:
@@ -537,21 +540,13 @@ def health_with(port: int, padding: int) -> int | grpc.StatusCode:
             return error.code()
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    return bytes([*out, value])
-
-
 @pytest.mark.parametrize("cap", [4, 8])
-@pytest.mark.parametrize("padding", [0, 200_000])
+@pytest.mark.parametrize("padding", [0, 16_000])
 def test_calls_in_flight_are_answered_under_a_flood_of_dials_at_a_small_cap(
     settings: Settings, served: list[Served], cap: int, padding: int
 ) -> None:
-    """100 grpcio health checks, each on a new connection (small, and carrying 200 KB
-    that take a while to arrive), while four threads dial the gRPC port (HTTP/2 preface
+    """100 grpcio health checks, each on a new connection (small, and carrying 16 KB, as
+    much as Check's own limit lets it), while four threads dial the gRPC port (HTTP/2 preface
     only, 8 at once) at MAX_CONNECTIONS=4 and 8: every check is answered SERVING, and the
     coordinator holds at most ``cap`` open and CLOSING_MAX closing connections.
 
@@ -584,18 +579,23 @@ def log_growth(server: Served, before: int) -> tuple[int, str]:
 
 
 def test_huge_selector_ids_do_not_flood_the_log(settings: Settings, served: list[Served]) -> None:
-    """10 ClientCountUpdate calls with a 3 MiB selector id: 31 MB of log before."""
+    """10 ClientCountUpdate calls with a 3 MiB selector id (31 MB of log before; now refused
+    from the message's length prefix, RESOURCE_EXHAUSTED), and 10 with a 16,000-character id
+    (within the method's limit; refused as an id)."""
     server, port, _ = start(settings, served)
     before = len(server.lines)
     client = GrpcioClient(port)
     try:
         for index in range(10):
-            assert trio.run(client.check_in, f"{index}" * (3 * 1024 * 1024)) is False
+            with pytest.raises(grpc.RpcError) as refused:
+                trio.run(client.check_in, f"{index}" * (3 * 1024 * 1024))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert trio.run(client.check_in, f"{index}" * 16_000) is False
     finally:
         client.close()
     grown, text = log_growth(server, before)
     assert grown < LOG_BOUND, grown
-    assert "3145728 chars" in text  # the line says how long the id was
+    assert "16000 chars" in text  # the line says how long the id was
 
 
 def test_rapid_resets_do_not_flood_the_log(settings: Settings, served: list[Served]) -> None:

@@ -37,6 +37,7 @@ from .rpc.auth import TokenGuard, load_token
 from .rpc.goal_count import GoalCountClient
 from .rpc.health import HealthServicer, checkpoint_readable
 from .rpc.listener import serve_grpc
+from .rpc.request_limits import small_requests
 from .rpc.servicers import CheckIns, IntraBatchServicer, IntraServicer
 from .rpc.tls import (
     grpc_server_context,
@@ -384,6 +385,7 @@ async def serve(
                 guard=guard,
                 max_message_bytes=settings.grpc_max_message_bytes,
                 max_buffered_bytes=settings.grpc_max_buffered_bytes,
+                request_limits=small_requests(services),  # all of them: ids and counts
                 limits=connection_limits,
             )
         )

@@ -185,27 +185,58 @@ def test_reports_that_change_nothing_but_are_shown() -> None:
 
 
 def test_check_ins_during_aggregation_are_held_for_next_round() -> None:
-    machine = Round(Rules(goal=1))
-    machine.handle(CheckIn("a:1", 1))
+    machine = Round(Rules(goal=2))
+    machine.handle(CheckIn("a:1", 1, clients=2))
     report(machine, "a:1")
     assert replies(machine.handle(CheckIn("b:1", 2))) == []
-    assert of_type(machine.handle(CheckIn("c:1", 3)), Status)[0].held == 2
+    assert of_type(machine.handle(CheckIn("c:1", 3, clients=5)), Status)[0].held == 2
     effects = machine.handle(AggregationDone(1))
-    assert replies(effects) == [(2, True), (3, False)]
-    assert of_type(effects, Broadcast) == [Broadcast(2, ("b:1",))]
+    assert replies(effects) == [(2, 1), (3, 1)]  # first come, first served: c:1 gets 1 of 5
+    assert of_type(effects, Broadcast) == [Broadcast(2, ("b:1", "c:1"))]
     assert machine.number == 2 and machine.stage is Stage.CONFIGURATION
 
 
+def test_check_ins_beyond_the_next_rounds_goal_are_refused_at_once_while_aggregating() -> None:
+    """Held check-ins stop at the next round's goal: the next one is refused at once (as it
+    would be when that round opens), and a withdrawal makes room again.
+
+    Before: every check-in during an aggregation was held, its call and its memory, until
+    the next round opened and refused those past the goal: a flood during a long
+    aggregation held without bound (rt12).
+    """
+    machine = Round(Rules(goal=3))
+    machine.handle(CheckIn("a:1", 1, clients=3))
+    report(machine, "a:1")
+    assert machine.aggregating
+    assert replies(machine.handle(CheckIn("b:1", 2, clients=2))) == []
+    assert replies(machine.handle(CheckIn("c:1", 3, clients=4))) == []  # crosses the goal
+    effects = machine.handle(CheckIn("d:1", 4))
+    assert replies(effects) == [(4, 0)]
+    why = (
+        "check-in refused: the check-ins held for round 2 already bring its goal of 3 "
+        "client(s); check in again once its selection opens"
+    )
+    assert of_type(effects, Status)[0].ignored == (("d:1", why),)
+    assert (len(machine.held), machine.held_clients) == (2, 6)
+    machine.handle(Withdrawn("c:1", 3))
+    assert replies(machine.handle(CheckIn("e:1", 5))) == []  # 2 held: room for one more
+    assert replies(machine.handle(CheckIn("f:1", 6))) == [(6, 0)]
+    effects = machine.handle(AggregationDone(1))
+    assert replies(effects) == [(2, 2), (5, 1)]
+    assert of_type(effects, Broadcast) == [Broadcast(2, ("b:1", "e:1"))]
+    assert (machine.held, machine.held_clients) == ({}, 0)
+
+
 def test_a_withdrawn_held_check_in_is_never_admitted() -> None:
-    machine = Round(Rules(goal=1))
-    machine.handle(CheckIn("a:1", 1))
+    machine = Round(Rules(goal=2))
+    machine.handle(CheckIn("a:1", 1, clients=2))
     report(machine, "a:1")
     machine.handle(CheckIn("b:1", 2))
-    machine.handle(CheckIn("c:1", 3))
+    machine.handle(CheckIn("c:1", 3, clients=2))
     assert of_type(machine.handle(Withdrawn("b:1", 2)), Status)[0].held == 1
     assert machine.handle(Withdrawn("b:1", 2)) == []  # once; and unknown callers change nothing
     effects = machine.handle(AggregationDone(1))
-    assert replies(effects) == [(3, True)]
+    assert replies(effects) == [(3, 2)]
     assert of_type(effects, Broadcast) == [Broadcast(2, ("c:1",))]
 
 
@@ -563,6 +594,10 @@ def test_random_event_sequences_keep_the_invariants(
     # Every check-in is answered exactly once, or still held for the next round, or was
     # withdrawn while held (and never answered).
     held = {c.reply_to for c in machine.held.values()}
+    # Check-ins are held only while those before them ask for fewer clients than the goal.
+    asked_before = [c.clients for c in machine.held.values()][:-1]
+    assert machine.held_clients == sum(c.clients for c in machine.held.values())
+    assert sum(asked_before) < goal or not machine.held
     assert all(count == 1 for count in answered.values())
     assert set(answered) | held | withdrawn == set(asked)
     assert not set(answered) & held and not set(answered) & withdrawn and not held & withdrawn

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import urllib.parse
 from pathlib import Path
 
+import grpc
+import h2.events
 import purerpc
 import pytest
 import trio
+from helpers.h2peer import RawPeer, framed, padded
 from helpers.peers import assert_arrays_close, fedavg, read_floats
 
 from fl_coordinator._proto import (
@@ -26,8 +30,9 @@ from fl_coordinator._proto import (
     fl_intra_batch_pb2,
     fl_intra_grpc,
     fl_intra_pb2,
+    fl_round_pb2,
 )
-from fl_coordinator.app import build_coordinator
+from fl_coordinator.app import build_coordinator, serve
 from fl_coordinator.config import Settings
 from fl_coordinator.federation.client import SelectorCalls
 from fl_coordinator.federation.selector import Selector, SelectorOptions
@@ -148,3 +153,75 @@ async def test_goal_reached_before_the_answer_is_logged_with_the_coordinators_ro
         "round 7: goal reached; sending files to 1 client(s) (0 more awaiting the "
         "coordinator's answer)"
     ]
+
+
+def selector_refusals(selector_id: str) -> list[tuple[grpc.StatusCode, str]]:
+    """A GoalCountReached and a client's CheckIn of 1 MiB each (a valid message and an
+    unknown field), over grpcio: the code and details of each failure."""
+    failures = []
+    with grpc.insecure_channel(selector_id) as channel:
+        told = channel.unary_unary(
+            "/FLGoalCountBroadcast/GoalCountReached",
+            request_serializer=lambda request: request,
+            response_deserializer=fl_intra_pb2.Empty.FromString,
+        )
+        check_in = channel.stream_stream(
+            "/FlRound/CheckIn",
+            request_serializer=lambda request: request,
+            response_deserializer=fl_round_pb2.FlData.FromString,
+        )
+        large = 1 << 20
+        hello = fl_round_pb2.CheckInRequest(message="hi")
+        calls = (
+            lambda: told(padded(fl_intra_pb2.Empty(), large), timeout=30),
+            lambda: list(check_in(iter([padded(hello, large)]), timeout=30)),
+        )
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            failures.append((refused.value.code(), refused.value.details()))
+    return failures
+
+
+async def test_the_selectors_small_requests_are_refused_past_their_limit(
+    settings: Settings, layout: Layout, nursery: trio.Nursery
+) -> None:
+    """The reference selector's GoalCountReached and CheckIn (small by the protocol) are
+    refused past 16 KiB with RESOURCE_EXHAUSTED (before: read whole and parsed; a client's
+    check-in is held for a whole round)."""
+    endpoints = await nursery.start(serve, settings)
+    selector = Selector(SelectorOptions(f"127.0.0.1:{endpoints.grpc_port}", layout))
+    await nursery.start(selector.serve)
+    failures = await trio.to_thread.run_sync(selector_refusals, selector.id)
+    assert [code for code, _ in failures] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+    assert [details.split(",")[0] for _, details in failures] == [
+        "request message larger than the limit of 16384 bytes for "
+        "/FLGoalCountBroadcast/GoalCountReached",
+        "request message larger than the limit of 16384 bytes for /FlRound/CheckIn",
+    ]
+    # A CheckIn under way (its first message in, its answer begun) whose second is large.
+    status = await trio.to_thread.run_sync(second_message_too_large, selector.id)
+    assert status["grpc-status"] == "8"
+    message = urllib.parse.unquote(status["grpc-message"])
+    assert message.startswith("request message larger than the limit of 16384 bytes for /FlRound")
+
+
+def second_message_too_large(selector_id: str) -> dict[str, str]:
+    """A raw CheckIn stream: a small message, the answer's headers (its call started), then a
+    1 MiB one: the trailers of the answer."""
+    peer = RawPeer(int(selector_id.rsplit(":", 1)[1]), timeout=30)
+    try:
+        hello = fl_round_pb2.CheckInRequest(message="hi")
+        stream_id = peer.open_stream("/FlRound/CheckIn", framed(padded(hello, 0)))
+        peer.send()
+        peer.receive_until(
+            lambda events: any(
+                isinstance(e, h2.events.ResponseReceived) and e.stream_id == stream_id
+                for e in events
+            )
+        )
+        peer.push(stream_id, framed(padded(hello, 1 << 20)))
+        peer.receive_until(lambda events: peer.answer(stream_id) is not None)
+        return peer.answer(stream_id) or {}
+    finally:
+        peer.close()

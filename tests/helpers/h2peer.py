@@ -9,6 +9,7 @@ tests with an in-process server run it in a worker thread.
 from __future__ import annotations
 
 import math
+import select
 import socket
 import struct
 import time
@@ -19,6 +20,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 from google.protobuf.message import Message
 
 from fl_coordinator._proto import fl_intra_pb2
@@ -28,12 +30,32 @@ CHECK_IN = "/FlIntra/ClientCountUpdate"
 
 def grpc_body(message: Message) -> bytes:
     """A gRPC length-prefixed message (uncompressed)."""
-    data = message.SerializeToString()
+    return framed(message.SerializeToString())
+
+
+def framed(data: bytes) -> bytes:
+    """``data`` (a serialized message) as a gRPC length-prefixed message (uncompressed)."""
     return struct.pack(">BI", 0, len(data)) + data
 
 
 def check_in_body(selector_id: str) -> bytes:
     return grpc_body(fl_intra_pb2.ClientCount(count=1, id=selector_id))
+
+
+def varint(value: int) -> bytes:
+    """``value`` as a protobuf varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes([*out, value])
+
+
+def padded(message: Message, padding: int) -> bytes:
+    """``message`` serialized, with ``padding`` bytes more in field 15, which no message of
+    ours has (proto3 parses it and keeps it as an unknown field)."""
+    extra = b"\x7a" + varint(padding) + b"p" * padding if padding else b""
+    return message.SerializeToString() + extra
 
 
 def request_headers(path: str) -> list[tuple[str, str]]:
@@ -101,6 +123,31 @@ class RawPeer:
                 raise AssertionError("the server closed the connection")
         self.h2.send_data(stream_id, body)
 
+    def push(self, stream_id: int, body: bytes, frame: int = 16384) -> int:
+        """Send ``body`` (ending the stream) as flow control lets it go, unless the server
+        closes the stream first (bytes of it sent: ``len(body)`` if whole)."""
+        for start in range(0, len(body), frame):
+            chunk = body[start : start + frame]
+            try:
+                while self.h2.local_flow_control_window(stream_id) < len(chunk):
+                    self.send()
+                    if not self.receive():
+                        raise AssertionError("the server closed the connection")
+                self.h2.send_data(stream_id, chunk, end_stream=start + frame >= len(body))
+                self.send()
+                while select.select([self.sock], [], [], 0)[0] and self.receive():
+                    pass  # what the server said meanwhile (the end of this stream?)
+            except h2.exceptions.StreamClosedError:
+                return start
+        return len(body)
+
+    def answer(self, stream_id: int) -> dict[str, str] | None:
+        """The trailers (``grpc-status``, ``grpc-message``) of ``stream_id``, once received."""
+        for event in self.events:
+            if _ends(event, stream_id):
+                return dict(event.headers)
+        return None
+
     def receive(self) -> bool:
         """Read once; False at the end of the connection (EOF or reset). TimeoutError."""
         try:
@@ -129,10 +176,10 @@ class RawPeer:
         stream_id = self.open_stream(path, body, end=True, metadata=metadata)
         self.send()
         self.receive_until(lambda events: any(_ends(e, stream_id) for e in events))
-        for event in self.events:
-            if _ends(event, stream_id):
-                return dict(event.headers)
-        raise AssertionError(f"the connection ended before the answer: {self.events}")
+        answer = self.answer(stream_id)
+        if answer is None:
+            raise AssertionError(f"the connection ended before the answer: {self.events}")
+        return answer
 
     def answers_a_ping(self, data: bytes = b"still on") -> bool:
         """Send a PING and read until its answer: whether the connection is still open."""

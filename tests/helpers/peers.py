@@ -11,6 +11,7 @@ import functools
 import json
 import shutil
 import ssl
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from fl_coordinator._proto import fl_intra_grpc, fl_intra_pb2, fl_round_grpc, fl
 from fl_coordinator.app import Endpoints, serve
 from fl_coordinator.config import Settings
 from fl_coordinator.rpc.listener import serve_grpc
+from fl_coordinator.storage.aggregation import aggregate
 from fl_coordinator.storage.layout import Layout
 from fl_coordinator.storage.weights import read_plan
 from helpers.arrivals import Arrivals
@@ -138,6 +140,18 @@ class PurerpcClient:
         request = fl_intra_pb2.SelectorId(id=selector_id)
         answer = await self._stub(lambda stub: stub.SelectorAggregationComplete, request)
         assert isinstance(answer, fl_intra_pb2.Empty)
+
+
+async def purerpc_failure(call: Any) -> purerpc.RpcFailedError:
+    """The RpcFailedError of a purerpc call that must fail (purerpc wraps it in groups)."""
+    try:
+        await call()
+    except BaseException as error:
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        assert isinstance(error, purerpc.RpcFailedError), repr(error)
+        return error
+    raise AssertionError("the call succeeded")
 
 
 async def eventually(condition: Callable[[], bool], limit: float = 30) -> None:
@@ -312,3 +326,39 @@ async def one_selector_round(
     write_aggregate(layout, selector.id, aggregate, weight)
     await client.report(selector.id)
     return await watcher.wait_for(completed(1))
+
+
+async def aggregating_round(
+    settings: Settings,
+    layout: Layout,
+    keras_weights,
+    nursery: trio.Nursery,
+    *,
+    hold: float = 30,
+) -> tuple[Endpoints, StatusWatcher, PurerpcClient, threading.Event]:
+    """A coordinator (goal 1) whose round 1 is aggregating, held at a gate until ``release``
+    (or ``hold`` seconds at most: a failing test does not hang).
+
+    Returns its endpoints, a status watcher, a client, and the gate.
+    """
+    started, release = trio.Event(), threading.Event()
+
+    def paced_aggregate(*args):  # the real aggregation, held at the gate until released
+        trio.from_thread.run_sync(started.set)
+        release.wait(timeout=hold)
+        return aggregate(*args)
+
+    endpoints = await nursery.start(
+        lambda task_status: serve(
+            settings.replace(checkin_limit=1), aggregator=paced_aggregate, task_status=task_status
+        )
+    )
+    first = await FakeSelector().start(nursery)
+    watcher = await watch(nursery, endpoints.status_url)
+    client = PurerpcClient(endpoints.grpc_port)
+    assert await client.check_in(first.id) is True
+    await first.told.receive()
+    write_aggregate(layout, first.id, keras_weights[0], weight=1)
+    await client.report(first.id)
+    await started.wait()
+    return endpoints, watcher, client, release

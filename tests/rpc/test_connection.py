@@ -27,6 +27,9 @@ from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
 from fl_coordinator.rpc.connection import GOODBYE_TIMEOUT, MAX_CONCURRENT_STREAMS
 
+#: A method the coordinator does not serve: its requests have only the server's limit.
+NOT_SERVED = "/FlIntra/NotServed"
+
 
 async def connected(port: int) -> RawPeer:
     """A raw connection that has sent its preface and SETTINGS, and nothing else."""
@@ -201,7 +204,8 @@ async def test_a_compressed_message_inflating_past_the_limit_ends_that_connectio
 
     purerpc inflated a message whole, on the event loop, before any call started:
     1 MB of deflate stream took 2 GB of memory and froze the loop for 19 s.
-    Here 1 MiB of zeros (1 KiB compressed) against a limit of 64 KiB.
+    Here 1 MiB of zeros (1 KiB compressed) against a limit of 64 KiB, to a method not
+    served (the served ones have smaller limits of their own: test_request_limits.py).
     """
     settings = settings.replace(grpc_max_message_bytes=65536)
     endpoints = await nursery.start(serve, settings)
@@ -209,7 +213,8 @@ async def test_a_compressed_message_inflating_past_the_limit_ends_that_connectio
     for encoding, compress in COMPRESSIONS:
         bomber = await connected(endpoints.grpc_port)
         metadata = (("grpc-encoding", encoding),)
-        bomber.open_stream(CHECK_IN, compressed(zeros, compress), end=True, metadata=metadata)
+        body = compressed(zeros, compress)
+        bomber.open_stream(NOT_SERVED, body, end=True, metadata=metadata)
         await ends_alone(bomber, endpoints.grpc_port, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
 
@@ -415,7 +420,7 @@ async def test_a_call_that_waits_on_its_peer_does_not_keep_its_connection_open(
 async def test_a_request_still_arriving_keeps_its_connection_open(
     settings: Settings, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
 ) -> None:
-    """At MAX_CONNECTIONS=2, a large request is arriving (its headers and part of its
+    """At MAX_CONNECTIONS=2, a request is arriving (its headers and part of its
     message in) when an honest selector's check-in is answered: a third dial closes the
     selector's quiet connection, not the one whose request is on its way; GOODBYE_TIMEOUT
     later without more of it (MockClock), a fourth dial closes that one.
@@ -430,7 +435,8 @@ async def test_a_request_still_arriving_keeps_its_connection_open(
     def part_of_a_request() -> RawPeer:
         peer = RawPeer(port)
         stream_id = peer.open_stream(CHECK_IN)
-        peer.h2.send_data(stream_id, struct.pack(">BI", 0, 100_000) + b"\x0a" * 1000)
+        # 10 KB announced (within a check-in's own limit, 16 KiB), 1 KB of it sent
+        peer.h2.send_data(stream_id, struct.pack(">BI", 0, 10_000) + b"\x0a" * 1000)
         peer.h2.ping(b"in order")
         peer.send()
         peer.receive_until(

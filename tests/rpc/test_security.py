@@ -29,6 +29,7 @@ from helpers.peers import (
     PurerpcClient,
     bearer,
     completed,
+    purerpc_failure,
     watch,
     write_aggregate,
 )
@@ -67,18 +68,6 @@ async def grpcio_code(client: GrpcioClient, selector_id: str) -> grpc.StatusCode
     with pytest.raises(grpc.RpcError) as failed:
         await client.check_in(selector_id)
     return failed.value.code()
-
-
-async def purerpc_failure(call: Any) -> purerpc.RpcFailedError:
-    """The RpcFailedError of a purerpc call that must fail (purerpc wraps it in groups)."""
-    try:
-        await call()
-    except BaseException as error:
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
-        assert isinstance(error, purerpc.RpcFailedError), repr(error)
-        return error
-    raise AssertionError("the call succeeded")
 
 
 def health_check(port: int, credentials: grpc.ChannelCredentials | None = None, service=""):

@@ -11,7 +11,10 @@ Every change of stage goes through :meth:`Round._move`, which looks the move
 up in :data:`.stages.TRANSITIONS` (the table, and the README's stage table
 drawn from it, say which moves exist and why). Check-ins that arrive while a
 round is aggregating are held and answered, first come first served, when
-the next round's selection opens.
+the next round's selection opens; as many as bring the next round's goal of
+clients: the next one would be refused then (the goal reached), so it is
+refused at once, and a flood of check-ins during a long aggregation holds no
+more calls (and their memory) than a round can take.
 
 A run may end (``FINISHED``): after round ``Rules.rounds``, or when the
 metrics of an evaluated round meet ``Rules.stop_when``. Evaluation results
@@ -131,6 +134,7 @@ class Round:
     #: forgets one at once (a list was rebuilt for each: 10,000 withdrawn took a second of
     #: the event loop).
     held: dict[int, CheckIn] = field(default_factory=dict)
+    held_clients: int = 0  # the clients they ask for
     metrics: RoundMetrics | None = None  # the last evaluated round's
     finished: str | None = None  # why the run ended (FINISHED)
     stopping: str | None = None  # STOP_WHEN was met: finish when the round under way ends
@@ -261,7 +265,14 @@ class Round:
         if self.rules.allowed and event.selector not in self.rules.allowed:
             return self._refuse(event, "not in ALLOWED_SELECTORS")
         if self.aggregating:
+            if self.held_clients >= self.goal:
+                return self._refuse(
+                    event,
+                    f"the check-ins held for round {self.number + 1} already bring its goal of "
+                    f"{self.goal} client(s); check in again once its selection opens",
+                )
             self.held[id(event.reply_to)] = event
+            self.held_clients += event.clients
             return [self.status()]
         if self.stage is not Stage.SELECTION:
             return [Answer(event.reply_to, accepted=0, round=self.number)]
@@ -284,8 +295,10 @@ class Round:
     def _withdrawn(self, event: Withdrawn) -> list[Effect]:
         """Forget a held check-in whose caller is gone. One already answered stays counted,
         even if the answer could not be delivered (logged as "gave up waiting")."""
-        if self.held.pop(id(event.reply_to), None) is None:
+        withdrawn = self.held.pop(id(event.reply_to), None)
+        if withdrawn is None:
             return []
+        self.held_clients -= withdrawn.clients
         return [self.status()]
 
     def _refuse(self, event: CheckIn, why: str) -> list[Effect]:
@@ -649,11 +662,17 @@ class Round:
         self.ignored = []
         self.configured = []
         self.unreachable = []
-        held, self.held = self.held, {}
+        held = self._take_held()
         effects = self._open()
-        for check_in in held.values():
+        for check_in in held:
             effects.extend(self._check_in(check_in))
         return effects
+
+    def _take_held(self) -> list[CheckIn]:
+        """The held check-ins, in arrival order; none are held any more."""
+        held = list(self.held.values())
+        self.held, self.held_clients = {}, 0
+        return held
 
     def _finish(self, cause: Cause, reason: str) -> list[Effect]:
         """End the run: check-ins held for a next round are refused, as every later one is."""
@@ -661,12 +680,11 @@ class Round:
         self.finished = reason
         self.stopping = None
         self.validating = []  # the round has ended: a check still running reports too late
-        held, self.held = self.held, {}
         return [
             Log("INFO", f"the run is finished: {reason}"),
             *(
                 Answer(check_in.reply_to, accepted=0, round=self.number)
-                for check_in in held.values()
+                for check_in in self._take_held()
             ),
             self.status(),
         ]

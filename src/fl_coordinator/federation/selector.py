@@ -59,6 +59,7 @@ from .._proto import (
 from ..errors import PeerError
 from ..log_throttle import Throttle
 from ..rpc.listener import serve_grpc
+from ..rpc.request_limits import small_requests
 from ..storage.aggregation import AggregationError, sum_into
 from ..storage.atomic import write_atomic
 from ..storage.checkpoint import read_checkpoint_plan
@@ -222,7 +223,12 @@ class Selector(fl_round_grpc.FlRoundServicer, fl_intra_grpc.FLGoalCountBroadcast
             nursery.start_soon(self._throttle.run)
             self._batcher = Batcher(nursery, self._ask_for, self._abandoned)
             self._link = GrpcLink(nursery, self.options.coordinator, self.options.coordinator_tls)
-            serve = functools.partial(serve_grpc, ssl_context=self.options.server_tls)
+            # Every request is small by the protocol but an Update's file chunks.
+            small = small_requests(services)
+            del small["/FlRound/Update"]
+            serve = functools.partial(
+                serve_grpc, ssl_context=self.options.server_tls, request_limits=small
+            )
             port = await nursery.start(serve, services, self.options.host, self.options.port)
             self.id = check_selector_id(f"{self.options.advertise or self.options.host}:{port}")
             self._warn_if_undialable()

@@ -64,6 +64,11 @@ and dispatch:
   arrives, python-hyper/h2 issue 1181);
 * a compressed message is inflated up to ``GRPC_MAX_MESSAGE_BYTES`` and no
   further: one that inflates to more is a message over the limit;
+* a method whose requests are small by its protocol has a limit of its own
+  (:mod:`.request_limits`): a request message over it, by its length prefix
+  or as it inflates, is refused before it is buffered whole or parsed
+  (``RESOURCE_EXHAUSTED``, the stream reset, its window given back), and the
+  connection goes on;
 * what goes wrong is logged through a :class:`~..log_throttle.Throttle`,
   with the peer's text cut and escaped; the peer gets a gRPC status.
 """
@@ -75,7 +80,7 @@ import functools
 import logging
 import math
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -108,6 +113,7 @@ from ..connections import Slot
 from ..log_throttle import Throttle
 from ..untrusted_text import shown
 from .read_budget import Account, ReadBudget
+from .request_limits import RequestLimits, refusal
 
 __all__ = [
     "GOODBYE_TIMEOUT",
@@ -156,6 +162,18 @@ class _StreamReset:
         self.stream_id = stream_id
 
 
+class _CallTooLarge:
+    """A request message over its method's own limit: that call is refused (the stream's
+    read buffer is dropped already)."""
+
+    __slots__ = ("limit", "path", "stream_id")
+
+    def __init__(self, stream_id: int, path: str, limit: int) -> None:
+        self.stream_id = stream_id
+        self.path = path
+        self.limit = limit
+
+
 class _Stream(GRPCProtoStream):
     """purerpc's server stream; tells its connection while its answer waits for the peer's
     flow-control window (the call then waits on the peer, not on the server)."""
@@ -176,7 +194,17 @@ class BoundedInflation(MessageReadBuffer):
     ``gzip`` and ``deflate`` (gRPC's names: RFC 1952 and RFC 1950 streams)
     are both read, by their header; other encodings are refused as purerpc
     refuses them (that connection ends with a PROTOCOL_ERROR).
+
+    ``path``: the method, when ``max_message_length`` is its own limit
+    (:mod:`.request_limits`: a larger message refuses that call only); None
+    for the server's (a larger message ends the connection).
     """
+
+    def __init__(
+        self, message_encoding: str | None, max_message_length: int, path: str | None = None
+    ) -> None:
+        super().__init__(message_encoding, max_message_length)
+        self.path = path
 
     def decompress(self, data: bytes) -> bytes:
         if self._message_encoding not in ("gzip", "deflate"):
@@ -197,8 +225,10 @@ class _Protocol(GRPCConnection):
     MAX_CONCURRENT_STREAMS = MAX_CONCURRENT_STREAMS
     MAX_INBOUND_FRAME_SIZE = MAX_FRAME_BYTES
 
-    def __init__(self, config: GRPCConfiguration, account: Account) -> None:
+    def __init__(self, config: GRPCConfiguration, account: Account, limits: RequestLimits) -> None:
         super().__init__(config)
+        #: Methods' own request limits (only those below the server's).
+        self.limits = limits
         #: A whole message (or a request's end) arrived since the flag was last cleared.
         self.call_traffic = False
         #: A request's data (not headers alone) arrived since the flag was last cleared.
@@ -234,8 +264,12 @@ class _Protocol(GRPCConnection):
     def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
         events = super()._request_received(event)
         (request,) = events
-        self.message_read_buffers[event.stream_id] = BoundedInflation(
-            request.message_encoding, self.config.max_message_length
+        path = f"/{request.service_name}/{request.method_name}"
+        limit = self.limits.get(path)
+        self.message_read_buffers[event.stream_id] = (
+            BoundedInflation(request.message_encoding, self.config.max_message_length)
+            if limit is None
+            else BoundedInflation(request.message_encoding, limit, path)
         )
         return events
 
@@ -250,7 +284,14 @@ class _Protocol(GRPCConnection):
         unacknowledged = self._unacknowledged.get(event.stream_id, 0)
         self._unacknowledged[event.stream_id] = unacknowledged + event.flow_controlled_length
         self.account.add(event.flow_controlled_length, data=True)
-        return super()._data_received(event)
+        try:
+            return super()._data_received(event)
+        except MessageTooLargeError:
+            buffer = self.message_read_buffers[event.stream_id]
+            if buffer.path is None:
+                raise  # over the server's limit: the connection ends
+            self.forget(event.stream_id)  # the rest of its data is dropped as it comes
+            return [_CallTooLarge(event.stream_id, buffer.path, buffer._max_message_length)]
 
     def acknowledge_received_data(self, stream_id: int, flow_controlled_length: int) -> None:
         if stream_id not in self._unacknowledged:
@@ -302,6 +343,7 @@ class GrpcServer:
         max_buffered_bytes: int,
         idle_timeout: float | None,
         throttle: Throttle,
+        request_limits: RequestLimits | None = None,
     ) -> None:
         self._methods: dict[tuple[str, str], BoundRPCMethod] = {
             (service.name, name): bound
@@ -310,6 +352,11 @@ class GrpcServer:
         }
         self.config = GRPCConfiguration(client_side=False, max_message_length=max_message_bytes)
         self.max_message_bytes = max_message_bytes
+        self.request_limits: Mapping[str, int] = {
+            path: limit
+            for path, limit in (request_limits or {}).items()
+            if limit < max_message_bytes
+        }
         # One sender of a whole message (a connection's window is two) always fits.
         self.budget = ReadBudget(max(max_buffered_bytes, 2 * max_message_bytes), throttle)
         self.idle_timeout = idle_timeout
@@ -332,13 +379,16 @@ class _Connection:
         self._stream = stream
         self._slot = slot
         self._peer = peer
-        self._protocol = _Protocol(server.config, server.budget.open(self._shed))
+        self._protocol = _Protocol(
+            server.config, server.budget.open(self._shed), server.request_limits
+        )
         self._h2 = self._protocol.h2_connection
         self._requests: dict[int, RequestReceived] = {}  # headers in, no message yet
         self._streams: dict[int, GRPCProtoStream] = {}  # purerpc's streams delete themselves here
         self._calls: dict[int, trio.CancelScope] = {}
         self._whole: set[int] = set()  # calls whose request came whole (its end in)
         self._stalled: set[int] = set()  # calls whose answer waits for the peer's window
+        self._refusals: dict[int, purerpc.Status] = {}  # calls cancelled for a large message
         self._wake_writer = trio.Event()
         self._sent = trio.Event()
         self._watchdog = trio.CancelScope()  # reading, until idle or evicted
@@ -413,6 +463,7 @@ class _Connection:
         self._streams.clear()
         self._whole.clear()
         self._stalled.clear()
+        self._refusals.clear()
         self._protocol.forget_all()
         self._h2.streams.clear()
         self._h2._closed_streams.clear()
@@ -636,6 +687,8 @@ class _Connection:
                 )  # fmt: skip
                 for stream in waiting:
                     stream._flow_control_update_event.set()
+            elif isinstance(event, _CallTooLarge):
+                self._refuse_too_large(event)
             elif isinstance(event, h2.events.PingAcknowledged):
                 if event.ping_data == _DRAIN_PING and self._last_stream_id == _ANY_STREAM:
                     self._last_goaway()
@@ -671,6 +724,32 @@ class _Connection:
         with contextlib.suppress(h2.exceptions.H2Error):
             self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
 
+    def _refuse_too_large(self, event: _CallTooLarge) -> None:
+        """A request message over its method's limit: RESOURCE_EXHAUSTED for that call.
+
+        Usually its first message (the call has no task yet): answered at
+        once, trailers only, and the stream reset (NO_ERROR: the peer stops
+        sending the rest). A later message of a streaming call cancels its
+        task, which answers the same (:meth:`_answer`).
+        """
+        path = shown(event.path)
+        self._server.throttle.warning(
+            "refused a gRPC request larger than its method's limit",
+            "refused a request message larger than the limit of %d bytes for %s from %s "
+            "(RESOURCE_EXHAUSTED); the connection goes on",
+            event.limit,
+            path,
+            self._peer,
+        )
+        status = refusal(path, event.limit)
+        if self._requests.pop(event.stream_id, None) is not None:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self._protocol.respond_status(event.stream_id, status, "+proto")
+                self._h2.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
+        elif (scope := self._calls.get(event.stream_id)) is not None:
+            self._refusals[event.stream_id] = status
+            scope.cancel()
+
     def _start_call(self, request: RequestReceived, calls: trio.Nursery) -> GRPCProtoStream:
         stream = _Stream(self._protocol, request.stream_id, self, self)
         stream._incoming_events[0].send_nowait(request)
@@ -683,6 +762,9 @@ class _Connection:
         try:
             with scope:
                 await self._call(stream)
+            refused = self._refusals.pop(stream.stream_id, None)
+            if refused is not None:
+                await self._close(stream, refused)
         finally:
             self._end_call(stream.stream_id)
 

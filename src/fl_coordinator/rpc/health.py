@@ -6,6 +6,11 @@ NOT_SERVING. SERVING means the coordinator can do its job: the round task is
 alive and the global checkpoint can be read (the shared folder is mounted and
 the file is HDF5). The checkpoint is replaced by atomic rename after a round,
 so a probe during aggregation still sees a readable file.
+
+The file is opened in worker threads of their own (:func:`thread_limiter`),
+not trio's default ones: those carry the journal, the aggregation and the
+checkpoint's lease, and a flood of Checks on a hung mount (each thread stuck
+in ``open``, each probe cut off after its 5 s) would otherwise take them all.
 """
 
 from __future__ import annotations
@@ -20,7 +25,14 @@ import trio
 
 from .._proto import health_grpc, health_pb2
 
-__all__ = ["SERVICE_NAME", "HealthServicer", "Probe", "checkpoint_readable"]
+__all__ = [
+    "SERVICE_NAME",
+    "THREADS",
+    "HealthServicer",
+    "Probe",
+    "checkpoint_readable",
+    "thread_limiter",
+]
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +41,24 @@ SERVICE_NAME = "grpc.health.v1.Health"
 #: A checkpoint that takes longer than this to open (a hung network mount) is unreadable.
 _READ_TIMEOUT = 5.0
 
+#: Worker threads that may read the checkpoint for probes at once (a probe that finds
+#: them all taken waits, within its time limit, and answers NOT_SERVING if it runs out).
+THREADS = 4
+
 Probe = Callable[[], Awaitable[bool]]
+
+_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("health_threads")
+
+
+def thread_limiter() -> trio.CapacityLimiter:
+    """The health probes' own :data:`THREADS` worker-thread slots in this trio run (as
+    :func:`trio.to_thread.current_default_thread_limiter` is the default one)."""
+    try:
+        return _LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(THREADS)
+        _LIMITER.set(limiter)
+        return limiter
 
 
 def _is_readable_hdf5(path: Path) -> bool:
@@ -41,9 +70,12 @@ def _is_readable_hdf5(path: Path) -> bool:
 
 
 async def checkpoint_readable(path: Path) -> bool:
-    """:func:`_is_readable_hdf5` off the event loop, with a time limit."""
+    """:func:`_is_readable_hdf5` in one of the :func:`thread_limiter` threads, within
+    ``_READ_TIMEOUT`` (waiting for a thread included); False when the time is up."""
     with trio.move_on_after(_READ_TIMEOUT):
-        return await trio.to_thread.run_sync(_is_readable_hdf5, path, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(
+            _is_readable_hdf5, path, abandon_on_cancel=True, limiter=thread_limiter()
+        )
     return False
 
 

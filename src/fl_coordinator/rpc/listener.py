@@ -35,6 +35,7 @@ from ..logs import log_context
 from ..untrusted_text import shown
 from .auth import Guard, guard_services
 from .connection import GrpcServer
+from .request_limits import RequestLimits
 
 __all__ = ["serve_grpc"]
 
@@ -97,6 +98,7 @@ async def serve_grpc(
     guard: Guard | None = None,
     max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
     max_buffered_bytes: int = _DEFAULT_MAX_BUFFERED_BYTES,
+    request_limits: RequestLimits | None = None,
     limits: ConnectionLimits | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -105,7 +107,8 @@ async def serve_grpc(
     ``ssl_context`` turns on TLS; ``guard`` runs on the headers of every call
     before its handler (see :mod:`.auth`) and may refuse it.
     ``max_buffered_bytes`` bounds what all connections together hold of
-    requests not read yet (see :mod:`.read_budget`). ``limits`` bound
+    requests not read yet (see :mod:`.read_budget`); ``request_limits``, the
+    request message of the methods it names (see :mod:`.request_limits`). ``limits`` bound
     the connections (by default without idle timeout: a server whose calls
     may be quiet for long, like a selector holding clients, keeps them).
     """
@@ -122,6 +125,7 @@ async def serve_grpc(
         services,
         max_message_bytes=max_message_bytes,
         max_buffered_bytes=max_buffered_bytes,
+        request_limits=request_limits,
         idle_timeout=limits.idle_timeout,
         throttle=throttle,
     )
