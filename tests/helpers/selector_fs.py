@@ -1,0 +1,98 @@
+"""A selector's own file system (FUSE) that answers any errno it likes.
+
+The selectors' folders may live on storage that a selector's party serves
+(a FUSE or network file system): its server, not the kernel, chooses the
+errno of each call, EMFILE ("too many open files") included. This helper
+mounts such a file system over a folder: a read-only view of another
+folder (``backing``), where one operation (``open``, ``read`` or
+``getattr``) on one file answers ``errno`` from its ``after``-th call on
+(counted from 1; the calls before it are served from ``backing``).
+
+Run in its own process (``python selector_fs.py BACKING MOUNT FILE OP ERRNO
+AFTER``), it prints a line once the kernel has mounted it; :func:`mounted`
+does that and unmounts it at the end. Needs /dev/fuse, libfuse 3 and
+``fusermount3`` (Linux; root, as the tests run in CI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["mounted"]
+
+_READY = "mounted"
+
+
+@contextlib.contextmanager
+def mounted(
+    backing: Path, mount: Path, file: str, operation: str, code: int, after: int = 1
+) -> Iterator[None]:
+    """``mount`` shows ``backing``, but ``operation`` on ``mount/file`` answers ``code``
+    (an errno) from its ``after``-th call on, until the context ends."""
+    mount.mkdir(exist_ok=True)
+    args = [str(backing), str(mount), file, operation, errno.errorcode[code], str(after)]
+    with subprocess.Popen(
+        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True
+    ) as server:
+        try:
+            assert server.stdout is not None
+            line = server.stdout.readline().strip()  # the kernel's INIT reached the server
+            assert line == _READY, f"the FUSE server did not mount {mount} ({line!r})"
+            yield
+        finally:
+            subprocess.run(["fusermount3", "-u", "-z", str(mount)], check=False)
+            server.wait(timeout=30)
+
+
+def _serve(backing: str, mount: str, file: str, operation: str, name: str, after: int) -> None:
+    import mfusepy as fuse  # only in the server's process
+
+    code, target, calls = getattr(errno, name), f"/{file}", {"n": 0}
+
+    def answer(path: str, op: str) -> None:
+        if path == target and op == operation:
+            calls["n"] += 1
+            if calls["n"] >= after:
+                raise fuse.FuseOSError(code)
+
+    class View(fuse.Operations):
+        use_ns = True
+
+        def init(self, path: str) -> None:
+            print(_READY, flush=True)
+
+        def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+            answer(path, "getattr")
+            found = os.lstat(backing + path)
+            keys = ("st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_atime", "st_mtime",
+                    "st_ctime")  # fmt: skip
+            times = {"st_atime": found.st_atime_ns, "st_mtime": found.st_mtime_ns,
+                     "st_ctime": found.st_ctime_ns}  # fmt: skip
+            return {key: times.get(key, getattr(found, key, 0)) for key in keys}
+
+        def readdir(self, path: str, fh: int) -> list[str]:
+            return [".", "..", *os.listdir(backing + path)]
+
+        def open(self, path: str, flags: int) -> int:
+            answer(path, "open")
+            return os.open(backing + path, os.O_RDONLY)
+
+        def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+            answer(path, "read")
+            return os.pread(fh, size, offset)
+
+        def release(self, path: str, fh: int) -> int:
+            os.close(fh)
+            return 0
+
+    fuse.FUSE(View(), mount, foreground=True, allow_other=True, ro=True, direct_io=True)
+
+
+if __name__ == "__main__":
+    _serve(*sys.argv[1:6], int(sys.argv[6]))
