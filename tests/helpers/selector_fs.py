@@ -4,9 +4,11 @@ The selectors' folders may live on storage that a selector's party serves
 (a FUSE or network file system): its server, not the kernel, chooses the
 errno of each call, EMFILE ("too many open files") included. This helper
 mounts such a file system over a folder: a read-only view of another
-folder (``backing``), where one operation (``open``, ``read`` or
-``getattr``) on one file answers ``errno`` from its ``after``-th call on
-(counted from 1; the calls before it are served from ``backing``).
+folder (``backing``), where one operation on one file answers ``errno``
+from its ``after``-th call on (counted from 1; the calls before it are
+served from ``backing``): ``open``, ``read`` or ``getattr`` (what the
+kernel asks for a ``stat``, an ``fstat`` or a lookup of the name). Nothing
+is cached by the kernel: every call reaches the server.
 
 Run in its own process (``python selector_fs.py BACKING MOUNT FILE OP ERRNO
 AFTER``), it prints a line once the kernel has mounted it; :func:`mounted`
@@ -91,7 +93,8 @@ def _serve(backing: str, mount: str, file: str, operation: str, name: str, after
             os.close(fh)
             return 0
 
-    fuse.FUSE(View(), mount, foreground=True, allow_other=True, ro=True, direct_io=True)
+    fuse.FUSE(View(), mount, foreground=True, allow_other=True, ro=True, direct_io=True,
+              attr_timeout=0, entry_timeout=0)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -290,3 +290,38 @@ def test_an_input_whose_file_system_says_too_many_open_files_is_refused_alone(
     )
     assert digest(checkpoint) == before
     assert leftovers(tmp_path / "tmp") == []
+
+
+def test_every_stat_an_inputs_file_system_answers_with_emfile_refuses_that_input_alone(
+    tmp_path: Path, arrays
+) -> None:
+    """The same, for each ``stat`` and ``fstat`` the pass makes of the input in turn (the
+    lookups, the ``fstat`` after opening, the look at the end for a change): the server
+    answers EMFILE from the n-th call on, n = 1, 2, ... until the pass makes fewer. Each
+    time that input is refused alone, never the pass failed as the coordinator's."""
+    checkpoint = write_h5(tmp_path / "fl_checkpoint", arrays)
+    before = digest(checkpoint)
+    good = contribution(tmp_path, "good", updates_like(arrays, 1), 2)
+    contribution(tmp_path, "served", updates_like(arrays, 2), 2)  # what "bad" shows
+    bad = Contribution("bad", UntrustedFile(tmp_path, "bad/fl_agg_checkpoint"), 2)
+    outcomes: list[str] = []
+    while not outcomes or outcomes[-1] != "averaged":
+        with mounted(
+            tmp_path / "served",
+            tmp_path / "bad",
+            "fl_agg_checkpoint",
+            "getattr",
+            errno.EMFILE,
+            after=len(outcomes) + 1,
+        ):
+            try:
+                aggregate(checkpoint, [good, bad], tmp_path / "tmp")
+            except ContributionsRefused as refused:
+                outcomes.append(f"refused {sorted(refused.reasons)}")
+            else:
+                outcomes.append("averaged")
+            if outcomes[-1] != "averaged":
+                assert digest(checkpoint) == before
+    assert len(outcomes) >= 3  # lookup, open's fstat, end of the pass at least
+    assert outcomes == ["refused ['bad']"] * (len(outcomes) - 1) + ["averaged"]
+    assert leftovers(tmp_path / "tmp") == []

@@ -73,6 +73,7 @@ __all__ = [
     "UntrustedFile",
     "clip",
     "dataset_at",
+    "fstat_of",
     "out_of_own_resources",
     "raise_if_ours",
 ]
@@ -178,6 +179,16 @@ def _answered(error: OSError) -> str:
     return str(error.strerror)
 
 
+def fstat_of(fd: int, path: Path, what: str) -> os.stat_result:
+    """``fstat`` of a selector's open file ``path``; ContributionError if its file system
+    cannot answer, whatever the errno: an ``fstat`` allocates nothing of the coordinator's,
+    so even an EMFILE is the file system's own answer (see :func:`out_of_own_resources`)."""
+    try:
+        return os.fstat(fd)
+    except OSError as error:
+        raise ContributionError(f"{path}: {what} cannot be read ({_answered(error)})") from None
+
+
 def _folder_problem(dir_fd: int, name: str, error: OSError) -> str:
     """Why folder ``name`` (in ``dir_fd``) could not be opened without following links."""
     try:
@@ -279,7 +290,7 @@ class UntrustedFile:
                 f"{path}: {what} cannot be opened ({_answered(error)})"
             ) from None
         try:
-            status = os.fstat(fd)
+            status = fstat_of(fd, path, what)
             if (status.st_dev, status.st_ino) != (seen.st_dev, seen.st_ino):
                 raise ContributionError(f"{path}: {what} was replaced while it was being opened")
             _check_regular(status, path, what, max_bytes)
@@ -329,8 +340,12 @@ class Opened:
     identity: FileIdentity
 
     def changed(self) -> bool:
-        """Whether the open file is no longer what it was when opened (written meanwhile)."""
-        return FileIdentity.of(os.fstat(self.fd)) != self.identity
+        """Whether the open file is no longer what it was when opened (written meanwhile),
+        or its file system cannot say."""
+        try:
+            return FileIdentity.of(fstat_of(self.fd, self.source.path, "file")) != self.identity
+        except ContributionError:
+            return True
 
 
 #: Most characters of a name that a file gives (a link's target, a filter's label) quoted
