@@ -9,6 +9,7 @@ import pytest
 from helpers.browser import CHROMIUM, HOW_TO_GET_CHROMIUM
 from helpers.netns import network  # noqa: F401 (hosts of their own: a fixture for every module)
 from helpers.pki import pki  # noqa: F401 (the session's certificates, a fixture for every module)
+from helpers.selector_fs import HOW_TO_GET_FUSE
 
 from fl_coordinator.config import Settings, default_settings
 from fl_coordinator.storage.layout import Layout
@@ -52,15 +53,19 @@ def layout(settings: Settings) -> Layout:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Say loudly which browser tests did not run here, and how to run them."""
-    skipped = [
-        report.nodeid
-        for report in terminalreporter.stats.get("skipped", [])
-        if "browser" in report.keywords
-    ]
-    if skipped:
-        terminalreporter.write_sep("!", "BROWSER TESTS NOT RUN", red=True, bold=True)
-        terminalreporter.write_line(f"{CHROMIUM} is missing, so these tests did not run:")
-        for nodeid in skipped:
-            terminalreporter.write_line(f"  {nodeid}")
-        terminalreporter.write_line(f"Get them with: {HOW_TO_GET_CHROMIUM}", bold=True)
+    """Say loudly which tests could not run here (no browser, no FUSE), and how to run them."""
+    for mark, title, missing, how in (
+        ("browser", "BROWSER TESTS NOT RUN", f"{CHROMIUM} is missing", HOW_TO_GET_CHROMIUM),
+        ("fuse", "FUSE TESTS NOT RUN", "/dev/fuse or fusermount3 is missing", HOW_TO_GET_FUSE),
+    ):
+        skipped = [
+            report.nodeid
+            for report in terminalreporter.stats.get("skipped", [])
+            if mark in report.keywords
+        ]
+        if skipped:
+            terminalreporter.write_sep("!", title, red=True, bold=True)
+            terminalreporter.write_line(f"{missing}, so these tests did not run:")
+            for nodeid in skipped:
+                terminalreporter.write_line(f"  {nodeid}")
+            terminalreporter.write_line(f"Get them with: {how}", bold=True)

@@ -53,3 +53,29 @@ async def test_a_worker_that_did_not_end_cleanly_does_not_hide_the_bodys_error(c
             await _killed(workers)
             raise ValueError("the body's own error")
     assert "did not end cleanly at shutdown" in caplog.text
+
+
+async def test_the_bodys_error_keeps_its_cause_and_context_past_an_unclean_shutdown() -> None:
+    """The body's error is raised as it was: ``raise ... from`` its cause, and the error
+    it was raised while handling, both kept for the traceback. Before, both were replaced
+    by the shutdown's BrokenWorkerError, suppressed from the traceback."""
+    with pytest.raises(RuntimeError, match="outer") as raised:
+        async with worker_processes("the test's workers", grace_period=5) as workers:
+            await _killed(workers)
+            try:
+                raise KeyError("handled")
+            except KeyError:
+                raise RuntimeError("outer") from ValueError("its cause")
+    assert repr(raised.value.__cause__) == "ValueError('its cause')"
+    assert repr(raised.value.__context__) == "KeyError('handled')"
+
+
+async def test_a_broken_worker_error_of_the_body_is_not_taken_for_an_unclean_shutdown(
+    caplog,
+) -> None:
+    caplog.set_level(logging.INFO, "fl_coordinator.workers")
+    with pytest.raises(trio_parallel.BrokenWorkerError, match="the body's own"):
+        async with worker_processes("the test's workers", grace_period=5) as workers:
+            await workers.run_sync(os.getpid)  # a worker, which ends cleanly
+            raise trio_parallel.BrokenWorkerError("the body's own")
+    assert "did not end cleanly" not in caplog.text

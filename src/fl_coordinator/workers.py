@@ -74,6 +74,8 @@ async def worker_processes(
                 failed = error
                 raise
     except trio_parallel.BrokenWorkerError as error:
+        if error is failed:  # the body's own; the workers ended cleanly
+            raise
         log.info("%s did not end cleanly at shutdown (%s)", what, error)
-        if failed is not None:
-            raise failed from None
+    if failed is not None:  # raised here, out of the handler: its cause and context kept
+        raise failed

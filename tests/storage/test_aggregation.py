@@ -3,6 +3,7 @@ that leave the global checkpoint byte-for-byte untouched."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 from helpers.peers import assert_arrays_close, fedavg, read_floats
+from helpers.selector_fs import mounted, needs_fuse
 
 from fl_coordinator.errors import AggregationError, ContributionError, ContributionsRefused
 from fl_coordinator.storage import slab
@@ -261,3 +263,69 @@ def test_result_too_large_for_the_dtype_is_refused(tmp_path: Path, arrays) -> No
     with pytest.raises(AggregationError, match=r"'layers/dense/vars/0'.*overflow"):
         aggregate(checkpoint, [big], tmp_path / "tmp")
     assert digest(checkpoint) == before
+
+
+@needs_fuse
+@pytest.mark.fuse
+def test_an_input_whose_file_system_says_too_many_open_files_is_refused_alone(
+    tmp_path: Path, arrays
+) -> None:
+    """The selector's folder is its own file system (FUSE), whose server answers EMFILE
+    when the aggregation opens its file again (after its check), while the coordinator
+    has descriptors to spare: that selector is refused, the others can be averaged
+    again. Before, the pass failed as the coordinator's ("ran out of its own
+    resources while averaging"): one selector failed the round for everyone."""
+    checkpoint = write_h5(tmp_path / "fl_checkpoint", arrays)
+    before = digest(checkpoint)
+    good = contribution(tmp_path, "good", updates_like(arrays, 1), 2)
+    contribution(tmp_path, "served", updates_like(arrays, 2), 2)  # what "bad" shows
+    bad = Contribution("bad", UntrustedFile(tmp_path, "bad/fl_agg_checkpoint"), 2)
+    with (
+        mounted(tmp_path / "served", tmp_path / "bad", "fl_agg_checkpoint", "open", errno.EMFILE),
+        pytest.raises(ContributionsRefused) as raised,
+    ):
+        aggregate(checkpoint, [good, bad], tmp_path / "tmp")
+    assert list(raised.value.reasons) == ["bad"]
+    assert (
+        "cannot be opened (Too many open files, said its file system"
+        in (raised.value.reasons["bad"])
+    )
+    assert digest(checkpoint) == before
+    assert leftovers(tmp_path / "tmp") == []
+
+
+@needs_fuse
+@pytest.mark.fuse
+def test_every_stat_an_inputs_file_system_answers_with_emfile_refuses_that_input_alone(
+    tmp_path: Path, arrays
+) -> None:
+    """The same, for each ``stat`` and ``fstat`` the pass makes of the input in turn (the
+    lookups, the ``fstat`` after opening, the look at the end for a change): the server
+    answers EMFILE from the n-th call on, n = 1, 2, ... until the pass makes fewer. Each
+    time that input is refused alone, never the pass failed as the coordinator's."""
+    checkpoint = write_h5(tmp_path / "fl_checkpoint", arrays)
+    before = digest(checkpoint)
+    good = contribution(tmp_path, "good", updates_like(arrays, 1), 2)
+    contribution(tmp_path, "served", updates_like(arrays, 2), 2)  # what "bad" shows
+    bad = Contribution("bad", UntrustedFile(tmp_path, "bad/fl_agg_checkpoint"), 2)
+    outcomes: list[str] = []
+    while not outcomes or outcomes[-1] != "averaged":
+        with mounted(
+            tmp_path / "served",
+            tmp_path / "bad",
+            "fl_agg_checkpoint",
+            "getattr",
+            errno.EMFILE,
+            after=len(outcomes) + 1,
+        ):
+            try:
+                aggregate(checkpoint, [good, bad], tmp_path / "tmp")
+            except ContributionsRefused as refused:
+                outcomes.append(f"refused {sorted(refused.reasons)}")
+            else:
+                outcomes.append("averaged")
+            if outcomes[-1] != "averaged":
+                assert digest(checkpoint) == before
+    assert len(outcomes) >= 3  # lookup, open's fstat, end of the pass at least
+    assert outcomes == ["refused ['bad']"] * (len(outcomes) - 1) + ["averaged"]
+    assert leftovers(tmp_path / "tmp") == []

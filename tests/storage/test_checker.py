@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from helpers.resources import (
     vm_size,
     when_logged,
 )
+from helpers.selector_fs import mounted, needs_fuse
 
 from fl_coordinator.errors import OutOfResources
 from fl_coordinator.storage import checker as checker_module
@@ -494,3 +496,41 @@ async def test_a_worker_the_coordinator_cannot_start_is_tried_again_not_a_reject
         "a worker process to check selectors' files failed to start ([Errno 24] Too many "
         "open files)"
     ]
+
+
+@needs_fuse
+@pytest.mark.fuse
+@pytest.mark.parametrize(
+    ("operation", "code"),
+    [("open", errno.EMFILE), ("read", errno.ENFILE), ("getattr", errno.ENOBUFS)],
+)
+async def test_a_selector_file_system_that_says_too_many_open_files_is_rejected_alone(
+    reported: Layout, tmp_path: Path, mock_clock: trio.testing.MockClock, operation: str, code: int
+) -> None:
+    """The selector's folder is its own file system (FUSE), whose server answers EMFILE,
+    ENFILE or ENOBUFS to an open, a read or a stat of the selector's file, while the
+    coordinator has descriptors to spare: the selector is rejected at once, saying what
+    its file system answered, and the check is never tried again. Before, it was taken
+    for the coordinator's own shortage: tried again for CHECK_TIMEOUT, then
+    OutOfResources, which fails the round for everyone, every round."""
+    mock_clock.rate = 1.0  # the checks' own waits as on the real clock
+    timeout = 60.0
+    backing = tmp_path / "served"
+    reported.selector_dir(SELECTOR).rename(backing)
+    checker = ContributionChecker(reported, spec_of(reported), timeout=timeout, workers=1)
+    with mounted(
+        backing, reported.selector_dir(SELECTOR), reported.agg_weight_name, operation, code
+    ):
+        async with checker.running():
+            with when_logged(
+                checker_module.__name__, TRIED_AGAIN, lambda: mock_clock.jump(timeout)
+            ) as said:
+                try:
+                    outcome: object = await checker.check(SELECTOR)
+                except OutOfResources as error:
+                    outcome = error
+    assert isinstance(outcome, str), outcome
+    assert outcome.startswith(str(reported.selector_dir(SELECTOR)))
+    assert f"{os.strerror(code)}, said" in outcome
+    assert "internal error" not in outcome
+    assert said.seen == 0

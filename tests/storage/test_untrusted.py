@@ -6,6 +6,7 @@ These call the check (``contribution.examine``) and the aggregation directly;
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -17,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 import trio
-from helpers.resources import bytes_read
+from helpers.resources import bytes_read, out_of_descriptors
 
 from fl_coordinator.errors import ContributionError, ContributionsRefused
 from fl_coordinator.storage import aggregation
@@ -31,8 +32,10 @@ from fl_coordinator.storage.contribution import (
 from fl_coordinator.storage.untrusted import (
     CHUNK_MAX_BYTES,
     NAME_MAX_CHARS,
+    OURS,
     REASON_MAX_CHARS,
     clip,
+    out_of_own_resources,
 )
 
 GLOBAL = {
@@ -496,3 +499,17 @@ def test_out_of_descriptors_is_the_coordinators_error_not_the_selectors(problem:
     assert lines[0] == "open_fd: OSError 24", result.stdout
     assert lines[1].startswith("aggregate: the coordinator ran out of its own resources"), lines
     assert "raise its RLIMIT_NOFILE" in lines[1]
+
+
+@pytest.mark.parametrize("code", sorted(OURS))
+def test_an_errno_of_ours_is_believed_only_when_the_process_is_short_itself(code: int) -> None:
+    """A selector's file system may answer EMFILE (or ENFILE, ENOMEM, ENOBUFS) to anything
+    (tests with a FUSE server: tests/storage/test_checker.py): it is the coordinator's own
+    shortage only if the process cannot open a descriptor either (here: really out of
+    descriptors, RLIMIT_NOFILE lowered to the lowest free one)."""
+    said = OSError(code, os.strerror(code), "selector/fl_agg_checkpoint")
+    assert not out_of_own_resources(said)
+    with out_of_descriptors():
+        short = out_of_own_resources(said)
+    assert short
+    assert not out_of_own_resources(OSError(errno.EIO, "I/O error"))

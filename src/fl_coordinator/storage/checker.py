@@ -42,7 +42,9 @@ process can be killed. So each check here
   global checkpoint, so a problem with that file (another process holding it
   locked) is never blamed on a selector;
 * is tried again when the coordinator is out of its own resources, and then
-  blames nobody: a worker out of descriptors (EMFILE, ENFILE: :data:`OURS_IN_A_CHECK`),
+  blames nobody: a worker out of descriptors (EMFILE, ENFILE: :data:`OURS_IN_A_CHECK`,
+  when the worker itself can open no file either: a selector's own file system may
+  answer EMFILE too, and is then rejected),
   or the coordinator unable to start or talk to a worker (any OSError on its
   side: no descriptor for a pipe, no process for a fork). Such a check is
   tried again after :data:`RETRY_FIRST_SECONDS`, doubling up to
@@ -69,6 +71,7 @@ import resource
 import traceback
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h5py
 import trio
@@ -209,6 +212,18 @@ class _Ours:
 _Outcome = Contribution | str | NotSettled | _Crashed | _Ours
 
 
+def _ours_or_the_files(error: OSError, folder: Path) -> _Ours | str:
+    """An error of OURS_IN_A_CHECK out of a check: the worker's own shortage if it came
+    from opening a file (the opens of a selector's files confirm it where they fail: see
+    :func:`.untrusted.out_of_own_resources`), else the selector's rejection: a read or
+    ``fstat`` of an open descriptor allocates none, so its EMFILE is what the selector's
+    file system (FUSE, network) answered."""
+    if error.filename is not None:
+        return _Ours(os_error_text(error))
+    return clip(f"{folder}: these files cannot be read ({os_error_text(error)}, said their "
+                "file system; the check was not short of any)")  # fmt: skip
+
+
 def _examine_each(
     budget: int, checks: Sequence[tuple[str, bool]], files: SelectorFiles, spec: CheckpointSpec
 ) -> list[_Outcome]:
@@ -234,7 +249,7 @@ def _examine_each(
             outcomes.append(clip(str(error)))
         except Exception as error:
             if isinstance(error, OSError) and error.errno in OURS_IN_A_CHECK:
-                outcomes.append(_Ours(os_error_text(error)))
+                outcomes.append(_ours_or_the_files(error, files.root / selector))
             else:
                 outcomes.append(
                     _Crashed(f"{type(error).__name__}: {error}", traceback.format_exc())

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import ContributionError
 from .slab import Selection, leading, slab_shape, start_of
-from .untrusted import FileIdentity, UntrustedFile
+from .untrusted import FileIdentity, UntrustedFile, fstat_of
 
 __all__ = [
     "DESCRIPTORS",
@@ -245,12 +245,14 @@ class Descriptors:
         return fd
 
     def changed(self, source: UntrustedFile) -> bool:
-        """Whether ``source`` is no longer the file of its identity (written to, replaced)."""
+        """Whether ``source`` is no longer the file of its identity (written to, replaced),
+        or its file system cannot say."""
         try:
-            fd = self.get(source)
+            return FileIdentity.of(fstat_of(self.get(source), source.path, "file")) != (
+                source.identity
+            )
         except ContributionError:
             return True
-        return FileIdentity.of(os.fstat(fd)) != source.identity
 
     def close(self) -> None:
         for fd in self._open.values():

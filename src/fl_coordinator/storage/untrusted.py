@@ -73,6 +73,8 @@ __all__ = [
     "UntrustedFile",
     "clip",
     "dataset_at",
+    "fstat_of",
+    "out_of_own_resources",
     "raise_if_ours",
 ]
 
@@ -141,9 +143,50 @@ OURS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 def raise_if_ours(error: OSError) -> None:
     """Re-raise ``error`` if it says the coordinator is out of its own resources (OURS):
     what follows would blame the selector's file for it, or take it for another fault
-    (a full disk)."""
+    (a full disk). For an error of the coordinator's own files; one of a selector's
+    file is first confirmed (:func:`out_of_own_resources`)."""
     if error.errno in OURS:
         raise error
+
+
+def out_of_own_resources(error: OSError) -> bool:
+    """Whether ``error``, met on a selector's file, says that this process is out of its
+    own resources (OURS), and it is: it cannot open a descriptor of its own either (the
+    null device, at once).
+
+    The errno of a selector's file is not proof: a FUSE or network file system answers
+    whatever its server likes (EMFILE to an ``open``), and taken at its word, a selector
+    would fail every round for everyone instead of being rejected. In a worker (one
+    thread) the test is exact for EMFILE; in the coordinator, a descriptor freed by
+    another thread in between makes a real EMFILE the file's: its selector is refused,
+    never the round failed for it.
+    """
+    if error.errno not in OURS:
+        return False
+    try:
+        probe = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as own:
+        return own.errno in OURS
+    os.close(probe)
+    return False
+
+
+def _answered(error: OSError) -> str:
+    """What the file system answered, for a person: an errno of OURS that the coordinator
+    is not short of (see :func:`out_of_own_resources`) is said to be the file system's."""
+    if error.errno in OURS:
+        return f"{error.strerror}, said its file system; the coordinator was not short of any"
+    return str(error.strerror)
+
+
+def fstat_of(fd: int, path: Path, what: str) -> os.stat_result:
+    """``fstat`` of a selector's open file ``path``; ContributionError if its file system
+    cannot answer, whatever the errno: an ``fstat`` allocates nothing of the coordinator's,
+    so even an EMFILE is the file system's own answer (see :func:`out_of_own_resources`)."""
+    try:
+        return os.fstat(fd)
+    except OSError as error:
+        raise ContributionError(f"{path}: {what} cannot be read ({_answered(error)})") from None
 
 
 def _folder_problem(dir_fd: int, name: str, error: OSError) -> str:
@@ -156,7 +199,7 @@ def _folder_problem(dir_fd: int, name: str, error: OSError) -> str:
         found = None
     if found is not None and not stat.S_ISDIR(found.st_mode):
         return f"is {_kind(found.st_mode)}, not a folder"
-    return f"cannot be opened ({error.strerror})"
+    return f"cannot be opened ({_answered(error)})"
 
 
 def _check_regular(status: os.stat_result, path: Path, what: str, max_bytes: int | None) -> None:
@@ -213,7 +256,8 @@ class UntrustedFile:
                     inner = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
                 except OSError as error:
                     where = PurePosixPath(*parts[:depth])  # below the root: reasons are cut
-                    raise_if_ours(error)
+                    if out_of_own_resources(error):
+                        raise
                     problem = _folder_problem(dir_fd, part, error)
                     raise ContributionError(
                         f"{self.path}: {what} cannot be read: its folder '{where}' {problem}"
@@ -233,16 +277,20 @@ class UntrustedFile:
         except FileNotFoundError:
             raise ContributionError(f"{path}: {what} is missing") from None
         except OSError as error:
-            raise_if_ours(error)
-            raise ContributionError(f"{path}: {what} cannot be read ({error.strerror})") from None
+            if out_of_own_resources(error):
+                raise
+            raise ContributionError(f"{path}: {what} cannot be read ({_answered(error)})") from None
         _check_regular(seen, path, what, max_bytes)  # a FIFO or a device is never opened
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as error:
-            raise_if_ours(error)
-            raise ContributionError(f"{path}: {what} cannot be opened ({error.strerror})") from None
+            if out_of_own_resources(error):
+                raise
+            raise ContributionError(
+                f"{path}: {what} cannot be opened ({_answered(error)})"
+            ) from None
         try:
-            status = os.fstat(fd)
+            status = fstat_of(fd, path, what)
             if (status.st_dev, status.st_ino) != (seen.st_dev, seen.st_ino):
                 raise ContributionError(f"{path}: {what} was replaced while it was being opened")
             _check_regular(status, path, what, max_bytes)
@@ -292,8 +340,12 @@ class Opened:
     identity: FileIdentity
 
     def changed(self) -> bool:
-        """Whether the open file is no longer what it was when opened (written meanwhile)."""
-        return FileIdentity.of(os.fstat(self.fd)) != self.identity
+        """Whether the open file is no longer what it was when opened (written meanwhile),
+        or its file system cannot say."""
+        try:
+            return FileIdentity.of(fstat_of(self.fd, self.source.path, "file")) != self.identity
+        except ContributionError:
+            return True
 
 
 #: Most characters of a name that a file gives (a link's target, a filter's label) quoted

@@ -1,0 +1,116 @@
+"""A selector's own file system (FUSE) that answers any errno it likes.
+
+The selectors' folders may live on storage that a selector's party serves
+(a FUSE or network file system): its server, not the kernel, chooses the
+errno of each call, EMFILE ("too many open files") included. This helper
+mounts such a file system over a folder: a read-only view of another
+folder (``backing``), where one operation on one file answers ``errno``
+from its ``after``-th call on (counted from 1; the calls before it are
+served from ``backing``): ``open``, ``read`` or ``getattr`` (what the
+kernel asks for a ``stat``, an ``fstat`` or a lookup of the name). Nothing
+is cached by the kernel: every call reaches the server.
+
+Run in its own process (``python selector_fs.py BACKING MOUNT FILE OP ERRNO
+AFTER``), it prints a line once the kernel has mounted it; :func:`mounted`
+does that and unmounts it at the end. Needs /dev/fuse, libfuse 3 and
+``fusermount3`` (Linux; root, as the tests run in CI): tests that mount one
+are marked :data:`needs_fuse`, and are skipped, loudly (see
+``tests/conftest.py``), where those are missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+__all__ = ["HOW_TO_GET_FUSE", "mounted", "needs_fuse"]
+
+#: How to get the FUSE tests where they cannot run.
+HOW_TO_GET_FUSE = "apt-get install -y fuse3 (Debian's package; .ci/run does it), and /dev/fuse"
+
+#: A test that mounts a selector's file system: marked ``fuse``, skipped where it cannot.
+needs_fuse = pytest.mark.skipif(
+    not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")),
+    reason="FUSE test not run: /dev/fuse or fusermount3 is missing; "
+    f"get them with {HOW_TO_GET_FUSE}",
+)
+
+_READY = "mounted"
+
+
+@contextlib.contextmanager
+def mounted(
+    backing: Path, mount: Path, file: str, operation: str, code: int, after: int = 1
+) -> Iterator[None]:
+    """``mount`` shows ``backing``, but ``operation`` on ``mount/file`` answers ``code``
+    (an errno) from its ``after``-th call on, until the context ends."""
+    mount.mkdir(exist_ok=True)
+    args = [str(backing), str(mount), file, operation, errno.errorcode[code], str(after)]
+    with subprocess.Popen(
+        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True
+    ) as server:
+        try:
+            assert server.stdout is not None
+            line = server.stdout.readline().strip()  # the kernel's INIT reached the server
+            assert line == _READY, f"the FUSE server did not mount {mount} ({line!r})"
+            yield
+        finally:
+            subprocess.run(["fusermount3", "-u", "-z", str(mount)], check=False)
+            server.wait(timeout=30)
+
+
+def _serve(backing: str, mount: str, file: str, operation: str, name: str, after: int) -> None:
+    import mfusepy as fuse  # only in the server's process
+
+    code, target, calls = getattr(errno, name), f"/{file}", {"n": 0}
+
+    def answer(path: str, op: str) -> None:
+        if path == target and op == operation:
+            calls["n"] += 1
+            if calls["n"] >= after:
+                raise fuse.FuseOSError(code)
+
+    class View(fuse.Operations):
+        use_ns = True
+
+        def init(self, path: str) -> None:
+            print(_READY, flush=True)
+
+        def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+            answer(path, "getattr")
+            found = os.lstat(backing + path)
+            keys = ("st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_atime", "st_mtime",
+                    "st_ctime")  # fmt: skip
+            times = {"st_atime": found.st_atime_ns, "st_mtime": found.st_mtime_ns,
+                     "st_ctime": found.st_ctime_ns}  # fmt: skip
+            return {key: times.get(key, getattr(found, key, 0)) for key in keys}
+
+        def readdir(self, path: str, fh: int) -> list[str]:
+            return [".", "..", *os.listdir(backing + path)]
+
+        def open(self, path: str, flags: int) -> int:
+            answer(path, "open")
+            return os.open(backing + path, os.O_RDONLY)
+
+        def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+            answer(path, "read")
+            return os.pread(fh, size, offset)
+
+        def release(self, path: str, fh: int) -> int:
+            os.close(fh)
+            return 0
+
+    fuse.FUSE(View(), mount, foreground=True, allow_other=True, ro=True, direct_io=True,
+              attr_timeout=0, entry_timeout=0)  # fmt: skip
+
+
+if __name__ == "__main__":
+    _serve(*sys.argv[1:6], int(sys.argv[6]))
