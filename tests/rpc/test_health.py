@@ -122,10 +122,11 @@ async def test_a_probe_stuck_opening_the_checkpoint_leaves_h5py_to_the_round(
     thread (as the aggregation does): its 4 datasets, the probe still waiting after.
 
     Before: ``h5py.is_hdf5`` held h5py's global lock through the open, and every h5py call
-    of the process waited for the stall to end: the Check itself was answered only after the
-    kernel's lease-break-time (45 s), not within its 5 s (something on the event loop's
-    thread waited for the lock too), the probe no longer waiting then (the test failed at
-    the first ``waiting()``, after 48 s).
+    of the process waited for the stall to end; and h5py calls HDF5 without releasing the
+    GIL, so the whole process stood still: the Check itself was answered only after the
+    kernel's lease-break-time (45 s), not within its 5 s (a faulthandler dump at 15 s: the
+    event loop's thread back from epoll, waiting; the probe's in ``is_hdf5``), the probe no
+    longer waiting then (the test failed at the first ``waiting()``, after 48 s).
     """
     endpoints = await nursery.start(serve, settings)
     expected = datasets(keras_weights[0])

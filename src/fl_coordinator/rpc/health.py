@@ -11,9 +11,10 @@ The file is opened in worker threads of their own (:func:`thread_limiter`),
 not trio's default ones: those carry the journal, the aggregation and the
 checkpoint's lease, and a flood of Checks on a hung mount (each thread stuck
 in ``open``, each probe cut off after its 5 s) would otherwise take them all.
-It is read without h5py: ``h5py.is_hdf5`` holds h5py's global lock through
-the ``open``, so one probe stuck there would stop every h5py call of the
-process (the aggregation's, in its thread) for as long.
+It is read without h5py: ``h5py.is_hdf5`` holds h5py's global lock, and
+the GIL (h5py calls HDF5 without releasing it), through the ``open``, so
+one probe stuck there stopped the whole process (the event loop, the
+aggregation's thread) for as long.
 """
 
 from __future__ import annotations
