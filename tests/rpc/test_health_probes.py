@@ -1,24 +1,30 @@
 """The health service's own worker threads: a flood of probes cannot take the round's.
 
 A coordinator on loopback (in process); probes are purerpc calls (no worker
-threads of this trio run on the client side).
+threads of this trio run on the client side). The checkpoint's ``open`` is
+stalled as on a hung mount by another process's write lease on it
+(``fcntl(F_SETLEASE)``): the kernel holds each ``open`` until the lease is
+given up, or for ``/proc/sys/fs/lease-break-time`` (45 s by default).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import h5py
 import purerpc
 import trio
-from h5py._objects import phil
 from helpers.peers import eventually
 
 from fl_coordinator._proto import health_grpc, health_pb2
 from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
 from fl_coordinator.rpc.health import THREADS, thread_limiter
+from fl_coordinator.storage.layout import Layout
 
 PROBES = 45  # more than trio's 40 default threads
 
@@ -29,33 +35,49 @@ async def check(port: int) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
+#: Holds a write lease on argv[1] until its stdin ends (SIGIO, the kernel's notice that an
+#: open waits for the lease, is ignored: the lease is kept).
+_LEASE_HOLDER = """
+import fcntl, os, signal, sys
+signal.signal(signal.SIGIO, signal.SIG_IGN)
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+print("leased", flush=True)
+sys.stdin.read()
+"""
+
+
 @contextmanager
-def hdf5_stalled() -> Iterator[None]:
-    """Every h5py call of this process waits (as behind a hung mount) until the block ends:
-    another thread holds h5py's global lock, which ``h5py.is_hdf5`` takes first."""
-    taken, done = threading.Event(), threading.Event()
+def open_stalled(path: Path) -> Iterator[Callable[[], bool]]:
+    """Every ``open`` of ``path`` waits (as on a hung mount) until the block ends; yields
+    whether an ``open`` is waiting now (the kernel breaking the lease, in /proc/locks)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LEASE_HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline() == "leased\n"
+    inode = f":{path.stat().st_ino} "
 
-    def hold() -> None:
-        with phil:
-            taken.set()
-            done.wait(timeout=120)
+    def waiting() -> bool:
+        with open("/proc/locks") as locks:
+            return any("BREAKING" in line and inode in line for line in locks)
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    taken.wait()
     try:
-        yield
+        yield waiting
     finally:
-        done.set()
-        holder.join()
+        holder.stdin.close()
+        holder.wait()
 
 
 async def test_probes_stuck_reading_the_checkpoint_take_only_their_own_threads(
-    settings: Settings, nursery: trio.Nursery
+    settings: Settings, layout: Layout, nursery: trio.Nursery
 ) -> None:
-    """h5py stalled: 45 Checks at once fill the probes' THREADS threads, trio's default
-    threads (the journal's, the aggregation's, the lease's) stay free, and every Check is
-    answered NOT_SERVING within its 5 s; once h5py goes on, SERVING.
+    """The checkpoint's open stalled: 45 Checks at once fill the probes' THREADS threads,
+    trio's default threads (the journal's, the aggregation's, the lease's) stay free, and
+    every Check is answered NOT_SERVING within its 5 s; once the open goes on, SERVING.
 
     Before: each Check took one of the 40 default threads, for as long as the stall (its
     probe abandoned after 5 s): 45 Checks took them all, and nothing else could run in a
@@ -68,7 +90,7 @@ async def test_probes_stuck_reading_the_checkpoint_take_only_their_own_threads(
     async def probe() -> None:
         answers.append(await check(port))
 
-    with hdf5_stalled():
+    with open_stalled(layout.checkpoint):
         async with trio.open_nursery() as probes:
             for _ in range(PROBES):
                 probes.start_soon(probe)
@@ -80,3 +102,38 @@ async def test_probes_stuck_reading_the_checkpoint_take_only_their_own_threads(
         assert answers == ["NOT_SERVING"] * PROBES
     await eventually(lambda: thread_limiter().borrowed_tokens == 0)
     assert await check(port) == "SERVING"
+
+
+def datasets(path: Path) -> int:
+    """How many datasets the HDF5 file at ``path`` holds (h5py: its global lock)."""
+    found: list[str] = []
+    with h5py.File(path, "r") as file:
+        file.visititems(
+            lambda name, item: found.append(name) if isinstance(item, h5py.Dataset) else None
+        )
+    return len(found)
+
+
+async def test_a_probe_stuck_opening_the_checkpoint_leaves_h5py_to_the_round(
+    settings: Settings, layout: Layout, nursery: trio.Nursery, keras_weights: list[Path]
+) -> None:
+    """The checkpoint's open stalled: a Check is answered NOT_SERVING within its 5 s, and
+    while its probe still waits in the open, h5py reads a selector's aggregate in another
+    thread (as the aggregation does): its 4 datasets, the probe still waiting after.
+
+    Before: ``h5py.is_hdf5`` held h5py's global lock through the open, and every h5py call
+    of the process waited for the stall to end; and h5py calls HDF5 without releasing the
+    GIL, so the whole process stood still: the Check itself was answered only after the
+    kernel's lease-break-time (45 s), not within its 5 s (a faulthandler dump at 15 s: the
+    event loop's thread back from epoll, waiting; the probe's in ``is_hdf5``), the probe no
+    longer waiting then (the test failed at the first ``waiting()``, after 48 s).
+    """
+    endpoints = await nursery.start(serve, settings)
+    expected = datasets(keras_weights[0])
+    with open_stalled(layout.checkpoint) as waiting:
+        assert await check(endpoints.grpc_port) == "NOT_SERVING"
+        assert waiting()  # the probe's thread is in its open
+        assert await trio.to_thread.run_sync(datasets, keras_weights[0]) == expected == 4
+        assert waiting()  # read while the probe still waited
+    await eventually(lambda: thread_limiter().borrowed_tokens == 0)
+    assert await check(endpoints.grpc_port) == "SERVING"

@@ -11,15 +11,20 @@ The file is opened in worker threads of their own (:func:`thread_limiter`),
 not trio's default ones: those carry the journal, the aggregation and the
 checkpoint's lease, and a flood of Checks on a hung mount (each thread stuck
 in ``open``, each probe cut off after its 5 s) would otherwise take them all.
+It is read without h5py: ``h5py.is_hdf5`` holds h5py's global lock, and
+the GIL (h5py calls HDF5 without releasing it), through the ``open``, so
+one probe stuck there stopped the whole process (the event loop, the
+aggregation's thread) for as long.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
-import h5py
 import purerpc
 import trio
 
@@ -61,10 +66,34 @@ def thread_limiter() -> trio.CapacityLimiter:
         return limiter
 
 
+#: The HDF5 format signature, which starts the superblock (HDF5 File Format Specification,
+#: "Format Signature"): at byte 0, or after a user block at 512, 1024, 2048... bytes.
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_FIRST_USER_BLOCK = 512
+
+
 def _is_readable_hdf5(path: Path) -> bool:
-    """Whether ``path`` can be opened and is an HDF5 file (blocking: run it in a thread)."""
+    """Whether ``path`` is a regular file that can be opened and read and holds the HDF5
+    signature where the format puts it (blocking: run it in a thread).
+
+    Plain system calls, as ``H5Fis_hdf5`` searches, without h5py's global
+    lock; not a regular file (a FIFO, whose ``open`` would wait for a
+    writer; a folder): False without opening it.
+    """
     try:
-        return bool(h5py.is_hdf5(path))
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            offset = 0
+            while offset + len(_SIGNATURE) <= size:
+                if os.pread(fd, len(_SIGNATURE), offset) == _SIGNATURE:
+                    return True
+                offset = max(_FIRST_USER_BLOCK, 2 * offset)
+            return False
+        finally:
+            os.close(fd)
     except (OSError, ValueError):
         return False
 
