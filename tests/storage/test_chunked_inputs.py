@@ -41,7 +41,7 @@ from fl_coordinator.storage.aggregation import (
     aggregate,
 )
 from fl_coordinator.storage.contribution import CheckpointSpec, SelectorFiles, examine
-from fl_coordinator.storage.plain_copy import HEADROOM
+from fl_coordinator.storage.plain_copy import HEADROOM, HEADROOM_MAX_BYTES, kept_free
 from fl_coordinator.storage.strategy_state import StateUpdate
 from fl_coordinator.storage.untrusted import UntrustedFile
 from fl_coordinator.storage.weights import read_plan
@@ -544,3 +544,10 @@ def test_out_of_descriptors_for_a_copy_fails_the_pass_as_ours_not_as_a_full_disk
     assert not (tmp_path / "state-2.h5").exists()
     assert leftovers(tmp_path / "tmp") == []
     assert [r.getMessage() for r in caplog.records if "no plain copy" in r.getMessage()] == []
+
+
+def test_copies_keep_a_share_of_a_small_file_system_free_and_at_most_a_gigabyte() -> None:
+    """On a 20 MiB tmpfs copies leave 10% free (the tests above); on a shared 250 GB disk
+    they left 25 GB, and refused copies with tens of gigabytes free."""
+    assert kept_free(20 * 2**20) == int(HEADROOM * 20 * 2**20) == 2_097_152
+    assert kept_free(250 * 10**9) == HEADROOM_MAX_BYTES == 2**30

@@ -41,7 +41,7 @@ How it is laid out, and why:
   copied) one open file at a time and read through a bounded pool of
   descriptors, so open files do not grow with K. Where a copy cannot be
   written (our disk is full, or it would leave less than
-  :data:`.plain_copy.HEADROOM` free), that input stays open as an HDF5 file
+  :func:`.plain_copy.kept_free` free), that input stays open as an HDF5 file
   and is read through h5py, in whole rows, slowly: THROUGH_HDF5_MAX inputs
   at most, beyond which the pass fails as our disk's fault (CheckpointError).
   The global checkpoint, if not plain, is read through h5py too (its layout

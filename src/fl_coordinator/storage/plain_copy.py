@@ -55,7 +55,7 @@ from .plain import Extent, reserve, write_at
 from .slab import Selection, chunk_slabs, largest_slab, leading, slab_shape, slabs
 from .untrusted import CHUNK_MAX_BYTES, FileIdentity, UntrustedFile
 
-__all__ = ["BLOCK_BYTES", "HEADROOM", "PlainCopy", "copy_plain"]
+__all__ = ["BLOCK_BYTES", "HEADROOM", "HEADROOM_MAX_BYTES", "PlainCopy", "copy_plain", "kept_free"]
 
 #: A copy reads blocks of whole chunks of about this many bytes (or one chunk, if more):
 #: a block of column chunks is written in one ``pwrite`` per row, and at SLAB_BYTES K = 10
@@ -63,13 +63,18 @@ __all__ = ["BLOCK_BYTES", "HEADROOM", "PlainCopy", "copy_plain"]
 #: for the pass, against 0.7 to 0.9 s here). A chunk may be as large (CHUNK_MAX_BYTES).
 BLOCK_BYTES = CHUNK_MAX_BYTES
 
-#: Share of the tmp folder's file system that copies leave free. The pass holds every
-#: copy at once (K inputs in chunks: K copies of the model), and the coordinator keeps
-#: writing beside it (its journal, its lease, the round log; other problems may share
-#: the disk): taking all that was free, 30 copies of 800 kB left 80 KiB of a 20 MiB
-#: file system during the pass. A copy that would cut into this is not made (its input
-#: is read through HDF5 instead), like one that does not fit at all.
+#: Share of the tmp folder's file system that copies leave free, up to HEADROOM_MAX_BYTES.
+#: The pass holds every copy at once (K inputs in chunks: K copies of the model), and the
+#: coordinator keeps writing beside it (its journal, its lease, the round log; other
+#: problems may share the disk): taking all that was free, 30 copies of 800 kB left
+#: 80 KiB of a 20 MiB file system during the pass. A copy that would cut into this is not
+#: made (its input is read through HDF5 instead), like one that does not fit at all.
 HEADROOM = 0.1
+
+#: The most copies leave free, whatever the file system's size: what the coordinator
+#: writes beside a pass is small, and 10% of a shared 250 GB disk (25 GB) refused copies
+#: with tens of gigabytes free (seen on a disk 86% full).
+HEADROOM_MAX_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -121,16 +126,23 @@ def copy_plain(
         copy.unlink(missing_ok=True)
 
 
+def kept_free(size: int) -> int:
+    """Bytes that copies leave free on a file system of ``size`` bytes: HEADROOM of it, at
+    most HEADROOM_MAX_BYTES."""
+    return min(int(HEADROOM * size), HEADROOM_MAX_BYTES)
+
+
 def _keep_headroom(fd: int, nbytes: int) -> None:
     """OSError ENOSPC if writing ``nbytes`` more to ``fd``'s file system would leave less
-    than HEADROOM of it free (nothing, where it has no size: ramfs)."""
+    than :func:`kept_free` of it free (nothing, where it has no size: ramfs)."""
     disk = os.fstatvfs(fd)
-    if disk.f_blocks and disk.f_bavail - HEADROOM * disk.f_blocks < nbytes / disk.f_frsize:
-        left = disk.f_bavail * disk.f_frsize
+    left = disk.f_bavail * disk.f_frsize
+    keep = kept_free(disk.f_blocks * disk.f_frsize)
+    if disk.f_blocks and left - keep < nbytes:
         raise OSError(
             errno.ENOSPC,
-            f"{os.strerror(errno.ENOSPC)}: {nbytes} bytes would leave less than "
-            f"{HEADROOM:.0%} of the file system free ({left} bytes free now)",
+            f"{os.strerror(errno.ENOSPC)}: {nbytes} bytes would leave less than {keep} bytes "
+            f"of the file system free ({left} bytes free now)",
         )
 
 
