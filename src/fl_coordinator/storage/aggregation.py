@@ -111,6 +111,7 @@ from ..errors import (
 )
 from .atomic import atomic_target
 from .checkpoint import open_checkpoint
+from .hdf5_fd import open_own
 from .lanes import LANES, Halt, in_lanes
 from .plain import (
     DESCRIPTORS,
@@ -670,8 +671,9 @@ def _rewrite(
     """:func:`sum_into` with a given ``combine`` and ``step``; ``moments`` opens the
     optimizer's state (published tied to the new file, before ``dest`` is replaced)."""
     with ExitStack() as stack:
-        base = open_checkpoint(template, stack)
-        unchanged = _Unchanged(template, base.id.get_vfd_handle())
+        opened = open_checkpoint(template, stack)
+        base = opened.file
+        unchanged = _Unchanged(template, opened.fd)
         plan = read_plan(base, template)
         outputs = {w.name: encode(w.encoding) if encode else w.encoding for w in plan}
         changed = {w.name: outputs[w.name] if outputs[w.name] != w.encoding else None for w in plan}
@@ -679,9 +681,10 @@ def _rewrite(
             atomic_target(dest, tmp_dir, large=True) as tmp,
             (moments or contextlib.nullcontext)() as state,
         ):
-            # sec2 whatever HDF5_DRIVER says: values are pwritten beside HDF5's own
-            # writes, which core (the whole file in memory, written at close) would undo.
-            with h5py.File(tmp, "w", driver="sec2") as out, open_for_writing(tmp) as out_fd:
+            # Values are pwritten beside HDF5's own writes, unbuffered both (see .hdf5_fd):
+            # core (the whole file in memory, written at close) would undo them.
+            with open_own(tmp, "w") as written, open_for_writing(tmp) as out_fd:
+                out = written.file
                 targets = _copy_layout(base, out, changed)
                 reserve(out_fd, out.id.get_filesize())  # its arrays are allocated: all of it
 
@@ -733,7 +736,7 @@ class _Unchanged:
     """
 
     def __init__(self, path: Path, fd: int) -> None:
-        #: The file, HDF5's own descriptor of it, and its size as the pass opened it.
+        #: The file, the descriptor HDF5 reads it through, and its size as the pass opened it.
         self.path, self.fd = path, fd
         self._was = self._of(os.fstat(fd))
         self.size = self._was[2]
@@ -787,8 +790,8 @@ def _source(located: _PlainInput | Opened, weight: Weight, descriptors: Descript
 
 
 def _template(base: h5py.File, weight: Weight, opened: _Unchanged) -> _Source:
-    """The global checkpoint's array of ``weight``: read from its extent (through HDF5's
-    own descriptor of the file, ``opened.fd``) if plain, else through h5py."""
+    """The global checkpoint's array of ``weight``: read from its extent (through the
+    descriptor HDF5 reads the file through, ``opened.fd``) if plain, else through h5py."""
     dataset = base[weight.name]
     path = opened.path
     try:

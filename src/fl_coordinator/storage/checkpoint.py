@@ -23,10 +23,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TypeVar
 
-import h5py
 import trio
 
 from ..errors import CheckpointError, CheckpointLocked
+from .hdf5_fd import OwnFile, open_own
 from .weights import Weight, read_plan
 
 __all__ = [
@@ -46,16 +46,17 @@ RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
 
 
-def open_checkpoint(path: Path, stack: ExitStack) -> h5py.File:
-    """Open the checkpoint ``path`` read-only, closed with ``stack``.
+def open_checkpoint(path: Path, stack: ExitStack) -> OwnFile:
+    """Open the checkpoint ``path`` read-only, closed with ``stack``: its HDF5 file, and
+    the descriptor the averaging pass reads its plain arrays through.
 
+    Opened through a descriptor of ours (:func:`.hdf5_fd.open_own`): a stalled ``open``
+    or ``read`` (a hung mount) stops the calling thread only, never the event loop.
     Raises CheckpointLocked while another process holds it locked, and
     CheckpointError if it is missing or not HDF5.
     """
     try:
-        # sec2 whatever HDF5_DRIVER says: the averaging pass reads the plain arrays
-        # through its file descriptor (stdio's handle is a FILE *, core's a buffer).
-        return stack.enter_context(h5py.File(path, "r", driver="sec2"))
+        return stack.enter_context(open_own(path, "r"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: the checkpoint is missing") from None
     except BlockingIOError:
@@ -72,7 +73,7 @@ def open_checkpoint(path: Path, stack: ExitStack) -> h5py.File:
 def read_checkpoint_plan(path: Path) -> tuple[Weight, ...]:
     """The weight arrays of the checkpoint at ``path`` (see :func:`.weights.read_plan`)."""
     with ExitStack() as stack:
-        return read_plan(open_checkpoint(path, stack), path)
+        return read_plan(open_checkpoint(path, stack).file, path)
 
 
 async def retry_while_locked(attempt: Callable[[], Awaitable[T]], patience: float) -> T:

@@ -54,6 +54,7 @@ import numpy as np
 from ..core.strategy import ServerOptimizer, Strategy
 from ..errors import AggregationError, ConfigError, ContributionError, ProblemError
 from .atomic import atomic_target
+from .hdf5_fd import OwnFile, open_own
 from .journal import history, kept_file
 from .layout import Layout
 from .plain import (
@@ -284,23 +285,24 @@ class StateUpdate:
         :meth:`Moments.prepare`); published by :meth:`Moments.publish` (else nothing of
         them is left)."""
         with contextlib.ExitStack() as stack:
-            # sec2 whatever HDF5_DRIVER says: plain moments are read through the old file's
-            # descriptor and written with pwrite beside HDF5 (see .aggregation._rewrite).
-            old = stack.enter_context(self._opened_source()) if self.source else None
+            # Through descriptors of ours (see .hdf5_fd): plain moments are read through the
+            # old file's and written with pwrite beside HDF5 (see .aggregation._rewrite).
+            old = self._opened_source(stack) if self.source else None
             target = stack.enter_context(atomic_target(self.dest, tmp_dir, large=True))
-            new = stack.enter_context(h5py.File(target, "w", driver="sec2"))
+            new = stack.enter_context(open_own(target, "w")).file
             new_fd = stack.enter_context(open_for_writing(target))
             moments = Moments(self, old, new, new_fd, (tmp_dir, stack))
             yield moments
             if not moments.published:
                 raise AggregationError("the optimizer state was not published")  # a bug
 
-    def _opened_source(self) -> h5py.File:
-        """The state this round starts from, open; AggregationError naming it if HDF5 cannot
-        open it (else the OSError would be taken for a failure to write the checkpoint)."""
+    def _opened_source(self, stack: contextlib.ExitStack) -> OwnFile:
+        """The state this round starts from, open, closed with ``stack``; AggregationError
+        naming it if HDF5 cannot open it (else the OSError would be taken for a failure to
+        write the checkpoint)."""
         assert self.source is not None
         try:
-            return h5py.File(self.source, "r", driver="sec2")
+            return stack.enter_context(open_own(self.source, "r"))
         except OSError as error:
             raise_if_ours(error)  # not the file's fault: it stays where it is
             what = f"not a readable optimizer state ({error})"
@@ -331,18 +333,21 @@ class Moments:
     def __init__(
         self,
         update: StateUpdate,
-        old: h5py.File | None,
+        old: OwnFile | None,
         new: h5py.File,
         new_fd: int,
         copies: tuple[Path, contextlib.ExitStack],
     ) -> None:
         self._update = update
-        self._old = old
+        self._old = old.file if old else None
         self._new = new
         self._new_fd = new_fd
         self._read_from: dict[str, _Place] = {}
         self._written: dict[str, _Place] = {}
-        self._old_fd = -1  # see prepare()
+        #: The descriptor the old state is read through (plain moments with ``preadv``,
+        #: not h5py: each h5py call takes its global lock, which the lanes would contend
+        #: for on every slab).
+        self._old_fd = old.fd if old else -1
         #: Where the old moments that are not plain are copied, and the stack that
         #: removes the copy (and closes it) when the pass ends.
         self._copies = copies
@@ -360,9 +365,6 @@ class Moments:
         space reserved, and find the old ones: before the pass, whose lanes then only
         read and write values. AggregationError if an old one is not where it says;
         ShuttingDown when ``cancel`` is set while an old one is copied."""
-        # HDF5's own descriptor of the old state, taken once: each h5py call takes
-        # h5py's global lock, which the lanes would contend for on every slab.
-        self._old_fd = self._old.id.get_vfd_handle() if self._old else -1
         old_size = os.fstat(self._old_fd).st_size if self._old else 0
         for moment in self.names:
             for weight in plan:

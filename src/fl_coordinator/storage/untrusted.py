@@ -59,6 +59,7 @@ import numpy as np
 
 from ..errors import ContributionError
 from ..untrusted_text import shown, shown_ends
+from .hdf5_fd import hdf5_on
 from .weights import Encoding, Weight, accepts, encoding_of
 
 __all__ = [
@@ -317,15 +318,14 @@ class UntrustedFile:
         """
         fd, status = self.open_fd(what, max_bytes)
         try:
-            with open(fd, "rb", buffering=0, closefd=False) as raw:
-                try:
-                    file = h5py.File(raw, "r", rdcc_nbytes=chunk_cache)
-                except (OSError, ValueError) as error:
-                    raise ContributionError(
-                        f"{self.path}: {what} is not a readable HDF5 file ({error})"
-                    ) from None
-                with file:
-                    yield Opened(self, file, fd, FileIdentity.of(status))
+            try:
+                file = hdf5_on(fd, "r", rdcc_nbytes=chunk_cache)
+            except (OSError, ValueError) as error:
+                raise ContributionError(
+                    f"{self.path}: {what} is not a readable HDF5 file ({error})"
+                ) from None
+            with file:
+                yield Opened(self, file, fd, FileIdentity.of(status))
         finally:
             os.close(fd)
 
