@@ -29,7 +29,7 @@ import errno
 import fcntl
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,13 +44,20 @@ _NO_LOCKS = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP})
 
 
 class _WholeIO(io.FileIO):
-    """An unbuffered file object on a descriptor whose reads and writes are whole."""
+    """An unbuffered file object on a descriptor whose reads and writes are whole.
+
+    ``failed`` is the first OSError of its reads and writes: h5py's driver does not
+    always raise it (a failed write as the file is closed comes out of h5py as an
+    AttributeError about ``truncate``), so :func:`open_own` raises it there instead.
+    """
+
+    failed: OSError | None = None
 
     def readinto(self, buffer: Any) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
         done = 0
         while done < len(view):
-            got = super().readinto(view[done:])
+            got = self._failing(super().readinto, view[done:])
             if not got:  # past the end of the file: zeros, as HDF5's sec2 driver reads
                 view[done:] = bytes(len(view) - done)
                 break
@@ -61,11 +68,20 @@ class _WholeIO(io.FileIO):
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
-            written = super().write(view[done:])
+            written = self._failing(super().write, view[done:])
             if not written:  # never for a regular file; no endless loop if it were
                 raise OSError(errno.EIO, f"wrote {done} of {len(view)} bytes")
             done += written
         return done
+
+    def _failing(self, call: Callable[[memoryview], int | None], view: memoryview) -> int | None:
+        """``call(view)``, its OSError kept in ``failed`` (the first) and raised."""
+        try:
+            return call(view)
+        except OSError as error:
+            if self.failed is None:
+                self.failed = error
+            raise
 
 
 def hdf5_on(fd: int, mode: Literal["r", "r+", "w"], **options: Any) -> h5py.File:
@@ -74,13 +90,17 @@ def hdf5_on(fd: int, mode: Literal["r", "r+", "w"], **options: Any) -> h5py.File
 
     The caller keeps ``fd`` open until the h5py file is closed, and closes it.
     """
-    raw = _WholeIO(fd, "r" if mode == "r" else "r+", closefd=False)
-    return h5py.File(raw, mode, **options)
+    return h5py.File(_raw(fd, mode), mode, **options)
+
+
+def _raw(fd: int, mode: Literal["r", "r+", "w"]) -> _WholeIO:
+    return _WholeIO(fd, "r" if mode == "r" else "r+", closefd=False)
 
 
 def _locking() -> bool:
     """Whether HDF5 would lock the file (``HDF5_USE_FILE_LOCKING``, as HDF5 reads it)."""
-    return os.environ.get("HDF5_USE_FILE_LOCKING", "TRUE").upper() not in ("FALSE", "0")
+    # Case and all: HDF5 locks on "false" (a value it does not know).
+    return os.environ.get("HDF5_USE_FILE_LOCKING") not in ("FALSE", "0")
 
 
 def _lock(fd: int, exclusive: bool) -> None:
@@ -111,13 +131,30 @@ def open_own(path: Path, mode: Literal["r", "w"]) -> Iterator[OwnFile]:
     descriptor of ours (see the module's docstring), locked as HDF5 would lock it.
 
     Raises what h5py raises: FileNotFoundError, BlockingIOError when locked by
-    another process, OSError when the file is not HDF5.
+    another process, OSError when the file is not HDF5; and the OSError of a failed read
+    or write (ENOSPC, EIO) whatever h5py made of it.
     """
     flags = os.O_RDONLY if mode == "r" else os.O_RDWR | os.O_CREAT | os.O_TRUNC
     fd = os.open(path, flags | os.O_CLOEXEC, 0o666)
     try:
         _lock(fd, exclusive=mode != "r")
-        with hdf5_on(fd, mode) as file:
+        raw = _raw(fd, mode)
+        file = h5py.File(raw, mode)
+        try:
             yield OwnFile(file, fd)
+        finally:
+            _close(file, raw)
     finally:
         os.close(fd)
+
+
+def _close(file: h5py.File, raw: _WholeIO) -> None:
+    """Close ``file``: HDF5 writes what it kept (metadata) and trims the file. If that
+    fails, the OSError of the failed write (ENOSPC, EIO), whatever h5py made of it."""
+    raw.failed = None  # an earlier one was raised where it happened
+    try:
+        file.close()
+    except Exception as error:
+        if raw.failed is None or raw.failed is error:
+            raise
+        raise raw.failed from error

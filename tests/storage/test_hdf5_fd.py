@@ -1,0 +1,91 @@
+"""The coordinator's own HDF5 files through descriptors of ours (``storage/hdf5_fd.py``):
+locked as HDF5 locks them, and a failed write raised as the system's OSError."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from storage.test_disk_full import _mounted
+
+from fl_coordinator.storage.hdf5_fd import open_own
+
+
+def _descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 1 MiB at ``tmp_path/small``, filled up to its last 32 KiB."""
+    with _mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=1m", "tmpfs") as point:
+        disk = os.statvfs(point)
+        (point / "filler").write_bytes(bytes(disk.f_bavail * disk.f_frsize - 32 * 2**10))
+        yield point
+
+
+def test_a_write_failing_as_the_file_is_closed_raises_its_oserror(small: Path) -> None:
+    """HDF5 writes most of a file's metadata as it is closed: 2000 groups (about 100 KiB
+    of it) in 32 KiB free raise ENOSPC there, and no descriptor is left open.
+
+    Before (7c1fdf4): h5py's fileobj driver turned the failed write into
+    ``AttributeError: '_WholeIO' object has no attribute 'truncate'``, which the
+    aggregation reported as an internal error, the cause (a full disk) lost.
+    """
+    before = _descriptors()
+    created = 0
+    with pytest.raises(OSError) as raised, open_own(small / "new.h5", "w") as own:
+        for index in range(2000):
+            own.file.create_group(f"g{index}")
+            created += 1
+    assert created == 2000  # it failed as the file was closed, not before
+    assert raised.value.errno == errno.ENOSPC
+    assert _descriptors() == before
+
+
+@pytest.mark.parametrize(
+    "value", ["TRUE", "1", "FALSE", "0", "false", "BEST_EFFORT", "best_effort", "", None]
+)
+def test_the_lock_is_taken_where_hdf5_takes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    """HDF5_USE_FILE_LOCKING as HDF5 reads it: with a file locked by another holder,
+    open_own opens it exactly where h5py (HDF5's sec2 driver, its own lock) does.
+
+    Before (7c1fdf4): "false" (HDF5 knows only "FALSE") turned our lock off, HDF5's on.
+    """
+    path = tmp_path / "checkpoint.h5"
+    with h5py.File(path, "w") as file:
+        file["a"] = np.arange(3.0)
+    if value is None:
+        monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    else:
+        monkeypatch.setenv("HDF5_USE_FILE_LOCKING", value)
+    holder = os.open(path, os.O_RDWR)  # flock locks belong to the open file: this one excludes
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        # HDF5 reads the variable once, as the library starts: asked in a process of its own.
+        hdf5 = subprocess.run(
+            [sys.executable, "-c", f"import h5py; h5py.File({str(path)!r}, 'r').close()"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert hdf5.returncode == 0 or "unable to lock file" in hdf5.stderr, hdf5.stderr
+        try:
+            with open_own(path, "r") as own:
+                assert own.file["a"][2] == 2.0
+            ours_opens = True
+        except BlockingIOError:
+            ours_opens = False
+    finally:
+        os.close(holder)
+    assert ours_opens == (hdf5.returncode == 0) == (value in ("FALSE", "0"))
