@@ -89,3 +89,25 @@ def test_the_lock_is_taken_where_hdf5_takes_it(
     finally:
         os.close(holder)
     assert ours_opens == (hdf5.returncode == 0) == (value in ("FALSE", "0"))
+
+
+def test_hdf5_lets_go_of_a_file_whose_close_failed(small: Path) -> None:
+    """A close that fails (ENOSPC) leaves no file open in HDF5: none on the descriptor,
+    whose number is soon another file's.
+
+    Before (7c1fdf4): HDF5 kept the file (a FileID on ``<_io.FileIO name=N>``): a flush
+    of it wrote 708,894 bytes of HDF5 over a file opened after the failure, and the
+    process crashed in HDF5 (SIGSEGV in the failing aggregation, or SIGSEGV/SIGBUS at
+    exit; scratch/rt14/agg.py).
+    """
+
+    def ours(number: int) -> list[str]:
+        kept = h5py.h5f.get_obj_ids(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)
+        return [name for file in kept if f"name={number} " in (name := file.name.decode())]
+
+    with pytest.raises(OSError) as raised, open_own(small / "new.h5", "w") as own:
+        number = own.fd
+        for index in range(2000):
+            own.file.create_group(f"g{index}")
+    assert raised.value.errno == errno.ENOSPC
+    assert ours(number) == []

@@ -46,12 +46,16 @@ _NO_LOCKS = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP})
 class _WholeIO(io.FileIO):
     """An unbuffered file object on a descriptor whose reads and writes are whole.
 
-    ``failed`` is the first OSError of its reads and writes: h5py's driver does not
-    always raise it (a failed write as the file is closed comes out of h5py as an
-    AttributeError about ``truncate``), so :func:`open_own` raises it there instead.
+    ``failed`` is the first OSError of its reads and writes. While ``closing``, a
+    failed write (or trim) is only kept there, as if it had been made: a close that
+    fails in HDF5 leaves the file open in the library (a DatasetID and a FileID on a
+    descriptor we then close, whose number is soon another file's; the process then
+    crashed in HDF5, at once or at exit), and h5py raised it as an AttributeError about
+    ``truncate``. :func:`open_own` raises it once HDF5 has let go of the file.
     """
 
     failed: OSError | None = None
+    closing = False
 
     def readinto(self, buffer: Any) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
@@ -66,13 +70,27 @@ class _WholeIO(io.FileIO):
 
     def write(self, data: Any) -> int:  # type: ignore[override]
         view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):
-            written = self._failing(super().write, view[done:])
-            if not written:  # never for a regular file; no endless loop if it were
-                raise OSError(errno.EIO, f"wrote {done} of {len(view)} bytes")
-            done += written
-        return done
+        try:
+            done = 0
+            while done < len(view):
+                written = self._failing(super().write, view[done:])
+                if not written:  # never for a regular file; no endless loop if it were
+                    raise OSError(errno.EIO, f"wrote {done} of {len(view)} bytes")
+                done += written
+        except OSError as error:
+            if not self.closing:
+                raise
+            self.failed = self.failed or error
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        try:
+            return super().truncate(size)
+        except OSError as error:
+            if not self.closing:
+                raise
+            self.failed = self.failed or error
+            return size or 0
 
     def _failing(self, call: Callable[[memoryview], int | None], view: memoryview) -> int | None:
         """``call(view)``, its OSError kept in ``failed`` (the first) and raised."""
@@ -143,18 +161,22 @@ def open_own(path: Path, mode: Literal["r", "w"]) -> Iterator[OwnFile]:
         try:
             yield OwnFile(file, fd)
         finally:
-            _close(file, raw)
+            try:
+                _close(file, raw)
+            finally:
+                # Should HDF5 keep the file open all the same, nothing it does with it
+                # later reaches the descriptor's number, soon another file's.
+                raw.close()
     finally:
         os.close(fd)
 
 
 def _close(file: h5py.File, raw: _WholeIO) -> None:
-    """Close ``file``: HDF5 writes what it kept (metadata) and trims the file. If that
-    fails, the OSError of the failed write (ENOSPC, EIO), whatever h5py made of it."""
+    """Close ``file``: HDF5 writes what it kept (metadata) and trims the file. Raises
+    the OSError of a write that failed meanwhile (ENOSPC, EIO): the file is then not
+    whole, and HDF5 has let go of it all the same (see :class:`_WholeIO`)."""
     raw.failed = None  # an earlier one was raised where it happened
-    try:
-        file.close()
-    except Exception as error:
-        if raw.failed is None or raw.failed is error:
-            raise
-        raise raw.failed from error
+    raw.closing = True
+    file.close()
+    if raw.failed is not None:
+        raise raw.failed
