@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -111,3 +112,63 @@ def test_hdf5_lets_go_of_a_file_whose_close_failed(small: Path) -> None:
             own.file.create_group(f"g{index}")
     assert raised.value.errno == errno.ENOSPC
     assert ours(number) == []
+
+
+_AGGREGATE_TWICE = """
+import shutil, sys
+from pathlib import Path
+from fl_coordinator.errors import CheckpointError
+from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.untrusted import UntrustedFile
+checkpoint, contribution, ballast = (Path(a) for a in sys.argv[1:])
+what = lambda: Contribution("s", UntrustedFile.at(contribution), 2)
+try:
+    aggregate(checkpoint, [what()], checkpoint.parent / "tmp")
+except CheckpointError as error:
+    print(error)
+ballast.unlink()
+print(aggregate(checkpoint, [what()], checkpoint.parent / "tmp").arrays)
+"""
+
+
+def test_a_chunked_checkpoint_that_does_not_fit_fails_the_aggregation_not_the_process(
+    tmp_path: Path,
+) -> None:
+    """A chunked, compressed global checkpoint (its chunks are allocated as they are
+    written, after the new file's space is reserved) on a disk that fills up: the
+    aggregation is a CheckpointError (ENOSPC), the next one, with room, succeeds, and
+    the process exits 0. In a process of its own: a crash in HDF5 is the fault.
+
+    Before (7c1fdf4): SIGSEGV inside the first aggregation (exit status -11).
+    """
+    rng = np.random.default_rng(1)
+    contribution = tmp_path / "contribution"
+    with h5py.File(contribution, "w") as file:
+        file["w"] = rng.random(200_000).astype(np.float32)
+    with _mounted(tmp_path / "mnt", "-t", "tmpfs", "-o", "size=4m", "tmpfs") as point:
+        checkpoint = point / "fl_checkpoint"
+        with h5py.File(checkpoint, "w") as file:
+            data = rng.random(200_000).astype(np.float32)
+            file.create_dataset("w", data=data, chunks=(8192,), compression="gzip")
+        (point / "tmp").mkdir()
+        ballast = point / "ballast"  # 400 kB left: the reservation fits, the chunks not
+        ballast.write_bytes(bytes(shutil.disk_usage(point).free - 400_000))
+        before = checkpoint.read_bytes()
+        ran = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _AGGREGATE_TWICE,
+                *(str(p) for p in (checkpoint, contribution, ballast)),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        failed, second = ran.stdout.splitlines()
+        assert failed.startswith(f"cannot write the new global checkpoint {checkpoint}")
+        assert failed.endswith("[Errno 28] No space left on device")
+        assert second == "1"
+        assert checkpoint.read_bytes() != before  # the second one was published
+        assert list((point / "tmp").iterdir()) == []
