@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from fl_coordinator.config import KEYS, Settings, load_settings, read_config_file
+from fl_coordinator.config import (
+    KEYS,
+    Settings,
+    load_settings,
+    read_config_file,
+)
 from fl_coordinator.errors import ConfigError
 
 README = REPO / "README.md"
@@ -182,3 +187,26 @@ def test_differential_privacy_mistakes_are_one_line(environ: dict[str, str], mes
         1e-5,
         None,
     )
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"PORT": "50099", "STATUS_PORT": "50099"}, "STATUS_PORT=50099: expected a port other "
+         "than PORT's (50099)"),
+        ({"METRICS_PORT": "50050"}, "METRICS_PORT=50050: expected a port other than PORT's "
+         "(50050)"),
+        ({"STATUS_PORT": "9", "METRICS_PORT": "9"}, "METRICS_PORT=9: expected a port other "
+         "than STATUS_PORT's (9)"),
+    ],
+)  # fmt: skip
+def test_one_port_for_two_servers_is_refused_by_name(environ: dict[str, str], message: str) -> None:
+    """It was "address already in use: is another coordinator running?" at start-up."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, environ)
+    assert str(raised.value) == f"configuration error: {message}"
+
+
+def test_any_free_port_may_be_asked_for_twice() -> None:
+    settings, _ = load_settings({}, {"PORT": "0", "STATUS_PORT": "0", "METRICS_PORT": "0"})
+    assert (settings.port, settings.status_port, settings.metrics_port) == (0, 0, 0)

@@ -941,6 +941,7 @@ def _check_combinations(settings: Settings) -> None:
         raise ConfigError(
             "TLS_CLIENT_CA_FILE", settings.tls_client_ca_file, "TLS_CERT_FILE and TLS_KEY_FILE too"
         )
+    _check_ports(settings)
     if settings.legacy_status_push:
         _check_webserver_address(settings)
     if settings.auth_token and settings.auth_token_file:
@@ -955,6 +956,23 @@ def _check_combinations(settings: Settings) -> None:
     if settings.stop_when and not settings.evaluate:
         raise ConfigError("STOP_WHEN", settings.stop_when, "empty, or EVALUATE set too")
     _check_privacy(settings)
+
+
+def _check_ports(settings: Settings) -> None:
+    """The gRPC, status and metrics ports listen on the same HOST: one port cannot be two of
+    them (it was refused at start-up as "address already in use: is another coordinator
+    running?", which sent the operator looking for a process that was not there)."""
+    taken: dict[int, str] = {}
+    for key, port in (
+        ("PORT", settings.port),
+        ("STATUS_PORT", settings.status_port),
+        ("METRICS_PORT", settings.metrics_port),
+    ):
+        if not port:  # 0: any free port; None: off
+            continue
+        if port in taken:
+            raise ConfigError(key, port, f"a port other than {taken[port]}'s ({port})")
+        taken[port] = key
 
 
 def _check_privacy(settings: Settings) -> None:
