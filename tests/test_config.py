@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from helpers import REPO
 
 from fl_coordinator.config import (
     KEYS,
+    MAX_CONFIG_BYTES,
     Settings,
     load_settings,
     read_config_file,
@@ -210,3 +212,47 @@ def test_one_port_for_two_servers_is_refused_by_name(environ: dict[str, str], me
 def test_any_free_port_may_be_asked_for_twice() -> None:
     settings, _ = load_settings({}, {"PORT": "0", "STATUS_PORT": "0", "METRICS_PORT": "0"})
     assert (settings.port, settings.status_port, settings.metrics_port) == (0, 0, 0)
+
+
+def test_a_huge_bad_value_is_shown_cut_short() -> None:
+    value = "x" * 20_000_000
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {"CHECKIN_LIMIT": value})
+    message = str(raised.value)
+    shown = repr(value)[:200]
+    assert message == (
+        f"configuration error: CHECKIN_LIMIT={shown}... (20000002 characters): "
+        "expected an integer >= 1"
+    )
+
+
+@pytest.mark.parametrize("size", [MAX_CONFIG_BYTES + 1, 50 * 2**20])
+def test_a_config_file_is_read_up_to_a_bound(tmp_path: Path, size: int) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_bytes(b"# " + b"x" * (size - 3) + b"\n")
+    with pytest.raises(ConfigError) as raised:
+        read_config_file(config)
+    assert str(raised.value) == (
+        f"configuration error: --config={str(config)!r}: expected a config file of at most "
+        "1024 KiB (is it the right file?)"
+    )
+
+
+def test_an_endless_config_file_is_refused_in_bounded_memory() -> None:
+    """--config /dev/zero read until memory ran out (a MemoryError traceback under a limit)."""
+    with pytest.raises(ConfigError, match="at most 1024 KiB"):
+        read_config_file(Path("/dev/zero"))
+
+
+def test_a_config_file_of_the_bound_and_a_pipe_are_read(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    body = b"CHECKIN_LIMIT: 7\n"
+    config.write_bytes(body + b"#" * (MAX_CONFIG_BYTES - len(body) - 1) + b"\n")
+    assert read_config_file(config) == {"CHECKIN_LIMIT": 7}
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"PORT: 0\n")
+    os.close(write_end)
+    try:
+        assert read_config_file(Path(f"/proc/self/fd/{read_end}")) == {"PORT": 0}
+    finally:
+        os.close(read_end)

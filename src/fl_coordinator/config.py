@@ -29,6 +29,7 @@ from .errors import ConfigError
 
 __all__ = [
     "KEYS",
+    "MAX_CONFIG_BYTES",
     "Key",
     "Parser",
     "Settings",
@@ -55,6 +56,23 @@ class _Redacted:
 
 
 _REDACTED = _Redacted()
+
+#: Characters of a bad value an error message shows: a mistake is recognisable in them, and a
+#: 20 MB value pasted by mistake is not a 20 MB line in the log or on the terminal.
+_SHOWN_CHARACTERS = 200
+
+
+class _Shown:
+    """Stands for a bad value in an error message: its repr, cut at _SHOWN_CHARACTERS."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        text = repr(self.value)
+        if len(text) <= _SHOWN_CHARACTERS:
+            return text
+        return f"{text[:_SHOWN_CHARACTERS]}... ({len(text)} characters)"
 
 
 def _integer(value: Any) -> int:
@@ -852,12 +870,28 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
+#: Largest config file read: a real one is a few KiB; ``--config /dev/zero`` (or a log file
+#: given by mistake) must not be read until memory runs out.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Read a YAML config file into a mapping of keys, or raise ConfigError."""
+    """Read a YAML config file into a mapping of keys, or raise ConfigError.
+
+    At most :data:`MAX_CONFIG_BYTES` are read (a pipe, ``/dev/stdin``, is fine).
+    """
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError("--config", str(path), f"a readable file ({error.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        expected = (
+            f"a config file of at most {MAX_CONFIG_BYTES // 1024} KiB (is it the right file?)"
+        )
+        raise ConfigError("--config", str(path), expected)
+    try:
+        loaded = yaml.safe_load(data.decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError("--config", str(path), f"valid YAML ({first_line})") from None
@@ -892,7 +926,8 @@ def load_settings(
         try:
             values[key.field] = key.parse(raw)
         except (ValueError, TypeError):
-            raise ConfigError(key.name, _REDACTED if key.secret else raw, key.expected) from None
+            shown = _REDACTED if key.secret else _Shown(raw)
+            raise ConfigError(key.name, shown, key.expected) from None
     settings = Settings(**values)
     _check_combinations(settings)
     return settings, unknown
