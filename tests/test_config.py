@@ -256,3 +256,26 @@ def test_a_config_file_of_the_bound_and_a_pipe_are_read(tmp_path: Path) -> None:
         assert read_config_file(Path(f"/proc/self/fd/{read_end}")) == {"PORT": 0}
     finally:
         os.close(read_end)
+
+
+def test_a_key_given_twice_in_the_file_is_refused(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys silently: CHECKIN_LIMIT: 2 ... CHECKIN_LIMIT: 3
+    served with 3, whichever the operator meant."""
+    config = tmp_path / "config.yaml"
+    config.write_text("CHECKIN_LIMIT: 2\nPORT: 0\nCHECKIN_LIMIT: 3\n")
+    with pytest.raises(ConfigError) as raised:
+        read_config_file(config)
+    assert str(raised.value) == (
+        f"configuration error: --config={str(config)!r}: expected each key once "
+        "(CHECKIN_LIMIT is on lines 1 and 3; remove one)"
+    )
+
+
+def test_keys_a_merge_brings_in_may_be_overridden(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("common: &common {PORT: 1, CHECKIN_LIMIT: 4}\n<<: *common\nPORT: 0\n")
+    assert read_config_file(config) == {
+        "common": {"PORT": 1, "CHECKIN_LIMIT": 4},
+        "PORT": 0,
+        "CHECKIN_LIMIT": 4,
+    }

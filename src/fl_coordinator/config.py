@@ -870,6 +870,37 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
+class _RepeatedKey(Exception):
+    """A key given twice in a config file; the message says which, and on which lines."""
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, refusing a top-level key given twice.
+
+    YAML loaders keep the last of two equal keys without a word, so a key an
+    operator added at the end of a long file silently won over, or lost to,
+    the one above it. (Keys a ``<<`` merge brings in may be overridden.)
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise _RepeatedKey(
+                        f"each key once ({key_node.value} is on lines {seen[key_node.value]} "
+                        f"and {line}; remove one)"
+                    )
+                seen[key_node.value] = line
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+
+
 #: Largest config file read: a real one is a few KiB; ``--config /dev/zero`` (or a log file
 #: given by mistake) must not be read until memory runs out.
 MAX_CONFIG_BYTES = 1 << 20
@@ -891,10 +922,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
         )
         raise ConfigError("--config", str(path), expected)
     try:
-        loaded = yaml.safe_load(data.decode("utf-8"))
+        loaded = _load_yaml(data.decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError("--config", str(path), f"valid YAML ({first_line})") from None
+    except _RepeatedKey as repeated:
+        raise ConfigError("--config", str(path), str(repeated)) from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
