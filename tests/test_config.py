@@ -279,3 +279,29 @@ def test_keys_a_merge_brings_in_may_be_overridden(tmp_path: Path) -> None:
         "PORT": 0,
         "CHECKIN_LIMIT": 4,
     }
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("PROBLEM_ID", "prob\udcffx"),  # PROBLEM_ID=$'prob\xffx': not UTF-8
+        ("PROBLEM_ID", "two\nlines"),
+        ("HOST", "host\udcfe"),
+        ("WEBSERVER_ADDRESS", "web\udcff:50052"),
+        ("ALLOWED_SELECTORS", "a\udcff:1"),
+    ],
+)
+def test_text_that_travels_must_be_printable_unicode(key: str, value: str) -> None:
+    """PROBLEM_ID with a byte that is not UTF-8 was taken: every metrics scrape then failed
+    (UnicodeEncodeError in the Prometheus label, a traceback per scrape)."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {key: value})
+    assert str(raised.value).startswith(f"configuration error: {key}={value!r}: expected ")
+
+
+def test_paths_may_hold_bytes_that_are_not_utf8_and_names_any_script() -> None:
+    settings, _ = load_settings(
+        {}, {"FL_ROOT_PATH": "/srv/fl/bad\udcffname", "PROBLEM_ID": "digits-é-数字"}
+    )
+    assert os.fsencode(settings.fl_root_path) == b"/srv/fl/bad\xffname"
+    assert settings.problem_id == "digits-é-数字"

@@ -120,15 +120,31 @@ _positive = _checked(_number, lambda n: n > 0)
 _non_negative = _checked(_number, lambda n: n >= 0)
 
 
-def _text(value: Any) -> str:
+def _path(value: Any) -> str:
+    """A path, not empty: any characters, as a path on Linux may hold bytes that are not UTF-8
+    (``os.environ`` hands them over as surrogate escapes, which give the OS the same bytes)."""
     if not isinstance(value, str | int) or isinstance(value, bool) or str(value).strip() == "":
         raise ValueError
     return str(value).strip()
 
 
+def _text(value: Any) -> str:
+    """Text that is not a path, not empty: printable characters only.
+
+    It travels in status messages (JSON), Prometheus labels, protobuf strings
+    and log lines, which hold Unicode text: an environment value with bytes
+    that are not UTF-8 (``PROBLEM_ID=$'prob\\xff'``) made every metrics scrape
+    fail with a UnicodeEncodeError traceback.
+    """
+    text = _path(value)
+    if not text.isprintable():
+        raise ValueError
+    return text
+
+
 def _file_name(value: Any) -> str:
     """A file or folder name relative to the root; the Go keys carry stray slashes."""
-    name = _text(value)
+    name = _path(value)
     if "\0" in name or ".." in Path(name.strip("/")).parts or name.strip("/") == "":
         raise ValueError
     return name
@@ -180,7 +196,7 @@ def _optional_path(value: Any) -> str:
     """A file path, or empty for "not set" (whether it is readable is checked by its user)."""
     if value is None or value == "":
         return ""
-    path = _text(value)
+    path = _path(value)
     if "\0" in path:
         raise ValueError
     return path
@@ -337,7 +353,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "FL_ROOT_PATH",
         "./data",
-        _text,
+        _path,
         "a folder path",
         "Shared storage of this FL problem (the Go default was `../data`).",
         go=True,
@@ -419,7 +435,7 @@ KEYS: tuple[Key, ...] = (
         "PROBLEM_ID",
         "DEFAULT",
         _text,
-        "a non-empty string",
+        "a non-empty string of printable characters (UTF-8)",
         "Name of the FL problem, carried in every status message.",
         go=True,
     ),
