@@ -146,3 +146,41 @@ def test_a_demo_folder_served_by_a_coordinator_is_not_emptied(
     assert refused.returncode == 2
     assert refused.stderr.startswith(f"fl-coordinator demo: demo refused: {root} is served by ")
     assert {name: data for name, data in _files(root).items() if name in before} == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--epochs", "0"], "--epochs 0"),  # these four stalled until the demo gave up
+        (["--batch-size", "0"], "--batch-size 0"),
+        (["--learning-rate", "nan"], "--learning-rate nan"),
+        (["--alpha", "0"], "--alpha 0"),
+        (["--alpha", "-1", "--momentum", "1"], "--momentum 1, --alpha -1"),  # a traceback
+    ],
+)
+def test_training_flags_that_cannot_train_are_one_line(
+    tmp_path: Path, flags: list[str], named: str
+) -> None:
+    result = subprocess.run(
+        [*COMMAND, "demo", "--root", str(tmp_path / "demo"), *flags],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"fl-coordinator demo: {named}: need epochs >= 1, batch size >= 1, a learning rate > 0, "
+        "a momentum in [0, 1) and an alpha > 0\n"
+    )
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_root_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """It was a FileNotFoundError traceback."""
+    (tmp_path / "file").write_text("")
+    root = tmp_path / "file" / "demo"
+    result = subprocess.run(
+        [*COMMAND, "demo", "--root", str(root)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"fl-coordinator demo: --root {root}: cannot make this folder (Not a directory)\n"
+    )

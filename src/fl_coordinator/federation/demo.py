@@ -15,6 +15,7 @@ trains the same model on the pooled data for the same total number of epochs
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -108,7 +109,10 @@ def _fresh_root(layout: Layout) -> None:
                 )
             ensure_not_served(layout, "demo")
         shutil.rmtree(root)
-    (root / "logs").mkdir(parents=True)
+    try:
+        (root / "logs").mkdir(parents=True)
+    except OSError as error:
+        raise DemoError(f"--root {root}: cannot make this folder ({error.strerror})") from None
     (root / DEMO_MARKER).write_text(
         "made by fl-coordinator demo: the next demo with this --root empties this folder\n"
     )
@@ -174,10 +178,34 @@ class _Progress:
         )
 
 
+def _check_training(options: DemoOptions) -> None:
+    """Flags the federation cannot train with: they stalled it until the demo gave up after
+    _STALL_SECONDS (--epochs 0, --batch-size 0, --learning-rate nan, --alpha 0), or were a
+    traceback (--alpha -1)."""
+    hyper = options.hyper
+    wrong = [
+        flag
+        for flag, ok in (
+            (f"--epochs {hyper.epochs}", hyper.epochs >= 1),
+            (f"--batch-size {hyper.batch_size}", hyper.batch_size >= 1),
+            (f"--learning-rate {hyper.learning_rate:g}", 0 < hyper.learning_rate < math.inf),
+            (f"--momentum {hyper.momentum:g}", 0 <= hyper.momentum < 1),
+            (f"--alpha {options.alpha:g}", 0 < options.alpha < math.inf),
+        )
+        if not ok
+    ]
+    if wrong:
+        raise DemoError(
+            f"{', '.join(wrong)}: need epochs >= 1, batch size >= 1, a learning rate > 0, "
+            "a momentum in [0, 1) and an alpha > 0"
+        )
+
+
 class _Demo:
     def __init__(self, options: DemoOptions, out: TextIO = sys.stdout) -> None:
         if options.selectors < 1 or options.clients < options.selectors or options.rounds < 1:
             raise DemoError("need rounds >= 1, selectors >= 1 and clients >= selectors")
+        _check_training(options)
         dp = options.noise_multiplier
         if dp is not None and not (dp >= 0 and options.clip_norm > 0):
             raise DemoError(f"--dp {dp:g} --clip-norm {options.clip_norm:g}: need Z >= 0, C > 0")
