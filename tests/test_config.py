@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
 from helpers import REPO
 
-from fl_coordinator.config import KEYS, Settings, load_settings, read_config_file
+from fl_coordinator.config import (
+    KEYS,
+    MAX_CONFIG_BYTES,
+    Settings,
+    load_settings,
+    read_config_file,
+)
 from fl_coordinator.errors import ConfigError
 
 README = REPO / "README.md"
@@ -182,3 +189,119 @@ def test_differential_privacy_mistakes_are_one_line(environ: dict[str, str], mes
         1e-5,
         None,
     )
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"PORT": "50099", "STATUS_PORT": "50099"}, "STATUS_PORT=50099: expected a port other "
+         "than PORT's (50099)"),
+        ({"METRICS_PORT": "50050"}, "METRICS_PORT=50050: expected a port other than PORT's "
+         "(50050)"),
+        ({"STATUS_PORT": "9", "METRICS_PORT": "9"}, "METRICS_PORT=9: expected a port other "
+         "than STATUS_PORT's (9)"),
+    ],
+)  # fmt: skip
+def test_one_port_for_two_servers_is_refused_by_name(environ: dict[str, str], message: str) -> None:
+    """It was "address already in use: is another coordinator running?" at start-up."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, environ)
+    assert str(raised.value) == f"configuration error: {message}"
+
+
+def test_any_free_port_may_be_asked_for_twice() -> None:
+    settings, _ = load_settings({}, {"PORT": "0", "STATUS_PORT": "0", "METRICS_PORT": "0"})
+    assert (settings.port, settings.status_port, settings.metrics_port) == (0, 0, 0)
+
+
+def test_a_huge_bad_value_is_shown_cut_short() -> None:
+    value = "x" * 20_000_000
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {"CHECKIN_LIMIT": value})
+    message = str(raised.value)
+    shown = repr(value)[:200]
+    assert message == (
+        f"configuration error: CHECKIN_LIMIT={shown}... (20000002 characters): "
+        "expected an integer >= 1"
+    )
+
+
+@pytest.mark.parametrize("size", [MAX_CONFIG_BYTES + 1, 50 * 2**20])
+def test_a_config_file_is_read_up_to_a_bound(tmp_path: Path, size: int) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_bytes(b"# " + b"x" * (size - 3) + b"\n")
+    with pytest.raises(ConfigError) as raised:
+        read_config_file(config)
+    assert str(raised.value) == (
+        f"configuration error: --config={str(config)!r}: expected a config file of at most "
+        "1024 KiB (is it the right file?)"
+    )
+
+
+def test_an_endless_config_file_is_refused_in_bounded_memory() -> None:
+    """--config /dev/zero read until memory ran out (a MemoryError traceback under a limit)."""
+    with pytest.raises(ConfigError, match="at most 1024 KiB"):
+        read_config_file(Path("/dev/zero"))
+
+
+def test_a_config_file_of_the_bound_and_a_pipe_are_read(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    body = b"CHECKIN_LIMIT: 7\n"
+    config.write_bytes(body + b"#" * (MAX_CONFIG_BYTES - len(body) - 1) + b"\n")
+    assert read_config_file(config) == {"CHECKIN_LIMIT": 7}
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"PORT: 0\n")
+    os.close(write_end)
+    try:
+        assert read_config_file(Path(f"/proc/self/fd/{read_end}")) == {"PORT": 0}
+    finally:
+        os.close(read_end)
+
+
+def test_a_key_given_twice_in_the_file_is_refused(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys silently: CHECKIN_LIMIT: 2 ... CHECKIN_LIMIT: 3
+    served with 3, whichever the operator meant."""
+    config = tmp_path / "config.yaml"
+    config.write_text("CHECKIN_LIMIT: 2\nPORT: 0\nCHECKIN_LIMIT: 3\n")
+    with pytest.raises(ConfigError) as raised:
+        read_config_file(config)
+    assert str(raised.value) == (
+        f"configuration error: --config={str(config)!r}: expected each key once "
+        "(CHECKIN_LIMIT is on lines 1 and 3; remove one)"
+    )
+
+
+def test_keys_a_merge_brings_in_may_be_overridden(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("common: &common {PORT: 1, CHECKIN_LIMIT: 4}\n<<: *common\nPORT: 0\n")
+    assert read_config_file(config) == {
+        "common": {"PORT": 1, "CHECKIN_LIMIT": 4},
+        "PORT": 0,
+        "CHECKIN_LIMIT": 4,
+    }
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("PROBLEM_ID", "prob\udcffx"),  # PROBLEM_ID=$'prob\xffx': not UTF-8
+        ("PROBLEM_ID", "two\nlines"),
+        ("HOST", "host\udcfe"),
+        ("WEBSERVER_ADDRESS", "web\udcff:50052"),
+        ("ALLOWED_SELECTORS", "a\udcff:1"),
+    ],
+)
+def test_text_that_travels_must_be_printable_unicode(key: str, value: str) -> None:
+    """PROBLEM_ID with a byte that is not UTF-8 was taken: every metrics scrape then failed
+    (UnicodeEncodeError in the Prometheus label, a traceback per scrape)."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {key: value})
+    assert str(raised.value).startswith(f"configuration error: {key}={value!r}: expected ")
+
+
+def test_paths_may_hold_bytes_that_are_not_utf8_and_names_any_script() -> None:
+    settings, _ = load_settings(
+        {}, {"FL_ROOT_PATH": "/srv/fl/bad\udcffname", "PROBLEM_ID": "digits-é-数字"}
+    )
+    assert os.fsencode(settings.fl_root_path) == b"/srv/fl/bad\xffname"
+    assert settings.problem_id == "digits-é-数字"

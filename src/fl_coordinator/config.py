@@ -29,6 +29,7 @@ from .errors import ConfigError
 
 __all__ = [
     "KEYS",
+    "MAX_CONFIG_BYTES",
     "Key",
     "Parser",
     "Settings",
@@ -55,6 +56,23 @@ class _Redacted:
 
 
 _REDACTED = _Redacted()
+
+#: Characters of a bad value an error message shows: a mistake is recognisable in them, and a
+#: 20 MB value pasted by mistake is not a 20 MB line in the log or on the terminal.
+_SHOWN_CHARACTERS = 200
+
+
+class _Shown:
+    """Stands for a bad value in an error message: its repr, cut at _SHOWN_CHARACTERS."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        text = repr(self.value)
+        if len(text) <= _SHOWN_CHARACTERS:
+            return text
+        return f"{text[:_SHOWN_CHARACTERS]}... ({len(text)} characters)"
 
 
 def _integer(value: Any) -> int:
@@ -102,15 +120,31 @@ _positive = _checked(_number, lambda n: n > 0)
 _non_negative = _checked(_number, lambda n: n >= 0)
 
 
-def _text(value: Any) -> str:
+def _path(value: Any) -> str:
+    """A path, not empty: any characters, as a path on Linux may hold bytes that are not UTF-8
+    (``os.environ`` hands them over as surrogate escapes, which give the OS the same bytes)."""
     if not isinstance(value, str | int) or isinstance(value, bool) or str(value).strip() == "":
         raise ValueError
     return str(value).strip()
 
 
+def _text(value: Any) -> str:
+    """Text that is not a path, not empty: printable characters only.
+
+    It travels in status messages (JSON), Prometheus labels, protobuf strings
+    and log lines, which hold Unicode text: an environment value with bytes
+    that are not UTF-8 (``PROBLEM_ID=$'prob\\xff'``) made every metrics scrape
+    fail with a UnicodeEncodeError traceback.
+    """
+    text = _path(value)
+    if not text.isprintable():
+        raise ValueError
+    return text
+
+
 def _file_name(value: Any) -> str:
     """A file or folder name relative to the root; the Go keys carry stray slashes."""
-    name = _text(value)
+    name = _path(value)
     if "\0" in name or ".." in Path(name.strip("/")).parts or name.strip("/") == "":
         raise ValueError
     return name
@@ -162,7 +196,7 @@ def _optional_path(value: Any) -> str:
     """A file path, or empty for "not set" (whether it is readable is checked by its user)."""
     if value is None or value == "":
         return ""
-    path = _text(value)
+    path = _path(value)
     if "\0" in path:
         raise ValueError
     return path
@@ -319,7 +353,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "FL_ROOT_PATH",
         "./data",
-        _text,
+        _path,
         "a folder path",
         "Shared storage of this FL problem (the Go default was `../data`).",
         go=True,
@@ -401,7 +435,7 @@ KEYS: tuple[Key, ...] = (
         "PROBLEM_ID",
         "DEFAULT",
         _text,
-        "a non-empty string",
+        "a non-empty string of printable characters (UTF-8)",
         "Name of the FL problem, carried in every status message.",
         go=True,
     ),
@@ -852,15 +886,64 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Read a YAML config file into a mapping of keys, or raise ConfigError."""
+class _RepeatedKey(Exception):
+    """A key given twice in a config file; the message says which, and on which lines."""
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, refusing a top-level key given twice.
+
+    YAML loaders keep the last of two equal keys without a word, so a key an
+    operator added at the end of a long file silently won over, or lost to,
+    the one above it. (Keys a ``<<`` merge brings in may be overridden.)
+    """
+    loader = yaml.SafeLoader(text)
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        node = loader.get_single_node()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise _RepeatedKey(
+                        f"each key once ({key_node.value} is on lines {seen[key_node.value]} "
+                        f"and {line}; remove one)"
+                    )
+                seen[key_node.value] = line
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+
+
+#: Largest config file read: a real one is a few KiB; ``--config /dev/zero`` (or a log file
+#: given by mistake) must not be read until memory runs out.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping of keys, or raise ConfigError.
+
+    At most :data:`MAX_CONFIG_BYTES` are read (a pipe, ``/dev/stdin``, is fine).
+    """
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError("--config", str(path), f"a readable file ({error.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        expected = (
+            f"a config file of at most {MAX_CONFIG_BYTES // 1024} KiB (is it the right file?)"
+        )
+        raise ConfigError("--config", str(path), expected)
+    try:
+        loaded = _load_yaml(data.decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError("--config", str(path), f"valid YAML ({first_line})") from None
+    except _RepeatedKey as repeated:
+        raise ConfigError("--config", str(path), str(repeated)) from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -892,7 +975,8 @@ def load_settings(
         try:
             values[key.field] = key.parse(raw)
         except (ValueError, TypeError):
-            raise ConfigError(key.name, _REDACTED if key.secret else raw, key.expected) from None
+            shown = _REDACTED if key.secret else _Shown(raw)
+            raise ConfigError(key.name, shown, key.expected) from None
     settings = Settings(**values)
     _check_combinations(settings)
     return settings, unknown
@@ -941,6 +1025,7 @@ def _check_combinations(settings: Settings) -> None:
         raise ConfigError(
             "TLS_CLIENT_CA_FILE", settings.tls_client_ca_file, "TLS_CERT_FILE and TLS_KEY_FILE too"
         )
+    _check_ports(settings)
     if settings.legacy_status_push:
         _check_webserver_address(settings)
     if settings.auth_token and settings.auth_token_file:
@@ -955,6 +1040,23 @@ def _check_combinations(settings: Settings) -> None:
     if settings.stop_when and not settings.evaluate:
         raise ConfigError("STOP_WHEN", settings.stop_when, "empty, or EVALUATE set too")
     _check_privacy(settings)
+
+
+def _check_ports(settings: Settings) -> None:
+    """The gRPC, status and metrics ports listen on the same HOST: one port cannot be two of
+    them (it was refused at start-up as "address already in use: is another coordinator
+    running?", which sent the operator looking for a process that was not there)."""
+    taken: dict[int, str] = {}
+    for key, port in (
+        ("PORT", settings.port),
+        ("STATUS_PORT", settings.status_port),
+        ("METRICS_PORT", settings.metrics_port),
+    ):
+        if not port:  # 0: any free port; None: off
+            continue
+        if port in taken:
+            raise ConfigError(key, port, f"a port other than {taken[port]}'s ({port})")
+        taken[port] = key
 
 
 def _check_privacy(settings: Settings) -> None:

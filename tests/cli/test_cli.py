@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -14,8 +15,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers.processes import COMMAND, Served, environment, run
+from helpers.processes import COMMAND, Served, environment, run, wait_until
 
+from fl_coordinator.cli.running import exit_status
 from fl_coordinator.storage.model import builtin_model
 
 
@@ -312,3 +314,53 @@ def test_rollback_names_where_it_looked(root: Path, tmp_path: Path) -> None:
         f"fl-coordinator rollback: configuration error: --root='{typo}': expected an existing "
         "problem folder\n"
     ))  # fmt: skip
+
+
+def _reading_stdin(pid: int) -> bool:
+    """Whether ``pid`` is blocked in a read (x86-64 numbers it 0, arm64 63) of its stdin's pipe."""
+    fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    if fields[0] not in ("0", "63"):
+        return False
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}") == os.readlink(
+            f"/proc/{pid}/fd/0"
+        )
+    except OSError:  # that descriptor was closed meanwhile
+        return False
+
+
+def test_ctrl_c_outside_the_event_loop_is_one_line_and_status_130(root: Path) -> None:
+    """Ctrl-C while serve still reads its config (a pipe nobody writes): before trio's signal
+    handling, as while Keras loads for init. It was a KeyboardInterrupt traceback."""
+    process = subprocess.Popen(
+        [*COMMAND, "serve", "--config", "/dev/stdin"],
+        env=environment(root),
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_until(lambda: _reading_stdin(process.pid), limit=60)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert stderr == "fl-coordinator serve: interrupted (Ctrl-C)\n"
+
+
+def test_interrupts_in_a_group_are_one_line_other_errors_are_not_hidden(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def interrupted() -> int:
+        raise BaseExceptionGroup("nursery", [KeyboardInterrupt(), KeyboardInterrupt()])
+
+    assert exit_status("prog", interrupted) == 130
+    assert capsys.readouterr().err == "prog: interrupted (Ctrl-C)\n"
+
+    def failed() -> int:
+        raise BaseExceptionGroup("nursery", [KeyboardInterrupt(), ValueError("a bug")])
+
+    with pytest.raises(BaseExceptionGroup) as raised:
+        exit_status("prog", failed)
+    assert [type(e) for e in raised.value.exceptions] == [KeyboardInterrupt, ValueError]

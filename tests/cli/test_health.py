@@ -123,3 +123,47 @@ async def test_under_mutual_tls_from_an_operator_host(
         "fl-coordinator health: configuration error: --key='': expected --cert and --key "
         "together\n"
     ))  # fmt: skip
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "soon"])
+def test_a_timeout_that_cannot_work_is_refused(
+    health_server: tuple[str, list[bytes], list[bytes]],
+    capsys: pytest.CaptureFixture[str],
+    timeout: str,
+) -> None:
+    """--timeout -1 (or nan) was asked as it was: DEADLINE_EXCEEDED at once, exit 1, as if
+    the coordinator were too slow to answer."""
+    address, _, requests = health_server
+    with pytest.raises(SystemExit) as exited:
+        main(["health", "--address", address, "--timeout", timeout])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "fl-coordinator health: error: argument --timeout: expected a number of seconds > 0, "
+        f"not {timeout!r}"
+    )
+    assert requests == []
+
+
+@pytest.mark.parametrize("flag", ["--ca", "--cert", "--key"])
+@pytest.mark.parametrize("content", [b"root:x:0:0:root:/root:/bin/bash\n", b"\0" * (2 << 20)])
+def test_a_file_that_is_not_pem_is_named(
+    health_server: tuple[str, list[bytes], list[bytes]],
+    capsys: pytest.CaptureFixture[str],
+    pki: Pki,
+    tmp_path: Path,
+    flag: str,
+    content: bytes,
+) -> None:
+    """--ca /etc/passwd was 'UNAVAILABLE (... Failed to create security handshaker.)' after
+    four lines of grpc's C core on stderr, exit 1."""
+    address, _, requests = health_server
+    wrong = tmp_path / "wrong.pem"
+    wrong.write_bytes(content)
+    files = {"--ca": pki.ca, "--cert": pki.client.cert, "--key": pki.client.key, flag: wrong}
+    args = [item for pair in files.items() for item in (pair[0], str(pair[1]))]
+    assert main(["health", "--address", address, *args]) == 2
+    assert capsys.readouterr().err == (
+        f"fl-coordinator health: configuration error: {flag}={str(wrong)!r}: expected a PEM "
+        "file (-----BEGIN ... lines, at most 1 MiB)\n"
+    )
+    assert requests == []

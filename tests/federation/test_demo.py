@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 import h5py
+import pytest
+from helpers.processes import COMMAND, Served, environment
+
+from fl_coordinator.federation.demo import DEMO_MARKER
 
 
 def test_demo_smoke_run(tmp_path: Path) -> None:
@@ -28,6 +32,7 @@ def test_demo_smoke_run(tmp_path: Path) -> None:
     assert h5py.is_hdf5(root / "initFiles" / "fl_checkpoint")
     assert h5py.is_hdf5(root / "initFiles" / "model.h5")
     assert "COMPLETED" in result.stdout and "centralized" in result.stdout
+    assert (root / DEMO_MARKER).is_file()  # what lets the next demo empty this folder
     # Running it again replaces the previous demo; a folder of something else is refused.
     other = tmp_path / "precious"
     other.mkdir()
@@ -87,3 +92,95 @@ def test_demo_with_differential_privacy(tmp_path: Path) -> None:
     selector_logs = "".join(p.read_text() for p in (root / "logs").glob("selector*.log"))
     assert "aggregated 1 upload(s), total weight 1" in selector_logs
     assert "refused" not in selector_logs
+
+
+def _demo(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, "demo", "--rounds", "1", "--clients", "2", "--root", str(root)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("demo_like", [[], ["summary.json"], ["clients/client0.npz"]])
+def test_a_problem_folder_is_never_emptied(tmp_path: Path, demo_like: list[str]) -> None:
+    """`demo --root` emptied any folder holding initFiles/ (every problem folder does: the
+    trained checkpoint, its history, the selectors' folders went), or summary.json, or
+    clients/. Only a folder the demo marked as its own is emptied."""
+    root = tmp_path / "digits"
+    files = {
+        "initFiles/fl_checkpoint": b"trained weights",
+        "initFiles/model.h5": b"model",
+        ".coordinator/journal.json": b"{}",
+        "10.0.0.5:50051/fl_agg_checkpoint": b"a selector's aggregate",
+        **{name: b"the user's" for name in demo_like},
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    refused = _demo(root)
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        f"fl-coordinator demo: --root {root} is not empty and not a previous demo (it has no "
+        f"{DEMO_MARKER}); choose another, or remove it if it is an older demo's\n"
+    )
+    assert _files(root) == files
+
+
+def test_a_demo_folder_served_by_a_coordinator_is_not_emptied(
+    tmp_path: Path, settings, layout
+) -> None:
+    """The README suggests trying the roles on the demo's folder: a coordinator serving it
+    is not pulled from under its feet by the next demo."""
+    root = Path(settings.fl_root_path)
+    (root / DEMO_MARKER).write_text("made by fl-coordinator demo\n")
+    before = _files(root)
+    with Served(environment(root)) as served:
+        served.ready()
+        refused = _demo(root)
+        served.process.terminate()
+        served.process.wait(timeout=60)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"fl-coordinator demo: demo refused: {root} is served by ")
+    assert {name: data for name, data in _files(root).items() if name in before} == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--epochs", "0"], "--epochs 0"),  # these four stalled until the demo gave up
+        (["--batch-size", "0"], "--batch-size 0"),
+        (["--learning-rate", "nan"], "--learning-rate nan"),
+        (["--alpha", "0"], "--alpha 0"),
+        (["--alpha", "-1", "--momentum", "1"], "--momentum 1, --alpha -1"),  # a traceback
+    ],
+)
+def test_training_flags_that_cannot_train_are_one_line(
+    tmp_path: Path, flags: list[str], named: str
+) -> None:
+    result = subprocess.run(
+        [*COMMAND, "demo", "--root", str(tmp_path / "demo"), *flags],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"fl-coordinator demo: {named}: need epochs >= 1, batch size >= 1, a learning rate > 0, "
+        "a momentum in [0, 1) and an alpha > 0\n"
+    )
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_root_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """It was a FileNotFoundError traceback."""
+    (tmp_path / "file").write_text("")
+    root = tmp_path / "file" / "demo"
+    result = subprocess.run(
+        [*COMMAND, "demo", "--root", str(root)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"fl-coordinator demo: --root {root}: cannot make this folder (Not a directory)\n"
+    )

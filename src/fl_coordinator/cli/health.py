@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._proto import health_pb2
-from ..errors import HealthError
+from ..errors import ConfigError, HealthError
 
 __all__ = ["Health", "Tls", "probe"]
 
@@ -37,13 +37,32 @@ class Tls:
     def credentials(self) -> object:
         import grpc
 
-        def read(path: Path | None) -> bytes | None:
-            try:
-                return path.read_bytes() if path else None
-            except OSError as error:
-                raise HealthError(f"{path}: cannot read ({error.strerror})") from None
+        return grpc.ssl_channel_credentials(
+            _pem("--ca", self.ca), _pem("--key", self.key), _pem("--cert", self.cert)
+        )
 
-        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+#: Largest PEM file read: a CA bundle is a few hundred KiB.
+_MAX_PEM_BYTES = 1 << 20
+
+
+def _pem(flag: str, path: Path | None) -> bytes | None:
+    """The PEM file ``path``, or ConfigError naming ``flag``.
+
+    grpcio takes any bytes, and only says "Failed to create security handshaker"
+    after its C core has logged its own lines on stderr: a wrong file (a key for
+    the CA, /etc/passwd) is named here instead.
+    """
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as file:
+            data = file.read(_MAX_PEM_BYTES + 1)
+    except OSError as error:
+        raise HealthError(f"{path}: cannot read ({error.strerror})") from None
+    if len(data) > _MAX_PEM_BYTES or b"-----BEGIN " not in data:
+        raise ConfigError(flag, str(path), "a PEM file (-----BEGIN ... lines, at most 1 MiB)")
+    return data
 
 
 @dataclass(frozen=True)

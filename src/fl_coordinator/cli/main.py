@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -166,6 +167,18 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if health.serving else 1
 
 
+def _seconds(text: str) -> float:
+    """A flag's number of seconds > 0 (argparse's float takes -1, nan and inf: a health probe
+    with one failed at once, as DEADLINE_EXCEEDED, as if the coordinator were too slow)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, not {text!r}")
+    return seconds
+
+
 def _config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file of KEY: value settings")
 
@@ -228,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--address", help="host:port (default: 127.0.0.1:PORT)")
     health.add_argument("--service", default="", help="service name (default: the server)")
-    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    health.add_argument(
+        "--timeout", type=_seconds, default=5.0, help="seconds to wait for the answer (> 0)"
+    )
     health.add_argument(
         "--ca", type=Path, help="CA (PEM) of the coordinator's certificate: ask over TLS"
     )

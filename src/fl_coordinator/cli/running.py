@@ -11,7 +11,7 @@ import trio
 
 from ..errors import OperatorError, first_of
 
-__all__ = ["exit_status", "run_main", "run_until_signal"]
+__all__ = ["INTERRUPTED", "exit_status", "run_main", "run_until_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,36 @@ def run_main(main: Callable[[], Awaitable[object]]) -> None:
         raise error from None
 
 
+#: The exit status of a command stopped by Ctrl-C where it could not stop cleanly (128 + SIGINT,
+#: what a shell reports for a program that SIGINT ended).
+INTERRUPTED = 128 + signal.SIGINT
+
+
+def _only_interrupts(error: BaseException) -> bool:
+    """Whether ``error`` is a KeyboardInterrupt, or a group holding nothing else."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(KeyboardInterrupt)[1] is None
+    return isinstance(error, KeyboardInterrupt)
+
+
 def exit_status(prog: str, job: Callable[[], int]) -> int:
     """Run a command's ``job``: its exit status, or that of the OperatorError it raised.
 
     The error is printed as one line, ``prog: what, which value, what to do``,
     never as a traceback: the one place every command line of the project
-    turns an operator's mistake into a message.
+    turns an operator's mistake into a message. So is a Ctrl-C that reaches
+    the job as KeyboardInterrupt: one outside :func:`run_until_signal` (while
+    Keras loads, a config file is read), or a second one while it stops, which
+    trio delivers once the first has been handled (exit status
+    :data:`INTERRUPTED`).
     """
     try:
         return job()
     except OperatorError as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return error.exit_status
+    except (KeyboardInterrupt, BaseExceptionGroup) as error:
+        if not _only_interrupts(error):
+            raise
+        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED

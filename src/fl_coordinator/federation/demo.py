@@ -15,6 +15,7 @@ trains the same model on the pooled data for the same total number of epochs
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -28,13 +29,14 @@ import trio_websocket
 from ..config import default_settings
 from ..errors import ChildFailed, DemoError, first_of
 from ..storage.layout import Layout
+from ..storage.ownership import ensure_not_served
 from ..storage.problem import init_problem
 from .data import Split, split_digits, write_shards
 from .evaluation import SEED_VARIABLE, scores
 from .local import LocalFederation
 from .training import Hyper, compile_for_training, load_weights
 
-__all__ = ["DemoOptions", "accuracy_figure", "run_demo"]
+__all__ = ["DEMO_MARKER", "DemoOptions", "accuracy_figure", "run_demo"]
 
 #: Without any status message for this long, the demo gives up and points at the logs.
 _STALL_SECONDS = 180.0
@@ -85,16 +87,35 @@ class _RoundResult:
     loss: float | None = None
 
 
-def _fresh_root(root: Path) -> None:
-    """Empty ``root`` if it is a previous demo's; refuse to wipe anything else."""
+#: The file that says a folder is a demo's, which the next demo may empty. A folder's contents
+#: cannot say it: every problem folder has ``initFiles/`` (and ``summary.json`` or ``clients/``
+#: are names anyone may use), and the demo emptied such folders, checkpoints, history and
+#: selectors' folders included.
+DEMO_MARKER = ".fl-coordinator-demo"
+
+
+def _fresh_root(layout: Layout) -> None:
+    """Empty ``layout.root`` if a demo made it (and no coordinator serves it); refuse to wipe
+    anything else."""
+    root = layout.root
     if root.exists():
         if not root.is_dir():
             raise DemoError(f"--root {root} is a file; choose a folder")
-        leftovers = {p.name for p in root.iterdir()}
-        if leftovers and not leftovers & {"summary.json", "initFiles", "clients"}:
-            raise DemoError(f"--root {root} is not empty and not a previous demo; choose another")
+        if any(root.iterdir()):
+            if not (root / DEMO_MARKER).is_file():
+                raise DemoError(
+                    f"--root {root} is not empty and not a previous demo (it has no "
+                    f"{DEMO_MARKER}); choose another, or remove it if it is an older demo's"
+                )
+            ensure_not_served(layout, "demo")
         shutil.rmtree(root)
-    (root / "logs").mkdir(parents=True)
+    try:
+        (root / "logs").mkdir(parents=True)
+    except OSError as error:
+        raise DemoError(f"--root {root}: cannot make this folder ({error.strerror})") from None
+    (root / DEMO_MARKER).write_text(
+        "made by fl-coordinator demo: the next demo with this --root empties this folder\n"
+    )
 
 
 def _initial_accuracy(model_file: Path, checkpoint: Path, split: Split) -> float:
@@ -157,10 +178,34 @@ class _Progress:
         )
 
 
+def _check_training(options: DemoOptions) -> None:
+    """Flags the federation cannot train with: they stalled it until the demo gave up after
+    _STALL_SECONDS (--epochs 0, --batch-size 0, --learning-rate nan, --alpha 0), or were a
+    traceback (--alpha -1)."""
+    hyper = options.hyper
+    wrong = [
+        flag
+        for flag, ok in (
+            (f"--epochs {hyper.epochs}", hyper.epochs >= 1),
+            (f"--batch-size {hyper.batch_size}", hyper.batch_size >= 1),
+            (f"--learning-rate {hyper.learning_rate:g}", 0 < hyper.learning_rate < math.inf),
+            (f"--momentum {hyper.momentum:g}", 0 <= hyper.momentum < 1),
+            (f"--alpha {options.alpha:g}", 0 < options.alpha < math.inf),
+        )
+        if not ok
+    ]
+    if wrong:
+        raise DemoError(
+            f"{', '.join(wrong)}: need epochs >= 1, batch size >= 1, a learning rate > 0, "
+            "a momentum in [0, 1) and an alpha > 0"
+        )
+
+
 class _Demo:
     def __init__(self, options: DemoOptions, out: TextIO = sys.stdout) -> None:
         if options.selectors < 1 or options.clients < options.selectors or options.rounds < 1:
             raise DemoError("need rounds >= 1, selectors >= 1 and clients >= selectors")
+        _check_training(options)
         dp = options.noise_multiplier
         if dp is not None and not (dp >= 0 and options.clip_norm > 0):
             raise DemoError(f"--dp {dp:g} --clip-norm {options.clip_norm:g}: need Z >= 0, C > 0")
@@ -173,7 +218,7 @@ class _Demo:
 
     async def run(self) -> dict[str, Any]:
         options = self.options
-        _fresh_root(self.root)
+        _fresh_root(self.layout)
         split = split_digits(options.clients, options.alpha, options.seed)
         shards = write_shards(split, self.root / "clients")
         init_problem(self.layout)
