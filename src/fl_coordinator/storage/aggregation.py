@@ -132,7 +132,7 @@ from .untrusted import (
     Opened,
     UntrustedFile,
     dataset_at,
-    raise_if_ours,
+    raise_if_own_shortage,
 )
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
@@ -330,7 +330,7 @@ def _copied(
         raise ContributionsRefused({str(path): str(error)}) from None
     except OSError as error:
         # Out of descriptors is not out of room: reading through HDF5 would hold one more.
-        raise_if_ours(error)  # the pass fails as the coordinator's (see aggregate)
+        raise_if_own_shortage(error)  # the pass fails as the coordinator's (see aggregate)
         if copies.through_hdf5 == THROUGH_HDF5_MAX:
             raise CheckpointError(
                 f"no room in {copies.tmp_dir} for a plain copy of {path} "

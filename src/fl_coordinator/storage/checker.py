@@ -215,7 +215,7 @@ _Outcome = Contribution | str | NotSettled | _Crashed | _Ours
 def _ours_or_the_files(error: OSError, folder: Path) -> _Ours | str:
     """An error of OURS_IN_A_CHECK out of a check: the worker's own shortage if it came
     from opening a file (the opens of a selector's files confirm it where they fail: see
-    :func:`.untrusted.out_of_own_resources`), else the selector's rejection: a read or
+    :func:`.untrusted.selector_error_is_own_shortage`), else the selector's rejection: a read or
     ``fstat`` of an open descriptor allocates none, so its EMFILE is what the selector's
     file system (FUSE, network) answered."""
     if error.filename is not None:

@@ -75,8 +75,8 @@ __all__ = [
     "clip",
     "dataset_at",
     "fstat_of",
-    "out_of_own_resources",
-    "raise_if_ours",
+    "raise_if_own_shortage",
+    "selector_error_is_own_shortage",
 ]
 
 #: A weight file holds a decimal integer below 2**53 (16 digits) and a newline;
@@ -141,26 +141,29 @@ class FileIdentity:
 OURS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
-def raise_if_ours(error: OSError) -> None:
-    """Re-raise ``error`` if it says the coordinator is out of its own resources (OURS):
-    what follows would blame the selector's file for it, or take it for another fault
-    (a full disk). For an error of the coordinator's own files; one of a selector's
-    file is first confirmed (:func:`out_of_own_resources`)."""
+def raise_if_own_shortage(error: OSError) -> None:
+    """For an error of one of the coordinator's OWN files (its checkpoint, its state, its
+    copies): re-raise ``error`` if its errno says the coordinator is out of its own
+    resources (OURS). The errno of a file system the coordinator controls is believed;
+    what follows would otherwise blame a file for it, or take it for another fault (a
+    full disk). A selector's file's errno is not: see
+    :func:`selector_error_is_own_shortage`."""
     if error.errno in OURS:
         raise error
 
 
-def out_of_own_resources(error: OSError) -> bool:
-    """Whether ``error``, met on a selector's file, says that this process is out of its
-    own resources (OURS), and it is: it cannot open a descriptor of its own either (the
-    null device, at once).
+def selector_error_is_own_shortage(error: OSError) -> bool:
+    """For an error met on a SELECTOR's file: whether its errno is one of OURS and this
+    process really is out of its own resources: it cannot open a descriptor of its own
+    either (the null device, at once).
 
     The errno of a selector's file is not proof: a FUSE or network file system answers
     whatever its server likes (EMFILE to an ``open``), and taken at its word, a selector
     would fail every round for everyone instead of being rejected. In a worker (one
     thread) the test is exact for EMFILE; in the coordinator, a descriptor freed by
     another thread in between makes a real EMFILE the file's: its selector is refused,
-    never the round failed for it.
+    never the round failed for it. For the coordinator's own files:
+    :func:`raise_if_own_shortage`.
     """
     if error.errno not in OURS:
         return False
@@ -174,7 +177,7 @@ def out_of_own_resources(error: OSError) -> bool:
 
 def _answered(error: OSError) -> str:
     """What the file system answered, for a person: an errno of OURS that the coordinator
-    is not short of (see :func:`out_of_own_resources`) is said to be the file system's."""
+    is not short of (see :func:`selector_error_is_own_shortage`) is said to be the file system's."""
     if error.errno in OURS:
         return f"{error.strerror}, said its file system; the coordinator was not short of any"
     return str(error.strerror)
@@ -183,7 +186,8 @@ def _answered(error: OSError) -> str:
 def fstat_of(fd: int, path: Path, what: str) -> os.stat_result:
     """``fstat`` of a selector's open file ``path``; ContributionError if its file system
     cannot answer, whatever the errno: an ``fstat`` allocates nothing of the coordinator's,
-    so even an EMFILE is the file system's own answer (see :func:`out_of_own_resources`)."""
+    so even an EMFILE is the file system's own answer (see
+    :func:`selector_error_is_own_shortage`)."""
     try:
         return os.fstat(fd)
     except OSError as error:
@@ -257,7 +261,7 @@ class UntrustedFile:
                     inner = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
                 except OSError as error:
                     where = PurePosixPath(*parts[:depth])  # below the root: reasons are cut
-                    if out_of_own_resources(error):
+                    if selector_error_is_own_shortage(error):
                         raise
                     problem = _folder_problem(dir_fd, part, error)
                     raise ContributionError(
@@ -278,14 +282,14 @@ class UntrustedFile:
         except FileNotFoundError:
             raise ContributionError(f"{path}: {what} is missing") from None
         except OSError as error:
-            if out_of_own_resources(error):
+            if selector_error_is_own_shortage(error):
                 raise
             raise ContributionError(f"{path}: {what} cannot be read ({_answered(error)})") from None
         _check_regular(seen, path, what, max_bytes)  # a FIFO or a device is never opened
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as error:
-            if out_of_own_resources(error):
+            if selector_error_is_own_shortage(error):
                 raise
             raise ContributionError(
                 f"{path}: {what} cannot be opened ({_answered(error)})"
