@@ -40,6 +40,7 @@ from fl_coordinator.storage.contribution import (
     examine,
 )
 from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.untrusted import OwnShortage
 
 SELECTOR = "127.0.0.1:1"
 
@@ -534,3 +535,21 @@ async def test_a_selector_file_system_that_says_too_many_open_files_is_rejected_
     assert f"{os.strerror(code)}, said" in outcome
     assert "internal error" not in outcome
     assert said.seen == 0
+
+
+def test_an_emfile_with_a_file_name_is_the_checks_own_only_when_confirmed() -> None:
+    """An OSError EMFILE naming a selector's file that no confirming open raised (what a
+    new open path that forgot to confirm would let out, or its file system's answer)
+    rejects the selector; only :class:`OwnShortage` (raised by untrusted.py's opens once
+    the process itself could open nothing: tests/storage/test_untrusted.py, with a real
+    shortage) is the check's own, tried again. Before, any EMFILE carrying a file name was
+    taken as confirmed: the round failed for everyone after CHECK_TIMEOUT."""
+    folder = Path("/fl/127.0.0.1:1")
+    said = OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(folder / "fl_agg_checkpoint"))
+    assert checker_module._ours_or_the_files(said, folder) == (
+        f"{folder}: these files cannot be read ([Errno 24] Too many open files, said their "
+        "file system; the check was not short of any)"
+    )
+    assert checker_module._ours_or_the_files(OwnShortage.of(said), folder) == (
+        checker_module._Ours("[Errno 24] Too many open files")
+    )

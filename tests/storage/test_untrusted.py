@@ -496,7 +496,7 @@ def test_out_of_descriptors_is_the_coordinators_error_not_the_selectors(problem:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "open_fd: OSError 24", result.stdout
+    assert lines[0] == "open_fd: OwnShortage 24", result.stdout
     assert lines[1].startswith("aggregate: the coordinator ran out of its own resources"), lines
     assert "raise its RLIMIT_NOFILE" in lines[1]
 

@@ -130,6 +130,7 @@ from .untrusted import (
     CHUNK_MAX_BYTES,
     OURS,
     Opened,
+    OwnShortage,
     UntrustedFile,
     dataset_at,
     raise_if_own_shortage,
@@ -418,6 +419,8 @@ def _read(buffer: np.ndarray, source: _Source, selection: Selection) -> np.ndarr
         else:
             assert source.dataset is not None
             raw = read_into(buffer, source.dataset, selection)
+    except OwnShortage:
+        raise  # reopening a plain input: the pass fails as the coordinator's (see aggregate)
     except (ContributionError, OSError) as error:
         if source.untrusted:
             raise _refused(source.path, source.name, error) from None

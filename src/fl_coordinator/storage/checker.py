@@ -82,7 +82,7 @@ from ..workers import worker_processes
 from .aggregation import Contribution
 from .contribution import CheckpointSpec, NotSettled, SelectorFiles, examine
 from .layout import Layout
-from .untrusted import OURS, clip
+from .untrusted import OURS, OwnShortage, clip, raise_if_own_shortage
 
 __all__ = [
     "BATCH_BYTES",
@@ -150,9 +150,14 @@ RETRY_MAX_SECONDS = 5.0
 
 
 def _statm(field: int) -> int:
-    """Field ``field`` of /proc/self/statm (0: address space, 1: resident), in bytes."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
+    """Field ``field`` of /proc/self/statm (0: address space, 1: resident), in bytes;
+    OwnShortage if the process is out of descriptors (or memory) to read it."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError as error:
+        raise_if_own_shortage(error)
+        raise
 
 
 @functools.cache
@@ -213,12 +218,12 @@ _Outcome = Contribution | str | NotSettled | _Crashed | _Ours
 
 
 def _ours_or_the_files(error: OSError, folder: Path) -> _Ours | str:
-    """An error of OURS_IN_A_CHECK out of a check: the worker's own shortage if it came
-    from opening a file (the opens of a selector's files confirm it where they fail: see
-    :func:`.untrusted.selector_error_is_own_shortage`), else the selector's rejection: a read or
-    ``fstat`` of an open descriptor allocates none, so its EMFILE is what the selector's
-    file system (FUSE, network) answered."""
-    if error.filename is not None:
+    """An OSError of :data:`OURS_IN_A_CHECK` out of a check: the worker's own shortage
+    only if it says so itself (:class:`.untrusted.OwnShortage`: an open that failed and
+    confirmed it, or one of the worker's own files), else the selector's rejection:
+    whatever else answered EMFILE or ENFILE was the selector's file system (FUSE,
+    network), which may answer anything."""
+    if isinstance(error, OwnShortage):
         return _Ours(os_error_text(error))
     return clip(f"{folder}: these files cannot be read ({os_error_text(error)}, said their "
                 "file system; the check was not short of any)")  # fmt: skip
@@ -248,7 +253,9 @@ def _examine_each(
         except ContributionError as error:
             outcomes.append(clip(str(error)))
         except Exception as error:
-            if isinstance(error, OSError) and error.errno in OURS_IN_A_CHECK:
+            if isinstance(error, OwnShortage) or (
+                isinstance(error, OSError) and error.errno in OURS_IN_A_CHECK
+            ):
                 outcomes.append(_ours_or_the_files(error, files.root / selector))
             else:
                 outcomes.append(

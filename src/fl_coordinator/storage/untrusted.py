@@ -71,6 +71,7 @@ __all__ = [
     "WEIGHT_MAX_BYTES",
     "FileIdentity",
     "Opened",
+    "OwnShortage",
     "UntrustedFile",
     "clip",
     "dataset_at",
@@ -141,15 +142,32 @@ class FileIdentity:
 OURS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
+class OwnShortage(OSError):
+    """The coordinator is out of its own resources (an errno of :data:`OURS`), and this
+    is known: met on one of its own files (:func:`raise_if_own_shortage`), or on a
+    selector's file and confirmed (:func:`selector_error_is_own_shortage`) where it
+    failed to open.
+
+    The one OSError out of reading a selector's files that blames nobody: any other,
+    whatever its errno, is what the selector's file system answered, and rejects it.
+    Raised in place of the error it stands for (same ``errno``, ``strerror`` and
+    ``filename``), so a reader that does not care still sees that OSError.
+    """
+
+    @classmethod
+    def of(cls, error: OSError) -> OwnShortage:
+        return cls(error.errno, error.strerror, error.filename)
+
+
 def raise_if_own_shortage(error: OSError) -> None:
     """For an error of one of the coordinator's OWN files (its checkpoint, its state, its
-    copies): re-raise ``error`` if its errno says the coordinator is out of its own
-    resources (OURS). The errno of a file system the coordinator controls is believed;
-    what follows would otherwise blame a file for it, or take it for another fault (a
-    full disk). A selector's file's errno is not: see
+    copies, the selectors' root): raise it as :class:`OwnShortage` if its errno says the
+    coordinator is out of its own resources (OURS). The errno of a file system the
+    coordinator controls is believed; what follows would otherwise blame a file for it,
+    or take it for another fault (a full disk). A selector's file's errno is not: see
     :func:`selector_error_is_own_shortage`."""
     if error.errno in OURS:
-        raise error
+        raise OwnShortage.of(error) from None
 
 
 def selector_error_is_own_shortage(error: OSError) -> bool:
@@ -247,14 +265,19 @@ class UntrustedFile:
 
         Raises ContributionError, naming the file, if a component is a link or
         not a folder, the file is not a regular file of its own, is larger than
-        ``max_bytes``, or is not (any more) the file of ``identity``; OSError if
-        the coordinator is out of descriptors or memory (:data:`OURS`): not the
-        file's fault.
+        ``max_bytes``, or is not (any more) the file of ``identity``, whatever its
+        file system answered; :class:`OwnShortage` if the coordinator is out of
+        descriptors or memory (:data:`OURS`, confirmed): not the file's fault;
+        the OSError of opening ``root`` (the coordinator's) otherwise.
         """
         parts = PurePosixPath(self.name).parts
         if not parts or parts[0] == "/" or ".." in parts:
             raise ValueError(f"not a relative path below the root: {self.name!r}")
-        dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:  # the root is the coordinator's: its errno is believed
+            dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as error:
+            raise_if_own_shortage(error)
+            raise
         try:
             for depth, part in enumerate(parts[:-1], start=1):
                 try:
@@ -262,7 +285,7 @@ class UntrustedFile:
                 except OSError as error:
                     where = PurePosixPath(*parts[:depth])  # below the root: reasons are cut
                     if selector_error_is_own_shortage(error):
-                        raise
+                        raise OwnShortage.of(error) from None
                     problem = _folder_problem(dir_fd, part, error)
                     raise ContributionError(
                         f"{self.path}: {what} cannot be read: its folder '{where}' {problem}"
@@ -283,14 +306,14 @@ class UntrustedFile:
             raise ContributionError(f"{path}: {what} is missing") from None
         except OSError as error:
             if selector_error_is_own_shortage(error):
-                raise
+                raise OwnShortage.of(error) from None
             raise ContributionError(f"{path}: {what} cannot be read ({_answered(error)})") from None
         _check_regular(seen, path, what, max_bytes)  # a FIFO or a device is never opened
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as error:
             if selector_error_is_own_shortage(error):
-                raise
+                raise OwnShortage.of(error) from None
             raise ContributionError(
                 f"{path}: {what} cannot be opened ({_answered(error)})"
             ) from None
