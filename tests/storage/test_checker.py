@@ -548,8 +548,47 @@ def test_an_emfile_with_a_file_name_is_the_checks_own_only_when_confirmed() -> N
     said = OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(folder / "fl_agg_checkpoint"))
     assert checker_module._ours_or_the_files(said, folder) == (
         f"{folder}: these files cannot be read ([Errno 24] Too many open files, said their "
-        "file system; the check was not short of any)"
+        "file system; the check was not short of any): not the coordinator's fault; check "
+        "the storage that serves this folder"
     )
     assert checker_module._ours_or_the_files(OwnShortage.of(said), folder) == (
         checker_module._Ours("[Errno 24] Too many open files")
     )
+
+
+@needs_fuse
+@pytest.mark.fuse
+@pytest.mark.parametrize("code", [errno.EIO, errno.ESTALE])
+@pytest.mark.parametrize("file", ["weight", "checkpoint"])
+async def test_a_selector_file_system_failing_any_call_of_the_check_rejects_it_alone(
+    reported: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture, file: str, code: int
+) -> None:
+    """The selector's folder is its own file system (FUSE), whose server answers EIO (or
+    ESTALE) to every open, read or stat of one of its files from the N-th on, for every N
+    until the check no longer reaches it (then it accepts the files: the calls were all
+    tried). Each is a rejection of the selector naming its folder, what its file system
+    said and what to do, and nothing is logged as an error. Before, a failed read of the
+    weight file and a failed ``fstat`` of the open checkpoint (as it settles, and after
+    its values were read) came out as "internal error: OSError: [Errno 5] Input/output
+    error", its traceback logged."""
+    name = reported.agg_weight_name if file == "weight" else reported.agg_checkpoint_name
+    folder = reported.selector_dir(SELECTOR)
+    backing = tmp_path / "served"
+    folder.rename(backing)
+    os.utime(backing / reported.agg_checkpoint_name, (1, 1))  # settled: no second check
+    checker = ContributionChecker(reported, spec_of(reported), timeout=60, workers=1)
+    rejected: dict[str, list[str]] = {}
+    async with checker.running():
+        for operation in ("open", "read", "getattr"):
+            for after in range(1, 100):  # until a check makes fewer such calls
+                with mounted(backing, folder, name, operation, code, after):
+                    outcome = await checker.check(SELECTOR)
+                if isinstance(outcome, Contribution):
+                    break
+                rejected.setdefault(operation, []).append(outcome)
+    assert sorted(rejected) == ["getattr", "open", "read"]
+    for outcome in (outcome for outcomes in rejected.values() for outcome in outcomes):
+        assert outcome.startswith(f"{folder}/{name}: ") or outcome.startswith(f"{folder}: ")
+        assert os.strerror(code) in outcome
+        assert "internal error" not in outcome
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -42,9 +42,10 @@ process can be killed. So each check here
   global checkpoint, so a problem with that file (another process holding it
   locked) is never blamed on a selector;
 * is tried again when the coordinator is out of its own resources, and then
-  blames nobody: a worker out of descriptors (EMFILE, ENFILE: :data:`OURS_IN_A_CHECK`,
-  when the worker itself can open no file either: a selector's own file system may
-  answer EMFILE too, and is then rejected),
+  blames nobody: a worker out of descriptors (EMFILE, ENFILE, when the worker itself
+  can open no file either: :class:`.untrusted.OwnShortage`; a selector's own file
+  system may answer EMFILE too, and is then rejected, as for any other errno it
+  answers: EIO, ESTALE, ...),
   or the coordinator unable to start or talk to a worker (any OSError on its
   side: no descriptor for a pipe, no process for a fork). Such a check is
   tried again after :data:`RETRY_FIRST_SECONDS`, doubling up to
@@ -91,7 +92,6 @@ __all__ = [
     "GRACE_SECONDS",
     "IDLE_SECONDS",
     "MEMORY_BUDGET",
-    "OURS_IN_A_CHECK",
     "RETIRE_GROWTH",
     "RETRY_FIRST_SECONDS",
     "RETRY_MAX_SECONDS",
@@ -135,11 +135,6 @@ BATCH_BYTES = 64 * 2**20
 #: plain arrays); one that is only slow (a loaded machine) is checked again
 #: alone, which costs time, never a rejection.
 BATCH_SECONDS = 5.0
-
-#: errno values that, inside a check, say its worker process is out of the coordinator's
-#: resources (descriptors), not that the file is wrong. Not ENOMEM: a check's memory
-#: limit is the file's budget (MEMORY_BUDGET), and a file that exhausts it is rejected.
-OURS_IN_A_CHECK = OURS - {errno.ENOMEM}
 
 #: A check that could not run for want of the coordinator's own resources is tried again
 #: after this long, then after twice as long each time, up to RETRY_MAX_SECONDS, until
@@ -218,15 +213,17 @@ _Outcome = Contribution | str | NotSettled | _Crashed | _Ours
 
 
 def _ours_or_the_files(error: OSError, folder: Path) -> _Ours | str:
-    """An OSError of :data:`OURS_IN_A_CHECK` out of a check: the worker's own shortage
-    only if it says so itself (:class:`.untrusted.OwnShortage`: an open that failed and
-    confirmed it, or one of the worker's own files), else the selector's rejection:
-    whatever else answered EMFILE or ENFILE was the selector's file system (FUSE,
-    network), which may answer anything."""
+    """An OSError out of a check: the worker's own shortage only if it says so itself
+    (:class:`.untrusted.OwnShortage`: an open that failed and confirmed it, or one of
+    the worker's own files), else the selector's rejection: any other errno (EIO,
+    EACCES, ESTALE, ... and EMFILE too) is what the selector's file system (FUSE,
+    network), which may answer anything, said to a read of its files."""
     if isinstance(error, OwnShortage):
         return _Ours(os_error_text(error))
+    short = "; the check was not short of any" if error.errno in OURS else ""
     return clip(f"{folder}: these files cannot be read ({os_error_text(error)}, said their "
-                "file system; the check was not short of any)")  # fmt: skip
+                f"file system{short}): not the coordinator's fault; check the storage that "
+                "serves this folder")  # fmt: skip
 
 
 def _examine_each(
@@ -252,15 +249,10 @@ def _examine_each(
             outcomes.append(fresh)
         except ContributionError as error:
             outcomes.append(clip(str(error)))
+        except OSError as error:
+            outcomes.append(_ours_or_the_files(error, files.root / selector))
         except Exception as error:
-            if isinstance(error, OwnShortage) or (
-                isinstance(error, OSError) and error.errno in OURS_IN_A_CHECK
-            ):
-                outcomes.append(_ours_or_the_files(error, files.root / selector))
-            else:
-                outcomes.append(
-                    _Crashed(f"{type(error).__name__}: {error}", traceback.format_exc())
-                )
+            outcomes.append(_Crashed(f"{type(error).__name__}: {error}", traceback.format_exc()))
         if _grown():
             break
     return outcomes

@@ -77,6 +77,7 @@ __all__ = [
     "dataset_at",
     "fstat_of",
     "raise_if_own_shortage",
+    "read_of",
     "selector_error_is_own_shortage",
 ]
 
@@ -208,6 +209,15 @@ def fstat_of(fd: int, path: Path, what: str) -> os.stat_result:
     :func:`selector_error_is_own_shortage`)."""
     try:
         return os.fstat(fd)
+    except OSError as error:
+        raise ContributionError(f"{path}: {what} cannot be read ({_answered(error)})") from None
+
+
+def read_of(fd: int, count: int, path: Path, what: str) -> bytes:
+    """Up to ``count`` bytes read from a selector's open file ``path``; ContributionError
+    if its file system cannot answer, whatever the errno, as :func:`fstat_of`."""
+    try:
+        return os.read(fd, count)
     except OSError as error:
         raise ContributionError(f"{path}: {what} cannot be read ({_answered(error)})") from None
 
