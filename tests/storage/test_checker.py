@@ -592,3 +592,58 @@ async def test_a_selector_file_system_failing_any_call_of_the_check_rejects_it_a
         assert os.strerror(code) in outcome
         assert "internal error" not in outcome
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_while_out_of_descriptors_the_checks_say_so_once_a_minute_with_a_count(
+    layout: Layout,
+    keras_weights: list[Path],
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Five reports checked while the worker really is out of descriptors (its
+    RLIMIT_NOFILE lowered): each check is tried again, and each ends in OutOfResources
+    (the clock jumps past CHECK_TIMEOUT whenever one says it tries again). One WARNING
+    says why; the four other checks' are counted, and the count written once (as the
+    checker stops, within the minute). Before: one WARNING per report, so a coordinator
+    short of descriptors wrote one per report per round."""
+    mock_clock.rate = 1.0  # the checks' own waits as on the real clock
+    timeout = 60.0
+    selectors = [f"127.0.0.1:{port}" for port in range(1, 6)]
+    for selector in selectors:
+        write_aggregate(layout, selector, keras_weights[0], weight=5)
+    caplog.set_level(logging.DEBUG, checker_module.__name__)
+    checker = ContributionChecker(layout, spec_of(layout), timeout=timeout, workers=1)
+    failed: list[str] = []
+
+    def jump() -> None:  # each time one says it tries again (a DEBUG line after the first)
+        mock_clock.jump(timeout)
+
+    async with checker.running():
+        assert isinstance(await checker.check(selectors[0]), Contribution)  # a worker is up
+        (worker,) = check_workers()
+        with (
+            out_of_descriptors(worker),
+            when_logged(checker_module.__name__, TRIED_AGAIN, jump, every=True) as said,
+        ):
+            for selector in selectors:
+                with pytest.raises(OutOfResources) as raised:
+                    await checker.check(selector)
+                failed.append(str(raised.value))
+    lines = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name == checker_module.__name__ and r.levelno >= logging.INFO
+    ]
+    assert [text.split(": these files")[0] for text in failed] == [
+        str(layout.selector_dir(selector)) for selector in selectors
+    ]
+    assert said.seen == 5  # every check tried again once, each said so at DEBUG at least
+    first = (
+        f"the check of {selectors[0]}'s files cannot run: the coordinator is out of its own "
+        "resources ([Errno 24] Too many open files); tried again for up to "
+    )
+    assert [level for level, _ in lines] == ["WARNING", "WARNING"], lines
+    assert lines[0][1].startswith(first), lines
+    assert lines[1][1] == (
+        "... and 4 more in the last 60 s: checks tried again ([Errno 24] Too many open files)"
+    )

@@ -79,6 +79,7 @@ import trio
 import trio_parallel
 
 from ..errors import ContributionError, OutOfResources, os_error_text
+from ..log_throttle import Throttle
 from ..workers import worker_processes
 from .aggregation import Contribution
 from .contribution import CheckpointSpec, NotSettled, SelectorFiles, examine
@@ -284,6 +285,12 @@ class _Job:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
+_TRIED_AGAIN = (
+    "the check of %s's files cannot run: the coordinator is out of its own resources (%s); "
+    "tried again for up to %.3g s"
+)
+
+
 class ContributionChecker:
     """Checks selectors' files in worker processes. Use :meth:`running`, then :meth:`check`.
 
@@ -305,6 +312,9 @@ class ContributionChecker:
         self._queue: collections.deque[_Request] = collections.deque()
         self._alone: collections.deque[_Request] = collections.deque()  # from failed batches
         self._arrived = trio.Event()
+        # While the coordinator is short of descriptors, every report's check says so:
+        # the first line of each cause a minute is written, the others counted.
+        self._repeats = Throttle(log)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -327,6 +337,7 @@ class ContributionChecker:
                 trio.open_nursery() as jobs,
             ):
                 jobs.start_soon(self._dispatch, jobs)
+                jobs.start_soon(self._repeats.run)
                 await self.warm()  # ready to serve is ready to check
                 yield
                 jobs.cancel_scope.cancel()
@@ -385,11 +396,11 @@ class ContributionChecker:
             left = deadline - trio.current_time()
             if left <= 0:
                 raise OutOfResources(self._out_of_resources(selector, outcome))
-            # Said once per check (at most one line per report), then quietly.
-            level = logging.WARNING if delay == RETRY_FIRST_SECONDS else logging.DEBUG
-            log.log(level, "the check of %s's files cannot run: the coordinator is out of its "
-                    "own resources (%s); tried again for up to %.3g s", selector, outcome.error,
-                    left)  # fmt: skip
+            said = (_TRIED_AGAIN, selector, outcome.error, left)
+            if delay == RETRY_FIRST_SECONDS:  # once per check, at most a line a minute
+                self._repeats.warning(f"checks tried again ({outcome.error})", *said, peer="")
+            else:
+                log.debug(*said)
             await trio.sleep(min(delay, left))
             delay = min(2 * delay, RETRY_MAX_SECONDS)
         if isinstance(outcome, _Crashed):
