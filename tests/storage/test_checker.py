@@ -647,3 +647,32 @@ async def test_while_out_of_descriptors_the_checks_say_so_once_a_minute_with_a_c
     assert lines[1][1] == (
         "... and 4 more in the last 60 s: checks tried again ([Errno 24] Too many open files)"
     )
+
+
+@pytest.mark.parametrize("sent", [signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS])
+async def test_a_worker_that_crashes_on_a_file_in_a_shared_check_rejects_that_file_alone(
+    layout: Layout, keras_weights: list[Path], sent: signal.Signals
+) -> None:
+    """A file whose reading crashes its worker (a segfault, an ``abort()`` in HDF5, a bus
+    error: the worker gets that signal as it opens the file) in a job it shares with two
+    good files: the job ends as a whole (trio-parallel's BrokenWorkerError, not an
+    OSError, which would be taken for the coordinator's own shortage and retried until
+    the round fails), each file is checked again alone, and only the hostile one is
+    rejected, with the signal its worker died of."""
+    selectors = reporting(layout, keras_weights, 3)
+    hostile = selectors[1]
+    checker = ContributionChecker(layout, spec_of(layout), timeout=60, workers=1)
+    async with (
+        checker.running(),
+        fatal_to_open(layout.agg_checkpoint(hostile), sent) as crashed,
+    ):
+        found = await checked_behind_the_first(checker, selectors)
+    assert found[hostile] == (
+        f"{layout.selector_dir(hostile)}: checking these files ended its worker process "
+        f"(exit {-sent})"
+    )
+    for number, selector in enumerate(selectors):
+        if selector != hostile:
+            outcome = found[selector]
+            assert isinstance(outcome, Contribution) and outcome.weight == number + 1
+    assert len(crashed.pids) == 2  # in the shared job, then alone
