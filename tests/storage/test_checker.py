@@ -183,6 +183,18 @@ def recorded_batches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return batches
 
 
+def assert_rejected_alone(
+    found: dict[str, object], selectors: list[str], hostile: str, reason: str
+) -> None:
+    """``hostile`` rejected for ``reason``, each other selector (the n-th from 0, see
+    :func:`reporting`) accepted with its weight, n + 1."""
+    assert found[hostile] == reason
+    for number, selector in enumerate(selectors):
+        if selector != hostile:
+            outcome = found[selector]
+            assert isinstance(outcome, Contribution) and outcome.weight == number + 1
+
+
 async def checked_behind_the_first(
     checker: ContributionChecker, selectors: list[str]
 ) -> dict[str, object]:
@@ -242,14 +254,10 @@ async def test_a_shared_check_that_hangs_is_split_and_each_file_gets_its_own_dea
     # deadline, each of the three alone, in the same order.
     assert [sorted(batch) for batch in batches[:2]] == [selectors[:1], selectors[1:]]
     assert batches[2:] == [[selector] for selector in batches[1]]
-    assert found[hostile] == (
+    assert_rejected_alone(found, selectors, hostile, (
         f"{layout.selector_dir(hostile)}: the check of these files did not finish within "
         f"{timeout:g} s (CHECK_TIMEOUT); abandoned"
-    )
-    for number, selector in enumerate(selectors):
-        if selector != hostile:
-            outcome = found[selector]
-            assert isinstance(outcome, Contribution) and outcome.weight == number + 1
+    ))  # fmt: skip
     assert len(stopped.pids) == 2  # in the shared job, then alone
     assert not any(exists(pid) for pid in stopped.pids)  # killed at the deadline, and reaped
 
@@ -667,12 +675,8 @@ async def test_a_worker_that_crashes_on_a_file_in_a_shared_check_rejects_that_fi
         fatal_to_open(layout.agg_checkpoint(hostile), sent) as crashed,
     ):
         found = await checked_behind_the_first(checker, selectors)
-    assert found[hostile] == (
+    assert_rejected_alone(found, selectors, hostile, (
         f"{layout.selector_dir(hostile)}: checking these files ended its worker process "
         f"(exit {-sent})"
-    )
-    for number, selector in enumerate(selectors):
-        if selector != hostile:
-            outcome = found[selector]
-            assert isinstance(outcome, Contribution) and outcome.weight == number + 1
+    ))  # fmt: skip
     assert len(crashed.pids) == 2  # in the shared job, then alone
