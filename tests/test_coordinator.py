@@ -339,6 +339,9 @@ async def test_a_report_checked_while_out_of_descriptors_fails_the_round_as_ours
     check waits to try again: the report is accepted and averaged. Before, the selector was
     rejected ("internal error: OSError: [Errno 24] ...") and round 1 averaged without it."""
     mock_clock.rate = 1.0  # the round's own waits (a report settling) as on the real clock
+    # The check's WARNING is written once a minute (a Throttle): in round 2, its retry's
+    # DEBUG line is the one that says it waits.
+    caplog.set_level(logging.DEBUG, checker.__name__)
     timeout = 60.0
     served = settings.replace(checkin_limit=2, min_reporting_fraction=0.5, check_workers=1,
                               check_timeout=timeout, idle_connection_timeout=0)  # fmt: skip

@@ -36,7 +36,11 @@ into a refused call or a rejected selector, never into a crash. The tree
         └── ChildFailed .......... a process of a local federation ended or never became ready
 
 Trio's own exceptions (``trio.Cancelled``) and programming errors are not
-part of the tree: they are not meant to be caught by a caller.
+part of the tree: they are not meant to be caught by a caller. Nor is
+:class:`.storage.untrusted.OwnShortage`, an OSError (EMFILE, ENOMEM, ...) that
+marks the coordinator's own shortage as confirmed where a selector's file
+failed to open: the storage modules tell it from the selector's file
+system's answers, and it ends as OutOfResources or a CheckpointError.
 """
 
 from __future__ import annotations

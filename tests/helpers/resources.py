@@ -192,23 +192,27 @@ def out_of_descriptors(pid: int | str = "self") -> Iterator[Callable[[], None]]:
 
 
 class _WhenLogged(logging.Handler):
-    def __init__(self, text: str, action: Callable[[], None]) -> None:
+    def __init__(self, text: str, action: Callable[[], None], every: bool) -> None:
         super().__init__()
-        self.text, self.action, self.seen = text, action, 0
+        self.text, self.action, self.every, self.seen = text, action, every, 0
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.text in record.getMessage():
             self.seen += 1
-            if self.seen == 1:
+            if self.seen == 1 or self.every:
                 self.action()
 
 
 @contextlib.contextmanager
-def when_logged(logger: str, text: str, action: Callable[[], None]) -> Iterator[_WhenLogged]:
+def when_logged(
+    logger: str, text: str, action: Callable[[], None], *, every: bool = False
+) -> Iterator[_WhenLogged]:
     """Call ``action`` inside the logging call of the first record of ``logger`` (a name)
-    whose message holds ``text``: at that point of the code, synchronously (a check that
-    says it will try again, before it waits). ``seen``: how many such records came."""
-    handler = _WhenLogged(text, action)
+    whose message holds ``text`` (of each such record, if ``every``): at that point of the
+    code, synchronously (a check that says it will try again, before it waits). The
+    records of every level reach it that the logger lets through. ``seen``: how many
+    such records came."""
+    handler = _WhenLogged(text, action, every)
     logging.getLogger(logger).addHandler(handler)
     try:
         yield handler

@@ -40,6 +40,7 @@ from fl_coordinator.storage.contribution import (
     examine,
 )
 from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.untrusted import OwnShortage
 
 SELECTOR = "127.0.0.1:1"
 
@@ -182,6 +183,18 @@ def recorded_batches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return batches
 
 
+def assert_rejected_alone(
+    found: dict[str, object], selectors: list[str], hostile: str, reason: str
+) -> None:
+    """``hostile`` rejected for ``reason``, each other selector (the n-th from 0, see
+    :func:`reporting`) accepted with its weight, n + 1."""
+    assert found[hostile] == reason
+    for number, selector in enumerate(selectors):
+        if selector != hostile:
+            outcome = found[selector]
+            assert isinstance(outcome, Contribution) and outcome.weight == number + 1
+
+
 async def checked_behind_the_first(
     checker: ContributionChecker, selectors: list[str]
 ) -> dict[str, object]:
@@ -241,14 +254,10 @@ async def test_a_shared_check_that_hangs_is_split_and_each_file_gets_its_own_dea
     # deadline, each of the three alone, in the same order.
     assert [sorted(batch) for batch in batches[:2]] == [selectors[:1], selectors[1:]]
     assert batches[2:] == [[selector] for selector in batches[1]]
-    assert found[hostile] == (
+    assert_rejected_alone(found, selectors, hostile, (
         f"{layout.selector_dir(hostile)}: the check of these files did not finish within "
         f"{timeout:g} s (CHECK_TIMEOUT); abandoned"
-    )
-    for number, selector in enumerate(selectors):
-        if selector != hostile:
-            outcome = found[selector]
-            assert isinstance(outcome, Contribution) and outcome.weight == number + 1
+    ))  # fmt: skip
     assert len(stopped.pids) == 2  # in the shared job, then alone
     assert not any(exists(pid) for pid in stopped.pids)  # killed at the deadline, and reaped
 
@@ -534,3 +543,140 @@ async def test_a_selector_file_system_that_says_too_many_open_files_is_rejected_
     assert f"{os.strerror(code)}, said" in outcome
     assert "internal error" not in outcome
     assert said.seen == 0
+
+
+def test_an_emfile_with_a_file_name_is_the_checks_own_only_when_confirmed() -> None:
+    """An OSError EMFILE naming a selector's file that no confirming open raised (what a
+    new open path that forgot to confirm would let out, or its file system's answer)
+    rejects the selector; only :class:`OwnShortage` (raised by untrusted.py's opens once
+    the process itself could open nothing: tests/storage/test_untrusted.py, with a real
+    shortage) is the check's own, tried again. Before, any EMFILE carrying a file name was
+    taken as confirmed: the round failed for everyone after CHECK_TIMEOUT."""
+    folder = Path("/fl/127.0.0.1:1")
+    said = OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(folder / "fl_agg_checkpoint"))
+    assert checker_module._ours_or_the_files(said, folder) == (
+        f"{folder}: these files cannot be read ([Errno 24] Too many open files, said their "
+        "file system; the check was not short of any): not the coordinator's fault; check "
+        "the storage that serves this folder"
+    )
+    assert checker_module._ours_or_the_files(OwnShortage.of(said), folder) == (
+        checker_module._Ours("[Errno 24] Too many open files")
+    )
+
+
+@needs_fuse
+@pytest.mark.fuse
+@pytest.mark.parametrize("code", [errno.EIO, errno.ESTALE])
+@pytest.mark.parametrize("file", ["weight", "checkpoint"])
+async def test_a_selector_file_system_failing_any_call_of_the_check_rejects_it_alone(
+    reported: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture, file: str, code: int
+) -> None:
+    """The selector's folder is its own file system (FUSE), whose server answers EIO (or
+    ESTALE) to every open, read or stat of one of its files from the N-th on, for every N
+    until the check no longer reaches it (then it accepts the files: the calls were all
+    tried). Each is a rejection of the selector naming its folder, what its file system
+    said and what to do, and nothing is logged as an error. Before, a failed read of the
+    weight file and a failed ``fstat`` of the open checkpoint (as it settles, and after
+    its values were read) came out as "internal error: OSError: [Errno 5] Input/output
+    error", its traceback logged."""
+    name = reported.agg_weight_name if file == "weight" else reported.agg_checkpoint_name
+    folder = reported.selector_dir(SELECTOR)
+    backing = tmp_path / "served"
+    folder.rename(backing)
+    os.utime(backing / reported.agg_checkpoint_name, (1, 1))  # settled: no second check
+    checker = ContributionChecker(reported, spec_of(reported), timeout=60, workers=1)
+    rejected: dict[str, list[str]] = {}
+    async with checker.running():
+        for operation in ("open", "read", "getattr"):
+            for after in range(1, 100):  # until a check makes fewer such calls
+                with mounted(backing, folder, name, operation, code, after):
+                    outcome = await checker.check(SELECTOR)
+                if isinstance(outcome, Contribution):
+                    break
+                rejected.setdefault(operation, []).append(outcome)
+    assert sorted(rejected) == ["getattr", "open", "read"]
+    for outcome in (outcome for outcomes in rejected.values() for outcome in outcomes):
+        assert outcome.startswith(f"{folder}/{name}: ") or outcome.startswith(f"{folder}: ")
+        assert os.strerror(code) in outcome
+        assert "internal error" not in outcome
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_while_out_of_descriptors_the_checks_say_so_once_a_minute_with_a_count(
+    layout: Layout,
+    keras_weights: list[Path],
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Five reports checked while the worker really is out of descriptors (its
+    RLIMIT_NOFILE lowered): each check is tried again, and each ends in OutOfResources
+    (the clock jumps past CHECK_TIMEOUT whenever one says it tries again). One WARNING
+    says why; the four other checks' are counted, and the count written once (as the
+    checker stops, within the minute). Before: one WARNING per report, so a coordinator
+    short of descriptors wrote one per report per round."""
+    mock_clock.rate = 1.0  # the checks' own waits as on the real clock
+    timeout = 60.0
+    selectors = [f"127.0.0.1:{port}" for port in range(1, 6)]
+    for selector in selectors:
+        write_aggregate(layout, selector, keras_weights[0], weight=5)
+    caplog.set_level(logging.DEBUG, checker_module.__name__)
+    checker = ContributionChecker(layout, spec_of(layout), timeout=timeout, workers=1)
+    failed: list[str] = []
+
+    def jump() -> None:  # each time one says it tries again (a DEBUG line after the first)
+        mock_clock.jump(timeout)
+
+    async with checker.running():
+        assert isinstance(await checker.check(selectors[0]), Contribution)  # a worker is up
+        (worker,) = check_workers()
+        with (
+            out_of_descriptors(worker),
+            when_logged(checker_module.__name__, TRIED_AGAIN, jump, every=True) as said,
+        ):
+            for selector in selectors:
+                with pytest.raises(OutOfResources) as raised:
+                    await checker.check(selector)
+                failed.append(str(raised.value))
+    lines = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name == checker_module.__name__ and r.levelno >= logging.INFO
+    ]
+    assert [text.split(": these files")[0] for text in failed] == [
+        str(layout.selector_dir(selector)) for selector in selectors
+    ]
+    assert said.seen == 5  # every check tried again once, each said so at DEBUG at least
+    first = (
+        f"the check of {selectors[0]}'s files cannot run: the coordinator is out of its own "
+        "resources ([Errno 24] Too many open files); tried again for up to "
+    )
+    assert [level for level, _ in lines] == ["WARNING", "WARNING"], lines
+    assert lines[0][1].startswith(first), lines
+    assert lines[1][1] == (
+        "... and 4 more in the last 60 s: checks tried again ([Errno 24] Too many open files)"
+    )
+
+
+@pytest.mark.parametrize("sent", [signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS])
+async def test_a_worker_that_crashes_on_a_file_in_a_shared_check_rejects_that_file_alone(
+    layout: Layout, keras_weights: list[Path], sent: signal.Signals
+) -> None:
+    """A file whose reading crashes its worker (a segfault, an ``abort()`` in HDF5, a bus
+    error: the worker gets that signal as it opens the file) in a job it shares with two
+    good files: the job ends as a whole (trio-parallel's BrokenWorkerError, not an
+    OSError, which would be taken for the coordinator's own shortage and retried until
+    the round fails), each file is checked again alone, and only the hostile one is
+    rejected, with the signal its worker died of."""
+    selectors = reporting(layout, keras_weights, 3)
+    hostile = selectors[1]
+    checker = ContributionChecker(layout, spec_of(layout), timeout=60, workers=1)
+    async with (
+        checker.running(),
+        fatal_to_open(layout.agg_checkpoint(hostile), sent) as crashed,
+    ):
+        found = await checked_behind_the_first(checker, selectors)
+    assert_rejected_alone(found, selectors, hostile, (
+        f"{layout.selector_dir(hostile)}: checking these files ended its worker process "
+        f"(exit {-sent})"
+    ))  # fmt: skip
+    assert len(crashed.pids) == 2  # in the shared job, then alone

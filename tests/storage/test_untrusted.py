@@ -35,7 +35,7 @@ from fl_coordinator.storage.untrusted import (
     OURS,
     REASON_MAX_CHARS,
     clip,
-    out_of_own_resources,
+    selector_error_is_own_shortage,
 )
 
 GLOBAL = {
@@ -496,7 +496,7 @@ def test_out_of_descriptors_is_the_coordinators_error_not_the_selectors(problem:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "open_fd: OSError 24", result.stdout
+    assert lines[0] == "open_fd: OwnShortage 24", result.stdout
     assert lines[1].startswith("aggregate: the coordinator ran out of its own resources"), lines
     assert "raise its RLIMIT_NOFILE" in lines[1]
 
@@ -508,8 +508,8 @@ def test_an_errno_of_ours_is_believed_only_when_the_process_is_short_itself(code
     shortage only if the process cannot open a descriptor either (here: really out of
     descriptors, RLIMIT_NOFILE lowered to the lowest free one)."""
     said = OSError(code, os.strerror(code), "selector/fl_agg_checkpoint")
-    assert not out_of_own_resources(said)
+    assert not selector_error_is_own_shortage(said)
     with out_of_descriptors():
-        short = out_of_own_resources(said)
+        short = selector_error_is_own_shortage(said)
     assert short
-    assert not out_of_own_resources(OSError(errno.EIO, "I/O error"))
+    assert not selector_error_is_own_shortage(OSError(errno.EIO, "I/O error"))

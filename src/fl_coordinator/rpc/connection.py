@@ -195,22 +195,25 @@ class BoundedInflation(MessageReadBuffer):
     are both read, by their header; other encodings are refused as purerpc
     refuses them (that connection ends with a PROTOCOL_ERROR).
 
-    ``path``: the method, when ``max_message_length`` is its own limit
-    (:mod:`.request_limits`: a larger message refuses that call only); None
-    for the server's (a larger message ends the connection).
+    ``limit``: the largest message, in bytes (``max_message_length``, kept
+    here: purerpc keeps its copy private). ``path``: the method, when
+    ``limit`` is its own (:mod:`.request_limits`: a larger message refuses that
+    call only); None for the server's (a larger message ends the connection).
     """
 
     def __init__(
         self, message_encoding: str | None, max_message_length: int, path: str | None = None
     ) -> None:
         super().__init__(message_encoding, max_message_length)
+        self.encoding = message_encoding
+        self.limit = max_message_length
         self.path = path
 
     def decompress(self, data: bytes) -> bytes:
-        if self._message_encoding not in ("gzip", "deflate"):
+        if self.encoding not in ("gzip", "deflate"):
             return super().decompress(data)
         inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # either header
-        limit = self._max_message_length
+        limit = self.limit
         message = inflater.decompress(data, limit + 1)
         if len(message) > limit:
             raise MessageTooLargeError(f"message inflates to more than {limit} bytes")
@@ -291,7 +294,7 @@ class _Protocol(GRPCConnection):
             if buffer.path is None:
                 raise  # over the server's limit: the connection ends
             self.forget(event.stream_id)  # the rest of its data is dropped as it comes
-            return [_CallTooLarge(event.stream_id, buffer.path, buffer._max_message_length)]
+            return [_CallTooLarge(event.stream_id, buffer.path, buffer.limit)]
 
     def acknowledge_received_data(self, stream_id: int, flow_controlled_length: int) -> None:
         if stream_id not in self._unacknowledged:

@@ -130,9 +130,10 @@ from .untrusted import (
     CHUNK_MAX_BYTES,
     OURS,
     Opened,
+    OwnShortage,
     UntrustedFile,
     dataset_at,
-    raise_if_ours,
+    raise_if_own_shortage,
 )
 from .weights import DTYPE_ATTRIBUTE, Encoding, Weight, read_plan
 
@@ -330,7 +331,7 @@ def _copied(
         raise ContributionsRefused({str(path): str(error)}) from None
     except OSError as error:
         # Out of descriptors is not out of room: reading through HDF5 would hold one more.
-        raise_if_ours(error)  # the pass fails as the coordinator's (see aggregate)
+        raise_if_own_shortage(error)  # the pass fails as the coordinator's (see aggregate)
         if copies.through_hdf5 == THROUGH_HDF5_MAX:
             raise CheckpointError(
                 f"no room in {copies.tmp_dir} for a plain copy of {path} "
@@ -418,6 +419,8 @@ def _read(buffer: np.ndarray, source: _Source, selection: Selection) -> np.ndarr
         else:
             assert source.dataset is not None
             raw = read_into(buffer, source.dataset, selection)
+    except OwnShortage:
+        raise  # reopening a plain input: the pass fails as the coordinator's (see aggregate)
     except (ContributionError, OSError) as error:
         if source.untrusted:
             raise _refused(source.path, source.name, error) from None

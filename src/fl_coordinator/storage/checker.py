@@ -42,9 +42,10 @@ process can be killed. So each check here
   global checkpoint, so a problem with that file (another process holding it
   locked) is never blamed on a selector;
 * is tried again when the coordinator is out of its own resources, and then
-  blames nobody: a worker out of descriptors (EMFILE, ENFILE: :data:`OURS_IN_A_CHECK`,
-  when the worker itself can open no file either: a selector's own file system may
-  answer EMFILE too, and is then rejected),
+  blames nobody: a worker out of descriptors (EMFILE, ENFILE, when the worker itself
+  can open no file either: :class:`.untrusted.OwnShortage`; a selector's own file
+  system may answer EMFILE too, and is then rejected, as for any other errno it
+  answers: EIO, ESTALE, ...),
   or the coordinator unable to start or talk to a worker (any OSError on its
   side: no descriptor for a pipe, no process for a fork). Such a check is
   tried again after :data:`RETRY_FIRST_SECONDS`, doubling up to
@@ -78,11 +79,12 @@ import trio
 import trio_parallel
 
 from ..errors import ContributionError, OutOfResources, os_error_text
+from ..log_throttle import Throttle
 from ..workers import worker_processes
 from .aggregation import Contribution
 from .contribution import CheckpointSpec, NotSettled, SelectorFiles, examine
 from .layout import Layout
-from .untrusted import OURS, clip
+from .untrusted import OURS, OwnShortage, clip, raise_if_own_shortage
 
 __all__ = [
     "BATCH_BYTES",
@@ -91,7 +93,6 @@ __all__ = [
     "GRACE_SECONDS",
     "IDLE_SECONDS",
     "MEMORY_BUDGET",
-    "OURS_IN_A_CHECK",
     "RETIRE_GROWTH",
     "RETRY_FIRST_SECONDS",
     "RETRY_MAX_SECONDS",
@@ -136,11 +137,6 @@ BATCH_BYTES = 64 * 2**20
 #: alone, which costs time, never a rejection.
 BATCH_SECONDS = 5.0
 
-#: errno values that, inside a check, say its worker process is out of the coordinator's
-#: resources (descriptors), not that the file is wrong. Not ENOMEM: a check's memory
-#: limit is the file's budget (MEMORY_BUDGET), and a file that exhausts it is rejected.
-OURS_IN_A_CHECK = OURS - {errno.ENOMEM}
-
 #: A check that could not run for want of the coordinator's own resources is tried again
 #: after this long, then after twice as long each time, up to RETRY_MAX_SECONDS, until
 #: CHECK_TIMEOUT has passed since its first try: descriptors are usually freed in
@@ -150,9 +146,14 @@ RETRY_MAX_SECONDS = 5.0
 
 
 def _statm(field: int) -> int:
-    """Field ``field`` of /proc/self/statm (0: address space, 1: resident), in bytes."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
+    """Field ``field`` of /proc/self/statm (0: address space, 1: resident), in bytes;
+    OwnShortage if the process is out of descriptors (or memory) to read it."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError as error:
+        raise_if_own_shortage(error)
+        raise
 
 
 @functools.cache
@@ -213,15 +214,17 @@ _Outcome = Contribution | str | NotSettled | _Crashed | _Ours
 
 
 def _ours_or_the_files(error: OSError, folder: Path) -> _Ours | str:
-    """An error of OURS_IN_A_CHECK out of a check: the worker's own shortage if it came
-    from opening a file (the opens of a selector's files confirm it where they fail: see
-    :func:`.untrusted.out_of_own_resources`), else the selector's rejection: a read or
-    ``fstat`` of an open descriptor allocates none, so its EMFILE is what the selector's
-    file system (FUSE, network) answered."""
-    if error.filename is not None:
+    """An OSError out of a check: the worker's own shortage only if it says so itself
+    (:class:`.untrusted.OwnShortage`: an open that failed and confirmed it, or one of
+    the worker's own files), else the selector's rejection: any other errno (EIO,
+    EACCES, ESTALE, ... and EMFILE too) is what the selector's file system (FUSE,
+    network), which may answer anything, said to a read of its files."""
+    if isinstance(error, OwnShortage):
         return _Ours(os_error_text(error))
+    short = "; the check was not short of any" if error.errno in OURS else ""
     return clip(f"{folder}: these files cannot be read ({os_error_text(error)}, said their "
-                "file system; the check was not short of any)")  # fmt: skip
+                f"file system{short}): not the coordinator's fault; check the storage that "
+                "serves this folder")  # fmt: skip
 
 
 def _examine_each(
@@ -247,13 +250,10 @@ def _examine_each(
             outcomes.append(fresh)
         except ContributionError as error:
             outcomes.append(clip(str(error)))
+        except OSError as error:
+            outcomes.append(_ours_or_the_files(error, files.root / selector))
         except Exception as error:
-            if isinstance(error, OSError) and error.errno in OURS_IN_A_CHECK:
-                outcomes.append(_ours_or_the_files(error, files.root / selector))
-            else:
-                outcomes.append(
-                    _Crashed(f"{type(error).__name__}: {error}", traceback.format_exc())
-                )
+            outcomes.append(_Crashed(f"{type(error).__name__}: {error}", traceback.format_exc()))
         if _grown():
             break
     return outcomes
@@ -285,6 +285,12 @@ class _Job:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
+_TRIED_AGAIN = (
+    "the check of %s's files cannot run: the coordinator is out of its own resources (%s); "
+    "tried again for up to %.3g s"
+)
+
+
 class ContributionChecker:
     """Checks selectors' files in worker processes. Use :meth:`running`, then :meth:`check`.
 
@@ -306,6 +312,9 @@ class ContributionChecker:
         self._queue: collections.deque[_Request] = collections.deque()
         self._alone: collections.deque[_Request] = collections.deque()  # from failed batches
         self._arrived = trio.Event()
+        # While the coordinator is short of descriptors, every report's check says so:
+        # the first line of each cause a minute is written, the others counted.
+        self._repeats = Throttle(log)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -328,6 +337,7 @@ class ContributionChecker:
                 trio.open_nursery() as jobs,
             ):
                 jobs.start_soon(self._dispatch, jobs)
+                jobs.start_soon(self._repeats.run)
                 await self.warm()  # ready to serve is ready to check
                 yield
                 jobs.cancel_scope.cancel()
@@ -386,11 +396,11 @@ class ContributionChecker:
             left = deadline - trio.current_time()
             if left <= 0:
                 raise OutOfResources(self._out_of_resources(selector, outcome))
-            # Said once per check (at most one line per report), then quietly.
-            level = logging.WARNING if delay == RETRY_FIRST_SECONDS else logging.DEBUG
-            log.log(level, "the check of %s's files cannot run: the coordinator is out of its "
-                    "own resources (%s); tried again for up to %.3g s", selector, outcome.error,
-                    left)  # fmt: skip
+            said = (_TRIED_AGAIN, selector, outcome.error, left)
+            if delay == RETRY_FIRST_SECONDS:  # once per check, at most a line a minute
+                self._repeats.warning(f"checks tried again ({outcome.error})", *said, peer="")
+            else:
+                log.debug(*said)
             await trio.sleep(min(delay, left))
             delay = min(2 * delay, RETRY_MAX_SECONDS)
         if isinstance(outcome, _Crashed):

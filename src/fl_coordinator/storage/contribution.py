@@ -27,7 +27,15 @@ from ..errors import ContributionError
 from .aggregation import Contribution, read_into
 from .plain import Extent, extent_of
 from .slab import chunk_slabs, largest_slab, slabs
-from .untrusted import CHUNK_MAX_BYTES, WEIGHT_MAX_BYTES, FileIdentity, UntrustedFile, dataset_at
+from .untrusted import (
+    CHUNK_MAX_BYTES,
+    WEIGHT_MAX_BYTES,
+    FileIdentity,
+    UntrustedFile,
+    dataset_at,
+    fstat_of,
+    read_of,
+)
 from .weights import Encoding, Weight
 
 __all__ = [
@@ -95,12 +103,12 @@ class SelectorFiles:
 
 def read_weight(source: UntrustedFile) -> int:
     """A selector's ``fl_agg_checkpoint_weight``: a positive decimal integer, read once."""
+    path = source.path
     fd, _ = source.open_fd("weight file", WEIGHT_MAX_BYTES)
     try:
-        raw = os.read(fd, WEIGHT_MAX_BYTES + 1)
+        raw = read_of(fd, WEIGHT_MAX_BYTES + 1, path, "weight file")
     finally:
         os.close(fd)
-    path = source.path
     text = raw.decode("ascii", errors="replace").strip()
     if not text:
         raise ContributionError(f"{path}: weight file is empty")
@@ -124,17 +132,17 @@ class NotSettled(Exception):
         self.wait = wait
 
 
-def _settled(fd: int, wait: bool) -> os.stat_result:
-    """``fstat`` of ``fd`` once its last change is at least SETTLE_SECONDS old: waited
-    for here if ``wait``, else NotSettled is raised."""
-    status = os.fstat(fd)
+def _settled(fd: int, path: Path, wait: bool) -> os.stat_result:
+    """``fstat`` of ``fd`` (the aggregate ``path``) once its last change is at least
+    SETTLE_SECONDS old: waited for here if ``wait``, else NotSettled is raised."""
+    status = fstat_of(fd, path, "aggregate checkpoint")
     age = time.time() - status.st_ctime_ns / 1e9
     if age < SETTLE_SECONDS:
         rest = SETTLE_SECONDS - max(age, 0.0)  # a clock behind the file's: still bounded
         if not wait:
             raise NotSettled(rest)
         time.sleep(rest)
-        status = os.fstat(fd)
+        status = fstat_of(fd, path, "aggregate checkpoint")
     return status
 
 
@@ -194,7 +202,7 @@ def examine(
     with source.open_hdf5(
         "aggregate checkpoint", spec.max_aggregate_bytes, CHUNK_MAX_BYTES
     ) as opened:
-        before = FileIdentity.of(_settled(opened.fd, settle))
+        before = FileIdentity.of(_settled(opened.fd, source.path, settle))
         square = 0.0
         plain: dict[str, tuple[Extent, Encoding]] | None = {}
         try:
@@ -215,7 +223,7 @@ def examine(
                 f"{source.path}: aggregate checkpoint cannot be read "
                 f"({type(error).__name__}: {error})"
             ) from None
-        if FileIdentity.of(os.fstat(opened.fd)) != before:
+        if FileIdentity.of(fstat_of(opened.fd, source.path, "aggregate checkpoint")) != before:
             raise ContributionError(f"{source.path}: aggregate checkpoint changed while checked")
     checked = UntrustedFile(source.root, source.name, before)
     if spec.measure_norms and not math.isfinite(square):

@@ -29,7 +29,7 @@ import errno
 import fcntl
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +46,7 @@ _NO_LOCKS = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP})
 class _WholeIO(io.FileIO):
     """An unbuffered file object on a descriptor whose reads and writes are whole.
 
-    ``failed`` is the first OSError of its reads and writes. While ``closing``, a
+    ``failed`` is the first OSError of its reads, writes and trims. While ``closing``, a
     failed write (or trim) is only kept there, as if it had been made: a close that
     fails in HDF5 leaves the file open in the library (a DatasetID and a FileID on a
     descriptor we then close, whose number is soon another file's; the process then
@@ -61,7 +61,8 @@ class _WholeIO(io.FileIO):
         view = memoryview(buffer).cast("B")
         done = 0
         while done < len(view):
-            got = self._failing(super().readinto, view[done:])
+            with self._recorded():
+                got = super().readinto(view[done:])
             if not got:  # past the end of the file: zeros, as HDF5's sec2 driver reads
                 view[done:] = bytes(len(view) - done)
                 break
@@ -70,36 +71,30 @@ class _WholeIO(io.FileIO):
 
     def write(self, data: Any) -> int:  # type: ignore[override]
         view = memoryview(data).cast("B")
-        try:
+        with self._recorded(kept=True):
             done = 0
             while done < len(view):
-                written = self._failing(super().write, view[done:])
+                written = super().write(view[done:])
                 if not written:  # never for a regular file; no endless loop if it were
                     raise OSError(errno.EIO, f"wrote {done} of {len(view)} bytes")
                 done += written
-        except OSError as error:
-            if not self.closing:
-                raise
-            self.failed = self.failed or error
         return len(view)
 
     def truncate(self, size: int | None = None) -> int:
-        try:
+        with self._recorded(kept=True):
             return super().truncate(size)
-        except OSError as error:
-            if not self.closing:
-                raise
-            self.failed = self.failed or error
-            return size or 0
+        return size or 0
 
-    def _failing(self, call: Callable[[memoryview], int | None], view: memoryview) -> int | None:
-        """``call(view)``, its OSError kept in ``failed`` (the first) and raised."""
+    @contextlib.contextmanager
+    def _recorded(self, kept: bool = False) -> Iterator[None]:
+        """The first OSError raised inside, kept in ``failed``; raised again, unless
+        ``kept`` (a write or a trim) while ``closing``: it is then as if made."""
         try:
-            return call(view)
+            yield
         except OSError as error:
-            if self.failed is None:
-                self.failed = error
-            raise
+            self.failed = self.failed or error
+            if not (kept and self.closing):
+                raise
 
 
 def hdf5_on(fd: int, mode: Literal["r", "r+", "w"], **options: Any) -> h5py.File:

@@ -68,7 +68,7 @@ from .plain import (
 )
 from .plain_copy import copy_plain
 from .slab import Selection, leading, slab_shape
-from .untrusted import raise_if_ours
+from .untrusted import raise_if_own_shortage
 from .weights import Encoding, Weight, upload_encoding
 
 __all__ = [
@@ -304,7 +304,7 @@ class StateUpdate:
         try:
             return stack.enter_context(open_own(self.source, "r"))
         except OSError as error:
-            raise_if_ours(error)  # not the file's fault: it stays where it is
+            raise_if_own_shortage(error)  # not the file's fault: it stays where it is
             what = f"not a readable optimizer state ({error})"
             raise AggregationError(_move_away(self.source, what)) from None
 
@@ -408,7 +408,7 @@ class Moments:
             what = str(error).removeprefix(f"{source}: ")
             raise AggregationError(_move_away(source, what)) from None
         except OSError as error:
-            raise_if_ours(error)  # out of descriptors, not of room: the pass fails as ours
+            raise_if_own_shortage(error)  # out of descriptors, not of room: the pass fails as ours
             log.warning("%s: no plain copy of the optimizer state could be written in %s "
                         "(%s); it is read through HDF5, slowly", source, tmp_dir,
                         error)  # fmt: skip

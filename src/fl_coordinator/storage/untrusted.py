@@ -71,12 +71,14 @@ __all__ = [
     "WEIGHT_MAX_BYTES",
     "FileIdentity",
     "Opened",
+    "OwnShortage",
     "UntrustedFile",
     "clip",
     "dataset_at",
     "fstat_of",
-    "out_of_own_resources",
-    "raise_if_ours",
+    "raise_if_own_shortage",
+    "read_of",
+    "selector_error_is_own_shortage",
 ]
 
 #: A weight file holds a decimal integer below 2**53 (16 digits) and a newline;
@@ -141,26 +143,46 @@ class FileIdentity:
 OURS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
-def raise_if_ours(error: OSError) -> None:
-    """Re-raise ``error`` if it says the coordinator is out of its own resources (OURS):
-    what follows would blame the selector's file for it, or take it for another fault
-    (a full disk). For an error of the coordinator's own files; one of a selector's
-    file is first confirmed (:func:`out_of_own_resources`)."""
+class OwnShortage(OSError):
+    """The coordinator is out of its own resources (an errno of :data:`OURS`), and this
+    is known: met on one of its own files (:func:`raise_if_own_shortage`), or on a
+    selector's file and confirmed (:func:`selector_error_is_own_shortage`) where it
+    failed to open.
+
+    The one OSError out of reading a selector's files that blames nobody: any other,
+    whatever its errno, is what the selector's file system answered, and rejects it.
+    Raised in place of the error it stands for (same ``errno``, ``strerror`` and
+    ``filename``), so a reader that does not care still sees that OSError.
+    """
+
+    @classmethod
+    def of(cls, error: OSError) -> OwnShortage:
+        return cls(error.errno, error.strerror, error.filename)
+
+
+def raise_if_own_shortage(error: OSError) -> None:
+    """For an error of one of the coordinator's OWN files (its checkpoint, its state, its
+    copies, the selectors' root): raise it as :class:`OwnShortage` if its errno says the
+    coordinator is out of its own resources (OURS). The errno of a file system the
+    coordinator controls is believed; what follows would otherwise blame a file for it,
+    or take it for another fault (a full disk). A selector's file's errno is not: see
+    :func:`selector_error_is_own_shortage`."""
     if error.errno in OURS:
-        raise error
+        raise OwnShortage.of(error) from None
 
 
-def out_of_own_resources(error: OSError) -> bool:
-    """Whether ``error``, met on a selector's file, says that this process is out of its
-    own resources (OURS), and it is: it cannot open a descriptor of its own either (the
-    null device, at once).
+def selector_error_is_own_shortage(error: OSError) -> bool:
+    """For an error met on a SELECTOR's file: whether its errno is one of OURS and this
+    process really is out of its own resources: it cannot open a descriptor of its own
+    either (the null device, at once).
 
     The errno of a selector's file is not proof: a FUSE or network file system answers
     whatever its server likes (EMFILE to an ``open``), and taken at its word, a selector
     would fail every round for everyone instead of being rejected. In a worker (one
     thread) the test is exact for EMFILE; in the coordinator, a descriptor freed by
     another thread in between makes a real EMFILE the file's: its selector is refused,
-    never the round failed for it.
+    never the round failed for it. For the coordinator's own files:
+    :func:`raise_if_own_shortage`.
     """
     if error.errno not in OURS:
         return False
@@ -174,7 +196,7 @@ def out_of_own_resources(error: OSError) -> bool:
 
 def _answered(error: OSError) -> str:
     """What the file system answered, for a person: an errno of OURS that the coordinator
-    is not short of (see :func:`out_of_own_resources`) is said to be the file system's."""
+    is not short of (see :func:`selector_error_is_own_shortage`) is said to be the file system's."""
     if error.errno in OURS:
         return f"{error.strerror}, said its file system; the coordinator was not short of any"
     return str(error.strerror)
@@ -183,9 +205,19 @@ def _answered(error: OSError) -> str:
 def fstat_of(fd: int, path: Path, what: str) -> os.stat_result:
     """``fstat`` of a selector's open file ``path``; ContributionError if its file system
     cannot answer, whatever the errno: an ``fstat`` allocates nothing of the coordinator's,
-    so even an EMFILE is the file system's own answer (see :func:`out_of_own_resources`)."""
+    so even an EMFILE is the file system's own answer (see
+    :func:`selector_error_is_own_shortage`)."""
     try:
         return os.fstat(fd)
+    except OSError as error:
+        raise ContributionError(f"{path}: {what} cannot be read ({_answered(error)})") from None
+
+
+def read_of(fd: int, count: int, path: Path, what: str) -> bytes:
+    """Up to ``count`` bytes read from a selector's open file ``path``; ContributionError
+    if its file system cannot answer, whatever the errno, as :func:`fstat_of`."""
+    try:
+        return os.read(fd, count)
     except OSError as error:
         raise ContributionError(f"{path}: {what} cannot be read ({_answered(error)})") from None
 
@@ -243,22 +275,27 @@ class UntrustedFile:
 
         Raises ContributionError, naming the file, if a component is a link or
         not a folder, the file is not a regular file of its own, is larger than
-        ``max_bytes``, or is not (any more) the file of ``identity``; OSError if
-        the coordinator is out of descriptors or memory (:data:`OURS`): not the
-        file's fault.
+        ``max_bytes``, or is not (any more) the file of ``identity``, whatever its
+        file system answered; :class:`OwnShortage` if the coordinator is out of
+        descriptors or memory (:data:`OURS`, confirmed): not the file's fault;
+        the OSError of opening ``root`` (the coordinator's) otherwise.
         """
         parts = PurePosixPath(self.name).parts
         if not parts or parts[0] == "/" or ".." in parts:
             raise ValueError(f"not a relative path below the root: {self.name!r}")
-        dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:  # the root is the coordinator's: its errno is believed
+            dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as error:
+            raise_if_own_shortage(error)
+            raise
         try:
             for depth, part in enumerate(parts[:-1], start=1):
                 try:
                     inner = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
                 except OSError as error:
                     where = PurePosixPath(*parts[:depth])  # below the root: reasons are cut
-                    if out_of_own_resources(error):
-                        raise
+                    if selector_error_is_own_shortage(error):
+                        raise OwnShortage.of(error) from None
                     problem = _folder_problem(dir_fd, part, error)
                     raise ContributionError(
                         f"{self.path}: {what} cannot be read: its folder '{where}' {problem}"
@@ -278,15 +315,15 @@ class UntrustedFile:
         except FileNotFoundError:
             raise ContributionError(f"{path}: {what} is missing") from None
         except OSError as error:
-            if out_of_own_resources(error):
-                raise
+            if selector_error_is_own_shortage(error):
+                raise OwnShortage.of(error) from None
             raise ContributionError(f"{path}: {what} cannot be read ({_answered(error)})") from None
         _check_regular(seen, path, what, max_bytes)  # a FIFO or a device is never opened
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as error:
-            if out_of_own_resources(error):
-                raise
+            if selector_error_is_own_shortage(error):
+                raise OwnShortage.of(error) from None
             raise ContributionError(
                 f"{path}: {what} cannot be opened ({_answered(error)})"
             ) from None
