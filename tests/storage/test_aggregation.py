@@ -298,16 +298,15 @@ def test_an_input_whose_file_system_says_too_many_open_files_is_refused_alone(
 @needs_fuse
 @pytest.mark.fuse
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.EIO])
-def test_every_stat_an_inputs_file_system_fails_refuses_that_input_alone(
-    tmp_path: Path, arrays, code: int
+@pytest.mark.parametrize("operation", ["getattr", "read"])
+def test_every_call_an_inputs_file_system_fails_refuses_that_input_alone(
+    tmp_path: Path, arrays, operation: str, code: int
 ) -> None:
     """The same, for each ``stat`` and ``fstat`` the pass makes of the input in turn (the
-    lookups, the ``fstat`` after opening, the look at the end for a change): the server
-    answers EMFILE (or EIO: any errno) from the n-th call on, n = 1, 2, ... until the
-    pass makes fewer. Each time that input is refused alone, with what its file system
-    said, never the pass failed as the coordinator's. (Its reads failing are refused
-    alone too, but an HDF5 open that fails so leaks h5py's file access list, whose
-    release at exit crashes the process: not in this one.)"""
+    lookups, the ``fstat`` after opening, the look at the end for a change), and each
+    read: the server answers EMFILE (or EIO: any errno) from the n-th call on,
+    n = 1, 2, ... until the pass makes fewer. Each time that input is refused alone, with
+    what its file system said, never the pass failed as the coordinator's."""
     checkpoint = write_h5(tmp_path / "fl_checkpoint", arrays)
     before = digest(checkpoint)
     good = contribution(tmp_path, "good", updates_like(arrays, 1), 2)
@@ -319,7 +318,7 @@ def test_every_stat_an_inputs_file_system_fails_refuses_that_input_alone(
             tmp_path / "served",
             tmp_path / "bad",
             "fl_agg_checkpoint",
-            "getattr",
+            operation,
             code,
             after=len(outcomes) + 1,
         ):
@@ -333,6 +332,6 @@ def test_every_stat_an_inputs_file_system_fails_refuses_that_input_alone(
                 outcomes.append("averaged")
             if outcomes[-1] != "averaged":
                 assert digest(checkpoint) == before
-    assert len(outcomes) >= 3  # lookup, open's fstat, end of the pass at least
+    assert len(outcomes) >= 3  # lookup, open's fstat, end of the pass at least; 3 reads
     assert outcomes == ["refused ['bad']"] * (len(outcomes) - 1) + ["averaged"]
     assert leftovers(tmp_path / "tmp") == []
