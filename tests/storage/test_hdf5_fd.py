@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers.selector_fs import mounted, needs_fuse
 from storage.test_disk_full import _mounted
 
 from fl_coordinator.storage.hdf5_fd import open_own
@@ -172,3 +173,49 @@ def test_a_chunked_checkpoint_that_does_not_fit_fails_the_aggregation_not_the_pr
         assert second == "1"
         assert checkpoint.read_bytes() != before  # the second one was published
         assert list((point / "tmp").iterdir()) == []
+
+
+_OPEN_AND_EXIT = """
+import sys
+from pathlib import Path
+from fl_coordinator.errors import ContributionError
+from fl_coordinator.storage.untrusted import UntrustedFile
+try:
+    with UntrustedFile(Path(sys.argv[1]), sys.argv[2]).open_hdf5("aggregate checkpoint"):
+        print("opened")
+except ContributionError as error:
+    print(error)
+"""
+
+
+@needs_fuse
+@pytest.mark.fuse
+@pytest.mark.parametrize("after", [1, 2, 3])
+def test_an_open_whose_read_fails_leaves_nothing_to_crash_at_exit(
+    tmp_path: Path, after: int
+) -> None:
+    """A selector's file system failing the ``after``-th read of an HDF5 open (EIO):
+    the open is refused, and the process then exits 0. In a process of its own: the
+    fault was at exit.
+
+    Before: exit status -11 (SIGSEGV). The failed read's OSError, kept with its
+    traceback by the file object, held the frame that held the file object, which
+    HDF5's never-closed file held from C: freed only by HDF5's exit handler, after
+    Python's end.
+    """
+    served = tmp_path / "served"
+    served.mkdir()
+    with h5py.File(served / "fl_agg_checkpoint", "w") as file:
+        file["layers/dense/vars/0"] = np.ones((5, 4), np.float32)
+    with mounted(served, tmp_path / "bad", "fl_agg_checkpoint", "read", errno.EIO, after):
+        ran = subprocess.run(
+            [sys.executable, "-c", _OPEN_AND_EXIT, str(tmp_path), "bad/fl_agg_checkpoint"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout == (
+        f"{tmp_path}/bad/fl_agg_checkpoint: aggregate checkpoint is not a readable HDF5 "
+        "file ([Errno 5] Input/output error)\n"
+    )

@@ -46,8 +46,8 @@ _NO_LOCKS = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP})
 class _WholeIO(io.FileIO):
     """An unbuffered file object on a descriptor whose reads and writes are whole.
 
-    ``failed`` is the first OSError of its reads, writes and trims. While ``closing``, a
-    failed write (or trim) is only kept there, as if it had been made: a close that
+    While ``closing``, a failed write (or trim) is only kept in ``failed`` (the first),
+    as if it had been made: a close that
     fails in HDF5 leaves the file open in the library (a DatasetID and a FileID on a
     descriptor we then close, whose number is soon another file's; the process then
     crashed in HDF5, at once or at exit), and h5py raised it as an AttributeError about
@@ -61,8 +61,7 @@ class _WholeIO(io.FileIO):
         view = memoryview(buffer).cast("B")
         done = 0
         while done < len(view):
-            with self._recorded():
-                got = super().readinto(view[done:])
+            got = super().readinto(view[done:])
             if not got:  # past the end of the file: zeros, as HDF5's sec2 driver reads
                 view[done:] = bytes(len(view) - done)
                 break
@@ -71,7 +70,7 @@ class _WholeIO(io.FileIO):
 
     def write(self, data: Any) -> int:  # type: ignore[override]
         view = memoryview(data).cast("B")
-        with self._recorded(kept=True):
+        with self._kept_while_closing():
             done = 0
             while done < len(view):
                 written = super().write(view[done:])
@@ -81,20 +80,26 @@ class _WholeIO(io.FileIO):
         return len(view)
 
     def truncate(self, size: int | None = None) -> int:
-        with self._recorded(kept=True):
+        with self._kept_while_closing():
             return super().truncate(size)
         return size or 0
 
     @contextlib.contextmanager
-    def _recorded(self, kept: bool = False) -> Iterator[None]:
-        """The first OSError raised inside, kept in ``failed``; raised again, unless
-        ``kept`` (a write or a trim) while ``closing``: it is then as if made."""
+    def _kept_while_closing(self) -> Iterator[None]:
+        """An OSError raised inside: raised, or while ``closing`` kept in ``failed`` (the
+        first) as if the call had been made.
+
+        Kept without its traceback: the traceback's frames hold this object, which
+        HDF5 holds too (from C, where the garbage collector cannot see it) while the
+        file is open; a failed open, whose file HDF5 never closes, would then keep
+        both until HDF5's own exit handler freed them after Python's end (SIGSEGV).
+        """
         try:
             yield
         except OSError as error:
-            self.failed = self.failed or error
-            if not (kept and self.closing):
+            if not self.closing:
                 raise
+            self.failed = self.failed or error.with_traceback(None)
 
 
 def hdf5_on(fd: int, mode: Literal["r", "r+", "w"], **options: Any) -> h5py.File:
@@ -170,7 +175,6 @@ def _close(file: h5py.File, raw: _WholeIO) -> None:
     """Close ``file``: HDF5 writes what it kept (metadata) and trims the file. Raises
     the OSError of a write that failed meanwhile (ENOSPC, EIO): the file is then not
     whole, and HDF5 has let go of it all the same (see :class:`_WholeIO`)."""
-    raw.failed = None  # an earlier one was raised where it happened
     raw.closing = True
     file.close()
     if raw.failed is not None:
