@@ -99,6 +99,39 @@ def test_a_provably_dead_owner_on_this_host_is_taken_over_with_a_warning(layout:
     assert holder(layout) == lease.owner
 
 
+@pytest.mark.parametrize("name", ["true", "z) R (z"], ids=["plain", "name with ') R ('"])
+def test_a_zombie_owner_on_this_host_is_taken_over(
+    layout: Layout, tmp_path: Path, name: str
+) -> None:
+    """kill -9 of a coordinator whose parent has not reaped it yet: kill(pid, 0) succeeds on
+    the zombie, which is dead all the same. Its name may hold ')' and spaces: /proc/PID/stat
+    then reads ``(z) R (z) Z ...``, whose state is the one after the last ')'."""
+    command = tmp_path / name
+    command.symlink_to(shutil.which("true"))
+    child = subprocess.Popen([command])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        stat = Path(f"/proc/{child.pid}/stat").read_text()
+        assert stat.startswith(f"{child.pid} ({name}) Z ")  # a zombie, by that name
+        plant(layout, host=socket.gethostname(), pid=child.pid, age=1)
+        ensure_not_served(layout, "rollback")  # not refused
+        lease, previous = acquire(layout)
+        assert previous is not None and previous.pid == child.pid
+        assert holder(layout) == lease.owner
+    finally:
+        assert child.wait() == 0  # reaped
+
+
+def test_a_live_owner_on_this_host_is_not_taken_over(layout: Layout) -> None:
+    with subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE) as child:
+        plant(layout, host=socket.gethostname(), pid=child.pid, age=1)
+        with pytest.raises(
+            ProblemError, match=rf"served by {socket.gethostname()} pid {child.pid}"
+        ):
+            acquire(layout)
+        child.communicate(b"\n")
+
+
 def test_a_renewal_after_a_take_over_refuses(layout: Layout) -> None:
     lease, _ = acquire(layout)
     lease.renew()  # still ours

@@ -98,7 +98,8 @@ class Owner:
         return now - self.heartbeat
 
     def provably_dead(self) -> bool:
-        """Written on this host by a process that is gone, or by an earlier run with our pid."""
+        """Written on this host by a process that is gone (or a zombie), or by an earlier run
+        with our pid."""
         if self.host != socket.gethostname():
             return False
         if self.pid == os.getpid():
@@ -107,9 +108,25 @@ class Owner:
             os.kill(self.pid, 0)
         except ProcessLookupError:
             return True
-        except PermissionError:  # alive, another user's
-            return False
+        except PermissionError:  # another user's: alive, or a zombie
+            pass
+        return _exited(self.pid)
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited but is not reaped yet (a zombie, state Z or X).
+
+    ``kill(pid, 0)`` succeeds on a zombie: a coordinator killed with ``kill -9``
+    whose parent (a shell, a supervisor) has not waited for it yet. The state
+    is the field after the command name in ``/proc/PID/stat`` (proc(5)); the
+    name is in parentheses and may itself hold ``)`` and spaces, so the state
+    follows the *last* ``)``. Without ``/proc`` (not Linux) nothing is proven.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
         return False
+    return stat.rpartition(b")")[2].split()[:1] in ([b"Z"], [b"X"])
 
 
 def _path(layout: Layout) -> Path:
