@@ -175,6 +175,26 @@ def test_port_already_taken_even_with_reuseport(root: Path, key: str) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("999.1.1.1", "a name that resolves to one (it does not: Name or service not known)"),
+        ("example.invalid", "a name that resolves to one (it does not: Name or service not known)"),
+        ("192.0.2.1", "0.0.0.0 for all of them (it is not one: Cannot assign requested address)"),
+    ],
+    ids=["not an address", "does not resolve", "not this machine's"],
+)
+def test_a_host_to_listen_at_that_is_not_ours_names_host(root: Path, host: str, why: str) -> None:
+    """The address is the fault, not the port: the line names HOST (it named PORT=0)."""
+    result = run(["serve"], environment(root, HOST=host))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (  # after the start-up's INFO lines
+        f"fl-coordinator serve: configuration error: HOST={host!r}: expected an address of "
+        f"this machine to listen at, or {why}"
+    )
+    assert not (root / ".coordinator" / "owner.json").exists()  # given up on the way out
+
+
 def test_init_refuses_to_overwrite_then_force(root: Path) -> None:
     env = environment(root)
     result = run(["init"], env)
