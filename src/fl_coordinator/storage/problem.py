@@ -222,10 +222,25 @@ def open_root(layout: Layout, init_if_empty: bool = False) -> None:
     init_problem(layout)
 
 
-def _check_hdf5(path: Path, key: str, what: str) -> None:
-    hint = (
-        "run `fl-coordinator init` to create it, or `fl-coordinator rollback` to restore a kept one"
+def _hint(layout: Layout, path: Path) -> str:
+    """How an operator gets ``path`` (the checkpoint or the model) back, with what the
+    commands really do: rollback restores only the checkpoint; init rewrites both."""
+    if path == layout.checkpoint:
+        return (
+            "`fl-coordinator rollback` lists the kept checkpoints and `rollback --round N` "
+            "restores one; or start over from the model's initial weights with "
+            f"`fl-coordinator init --force --model {layout.model}`"
+        )
+    return (
+        "copy back the model it was initialised with (the file given to `init --model`; the "
+        "built-in one: `fl-coordinator init --root SCRATCH` writes it to "
+        f"SCRATCH/{layout.model.relative_to(layout.root)}); `init --force` here would also "
+        "replace the trained checkpoint, and rollback restores only the checkpoint"
     )
+
+
+def _check_hdf5(layout: Layout, path: Path, key: str, what: str) -> None:
+    hint = _hint(layout, path)
     if not path.is_file():
         raise ConfigError(key, str(path), f"{what} (file is missing: {hint})")
     try:
@@ -250,8 +265,8 @@ def check_problem(layout: Layout) -> tuple[Weight, ...]:
         raise ConfigError("FL_ROOT_PATH", str(root), "a readable and writable folder")
     if not layout.init_files.is_dir():
         raise ConfigError("INIT_FILES_PATH", str(layout.init_files), "a folder")
-    _check_hdf5(layout.checkpoint, "CHECKPOINT_FILE", "an HDF5 weights file")
-    _check_hdf5(layout.model, "MODEL_FILE", "a Keras model in HDF5 format")
+    _check_hdf5(layout, layout.checkpoint, "CHECKPOINT_FILE", "an HDF5 weights file")
+    _check_hdf5(layout, layout.model, "MODEL_FILE", "a Keras model in HDF5 format")
     try:
         plan = read_checkpoint_plan(layout.checkpoint)
     except CheckpointError as error:
