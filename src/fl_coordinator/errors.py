@@ -11,7 +11,8 @@ into a refused call or a rejected selector, never into a crash. The tree
     FLError
     ├── OperatorError ............ an operator can fix it; exit status 2
     │   ├── ConfigError .......... a setting or flag that cannot be used (key, value, expected)
-    │   ├── ListenError .......... a port that cannot be listened on (busy, not local)
+    │   ├── ListenError .......... a port or address that cannot be listened on (busy,
+    │   │                          an address not of this machine or that does not resolve)
     │   ├── ProblemError ......... the problem folder cannot be initialised, read or rolled back
     │   ├── MissingExtra ......... an optional part (Keras, for init) is not installed here
     │   ├── PeerError ............ a reference selector's or client's peer cannot be used as
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from typing import TypeVar
 
 from .untrusted_text import shown
@@ -106,16 +108,35 @@ class ConfigError(OperatorError):
 
 
 class ListenError(OperatorError):
-    """A port that cannot be listened on. ``key`` is the setting that chose it."""
+    """A port that cannot be listened on, or an address that cannot be listened at.
 
-    def __init__(self, key: str, host: str, port: int, error: OSError) -> None:
-        if error.errno == errno.EADDRINUSE:
-            reason = "a free port (address already in use: is another coordinator running?)"
+    ``key`` is the setting at fault: ``port_key`` (``PORT``, ``STATUS_PORT``,
+    ``METRICS_PORT``: the one that chose the port), or ``HOST``, where every
+    listener listens, when the address is the problem: a name that does not
+    resolve (:class:`socket.gaierror`) or an address that is not this
+    machine's (EADDRNOTAVAIL).
+    """
+
+    def __init__(self, port_key: str, host: str, port: int, error: OSError) -> None:
+        key: str = port_key
+        value: object = port
+        if isinstance(error, socket.gaierror):
+            key, value = "HOST", host
+            reason = (
+                "an address of this machine to listen at, or a name that resolves to one "
+                f"(it does not: {error.strerror or error})"
+            )
         elif error.errno == errno.EADDRNOTAVAIL:
-            reason = f"a port on a local address ({host!r} is not an address of this machine)"
+            key, value = "HOST", host
+            reason = (
+                "an address of this machine to listen at, or 0.0.0.0 for all of them "
+                f"(it is not one: {os.strerror(error.errno)})"
+            )
+        elif error.errno == errno.EADDRINUSE:
+            reason = "a free port (address already in use: is another coordinator running?)"
         else:
             reason = f"a port we may listen on at {host!r} ({error.strerror or error})"
-        super().__init__(f"configuration error: {key}={port!r}: expected {reason}")
+        super().__init__(f"configuration error: {key}={value!r}: expected {reason}")
         self.key = key
         self.host = host
         self.port = port

@@ -85,13 +85,25 @@ def test_bad_setting_is_one_line_and_status_2(root: Path, key: str, value: str) 
     ids=["no model", "no checkpoint", "corrupt checkpoint", "corrupt model"],
 )
 def test_incomplete_init_files_stop_startup(root: Path, damage, key: str) -> None:
+    """The advice works: rollback restores only the checkpoint, init rewrites both files."""
     damage(root)
     result = run(["serve"], environment(root))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert f"configuration error: {key}=" in result.stderr
-    assert "fl-coordinator init" in result.stderr
-    assert "fl-coordinator rollback" in result.stderr
+    if key == "CHECKPOINT_FILE":
+        assert result.stderr.endswith(
+            "`fl-coordinator rollback` lists the kept checkpoints and `rollback --round N` "
+            "restores one; or start over from the model's initial weights with "
+            f"`fl-coordinator init --force --model {root / 'initFiles' / 'model.h5'}`)\n"
+        )
+    else:
+        assert result.stderr.endswith(
+            "copy back the model it was initialised with (the file given to `init --model`; "
+            "the built-in one: `fl-coordinator init --root SCRATCH` writes it to "
+            "SCRATCH/initFiles/model.h5); `init --force` here would also replace the trained "
+            "checkpoint, and rollback restores only the checkpoint)\n"
+        )
 
 
 def test_root_that_is_a_file(tmp_path: Path) -> None:
@@ -175,6 +187,26 @@ def test_port_already_taken_even_with_reuseport(root: Path, key: str) -> None:
     assert result.returncode == 2
     assert f"configuration error: {key}={port}: expected a free port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("999.1.1.1", "a name that resolves to one (it does not: Name or service not known)"),
+        ("example.invalid", "a name that resolves to one (it does not: Name or service not known)"),
+        ("192.0.2.1", "0.0.0.0 for all of them (it is not one: Cannot assign requested address)"),
+    ],
+    ids=["not an address", "does not resolve", "not this machine's"],
+)
+def test_a_host_to_listen_at_that_is_not_ours_names_host(root: Path, host: str, why: str) -> None:
+    """The address is the fault, not the port: the line names HOST (it named PORT=0)."""
+    result = run(["serve"], environment(root, HOST=host))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (  # after the start-up's INFO lines
+        f"fl-coordinator serve: configuration error: HOST={host!r}: expected an address of "
+        f"this machine to listen at, or {why}"
+    )
+    assert not (root / ".coordinator" / "owner.json").exists()  # given up on the way out
 
 
 def test_init_refuses_to_overwrite_then_force(root: Path) -> None:

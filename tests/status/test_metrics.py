@@ -14,8 +14,9 @@ from helpers.peers import FakeSelector, completed, serve_and_watch, write_aggreg
 from helpers.processes import environment, run
 
 from fl_coordinator.config import Settings, load_settings
-from fl_coordinator.errors import ConfigError
+from fl_coordinator.errors import ConfigError, ListenError
 from fl_coordinator.status.metrics import Metrics
+from fl_coordinator.status.metrics_endpoint import serve_metrics
 from fl_coordinator.storage.layout import Layout
 
 
@@ -136,3 +137,13 @@ def test_busy_metrics_port_is_one_line(settings: Settings) -> None:
         "expected a free port (address already in use: is another coordinator running?)"
     )
     assert "Traceback" not in result.stderr
+
+
+async def test_metrics_at_an_address_not_ours_names_host() -> None:
+    """The address is the fault (EADDRNOTAVAIL), not METRICS_PORT: the error names HOST."""
+    with pytest.raises(ListenError) as refused:
+        await serve_metrics(lambda: b"", "192.0.2.1", 0)
+    assert (refused.value.key, str(refused.value)) == ("HOST", (
+        "configuration error: HOST='192.0.2.1': expected an address of this machine to listen "
+        "at, or 0.0.0.0 for all of them (it is not one: Cannot assign requested address)"
+    ))  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -11,11 +12,13 @@ import h5py
 import pytest
 import trio
 from helpers.processes import COMMAND, Served, environment, run
+from storage.test_disk_full import _mounted, remount
 
 from fl_coordinator.config import default_settings
+from fl_coordinator.errors import ConfigError
 from fl_coordinator.storage.checkpoint import read_checkpoint_plan
 from fl_coordinator.storage.layout import Layout
-from fl_coordinator.storage.problem import init_problem
+from fl_coordinator.storage.problem import check_problem, init_problem, open_root
 
 
 def layout_at(root: Path) -> Layout:
@@ -88,3 +91,21 @@ def test_init_force_swaps_the_whole_folder_and_keeps_other_files(tmp_path: Path)
     assert layout.checkpoint.stat().st_ino != old["fl_checkpoint"]
     assert sorted(os.listdir(layout.init_files)) == ["fl_checkpoint", "labels.txt", "model.h5"]
     assert list(layout.tmp.iterdir()) == []  # the old folder, swapped out, is removed
+
+
+def test_a_root_on_a_read_only_mount_says_so(settings, tmp_path: Path) -> None:
+    """EROFS: no permission would help, so the line says the mount is read-only (it said
+    "a folder this user (uid 0) can read and write"), at serve's first check and its second."""
+    with _mounted(tmp_path / "mnt", "-t", "tmpfs", "-o", "size=4m", "tmpfs") as point:
+        root = point / "root"
+        shutil.copytree(settings.fl_root_path, root)
+        remount(point, "ro")
+        layout = Layout.from_settings(settings.replace(fl_root_path=str(root)))
+        for check in (open_root, check_problem):
+            with pytest.raises(ConfigError) as refused:
+                check(layout)
+            assert str(refused.value) == (
+                f"configuration error: FL_ROOT_PATH='{root}': expected a folder on a writable "
+                "file system (it is on a read-only mount: mount it read-write; on Kubernetes, "
+                "the volume without readOnly)"
+            )

@@ -26,6 +26,7 @@ from helpers.processes import Served, environment
 
 from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
+from fl_coordinator.errors import ProblemError
 from fl_coordinator.storage.atomic import write_atomic
 from fl_coordinator.storage.journal import (
     Entry,
@@ -250,3 +251,28 @@ def test_a_start_after_a_rollback_says_which_round_it_starts_from(
         "round 3 starts from the checkpoint of round 1, restored by rollback "
         "(the newest kept round is 2)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ('[{"round": 3, "stage": "SELECTION"}]', "expected one JSON object, found an array"),
+        ('"SELECTION"', "expected one JSON object, found a string"),
+        ('{"round": 3, "stage": "SELECTION", "rnd": 4}', "unknown key 'rnd' (1 unknown)"),
+        ('{"stage": "SELECTION"}', "no round key"),
+        ('{"round": "3", "stage": "SELECTION"}', "round must be a whole number and stage a string"),
+    ],
+    ids=["array", "string", "unknown key", "no round", "round a string"],
+)
+def test_a_journal_of_another_shape_says_what_is_wrong(
+    layout: Layout, text: str, what: str
+) -> None:
+    """Not Python's "Entry() argument after ** must be a mapping": what the file should be."""
+    (layout.own / "journal.json").parent.mkdir(parents=True, exist_ok=True)
+    (layout.own / "journal.json").write_text(text)
+    with pytest.raises(ProblemError) as refused:
+        read_journal(layout)
+    assert str(refused.value) == (
+        f"{layout.own / 'journal.json'}: not a readable round journal ({what}); move it away "
+        "to start counting rounds from the history"
+    )

@@ -1,26 +1,37 @@
 """One owner per problem folder: the ownership lease (storage/ownership.py), in-process.
 
 The command line's side (two ``serve`` processes on one root, ``rollback`` while
-served) is in tests/cli/test_cli.py.
+served) is in tests/cli/test_cli.py; a lease that cannot be written is here.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import logging
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import trio
+from helpers.processes import COMMAND, Served, environment
+from storage.test_disk_full import _mounted, fill
 
+from fl_coordinator.config import Settings
 from fl_coordinator.errors import ProblemError, first_of
 from fl_coordinator.storage.layout import Layout
 from fl_coordinator.storage.ownership import (
     LEASE,
+    Lease,
+    Owner,
     acquire,
     ensure_not_served,
     hold_ownership,
@@ -34,6 +45,13 @@ def plant(layout: Layout, *, host: str, pid: int, age: float) -> None:
     owner = {"host": host, "pid": pid, "started": "2026-11-29T08:00:00+00:00",
              "heartbeat": time.time() - age, "instance": "theirs"}  # fmt: skip
     (layout.own / "owner.json").write_text(json.dumps(owner))
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 2 MiB at ``tmp_path/disk``, unmounted after the test."""
+    with _mounted(tmp_path / "disk", "-t", "tmpfs", "-o", "size=2m", "tmpfs") as point:
+        yield point
 
 
 def dead_pid() -> int:
@@ -81,6 +99,39 @@ def test_a_provably_dead_owner_on_this_host_is_taken_over_with_a_warning(layout:
     assert holder(layout) == lease.owner
 
 
+@pytest.mark.parametrize("name", ["true", "z) R (z"], ids=["plain", "name with ') R ('"])
+def test_a_zombie_owner_on_this_host_is_taken_over(
+    layout: Layout, tmp_path: Path, name: str
+) -> None:
+    """kill -9 of a coordinator whose parent has not reaped it yet: kill(pid, 0) succeeds on
+    the zombie, which is dead all the same. Its name may hold ')' and spaces: /proc/PID/stat
+    then reads ``(z) R (z) Z ...``, whose state is the one after the last ')'."""
+    command = tmp_path / name
+    command.symlink_to(shutil.which("true"))
+    child = subprocess.Popen([command])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        stat = Path(f"/proc/{child.pid}/stat").read_text()
+        assert stat.startswith(f"{child.pid} ({name}) Z ")  # a zombie, by that name
+        plant(layout, host=socket.gethostname(), pid=child.pid, age=1)
+        ensure_not_served(layout, "rollback")  # not refused
+        lease, previous = acquire(layout)
+        assert previous is not None and previous.pid == child.pid
+        assert holder(layout) == lease.owner
+    finally:
+        assert child.wait() == 0  # reaped
+
+
+def test_a_live_owner_on_this_host_is_not_taken_over(layout: Layout) -> None:
+    with subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE) as child:
+        plant(layout, host=socket.gethostname(), pid=child.pid, age=1)
+        with pytest.raises(
+            ProblemError, match=rf"served by {socket.gethostname()} pid {child.pid}"
+        ):
+            acquire(layout)
+        child.communicate(b"\n")
+
+
 def test_a_renewal_after_a_take_over_refuses(layout: Layout) -> None:
     lease, _ = acquire(layout)
     lease.renew()  # still ours
@@ -100,3 +151,108 @@ async def test_an_owner_that_was_taken_over_stops(layout: Layout) -> None:
             await trio.sleep_forever()  # until the lease task fails the nursery
     error = first_of(stopped.value, ProblemError)
     assert error is not None and "ownership was taken over by elsewhere pid 7" in str(error)
+
+
+#: Ways the lease's write fails: (what to run ``serve`` under, and the end of its one line).
+#: A file size limit (RLIMIT_FSIZE) makes the write short, then EFBIG.
+LEASE_FAULTS = {
+    "disk full": ([], "[Errno 28] No space left on device; nothing was started: free space on "
+                      "that file system, then start again"),
+    "short write": (["prlimit", "--fsize=16", "--"], "[Errno 27] File too large; nothing was "
+                    "started: raise this process's file size limit (ulimit -f), then start again"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", list(LEASE_FAULTS))
+def test_a_lease_that_cannot_be_written_is_one_line_and_leaves_no_lease(
+    settings: Settings, disk: Path, fault: str
+) -> None:
+    """A failed write leaves no owner.json (before: an empty one refused every later start,
+    or a 16-byte one was served with), nothing in tmp/; once it can, the next start serves."""
+    root = disk / "root"
+    shutil.copytree(settings.fl_root_path, root)
+    env = environment(root)
+    limit, text = LEASE_FAULTS[fault]
+    filler = fill(disk) if fault == "disk full" else None
+    result = subprocess.run([*limit, *COMMAND, "serve"], env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    lease = root / ".coordinator" / "owner.json"
+    assert (result.returncode, result.stderr) == (
+        2, f"fl-coordinator serve: cannot write the ownership lease {lease}: {text}\n"
+    )  # fmt: skip
+    assert not lease.exists()
+    assert list((root / ".coordinator" / "tmp").iterdir()) == []
+    if filler is not None:
+        filler.unlink()
+    with Served(env) as again:  # no --take-over needed
+        again.ready()
+        assert holder(Layout.from_settings(settings.replace(fl_root_path=str(root)))).pid == (
+            again.process.pid
+        )
+        again.process.send_signal(signal.SIGTERM)
+        assert again.process.wait(timeout=60) == 0
+
+
+class _Renewals:
+    """``Lease.renew``, wrapped: each call's errno (None: renewed) and the lease file's bytes
+    after it, in ``outcomes``; :meth:`wait_for` returns once a condition on them holds."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.outcomes: list[tuple[int | None, bytes]] = []
+        self._condition: Callable[[list[tuple[int | None, bytes]]], bool] = lambda _: False
+        self._met = trio.Event()
+        renew = Lease.renew
+
+        def recorded(lease: Lease) -> None:
+            code = None
+            try:
+                renew(lease)
+            except OSError as error:
+                code = error.errno
+                raise
+            finally:
+                self.outcomes.append((code, (lease.layout.own / "owner.json").read_bytes()))
+                if self._condition(self.outcomes):  # in the renewal's thread
+                    trio.from_thread.run_sync(self._met.set)
+
+        monkeypatch.setattr(Lease, "renew", recorded)
+
+    async def wait_for(self, condition: Callable[[list[tuple[int | None, bytes]]], bool]) -> None:
+        self._condition, self._met = condition, trio.Event()
+        await self._met.wait()
+
+
+async def test_renewals_on_a_full_disk_keep_the_lease_and_warn_once(
+    settings: Settings,
+    disk: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ENOSPC on every renewal: the coordinator goes on, the lease keeps its last heartbeat
+    (whole, ours), one warning (before: one per renewal); freed, it is renewed again."""
+    layout = Layout.from_settings(settings.replace(fl_root_path=str(disk / "root")))
+    renewals = _Renewals(monkeypatch)
+    caplog.set_level(logging.INFO, "fl_coordinator.storage.ownership")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(hold_ownership, layout, renew_every=0.01))
+            mine = holder(layout)
+            filler = fill(disk)
+            await renewals.wait_for(lambda done: [c for c, _ in done[-5:]] == [errno.ENOSPC] * 5)
+            kept = {after for code, after in renewals.outcomes if code == errno.ENOSPC}
+            assert len(kept) == 1  # no failed renewal changed the file
+            assert Owner(**json.loads(kept.pop())).instance == mine.instance
+            assert list(layout.tmp.iterdir()) == []
+            filler.unlink()
+            # Two: the loop has logged the first one's success before it made the second.
+            await renewals.wait_for(lambda done: [c for c, _ in done[-2:]] == [None, None])
+            assert holder(layout).heartbeat > mine.heartbeat
+            nursery.cancel_scope.cancel()
+    lease = layout.own / "owner.json"
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"cannot renew the ownership lease {lease} ([Errno 28] No space left on device); the "
+        "coordinator goes on and tries again every 0.01 s; 30 s after its last heartbeat "
+        "another coordinator may take the folder over (serve --take-over)",
+        f"the ownership lease {lease} is renewed again",
+    ]
+    assert not lease.exists()  # given up at the end

@@ -10,6 +10,10 @@ for a new file (0644 under the usual umask 022), as Keras and the Go
 coordinator leave theirs: selectors, the webserver or a Go selector running
 as other users on the shared volume read it as they read the old one.
 (``mkstemp`` alone would leave 0600, readable by its owner only.)
+
+A file that must not replace an existing one (the ownership lease) is
+published the same way, by ``link(2)`` instead of ``rename(2)``: it appears
+whole or not at all, and only where nothing was (``exclusive``).
 """
 
 from __future__ import annotations
@@ -92,8 +96,25 @@ def _flushing(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _link_new(tmp: Path, dest: Path) -> None:
+    """Give ``tmp`` the name ``dest`` unless ``dest`` exists (FileExistsError).
+
+    ``link(2)`` is atomic on NFS too; but a retransmitted LINK whose first
+    reply was lost answers EEXIST though the first one made the link: then
+    ``tmp``'s link count is 2, and the link is ours (open(2)'s Linux manual
+    page, on O_EXCL and NFS).
+    """
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        if os.stat(tmp).st_nlink != 2:
+            raise
+
+
 @contextlib.contextmanager
-def atomic_target(dest: Path, tmp_dir: Path, *, large: bool = False) -> Iterator[Path]:
+def atomic_target(
+    dest: Path, tmp_dir: Path, *, large: bool = False, exclusive: bool = False
+) -> Iterator[Path]:
     """Yield a temporary path; on success it atomically replaces ``dest``.
 
     The temporary file lives in ``tmp_dir``, which must be on the same file
@@ -103,6 +124,8 @@ def atomic_target(dest: Path, tmp_dir: Path, *, large: bool = False) -> Iterator
     is removed and ``dest`` is untouched. ``large``: the file is flushed in the
     background while it is written (worth a thread only for big files). The
     new file keeps ``dest``'s mode (see the module's docstring).
+    ``exclusive``: ``dest`` is only created, never replaced: FileExistsError if
+    it exists (a failed write, ENOSPC or EIO or a short one, leaves no ``dest``).
     """
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=tmp_dir)
@@ -114,13 +137,17 @@ def atomic_target(dest: Path, tmp_dir: Path, *, large: bool = False) -> Iterator
         with open(tmp, "rb+") as written:
             os.fchmod(written.fileno(), _published_mode(dest))
             os.fsync(written.fileno())
-        os.replace(tmp, dest)
+        if exclusive:
+            _link_new(tmp, dest)
+        else:
+            os.replace(tmp, dest)
         fsync_dir(dest.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(dest: Path, data: bytes, tmp_dir: Path) -> None:
-    """Replace ``dest`` with ``data`` atomically (see :func:`atomic_target`)."""
-    with atomic_target(dest, tmp_dir) as tmp:
+def write_atomic(dest: Path, data: bytes, tmp_dir: Path, *, exclusive: bool = False) -> None:
+    """Replace ``dest`` with ``data`` atomically (see :func:`atomic_target`); ``exclusive``:
+    create it only, FileExistsError if it exists."""
+    with atomic_target(dest, tmp_dir, exclusive=exclusive) as tmp:
         tmp.write_bytes(data)

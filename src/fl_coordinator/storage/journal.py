@@ -37,6 +37,7 @@ from typing import Any
 
 from ..core.stopping import RoundMetrics
 from ..errors import ConfigError, ProblemError, os_error_text
+from ..untrusted_text import shown
 from .atomic import fsync_dir, write_atomic
 from .layout import Layout
 
@@ -91,8 +92,7 @@ def read_journal(layout: Layout) -> Entry | None:
     if not path.exists():
         return None
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
-        entry = Entry(**data)
+        entry = _entry(json.loads(path.read_text()))
         if entry.round < 1:
             raise ValueError("round < 1")
         if entry.metrics is not None:
@@ -103,6 +103,25 @@ def read_journal(layout: Layout) -> Entry | None:
             "start counting rounds from the history"
         ) from None
     return entry
+
+
+#: JSON's names for what ``json.loads`` returns, for a journal that is not an object.
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}  # fmt: skip
+
+
+def _entry(data: object) -> Entry:
+    """The entry the journal's JSON describes; ValueError saying what is wrong with it."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected one JSON object, found {_JSON_KINDS[type(data)]}")
+    known = {f.name for f in dataclasses.fields(Entry)}
+    if unknown := sorted(set(data) - known):
+        raise ValueError(f"unknown key '{shown(unknown[0], 60)}' ({len(unknown)} unknown)")
+    if missing := [name for name in ("round", "stage") if name not in data]:
+        raise ValueError(f"no {' or '.join(missing)} key")
+    if type(data["round"]) is not int or not isinstance(data["stage"], str):
+        raise ValueError("round must be a whole number and stage a string")
+    return Entry(**data)
 
 
 def write_journal(layout: Layout, entry: Entry) -> None:

@@ -10,11 +10,16 @@ Why a lease file and not an ``fcntl`` lock: the folder is shared storage,
 usually NFS. ``fcntl`` locks there depend on the mount (``nolock`` is common
 in containers, where they silently lock nothing), on lockd or NFSv4 state
 that a server reboot or a network partition can lose without telling the
-holder, and they cannot say who holds them. A file created with ``O_EXCL``
-(atomic on NFSv3 and later) works wherever files work, and says who holds
-it: the owner's host, pid and start time, and a heartbeat it renews every
-:data:`RENEW_EVERY` seconds. A lease whose heartbeat is older than
-:data:`LEASE` seconds is *stale*: its owner died, or hangs, or is cut off.
+holder, and they cannot say who holds them. A file created only where
+none exists (written whole to a temporary file, then hard-linked into place:
+atomic on NFS too) works wherever files work, and says who holds it: the
+owner's host, pid and start time, and a heartbeat it renews every
+:data:`RENEW_EVERY` seconds (by atomic replacement). A lease that cannot be
+written (a full disk, a quota, EIO, a short write) is therefore never left
+half-written or empty, to block the next start: ``serve`` stops with one
+line saying why, and a renewal that fails leaves the last heartbeat in place.
+A lease whose heartbeat is older than :data:`LEASE` seconds is *stale*: its
+owner died, or hangs, or is cut off.
 
 Taking over: never silently. A stale lease is taken over only when the
 operator says so (``serve --take-over``), since a coordinator cut off by a
@@ -32,6 +37,7 @@ well beyond what NTP leaves.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -45,8 +51,8 @@ from pathlib import Path
 
 import trio
 
-from ..errors import ProblemError
-from .atomic import fsync_dir, write_atomic
+from ..errors import ProblemError, os_error_text
+from .atomic import write_atomic
 from .layout import Layout
 
 __all__ = [
@@ -92,7 +98,8 @@ class Owner:
         return now - self.heartbeat
 
     def provably_dead(self) -> bool:
-        """Written on this host by a process that is gone, or by an earlier run with our pid."""
+        """Written on this host by a process that is gone (or a zombie), or by an earlier run
+        with our pid."""
         if self.host != socket.gethostname():
             return False
         if self.pid == os.getpid():
@@ -101,9 +108,25 @@ class Owner:
             os.kill(self.pid, 0)
         except ProcessLookupError:
             return True
-        except PermissionError:  # alive, another user's
-            return False
+        except PermissionError:  # another user's: alive, or a zombie
+            pass
+        return _exited(self.pid)
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited but is not reaped yet (a zombie, state Z or X).
+
+    ``kill(pid, 0)`` succeeds on a zombie: a coordinator killed with ``kill -9``
+    whose parent (a shell, a supervisor) has not waited for it yet. The state
+    is the field after the command name in ``/proc/PID/stat`` (proc(5)); the
+    name is in parentheses and may itself hold ``)`` and spaces, so the state
+    follows the *last* ``)``. Without ``/proc`` (not Linux) nothing is proven.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
         return False
+    return stat.rpartition(b")")[2].split()[:1] in ([b"Z"], [b"X"])
 
 
 def _path(layout: Layout) -> Path:
@@ -176,19 +199,35 @@ def _refusal(layout: Layout, current: Owner, now: float) -> str:
     )
 
 
-def _create(path: Path, owner: Owner) -> bool:
-    """Create the lease file for ``owner`` unless it exists (O_EXCL: atomic, NFS included)."""
+def _create(layout: Layout, owner: Owner) -> bool:
+    """Publish the lease of ``owner`` unless one exists: whole, or not at all."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        write_atomic(_path(layout), _encode(owner), layout.tmp, exclusive=True)
     except FileExistsError:
         return False
-    try:
-        os.write(fd, _encode(owner))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(path.parent)
     return True
+
+
+def _advice(error: OSError, folder: Path) -> str:
+    """What an operator does about a lease that cannot be written."""
+    if error.errno == errno.ENOSPC:
+        return "free space on that file system"
+    if error.errno == errno.EDQUOT:
+        return f"free space or raise the disk quota of this user (uid {os.getuid()})"
+    if error.errno == errno.EROFS:
+        return "mount that file system read-write"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"make {folder} writable by this user (uid {os.getuid()})"
+    if error.errno == errno.EFBIG:
+        return "raise this process's file size limit (ulimit -f)"
+    return "check that storage (its mount, its server, the kernel log)"
+
+
+def _unwritable(path: Path, error: OSError) -> ProblemError:
+    return ProblemError(
+        f"cannot write the ownership lease {path}: {os_error_text(error)}; nothing was "
+        f"started: {_advice(error, path.parent)}, then start again"
+    )
 
 
 def acquire(layout: Layout, *, take_over: bool = False) -> tuple[Lease, Owner | None]:
@@ -198,21 +237,30 @@ def acquire(layout: Layout, *, take_over: bool = False) -> tuple[Lease, Owner | 
     its lease is stale, unless ``take_over`` (the operator's deliberate choice)
     or the holder is provably dead.
     """
-    layout.own.mkdir(parents=True, exist_ok=True)
     me = _me()
     path = _path(layout)
-    if _create(path, me):
-        return Lease(layout, me), None
+    try:
+        layout.own.mkdir(parents=True, exist_ok=True)
+        if _create(layout, me):
+            return Lease(layout, me), None
+    except OSError as error:
+        # A coordinator that took the folder a moment ago may have removed our
+        # temporary file (clean_tmp): its lease is then there, and named below.
+        if not path.exists():
+            raise _unwritable(path, error) from None
     current = holder(layout)
     if not take_over:
-        if current is None:  # a crash while it was written, or another start right now
+        if current is None:  # damaged, or written in place by an older version
             raise ProblemError(
                 f"{path} exists but names no owner; if no coordinator serves {layout.root}, "
                 "start with --take-over"
             )
         if not current.provably_dead():
             raise ProblemError(_refusal(layout, current, time.time()))
-    write_atomic(path, _encode(me), layout.tmp)
+    try:
+        write_atomic(path, _encode(me), layout.tmp)
+    except OSError as error:
+        raise _unwritable(path, error) from None
     return Lease(layout, me), current
 
 
@@ -243,13 +291,36 @@ async def hold_ownership(
         log.warning("took %s over from %s", layout.root, previous.describe())
     try:
         task_status.started()
+        failing = False
         while True:
             await trio.sleep(renew_every)
             try:
                 await trio.to_thread.run_sync(lease.renew, abandon_on_cancel=True)
             except OSError as error:  # a full or unreachable disk: the lease may go stale
-                log.warning("could not renew the ownership lease of %s: %s", layout.root, error)
+                if not failing:  # once, not every renewal, while the disk stays full
+                    log.warning(
+                        "cannot renew the ownership lease %s (%s); the coordinator goes on and "
+                        "tries again every %g s; %.0f s after its last heartbeat another "
+                        "coordinator may take the folder over (serve --take-over)",
+                        _path(layout),
+                        os_error_text(error),
+                        renew_every,
+                        LEASE,
+                    )
+                failing = True
+            else:
+                if failing:
+                    log.warning("the ownership lease %s is renewed again", _path(layout))
+                failing = False
     finally:
         with trio.move_on_after(5) as cleanup:
             cleanup.shield = True
-            await trio.to_thread.run_sync(lease.release, abandon_on_cancel=True)
+            try:
+                await trio.to_thread.run_sync(lease.release, abandon_on_cancel=True)
+            except OSError as error:  # e.g. EROFS: left as after a crash (see the README)
+                log.warning(
+                    "cannot remove the ownership lease %s (%s): the next start treats it as a "
+                    "crashed coordinator's",
+                    _path(layout),
+                    os_error_text(error),
+                )

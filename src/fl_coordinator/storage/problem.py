@@ -198,8 +198,8 @@ def open_root(layout: Layout, init_if_empty: bool = False) -> None:
         exists = root.exists()
         if exists and not root.is_dir():
             raise ConfigError(key, str(root), "a folder (it is a file)")
-        if exists and not os.access(root, os.R_OK | os.W_OK | os.X_OK):
-            raise ConfigError(key, str(root), f"a folder {user} can read and write")
+        if exists:
+            _check_access(root)
         if exists and not needs_init(layout):
             return
     except OSError as error:  # a folder on the way cannot be looked into
@@ -222,10 +222,41 @@ def open_root(layout: Layout, init_if_empty: bool = False) -> None:
     init_problem(layout)
 
 
-def _check_hdf5(path: Path, key: str, what: str) -> None:
-    hint = (
-        "run `fl-coordinator init` to create it, or `fl-coordinator rollback` to restore a kept one"
+def _check_access(root: Path) -> None:
+    """ConfigError unless this user can read and write the folder ``root``, saying why not:
+    a read-only mount (EROFS: no permission would help), or the permissions."""
+    if os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        return
+    user = f"this user (uid {os.getuid()})"
+    if os.access(root, os.R_OK | os.X_OK) and os.statvfs(root).f_flag & os.ST_RDONLY:
+        raise ConfigError(
+            "FL_ROOT_PATH",
+            str(root),
+            "a folder on a writable file system (it is on a read-only mount: mount it "
+            "read-write; on Kubernetes, the volume without readOnly)",
+        )
+    raise ConfigError("FL_ROOT_PATH", str(root), f"a folder {user} can read and write")
+
+
+def _hint(layout: Layout, path: Path) -> str:
+    """How an operator gets ``path`` (the checkpoint or the model) back, with what the
+    commands really do: rollback restores only the checkpoint; init rewrites both."""
+    if path == layout.checkpoint:
+        return (
+            "`fl-coordinator rollback` lists the kept checkpoints and `rollback --round N` "
+            "restores one; or start over from the model's initial weights with "
+            f"`fl-coordinator init --force --model {layout.model}`"
+        )
+    return (
+        "copy back the model it was initialised with (the file given to `init --model`; the "
+        "built-in one: `fl-coordinator init --root SCRATCH` writes it to "
+        f"SCRATCH/{layout.model.relative_to(layout.root)}); `init --force` here would also "
+        "replace the trained checkpoint, and rollback restores only the checkpoint"
     )
+
+
+def _check_hdf5(layout: Layout, path: Path, key: str, what: str) -> None:
+    hint = _hint(layout, path)
     if not path.is_file():
         raise ConfigError(key, str(path), f"{what} (file is missing: {hint})")
     try:
@@ -246,12 +277,13 @@ def check_problem(layout: Layout) -> tuple[Weight, ...]:
     selector's contribution is checked against.
     """
     root = layout.root
-    if not root.is_dir() or not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+    if not root.is_dir():
         raise ConfigError("FL_ROOT_PATH", str(root), "a readable and writable folder")
+    _check_access(root)
     if not layout.init_files.is_dir():
         raise ConfigError("INIT_FILES_PATH", str(layout.init_files), "a folder")
-    _check_hdf5(layout.checkpoint, "CHECKPOINT_FILE", "an HDF5 weights file")
-    _check_hdf5(layout.model, "MODEL_FILE", "a Keras model in HDF5 format")
+    _check_hdf5(layout, layout.checkpoint, "CHECKPOINT_FILE", "an HDF5 weights file")
+    _check_hdf5(layout, layout.model, "MODEL_FILE", "a Keras model in HDF5 format")
     try:
         plan = read_checkpoint_plan(layout.checkpoint)
     except CheckpointError as error:
