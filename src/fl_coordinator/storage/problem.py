@@ -32,8 +32,6 @@ from .weights import Weight
 
 __all__ = ["check_problem", "clean_tmp", "init_problem", "needs_init", "open_root"]
 
-__all__: list[str] = []
-
 log = logging.getLogger(__name__)
 
 
