@@ -22,8 +22,6 @@ from ..errors import MissingExtra, ProblemError
 
 __all__ = ["builtin_model", "import_keras", "save_legacy_model"]
 
-__all__: list[str] = []
-
 log = logging.getLogger(__name__)
 
 #: The built-in classifier: 8x8 digit images (64 features) into 10 classes.
