@@ -286,6 +286,9 @@ def test_keys_a_merge_brings_in_may_be_overridden(tmp_path: Path) -> None:
     [
         ("PROBLEM_ID", "prob\udcffx"),  # PROBLEM_ID=$'prob\xffx': not UTF-8
         ("PROBLEM_ID", "two\nlines"),
+        ("PROBLEM_ID", "two\u2028lines"),  # a line separator
+        ("PROBLEM_ID", "abc\u202edcba"),  # a right-to-left override
+        ("PROBLEM_ID", "tab\there"),
         ("HOST", "host\udcfe"),
         ("WEBSERVER_ADDRESS", "web\udcff:50052"),
         ("ALLOWED_SELECTORS", "a\udcff:1"),
@@ -297,6 +300,23 @@ def test_text_that_travels_must_be_printable_unicode(key: str, value: str) -> No
     with pytest.raises(ConfigError) as raised:
         load_settings({}, {key: value})
     assert str(raised.value).startswith(f"configuration error: {key}={value!r}: expected ")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian: a zero-width non-joiner
+        "\u0915\u094d\u200d\u0937",  # Devanagari: a zero-width joiner
+        "team-\U0001f469\u200d\U0001f4bb",  # an emoji sequence (ZWJ)
+        "\u554f\u984c\u3000\u4e00",  # Japanese: an ideographic space
+        "digits\u00a0v2",  # a no-break space
+    ],
+)
+def test_a_problem_id_in_any_script_is_taken(name: str) -> None:
+    """Format characters and spaces that words of real scripts hold. Before:
+    refused, "expected a non-empty string of printable characters" (str.isprintable)."""
+    settings, _ = load_settings({}, {"PROBLEM_ID": name})
+    assert settings.problem_id == name
 
 
 def test_paths_may_hold_bytes_that_are_not_utf8_and_names_any_script() -> None:

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,16 +129,26 @@ def _path(value: Any) -> str:
     return str(value).strip()
 
 
+#: Characters no text value may hold: controls (Cc: newlines, ESC), surrogates (Cs: bytes
+#: that are not UTF-8), line and paragraph separators (Zl, Zp), and the bidi controls that
+#: reorder the rest of a log line (embeddings, overrides, isolates).
+_NOT_TEXT_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_BIDI_CONTROLS = frozenset(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
+
+
 def _text(value: Any) -> str:
-    """Text that is not a path, not empty: printable characters only.
+    """Text that is not a path, not empty: Unicode without controls or line breaks.
 
     It travels in status messages (JSON), Prometheus labels, protobuf strings
     and log lines, which hold Unicode text: an environment value with bytes
     that are not UTF-8 (``PROBLEM_ID=$'prob\\xff'``) made every metrics scrape
-    fail with a UnicodeEncodeError traceback.
+    fail with a UnicodeEncodeError traceback. Other format characters are
+    text: a Persian word holds a zero-width non-joiner, an emoji sequence a
+    zero-width joiner, a Japanese name an ideographic space (all refused by
+    ``str.isprintable``).
     """
     text = _path(value)
-    if not text.isprintable():
+    if any(c in _BIDI_CONTROLS or unicodedata.category(c) in _NOT_TEXT_CATEGORIES for c in text):
         raise ValueError
     return text
 
@@ -435,7 +446,7 @@ KEYS: tuple[Key, ...] = (
         "PROBLEM_ID",
         "DEFAULT",
         _text,
-        "a non-empty string of printable characters (UTF-8)",
+        "a non-empty string of Unicode text (UTF-8; no controls or line breaks)",
         "Name of the FL problem, carried in every status message.",
         go=True,
     ),

@@ -125,21 +125,22 @@ async def test_under_mutual_tls_from_an_operator_host(
     ))  # fmt: skip
 
 
-@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "soon"])
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "soon", "1e10", "86401"])
 def test_a_timeout_that_cannot_work_is_refused(
     health_server: tuple[str, list[bytes], list[bytes]],
     capsys: pytest.CaptureFixture[str],
     timeout: str,
 ) -> None:
-    """--timeout -1 (or nan) was asked as it was: DEADLINE_EXCEEDED at once, exit 1, as if
-    the coordinator were too slow to answer."""
+    """--timeout -1 (or nan, or 1e10: gRPC's deadline overflowed into the past) was asked
+    as it was: DEADLINE_EXCEEDED at once, exit 1, as if the coordinator were too slow to
+    answer. Longer than a day is refused too."""
     address, _, requests = health_server
     with pytest.raises(SystemExit) as exited:
         main(["health", "--address", address, "--timeout", timeout])
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "fl-coordinator health: error: argument --timeout: expected a number of seconds > 0, "
-        f"not {timeout!r}"
+        "fl-coordinator health: error: argument --timeout: expected a number of seconds > 0 "
+        f"and at most 86,400, not {timeout!r}"
     )
     assert requests == []
 

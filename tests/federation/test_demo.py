@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,11 @@ from pathlib import Path
 import h5py
 import pytest
 from helpers.processes import COMMAND, Served, environment
+from storage.test_disk_full import _mounted
 
-from fl_coordinator.federation.demo import DEMO_MARKER
+from fl_coordinator.config import default_settings
+from fl_coordinator.federation.demo import DEMO_MARKER, _fresh_root
+from fl_coordinator.storage.layout import Layout
 
 
 def test_demo_smoke_run(tmp_path: Path) -> None:
@@ -184,3 +188,20 @@ def test_a_root_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
     assert result.stderr == (
         f"fl-coordinator demo: --root {root}: cannot make this folder (Not a directory)\n"
     )
+
+
+def test_a_mount_point_is_emptied_and_kept(tmp_path: Path) -> None:
+    """``--root`` a volume's mount point (a tmpfs here): empty, or a previous demo's. It is
+    emptied, kept, and holds only logs/ and the marker after. Before: OSError EBUSY, a
+    traceback, as the demo removed the folder itself."""
+    root = tmp_path / "volume"
+    with _mounted(root, "-t", "tmpfs", "-o", "size=1m", "tmpfs"):
+        layout = Layout.from_settings(default_settings().replace(fl_root_path=str(root)))
+        _fresh_root(layout)  # empty
+        (root / "summary.json").write_text("{}")  # what a demo leaves
+        (root / "clients").mkdir()
+        (root / "clients" / "client0.npz").write_bytes(b"shard")
+        _fresh_root(layout)  # a previous demo's
+        assert sorted(p.name for p in root.iterdir()) == [DEMO_MARKER, "logs"]
+        assert list((root / "logs").iterdir()) == []
+        assert os.path.ismount(root)

@@ -6,8 +6,9 @@ errno of each call, EMFILE ("too many open files") included. This helper
 mounts such a file system over a folder: a read-only view of another
 folder (``backing``), where one operation on one file answers ``errno``
 from its ``after``-th call on (counted from 1; the calls before it are
-served from ``backing``): ``open``, ``read`` or ``getattr`` (what the
-kernel asks for a ``stat``, an ``fstat`` or a lookup of the name). Nothing
+served from ``backing``): ``open``, ``read``, ``getattr`` (what the
+kernel asks for a ``stat``, an ``fstat`` or a lookup of the name) or
+``flush`` (what it asks at each ``close`` of the file, and returns from it). Nothing
 is cached by the kernel: every call reaches the server.
 
 Run in its own process (``python selector_fs.py BACKING MOUNT FILE OP ERRNO
@@ -103,6 +104,10 @@ def _serve(backing: str, mount: str, file: str, operation: str, name: str, after
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
             answer(path, "read")
             return os.pread(fh, size, offset)
+
+        def flush(self, path: str, fh: int) -> int:
+            answer(path, "flush")  # what a close(2) of the file returns
+            return 0
 
         def release(self, path: str, fh: int) -> int:
             os.close(fh)

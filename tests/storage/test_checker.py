@@ -602,6 +602,31 @@ async def test_a_selector_file_system_failing_any_call_of_the_check_rejects_it_a
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+@needs_fuse
+@pytest.mark.fuse
+@pytest.mark.parametrize("code", [errno.EIO, errno.EMFILE])
+async def test_a_selector_file_system_failing_close_rejects_nothing(
+    reported: Layout, tmp_path: Path, code: int
+) -> None:
+    """The selector's file system (FUSE) answers EIO (or EMFILE) to every close (flush)
+    of its weight file, or of its aggregate: the check accepts the files (weight 5, as
+    on a plain folder), since what was read through the descriptor was whole. Before:
+    rejected, "these files cannot be read", for a close of a file read to the end."""
+    folder = reported.selector_dir(SELECTOR)
+    backing = tmp_path / "served"
+    folder.rename(backing)
+    os.utime(backing / reported.agg_checkpoint_name, (1, 1))  # settled: no second check
+    checker = ContributionChecker(reported, spec_of(reported), timeout=60, workers=1)
+    weights = []
+    async with checker.running():
+        for name in (reported.agg_weight_name, reported.agg_checkpoint_name):
+            with mounted(backing, folder, name, "flush", code):
+                outcome = await checker.check(SELECTOR)
+            assert isinstance(outcome, Contribution), outcome
+            weights.append(outcome.weight)
+    assert weights == [5, 5]
+
+
 async def test_while_out_of_descriptors_the_checks_say_so_once_a_minute_with_a_count(
     layout: Layout,
     keras_weights: list[Path],

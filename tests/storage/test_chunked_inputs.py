@@ -11,6 +11,7 @@ pass reads like any plain input, and removes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -28,6 +29,7 @@ import numpy as np
 import pytest
 from helpers import REPO
 from helpers.resources import bytes_read, read_calls
+from helpers.selector_fs import mounted, needs_fuse
 from storage.test_disk_full import _mounted, mount  # noqa: F401 (a fixture)
 
 from fl_coordinator.core.privacy import DifferentialPrivacy
@@ -274,6 +276,37 @@ def test_an_input_whose_chunk_cannot_be_read_is_refused_alone(tmp_path: Path) ->
     assert reason.startswith(f"{damaged}: dataset '{NAME}' cannot be read (OSError: ")
     assert leftovers(tmp_path / "tmp") == []
     assert checkpoint.read_bytes() == before
+
+
+@needs_fuse
+@pytest.mark.fuse
+@pytest.mark.parametrize("code", [errno.EIO, errno.EMFILE])
+@pytest.mark.parametrize("layout", ["plain", "rows-filtered"])
+def test_a_selector_file_system_failing_close_fails_no_pass(
+    tmp_path: Path, layout: str, code: int
+) -> None:
+    """An input's folder is its selector's own file system (FUSE), whose server answers
+    EIO (or EMFILE) to every close (flush) of the input from the N-th on, for N = 1, 2, 3:
+    each pass succeeds, its checkpoint bit for bit the pass's over the same files on a
+    plain folder. A close of a file read only loses nothing.
+
+    Before: the OSError of the close came out of the pass: a CheckpointError for
+    everyone ("cannot write the new global checkpoint", or for EMFILE "the coordinator
+    ran out of its own resources"), and for N = 2 on a plain input raised after the new
+    checkpoint was published, saying it was kept as it was."""
+    arrays = model((100, 100), 2)
+    reference = write_input(tmp_path / "reference/fl_checkpoint", arrays[0], "plain")
+    aggregate(reference, inputs(tmp_path / "reference", arrays[1:], ["plain", layout]),
+              tmp_path / "reference/tmp")  # fmt: skip
+    for after in (1, 2, 3):
+        folder = tmp_path / str(after)
+        checkpoint = write_input(folder / "fl_checkpoint", arrays[0], "plain")
+        parts = inputs(folder, arrays[1:], ["plain", layout])
+        (folder / "s1").rename(folder / "served")
+        with mounted(folder / "served", folder / "s1", "agg", "flush", code, after):
+            aggregate(checkpoint, parts, folder / "tmp")
+        assert bits(checkpoint) == bits(reference), after
+        assert leftovers(folder / "tmp") == []
 
 
 def test_without_room_for_copies_inputs_are_read_through_hdf5(

@@ -278,3 +278,27 @@ def test_a_checkpoint_whose_groups_cannot_be_read_is_a_checkpoint_error(tmp_path
     assert str(failed.value).endswith(
         "restore it (`fl-coordinator rollback`) or initialise the problem again"
     )
+
+
+def test_a_checkpoint_that_cannot_be_opened_for_want_of_descriptors_says_so(
+    tmp_path: Path,
+) -> None:
+    """The coordinator out of descriptors (its RLIMIT_NOFILE at its lowest free one) as the
+    averaging pass opens the checkpoint: a CheckpointError that says the coordinator is
+    out of its own resources. Before: "the checkpoint is not a readable HDF5 file
+    ([Errno 24] Too many open files ...)", which sends an operator to a good file."""
+    from helpers.resources import out_of_descriptors
+
+    from fl_coordinator.errors import CheckpointError
+    from fl_coordinator.storage.checkpoint import read_checkpoint_plan
+
+    checkpoint = tmp_path / "fl_checkpoint"
+    with h5py.File(checkpoint, "w") as file:
+        file["layers/d/vars/0"] = np.ones(32, np.float32)
+    with out_of_descriptors(), pytest.raises(CheckpointError) as failed:
+        read_checkpoint_plan(checkpoint)
+    assert str(failed.value) == (
+        f"{checkpoint}: the checkpoint cannot be opened: the coordinator is out of its own "
+        "resources ([Errno 24] Too many open files); raise its RLIMIT_NOFILE or memory"
+    )
+    assert [weight.name for weight in read_checkpoint_plan(checkpoint)] == ["layers/d/vars/0"]

@@ -167,15 +167,23 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if health.serving else 1
 
 
+#: Longest --timeout of a health probe, in seconds (a day): from about 9e9 s on, gRPC's
+#: deadline (now + timeout, in int64 nanoseconds) overflowed into one already past.
+_MAX_SECONDS = 86_400.0
+
+
 def _seconds(text: str) -> float:
-    """A flag's number of seconds > 0 (argparse's float takes -1, nan and inf: a health probe
-    with one failed at once, as DEADLINE_EXCEEDED, as if the coordinator were too slow)."""
+    """A flag's number of seconds, > 0 and at most _MAX_SECONDS (argparse's float takes -1,
+    nan, inf and 1e10: a health probe with one failed at once, as DEADLINE_EXCEEDED, as if
+    the coordinator were too slow)."""
     try:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, not {text!r}")
+    if not 0 < seconds <= _MAX_SECONDS:  # nan compares false
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds > 0 and at most {_MAX_SECONDS:,.0f}, not {text!r}"
+        )
     return seconds
 
 

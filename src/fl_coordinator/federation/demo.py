@@ -108,14 +108,27 @@ def _fresh_root(layout: Layout) -> None:
                     f"{DEMO_MARKER}); choose another, or remove it if it is an older demo's"
                 )
             ensure_not_served(layout, "demo")
-        shutil.rmtree(root)
     try:
+        _empty(root)
         (root / "logs").mkdir(parents=True)
     except OSError as error:
         raise DemoError(f"--root {root}: cannot make this folder ({error.strerror})") from None
     (root / DEMO_MARKER).write_text(
         "made by fl-coordinator demo: the next demo with this --root empties this folder\n"
     )
+
+
+def _empty(root: Path) -> None:
+    """Remove what ``root`` holds (if it exists), the marker last, and keep ``root``
+    itself: it may be a mount point (a volume), or in a folder the user cannot write to,
+    where removing it failed (EBUSY, EACCES) after emptying it."""
+    if not root.exists():
+        return
+    for child in sorted(root.iterdir(), key=lambda path: path.name == DEMO_MARKER):
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _initial_accuracy(model_file: Path, checkpoint: Path, split: Split) -> float:

@@ -25,8 +25,9 @@ from typing import TypeVar
 
 import trio
 
-from ..errors import CheckpointError, CheckpointLocked
+from ..errors import CheckpointError, CheckpointLocked, os_error_text
 from .hdf5_fd import OwnFile, open_own
+from .untrusted import OURS
 from .weights import Weight, read_plan
 
 __all__ = [
@@ -53,7 +54,8 @@ def open_checkpoint(path: Path, stack: ExitStack) -> OwnFile:
     Opened through a descriptor of ours (:func:`.hdf5_fd.open_own`): a stalled ``open``
     or ``read`` (a hung mount) stops the calling thread only, never the event loop.
     Raises CheckpointLocked while another process holds it locked, and
-    CheckpointError if it is missing or not HDF5.
+    CheckpointError if it is missing or not HDF5, or the coordinator is out of
+    descriptors or memory to open it (:data:`.untrusted.OURS`), which it says.
     """
     try:
         return stack.enter_context(open_own(path, "r"))
@@ -65,6 +67,11 @@ def open_checkpoint(path: Path, stack: ExitStack) -> OwnFile:
             "writing (HDF5: unable to lock file, errno = 11)"
         ) from None
     except OSError as error:
+        if error.errno in OURS:  # not the file's fault: an operator would look at the file
+            raise CheckpointError(
+                f"{path}: the checkpoint cannot be opened: the coordinator is out of its own "
+                f"resources ({os_error_text(error)}); raise its RLIMIT_NOFILE or memory"
+            ) from None
         raise CheckpointError(
             f"{path}: the checkpoint is not a readable HDF5 file ({error})"
         ) from None

@@ -32,6 +32,7 @@ from .untrusted import (
     WEIGHT_MAX_BYTES,
     FileIdentity,
     UntrustedFile,
+    close_of,
     dataset_at,
     fstat_of,
     read_of,
@@ -108,7 +109,7 @@ def read_weight(source: UntrustedFile) -> int:
     try:
         raw = read_of(fd, WEIGHT_MAX_BYTES + 1, path, "weight file")
     finally:
-        os.close(fd)
+        close_of(fd)
     text = raw.decode("ascii", errors="replace").strip()
     if not text:
         raise ContributionError(f"{path}: weight file is empty")

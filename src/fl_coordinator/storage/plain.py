@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import ContributionError
 from .slab import Selection, leading, slab_shape, start_of
-from .untrusted import FileIdentity, UntrustedFile, fstat_of
+from .untrusted import FileIdentity, UntrustedFile, close_of, fstat_of
 
 __all__ = [
     "DESCRIPTORS",
@@ -239,7 +239,7 @@ class Descriptors:
         fd = self._open.pop(source, None)
         if fd is None:
             if len(self._open) >= self._limit:
-                os.close(self._open.pop(next(iter(self._open))))
+                close_of(self._open.pop(next(iter(self._open))))
             fd, _ = source.open_fd("aggregate checkpoint")
         self._open[source] = fd  # now the most recently used
         return fd
@@ -256,5 +256,5 @@ class Descriptors:
 
     def close(self) -> None:
         for fd in self._open.values():
-            os.close(fd)
+            close_of(fd)
         self._open.clear()

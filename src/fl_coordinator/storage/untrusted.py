@@ -74,6 +74,7 @@ __all__ = [
     "OwnShortage",
     "UntrustedFile",
     "clip",
+    "close_of",
     "dataset_at",
     "fstat_of",
     "raise_if_own_shortage",
@@ -222,6 +223,21 @@ def read_of(fd: int, count: int, path: Path, what: str) -> bytes:
         raise ContributionError(f"{path}: {what} cannot be read ({_answered(error)})") from None
 
 
+def close_of(fd: int) -> None:
+    """Close ``fd``, a descriptor of a selector's file or folder, whatever its file
+    system answers.
+
+    A FUSE or network file system answers ``close`` with its server's reply to a flush
+    (EIO, EMFILE, anything), and Linux releases the descriptor all the same
+    (close(2)). Read-only, nothing is lost: what was read through it was checked
+    already (the identity, the values). Raised, that errno would fail the averaging
+    pass as the coordinator's fault, and after the new checkpoint was published
+    (the pass closes its inputs last) say it was kept.
+    """
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
 def _folder_problem(dir_fd: int, name: str, error: OSError) -> str:
     """Why folder ``name`` (in ``dir_fd``) could not be opened without following links."""
     try:
@@ -300,11 +316,11 @@ class UntrustedFile:
                     raise ContributionError(
                         f"{self.path}: {what} cannot be read: its folder '{where}' {problem}"
                     ) from None
-                os.close(dir_fd)
+                close_of(dir_fd)
                 dir_fd = inner
             return self._open_last(dir_fd, parts[-1], what, max_bytes)
         finally:
-            os.close(dir_fd)
+            close_of(dir_fd)
 
     def _open_last(
         self, dir_fd: int, name: str, what: str, max_bytes: int | None
@@ -335,7 +351,7 @@ class UntrustedFile:
             if self.identity is not None and FileIdentity.of(status) != self.identity:
                 raise ContributionError(f"{path}: {what} changed after it was checked")
         except BaseException:
-            os.close(fd)
+            close_of(fd)
             raise
         return fd, status
 
@@ -364,7 +380,7 @@ class UntrustedFile:
             with file:
                 yield Opened(self, file, fd, FileIdentity.of(status))
         finally:
-            os.close(fd)
+            close_of(fd)
 
 
 @dataclass(frozen=True)
