@@ -362,11 +362,22 @@ def _reading_stdin(pid: int) -> bool:
         return False
 
 
+#: A command started as a terminal starts it: SIGINT at its default action, which Python
+#: turns into KeyboardInterrupt. (A shell's background job, as tests may be run, ignores
+#: SIGINT, and a program started so keeps ignoring it.)
+_AS_IN_A_TERMINAL = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
 def test_ctrl_c_outside_the_event_loop_is_one_line_and_status_130(root: Path) -> None:
     """Ctrl-C while serve still reads its config (a pipe nobody writes): before trio's signal
     handling, as while Keras loads for init. It was a KeyboardInterrupt traceback."""
     process = subprocess.Popen(
-        [*COMMAND, "serve", "--config", "/dev/stdin"],
+        [*_AS_IN_A_TERMINAL, *COMMAND, "serve", "--config", "/dev/stdin"],
         env=environment(root),
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -405,8 +416,8 @@ def test_ctrl_c_that_lands_in_a_gc_callback_still_interrupts() -> None:
     in: <function _xla_gc_callback> ... KeyboardInterrupt" on stderr, and the command
     carried on: init finished with exit status 0, the demo ran its rounds."""
     ran = subprocess.run(
-        [sys.executable, "-c", _CTRL_C_IN_A_GC_CALLBACK], capture_output=True, text=True,
-        timeout=60,
+        [*_AS_IN_A_TERMINAL, sys.executable, "-c", _CTRL_C_IN_A_GC_CALLBACK],
+        capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert (ran.returncode, ran.stderr) == (130, "prog: interrupted (Ctrl-C)\n")
 
