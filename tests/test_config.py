@@ -197,9 +197,13 @@ def test_differential_privacy_mistakes_are_one_line(environ: dict[str, str], mes
         ({"PORT": "50099", "STATUS_PORT": "50099"}, "STATUS_PORT=50099: expected a port other "
          "than PORT's (50099)"),
         ({"METRICS_PORT": "50050"}, "METRICS_PORT=50050: expected a port other than PORT's "
-         "(50050)"),
+         "(50050 by default)"),
         ({"STATUS_PORT": "9", "METRICS_PORT": "9"}, "METRICS_PORT=9: expected a port other "
          "than STATUS_PORT's (9)"),
+        ({"PORT": "50052"}, "PORT=50052: expected a port other than STATUS_PORT's (50052 by "
+         "default)"),
+        ({"STATUS_PORT": "50050"}, "STATUS_PORT=50050: expected a port other than PORT's "
+         "(50050 by default)"),
     ],
 )  # fmt: skip
 def test_one_port_for_two_servers_is_refused_by_name(environ: dict[str, str], message: str) -> None:

@@ -1057,6 +1057,7 @@ def _check_ports(settings: Settings) -> None:
     """The gRPC, status and metrics ports listen on the same HOST: one port cannot be two of
     them (it was refused at start-up as "address already in use: is another coordinator
     running?", which sent the operator looking for a process that was not there)."""
+    defaults = {key.name: key.default for key in KEYS}
     taken: dict[int, str] = {}
     for key, port in (
         ("PORT", settings.port),
@@ -1066,7 +1067,11 @@ def _check_ports(settings: Settings) -> None:
         if not port:  # 0: any free port; None: off
             continue
         if port in taken:
-            raise ConfigError(key, port, f"a port other than {taken[port]}'s ({port})")
+            given, other = key, taken[port]
+            if defaults[given] == port != defaults[other]:  # name the one that was set
+                given, other = other, given
+            default = " by default" if defaults[other] == port else ""
+            raise ConfigError(given, port, f"a port other than {other}'s ({port}{default})")
         taken[port] = key
 
 
