@@ -195,6 +195,13 @@ def selector_error_is_own_shortage(error: OSError) -> bool:
     return False
 
 
+def _raise_if_selector_shortage(error: OSError) -> None:
+    """Where opening a selector's file failed: raise ``error`` as :class:`OwnShortage` if
+    :func:`selector_error_is_own_shortage` confirms it (else the caller rejects the file)."""
+    if selector_error_is_own_shortage(error):
+        raise OwnShortage.of(error) from None
+
+
 def _answered(error: OSError) -> str:
     """What the file system answered, for a person: an errno of OURS that the coordinator
     is not short of (see :func:`selector_error_is_own_shortage`) is said to be the file system's."""
@@ -310,8 +317,7 @@ class UntrustedFile:
                     inner = os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
                 except OSError as error:
                     where = PurePosixPath(*parts[:depth])  # below the root: reasons are cut
-                    if selector_error_is_own_shortage(error):
-                        raise OwnShortage.of(error) from None
+                    _raise_if_selector_shortage(error)
                     problem = _folder_problem(dir_fd, part, error)
                     raise ContributionError(
                         f"{self.path}: {what} cannot be read: its folder '{where}' {problem}"
@@ -331,15 +337,13 @@ class UntrustedFile:
         except FileNotFoundError:
             raise ContributionError(f"{path}: {what} is missing") from None
         except OSError as error:
-            if selector_error_is_own_shortage(error):
-                raise OwnShortage.of(error) from None
+            _raise_if_selector_shortage(error)
             raise ContributionError(f"{path}: {what} cannot be read ({_answered(error)})") from None
         _check_regular(seen, path, what, max_bytes)  # a FIFO or a device is never opened
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as error:
-            if selector_error_is_own_shortage(error):
-                raise OwnShortage.of(error) from None
+            _raise_if_selector_shortage(error)
             raise ContributionError(
                 f"{path}: {what} cannot be opened ({_answered(error)})"
             ) from None
