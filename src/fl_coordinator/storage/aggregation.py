@@ -119,7 +119,6 @@ from .plain import (
     Extent,
     allocated_early,
     extent_of,
-    open_for_writing,
     read_slab,
     reserve,
     write_slab,
@@ -686,8 +685,8 @@ def _rewrite(
         ):
             # Values are pwritten beside HDF5's own writes, unbuffered both (see .hdf5_fd):
             # core (the whole file in memory, written at close) would undo them.
-            with open_own(tmp, "w") as written, open_for_writing(tmp) as out_fd:
-                out = written.file
+            with open_own(tmp, "w") as written:
+                out, out_fd = written.file, written.fd
                 targets = _copy_layout(base, out, changed)
                 reserve(out_fd, out.id.get_filesize())  # its arrays are allocated: all of it
 

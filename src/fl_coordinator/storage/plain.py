@@ -19,11 +19,9 @@ was truncated since) refuses the input.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +38,6 @@ __all__ = [
     "Extent",
     "allocated_early",
     "extent_of",
-    "open_for_writing",
     "read_slab",
     "reserve",
     "write_at",
@@ -123,17 +120,6 @@ def extent_of(
             f"outside the file's {file_size} bytes"
         )
     return Extent(offset, nbytes, shape, stored.itemsize)
-
-
-@contextlib.contextmanager
-def open_for_writing(path: Path) -> Iterator[int]:
-    """``path`` (a new file of ours, open in HDF5 too) open for ``pwrite`` beside HDF5's
-    own handle, for :func:`write_slab`."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def read_slab(

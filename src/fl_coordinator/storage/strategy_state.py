@@ -61,7 +61,6 @@ from .plain import (
     Extent,
     allocated_early,
     extent_of,
-    open_for_writing,
     read_slab,
     reserve,
     write_slab,
@@ -289,8 +288,8 @@ class StateUpdate:
             # old file's and written with pwrite beside HDF5 (see .aggregation._rewrite).
             old = self._opened_source(stack) if self.source else None
             target = stack.enter_context(atomic_target(self.dest, tmp_dir, large=True))
-            new = stack.enter_context(open_own(target, "w")).file
-            new_fd = stack.enter_context(open_for_writing(target))
+            written = stack.enter_context(open_own(target, "w"))
+            new, new_fd = written.file, written.fd
             moments = Moments(self, old, new, new_fd, (tmp_dir, stack))
             yield moments
             if not moments.published:
