@@ -27,6 +27,7 @@ import yaml
 from .core.stopping import StopWhen, decimal
 from .core.strategy import COMBINATIONS, STRATEGIES
 from .errors import ConfigError
+from .untrusted_text import cut
 
 __all__ = [
     "KEYS",
@@ -58,22 +59,17 @@ class _Redacted:
 
 _REDACTED = _Redacted()
 
-#: Characters of a bad value an error message shows: a mistake is recognisable in them, and a
-#: 20 MB value pasted by mistake is not a 20 MB line in the log or on the terminal.
-_SHOWN_CHARACTERS = 200
-
 
 class _Shown:
-    """Stands for a bad value in an error message: its repr, cut at _SHOWN_CHARACTERS."""
+    """Stands for a bad value in an error message: its repr, cut as untrusted text is
+    (:func:`.untrusted_text.cut`): a mistake is recognisable in it, and a 20 MB value
+    pasted by mistake is not a 20 MB line in the log or on the terminal."""
 
     def __init__(self, value: object) -> None:
         self.value = value
 
     def __repr__(self) -> str:
-        text = repr(self.value)
-        if len(text) <= _SHOWN_CHARACTERS:
-            return text
-        return f"{text[:_SHOWN_CHARACTERS]}... ({len(text)} characters)"
+        return cut(repr(self.value))
 
 
 def _integer(value: Any) -> int:
