@@ -47,11 +47,11 @@ class _WholeIO(io.FileIO):
     """An unbuffered file object on a descriptor whose reads and writes are whole.
 
     While ``closing``, a failed write (or trim) is only kept in ``failed`` (the first),
-    as if it had been made: a close that
-    fails in HDF5 leaves the file open in the library (a DatasetID and a FileID on a
-    descriptor we then close, whose number is soon another file's; the process then
-    crashed in HDF5, at once or at exit), and h5py raised it as an AttributeError about
-    ``truncate``. :func:`open_own` raises it once HDF5 has let go of the file.
+    as if it had been made: a close that fails in HDF5 leaves the file open in the
+    library (a DatasetID and a FileID on a descriptor we then close, whose number is
+    soon another file's; the process then crashed in HDF5, at once or at exit), and
+    h5py raised it as an AttributeError about ``truncate``. :func:`open_own` raises it
+    once HDF5 has let go of the file.
     """
 
     failed: OSError | None = None
