@@ -684,7 +684,9 @@ KEYS: tuple[Key, ...] = (
         _positive_seconds,
         "a number of seconds > 0",
         "Time limit of the check of one selector's files (in a worker process, killed when "
-        "it is over); the selector is then rejected. A check that cannot run for want of the "
+        "it is over); the selector is then rejected. Also the longest the averaging waits on "
+        "one call to a selector's storage (an open, a read, a close): that selector is then "
+        "rejected and the others averaged again. A check that cannot run for want of the "
         "coordinator's own descriptors or memory is tried again for this long, then fails "
         "the round (no selector is rejected).",
     ),

@@ -9,10 +9,13 @@ from its ``after``-th call on (counted from 1; the calls before it are
 served from ``backing``): ``open``, ``read``, ``getattr`` (what the
 kernel asks for a ``stat``, an ``fstat`` or a lookup of the name) or
 ``flush`` (what it asks at each ``close`` of the file, and returns from it). Nothing
-is cached by the kernel: every call reaches the server.
+is cached by the kernel: every call reaches the server. Instead of an errno,
+:data:`HANG`: the call gets no answer (a hung mount) until ``gate`` is
+removed. With a ``gate`` (a file), the fault holds only while it exists: a
+test opens it once the files have passed their check, say.
 
 Run in its own process (``python selector_fs.py BACKING MOUNT FILE OP ERRNO
-AFTER``), it prints a line once the kernel has mounted it; :func:`mounted`
+AFTER [GATE]``), it prints a line once the kernel has mounted it; :func:`mounted`
 does that and unmounts it at the end. Needs /dev/fuse, libfuse 3 and
 ``fusermount3`` (Linux; root, as the tests run in CI): tests that mount one
 are marked :data:`needs_fuse`, and are skipped, loudly (see
@@ -32,7 +35,10 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["HOW_TO_GET_FUSE", "mounted", "needs_fuse"]
+__all__ = ["HANG", "HOW_TO_GET_FUSE", "mounted", "needs_fuse"]
+
+#: Not an errno: the call is not answered while the gate exists.
+HANG = -1
 
 #: How to get the FUSE tests where they cannot run.
 HOW_TO_GET_FUSE = "apt-get install -y fuse3 (Debian's package; .ci/run does it), and /dev/fuse"
@@ -49,12 +55,21 @@ _READY = "mounted"
 
 @contextlib.contextmanager
 def mounted(
-    backing: Path, mount: Path, file: str, operation: str, code: int, after: int = 1
+    backing: Path,
+    mount: Path,
+    file: str,
+    operation: str,
+    code: int,
+    after: int = 1,
+    gate: Path | None = None,
 ) -> Iterator[None]:
     """``mount`` shows ``backing``, but ``operation`` on ``mount/file`` answers ``code``
-    (an errno) from its ``after``-th call on, until the context ends."""
+    (an errno, or :data:`HANG`) from its ``after``-th call on, until the context ends
+    (with a ``gate``: while that file exists; it is removed at the end)."""
+    assert code != HANG or gate is not None, "a HANG needs a gate to end it"
     mount.mkdir(exist_ok=True)
-    args = [str(backing), str(mount), file, operation, errno.errorcode[code], str(after)]
+    name = "HANG" if code == HANG else errno.errorcode[code]
+    args = [str(backing), str(mount), file, operation, name, str(after), str(gate or "")]
     with subprocess.Popen(
         [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True
     ) as server:
@@ -64,6 +79,8 @@ def mounted(
             assert line == _READY, f"the FUSE server did not mount {mount} ({line!r})"
             yield
         finally:
+            if gate is not None:
+                gate.unlink(missing_ok=True)  # calls left hanging are answered
             subprocess.run(["fusermount3", "-u", "-z", str(mount)], check=False)
             # Detached (lazily), the mount ends when nothing refers to it any more: a
             # descriptor on it that the test's process has not collected yet keeps the
@@ -76,16 +93,25 @@ def mounted(
                 server.wait()
 
 
-def _serve(backing: str, mount: str, file: str, operation: str, name: str, after: int) -> None:
+def _serve(
+    backing: str, mount: str, file: str, operation: str, name: str, after: int, gate: str
+) -> None:
+    import time
+
     import mfusepy as fuse  # only in the server's process
 
-    code, target, calls = getattr(errno, name), f"/{file}", {"n": 0}
+    code, target, calls = HANG if name == "HANG" else getattr(errno, name), f"/{file}", {"n": 0}
 
     def answer(path: str, op: str) -> None:
-        if path == target and op == operation:
-            calls["n"] += 1
-            if calls["n"] >= after:
-                raise fuse.FuseOSError(code)
+        if path != target or op != operation:
+            return
+        calls["n"] += 1
+        if calls["n"] < after or (gate and not os.path.exists(gate)):
+            return
+        if code != HANG:
+            raise fuse.FuseOSError(code)
+        while os.path.exists(gate):  # no answer: what a hung mount gives (a fake of one)
+            time.sleep(0.01)
 
     class View(fuse.Operations):
         use_ns = True
@@ -126,4 +152,4 @@ def _serve(backing: str, mount: str, file: str, operation: str, name: str, after
 
 
 if __name__ == "__main__":
-    _serve(*sys.argv[1:6], int(sys.argv[6]))
+    _serve(*sys.argv[1:6], int(sys.argv[6]), sys.argv[7] if len(sys.argv) > 7 else "")

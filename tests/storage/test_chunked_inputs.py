@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,6 +42,7 @@ from fl_coordinator.storage.aggregation import (
     aggregate,
 )
 from fl_coordinator.storage.contribution import CheckpointSpec, SelectorFiles, examine
+from fl_coordinator.storage.pass_control import PassControl
 from fl_coordinator.storage.plain_copy import HEADROOM, HEADROOM_MAX_BYTES, kept_free
 from fl_coordinator.storage.strategy_state import StateUpdate
 from fl_coordinator.storage.untrusted import UntrustedFile
@@ -212,8 +212,8 @@ def test_every_strategy_gives_the_same_bits_as_with_plain_inputs(
     assert averaged(tmp_path / "mixed", arrays, MIXED, strategy) == plain
 
 
-class CancelAfter(threading.Event):
-    """Set by the ``calls``-th look at it: a coordinator stopping midway through a copy."""
+class CancelAfter(PassControl):
+    """Stopped by the ``calls``-th look at it: a coordinator stopping midway through a copy."""
 
     def __init__(self, calls: int) -> None:
         super().__init__()
@@ -222,7 +222,7 @@ class CancelAfter(threading.Event):
     def is_set(self) -> bool:
         self.calls -= 1
         if self.calls == 0:
-            self.set()
+            self.stop()
         return super().is_set()
 
 
@@ -331,7 +331,7 @@ def test_without_room_for_copies_inputs_are_read_through_hdf5(
     assert leftovers(mount / "tmp") == []
 
 
-class Watching(threading.Event):
+class Watching(PassControl):
     """Never set; each look at it (every block of a copy, every slab of the pass) records
     the free bytes of ``folder``'s file system and this process's open descriptors."""
 
@@ -514,8 +514,8 @@ def test_the_copy_of_an_optimizer_state_stored_in_chunks_stops_when_cancelled(
     aggregate(checkpoint, parts, tmp_path / "tmp", None, ServerUpdate(Strategy(optimizer), first))
     state = tmp_path / "state-1.h5"
     store_in_chunks(state)
-    cancel = threading.Event()
-    cancel.set()
+    cancel = PassControl()
+    cancel.stop()
     second = StateUpdate(optimizer, state, tmp_path / "state-2.h5", 2)
     before = bytes_read()
     with pytest.raises(ShuttingDown):

@@ -16,6 +16,7 @@ from fl_coordinator.errors import ContributionsRefused, ShuttingDown
 from fl_coordinator.storage import aggregation, slab
 from fl_coordinator.storage.aggregation import Contribution, ServerUpdate, aggregate
 from fl_coordinator.storage.lanes import Halt, in_lanes
+from fl_coordinator.storage.pass_control import PassControl
 from fl_coordinator.storage.strategy_state import StateUpdate
 from fl_coordinator.storage.untrusted import UntrustedFile
 
@@ -94,8 +95,8 @@ def test_refusals_of_several_lanes_are_merged() -> None:
 
 
 def test_the_callers_cancel_stops_every_lane() -> None:
-    cancel = threading.Event()
-    cancel.set()
+    cancel = PassControl()
+    cancel.stop()
 
     ran: list[int] = []
 

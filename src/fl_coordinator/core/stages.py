@@ -94,8 +94,9 @@ class Cause(enum.Enum):
         "selectors than `ROBUST_AGGREGATION` needs"
     )
     FILES_CHANGED = (
-        "some selectors' files changed after their check: they are rejected, and the others "
-        "averaged again if they still hold `MIN_REPORTING_FRACTION` of the clients"
+        "some selectors' files changed after their check, or their storage did not answer "
+        "while they were averaged: they are rejected, and the others averaged again if they "
+        "still hold `MIN_REPORTING_FRACTION` of the clients"
     )
     OUT_OF_RESOURCES = (
         "a selector's files cannot be checked because the coordinator is out of its own "

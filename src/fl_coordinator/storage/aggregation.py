@@ -89,7 +89,6 @@ import functools
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing
@@ -113,6 +112,7 @@ from .atomic import atomic_target
 from .checkpoint import open_checkpoint
 from .hdf5_fd import open_own
 from .lanes import LANES, Halt, in_lanes
+from .pass_control import PassControl
 from .plain import (
     DESCRIPTORS,
     Descriptors,
@@ -200,7 +200,7 @@ class ServerUpdate:
 
 #: The signature of :func:`aggregate`, for code that takes one as a parameter.
 Aggregator = Callable[
-    [Path, Sequence[Contribution], Path, threading.Event | None, ServerUpdate],
+    [Path, Sequence[Contribution], Path, PassControl | None, ServerUpdate],
     AggregationResult,
 ]
 
@@ -289,7 +289,7 @@ class _Copies:
 
     tmp_dir: Path
     stack: ExitStack
-    cancel: threading.Event | None
+    cancel: PassControl
     through_hdf5: int = 0
 
 
@@ -347,7 +347,8 @@ def _copied(
         )  # fmt: skip
         here.close()  # open again without a chunk cache: K of them would not be flat in K
         again = replace(opened.source, identity=opened.identity)
-        return copies.stack.enter_context(again.open_hdf5("aggregate checkpoint"))
+        reopening = again.open_hdf5("aggregate checkpoint")
+        return copies.stack.enter_context(copies.cancel.closed_waiting(path, reopening))
     if opened.changed():
         raise ContributionsRefused(
             {str(path): f"{path}: aggregate checkpoint changed while it was being copied"}
@@ -373,7 +374,8 @@ def _open_inputs(
                 continue
             source = source.file
         try:
-            located.append(_locate(source, plan, copies))
+            with copies.cancel.waiting_on(source.path, in_hdf5=True):
+                located.append(_locate(source, plan, copies))
         except ContributionError as error:
             refused[str(source.path)] = str(error)
         except ContributionsRefused as error:
@@ -522,7 +524,7 @@ def sum_into(
     dest: Path,
     tmp_dir: Path,
     finish: Finish,
-    cancel: threading.Event | None = None,
+    cancel: PassControl | None = None,
     encode: Callable[[Encoding], Encoding] | None = None,
 ) -> tuple[int, int]:
     """Write ``dest``: ``template``'s layout whose weight arrays hold ``finish(sum)``.
@@ -666,12 +668,18 @@ def _rewrite(
     tmp_dir: Path,
     combine: _Combine,
     step: _Step,
-    cancel: threading.Event | None = None,
+    cancel: PassControl | None = None,
     encode: Callable[[Encoding], Encoding] | None = None,
     moments: Callable[[], contextlib.AbstractContextManager[Moments | None]] | None = None,
 ) -> tuple[int, int]:
     """:func:`sum_into` with a given ``combine`` and ``step``; ``moments`` opens the
-    optimizer's state (published tied to the new file, before ``dest`` is replaced)."""
+    optimizer's state (published tied to the new file, before ``dest`` is replaced).
+
+    Every input is closed before anything is published, and from then on only the
+    coordinator's own files are touched: a pass that ``cancel`` stops while it waits on
+    an input's storage never publishes (see :mod:`.pass_control`).
+    """
+    control = PassControl() if cancel is None else cancel
     with ExitStack() as stack:
         opened = open_checkpoint(template, stack)
         base = opened.file
@@ -685,7 +693,7 @@ def _rewrite(
         ):
             # Values are pwritten beside HDF5's own writes, unbuffered both (see .hdf5_fd):
             # core (the whole file in memory, written at close) would undo them.
-            with open_own(tmp, "w") as written:
+            with open_own(tmp, "w") as written, ExitStack() as reading:
                 out, out_fd = written.file, written.fd
                 targets = _copy_layout(base, out, changed)
                 reserve(out_fd, out.id.get_filesize())  # its arrays are allocated: all of it
@@ -703,26 +711,29 @@ def _rewrite(
                     )
 
                 if state is not None:
-                    state.prepare(plan, cancel)
+                    state.prepare(plan, control)
                 # Once the new files' space is reserved: copies take what is left.
-                located = _open_inputs(inputs, plan, _Copies(tmp_dir, stack, cancel))
+                located = _open_inputs(inputs, plan, _Copies(tmp_dir, reading, control))
                 lanes = LANES if combine.shareable else 1  # noise is drawn in one order
                 pools = [
-                    stack.enter_context(closing(Descriptors(DESCRIPTORS // lanes)))
+                    reading.enter_context(closing(Descriptors(DESCRIPTORS // lanes, control)))
                     for _ in range(lanes)
                 ]
-                bytes_read = in_lanes(plan, average, pools, cancel)
+                bytes_read = in_lanes(plan, average, pools, control)
                 descriptors = pools[0]
                 # Last, before the rename publishes anything: an input written to
                 # while it was read may have given bytes nobody checked.
+                looked = (_changed(source, descriptors, control) for source in located)
                 written_to = {
                     str(path): f"{path}: aggregate checkpoint changed while it was being averaged"
-                    for path, changed in (_changed(source, descriptors) for source in located)
+                    for path, changed in looked
                     if changed
                 }
                 if written_to:
                     raise ContributionsRefused(written_to)
+                reading.close()  # the inputs: nothing of theirs is waited on from here
                 unchanged.check()
+            control.publishing()
             if state is not None:
                 state.publish(tmp)  # the new file is complete: the state names it
     return len(plan), bytes_read
@@ -805,10 +816,13 @@ def _template(base: h5py.File, weight: Weight, opened: _Unchanged) -> _Source:
     return _Source(None, weight.encoding, path, None, (weight.name, lambda: opened.fd, extent))
 
 
-def _changed(located: _PlainInput | Opened, descriptors: Descriptors) -> tuple[Path, bool]:
+def _changed(
+    located: _PlainInput | Opened, descriptors: Descriptors, control: PassControl
+) -> tuple[Path, bool]:
     """An input's path, and whether it was written to since it was first opened."""
     if isinstance(located, Opened):
-        return located.source.path, located.changed()
+        with control.waiting_on(located.source.path):
+            return located.source.path, located.changed()
     return located.path, descriptors.changed(located.file)
 
 
@@ -849,7 +863,10 @@ def _write_weight(
             if key not in buffers:
                 buffers[key] = np.empty(largest, source.encoding.stored)
             buffer = buffers[key]
-        return _read(buffer, source, selection)
+        if not source.untrusted:
+            return _read(buffer, source, selection)
+        with halt.waiting_on(source.path, in_hdf5=source.extent is None):
+            return _read(buffer, source, selection)
 
     bytes_read = 0
     for selection in slabs(weight.shape, itemsize, whole_rows=whole_rows):
@@ -906,7 +923,7 @@ def aggregate(
     checkpoint: Path,
     contributions: Sequence[Contribution],
     tmp_dir: Path,
-    cancel: threading.Event | None = None,
+    cancel: PassControl | None = None,
     update: ServerUpdate | None = None,
 ) -> AggregationResult:
     """Replace ``checkpoint`` by the average of ``contributions`` (FedAvg, or ``update``'s

@@ -10,7 +10,9 @@ lanes: an array's arithmetic does not depend on which lane runs it.
 A failure in one lane stops the others at their next check (:class:`Halt`)
 and is raised once all have stopped, so no lane is still writing when the
 caller cleans up; refusals of inputs found by several lanes are merged (every
-refused selector at once, not one per retry).
+refused selector at once, not one per retry). The lanes are daemon threads,
+not an executor's: a lane stuck on a selector's storage, given up by the
+caller (see :mod:`.pass_control`), must not hold up the process's exit.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TypeVar
 
 from ..errors import ContributionsRefused, ShuttingDown
+from .pass_control import PassControl
 
 __all__ = ["LANES", "Halt", "in_lanes"]
 
@@ -36,17 +40,23 @@ LANES = min(2, len(os.sched_getaffinity(0)))
 class Halt:
     """Whether a lane must stop: the caller's ``cancel`` was set, or another lane failed.
 
-    Quacks like the ``threading.Event`` the pass checks between slabs.
+    Quacks like the ``threading.Event`` the pass checks between slabs, and marks the
+    lane's waits on an input's storage for the caller's ``cancel`` (see
+    :mod:`.pass_control`).
     """
 
-    def __init__(self, cancel: threading.Event | None) -> None:
-        self._cancel = cancel
+    def __init__(self, cancel: PassControl | None) -> None:
+        self._cancel = PassControl() if cancel is None else cancel
         self._failed = threading.Event()
         self._lock = threading.Lock()
         self.errors: list[BaseException] = []
 
     def is_set(self) -> bool:
-        return self._failed.is_set() or (self._cancel is not None and self._cancel.is_set())
+        return self._failed.is_set() or self._cancel.is_set()
+
+    def waiting_on(self, path: Path, in_hdf5: bool = False) -> AbstractContextManager[None]:
+        """See :meth:`.PassControl.waiting_on`."""
+        return self._cancel.waiting_on(path, in_hdf5)
 
     def fail(self, error: BaseException, caused_by_halt: bool) -> None:
         """Record a lane's error; one caused only by this halt is recorded only if no other."""
@@ -73,7 +83,7 @@ def in_lanes(
     items: Sequence[T],
     work: Callable[[T, R, Halt], int],
     contexts: Sequence[R],
-    cancel: threading.Event | None,
+    cancel: PassControl | None,
 ) -> int:
     """The sum of ``work(item, context, halt)`` over ``items``, in ``len(contexts)`` lanes.
 
@@ -85,28 +95,32 @@ def in_lanes(
     halt = Halt(cancel)
     remaining: Iterator[T] = iter(items)
     lock = threading.Lock()
+    totals: list[int] = []  # what each lane's work summed to, appended as it ends
 
-    def lane(context: R) -> int:
-        done = 0
-        while True:
-            with lock:
-                try:
-                    item = next(remaining)
-                except StopIteration:
-                    return done
-            try:
-                done += work(item, context, halt)
-            except BaseException as error:
-                halt.fail(error, caused_by_halt=isinstance(error, ShuttingDown) and halt.is_set())
-                return done
+    def lane(context: R) -> None:
+        count = 0
+        try:
+            while True:
+                with lock:
+                    try:
+                        item = next(remaining)
+                    except StopIteration:
+                        return
+                count += work(item, context, halt)
+        except BaseException as error:
+            halt.fail(error, caused_by_halt=isinstance(error, ShuttingDown) and halt.is_set())
+        finally:
+            totals.append(count)
 
     contexts = contexts[: max(1, len(items))]  # no thread started for nothing to do
-    if len(contexts) == 1:
-        total = lane(contexts[0])
-    else:
-        with ThreadPoolExecutor(len(contexts) - 1, thread_name_prefix="average") as pool:
-            others = [pool.submit(lane, context) for context in contexts[1:]]
-            total = lane(contexts[0])
-            total += sum(other.result() for other in others)
+    others = [
+        threading.Thread(target=lane, args=(context,), name="average", daemon=True)
+        for context in contexts[1:]
+    ]
+    for other in others:
+        other.start()
+    lane(contexts[0])
+    for other in others:
+        other.join()
     halt.raise_first()
-    return total
+    return sum(totals)

@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 
 from ..errors import ContributionError
+from .pass_control import PassControl
 from .slab import Selection, leading, slab_shape, start_of
 from .untrusted import FileIdentity, UntrustedFile, close_of, fstat_of
 
@@ -215,18 +216,23 @@ class Descriptors:
 
     Each file is (re)opened by the rules of :meth:`.UntrustedFile.open_fd`,
     with its identity: a file changed since it was first opened is refused.
+    Each open, ``fstat`` and close is a wait on the file's storage for ``control``
+    (see :mod:`.pass_control`): a FUSE or NFS server may answer none of them.
     """
 
-    def __init__(self, limit: int = DESCRIPTORS) -> None:
+    def __init__(self, limit: int = DESCRIPTORS, control: PassControl | None = None) -> None:
         self._limit = limit
+        self._control = PassControl() if control is None else control
         self._open: dict[UntrustedFile, int] = {}
 
     def get(self, source: UntrustedFile) -> int:
         fd = self._open.pop(source, None)
         if fd is None:
             if len(self._open) >= self._limit:
-                close_of(self._open.pop(next(iter(self._open))))
-            fd, _ = source.open_fd("aggregate checkpoint")
+                oldest = next(iter(self._open))
+                self._close(oldest, self._open.pop(oldest))
+            with self._control.waiting_on(source.path):
+                fd, _ = source.open_fd("aggregate checkpoint")
         self._open[source] = fd  # now the most recently used
         return fd
 
@@ -234,13 +240,17 @@ class Descriptors:
         """Whether ``source`` is no longer the file of its identity (written to, replaced),
         or its file system cannot say."""
         try:
-            return FileIdentity.of(fstat_of(self.get(source), source.path, "file")) != (
-                source.identity
-            )
+            fd = self.get(source)
+            with self._control.waiting_on(source.path):
+                status = fstat_of(fd, source.path, "file")
         except ContributionError:
             return True
+        return FileIdentity.of(status) != source.identity
 
     def close(self) -> None:
-        for fd in self._open.values():
+        while self._open:
+            self._close(*self._open.popitem())
+
+    def _close(self, source: UntrustedFile, fd: int) -> None:
+        with self._control.waiting_on(source.path):
             close_of(fd)
-        self._open.clear()

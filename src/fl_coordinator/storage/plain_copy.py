@@ -42,7 +42,6 @@ import itertools
 import math
 import os
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ import h5py
 import numpy as np
 
 from ..errors import ContributionError, ShuttingDown
+from .pass_control import PassControl
 from .plain import Extent, reserve, write_at
 from .slab import Selection, chunk_slabs, largest_slab, leading, slab_shape, slabs
 from .untrusted import CHUNK_MAX_BYTES, FileIdentity, UntrustedFile
@@ -91,7 +91,7 @@ def copy_plain(
     arrays: Sequence[tuple[str, h5py.Dataset, np.dtype]],
     tmp_dir: Path,
     path: Path,
-    cancel: threading.Event | None = None,
+    cancel: PassControl | None = None,
     what: Callable[[str], str] = lambda name: f"dataset {name!r}",
 ) -> Iterator[PlainCopy]:
     """A plain copy of ``arrays`` (name, dataset, stored dtype) of input ``path``, made in
@@ -152,7 +152,7 @@ def _copy_array(
     fd: int,
     extent: Extent,
     failed: str,
-    cancel: threading.Event | None,
+    cancel: PassControl | None,
 ) -> None:
     """Copy ``dataset``'s values, in blocks of whole chunks, to ``extent`` of ``fd``;
     ContributionError, ``failed`` and why, if HDF5 cannot read them."""

@@ -10,10 +10,11 @@ stream while HDF5 files are read and written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
-import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import trio
 
 from ..core.privacy import Spent
 from ..core.strategy import Strategy
-from ..errors import AggregationError, ContributionError, os_error_text
+from ..errors import AggregationError, ContributionError, ContributionsRefused, os_error_text
 from .aggregation import AggregationResult, Aggregator, Contribution, ServerUpdate, aggregate
 from .atomic import write_atomic
 from .checker import ContributionChecker
@@ -30,6 +31,7 @@ from .contribution import CheckpointSpec
 from .journal import checkpoint_round, keep_in_history, kept_file
 from .journal_writer import JournalWriter
 from .layout import Layout
+from .pass_control import PassControl, held_in_hdf5
 from .privacy_ledger import PrivacyLedger
 from .strategy_state import StateUpdate, state_path
 from .weights import Weight
@@ -50,6 +52,26 @@ def kept_metrics(layout: Layout, number: int) -> str:
         return ""
     shown = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
     return f"  ({shown})"
+
+
+def _stuck(
+    control: PassControl, contributions: Sequence[Contribution], limit: float
+) -> ContributionsRefused | AggregationError:
+    """What to raise for a pass given up while it waited on ``control.stuck``'s storage:
+    that selector refused, or (a file of the coordinator's own) the pass failed."""
+    stuck = control.stuck
+    assert stuck is not None  # only the watchdog cancels the pass's scope
+    said = f"did not answer within {limit:g} s (CHECK_TIMEOUT) while it was being averaged"
+    for contribution in contributions:
+        if contribution.checkpoint.path == stuck.path:
+            return ContributionsRefused(
+                {contribution.selector: f"{stuck.path}: its storage {said}; abandoned (check "
+                 "the storage that serves this folder)"}
+            )  # fmt: skip
+    return AggregationError(
+        f"{stuck.path}: the coordinator's own storage {said}; the global checkpoint is kept "
+        "as it was"
+    )
 
 
 class RoundFiles:
@@ -103,6 +125,7 @@ class RoundFiles:
             measure_norms=self._strategy.combination.clip_norm > 0 or privacy is not None,
         )
         self._checker = ContributionChecker(layout, spec, check_timeout, check_workers)
+        self._wait_limit = check_timeout
         self._checked: dict[tuple[int, str], Contribution] = {}
         self._aggregator = aggregator
         self._keep = keep
@@ -143,13 +166,25 @@ class RoundFiles:
         Write-ahead: the checkpoint is replaced only once the journal says the
         round is aggregating, so a restart can always tell whether a new
         checkpoint belongs to a round. ContributionsRefused names selectors
-        whose files changed since their validation (nothing was written). If
-        the caller is cancelled (shutdown), the worker thread is told to stop
-        at its next slab and the checkpoint is left as it was.
+        whose files changed since their validation, or whose storage did not
+        answer one of the pass's calls within ``check_timeout`` (the pass is
+        then given up, its thread left to end when that storage answers: see
+        :mod:`.pass_control`; nothing was written). If the caller is
+        cancelled (shutdown), the worker thread is told to stop at its next
+        slab and the checkpoint is left as it was, unless it was being
+        replaced already.
         """
         unwritten = await self.journal.settled()
         if unwritten is not None:
             raise AggregationError(f"{unwritten}; the global checkpoint is kept as it was")
+        if (held := held_in_hdf5()) is not None:
+            raise AggregationError(
+                f"an earlier averaging pass is still waiting on {held.path}, inside HDF5, "
+                f"for {time.monotonic() - held.since:.0f} s: HDF5 serves one call at a time "
+                "in this process, so nothing can be averaged until that storage answers; "
+                "unmount it (umount -l) or restart the coordinator; the global checkpoint "
+                "is kept as it was"
+            )
         if self._privacy is not None:
             await self._record_release(self._privacy, number)
         contributions = [self._checked[(number, s)] for s in selectors]
@@ -162,21 +197,33 @@ class RoundFiles:
         update = ServerUpdate(self._strategy, state)
 
         async def attempt() -> AggregationResult:
-            stop = threading.Event()
+            control = PassControl()
 
             def job() -> AggregationResult:
-                result = self._aggregator(
-                    self.layout.checkpoint, contributions, self.layout.tmp, stop, update
-                )
+                try:
+                    result = self._aggregator(
+                        self.layout.checkpoint, contributions, self.layout.tmp, control, update
+                    )
+                finally:
+                    control.ended()
                 keep_in_history(self.layout, number, self._keep)
                 if self._evaluated:
                     self._keep_for_evaluation(number)
                 return result
 
+            scope = trio.CancelScope()
+            give_up = functools.partial(
+                trio.lowlevel.current_trio_token().run_sync_soon, scope.cancel
+            )
             try:
-                return await trio.to_thread.run_sync(job, abandon_on_cancel=True)
+                with scope, control.watched(self._wait_limit, give_up):
+                    return await trio.to_thread.run_sync(job, abandon_on_cancel=True)
+            except Exception:
+                if control.stuck is None:
+                    raise  # else it ended as it was given up: ShuttingDown, or what it met
             finally:
-                stop.set()
+                control.stop()
+            raise _stuck(control, contributions, self._wait_limit)
 
         # Another process may hold the global checkpoint locked: wait for it,
         # within the reporting window; it is never a selector's fault.

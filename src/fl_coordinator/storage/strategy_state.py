@@ -57,6 +57,7 @@ from .atomic import atomic_target
 from .hdf5_fd import OwnFile, open_own
 from .journal import history, kept_file
 from .layout import Layout
+from .pass_control import PassControl
 from .plain import (
     Extent,
     allocated_early,
@@ -359,7 +360,7 @@ class Moments:
     def names(self) -> tuple[str, ...]:
         return self._update.optimizer.moments
 
-    def prepare(self, plan: Sequence[Weight], cancel: threading.Event | None = None) -> None:
+    def prepare(self, plan: Sequence[Weight], cancel: PassControl | None = None) -> None:
         """Create every moment of ``plan``'s arrays in the new state, allocated and its
         space reserved, and find the old ones: before the pass, whose lanes then only
         read and write values. AggregationError if an old one is not where it says;
@@ -386,7 +387,7 @@ class Moments:
         reserve(self._new_fd, self._new.id.get_filesize())
         self._copy_unplain(cancel)
 
-    def _copy_unplain(self, cancel: threading.Event | None) -> None:
+    def _copy_unplain(self, cancel: PassControl | None) -> None:
         """Copy the old moments that are not plain (a state file made by hand: ours are
         plain), each chunk read once, into a plain file read like the others: read in
         C-order slabs through h5py, whose chunk cache (8 MiB) may hold less than a band

@@ -1,0 +1,211 @@
+"""A pass waiting on a selector's storage for ever is given up, and then never publishes.
+
+The pure logic (stop against publish, overdue waits, passes held inside
+HDF5) with a clock the test moves; then real passes over a FUSE file system
+whose reads get no answer (a hung mount) while a gate file exists.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from helpers.selector_fs import HANG, mounted, needs_fuse
+from storage.test_aggregation import digest, leftovers, updates_like, write_h5
+
+from fl_coordinator.errors import ShuttingDown
+from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.contribution import CheckpointSpec, SelectorFiles, examine
+from fl_coordinator.storage.pass_control import PassControl, Stuck, given_up, held_in_hdf5
+from fl_coordinator.storage.untrusted import UntrustedFile
+from fl_coordinator.storage.weights import read_plan
+
+#: Waits in these tests are bounded, never synchronization: what never comes fails.
+PATIENCE = 60.0
+#: The watchdog's limit in the FUSE tests: no read of a small file on a good one nears it.
+LIMIT = 2.0
+
+
+class Clock:
+    """Seconds the test sets."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_stopped_pass_cannot_publish_and_a_publishing_one_cannot_be_stopped() -> None:
+    stopped = PassControl()
+    assert (stopped.stop(), stopped.is_set()) == (True, True)
+    with pytest.raises(ShuttingDown):
+        stopped.publishing()
+    publishing = PassControl()
+    publishing.publishing()
+    assert (publishing.stop(), publishing.is_set()) == (False, False)
+    publishing.set()  # a shutdown's request, as late: the pass goes on publishing
+    assert publishing.is_set() is False
+
+
+def test_only_a_wait_longer_than_the_limit_is_overdue_the_innermost_one_counting() -> None:
+    clock = Clock()
+    control = PassControl(clock)
+    outer, inner = Path("/sel/a"), Path("/sel/b")
+    assert control.overdue(10) is None
+    with control.waiting_on(outer):
+        clock.now += 10
+        assert control.overdue(10) is None  # exactly the limit: not over it
+        with control.waiting_on(inner, in_hdf5=True):
+            clock.now += 10.5
+            assert control.overdue(10) == Stuck(inner, 110.0, True)
+        assert control.overdue(10) == Stuck(outer, 100.0, False)  # the outer wait again
+    assert control.overdue(0) is None
+
+
+def test_the_oldest_of_several_threads_waits_is_named() -> None:
+    clock = Clock()
+    control = PassControl(clock)
+    entered, release = threading.Barrier(2, timeout=PATIENCE), threading.Event()
+
+    def other() -> None:
+        with control.waiting_on(Path("/sel/late")):
+            entered.wait()
+            release.wait(PATIENCE)
+
+    with control.waiting_on(Path("/sel/early")):
+        clock.now += 1
+        thread = threading.Thread(target=other)
+        thread.start()
+        entered.wait()
+        clock.now += 30
+        assert control.overdue(5) == Stuck(Path("/sel/early"), 100.0, False)
+        release.set()
+        thread.join(PATIENCE)
+
+
+def test_giving_up_stops_the_pass_once_and_a_pass_held_in_hdf5_is_remembered() -> None:
+    clock = Clock()
+    control = PassControl(clock)
+    with control.waiting_on(Path("/sel/x"), in_hdf5=True):
+        assert control.give_up_if_stuck(5) is False  # not overdue yet
+        clock.now += 6
+        assert control.give_up_if_stuck(5) is True
+        assert control.is_set()
+        assert held_in_hdf5() == control.stuck == Stuck(Path("/sel/x"), 100.0, True)
+    control.ended()  # its thread ends, when the storage answers
+    assert held_in_hdf5() is None
+    publishing = PassControl(clock)
+    publishing.publishing()
+    with publishing.waiting_on(Path("/sel/y"), in_hdf5=True):
+        clock.now += 60
+        assert publishing.give_up_if_stuck(5) is False  # it is replacing the checkpoint
+    assert (publishing.stuck, held_in_hdf5()) == (None, None)
+
+
+def test_a_pass_that_ended_before_it_was_given_up_is_not_held() -> None:
+    clock = Clock()
+    control = PassControl(clock)
+    with control.waiting_on(Path("/sel/x"), in_hdf5=True):
+        clock.now += 6
+        control.ended()  # the race: the thread ends as the watchdog looks
+        assert control.give_up_if_stuck(5) is True
+    assert held_in_hdf5() is None
+
+
+def _selectors(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The global checkpoint (two weight arrays), ``root`` with selector ``good``'s files,
+    and ``served``: what selector ``bad``'s storage shows (mounted at ``root/bad``)."""
+    rng = np.random.default_rng(3)
+    arrays = {f"layers/d{i}/vars/0": rng.normal(size=(64, 64)).astype(np.float32) for i in (0, 1)}
+    checkpoint = write_h5(tmp_path / "fl_checkpoint", arrays)
+    for folder, seed, weight in ((tmp_path / "root/good", 1, 1), (tmp_path / "served", 2, 3)):
+        folder.mkdir(parents=True)
+        write_h5(folder / "agg", updates_like(arrays, seed))
+        (folder / "weight").write_text(f"{weight}\n")
+    return checkpoint, tmp_path / "root", tmp_path / "served"
+
+
+def _checked(checkpoint: Path, root: Path, selectors: tuple[str, ...]) -> list[Contribution]:
+    with h5py.File(checkpoint, "r") as file:
+        spec = CheckpointSpec(tuple(read_plan(file, checkpoint)), checkpoint.stat().st_size)
+    return [examine(s, SelectorFiles(root, "agg", "weight"), spec) for s in selectors]
+
+
+def _given_up(checkpoint: Path, inputs: list[Contribution], tmp: Path) -> tuple:
+    """Run a pass in a thread, watched with LIMIT: (control, thread, outcome) once it was
+    given up (the thread still waits on the storage)."""
+    control, given_up, outcome = PassControl(), threading.Event(), {}
+
+    def run() -> None:
+        try:
+            aggregate(checkpoint, inputs, tmp, control)
+        except BaseException as error:
+            outcome["error"] = error
+        finally:
+            control.ended()
+
+    thread = threading.Thread(target=run, daemon=True)
+    with control.watched(LIMIT, given_up.set):
+        thread.start()
+        assert given_up.wait(PATIENCE), "the watchdog never gave the pass up"
+    return control, thread, outcome
+
+
+@needs_fuse
+@pytest.mark.fuse
+@pytest.mark.parametrize("answer", [HANG, errno.EINTR], ids=["no answer", "EINTR"])
+def test_a_read_that_never_answers_is_given_up_and_the_pass_never_publishes(
+    tmp_path: Path, answer: int
+) -> None:
+    """``bad`` passed its check; then its storage stops answering reads (or answers EINTR to
+    each, which Python tries again for ever). The watchdog names
+    its file once a read has waited more than the limit, stops the pass, and the thread,
+    freed when the storage answers at last, leaves the checkpoint as it was and nothing in
+    tmp (the pass was stopped before it published: it never does after)."""
+    checkpoint, root, served = _selectors(tmp_path)
+    before, gate = digest(checkpoint), tmp_path / "hang"
+    with mounted(served, root / "bad", "agg", "read", answer, gate=gate):
+        inputs = _checked(checkpoint, root, ("good", "bad"))
+        assert inputs[1].plain is not None  # read with preadv at its extents, no HDF5
+        gate.touch()
+        control, thread, outcome = _given_up(checkpoint, inputs, tmp_path / "tmp")
+        assert control.stuck is not None
+        assert (control.stuck.path, control.stuck.in_hdf5) == (root / "bad/agg", False)
+        assert held_in_hdf5() is None  # no HDF5 call is held: other passes may run
+        assert control.is_set() and thread.is_alive()
+        gate.unlink()  # the storage answers at last
+        thread.join(PATIENCE)
+        assert not thread.is_alive()
+    assert isinstance(outcome["error"], ShuttingDown)
+    assert digest(checkpoint) == before
+    assert leftovers(tmp_path / "tmp") == []
+
+
+@needs_fuse
+@pytest.mark.fuse
+def test_a_pass_stuck_inside_hdf5_is_held_until_its_thread_ends(tmp_path: Path) -> None:
+    """An input without the extents a check finds is opened through HDF5, whose lock the
+    stuck read then holds: the pass is remembered as held until its thread ends."""
+    checkpoint, root, served = _selectors(tmp_path)
+    before, gate = digest(checkpoint), tmp_path / "hang"
+    (good,) = _checked(checkpoint, root, ("good",))
+    bad = Contribution("bad", UntrustedFile(root, "bad/agg"), 3)  # located by the pass
+    with mounted(served, root / "bad", "agg", "read", HANG, gate=gate):
+        gate.touch()
+        control, thread, outcome = _given_up(checkpoint, [good, bad], tmp_path / "tmp")
+        assert control.stuck is not None
+        assert (control.stuck.path, control.stuck.in_hdf5) == (root / "bad/agg", True)
+        assert held_in_hdf5() == control.stuck
+        assert given_up() == [control]
+        gate.unlink()
+        thread.join(PATIENCE)
+        assert not thread.is_alive()
+    assert (held_in_hdf5(), given_up()) == (None, [])
+    assert isinstance(outcome["error"], ShuttingDown)
+    assert digest(checkpoint) == before
+    assert leftovers(tmp_path / "tmp") == []
