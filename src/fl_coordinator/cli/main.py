@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from ..config import (
     Settings,
@@ -284,5 +285,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_status(f"fl-coordinator {args.command}", lambda: args.run(args))
 
 
+def entry() -> NoReturn:
+    """The ``fl-coordinator`` program: :func:`main`, then the process's end.
+
+    An averaging pass given up while it waited on a selector's storage (see
+    :mod:`..storage.pass_control`) may still hold HDF5 files open in a thread
+    that waits: HDF5's exit handler would close them through Python after
+    Python's end, and crash the process (SIGSEGV). The process then ends
+    without the interpreter's teardown, once its output is flushed.
+    """
+    status = main()
+    from ..storage.pass_control import given_up
+
+    if stuck := given_up():
+        logging.getLogger(__name__).warning(
+            "%d averaging pass(es) given up still wait on a selector's storage (%s): "
+            "ending without HDF5's exit handler",
+            len(stuck),
+            ", ".join(str(control.stuck.path) for control in stuck if control.stuck),
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
