@@ -11,12 +11,19 @@ thread and process must be given back.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -44,11 +51,13 @@ from helpers.resources import (
     reset_peak,
     thread_slots_in_use,
 )
+from helpers.selector_fs import HANG, mounted, needs_fuse
 
 from fl_coordinator.config import Settings
 from fl_coordinator.federation.processes import Child
 from fl_coordinator.storage.aggregation import Contribution, aggregate
 from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.pass_control import given_up
 from fl_coordinator.storage.untrusted import REASON_MAX_CHARS, UntrustedFile
 
 MARKER = 1234.5  # every float of the files outside the root
@@ -372,6 +381,149 @@ async def test_a_file_replaced_after_its_check_is_not_averaged(
     assert contents(layout.checkpoint) == contents(expected)
 
 
+@dataclass
+class _Hung:
+    """Two selectors told and reported: ``hung``'s files passed their check through
+    ``gate``'s FUSE mount, which answers no read of ``file`` since; then ``good``'s."""
+
+    hung: FakeSelector
+    good: FakeSelector
+    file: Path
+    gate: Path
+
+
+@contextlib.asynccontextmanager
+async def _hung_after_its_check(
+    nursery: trio.Nursery,
+    client: PurerpcClient,
+    watcher: Any,
+    layout: Layout,
+    keras_weights: list[Path],
+    tmp_path: Path,
+    chunked: bool = False,
+) -> AsyncIterator[_Hung]:
+    """See :class:`_Hung` (``chunked``: its aggregate stored in chunks). Unmounted at the
+    end, its storage answering first."""
+    hung, good = await FakeSelector().start(nursery), await FakeSelector().start(nursery)
+    await configured(client, hung, good)
+    write_aggregate(layout, hung.id, keras_weights[2], weight=3)
+    if chunked:
+        _in_chunks(layout.agg_checkpoint(hung.id))
+    write_aggregate(layout, good.id, keras_weights[1], weight=2)
+    folder, file, gate = (
+        layout.selector_dir(hung.id),
+        layout.agg_checkpoint(hung.id),
+        tmp_path / "hang",
+    )
+    shutil.move(folder, tmp_path / "served")
+    with mounted(tmp_path / "served", folder, file.name, "read", HANG, gate=gate):
+        await client.report(hung.id)
+        with trio.fail_after(WINDOW):
+            await watcher.wait_for(lambda m: m["reported"] == [hung.id])  # checked through it
+        gate.touch()
+        await client.report(good.id)
+        yield _Hung(hung, good, file, gate)
+
+
+def _in_chunks(path: Path) -> None:
+    """Rewrite an aggregate with its arrays in chunks (the aggregation then opens it as HDF5)."""
+    with h5py.File(path, "r") as old, h5py.File(path.with_suffix(".new"), "w") as new:
+
+        def copy(name: str, obj: h5py.HLObject) -> None:
+            if isinstance(obj, h5py.Dataset):
+                new.create_dataset(name, data=obj[()], chunks=True if obj.ndim else None)
+
+        old.visititems(copy)
+    os.replace(path.with_suffix(".new"), path)
+
+
+@needs_fuse
+@pytest.mark.fuse
+async def test_a_selector_whose_storage_hangs_while_it_is_averaged_is_refused_alone(
+    settings: Settings,
+    layout: Layout,
+    keras_weights: list[Path],
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    """Its files passed their check; then its storage answers no read (a hung mount). At
+    CHECK_TIMEOUT the pass is given up, that selector refused and the other averaged again,
+    while the coordinator answers; the pass given up, freed when the storage answers at
+    last, publishes nothing and leaves nothing."""
+    timeout = 2.0
+    endpoints, watcher, client = await serve_and_watch(
+        nursery,
+        settings.replace(check_timeout=timeout, reporting_timeout=WINDOW,
+                         min_reporting_fraction=0.5),
+    )  # fmt: skip
+    expected = expected_checkpoint(layout, keras_weights[1], 2, tmp_path / "replay")
+    async with _hung_after_its_check(
+        nursery, client, watcher, layout, keras_weights, tmp_path
+    ) as hung:
+        with trio.fail_after(WINDOW):  # both checked: the pass, stuck for 2 s, is next
+            await watcher.wait_for(lambda m: len(m["reported"]) == 2)
+        assert await health_now(endpoints.grpc_port) == "SERVING"
+        with trio.fail_after(WINDOW):
+            done = await watcher.wait_for(completed(1))
+        assert (done["stage"], done["reported"]) == ("COMPLETED", [hung.good.id])
+        assert done["rejected"] == {
+            hung.hung.id: f"{hung.file}: its storage did not answer within {timeout:g} s "
+            "(CHECK_TIMEOUT) while it was being averaged; abandoned (check the storage that "
+            "serves this folder)"
+        }
+        assert contents(layout.checkpoint) == contents(expected)
+        (stuck,) = given_up()
+        assert stuck.stuck is not None and stuck.stuck.path == hung.file
+        hung.gate.unlink()  # the storage answers at last
+        assert await trio.to_thread.run_sync(stuck.finished.wait, WINDOW)
+    assert given_up() == []
+    assert contents(layout.checkpoint) == contents(expected)
+    assert [p for p in layout.tmp.iterdir() if p.name.startswith(".fl_checkpoint")] == []
+
+
+@needs_fuse
+@pytest.mark.fuse
+async def test_a_pass_stuck_inside_hdf5_fails_the_next_one_at_once_with_what_to_do(
+    settings: Settings,
+    layout: Layout,
+    keras_weights: list[Path],
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    """The hung selector's aggregate is stored in chunks: the pass reads it through HDF5,
+    whose one lock the stuck read then holds. The selector is refused; averaging the
+    others again cannot open any file meanwhile: the round fails at once, saying why and
+    what to do, the checkpoint kept (it would have waited for ever)."""
+    _, watcher, client = await serve_and_watch(
+        nursery,
+        settings.replace(check_timeout=2.0, reporting_timeout=WINDOW, min_reporting_fraction=0.5),
+    )
+    before = layout.checkpoint.read_bytes()  # not through h5py: its lock is held below
+    async with _hung_after_its_check(
+        nursery, client, watcher, layout, keras_weights, tmp_path, chunked=True
+    ) as hung:
+        with trio.fail_after(WINDOW):
+            done = await watcher.wait_for(lambda m: m["stage"] == "FAILED")
+        assert list(done["rejected"]) == [hung.hung.id]
+        assert re.fullmatch(
+            re.escape(
+                f"an earlier averaging pass is still waiting on {hung.file}, inside HDF5, for "
+            )
+            + r"\d+"
+            + re.escape(
+                " s: HDF5 serves one call at a time in this process, so nothing can be averaged "
+                "until that storage answers; unmount it (umount -l) or restart the coordinator; "
+                "the global checkpoint is kept as it was"
+            ),
+            done["error"],
+        ), done["error"]
+        assert layout.checkpoint.read_bytes() == before
+        (stuck,) = given_up()
+        hung.gate.unlink()
+        assert await trio.to_thread.run_sync(stuck.finished.wait, WINDOW)
+    assert given_up() == []
+
+
 async def test_a_check_that_hangs_is_killed_and_does_not_hold_up_the_others(
     settings: Settings, layout: Layout, keras_weights: list[Path], nursery: trio.Nursery
 ) -> None:
@@ -507,3 +659,60 @@ async def test_serve_with_a_fifo_and_a_hung_check_stays_responsive_and_stops_on_
     log = (tmp_path / "serve.log").read_text()
     assert "SIGTERM received: shutting down" in log and "Traceback" not in log
     assert not exists(worker)  # the stopped worker was killed, not left behind
+
+
+async def _line(stream: trio.abc.ReceiveStream, pattern: str, seen: list[str]) -> re.Match[str]:
+    """Read ``stream`` line by line (kept in ``seen``) until one matches ``pattern``."""
+    regex, pending = re.compile(pattern), b""
+    while chunk := await stream.receive_some(65536):
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            seen.append(line.decode(errors="replace"))
+            if found := regex.search(seen[-1]):
+                return found
+    raise AssertionError(f"no line matched {pattern!r}:\n" + "\n".join(seen[-20:]))
+
+
+@needs_fuse
+@pytest.mark.fuse
+async def test_serve_ends_cleanly_while_a_pass_it_gave_up_still_waits(
+    layout: Layout, keras_weights: list[Path], tmp_path: Path
+) -> None:
+    """SIGTERM while a pass given up still waits on a selector's hung storage: serve says
+    so and ends with status 0 (once the kernel lets it: a FUSE read in flight holds a
+    process until its server answers). It ended by SIGSEGV: HDF5's exit handler closed
+    that pass's files through Python after Python's end."""
+    env = {**os.environ, "FL_ROOT_PATH": str(layout.root), "HOST": "127.0.0.1", "PORT": "0",
+           "STATUS_PORT": "0", "CHECKIN_LIMIT": "2", "MIN_REPORTING_FRACTION": "0.5",
+           "REPORTING_TIMEOUT": "60", "CHECK_TIMEOUT": "2", "LOG_LEVEL": "INFO"}  # fmt: skip
+    seen: list[str] = []
+    async with trio.open_nursery() as nursery:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "fl_coordinator", "serve"], stderr=subprocess.PIPE, env=env
+        )
+        assert process.stderr is not None
+        try:
+            with trio.fail_after(120):
+                ready = await _line(process.stderr, READY, seen)
+            watcher = await watch(nursery, ready.group(2))
+            client = PurerpcClient(int(ready.group(1)))
+            async with _hung_after_its_check(
+                nursery, client, watcher, layout, keras_weights, tmp_path
+            ) as hung:
+                with trio.fail_after(WINDOW):
+                    done = await watcher.wait_for(completed(1))
+                assert (done["reported"], list(done["rejected"])) == (
+                    [hung.good.id],
+                    [hung.hung.id],
+                )
+                process.send_signal(signal.SIGTERM)
+                with trio.fail_after(WINDOW):
+                    said = await _line(process.stderr, "still wait on a selector's storage", seen)
+                assert hung.gate.exists()  # its read is still in flight as serve ends
+                assert str(hung.file) in said.string
+            with trio.fail_after(WINDOW):  # the storage answered: the process is let go
+                assert await process.wait() == 0
+        finally:
+            process.kill()
+        nursery.cancel_scope.cancel()
+    assert not any("Traceback" in line for line in seen), "\n".join(seen)
