@@ -865,7 +865,9 @@ def _write_weight(
             buffer = buffers[key]
         if not source.untrusted:
             return _read(buffer, source, selection)
-        with halt.waiting_on(source.path, in_hdf5=source.extent is None):
+        # A plain copy's file is ours: a wait on it is not its selector's doing.
+        waited = source.path if source.file is None else source.file.path
+        with halt.waiting_on(waited, in_hdf5=source.extent is None):
             return _read(buffer, source, selection)
 
     bytes_read = 0
