@@ -51,7 +51,7 @@ from helpers.resources import (
     reset_peak,
     thread_slots_in_use,
 )
-from helpers.selector_fs import HANG, mounted, needs_fuse
+from helpers.selector_fs import HANG, Mount, mounted, needs_fuse
 
 from fl_coordinator.config import Settings
 from fl_coordinator.federation.processes import Child
@@ -384,12 +384,13 @@ async def test_a_file_replaced_after_its_check_is_not_averaged(
 @dataclass
 class _Hung:
     """Two selectors told and reported: ``hung``'s files passed their check through
-    ``gate``'s FUSE mount, which answers no read of ``file`` since; then ``good``'s."""
+    ``gate``'s FUSE ``mount``, which answers no read of ``file`` since; then ``good``'s."""
 
     hung: FakeSelector
     good: FakeSelector
     file: Path
     gate: Path
+    mount: Mount
 
 
 @contextlib.asynccontextmanager
@@ -416,13 +417,13 @@ async def _hung_after_its_check(
         tmp_path / "hang",
     )
     shutil.move(folder, tmp_path / "served")
-    with mounted(tmp_path / "served", folder, file.name, "read", HANG, gate=gate):
+    with mounted(tmp_path / "served", folder, file.name, "read", HANG, gate=gate) as mount:
         await client.report(hung.id)
         with trio.fail_after(WINDOW):
             await watcher.wait_for(lambda m: m["reported"] == [hung.id])  # checked through it
         gate.touch()
         await client.report(good.id)
-        yield _Hung(hung, good, file, gate)
+        yield _Hung(hung, good, file, gate, mount)
 
 
 def _in_chunks(path: Path) -> None:
@@ -675,16 +676,19 @@ async def _line(stream: trio.abc.ReceiveStream, pattern: str, seen: list[str]) -
 
 @needs_fuse
 @pytest.mark.fuse
-async def test_serve_ends_cleanly_while_a_pass_it_gave_up_still_waits(
-    layout: Layout, keras_weights: list[Path], tmp_path: Path
+@pytest.mark.parametrize("given_up", [True, False], ids=["given up", "stopped while waiting"])
+async def test_serve_ends_cleanly_while_a_pass_it_abandoned_still_waits(
+    layout: Layout, keras_weights: list[Path], tmp_path: Path, given_up: bool
 ) -> None:
-    """SIGTERM while a pass given up still waits on a selector's hung storage: serve says
-    so and ends with status 0 (once the kernel lets it: a FUSE read in flight holds a
-    process until its server answers). It ended by SIGSEGV: HDF5's exit handler closed
-    that pass's files through Python after Python's end."""
+    """SIGTERM while a pass still waits on a selector's hung storage, given up at
+    CHECK_TIMEOUT (its round completed without it) or not yet: serve says so and ends with
+    status 0 (once the kernel lets it: a FUSE read in flight holds a process until its
+    server answers). It ended by SIGSEGV: HDF5's exit handler closed that pass's files
+    through Python after Python's end."""
     env = {**os.environ, "FL_ROOT_PATH": str(layout.root), "HOST": "127.0.0.1", "PORT": "0",
            "STATUS_PORT": "0", "CHECKIN_LIMIT": "2", "MIN_REPORTING_FRACTION": "0.5",
-           "REPORTING_TIMEOUT": "60", "CHECK_TIMEOUT": "2", "LOG_LEVEL": "INFO"}  # fmt: skip
+           "REPORTING_TIMEOUT": "600", "CHECK_TIMEOUT": "2" if given_up else "600",
+           "LOG_LEVEL": "INFO"}  # fmt: skip
     seen: list[str] = []
     async with trio.open_nursery() as nursery:
         process = await trio.lowlevel.open_process(
@@ -700,11 +704,14 @@ async def test_serve_ends_cleanly_while_a_pass_it_gave_up_still_waits(
                 nursery, client, watcher, layout, keras_weights, tmp_path
             ) as hung:
                 with trio.fail_after(WINDOW):
-                    done = await watcher.wait_for(completed(1))
-                assert (done["reported"], list(done["rejected"])) == (
-                    [hung.good.id],
-                    [hung.hung.id],
-                )
+                    await trio.to_thread.run_sync(hung.mount.held, abandon_on_cancel=True)
+                if given_up:
+                    with trio.fail_after(WINDOW):
+                        done = await watcher.wait_for(completed(1))
+                    assert (done["reported"], list(done["rejected"])) == (
+                        [hung.good.id],
+                        [hung.hung.id],
+                    )
                 process.send_signal(signal.SIGTERM)
                 with trio.fail_after(WINDOW):
                     said = await _line(process.stderr, "still wait on a selector's storage", seen)

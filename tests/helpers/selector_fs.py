@@ -31,11 +31,12 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-__all__ = ["HANG", "HOW_TO_GET_FUSE", "mounted", "needs_fuse"]
+__all__ = ["HANG", "HOW_TO_GET_FUSE", "Mount", "mounted", "needs_fuse"]
 
 #: Not an errno: the call is not answered while the gate exists.
 HANG = -1
@@ -50,7 +51,21 @@ needs_fuse = pytest.mark.skipif(
     f"get them with {HOW_TO_GET_FUSE}",
 )
 
-_READY = "mounted"
+_READY, _HELD = "mounted", "held"
+
+
+@dataclass
+class Mount:
+    """A mounted file system of :func:`mounted`."""
+
+    _server: subprocess.Popen[str]
+
+    def held(self) -> None:
+        """Return once a call has been held (:data:`HANG`): the next one not yet held
+        (blocks: call it in a thread from async code)."""
+        assert self._server.stdout is not None
+        line = self._server.stdout.readline().strip()
+        assert line == _HELD, f"the FUSE server said {line!r}, not that it held a call"
 
 
 @contextlib.contextmanager
@@ -62,7 +77,7 @@ def mounted(
     code: int,
     after: int = 1,
     gate: Path | None = None,
-) -> Iterator[None]:
+) -> Iterator[Mount]:
     """``mount`` shows ``backing``, but ``operation`` on ``mount/file`` answers ``code``
     (an errno, or :data:`HANG`) from its ``after``-th call on, until the context ends
     (with a ``gate``: while that file exists; it is removed at the end)."""
@@ -77,7 +92,7 @@ def mounted(
             assert server.stdout is not None
             line = server.stdout.readline().strip()  # the kernel's INIT reached the server
             assert line == _READY, f"the FUSE server did not mount {mount} ({line!r})"
-            yield
+            yield Mount(server)
         finally:
             if gate is not None:
                 gate.unlink(missing_ok=True)  # calls left hanging are answered
@@ -110,6 +125,7 @@ def _serve(
             return
         if code != HANG:
             raise fuse.FuseOSError(code)
+        print(_HELD, flush=True)  # see Mount.held
         while os.path.exists(gate):  # no answer: what a hung mount gives (a fake of one)
             time.sleep(0.01)
 

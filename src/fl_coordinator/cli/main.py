@@ -288,21 +288,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> NoReturn:
     """The ``fl-coordinator`` program: :func:`main`, then the process's end.
 
-    An averaging pass given up while it waited on a selector's storage (see
+    An averaging pass abandoned while it waited on a selector's storage (see
     :mod:`..storage.pass_control`) may still hold HDF5 files open in a thread
     that waits: HDF5's exit handler would close them through Python after
-    Python's end, and crash the process (SIGSEGV). The process then ends
-    without the interpreter's teardown, once its output is flushed.
+    Python's end, and crash the process (SIGSEGV). Such a pass is given
+    :data:`_LAST_WAIT` seconds to end (a pass only stopped ends at its next
+    step); if it has not, the process ends without the interpreter's teardown,
+    once its output is flushed.
     """
     status = main()
     from ..storage.pass_control import given_up
 
-    if stuck := given_up():
+    for control in given_up():
+        control.finished.wait(_LAST_WAIT)
+    if waiting := given_up():
+        waits = [control.stuck or control.overdue(0) for control in waiting]
         logging.getLogger(__name__).warning(
-            "%d averaging pass(es) given up still wait on a selector's storage (%s): "
+            "%d averaging pass(es) abandoned still wait on a selector's storage (%s): "
             "ending without HDF5's exit handler",
-            len(stuck),
-            ", ".join(str(control.stuck.path) for control in stuck if control.stuck),
+            len(waiting),
+            ", ".join(str(wait.path) if wait else "no call marked" for wait in waits),
         )
         logging.shutdown()
         sys.stdout.flush()
@@ -310,6 +315,9 @@ def entry() -> NoReturn:
         os._exit(status)
     sys.exit(status)
 
+
+#: Seconds an abandoned averaging pass is given to end when the program ends.
+_LAST_WAIT = 2.0
 
 if __name__ == "__main__":
     entry()

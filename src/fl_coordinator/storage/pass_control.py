@@ -60,7 +60,8 @@ _given_up_lock = threading.Lock()
 
 
 def given_up() -> list[PassControl]:
-    """The passes given up whose thread has not ended yet (each one's ``stuck`` is set)."""
+    """The passes abandoned (given up, or stopped by a shutdown) whose thread has not ended
+    yet."""
     with _given_up_lock:
         return list(_given_up)
 
@@ -169,10 +170,15 @@ class PassControl:
         if stuck is None or not self.stop():
             return False
         self.stuck = stuck
+        self.abandon()
+        return True
+
+    def abandon(self) -> None:
+        """The caller stops waiting for the pass (given up, or shut down after it was
+        stopped): remember it until its thread ends (:func:`given_up`)."""
         with _given_up_lock:
             if not self._ended:
                 _given_up.add(self)
-        return True
 
     @contextlib.contextmanager
     def watched(self, limit: float, on_stuck: Callable[[], None]) -> Iterator[None]:

@@ -222,7 +222,8 @@ class RoundFiles:
                 if control.stuck is None:
                     raise  # else it ended as it was given up: ShuttingDown, or what it met
             finally:
-                control.stop()
+                if control.stop():  # it will not publish: its thread may still be waiting
+                    control.abandon()
             raise _stuck(control, contributions, self._wait_limit)
 
         # Another process may hold the global checkpoint locked: wait for it,
