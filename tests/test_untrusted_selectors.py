@@ -36,6 +36,7 @@ from helpers.peers import (
     PurerpcClient,
     assert_arrays_close,
     completed,
+    eventually,
     fedavg,
     read_floats,
     serve_and_watch,
@@ -675,16 +676,20 @@ async def _line(stream: trio.abc.ReceiveStream, pattern: str, seen: list[str]) -
 
 @needs_fuse
 @pytest.mark.fuse
-async def test_serve_ends_cleanly_while_a_pass_it_gave_up_still_waits(
-    layout: Layout, keras_weights: list[Path], tmp_path: Path
+@pytest.mark.parametrize("given_up", [True, False], ids=["given-up", "before-the-limit"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["plain", "in-hdf5"])
+async def test_serve_ends_cleanly_while_a_pass_still_waits(
+    layout: Layout, keras_weights: list[Path], tmp_path: Path, given_up: bool, chunked: bool
 ) -> None:
-    """SIGTERM while a pass given up still waits on a selector's hung storage: serve says
-    so and ends with status 0 (once the kernel lets it: a FUSE read in flight holds a
-    process until its server answers). It ended by SIGSEGV: HDF5's exit handler closed
-    that pass's files through Python after Python's end."""
+    """SIGTERM while a pass still waits on a selector's hung storage, given up already
+    (at CHECK_TIMEOUT) or not yet (its read, plain or inside HDF5, hangs when the signal
+    comes): serve says so and ends with status 0 (once the kernel lets it: a FUSE read in
+    flight holds a process until its server answers). It ended by SIGSEGV: HDF5's exit
+    handler closed that pass's files through Python after Python's end."""
     env = {**os.environ, "FL_ROOT_PATH": str(layout.root), "HOST": "127.0.0.1", "PORT": "0",
            "STATUS_PORT": "0", "CHECKIN_LIMIT": "2", "MIN_REPORTING_FRACTION": "0.5",
-           "REPORTING_TIMEOUT": "60", "CHECK_TIMEOUT": "2", "LOG_LEVEL": "INFO"}  # fmt: skip
+           "REPORTING_TIMEOUT": "60", "CHECK_TIMEOUT": "2" if given_up else "600",
+           "LOG_LEVEL": "INFO"}  # fmt: skip
     seen: list[str] = []
     async with trio.open_nursery() as nursery:
         process = await trio.lowlevel.open_process(
@@ -697,14 +702,18 @@ async def test_serve_ends_cleanly_while_a_pass_it_gave_up_still_waits(
             watcher = await watch(nursery, ready.group(2))
             client = PurerpcClient(int(ready.group(1)))
             async with _hung_after_its_check(
-                nursery, client, watcher, layout, keras_weights, tmp_path
+                nursery, client, watcher, layout, keras_weights, tmp_path, chunked
             ) as hung:
-                with trio.fail_after(WINDOW):
-                    done = await watcher.wait_for(completed(1))
-                assert (done["reported"], list(done["rejected"])) == (
-                    [hung.good.id],
-                    [hung.hung.id],
-                )
+                if given_up:
+                    with trio.fail_after(WINDOW):
+                        done = await watcher.wait_for(completed(1))
+                    assert (done["reported"], list(done["rejected"])) == (
+                        [hung.good.id],
+                        [hung.hung.id],
+                    )
+                else:
+                    held = hung.gate.with_name(hung.gate.name + ".held")
+                    await eventually(held.exists, WINDOW)  # the pass's read of it hangs
                 process.send_signal(signal.SIGTERM)
                 with trio.fail_after(WINDOW):
                     said = await _line(process.stderr, "still wait on a selector's storage", seen)

@@ -11,7 +11,8 @@ kernel asks for a ``stat``, an ``fstat`` or a lookup of the name) or
 ``flush`` (what it asks at each ``close`` of the file, and returns from it). Nothing
 is cached by the kernel: every call reaches the server. Instead of an errno,
 :data:`HANG`: the call gets no answer (a hung mount) until ``gate`` is
-removed. With a ``gate`` (a file), the fault holds only while it exists: a
+removed (``gate.held`` is created as a call begins to hang: a test may wait for
+it). With a ``gate`` (a file), the fault holds only while it exists: a
 test opens it once the files have passed their check, say.
 
 Run in its own process (``python selector_fs.py BACKING MOUNT FILE OP ERRNO
@@ -110,6 +111,8 @@ def _serve(
             return
         if code != HANG:
             raise fuse.FuseOSError(code)
+        with open(gate + ".held", "a"):  # a test may wait for a call to hang
+            pass
         while os.path.exists(gate):  # no answer: what a hung mount gives (a fake of one)
             time.sleep(0.01)
 

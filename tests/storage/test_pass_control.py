@@ -117,6 +117,23 @@ def test_a_pass_that_ended_before_it_was_given_up_is_not_held() -> None:
     assert held_in_hdf5() is None
 
 
+def test_a_pass_left_while_its_thread_still_waits_is_remembered_with_that_wait() -> None:
+    """The caller cancelled (a shutdown) before any limit: a thread still inside HDF5
+    must keep the process from HDF5's exit handler, as one given up does."""
+    clock = Clock()
+    waiting, done = PassControl(clock), PassControl(clock)
+    done.ended()  # its thread ended first: nothing left to wait for
+    done.left()
+    with waiting.waiting_on(Path("/sel/x"), in_hdf5=True):
+        clock.now += 1
+        waiting.left()
+        assert waiting.is_set()
+        assert given_up() == [waiting]
+        assert held_in_hdf5() == waiting.stuck == Stuck(Path("/sel/x"), 100.0, True)
+    waiting.ended()
+    assert (given_up(), held_in_hdf5()) == ([], None)
+
+
 def _selectors(tmp_path: Path) -> tuple[Path, Path, Path]:
     """The global checkpoint (two weight arrays), ``root`` with selector ``good``'s files,
     and ``served``: what selector ``bad``'s storage shows (mounted at ``root/bad``)."""

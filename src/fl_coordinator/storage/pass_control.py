@@ -16,7 +16,8 @@ happens (the caller stopped it first, or the pass began to replace the
 global checkpoint first, and is then waited for: it only touches the
 coordinator's own files from there on).
 
-Passes given up are remembered until their thread ends (:func:`given_up`).
+Passes given up, or left by their caller (a shutdown) while their thread
+still runs, are remembered until that thread ends (:func:`given_up`).
 A thread stuck inside HDF5 holds the library's one lock (h5py serialises
 every call of the process): no other pass could open the global checkpoint
 until it returns, so a new pass fails at once with a message instead of
@@ -154,25 +155,49 @@ class PassControl:
     def overdue(self, limit: float) -> Stuck | None:
         """A wait that has lasted more than ``limit`` seconds (the oldest), or None."""
         now = self._clock()
-        with self._lock:
-            waits = sorted(self._waits.values(), key=lambda wait: wait[1])
-        for path, since, in_hdf5 in waits:
-            if now - since > limit:
-                return Stuck(path, since, in_hdf5)
-        return None
+        oldest = self._oldest()
+        return oldest if oldest is not None and now - oldest.since > limit else None
 
     def give_up_if_stuck(self, limit: float) -> bool:
         """Stop the pass if a wait is overdue and it has not begun to publish; True then
         (:attr:`stuck` says which wait). It is remembered until its thread ends
         (:func:`given_up`)."""
         stuck = self.overdue(limit)
-        if stuck is None or not self.stop():
+        if stuck is None or not self._stop_at(stuck):
             return False
-        self.stuck = stuck
+        self._remember()
+        return True
+
+    def left(self) -> None:
+        """Called by the caller as it stops waiting for the pass, whatever the reason: a
+        pass it stopped (cancelled: a shutdown) whose thread still runs is remembered
+        like one given up (:func:`given_up`), its oldest wait, if any, as :attr:`stuck`:
+        the thread may be inside HDF5, waiting on a selector's storage, with no limit
+        watching it any more."""
+        if self._stop_at(self._oldest()):
+            self._remember()
+
+    def _oldest(self) -> Stuck | None:
+        """The wait that began first, of those under way, or None."""
+        with self._lock:
+            waits = sorted(self._waits.values(), key=lambda wait: wait[1])
+        return next((Stuck(*wait) for wait in waits), None)
+
+    def _stop_at(self, stuck: Stuck | None) -> bool:
+        """:meth:`stop`, with :attr:`stuck` set first (if it was not): the pass's thread
+        and the caller see a stop only once they can see why."""
+        with self._lock:
+            if not self._publishing:
+                if self.stuck is None:
+                    self.stuck = stuck
+                self._stopped = True
+            return self._stopped
+
+    def _remember(self) -> None:
+        """Remember this pass (:func:`given_up`) unless its thread has ended."""
         with _given_up_lock:
             if not self._ended:
                 _given_up.add(self)
-        return True
 
     @contextlib.contextmanager
     def watched(self, limit: float, on_stuck: Callable[[], None]) -> Iterator[None]:

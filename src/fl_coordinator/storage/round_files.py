@@ -222,7 +222,7 @@ class RoundFiles:
                 if control.stuck is None:
                     raise  # else it ended as it was given up: ShuttingDown, or what it met
             finally:
-                control.stop()
+                control.left()  # remembered if its thread still runs
             raise _stuck(control, contributions, self._wait_limit)
 
         # Another process may hold the global checkpoint locked: wait for it,
