@@ -20,7 +20,7 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -513,16 +513,35 @@ async def test_a_pass_stuck_inside_hdf5_fails_the_next_one_at_once_with_what_to_
             + r"\d+"
             + re.escape(
                 " s: HDF5 serves one call at a time in this process, so nothing can be averaged "
-                "until that storage answers; unmount it (umount -l) or restart the coordinator; "
-                "the global checkpoint is kept as it was"
+                "until that storage answers; abort its mount (FUSE: stop its server, or write 1 "
+                "to /sys/fs/fuse/connections/N/abort; NFS: umount -f): umount -l does not end a "
+                "call in flight, nor can any process end while it waits on FUSE; the global "
+                "checkpoint is kept as it was"
             ),
             done["error"],
         ), done["error"]
         assert layout.checkpoint.read_bytes() == before
         (stuck,) = given_up()
-        hung.gate.unlink()
-        assert await trio.to_thread.run_sync(stuck.finished.wait, WINDOW)
+        with _fuse_connections() as connections:  # what it says to do, its server still hung
+            minor = os.minor(os.stat(hung.file.parent).st_dev)
+            (connections / str(minor) / "abort").write_text("1")
+            assert await trio.to_thread.run_sync(stuck.finished.wait, WINDOW)
+        assert hung.gate.exists()
     assert given_up() == []
+
+
+@contextlib.contextmanager
+def _fuse_connections() -> Iterator[Path]:
+    """The FUSE control file system (fusectl), mounted for the test where it is not."""
+    connections = Path("/sys/fs/fuse/connections")
+    mounted_here = not os.path.ismount(connections)
+    if mounted_here:
+        subprocess.run(["mount", "-t", "fusectl", "none", str(connections)], check=True)
+    try:
+        yield connections
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", str(connections)], check=True)
 
 
 async def test_a_check_that_hangs_is_killed_and_does_not_hold_up_the_others(
