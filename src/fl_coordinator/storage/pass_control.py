@@ -125,7 +125,9 @@ class PassControl:
     def waiting_on(self, path: Path, in_hdf5: bool = False) -> Iterator[None]:
         """Mark the calling thread as waiting on ``path``'s storage for the body's length.
 
-        Nested marks are allowed: the inner one is the current wait until it ends.
+        Nested marks are allowed: the inner one is the current wait until it ends; the
+        outer one then begins again (the storage answered: a long piece of work made of
+        many answered calls, a copy, is not one wait).
         """
         key = threading.get_ident()
         with self._lock:
@@ -138,7 +140,7 @@ class PassControl:
                 if outer is None:
                     del self._waits[key]
                 else:
-                    self._waits[key] = outer
+                    self._waits[key] = (outer[0], self._clock(), outer[2])
 
     @contextlib.contextmanager
     def closed_waiting(self, path: Path, manager: AbstractContextManager[T]) -> Iterator[T]:
