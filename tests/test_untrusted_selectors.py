@@ -20,7 +20,7 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -513,16 +513,35 @@ async def test_a_pass_stuck_inside_hdf5_fails_the_next_one_at_once_with_what_to_
             + r"\d+"
             + re.escape(
                 " s: HDF5 serves one call at a time in this process, so nothing can be averaged "
-                "until that storage answers; unmount it (umount -l) or restart the coordinator; "
-                "the global checkpoint is kept as it was"
+                "until that storage answers; abort its mount (FUSE: stop its server, or write 1 "
+                "to /sys/fs/fuse/connections/N/abort; NFS: umount -f): umount -l does not end a "
+                "call in flight, nor can any process end while it waits on FUSE; the global "
+                "checkpoint is kept as it was"
             ),
             done["error"],
         ), done["error"]
         assert layout.checkpoint.read_bytes() == before
         (stuck,) = given_up()
-        hung.gate.unlink()
-        assert await trio.to_thread.run_sync(stuck.finished.wait, WINDOW)
+        with _fuse_connections() as connections:  # what it says to do, its server still hung
+            minor = os.minor(os.stat(hung.file.parent).st_dev)
+            (connections / str(minor) / "abort").write_text("1")
+            assert await trio.to_thread.run_sync(stuck.finished.wait, WINDOW)
+        assert hung.gate.exists()
     assert given_up() == []
+
+
+@contextlib.contextmanager
+def _fuse_connections() -> Iterator[Path]:
+    """The FUSE control file system (fusectl), mounted for the test where it is not."""
+    connections = Path("/sys/fs/fuse/connections")
+    mounted_here = not os.path.ismount(connections)
+    if mounted_here:
+        subprocess.run(["mount", "-t", "fusectl", "none", str(connections)], check=True)
+    try:
+        yield connections
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", str(connections)], check=True)
 
 
 async def test_a_check_that_hangs_is_killed_and_does_not_hold_up_the_others(
@@ -676,15 +695,16 @@ async def _line(stream: trio.abc.ReceiveStream, pattern: str, seen: list[str]) -
 
 @needs_fuse
 @pytest.mark.fuse
-@pytest.mark.parametrize("given_up", [True, False], ids=["given up", "stopped while waiting"])
-async def test_serve_ends_cleanly_while_a_pass_it_abandoned_still_waits(
-    layout: Layout, keras_weights: list[Path], tmp_path: Path, given_up: bool
+@pytest.mark.parametrize("given_up", [True, False], ids=["given-up", "before-the-limit"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["plain", "in-hdf5"])
+async def test_serve_ends_cleanly_while_a_pass_still_waits(
+    layout: Layout, keras_weights: list[Path], tmp_path: Path, given_up: bool, chunked: bool
 ) -> None:
-    """SIGTERM while a pass still waits on a selector's hung storage, given up at
-    CHECK_TIMEOUT (its round completed without it) or not yet: serve says so and ends with
-    status 0 (once the kernel lets it: a FUSE read in flight holds a process until its
-    server answers). It ended by SIGSEGV: HDF5's exit handler closed that pass's files
-    through Python after Python's end."""
+    """SIGTERM while a pass still waits on a selector's hung storage, given up already
+    (at CHECK_TIMEOUT) or not yet (its read, plain or inside HDF5, hangs when the signal
+    comes): serve says so and ends with status 0 (once the kernel lets it: a FUSE read in
+    flight holds a process until its server answers). It ended by SIGSEGV: HDF5's exit
+    handler closed that pass's files through Python after Python's end."""
     env = {**os.environ, "FL_ROOT_PATH": str(layout.root), "HOST": "127.0.0.1", "PORT": "0",
            "STATUS_PORT": "0", "CHECKIN_LIMIT": "2", "MIN_REPORTING_FRACTION": "0.5",
            "REPORTING_TIMEOUT": "600", "CHECK_TIMEOUT": "2" if given_up else "600",
@@ -701,7 +721,7 @@ async def test_serve_ends_cleanly_while_a_pass_it_abandoned_still_waits(
             watcher = await watch(nursery, ready.group(2))
             client = PurerpcClient(int(ready.group(1)))
             async with _hung_after_its_check(
-                nursery, client, watcher, layout, keras_weights, tmp_path
+                nursery, client, watcher, layout, keras_weights, tmp_path, chunked
             ) as hung:
                 with trio.fail_after(WINDOW):
                     await trio.to_thread.run_sync(hung.mount.held, abandon_on_cancel=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -54,18 +55,34 @@ needs_fuse = pytest.mark.skipif(
 _READY, _HELD = "mounted", "held"
 
 
+#: Longest wait for a line of the server (it mounts, it holds a call), in seconds.
+_PATIENCE = 60.0
+
+
 @dataclass
 class Mount:
-    """A mounted file system of :func:`mounted`."""
+    """A mounted file system of :func:`mounted`: the lines its server says, one by one."""
 
-    _server: subprocess.Popen[str]
+    _server: subprocess.Popen[bytes]
+    _pending: bytes = b""
+
+    def said(self, expected: str) -> None:
+        """Return once the server's next line is ``expected``; AssertionError if it says
+        another, or nothing within _PATIENCE (blocks: call it in a thread from async code)."""
+        assert self._server.stdout is not None
+        fd = self._server.stdout.fileno()
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([fd], [], [], _PATIENCE)
+            assert ready, f"the FUSE server did not say {expected!r} within {_PATIENCE:g} s"
+            chunk = os.read(fd, 4096)
+            assert chunk, f"the FUSE server ended before it said {expected!r}"
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        assert line.decode() == expected, f"the FUSE server said {line!r}, not {expected!r}"
 
     def held(self) -> None:
-        """Return once a call has been held (:data:`HANG`): the next one not yet held
-        (blocks: call it in a thread from async code)."""
-        assert self._server.stdout is not None
-        line = self._server.stdout.readline().strip()
-        assert line == _HELD, f"the FUSE server said {line!r}, not that it held a call"
+        """Return once a call has been held (:data:`HANG`): the next one not yet held."""
+        self.said(_HELD)
 
 
 @contextlib.contextmanager
@@ -85,14 +102,11 @@ def mounted(
     mount.mkdir(exist_ok=True)
     name = "HANG" if code == HANG else errno.errorcode[code]
     args = [str(backing), str(mount), file, operation, name, str(after), str(gate or "")]
-    with subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True
-    ) as server:
+    with subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE) as server:
         try:
-            assert server.stdout is not None
-            line = server.stdout.readline().strip()  # the kernel's INIT reached the server
-            assert line == _READY, f"the FUSE server did not mount {mount} ({line!r})"
-            yield Mount(server)
+            mounted_fs = Mount(server)
+            mounted_fs.said(_READY)  # the kernel's INIT reached the server
+            yield mounted_fs
         finally:
             if gate is not None:
                 gate.unlink(missing_ok=True)  # calls left hanging are answered

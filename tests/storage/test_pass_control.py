@@ -63,7 +63,11 @@ def test_only_a_wait_longer_than_the_limit_is_overdue_the_innermost_one_counting
         with control.waiting_on(inner, in_hdf5=True):
             clock.now += 10.5
             assert control.overdue(10) == Stuck(inner, 110.0, True)
-        assert control.overdue(10) == Stuck(outer, 100.0, False)  # the outer wait again
+        # The inner call was answered: the outer wait begins again (a copy of many
+        # answered reads is not one wait).
+        assert control.overdue(10) is None
+        clock.now += 11
+        assert control.overdue(10) == Stuck(outer, 120.5, False)
     assert control.overdue(0) is None
 
 
@@ -117,6 +121,23 @@ def test_a_pass_that_ended_before_it_was_given_up_is_not_held() -> None:
     assert held_in_hdf5() is None
 
 
+def test_a_pass_left_while_its_thread_still_waits_is_remembered_with_that_wait() -> None:
+    """The caller cancelled (a shutdown) before any limit: a thread still inside HDF5
+    must keep the process from HDF5's exit handler, as one given up does."""
+    clock = Clock()
+    waiting, done = PassControl(clock), PassControl(clock)
+    done.ended()  # its thread ended first: nothing left to wait for
+    done.left()
+    with waiting.waiting_on(Path("/sel/x"), in_hdf5=True):
+        clock.now += 1
+        waiting.left()
+        assert waiting.is_set()
+        assert given_up() == [waiting]
+        assert held_in_hdf5() == waiting.stuck == Stuck(Path("/sel/x"), 100.0, True)
+    waiting.ended()
+    assert (given_up(), held_in_hdf5()) == ([], None)
+
+
 def _selectors(tmp_path: Path) -> tuple[Path, Path, Path]:
     """The global checkpoint (two weight arrays), ``root`` with selector ``good``'s files,
     and ``served``: what selector ``bad``'s storage shows (mounted at ``root/bad``)."""
@@ -134,6 +155,67 @@ def _checked(checkpoint: Path, root: Path, selectors: tuple[str, ...]) -> list[C
     with h5py.File(checkpoint, "r") as file:
         spec = CheckpointSpec(tuple(read_plan(file, checkpoint)), checkpoint.stat().st_size)
     return [examine(s, SelectorFiles(root, "agg", "weight"), spec) for s in selectors]
+
+
+class Ticks:
+    """A clock that moves one second each time it is read: the only time that passes is
+    the pass's own marks (and the test's look)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1
+        return self.now
+
+
+@needs_fuse
+@pytest.mark.fuse
+def test_a_copy_of_an_input_in_chunks_is_timed_read_by_read_not_as_one_wait(
+    tmp_path: Path,
+) -> None:
+    """An honest selector's aggregate in chunks is copied in blocks of whole chunks (32
+    MiB: 4 blocks). A read late in the copy hangs: the wait found is that read's, begun
+    after the reads before it were answered, not the whole copy's: a copy longer than
+    CHECK_TIMEOUT, each read answered, refused the selector as if its storage hung."""
+    rng = np.random.default_rng(5)
+    shape = (2048, 1024)  # float32: 8 MiB, one block; chunks of 128 KiB, one FUSE read each
+    arrays = {f"layers/d{i}/vars/0": rng.normal(size=shape).astype(np.float32) for i in range(4)}
+    checkpoint = write_h5(tmp_path / "fl_checkpoint", arrays)
+    served, root, gate = tmp_path / "served", tmp_path / "root", tmp_path / "hang"
+    served.mkdir()
+    root.mkdir()
+    with h5py.File(served / "agg", "w") as file:
+        for name, values in arrays.items():
+            file.create_dataset(name, data=values, chunks=(32, 1024))
+    clock, outcome = Ticks(), {}
+    control = PassControl(clock)
+    bad = Contribution("bad", UntrustedFile(root, "bad/agg"), 3)  # copied by the pass
+
+    def run() -> None:
+        try:
+            aggregate(checkpoint, [bad], tmp_path / "tmp", control)
+        except BaseException as error:
+            outcome["error"] = error
+        finally:
+            control.ended()
+
+    # 256 chunk reads in all, and HDF5's own: the 200th is in the 3rd block or later.
+    with mounted(served, root / "bad", "agg", "read", HANG, after=200, gate=gate) as mount:
+        gate.touch()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        mount.held()  # the copy's 200th read reached the storage, which holds it
+        stuck = control.overdue(0)
+        assert stuck is not None and (stuck.path, stuck.in_hdf5) == (root / "bad/agg", True)
+        # Marks before it: the input's open (tick 1), then 2 per block read and per
+        # refresh (begun, answered): at least 2 blocks and their refreshes.
+        assert stuck.since >= 1 + 2 * 4, stuck
+        control.stop()
+        gate.unlink()
+        thread.join(PATIENCE)
+        assert not thread.is_alive()
+    assert isinstance(outcome["error"], ShuttingDown)
 
 
 def _given_up(checkpoint: Path, inputs: list[Contribution], tmp: Path) -> tuple:

@@ -16,7 +16,8 @@ happens (the caller stopped it first, or the pass began to replace the
 global checkpoint first, and is then waited for: it only touches the
 coordinator's own files from there on).
 
-Passes given up are remembered until their thread ends (:func:`given_up`).
+Passes given up, or left by their caller (a shutdown) while their thread
+still runs, are remembered until that thread ends (:func:`given_up`).
 A thread stuck inside HDF5 holds the library's one lock (h5py serialises
 every call of the process): no other pass could open the global checkpoint
 until it returns, so a new pass fails at once with a message instead of
@@ -60,15 +61,15 @@ _given_up_lock = threading.Lock()
 
 
 def given_up() -> list[PassControl]:
-    """The passes abandoned (given up, or stopped by a shutdown) whose thread has not ended
-    yet."""
+    """The passes given up, or left by a shutdown, whose thread has not ended yet."""
     with _given_up_lock:
         return list(_given_up)
 
 
 def held_in_hdf5() -> Stuck | None:
-    """A wait inside HDF5 that an earlier pass, given up, is still stuck in (or None)."""
-    return next((c.stuck for c in given_up() if c.stuck and c.stuck.in_hdf5), None)
+    """A wait inside HDF5 that an earlier pass, given up, is still stuck in (or None): any
+    of its threads' current waits, not only the one it was given up for."""
+    return next((w for c in given_up() for w in c.waits() if w.in_hdf5), None)
 
 
 class PassControl:
@@ -125,7 +126,9 @@ class PassControl:
     def waiting_on(self, path: Path, in_hdf5: bool = False) -> Iterator[None]:
         """Mark the calling thread as waiting on ``path``'s storage for the body's length.
 
-        Nested marks are allowed: the inner one is the current wait until it ends.
+        Nested marks are allowed: the inner one is the current wait until it ends; the
+        outer one then begins again (the storage answered: a long piece of work made of
+        many answered calls, a copy, is not one wait).
         """
         key = threading.get_ident()
         with self._lock:
@@ -138,7 +141,7 @@ class PassControl:
                 if outer is None:
                     del self._waits[key]
                 else:
-                    self._waits[key] = outer
+                    self._waits[key] = (outer[0], self._clock(), outer[2])
 
     @contextlib.contextmanager
     def closed_waiting(self, path: Path, manager: AbstractContextManager[T]) -> Iterator[T]:
@@ -155,27 +158,50 @@ class PassControl:
     def overdue(self, limit: float) -> Stuck | None:
         """A wait that has lasted more than ``limit`` seconds (the oldest), or None."""
         now = self._clock()
-        with self._lock:
-            waits = sorted(self._waits.values(), key=lambda wait: wait[1])
-        for path, since, in_hdf5 in waits:
-            if now - since > limit:
-                return Stuck(path, since, in_hdf5)
-        return None
+        oldest = self._oldest()
+        return oldest if oldest is not None and now - oldest.since > limit else None
 
     def give_up_if_stuck(self, limit: float) -> bool:
         """Stop the pass if a wait is overdue and it has not begun to publish; True then
         (:attr:`stuck` says which wait). It is remembered until its thread ends
         (:func:`given_up`)."""
         stuck = self.overdue(limit)
-        if stuck is None or not self.stop():
+        if stuck is None or not self._stop_at(stuck):
             return False
-        self.stuck = stuck
-        self.abandon()
+        self._remember()
         return True
 
-    def abandon(self) -> None:
-        """The caller stops waiting for the pass (given up, or shut down after it was
-        stopped): remember it until its thread ends (:func:`given_up`)."""
+    def left(self) -> None:
+        """Called by the caller as it stops waiting for the pass, whatever the reason: a
+        pass it stopped (cancelled: a shutdown) whose thread still runs is remembered
+        like one given up (:func:`given_up`), its oldest wait, if any, as :attr:`stuck`:
+        the thread may be inside HDF5, waiting on a selector's storage, with no limit
+        watching it any more."""
+        if self._stop_at(self._oldest()):
+            self._remember()
+
+    def waits(self) -> list[Stuck]:
+        """The waits under way (one per thread at most), the oldest first."""
+        with self._lock:
+            waits = sorted(self._waits.values(), key=lambda wait: wait[1])
+        return [Stuck(*wait) for wait in waits]
+
+    def _oldest(self) -> Stuck | None:
+        """The wait that began first, of those under way, or None."""
+        return next(iter(self.waits()), None)
+
+    def _stop_at(self, stuck: Stuck | None) -> bool:
+        """:meth:`stop`, with :attr:`stuck` set first (if it was not): the pass's thread
+        and the caller see a stop only once they can see why."""
+        with self._lock:
+            if not self._publishing:
+                if self.stuck is None:
+                    self.stuck = stuck
+                self._stopped = True
+            return self._stopped
+
+    def _remember(self) -> None:
+        """Remember this pass (:func:`given_up`) unless its thread has ended."""
         with _given_up_lock:
             if not self._ended:
                 _given_up.add(self)

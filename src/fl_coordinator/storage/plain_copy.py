@@ -116,7 +116,7 @@ def copy_plain(
             for (array, dataset, stored), nbytes in zip(arrays, sizes, strict=True):
                 extents[array] = Extent(offset, nbytes, dataset.shape, stored.itemsize)
                 failed = f"{path}: {what(array)} cannot be read"
-                _copy_array(dataset, stored, fd, extents[array], failed, cancel)
+                _copy_array(dataset, stored, fd, extents[array], failed, cancel, path)
                 offset += nbytes
             identity = FileIdentity.of(os.fstat(fd))
         finally:
@@ -153,9 +153,13 @@ def _copy_array(
     extent: Extent,
     failed: str,
     cancel: PassControl | None,
+    path: Path,
 ) -> None:
     """Copy ``dataset``'s values, in blocks of whole chunks, to ``extent`` of ``fd``;
-    ContributionError, ``failed`` and why, if HDF5 cannot read them."""
+    ContributionError, ``failed`` and why, if HDF5 cannot read them. Each read is a wait
+    on ``path``'s storage for ``cancel`` (see :mod:`.pass_control`): the copy as a whole
+    may take longer than any one call may wait."""
+    waiting = functools.partial(_waiting, cancel, path)
     shape, itemsize = dataset.shape, stored.itemsize
     if dataset.chunks is None:  # contiguous or compact, not readable as plain (byte order)
         largest = largest_slab(shape, itemsize, budget=BLOCK_BYTES)
@@ -167,7 +171,8 @@ def _copy_array(
         if cancel is not None and cancel.is_set():
             raise ShuttingDown("aggregation cancelled: shutting down")
         values = leading(buffer, slab_shape(shape, block))
-        _read(functools.partial(dataset.read_direct, values, source_sel=block or None), failed)
+        with waiting():
+            _read(functools.partial(dataset.read_direct, values, source_sel=block or None), failed)
         data = memoryview(values.reshape(-1).view(np.uint8))
         start = 0
         for first, count in _runs(shape, block):
@@ -176,7 +181,13 @@ def _copy_array(
     # Each dataset keeps its chunk cache while open, and the file's datasets stay open
     # while the file is copied: the chunks last read of 40 arrays held 290 MB. Refreshed
     # (closed and opened again inside HDF5), it holds none.
-    _read(dataset.id.refresh, failed)
+    with waiting():
+        _read(dataset.id.refresh, failed)
+
+
+def _waiting(cancel: PassControl | None, path: Path) -> contextlib.AbstractContextManager[None]:
+    """A wait on ``path``'s storage inside HDF5, marked for ``cancel`` if there is one."""
+    return contextlib.nullcontext() if cancel is None else cancel.waiting_on(path, in_hdf5=True)
 
 
 def _read(call: Callable[[], object], failed: str) -> None:

@@ -182,8 +182,10 @@ class RoundFiles:
                 f"an earlier averaging pass is still waiting on {held.path}, inside HDF5, "
                 f"for {time.monotonic() - held.since:.0f} s: HDF5 serves one call at a time "
                 "in this process, so nothing can be averaged until that storage answers; "
-                "unmount it (umount -l) or restart the coordinator; the global checkpoint "
-                "is kept as it was"
+                "abort its mount (FUSE: stop its server, or write 1 to "
+                "/sys/fs/fuse/connections/N/abort; NFS: umount -f): umount -l does not end "
+                "a call in flight, nor can any process end while it waits on FUSE; the "
+                "global checkpoint is kept as it was"
             )
         if self._privacy is not None:
             await self._record_release(self._privacy, number)
@@ -222,8 +224,7 @@ class RoundFiles:
                 if control.stuck is None:
                     raise  # else it ended as it was given up: ShuttingDown, or what it met
             finally:
-                if control.stop():  # it will not publish: its thread may still be waiting
-                    control.abandon()
+                control.left()  # remembered if its thread still runs
             raise _stuck(control, contributions, self._wait_limit)
 
         # Another process may hold the global checkpoint locked: wait for it,
