@@ -125,21 +125,28 @@ def mounted(
 def _serve(
     backing: str, mount: str, file: str, operation: str, name: str, after: int, gate: str
 ) -> None:
+    import threading
     import time
 
     import mfusepy as fuse  # only in the server's process
 
     code, target, calls = HANG if name == "HANG" else getattr(errno, name), f"/{file}", {"n": 0}
+    counting = threading.Lock()  # the server answers calls in several threads
+
+    def say(line: str) -> None:
+        os.write(1, f"{line}\n".encode())  # one write: lines of two threads never mix
 
     def answer(path: str, op: str) -> None:
         if path != target or op != operation:
             return
-        calls["n"] += 1
-        if calls["n"] < after or (gate and not os.path.exists(gate)):
+        with counting:
+            calls["n"] += 1
+            counted = calls["n"]
+        if counted < after or (gate and not os.path.exists(gate)):
             return
         if code != HANG:
             raise fuse.FuseOSError(code)
-        print(_HELD, flush=True)  # see Mount.held
+        say(_HELD)  # see Mount.held
         while os.path.exists(gate):  # no answer: what a hung mount gives (a fake of one)
             time.sleep(0.01)
 
@@ -147,7 +154,7 @@ def _serve(
         use_ns = True
 
         def init(self, path: str) -> None:
-            print(_READY, flush=True)
+            say(_READY)
 
         def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
             answer(path, "getattr")
