@@ -48,8 +48,6 @@ def test_a_stopped_pass_cannot_publish_and_a_publishing_one_cannot_be_stopped() 
     publishing = PassControl()
     publishing.publishing()
     assert (publishing.stop(), publishing.is_set()) == (False, False)
-    publishing.set()  # a shutdown's request, as late: the pass goes on publishing
-    assert publishing.is_set() is False
 
 
 def test_only_a_wait_longer_than_the_limit_is_overdue_the_innermost_one_counting() -> None:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -299,8 +300,9 @@ def entry() -> NoReturn:
     status = main()
     from ..storage.pass_control import given_up
 
+    deadline = time.monotonic() + _LAST_WAIT  # for all of them, not each
     for control in given_up():
-        control.finished.wait(_LAST_WAIT)
+        control.finished.wait(max(0.0, deadline - time.monotonic()))
     if waiting := given_up():
         waits = [control.stuck or control.overdue(0) for control in waiting]
         logging.getLogger(__name__).warning(

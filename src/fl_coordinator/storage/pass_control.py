@@ -75,8 +75,8 @@ def held_in_hdf5() -> Stuck | None:
 class PassControl:
     """Stop, publish and stuck-wait tracking of one averaging pass (see the module).
 
-    Quacks like the ``threading.Event`` the pass checks between its steps
-    (``is_set``; ``set`` asks it to stop). ``clock``: seconds, monotonic.
+    The pass checks ``is_set`` between its steps, as it would a ``threading.Event``;
+    :meth:`stop` asks it to stop. ``clock``: seconds, monotonic.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -95,10 +95,6 @@ class PassControl:
     def is_set(self) -> bool:
         """Whether the pass must stop (checked between its steps)."""
         return self._stopped
-
-    def set(self) -> None:
-        """Ask the pass to stop, unless it is publishing (see :meth:`stop`)."""
-        self.stop()
 
     def stop(self) -> bool:
         """Ask the pass to stop; True if it will not publish, False if it already began to."""
