@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,24 @@ async def _each(port: int, call: Callable[[Any, str], Awaitable[object]], ids: l
                 calls.start_soon(one, selector)
 
 
+def _crowded(messages: list[dict[str, Any]]) -> list[tuple[int, int, float]]:
+    """Consecutive status messages of one phase less than 0.1 s apart (seq, seq, gap), the
+    last message of each phase excepted. Their times are in milliseconds: 1 ms is allowed."""
+
+    def phase(message: dict[str, Any]) -> tuple[int, str, bool]:
+        return message["round"], message["stage"], message["aggregating"]
+
+    def time(message: dict[str, Any]) -> float:
+        return datetime.fromisoformat(message["time"].replace("Z", "+00:00")).timestamp()
+
+    return [
+        (a["seq"], b["seq"], time(b) - time(a))
+        for a, b, after in zip(messages, messages[1:], messages[2:], strict=False)
+        if phase(a) == phase(b) == phase(after)
+        and time(b) - time(a) < 0.099
+    ]  # fmt: skip
+
+
 async def test_a_round_of_2000_selectors_under_1024_descriptors(
     settings: Settings, layout: Layout, keras_weights: list[Path], nursery: trio.Nursery
 ) -> None:
@@ -143,6 +162,10 @@ async def test_a_round_of_2000_selectors_under_1024_descriptors(
             SELECTORS,
         )
         assert server.process.poll() is None
+    # Each status message lists every selector taking part. Within one stage they come
+    # at most every 0.1 s (the stage's last, sent as the next begins, excepted), not
+    # one per check-in or report: that was O(N**2) bytes a round, hundreds of MB here.
+    assert _crowded(watcher.messages) == []
     # 2,000 identical aggregates of weight 1: the average of one.
     expected = fedavg(before, [(keras_weights[0], 1)])
     after = read_floats(layout.checkpoint)

@@ -66,7 +66,10 @@ async def test_batches_are_served_first_come_first_served_up_to_the_goal(
     finally:
         client.close()
     assert (configured["accepted"], configured["selectors"]) == (5, [a.id, b.id])
-    assert [m["accepted"] for m in watcher.messages if m["stage"] == "SELECTION"] == [0, 0, 3]
+    # Snapshots within 0.1 s of one another in one stage are merged into the latest, so
+    # the refusal's own snapshot (accepted 0) may or may not be seen; no other count is.
+    selection = [m["accepted"] for m in watcher.messages if m["stage"] == "SELECTION"]
+    assert (selection[0], selection[-1], set(selection)) == (0, 3, {0, 3})
     assert [who for who, _ in configured["ignored"]] == ["../../etc:1"]
     with trio.fail_after(10):  # both selectors holding clients are told
         await a.told.receive()
