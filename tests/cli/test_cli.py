@@ -437,3 +437,20 @@ def test_interrupts_in_a_group_are_one_line_other_errors_are_not_hidden(
     with pytest.raises(BaseExceptionGroup) as raised:
         exit_status("prog", failed)
     assert [type(e) for e in raised.value.exceptions] == [KeyboardInterrupt, ValueError]
+
+
+def test_a_journal_edited_by_hand_stops_startup_with_the_key_at_fault(root: Path) -> None:
+    """Not read leniently: ``"aggregating": "no"`` taken as true would have counted an
+    abandoned round as completed. Nothing is started, the journal is left as it was."""
+    journal = root / ".coordinator" / "journal.json"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    text = '{"round": 4, "stage": "REPORTING", "aggregating": "no"}'
+    journal.write_text(text)
+    result = run(["serve"], environment(root))
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (2, (
+        f"fl-coordinator serve: {journal}: not a readable round journal (aggregating must be "
+        "true or false, found a string); move it away to start counting rounds from the "
+        "history"
+    ))  # fmt: skip
+    assert "Traceback" not in result.stderr
+    assert journal.read_text() == text

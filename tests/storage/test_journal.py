@@ -261,8 +261,53 @@ def test_a_start_after_a_rollback_says_which_round_it_starts_from(
         ('{"round": 3, "stage": "SELECTION", "rnd": 4}', "unknown key 'rnd' (1 unknown)"),
         ('{"stage": "SELECTION"}', "no round key"),
         ('{"round": "3", "stage": "SELECTION"}', "round must be a whole number and stage a string"),
+        (
+            '{"round": 3, "stage": "SELECTON"}',
+            "stage 'SELECTON' is none of AGGREGATING, COMPLETED, CONFIGURATION, FAILED, "
+            "FINISHED, REPORTING, SELECTION",
+        ),
+        (
+            '{"round": 3, "stage": "REPORTING", "aggregating": "no"}',
+            "aggregating must be true or false, found a string",
+        ),
+        (
+            '{"round": 3, "stage": "REPORTING", "aggregating": 0}',
+            "aggregating must be true or false, found a number",
+        ),
+        (
+            '{"round": 3, "stage": "REPORTING", "selectors": ["a:1", 2]}',
+            "selectors must be an array of selector ids (strings), found an array holding "
+            "other values",
+        ),
+        (
+            '{"round": 3, "stage": "REPORTING", "reported": {"a:1": true}}',
+            "reported must be an array of selector ids (strings), found an object",
+        ),
+        ('{"round": 3, "stage": "REPORTING", "time": 17}', "time must be a string, found a number"),
+        (
+            '{"round": 3, "stage": "COMPLETED", "metrics": []}',
+            "metrics must be an object or null, found an array",
+        ),
+        (
+            '{"round": 3, "stage": "FINISHED", "finished": true}',
+            "finished must be a string or null, found true or false",
+        ),
     ],
-    ids=["array", "string", "unknown key", "no round", "round a string"],
+    ids=[
+        "array",
+        "string",
+        "unknown key",
+        "no round",
+        "round a string",
+        "unknown stage",
+        "aggregating a string",
+        "aggregating a number",
+        "selectors not strings",
+        "reported an object",
+        "time a number",
+        "metrics an array",
+        "finished a bool",
+    ],
 )
 def test_a_journal_of_another_shape_says_what_is_wrong(
     layout: Layout, text: str, what: str

@@ -31,10 +31,12 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.stages import Stage
 from ..core.stopping import RoundMetrics
 from ..errors import ConfigError, ProblemError, os_error_text
 from ..untrusted_text import shown
@@ -105,9 +107,9 @@ def read_journal(layout: Layout) -> Entry | None:
     return entry
 
 
-#: JSON's names for what ``json.loads`` returns, for a journal that is not an object.
-_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
-               bool: "true or false", type(None): "null"}  # fmt: skip
+#: JSON's names for what ``json.loads`` returns, to say what was found instead.
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number",
+               float: "a number", bool: "true or false", type(None): "null"}  # fmt: skip
 
 
 def _entry(data: object) -> Entry:
@@ -121,7 +123,37 @@ def _entry(data: object) -> Entry:
         raise ValueError(f"no {' or '.join(missing)} key")
     if type(data["round"]) is not int or not isinstance(data["stage"], str):
         raise ValueError("round must be a whole number and stage a string")
+    if data["stage"] not in _STAGES:
+        raise ValueError(
+            f"stage '{shown(data['stage'], 60)}' is none of {', '.join(sorted(_STAGES))}"
+        )
+    for name, (fits, said) in _SHAPES.items():
+        if name in data and not fits(value := data[name]):
+            found = _JSON_KINDS[type(value)]
+            if type(value) is list and said.startswith("an array"):
+                found += " holding other values"
+            raise ValueError(f"{name} must be {said}, found {found}")
     return Entry(**data)
+
+
+#: The stages a journal can name.
+_STAGES = frozenset(stage.name for stage in Stage)
+
+
+def _ids(value: object) -> bool:
+    return type(value) is list and all(type(item) is str for item in value)
+
+
+#: What the entry's other keys must hold, and how to say it: a hand-edited
+#: ``"aggregating": "no"`` would otherwise be taken as true.
+_SHAPES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "aggregating": (lambda value: type(value) is bool, "true or false"),
+    "selectors": (_ids, "an array of selector ids (strings)"),
+    "reported": (_ids, "an array of selector ids (strings)"),
+    "time": (lambda value: type(value) is str, "a string"),
+    "metrics": (lambda value: value is None or type(value) is dict, "an object or null"),
+    "finished": (lambda value: value is None or type(value) is str, "a string or null"),
+}
 
 
 def write_journal(layout: Layout, entry: Entry) -> None:
