@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import trio
 from helpers.selector_fs import HANG, mounted, needs_fuse
 from storage.test_aggregation import digest, leftovers, updates_like, write_h5
 
@@ -21,6 +22,7 @@ from fl_coordinator.errors import ShuttingDown
 from fl_coordinator.storage.aggregation import Contribution, aggregate
 from fl_coordinator.storage.contribution import CheckpointSpec, SelectorFiles, examine
 from fl_coordinator.storage.pass_control import PassControl, Stuck, given_up, held_in_hdf5
+from fl_coordinator.storage.round_files import canceller
 from fl_coordinator.storage.untrusted import UntrustedFile
 from fl_coordinator.storage.weights import read_plan
 
@@ -134,6 +136,21 @@ def test_a_pass_left_while_its_thread_still_waits_is_remembered_with_that_wait()
         assert held_in_hdf5() == waiting.stuck == Stuck(Path("/sel/x"), 100.0, True)
     waiting.ended()
     assert (given_up(), held_in_hdf5()) == ([], None)
+
+
+def test_a_watchdog_that_gives_up_after_the_loop_ended_cancels_nothing_and_raises_nothing() -> None:
+    """The watchdog's thread may find a wait overdue just as the pass's trio run ends
+    (a shutdown): trio then refuses the call into the loop (RunFinishedError), which
+    was a traceback on stderr from that thread."""
+    made: list = []
+
+    async def main() -> None:
+        scope = trio.CancelScope()
+        made.extend([scope, canceller(scope)])
+
+    trio.run(main)
+    _, cancel = made
+    assert cancel() is None  # before: RunFinishedError, from the watchdog's thread
 
 
 def _selectors(tmp_path: Path) -> tuple[Path, Path, Path]:

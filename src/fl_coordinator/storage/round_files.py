@@ -10,12 +10,11 @@ stream while HDF5 files are read and written.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -36,7 +35,7 @@ from .privacy_ledger import PrivacyLedger
 from .strategy_state import StateUpdate, state_path
 from .weights import Weight
 
-__all__ = ["METRICS_SUFFIX", "RoundFiles", "kept_metrics"]
+__all__ = ["METRICS_SUFFIX", "RoundFiles", "canceller", "kept_metrics"]
 
 #: A kept round's evaluated metrics: ``round-NNNNNN`` + this, in the history.
 METRICS_SUFFIX = ".metrics.json"
@@ -72,6 +71,18 @@ def _stuck(
         f"{stuck.path}: the coordinator's own storage {said}; the global checkpoint is kept "
         "as it was"
     )
+
+
+def canceller(scope: trio.CancelScope) -> Callable[[], None]:
+    """A function any thread may call to cancel ``scope`` (in the current trio run); once
+    that run has ended there is nothing left to cancel, and it does nothing."""
+    token = trio.lowlevel.current_trio_token()
+
+    def cancel() -> None:
+        with contextlib.suppress(trio.RunFinishedError):  # the watchdog lost the race
+            token.run_sync_soon(scope.cancel)
+
+    return cancel
 
 
 class RoundFiles:
@@ -214,11 +225,8 @@ class RoundFiles:
                 return result
 
             scope = trio.CancelScope()
-            give_up = functools.partial(
-                trio.lowlevel.current_trio_token().run_sync_soon, scope.cancel
-            )
             try:
-                with scope, control.watched(self._wait_limit, give_up):
+                with scope, control.watched(self._wait_limit, canceller(scope)):
                     return await trio.to_thread.run_sync(job, abandon_on_cancel=True)
             except Exception:
                 if control.stuck is None:
