@@ -321,3 +321,11 @@ def test_a_journal_of_another_shape_says_what_is_wrong(
         f"{layout.own / 'journal.json'}: not a readable round journal ({what}); move it away "
         "to start counting rounds from the history"
     )
+
+
+def test_a_journal_of_deeply_nested_brackets_is_refused_not_a_crash(layout: Layout) -> None:
+    """json.loads raises RecursionError (not a ValueError) on deep nesting."""
+    (layout.own / "journal.json").parent.mkdir(parents=True, exist_ok=True)
+    (layout.own / "journal.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ProblemError, match="not a readable round journal"):
+        read_journal(layout)

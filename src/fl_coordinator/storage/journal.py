@@ -99,7 +99,8 @@ def read_journal(layout: Layout) -> Entry | None:
             raise ValueError("round < 1")
         if entry.metrics is not None:
             RoundMetrics.from_dict(entry.metrics)
-    except (ValueError, TypeError, KeyError) as error:
+    # RecursionError: json.loads on deeply nested brackets.
+    except (ValueError, TypeError, KeyError, RecursionError) as error:
         raise ProblemError(
             f"{path}: not a readable round journal ({error}); move it away to "
             "start counting rounds from the history"
