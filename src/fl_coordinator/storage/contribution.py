@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import ContributionError
 from .aggregation import Contribution, read_into
-from .plain import Extent, extent_of
+from .plain import Extent, extent_of, read_slab
 from .slab import chunk_slabs, largest_slab, slabs
 from .untrusted import (
     CHUNK_MAX_BYTES,
@@ -148,9 +148,20 @@ def _settled(fd: int, path: Path, wait: bool) -> os.stat_result:
 
 
 def _check_values(
-    dataset: h5py.Dataset, encoding: Encoding, name: str, path: Path, measure: bool
+    dataset: h5py.Dataset,
+    encoding: Encoding,
+    name: str,
+    path: Path,
+    measure: bool,
+    plain: tuple[int, Extent] | None = None,
 ) -> float:
-    """Raise ContributionError for NaN or Inf; return the squared L2 norm if ``measure``."""
+    """Raise ContributionError for NaN or Inf; return the squared L2 norm if ``measure``.
+
+    ``plain``: the descriptor the file is open on and the dataset's extent
+    (see :mod:`.plain`), to read its values with ``preadv`` instead of
+    through h5py: for a small aggregate, h5py's read cost more than ten times
+    as much (0.26 ms against 0.02 ms on a fresh file).
+    """
     shape, itemsize = dataset.shape, encoding.stored.itemsize
     if dataset.chunks is None:
         largest, selections = largest_slab(shape, itemsize), slabs(shape, itemsize)
@@ -159,7 +170,11 @@ def _check_values(
     buffer = np.empty(largest, encoding.stored)
     square = 0.0
     for selection in selections:
-        part = encoding.decode(read_into(buffer, dataset, selection))
+        if plain is None:
+            raw = read_into(buffer, dataset, selection)
+        else:
+            raw = read_slab(plain[0], plain[1], selection, buffer, path)
+        part = encoding.decode(raw)
         if not np.all(np.isfinite(part)):
             raise ContributionError(f"{path}: dataset {name!r} contains NaN or Inf")
         if measure:  # in the accumulator's precision: float32 squares of n * delta overflow
@@ -209,10 +224,11 @@ def examine(
         try:
             for array in spec.plan:
                 dataset, encoding = dataset_at(opened.file, array, source.path)
-                square += _check_values(
-                    dataset, encoding, array.name, source.path, spec.measure_norms
-                )
                 extent = extent_of(dataset, encoding.stored, before.size, source.path)
+                square += _check_values(
+                    dataset, encoding, array.name, source.path, spec.measure_norms,
+                    None if extent is None else (opened.fd, extent),
+                )  # fmt: skip
                 if plain is not None and extent is not None:
                     plain[array.name] = (extent, encoding)
                 else:

@@ -129,7 +129,8 @@ def read_slab(
     """Slab ``selection`` (see :mod:`.slab`; ``()``: all) of a plain dataset, read from
     ``fd`` into the leading values of ``buffer`` (C-contiguous); return that view.
 
-    Raises ContributionError on a short read (the file is no longer what was checked).
+    Raises ContributionError on a short read (the file was cut short since its size was
+    taken, which is after it was opened: a file changed while it was checked, or since).
     """
     view, offset = _place(extent, selection, buffer)
     target = _bytes(view)
@@ -137,7 +138,9 @@ def read_slab(
     while done < len(target):
         got = os.preadv(fd, [target[done:]], offset + done)
         if got == 0:
-            raise ContributionError(f"{path}: file ended before its data: changed after its check")
+            raise ContributionError(
+                f"{path}: file ended before its data: it was cut short after it was opened"
+            )
         done += got
     return view
 

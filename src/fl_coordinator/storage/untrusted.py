@@ -417,6 +417,7 @@ def _named(value: bytes) -> str:
 
 
 def _link_problem(group: h5py.Group, name: bytes, kind: int) -> str:
+    """Why the link ``name`` (a path below ``group``) is refused, with where it leads."""
     if kind == h5py.h5l.TYPE_SOFT:
         target = _named(group.id.links.get_val(name))
         return f"is a soft link to {target} (only hard links are followed)"
@@ -427,6 +428,11 @@ def _link_problem(group: h5py.Group, name: bytes, kind: int) -> str:
             "(links out of the file are refused)"
         )
     return f"is a user-defined link (type {kind}; only hard links are followed)"
+
+
+def _is_group(file: h5py.File, name: str) -> bool:
+    """Whether the object at ``name`` (reached through hard links) is a group."""
+    return bool(h5py.h5o.get_info(file.id, name.encode()).type == h5py.h5o.TYPE_GROUP)
 
 
 def _storage_problem(dataset: h5py.Dataset) -> str | None:
@@ -463,21 +469,27 @@ def dataset_at(file: h5py.File, weight: Weight, path: Path) -> tuple[h5py.Datase
     """
     name = weight.name
     parts = name.split("/")
-    node: h5py.Group | h5py.Dataset = file
-    for depth, part in enumerate(parts, start=1):
+    # Each prefix's link is looked up from the root, in order: HDF5 then only ever
+    # traverses links already found hard. Low-level calls (no h5py Group per level):
+    # this was half of the check of a small aggregate (0.48 of 1.25 ms, fresh file).
+    for depth in range(1, len(parts) + 1):
         where = "/".join(parts[:depth])
-        if not isinstance(node, h5py.Group):
-            raise ContributionError(f"{path}: {where!r} is not a group, so {name!r} is missing")
-        key = part.encode()
+        key = where.encode()
         try:
-            kind = node.id.links.get_info(key).type
+            kind = file.id.links.get_info(key).type
         except (KeyError, RuntimeError):
+            parent = "/".join(parts[: depth - 1])
+            if parent and not _is_group(file, parent):
+                raise ContributionError(
+                    f"{path}: {parent!r} is not a group, so {name!r} is missing"
+                ) from None
             raise ContributionError(f"{path}: dataset {name!r} is missing") from None
         if kind != h5py.h5l.TYPE_HARD:
-            raise ContributionError(f"{path}: {where!r} {_link_problem(node, key, kind)}")
-        node = node[part]
-    if not isinstance(node, h5py.Dataset):
+            raise ContributionError(f"{path}: {where!r} {_link_problem(file, key, kind)}")
+    found = h5py.h5o.open(file.id, name.encode())
+    if not isinstance(found, h5py.h5d.DatasetID):
         raise ContributionError(f"{path}: {name!r} is not a dataset")
+    node = h5py.Dataset(found)
     problem = _storage_problem(node)
     if problem is not None:
         raise ContributionError(f"{path}: dataset {name!r} {problem}")
