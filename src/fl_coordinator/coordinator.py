@@ -230,7 +230,7 @@ class Coordinator:
         self._round = Round(rules, number=first_round, metrics=metrics, privacy=privacy)
         self._journaled: tuple[int, Stage, bool, int] | None = None
         self._held: Status | None = None  # the latest snapshot, not yet published
-        self._shown: tuple[tuple[int, Stage, bool, int], float] | None = None  # phase, when
+        self._shown_at = -math.inf  # when the last snapshot (of phase _journaled) was published
         self._flushing = False  # a task will publish what is held when _COUNTS_EVERY is up
         self._windows: dict[Stage, trio.CancelScope] = {}
         self._progress = trio.CancelScope()  # the progress lines of the current stage
@@ -382,8 +382,8 @@ class Coordinator:
         a task publishes the latest one when that time is up."""
         if self._held is None:
             return
-        if self._shown is not None and self._shown[0] == _phase(self._held):
-            wait = self._shown[1] + _COUNTS_EVERY - trio.current_time()
+        if _phase(self._held) == self._journaled:  # the phase of the last one published
+            wait = self._shown_at + _COUNTS_EVERY - trio.current_time()
             if wait > 0:
                 if not self._flushing:
                     assert self._nursery is not None
@@ -399,7 +399,7 @@ class Coordinator:
         self._publish_held()
 
     def _publish(self, status: Status) -> None:
-        self._shown = _phase(status), trio.current_time()
+        self._shown_at = trio.current_time()
         self._hub.publish(status)
         if _phase(status) != self._journaled:
             self._stage_changed(status)
