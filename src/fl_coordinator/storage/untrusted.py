@@ -437,9 +437,14 @@ def _link_problem(group: h5py.Group, name: bytes, kind: int) -> str:
     return f"is a user-defined link (type {kind}; only hard links are followed)"
 
 
-def _is_group(file: h5py.File, name: str) -> bool:
-    """Whether the object at ``name`` (reached through hard links) is a group."""
-    return bool(h5py.h5o.get_info(file.id, name.encode()).type == h5py.h5o.TYPE_GROUP)
+def _not_a_group(file: h5py.File, name: str) -> bool:
+    """Whether HDF5 says the object at ``name`` (reached through hard links) is not a
+    group; False if it cannot say (a malformed object header: the caller's own reason)."""
+    try:
+        kind = h5py.h5o.get_info(file.id, name.encode()).type
+    except (KeyError, RuntimeError, OSError, ValueError):
+        return False
+    return bool(kind != h5py.h5o.TYPE_GROUP)
 
 
 def _storage_problem(dataset: h5py.Dataset) -> str | None:
@@ -486,7 +491,7 @@ def dataset_at(file: h5py.File, weight: Weight, path: Path) -> tuple[h5py.Datase
             kind = file.id.links.get_info(key).type
         except (KeyError, RuntimeError):
             parent = "/".join(parts[: depth - 1])
-            if parent and not _is_group(file, parent):
+            if parent and _not_a_group(file, parent):
                 raise ContributionError(
                     f"{path}: {parent!r} is not a group, so {name!r} is missing"
                 ) from None
