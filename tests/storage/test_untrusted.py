@@ -28,12 +28,14 @@ from fl_coordinator.storage.contribution import (
     CheckpointSpec,
     SelectorFiles,
     examine,
+    update_norm,
 )
 from fl_coordinator.storage.untrusted import (
     CHUNK_MAX_BYTES,
     NAME_MAX_CHARS,
     OURS,
     REASON_MAX_CHARS,
+    UntrustedFile,
     clip,
     selector_error_is_own_shortage,
 )
@@ -325,6 +327,27 @@ async def test_a_long_name_in_a_file_leaves_the_reason_its_own_words(
     reason = await problem.rejected(expected)
     assert "n" * NAME_MAX_CHARS not in reason  # each name cut (its start, then its length)
     assert reason.count("\\U000e0001") < NAME_MAX_CHARS / 10  # cut after escaping
+
+
+@pytest.mark.parametrize("name", ["layers", "layers/dense/vars", "layers/dense/vars/0"])
+async def test_a_broken_object_header_is_the_files_fault_at_any_depth(
+    problem: Problem, name: str
+) -> None:
+    """A hard link to an object whose header is garbage (found only when HDF5 opens it):
+    a group's gave a RuntimeError, the dataset's a KeyError out of ``h5o.open``, which
+    the check took for a bug of its own (an "internal error", logged with a traceback),
+    and the measure of a client's upload let out."""
+    with h5py.File(problem.aggregate, "r") as file:
+        header = h5py.h5o.get_info(file.id, name.encode()).addr
+    fd = os.open(problem.aggregate, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\xff" * 16, header)
+    finally:
+        os.close(fd)
+    reason = await problem.rejected("bad object header version number")
+    assert reason.startswith(f"{problem.aggregate}: ")
+    with pytest.raises(ContributionError, match="bad object header version number"):
+        update_norm(UntrustedFile.at(problem.aggregate), problem.spec.plan)  # a client's upload
 
 
 ACCEPTED = {

@@ -498,7 +498,12 @@ def dataset_at(file: h5py.File, weight: Weight, path: Path) -> tuple[h5py.Datase
             raise ContributionError(f"{path}: dataset {name!r} is missing") from None
         if kind != h5py.h5l.TYPE_HARD:
             raise ContributionError(f"{path}: {where!r} {_link_problem(file, key, kind)}")
-    found = h5py.h5o.open(file.id, name.encode())
+    try:
+        found = h5py.h5o.open(file.id, name.encode())
+    except KeyError as error:  # the link is there, its object header is not readable
+        raise ContributionError(
+            f"{path}: dataset {name!r} cannot be opened ({shown(str(error), 2 * NAME_MAX_CHARS)})"
+        ) from None
     if not isinstance(found, h5py.h5d.DatasetID):
         raise ContributionError(f"{path}: {name!r} is not a dataset")
     node = h5py.Dataset(found)
