@@ -244,6 +244,23 @@ def dataset_instead(file: h5py.File, outside: Path) -> None:
     file["layers/dense/vars"] = np.zeros(4, np.float32)
 
 
+def float_numpy_cannot_hold(chunks: tuple[int, ...] | None):
+    """A float type whose exponent bias no numpy float can hold: h5py raises ValueError
+    for its ``dtype`` (an error HDF5 would not have reading it)."""
+
+    def change(file: h5py.File, outside: Path) -> None:
+        del file["layers/dense/vars/1"]
+        odd = h5py.h5t.IEEE_F32LE.copy()
+        odd.set_ebias(2**20)
+        plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        if chunks is not None:
+            plist.set_chunk(chunks)
+        space = h5py.h5s.create_simple((4,))
+        h5py.h5d.create(file.id, b"layers/dense/vars/1", odd, space, dcpl=plist)
+
+    return change
+
+
 def huge_chunk_bomb(file: h5py.File, outside: Path) -> None:
     """The issue's row: shape (32,), maxshape None, one gzip chunk of 2**28 float32."""
     del file["layers/dense/vars/1"]
@@ -272,6 +289,11 @@ HDF5_FEATURES = {
     "group, not a dataset": (group_instead, "'layers/dense/vars/1' is not a dataset"),
     "dataset, not a group": (dataset_instead, "'layers/dense/vars' is not a group, so "
                              "'layers/dense/vars/0' is missing"),
+    "float numpy cannot hold": (float_numpy_cannot_hold(None),
+                                "'layers/dense/vars/1' has dtype of no numpy equivalent "
+                                "(Insufficient precision"),
+    "chunked float numpy cannot hold": (float_numpy_cannot_hold((2,)),
+                                        "has dtype of no numpy equivalent"),
     "other shape": (replaced("layers/dense/vars/1", maxshape=(None,), chunks=(8,)),
                     None),  # accepted: maxshape alone changes nothing
 }  # fmt: skip

@@ -465,10 +465,20 @@ def _storage_problem(dataset: h5py.Dataset) -> str | None:
             )
     if layout == h5py.h5d.CHUNKED:
         chunk = plist.get_chunk()
-        nbytes = int(np.prod(chunk, dtype=object)) * dataset.dtype.itemsize
+        # HDF5's size of a value: its numpy dtype may not exist (see _type_named)
+        nbytes = int(np.prod(chunk, dtype=object)) * dataset.id.get_type().get_size()
         if nbytes > CHUNK_MAX_BYTES:
             return f"declares chunks {chunk} of {nbytes} bytes; at most {CHUNK_MAX_BYTES} accepted"
     return None
+
+
+def _type_named(dataset: h5py.Dataset) -> str:
+    """The numpy dtype of ``dataset``, for a person, or why h5py has none (ValueError for a
+    float type no numpy float can hold, TypeError for a class numpy has no match for)."""
+    try:
+        return shown(str(dataset.dtype), 60)
+    except (TypeError, ValueError) as error:
+        return f"of no numpy equivalent ({shown(str(error), NAME_MAX_CHARS)})"
 
 
 def dataset_at(file: h5py.File, weight: Weight, path: Path) -> tuple[h5py.Dataset, Encoding]:
@@ -516,10 +526,10 @@ def dataset_at(file: h5py.File, weight: Weight, path: Path) -> tuple[h5py.Datase
         )
     try:
         encoding = encoding_of(node)
-    except ValueError:
+    except (TypeError, ValueError):
         encoding = None
     if encoding is None or not accepts(weight.encoding, encoding):
-        given = encoding.name if encoding is not None else shown(str(node.dtype), 60)
+        given = encoding.name if encoding is not None else _type_named(node)
         raise ContributionError(
             f"{path}: dataset {name!r} has dtype {given}, expected {weight.encoding.name}"
         )
