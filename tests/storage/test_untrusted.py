@@ -372,6 +372,25 @@ async def test_a_broken_object_header_is_the_files_fault_at_any_depth(
         update_norm(UntrustedFile.at(problem.aggregate), problem.spec.plan)  # a client's upload
 
 
+async def test_an_address_past_what_a_file_offset_holds_is_the_files_fault(
+    problem: Problem,
+) -> None:
+    """A header may name any 64-bit address: here the superblock's driver information
+    block at 2**63 + 8 (found by flipping a byte). h5py's file-object driver seeks there,
+    and FileIO.seek raised OverflowError, which no one took for the file's fault (the
+    check said "internal error", with a traceback)."""
+    superblock = problem.aggregate.read_bytes()[:9]
+    assert superblock == b"\x89HDF\r\n\x1a\n\x00"  # version 0: the address is at byte 48
+    fd = os.open(problem.aggregate, os.O_WRONLY)
+    try:
+        os.pwrite(fd, (2**63 + 8).to_bytes(8, "little"), 48)
+    finally:
+        os.close(fd)
+    reason = await problem.rejected("aggregate checkpoint is not a readable HDF5 file")
+    assert reason.startswith(f"{problem.aggregate}: ")
+    assert os.strerror(errno.EOVERFLOW) in reason
+
+
 ACCEPTED = {
     "contiguous": {},
     "chunked": {"chunks": True},

@@ -68,6 +68,14 @@ class _WholeIO(io.FileIO):
             done += got
         return len(view)
 
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        """As FileIO's, but an offset no file offset holds (a header may name any 64-bit
+        address) raises OSError (EOVERFLOW), as a read there fails, not OverflowError."""
+        try:
+            return super().seek(pos, whence)
+        except OverflowError:
+            raise OSError(errno.EOVERFLOW, os.strerror(errno.EOVERFLOW)) from None
+
     def write(self, data: Any) -> int:  # type: ignore[override]
         view = memoryview(data).cast("B")
         with self._kept_while_closing():
