@@ -437,14 +437,18 @@ def _link_problem(group: h5py.Group, name: bytes, kind: int) -> str:
     return f"is a user-defined link (type {kind}; only hard links are followed)"
 
 
-def _not_a_group(file: h5py.File, name: str) -> bool:
-    """Whether HDF5 says the object at ``name`` (reached through hard links) is not a
-    group; False if it cannot say (a malformed object header: the caller's own reason)."""
-    try:
-        kind = h5py.h5o.get_info(file.id, name.encode()).type
-    except (KeyError, RuntimeError, OSError, ValueError):
-        return False
-    return bool(kind != h5py.h5o.TYPE_GROUP)
+def _not_found(file: h5py.File, parent: str, name: str) -> str:
+    """Why HDF5 found no link to the next part of ``name`` below ``parent`` (reached
+    through hard links; ``""``: the root): it is missing, ``parent`` is not a group, or
+    ``parent``'s object header cannot be read (HDF5's reason, escaped and cut)."""
+    if parent:
+        try:
+            kind = h5py.h5o.get_info(file.id, parent.encode()).type
+        except (KeyError, RuntimeError, OSError, ValueError) as error:
+            return f"{parent!r} cannot be read ({shown(str(error), 2 * NAME_MAX_CHARS)})"
+        if kind != h5py.h5o.TYPE_GROUP:
+            return f"{parent!r} is not a group, so {name!r} is missing"
+    return f"dataset {name!r} is missing"
 
 
 def _storage_problem(dataset: h5py.Dataset) -> str | None:
@@ -500,12 +504,8 @@ def dataset_at(file: h5py.File, weight: Weight, path: Path) -> tuple[h5py.Datase
         try:
             kind = file.id.links.get_info(key).type
         except (KeyError, RuntimeError):
-            parent = "/".join(parts[: depth - 1])
-            if parent and _not_a_group(file, parent):
-                raise ContributionError(
-                    f"{path}: {parent!r} is not a group, so {name!r} is missing"
-                ) from None
-            raise ContributionError(f"{path}: dataset {name!r} is missing") from None
+            why = _not_found(file, "/".join(parts[: depth - 1]), name)
+            raise ContributionError(f"{path}: {why}") from None
         if kind != h5py.h5l.TYPE_HARD:
             raise ContributionError(f"{path}: {where!r} {_link_problem(file, key, kind)}")
     try:
