@@ -494,6 +494,19 @@ def test_text_from_files_is_escaped_and_cut(text: str, expected: str) -> None:
     assert len(clip(text)) <= REASON_MAX_CHARS
 
 
+def _one_array_problem(
+    tmp_path: Path, shape: tuple[int, ...]
+) -> tuple[Path, CheckpointSpec, SelectorFiles]:
+    """A root whose checkpoint holds one float32 array of ``shape`` (norms measured), and a
+    selector ``sel`` of weight 1 whose aggregate ``agg`` the test writes."""
+    root = tmp_path / "root"
+    (root / "sel").mkdir(parents=True)
+    checkpoint = write(root / "fl_checkpoint", {"layers/w/vars/0": np.zeros(shape, np.float32)})
+    spec = CheckpointSpec(read_checkpoint_plan(checkpoint), checkpoint.stat().st_size, True)
+    (root / "sel" / "weight").write_text("1")
+    return root, spec, SelectorFiles(root, "agg", "weight")
+
+
 @pytest.mark.parametrize(
     ("shape", "chunks"),
     [((1, 2**21), (1, 2**21)), ((2**16, 32), (2**16, 1))],
@@ -506,15 +519,9 @@ def test_the_check_reads_each_chunk_once(
     untrusted files get no chunk cache: read in C-order slabs, an 8 MiB chunk spanning 8
     slabs was read 8 times (64 MiB for these 8 MiB arrays). Read whole chunks at a time,
     each once; the norm and the NaN test see every value."""
-    rng = np.random.default_rng(2)
-    values = rng.normal(size=shape).astype(np.float32)
-    root = tmp_path / "root"
-    (root / "sel").mkdir(parents=True)
-    name = "layers/w/vars/0"
-    checkpoint = write(root / "fl_checkpoint", {name: np.zeros(shape, np.float32)})
-    spec = CheckpointSpec(read_checkpoint_plan(checkpoint), checkpoint.stat().st_size, True)
-    files = SelectorFiles(root, "agg", "weight")
-    (root / "sel" / "weight").write_text("1")
+    values = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    root, spec, files = _one_array_problem(tmp_path, shape)
+    name = spec.plan[0].name
     options = {"chunks": chunks, "shuffle": True, "fletcher32": True}
     size = write(root / "sel" / "agg", {name: values}, **options).stat().st_size
     before = bytes_read()
@@ -536,13 +543,8 @@ def test_the_check_reads_plain_values_with_preadv_not_h5py(
     file); every value is still seen: the norm is exact, a NaN in the last slab rejects."""
     shape = (3 * 2**16 + 5, 4)  # 3 MiB of float32: four slabs, the last one short
     values = np.random.default_rng(3).normal(size=shape).astype(np.float32)
-    root = tmp_path / "root"
-    (root / "sel").mkdir(parents=True)
-    name = "layers/w/vars/0"
-    checkpoint = write(root / "fl_checkpoint", {name: np.zeros(shape, np.float32)})
-    spec = CheckpointSpec(read_checkpoint_plan(checkpoint), checkpoint.stat().st_size, True)
-    files = SelectorFiles(root, "agg", "weight")
-    (root / "sel" / "weight").write_text("1")
+    root, spec, files = _one_array_problem(tmp_path, shape)
+    name = spec.plan[0].name
     write(root / "sel" / "agg", {name: values})
     h5py_reads: list[object] = []
     monkeypatch.setattr(h5py.Dataset, "read_direct", lambda *args, **kw: h5py_reads.append(args))
