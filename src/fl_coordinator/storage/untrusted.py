@@ -437,6 +437,12 @@ def _link_problem(group: h5py.Group, name: bytes, kind: int) -> str:
     return f"is a user-defined link (type {kind}; only hard links are followed)"
 
 
+def _hdf5_said(error: Exception) -> str:
+    """What h5py or HDF5 said about a malformed file, for a reason: escaped, and cut to
+    twice NAME_MAX_CHARS (it may quote the file's own bytes)."""
+    return shown(str(error), 2 * NAME_MAX_CHARS)
+
+
 def _not_found(file: h5py.File, parent: str, name: str) -> str:
     """Why HDF5 found no link to the next part of ``name`` below ``parent`` (reached
     through hard links; ``""``: the root): it is missing, ``parent`` is not a group, or
@@ -445,7 +451,7 @@ def _not_found(file: h5py.File, parent: str, name: str) -> str:
         try:
             kind = h5py.h5o.get_info(file.id, parent.encode()).type
         except (KeyError, RuntimeError, OSError, ValueError) as error:
-            return f"{parent!r} cannot be read ({shown(str(error), 2 * NAME_MAX_CHARS)})"
+            return f"{parent!r} cannot be read ({_hdf5_said(error)})"
         if kind != h5py.h5o.TYPE_GROUP:
             return f"{parent!r} is not a group, so {name!r} is missing"
     return f"dataset {name!r} is missing"
@@ -482,7 +488,7 @@ def _type_named(dataset: h5py.Dataset) -> str:
     try:
         return shown(str(dataset.dtype), 60)
     except (TypeError, ValueError) as error:
-        return f"of no numpy equivalent ({shown(str(error), NAME_MAX_CHARS)})"
+        return f"of no numpy equivalent ({_hdf5_said(error)})"
 
 
 def dataset_at(file: h5py.File, weight: Weight, path: Path) -> tuple[h5py.Dataset, Encoding]:
@@ -512,7 +518,7 @@ def dataset_at(file: h5py.File, weight: Weight, path: Path) -> tuple[h5py.Datase
         found = h5py.h5o.open(file.id, name.encode())
     except KeyError as error:  # the link is there, its object header is not readable
         raise ContributionError(
-            f"{path}: dataset {name!r} cannot be opened ({shown(str(error), 2 * NAME_MAX_CHARS)})"
+            f"{path}: dataset {name!r} cannot be opened ({_hdf5_said(error)})"
         ) from None
     if not isinstance(found, h5py.h5d.DatasetID):
         raise ContributionError(f"{path}: {name!r} is not a dataset")
