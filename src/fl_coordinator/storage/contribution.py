@@ -153,11 +153,11 @@ def _check_values(
     name: str,
     path: Path,
     measure: bool,
-    plain: tuple[int, Extent] | None = None,
+    raw_at: tuple[int, Extent] | None = None,
 ) -> float:
     """Raise ContributionError for NaN or Inf; return the squared L2 norm if ``measure``.
 
-    ``plain``: the descriptor the file is open on and the dataset's extent
+    ``raw_at``: the descriptor the file is open on and a plain dataset's extent
     (see :mod:`.plain`), to read its values with ``preadv`` instead of
     through h5py: for a small aggregate, h5py's read cost more than ten times
     as much (0.26 ms against 0.02 ms on a fresh file).
@@ -170,10 +170,10 @@ def _check_values(
     buffer = np.empty(largest, encoding.stored)
     square = 0.0
     for selection in selections:
-        if plain is None:
+        if raw_at is None:
             raw = read_into(buffer, dataset, selection)
         else:
-            raw = read_slab(plain[0], plain[1], selection, buffer, path)
+            raw = read_slab(*raw_at, selection, buffer, path)
         part = encoding.decode(raw)
         if not np.all(np.isfinite(part)):
             raise ContributionError(f"{path}: dataset {name!r} contains NaN or Inf")
