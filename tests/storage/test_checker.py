@@ -234,6 +234,31 @@ async def test_checks_that_queue_up_while_the_worker_is_busy_share_one_job(
         assert outcome.checkpoint.path == layout.agg_checkpoint(selector)
 
 
+async def test_checks_that_queue_up_while_several_workers_are_free_are_shared_among_them(
+    layout: Layout, keras_weights: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seven checks queued at once with two idle workers: a job of four and one of three,
+    run side by side, not one job of seven in one worker while the other idles."""
+    selectors = reporting(layout, keras_weights, 7)
+    batches = recorded_batches(monkeypatch)
+    found: dict[str, object] = {}
+    newest = max(layout.agg_checkpoint(selector).stat().st_ctime for selector in selectors)
+    await trio.sleep(max(0.0, newest + SETTLE_SECONDS - time.time()))  # each read at once
+
+    async def check(selector: str) -> None:
+        found[selector] = await checker.check(selector)
+
+    checker = ContributionChecker(layout, spec_of(layout), timeout=60, workers=2)
+    async with checker.running(), trio.open_nursery() as nursery:
+        for selector in selectors:  # all queued before the dispatcher runs again
+            nursery.start_soon(check, selector)
+    assert [len(batch) for batch in batches] == [4, 3]
+    assert sorted(batches[0] + batches[1]) == sorted(selectors)
+    for number, selector in enumerate(selectors):
+        outcome = found[selector]
+        assert isinstance(outcome, Contribution) and outcome.weight == number + 1
+
+
 async def test_a_shared_check_that_hangs_is_split_and_each_file_gets_its_own_deadline(
     layout: Layout, keras_weights: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
