@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from storage.test_disk_full import _mounted, fill
 
 from fl_coordinator.config import Settings
 from fl_coordinator.errors import ProblemError, first_of
+from fl_coordinator.storage import ownership
 from fl_coordinator.storage.layout import Layout
 from fl_coordinator.storage.ownership import (
     LEASE,
@@ -130,6 +132,84 @@ def test_a_live_owner_on_this_host_is_not_taken_over(layout: Layout) -> None:
         ):
             acquire(layout)
         child.communicate(b"\n")
+
+
+def racing(monkeypatch: pytest.MonkeyPatch, starts: int) -> None:
+    """Make ``starts`` threads each read the lease before any of them goes on to act on it."""
+    barrier = threading.Barrier(starts, timeout=10)
+    seen: set[int] = set()
+    read = ownership._read
+
+    def together(layout: Layout) -> bytes | None:
+        lease = read(layout)
+        if threading.get_ident() not in seen:  # a thread's first look only
+            seen.add(threading.get_ident())
+            barrier.wait()
+        return lease
+
+    monkeypatch.setattr(ownership, "_read", together)
+
+
+def acquire_at_once(layout: Layout, starts: int, take_over: bool) -> list[object]:
+    """What each of ``starts`` simultaneous acquires got: a Lease, or the ProblemError."""
+    outcomes: list[object] = [None] * starts
+
+    def start(index: int) -> None:
+        try:
+            outcomes[index] = acquire(layout, take_over=take_over)[0]
+        except ProblemError as error:
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(starts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    ("host", "age", "take_over"),
+    [("other-host", LEASE + 60, True), (socket.gethostname(), 1, False)],
+    ids=["stale, --take-over", "provably dead"],
+)
+def test_of_starts_taking_one_lease_over_at_once_exactly_one_owns_the_folder(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch, host: str, age: float, take_over: bool
+) -> None:
+    """Each start judged the same old lease; replaced in place, each believed it had won
+    and served beside the others until its next renewal. One wins; the others are told
+    who did, and that lease is not taken over in turn, even with --take-over."""
+    plant(layout, host=host, pid=4242 if take_over else dead_pid(), age=age)
+    starts = 4
+    racing(monkeypatch, starts)
+    outcomes = acquire_at_once(layout, starts, take_over)
+    leases = [outcome for outcome in outcomes if isinstance(outcome, Lease)]
+    assert len(leases) == 1
+    (lease,) = leases
+    assert holder(layout) == lease.owner
+    # Named if its lease was there when the loser looked (not between its two steps).
+    told = {
+        f"{layout.root} was taken over at the same moment by {who}; only one coordinator "
+        "may serve a problem"
+        for who in (lease.owner.describe(), "another start")
+    }
+    assert all(str(outcome) in told for outcome in outcomes if outcome is not lease)
+    assert sorted(path.name for path in layout.own.iterdir()) == ["owner.json", "tmp"]
+    lease.release()
+
+
+def test_a_lease_that_cannot_be_read_is_named_with_what_to_do(layout: Layout) -> None:
+    plant(layout, host="other-host", pid=4242, age=LEASE + 60)
+    lease = layout.own / "owner.json"
+    lease.unlink()
+    lease.mkdir()  # read(2) answers EISDIR
+    with pytest.raises(ProblemError) as refused:
+        acquire(layout, take_over=True)
+    assert str(refused.value) == (
+        f"cannot read the ownership lease {lease}: [Errno 21] Is a directory; nothing was "
+        "started: check that storage (its mount, its server, the kernel log); if no "
+        f"coordinator serves {layout.root}, remove that file, then start again"
+    )
 
 
 def test_a_renewal_after_a_take_over_refuses(layout: Layout) -> None:

@@ -28,7 +28,10 @@ provably dead: written on this very host by a process that no longer exists
 (or by an earlier incarnation with our own pid, as a restarted container's
 pid 1), which is taken over with a warning in the log. An owner that finds,
 when renewing, that the lease names someone else (an operator took over)
-stops at once rather than go on beside the new owner.
+stops at once rather than go on beside the new owner. Of several starts that
+take one lease over at the same moment (a supervisor restarting two replicas
+of a crashed coordinator), exactly one gets the folder: the lease is taken
+over only if it is still the one judged (see ``_take_over``).
 
 Clocks: staleness compares a heartbeat written by one host with the clock
 of another, so hosts should run NTP; :data:`LEASE` (30 s) tolerates skew
@@ -37,6 +40,7 @@ well beyond what NTP leaves.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -136,12 +140,32 @@ def _path(layout: Layout) -> Path:
 def holder(layout: Layout) -> Owner | None:
     """The current owner of ``layout``'s folder, if any (None for an unreadable lease too)."""
     try:
-        data = json.loads(_path(layout).read_text())
-        return Owner(**data)
+        return _parse(_path(layout).read_bytes())
+    except OSError:
+        return None
+
+
+def _parse(lease: bytes) -> Owner | None:
+    """The owner a lease's bytes name (None: damaged, or not a lease of this program)."""
+    try:
+        return Owner(**json.loads(lease))
+    except (ValueError, TypeError):
+        return None
+
+
+def _read(layout: Layout) -> bytes | None:
+    """The lease's bytes, None if there is none; ProblemError if it cannot be read."""
+    path = _path(layout)
+    try:
+        return path.read_bytes()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, TypeError):
-        return None
+    except OSError as error:
+        raise ProblemError(
+            f"cannot read the ownership lease {path}: {os_error_text(error)}; nothing was "
+            f"started: {_advice(error, path.parent)}; if no coordinator serves "
+            f"{layout.root}, remove that file, then start again"
+        ) from None
 
 
 def _me() -> Owner:
@@ -208,6 +232,34 @@ def _create(layout: Layout, owner: Owner) -> bool:
     return True
 
 
+def _take_over(layout: Layout, judged: bytes, owner: Owner) -> bool:
+    """Replace the lease whose bytes are ``judged`` with ``owner``'s; False if it was not
+    there any more (another start took the folder, or its owner released it).
+
+    A compare-and-swap out of two atomic steps, so that of several starts taking
+    over one lease at once exactly one gets the folder. Replacing the lease in place
+    would let each of them believe it won, and serve beside the others until its
+    next renewal. Instead the lease is renamed aside (of several renames of one
+    name, one succeeds), checked to be the one judged (a lease put there since is
+    put back), and ours is created only where none is (``link(2)``).
+    """
+    path = _path(layout)
+    aside = path.with_name(f"{_FILE}.{owner.instance}.taken")  # not in tmp/: starts clean that
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        if not aside.exists():  # else an NFS retransmission whose first reply was lost
+            return False
+    try:
+        if aside.read_bytes() != judged:  # someone's newer lease: put it back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)
+            return False
+        return _create(layout, owner)
+    finally:
+        aside.unlink(missing_ok=True)
+
+
 def _advice(error: OSError, folder: Path) -> str:
     """What an operator does about a lease that cannot be written."""
     if error.errno == errno.ENOSPC:
@@ -248,20 +300,32 @@ def acquire(layout: Layout, *, take_over: bool = False) -> tuple[Lease, Owner | 
         # temporary file (clean_tmp): its lease is then there, and named below.
         if not path.exists():
             raise _unwritable(path, error) from None
-    current = holder(layout)
-    if not take_over:
-        if current is None:  # damaged, or written in place by an older version
-            raise ProblemError(
-                f"{path} exists but names no owner; if no coordinator serves {layout.root}, "
-                "start with --take-over"
-            )
-        if not current.provably_dead():
-            raise ProblemError(_refusal(layout, current, time.time()))
+    judged, current = _read(layout), None
+    if judged is not None:
+        current = _parse(judged)
+        if not take_over:
+            if current is None:  # damaged, or written in place by an older version
+                raise ProblemError(
+                    f"{path} exists but names no owner; if no coordinator serves "
+                    f"{layout.root}, start with --take-over"
+                )
+            if not current.provably_dead():
+                raise ProblemError(_refusal(layout, current, time.time()))
     try:
-        write_atomic(path, _encode(me), layout.tmp)
+        # No lease now (released since our try): create one; else take the judged one over.
+        if _create(layout, me) if judged is None else _take_over(layout, judged, me):
+            return Lease(layout, me), current
     except OSError as error:
-        raise _unwritable(path, error) from None
-    return Lease(layout, me), current
+        if not path.exists():  # else another start's lease, named below
+            raise _unwritable(path, error) from None
+    # Another start took the folder first: its lease is not the one judged, so it is
+    # not taken over (not even with --take-over, which was said of the one before).
+    winner = holder(layout)
+    raise ProblemError(
+        f"{layout.root} was taken over at the same moment by "
+        f"{winner.describe() if winner is not None else 'another start'}; "
+        "only one coordinator may serve a problem"
+    )
 
 
 def ensure_not_served(layout: Layout, what: str) -> None:
