@@ -111,6 +111,30 @@ def test_giving_up_stops_the_pass_once_and_a_pass_held_in_hdf5_is_remembered() -
     assert (publishing.stuck, held_in_hdf5()) == (None, None)
 
 
+def test_the_files_of_a_pass_given_up_are_emptied_those_noted_later_at_once(
+    tmp_path: Path,
+) -> None:
+    files = {name: tmp_path / name for name in ("output", "copy", "later", "removed")}
+    for path in files.values():
+        path.write_bytes(b"x" * 10_000)
+    clock = Clock()
+    control = PassControl(clock)
+    for name in ("output", "copy", "removed"):
+        control.scratch(files[name])
+    files["removed"].unlink()  # its pass removed it meanwhile: nothing to empty
+    with control.waiting_on(Path("/sel/x")):
+        clock.now += 6
+        assert control.give_up_if_stuck(5) is True
+    assert not control.space_given_back.is_set()
+    control.give_back_space()
+    assert control.space_given_back.is_set()
+    sizes = {name: path.stat().st_size for name, path in files.items() if path.exists()}
+    assert sizes == {"output": 0, "copy": 0, "later": 10_000}
+    control.scratch(files["later"])  # a copy the pass began as it was given up
+    assert files["later"].stat().st_size == 0
+    control.ended()
+
+
 def test_a_pass_that_ended_before_it_was_given_up_is_not_held() -> None:
     clock = Clock()
     control = PassControl(clock)
@@ -281,6 +305,45 @@ def test_a_read_that_never_answers_is_given_up_and_the_pass_never_publishes(
     assert isinstance(outcome["error"], ShuttingDown)
     assert digest(checkpoint) == before
     assert leftovers(tmp_path / "tmp") == []
+
+
+@needs_fuse
+@pytest.mark.fuse
+# The check reads every chunk too: a chunked input's reads 180 to 340 are its copy's.
+@pytest.mark.parametrize(("layout", "after"), [("plain", 1), ("chunked", 260)])
+def test_a_pass_given_up_gives_the_space_of_its_files_back_at_once(
+    tmp_path: Path, layout: str, after: int
+) -> None:
+    """The pass's output holds a checkpoint's size, reserved, and a copy of a chunked
+    input its own (see .plain_copy), until its thread removes them as it ends: never,
+    while the storage it waits on does not answer. Each pass given up in turn (the round
+    goes on without that selector) took another checkpoint's worth of the coordinator's
+    disk. They are emptied as the pass is given up, and removed once its thread ends."""
+    checkpoint, root, served = _selectors(tmp_path)
+    gate, tmp = tmp_path / "hang", tmp_path / "tmp"
+    if layout == "chunked":  # copied by the pass, chunk by chunk (128 reads)
+        names = [f"layers/d{i}/vars/0" for i in (0, 1)]
+        with h5py.File(served / "agg") as plain:
+            arrays = {name: plain[name][()] for name in names}
+        with h5py.File(served / "agg", "w") as chunked:
+            for name, values in arrays.items():
+                chunked.create_dataset(name, data=values, chunks=(1, 64))
+    with mounted(served, root / "bad", "agg", "read", HANG, after=after, gate=gate):
+        good, bad = _checked(checkpoint, root, ("good", "bad"))
+        assert (bad.plain is None) == (layout == "chunked")
+        gate.touch()
+        control, thread, outcome = _given_up(checkpoint, [good, bad], tmp)
+        assert control.space_given_back.wait(PATIENCE)
+        kept = {path.name.split(".")[1]: path.stat() for path in tmp.iterdir()}
+        expected = {"fl_checkpoint", "input-copy"} if layout == "chunked" else {"fl_checkpoint"}
+        assert set(kept) == expected
+        assert {(status.st_size, status.st_blocks) for status in kept.values()} == {(0, 0)}
+        assert thread.is_alive()  # still waiting on the storage
+        gate.unlink()
+        thread.join(PATIENCE)
+        assert not thread.is_alive()
+    assert isinstance(outcome["error"], ShuttingDown)
+    assert leftovers(tmp) == []
 
 
 @needs_fuse

@@ -691,6 +691,7 @@ def _rewrite(
             atomic_target(dest, tmp_dir, large=True) as tmp,
             (moments or contextlib.nullcontext)() as state,
         ):
+            control.scratch(tmp)
             # Values are pwritten beside HDF5's own writes, unbuffered both (see .hdf5_fd):
             # core (the whole file in memory, written at close) would undo them.
             with open_own(tmp, "w") as written, ExitStack() as reading:

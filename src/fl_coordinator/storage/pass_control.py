@@ -16,6 +16,10 @@ happens (the caller stopped it first, or the pass began to replace the
 global checkpoint first, and is then waited for: it only touches the
 coordinator's own files from there on).
 
+The files a pass writes (its output, copies of inputs) are emptied as it is
+given up (:meth:`PassControl.give_back_space`): their space is not held until
+a thread that may never end removes them.
+
 Passes given up, or left by their caller (a shutdown) while their thread
 still runs, are remembered until that thread ends (:func:`given_up`).
 A thread stuck inside HDF5 holds the library's one lock (h5py serialises
@@ -30,6 +34,7 @@ command line ends the process without it then (``cli.main.entry``).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +48,12 @@ from ..errors import ShuttingDown
 __all__ = ["PassControl", "Stuck", "given_up", "held_in_hdf5"]
 
 T = TypeVar("T")
+
+
+def _empty(path: Path) -> None:
+    """Truncate ``path`` to nothing, if it is still there (its pass may have removed it)."""
+    with contextlib.suppress(OSError):  # else it stays as it was, until its pass removes it
+        os.truncate(path, 0)
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,10 @@ class PassControl:
         self.stuck: Stuck | None = None
         #: Set as the pass's thread ends (:meth:`ended`).
         self.finished = threading.Event()
+        self._scratch: list[Path] = []  # see scratch()
+        self._emptied = False
+        #: Set once the files of a pass given up are emptied (:meth:`give_back_space`).
+        self.space_given_back = threading.Event()
 
     def is_set(self) -> bool:
         """Whether the pass must stop (checked between its steps)."""
@@ -110,6 +125,35 @@ class PassControl:
             if self._stopped:
                 raise ShuttingDown("aggregation stopped before it was published")
             self._publishing = True
+
+    def scratch(self, path: Path) -> None:
+        """Note ``path``, a file of the coordinator's own that the pass writes (its output,
+        a copy of an input, the optimizer's new state), as of no use once the pass is given
+        up: it is then emptied (:meth:`give_back_space`), at once if it was given up already.
+        The pass itself removes it as it ends."""
+        with self._lock:
+            self._scratch.append(path)
+            emptied = self._emptied
+        if emptied:
+            _empty(path)
+
+    def give_back_space(self) -> None:
+        """Empty the files of a pass that was stopped (:meth:`scratch`).
+
+        Each holds up to a checkpoint's size, reserved before it is written, and
+        its thread removes it only as it ends: for a pass given up on a storage
+        that never answers, never. So each pass given up in turn (the round goes
+        on without that selector) kept another checkpoint's worth of the
+        coordinator's disk, until none was left. Blocking I/O on the
+        coordinator's own storage: call it in a thread, after the caller was told.
+        """
+        with self._lock:
+            assert self._stopped, "only a stopped pass's files are of no use"
+            self._emptied = True
+            paths, self._scratch = self._scratch, []
+        for path in paths:
+            _empty(path)
+        self.space_given_back.set()
 
     def ended(self) -> None:
         """Called by the pass's thread as it ends, whatever the outcome."""
@@ -214,6 +258,7 @@ class PassControl:
             while not done.wait(period):
                 if self.give_up_if_stuck(limit):
                     on_stuck()
+                    self.give_back_space()
                     return
 
         watcher = threading.Thread(target=watch, name="averaging watchdog", daemon=True)

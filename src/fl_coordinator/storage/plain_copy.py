@@ -107,6 +107,8 @@ def copy_plain(
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=".input-copy.", suffix=".tmp", dir=tmp_dir)
     copy = Path(name)
+    if cancel is not None:
+        cancel.scratch(copy)
     try:
         try:
             _keep_headroom(fd, sum(sizes))

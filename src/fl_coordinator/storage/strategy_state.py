@@ -290,8 +290,7 @@ class StateUpdate:
             old = self._opened_source(stack) if self.source else None
             target = stack.enter_context(atomic_target(self.dest, tmp_dir, large=True))
             written = stack.enter_context(open_own(target, "w"))
-            new, new_fd = written.file, written.fd
-            moments = Moments(self, old, new, new_fd, (tmp_dir, stack))
+            moments = Moments(self, old, written, target, (tmp_dir, stack))
             yield moments
             if not moments.published:
                 raise AggregationError("the optimizer state was not published")  # a bug
@@ -334,14 +333,16 @@ class Moments:
         self,
         update: StateUpdate,
         old: OwnFile | None,
-        new: h5py.File,
-        new_fd: int,
+        new: OwnFile,
+        path: Path,
         copies: tuple[Path, contextlib.ExitStack],
     ) -> None:
         self._update = update
         self._old = old.file if old else None
-        self._new = new
-        self._new_fd = new_fd
+        self._new = new.file
+        self._new_fd = new.fd
+        #: Where the new state is written until it is published.
+        self._path = path
         self._read_from: dict[str, _Place] = {}
         self._written: dict[str, _Place] = {}
         #: The descriptor the old state is read through (plain moments with ``preadv``,
@@ -365,6 +366,8 @@ class Moments:
         space reserved, and find the old ones: before the pass, whose lanes then only
         read and write values. AggregationError if an old one is not where it says;
         ShuttingDown when ``cancel`` is set while an old one is copied."""
+        if cancel is not None:
+            cancel.scratch(self._path)
         old_size = os.fstat(self._old_fd).st_size if self._old else 0
         for moment in self.names:
             for weight in plan:
