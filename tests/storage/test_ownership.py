@@ -212,6 +212,28 @@ def test_a_lease_that_cannot_be_read_is_named_with_what_to_do(layout: Layout) ->
     )
 
 
+def test_a_take_over_that_cannot_write_leaves_the_lease_it_judged(
+    settings: Settings, disk: Path
+) -> None:
+    """The judged lease is renamed aside before ours is written: when ours cannot be (a
+    full disk), the old one was deleted with the aside name, and the next start without
+    --take-over got a folder whose owner may still be alive. It is put back."""
+    layout = Layout.from_settings(settings.replace(fl_root_path=str(disk / "root")))
+    plant(layout, host="other-host", pid=4242, age=LEASE + 60)
+    judged = (layout.own / "owner.json").read_bytes()
+    filler = fill(disk)
+    with pytest.raises(ProblemError, match=r"No space left on device"):
+        acquire(layout, take_over=True)
+    assert (layout.own / "owner.json").read_bytes() == judged
+    assert sorted(path.name for path in layout.own.iterdir()) == ["owner.json", "tmp"]
+    with pytest.raises(ProblemError, match=r"served by other-host pid 4242.*--take-over"):
+        acquire(layout)  # still refused without --take-over
+    filler.unlink()
+    lease, previous = acquire(layout, take_over=True)
+    assert previous is not None and previous.instance == "theirs"
+    lease.release()
+
+
 def test_a_renewal_after_a_take_over_refuses(layout: Layout) -> None:
     lease, _ = acquire(layout)
     lease.renew()  # still ours

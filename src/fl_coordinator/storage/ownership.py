@@ -250,13 +250,15 @@ def _take_over(layout: Layout, judged: bytes, owner: Owner) -> bool:
     except FileNotFoundError:
         if not aside.exists():  # else an NFS retransmission whose first reply was lost
             return False
+    won = False
     try:
-        if aside.read_bytes() != judged:  # someone's newer lease: put it back
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, path)
-            return False
-        return _create(layout, owner)
+        # Someone's newer lease is not ours to take: put it back.
+        won = aside.read_bytes() == judged and _create(layout, owner)
+        return won
     finally:
+        if not won:  # also the judged one, if ours could not be written (a full disk)
+            with contextlib.suppress(FileExistsError, FileNotFoundError):
+                os.link(aside, path)
         aside.unlink(missing_ok=True)
 
 
@@ -316,7 +318,11 @@ def acquire(layout: Layout, *, take_over: bool = False) -> tuple[Lease, Owner | 
         if _create(layout, me) if judged is None else _take_over(layout, judged, me):
             return Lease(layout, me), current
     except OSError as error:
-        if not path.exists():  # else another start's lease, named below
+        try:
+            there = path.read_bytes()
+        except OSError:
+            there = None
+        if there is None or there == judged:  # else another start's lease, named below
             raise _unwritable(path, error) from None
     # Another start took the folder first: its lease is not the one judged, so it is
     # not taken over (not even with --take-over, which was said of the one before).
