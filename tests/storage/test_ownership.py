@@ -234,6 +234,45 @@ def test_a_take_over_that_cannot_write_leaves_the_lease_it_judged(
     lease.release()
 
 
+#: Leases with this program's keys but values it never writes (the folder is shared storage,
+#: and anyone who can write it can write those): each crashed acquire and ensure_not_served
+#: with a TypeError or an OverflowError, or a RecursionError in json.loads.
+WRONG_VALUES = {
+    "pid a string": {"pid": "4242"},
+    "pid a float": {"pid": 4242.5},
+    "pid too large": {"pid": 10**30},
+    "heartbeat a string": {"host": "other-host", "heartbeat": "now"},
+    "heartbeat too large": {"host": "other-host", "heartbeat": 10**400},
+    "deeply nested": None,
+}
+
+
+@pytest.mark.parametrize("values", list(WRONG_VALUES))
+def test_a_lease_with_values_of_the_wrong_kind_names_no_owner(layout: Layout, values: str) -> None:
+    plant(layout, host=socket.gethostname(), pid=4242, age=1)
+    lease = layout.own / "owner.json"
+    changes = WRONG_VALUES[values]
+    if changes is None:
+        lease.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        lease.write_text(json.dumps({**json.loads(lease.read_text()), **changes}))
+    with pytest.raises(ProblemError, match=r"exists but names no owner; .* --take-over"):
+        acquire(layout)
+    ensure_not_served(layout, "rollback")  # no owner named: nothing to wait for
+    taken, previous = acquire(layout, take_over=True)
+    assert previous is None and holder(layout) == taken.owner
+    taken.release()
+
+
+def test_an_owner_named_in_a_message_is_one_escaped_line(layout: Layout) -> None:
+    """The host and start time come from a file anyone with the folder can write: a
+    newline or a terminal escape in them forged lines in the log and on the terminal."""
+    plant(layout, host="evil\x1b[2J\nINFO forged", pid=4242, age=1)
+    with pytest.raises(ProblemError) as refused:
+        acquire(layout)
+    assert r"served by evil\x1b[2J\nINFO forged pid 4242" in str(refused.value)
+
+
 def test_a_renewal_after_a_take_over_refuses(layout: Layout) -> None:
     lease, _ = acquire(layout)
     lease.renew()  # still ours

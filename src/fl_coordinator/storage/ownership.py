@@ -56,6 +56,7 @@ from pathlib import Path
 import trio
 
 from ..errors import ProblemError, os_error_text
+from ..untrusted_text import shown
 from .atomic import write_atomic
 from .layout import Layout
 
@@ -95,7 +96,8 @@ class Owner:
     instance: str  # unique per coordinator run: tells an owner from its successor
 
     def describe(self) -> str:
-        return f"{self.host} pid {self.pid} (since {self.started})"
+        # Escaped: anyone who can write the folder chose these.
+        return f"{shown(self.host, 100)} pid {self.pid} (since {shown(self.started, 40)})"
 
     def age(self, now: float) -> float:
         """Seconds since the last heartbeat (negative if the owner's clock is ahead)."""
@@ -148,9 +150,18 @@ def holder(layout: Layout) -> Owner | None:
 def _parse(lease: bytes) -> Owner | None:
     """The owner a lease's bytes name (None: damaged, or not a lease of this program)."""
     try:
-        return Owner(**json.loads(lease))
-    except (ValueError, TypeError):
+        owner = Owner(**json.loads(lease))
+    except (ValueError, TypeError, RecursionError):  # RecursionError: "[[[[..."
         return None
+    # Values this program never writes would crash kill(2) or the arithmetic on them.
+    texts = (owner.host, owner.started, owner.instance)
+    if not all(isinstance(text, str) for text in texts):
+        return None
+    if type(owner.pid) is not int or not 0 < owner.pid < 2**31:
+        return None
+    if type(owner.heartbeat) not in (int, float) or not abs(owner.heartbeat) < 1e15:  # not NaN
+        return None
+    return owner
 
 
 def _read(layout: Layout) -> bytes | None:
