@@ -206,9 +206,8 @@ def test_a_lease_that_cannot_be_read_is_named_with_what_to_do(layout: Layout) ->
     with pytest.raises(ProblemError) as refused:
         acquire(layout, take_over=True)
     assert str(refused.value) == (
-        f"cannot read the ownership lease {lease}: [Errno 21] Is a directory; nothing was "
-        "started: check that storage (its mount, its server, the kernel log); if no "
-        f"coordinator serves {layout.root}, remove that file, then start again"
+        f"the ownership lease {lease} is a folder, not a file; nothing was started: if no "
+        f"coordinator serves {layout.root}, remove it, then start again"
     )
 
 
@@ -271,6 +270,71 @@ def test_an_owner_named_in_a_message_is_one_escaped_line(layout: Layout) -> None
     with pytest.raises(ProblemError) as refused:
         acquire(layout)
     assert r"served by evil\x1b[2J\nINFO forged pid 4242" in str(refused.value)
+
+
+#: What can be at owner.json instead of a file: how to make it, and what it is called.
+NOT_FILES = {
+    "named pipe": (os.mkfifo, "a named pipe (FIFO)"),
+    "symbolic link to /dev/zero": (lambda path: path.symlink_to("/dev/zero"), "a symbolic link"),
+    "folder": (os.mkdir, "a folder"),
+}
+
+#: acquire() in a process of its own, its memory bounded: what it said, or its traceback.
+ACQUIRE = """
+import sys
+from pathlib import Path
+from fl_coordinator.errors import ProblemError
+from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.ownership import acquire
+root = Path(sys.argv[1])
+try:
+    acquire(Layout(root, root, root, root, "", ""), take_over=sys.argv[2] == "take over")
+except ProblemError as error:
+    print(error)
+"""
+
+
+def acquire_bounded(layout: Layout, take_over: bool) -> str:
+    """Before, reading the lease opened a named pipe and waited for a writer forever, and read
+    /dev/zero or a sparse file of a TiB until memory ran out."""
+    result = subprocess.run(
+        ["prlimit", f"--as={2**31}", "--", sys.executable, "-c", ACQUIRE, str(layout.root),
+         "take over" if take_over else "no"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (0, "")
+    return result.stdout
+
+
+@pytest.mark.parametrize("take_over", [False, True], ids=["", "--take-over"])
+@pytest.mark.parametrize("kind", list(NOT_FILES))
+def test_a_lease_that_is_not_a_file_is_named_without_reading_it(
+    layout: Layout, kind: str, take_over: bool
+) -> None:
+    layout.own.mkdir(parents=True, exist_ok=True)
+    lease = layout.own / "owner.json"
+    make, called = NOT_FILES[kind]
+    make(lease)
+    assert acquire_bounded(layout, take_over) == (
+        f"the ownership lease {lease} is {called}, not a file; nothing was started: if no "
+        f"coordinator serves {layout.root}, remove it, then start again\n"
+    )
+    assert sorted(path.name for path in layout.own.iterdir()) == ["owner.json", "tmp"]
+
+
+@pytest.mark.parametrize("take_over", [False, True], ids=["", "--take-over"])
+def test_a_huge_lease_is_not_read_whole(layout: Layout, take_over: bool) -> None:
+    plant(layout, host="other-host", pid=4242, age=LEASE + 60)
+    lease = layout.own / "owner.json"
+    os.truncate(lease, 2**40)  # a TiB, sparse: JSON, then zeros
+    said = acquire_bounded(layout, take_over)
+    if take_over:
+        assert said == "" and holder(layout).pid != 4242  # taken over
+    else:
+        assert said == (
+            f"{lease} exists but names no owner; if no coordinator serves {layout.root}, start "
+            "with --take-over\n"
+        )
 
 
 def test_a_renewal_after_a_take_over_refuses(layout: Layout) -> None:

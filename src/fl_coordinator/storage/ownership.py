@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
@@ -139,10 +140,56 @@ def _path(layout: Layout) -> Path:
     return layout.own / _FILE
 
 
+#: Bytes of a lease read at most: ours are a few hundred; a larger file is no lease of ours.
+_MOST = 65536
+
+#: What a lease that is not a file is, by its type (stat.S_IFMT).
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+class _NotAFile(OSError):
+    """What is at the lease's name is not a regular file (``kind`` says what it is)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _contents(path: Path) -> bytes:
+    """The first bytes (at most _MOST + 1) of the lease file at ``path``; _NotAFile if it is not a
+    regular file, without reading it. Anyone who can write the folder can put anything there: a
+    named pipe (reading it waited for a writer forever), a symbolic link to /dev/zero or a sparse
+    file of a TiB (read until memory ran out). Opening a device (/dev/watchdog) can act."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # O_NOFOLLOW: we write files, never links
+            raise _NotAFile("a symbolic link") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotAFile(_KINDS.get(stat.S_IFMT(mode), "not a file"))
+        chunks: list[bytes] = []
+        read = 0
+        while read <= _MOST and (chunk := os.read(fd, _MOST + 1 - read)):
+            chunks.append(chunk)
+            read += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def holder(layout: Layout) -> Owner | None:
     """The current owner of ``layout``'s folder, if any (None for an unreadable lease too)."""
     try:
-        return _parse(_path(layout).read_bytes())
+        return _parse(_contents(_path(layout)))
     except OSError:
         return None
 
@@ -168,9 +215,14 @@ def _read(layout: Layout) -> bytes | None:
     """The lease's bytes, None if there is none; ProblemError if it cannot be read."""
     path = _path(layout)
     try:
-        return path.read_bytes()
+        return _contents(path)
     except FileNotFoundError:
         return None
+    except _NotAFile as error:
+        raise ProblemError(
+            f"the ownership lease {path} is {error.kind}, not a file; nothing was started: if "
+            f"no coordinator serves {layout.root}, remove it, then start again"
+        ) from None
     except OSError as error:
         raise ProblemError(
             f"cannot read the ownership lease {path}: {os_error_text(error)}; nothing was "
@@ -264,7 +316,7 @@ def _take_over(layout: Layout, judged: bytes, owner: Owner) -> bool:
     won = False
     try:
         # Someone's newer lease is not ours to take: put it back.
-        won = aside.read_bytes() == judged and _create(layout, owner)
+        won = _contents(aside) == judged and _create(layout, owner)
         return won
     finally:
         if not won:  # also the judged one, if ours could not be written (a full disk)
@@ -330,7 +382,7 @@ def acquire(layout: Layout, *, take_over: bool = False) -> tuple[Lease, Owner | 
             return Lease(layout, me), current
     except OSError as error:
         try:
-            there = path.read_bytes()
+            there = _contents(path)
         except OSError:
             there = None
         if there is None or there == judged:  # else another start's lease, named below
