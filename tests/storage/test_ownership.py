@@ -198,6 +198,21 @@ def test_of_starts_taking_one_lease_over_at_once_exactly_one_owns_the_folder(
     lease.release()
 
 
+def test_a_live_lease_is_not_taken_over_even_with_take_over(layout: Layout) -> None:
+    """--take-over is for a stale lease (README, --help). It took a live one over too: of
+    several starts with --take-over, one that looked after the winner had written its lease
+    took that over in turn, and both served (4 processes: 2 or 3 owners in 7 of 10 tries)."""
+    lease, _ = acquire(layout)
+    with pytest.raises(ProblemError) as refused:
+        acquire(layout, take_over=True)
+    assert str(refused.value) == (
+        f"{layout.root} is served by {lease.owner.describe()}, heartbeat 0 s ago; stop that "
+        "coordinator first (only one may serve a problem)"
+    )
+    assert holder(layout) == lease.owner
+    lease.release()
+
+
 def test_a_lease_that_cannot_be_read_is_named_with_what_to_do(layout: Layout) -> None:
     plant(layout, host="other-host", pid=4242, age=LEASE + 60)
     lease = layout.own / "owner.json"

@@ -368,14 +368,17 @@ def acquire(layout: Layout, *, take_over: bool = False) -> tuple[Lease, Owner | 
     judged, current = _read(layout), None
     if judged is not None:
         current = _parse(judged)
-        if not take_over:
-            if current is None:  # damaged, or written in place by an older version
+        if current is None:  # damaged, or written in place by an older version
+            if not take_over:
                 raise ProblemError(
                     f"{path} exists but names no owner; if no coordinator serves "
                     f"{layout.root}, start with --take-over"
                 )
-            if not current.provably_dead():
-                raise ProblemError(_refusal(layout, current, time.time()))
+        # --take-over is for a stale lease: a live one may be the winner's of several starts.
+        elif not current.provably_dead():
+            now = time.time()
+            if not take_over or current.age(now) < LEASE:
+                raise ProblemError(_refusal(layout, current, now))
     try:
         # No lease now (released since our try): create one; else take the judged one over.
         if _create(layout, me) if judged is None else _take_over(layout, judged, me):
