@@ -213,6 +213,57 @@ def test_a_live_lease_is_not_taken_over_even_with_take_over(layout: Layout) -> N
     lease.release()
 
 
+def test_a_start_that_judged_the_old_lease_leaves_the_winners_alone(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start judged the stale lease; another took the folder over before it went on. It
+    renamed the winner's lease aside to compare it with the one it judged, then put it back:
+    a third start at that moment found no lease and took the folder too, beside the winner."""
+    plant(layout, host="other-host", pid=4242, age=LEASE + 60)
+    judged, go = threading.Event(), threading.Event()
+    late: list[threading.Thread] = []
+    read, contents = ownership._read, ownership._contents
+
+    def paused(layout: Layout) -> bytes | None:
+        lease = read(layout)
+        if threading.current_thread() in late:
+            judged.set()
+            assert go.wait(10)
+        return lease
+
+    third: list[object] = []
+
+    def watched(path: Path) -> bytes:
+        # The late start has renamed the winner's lease aside.
+        if threading.current_thread() in late and path.name.endswith(".taken") and not third:
+            third.append(acquire(layout))  # a start at that moment
+        return contents(path)
+
+    monkeypatch.setattr(ownership, "_read", paused)
+    monkeypatch.setattr(ownership, "_contents", watched)
+    outcome: list[object] = []
+
+    def start() -> None:
+        try:
+            outcome.append(acquire(layout, take_over=True)[0])
+        except ProblemError as error:
+            outcome.append(error)
+
+    late.append(threading.Thread(target=start))
+    late[0].start()
+    assert judged.wait(10)
+    winner, _ = acquire(layout, take_over=True)
+    go.set()
+    late[0].join()
+    assert third == []
+    assert str(outcome[0]) == (
+        f"{layout.root} was taken over at the same moment by {winner.owner.describe()}; only "
+        "one coordinator may serve a problem"
+    )
+    assert holder(layout) == winner.owner
+    winner.release()
+
+
 def test_a_lease_that_cannot_be_read_is_named_with_what_to_do(layout: Layout) -> None:
     plant(layout, host="other-host", pid=4242, age=LEASE + 60)
     lease = layout.own / "owner.json"

@@ -309,6 +309,13 @@ def _take_over(layout: Layout, judged: bytes, owner: Owner) -> bool:
     path = _path(layout)
     aside = path.with_name(f"{_FILE}.{owner.instance}.taken")  # not in tmp/: starts clean that
     try:
+        # A lease that changed since it was judged (another start's) is not even moved aside:
+        # while it is, a start finds no lease and takes the folder, beside that start.
+        if _contents(path) != judged:
+            return False
+    except FileNotFoundError:
+        return False
+    try:
         os.rename(path, aside)
     except FileNotFoundError:
         if not aside.exists():  # else an NFS retransmission whose first reply was lost
