@@ -403,6 +403,25 @@ def test_a_huge_lease_is_not_read_whole(layout: Layout, take_over: bool) -> None
         )
 
 
+@pytest.mark.parametrize("take_over", [False, True], ids=["", "--take-over"])
+def test_a_temporary_folder_that_is_a_file_is_named(layout: Layout, take_over: bool) -> None:
+    """mkdir(.coordinator/tmp) answering EEXIST was taken for the lease's link doing so: the
+    start was told the folder was taken over at the same moment by another start, or by the
+    stale owner (before e546d75: that the lease names no owner)."""
+    if take_over:
+        plant(layout, host="other-host", pid=4242, age=LEASE + 60)
+    shutil.rmtree(layout.tmp, ignore_errors=True)
+    layout.own.mkdir(parents=True, exist_ok=True)
+    layout.tmp.write_text("not a folder")
+    with pytest.raises(ProblemError) as refused:
+        acquire(layout, take_over=take_over)
+    assert str(refused.value) == (
+        f"{layout.tmp} is not a folder; nothing was started: if no coordinator serves "
+        f"{layout.root}, remove it, then start again"
+    )
+    assert (holder(layout) is not None) == take_over  # the stale lease is still there
+
+
 def test_a_renewal_after_a_take_over_refuses(layout: Layout) -> None:
     lease, _ = acquire(layout)
     lease.renew()  # still ours

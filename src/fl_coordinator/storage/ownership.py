@@ -289,6 +289,13 @@ def _refusal(layout: Layout, current: Owner, now: float) -> str:
 def _create(layout: Layout, owner: Owner) -> bool:
     """Publish the lease of ``owner`` unless one exists: whole, or not at all."""
     try:
+        layout.tmp.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # not the lease's link: that would be another start's lease
+        raise ProblemError(
+            f"{layout.tmp} is not a folder; nothing was started: if no coordinator serves "
+            f"{layout.root}, remove it, then start again"
+        ) from None
+    try:
         write_atomic(_path(layout), _encode(owner), layout.tmp, exclusive=True)
     except FileExistsError:
         return False
