@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,56 @@ def test_a_start_that_judged_the_old_lease_leaves_the_winners_alone(
     )
     assert holder(layout) == winner.owner
     winner.release()
+
+
+def test_a_renewal_while_a_take_over_has_the_lease_aside_does_not_replace_it(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owner whose renewals failed for a while (a full disk) renews just as an operator's
+    --take-over has renamed its stale lease aside. The renewal found no lease, went on, and
+    replaced the one the take-over then created: both served until the next renewal. It now
+    only creates a missing lease, and stops if it finds it taken."""
+    lease, _ = acquire(layout)
+    stale = {**asdict(lease.owner), "heartbeat": time.time() - LEASE - 60}
+    (layout.own / "owner.json").write_text(json.dumps(stale))
+    aside, looked, done = threading.Event(), threading.Event(), threading.Event()
+    taker: list[threading.Thread] = []
+    contents = ownership._contents
+
+    def interleaved(path: Path) -> bytes:
+        if threading.current_thread() in taker and path.name.endswith(".taken"):
+            aside.set()  # the take-over has the lease aside
+            assert looked.wait(10)  # the renewal has looked for it
+        try:
+            return contents(path)
+        finally:
+            if threading.current_thread() is threading.main_thread() and aside.is_set():
+                looked.set()
+                assert done.wait(10)  # the take-over is through
+
+    monkeypatch.setattr(ownership, "_contents", interleaved)
+    outcome: list[object] = []
+
+    def take_over() -> None:
+        try:
+            outcome.append(acquire(layout, take_over=True)[0])
+        except ProblemError as error:
+            outcome.append(error)
+        done.set()
+
+    taker.append(threading.Thread(target=take_over))
+    taker[0].start()
+    assert aside.wait(10)
+    with pytest.raises(ProblemError) as stopped:
+        lease.renew()
+    taker[0].join()
+    (taken,) = outcome
+    assert isinstance(taken, Lease) and holder(layout) == taken.owner
+    assert str(stopped.value) == (
+        f"{layout.root}: ownership was taken over by {taken.owner.describe()}; this "
+        "coordinator stops so that only one serves the problem"
+    )
+    taken.release()
 
 
 def test_a_lease_that_cannot_be_read_is_named_with_what_to_do(layout: Layout) -> None:

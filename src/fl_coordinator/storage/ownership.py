@@ -251,14 +251,31 @@ class Lease:
 
     def renew(self) -> None:
         """Renew the heartbeat; ProblemError if another coordinator has taken over."""
-        current = holder(self.layout)
+        path = _path(self.layout)
+        try:
+            there: bytes | None = _contents(path)
+        except FileNotFoundError:
+            there = None
+        except OSError:  # not a file, or unreadable: replaced, as a damaged lease
+            there = b""
+        current = _parse(there) if there else None
         if current is not None and current.instance != self.owner.instance:
-            raise ProblemError(
-                f"{self.layout.root}: ownership was taken over by {current.describe()}; "
-                "this coordinator stops so that only one serves the problem"
-            )
+            raise self._taken(current)
         self.owner = replace(self.owner, heartbeat=time.time())
-        write_atomic(_path(self.layout), _encode(self.owner), self.layout.tmp)
+        if there is None:
+            # Gone: perhaps renamed aside by a take-over, which then creates its own; replaced,
+            # that one would serve beside us. Created only where none is, then.
+            if not _create(self.layout, self.owner):
+                raise self._taken(holder(self.layout))
+            return
+        write_atomic(path, _encode(self.owner), self.layout.tmp)
+
+    def _taken(self, current: Owner | None) -> ProblemError:
+        by = current.describe() if current is not None else "another start"
+        return ProblemError(
+            f"{self.layout.root}: ownership was taken over by {by}; "
+            "this coordinator stops so that only one serves the problem"
+        )
 
     def release(self) -> None:
         """Give the folder up (a clean stop), unless someone else has taken it over."""
