@@ -315,6 +315,38 @@ def test_a_renewal_while_a_take_over_has_the_lease_aside_does_not_replace_it(
     taken.release()
 
 
+def test_a_release_at_the_moment_of_a_take_over_keeps_the_new_owners_lease(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owner whose lease went stale stops cleanly just as an operator's --take-over takes
+    it over. The release read the lease (its own), the take-over replaced it, and the release
+    then removed the new owner's lease by its name: the new owner served with no lease, and
+    the next start without --take-over got the folder too."""
+    lease, _ = acquire(layout)
+    stale = {**asdict(lease.owner), "heartbeat": time.time() - LEASE - 60}
+    (layout.own / "owner.json").write_text(json.dumps(stale))
+    contents = ownership._contents
+    taken: list[object] = []
+
+    def interleaved(path: Path) -> bytes:
+        read = contents(path)
+        if not taken:  # the release's look: the take-over happens right after it
+            taken.append(None)
+            try:
+                taken[0] = acquire(layout, take_over=True)[0]
+            except ProblemError as error:
+                taken[0] = error
+        return read
+
+    monkeypatch.setattr(ownership, "_contents", interleaved)
+    lease.release()
+    monkeypatch.undo()
+    (new,) = taken
+    assert isinstance(new, Lease) and holder(layout) == new.owner  # its lease stays
+    new.release()
+    assert sorted(path.name for path in layout.own.iterdir()) == ["tmp"]
+
+
 def test_a_lease_that_cannot_be_read_is_named_with_what_to_do(layout: Layout) -> None:
     plant(layout, host="other-host", pid=4242, age=LEASE + 60)
     lease = layout.own / "owner.json"

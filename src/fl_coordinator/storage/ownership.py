@@ -281,8 +281,26 @@ class Lease:
         """Give the folder up (a clean stop), unless someone else has taken it over."""
         _HELD.discard(self.owner.instance)
         current = holder(self.layout)
-        if current is not None and current.instance == self.owner.instance:
-            _path(self.layout).unlink(missing_ok=True)
+        if current is None or current.instance != self.owner.instance:
+            return
+        # Not unlinked by its name: a take-over may have replaced it since we looked. Renamed
+        # aside, then checked to be ours (as _take_over does); another's is put back.
+        path = _path(self.layout)
+        aside = path.with_name(f"{_FILE}.{self.owner.instance}.released")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            released = _parse(_contents(aside))
+        except OSError:
+            released = None
+        try:
+            if released is None or released.instance != self.owner.instance:
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, path)
+        finally:
+            aside.unlink(missing_ok=True)
 
 
 def _encode(owner: Owner) -> bytes:
