@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -289,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> NoReturn:
     """The ``fl-coordinator`` program: :func:`main`, then the process's end.
 
+    A Ctrl-C before a command runs (while the program loads) is one line and exit
+    status 130, as one while it runs (see :func:`.running.exit_status`).
+
     An averaging pass abandoned while it waited on a selector's storage (see
     :mod:`..storage.pass_control`) may still hold HDF5 files open in a thread
     that waits: HDF5's exit handler would close them through Python after
@@ -297,7 +301,11 @@ def entry() -> NoReturn:
     step); if it has not, the process ends without the interpreter's teardown,
     once its output is flushed.
     """
-    status = main()
+    try:
+        status = main()
+    except KeyboardInterrupt:  # before a command ran: as the program loaded (trio: 0.1 s)
+        print("fl-coordinator: interrupted (Ctrl-C)", file=sys.stderr)
+        status = 128 + signal.SIGINT  # what a shell reports for a program SIGINT ended
     from ..storage.pass_control import given_up
 
     deadline = time.monotonic() + _LAST_WAIT  # for all of them, not each
