@@ -18,11 +18,13 @@ import trio
 from helpers.selector_fs import HANG, mounted, needs_fuse
 from storage.test_aggregation import digest, leftovers, updates_like, write_h5
 
+from fl_coordinator.core.strategy import ServerOptimizer, Strategy
 from fl_coordinator.errors import ShuttingDown
-from fl_coordinator.storage.aggregation import Contribution, aggregate
+from fl_coordinator.storage.aggregation import Contribution, ServerUpdate, aggregate
 from fl_coordinator.storage.contribution import CheckpointSpec, SelectorFiles, examine
 from fl_coordinator.storage.pass_control import PassControl, Stuck, given_up, held_in_hdf5
 from fl_coordinator.storage.round_files import canceller
+from fl_coordinator.storage.strategy_state import StateUpdate
 from fl_coordinator.storage.untrusted import UntrustedFile
 from fl_coordinator.storage.weights import read_plan
 
@@ -257,14 +259,16 @@ def test_a_copy_of_an_input_in_chunks_is_timed_read_by_read_not_as_one_wait(
     assert isinstance(outcome["error"], ShuttingDown)
 
 
-def _given_up(checkpoint: Path, inputs: list[Contribution], tmp: Path) -> tuple:
+def _given_up(
+    checkpoint: Path, inputs: list[Contribution], tmp: Path, update: ServerUpdate | None = None
+) -> tuple:
     """Run a pass in a thread, watched with LIMIT: (control, thread, outcome) once it was
     given up (the thread still waits on the storage)."""
     control, given_up, outcome = PassControl(), threading.Event(), {}
 
     def run() -> None:
         try:
-            aggregate(checkpoint, inputs, tmp, control)
+            aggregate(checkpoint, inputs, tmp, control, update)
         except BaseException as error:
             outcome["error"] = error
         finally:
@@ -344,6 +348,55 @@ def test_a_pass_given_up_gives_the_space_of_its_files_back_at_once(
         assert not thread.is_alive()
     assert isinstance(outcome["error"], ShuttingDown)
     assert leftovers(tmp) == []
+
+
+@needs_fuse
+@pytest.mark.fuse
+@pytest.mark.parametrize("old", [None, "plain"])
+def test_a_pass_given_up_gives_back_the_space_of_the_optimizers_new_state_too(
+    tmp_path: Path, old: str | None
+) -> None:
+    """With a server optimizer keeping moments (FedAdam: m and v), the pass also writes
+    the new state (two moments per weight, reserved), and copies old moments that are
+    not plain (a state in chunks): emptied as the pass is given up, like its output."""
+    optimizer = ServerOptimizer.of("fedadam")
+    checkpoint, root, served = _selectors(tmp_path)
+    gate, tmp = tmp_path / "hang", tmp_path / "tmp"
+    source = None
+    if old is not None:  # a first round, with the good selector alone, wrote a state
+        source = tmp_path / "state1.h5"
+        first = ServerUpdate(Strategy(optimizer), StateUpdate(optimizer, None, source, 1))
+        aggregate(checkpoint, _checked(checkpoint, root, ("good",)), tmp, None, first)
+    if old == "chunked":
+        with h5py.File(source, "r") as file:
+            moments = {f"{m}/{n}": file[f"{m}/{n}"][()] for m in ("m", "v")
+                       for n in (f"layers/d{i}/vars/0" for i in (0, 1))}  # fmt: skip
+            attributes = dict(file.attrs)
+        with h5py.File(source, "w") as file:
+            for name, values in moments.items():
+                file.create_dataset(name, data=values, chunks=(1, 64))
+            file.attrs.update(attributes)
+    update = ServerUpdate(
+        Strategy(optimizer), StateUpdate(optimizer, source, tmp_path / "state2.h5", 2)
+    )
+    before = digest(checkpoint)
+    with mounted(served, root / "bad", "agg", "read", HANG, after=1, gate=gate):
+        good, bad = _checked(checkpoint, root, ("good", "bad"))
+        gate.touch()
+        control, thread, outcome = _given_up(checkpoint, [good, bad], tmp, update)
+        assert control.space_given_back.wait(PATIENCE)
+        kept = {path.name.split(".")[1]: path.stat() for path in tmp.iterdir()}
+        expected = {"fl_checkpoint", "state2"} | ({"input-copy"} if old == "chunked" else set())
+        assert set(kept) == expected
+        assert {(status.st_size, status.st_blocks) for status in kept.values()} == {(0, 0)}
+        assert thread.is_alive()  # still waiting on the storage
+        gate.unlink()
+        thread.join(PATIENCE)
+        assert not thread.is_alive()
+    assert isinstance(outcome["error"], ShuttingDown)
+    assert leftovers(tmp) == []
+    assert digest(checkpoint) == before
+    assert not (tmp_path / "state2.h5").exists()
 
 
 @needs_fuse
