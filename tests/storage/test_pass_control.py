@@ -352,7 +352,7 @@ def test_a_pass_given_up_gives_the_space_of_its_files_back_at_once(
 
 @needs_fuse
 @pytest.mark.fuse
-@pytest.mark.parametrize("old", [None, "plain"])
+@pytest.mark.parametrize("old", [None, "plain", "chunked"])
 def test_a_pass_given_up_gives_back_the_space_of_the_optimizers_new_state_too(
     tmp_path: Path, old: str | None
 ) -> None:

@@ -681,6 +681,7 @@ def _rewrite(
     """
     control = PassControl() if cancel is None else cancel
     with ExitStack() as stack:
+        stack.enter_context(control.emptied_is_stopped())  # exited last: sees all
         opened = open_checkpoint(template, stack)
         base = opened.file
         unchanged = _Unchanged(template, opened.fd)

@@ -155,6 +155,23 @@ class PassControl:
             _empty(path)
         self.space_given_back.set()
 
+    @contextlib.contextmanager
+    def emptied_is_stopped(self) -> Iterator[None]:
+        """Whatever the body (the pass) raises once its files were emptied is ShuttingDown:
+        what it met after (a read of its copy or of the optimizer's old moments cut short,
+        a changed copy) is of that emptying, not of its inputs or its state, and must not
+        be told as theirs."""
+        try:
+            yield
+        except ShuttingDown:
+            raise
+        except Exception as error:
+            with self._lock:
+                emptied = self._emptied
+            if emptied:
+                raise ShuttingDown("aggregation given up: its files were emptied") from error
+            raise
+
     def ended(self) -> None:
         """Called by the pass's thread as it ends, whatever the outcome."""
         with _given_up_lock:
