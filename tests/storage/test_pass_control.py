@@ -137,6 +137,23 @@ def test_the_files_of_a_pass_given_up_are_emptied_those_noted_later_at_once(
     control.ended()
 
 
+def test_what_a_pass_meets_once_its_files_were_emptied_is_a_stop_not_their_fault() -> None:
+    clock = Clock()
+    control = PassControl(clock)
+    with pytest.raises(ValueError), control.emptied_is_stopped():
+        raise ValueError("a genuine error, before any give-up")
+    with control.waiting_on(Path("/sel/x")):
+        clock.now += 6
+        assert control.give_up_if_stuck(5) is True
+    with pytest.raises(ValueError), control.emptied_is_stopped():
+        raise ValueError("given up, its files not emptied yet: what it met is its own")
+    control.give_back_space()
+    with pytest.raises(ShuttingDown) as stopped, control.emptied_is_stopped():
+        raise ValueError("a copy read after it was emptied: cut short")
+    assert isinstance(stopped.value.__cause__, ValueError)
+    control.ended()
+
+
 def test_a_pass_that_ended_before_it_was_given_up_is_not_held() -> None:
     clock = Clock()
     control = PassControl(clock)
