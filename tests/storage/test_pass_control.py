@@ -154,6 +154,31 @@ def test_what_a_pass_meets_once_its_files_were_emptied_is_a_stop_not_their_fault
     control.ended()
 
 
+def test_the_caller_is_told_before_the_files_are_emptied_on_storage_of_our_own_that_hangs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Emptying is I/O on the coordinator's own storage, which may hang too: the caller
+    is told first, and a truncate that never answers holds only the watchdog."""
+    entered, answer, told = threading.Event(), threading.Event(), threading.Event()
+
+    def hung_truncate(path: object, length: int) -> None:
+        entered.set()
+        assert answer.wait(PATIENCE)
+
+    monkeypatch.setattr("fl_coordinator.storage.pass_control.os.truncate", hung_truncate)
+    clock = Clock()
+    control = PassControl(clock)
+    control.scratch(tmp_path / "output")
+    with control.waiting_on(Path("/sel/x")), control.watched(0.04, told.set):
+        clock.now += 1  # overdue: the watchdog gives the pass up at its next look
+        assert told.wait(PATIENCE)
+        assert entered.wait(PATIENCE)
+    assert not control.space_given_back.is_set()  # the truncate has not answered
+    answer.set()
+    assert control.space_given_back.wait(PATIENCE)
+    control.ended()
+
+
 def test_a_pass_that_ended_before_it_was_given_up_is_not_held() -> None:
     clock = Clock()
     control = PassControl(clock)
