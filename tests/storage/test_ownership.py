@@ -151,15 +151,20 @@ def racing(monkeypatch: pytest.MonkeyPatch, starts: int) -> None:
     monkeypatch.setattr(ownership, "_read", together)
 
 
+def acquired(layout: Layout, take_over: bool) -> Lease | ProblemError:
+    """What a start got: its Lease, or the ProblemError that refused it."""
+    try:
+        return acquire(layout, take_over=take_over)[0]
+    except ProblemError as error:
+        return error
+
+
 def acquire_at_once(layout: Layout, starts: int, take_over: bool) -> list[object]:
     """What each of ``starts`` simultaneous acquires got: a Lease, or the ProblemError."""
     outcomes: list[object] = [None] * starts
 
     def start(index: int) -> None:
-        try:
-            outcomes[index] = acquire(layout, take_over=take_over)[0]
-        except ProblemError as error:
-            outcomes[index] = error
+        outcomes[index] = acquired(layout, take_over)
 
     threads = [threading.Thread(target=start, args=(i,)) for i in range(starts)]
     for thread in threads:
@@ -245,10 +250,7 @@ def test_a_start_that_judged_the_old_lease_leaves_the_winners_alone(
     outcome: list[object] = []
 
     def start() -> None:
-        try:
-            outcome.append(acquire(layout, take_over=True)[0])
-        except ProblemError as error:
-            outcome.append(error)
+        outcome.append(acquired(layout, True))
 
     late.append(threading.Thread(target=start))
     late[0].start()
@@ -294,10 +296,7 @@ def test_a_renewal_while_a_take_over_has_the_lease_aside_does_not_replace_it(
     outcome: list[object] = []
 
     def take_over() -> None:
-        try:
-            outcome.append(acquire(layout, take_over=True)[0])
-        except ProblemError as error:
-            outcome.append(error)
+        outcome.append(acquired(layout, True))
         done.set()
 
     taker.append(threading.Thread(target=take_over))
@@ -332,10 +331,7 @@ def test_a_release_at_the_moment_of_a_take_over_keeps_the_new_owners_lease(
         read = contents(path)
         if not taken:  # the release's look: the take-over happens right after it
             taken.append(None)
-            try:
-                taken[0] = acquire(layout, take_over=True)[0]
-            except ProblemError as error:
-                taken[0] = error
+            taken[0] = acquired(layout, True)
         return read
 
     monkeypatch.setattr(ownership, "_contents", interleaved)

@@ -353,6 +353,30 @@ def test_a_read_that_never_answers_is_given_up_and_the_pass_never_publishes(
     assert leftovers(tmp_path / "tmp") == []
 
 
+def _emptied_as_given_up(
+    checkpoint: Path,
+    inputs: list[Contribution],
+    tmp: Path,
+    gate: Path,
+    expected: set[str],
+    update: ServerUpdate | None = None,
+) -> dict:
+    """Give a pass up on the storage held while ``gate`` exists; check that the files it
+    left in ``tmp`` (``expected``: their names' first word, after the dot) are emptied while
+    its thread still waits; then let the storage answer: the thread's outcome."""
+    gate.touch()
+    control, thread, outcome = _given_up(checkpoint, inputs, tmp, update)
+    assert control.space_given_back.wait(PATIENCE)
+    kept = {path.name.split(".")[1]: path.stat() for path in tmp.iterdir()}
+    assert set(kept) == expected
+    assert {(status.st_size, status.st_blocks) for status in kept.values()} == {(0, 0)}
+    assert thread.is_alive()  # still waiting on the storage
+    gate.unlink()
+    thread.join(PATIENCE)
+    assert not thread.is_alive()
+    return outcome
+
+
 @needs_fuse
 @pytest.mark.fuse
 # The check reads every chunk too: a chunked input's reads 180 to 340 are its copy's.
@@ -377,17 +401,8 @@ def test_a_pass_given_up_gives_the_space_of_its_files_back_at_once(
     with mounted(served, root / "bad", "agg", "read", HANG, after=after, gate=gate):
         good, bad = _checked(checkpoint, root, ("good", "bad"))
         assert (bad.plain is None) == (layout == "chunked")
-        gate.touch()
-        control, thread, outcome = _given_up(checkpoint, [good, bad], tmp)
-        assert control.space_given_back.wait(PATIENCE)
-        kept = {path.name.split(".")[1]: path.stat() for path in tmp.iterdir()}
         expected = {"fl_checkpoint", "input-copy"} if layout == "chunked" else {"fl_checkpoint"}
-        assert set(kept) == expected
-        assert {(status.st_size, status.st_blocks) for status in kept.values()} == {(0, 0)}
-        assert thread.is_alive()  # still waiting on the storage
-        gate.unlink()
-        thread.join(PATIENCE)
-        assert not thread.is_alive()
+        outcome = _emptied_as_given_up(checkpoint, [good, bad], tmp, gate, expected)
     assert isinstance(outcome["error"], ShuttingDown)
     assert leftovers(tmp) == []
 
@@ -424,17 +439,8 @@ def test_a_pass_given_up_gives_back_the_space_of_the_optimizers_new_state_too(
     before = digest(checkpoint)
     with mounted(served, root / "bad", "agg", "read", HANG, after=1, gate=gate):
         good, bad = _checked(checkpoint, root, ("good", "bad"))
-        gate.touch()
-        control, thread, outcome = _given_up(checkpoint, [good, bad], tmp, update)
-        assert control.space_given_back.wait(PATIENCE)
-        kept = {path.name.split(".")[1]: path.stat() for path in tmp.iterdir()}
         expected = {"fl_checkpoint", "state2"} | ({"input-copy"} if old == "chunked" else set())
-        assert set(kept) == expected
-        assert {(status.st_size, status.st_blocks) for status in kept.values()} == {(0, 0)}
-        assert thread.is_alive()  # still waiting on the storage
-        gate.unlink()
-        thread.join(PATIENCE)
-        assert not thread.is_alive()
+        outcome = _emptied_as_given_up(checkpoint, [good, bad], tmp, gate, expected, update)
     assert isinstance(outcome["error"], ShuttingDown)
     assert leftovers(tmp) == []
     assert digest(checkpoint) == before
