@@ -351,8 +351,8 @@ def test_a_lease_that_cannot_be_read_is_named_with_what_to_do(layout: Layout) ->
     with pytest.raises(ProblemError) as refused:
         acquire(layout, take_over=True)
     assert str(refused.value) == (
-        f"the ownership lease {lease} is a folder, not a file; nothing was started: if no "
-        f"coordinator serves {layout.root}, remove it, then start again"
+        f"the ownership lease {lease} is a folder, not a regular file; nothing was started: "
+        f"if no coordinator serves {layout.root}, remove it, then start again"
     )
 
 
@@ -419,8 +419,11 @@ def test_an_owner_named_in_a_message_is_one_escaped_line(layout: Layout) -> None
 
 #: What can be at owner.json instead of a file: how to make it, and what it is called.
 NOT_FILES = {
-    "named pipe": (os.mkfifo, "a named pipe (FIFO)"),
-    "symbolic link to /dev/zero": (lambda path: path.symlink_to("/dev/zero"), "a symbolic link"),
+    "named pipe": (os.mkfifo, "a FIFO (named pipe)"),
+    "symbolic link to /dev/zero": (
+        lambda path: path.symlink_to("/dev/zero"),
+        "a symbolic link (links are not followed)",
+    ),
     "folder": (os.mkdir, "a folder"),
 }
 
@@ -461,8 +464,8 @@ def test_a_lease_that_is_not_a_file_is_named_without_reading_it(
     make, called = NOT_FILES[kind]
     make(lease)
     assert acquire_bounded(layout, take_over) == (
-        f"the ownership lease {lease} is {called}, not a file; nothing was started: if no "
-        f"coordinator serves {layout.root}, remove it, then start again\n"
+        f"the ownership lease {lease} is {called}, not a regular file; nothing was started: "
+        f"if no coordinator serves {layout.root}, remove it, then start again\n"
     )
     assert sorted(path.name for path in layout.own.iterdir()) == ["owner.json", "tmp"]
 

@@ -50,6 +50,7 @@ import socket
 import stat
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +61,7 @@ from ..errors import ProblemError, os_error_text
 from ..untrusted_text import shown
 from .atomic import write_atomic
 from .layout import Layout
+from .untrusted import kind_of
 
 __all__ = [
     "LEASE",
@@ -143,15 +145,6 @@ def _path(layout: Layout) -> Path:
 #: Bytes of a lease read at most: ours are a few hundred; a larger file is no lease of ours.
 _MOST = 65536
 
-#: What a lease that is not a file is, by its type (stat.S_IFMT).
-_KINDS = {
-    stat.S_IFDIR: "a folder",
-    stat.S_IFIFO: "a named pipe (FIFO)",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
-
 
 class _NotAFile(OSError):
     """What is at the lease's name is not a regular file (``kind`` says what it is)."""
@@ -170,12 +163,12 @@ def _contents(path: Path) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         if error.errno == errno.ELOOP:  # O_NOFOLLOW: we write files, never links
-            raise _NotAFile("a symbolic link") from None
+            raise _NotAFile(kind_of(os.lstat(path).st_mode)) from None
         raise
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise _NotAFile(_KINDS.get(stat.S_IFMT(mode), "not a file"))
+            raise _NotAFile(kind_of(mode))
         chunks: list[bytes] = []
         read = 0
         while read <= _MOST and (chunk := os.read(fd, _MOST + 1 - read)):
@@ -220,8 +213,8 @@ def _read(layout: Layout) -> bytes | None:
         return None
     except _NotAFile as error:
         raise ProblemError(
-            f"the ownership lease {path} is {error.kind}, not a file; nothing was started: if "
-            f"no coordinator serves {layout.root}, remove it, then start again"
+            f"the ownership lease {path} is {error.kind}, not a regular file; nothing was "
+            f"started: if no coordinator serves {layout.root}, remove it, then start again"
         ) from None
     except OSError as error:
         raise ProblemError(
@@ -271,9 +264,8 @@ class Lease:
         write_atomic(path, _encode(self.owner), self.layout.tmp)
 
     def _taken(self, current: Owner | None) -> ProblemError:
-        by = current.describe() if current is not None else "another start"
         return ProblemError(
-            f"{self.layout.root}: ownership was taken over by {by}; "
+            f"{self.layout.root}: ownership was taken over by {_who(current)}; "
             "this coordinator stops so that only one serves the problem"
         )
 
@@ -283,24 +275,19 @@ class Lease:
         current = holder(self.layout)
         if current is None or current.instance != self.owner.instance:
             return
-        # Not unlinked by its name: a take-over may have replaced it since we looked. Renamed
-        # aside, then checked to be ours (as _take_over does); another's is put back.
-        path = _path(self.layout)
-        aside = path.with_name(f"{_FILE}.{self.owner.instance}.released")
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            released = _parse(_contents(aside))
-        except OSError:
-            released = None
-        try:
-            if released is None or released.instance != self.owner.instance:
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, path)
-        finally:
-            aside.unlink(missing_ok=True)
+        # Not unlinked by its name: a take-over may have replaced it since we looked.
+        _moved_aside(
+            _path(self.layout),
+            f"{self.owner.instance}.released",
+            lambda lease: (
+                (found := _parse(lease)) is not None and found.instance == self.owner.instance
+            ),
+        )
+
+
+def _who(owner: Owner | None) -> str:
+    """``owner`` for a person; a lease gone in between (moved aside by a start) names no one."""
+    return owner.describe() if owner is not None else "another start"
 
 
 def _encode(owner: Owner) -> bytes:
@@ -349,7 +336,6 @@ def _take_over(layout: Layout, judged: bytes, owner: Owner) -> bool:
     put back), and ours is created only where none is (``link(2)``).
     """
     path = _path(layout)
-    aside = path.with_name(f"{_FILE}.{owner.instance}.taken")  # not in tmp/: starts clean that
     try:
         # A lease that changed since it was judged (another start's) is not even moved aside:
         # while it is, a start finds no lease and takes the folder, beside that start.
@@ -357,18 +343,33 @@ def _take_over(layout: Layout, judged: bytes, owner: Owner) -> bool:
             return False
     except FileNotFoundError:
         return False
+    # Someone's newer lease is not ours to take: put back.
+    return _moved_aside(
+        path, f"{owner.instance}.taken", lambda lease: lease == judged and _create(layout, owner)
+    )
+
+
+def _moved_aside(path: Path, tag: str, gone: Callable[[bytes], bool]) -> bool:
+    """Rename the lease ``path`` aside (to ``owner.json.TAG``), then keep it gone only if
+    ``gone(its bytes)`` says so (it is ours to remove, or ours replaced it): True then;
+    else, or if ``gone`` raises, put it back. False if there was no lease to move.
+
+    Of several renames of one name, one succeeds: the lease looked at is the one moved,
+    and nobody can replace it meanwhile (they would create a new one, which the
+    putting back does not overwrite). Not in tmp/: a start cleans that.
+    """
+    aside = path.with_name(f"{_FILE}.{tag}")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
         if not aside.exists():  # else an NFS retransmission whose first reply was lost
             return False
-    won = False
+    kept_gone = False
     try:
-        # Someone's newer lease is not ours to take: put it back.
-        won = _contents(aside) == judged and _create(layout, owner)
-        return won
+        kept_gone = gone(_contents(aside))
+        return kept_gone
     finally:
-        if not won:  # also the judged one, if ours could not be written (a full disk)
+        if not kept_gone:
             with contextlib.suppress(FileExistsError, FileNotFoundError):
                 os.link(aside, path)
         aside.unlink(missing_ok=True)
@@ -441,10 +442,8 @@ def acquire(layout: Layout, *, take_over: bool = False) -> tuple[Lease, Owner | 
             raise _unwritable(path, error) from None
     # Another start took the folder first: its lease is not the one judged, so it is
     # not taken over (not even with --take-over, which was said of the one before).
-    winner = holder(layout)
     raise ProblemError(
-        f"{layout.root} was taken over at the same moment by "
-        f"{winner.describe() if winner is not None else 'another start'}; "
+        f"{layout.root} was taken over at the same moment by {_who(holder(layout))}; "
         "only one coordinator may serve a problem"
     )
 

@@ -110,7 +110,7 @@ def clip(text: str, limit: int = REASON_MAX_CHARS) -> str:
     return shown_ends(text, limit)
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
     """What a file that is not a regular file is, for a person."""
     kinds = [(stat.S_ISLNK, "a symbolic link (links are not followed)"),
              (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
@@ -255,13 +255,13 @@ def _folder_problem(dir_fd: int, name: str, error: OSError) -> str:
     except OSError:
         found = None
     if found is not None and not stat.S_ISDIR(found.st_mode):
-        return f"is {_kind(found.st_mode)}, not a folder"
+        return f"is {kind_of(found.st_mode)}, not a folder"
     return f"cannot be opened ({_answered(error)})"
 
 
 def _check_regular(status: os.stat_result, path: Path, what: str, max_bytes: int | None) -> None:
     if not stat.S_ISREG(status.st_mode):
-        raise ContributionError(f"{path}: {what} is {_kind(status.st_mode)}, not a regular file")
+        raise ContributionError(f"{path}: {what} is {kind_of(status.st_mode)}, not a regular file")
     if status.st_nlink != 1:
         raise ContributionError(
             f"{path}: {what} has {status.st_nlink} hard links; it must be a file of its own, "
