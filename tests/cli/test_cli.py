@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers.processes import COMMAND, Served, environment, run, wait_until
 
-from fl_coordinator.cli.running import exit_status
+from fl_coordinator.cli.exits import exit_status
 from fl_coordinator.storage.model import builtin_model
 
 
@@ -399,7 +399,7 @@ from fl_coordinator.cli.main import entry
 
 class Interrupt(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "trio":  # what main() loads first, for 0.1 s
+        if name == "trio":  # what serve loads first, for 0.1 s
             sys.meta_path.remove(self)
             signal.raise_signal(signal.SIGINT)
         return None
@@ -411,18 +411,18 @@ entry()
 
 
 def test_ctrl_c_while_the_program_loads_is_one_line_and_status_130(root: Path) -> None:
-    """Ctrl-C as ``serve`` imports trio, before any command runs (from about 0.08 to 0.25 s
-    after the start, on this machine): it was a KeyboardInterrupt traceback, status -2."""
+    """Ctrl-C as ``serve`` imports trio, what it loads first (from about 0.08 to 0.25 s after
+    the start, on this machine): it was a KeyboardInterrupt traceback, status -2."""
     ran = subprocess.run(
         [*_AS_IN_A_TERMINAL, sys.executable, "-c", _CTRL_C_AS_TRIO_LOADS],
         env=environment(root), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert (ran.returncode, ran.stderr) == (130, "fl-coordinator: interrupted (Ctrl-C)\n")
+    assert (ran.returncode, ran.stderr) == (130, "fl-coordinator serve: interrupted (Ctrl-C)\n")
 
 
 _CTRL_C_IN_A_GC_CALLBACK = """
 import gc, signal, sys
-from fl_coordinator.cli.running import exit_status
+from fl_coordinator.cli.exits import exit_status
 
 def job():
     def callback(phase, info):  # as JAX's _xla_gc_callback, where the handler then runs

@@ -16,7 +16,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -282,16 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["demo"]:
         return _demo(argv[1:])
     args = build_parser().parse_args(argv)
-    from .running import exit_status
+    from .exits import exit_status
 
     return exit_status(f"fl-coordinator {args.command}", lambda: args.run(args))
 
 
 def entry() -> NoReturn:
     """The ``fl-coordinator`` program: :func:`main`, then the process's end.
-
-    A Ctrl-C before a command runs (while the program loads) is one line and exit
-    status 130, as one while it runs (see :func:`.running.exit_status`).
 
     An averaging pass abandoned while it waited on a selector's storage (see
     :mod:`..storage.pass_control`) may still hold HDF5 files open in a thread
@@ -301,11 +297,7 @@ def entry() -> NoReturn:
     step); if it has not, the process ends without the interpreter's teardown,
     once its output is flushed.
     """
-    try:
-        status = main()
-    except KeyboardInterrupt:  # before a command ran: as the program loaded (trio: 0.1 s)
-        print("fl-coordinator: interrupted (Ctrl-C)", file=sys.stderr)
-        status = 128 + signal.SIGINT  # what a shell reports for a program SIGINT ended
+    status = main()
     from ..storage.pass_control import given_up
 
     deadline = time.monotonic() + _LAST_WAIT  # for all of them, not each

@@ -10,8 +10,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..cli.exits import exit_status
 from ..cli.help import HelpFormatter
-from ..cli.running import exit_status, run_main
+from ..cli.running import run_main
 from ..errors import BadAddress, ConfigError
 from ..logs import setup_logging
 from ..rpc.addresses import split_address

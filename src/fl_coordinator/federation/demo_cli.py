@@ -12,8 +12,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..cli.exits import exit_status
 from ..cli.help import HelpFormatter
-from ..cli.running import exit_status
 from ..core.strategy import STRATEGIES
 from ..logs import setup_logging
 from .demo import DemoOptions, run_demo

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..cli.exits import exit_status
 from ..cli.help import HelpFormatter
-from ..cli.running import exit_status, run_main
+from ..cli.running import run_main
 from ..config import Settings, load_settings, warn_misspelt_environment
 from ..errors import ConfigError, InputError
 from ..logs import setup_logging
