@@ -267,6 +267,15 @@ def test_a_start_that_judged_the_old_lease_leaves_the_winners_alone(
     winner.release()
 
 
+def gone_stale(layout: Layout) -> Lease:
+    """Our lease, its heartbeat a minute past the lease's term (renewals that failed, or a
+    paused process): an operator may take it over while we still run."""
+    lease, _ = acquire(layout)
+    stale = {**asdict(lease.owner), "heartbeat": time.time() - LEASE - 60}
+    (layout.own / "owner.json").write_text(json.dumps(stale))
+    return lease
+
+
 def test_a_renewal_while_a_take_over_has_the_lease_aside_does_not_replace_it(
     layout: Layout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -274,9 +283,7 @@ def test_a_renewal_while_a_take_over_has_the_lease_aside_does_not_replace_it(
     --take-over has renamed its stale lease aside. The renewal found no lease, went on, and
     replaced the one the take-over then created: both served until the next renewal. It now
     only creates a missing lease, and stops if it finds it taken."""
-    lease, _ = acquire(layout)
-    stale = {**asdict(lease.owner), "heartbeat": time.time() - LEASE - 60}
-    (layout.own / "owner.json").write_text(json.dumps(stale))
+    lease = gone_stale(layout)
     aside, looked, done = threading.Event(), threading.Event(), threading.Event()
     taker: list[threading.Thread] = []
     contents = ownership._contents
@@ -321,9 +328,7 @@ def test_a_release_at_the_moment_of_a_take_over_keeps_the_new_owners_lease(
     it over. The release read the lease (its own), the take-over replaced it, and the release
     then removed the new owner's lease by its name: the new owner served with no lease, and
     the next start without --take-over got the folder too."""
-    lease, _ = acquire(layout)
-    stale = {**asdict(lease.owner), "heartbeat": time.time() - LEASE - 60}
-    (layout.own / "owner.json").write_text(json.dumps(stale))
+    lease = gone_stale(layout)
     contents = ownership._contents
     taken: list[object] = []
 
