@@ -461,7 +461,7 @@ class ContributionChecker:
             request = self._alone.popleft()
             if request.waited:
                 return [request]
-        share = -(-len(self._queue) // (1 + self._slots.value))
+        share = math.ceil(len(self._queue) / (1 + self._slots.value))
         batch: list[_Request] = []
         while self._queue and len(batch) < min(share, self._batch_max):
             request = self._queue.popleft()
