@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -430,6 +431,8 @@ NOT_FILES = {
         "a symbolic link (links are not followed)",
     ),
     "folder": (os.mkdir, "a folder"),
+    # open(2) of a socket answers ENXIO: it was called unreadable storage, "check its mount".
+    "socket": (lambda path: os.mknod(path, stat.S_IFSOCK), "a socket"),
 }
 
 #: acquire() in a process of its own, its memory bounded: what it said, or its traceback.

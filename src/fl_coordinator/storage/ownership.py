@@ -162,8 +162,12 @@ def _contents(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
-        if error.errno == errno.ELOOP:  # O_NOFOLLOW: we write files, never links
-            raise _NotAFile(kind_of(os.lstat(path).st_mode)) from None
+        # O_NOFOLLOW answers ELOOP for a link (we write files, never links); open(2) of a
+        # socket answers ENXIO: named as what they are, not taken for failing storage.
+        if error.errno in (errno.ELOOP, errno.ENXIO):
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise _NotAFile(kind_of(mode)) from None
         raise
     try:
         mode = os.fstat(fd).st_mode
