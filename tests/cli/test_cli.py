@@ -420,6 +420,44 @@ def test_ctrl_c_while_the_program_loads_is_one_line_and_status_130(root: Path) -
     assert (ran.returncode, ran.stderr) == (130, "fl-coordinator serve: interrupted (Ctrl-C)\n")
 
 
+#: What the console scripts fl-selector and fl-client run, interrupted as trio loads.
+_CTRL_C_AS_A_TOOL_LOADS = """
+import importlib, importlib.abc, signal, sys
+
+class Interrupt(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "trio":
+            sys.meta_path.remove(self)
+            signal.raise_signal(signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+module = sys.argv.pop(1)
+sys.argv = sys.argv[1:]  # as the console script has it: [fl-selector, serve]
+sys.exit(importlib.import_module(module).main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "argv"),
+    [
+        ("fl_coordinator.federation.selector_cli", ["fl-selector", "serve"]),
+        ("fl_coordinator.federation.client_cli", ["fl-client", "--data", "x.npz"]),
+    ],
+)
+def test_ctrl_c_while_a_federation_tool_loads_is_one_line(
+    root: Path, module: str, argv: list[str]
+) -> None:
+    """fl-selector and fl-client imported trio, purerpc, numpy and h5py (about 0.5 s) at the
+    top of the module their console script imports, outside exit_status: a Ctrl-C then
+    was a KeyboardInterrupt traceback, status -2."""
+    ran = subprocess.run(
+        [*_AS_IN_A_TERMINAL, sys.executable, "-c", _CTRL_C_AS_A_TOOL_LOADS, module, *argv],
+        env=environment(root), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (ran.returncode, ran.stderr) == (130, f"{argv[0]}: interrupted (Ctrl-C)\n")
+
+
 _CTRL_C_IN_A_GC_CALLBACK = """
 import gc, signal, sys
 from fl_coordinator.cli.exits import exit_status

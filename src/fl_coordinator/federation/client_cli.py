@@ -12,13 +12,11 @@ from pathlib import Path
 
 from ..cli.exits import exit_status
 from ..cli.help import HelpFormatter
-from ..cli.running import run_main
 from ..errors import BadAddress, ConfigError
 from ..logs import setup_logging
-from ..rpc.addresses import split_address
-from ..rpc.tls import client_context
-from .client import Client, ClientOptions
-from .training import Hyper
+
+# trio, purerpc, numpy and h5py (about 0.5 s) are imported by build_parser and _run, inside
+# exit_status: a Ctrl-C while they load is one line too.
 
 __all__ = ["build_parser", "main"]
 
@@ -26,6 +24,8 @@ log = logging.getLogger("fl_coordinator.client")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training import Hyper
+
     parser = argparse.ArgumentParser(
         prog="fl-client", description="Reference FL client.", formatter_class=HelpFormatter
     )
@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..cli.running import run_main
+    from ..rpc.addresses import split_address
+    from ..rpc.tls import client_context
+    from .client import Client, ClientOptions
+    from .training import Hyper
+
     setup_logging(args.log_level.upper())
     try:
         split_address(args.selector)
@@ -114,8 +120,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return exit_status("fl-client", lambda: _run(args))
+    return exit_status("fl-client", lambda: _run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

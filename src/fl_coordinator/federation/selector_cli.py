@@ -11,15 +11,13 @@ from typing import Any
 
 from ..cli.exits import exit_status
 from ..cli.help import HelpFormatter
-from ..cli.running import run_main
 from ..config import Settings, load_settings, warn_misspelt_environment
 from ..errors import ConfigError, InputError
 from ..logs import setup_logging
-from ..rpc.addresses import split_address
-from ..rpc.auth import load_token
-from ..rpc.tls import client_context, server_context
 from ..storage.layout import Layout
-from .selector import Selector, SelectorOptions
+
+# trio, purerpc, numpy and h5py (about 0.5 s) are imported in _serve, inside exit_status:
+# a Ctrl-C while they load is one line too.
 
 __all__ = ["build_parser", "main"]
 
@@ -100,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _security_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """The token and TLS contexts of SelectorOptions; ConfigError names the flag at fault."""
+    from ..rpc.auth import load_token
+    from ..rpc.tls import client_context, server_context
+
     if args.token_file is not None:
         settings = settings.replace(auth_token="", auth_token_file=args.token_file)
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -125,6 +126,10 @@ def _has_port(host: str) -> bool:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from ..cli.running import run_main
+    from ..rpc.addresses import split_address
+    from .selector import Selector, SelectorOptions
+
     settings, _ = load_settings()
     if args.root is not None:
         settings = settings.replace(fl_root_path=str(args.root))
