@@ -349,6 +349,29 @@ def test_a_release_at_the_moment_of_a_take_over_keeps_the_new_owners_lease(
     assert sorted(path.name for path in layout.own.iterdir()) == ["tmp"]
 
 
+def test_a_take_over_of_a_lease_released_meanwhile_gets_the_folder(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owner whose lease went stale stops cleanly just after an operator's --take-over
+    judged its lease. The take-over found the lease gone and was refused: "taken over at the
+    same moment by another start; only one coordinator may serve a problem", with the
+    folder free and nobody else starting."""
+    lease = gone_stale(layout)
+    read = ownership._read
+
+    def released_after_the_look(at: Layout) -> bytes | None:
+        judged = read(at)
+        lease.release()  # the old owner's clean stop, right after the look
+        return judged
+
+    monkeypatch.setattr(ownership, "_read", released_after_the_look)
+    new = acquired(layout, True)
+    monkeypatch.undo()
+    assert isinstance(new, Lease) and holder(layout) == new.owner
+    new.release()
+    assert sorted(path.name for path in layout.own.iterdir()) == ["tmp"]
+
+
 def test_a_lease_that_cannot_be_read_is_named_with_what_to_do(layout: Layout) -> None:
     plant(layout, host="other-host", pid=4242, age=LEASE + 60)
     lease = layout.own / "owner.json"

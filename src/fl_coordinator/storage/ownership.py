@@ -437,6 +437,10 @@ def acquire(layout: Layout, *, take_over: bool = False) -> tuple[Lease, Owner | 
         # No lease now (released since our try): create one; else take the judged one over.
         if _create(layout, me) if judged is None else _take_over(layout, judged, me):
             return Lease(layout, me), current
+        # The judged lease gone since (its owner stopped cleanly): free, as for a first start.
+        # (Another start's there, or created first, is not replaced: link(2) refuses.)
+        if judged is not None and _create(layout, me):
+            return Lease(layout, me), None
     except OSError as error:
         try:
             there = _contents(path)
