@@ -34,6 +34,8 @@ from fl_coordinator.storage import ownership
 from fl_coordinator.storage.layout import Layout
 from fl_coordinator.storage.ownership import (
     LEASE,
+    MISSED,
+    RENEW_EVERY,
     Lease,
     Owner,
     acquire,
@@ -43,12 +45,16 @@ from fl_coordinator.storage.ownership import (
 )
 
 
-def plant(layout: Layout, *, host: str, pid: int, age: float) -> None:
-    """A lease written by someone else, whose last heartbeat is ``age`` seconds old."""
+def plant(layout: Layout, *, host: str, pid: int, age: float, scope: str | None = None) -> None:
+    """A lease written by someone else, whose last heartbeat is ``age`` seconds old; in this
+    process's pid namespace unless ``scope`` says where."""
     layout.own.mkdir(parents=True, exist_ok=True)
     owner = {"host": host, "pid": pid, "started": "2026-11-29T08:00:00+00:00",
-             "heartbeat": time.time() - age, "instance": "theirs"}  # fmt: skip
-    (layout.own / "owner.json").write_text(json.dumps(owner))
+             "heartbeat": time.time() - age, "instance": "theirs",
+             "scope": ownership._scope() if scope is None else scope}  # fmt: skip
+    planted = layout.own / "owner.json.planted"
+    planted.write_text(json.dumps(owner))
+    planted.replace(layout.own / "owner.json")  # whole, as an owner renews: watched meanwhile
 
 
 @pytest.fixture
@@ -134,6 +140,125 @@ def test_a_live_owner_on_this_host_is_not_taken_over(layout: Layout) -> None:
         ):
             acquire(layout)
         child.communicate(b"\n")
+
+
+#: A coordinator's lease task in a pid namespace of its own (as a container's), on one root:
+#: "hold" keeps it, renewing every 0.1 s; "try" says whether it got the folder, then ends.
+_IN_A_CONTAINER = """
+import functools, sys, trio
+from fl_coordinator.config import default_settings
+from fl_coordinator.errors import ProblemError
+from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.ownership import hold_ownership
+
+async def main(root, mode):
+    layout = Layout.from_settings(default_settings().replace(fl_root_path=root))
+    async with trio.open_nursery() as nursery:
+        hold = functools.partial(hold_ownership, layout, renew_every=0.1, watch_every=0.05)
+        await nursery.start(hold)
+        print("owned", flush=True)
+        if mode == "try":
+            nursery.cancel_scope.cancel()
+
+try:
+    trio.run(main, *sys.argv[1:])
+except* ProblemError as refused:
+    print(refused.exceptions[0], flush=True)
+"""
+
+
+def in_a_container(root: Path, mode: str) -> subprocess.Popen[str]:
+    """``_IN_A_CONTAINER`` as pid 1 of a new pid namespace, with this host's name."""
+    return subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+         sys.executable, "-c", _IN_A_CONTAINER, root, mode],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_a_live_twin_in_another_pid_namespace_is_not_taken_over(settings: Settings) -> None:
+    """Two containers given one host name (or sharing the host's, ``--network host``): each is
+    pid 1 of its own namespace. The second took the first's live lease over at once, as the
+    "earlier run with our pid" of a restarted container, and both served. Now it watches the
+    lease, sees it renewed, and is refused, naming the first."""
+    root = settings.fl_root_path
+    twin = in_a_container(root, "hold")
+    try:
+        assert twin.stdout is not None and twin.stdout.readline() == "owned\n"
+        theirs = holder(Layout.from_settings(settings))
+        assert theirs is not None and theirs.pid == 1
+        second = in_a_container(root, "try")
+        said, _ = second.communicate(timeout=60)
+        assert f"is served by {socket.gethostname()} pid 1 " in said
+        assert "in another pid namespace (container) of this host" in said
+        assert holder(Layout.from_settings(settings)).instance == theirs.instance
+    finally:
+        twin.kill()
+        twin.wait()
+
+
+def elsewhere(layout: Layout, age: float) -> None:
+    """A lease written on this host in another pid namespace, last renewed ``age`` s ago."""
+    plant(layout, host=socket.gethostname(), pid=1, age=age, scope="another-boot pid:[1]")
+
+
+async def test_a_lease_from_another_pid_namespace_silent_two_renewals_is_taken_over(
+    layout: Layout, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restarted container (a new pid namespace) or a pod replaced under its own name: the
+    lease left by a kill -9 is taken over with a warning once it has been silent MISSED s."""
+    elsewhere(layout, age=1)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(hold_ownership, layout))
+        watched = trio.current_time() - start
+        assert holder(layout).instance in ownership._HELD
+        nursery.cancel_scope.cancel()
+    assert MISSED - 1.5 < watched < MISSED
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "pid 1 (since 2026-11-29T08:00:00+00:00) in another pid namespace" in warnings[0]
+    assert warnings[0].endswith("taken over if its lease is not renewed within 19 s")
+    assert warnings[1].startswith("took ") and " over from " in warnings[1]
+
+
+async def test_a_lease_from_another_pid_namespace_renewed_while_watched_is_refused(
+    layout: Layout, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Its owner (a live twin) renews it every RENEW_EVERY s, within the watch."""
+    elsewhere(layout, age=1)
+
+    async def renewing() -> None:
+        while True:
+            await trio.sleep(RENEW_EVERY)
+            elsewhere(layout, age=0)
+
+    with pytest.raises(ExceptionGroup) as refused, trio.fail_after(10 * MISSED):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(renewing)
+            await nursery.start(functools.partial(hold_ownership, layout))
+            nursery.cancel_scope.cancel()  # taken over: no error, and the assertion fails
+    error = first_of(refused.value, ProblemError)
+    assert error is not None and "in another pid namespace (container) of this host" in str(error)
+    assert holder(layout).instance == "theirs"
+
+
+@pytest.mark.parametrize("scope", ["another-boot pid:[1]", ""], ids=["elsewhere", "older"])
+def test_a_lease_whose_pid_cannot_be_looked_up_is_judged_by_its_silence(
+    layout: Layout, scope: str
+) -> None:
+    """Another namespace's, another boot's, or an older version's (no scope): its pid 1 is
+    not ours to look up. Heard from lately, it is watched (Unproven) and keeps init and
+    rollback out; silent MISSED s, it is taken over at once."""
+    plant(layout, host=socket.gethostname(), pid=1, age=3, scope=scope)
+    with pytest.raises(ownership.Unproven) as unproven:
+        acquire(layout)
+    assert MISSED - 3.5 < unproven.value.seconds <= MISSED - 3
+    with pytest.raises(ProblemError, match=r"rollback refused: .* pid 1 .* in another pid nam"):
+        ensure_not_served(layout, "rollback")
+    plant(layout, host=socket.gethostname(), pid=1, age=MISSED, scope=scope)
+    ensure_not_served(layout, "rollback")
+    lease, previous = acquire(layout)
+    assert previous is not None and previous.pid == 1 and holder(layout) == lease.owner
 
 
 def racing(monkeypatch: pytest.MonkeyPatch, starts: int) -> None:

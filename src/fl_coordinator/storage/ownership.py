@@ -24,9 +24,19 @@ owner died, or hangs, or is cut off.
 Taking over: never silently. A stale lease is taken over only when the
 operator says so (``serve --take-over``), since a coordinator cut off by a
 network partition may still be alive. The one exception is a lease that is
-provably dead: written on this very host by a process that no longer exists
-(or by an earlier incarnation with our own pid, as a restarted container's
-pid 1), which is taken over with a warning in the log. An owner that finds,
+provably dead, taken over with a warning in the log:
+
+* written on this very host, in our pid namespace, by a process that no
+  longer exists (or by an earlier run with our own pid);
+* written on this host in another pid namespace, or before the host last
+  booted (a restarted container: a new namespace, where it is pid 1 again;
+  a pod replaced under its own name), and silent for :data:`MISSED`
+  seconds, two renewals. Its pid means nothing here: pid 1 of a *live*
+  twin (two containers given one host name, or sharing the host's with
+  ``--network host``) is not ours to look up. So ``serve`` watches such a
+  lease until it has been silent that long, and refuses if it is renewed.
+
+An owner that finds,
 when renewing, that the lease names someone else (an operator took over)
 stops at once rather than go on beside the new owner. Of several starts that
 take one lease over at the same moment (a supervisor restarting two replicas
@@ -65,6 +75,7 @@ from .untrusted import kind_of
 
 __all__ = [
     "LEASE",
+    "MISSED",
     "RENEW_EVERY",
     "Lease",
     "Owner",
@@ -80,6 +91,11 @@ log = logging.getLogger(__name__)
 LEASE = 30.0
 #: Seconds between an owner's heartbeats.
 RENEW_EVERY = 10.0
+#: Seconds without a heartbeat after which an owner on this host whose pid cannot be looked
+#: up (another pid namespace, an earlier boot) is dead: two renewals missed.
+MISSED = 2 * RENEW_EVERY
+#: Seconds between two looks at a lease watched for a sign of life.
+WATCH_EVERY = 1.0
 
 _FILE = "owner.json"
 
@@ -97,20 +113,33 @@ class Owner:
     started: str  # ISO 8601, UTC
     heartbeat: float  # seconds since the epoch, the owner's clock
     instance: str  # unique per coordinator run: tells an owner from its successor
+    scope: str = ""  # where its pid means something (see _scope); "" in older leases
 
     def describe(self) -> str:
         # Escaped: anyone who can write the folder chose these.
-        return f"{shown(self.host, 100)} pid {self.pid} (since {shown(self.started, 40)})"
+        where = " in another pid namespace (container) of this host" if self.elsewhere() else ""
+        return f"{shown(self.host, 100)} pid {self.pid} (since {shown(self.started, 40)}){where}"
 
     def age(self, now: float) -> float:
         """Seconds since the last heartbeat (negative if the owner's clock is ahead)."""
         return now - self.heartbeat
 
-    def provably_dead(self) -> bool:
+    def elsewhere(self) -> bool:
+        """Written on this host where its pid cannot be looked up: another pid namespace (a
+        container), an earlier boot, or an older version that did not say."""
+        return self.host == socket.gethostname() and self.scope != _scope()
+
+    def unheard(self, now: float) -> float:
+        """Seconds it must yet stay silent to be dead, if it is :meth:`elsewhere` (else 0)."""
+        return min(MISSED, MISSED - self.age(now)) if self.elsewhere() else 0.0
+
+    def provably_dead(self, now: float) -> bool:
         """Written on this host by a process that is gone (or a zombie), or by an earlier run
-        with our pid."""
+        with our pid; or :meth:`elsewhere` and silent for :data:`MISSED` seconds."""
         if self.host != socket.gethostname():
             return False
+        if self.elsewhere():
+            return self.unheard(now) <= 0
         if self.pid == os.getpid():
             return self.instance not in _HELD
         try:
@@ -120,6 +149,21 @@ class Owner:
         except PermissionError:  # another user's: alive, or a zombie
             pass
         return _exited(self.pid)
+
+
+@functools.cache
+def _scope() -> str:
+    """Where this process's pid means something: the boot of the kernel and the pid namespace,
+    as ``BOOT_ID pid:[INODE]`` (proc(5), namespaces(7)); "" without ``/proc`` (not Linux).
+
+    A namespace's inode is unique while it lives, within one boot; the boot id tells a reboot
+    (or another machine of the same name) apart.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
 
 
 def _exited(pid: int) -> bool:
@@ -198,7 +242,7 @@ def _parse(lease: bytes) -> Owner | None:
     except (ValueError, TypeError, RecursionError):  # RecursionError: "[[[[..."
         return None
     # Values this program never writes would crash kill(2) or the arithmetic on them.
-    texts = (owner.host, owner.started, owner.instance)
+    texts = (owner.host, owner.started, owner.instance, owner.scope)
     if not all(isinstance(text, str) for text in texts):
         return None
     if type(owner.pid) is not int or not 0 < owner.pid < 2**31:
@@ -235,6 +279,7 @@ def _me() -> Owner:
         started=datetime.now(UTC).isoformat(timespec="seconds"),
         heartbeat=time.time(),
         instance=uuid.uuid4().hex,
+        scope=_scope(),
     )
 
 
@@ -401,12 +446,27 @@ def _unwritable(path: Path, error: OSError) -> ProblemError:
     )
 
 
-def acquire(layout: Layout, *, take_over: bool = False) -> tuple[Lease, Owner | None]:
+class Unproven(ProblemError):
+    """The lease is :meth:`Owner.elsewhere`'s, heard from too lately to know whether it lives:
+    watch it for ``seconds`` more, then :func:`acquire` again with ``watched=judged``."""
+
+    def __init__(self, message: str, owner: Owner, judged: bytes, seconds: float) -> None:
+        super().__init__(message)
+        self.owner = owner
+        self.judged = judged
+        self.seconds = seconds
+
+
+def acquire(
+    layout: Layout, *, take_over: bool = False, watched: bytes | None = None
+) -> tuple[Lease, Owner | None]:
     """Own ``layout``'s folder; return the lease and the owner taken over from, if any.
 
     Raises ProblemError naming the holder while another coordinator owns it or
     its lease is stale, unless ``take_over`` (the operator's deliberate choice)
-    or the holder is provably dead.
+    or the holder is provably dead; :class:`Unproven` if that cannot be known
+    without watching the lease. ``watched``: the bytes of a lease watched that
+    long (see :func:`hold_ownership`); still the same, its owner is dead.
     """
     me = _me()
     path = _path(layout)
@@ -429,8 +489,9 @@ def acquire(layout: Layout, *, take_over: bool = False) -> tuple[Lease, Owner | 
                     f"{layout.root}, start with --take-over"
                 )
         # --take-over is for a stale lease: a live one may be the winner's of several starts.
-        elif not current.provably_dead():
-            now = time.time()
+        elif judged != watched and not current.provably_dead(now := time.time()):
+            if watched is None and (seconds := current.unheard(now)) > 0:
+                raise Unproven(_refusal(layout, current, now), current, judged, seconds)
             if not take_over or current.age(now) < LEASE:
                 raise ProblemError(_refusal(layout, current, now))
     try:
@@ -456,10 +517,18 @@ def acquire(layout: Layout, *, take_over: bool = False) -> tuple[Lease, Owner | 
     )
 
 
+def _unchanged(layout: Layout, judged: bytes) -> bool:
+    """Whether the lease's bytes are still ``judged`` (not if it cannot be read: judged again)."""
+    try:
+        return _contents(_path(layout)) == judged
+    except OSError:
+        return False
+
+
 def ensure_not_served(layout: Layout, what: str) -> None:
     """Refuse ``what`` (e.g. "rollback") while a coordinator with a live lease owns the folder."""
-    current = holder(layout)
-    if current is not None and current.age(time.time()) < LEASE and not current.provably_dead():
+    current, now = holder(layout), time.time()
+    if current is not None and current.age(now) < LEASE and not current.provably_dead(now):
         raise ProblemError(
             f"{what} refused: {layout.root} is served by {current.describe()}; stop that "
             f"coordinator first, then {what}"
@@ -471,14 +540,38 @@ async def hold_ownership(
     *,
     take_over: bool = False,
     renew_every: float = RENEW_EVERY,
+    watch_every: float = WATCH_EVERY,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Own ``layout``'s folder while this task runs (started once it owns it), renewing the
     lease every ``renew_every`` seconds; give it up when cancelled. ProblemError if it
-    cannot own it, or loses it."""
-    lease, previous = await trio.to_thread.run_sync(
-        functools.partial(acquire, layout, take_over=take_over)
-    )
+    cannot own it, or loses it.
+
+    A lease whose owner's life cannot be looked up (:class:`Unproven`) is first watched,
+    every ``watch_every`` seconds, until it has been silent :data:`MISSED` seconds (then
+    taken over) or changes (then judged again: a renewal is refused).
+    """
+    try:
+        lease, previous = await trio.to_thread.run_sync(
+            functools.partial(acquire, layout, take_over=take_over)
+        )
+    except Unproven as unproven:
+        log.warning(
+            "%s is held by %s, or was before this host last booted: that pid cannot be "
+            "looked up from here; it is taken over if its lease is not renewed within %.0f s",
+            layout.root,
+            unproven.owner.describe(),
+            unproven.seconds,
+        )
+        unchanged = functools.partial(_unchanged, layout, unproven.judged)
+        with trio.move_on_after(unproven.seconds):
+            while True:  # polled: a file on shared storage tells no one that it changed
+                await trio.sleep(watch_every)
+                if not await trio.to_thread.run_sync(unchanged, abandon_on_cancel=True):
+                    break
+        lease, previous = await trio.to_thread.run_sync(
+            functools.partial(acquire, layout, take_over=take_over, watched=unproven.judged)
+        )
     if previous is not None:
         log.warning("took %s over from %s", layout.root, previous.describe())
     try:
