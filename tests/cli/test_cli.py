@@ -393,68 +393,77 @@ def test_ctrl_c_outside_the_event_loop_is_one_line_and_status_130(root: Path) ->
     assert stderr == "fl-coordinator serve: interrupted (Ctrl-C)\n"
 
 
-_CTRL_C_AS_TRIO_LOADS = """
-import importlib.abc, signal, sys
-from fl_coordinator.cli.main import entry
-
-class Interrupt(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "trio":  # what serve loads first, for 0.1 s
-            sys.meta_path.remove(self)
-            signal.raise_signal(signal.SIGINT)
-        return None
-
-sys.meta_path.insert(0, Interrupt())
-sys.argv = ["fl-coordinator", "serve"]
-entry()
-"""
-
-
-def test_ctrl_c_while_the_program_loads_is_one_line_and_status_130(root: Path) -> None:
-    """Ctrl-C as ``serve`` imports trio, what it loads first (from about 0.08 to 0.25 s after
-    the start, on this machine): it was a KeyboardInterrupt traceback, status -2."""
-    ran = subprocess.run(
-        [*_AS_IN_A_TERMINAL, sys.executable, "-c", _CTRL_C_AS_TRIO_LOADS],
-        env=environment(root), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert (ran.returncode, ran.stderr) == (130, "fl-coordinator serve: interrupted (Ctrl-C)\n")
-
-
-#: What the console scripts fl-selector and fl-client run, interrupted as trio loads.
-_CTRL_C_AS_A_TOOL_LOADS = """
+#: What a console script runs (SCRIPT is "module:function", as pyproject.toml names it),
+#: interrupted as the module LOADING is first imported: ``python -c ... LOADING SCRIPT ARGV...``.
+#: Nothing of the package is imported before the hook is in place, as for the console script.
+_CTRL_C_AS_IT_LOADS = """
 import importlib, importlib.abc, signal, sys
 
+_, loading, script, *sys.argv = sys.argv  # sys.argv as the console script has it
+module, function = script.split(":")
+
 class Interrupt(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "trio":
+        if name == loading:
             sys.meta_path.remove(self)
             signal.raise_signal(signal.SIGINT)
         return None
 
 sys.meta_path.insert(0, Interrupt())
-module = sys.argv.pop(1)
-sys.argv = sys.argv[1:]  # as the console script has it: [fl-selector, serve]
-sys.exit(importlib.import_module(module).main())
+sys.exit(getattr(importlib.import_module(module), function)())
 """
+
+
+def _interrupted_as_it_loads(
+    root: Path, loading: str, script: str, argv: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """The console script ``script`` run as ``argv`` (its name first), Ctrl-C'd as it first
+    imports ``loading``."""
+    return subprocess.run(
+        [*_AS_IN_A_TERMINAL, sys.executable, "-c", _CTRL_C_AS_IT_LOADS, loading, script, *argv],
+        env=environment(root), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("module", "argv"),
+    ("loading", "argv", "prog"),
     [
-        ("fl_coordinator.federation.selector_cli", ["fl-selector", "serve"]),
-        ("fl_coordinator.federation.client_cli", ["fl-client", "--data", "x.npz"]),
+        # Before parsing: argparse's formatter, which parsing loads, at about 0.03 s.
+        ("fl_coordinator.cli.help", ["serve"], "fl-coordinator"),
+        # The settings, which `import fl_coordinator` loaded: from about 0.02 to 0.1 s.
+        ("yaml", ["serve"], "fl-coordinator serve"),
+        ("fl_coordinator.config", ["serve"], "fl-coordinator serve"),
+        # What serve loads first, for 0.1 s.
+        ("trio", ["serve"], "fl-coordinator serve"),
+    ],
+)
+def test_ctrl_c_while_the_program_loads_is_one_line_and_status_130(
+    root: Path, loading: str, argv: list[str], prog: str
+) -> None:
+    """Ctrl-C as ``fl-coordinator`` imports ``loading``: it was a KeyboardInterrupt traceback,
+    status -2, for all but trio (the package and ``cli.main`` loaded the settings, the
+    logging set-up and the help formatter, and the command line was parsed, outside
+    exit_status)."""
+    ran = _interrupted_as_it_loads(
+        root, loading, "fl_coordinator.cli.main:entry", ["fl-coordinator", *argv]
+    )
+    assert (ran.returncode, ran.stderr) == (130, f"{prog}: interrupted (Ctrl-C)\n")
+
+
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        ("fl_coordinator.federation.selector_cli:main", ["fl-selector", "serve"]),
+        ("fl_coordinator.federation.client_cli:main", ["fl-client", "--data", "x.npz"]),
     ],
 )
 def test_ctrl_c_while_a_federation_tool_loads_is_one_line(
-    root: Path, module: str, argv: list[str]
+    root: Path, script: str, argv: list[str]
 ) -> None:
     """fl-selector and fl-client imported trio, purerpc, numpy and h5py (about 0.5 s) at the
     top of the module their console script imports, outside exit_status: a Ctrl-C then
     was a KeyboardInterrupt traceback, status -2."""
-    ran = subprocess.run(
-        [*_AS_IN_A_TERMINAL, sys.executable, "-c", _CTRL_C_AS_A_TOOL_LOADS, module, *argv],
-        env=environment(root), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    ran = _interrupted_as_it_loads(root, "trio", script, argv)
     assert (ran.returncode, ran.stderr) == (130, f"{argv[0]}: interrupted (Ctrl-C)\n")
 
 

@@ -7,6 +7,10 @@ Keras nor the federation package. Errors an operator can fix are
 printed as one line on stderr, and the program exits with the error's
 ``exit_status`` (2 for settings and folders, 1 when a client tool could not
 do its job), never with a traceback.
+
+The settings, the logging set-up and the help formatter are imported inside
+:func:`~.exits.exit_status` too, and the command line is parsed there: a
+Ctrl-C from the program's first moments on is one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -20,18 +24,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from ..config import (
-    Settings,
-    load_settings,
-    read_config_file,
-    similar_key,
-    warn_misspelt_environment,
-)
 from ..errors import ConfigError
-from ..logs import setup_logging
-from .help import HelpFormatter
+from .exits import exit_status
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 __all__ = ["build_parser", "main"]
 
@@ -40,10 +39,15 @@ log = logging.getLogger("fl_coordinator")
 
 def _load(config: Path | None) -> tuple[Settings, list[str]]:
     """Settings from ``config`` and the environment, and the file's unknown keys."""
+    from ..config import load_settings, read_config_file
+
     return load_settings(read_config_file(config) if config is not None else {})
 
 
 def _settings(config: Path | None, **overrides: object) -> Settings:
+    from ..config import similar_key, warn_misspelt_environment
+    from ..logs import setup_logging
+
     settings, unknown = _load(config)
     setup_logging(settings.log_level, settings.log_format)
     for key in unknown:
@@ -135,6 +139,7 @@ def _demo(argv: Sequence[str]) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    from ..logs import setup_logging
     from ..status.websocket import PATH
     from .running import run_main
     from .watch import watch
@@ -194,6 +199,8 @@ def _config_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .help import HelpFormatter
+
     parser = argparse.ArgumentParser(
         prog="fl-coordinator",
         description="Coordinator (master aggregator) of a hierarchical federated-learning system.",
@@ -280,9 +287,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
         return _demo(argv[1:])
-    args = build_parser().parse_args(argv)
-    from .exits import exit_status
+    # Named after the program until the command is known. --help's SystemExit and a usage
+    # error's pass through exit_status, as argparse means them to.
+    return exit_status("fl-coordinator", lambda: _run(argv))
 
+
+def _run(argv: list[str]) -> int:
+    """The command ``argv`` names: parsed, then run under its own name."""
+    args = build_parser().parse_args(argv)
     return exit_status(f"fl-coordinator {args.command}", lambda: args.run(args))
 
 
