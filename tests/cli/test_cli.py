@@ -435,6 +435,8 @@ def _interrupted_as_it_loads(
         ("fl_coordinator.config", ["serve"], "fl-coordinator serve"),
         # What serve loads first, for 0.1 s.
         ("trio", ["serve"], "fl-coordinator serve"),
+        # The demo's flags and its federation, about 0.4 s, before its own exit_status.
+        ("fl_coordinator.federation.demo", ["demo"], "fl-coordinator demo"),
     ],
 )
 def test_ctrl_c_while_the_program_loads_is_one_line_and_status_130(
@@ -443,7 +445,7 @@ def test_ctrl_c_while_the_program_loads_is_one_line_and_status_130(
     """Ctrl-C as ``fl-coordinator`` imports ``loading``: it was a KeyboardInterrupt traceback,
     status -2, for all but trio (the package and ``cli.main`` loaded the settings, the
     logging set-up and the help formatter, and the command line was parsed, outside
-    exit_status)."""
+    exit_status; the demo's modules were loaded outside it as well)."""
     ran = _interrupted_as_it_loads(
         root, loading, "fl_coordinator.cli.main:entry", ["fl-coordinator", *argv]
     )

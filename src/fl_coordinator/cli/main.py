@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:
-        return _demo(argv[1:])
+    if argv[:1] == ["demo"]:  # its flags are the federation package's, and so is its parser
+        return exit_status("fl-coordinator demo", lambda: _demo(argv[1:]))
     # Named after the program until the command is known. --help's SystemExit and a usage
     # error's pass through exit_status, as argparse means them to.
     return exit_status("fl-coordinator", lambda: _run(argv))
