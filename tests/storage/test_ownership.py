@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 from helpers.processes import COMMAND, Served, environment
+from helpers.selector_fs import mounted, needs_fuse
 from storage.test_disk_full import _mounted, fill
 
 from fl_coordinator.config import Settings
@@ -679,6 +680,34 @@ async def test_an_owner_that_was_taken_over_stops(layout: Layout) -> None:
             await trio.sleep_forever()  # until the lease task fails the nursery
     error = first_of(stopped.value, ProblemError)
     assert error is not None and "ownership was taken over by elsewhere pid 7" in str(error)
+
+
+@needs_fuse
+async def test_a_lease_that_cannot_be_read_at_a_clean_stop_is_said_to_stay(
+    layout: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The folder's storage answers EIO as the coordinator stops: its lease stays behind, and
+    the log says so. Before, giving up read the lease as "no lease" and said nothing."""
+    backing, stop, stopped = tmp_path / "backing", trio.CancelScope(), trio.Event()
+
+    async def owner(task_status: trio.TaskStatus[None]) -> None:
+        with stop:
+            await hold_ownership(layout, task_status=task_status)
+        stopped.set()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(owner)
+            layout.own.rename(backing)
+            with mounted(backing, layout.own, "owner.json", "read", errno.EIO):
+                stop.cancel()  # the clean stop, on failing storage
+                await stopped.wait()
+    assert json.loads((backing / "owner.json").read_text())["pid"] == os.getpid()  # stays
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"cannot remove the ownership lease {layout.own / 'owner.json'} ([Errno 5] Input/output "
+        "error): the next start treats it as a crashed coordinator's"
+    ]
 
 
 #: Ways the lease's write fails: (what to run ``serve`` under, and the end of its one line).

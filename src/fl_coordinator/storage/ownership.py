@@ -319,9 +319,15 @@ class Lease:
         )
 
     def release(self) -> None:
-        """Give the folder up (a clean stop), unless someone else has taken it over."""
+        """Give the folder up (a clean stop), unless someone else has taken it over.
+
+        OSError if the lease cannot be read (EIO): it stays behind, for the caller to say.
+        """
         _HELD.discard(self.owner.instance)
-        current = holder(self.layout)
+        try:
+            current = _parse(_contents(_path(self.layout)))
+        except (FileNotFoundError, _NotAFile):  # gone, or replaced by what is no lease of ours
+            return
         if current is None or current.instance != self.owner.instance:
             return
         # Not unlinked by its name: a take-over may have replaced it since we looked.
