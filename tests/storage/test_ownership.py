@@ -168,30 +168,41 @@ except* ProblemError as refused:
 """
 
 
-def in_a_container(root: Path, mode: str) -> subprocess.Popen[str]:
-    """``_IN_A_CONTAINER`` as pid 1 of a new pid namespace, with this host's name."""
+#: Run in the container first: a sandbox whose /proc hides the kernel's boot id.
+_BOOT_ID_HIDDEN = 'mount -t tmpfs none /proc/sys/kernel/random && exec "$@"'
+
+
+def in_a_container(root: Path, mode: str, *, boot_id: bool = True) -> subprocess.Popen[str]:
+    """``_IN_A_CONTAINER`` as pid 1 of a new pid namespace, with this host's name; without
+    ``boot_id``, in one where the boot id cannot be read."""
+    hidden = [] if boot_id else ["sh", "-c", _BOOT_ID_HIDDEN, "sh"]
     return subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *hidden,
          sys.executable, "-c", _IN_A_CONTAINER, root, mode],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
-def test_a_live_twin_in_another_pid_namespace_is_not_taken_over(settings: Settings) -> None:
+@pytest.mark.parametrize("boot_id", [True, False], ids=["proc", "boot-id-hidden"])
+def test_a_live_twin_in_another_pid_namespace_is_not_taken_over(
+    settings: Settings, boot_id: bool
+) -> None:
     """Two containers given one host name (or sharing the host's, ``--network host``): each is
     pid 1 of its own namespace. The second took the first's live lease over at once, as the
     "earlier run with our pid" of a restarted container, and both served. Now it watches the
-    lease, sees it renewed, and is refused, naming the first."""
+    lease, sees it renewed, and is refused, naming the first. Where /proc hides the boot id
+    (or the namespace), the twins' scopes were both "" and so alike: taken over at once."""
     root = settings.fl_root_path
-    twin = in_a_container(root, "hold")
+    twin = in_a_container(root, "hold", boot_id=boot_id)
     try:
         assert twin.stdout is not None and twin.stdout.readline() == "owned\n"
         theirs = holder(Layout.from_settings(settings))
         assert theirs is not None and theirs.pid == 1
-        second = in_a_container(root, "try")
+        second = in_a_container(root, "try", boot_id=boot_id)
         said, _ = second.communicate(timeout=60)
         assert f"is served by {socket.gethostname()} pid 1 " in said
-        assert "in another pid namespace (container) of this host" in said
+        where = "in another pid namespace (container)" if boot_id else "not known to be ours"
+        assert where in said
         assert holder(Layout.from_settings(settings)).instance == theirs.instance
     finally:
         twin.kill()

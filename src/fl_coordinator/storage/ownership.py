@@ -30,7 +30,8 @@ provably dead, taken over with a warning in the log:
   longer exists (or by an earlier run with our own pid);
 * written on this host in another pid namespace, or before the host last
   booted (a restarted container: a new namespace, where it is pid 1 again;
-  a pod replaced under its own name), and silent for :data:`MISSED`
+  a pod replaced under its own name), or anywhere on this host if ``/proc``
+  cannot tell our namespace, and silent for :data:`MISSED`
   seconds, two renewals. Its pid means nothing here: pid 1 of a *live*
   twin (two containers given one host name, or sharing the host's with
   ``--network host``) is not ours to look up. So ``serve`` watches such a
@@ -58,6 +59,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -117,7 +119,13 @@ class Owner:
 
     def describe(self) -> str:
         # Escaped: anyone who can write the folder chose these.
-        where = " in another pid namespace (container) of this host" if self.elsewhere() else ""
+        where = ""
+        if self.elsewhere():
+            where = (
+                " in another pid namespace (container) of this host"
+                if _scope() is not None
+                else " on this host, in a pid namespace not known to be ours (/proc does not say)"
+            )
         return f"{shown(self.host, 100)} pid {self.pid} (since {shown(self.started, 40)}){where}"
 
     def age(self, now: float) -> float:
@@ -126,8 +134,10 @@ class Owner:
 
     def elsewhere(self) -> bool:
         """Written on this host where its pid cannot be looked up: another pid namespace (a
-        container), an earlier boot, or an older version that did not say."""
-        return self.host == socket.gethostname() and self.scope != _scope()
+        container), an earlier boot, or an older version that did not say; or anywhere on
+        this host, if our own scope is unknown (twins that cannot read it write "" alike)."""
+        mine = _scope()
+        return self.host == socket.gethostname() and (mine is None or self.scope != mine)
 
     def unheard(self, now: float) -> float:
         """Seconds it must yet stay silent to be dead, if it is :meth:`elsewhere` (else 0)."""
@@ -152,18 +162,23 @@ class Owner:
 
 
 @functools.cache
-def _scope() -> str:
+def _scope() -> str | None:
     """Where this process's pid means something: the boot of the kernel and the pid namespace,
-    as ``BOOT_ID pid:[INODE]`` (proc(5), namespaces(7)); "" without ``/proc`` (not Linux).
+    as ``BOOT_ID pid:[INODE]`` (proc(5), namespaces(7)); "" where there are no pid namespaces
+    (not Linux: a pid means the same to every process of the host).
 
     A namespace's inode is unique while it lives, within one boot; the boot id tells a reboot
-    (or another machine of the same name) apart.
+    (or another machine of the same name) apart. None, unknown, on a Linux whose ``/proc``
+    is not mounted or hides either (some sandboxes): "" there would make two live twins'
+    scopes alike, each pid 1, and the second would take the first's lease over at once.
     """
+    if not sys.platform.startswith("linux"):
+        return ""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         return f"{boot} {os.readlink('/proc/self/ns/pid')}"
     except OSError:
-        return ""
+        return None
 
 
 def _exited(pid: int) -> bool:
@@ -279,7 +294,7 @@ def _me() -> Owner:
         started=datetime.now(UTC).isoformat(timespec="seconds"),
         heartbeat=time.time(),
         instance=uuid.uuid4().hex,
-        scope=_scope(),
+        scope=_scope() or "",  # unknown: "", which every start of this host watches
     )
 
 
