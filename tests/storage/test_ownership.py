@@ -273,6 +273,36 @@ def test_a_lease_whose_pid_cannot_be_looked_up_is_judged_by_its_silence(
     assert previous is not None and previous.pid == 1 and holder(layout) == lease.owner
 
 
+@pytest.mark.parametrize(
+    ("host", "scope", "lapses"),
+    [
+        (socket.gethostname(), "another-boot pid:[1]", MISSED - 3),  # a killed container's
+        ("other-host", None, LEASE - 3),  # a crashed host's
+    ],
+    ids=["another-namespace", "another-host"],
+)
+def test_init_and_rollback_refused_by_a_lease_say_when_a_stopped_ones_lapses(
+    layout: Layout, host: str, scope: str | None, lapses: float
+) -> None:
+    """A lease whose owner is not looked up by its pid still counts a while after the owner
+    stopped (kill -9 of its container): "stop that coordinator first" alone sent an operator
+    who had just stopped it looking for a coordinator that was not there."""
+    plant(layout, host=host, pid=1, age=3, scope=scope)
+    with pytest.raises(ProblemError) as refused:
+        ensure_not_served(layout, "rollback")
+    assert str(refused.value).endswith(
+        f"stop that coordinator first, then rollback (if it is stopped already, its lease "
+        f"counts for {lapses:.0f} s more: rollback then)"
+    )
+
+
+def test_a_live_lease_judged_by_its_pid_says_nothing_of_lapsing(layout: Layout) -> None:
+    """Its owner is alive: stopped, its lease would not count at all."""
+    plant(layout, host=socket.gethostname(), pid=os.getppid(), age=3)
+    with pytest.raises(ProblemError, match=r"then rollback$"):
+        ensure_not_served(layout, "rollback")
+
+
 def racing(monkeypatch: pytest.MonkeyPatch, starts: int) -> None:
     """Make ``starts`` threads each read the lease before any of them goes on to act on it."""
     barrier = threading.Barrier(starts, timeout=10)

@@ -552,8 +552,21 @@ def ensure_not_served(layout: Layout, what: str) -> None:
     if current is not None and current.age(now) < LEASE and not current.provably_dead(now):
         raise ProblemError(
             f"{what} refused: {layout.root} is served by {current.describe()}; stop that "
-            f"coordinator first, then {what}"
+            f"coordinator first, then {what}{_lapsing(current, now, what)}"
         )
+
+
+def _lapsing(owner: Owner, now: float, what: str) -> str:
+    """When ``owner``'s lease stops keeping ``what`` out once its coordinator has stopped, for
+    an operator who has just stopped it (a killed container's lease stays behind); "" for one
+    judged by its live pid, whose lease would not count at all once it stopped."""
+    if owner.elsewhere():
+        left = MISSED - owner.age(now)
+    elif owner.host != socket.gethostname():
+        left = LEASE - owner.age(now)
+    else:
+        return ""
+    return f" (if it is stopped already, its lease counts for {left:.0f} s more: {what} then)"
 
 
 async def hold_ownership(
