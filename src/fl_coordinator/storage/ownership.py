@@ -120,11 +120,11 @@ class Owner:
     def describe(self) -> str:
         # Escaped: anyone who can write the folder chose these.
         where = ""
-        if self.elsewhere():
+        if self.elsewhere():  # an older version's lease does not say where: perhaps beside us
             where = (
                 " in another pid namespace (container) of this host"
-                if _scope() is not None
-                else " on this host, in a pid namespace not known to be ours (/proc does not say)"
+                if _scope() is not None and self.scope
+                else " on this host, in a pid namespace not known to be ours"
             )
         return f"{shown(self.host, 100)} pid {self.pid} (since {shown(self.started, 40)}){where}"
 
