@@ -39,7 +39,6 @@ from fl_coordinator.storage.ownership import (
     MISSED,
     RENEW_EVERY,
     Lease,
-    Owner,
     acquire,
     ensure_not_served,
     hold_ownership,
@@ -312,6 +311,28 @@ def test_a_live_lease_judged_by_its_pid_says_nothing_of_lapsing(layout: Layout) 
     plant(layout, host=socket.gethostname(), pid=os.getppid(), age=3)
     with pytest.raises(ProblemError, match=r"then rollback$"):
         ensure_not_served(layout, "rollback")
+
+
+#: The keys of a lease as the version before ``scope`` wrote them, and read them: it built its
+#: Owner from exactly these, and took a lease with any other key for a damaged one.
+_KEYS_BEFORE_SCOPE = {"host", "pid", "started", "heartbeat", "instance"}
+
+
+def test_a_lease_is_still_read_by_the_version_before_scope(layout: Layout) -> None:
+    """``scope`` had a key of its own: a coordinator of the version before (a replica not yet
+    upgraded, an image rolled back, an ``init`` container of an older tag) read a live lease
+    as naming no owner, so its rollback and init went ahead beside the coordinator, and its
+    ``serve --take-over`` (which that refusal advised) took the live lease over. The scope
+    now rides in ``instance``, which that version only compares."""
+    lease, _ = acquire(layout)
+    written = json.loads((layout.own / "owner.json").read_bytes())
+    assert set(written) == _KEYS_BEFORE_SCOPE
+    assert lease.owner.scope and lease.owner.scope in written["instance"]
+    assert holder(layout) == lease.owner  # read back whole, scope included
+    lease.renew()
+    assert set(json.loads((layout.own / "owner.json").read_bytes())) == _KEYS_BEFORE_SCOPE
+    assert holder(layout) == lease.owner
+    lease.release()
 
 
 def racing(monkeypatch: pytest.MonkeyPatch, starts: int) -> None:
@@ -850,7 +871,7 @@ async def test_renewals_on_a_full_disk_keep_the_lease_and_warn_once(
             await renewals.wait_for(lambda done: [c for c, _ in done[-5:]] == [errno.ENOSPC] * 5)
             kept = {after for code, after in renewals.outcomes if code == errno.ENOSPC}
             assert len(kept) == 1  # no failed renewal changed the file
-            assert Owner(**json.loads(kept.pop())).instance == mine.instance
+            assert ownership._parse(kept.pop()) == mine
             assert list(layout.tmp.iterdir()) == []
             filler.unlink()
             # Two: the loop has logged the first one's success before it made the second.

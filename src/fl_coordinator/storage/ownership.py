@@ -115,7 +115,7 @@ class Owner:
     started: str  # ISO 8601, UTC
     heartbeat: float  # seconds since the epoch, the owner's clock
     instance: str  # unique per coordinator run: tells an owner from its successor
-    scope: str = ""  # where its pid means something (see _scope); "" in older leases
+    scope: str = ""  # where its pid means something (see _scope); "" in older leases (_encode)
 
     def describe(self) -> str:
         # Escaped: anyone who can write the folder chose these.
@@ -264,7 +264,8 @@ def _parse(lease: bytes) -> Owner | None:
         return None
     if type(owner.heartbeat) not in (int, float) or not abs(owner.heartbeat) < 1e15:  # not NaN
         return None
-    return owner
+    instance, _, scope = owner.instance.partition(" ")  # see _encode
+    return replace(owner, instance=instance, scope=scope) if scope else owner
 
 
 def _read(layout: Layout) -> bytes | None:
@@ -361,7 +362,14 @@ def _who(owner: Owner | None) -> str:
 
 
 def _encode(owner: Owner) -> bytes:
-    return json.dumps(asdict(owner)).encode()
+    """The lease file's bytes. The scope rides in ``instance`` (after a space; a uuid has none),
+    which the version before it only compares: a key of its own made the whole lease a damaged
+    one to that version (it builds its Owner from exactly its keys), so beside a live
+    coordinator its init and rollback went ahead, and its ``serve --take-over`` took over."""
+    fields = asdict(owner)
+    if scope := fields.pop("scope"):
+        fields["instance"] = f"{owner.instance} {scope}"
+    return json.dumps(fields).encode()
 
 
 def _refusal(layout: Layout, current: Owner, now: float) -> str:
