@@ -755,6 +755,39 @@ async def test_an_owner_that_was_taken_over_stops(layout: Layout) -> None:
     assert error is not None and "ownership was taken over by elsewhere pid 7" in str(error)
 
 
+async def test_the_lease_is_renewed_while_every_default_worker_thread_waits(
+    layout: Layout,
+) -> None:
+    """trio's default worker threads (40) all taken, as by calls on a selector's storage that
+    hangs: the lease is still taken and renewed. Before, its file work waited for one of
+    them: the lease lapsed, and a start watching it from another container took it over."""
+    hung = threading.Event()
+    renewed: list[float] = []
+
+    async def renewals(task_status: trio.TaskStatus[None]) -> None:
+        await hold_ownership(layout, renew_every=0.01, task_status=task_status)
+
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                taken = trio.to_thread.current_default_thread_limiter()
+                for _ in range(int(taken.total_tokens)):
+                    nursery.start_soon(
+                        functools.partial(
+                            trio.to_thread.run_sync, hung.wait, abandon_on_cancel=True
+                        )
+                    )
+                await trio.testing.wait_all_tasks_blocked()
+                assert taken.available_tokens == 0
+                await nursery.start(renewals)
+                while len(set(renewed)) < 3:  # two renewals after the first heartbeat
+                    renewed.append(holder(layout).heartbeat)
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+    finally:
+        hung.set()
+
+
 @needs_fuse
 async def test_a_lease_that_cannot_be_read_at_a_clean_stop_is_said_to_stay(
     layout: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture

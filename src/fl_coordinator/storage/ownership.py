@@ -592,10 +592,15 @@ async def hold_ownership(
     A lease whose owner's life cannot be looked up (:class:`Unproven`) is first watched,
     every ``watch_every`` seconds, until it has been silent :data:`MISSED` seconds (then
     taken over) or changes (then judged again: a renewal is refused).
+
+    The lease's file work runs in a worker thread of its own, not in trio's default ones:
+    those may all wait on a selector's storage that hangs, and a coordinator alive
+    otherwise would let its lease lapse, to be taken over by a start that watches it.
     """
+    thread = trio.CapacityLimiter(1)
     try:
         lease, previous = await trio.to_thread.run_sync(
-            functools.partial(acquire, layout, take_over=take_over)
+            functools.partial(acquire, layout, take_over=take_over), limiter=thread
         )
     except Unproven as unproven:
         log.warning(
@@ -609,10 +614,13 @@ async def hold_ownership(
         with trio.move_on_after(unproven.seconds):
             while True:  # polled: a file on shared storage tells no one that it changed
                 await trio.sleep(watch_every)
-                if not await trio.to_thread.run_sync(unchanged, abandon_on_cancel=True):
+                if not await trio.to_thread.run_sync(
+                    unchanged, abandon_on_cancel=True, limiter=thread
+                ):
                     break
         lease, previous = await trio.to_thread.run_sync(
-            functools.partial(acquire, layout, take_over=take_over, watched=unproven.judged)
+            functools.partial(acquire, layout, take_over=take_over, watched=unproven.judged),
+            limiter=thread,
         )
     if previous is not None:
         log.warning("took %s over from %s", layout.root, previous.describe())
@@ -622,7 +630,7 @@ async def hold_ownership(
         while True:
             await trio.sleep(renew_every)
             try:
-                await trio.to_thread.run_sync(lease.renew, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(lease.renew, abandon_on_cancel=True, limiter=thread)
             except OSError as error:  # a full or unreachable disk: the lease may go stale
                 if not failing:  # once, not every renewal, while the disk stays full
                     log.warning(
@@ -643,7 +651,7 @@ async def hold_ownership(
         with trio.move_on_after(5) as cleanup:
             cleanup.shield = True
             try:
-                await trio.to_thread.run_sync(lease.release, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(lease.release, abandon_on_cancel=True, limiter=thread)
             except OSError as error:  # e.g. EROFS: left as after a crash (see the README)
                 log.warning(
                     "cannot remove the ownership lease %s (%s): the next start treats it as a "
