@@ -10,7 +10,9 @@ do its job), never with a traceback.
 
 The settings, the logging set-up and the help formatter are imported inside
 :func:`~.exits.exit_status` too, and the command line is parsed there: a
-Ctrl-C from the program's first moments on is one line, not a traceback.
+Ctrl-C is one line, not a traceback, from the moment this module's own imports
+(the standard library's, the exceptions) are done, about 50 ms after the
+interpreter starts; before that, Python's own handler answers it.
 """
 
 from __future__ import annotations
