@@ -569,7 +569,7 @@ def _lapsing(owner: Owner, now: float, what: str) -> str:
     an operator who has just stopped it (a killed container's lease stays behind); "" for one
     judged by its live pid, whose lease would not count at all once it stopped."""
     if owner.elsewhere():
-        left = MISSED - owner.age(now)
+        left = owner.unheard(now)
     elif owner.host != socket.gethostname():
         left = LEASE - owner.age(now)
     else:
