@@ -238,6 +238,18 @@ async def watch(
     return watcher
 
 
+async def answer_to(port: int, data: bytes) -> bytes:
+    """What the server at ``port`` sends back to ``data`` before it closes the connection (30 s)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        received = b""
+        with trio.fail_after(30):
+            while chunk := await stream.receive_some():
+                received += chunk
+    return received
+
+
 def completed(round_no: int) -> Callable[[dict[str, Any]], bool]:
     return lambda m: m["round"] == round_no and m["stage"] in ("COMPLETED", "FAILED")
 

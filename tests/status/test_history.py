@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 import trio_websocket
-from helpers.peers import FakeSelector, completed, serve_and_watch, write_aggregate
+from helpers.peers import FakeSelector, answer_to, completed, serve_and_watch, write_aggregate
 
 from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
@@ -142,18 +142,6 @@ async def test_plain_requests_follow_the_status_token(
     async with httpx.AsyncClient() as client:
         posted = await client.post(url + "/status", content=b"{}")
     assert posted.status_code == 405
-
-
-async def answer_to(port: int, data: bytes) -> bytes:
-    """What the status port sends back to ``data`` before it closes the connection."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(data)
-        received = b""
-        with trio.fail_after(30):
-            while chunk := await stream.receive_some():
-                received += chunk
-    return received
 
 
 async def test_hostile_requests_end_their_connection_only(
