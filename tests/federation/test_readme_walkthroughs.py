@@ -10,7 +10,10 @@ namespace (helpers/walkthrough.py). What is changed, and why:
 * "The three roles": the lines for "each selector" and "each client" are run
   for a second selector with ``sel1`` replaced by ``sel2`` (what "each" means);
   the clients take part in 2 rounds, not 10 (``--rounds 10`` -> ``--rounds 2``),
-  to keep the run short. The six clients (``CHECKIN_LIMIT=6``) use the demo's
+  to keep the run short. The selectors tell a refused client to come back in 2 s
+  (``--waiting-time-ms 2000`` added), not the protocol's 20 s: a client done with
+  round 1 checks in before the round's last upload, is refused, and would otherwise
+  idle 20 s. The six clients (``CHECKIN_LIMIT=6``) use the demo's
   shards of the digits data (``numpy.savez``), one per client.
 * "Security": the ``openssl`` lines that make ``coord.pem`` are run again with
   ``coord`` replaced by ``sel1``, as the README's comment says ("the same for
@@ -117,6 +120,7 @@ async def test_three_roles_on_separate_machines(
     parts = commands(block("The three roles, on separate machines", "fl-selector serve"))
     init, serve = part(parts, "coordinator")
     (selector,) = part(parts, "each selector")
+    selector += " --waiting-time-ms 2000"
     (client,) = part(parts, "each client")
     client = replaced(client, ("--rounds 10", "--rounds 2"))
     names = {"coord.example": "192.0.2.1", "sel1.example": "192.0.2.11",
