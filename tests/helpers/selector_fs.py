@@ -16,7 +16,9 @@ test opens it once the files have passed their check, say.
 
 Run in its own process (``python selector_fs.py BACKING MOUNT FILE OP ERRNO
 AFTER [GATE]``), it prints a line once the kernel has mounted it; :func:`mounted`
-does that and unmounts it at the end. Needs /dev/fuse, libfuse 3 and
+does that and unmounts it at the end. :meth:`Mount.arm` gives a mounted one
+another operation, errno and ``after``, its count started again: a test that
+tries every N in turn mounts once, not once per N. Needs /dev/fuse, libfuse 3 and
 ``fusermount3`` (Linux; root, as the tests run in CI): tests that mount one
 are marked :data:`needs_fuse`, and are skipped, loudly (see
 ``tests/conftest.py``), where those are missing.
@@ -52,7 +54,7 @@ needs_fuse = pytest.mark.skipif(
     f"get them with {HOW_TO_GET_FUSE}",
 )
 
-_READY, _HELD = "mounted", "held"
+_READY, _HELD, _ARMED = "mounted", "held", "armed"
 
 
 #: Longest wait for a line of the server (it mounts, it holds a call), in seconds.
@@ -84,6 +86,14 @@ class Mount:
         """Return once a call has been held (:data:`HANG`): the next one not yet held."""
         self.said(_HELD)
 
+    def arm(self, operation: str, code: int, after: int = 1) -> None:
+        """From now on ``operation`` answers ``code`` (an errno) from its ``after``-th call
+        on, counted from here; returns once the server has taken it (blocks)."""
+        assert self._server.stdin is not None and code != HANG
+        self._server.stdin.write(f"{operation} {errno.errorcode[code]} {after}\n".encode())
+        self._server.stdin.flush()
+        self.said(_ARMED)
+
 
 @contextlib.contextmanager
 def mounted(
@@ -102,7 +112,9 @@ def mounted(
     mount.mkdir(exist_ok=True)
     name = "HANG" if code == HANG else errno.errorcode[code]
     args = [str(backing), str(mount), file, operation, name, str(after), str(gate or "")]
-    with subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE) as server:
+    with subprocess.Popen(
+        [sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as server:
         try:
             mounted_fs = Mount(server)
             mounted_fs.said(_READY)  # the kernel's INIT reached the server
@@ -130,19 +142,29 @@ def _serve(
 
     import mfusepy as fuse  # only in the server's process
 
-    code, target, calls = HANG if name == "HANG" else getattr(errno, name), f"/{file}", {"n": 0}
+    target = f"/{file}"
+    fault = {"operation": operation, "code": HANG if name == "HANG" else getattr(errno, name),
+             "after": after, "n": 0}  # fmt: skip
     counting = threading.Lock()  # the server answers calls in several threads
 
     def say(line: str) -> None:
         os.write(1, f"{line}\n".encode())  # one write: lines of two threads never mix
 
+    def rearm() -> None:  # Mount.arm's lines, one by one, until the test closes stdin
+        for line in sys.stdin:
+            op, errno_name, from_call = line.split()
+            with counting:
+                fault.update(operation=op, code=getattr(errno, errno_name),
+                             after=int(from_call), n=0)  # fmt: skip
+            say(_ARMED)
+
     def answer(path: str, op: str) -> None:
-        if path != target or op != operation:
-            return
         with counting:
-            calls["n"] += 1
-            counted = calls["n"]
-        if counted < after or (gate and not os.path.exists(gate)):
+            if path != target or op != fault["operation"]:
+                return
+            fault["n"] += 1
+            counted, code, first = fault["n"], fault["code"], fault["after"]
+        if counted < first or (gate and not os.path.exists(gate)):
             return
         if code != HANG:
             raise fuse.FuseOSError(code)
@@ -184,6 +206,7 @@ def _serve(
             os.close(fh)
             return 0
 
+    threading.Thread(target=rearm, daemon=True).start()
     fuse.FUSE(View(), mount, foreground=True, allow_other=True, ro=True, direct_io=True,
               attr_timeout=0, entry_timeout=0)  # fmt: skip
 

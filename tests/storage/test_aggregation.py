@@ -313,15 +313,9 @@ def test_every_call_an_inputs_file_system_fails_refuses_that_input_alone(
     contribution(tmp_path, "served", updates_like(arrays, 2), 2)  # what "bad" shows
     bad = Contribution("bad", UntrustedFile(tmp_path, "bad/fl_agg_checkpoint"), 2)
     outcomes: list[str] = []
-    while not outcomes or outcomes[-1] != "averaged":
-        with mounted(
-            tmp_path / "served",
-            tmp_path / "bad",
-            "fl_agg_checkpoint",
-            operation,
-            code,
-            after=len(outcomes) + 1,
-        ):
+    with mounted(tmp_path / "served", tmp_path / "bad", "fl_agg_checkpoint", operation, code) as fs:
+        while not outcomes or outcomes[-1] != "averaged":
+            fs.arm(operation, code, after=len(outcomes) + 1)
             try:
                 aggregate(checkpoint, [good, bad], tmp_path / "tmp")
             except ContributionsRefused as refused:

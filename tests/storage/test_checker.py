@@ -612,13 +612,14 @@ async def test_a_selector_file_system_failing_any_call_of_the_check_rejects_it_a
     checker = ContributionChecker(reported, spec_of(reported), timeout=60, workers=1)
     rejected: dict[str, list[str]] = {}
     async with checker.running():
-        for operation in ("open", "read", "getattr"):
-            for after in range(1, 100):  # until a check makes fewer such calls
-                with mounted(backing, folder, name, operation, code, after):
+        with mounted(backing, folder, name, "open", code) as mount:
+            for operation in ("open", "read", "getattr"):
+                for after in range(1, 100):  # until a check makes fewer such calls
+                    await trio.to_thread.run_sync(mount.arm, operation, code, after)
                     outcome = await checker.check(SELECTOR)
-                if isinstance(outcome, Contribution):
-                    break
-                rejected.setdefault(operation, []).append(outcome)
+                    if isinstance(outcome, Contribution):
+                        break
+                    rejected.setdefault(operation, []).append(outcome)
     assert sorted(rejected) == ["getattr", "open", "read"]
     for outcome in (outcome for outcomes in rejected.values() for outcome in outcomes):
         assert outcome.startswith(f"{folder}/{name}: ") or outcome.startswith(f"{folder}: ")
