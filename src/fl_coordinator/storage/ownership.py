@@ -42,7 +42,13 @@ when renewing, that the lease names someone else (an operator took over)
 stops at once rather than go on beside the new owner. Of several starts that
 take one lease over at the same moment (a supervisor restarting two replicas
 of a crashed coordinator), exactly one gets the folder: the lease is taken
-over only if it is still the one judged (see ``_take_over``).
+over only if it is still the one judged (see ``_take_over``). Those steps
+alone leave a window of a few system calls (one start moves the winner's new
+lease aside to compare it just as a third finds the name free), so the starts,
+renewals and releases also take turns under an advisory lock on
+``.coordinator/owner.lock`` (:func:`_locked`): not what the ownership rests
+on, for the reasons above, but where the storage honours locks (a local disk,
+NFS with lockd or v4) it closes that window.
 
 Clocks: staleness compares a heartbeat written by one host with the clock
 of another, so hosts should run NTP; :data:`LEASE` (30 s) tolerates skew
@@ -53,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import json
 import logging
@@ -62,7 +69,7 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,6 +107,11 @@ MISSED = 2 * RENEW_EVERY
 WATCH_EVERY = 1.0
 
 _FILE = "owner.json"
+#: The advisory lock under which the lease is judged and changed (see :func:`_locked`).
+_LOCK_FILE = "owner.lock"
+#: Seconds a start, renewal or release waits for its turn at the lease (each takes
+#: milliseconds; longer, the one before hangs on its storage).
+LOCK_PATIENCE = 10.0
 
 #: Instances this process holds now: a lease with our pid but not in here was written
 #: by an earlier run that had the same pid (a restarted container's pid 1).
@@ -199,6 +211,56 @@ def _exited(pid: int) -> bool:
 
 def _path(layout: Layout) -> Path:
     return layout.own / _FILE
+
+
+def _lock(fd: int) -> bool:
+    """Take the lock on ``fd`` if free: True; False if another holds it. OSError if this
+    storage cannot lock (ENOLCK: NFS mounted ``nolock``; EOPNOTSUPP, EINVAL)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _locked(layout: Layout) -> Iterator[None]:
+    """Judge and change the lease alone among the processes that lock ``.coordinator/
+    owner.lock``, where the storage honours locks; go ahead without it where it does not
+    (it cannot be opened or locked: a read-only folder, ``nolock``), the lease's own steps
+    then alone (see the module's docstring).
+
+    TimeoutError (an OSError) if another has held it :data:`LOCK_PATIENCE` seconds. The
+    file is never removed: two starts would then lock two different files.
+    """
+    path = layout.own / _LOCK_FILE
+    try:
+        layout.own.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o644)  # fmt: skip
+    except OSError:
+        fd = -1  # the lease's own steps then say what is wrong with the folder
+    if fd < 0:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + LOCK_PATIENCE
+        while True:
+            try:
+                if _lock(fd):
+                    break
+            except OSError:
+                break  # no locks on this storage: the lease's own steps alone
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    errno.ETIMEDOUT,
+                    f"another start or coordinator has held the lock {path} for over "
+                    f"{LOCK_PATIENCE:g} s (its storage may hang)",
+                )
+            time.sleep(0.005)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
 
 
 #: Bytes of a lease read at most: ours are a few hundred; a larger file is no lease of ours.
@@ -309,6 +371,10 @@ class Lease:
 
     def renew(self) -> None:
         """Renew the heartbeat; ProblemError if another coordinator has taken over."""
+        with _locked(self.layout):
+            self._renew()
+
+    def _renew(self) -> None:
         path = _path(self.layout)
         try:
             there: bytes | None = _contents(path)
@@ -340,6 +406,10 @@ class Lease:
         OSError if the lease cannot be read (EIO): it stays behind, for the caller to say.
         """
         _HELD.discard(self.owner.instance)
+        with _locked(self.layout):
+            self._release()
+
+    def _release(self) -> None:
         try:
             current = _parse(_contents(_path(self.layout)))
         except (FileNotFoundError, _NotAFile):  # gone, or replaced by what is no lease of ours
@@ -497,6 +567,17 @@ def acquire(
     without watching the lease. ``watched``: the bytes of a lease watched that
     long (see :func:`hold_ownership`); still the same, its owner is dead.
     """
+    try:
+        with _locked(layout):
+            return _acquire(layout, take_over, watched)
+    except TimeoutError as error:
+        raise ProblemError(
+            f"cannot take ownership of {layout.root}: {error.strerror}; nothing was started: "
+            "try again"
+        ) from None
+
+
+def _acquire(layout: Layout, take_over: bool, watched: bytes | None) -> tuple[Lease, Owner | None]:
     me = _me()
     path = _path(layout)
     try:
