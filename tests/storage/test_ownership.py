@@ -424,32 +424,36 @@ def test_of_starts_taking_one_lease_over_at_once_exactly_one_owns_the_folder(
     lease.release()
 
 
-def test_a_start_or_renewal_waits_for_the_lock_only_so_long(
+def test_a_start_waits_for_the_lock_only_so_long_and_a_renewal_goes_on_without_it(
     layout: Layout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another process holds the lock (its storage hangs mid-start, say): a start waits
-    LOCK_PATIENCE, then is refused with one line, nothing written; a renewal raises an
-    OSError (logged and tried again by hold_ownership), the lease left as it was."""
+    """Another process holds the lock (its storage hangs mid-start, say; or it was stopped):
+    a start waits LOCK_PATIENCE, then is refused with one line, nothing written. A renewal
+    waits RENEW_PATIENCE, then renews without the lock: it raised, and the owner's lease
+    lapsed while the lock stayed held, so that `init --force` and `rollback` went ahead
+    beside a live coordinator (and a --take-over start would take it over). A clean stop's
+    release, too, goes ahead (hold_ownership gives it 5 s)."""
     monkeypatch.setattr(ownership, "LOCK_PATIENCE", 0.2)
+    monkeypatch.setattr(ownership, "RENEW_PATIENCE", 0.1, raising=False)
     lease, _ = acquire(layout)
     before = (layout.own / "owner.json").read_bytes()
-    lease.release()
     lock = layout.own / "owner.lock"
     with open(lock, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(ProblemError) as refused:
-            acquire(layout)
-        assert not (layout.own / "owner.json").exists()
-        (layout.own / "owner.json").write_bytes(before)
-        with pytest.raises(TimeoutError):
-            lease.renew()
+            acquire(layout, take_over=True)
         assert (layout.own / "owner.json").read_bytes() == before
+        lease.renew()
+        assert holder(layout) == lease.owner
+        assert lease.owner.heartbeat > json.loads(before)["heartbeat"]
+        with pytest.raises(ProblemError, match="is served by"):
+            ensure_not_served(layout, "init")
+        lease.release()
+        assert holder(layout) is None
     assert str(refused.value) == (
         f"cannot take ownership of {layout.root}: another start or coordinator has held the "
         f"lock {lock} for over 0.2 s (its storage may hang); nothing was started: try again"
     )
-    lease.renew()  # its turn, now
-    assert holder(layout) == lease.owner and lease.owner.heartbeat > json.loads(before)["heartbeat"]
 
 
 def test_a_lock_that_cannot_be_opened_leaves_the_lease_to_its_own_steps(layout: Layout) -> None:

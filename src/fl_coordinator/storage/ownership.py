@@ -112,6 +112,11 @@ _LOCK_FILE = "owner.lock"
 #: Seconds a start, renewal or release waits for its turn at the lease (each takes
 #: milliseconds; longer, the one before hangs on its storage).
 LOCK_PATIENCE = 10.0
+#: Seconds a renewal or a clean stop's release waits for the lock before going ahead without
+#: it (the lease's own steps, as where the storage cannot lock): a lock held by a start that
+#: hangs, or by anyone who can write the folder, must not let a live owner's lease lapse (then
+#: init, rollback and demo went ahead beside it, and a --take-over start took it over).
+RENEW_PATIENCE = 2.0
 
 #: Instances this process holds now: a lease with our pid but not in here was written
 #: by an earlier run that had the same pid (a restarted container's pid 1).
@@ -224,13 +229,14 @@ def _lock(fd: int) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(layout: Layout) -> Iterator[None]:
+def _locked(layout: Layout, *, or_without: bool = False) -> Iterator[None]:
     """Judge and change the lease alone among the processes that lock ``.coordinator/
     owner.lock``, where the storage honours locks; go ahead without it where it does not
     (it cannot be opened or locked: a read-only folder, ``nolock``), the lease's own steps
     then alone (see the module's docstring).
 
-    TimeoutError (an OSError) if another has held it :data:`LOCK_PATIENCE` seconds. The
+    TimeoutError (an OSError) if another has held it :data:`LOCK_PATIENCE` seconds; with
+    ``or_without`` (a renewal, a release), on without it after :data:`RENEW_PATIENCE`. The
     file is never removed: two starts would then lock two different files.
     """
     path = layout.own / _LOCK_FILE
@@ -244,7 +250,7 @@ def _locked(layout: Layout) -> Iterator[None]:
         yield
         return
     try:
-        deadline = time.monotonic() + LOCK_PATIENCE
+        deadline = time.monotonic() + (RENEW_PATIENCE if or_without else LOCK_PATIENCE)
         while True:
             try:
                 if _lock(fd):
@@ -252,6 +258,8 @@ def _locked(layout: Layout) -> Iterator[None]:
             except OSError:
                 break  # no locks on this storage: the lease's own steps alone
             if time.monotonic() > deadline:
+                if or_without:
+                    break  # the lease's own steps alone, rather than let a live lease lapse
                 raise TimeoutError(
                     errno.ETIMEDOUT,
                     f"another start or coordinator has held the lock {path} for over "
@@ -371,7 +379,7 @@ class Lease:
 
     def renew(self) -> None:
         """Renew the heartbeat; ProblemError if another coordinator has taken over."""
-        with _locked(self.layout):
+        with _locked(self.layout, or_without=True):
             self._renew()
 
     def _renew(self) -> None:
@@ -406,7 +414,7 @@ class Lease:
         OSError if the lease cannot be read (EIO): it stays behind, for the caller to say.
         """
         _HELD.discard(self.owner.instance)
-        with _locked(self.layout):
+        with _locked(self.layout, or_without=True):
             self._release()
 
     def _release(self) -> None:
