@@ -456,6 +456,26 @@ def test_a_start_waits_for_the_lock_only_so_long_and_a_renewal_goes_on_without_i
     )
 
 
+async def test_a_start_waiting_for_the_lock_stops_at_once_when_cancelled(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGINT or SIGTERM while a start waits for the lock (held by a start that hangs): it
+    stopped only after LOCK_PATIENCE (10 s), then said it could not take ownership, status
+    2. The wait notices the cancellation; nothing is written."""
+    monkeypatch.setattr(ownership, "LOCK_PATIENCE", 5.0)
+    layout.own.mkdir(parents=True, exist_ok=True)
+    held = os.open(layout.own / "owner.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        began = trio.current_time()
+        with trio.move_on_after(0.3):
+            await hold_ownership(layout)
+        assert trio.current_time() - began < 2
+    finally:
+        os.close(held)
+    assert not (layout.own / "owner.json").exists()
+
+
 def test_a_lock_that_cannot_be_opened_leaves_the_lease_to_its_own_steps(layout: Layout) -> None:
     """Whatever is at owner.lock that cannot be locked (a folder here; a read-only folder,
     an NFS mount without locks) does not keep the folder from being owned."""

@@ -265,10 +265,19 @@ def _locked(layout: Layout, *, or_without: bool = False) -> Iterator[None]:
                     f"another start or coordinator has held the lock {path} for over "
                     f"{LOCK_PATIENCE:g} s (its storage may hang)",
                 )
+            _check_cancelled()
             time.sleep(0.005)
         yield
     finally:
         os.close(fd)  # and the lock with it
+
+
+def _check_cancelled() -> None:
+    """trio.Cancelled if this is a trio worker thread whose caller was cancelled (SIGINT,
+    SIGTERM during a start's wait for the lock: it waited LOCK_PATIENCE, then said it could
+    not take ownership, status 2); nothing outside trio's threads."""
+    with contextlib.suppress(RuntimeError):  # not a trio worker thread: a test, a tool
+        trio.from_thread.check_cancelled()
 
 
 #: Bytes of a lease read at most: ours are a few hundred; a larger file is no lease of ours.
