@@ -476,6 +476,31 @@ async def test_a_start_waiting_for_the_lock_stops_at_once_when_cancelled(
     assert not (layout.own / "owner.json").exists()
 
 
+def test_a_lock_file_of_another_user_is_still_locked(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """owner.lock created by a coordinator run by another user of a shared folder (mode
+    644): opening it for writing is refused (EACCES), and the start went on without the
+    lock, silently, open to the race it closes. flock(2) needs only a descriptor."""
+    layout.own.mkdir(parents=True, exist_ok=True)
+    (layout.own / "owner.lock").touch()
+    real_open = os.open
+
+    def not_writable(path: object, flags: int, *args: int) -> int:
+        if str(path).endswith("owner.lock") and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(ownership.os, "open", not_writable)
+    monkeypatch.setattr(ownership, "LOCK_PATIENCE", 0.2)
+    with open(layout.own / "owner.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ProblemError, match="has held the lock"):
+            acquire(layout)
+    lease, _ = acquire(layout)
+    lease.release()
+
+
 def test_a_lock_that_cannot_be_opened_leaves_the_lease_to_its_own_steps(layout: Layout) -> None:
     """Whatever is at owner.lock that cannot be locked (a folder here; a read-only folder,
     an NFS mount without locks) does not keep the folder from being owned."""

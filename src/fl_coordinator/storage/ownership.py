@@ -242,8 +242,14 @@ def _locked(layout: Layout, *, or_without: bool = False) -> Iterator[None]:
     path = layout.own / _LOCK_FILE
     try:
         layout.own.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     0o644)  # fmt: skip
+        flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+        except PermissionError:
+            # Created by a coordinator run by another user of a shared folder (mode 644):
+            # flock(2) needs no write access (except where NFS emulates it with fcntl: then
+            # EBADF, and the lease's own steps alone, below).
+            fd = os.open(path, os.O_RDONLY | flags)
     except OSError:
         fd = -1  # the lease's own steps then say what is wrong with the folder
     if fd < 0:
