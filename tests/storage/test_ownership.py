@@ -452,7 +452,8 @@ def test_a_start_waits_for_the_lock_only_so_long_and_a_renewal_goes_on_without_i
         assert holder(layout) is None
     assert str(refused.value) == (
         f"cannot take ownership of {layout.root}: another start or coordinator has held the "
-        f"lock {lock} for over 0.2 s (its storage may hang); nothing was started: try again"
+        f"lock {lock} for over 0.2 s (its storage may hang); nothing was started: try again; "
+        "if it stays locked, stop what holds it (lslocks names it, on the host that holds it)"
     )
 
 
@@ -470,7 +471,7 @@ async def test_a_start_waiting_for_the_lock_stops_at_once_when_cancelled(
         began = trio.current_time()
         with trio.move_on_after(0.3):
             await hold_ownership(layout)
-        assert trio.current_time() - began < 2
+        assert trio.current_time() - began < 4  # not LOCK_PATIENCE
     finally:
         os.close(held)
     assert not (layout.own / "owner.json").exists()
@@ -501,11 +502,33 @@ def test_a_lock_file_of_another_user_is_still_locked(
     lease.release()
 
 
-def test_a_lock_that_cannot_be_opened_leaves_the_lease_to_its_own_steps(layout: Layout) -> None:
-    """Whatever is at owner.lock that cannot be locked (a folder here; a read-only folder,
-    an NFS mount without locks) does not keep the folder from being owned."""
-    (layout.own / "owner.lock").mkdir(parents=True)
-    lease, _ = acquire(layout)
+@pytest.mark.parametrize("kind", ["folder", "named pipe", "character device"])
+def test_a_lock_that_is_not_a_file_leaves_the_lease_to_its_own_steps(
+    layout: Layout, kind: str
+) -> None:
+    """Whatever is at owner.lock that is not a regular file is never opened (opening a device
+    can act, /dev/watchdog; a pipe's open could wait), nor what cannot be locked (a
+    read-only folder, an NFS mount without locks): the folder is still owned, by its
+    lease's own steps."""
+    lock = layout.own / "owner.lock"
+    layout.own.mkdir(parents=True, exist_ok=True)
+    if kind == "folder":
+        lock.mkdir()
+    elif kind == "named pipe":
+        os.mkfifo(lock)
+    else:
+        os.mknod(lock, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null's numbers
+    opened: list[str] = []
+    real_open = os.open
+
+    def watched(path: object, flags: int, *args: int) -> int:
+        opened.append(str(path))
+        return real_open(path, flags, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ownership.os, "open", watched)
+        lease, _ = acquire(layout)
+    assert str(lock) not in opened
     with pytest.raises(ProblemError, match="is served by"):
         acquire(layout)
     lease.renew()

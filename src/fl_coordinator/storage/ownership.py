@@ -220,7 +220,8 @@ def _path(layout: Layout) -> Path:
 
 def _lock(fd: int) -> bool:
     """Take the lock on ``fd`` if free: True; False if another holds it. OSError if this
-    storage cannot lock (ENOLCK: NFS mounted ``nolock``; EOPNOTSUPP, EINVAL)."""
+    storage cannot lock (ENOLCK, EOPNOTSUPP, EINVAL, EBADF). NFS mounted ``nolock`` says
+    nothing: there the lock is taken, but keeps out only the callers of this host."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -242,6 +243,9 @@ def _locked(layout: Layout, *, or_without: bool = False) -> Iterator[None]:
     path = layout.own / _LOCK_FILE
     try:
         layout.own.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(mode := os.lstat(path).st_mode):  # never opened: opening a
+                raise _NotAFile(kind_of(mode))  # device can act (/dev/watchdog), a pipe block
         flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
@@ -596,7 +600,8 @@ def acquire(
     except TimeoutError as error:
         raise ProblemError(
             f"cannot take ownership of {layout.root}: {error.strerror}; nothing was started: "
-            "try again"
+            "try again; if it stays locked, stop what holds it (lslocks names it, on the "
+            "host that holds it)"
         ) from None
 
 
