@@ -218,6 +218,11 @@ def _path(layout: Layout) -> Path:
     return layout.own / _FILE
 
 
+class _LockHeld(TimeoutError):
+    """Another process has held ``owner.lock`` longer than a start waits (an OSError, as a
+    renewal's other failures; not any ETIMEDOUT of the storage, which says something else)."""
+
+
 def _lock(fd: int) -> bool:
     """Take the lock on ``fd`` if free: True; False if another holds it. OSError if this
     storage cannot lock (ENOLCK, EOPNOTSUPP, EINVAL, EBADF). NFS mounted ``nolock`` says
@@ -236,7 +241,7 @@ def _locked(layout: Layout, *, or_without: bool = False) -> Iterator[None]:
     (it cannot be opened or locked: a read-only folder, ``nolock``), the lease's own steps
     then alone (see the module's docstring).
 
-    TimeoutError (an OSError) if another has held it :data:`LOCK_PATIENCE` seconds; with
+    :class:`_LockHeld` (an OSError) if another has held it :data:`LOCK_PATIENCE` seconds; with
     ``or_without`` (a renewal, a release), on without it after :data:`RENEW_PATIENCE`. The
     file is never removed: two starts would then lock two different files.
     """
@@ -270,7 +275,7 @@ def _locked(layout: Layout, *, or_without: bool = False) -> Iterator[None]:
             if time.monotonic() > deadline:
                 if or_without:
                     break  # the lease's own steps alone, rather than let a live lease lapse
-                raise TimeoutError(
+                raise _LockHeld(
                     errno.ETIMEDOUT,
                     f"another start or coordinator has held the lock {path} for over "
                     f"{LOCK_PATIENCE:g} s (its storage may hang)",
@@ -597,7 +602,7 @@ def acquire(
     try:
         with _locked(layout):
             return _acquire(layout, take_over, watched)
-    except TimeoutError as error:
+    except _LockHeld as error:
         raise ProblemError(
             f"cannot take ownership of {layout.root}: {error.strerror}; nothing was started: "
             "try again; if it stays locked, stop what holds it (lslocks names it, on the "
