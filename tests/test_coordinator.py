@@ -12,6 +12,7 @@ import trio
 import trio.testing
 from helpers.h2peer import CHECK_IN, RawPeer, check_in_body, framed, padded
 from helpers.peers import (
+    UPGRADE,
     FakeSelector,
     GrpcioClient,
     aggregating_round,
@@ -277,10 +278,7 @@ async def test_stalled_subscriber_does_not_delay_the_round(
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
     stalled.connect(("127.0.0.1", endpoints.status_port))
-    stalled.sendall(
-        b"GET /status HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
+    stalled.sendall(UPGRADE)
     selector = await FakeSelector().start(nursery)
     try:
         with trio.fail_after(60):

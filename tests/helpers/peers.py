@@ -238,6 +238,13 @@ async def watch(
     return watcher
 
 
+#: A websocket upgrade of the status stream, as a raw peer sends it (RFC 6455's sample key).
+UPGRADE = (
+    b"GET /status HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
 async def answer_to(port: int, data: bytes) -> bytes:
     """What the server at ``port`` sends back to ``data`` before it closes the connection (30 s)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)

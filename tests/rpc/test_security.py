@@ -24,6 +24,7 @@ import pytest
 import trio
 import trio_websocket
 from helpers.peers import (
+    UPGRADE,
     FakeSelector,
     GrpcioClient,
     PurerpcClient,
@@ -55,7 +56,6 @@ from fl_coordinator.rpc.auth import TokenGuard
 from fl_coordinator.rpc.listener import serve_grpc
 from fl_coordinator.rpc.tls import server_context
 from fl_coordinator.status.hub import StatusHub
-from fl_coordinator.status.websocket import PATH
 from fl_coordinator.storage.layout import Layout
 
 TOKEN = "s3cret-Token-for-this-problem"
@@ -181,11 +181,7 @@ async def test_plaintext_client_against_tls_server_fails(
     plain.close()
     # ws:// against wss://, on a raw socket: trio-websocket 0.12's client does not notice a
     # connection closed during its handshake and would wait out its 60 s connect timeout.
-    upgrade = (
-        b"GET %s HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
-        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
-    ) % PATH.encode()
-    answer = await answer_to(endpoints.status_port, upgrade)  # the server closes it
+    answer = await answer_to(endpoints.status_port, UPGRADE)  # the server closes it
     assert b"HTTP/1.1" not in answer  # no upgrade, not even an HTTP error: TLS only
     # The server goes on serving TLS clients.
     secure = GrpcioClient(endpoints.grpc_port, credentials=pki.credentials())

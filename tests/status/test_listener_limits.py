@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio_websocket
-from helpers.peers import eventually, watch
+from helpers.peers import UPGRADE, eventually, watch
 
 from fl_coordinator.app import Endpoints, serve
 from fl_coordinator.config import Settings
@@ -142,12 +142,6 @@ async def test_metrics_request_that_never_comes_is_dropped(
     assert await scrape(endpoints.metrics_port) == 200  # a real request is answered
 
 
-_UPGRADE = (
-    b"GET /status HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-
-
 async def test_a_subscriber_that_resets_while_being_sent_to_is_a_plain_disconnect(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -160,7 +154,7 @@ async def test_a_subscriber_that_resets_while_being_sent_to_is_a_plain_disconnec
     peer.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
     await peer.connect(("127.0.0.1", port))
     stream = trio.SocketStream(peer)
-    await stream.send_all(_UPGRADE)
+    await stream.send_all(UPGRADE)
     answer = b""
     while b"\r\n\r\n" not in answer:
         answer += await stream.receive_some(1)
