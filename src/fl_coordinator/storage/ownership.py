@@ -246,8 +246,7 @@ def _locked(layout: Layout, *, or_without: bool = False) -> Iterator[None]:
     file is never removed: two starts would then lock two different files.
     """
     path = layout.own / _LOCK_FILE
-    try:
-        layout.own.mkdir(parents=True, exist_ok=True)
+    try:  # no .coordinator/ yet (a new folder): no lease to take over, nothing to lock
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISREG(mode := os.lstat(path).st_mode):  # never opened: opening a
                 raise _NotAFile(kind_of(mode))  # device can act (/dev/watchdog), a pipe block
