@@ -525,9 +525,10 @@ class Flood:
             thread.join()
 
 
-def health_with(port: int, padding: int) -> int | grpc.StatusCode:
+def health_with(port: int, padding: int) -> int | str:
     """A health check on a connection of its own (grpcio), its request carrying ``padding``
-    bytes in a field the server does not know (and skips): the status, or the error's code."""
+    bytes in a field the server does not know (and skips): the status, or the error's code
+    and what grpcio saw (its details say how the call ended: a reset, a GOAWAY...)."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         check = channel.unary_unary(
             "/grpc.health.v1.Health/Check",
@@ -537,7 +538,7 @@ def health_with(port: int, padding: int) -> int | grpc.StatusCode:
         try:
             return check(health_pb2.HealthCheckRequest(), timeout=30).status
         except grpc.RpcError as error:
-            return error.code()
+            return f"{error.code().name}: {error.details()}"
 
 
 @pytest.mark.parametrize("cap", [4, 8])

@@ -27,9 +27,9 @@ coordinator (gRPC, status websocket, metrics) accepts through a
   at most :data:`CLOSING_MAX` of them per listener (fewer under a small
   ``RLIMIT_NOFILE``: see :func:`port_share`), all its sockets together
   (``localhost``: IPv4 and IPv6). With that many closing, the listener
-  hurries one (closes it at once: the oldest without calls in flight, else
-  the oldest) and accepts the next connection only when one has gone;
-  otherwise a peer that dials faster than its connections take their
+  hurries one (cuts its goodbye short, :attr:`Slot.hurry`: the oldest
+  without calls in flight, else the oldest) and accepts the next connection
+  only when one has gone; otherwise a peer that dials faster than its connections take their
   goodbyes would hold descriptors beyond the port's share.
   :func:`port_share` counts them in the share;
 * if ``accept`` fails for want of descriptors anyway (EMFILE, ENFILE: other
@@ -156,7 +156,7 @@ def port_share(ports: int, limit: int | None = None) -> PortShare:
 class Slot:
     """One admitted connection: its place in its gate's recency order, and how to close it."""
 
-    __slots__ = ("_busy_until", "_gate", "busy", "cancel_scope", "evict", "settled")
+    __slots__ = ("_busy_until", "_gate", "busy", "cancel_scope", "evict", "hurry", "settled")
 
     def __init__(self, gate: Gate) -> None:
         self._gate = gate
@@ -170,6 +170,11 @@ class Slot:
         #: Called (synchronously) to close the connection to make room for a new one;
         #: a handler may replace it to say goodbye first (gRPC: GOAWAY).
         self.evict: Callable[[], None] = self.cancel_scope.cancel
+        #: Called (synchronously) to cut short the goodbye of a connection closed to make
+        #: room, when the gate has as many closing as it keeps; a handler may replace it
+        #: to say its last word first, without waiting for its peer (gRPC: which calls
+        #: never started, so that the peer sends them again).
+        self.hurry: Callable[[], None] = self.cancel_scope.cancel
 
     def touch(self) -> None:
         """The connection was active: it is the last one to close to make room."""
@@ -331,7 +336,7 @@ class Gate(Generic[S]):
         while len(self._open) + len(self._closing) + self._placed >= room:
             if self._released.is_set():  # (each accept loop of this gate waits on the same one)
                 self._released = trio.Event()
-            self._hurried().cancel_scope.cancel()  # its goodbye is cut short
+            self._hurried().hurry()  # its goodbye is cut short
             await self._released.wait()
         self._placed += 1
         try:

@@ -25,6 +25,7 @@ from helpers.peers import GrpcioClient
 from fl_coordinator._proto import fl_intra_pb2
 from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
+from fl_coordinator.connections import port_share
 from fl_coordinator.rpc.connection import GOODBYE_TIMEOUT, MAX_CONCURRENT_STREAMS
 
 #: A method the coordinator does not serve: its requests have only the server's limit.
@@ -323,17 +324,24 @@ async def test_a_call_in_flight_on_a_connection_closed_to_make_room_is_answered(
     other.close()
 
 
-@pytest.mark.parametrize("hold", [call_waiting_for_window, request_without_message])
+@pytest.mark.parametrize(
+    ("hold", "started"), [(call_waiting_for_window, True), (request_without_message, False)]
+)
 async def test_a_connection_that_never_finishes_its_call_closes_at_the_bound(
     settings: Settings,
     nursery: trio.Nursery,
     mock_clock: trio.testing.MockClock,
     hold: Callable[[int], tuple[RawPeer, int]],
+    started: bool,
 ) -> None:
     """A peer that keeps its connection draining (does not read its answer, or never sends
     its request's message, and opens streams after the GOAWAY): the connection is still
     open (a PING is answered) just before GOODBYE_TIMEOUT from the first GOAWAY, and closed
-    at it, without the call's answer (on trio's MockClock: no real time involved)."""
+    at it, without the call's answer (on trio's MockClock: no real time involved). A last
+    GOAWAY names the call if it started, else stream 0, and refuses the request that never
+    started (REFUSED_STREAM: grpcio would send it again).
+
+    Before: closed after the second GOAWAY, which named the request as taken in."""
     endpoints = await nursery.start(
         serve, settings.replace(max_connections=1, idle_connection_timeout=0)
     )
@@ -350,8 +358,55 @@ async def test_a_connection_that_never_finishes_its_call_closes_at_the_bound(
     mock_clock.jump(0.02)
     assert await trio.to_thread.run_sync(peer.wait_closed, 60) < 60
     assert not ends(stream_id, h2.events.TrailersReceived)(peer.events)  # cut: no answer
+    assert goaways(peer)[-1].last_stream_id == (stream_id if started else 0)
+    resets = [e.error_code for e in peer.events if ends(stream_id, h2.events.StreamReset)([e])]
+    assert resets.count(h2.errors.ErrorCodes.REFUSED_STREAM) == (0 if started else 1), resets
     peer.close()
     other.close()
+
+
+def heard_out(peer: RawPeer) -> bool:
+    """Read (answering nothing) until the server closes: whether with a FIN, not a reset."""
+    while True:
+        try:
+            data = peer.sock.recv(65536)
+        except ConnectionResetError:
+            return False
+        if not data:
+            return True
+        peer.events.extend(peer.h2.receive_data(data))
+
+
+async def test_a_connection_hurried_to_make_room_says_which_calls_never_started(
+    settings: Settings, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    """At MAX_CONNECTIONS=1, a check-in's headers are in, not its message, when a dial
+    closes its connection to make room; more dials fill the connections closing (none
+    answers its PING: their goodbyes would last GOODBYE_TIMEOUT), and the next one makes
+    the gate hurry the oldest without a call in flight, the check-in's. Its peer hears
+    the check-in refused (REFUSED_STREAM) and a last GOAWAY naming stream 0 (no call
+    started), then the connection's end, a FIN: grpcio sends such a call again. (Time
+    stands still: no timeout is involved.)
+
+    Before: the connection was closed after the first GOAWAY, which leaves out no
+    stream: grpcio took the call as started and cut, and ended it UNAVAILABLE (1 health
+    check in 100 under a flood of dials at MAX_CONNECTIONS=8)."""
+    endpoints = await nursery.start(
+        serve, settings.replace(max_connections=1, idle_connection_timeout=0)
+    )
+    port = endpoints.grpc_port
+    holder, stream_id = await trio.to_thread.run_sync(request_without_message, port)
+    dials = [await connected(port) for _ in range(port_share(2).closing + 1)]
+    assert await trio.to_thread.run_sync(heard_out, holder) is True
+    resets = [e.error_code for e in holder.events if ends(stream_id, h2.events.StreamReset)([e])]
+    assert resets == [h2.errors.ErrorCodes.REFUSED_STREAM]
+    codes = [(goaway.error_code, goaway.last_stream_id) for goaway in goaways(holder)]
+    assert codes == [(h2.errors.ErrorCodes.NO_ERROR, 2**31 - 1), (h2.errors.ErrorCodes.NO_ERROR, 0)]
+    # the newest dial was admitted: its check-in is answered
+    answer = await trio.to_thread.run_sync(dials[-1].call, CHECK_IN, check_in_body("127.0.0.1:2"))
+    assert answer["grpc-status"] == "0"
+    for peer in (holder, *dials):
+        peer.close()
 
 
 # -- the connection closed to make room: calls in flight protect only the server's work ----

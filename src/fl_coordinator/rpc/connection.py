@@ -57,11 +57,12 @@ and dispatch:
   the requests taken in, get their messages and send their answers; newer
   streams are refused (REFUSED_STREAM); grpcio and grpc-go clients send
   those calls again on a new connection. All within :data:`GOODBYE_TIMEOUT`
-  of the first GOAWAY (what is still in flight then is cancelled), and the
-  gate may cut it short to make room. Shedding (above) and a peer's protocol
-  errors close at once. (Clients on python's ``h2``, purerpc's included,
-  cannot take answers after a GOAWAY: h2 closes its side as the GOAWAY
-  arrives, python-hyper/h2 issue 1181);
+  of the first GOAWAY, and the gate may cut it short to make room; cut short,
+  a last GOAWAY names the last call started, the requests not started are
+  refused (sent again too), and what is still in flight is cancelled.
+  Shedding (above) and a peer's protocol errors close at once. (Clients on
+  python's ``h2``, purerpc's included, cannot take answers after a GOAWAY:
+  h2 closes its side as the GOAWAY arrives, python-hyper/h2 issue 1181);
 * a compressed message is inflated up to ``GRPC_MAX_MESSAGE_BYTES`` and no
   further: one that inflates to more is a message over the limit;
 * a method whose requests are small by its protocol has a limit of its own
@@ -79,6 +80,7 @@ import contextlib
 import functools
 import logging
 import math
+import socket
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -117,6 +119,7 @@ from .request_limits import RequestLimits, refusal
 
 __all__ = [
     "GOODBYE_TIMEOUT",
+    "LAST_WORD_TIMEOUT",
     "MAX_CONCURRENT_STREAMS",
     "MAX_FRAME_BYTES",
     "MAX_UNSENT_BYTES",
@@ -135,6 +138,9 @@ MAX_UNSENT_BYTES = 1 << 20
 #: Time from a GOAWAY to the socket's close: for the GOAWAY to leave and, on a graceful
 #: close, for the calls in flight to finish (a selector's calls take milliseconds).
 GOODBYE_TIMEOUT = 1.0
+#: Time a connection whose drain is cut short (its GOODBYE_TIMEOUT is up, or the gate
+#: needs its place) has to send its last GOAWAY; its peer is not waited for.
+LAST_WORD_TIMEOUT = 0.1
 
 #: The first GOAWAY of a graceful close names the highest stream id there may be, and
 #: this PING follows it: the streams the peer opened before it saw the GOAWAY arrive
@@ -142,6 +148,8 @@ GOODBYE_TIMEOUT = 1.0
 _ANY_STREAM = 2**31 - 1
 _DRAIN_PING = b"draining"
 _RECEIVE_BYTES = 65536
+#: Reads of what the peer of a drain cut short sent, dropped before the socket is closed.
+_DISCARD_READS = 16
 _SEND_BYTES = 65536
 _DEFAULT_WINDOW = 65535  # HTTP/2's initial connection window
 
@@ -397,6 +405,8 @@ class _Connection:
         self._watchdog = trio.CancelScope()  # reading, until idle or evicted
         self._draining = trio.CancelScope()  # then, until the calls in flight are done
         self._drained = trio.Event()
+        self._farewell = trio.CancelScope()  # the goodbye: sending the GOAWAY, lingering
+        self._lingering = trio.CancelScope()  # (reading until the peer closes)
         self._last_stream_id: int | None = None  # the last GOAWAY's, once draining
         self._deadline = math.inf  # when the socket is closed, once saying goodbye
         self._working = 0  # unary calls whose method runs (see _at_work)
@@ -404,6 +414,7 @@ class _Connection:
         self._closing = False  # the writer sends what is queued, then stops
         self._written = trio.Event()
         slot.evict = self._evict
+        slot.hurry = self._hurry
 
     # -- what GRPCStream calls -------------------------------------------------
 
@@ -415,6 +426,16 @@ class _Connection:
     def _evict(self) -> None:
         """Closed to make room (while it drains already, nothing changes)."""
         self._watchdog.cancel()
+
+    def _hurry(self) -> None:
+        """Its goodbye cut short to make room (the gate keeps few connections closing):
+        a last GOAWAY if it still drains (:meth:`_cut_short`), within
+        :data:`LAST_WORD_TIMEOUT`, and no more waiting for its peer."""
+        self._watchdog.cancel()
+        self._draining.cancel()
+        self._lingering.cancel()
+        hurried = trio.current_time() + LAST_WORD_TIMEOUT
+        self._farewell.deadline = min(self._farewell.deadline, hurried)
 
     def _shed(self) -> None:
         """Closed for holding unread data when the process's budget ran out (at once)."""
@@ -480,6 +501,8 @@ class _Connection:
                     polite = await self._read(calls)
                 if self._watchdog.cancelled_caught and not self._over_budget:
                     polite = await self._drain(calls)  # idle, or closed to make room
+                    if self._draining.cancelled_caught and not self._over_budget:
+                        polite = self._cut_short()  # its time is up, or hurried
                 calls.cancel_scope.cancel()  # whatever ended the connection ends its calls
             if self._over_budget:
                 reason = "half-sent requests held too long while the server's buffers were full"
@@ -499,11 +522,11 @@ class _Connection:
         gRPC library retries such a call on a new connection, as it does the
         calls the GOAWAY leaves out: they never ran). Done when the PING came
         back and no call is left; within :data:`GOODBYE_TIMEOUT` of the first
-        GOAWAY, the goodbye included, after which what is still in flight is
-        cancelled. Shedding (:meth:`_shed`) and the gate's hurry cut it short.
+        GOAWAY, the goodbye included; the gate's hurry and shedding
+        (:meth:`_shed`) cut it short.
 
-        Returns whether to say goodbye: False if the peer closed or the time
-        is up (as :meth:`_read`: True, a GOAWAY with a reason is queued).
+        Returns whether to say goodbye: False if the peer closed or it was cut
+        short (as :meth:`_read`: True, a GOAWAY with a reason is queued).
         """
         self._deadline = trio.current_time() + GOODBYE_TIMEOUT
         self._last_stream_id = _ANY_STREAM
@@ -528,6 +551,29 @@ class _Connection:
                 await self._drained.wait()
                 reading.cancel_scope.cancel()
         return polite and not self._draining.cancelled_caught
+
+    def _cut_short(self) -> bool:
+        """The drain's time is up, or the gate hurried it: tell the peer which of its
+        calls never started, within :data:`LAST_WORD_TIMEOUT`, without waiting for it. A
+        request taken in without a call is refused (REFUSED_STREAM), and a last GOAWAY
+        names the last call started (0: none), so that the peer's gRPC library sends the
+        others again on a new connection, as those a drain leaves out; the calls in flight
+        are cancelled.
+
+        Before, the connection was closed at once: a call whose request the server had
+        not read or started yet, which the first GOAWAY (any stream) said was taken in,
+        ended UNAVAILABLE. Returns True: say goodbye.
+        """
+        for stream_id in self._requests:
+            self._refuse(stream_id)
+        self._requests.clear()
+        started = max(self._calls, default=0)
+        last = self._last_stream_id
+        self._last_stream_id = started if last is None else min(last, started)
+        self._go_away(ErrorCodes.NO_ERROR)
+        self._lingering.cancel()
+        self._deadline = trio.current_time() + LAST_WORD_TIMEOUT
+        return True
 
     def _last_goaway(self) -> None:
         """The peer saw the first GOAWAY: name the last stream taken in."""
@@ -570,17 +616,19 @@ class _Connection:
 
     async def _goodbye(self, *, linger: bool) -> None:
         """Let the writer send what is queued (the GOAWAY), within :data:`GOODBYE_TIMEOUT`
-        (of the first GOAWAY, if the connection drained).
+        (of the first GOAWAY, if the connection drained; :data:`LAST_WORD_TIMEOUT`, if its
+        drain was cut short).
 
         With ``linger``, then read (and drop) what the peer still sends until
-        it closes, within the same time: closing a socket with unread data
-        resets the connection, and the peer may lose the GOAWAY and its reason
-        (and, after draining, the last answers).
+        it closes, within the same time (cut short: only what has arrived):
+        closing a socket with unread data resets the connection, and the peer
+        may lose the GOAWAY and its reason (and, after draining, the last answers).
         """
         self._closing = True
         self._wake_writer.set()
         self._deadline = min(self._deadline, trio.current_time() + GOODBYE_TIMEOUT)
-        with trio.move_on_at(self._deadline):
+        self._farewell.deadline = min(self._farewell.deadline, self._deadline)
+        with self._farewell:
             await self._written.wait()
             if not linger:
                 return
@@ -589,8 +637,11 @@ class _Connection:
                     # (anyio passes on shutdown's OSError as it is: ENOTCONN when the
                     # peer reset the connection since the last bytes were sent)
                     await self._stream.send_eof()  # the peer closes at once (not over TLS)
-                while await self._stream.receive(_RECEIVE_BYTES):
-                    pass
+                with self._lingering:
+                    while await self._stream.receive(_RECEIVE_BYTES):
+                        pass
+                if self._lingering.cancelled_caught:  # cut short: the peer is not waited for
+                    self._discard_arrived()
             except (
                 anyio.EndOfStream,
                 anyio.BrokenResourceError,
@@ -598,6 +649,18 @@ class _Connection:
                 OSError,
             ):
                 pass
+
+    def _discard_arrived(self) -> None:
+        """Read and drop, without waiting, what the peer sent and no one read (at most
+        :data:`_DISCARD_READS` reads): the socket then closes with a FIN, not a reset
+        that may lose the GOAWAY on its way to the peer."""
+        raw = self._stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        if raw is None:
+            return
+        with contextlib.suppress(OSError):  # (BlockingIOError: nothing more has arrived)
+            for _ in range(_DISCARD_READS):
+                if not raw.recv(_RECEIVE_BYTES, socket.MSG_DONTWAIT):
+                    return
 
     async def _write(self, connection_scope: trio.CancelScope) -> None:
         """Send what h2 queues, as it is queued, until closing and all is sent.
