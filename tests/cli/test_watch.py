@@ -244,6 +244,22 @@ async def test_watch_follows_a_tls_coordinator_with_its_ca(
         await follow(endpoints.status_url, Recorder(), ca=pki.ca.parent / "missing.pem")
 
 
+async def test_watch_with_ws_at_a_tls_coordinator_says_to_use_wss(
+    settings: Settings, pki: Pki, nursery: trio.Nursery
+) -> None:
+    """The coordinator answers the plaintext handshake in plaintext (HTTP 400 and why),
+    and watch says so at once. Before: the coordinator closed it without a word, and
+    watch waited its whole connect timeout, then said "no handshake within 10 s"."""
+    endpoints = await nursery.start(serve, tls_settings(settings, pki))
+    plaintext = endpoints.status_url.replace("wss://", "ws://", 1)
+    with trio.fail_after(5), pytest.raises(WatchError) as failed:
+        await follow(plaintext, Recorder())
+    assert str(failed.value) == (
+        f"cannot connect to {plaintext}: HTTP 400: this port speaks TLS: use wss:// for the "
+        "status stream, https:// for its pages"
+    )
+
+
 def _free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     try:

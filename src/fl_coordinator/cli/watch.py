@@ -33,6 +33,7 @@ from trio_websocket import (
 from ..errors import ConfigError, WatchError, first_of
 from ..status.rounds import ENDED
 from ..status.schema import StatusMessage
+from ..untrusted_text import shown
 
 __all__ = ["LiveView", "PlainView", "View", "durations", "follow", "summary", "watch"]
 
@@ -289,7 +290,8 @@ async def follow(
 
 
 def _reason(error: BaseException) -> str:
-    """The most telling part of a failed connection: an HTTP status or an OS error."""
+    """The most telling part of a failed connection: an HTTP status (with the server's
+    text, escaped and cut) or an OS error."""
     if isinstance(error, BaseExceptionGroup):
         error = first_of(error, _HANDSHAKE_FAILED) or error
     if isinstance(error, h11.ProtocolError):
@@ -298,7 +300,8 @@ def _reason(error: BaseException) -> str:
             "stream is on STATUS_PORT, 50052 by default)"
         )
     if isinstance(error, ConnectionRejected):
-        return f"HTTP {error.status_code}"
+        said = error.body.decode("utf-8", "replace").strip() if error.body else ""
+        return f"HTTP {error.status_code}: {shown(said)}" if said else f"HTTP {error.status_code}"
     if isinstance(error, ConnectionTimeout):
         return f"no handshake within {_CONNECT_TIMEOUT:.0f} s"
     cause: BaseException | None = error

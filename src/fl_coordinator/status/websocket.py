@@ -15,7 +15,10 @@ the connection (code 1009).
 
 Connections are accepted through a :class:`~..connections.Gate` (at most
 ``MAX_CONNECTIONS``, shed when descriptors run out), and the handshake (TLS,
-then the HTTP upgrade) must complete within ``HANDSHAKE_TIMEOUT``.
+then the HTTP upgrade) must complete within ``HANDSHAKE_TIMEOUT``. A
+plaintext request on a TLS port is answered in plaintext, HTTP 400 "use
+wss://", as web servers do: otherwise its client waits out its own timeout
+for an answer that never comes (trio-websocket's: 60 s).
 
 The same port answers plain HTTP GETs (:mod:`.pages`: the dashboard,
 ``/status``, ``/rounds``): the request head is read with h11, and a
@@ -64,6 +67,12 @@ PATH = "/status"
 SUBPROTOCOL = "fl-status"
 _BEARER_PROTOCOL = "bearer."
 _SEND_TIMEOUT = 10.0
+_USE_TLS = b"this port speaks TLS: use wss:// for the status stream, https:// for its pages\n"
+#: The answer to a plaintext HTTP request on a TLS port (OpenSSL's HTTP_REQUEST error).
+_PLAINTEXT_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_USE_TLS), _USE_TLS)
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,10 @@ def _address(stream: trio.SocketStream) -> str:
     except (OSError, ValueError):
         return "?"
     return f"{host}:{port}"
+
+
+class _PlaintextRequest(Exception):
+    """A plaintext HTTP request arrived where a TLS handshake was expected."""
 
 
 async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> bool:
@@ -255,6 +268,8 @@ class StatusServer:
             )
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             failure = error.__cause__ or error  # a failed TLS handshake, a reset
+            if isinstance(failure, ssl.SSLError) and failure.reason == "HTTP_REQUEST":
+                raise _PlaintextRequest from error
             self._throttle.warning(
                 "status handshake failed",
                 "status handshake with %s failed: %s",
@@ -272,7 +287,11 @@ class StatusServer:
                 )
             connection = None
             with trio.move_on_after(self._limits.connections.handshake_timeout):
-                head = await self._head(transport)
+                try:
+                    head = await self._head(transport)
+                except _PlaintextRequest:
+                    await self._answer_plaintext(stream)
+                    return
                 if head is not None and not head.upgrades_to_websocket:
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                         await send_answer(transport, head, self._pages.answer(head))
@@ -285,6 +304,22 @@ class StatusServer:
                 await self._serve(transport, connection)
             finally:
                 self._connections -= 1
+
+    async def _answer_plaintext(self, stream: trio.SocketStream) -> None:
+        """HTTP 400 "use wss://", in plaintext; then read what the client still sends
+        until it closes (within the handshake's time): a socket closed with unread data
+        resets the connection, and the answer may be lost on its way."""
+        self._throttle.warning(
+            "plaintext requests on the TLS status port",
+            "plaintext HTTP request on the TLS status port from %s: answered HTTP 400 (the "
+            "client should use wss:// or https://)",
+            context_field("peer"),
+        )
+        if await _send_quietly(stream, _PLAINTEXT_ANSWER):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_eof()
+                while await stream.receive_some():
+                    pass
 
     async def serve(
         self,
