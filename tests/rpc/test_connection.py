@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import gzip
 import math
+import select
+import socket
 import struct
 import time
 import zlib
 from collections.abc import Callable
 
+import h2.config
+import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
@@ -406,6 +410,52 @@ async def test_a_connection_hurried_to_make_room_says_which_calls_never_started(
     answer = await trio.to_thread.run_sync(dials[-1].call, CHECK_IN, check_in_body("127.0.0.1:2"))
     assert answer["grpc-status"] == "0"
     for peer in (holder, *dials):
+        peer.close()
+
+
+def unread(port: int) -> socket.socket:
+    """A connection whose server is stuck writing to it: PINGs, their answers never read,
+    until the server stops reading it (more than MAX_UNSENT_BYTES of answers wait: its
+    writer cannot send). The peer's receive buffer is 1 KiB and its segments 88 bytes, so
+    that the server's send buffer stays small, as off loopback. The server is taken to have
+    stopped once nothing more goes for 5 s (it reads megabytes a second meanwhile)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 88)
+    sock.connect(("127.0.0.1", port))
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    pings = b"".join(b"\0\0\x08\x06\0\0\0\0\0" + struct.pack(">Q", n) for n in range(4096))
+    pending = memoryview(connection.data_to_send())
+    sock.setblocking(False)
+    while select.select([], [sock], [], 5)[1]:
+        pending = pending[sock.send(pending) :] or memoryview(pings)
+    return sock
+
+
+async def test_a_hurried_connection_whose_peer_does_not_read_is_closed_at_once(
+    settings: Settings, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    """At MAX_CONNECTIONS=1, a peer that sends PINGs and never reads their answers (the
+    server's writer cannot send) is closed to make room, more dials fill the connections
+    closing, and the next one makes the gate hurry it: its last GOAWAY cannot leave, so it
+    is closed at once, and the newest dial is admitted and answered. (Time stands still.)
+
+    Before: the hurried connection waited LAST_WORD_TIMEOUT for its writer, and the gate
+    for it: a peer that does not read made each hurry, and so each accept under a flood of
+    dials, take 0.1 s (grpcio health checks on new connections against 10 such dials a
+    second: 14.5 a second answered, 81 before the last word was said at all)."""
+    endpoints = await nursery.start(
+        serve, settings.replace(max_connections=1, idle_connection_timeout=0)
+    )
+    port = endpoints.grpc_port
+    stuck = await trio.to_thread.run_sync(unread, port)
+    dials = [await connected(port) for _ in range(port_share(2).closing + 1)]
+    dials[-1].sock.settimeout(10)
+    answer = await trio.to_thread.run_sync(dials[-1].call, CHECK_IN, check_in_body("127.0.0.1:2"))
+    assert answer["grpc-status"] == "0"
+    stuck.close()
+    for peer in dials:
         peer.close()
 
 
