@@ -80,6 +80,7 @@ import contextlib
 import functools
 import logging
 import math
+import select
 import socket
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -139,7 +140,8 @@ MAX_UNSENT_BYTES = 1 << 20
 #: close, for the calls in flight to finish (a selector's calls take milliseconds).
 GOODBYE_TIMEOUT = 1.0
 #: Time a connection whose drain is cut short (its GOODBYE_TIMEOUT is up, or the gate
-#: needs its place) has to send its last GOAWAY; its peer is not waited for.
+#: needs its place) has to send its last GOAWAY; its peer is not waited for (none at all
+#: when the socket takes no more bytes: a peer that does not read would not get it).
 LAST_WORD_TIMEOUT = 0.1
 
 #: The first GOAWAY of a graceful close names the highest stream id there may be, and
@@ -430,12 +432,35 @@ class _Connection:
     def _hurry(self) -> None:
         """Its goodbye cut short to make room (the gate keeps few connections closing):
         a last GOAWAY if it still drains (:meth:`_cut_short`), within
-        :data:`LAST_WORD_TIMEOUT`, and no more waiting for its peer."""
+        :data:`LAST_WORD_TIMEOUT` (at once if it cannot leave), and no more waiting for
+        its peer."""
         self._watchdog.cancel()
         self._draining.cancel()
         self._lingering.cancel()
-        hurried = trio.current_time() + LAST_WORD_TIMEOUT
-        self._farewell.deadline = min(self._farewell.deadline, hurried)
+        self._farewell.deadline = min(self._farewell.deadline, self._last_word_deadline())
+
+    def _last_word_deadline(self) -> float:
+        """When a drain cut short closes: in :data:`LAST_WORD_TIMEOUT`, or now if its last
+        word cannot leave (the socket's send buffer is full: the peer does not read).
+
+        The gate waits for a hurried connection before it accepts the next one: a
+        peer that never reads would otherwise make every accept under a flood of
+        dials wait LAST_WORD_TIMEOUT (10 a second at most).
+        """
+        now = trio.current_time()
+        return now + LAST_WORD_TIMEOUT if self._takes_bytes() else now
+
+    def _takes_bytes(self) -> bool:
+        """Whether the socket takes more bytes now (poll: writable); True without one."""
+        raw = self._stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        if raw is None:
+            return True
+        poller = select.poll()
+        try:
+            poller.register(raw, select.POLLOUT)
+        except (OSError, ValueError):  # (closed)
+            return False
+        return any(mask & select.POLLOUT for _, mask in poller.poll(0))
 
     def _shed(self) -> None:
         """Closed for holding unread data when the process's budget ran out (at once)."""
@@ -554,7 +579,8 @@ class _Connection:
 
     def _cut_short(self) -> bool:
         """The drain's time is up, or the gate hurried it: tell the peer which of its
-        calls never started, within :data:`LAST_WORD_TIMEOUT`, without waiting for it. A
+        calls never started, within :data:`LAST_WORD_TIMEOUT` (none if the socket takes
+        no more bytes: :meth:`_last_word_deadline`), without waiting for it. A
         request taken in without a call is refused (REFUSED_STREAM), and a last GOAWAY
         names the last call started (0: none), so that the peer's gRPC library sends the
         others again on a new connection, as those a drain leaves out; the calls in flight
@@ -572,7 +598,7 @@ class _Connection:
         self._last_stream_id = started if last is None else min(last, started)
         self._go_away(ErrorCodes.NO_ERROR)
         self._lingering.cancel()
-        self._deadline = trio.current_time() + LAST_WORD_TIMEOUT
+        self._deadline = self._last_word_deadline()
         return True
 
     def _last_goaway(self) -> None:
