@@ -6,6 +6,7 @@ A coordinator on loopback (in process); peers are raw HTTP/2 connections
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import select
@@ -13,7 +14,7 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import h2.config
 import h2.connection
@@ -25,6 +26,7 @@ import trio
 import trio.testing
 from helpers.h2peer import CHECK_IN, RawPeer, check_in_body
 from helpers.peers import GrpcioClient
+from helpers.relay import relay
 
 from fl_coordinator._proto import fl_intra_pb2
 from fl_coordinator.app import serve
@@ -455,6 +457,100 @@ async def test_a_hurried_connection_whose_peer_does_not_read_is_closed_at_once(
     answer = await trio.to_thread.run_sync(dials[-1].call, CHECK_IN, check_in_body("127.0.0.1:2"))
     assert answer["grpc-status"] == "0"
     stuck.close()
+    for peer in dials:
+        peer.close()
+
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HEADERS_IN = b"hdrs in."
+
+
+async def frames(source: trio.SocketStream, preface: bytes = b"") -> AsyncIterator[bytes]:
+    """HTTP/2 frames from ``source`` (after ``preface``, yielded first), whole, as bytes."""
+    buffer = b""
+    async for data in source:
+        buffer += data
+        if preface:
+            if len(buffer) < len(preface):
+                continue
+            yield buffer[: len(preface)]
+            buffer, preface = buffer[len(preface) :], b""
+        while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+            size = 9 + int.from_bytes(buffer[:3], "big")
+            yield buffer[:size]
+            buffer = buffer[size:]
+
+
+class Withholding:
+    """A relay to ``target``: grpcio's first connection loses its DATA frames on the way
+    (its requests' headers arrive, their messages never), and ``headers_in`` is set when
+    the server has read a request's headers (a PING sent after them comes back; its
+    answer is not passed on). Later connections are relayed as they are."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.connections = 0
+        self.headers_in = trio.Event()
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        self.connections += 1
+        if self.connections > 1:
+            await relay(client, self.target)
+            return
+        server = await trio.open_tcp_stream("127.0.0.1", self.target)
+        async with client, server, trio.open_nursery() as pipes:
+            pipes.start_soon(self._pipe, client, server, True, pipes.cancel_scope)
+            pipes.start_soon(self._pipe, server, client, False, pipes.cancel_scope)
+
+    async def _pipe(
+        self, source: trio.SocketStream, dest: trio.SocketStream, out: bool, done: trio.CancelScope
+    ) -> None:
+        ping = b"\0\0\x08\x06\0\0\0\0\0" + _HEADERS_IN
+        try:
+            async for frame in frames(source, _PREFACE if out else b""):
+                if out and frame[3:4] == b"\0":  # DATA: withheld
+                    continue
+                if not out and frame == b"\0\0\x08\x06\x01\0\0\0\0" + _HEADERS_IN:
+                    self.headers_in.set()  # (the PING's answer)
+                    continue
+                await dest.send_all(frame)
+                if out and frame[3:4] == b"\x01":  # HEADERS: then the PING
+                    await dest.send_all(ping)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        done.cancel()
+
+
+async def test_grpcio_sends_again_a_call_refused_by_a_hurried_connection(
+    settings: Settings, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    """At MAX_CONNECTIONS=1, grpcio's check-in is taken in (its headers are read, its
+    message withheld on the way) when a dial closes its connection to make room; more dials
+    fill the connections closing, and the next one hurries it: refused (REFUSED_STREAM) and
+    a last GOAWAY naming stream 0. grpcio sends the call again on a new connection, where
+    it is answered. (Time stands still.)
+
+    Before a2af52d: the hurried connection closed at once after a GOAWAY naming the
+    check-in as taken in, and grpcio ended it UNAVAILABLE."""
+    endpoints = await nursery.start(
+        serve, settings.replace(max_connections=1, idle_connection_timeout=0)
+    )
+    withholding = Withholding(endpoints.grpc_port)
+    serving = functools.partial(trio.serve_tcp, withholding.handle, 0, host="127.0.0.1")
+    listeners = await nursery.start(serving)
+    client = GrpcioClient(listeners[0].socket.getsockname()[1])
+    answers: list[bool] = []
+
+    async def check_in() -> None:
+        answers.append(await client.check_in("127.0.0.1:1"))
+
+    async with trio.open_nursery() as calls:
+        calls.start_soon(check_in)
+        await withholding.headers_in.wait()
+        dials = [await connected(endpoints.grpc_port) for _ in range(port_share(2).closing + 1)]
+    assert answers == [True]
+    assert withholding.connections == 2  # sent again, on a new connection
+    client.close()
     for peer in dials:
         peer.close()
 
