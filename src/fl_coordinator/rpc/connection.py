@@ -95,7 +95,7 @@ import trio
 from google.protobuf.message import DecodeError
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
 from purerpc.grpc_proto import GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState
 from purerpc.grpclib.buffers import MessageReadBuffer
@@ -329,6 +329,14 @@ class _Protocol(GRPCConnection):
         draining state), so the frame is queued as h2 queues its own.
         """
         frame = GoAwayFrame(0, last_stream_id=last_stream_id, error_code=ErrorCodes.NO_ERROR)
+        self.h2_connection._prepare_for_sending([frame])
+
+    def refuse_after_goaway(self, stream_id: int) -> None:
+        """Forget a stream and queue its RST_STREAM (REFUSED_STREAM) after a GOAWAY, which
+        makes h2 refuse to reset streams (as :meth:`announce_goaway`, the frame is queued
+        as h2 queues its own)."""
+        self.forget(stream_id)
+        frame = RstStreamFrame(stream_id, error_code=ErrorCodes.REFUSED_STREAM)
         self.h2_connection._prepare_for_sending([frame])
 
     def _ping_acknowledged(self, event: h2.events.PingAcknowledged) -> list[Any]:
@@ -580,23 +588,28 @@ class _Connection:
     def _cut_short(self) -> bool:
         """The drain's time is up, or the gate hurried it: tell the peer which of its
         calls never started, within :data:`LAST_WORD_TIMEOUT` (none if the socket takes
-        no more bytes: :meth:`_last_word_deadline`), without waiting for it. A
-        request taken in without a call is refused (REFUSED_STREAM), and a last GOAWAY
-        names the last call started (0: none), so that the peer's gRPC library sends the
-        others again on a new connection, as those a drain leaves out; the calls in flight
-        are cancelled.
+        no more bytes: :meth:`_last_word_deadline`), without waiting for it. A last
+        GOAWAY names the last call started (0: none), so that the peer's gRPC library
+        sends the others again on a new connection, as those a drain leaves out; then the
+        requests taken in without a call are refused (REFUSED_STREAM: grpc-go sends them
+        again too; grpcio only those the GOAWAY left out, hence the order); the calls in
+        flight are cancelled.
 
         Before, the connection was closed at once: a call whose request the server had
         not read or started yet, which the first GOAWAY (any stream) said was taken in,
         ended UNAVAILABLE. Returns True: say goodbye.
         """
-        for stream_id in self._requests:
-            self._refuse(stream_id)
-        self._requests.clear()
         started = max(self._calls, default=0)
         last = self._last_stream_id
         self._last_stream_id = started if last is None else min(last, started)
+        # The GOAWAY first: grpcio (1.85) sends again a call whose stream a GOAWAY leaves
+        # out, but ends one refused by RST_STREAM (REFUSED_STREAM) UNAVAILABLE; grpc-go
+        # sends either again. The refusals follow, for the requests the GOAWAY cannot
+        # leave out (below a call started) and for other clients.
         self._go_away(ErrorCodes.NO_ERROR)
+        for stream_id in self._requests:
+            self._protocol.refuse_after_goaway(stream_id)
+        self._requests.clear()
         self._lingering.cancel()
         self._deadline = self._last_word_deadline()
         return True
