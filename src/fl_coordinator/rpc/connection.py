@@ -58,8 +58,9 @@ and dispatch:
   streams are refused (REFUSED_STREAM); grpcio and grpc-go clients send
   those calls again on a new connection. All within :data:`GOODBYE_TIMEOUT`
   of the first GOAWAY, and the gate may cut it short to make room; cut short,
-  a last GOAWAY names the last call started, the requests not started are
-  refused (sent again too), and what is still in flight is cancelled.
+  a last GOAWAY names the last call started (unless the socket takes no more
+  bytes: then it closes at once), the requests not started are refused (sent
+  again too), and what is still in flight is cancelled.
   Shedding (above) and a peer's protocol errors close at once. (Clients on
   python's ``h2``, purerpc's included, cannot take answers after a GOAWAY:
   h2 closes its side as the GOAWAY arrives, python-hyper/h2 issue 1181);
@@ -137,7 +138,8 @@ MAX_FRAME_BYTES = 16384
 #: Answers queued for a peer that does not read them, beyond which we stop reading its requests.
 MAX_UNSENT_BYTES = 1 << 20
 #: Time from a GOAWAY to the socket's close: for the GOAWAY to leave and, on a graceful
-#: close, for the calls in flight to finish (a selector's calls take milliseconds).
+#: close, for the calls in flight to finish (a selector's calls take milliseconds); a drain
+#: still unfinished then has LAST_WORD_TIMEOUT more for its last GOAWAY.
 GOODBYE_TIMEOUT = 1.0
 #: Time a connection whose drain is cut short (its GOODBYE_TIMEOUT is up, or the gate
 #: needs its place) has to send its last GOAWAY; its peer is not waited for (none at all
@@ -555,8 +557,8 @@ class _Connection:
         gRPC library retries such a call on a new connection, as it does the
         calls the GOAWAY leaves out: they never ran). Done when the PING came
         back and no call is left; within :data:`GOODBYE_TIMEOUT` of the first
-        GOAWAY, the goodbye included; the gate's hurry and shedding
-        (:meth:`_shed`) cut it short.
+        GOAWAY, the goodbye included (then :meth:`_cut_short`); the gate's hurry
+        and shedding (:meth:`_shed`) cut it short.
 
         Returns whether to say goodbye: False if the peer closed or it was cut
         short (as :meth:`_read`: True, a GOAWAY with a reason is queued).
