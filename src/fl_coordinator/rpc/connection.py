@@ -55,12 +55,14 @@ and dispatch:
   and a PING, then, once the PING is answered (the peer saw the GOAWAY), a
   second GOAWAY naming the last stream taken in. The calls in flight, and
   the requests taken in, get their messages and send their answers; newer
-  streams are refused (REFUSED_STREAM); grpcio and grpc-go clients send
-  those calls again on a new connection. All within :data:`GOODBYE_TIMEOUT`
-  of the first GOAWAY, and the gate may cut it short to make room; cut short,
-  a last GOAWAY names the last call started (unless the socket takes no more
-  bytes: then it closes at once), the requests not started are refused (sent
-  again too), and what is still in flight is cancelled.
+  streams are refused (REFUSED_STREAM: grpc-go sends those calls again on a
+  new connection; grpcio opens none after a GOAWAY). All within
+  :data:`GOODBYE_TIMEOUT` of the first GOAWAY, and the gate may cut it short
+  to make room; cut short, a last GOAWAY names the last call started (unless
+  the socket takes no more bytes: then it closes at once; grpcio and grpc-go
+  send the calls it leaves out again), the requests not started are refused
+  (grpc-go sends them again; grpcio ends those below a call started
+  UNAVAILABLE), and what is still in flight is cancelled.
   Shedding (above) and a peer's protocol errors close at once. (Clients on
   python's ``h2``, purerpc's included, cannot take answers after a GOAWAY:
   h2 closes its side as the GOAWAY arrives, python-hyper/h2 issue 1181);
