@@ -462,9 +462,13 @@ class _Connection:
         now = trio.current_time()
         return now + LAST_WORD_TIMEOUT if self._takes_bytes() else now
 
+    def _raw_socket(self) -> socket.socket | None:
+        """The socket beneath the stream (beneath TLS too), if there is one."""
+        return self._stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+
     def _takes_bytes(self) -> bool:
         """Whether the socket takes more bytes now (poll: writable); True without one."""
-        raw = self._stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        raw = self._raw_socket()
         if raw is None:
             return True
         poller = select.poll()
@@ -697,7 +701,7 @@ class _Connection:
         """Read and drop, without waiting, what the peer sent and no one read (at most
         :data:`_DISCARD_READS` reads): the socket then closes with a FIN, not a reset
         that may lose the GOAWAY on its way to the peer."""
-        raw = self._stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        raw = self._raw_socket()
         if raw is None:
             return
         with contextlib.suppress(OSError):  # (BlockingIOError: nothing more has arrived)
