@@ -260,6 +260,31 @@ async def test_watch_with_ws_at_a_tls_coordinator_says_to_use_wss(
     )
 
 
+async def test_watch_shows_a_refusal_in_plain_text_but_not_a_web_page(
+    nursery: trio.Nursery,
+) -> None:
+    """The text of a refusal is shown only if it is text: a web server's HTML error page
+    (watch pointed at the webserver's port, a proxy's 502) is markup, not a reason. Before,
+    watch showed the first 200 characters of the page, escapes and all:
+    "HTTP 404: <!DOCTYPE html>\\n<html lang=..." instead of "HTTP 404"."""
+    answers = {
+        "/page": (b"text/html; charset=utf-8", b'<!DOCTYPE html>\n<html lang="en"><head>'),
+        "/text": (b"Text/Plain; charset=utf-8", b"the status stream is at /status\n"),
+    }
+
+    async def handler(request: WebSocketRequest) -> None:
+        content_type, body = answers[request.path]
+        await request.reject(404, extra_headers=[(b"content-type", content_type)], body=body)
+
+    server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+    said_to = {"/page": "HTTP 404", "/text": "HTTP 404: the status stream is at /status"}
+    for path, said in said_to.items():
+        url = f"ws://127.0.0.1:{server.port}{path}"
+        with trio.fail_after(5), pytest.raises(WatchError) as failed:
+            await follow(url, Collected())
+        assert str(failed.value) == f"cannot connect to {url}: {said}"
+
+
 def _free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     try:

@@ -289,9 +289,22 @@ async def follow(
         await trio.sleep(reconnect)
 
 
+def _said(refusal: ConnectionRejected) -> str:
+    """The text of an HTTP refusal ("" if none): its body, unless the server said it is
+    something else than plain text (a web server's HTML error page is markup, not a reason)."""
+    if not refusal.body:
+        return ""
+    for name, value in refusal.headers:
+        if name.lower() == b"content-type":
+            media_type = value.split(b";", 1)[0].strip().lower()
+            if media_type != b"text/plain":
+                return ""
+    return refusal.body.decode("utf-8", "replace").strip()
+
+
 def _reason(error: BaseException) -> str:
     """The most telling part of a failed connection: an HTTP status (with the server's
-    text, escaped and cut) or an OS error."""
+    plain text, escaped and cut) or an OS error."""
     if isinstance(error, BaseExceptionGroup):
         error = first_of(error, _HANDSHAKE_FAILED) or error
     if isinstance(error, h11.ProtocolError):
@@ -300,7 +313,7 @@ def _reason(error: BaseException) -> str:
             "stream is on STATUS_PORT, 50052 by default)"
         )
     if isinstance(error, ConnectionRejected):
-        said = error.body.decode("utf-8", "replace").strip() if error.body else ""
+        said = _said(error)
         return f"HTTP {error.status_code}: {shown(said)}" if said else f"HTTP {error.status_code}"
     if isinstance(error, ConnectionTimeout):
         return f"no handshake within {_CONNECT_TIMEOUT:.0f} s"
