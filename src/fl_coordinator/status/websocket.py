@@ -18,7 +18,10 @@ Connections are accepted through a :class:`~..connections.Gate` (at most
 then the HTTP upgrade) must complete within ``HANDSHAKE_TIMEOUT``. A
 plaintext request on a TLS port is answered in plaintext, HTTP 400 "use
 wss://", as web servers do: otherwise its client waits out its own timeout
-for an answer that never comes (trio-websocket's: 60 s).
+for an answer that never comes (trio-websocket's: 60 s). Only the requests
+OpenSSL recognizes are (a GET, HEAD, POST or PUT, its HTTP_REQUEST error,
+which every websocket handshake is); other bytes fail the handshake, and the
+connection is closed without a word.
 
 The same port answers plain HTTP GETs (:mod:`.pages`: the dashboard,
 ``/status``, ``/rounds``): the request head is read with h11, and a
