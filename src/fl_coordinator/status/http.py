@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
-__all__ = ["MAX_REQUEST_BYTES", "Answer", "Head", "read_head", "send_answer"]
+__all__ = ["MAX_REQUEST_BYTES", "Answer", "Head", "linger", "read_head", "send_answer"]
 
 #: The largest request head a client may send (its bytes, headers included).
 MAX_REQUEST_BYTES = 16384
@@ -88,11 +88,11 @@ async def read_head(stream: trio.abc.Stream) -> Head:
             await stream.send_all(
                 f"{refusal}content-length: 0\r\nconnection: close\r\n\r\n".encode()
             )
-            await _linger(stream)
+            await linger(stream)
         raise
 
 
-async def _linger(stream: trio.abc.Stream) -> None:
+async def linger(stream: trio.abc.Stream) -> None:
     """Close our side, then discard what the peer still sends, a little and briefly.
 
     Closing a socket with unread bytes makes the kernel reset the connection,

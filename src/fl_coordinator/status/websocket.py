@@ -55,7 +55,7 @@ from ..log_throttle import Throttle
 from ..logs import context_field, log_context
 from ..rpc.auth import AUTHORIZATION, bearer_problem, header_value
 from ..untrusted_text import shown
-from .http import Answer, Head, read_head, send_answer
+from .http import Answer, Head, linger, read_head, send_answer
 from .hub import StatusHub
 from .pages import Pages
 from .rounds import RoundRecord
@@ -309,9 +309,9 @@ class StatusServer:
                 self._connections -= 1
 
     async def _answer_plaintext(self, stream: trio.SocketStream) -> None:
-        """HTTP 400 "use wss://", in plaintext; then read what the client still sends
-        until it closes (within the handshake's time): a socket closed with unread data
-        resets the connection, and the answer may be lost on its way."""
+        """HTTP 400 "use wss://", in plaintext; then linger (:func:`.http.linger`): a
+        socket closed with unread data resets the connection, and the answer may be lost
+        on its way."""
         self._throttle.warning(
             "plaintext requests on the TLS status port",
             "plaintext HTTP request on the TLS status port from %s: answered HTTP 400 (the "
@@ -320,9 +320,7 @@ class StatusServer:
         )
         if await _send_quietly(stream, _PLAINTEXT_ANSWER):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_eof()
-                while await stream.receive_some():
-                    pass
+                await linger(stream)
 
     async def serve(
         self,
