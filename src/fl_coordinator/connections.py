@@ -29,8 +29,9 @@ coordinator (gRPC, status websocket, metrics) accepts through a
   (``localhost``: IPv4 and IPv6). With that many closing, the listener
   hurries one (cuts its goodbye short, :attr:`Slot.hurry`: the oldest
   without calls in flight, else the oldest) and accepts the next connection
-  only when one has gone; otherwise a peer that dials faster than its connections take their
-  goodbyes would hold descriptors beyond the port's share.
+  only when one has gone; otherwise a peer that dials faster than its
+  connections take their goodbyes would hold descriptors beyond the port's
+  share.
   :func:`port_share` counts them in the share;
 * if ``accept`` fails for want of descriptors anyway (EMFILE, ENFILE: other
   code opened files meanwhile), the listener does not stop (before, the
