@@ -264,7 +264,11 @@ def call_waiting_for_window(port: int) -> tuple[RawPeer, int]:
 
 def request_without_message(port: int) -> tuple[RawPeer, int]:
     """A check-in whose headers the server took in (a PING's answer says so), no message."""
-    peer = RawPeer(port)
+    return headers_only(RawPeer(port))
+
+
+def headers_only(peer: RawPeer) -> tuple[RawPeer, int]:
+    """On ``peer``: a check-in whose headers the server took in (a PING's answer says so)."""
     stream_id = peer.open_stream(CHECK_IN)
     peer.h2.ping(b"in order")
     peer.send()
@@ -384,8 +388,22 @@ def heard_out(peer: RawPeer) -> bool:
         peer.events.extend(peer.h2.receive_data(data))
 
 
+def over_tls(port: int, pki: Pki) -> RawPeer:
+    """A raw connection over TLS (the handshake done: the server accepted it), its preface
+    and SETTINGS sent."""
+    peer = RawPeer(port)
+    peer.sock = pki.client_context().wrap_socket(peer.sock, server_hostname="127.0.0.1")
+    peer.send()
+    return peer
+
+
+@pytest.mark.parametrize("tls", [False, True])
 async def test_a_connection_hurried_to_make_room_says_which_calls_never_started(
-    settings: Settings, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+    settings: Settings,
+    nursery: trio.Nursery,
+    mock_clock: trio.testing.MockClock,
+    pki: Pki,
+    tls: bool,
 ) -> None:
     """At MAX_CONNECTIONS=1, a check-in's headers are in, not its message, when a dial
     closes its connection to make room; more dials fill the connections closing (none
@@ -397,63 +415,28 @@ async def test_a_connection_hurried_to_make_room_says_which_calls_never_started(
 
     Before: the connection was closed after the first GOAWAY, which leaves out no
     stream: grpcio took the call as started and cut, and ended it UNAVAILABLE (1 health
-    check in 100 under a flood of dials at MAX_CONNECTIONS=8)."""
-    endpoints = await nursery.start(
-        serve, settings.replace(max_connections=1, idle_connection_timeout=0)
-    )
+    check in 100 under a flood of dials at MAX_CONNECTIONS=8). Over TLS too: what the
+    peer sent is dropped beneath TLS, from the socket."""
+    limits = {"max_connections": 1, "idle_connection_timeout": 0}
+    served = tls_settings(settings, pki, **limits) if tls else settings.replace(**limits)
+    endpoints = await nursery.start(serve, served)
     port = endpoints.grpc_port
-    holder, stream_id = await trio.to_thread.run_sync(request_without_message, port)
-    dials = [await connected(port) for _ in range(port_share(2).closing + 1)]
+
+    def dial() -> RawPeer:
+        if tls:
+            return over_tls(port, pki)
+        peer = RawPeer(port)
+        peer.send()
+        return peer
+
+    holder, stream_id = await trio.to_thread.run_sync(lambda: headers_only(dial()))
+    dials = [await trio.to_thread.run_sync(dial) for _ in range(port_share(2).closing + 1)]
     assert await trio.to_thread.run_sync(heard_out, holder) is True
     resets = [e.error_code for e in holder.events if ends(stream_id, h2.events.StreamReset)([e])]
     assert resets == [h2.errors.ErrorCodes.REFUSED_STREAM]
     codes = [(goaway.error_code, goaway.last_stream_id) for goaway in goaways(holder)]
     assert codes == [(h2.errors.ErrorCodes.NO_ERROR, 2**31 - 1), (h2.errors.ErrorCodes.NO_ERROR, 0)]
     # the newest dial was admitted: its check-in is answered
-    answer = await trio.to_thread.run_sync(dials[-1].call, CHECK_IN, check_in_body("127.0.0.1:2"))
-    assert answer["grpc-status"] == "0"
-    for peer in (holder, *dials):
-        peer.close()
-
-
-def over_tls(port: int, pki: Pki) -> RawPeer:
-    """A raw connection over TLS (the handshake done: the server accepted it), its preface
-    and SETTINGS sent."""
-    peer = RawPeer(port)
-    peer.sock = pki.client_context().wrap_socket(peer.sock, server_hostname="127.0.0.1")
-    peer.send()
-    return peer
-
-
-async def test_a_tls_connection_hurried_to_make_room_says_which_calls_never_started(
-    settings: Settings, nursery: trio.Nursery, mock_clock: trio.testing.MockClock, pki: Pki
-) -> None:
-    """As over plain TCP (above), over TLS: the hurried connection's peer hears the last
-    GOAWAY (stream 0) and the refusal, then the end, without a reset; the newest dial is
-    admitted and answered. (What the peer sent is dropped beneath TLS, from the socket.)"""
-    endpoints = await nursery.start(
-        serve, tls_settings(settings, pki, max_connections=1, idle_connection_timeout=0)
-    )
-    port = endpoints.grpc_port
-
-    def holding() -> tuple[RawPeer, int]:
-        peer = over_tls(port, pki)
-        stream_id = peer.open_stream(CHECK_IN)
-        peer.h2.ping(b"in order")
-        peer.send()
-        peer.receive_until(
-            lambda events: any(isinstance(e, h2.events.PingAckReceived) for e in events)
-        )
-        return peer, stream_id
-
-    holder, stream_id = await trio.to_thread.run_sync(holding)
-    dials = [
-        await trio.to_thread.run_sync(over_tls, port, pki) for _ in range(port_share(2).closing + 1)
-    ]
-    assert await trio.to_thread.run_sync(heard_out, holder) is True
-    resets = [e.error_code for e in holder.events if ends(stream_id, h2.events.StreamReset)([e])]
-    assert resets == [h2.errors.ErrorCodes.REFUSED_STREAM]
-    assert [goaway.last_stream_id for goaway in goaways(holder)] == [2**31 - 1, 0]
     answer = await trio.to_thread.run_sync(dials[-1].call, CHECK_IN, check_in_body("127.0.0.1:2"))
     assert answer["grpc-status"] == "0"
     for peer in (holder, *dials):
