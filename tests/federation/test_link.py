@@ -107,15 +107,22 @@ async def test_a_restarted_coordinator_is_dialled_again(
 
 
 async def test_a_connection_the_coordinator_closed_when_idle_is_dialled_again(
-    layout: Layout, nursery: trio.Nursery
+    layout: Layout, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
 ) -> None:
+    """On trio's MockClock at the real clock's rate, made to jump past the coordinator's
+    idle time (half the link's own): on the real clock, a busy machine could idle out
+    the second connection too before its call arrived (it failed so, once)."""
+    mock_clock.rate = 1.0
+    idle = IDLE_CLOSE / 2
     coordinator = RecordingCoordinator()
-    port = await nursery.start(coordinator.serve, 0, ConnectionLimits(idle_timeout=0.2))
+    port = await nursery.start(coordinator.serve, 0, ConnectionLimits(idle_timeout=idle))
     selector = await start_selector(nursery, layout, port, batch=True)
     link = selector._link
     assert link is not None
     assert await refused_wait_ms(selector.id) == WAIT_MS
-    await eventually(lambda: not link.connected)  # the coordinator's GOAWAY and close arrived
+    mock_clock.jump(idle)
+    # The coordinator's GOAWAY and close arrived, well before the link's own idle close.
+    await eventually(lambda: not link.connected, limit=idle / 2)
     assert await refused_wait_ms(selector.id) == WAIT_MS
     assert link.dials == 2 and len(coordinator.connections) == 2
     assert len(set(coordinator.connections)) == 2  # a new connection
