@@ -397,6 +397,8 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
         return 0
+    from bench_round import DUTIES, bench_round
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (CI): small sizes")
     parser.add_argument("--cases", type=case, nargs="+", default=DEFAULT_CASES,
@@ -435,6 +437,13 @@ def main() -> int:
         default=[10, 100, 500],
         help="round overhead: numbers of fake selectors",
     )
+    parser.add_argument(
+        "--round-without",
+        nargs="+",
+        default=[],
+        choices=DUTIES,
+        help="round overhead, what-if: ours with these storage duties stubbed",
+    )
     args = parser.parse_args()
     if args.quick:
         args.cases, args.repeat = [(16.0, 2), (16.0, 4)], 1
@@ -469,11 +478,12 @@ def main() -> int:
 
         results["checkin"] = bench_checkin(args.callers, args.seconds, args.batch, args.repeat)
     if "round" in args.parts:
-        from bench_round import bench_round
-
         print(f"\nround overhead (tiny checkpoint, fake selectors with one client each, "
               f"{args.repeat} paired runs)")  # fmt: skip
-        results["round"] = bench_round(args.rounds, args.selectors, args.repeat)
+        if args.round_without:
+            print(f"WHAT-IF: ours with its {', '.join(args.round_without)} stubbed "
+                  "(not what the coordinator does)")  # fmt: skip
+        results["round"] = bench_round(args.rounds, args.selectors, args.repeat, args.round_without)
     args.out.mkdir(parents=True, exist_ok=True)
     if "strategies" in args.parts:
         from bench_strategies import bench_strategies

@@ -94,7 +94,12 @@ def round_overhead(rows: list[dict[str, Any]]) -> str:
     header = ["selectors", "rounds", "reference rounds/s", "ours rounds/s",
               "ours / reference (min / **median** / max)",
               "ours: extra ms per selector"]  # fmt: skip
-    return _table(header, [_round_row(row) for row in rows])
+    table = _table(header, [_round_row(row) for row in rows])
+    without = rows[0].get("without") if rows else None
+    if without:
+        stubbed = ", ".join(without)
+        table = f"What-if: ours with its {stubbed} stubbed (not what it does).\n\n{table}"
+    return table
 
 
 def _round_row(row: dict[str, Any]) -> list[str]:

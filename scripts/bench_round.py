@@ -18,16 +18,24 @@ the reference's first round took 1.7 times as long as the next ones).
 What is left of a round beyond that is the coordinator's own cost (round
 task, file checks, aggregation, journal). Runs are paired (reference, then
 ours) and repeated; the ratio is given as min/median/max over the pairs.
+
+What-if (``--round-without checks averaging journal``): ours again with some
+of its storage duties stubbed in this process (see :func:`stubbed`), to show
+what each costs a round. Those rows are not what the coordinator does.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import h5py
 import numpy as np
@@ -40,7 +48,11 @@ from fl_coordinator.app import serve
 from fl_coordinator.config import Settings, default_settings
 from fl_coordinator.rpc.goal_count import GoalCountClient
 from fl_coordinator.rpc.listener import serve_grpc
+from fl_coordinator.storage import checker
+from fl_coordinator.storage.aggregation import AggregationResult
+from fl_coordinator.storage.journal_writer import JournalWriter
 from fl_coordinator.storage.layout import Layout
+from fl_coordinator.storage.round_files import RoundFiles
 
 DATASET = "layers/dense/vars/0"
 
@@ -132,6 +144,56 @@ async def _rounds(root: Path, rounds: int, selectors: int, reference: bool) -> f
     return seconds
 
 
+#: The coordinator's storage duties --round-without can stub.
+DUTIES = ("checks", "averaging", "journal")
+
+
+@contextlib.contextmanager
+def stubbed(duties: Collection[str]) -> Iterator[collections.Counter[str]]:
+    """Inside, each of ``duties`` costs (almost) nothing in this process; the counter
+    yielded says how often each stub stood in for its duty (a stub the coordinator
+    never reached would show 0).
+
+    * checks: each selector's files are checked once, in this process, and that
+      outcome is reused: no worker process, no job;
+    * averaging: nothing is read or written; the round completes with the
+      checkpoint as it was;
+    * journal: entries are dropped: nothing is written, nothing waits for one.
+    """
+    calls: collections.Counter[str] = collections.Counter()
+    found: dict[str, Any] = {}
+
+    async def check(self: checker.ContributionChecker, selector: str) -> Any:
+        calls["checks"] += 1
+        if selector not in found:
+            [found[selector]] = checker._examine_each(
+                checker.MEMORY_BUDGET, [(selector, False)], self._files, self._spec
+            )
+        return found[selector]
+
+    async def no_workers(self: checker.ContributionChecker) -> None:
+        pass
+
+    async def aggregate(self: RoundFiles, number: int, selectors: Any) -> AggregationResult:
+        calls["averaging"] += 1
+        return AggregationResult(arrays=0, bytes_read=0, total_weight=len(selectors), seconds=0)
+
+    def submit(self: JournalWriter, entry: Any) -> None:
+        calls["journal"] += 1
+
+    stubs = {
+        "checks": [(checker.ContributionChecker, "check", check),
+                   (checker.ContributionChecker, "warm", no_workers)],
+        "averaging": [(RoundFiles, "aggregate", aggregate)],
+        "journal": [(JournalWriter, "submit", submit)],
+    }  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        for duty in duties:
+            for owner, name, stub in stubs[duty]:
+                stack.enter_context(mock.patch.object(owner, name, stub))
+        yield calls
+
+
 #: Calls in flight at once on the bench's one connection: the coordinator's gRPC
 #: port allows 100 concurrent streams per connection (rpc/connection.py).
 _CALLS_IN_FLIGHT = 64
@@ -170,22 +232,34 @@ def _rounds_per_s(rounds: int, selectors: int, reference: bool) -> float:
         return rounds / trio.run(_rounds, Path(name), rounds, selectors, reference)
 
 
-def bench_round(rounds: int, selector_counts: list[int], repeat: int) -> list[dict[str, Any]]:
+def _ours_per_s(rounds: int, selectors: int, without: Collection[str]) -> tuple[float, dict]:
+    """Our rounds/s, with ``without`` stubbed, and how often each stub stood in."""
+    with stubbed(without) as calls:
+        return _rounds_per_s(rounds, selectors, False), dict(calls)
+
+
+def bench_round(
+    rounds: int, selector_counts: list[int], repeat: int, without: Collection[str] = ()
+) -> list[dict[str, Any]]:
     """One row per number of selectors: rounds/s of each (median of ``repeat`` pairs), and
     the ratio ours/reference of each pair as min/median/max.
 
     ``rounds`` is the number of rounds timed with 10 selectors; with N it is
-    ``rounds * 10 / N`` (at least 3), the same number of RPCs.
+    ``rounds * 10 / N`` (at least 3), the same number of RPCs. ``without``: our
+    duties stubbed (:func:`stubbed`); each row names them, with how often each
+    stub stood in (``stubbed_calls``, over all its runs).
     """
     print(f"{'selectors':>9} {'rounds':>6} {'reference rounds/s':>18} {'ours rounds/s':>13} "
           f"{'ours/reference min/median/max':>29} {'ours ms/selector':>16}")  # fmt: skip
     rows = []
     for selectors in selector_counts:
         timed = max(3, rounds * 10 // selectors)
-        pairs = [
-            (_rounds_per_s(timed, selectors, True), _rounds_per_s(timed, selectors, False))
-            for _ in range(repeat)
-        ]
+        pairs, stubs = [], collections.Counter[str]()
+        for _ in range(repeat):
+            reference = _rounds_per_s(timed, selectors, True)
+            ours, calls = _ours_per_s(timed, selectors, without)
+            pairs.append((reference, ours))
+            stubs.update(calls)
         ratios = sorted(ours / reference for reference, ours in pairs)
         row = {
             "selectors": selectors,
@@ -196,6 +270,8 @@ def bench_round(rounds: int, selector_counts: list[int], repeat: int) -> list[di
             "ratio_min": ratios[0],
             "ratio_to_reference": statistics.median(ratios),
             "ratio_max": ratios[-1],
+            "without": list(without),
+            "stubbed_calls": dict(stubs),
         }
         # What a round costs beyond the reference's, per selector (ms).
         extra = 1 / row["ours_rounds_per_s"] - 1 / row["reference_rounds_per_s"]

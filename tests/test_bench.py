@@ -64,6 +64,7 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     assert (round_row["selectors"], round_row["rounds"], round_row["pairs"]) == (10, 5, 1)
     assert round_row["ours_rounds_per_s"] > 0 and round_row["reference_rounds_per_s"] > 0
     assert round_row["ratio_min"] == round_row["ratio_to_reference"] == round_row["ratio_max"]
+    assert (round_row["without"], round_row["stubbed_calls"]) == ([], {})
     for title in (
         "raw/ours min/med/max",
         "to last p50 ms",
@@ -78,3 +79,24 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     assert report.startswith("`./scripts/bench --quick --out ")
     assert f"/ **{rows[0]['ratio_to_raw']:.2f}** /" in report
     assert f"**{checkin['per_client'][1]['ratio_to_bare']:.2f}**" in report
+
+
+def test_bench_round_without_stubs_each_duty_it_names(tmp_path: Path) -> None:
+    """The what-if rows: each stub stood in for its duty in every round (5 timed, 1 not),
+    and the output says that these rows are not what the coordinator does."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--parts", "round", "--out", str(tmp_path),
+         "--round-without", "checks", "averaging", "journal"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads((tmp_path / "bench.json").read_text())["round"]
+    assert row["without"] == ["checks", "averaging", "journal"]
+    calls = row["stubbed_calls"]
+    # 10 selectors' files each round; one averaging; an entry per stage change (5 a round)
+    assert (calls["checks"], calls["averaging"]) == (10 * 6, 6)
+    assert calls["journal"] >= 5 * 6
+    assert row["ours_rounds_per_s"] > 0 and row["reference_rounds_per_s"] > 0
+    assert "WHAT-IF: ours with its checks, averaging, journal stubbed" in result.stdout
+    report = (tmp_path / "bench.md").read_text()
+    assert "What-if: ours with its checks, averaging, journal stubbed" in report
