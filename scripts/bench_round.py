@@ -232,7 +232,9 @@ def _rounds_per_s(rounds: int, selectors: int, reference: bool) -> float:
         return rounds / trio.run(_rounds, Path(name), rounds, selectors, reference)
 
 
-def _ours_per_s(rounds: int, selectors: int, without: Collection[str]) -> tuple[float, dict]:
+def _ours_per_s(
+    rounds: int, selectors: int, without: Collection[str]
+) -> tuple[float, dict[str, int]]:
     """Our rounds/s, with ``without`` stubbed, and how often each stub stood in."""
     with stubbed(without) as calls:
         return _rounds_per_s(rounds, selectors, False), dict(calls)
