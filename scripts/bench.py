@@ -55,7 +55,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_report import markdown
+from bench_report import markdown, what_if
 from bench_strategies import STRATEGIES_COMPARED
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -481,8 +481,7 @@ def main() -> int:
         print(f"\nround overhead (tiny checkpoint, fake selectors with one client each, "
               f"{args.repeat} paired runs)")  # fmt: skip
         if args.round_without:
-            print(f"WHAT-IF: ours with its {', '.join(args.round_without)} stubbed "
-                  "(not what the coordinator does)")  # fmt: skip
+            print(what_if(args.round_without))
         results["round"] = bench_round(args.rounds, args.selectors, args.repeat, args.round_without)
     args.out.mkdir(parents=True, exist_ok=True)
     if "strategies" in args.parts:

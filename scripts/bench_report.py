@@ -90,16 +90,18 @@ def fanout(rows: list[dict[str, Any]]) -> str:
     return _table(header, table)
 
 
+def what_if(without: list[str]) -> str:
+    """The line that marks round rows measured with ``without`` stubbed: not what we do."""
+    return f"What-if: ours with its {', '.join(without)} stubbed (not what the coordinator does)."
+
+
 def round_overhead(rows: list[dict[str, Any]]) -> str:
     header = ["selectors", "rounds", "reference rounds/s", "ours rounds/s",
               "ours / reference (min / **median** / max)",
               "ours: extra ms per selector"]  # fmt: skip
     table = _table(header, [_round_row(row) for row in rows])
     without = rows[0].get("without") if rows else None
-    if without:
-        stubbed = ", ".join(without)
-        table = f"What-if: ours with its {stubbed} stubbed (not what it does).\n\n{table}"
-    return table
+    return f"{what_if(without)}\n\n{table}" if without else table
 
 
 def _round_row(row: dict[str, Any]) -> list[str]:
