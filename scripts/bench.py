@@ -55,7 +55,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_report import markdown, what_if
+from bench_report import DUTIES, markdown, what_if
 from bench_strategies import STRATEGIES_COMPARED
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -397,8 +397,6 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
         return 0
-    from bench_round import DUTIES, bench_round
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (CI): small sizes")
     parser.add_argument("--cases", type=case, nargs="+", default=DEFAULT_CASES,
@@ -445,6 +443,9 @@ def main() -> int:
         help="round overhead, what-if: ours with these storage duties stubbed",
     )
     args = parser.parse_args()
+    if args.round_without and "round" not in args.parts:
+        parser.error("--round-without stubs duties of the round part: add round to --parts")
+    args.round_without = list(dict.fromkeys(args.round_without))  # each duty once, in order
     if args.quick:
         args.cases, args.repeat = [(16.0, 2), (16.0, 4)], 1
         args.strategy_case = (16.0, 2)
@@ -478,6 +479,8 @@ def main() -> int:
 
         results["checkin"] = bench_checkin(args.callers, args.seconds, args.batch, args.repeat)
     if "round" in args.parts:
+        from bench_round import bench_round
+
         print(f"\nround overhead (tiny checkpoint, fake selectors with one client each, "
               f"{args.repeat} paired runs)")  # fmt: skip
         if args.round_without:

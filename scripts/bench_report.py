@@ -90,6 +90,11 @@ def fanout(rows: list[dict[str, Any]]) -> str:
     return _table(header, table)
 
 
+#: The coordinator's storage duties the round part can stub (``--round-without``; see
+#: bench_round.stubbed), for a what-if.
+DUTIES = ("checks", "averaging", "journal")
+
+
 def what_if(without: list[str]) -> str:
     """The line that marks round rows measured with ``without`` stubbed: not what we do."""
     return f"What-if: ours with its {', '.join(without)} stubbed (not what the coordinator does)."

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import statistics
 import tempfile
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -48,11 +50,10 @@ from fl_coordinator.app import serve
 from fl_coordinator.config import Settings, default_settings
 from fl_coordinator.rpc.goal_count import GoalCountClient
 from fl_coordinator.rpc.listener import serve_grpc
-from fl_coordinator.storage import checker
-from fl_coordinator.storage.aggregation import AggregationResult
+from fl_coordinator.storage.aggregation import AggregationResult, Aggregator, aggregate
+from fl_coordinator.storage.checker import ContributionChecker
 from fl_coordinator.storage.journal_writer import JournalWriter
 from fl_coordinator.storage.layout import Layout
-from fl_coordinator.storage.round_files import RoundFiles
 
 DATASET = "layers/dense/vars/0"
 
@@ -105,8 +106,11 @@ async def _completions(url: str, done: trio.MemorySendChannel) -> None:
                 done.send_nowait(status["round"])
 
 
-async def _rounds(root: Path, rounds: int, selectors: int, reference: bool) -> float:
-    """Seconds for ``rounds`` rounds, against our coordinator or the reference servers."""
+async def _rounds(
+    root: Path, rounds: int, selectors: int, reference: bool, aggregator: Aggregator = aggregate
+) -> float:
+    """Seconds for ``rounds`` rounds, against our coordinator (averaging with
+    ``aggregator``) or the reference servers."""
     settings = default_settings().replace(
         fl_root_path=str(root), host="127.0.0.1", port=0, status_port=0,
         checkin_limit=selectors, keep_checkpoints=2,
@@ -120,7 +124,9 @@ async def _rounds(root: Path, rounds: int, selectors: int, reference: bool) -> f
             port = await nursery.start(serve_grpc, [ConstantIntra().service], "127.0.0.1", 0)
             await nursery.start(tell.run)
         else:
-            endpoints = await nursery.start(serve, settings)
+            endpoints = await nursery.start(
+                functools.partial(serve, aggregator=aggregator), settings
+            )
             port = endpoints.grpc_port
             nursery.start_soon(_completions, endpoints.status_url, done_in)
         fakes = []
@@ -144,54 +150,53 @@ async def _rounds(root: Path, rounds: int, selectors: int, reference: bool) -> f
     return seconds
 
 
-#: The coordinator's storage duties --round-without can stub.
-DUTIES = ("checks", "averaging", "journal")
+@dataclass
+class Stubs:
+    """What :func:`stubbed` gives ours: the averaging function to serve with, and how
+    often each stub stood in for its duty (a stub never reached would show 0)."""
+
+    aggregator: Aggregator = aggregate
+    calls: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 @contextlib.contextmanager
-def stubbed(duties: Collection[str]) -> Iterator[collections.Counter[str]]:
-    """Inside, each of ``duties`` costs (almost) nothing in this process; the counter
-    yielded says how often each stub stood in for its duty (a stub the coordinator
-    never reached would show 0).
+def stubbed(duties: Collection[str]) -> Iterator[Stubs]:
+    """Inside, each of ``duties`` (of :data:`bench_report.DUTIES`) costs (almost) nothing:
 
-    * checks: each selector's files are checked once, in this process, and that
-      outcome is reused: no worker process, no job;
-    * averaging: nothing is read or written; the round completes with the
-      checkpoint as it was;
+    * checks: each selector's files are checked once, by the real checker (in
+      its worker processes: settling, retries and all), and that outcome is
+      reused: later rounds start no check job;
+    * averaging: the pass that reads the inputs and writes the new checkpoint
+      is one that writes nothing (``serve``'s ``aggregator``); what comes
+      around it (the write-ahead journal entry awaited, the history kept) stays;
     * journal: entries are dropped: nothing is written, nothing waits for one.
     """
-    calls: collections.Counter[str] = collections.Counter()
+    stubs = Stubs()
     found: dict[str, Any] = {}
+    checked_once = ContributionChecker.check
 
-    async def check(self: checker.ContributionChecker, selector: str) -> Any:
-        calls["checks"] += 1
+    async def check(self: ContributionChecker, selector: str) -> Any:
+        stubs.calls["checks"] += 1
         if selector not in found:
-            [found[selector]] = checker._examine_each(
-                checker.MEMORY_BUDGET, [(selector, False)], self._files, self._spec
-            )
+            found[selector] = await checked_once(self, selector)
         return found[selector]
 
-    async def no_workers(self: checker.ContributionChecker) -> None:
-        pass
-
-    async def aggregate(self: RoundFiles, number: int, selectors: Any) -> AggregationResult:
-        calls["averaging"] += 1
-        return AggregationResult(arrays=0, bytes_read=0, total_weight=len(selectors), seconds=0)
+    def average(checkpoint: Path, contributions: Sequence[Any], *_: Any) -> AggregationResult:
+        stubs.calls["averaging"] += 1
+        weight = sum(contribution.weight for contribution in contributions)
+        return AggregationResult(arrays=0, bytes_read=0, total_weight=weight, seconds=0.0)
 
     def submit(self: JournalWriter, entry: Any) -> None:
-        calls["journal"] += 1
+        stubs.calls["journal"] += 1
 
-    stubs = {
-        "checks": [(checker.ContributionChecker, "check", check),
-                   (checker.ContributionChecker, "warm", no_workers)],
-        "averaging": [(RoundFiles, "aggregate", aggregate)],
-        "journal": [(JournalWriter, "submit", submit)],
-    }  # fmt: skip
     with contextlib.ExitStack() as stack:
-        for duty in duties:
-            for owner, name, stub in stubs[duty]:
-                stack.enter_context(mock.patch.object(owner, name, stub))
-        yield calls
+        if "checks" in duties:
+            stack.enter_context(mock.patch.object(ContributionChecker, "check", check))
+        if "averaging" in duties:
+            stubs.aggregator = average
+        if "journal" in duties:
+            stack.enter_context(mock.patch.object(JournalWriter, "submit", submit))
+        yield stubs
 
 
 #: Calls in flight at once on the bench's one connection: the coordinator's gRPC
@@ -227,17 +232,19 @@ async def _one_round(
             calls.start_soon(call, stub.SelectorAggregationComplete, request)
 
 
-def _rounds_per_s(rounds: int, selectors: int, reference: bool) -> float:
+def _rounds_per_s(
+    rounds: int, selectors: int, reference: bool, aggregator: Aggregator = aggregate
+) -> float:
     with tempfile.TemporaryDirectory(prefix="fl-bench-round-") as name:
-        return rounds / trio.run(_rounds, Path(name), rounds, selectors, reference)
+        return rounds / trio.run(_rounds, Path(name), rounds, selectors, reference, aggregator)
 
 
 def _ours_per_s(
     rounds: int, selectors: int, without: Collection[str]
 ) -> tuple[float, dict[str, int]]:
     """Our rounds/s, with ``without`` stubbed, and how often each stub stood in."""
-    with stubbed(without) as calls:
-        return _rounds_per_s(rounds, selectors, False), dict(calls)
+    with stubbed(without) as stubs:
+        return _rounds_per_s(rounds, selectors, False, stubs.aggregator), dict(stubs.calls)
 
 
 def bench_round(

@@ -100,3 +100,39 @@ def test_bench_round_without_stubs_each_duty_it_names(tmp_path: Path) -> None:
     said = "What-if: ours with its checks, averaging, journal stubbed (not what the coordinator"
     assert said in result.stdout
     assert said in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_round_checks_stub_waits_for_a_freshly_written_aggregate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aggregate written less than SETTLE_SECONDS before its check (the bench's case with
+    one selector: ``--selectors 1 --round-without checks`` failed about one run in two,
+    red-team rt28): the checks stub hands on what the real checker found once it settled,
+    a Contribution. Before: the stub cached NotSettled and handed it on as the selector's
+    contribution (AttributeError: 'NotSettled' object has no attribute 'square_norm')."""
+    import h5py
+    import trio
+
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    from bench_round import stubbed, tiny_problem, write_aggregate
+
+    from fl_coordinator.config import default_settings
+    from fl_coordinator.storage.checker import ContributionChecker
+    from fl_coordinator.storage.contribution import CheckpointSpec, Contribution
+    from fl_coordinator.storage.weights import read_plan
+
+    layout = tiny_problem(default_settings().replace(fl_root_path=str(tmp_path)))
+    with h5py.File(layout.checkpoint, "r") as file:
+        plan = read_plan(file, layout.checkpoint)
+    checks = ContributionChecker(layout, CheckpointSpec(plan, layout.checkpoint.stat().st_size),
+                                 10.0, 1)  # fmt: skip
+
+    async def check_fresh() -> object:
+        async with checks.running():
+            write_aggregate(layout, "127.0.0.1:1")
+            return await checks.check("127.0.0.1:1")
+
+    with stubbed(["checks"]) as stubs:
+        outcome = trio.run(check_fresh)
+    assert isinstance(outcome, Contribution), outcome
+    assert stubs.calls["checks"] == 1
