@@ -17,7 +17,7 @@ from fl_coordinator.app import serve
 from fl_coordinator.config import Settings
 from fl_coordinator.federation.client import _upload_messages
 from fl_coordinator.federation.data import split_digits, write_shards
-from fl_coordinator.federation.local import LocalFederation
+from fl_coordinator.federation.local import Endpoints, LocalFederation
 from fl_coordinator.federation.selector import Selector, SelectorOptions
 from fl_coordinator.federation.training import Hyper
 from fl_coordinator.storage.layout import Layout
@@ -52,16 +52,22 @@ async def test_two_rounds_coordinator_two_selectors_three_client_processes(
     digests = [sha256(layout.checkpoint)]
     after_round_1 = tmp_path / "after_round_1"
     with trio.fail_after(240):
-        async with trio.open_nursery() as nursery, federation.running() as endpoints:
-            watcher = await watch(nursery, endpoints.status_url)
-            for number in (1, 2):
-                done = await watcher.wait_for(completed(number))
-                assert done["stage"] == "COMPLETED", done
-                digests.append(sha256(layout.checkpoint))
-                if number == 1:
-                    shutil.copyfile(layout.checkpoint, after_round_1)
-            await federation.wait_for_clients()
-            federation.check_children()
+        async with trio.open_nursery() as nursery:
+            watchers = []
+
+            async def subscribe(endpoints: Endpoints) -> None:  # before round 1 can move on
+                watchers.append(await watch(nursery, endpoints.status_url))
+
+            async with federation.running(subscribe) as endpoints:
+                [watcher] = watchers
+                for number in (1, 2):
+                    done = await watcher.wait_for(completed(number))
+                    assert done["stage"] == "COMPLETED", done
+                    digests.append(sha256(layout.checkpoint))
+                    if number == 1:
+                        shutil.copyfile(layout.checkpoint, after_round_1)
+                await federation.wait_for_clients()
+                federation.check_children()
             nursery.cancel_scope.cancel()
 
     assert len(set(digests)) == 3, "the global checkpoint must change in each round"

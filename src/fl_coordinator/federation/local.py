@@ -7,7 +7,7 @@ and so do the end-to-end tests.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,18 +54,30 @@ class LocalFederation:
         return child
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[Endpoints]:
-        """Start everything; stop everything (SIGTERM, then SIGKILL) on the way out."""
+    async def running(
+        self, before_clients: Callable[[Endpoints], Awaitable[None]] | None = None
+    ) -> AsyncIterator[Endpoints]:
+        """Start everything; stop everything (SIGTERM, then SIGKILL) on the way out.
+
+        ``before_clients`` is awaited once the coordinator and the selectors
+        serve, before any client starts: a status subscriber connected there
+        sees round 1 open (the stream shows the present, not what went before,
+        and clients can reach the goal before a subscriber connects after).
+        """
         try:
             async with trio.open_nursery() as nursery:
-                yield await self._start(nursery)
+                endpoints = await self._start_servers(nursery)
+                if before_clients is not None:
+                    await before_clients(endpoints)
+                await self._start_clients(nursery, endpoints.selectors)
+                yield endpoints
                 await self.stop()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self.stop(grace=2)
 
-    async def _start(self, nursery: trio.Nursery) -> Endpoints:
+    async def _start_servers(self, nursery: trio.Nursery) -> Endpoints:
         coordinator = self._child(
             "coordinator",
             ["fl_coordinator", "serve"],
@@ -97,6 +109,9 @@ class LocalFederation:
                 ],
             )  # fmt: skip
             selector_ids.append((await selector.start(nursery, r"selector (\S+) serving")).group(1))
+        return Endpoints(address, status_url, tuple(selector_ids))
+
+    async def _start_clients(self, nursery: trio.Nursery, selector_ids: Sequence[str]) -> None:
         for index, shard in enumerate(self.shards):
             client = self._child(
                 f"client{index}",
@@ -114,7 +129,6 @@ class LocalFederation:
                 ],
             )  # fmt: skip
             await client.start(nursery, r"client of \S+ with \d+ samples")
-        return Endpoints(address, status_url, tuple(selector_ids))
 
     def check_children(self) -> None:
         """Raise ChildFailed if any process ended with an error."""
