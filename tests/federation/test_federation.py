@@ -57,6 +57,7 @@ async def test_two_rounds_coordinator_two_selectors_three_client_processes(
 
             async def subscribe(endpoints: Endpoints) -> None:  # before round 1 can move on
                 watchers.append(await watch(nursery, endpoints.status_url))
+                await watchers[0].wait_for(lambda message: True)  # attached: it has the present
 
             async with federation.running(subscribe) as endpoints:
                 [watcher] = watchers

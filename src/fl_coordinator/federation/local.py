@@ -60,9 +60,10 @@ class LocalFederation:
         """Start everything; stop everything (SIGTERM, then SIGKILL) on the way out.
 
         ``before_clients`` is awaited once the coordinator and the selectors
-        serve, before any client starts: a status subscriber connected there
-        sees round 1 open (the stream shows the present, not what went before,
-        and clients can reach the goal before a subscriber connects after).
+        serve, before any client starts: a status subscriber that has its first
+        message there has seen round 1 open (the stream shows the present, not
+        what went before, and clients can reach the goal before a subscriber
+        that connects after they start).
         """
         try:
             async with trio.open_nursery() as nursery:
