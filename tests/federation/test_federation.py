@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import purerpc
 import trio
-from helpers.peers import assert_arrays_close, completed, fedavg, read_floats, watch
+from helpers.peers import (
+    StatusWatcher,
+    assert_arrays_close,
+    completed,
+    fedavg,
+    read_floats,
+    watch,
+)
 
 from fl_coordinator._proto import fl_round_grpc, fl_round_pb2
 from fl_coordinator.app import serve
@@ -53,14 +60,12 @@ async def test_two_rounds_coordinator_two_selectors_three_client_processes(
     after_round_1 = tmp_path / "after_round_1"
     with trio.fail_after(240):
         async with trio.open_nursery() as nursery:
-            watchers = []
+            watcher = StatusWatcher()
 
             async def subscribe(endpoints: Endpoints) -> None:  # before round 1 can move on
-                watchers.append(await watch(nursery, endpoints.status_url))
-                await watchers[0].wait_for(lambda message: True)  # attached: it has the present
+                await nursery.start(watcher.run, endpoints.status_url)
 
             async with federation.running(subscribe) as endpoints:
-                [watcher] = watchers
                 for number in (1, 2):
                     done = await watcher.wait_for(completed(number))
                     assert done["stage"] == "COMPLETED", done

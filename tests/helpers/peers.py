@@ -201,6 +201,10 @@ class StatusWatcher:
         async with trio_websocket.open_websocket_url(
             url, ssl_context=ssl_context, extra_headers=headers
         ) as ws:
+            # Started once the first message came: the server attaches a subscriber to the
+            # hub (and sends it the present status) a moment after the handshake, and a test
+            # that acts at once would otherwise change what it has not yet subscribed to.
+            self._arrivals.add(json.loads(await ws.get_message()))
             task_status.started()
             try:
                 while True:
