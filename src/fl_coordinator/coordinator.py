@@ -92,7 +92,8 @@ _PROGRESS_MAX = 1800.0
 #: How long a stopping coordinator waits for an evaluation's files to be tidied.
 _CLEANUP_SECONDS = 5.0
 
-#: Within one phase (round, stage, aggregating), snapshots that only change counts are
+#: Within one phase (round, stage, aggregating, round of the last metrics: see _phase;
+#: new metrics are a new phase), snapshots that only change counts are
 #: published at most once per this many seconds; the latest is published when the time
 #: is up. Each snapshot lists every selector taking part, so publishing one per report
 #: made a round of N selectors cost O(N**2) bytes of JSON (340 kB at 100, 13.8 MB at

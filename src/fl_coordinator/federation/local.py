@@ -61,9 +61,12 @@ class LocalFederation:
 
         ``before_clients`` is awaited once the coordinator and the selectors
         serve, before any client starts: a status subscriber that has its first
-        message there has seen round 1 open (the stream shows the present, not
-        what went before, and clients can reach the goal before a subscriber
-        that connects after they start).
+        message there has seen the first round open (round 1 on a new problem;
+        the stream shows the present, not what went before, and clients can
+        reach the goal before a subscriber that connects after they start).
+        What it leaves running must run in the caller's nursery: clients start
+        when it returns. If it raises, the processes started are stopped and its
+        error comes out in an ExceptionGroup.
         """
         try:
             async with trio.open_nursery() as nursery:
