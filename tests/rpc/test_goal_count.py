@@ -7,8 +7,6 @@ a selector sees on the wire.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable
 
 import pytest
@@ -21,44 +19,44 @@ from fl_coordinator.rpc.goal_count import DEFAULT_MAX_OPEN, GoalCountClient, out
 
 class Wire:
     """Connections carried by every :class:`Relay` that shares it: accepted, open, and
-    ``peak``, the most connections the client held open to the relays at once.
+    ``peak``, the most connections the client held open to the relays at once (with
+    ``at_peak``, those connections: the client's port and the relay's).
 
     ``peak`` is sampled from the kernel's table each time a relay accepts (the
     only moment it can grow): a relay sees a closed connection a little after
     the client closed it, so its own count would overstate what the client holds.
-    Only this process's sockets count: a relay's port may be one another process
-    (a test beside, under pytest-xdist) still has a connection to, from a listener
-    of its own that has closed (its count was 5 of 4 once, in a whole suite).
+    Each connection counts once, by its ports at both ends (the client's and the
+    relay's), and only if a relay accepted it. The kernel writes its table over
+    several reads, not at one instant, and a line may come twice when the table
+    changes meanwhile (61 of 259 reads listed an ESTABLISHED socket twice while
+    two other processes opened and closed connections): counting lines gave 5
+    of 4 where the same table, read again at once, listed 4 connections.
     """
 
     def __init__(self) -> None:
         self.accepted = self.open = self.peak = 0
-        self.ports: set[int] = set()
+        self.at_peak: list[tuple[int, int]] = []
+        self._pairs: set[tuple[int, int]] = set()  # (client's port, relay's) of each accepted
         self._changed = trio.lowlevel.ParkingLot()
 
-    def opened(self) -> None:
+    def opened(self, client_port: int, relay_port: int) -> None:
+        self._pairs.add((client_port, relay_port))
         self.accepted += 1
         self.open += 1
-        self.peak = max(self.peak, self._client_side())
+        now = self._client_side()
+        if len(now) > self.peak:
+            self.peak, self.at_peak = len(now), now
         self._changed.unpark_all()
 
-    def _client_side(self) -> int:
-        """This process's ESTABLISHED IPv4 connections whose remote end is one of the relays."""
-        ours = set()
-        for fd in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(FileNotFoundError):  # (closed meanwhile)
-                ours.add(os.readlink(f"/proc/self/fd/{fd}"))
-        established = 0
+    def _client_side(self) -> list[tuple[int, int]]:
+        """The client's ends of accepted connections that are ESTABLISHED (IPv4)."""
         with open("/proc/net/tcp") as table:
-            for line in list(table)[1:]:
-                _, _, remote, state, *_, inode = line.split()[:10]
-                if (
-                    state == "01"
-                    and int(remote.split(":")[1], 16) in self.ports
-                    and f"socket:[{inode}]" in ours
-                ):
-                    established += 1
-        return established
+            rows = [line.split() for line in list(table)[1:]]
+        return sorted({
+            ends
+            for _, local, remote, state, *_ in rows
+            if state == "01" and (ends := (_port(local), _port(remote))) in self._pairs
+        })  # fmt: skip
 
     def closed(self) -> None:
         self.open -= 1
@@ -68,6 +66,11 @@ class Wire:
         with trio.fail_after(30):
             while not condition():
                 await self._changed.park()
+
+
+def _port(address: str) -> int:
+    """The port of an address in /proc/net/tcp's form (``0100007F:9C40``)."""
+    return int(address.split(":")[1], 16)
 
 
 class Relay:
@@ -81,7 +84,6 @@ class Relay:
     async def start(self, nursery: trio.Nursery) -> str:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
-        self._wire.ports.add(self.port)
         nursery.start_soon(trio.serve_listeners, self._relay, listeners)
         return f"127.0.0.1:{self.port}"
 
@@ -91,7 +93,7 @@ class Relay:
             scope.cancel()
 
     async def _relay(self, client: trio.SocketStream) -> None:
-        self._wire.opened()
+        self._wire.opened(client.socket.getpeername()[1], self.port)
         try:
             with trio.CancelScope() as scope:
                 self._scopes.add(scope)
@@ -160,7 +162,7 @@ async def test_open_connections_bounded_by_the_pool_limit() -> None:
                 broadcast.start_soon(client, address)
         assert [await _told(selector) for _, selector, _ in selectors] == [1] * 24
         assert wire.accepted == 24
-        assert wire.peak == 4
+        assert wire.peak == 4, wire.at_peak
         assert client.open == 4
         nursery.cancel_scope.cancel()
 
