@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
 from datetime import UTC, datetime, timedelta
 
@@ -31,6 +32,7 @@ from fl_coordinator.app import build_coordinator
 from fl_coordinator.config import Settings
 from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.storage import checker
+from fl_coordinator.storage.journal import remember
 from fl_coordinator.storage.layout import Layout
 from fl_coordinator.untrusted_text import cut
 
@@ -543,3 +545,37 @@ async def test_counts_are_published_at_least_the_interval_apart_by_their_own_tim
     ]  # fmt: skip
     gap = datetime.fromisoformat(second["time"]) - datetime.fromisoformat(first["time"])
     assert gap >= timedelta(seconds=0.1)
+
+
+async def test_metrics_take_the_held_counts_along_in_one_message(
+    settings: Settings, layout: Layout, mock_clock: trio.testing.MockClock
+) -> None:
+    """Metrics that arrive while a count snapshot is held back (for _COUNTS_EVERY) are
+    published with those counts in one message, not right after a message of their own.
+    The clock stands still, so the counts stay held until the metrics come: the initial
+    model's (round 0), evaluated at start-up once the test opens the gate."""
+    mock_clock.autojump_threshold = 30  # a hang ends in a failed assertion, not a stuck run
+    gate = layout.model.parent / "gate"
+    os.mkfifo(gate)
+    held_open = os.open(gate, os.O_RDWR)
+    remember(layout, 0, settings.keep_checkpoints)  # as serve does: the initial model's
+    hub = StatusHub("p", "c")
+    evaluating = settings.replace(checkin_limit=10, evaluate="helpers.evaluations:gated")
+    coordinator = build_coordinator(evaluating, layout, hub)
+    try:
+        async with trio.open_nursery() as nursery:
+            with hub.subscribe() as stream:
+                await nursery.start(coordinator.run)
+                first = await stream.get()  # round 1's SELECTION: published at once
+                shown = trio.current_time()
+                await coordinator.check_in("127.0.0.1:1")  # a count: held
+                os.write(held_open, b"go")
+                second = await stream.get()
+                waited = trio.current_time() - shown  # the throttle's wait: none
+                nursery.cancel_scope.cancel()
+    finally:
+        os.close(held_open)
+    assert [(m["accepted"], m.get("metrics", {}).get("round")) for m in (first, second)] == [
+        (0, None), (1, 0)
+    ]  # fmt: skip
+    assert (second["seq"] - first["seq"], waited) == (1, 0)

@@ -104,8 +104,9 @@ _COUNTS_EVERY = 0.1
 
 def _phase(status: Status) -> tuple[int, Stage, bool, int]:
     """What a status snapshot is a snapshot of: round, stage, aggregating or not, and the
-    round of the last metrics (new metrics are journaled, and never collapsed away)."""
-    metrics = status.metrics.round if status.metrics is not None else 0
+    round of the last metrics (new metrics are journaled, and never collapsed away; -1:
+    none yet, so the initial model's, of round 0, are new too)."""
+    metrics = status.metrics.round if status.metrics is not None else -1
     return status.round, status.stage, status.aggregating, metrics
 
 
@@ -337,8 +338,9 @@ class Coordinator:
                 # see _publish_held) is replaced by the next one of the same round,
                 # stage and aggregation state: each is the whole state, so subscribers
                 # lose only intermediate counts, and a burst of check-ins or reports
-                # costs one message, not one each.
-                if self._held is not None and _phase(self._held) != _phase(effect):
+                # costs one message, not one each. New metrics replace it too: their
+                # snapshot carries its counts and is published at the end of the step.
+                if self._held is not None and _phase(self._held)[:3] != _phase(effect)[:3]:
                     self._publish(self._held)
                 self._held = effect
             case Log(level=level, message=message, kind=""):

@@ -1,9 +1,9 @@
 """``EVALUATE`` functions for the tests, run in the coordinator's evaluation worker process.
 
 ``by_round`` measures what it was given: the round, and the mean of the
-checkpoint's weights (so a test can tell which checkpoint it was). The
-others misbehave in one way each on round 1, and measure like ``by_round``
-otherwise.
+checkpoint's weights (so a test can tell which checkpoint it was).
+``gated`` measures like it once the test lets it. The others misbehave in
+one way each on round 1, and measure like ``by_round`` otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 __all__ = [
     "by_round",
     "exits",
+    "gated",
     "hangs",
     "killed",
     "not_a_dict",
@@ -48,6 +49,14 @@ def _datasets(file: h5py.File) -> list[str]:
     names: list[str] = []
     file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
     return names
+
+
+def gated(checkpoint: Path, model: Path, round: int) -> dict[str, float]:
+    """``by_round`` once the test writes a byte to the FIFO ``gate`` beside the model (the
+    test holds it open for reading and writing, so this open does not wait)."""
+    with open(model.parent / "gate", "rb") as gate:
+        gate.read(1)
+    return by_round(checkpoint, model, round)
 
 
 def raises(checkpoint: Path, model: Path, round: int) -> dict[str, float]:
