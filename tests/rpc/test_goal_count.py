@@ -93,7 +93,11 @@ class Relay:
             scope.cancel()
 
     async def _relay(self, client: trio.SocketStream) -> None:
-        self._wire.opened(client.socket.getpeername()[1], self.port)
+        try:
+            client_port = client.socket.getpeername()[1]
+        except OSError:  # reset before this handler ran: not open, so never counted
+            client_port = 0
+        self._wire.opened(client_port, self.port)
         try:
             with trio.CancelScope() as scope:
                 self._scopes.add(scope)
@@ -164,6 +168,25 @@ async def test_open_connections_bounded_by_the_pool_limit() -> None:
         assert wire.accepted == 24
         assert wire.peak == 4, wire.at_peak
         assert client.open == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_new_selectors_told_at_once_close_idle_connections_to_make_room() -> None:
+    """Two connections kept idle, then four new selectors told at once through 4 slots:
+    the two dials beyond the free slots each close an idle connection (before, all four
+    saw a free slot, none closed one, and two waited out call_timeout)."""
+    wire = Wire()
+    client = GoalCountClient(call_timeout=30, max_open=4)
+    async with trio.open_nursery() as nursery:
+        selectors = await _selectors(nursery, 6, wire)
+        await nursery.start(client.run)
+        for address, _, _ in selectors[:2]:
+            await client(address)
+        async with trio.open_nursery() as broadcast:
+            for address, _, _ in selectors[2:]:
+                broadcast.start_soon(client, address)
+        assert [await _told(selector) for _, selector, _ in selectors] == [1] * 6
+        assert (wire.accepted, wire.peak, client.open) == (6, 4, 4), wire.at_peak
         nursery.cancel_scope.cancel()
 
 

@@ -237,7 +237,7 @@ class GoalCountClient:
             link.busy += 1
             self._links[selector] = link  # now the most recently used
             return link
-        if self._slots.value == 0:
+        if len(self._links) >= self.max_open:  # kept, or being dialed: every slot promised
             self._evict_idle()
         link = self._links[selector] = _Link(selector)
         try:
