@@ -30,6 +30,9 @@ from helpers.resources import check_workers, out_of_descriptors, peak_rss, reset
 from fl_coordinator._proto import fl_intra_pb2
 from fl_coordinator.app import build_coordinator
 from fl_coordinator.config import Settings
+from fl_coordinator.coordinator import _phase, _publish_first
+from fl_coordinator.core.events import Stage, Status
+from fl_coordinator.core.stopping import RoundMetrics
 from fl_coordinator.status.hub import StatusHub
 from fl_coordinator.storage import checker
 from fl_coordinator.storage.journal import remember
@@ -551,7 +554,7 @@ async def test_metrics_take_the_held_counts_along_in_one_message(
     settings: Settings, layout: Layout, mock_clock: trio.testing.MockClock
 ) -> None:
     """Metrics that arrive while a count snapshot is held back (for _COUNTS_EVERY) are
-    published with those counts in one message, not right after a message of their own.
+    published with those counts in one message, not after a message of the counts alone.
     The clock stands still, so the counts stay held until the metrics come: the initial
     model's (round 0), evaluated at start-up once the test opens the gate."""
     mock_clock.autojump_threshold = 30  # a hang ends in a failed assertion, not a stuck run
@@ -579,3 +582,29 @@ async def test_metrics_take_the_held_counts_along_in_one_message(
         (0, None), (1, 0)
     ]  # fmt: skip
     assert (second["seq"] - first["seq"], waited) == (1, 0)
+
+
+def _snapshot(stage: Stage = Stage.SELECTION, metrics: int = -1, accepted: int = 0) -> Status:
+    """Round 1's status at ``stage`` with ``accepted`` check-ins, and the metrics of round
+    ``metrics`` (-1: none)."""
+    measured = RoundMetrics(metrics, (("accuracy", 0.5),)) if metrics >= 0 else None
+    return Status(1, stage, accepted, 10, (), (), metrics=measured)
+
+
+@pytest.mark.parametrize(
+    ("held", "status", "published", "first"),
+    [
+        (_snapshot(accepted=1), _snapshot(accepted=2), _snapshot(), False),  # counts only
+        (_snapshot(), _snapshot(Stage.CONFIGURATION), _snapshot(), True),  # a stage
+        (_snapshot(accepted=1), _snapshot(metrics=0), _snapshot(), False),  # counts, metrics
+        (_snapshot(metrics=1), _snapshot(metrics=2), _snapshot(), True),  # two metrics
+        (_snapshot(metrics=1), _snapshot(metrics=2), _snapshot(metrics=1), False),  # shown
+        (_snapshot(metrics=1), _snapshot(metrics=1, accepted=3), _snapshot(), False),
+    ],
+)
+def test_a_held_snapshot_is_replaced_only_when_nothing_new_of_it_is_lost(
+    held: Status, status: Status, published: Status, first: bool
+) -> None:
+    """Metrics of two evaluations handled in one step are both published (when the second
+    replaced the first, round 1's metrics reached neither the stream nor the round log)."""
+    assert _publish_first(held, status, _phase(published)) is first

@@ -110,6 +110,18 @@ def _phase(status: Status) -> tuple[int, Stage, bool, int]:
     return status.round, status.stage, status.aggregating, metrics
 
 
+def _publish_first(
+    held: Status, status: Status, published: tuple[int, Stage, bool, int] | None
+) -> bool:
+    """Whether ``held``, a snapshot not yet published, must be before ``status`` replaces
+    it: it is of another round, stage or aggregation state, or it carries metrics that
+    neither ``status`` nor the last snapshot published (of phase ``published``) carries."""
+    (*where, metrics), (*where_next, metrics_next) = _phase(held), _phase(status)
+    return where != where_next or metrics not in (
+        metrics_next, published[3] if published is not None else None
+    )  # fmt: skip
+
+
 class Tell(Protocol):
     """Tells one selector (its id) to configure its clients; raises if it could not.
 
@@ -338,9 +350,10 @@ class Coordinator:
                 # see _publish_held) is replaced by the next one of the same round,
                 # stage and aggregation state: each is the whole state, so subscribers
                 # lose only intermediate counts, and a burst of check-ins or reports
-                # costs one message, not one each. New metrics replace it too: their
-                # snapshot carries its counts and is published at the end of the step.
-                if self._held is not None and _phase(self._held)[:3] != _phase(effect)[:3]:
+                # costs one message, not one each. New metrics replace it too (their
+                # snapshot carries the newer counts, and is published at the end of the
+                # step), unless it holds metrics of its own not yet published.
+                if self._held is not None and _publish_first(self._held, effect, self._journaled):
                     self._publish(self._held)
                 self._held = effect
             case Log(level=level, message=message, kind=""):
