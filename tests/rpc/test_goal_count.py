@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import trio
 from helpers.peers import FakeSelector
+from helpers.pki import Pki
 from helpers.relay import relay
 
 from fl_coordinator.rpc.goal_count import DEFAULT_MAX_OPEN, GoalCountClient, outgoing_budget
@@ -187,6 +188,59 @@ async def test_new_selectors_told_at_once_close_idle_connections_to_make_room() 
                 broadcast.start_soon(client, address)
         assert [await _told(selector) for _, selector, _ in selectors] == [1] * 6
         assert (wire.accepted, wire.peak, client.open) == (6, 4, 4), wire.at_peak
+        nursery.cancel_scope.cancel()
+
+
+async def test_room_is_made_by_closing_an_ended_connection_before_a_live_one() -> None:
+    """Two kept connections, the more recently used one then closed by its selector: a
+    third selector's dial closes that one (it still held its slot), not the live one."""
+    wire = Wire()
+    client = GoalCountClient(call_timeout=30, max_open=2)
+    async with trio.open_nursery() as nursery:
+        (first, _, _), (second, _, cut), (third, _, _) = await _selectors(nursery, 3, wire)
+        await nursery.start(client.run)
+        await client(first)
+        await client(second)
+        cut.cut()
+        await wire.until(lambda: wire.open == 1)
+        await client(third)
+        await client(first)  # on the connection kept since its first call
+        assert (wire.accepted, wire.open, client.open) == (3, 2, 2)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dial_closed_by_retain_fails_its_call_with_a_connection_error(pki: Pki) -> None:
+    """retain() while a selector is being dialed (a TLS handshake its peer never answers):
+    the call fails as a closed connection (before: trio's RuntimeError, "child exited
+    without calling task_status.started()")."""
+    dialed = trio.Event()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        dialed.set()
+        await trio.sleep_forever()
+
+    client = GoalCountClient(call_timeout=30, ssl_context=pki.client_context())
+    failures: list[BaseException] = []
+
+    async def call(address: str) -> None:
+        try:
+            await client(address)
+        except Exception as error:
+            failures.append(error)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, silent, listeners)
+        address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        await nursery.start(client.run)
+        async with trio.open_nursery() as calls:
+            calls.start_soon(call, address)
+            await dialed.wait()
+            client.retain([])
+        assert [(type(e), str(e)) for e in failures] == [
+            (ConnectionError, f"connection to {address} closed while dialing")
+        ]
+        assert client.open == 0
         nursery.cancel_scope.cancel()
 
 

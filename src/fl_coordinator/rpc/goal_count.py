@@ -89,6 +89,8 @@ class _Link:
                     task_status.started()
                     started = True
                     await trio.sleep_forever()
+            if not started:  # closed (retain, or to make room) while it was being dialed
+                raise ConnectionError(f"connection to {self.selector} closed while dialing")
         except Exception as error:
             if not started:
                 raise
@@ -251,13 +253,15 @@ class GoalCountClient:
         return link
 
     def _evict_idle(self) -> None:
-        """Close the least recently used channel that has no call in flight.
+        """Close a channel that has no call in flight: one whose connection ended, if
+        there is one (purerpc does not notice a peer's close, so it may still hold its
+        slot), else the least recently used.
 
         There is one while a call waits here: at most ``max_open`` calls are in
         flight, this one included, so at most ``max_open - 1`` channels are busy.
         """
-        for selector, link in self._links.items():
-            if not link.busy:
-                del self._links[selector]
-                link.scope.cancel()
-                return
+        idle = [selector for selector, link in self._links.items() if not link.busy]
+        ended = (selector for selector in idle if self._links[selector].closed())
+        selector = next(ended, idle[0] if idle else None)
+        if selector is not None:
+            self._links.pop(selector).scope.cancel()
