@@ -118,7 +118,7 @@ def _publish_first(
     neither ``status`` nor the last snapshot published (of phase ``published``) carries."""
     (*where, metrics), (*where_next, metrics_next) = _phase(held), _phase(status)
     return where != where_next or metrics not in (
-        metrics_next, published[3] if published is not None else None
+        metrics_next, published[3] if published is not None else -1
     )  # fmt: skip
 
 
