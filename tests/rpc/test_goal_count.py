@@ -80,6 +80,7 @@ class Relay:
     def __init__(self, target: int, wire: Wire) -> None:
         self._target, self._wire = target, wire
         self._scopes: set[trio.CancelScope] = set()
+        self._clients: set[trio.SocketStream] = set()
         self.port = 0
 
     async def start(self, nursery: trio.Nursery) -> str:
@@ -93,6 +94,13 @@ class Relay:
         for scope in self._scopes:
             scope.cancel()
 
+    async def garble(self) -> None:
+        """Send each client a frame its HTTP/2 rejects (a SETTINGS frame of 5 bytes), so
+        that it ends the connection itself: as a grpcio or grpc-go selector's GOAWAY and
+        PING make purerpc end it when the selector shuts down."""
+        for client in self._clients:
+            await client.send_all(b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + bytes(5))
+
     async def _relay(self, client: trio.SocketStream) -> None:
         try:
             client_port = client.socket.getpeername()[1]
@@ -102,9 +110,11 @@ class Relay:
         try:
             with trio.CancelScope() as scope:
                 self._scopes.add(scope)
+                self._clients.add(client)
                 await relay(client, self._target)
         finally:
             self._scopes.discard(scope)
+            self._clients.discard(client)
             self._wire.closed()
 
 
@@ -191,17 +201,18 @@ async def test_new_selectors_told_at_once_close_idle_connections_to_make_room() 
         nursery.cancel_scope.cancel()
 
 
-async def test_room_is_made_by_closing_an_ended_connection_before_a_live_one() -> None:
-    """Two kept connections, the more recently used one then closed by its selector: a
-    third selector's dial closes that one (it still held its slot), not the live one."""
+async def test_a_connection_the_client_ended_frees_its_place_in_the_pool() -> None:
+    """Two kept connections through 2 slots, the second then ended by the client (its
+    peer's HTTP/2 refused): a third selector takes its place, and the live first one is
+    kept (while the ended one still counted, the first was closed to make room)."""
     wire = Wire()
     client = GoalCountClient(call_timeout=30, max_open=2)
     async with trio.open_nursery() as nursery:
-        (first, _, _), (second, _, cut), (third, _, _) = await _selectors(nursery, 3, wire)
+        (first, _, _), (second, _, ends), (third, _, _) = await _selectors(nursery, 3, wire)
         await nursery.start(client.run)
         await client(first)
         await client(second)
-        cut.cut()
+        await ends.garble()
         await wire.until(lambda: wire.open == 1)
         await client(third)
         await client(first)  # on the connection kept since its first call

@@ -26,7 +26,7 @@ import logging
 import resource
 import socket
 import ssl
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import anyio.abc
 import purerpc
@@ -76,10 +76,12 @@ class _Link:
         self,
         ssl_context: ssl.SSLContext | None,
         slots: trio.Semaphore,
+        ended: Callable[[_Link], None],
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Dial (errors go to the caller of ``nursery.start``), then keep the channel open
-        until :attr:`scope` is cancelled or the connection fails (logged, not raised)."""
+        until :attr:`scope` is cancelled or the connection fails (logged, not raised);
+        then, its slot given back, tell ``ended``."""
         started = False
         try:
             with self.scope:
@@ -108,6 +110,7 @@ class _Link:
             self.stub = None
             for call in self._calls:  # a call on a closed channel would wait forever
                 call.cancel()
+            ended(self)
 
     def closed(self) -> bool:
         """The channel is gone, or its peer closed the connection (seen without reading)."""
@@ -242,26 +245,25 @@ class GoalCountClient:
         if len(self._links) >= self.max_open:  # kept, or being dialed: every slot promised
             self._evict_idle()
         link = self._links[selector] = _Link(selector)
-        try:
-            await nursery.start(link.hold, self._ssl_context, self._slots)
-        except BaseException:
-            if self._links.get(selector) is link:
-                del self._links[selector]
-            raise
+        try:  # a failed dial is forgotten (_forget) as it ends
+            await nursery.start(link.hold, self._ssl_context, self._slots, self._forget)
         finally:
             link.ready.set()
         return link
 
+    def _forget(self, link: _Link) -> None:
+        """``link``'s channel ended (a failed connection, or closed): it no longer counts."""
+        if self._links.get(link.selector) is link:
+            del self._links[link.selector]
+
     def _evict_idle(self) -> None:
-        """Close a channel that has no call in flight: one whose connection ended, if
-        there is one (purerpc does not notice a peer's close, so it may still hold its
-        slot), else the least recently used.
+        """Close the least recently used channel that has no call in flight.
 
         There is one while a call waits here: at most ``max_open`` calls are in
         flight, this one included, so at most ``max_open - 1`` channels are busy.
         """
-        idle = [selector for selector, link in self._links.items() if not link.busy]
-        ended = (selector for selector in idle if self._links[selector].closed())
-        selector = next(ended, idle[0] if idle else None)
-        if selector is not None:
-            self._links.pop(selector).scope.cancel()
+        for selector, link in self._links.items():
+            if not link.busy:
+                del self._links[selector]
+                link.scope.cancel()
+                return
