@@ -98,7 +98,7 @@ class Relay:
         """Send each client a frame its HTTP/2 rejects (a SETTINGS frame of 5 bytes), so
         that it ends the connection itself: as a grpcio or grpc-go selector's GOAWAY and
         PING make purerpc end it when the selector shuts down."""
-        for client in self._clients:
+        for client in list(self._clients):
             await client.send_all(b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + bytes(5))
 
     async def _relay(self, client: trio.SocketStream) -> None:
@@ -268,6 +268,27 @@ async def test_a_connection_the_selector_closed_is_dialed_again() -> None:
         with trio.fail_after(60):  # far below call_timeout: a hang would show
             await client(address)
         assert (await _told(selector), wire.accepted, wire.open) == (2, 2, 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_end_of_a_closed_connection_leaves_its_successor_in_the_pool() -> None:
+    """The task of a connection its selector closed ends after the one dialed in its
+    place started: it must not take the new one out of the pool (which would then hold a
+    slot that neither retain() nor eviction can give back)."""
+    wire = Wire()
+    client = GoalCountClient(call_timeout=30)
+    async with trio.open_nursery() as nursery:
+        [(address, selector, relay)] = await _selectors(nursery, 1, wire)
+        await nursery.start(client.run)
+        await client(address)
+        relay.cut()
+        await wire.until(lambda: wire.open == 0)
+        await client(address)  # dialed again; the closed connection's task ends meanwhile
+        await client(address)  # on the connection dialed again
+        assert (await _told(selector), wire.accepted, wire.open, client.open) == (3, 2, 1, 1)
+        client.retain([])
+        await wire.until(lambda: wire.open == 0)
+        assert client.open == 0
         nursery.cancel_scope.cancel()
 
 

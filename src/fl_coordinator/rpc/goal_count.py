@@ -91,7 +91,7 @@ class _Link:
                     task_status.started()
                     started = True
                     await trio.sleep_forever()
-            if not started:  # closed (retain, or to make room) while it was being dialed
+            if not started:  # closed by retain() while it was being dialed
                 raise ConnectionError(f"connection to {self.selector} closed while dialing")
         except Exception as error:
             if not started:
@@ -245,8 +245,11 @@ class GoalCountClient:
         if len(self._links) >= self.max_open:  # kept, or being dialed: every slot promised
             self._evict_idle()
         link = self._links[selector] = _Link(selector)
-        try:  # a failed dial is forgotten (_forget) as it ends
+        try:
             await nursery.start(link.hold, self._ssl_context, self._slots, self._forget)
+        except BaseException:  # hold forgot it as it ended, unless it never ran
+            self._forget(link)
+            raise
         finally:
             link.ready.set()
         return link
