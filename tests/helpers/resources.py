@@ -139,6 +139,24 @@ def vm_size(pid: int) -> int:
     return int(fields[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
+async def ended(pid: int, limit: float = 30.0) -> bool:
+    """Wait until process ``pid`` (any, not only a child) has ended: True, or False after
+    ``limit`` seconds. Woken by the kernel (a pidfd), not by polling; a process gone
+    already counts as ended, and one that has ended may still wait to be reaped (its
+    parent may not know yet: see :func:`exists`)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        with trio.move_on_after(limit):
+            await trio.lowlevel.wait_readable(pidfd)
+            return True
+        return False
+    finally:
+        os.close(pidfd)
+
+
 def exists(pid: int) -> bool:
     """Whether process ``pid`` is still there (a zombie not yet reaped counts)."""
     return Path(f"/proc/{pid}").exists()
