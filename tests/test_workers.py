@@ -8,8 +8,8 @@ import signal
 from pathlib import Path
 
 import pytest
-import trio
 import trio_parallel
+from helpers.resources import ended
 
 from fl_coordinator.workers import OOM_SCORE_ADJ, worker_processes
 
@@ -31,12 +31,8 @@ async def test_a_worker_is_the_first_to_go_when_memory_runs_out() -> None:
 async def _killed(workers: trio_parallel.WorkerContext) -> None:
     """One idle worker killed (SIGKILL) and gone: it will not end cleanly at shutdown."""
     pid = await workers.run_sync(os.getpid)
-    pidfd = os.pidfd_open(pid)
-    try:
-        os.kill(pid, signal.SIGKILL)
-        await trio.lowlevel.wait_readable(pidfd)  # readable once the process has ended
-    finally:
-        os.close(pidfd)
+    os.kill(pid, signal.SIGKILL)
+    assert await ended(pid)
 
 
 async def test_a_worker_that_did_not_end_cleanly_is_logged(caplog) -> None:
