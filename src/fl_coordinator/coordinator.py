@@ -102,11 +102,14 @@ _CLEANUP_SECONDS = 5.0
 _COUNTS_EVERY = 0.1
 
 
+#: The metrics' round in a phase without metrics (so the initial model's, of round 0, are new).
+_NO_METRICS = -1
+
+
 def _phase(status: Status) -> tuple[int, Stage, bool, int]:
     """What a status snapshot is a snapshot of: round, stage, aggregating or not, and the
-    round of the last metrics (new metrics are journaled, and never collapsed away; -1:
-    none yet, so the initial model's, of round 0, are new too)."""
-    metrics = status.metrics.round if status.metrics is not None else -1
+    round of the last metrics (new metrics are journaled, and never collapsed away)."""
+    metrics = status.metrics.round if status.metrics is not None else _NO_METRICS
     return status.round, status.stage, status.aggregating, metrics
 
 
@@ -117,9 +120,8 @@ def _publish_first(
     it: it is of another round, stage or aggregation state, or it carries metrics that
     neither ``status`` nor the last snapshot published (of phase ``published``) carries."""
     (*where, metrics), (*where_next, metrics_next) = _phase(held), _phase(status)
-    return where != where_next or metrics not in (
-        metrics_next, published[3] if published is not None else -1
-    )  # fmt: skip
+    shown = published[3] if published is not None else _NO_METRICS
+    return where != where_next or metrics not in (metrics_next, shown)
 
 
 class Tell(Protocol):
