@@ -11,10 +11,12 @@ from collections.abc import Callable
 
 import pytest
 import trio
+import trio.testing
 from helpers.peers import FakeSelector
 from helpers.pki import Pki
 from helpers.relay import relay
 
+from fl_coordinator._proto import fl_intra_pb2
 from fl_coordinator.rpc.goal_count import DEFAULT_MAX_OPEN, GoalCountClient, outgoing_budget
 
 
@@ -98,8 +100,16 @@ class Relay:
         """Send each client a frame its HTTP/2 rejects (a SETTINGS frame of 5 bytes), so
         that it ends the connection itself: as a grpcio or grpc-go selector's GOAWAY and
         PING make purerpc end it when the selector shuts down."""
+        await self._to_clients(b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + bytes(5))
+
+    async def goaway(self) -> None:
+        """Send each client an HTTP/2 GOAWAY (NO_ERROR, last stream 1) and keep the
+        connection open: as a selector draining its connections before it closes them."""
+        await self._to_clients(b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + (1).to_bytes(4) + bytes(4))
+
+    async def _to_clients(self, frame: bytes) -> None:
         for client in list(self._clients):
-            await client.send_all(b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + bytes(5))
+            await client.send_all(frame)
 
     async def _relay(self, client: trio.SocketStream) -> None:
         try:
@@ -274,6 +284,68 @@ async def test_a_connection_the_selector_closed_is_dialed_again() -> None:
         client.retain([])
         await wire.until(lambda: wire.open == 0)
         assert client.open == 0
+        nursery.cancel_scope.cancel()
+
+
+class StalledSelector(FakeSelector):
+    """Takes GoalCountReached (``arrived`` is set) and never answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = trio.Event()
+
+    async def GoalCountReached(self, message: fl_intra_pb2.Empty) -> fl_intra_pb2.Empty:
+        self.arrived.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_a_call_in_flight_fails_at_once_when_the_selector_closes_its_connection() -> None:
+    """The selector closes the kept connection while a call waits for its answer: the call
+    fails as a closed connection (to be retried) instead of waiting out call_timeout (before:
+    purerpc's reader stopped at the end of the stream without a word)."""
+    wire = Wire()
+    client = GoalCountClient(call_timeout=600)
+    async with trio.open_nursery() as nursery:
+        selector = await StalledSelector().start(nursery)
+        relay = Relay(selector.port, wire)
+        address = await relay.start(nursery)
+        await nursery.start(client.run)
+        failures: list[Exception] = []
+
+        async def call() -> None:
+            try:
+                await client(address)
+            except Exception as error:
+                failures.append(error)
+
+        with trio.fail_after(60):  # far below call_timeout: a hang would show
+            async with trio.open_nursery() as calls:
+                calls.start_soon(call)
+                await selector.arrived.wait()
+                relay.cut()
+        assert [(type(e), str(e)) for e in failures] == [
+            (ConnectionError, f"connection to {address} closed during the call")
+        ]
+        assert client.open == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_the_selector_sent_goaway_on_is_dialed_again() -> None:
+    """After a GOAWAY (the connection still open) h2 refuses new calls on it: the next call
+    dials a new connection (before: it failed with h2's ProtocolError, and so did its
+    retries for as long as the selector kept the old connection open)."""
+    wire = Wire()
+    client = GoalCountClient(call_timeout=30)
+    async with trio.open_nursery() as nursery:
+        [(address, selector, relay)] = await _selectors(nursery, 1, wire)
+        await nursery.start(client.run)
+        await client(address)
+        await relay.goaway()
+        await trio.testing.wait_all_tasks_blocked()  # the client read the GOAWAY
+        await client(address)
+        await wire.until(lambda: wire.open == 1)
+        assert (await _told(selector), wire.accepted, client.open) == (2, 2, 1)
         nursery.cancel_scope.cancel()
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -44,7 +44,7 @@ from h2.connection import ConnectionState
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.exceptions import RpcFailedError
 
-from ..rpc.addresses import answer_socket, first_cause, split_address
+from ..rpc.addresses import WatchedStream, answer_socket, first_cause, split_address
 
 __all__ = ["IDLE_CLOSE", "MAX_CONCURRENT_CALLS", "GrpcLink", "LinkLost"]
 
@@ -56,11 +56,6 @@ T = TypeVar("T")
 MAX_CONCURRENT_CALLS = 64
 #: Seconds without calls after which the selector closes the connection itself.
 IDLE_CLOSE = 20.0
-
-_ENDED = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError)
-
-#: Bytes of the peer's first answer kept, to tell what listens there.
-_FIRST_BYTES = 32
 
 
 class LinkLost(trio.BrokenResourceError):
@@ -83,47 +78,10 @@ def _answered(error: BaseException) -> bool:
     return isinstance(error, RpcFailedError)
 
 
-class _Watched(anyio.abc.ByteStream):
-    """An anyio byte stream that sets :attr:`ended` when it ends or breaks."""
-
-    def __init__(self, stream: anyio.abc.ByteStream) -> None:
-        self._stream = stream
-        self.ended = trio.Event()
-        self.first_bytes = b""  # what the peer sent first (see LinkLost)
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        try:
-            data = await self._stream.receive(max_bytes)
-        except _ENDED:
-            self.ended.set()
-            raise
-        if len(self.first_bytes) < _FIRST_BYTES:
-            self.first_bytes += data[: _FIRST_BYTES - len(self.first_bytes)]
-        return data
-
-    async def send(self, item: bytes) -> None:
-        try:
-            await self._stream.send(item)
-        except _ENDED:
-            self.ended.set()
-            raise
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        self.ended.set()
-        await self._stream.aclose()
-
-    @property
-    def extra_attributes(self) -> Mapping[Any, Any]:
-        return self._stream.extra_attributes
-
-
 class _Connection:
     """One connection, standing in for a purerpc channel (see the module's docstring)."""
 
-    def __init__(self, host: str, port: int, grpc_socket: GRPCProtoSocket, stream: _Watched):
+    def __init__(self, host: str, port: int, grpc_socket: GRPCProtoSocket, stream: WatchedStream):
         self._host = host
         self._port = port
         self._grpc_socket = grpc_socket
@@ -231,7 +189,7 @@ class GrpcLink:
         a failure after that (purerpc's reader or writer) only ends it.
         """
         host, port = split_address(self._address)
-        stream = _Watched(
+        stream = WatchedStream(
             await anyio.connect_tcp(
                 host,
                 port,

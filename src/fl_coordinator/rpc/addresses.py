@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 import purerpc
 import trio
+from h2.connection import ConnectionState
 from purerpc.client import _Channel
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpc_socket import SocketWrapper
@@ -34,11 +36,12 @@ from .connection import BoundedInflation
 
 __all__ = [
     "MAX_ANSWER_BYTES",
+    "BoundedChannel",
+    "WatchedStream",
     "answer_socket",
     "call_once",
     "dial",
     "first_cause",
-    "socket_stream",
     "split_address",
 ]
 
@@ -49,6 +52,11 @@ MAX_ANSWER_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_ENDED = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError)
+
+#: Bytes of the peer's first answer kept, to tell what listens there.
+_FIRST_BYTES = 32
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -64,26 +72,47 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-@contextlib.asynccontextmanager
-async def dial(
-    address: str, ssl_context: ssl.SSLContext | None = None
-) -> AsyncIterator[purerpc.Channel]:
-    """A purerpc channel connected to ``host:port``: over TLS with ``ssl_context``.
+class WatchedStream(anyio.abc.ByteStream):
+    """An anyio byte stream that sets :attr:`ended` when it ends, breaks or is closed.
 
-    With TLS the peer's certificate must name the address's host (an IP
-    address or a DNS name). Leaving the context closes the connection's
-    socket: purerpc's channel leaves that to the garbage collector, so a
-    process that dials often would hold one descriptor per past call.
+    purerpc's reader just stops at the end of the stream (and its writer at a
+    broken one) without telling anyone, so a call waiting for its answer on a
+    connection its peer closed would wait for ever: whoever holds the
+    connection waits on :attr:`ended` instead, and ends the calls on it.
     """
-    host, port = split_address(address)
-    channel = _BoundedChannel(host, port, ssl_context)
-    try:
-        async with channel:
-            yield channel
-    finally:
-        if channel._grpc_socket is not None:  # connected
-            with trio.CancelScope(shield=True):
-                await socket_stream(channel).aclose()
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self._stream = stream
+        self.ended = trio.Event()
+        self.first_bytes = b""  # what the peer sent first (at most _FIRST_BYTES)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        try:
+            data = await self._stream.receive(max_bytes)
+        except _ENDED:
+            self.ended.set()
+            raise
+        if len(self.first_bytes) < _FIRST_BYTES:
+            self.first_bytes += data[: _FIRST_BYTES - len(self.first_bytes)]
+        return data
+
+    async def send(self, item: bytes) -> None:
+        try:
+            await self._stream.send(item)
+        except _ENDED:
+            self.ended.set()
+            raise
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        self.ended.set()
+        await self._stream.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Any]:
+        return self._stream.extra_attributes
 
 
 class _AnswerProtocol(GRPCConnection):
@@ -121,20 +150,71 @@ def answer_socket(stream: anyio.abc.ByteStream) -> GRPCProtoSocket:
     )
 
 
-class _BoundedChannel(_Channel):  # type: ignore[misc]
-    """purerpc's channel, connected through :class:`_AnswerSocket`."""
+class BoundedChannel(_Channel):  # type: ignore[misc]
+    """purerpc's channel, connected through :class:`_AnswerSocket` over a
+    :class:`WatchedStream` (:attr:`stream`, None until connected)."""
 
-    async def __aenter__(self) -> _BoundedChannel:
+    stream: WatchedStream | None = None
+
+    async def __aenter__(self) -> BoundedChannel:
         await contextlib.AsyncExitStack.__aenter__(self)
-        stream = await anyio.connect_tcp(
-            self._host,
-            self._port,
-            ssl_context=self._ssl_context,
-            tls=self._ssl_context is not None,
-            tls_standard_compatible=False,
+        self.stream = WatchedStream(
+            await anyio.connect_tcp(
+                self._host,
+                self._port,
+                ssl_context=self._ssl_context,
+                tls=self._ssl_context is not None,
+                tls_standard_compatible=False,
+            )
         )
-        self._grpc_socket = await self.enter_async_context(answer_socket(stream))
+        self._grpc_socket = await self.enter_async_context(answer_socket(self.stream))
         return self
+
+    def takes_calls(self) -> bool:
+        """Whether a call started now can be answered: connected, no GOAWAY received (h2
+        then refuses new streams), and the peer has not ended the TCP connection (an end of
+        stream or a reset, seen by peeking: purerpc's reader learns of it only when it next
+        runs, and a call started before that would fail on the closed connection)."""
+        if self.stream is None or self.stream.ended.is_set():
+            return False
+        h2_state = self._grpc_socket._grpc_connection.h2_connection.state_machine.state
+        if h2_state is ConnectionState.CLOSED:
+            return False
+        try:
+            sock = self.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True  # open, nothing to read: the usual case
+        except OSError:  # reset
+            return False
+
+    async def wait_ended(self) -> None:
+        """Return once the connection has ended: its peer closed it, it broke, or it was
+        closed (at once if it never was connected)."""
+        if self.stream is not None:
+            await self.stream.ended.wait()
+
+
+@contextlib.asynccontextmanager
+async def dial(
+    address: str, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[BoundedChannel]:
+    """A purerpc channel connected to ``host:port``: over TLS with ``ssl_context``.
+
+    With TLS the peer's certificate must name the address's host (an IP
+    address or a DNS name). Leaving the context closes the connection's
+    socket: purerpc's channel leaves that to the garbage collector, so a
+    process that dials often would hold one descriptor per past call.
+    """
+    host, port = split_address(address)
+    channel = BoundedChannel(host, port, ssl_context)
+    try:
+        async with channel:
+            yield channel
+    finally:
+        if channel.stream is not None:  # connected
+            with trio.CancelScope(shield=True):
+                await channel.stream.aclose()
 
 
 def first_cause(group: ExceptionGroup[Exception]) -> Exception:
@@ -144,11 +224,6 @@ def first_cause(group: ExceptionGroup[Exception]) -> Exception:
     while isinstance(error, ExceptionGroup):
         error = error.exceptions[0]
     return error
-
-
-def socket_stream(channel: purerpc.Channel) -> anyio.abc.SocketStream:
-    """The socket stream under a connected purerpc ``channel`` (purerpc does not expose it)."""
-    return channel._grpc_socket._socket._stream  # type: ignore[no-any-return]
 
 
 async def call_once(

@@ -21,20 +21,17 @@ caller's task. Without :meth:`run` the client dials once per call.
 
 from __future__ import annotations
 
-import errno
 import logging
 import resource
-import socket
 import ssl
 from collections.abc import Callable, Collection
 
-import anyio.abc
-import purerpc
+import h2.exceptions
 import trio
 
 from .._proto import fl_intra_grpc, fl_intra_pb2
 from ..connections import descriptor_budget
-from .addresses import call_once, dial, socket_stream
+from .addresses import BoundedChannel, call_once, dial
 
 __all__ = ["DEFAULT_MAX_OPEN", "GoalCountClient", "outgoing_budget"]
 
@@ -69,7 +66,7 @@ class _Link:
         self.ready = trio.Event()  # set once dialed, or once dialing failed
         self.busy = 1  # calls in flight or waiting for the dial (the first: its dialer)
         self._calls: set[trio.CancelScope] = set()  # those calls, ended with the channel
-        self.channel: purerpc.Channel | None = None
+        self.channel: BoundedChannel | None = None
         self.stub: fl_intra_grpc.FLGoalCountBroadcastStub | None = None
 
     async def hold(
@@ -80,8 +77,9 @@ class _Link:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Dial (errors go to the caller of ``nursery.start``), then keep the channel open
-        until :attr:`scope` is cancelled or the connection fails (logged, not raised);
-        then, its slot given back, tell ``ended``."""
+        until :attr:`scope` is cancelled or the connection ends (its peer closed it, or it
+        failed: logged, not raised); then, its slot given back, end the calls on it and
+        tell ``ended``."""
         started = False
         try:
             with self.scope:
@@ -90,7 +88,8 @@ class _Link:
                     self.stub = fl_intra_grpc.FLGoalCountBroadcastStub(channel)
                     task_status.started()
                     started = True
-                    await trio.sleep_forever()
+                    await channel.wait_ended()
+                    log.debug("connection to %s closed by the selector", self.selector)
             if not started:  # closed by retain() while it was being dialed
                 raise ConnectionError(f"connection to {self.selector} closed while dialing")
         except Exception as error:
@@ -113,12 +112,12 @@ class _Link:
             ended(self)
 
     def closed(self) -> bool:
-        """The channel is gone, or its peer closed the connection (seen without reading)."""
+        """The channel is gone, or can take no call (see :meth:`.BoundedChannel.takes_calls`)."""
         if not self.ready.is_set():
             return False  # being dialed: wait for it
         if self.stub is None or self.scope.cancel_called:
             return True
-        return self.channel is None or _peer_closed(self.channel)
+        return self.channel is None or not self.channel.takes_calls()
 
     async def call(self) -> None:
         """``GoalCountReached`` on this channel; ConnectionError if it closes meanwhile.
@@ -134,6 +133,8 @@ class _Link:
             try:
                 await _goal_count_reached(stub)
                 return
+            except h2.exceptions.ProtocolError as error:  # h2 closed as the call began
+                raise ConnectionError(f"connection to {self.selector} failed: {error}") from error
             finally:
                 self._calls.discard(scope)
         raise ConnectionError(f"connection to {self.selector} closed during the call")
@@ -141,24 +142,6 @@ class _Link:
 
 async def _goal_count_reached(stub: fl_intra_grpc.FLGoalCountBroadcastStub) -> None:
     await stub.GoalCountReached(fl_intra_pb2.Empty())
-
-
-def _peer_closed(channel: purerpc.Channel) -> bool:
-    """Whether the peer ended ``channel``'s TCP connection (EOF or reset), peeking at it.
-
-    purerpc's reader just stops at the end of the stream, so a call on such a
-    connection would wait for an answer that cannot come; a selector may
-    close idle connections whenever it likes.
-    """
-    try:
-        sock = socket_stream(channel).extra(anyio.abc.SocketAttribute.raw_socket)
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False  # open, nothing to read: the usual case
-    except OSError as error:
-        return error.errno != errno.EINTR
-    except Exception:  # purerpc's insides changed, or the channel is half made: redial
-        return True
 
 
 class GoalCountClient:
