@@ -40,11 +40,16 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 import trio
-from h2.connection import ConnectionState
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.exceptions import RpcFailedError
 
-from ..rpc.addresses import WatchedStream, answer_socket, first_cause, split_address
+from ..rpc.addresses import (
+    WatchedStream,
+    answer_socket,
+    first_cause,
+    refuses_streams,
+    split_address,
+)
 
 __all__ = ["IDLE_CLOSE", "MAX_CONCURRENT_CALLS", "GrpcLink", "LinkLost"]
 
@@ -100,10 +105,9 @@ class _Connection:
         selector's reconnection time, 20 s, after its last call) must not take the
         connection that is being closed: it would fail as lost.
         """
-        h2 = self._grpc_socket._grpc_connection.h2_connection
         return (
             not self.stream.ended.is_set()
-            and h2.state_machine.state is not ConnectionState.CLOSED
+            and not refuses_streams(self._grpc_socket)
             and not self.idle.cancel_called
             and trio.current_time() < self.idle.deadline
         )

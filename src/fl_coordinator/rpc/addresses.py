@@ -42,6 +42,7 @@ __all__ = [
     "call_once",
     "dial",
     "first_cause",
+    "refuses_streams",
     "split_address",
 ]
 
@@ -150,6 +151,13 @@ def answer_socket(stream: anyio.abc.ByteStream) -> GRPCProtoSocket:
     )
 
 
+def refuses_streams(grpc_socket: GRPCProtoSocket) -> bool:
+    """Whether h2 opens no more streams on ``grpc_socket``'s connection: a GOAWAY came (h2
+    closes its side as it arrives), or the connection failed."""
+    h2_state = grpc_socket._grpc_connection.h2_connection.state_machine.state
+    return h2_state is ConnectionState.CLOSED
+
+
 class BoundedChannel(_Channel):  # type: ignore[misc]
     """purerpc's channel, connected through :class:`_AnswerSocket` over a
     :class:`WatchedStream` (:attr:`stream`, None until connected)."""
@@ -177,8 +185,7 @@ class BoundedChannel(_Channel):  # type: ignore[misc]
         runs, and a call started before that would fail on the closed connection)."""
         if self.stream is None or self.stream.ended.is_set():
             return False
-        h2_state = self._grpc_socket._grpc_connection.h2_connection.state_machine.state
-        if h2_state is ConnectionState.CLOSED:
+        if refuses_streams(self._grpc_socket):
             return False
         try:
             sock = self.stream.extra(anyio.abc.SocketAttribute.raw_socket)
