@@ -260,6 +260,23 @@ async def test_watch_with_ws_at_a_tls_coordinator_says_to_use_wss(
     )
 
 
+async def test_watch_at_a_tls_coordinators_grpc_port_names_the_port_to_use(
+    settings: Settings, pki: Pki, nursery: trio.Nursery
+) -> None:
+    """ws:// at the TLS gRPC port (PORT for STATUS_PORT): the coordinator answers the
+    plaintext handshake in plaintext, and watch says so at once. Before: the gRPC port
+    closed it without a word, and watch said "no handshake within 10 s" 10 s later."""
+    endpoints = await nursery.start(serve, tls_settings(settings, pki))
+    mistaken = f"ws://127.0.0.1:{endpoints.grpc_port}/status"
+    with trio.fail_after(5), pytest.raises(WatchError) as failed:
+        await follow(mistaken, Recorder())
+    assert str(failed.value) == (
+        f"cannot connect to {mistaken}: HTTP 400: this port speaks gRPC over TLS, for "
+        "selectors: the status stream (wss://) and its pages (https://) are on the "
+        "coordinator's STATUS_PORT"
+    )
+
+
 async def test_watch_shows_a_refusal_in_plain_text_but_not_a_web_page(
     nursery: trio.Nursery,
 ) -> None:

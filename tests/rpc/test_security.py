@@ -186,12 +186,20 @@ async def test_plaintext_client_against_tls_server_fails(
     assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert answer.endswith(b"\r\n\r\nthis port speaks TLS: use wss:// for the status stream, "
                            b"https:// for its pages\n")  # fmt: skip
+    # ws:// (or http://) at the TLS gRPC port, mistaken for the status port: the same, in
+    # plaintext, naming the port to use (before: closed without a word, watch waited 10 s).
+    answer = await answer_to(endpoints.grpc_port, UPGRADE)
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert answer.endswith(b"\r\n\r\nthis port speaks gRPC over TLS, for selectors: the status "
+                           b"stream (wss://) and its pages (https://) are on the coordinator's "
+                           b"STATUS_PORT\n")  # fmt: skip
     # The server goes on serving TLS clients.
     secure = GrpcioClient(endpoints.grpc_port, credentials=pki.credentials())
     assert await secure.check_in(selector.id) is True
     secure.close()
     assert "TLS handshake with 127.0.0.1:" in caplog.text
     assert "plaintext HTTP request on the TLS status port from 127.0.0.1:" in caplog.text
+    assert "plaintext HTTP request on the TLS gRPC port from 127.0.0.1:" in caplog.text
     assert "Traceback" not in caplog.text
 
 

@@ -17,6 +17,7 @@ service served.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import Sequence
@@ -54,6 +55,36 @@ def _peer(stream: anyio.abc.ByteStream) -> str:
     return f"{host}:{port}"
 
 
+_NOT_HERE = (
+    b"this port speaks gRPC over TLS, for selectors: the status stream (wss://) and its "
+    b"pages (https://) are on the coordinator's STATUS_PORT\n"
+)
+#: The answer to a plaintext HTTP request (a browser, ``fl-coordinator watch ws://...``)
+#: on a TLS gRPC port: said at once, not left to the client's timeout.
+_PLAINTEXT_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_NOT_HERE), _NOT_HERE)
+)
+#: After that answer, what is read and dropped at most (bytes, seconds) before the socket
+#: closes: closed with unread bytes, it would be reset, and the answer might be lost.
+_LINGER = (65536, 2.0)
+
+
+async def _refuse_plaintext(stream: anyio.abc.ByteStream) -> None:
+    """Send :data:`_PLAINTEXT_ANSWER` in plaintext, then linger (:data:`_LINGER`)."""
+    most, seconds = _LINGER
+    with (
+        contextlib.suppress(
+            anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream
+        ),
+        trio.move_on_after(seconds),
+    ):
+        await stream.send(_PLAINTEXT_ANSWER)
+        await stream.send_eof()
+        while most > 0:
+            most -= len(await stream.receive(most))
+
+
 async def _tls(
     stream: anyio.abc.ByteStream,
     context: ssl.SSLContext,
@@ -75,6 +106,15 @@ async def _tls(
         except Exception as error:
             cause = error.__cause__ or error
             reason = getattr(cause, "reason", None) or str(cause) or type(cause).__name__
+            if reason == "HTTP_REQUEST":  # OpenSSL's name for a plaintext GET, POST, ...
+                throttle.warning(
+                    "plaintext requests on the TLS gRPC port",
+                    "plaintext HTTP request on the TLS gRPC port from %s: answered HTTP 400 "
+                    "(the status stream and pages are on STATUS_PORT)",
+                    peer,
+                )
+                await _refuse_plaintext(stream)
+                return None
             throttle.warning(
                 "TLS handshake failed", "TLS handshake with %s failed: %s", peer, shown(reason)
             )
