@@ -21,6 +21,7 @@ from rich.live import Live
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from fl_coordinator.app import serve
+from fl_coordinator.cli import watch as watch_module
 from fl_coordinator.cli.watch import LiveView, PlainView, durations, follow, summary
 from fl_coordinator.config import Settings
 from fl_coordinator.errors import WatchError
@@ -257,6 +258,23 @@ async def test_watch_with_ws_at_a_tls_coordinator_says_to_use_wss(
     assert str(failed.value) == (
         f"cannot connect to {plaintext}: HTTP 400: this port speaks TLS: use wss:// for the "
         "status stream, https:// for its pages"
+    )
+
+
+async def test_watch_without_the_coordinators_ca_says_its_certificate_cannot_be_verified(
+    settings: Settings, pki: Pki, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wss:// at a coordinator whose certificate comes from a CA the system does not trust,
+    without --ca: watch says so, with the verifier's reason. Before: "no handshake within
+    10 s" (trio-websocket waits out its connect timeout when TLS fails under it). The
+    connect timeout is shortened here; the handshake of its own that tells why is not."""
+    monkeypatch.setattr(watch_module, "_CONNECT_TIMEOUT", 0.5)
+    endpoints = await nursery.start(serve, tls_settings(settings, pki))
+    with trio.fail_after(30), pytest.raises(WatchError) as failed:
+        await follow(endpoints.status_url, Recorder())
+    assert str(failed.value) == (
+        f"cannot connect to {endpoints.status_url}: the coordinator's certificate cannot be "
+        "verified: unable to get local issuer certificate (give its CA with --ca)"
     )
 
 

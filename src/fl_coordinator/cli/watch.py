@@ -14,6 +14,7 @@ import json
 import os
 import ssl
 import sys
+import urllib.parse
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +40,8 @@ __all__ = ["LiveView", "PlainView", "View", "durations", "follow", "summary", "w
 
 #: Seconds to wait for the coordinator to complete the websocket handshake.
 _CONNECT_TIMEOUT = 10.0
+#: Seconds a TLS handshake of its own may take to tell why a wss:// handshake timed out.
+_DIAGNOSIS_TIMEOUT = 10.0
 #: Seconds between attempts to follow a coordinator again after its stream ended.
 _RECONNECT = 2.0
 #: What a failed handshake raises: refused, timed out, unreachable, or not HTTP/1.1 there.
@@ -280,13 +283,50 @@ async def follow(
         except (*_HANDSHAKE_FAILED, BaseExceptionGroup) as failure:
             if isinstance(failure, BaseExceptionGroup) and not failure.split(_HANDSHAKE_FAILED)[0]:
                 raise
-            error = WatchError(f"cannot connect to {url}: {_reason(failure)}")
+            reason = _reason(failure)
+            if isinstance(failure, ConnectionTimeout):
+                reason = await _unverified(url, tls) or reason
+            error = WatchError(f"cannot connect to {url}: {reason}")
         if reconnect is None or not followed:
             raise error
         if not away:
             note(f"{error}; connecting again every {reconnect:g} s (Ctrl-C stops)")
             away = True
         await trio.sleep(reconnect)
+
+
+async def _unverified(url: str, tls: ssl.SSLContext | None) -> str | None:
+    """Why a ``wss://`` handshake got no answer, if it is the coordinator's certificate
+    (None if not, or if that cannot be told within :data:`_DIAGNOSIS_TIMEOUT`).
+
+    trio-websocket 0.12 does not notice a connection that fails before the
+    server's answer, a certificate it cannot verify included: it waits out its
+    connect timeout and says only that. A TLS handshake of our own tells why.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "wss" or not parts.hostname:
+        return None
+    try:
+        with trio.move_on_after(_DIAGNOSIS_TIMEOUT):
+            stream = await trio.open_ssl_over_tcp_stream(
+                parts.hostname,
+                parts.port or 443,
+                ssl_context=tls or ssl.create_default_context(),
+                https_compatible=True,
+            )
+            try:
+                await stream.do_handshake()
+            finally:
+                await trio.aclose_forcefully(stream)
+    except trio.BrokenResourceError as error:
+        if isinstance(error.__cause__, ssl.SSLCertVerificationError):
+            return (
+                f"the coordinator's certificate cannot be verified: "
+                f"{error.__cause__.verify_message} (give its CA with --ca)"
+            )
+    except (OSError, ValueError):  # gone meanwhile; a port out of range
+        pass
+    return None
 
 
 def _said(refusal: ConnectionRejected) -> str:
