@@ -331,6 +331,60 @@ async def test_a_call_in_flight_fails_at_once_when_the_selector_closes_its_conne
         nursery.cancel_scope.cancel()
 
 
+async def test_a_call_in_flight_fails_at_once_when_the_selector_sends_goaway() -> None:
+    """A GOAWAY while a call waits for its answer: h2 then refuses every frame, the answer
+    included, so the call fails at once and the connection is closed, freeing its slot
+    (before: the call waited out call_timeout, and the connection stayed in the pool)."""
+    wire = Wire()
+    client = GoalCountClient(call_timeout=600)
+    async with trio.open_nursery() as nursery:
+        selector = await StalledSelector().start(nursery)
+        relay = Relay(selector.port, wire)
+        address = await relay.start(nursery)
+        await nursery.start(client.run)
+        failures: list[Exception] = []
+
+        async def call() -> None:
+            try:
+                await client(address)
+            except Exception as error:
+                failures.append(error)
+
+        with trio.fail_after(60):  # far below call_timeout: a hang would show
+            async with trio.open_nursery() as calls:
+                calls.start_soon(call)
+                await selector.arrived.wait()
+                await relay.goaway()
+            await wire.until(lambda: wire.open == 0)
+        assert [(type(e), str(e)) for e in failures] == [
+            (ConnectionError, f"connection to {address} closed during the call")
+        ]
+        assert client.open == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_selector_that_ends_the_tls_handshake_fails_the_call_with_a_connection_error(
+    pki: Pki,
+) -> None:
+    """A selector that closes the connection during the TLS handshake: a ConnectionError
+    that says so (before: anyio's EndOfStream or BrokenResourceError, without a word)."""
+
+    async def hang_up(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    client = GoalCountClient(call_timeout=30, ssl_context=pki.client_context())
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, hang_up, listeners)
+        address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        await nursery.start(client.run)
+        with pytest.raises(ConnectionError) as failed:
+            await client(address)
+        assert str(failed.value) == f"{address} ended the connection during the TLS handshake"
+        assert client.open == 0
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_connection_the_selector_sent_goaway_on_is_dialed_again() -> None:
     """After a GOAWAY (the connection still open) h2 refuses new calls on it: the next call
     dials a new connection (before: it failed with h2's ProtocolError, and so did its

@@ -46,6 +46,7 @@ from purerpc.grpclib.exceptions import RpcFailedError
 from ..rpc.addresses import (
     WatchedStream,
     answer_socket,
+    connect,
     first_cause,
     refuses_streams,
     split_address,
@@ -193,15 +194,7 @@ class GrpcLink:
         a failure after that (purerpc's reader or writer) only ends it.
         """
         host, port = split_address(self._address)
-        stream = WatchedStream(
-            await anyio.connect_tcp(
-                host,
-                port,
-                ssl_context=self._ssl_context,
-                tls=self._ssl_context is not None,
-                tls_standard_compatible=False,
-            )
-        )
+        stream = await connect(host, port, self._ssl_context)
         connection: _Connection | None = None
         try:
             async with answer_socket(stream) as grpc_socket:

@@ -40,6 +40,7 @@ __all__ = [
     "WatchedStream",
     "answer_socket",
     "call_once",
+    "connect",
     "dial",
     "first_cause",
     "refuses_streams",
@@ -74,7 +75,8 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 class WatchedStream(anyio.abc.ByteStream):
-    """An anyio byte stream that sets :attr:`ended` when it ends, breaks or is closed.
+    """An anyio byte stream that sets :attr:`ended` when it ends, breaks or is closed (and,
+    under :func:`answer_socket`, when the peer's GOAWAY arrives).
 
     purerpc's reader just stops at the end of the stream (and its writer at a
     broken one) without telling anyone, so a call waiting for its answer on a
@@ -117,7 +119,12 @@ class WatchedStream(anyio.abc.ByteStream):
 
 
 class _AnswerProtocol(GRPCConnection):
-    """purerpc's client state machine, with answers bounded (:data:`MAX_ANSWER_BYTES`)."""
+    """purerpc's client state machine, with answers bounded (:data:`MAX_ANSWER_BYTES`), that
+    calls ``on_goaway`` when the peer's GOAWAY arrives."""
+
+    def __init__(self, config: GRPCConfiguration, on_goaway: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_goaway = on_goaway
 
     def initiate_connection(self) -> None:
         # purerpc opens the connection window by 1 GiB; the streams' windows (two answers
@@ -132,23 +139,52 @@ class _AnswerProtocol(GRPCConnection):
             )
         return events
 
+    def _connection_terminated(self, event: Any) -> list[Any]:
+        # h2 closes its side as a GOAWAY arrives and refuses every frame after it (python-hyper/h2
+        # issue 1181): the answers to the calls in flight can no longer be read.
+        self._on_goaway()
+        return super()._connection_terminated(event)  # type: ignore[no-any-return]
+
 
 class _AnswerSocket(GRPCProtoSocket):
     """purerpc's client socket over :class:`_AnswerProtocol`."""
 
-    def __init__(self, config: GRPCConfiguration, stream: anyio.abc.ByteStream) -> None:
+    def __init__(self, config: GRPCConfiguration, stream: WatchedStream) -> None:
         super().__init__(config, stream)
-        self._grpc_connection = _AnswerProtocol(config)
+        self._grpc_connection = _AnswerProtocol(config, stream.ended.set)
         self._socket = SocketWrapper(self._grpc_connection, stream)
 
 
-def answer_socket(stream: anyio.abc.ByteStream) -> GRPCProtoSocket:
+def answer_socket(stream: WatchedStream) -> GRPCProtoSocket:
     """purerpc's client socket over ``stream``, taking answers of at most
     :data:`MAX_ANSWER_BYTES` (after inflation): for every connection we dial, the
-    coordinator's and the reference selector's and client's alike."""
+    coordinator's and the reference selector's and client's alike. A GOAWAY from the peer
+    ends ``stream`` (:attr:`WatchedStream.ended`): nothing more can come through it."""
     return _AnswerSocket(
         GRPCConfiguration(client_side=True, max_message_length=MAX_ANSWER_BYTES), stream
     )
+
+
+async def connect(host: str, port: int, ssl_context: ssl.SSLContext | None) -> WatchedStream:
+    """A TCP connection to ``host:port``, over TLS with ``ssl_context`` (gRPC peers close
+    without TLS's close_notify, so none is expected).
+
+    A peer that ends the connection during the TLS handshake raises ConnectionError
+    saying so (anyio raises EndOfStream or BrokenResourceError there, without a word).
+    """
+    try:
+        stream = await anyio.connect_tcp(
+            host,
+            port,
+            ssl_context=ssl_context,
+            tls=ssl_context is not None,
+            tls_standard_compatible=False,
+        )
+    except (anyio.EndOfStream, anyio.BrokenResourceError) as error:
+        raise ConnectionError(
+            f"{host}:{port} ended the connection during the TLS handshake"
+        ) from error
+    return WatchedStream(stream)
 
 
 def refuses_streams(grpc_socket: GRPCProtoSocket) -> bool:
@@ -166,15 +202,7 @@ class BoundedChannel(_Channel):  # type: ignore[misc]
 
     async def __aenter__(self) -> BoundedChannel:
         await contextlib.AsyncExitStack.__aenter__(self)
-        self.stream = WatchedStream(
-            await anyio.connect_tcp(
-                self._host,
-                self._port,
-                ssl_context=self._ssl_context,
-                tls=self._ssl_context is not None,
-                tls_standard_compatible=False,
-            )
-        )
+        self.stream = await connect(self._host, self._port, self._ssl_context)
         self._grpc_socket = await self.enter_async_context(answer_socket(self.stream))
         return self
 
@@ -183,7 +211,7 @@ class BoundedChannel(_Channel):  # type: ignore[misc]
         then refuses new streams), and the peer has not ended the TCP connection (an end of
         stream or a reset, seen by peeking: purerpc's reader learns of it only when it next
         runs, and a call started before that would fail on the closed connection)."""
-        if self.stream is None or self.stream.ended.is_set():
+        if self.stream is None or self._grpc_socket is None or self.stream.ended.is_set():
             return False
         if refuses_streams(self._grpc_socket):
             return False

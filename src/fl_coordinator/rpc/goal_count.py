@@ -89,7 +89,7 @@ class _Link:
                     task_status.started()
                     started = True
                     await channel.wait_ended()
-                    log.debug("connection to %s closed by the selector", self.selector)
+                    log.debug("connection to %s ended (closed, broken or GOAWAY)", self.selector)
             if not started:  # closed by retain() while it was being dialed
                 raise ConnectionError(f"connection to {self.selector} closed while dialing")
         except Exception as error:
