@@ -7,7 +7,7 @@ import trio
 __all__ = ["relay"]
 
 
-async def relay(client: trio.SocketStream, target: int) -> None:
+async def relay(client: trio.abc.Stream, target: int) -> None:
     """Forward ``client`` to 127.0.0.1:``target`` both ways until either side ends."""
     server = await trio.open_tcp_stream("127.0.0.1", target)
     async with client, server, trio.open_nursery() as pipes:
@@ -15,7 +15,7 @@ async def relay(client: trio.SocketStream, target: int) -> None:
         pipes.start_soon(_pipe, server, client, pipes.cancel_scope)
 
 
-async def _pipe(source: trio.SocketStream, dest: trio.SocketStream, done: trio.CancelScope) -> None:
+async def _pipe(source: trio.abc.Stream, dest: trio.abc.Stream, done: trio.CancelScope) -> None:
     try:
         async for data in source:
             await dest.send_all(data)

@@ -12,9 +12,12 @@ from collections.abc import Callable
 import pytest
 import trio
 import trio.testing
+from h2.errors import ErrorCodes
 from helpers.peers import FakeSelector
 from helpers.pki import Pki
 from helpers.relay import relay
+from purerpc.grpclib.exceptions import RpcFailedError
+from purerpc.grpclib.status import StatusCode
 
 from fl_coordinator._proto import fl_intra_pb2
 from fl_coordinator.rpc.goal_count import DEFAULT_MAX_OPEN, GoalCountClient, outgoing_budget
@@ -82,7 +85,7 @@ class Relay:
     def __init__(self, target: int, wire: Wire) -> None:
         self._target, self._wire = target, wire
         self._scopes: set[trio.CancelScope] = set()
-        self._clients: set[trio.SocketStream] = set()
+        self._clients: set[_TakingTurns] = set()
         self.port = 0
 
     async def start(self, nursery: trio.Nursery) -> str:
@@ -107,16 +110,22 @@ class Relay:
         connection open: as a selector draining its connections before it closes them."""
         await self._to_clients(b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + (1).to_bytes(4) + bytes(4))
 
+    async def reset(self, code: int) -> None:
+        """Send each client an HTTP/2 RST_STREAM of stream 1 (a connection's first call)
+        with error ``code``: as a selector that refuses or cancels that call."""
+        await self._to_clients(b"\x00\x00\x04\x03\x00\x00\x00\x00\x01" + code.to_bytes(4))
+
     async def _to_clients(self, frame: bytes) -> None:
         for client in list(self._clients):
             await client.send_all(frame)
 
-    async def _relay(self, client: trio.SocketStream) -> None:
+    async def _relay(self, socket_stream: trio.SocketStream) -> None:
         try:
-            client_port = client.socket.getpeername()[1]
+            client_port = socket_stream.socket.getpeername()[1]
         except OSError:  # reset before this handler ran: not open, so never counted
             client_port = 0
         self._wire.opened(client_port, self.port)
+        client = _TakingTurns(socket_stream)
         try:
             with trio.CancelScope() as scope:
                 self._scopes.add(scope)
@@ -126,6 +135,28 @@ class Relay:
             self._scopes.discard(scope)
             self._clients.discard(client)
             self._wire.closed()
+
+
+class _TakingTurns(trio.abc.Stream):
+    """A stream whose sends take turns, whole: the relay's forwarding and the frames a test
+    sends (trio refuses two sends at once on one stream)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._turn = trio.Lock()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        async with self._turn:
+            await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 async def _selectors(
@@ -360,6 +391,49 @@ async def test_a_call_in_flight_fails_at_once_when_the_selector_sends_goaway() -
             (ConnectionError, f"connection to {address} closed during the call")
         ]
         assert client.open == 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [(0x7, StatusCode.UNAVAILABLE), (0x8, StatusCode.CANCELLED), (0x2, StatusCode.INTERNAL),
+     (0x99, StatusCode.INTERNAL)],
+)  # fmt: skip
+async def test_a_call_whose_stream_the_selector_resets_fails_at_once_with_its_status(
+    code: int, status: StatusCode
+) -> None:
+    """RST_STREAM of a call in flight (REFUSED_STREAM, CANCEL, INTERNAL_ERROR, a code
+    HTTP/2 does not define): the call fails at once with gRPC's status for that code, and
+    the connection, which the reset does not end, is kept (before: purerpc ignored the
+    reset and the call waited out call_timeout)."""
+    wire = Wire()
+    client = GoalCountClient(call_timeout=600)
+    async with trio.open_nursery() as nursery:
+        selector = await StalledSelector().start(nursery)
+        relay = Relay(selector.port, wire)
+        address = await relay.start(nursery)
+        await nursery.start(client.run)
+        failures: list[Exception] = []
+
+        async def call() -> None:
+            try:
+                await client(address)
+            except Exception as error:
+                failures.append(error)
+
+        with trio.fail_after(60):  # far below call_timeout: a hang would show
+            async with trio.open_nursery() as calls:
+                calls.start_soon(call)
+                await selector.arrived.wait()
+                await relay.reset(code)
+        [failure] = failures
+        assert isinstance(failure, RpcFailedError), failure
+        name = ErrorCodes(code).name if code in {0x2, 0x7, 0x8} else str(code)
+        assert (failure.status.status_code, failure.status.status_message) == (
+            status,
+            f"the peer reset the call's stream (HTTP/2 {name})",
+        )
+        assert (wire.accepted, wire.open, client.open) == (1, 1, 1)
         nursery.cancel_scope.cancel()
 
 

@@ -25,11 +25,14 @@ import anyio.abc
 import purerpc
 import trio
 from h2.connection import ConnectionState
+from h2.errors import ErrorCodes
 from purerpc.client import _Channel
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpc_socket import SocketWrapper
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.connection import GRPCConnection
+from purerpc.grpclib.events import ResponseEnded
+from purerpc.grpclib.status import Status, StatusCode
 
 from ..errors import BadAddress
 from .connection import BoundedInflation
@@ -72,6 +75,16 @@ def split_address(address: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port_text)
+
+
+#: The gRPC status of a call whose stream the peer reset, by the reset's HTTP/2 error code
+#: (gRPC's PROTOCOL-HTTP2.md, "Errors"); any other code: INTERNAL.
+_RESET_STATUS = {
+    ErrorCodes.REFUSED_STREAM: StatusCode.UNAVAILABLE,  # not processed: safe to send again
+    ErrorCodes.CANCEL: StatusCode.CANCELLED,
+    ErrorCodes.ENHANCE_YOUR_CALM: StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCodes.INADEQUATE_SECURITY: StatusCode.PERMISSION_DENIED,
+}
 
 
 class WatchedStream(anyio.abc.ByteStream):
@@ -120,11 +133,33 @@ class WatchedStream(anyio.abc.ByteStream):
 
 class _AnswerProtocol(GRPCConnection):
     """purerpc's client state machine, with answers bounded (:data:`MAX_ANSWER_BYTES`), that
-    calls ``on_goaway`` when the peer's GOAWAY arrives."""
+    calls ``on_goaway`` when the peer's GOAWAY arrives, and ends a call whose stream the
+    peer resets with the gRPC status of the reset's code (:data:`_RESET_STATUS`): purerpc
+    ignores resets, and the call waited out its time limit."""
 
     def __init__(self, config: GRPCConfiguration, on_goaway: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_goaway = on_goaway
+        self._unanswered: set[int] = set()  # streams of calls the peer has not ended
+
+    def start_request(self, stream_id: int, *args: Any, **kwargs: Any) -> None:
+        super().start_request(stream_id, *args, **kwargs)
+        self._unanswered.add(stream_id)
+
+    def _stream_ended(self, event: Any) -> list[Any]:
+        self._unanswered.discard(event.stream_id)
+        return super()._stream_ended(event)  # type: ignore[no-any-return]
+
+    def _stream_reset(self, event: Any) -> list[Any]:
+        if event.stream_id not in self._unanswered:  # answered already: nothing waits
+            return []
+        self._unanswered.discard(event.stream_id)
+        self.message_read_buffers.pop(event.stream_id, None)
+        code = event.error_code  # h2 gives an ErrorCodes member, or the int of an unknown code
+        name = code.name if isinstance(code, ErrorCodes) else str(code)
+        status = _RESET_STATUS.get(code, StatusCode.INTERNAL)
+        why = f"the peer reset the call's stream (HTTP/2 {name})"
+        return [ResponseEnded(event.stream_id, Status(status, why))]
 
     def initiate_connection(self) -> None:
         # purerpc opens the connection window by 1 GiB; the streams' windows (two answers
