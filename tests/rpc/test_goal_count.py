@@ -7,7 +7,8 @@ a selector sees on the wire.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -331,33 +332,48 @@ class StalledSelector(FakeSelector):
         raise AssertionError("unreachable")
 
 
+async def _call_in_flight(
+    nursery: trio.Nursery, act: Callable[[Relay], Awaitable[object]]
+) -> tuple[str, Exception, Wire, GoalCountClient]:
+    """Tell a :class:`StalledSelector` through a relay; while the call waits for its
+    answer, ``act`` on the relay. The selector's address, what the call raised (within 60 s,
+    far below its call_timeout: a hang shows), the wire and the client."""
+    wire = Wire()
+    client = GoalCountClient(call_timeout=600)
+    selector = await StalledSelector().start(nursery)
+    relay = Relay(selector.port, wire)
+    address = await relay.start(nursery)
+    await nursery.start(client.run)
+    failures: list[Exception] = []
+
+    async def call() -> None:
+        try:
+            await client(address)
+        except Exception as error:
+            failures.append(error)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as calls:
+            calls.start_soon(call)
+            await selector.arrived.wait()
+            await act(relay)
+    [failure] = failures
+    return address, failure, wire, client
+
+
+async def _cut(relay: Relay) -> None:
+    relay.cut()
+
+
 async def test_a_call_in_flight_fails_at_once_when_the_selector_closes_its_connection() -> None:
     """The selector closes the kept connection while a call waits for its answer: the call
     fails as a closed connection (to be retried) instead of waiting out call_timeout (before:
     purerpc's reader stopped at the end of the stream without a word)."""
-    wire = Wire()
-    client = GoalCountClient(call_timeout=600)
     async with trio.open_nursery() as nursery:
-        selector = await StalledSelector().start(nursery)
-        relay = Relay(selector.port, wire)
-        address = await relay.start(nursery)
-        await nursery.start(client.run)
-        failures: list[Exception] = []
-
-        async def call() -> None:
-            try:
-                await client(address)
-            except Exception as error:
-                failures.append(error)
-
-        with trio.fail_after(60):  # far below call_timeout: a hang would show
-            async with trio.open_nursery() as calls:
-                calls.start_soon(call)
-                await selector.arrived.wait()
-                relay.cut()
-        assert [(type(e), str(e)) for e in failures] == [
-            (ConnectionError, f"connection to {address} closed during the call")
-        ]
+        address, failure, _, client = await _call_in_flight(nursery, _cut)
+        assert (type(failure), str(failure)) == (
+            ConnectionError, f"connection to {address} closed during the call"
+        )  # fmt: skip
         assert client.open == 0
         nursery.cancel_scope.cancel()
 
@@ -366,30 +382,12 @@ async def test_a_call_in_flight_fails_at_once_when_the_selector_sends_goaway() -
     """A GOAWAY while a call waits for its answer: h2 then refuses every frame, the answer
     included, so the call fails at once and the connection is closed, freeing its slot
     (before: the call waited out call_timeout, and the connection stayed in the pool)."""
-    wire = Wire()
-    client = GoalCountClient(call_timeout=600)
     async with trio.open_nursery() as nursery:
-        selector = await StalledSelector().start(nursery)
-        relay = Relay(selector.port, wire)
-        address = await relay.start(nursery)
-        await nursery.start(client.run)
-        failures: list[Exception] = []
-
-        async def call() -> None:
-            try:
-                await client(address)
-            except Exception as error:
-                failures.append(error)
-
-        with trio.fail_after(60):  # far below call_timeout: a hang would show
-            async with trio.open_nursery() as calls:
-                calls.start_soon(call)
-                await selector.arrived.wait()
-                await relay.goaway()
-            await wire.until(lambda: wire.open == 0)
-        assert [(type(e), str(e)) for e in failures] == [
-            (ConnectionError, f"connection to {address} closed during the call")
-        ]
+        address, failure, wire, client = await _call_in_flight(nursery, Relay.goaway)
+        await wire.until(lambda: wire.open == 0)
+        assert (type(failure), str(failure)) == (
+            ConnectionError, f"connection to {address} closed during the call"
+        )  # fmt: skip
         assert client.open == 0
         nursery.cancel_scope.cancel()
 
@@ -406,33 +404,15 @@ async def test_a_call_whose_stream_the_selector_resets_fails_at_once_with_its_st
     HTTP/2 does not define): the call fails at once with gRPC's status for that code, and
     the connection, which the reset does not end, is kept (before: purerpc ignored the
     reset and the call waited out call_timeout)."""
-    wire = Wire()
-    client = GoalCountClient(call_timeout=600)
     async with trio.open_nursery() as nursery:
-        selector = await StalledSelector().start(nursery)
-        relay = Relay(selector.port, wire)
-        address = await relay.start(nursery)
-        await nursery.start(client.run)
-        failures: list[Exception] = []
-
-        async def call() -> None:
-            try:
-                await client(address)
-            except Exception as error:
-                failures.append(error)
-
-        with trio.fail_after(60):  # far below call_timeout: a hang would show
-            async with trio.open_nursery() as calls:
-                calls.start_soon(call)
-                await selector.arrived.wait()
-                await relay.reset(code)
-        [failure] = failures
+        _, failure, wire, client = await _call_in_flight(
+            nursery, functools.partial(Relay.reset, code=code)
+        )
         assert isinstance(failure, RpcFailedError), failure
         name = ErrorCodes(code).name if code in {0x2, 0x7, 0x8} else str(code)
         assert (failure.status.status_code, failure.status.status_message) == (
-            status,
-            f"the peer reset the call's stream (HTTP/2 {name})",
-        )
+            status, f"the peer reset the call's stream (HTTP/2 {name})"
+        )  # fmt: skip
         assert (wire.accepted, wire.open, client.open) == (1, 1, 1)
         nursery.cancel_scope.cancel()
 
