@@ -77,9 +77,9 @@ class _Link:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Dial (errors go to the caller of ``nursery.start``), then keep the channel open
-        until :attr:`scope` is cancelled or the connection ends (its peer closed it, or it
-        failed: logged, not raised); then, its slot given back, end the calls on it and
-        tell ``ended``."""
+        until :attr:`scope` is cancelled or the connection ends (its peer closed it or sent
+        GOAWAY, or it failed: logged, not raised); then, its slot given back, end the calls
+        on it and tell ``ended``."""
         started = False
         try:
             with self.scope:
@@ -120,7 +120,8 @@ class _Link:
         return self.channel is None or not self.channel.takes_calls()
 
     async def call(self) -> None:
-        """``GoalCountReached`` on this channel; ConnectionError if it closes meanwhile.
+        """``GoalCountReached`` on this channel; ConnectionError if it closes meanwhile,
+        purerpc's RpcFailedError if the selector answers an error (or resets the call).
 
         The caller counted itself in :attr:`busy` (see :meth:`GoalCountClient._link`).
         """
