@@ -387,6 +387,10 @@ async def serve(
                 max_buffered_bytes=settings.grpc_max_buffered_bytes,
                 request_limits=small_requests(services),  # all of them: ids and counts
                 limits=connection_limits,
+                elsewhere=(
+                    "for selectors: the status stream (wss://) and its pages (https://) are "
+                    "on the coordinator's STATUS_PORT"
+                ),
             )
         )
         status_port = await nursery.start(status_server.serve, settings.host, settings.status_port)

@@ -356,6 +356,9 @@ async def _call_in_flight(
         async with trio.open_nursery() as calls:
             calls.start_soon(call)
             await selector.arrived.wait()
+            # What the selector sent so far has reached the client: a frame injected before
+            # it (HEADERS of its answer) would fail the old code at once too, by accident.
+            await trio.testing.wait_all_tasks_blocked()
             await act(relay)
     [failure] = failures
     return address, failure, wire, client

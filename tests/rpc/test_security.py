@@ -169,6 +169,11 @@ async def test_reference_selector_completes_a_round_over_mutual_tls_with_a_token
     await _upload_to(selector_id, context, keras_weights[0], n=4)
     done = await watcher.wait_for(completed(1))
     assert (done["stage"], done["reported"]) == ("COMPLETED", [selector_id])
+    # A plaintext HTTP request at its TLS port is told what the port is, in plaintext (not
+    # where the coordinator's status stream is: that text is the coordinator's own).
+    answer = await answer_to(int(selector_id.rsplit(":", 1)[1]), UPGRADE)
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert answer.endswith(b"\r\n\r\nthis port speaks gRPC over TLS\n")
 
 
 async def test_plaintext_client_against_tls_server_fails(

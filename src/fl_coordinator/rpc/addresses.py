@@ -216,9 +216,8 @@ async def connect(host: str, port: int, ssl_context: ssl.SSLContext | None) -> W
             tls_standard_compatible=False,
         )
     except (anyio.EndOfStream, anyio.BrokenResourceError) as error:
-        raise ConnectionError(
-            f"{host}:{port} ended the connection during the TLS handshake"
-        ) from error
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ConnectionError(f"{where} ended the connection during the TLS handshake") from error
     return WatchedStream(stream)
 
 
@@ -259,8 +258,8 @@ class BoundedChannel(_Channel):  # type: ignore[misc]
             return False
 
     async def wait_ended(self) -> None:
-        """Return once the connection has ended: its peer closed it, it broke, or it was
-        closed (at once if it never was connected)."""
+        """Return once the connection has ended: its peer closed it or sent GOAWAY, it broke,
+        or it was closed (at once if it never was connected)."""
         if self.stream is not None:
             await self.stream.ended.wait()
 

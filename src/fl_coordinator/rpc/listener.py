@@ -55,23 +55,25 @@ def _peer(stream: anyio.abc.ByteStream) -> str:
     return f"{host}:{port}"
 
 
-_NOT_HERE = (
-    b"this port speaks gRPC over TLS, for selectors: the status stream (wss://) and its "
-    b"pages (https://) are on the coordinator's STATUS_PORT\n"
-)
-#: The answer to a plaintext HTTP request (a browser, ``fl-coordinator watch ws://...``)
-#: on a TLS gRPC port: said at once, not left to the client's timeout.
-_PLAINTEXT_ANSWER = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_NOT_HERE), _NOT_HERE)
-)
-#: After that answer, what is read and dropped at most (bytes, seconds) before the socket
-#: closes: closed with unread bytes, it would be reset, and the answer might be lost.
+#: After the answer to a plaintext HTTP request, what is read and dropped at most (bytes,
+#: seconds) before the socket closes: closed with unread bytes, it would be reset, and the
+#: answer might be lost.
 _LINGER = (65536, 2.0)
 
 
-async def _refuse_plaintext(stream: anyio.abc.ByteStream) -> None:
-    """Send :data:`_PLAINTEXT_ANSWER` in plaintext, then linger (:data:`_LINGER`)."""
+def _plaintext_answer(elsewhere: str) -> bytes:
+    """HTTP 400 saying that the port speaks gRPC over TLS, then (after a comma) ``elsewhere``,
+    where what the client looked for is, in plaintext: what a browser or ``fl-coordinator
+    watch ws://...`` given a TLS gRPC port gets at once, instead of waiting out its timeout."""
+    text = f"this port speaks gRPC over TLS{', ' if elsewhere else ''}{elsewhere}\n".encode()
+    return (
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(text), text)
+    )
+
+
+async def _refuse_plaintext(stream: anyio.abc.ByteStream, answer: bytes) -> None:
+    """Send ``answer`` in plaintext, then linger (:data:`_LINGER`)."""
     most, seconds = _LINGER
     with (
         contextlib.suppress(
@@ -79,7 +81,7 @@ async def _refuse_plaintext(stream: anyio.abc.ByteStream) -> None:
         ),
         trio.move_on_after(seconds),
     ):
-        await stream.send(_PLAINTEXT_ANSWER)
+        await stream.send(answer)
         await stream.send_eof()
         while most > 0:
             most -= len(await stream.receive(most))
@@ -91,12 +93,16 @@ async def _tls(
     limits: ConnectionLimits,
     throttle: Throttle,
     peer: str,
+    plaintext_answer: bytes,
 ) -> TLSStream | None:
     """``stream`` after a TLS handshake of at most ``HANDSHAKE_TIMEOUT``; None if it failed.
 
     A plaintext client, a client without the required certificate or a port
     scanner are expected on a shared network: one throttled line, no traceback.
+    A plaintext HTTP request is answered ``plaintext_answer`` (within a linger's
+    bound, :data:`_LINGER`, after the handshake's).
     """
+    plaintext = False
     with trio.move_on_after(limits.handshake_timeout):
         try:
             # standard_compatible=False: gRPC peers close without TLS close_notify.
@@ -106,19 +112,20 @@ async def _tls(
         except Exception as error:
             cause = error.__cause__ or error
             reason = getattr(cause, "reason", None) or str(cause) or type(cause).__name__
-            if reason == "HTTP_REQUEST":  # OpenSSL's name for a plaintext GET, POST, ...
+            plaintext = reason == "HTTP_REQUEST"  # OpenSSL's name for a plaintext GET, POST...
+            if not plaintext:
                 throttle.warning(
-                    "plaintext requests on the TLS gRPC port",
-                    "plaintext HTTP request on the TLS gRPC port from %s: answered HTTP 400 "
-                    "(the status stream and pages are on STATUS_PORT)",
-                    peer,
+                    "TLS handshake failed", "TLS handshake with %s failed: %s", peer, shown(reason)
                 )
-                await _refuse_plaintext(stream)
                 return None
-            throttle.warning(
-                "TLS handshake failed", "TLS handshake with %s failed: %s", peer, shown(reason)
-            )
-            return None
+    if plaintext:
+        throttle.warning(
+            "plaintext requests on the TLS gRPC port",
+            "plaintext HTTP request on the TLS gRPC port from %s: answered HTTP 400",
+            peer,
+        )
+        await _refuse_plaintext(stream, plaintext_answer)
+        return None
     throttle.log(
         logging.INFO,
         "TLS handshake not completed in time",
@@ -140,11 +147,14 @@ async def serve_grpc(
     max_buffered_bytes: int = _DEFAULT_MAX_BUFFERED_BYTES,
     request_limits: RequestLimits | None = None,
     limits: ConnectionLimits | None = None,
+    elsewhere: str = "",
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``services`` on ``host:port``; ``task_status.started`` gets the bound port.
 
-    ``ssl_context`` turns on TLS; ``guard`` runs on the headers of every call
+    ``ssl_context`` turns on TLS (a plaintext HTTP request is then answered HTTP 400,
+    "this port speaks gRPC over TLS", followed by ``elsewhere``: where what its client
+    looked for is); ``guard`` runs on the headers of every call
     before its handler (see :mod:`.auth`) and may refuse it.
     ``max_buffered_bytes`` bounds what all connections together hold of
     requests not read yet (see :mod:`.read_budget`); ``request_limits``, the
@@ -161,6 +171,7 @@ async def serve_grpc(
         services = guard_services(services, guard)
     bound = tcp.extra(anyio.abc.SocketAttribute.local_port)
     throttle = Throttle(log)
+    plaintext_answer = _plaintext_answer(elsewhere)
     server = GrpcServer(
         services,
         max_message_bytes=max_message_bytes,
@@ -182,7 +193,9 @@ async def serve_grpc(
             SocketWrapper._set_socket_options(stream)  # keep-alive probes, no Nagle delay
             connection: anyio.abc.ByteStream | None = stream
             if ssl_context is not None:
-                connection = await _tls(stream, ssl_context, limits, throttle, peer)
+                connection = await _tls(
+                    stream, ssl_context, limits, throttle, peer, plaintext_answer
+                )
             if connection is not None:
                 await server.serve_connection(connection, slot, peer)
 
