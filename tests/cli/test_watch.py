@@ -261,21 +261,63 @@ async def test_watch_with_ws_at_a_tls_coordinator_says_to_use_wss(
     )
 
 
-async def test_watch_without_the_coordinators_ca_says_its_certificate_cannot_be_verified(
-    settings: Settings, pki: Pki, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("identity", "trusted", "said"),
+    [
+        ("server", False, "unable to get local issuer certificate (give its CA with --ca)"),
+        ("rogue", True, "unable to get local issuer certificate (it is not signed by the CA "
+                        "in --ca)"),
+        ("client", True, "IP address mismatch, certificate is not valid for '127.0.0.1'. "
+                         "(connect by an address or name its certificate lists)"),
+    ],
+)  # fmt: skip
+async def test_watch_says_why_the_coordinators_certificate_cannot_be_verified(
+    settings: Settings,
+    pki: Pki,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+    identity: str,
+    trusted: bool,
+    said: str,
 ) -> None:
-    """wss:// at a coordinator whose certificate comes from a CA the system does not trust,
-    without --ca: watch says so, with the verifier's reason. Before: "no handshake within
-    10 s" (trio-websocket waits out its connect timeout when TLS fails under it). The
-    connect timeout is shortened here; the handshake of its own that tells why is not."""
+    """wss:// at a coordinator whose certificate watch cannot verify: from a CA the system
+    does not trust (no --ca), from another CA than --ca's, naming another host: watch says
+    so, with the verifier's reason and what to do. Before: "no handshake within 10 s"
+    (trio-websocket waits out its connect timeout when TLS fails under it). The connect
+    timeout is shortened here; the handshake of its own that tells why is not."""
     monkeypatch.setattr(watch_module, "_CONNECT_TIMEOUT", 0.5)
-    endpoints = await nursery.start(serve, tls_settings(settings, pki))
+    monkeypatch.setattr(watch_module, "_OPEN_TIMEOUT", 1.5)
+    cert = getattr(pki, identity)
+    tls = settings.replace(tls_cert_file=str(cert.cert), tls_key_file=str(cert.key))
+    endpoints = await nursery.start(serve, tls)
     with trio.fail_after(30), pytest.raises(WatchError) as failed:
-        await follow(endpoints.status_url, Recorder())
+        await follow(endpoints.status_url, Recorder(), ca=pki.ca if trusted else None)
     assert str(failed.value) == (
         f"cannot connect to {endpoints.status_url}: the coordinator's certificate cannot be "
-        "verified: unable to get local issuer certificate (give its CA with --ca)"
+        f"verified: {said}"
     )
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_watch_gives_up_on_a_peer_that_never_answers(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    """A peer that accepts the connection and never sends a byte: watch says so once its
+    connect timeout is up (before: it waited for ever, trio-websocket's reader still
+    reading after its own timeout)."""
+    monkeypatch.setattr(watch_module, "_CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setattr(watch_module, "_OPEN_TIMEOUT", 2.0)
+    monkeypatch.setattr(watch_module, "_DIAGNOSIS_TIMEOUT", 1.0)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, _silent, listeners)
+    url = f"{scheme}://127.0.0.1:{listeners[0].socket.getsockname()[1]}/status"
+    with trio.fail_after(30), pytest.raises(WatchError) as failed:
+        await follow(url, Recorder())
+    assert str(failed.value) == f"cannot connect to {url}: no handshake within 1 s"
+
+
+async def _silent(stream: trio.SocketStream) -> None:
+    await trio.sleep_forever()
 
 
 async def test_watch_at_a_tls_coordinators_grpc_port_names_the_port_to_use(

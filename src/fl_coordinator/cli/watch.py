@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import math
 import os
 import ssl
 import sys
@@ -40,8 +41,11 @@ __all__ = ["LiveView", "PlainView", "View", "durations", "follow", "summary", "w
 
 #: Seconds to wait for the coordinator to complete the websocket handshake.
 _CONNECT_TIMEOUT = 10.0
+#: Seconds the opening of the stream may take in all (trio-websocket's own limit, above,
+#: does not end it when the peer never answers).
+_OPEN_TIMEOUT = _CONNECT_TIMEOUT + 1.0
 #: Seconds a TLS handshake of its own may take to tell why a wss:// handshake timed out.
-_DIAGNOSIS_TIMEOUT = 10.0
+_DIAGNOSIS_TIMEOUT = 5.0
 #: Seconds between attempts to follow a coordinator again after its stream ended.
 _RECONNECT = 2.0
 #: What a failed handshake raises: refused, timed out, unreachable, or not HTTP/1.1 there.
@@ -268,17 +272,24 @@ async def follow(
     followed = away = False
     while True:
         try:
-            async with open_websocket_url(
-                url,
-                ssl_context=tls,
-                extra_headers=_headers(token),
-                connect_timeout=_CONNECT_TIMEOUT,
-            ) as ws:
-                if away:
-                    note(f"{url}: the status stream is back")
-                followed, away = True, False
-                view.connected()
-                await _show_each(ws, view)
+            # trio-websocket 0.12, after its connect timeout, still waits for a peer that
+            # accepted the connection and never answers (its reader task): the opening has
+            # a limit of its own, lifted once the stream is followed.
+            with trio.CancelScope(deadline=trio.current_time() + _OPEN_TIMEOUT) as opening:
+                async with open_websocket_url(
+                    url,
+                    ssl_context=tls,
+                    extra_headers=_headers(token),
+                    connect_timeout=_CONNECT_TIMEOUT,
+                ) as ws:
+                    opening.deadline = math.inf
+                    if away:
+                        note(f"{url}: the status stream is back")
+                    followed, away = True, False
+                    view.connected()
+                    await _show_each(ws, view)
+            if opening.cancelled_caught:
+                raise ConnectionTimeout
             error = WatchError(f"{url}: the coordinator closed the status stream")
         except (*_HANDSHAKE_FAILED, BaseExceptionGroup) as failure:
             if isinstance(failure, BaseExceptionGroup) and not failure.split(_HANDSHAKE_FAILED)[0]:
@@ -293,6 +304,16 @@ async def follow(
             note(f"{error}; connecting again every {reconnect:g} s (Ctrl-C stops)")
             away = True
         await trio.sleep(reconnect)
+
+
+#: OpenSSL's verify codes of a certificate from a CA not trusted here (self-signed, or its
+#: issuer unknown).
+_UNKNOWN_CA = {18, 19, 20, 21}
+#: What to do about the other verify codes that have an obvious remedy.
+_ADVICE = {
+    62: "connect by a host name its certificate lists",  # X509_V_ERR_HOSTNAME_MISMATCH
+    64: "connect by an address or name its certificate lists",  # X509_V_ERR_IP_ADDRESS_MISMATCH
+}
 
 
 async def _unverified(url: str, tls: ssl.SSLContext | None) -> str | None:
@@ -320,10 +341,12 @@ async def _unverified(url: str, tls: ssl.SSLContext | None) -> str | None:
                 await trio.aclose_forcefully(stream)
     except trio.BrokenResourceError as error:
         if isinstance(error.__cause__, ssl.SSLCertVerificationError):
-            return (
-                f"the coordinator's certificate cannot be verified: "
-                f"{error.__cause__.verify_message} (give its CA with --ca)"
-            )
+            failure = error.__cause__
+            advice = _ADVICE.get(failure.verify_code, "")
+            if failure.verify_code in _UNKNOWN_CA:
+                advice = "it is not signed by the CA in --ca" if tls else "give its CA with --ca"
+            said = f"the coordinator's certificate cannot be verified: {failure.verify_message}"
+            return f"{said} ({advice})" if advice else said
     except (OSError, ValueError):  # gone meanwhile; a port out of range
         pass
     return None
