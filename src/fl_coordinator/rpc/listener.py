@@ -73,11 +73,13 @@ def _plaintext_answer(elsewhere: str) -> bytes:
 
 
 async def _refuse_plaintext(stream: anyio.abc.ByteStream, answer: bytes) -> None:
-    """Send ``answer`` in plaintext, then linger (:data:`_LINGER`)."""
+    """Send ``answer`` in plaintext, then linger (:data:`_LINGER`). A peer gone meanwhile
+    ends it quietly (a reset: anyio's trio backend raises the socket's own OSError from
+    ``send_eof``, ENOTCONN)."""
     most, seconds = _LINGER
     with (
         contextlib.suppress(
-            anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream
+            anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError
         ),
         trio.move_on_after(seconds),
     ):
