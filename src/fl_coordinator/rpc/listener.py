@@ -33,6 +33,7 @@ from ..connections import ConnectionLimits, Gate, Slot
 from ..errors import ListenError
 from ..log_throttle import Throttle
 from ..logs import log_context
+from ..plaintext_refusal import plaintext_refusal
 from ..untrusted_text import shown
 from .auth import Guard, guard_services
 from .connection import GrpcServer
@@ -59,17 +60,6 @@ def _peer(stream: anyio.abc.ByteStream) -> str:
 #: seconds) before the socket closes: closed with unread bytes, it would be reset, and the
 #: answer might be lost.
 _LINGER = (65536, 2.0)
-
-
-def _plaintext_answer(elsewhere: str) -> bytes:
-    """HTTP 400 saying that the port speaks gRPC over TLS, then (after a comma) ``elsewhere``,
-    where what the client looked for is, in plaintext: what a browser or ``fl-coordinator
-    watch ws://...`` given a TLS gRPC port gets at once, instead of waiting out its timeout."""
-    text = f"this port speaks gRPC over TLS{', ' if elsewhere else ''}{elsewhere}\n".encode()
-    return (
-        b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(text), text)
-    )
 
 
 async def _refuse_plaintext(stream: anyio.abc.ByteStream, answer: bytes) -> None:
@@ -173,7 +163,9 @@ async def serve_grpc(
         services = guard_services(services, guard)
     bound = tcp.extra(anyio.abc.SocketAttribute.local_port)
     throttle = Throttle(log)
-    plaintext_answer = _plaintext_answer(elsewhere)
+    plaintext_answer = plaintext_refusal(
+        f"this port speaks gRPC over TLS{', ' if elsewhere else ''}{elsewhere}"
+    )
     server = GrpcServer(
         services,
         max_message_bytes=max_message_bytes,

@@ -53,6 +53,7 @@ from ..connections import ConnectionLimits, Gate, Slot, serve_listeners
 from ..errors import ListenError
 from ..log_throttle import Throttle
 from ..logs import context_field, log_context
+from ..plaintext_refusal import plaintext_refusal
 from ..rpc.auth import AUTHORIZATION, bearer_problem, header_value
 from ..untrusted_text import shown
 from .http import Answer, Head, linger, read_head, send_answer
@@ -70,11 +71,9 @@ PATH = "/status"
 SUBPROTOCOL = "fl-status"
 _BEARER_PROTOCOL = "bearer."
 _SEND_TIMEOUT = 10.0
-_USE_TLS = b"this port speaks TLS: use wss:// for the status stream, https:// for its pages\n"
 #: The answer to a plaintext HTTP request on a TLS port (OpenSSL's HTTP_REQUEST error).
-_PLAINTEXT_ANSWER = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_USE_TLS), _USE_TLS)
+_PLAINTEXT_ANSWER = plaintext_refusal(
+    "this port speaks TLS: use wss:// for the status stream, https:// for its pages"
 )
 
 
