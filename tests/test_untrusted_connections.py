@@ -525,7 +525,7 @@ class Flood:
             thread.join()
 
 
-def health_with(port: int, padding: int) -> int | str:
+def health_with(port: int, padding: int, timeout: float) -> int | str:
     """A health check on a connection of its own (grpcio), its request carrying ``padding``
     bytes in a field the server does not know (and skips): the status, or the error's code
     and what grpcio saw (its details say how the call ended: a reset, a GOAWAY...)."""
@@ -536,9 +536,27 @@ def health_with(port: int, padding: int) -> int | str:
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
         )
         try:
-            return check(health_pb2.HealthCheckRequest(), timeout=30).status
+            return check(health_pb2.HealthCheckRequest(), timeout=timeout).status
         except grpc.RpcError as error:
             return f"{error.code().name}: {error.details()}"
+
+
+#: A check caught in grpcio's livelock (see the test) is made again, this many times at most.
+_LIVELOCKS = 5
+
+
+def health_checks(port: int, padding: int, count: int) -> list[int | str]:
+    """``count`` answers of :func:`health_with`; a check that times out (10 s) is made again
+    on a new channel, :data:`_LIVELOCKS` times at most (then its timeout is the answer)."""
+    answers: list[int | str] = []
+    again = _LIVELOCKS
+    while len(answers) < count:
+        answer = health_with(port, padding, timeout=10)
+        if str(answer).startswith("DEADLINE_EXCEEDED") and again > 0:
+            again -= 1
+            continue
+        answers.append(answer)
+    return answers
 
 
 @pytest.mark.parametrize("cap", [4, 8])
@@ -556,11 +574,20 @@ def test_calls_in_flight_are_answered_under_a_flood_of_dials_at_a_small_cap(
     2-7/100 (cap 4) and 92-95/100 (cap 8) small, 0-2/100 and 92-93/100 with 200 KB. (A request
     beyond grpcio's retry buffer, 256 KiB, can still fail: when its connection is cut
     before its first byte is read, grpcio cannot send it again; 1 MB: 82-97/100 at 4.)
+
+    grpcio (1.85.3) has a livelock of its own here (one check of the 400 in about half of
+    the full suite's runs on this machine, never alone): when the server's SETTINGS and both GOAWAYs of a connection closed to make
+    room, then hurried, reach grpcio in one read (before its subchannel has taken the new
+    connection), grpcio reports the channel READY and sends the check on that closed
+    transport again and again (transparent retries: 1.8 million lines of its http trace in
+    30 s), while the transport's close waits for a write queued behind them. The check ends
+    DEADLINE_EXCEEDED, none of it sent (the server saw no request left unanswered). Such a
+    check is made again on a new channel, at most five times in a hundred.
     """
     server, port, _ = start(settings, served, MAX_CONNECTIONS=str(cap))
     sockets = sockets_of(server)
     with PeakFiles(server) as peak, Flood(port) as flood:
-        answers = [health_with(port, padding) for _ in range(100)]
+        answers = health_checks(port, padding, 100)
     assert flood.dials >= 200, flood.dials  # the checks were made under the flood
     assert answers == [health_pb2.HealthCheckResponse.SERVING] * 100, collections.Counter(answers)
     # (a closing connection is counted until its socket is closed: CLOSING_MAX of them)
