@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import multiprocessing
+import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio_parallel
@@ -33,6 +34,17 @@ def _first_to_go_when_memory_runs_out() -> bool:
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as score:
         score.write(str(OOM_SCORE_ADJ))
     return True
+
+
+def _exit_codes(error: trio_parallel.BrokenWorkerError) -> str:
+    """How the workers of an unclean shutdown ended, in words ("exit codes: 255, SIGKILL"):
+    trio-parallel's error carries its processes as they are, whose reprs say too much."""
+    codes = [
+        signal.Signals(-code).name if code < 0 else str(code)
+        for process in error.args[1:]
+        if isinstance(code := getattr(process, "exitcode", None), int)
+    ]
+    return f"exit codes: {', '.join(codes)}" if codes else str(error.args[0] if error.args else "")
 
 
 @contextlib.asynccontextmanager
@@ -76,6 +88,11 @@ async def worker_processes(
     except trio_parallel.BrokenWorkerError as error:
         if error is failed:  # the body's own; the workers ended cleanly
             raise
-        log.info("%s did not end cleanly at shutdown (%s)", what, error)
+        log.info(
+            "%s did not end cleanly at shutdown (%s; a signal sent to the whole process "
+            "group, by a terminal or a service manager, ends them before the coordinator does)",
+            what,
+            _exit_codes(error),
+        )
     if failed is not None:  # raised here, out of the handler: its cause and context kept
         raise failed
