@@ -576,13 +576,14 @@ def test_calls_in_flight_are_answered_under_a_flood_of_dials_at_a_small_cap(
     before its first byte is read, grpcio cannot send it again; 1 MB: 82-97/100 at 4.)
 
     grpcio (1.85.3) has a livelock of its own here (one check of the 400 in about half of
-    the full suite's runs on this machine, never alone): when the server's SETTINGS and both GOAWAYs of a connection closed to make
-    room, then hurried, reach grpcio in one read (before its subchannel has taken the new
-    connection), grpcio reports the channel READY and sends the check on that closed
-    transport again and again (transparent retries: 1.8 million lines of its http trace in
-    30 s), while the transport's close waits for a write queued behind them. The check ends
-    DEADLINE_EXCEEDED, none of it sent (the server saw no request left unanswered). Such a
-    check is made again on a new channel, at most five times in a hundred.
+    the full suite's runs on this machine, never alone): when the server's SETTINGS and both
+    GOAWAYs of a connection closed to make room, then hurried, reach grpcio in one read
+    (before its subchannel has taken the new connection), grpcio reports the channel READY
+    and sends the check on that closed transport again and again (transparent retries: 1.8
+    million lines of its http trace in 30 s), while the transport's close waits for a write
+    queued behind them. The check ends DEADLINE_EXCEEDED, none of it sent (the server saw no
+    request left unanswered). Such a check is made again on a new channel, at most five
+    times in a hundred.
     """
     server, port, _ = start(settings, served, MAX_CONNECTIONS=str(cap))
     sockets = sockets_of(server)
