@@ -442,6 +442,61 @@ async def test_a_selector_that_ends_the_tls_handshake_fails_the_call_with_a_conn
         nursery.cancel_scope.cancel()
 
 
+class Stalling(FakeSelector):
+    """Takes every GoalCountReached and answers none while ``stalls``; counts the calls it
+    took (``taken``) and those whose task was cancelled meanwhile (``cancelled``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalls = True
+        self.taken = self.cancelled = 0
+        self._changed = trio.lowlevel.ParkingLot()
+
+    async def GoalCountReached(self, message: fl_intra_pb2.Empty) -> fl_intra_pb2.Empty:
+        self.taken += 1
+        self._changed.unpark_all()
+        try:
+            while self.stalls:
+                await trio.sleep_forever()
+        except trio.Cancelled:
+            self.cancelled += 1
+            self._changed.unpark_all()
+            raise
+        return fl_intra_pb2.Empty()
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self._changed.park()
+
+
+async def test_a_call_cut_short_is_cancelled_at_the_selector_and_its_connection_kept() -> None:
+    """120 calls, each cancelled while the selector works on it (as its time limit would),
+    then one it answers, all on one kept connection: each cancelled call resets its stream
+    (RST_STREAM CANCEL), so the selector stops working on it and its stream closes.
+
+    Before: the selector's tasks ran on and every stream stayed open, and from the 101st
+    call (the selector's MAX_CONCURRENT_STREAMS) each call failed at once with h2's
+    TooManyStreamsError, until the connection ended."""
+    wire = Wire()
+    async with trio.open_nursery() as nursery:
+        selector = await Stalling().start(nursery)
+        relay = Relay(selector.port, wire)
+        address = await relay.start(nursery)
+        client = GoalCountClient(call_timeout=600)
+        await nursery.start(client.run)
+        with trio.fail_after(60):
+            for count in range(1, 121):
+                async with trio.open_nursery() as call:
+                    call.start_soon(client, address)
+                    await selector.until(lambda count=count: selector.taken == count)
+                    call.cancel_scope.cancel()
+            await selector.until(lambda: selector.cancelled == 120)
+            selector.stalls = False
+            await client(address)
+        assert (selector.taken, selector.cancelled, wire.accepted) == (121, 120, 1)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_connection_the_selector_sent_goaway_on_is_dialed_again() -> None:
     """After a GOAWAY (the connection still open) h2 refuses new calls on it: the next call
     dials a new connection (before: it failed with h2's ProtocolError, and so did its

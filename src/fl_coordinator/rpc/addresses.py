@@ -17,11 +17,13 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import h2.exceptions
 import purerpc
 import trio
 from h2.connection import ConnectionState
@@ -181,6 +183,11 @@ class _AnswerProtocol(GRPCConnection):
         return super()._connection_terminated(event)  # type: ignore[no-any-return]
 
 
+#: The streams of the calls started in this context, when someone keeps count (see
+#: :meth:`BoundedChannel.calls_cancelled_on_exit`).
+_STARTED: ContextVar[list[int] | None] = ContextVar("_STARTED", default=None)
+
+
 class _AnswerSocket(GRPCProtoSocket):
     """purerpc's client socket over :class:`_AnswerProtocol`."""
 
@@ -188,6 +195,25 @@ class _AnswerSocket(GRPCProtoSocket):
         super().__init__(config, stream)
         self._grpc_connection = _AnswerProtocol(config, stream.ended.set)
         self._socket = SocketWrapper(self._grpc_connection, stream)
+
+    async def start_request(self, *args: Any, **kwargs: Any) -> Any:
+        stream = await super().start_request(*args, **kwargs)
+        started = _STARTED.get()
+        if started is not None:
+            started.append(stream.stream_id)
+        return stream
+
+    def cancel(self, stream_id: int) -> None:
+        """Reset the stream of a call not answered yet (RST_STREAM CANCEL) and forget it."""
+        protocol = self._grpc_connection
+        if stream_id not in protocol._unanswered:
+            return  # answered, reset by the peer, or its connection gone
+        protocol._unanswered.discard(stream_id)
+        protocol.message_read_buffers.pop(stream_id, None)
+        self._streams.pop(stream_id, None)
+        with contextlib.suppress(h2.exceptions.H2Error):  # (h2 closed: a GOAWAY came)
+            protocol.h2_connection.reset_stream(stream_id, ErrorCodes.CANCEL)
+            self._socket._flush_event.set()  # (what purerpc's flush() does, without a wait)
 
 
 def answer_socket(stream: WatchedStream) -> GRPCProtoSocket:
@@ -256,6 +282,27 @@ class BoundedChannel(_Channel):  # type: ignore[misc]
             return True  # open, nothing to read: the usual case
         except OSError:  # reset
             return False
+
+    @contextlib.contextmanager
+    def calls_cancelled_on_exit(self) -> Iterator[None]:
+        """Calls started within that are not answered when it is left (cancelled, timed
+        out) are reset (RST_STREAM CANCEL) and forgotten, as gRPC clients do.
+
+        Otherwise the peer goes on working on them, and the connection kept for
+        the next calls keeps their streams open: purerpc's record of each, and
+        one of the peer's MAX_CONCURRENT_STREAMS (at 100 calls a selector never
+        answered, every later call failed at once with h2's TooManyStreamsError
+        until the connection ended).
+        """
+        started: list[int] = []
+        token = _STARTED.set(started)
+        try:
+            yield
+        finally:
+            _STARTED.reset(token)
+            if self._grpc_socket is not None:
+                for stream_id in started:
+                    self._grpc_socket.cancel(stream_id)
 
     async def wait_ended(self) -> None:
         """Return once the connection has ended: its peer closed it or sent GOAWAY, it broke,

@@ -122,14 +122,16 @@ class _Link:
     async def call(self) -> None:
         """``GoalCountReached`` on this channel; ConnectionError if it closes meanwhile,
         purerpc's RpcFailedError if the selector answers an error (or resets the call).
+        Cancelled (its time is up), the call is cancelled at the selector too
+        (:meth:`.BoundedChannel.calls_cancelled_on_exit`): the channel is kept.
 
         The caller counted itself in :attr:`busy` (see :meth:`GoalCountClient._link`).
         """
         await self.ready.wait()
-        stub = self.stub
-        if stub is None:
+        stub, channel = self.stub, self.channel
+        if stub is None or channel is None:
             raise ConnectionError(f"connection to {self.selector} failed")
-        with trio.CancelScope() as scope:
+        with trio.CancelScope() as scope, channel.calls_cancelled_on_exit():
             self._calls.add(scope)
             try:
                 await _goal_count_reached(stub)
