@@ -204,13 +204,19 @@ class _AnswerSocket(GRPCProtoSocket):
         return stream
 
     def cancel(self, stream_id: int) -> None:
-        """Reset the stream of a call not answered yet (RST_STREAM CANCEL) and forget it."""
+        """Reset the stream of a call not answered yet (RST_STREAM CANCEL): h2 closes it
+        and drops what the peer still sends on it.
+
+        purerpc's record of the stream (``_streams``) is kept until the connection
+        ends, as it was before: its reader may be handing out the events of a read
+        that carried some of this stream's, and looks each stream up by its id
+        (dropping the record there ended the connection with a KeyError, and every
+        other call on it).
+        """
         protocol = self._grpc_connection
         if stream_id not in protocol._unanswered:
-            return  # answered, reset by the peer, or its connection gone
+            return  # answered, or reset by the peer
         protocol._unanswered.discard(stream_id)
-        protocol.message_read_buffers.pop(stream_id, None)
-        self._streams.pop(stream_id, None)
         with contextlib.suppress(h2.exceptions.H2Error):  # (h2 closed: a GOAWAY came)
             protocol.h2_connection.reset_stream(stream_id, ErrorCodes.CANCEL)
             self._socket._flush_event.set()  # (what purerpc's flush() does, without a wait)
@@ -286,13 +292,16 @@ class BoundedChannel(_Channel):  # type: ignore[misc]
     @contextlib.contextmanager
     def calls_cancelled_on_exit(self) -> Iterator[None]:
         """Calls started within that are not answered when it is left (cancelled, timed
-        out) are reset (RST_STREAM CANCEL) and forgotten, as gRPC clients do.
+        out) are reset (RST_STREAM CANCEL), as gRPC clients do (see
+        :meth:`_AnswerSocket.cancel`).
 
         Otherwise the peer goes on working on them, and the connection kept for
-        the next calls keeps their streams open: purerpc's record of each, and
-        one of the peer's MAX_CONCURRENT_STREAMS (at 100 calls a selector never
-        answered, every later call failed at once with h2's TooManyStreamsError
-        until the connection ended).
+        the next calls keeps their streams open, each one of the peer's
+        MAX_CONCURRENT_STREAMS (at 100 calls a selector never answered, every
+        later call failed at once with h2's TooManyStreamsError until the
+        connection ended). Calls are recorded through a context variable: a task
+        started within inherits it, and its calls still in flight when this is left
+        would be reset too; start none here.
         """
         started: list[int] = []
         token = _STARTED.set(started)
