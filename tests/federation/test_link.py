@@ -8,6 +8,10 @@ log context) each call came on; clients are real purerpc clients of the selector
 
 from __future__ import annotations
 
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import pytest
 import trio
 import trio.testing
@@ -18,10 +22,14 @@ from fl_coordinator._proto import (
     fl_intra_batch_pb2,
     fl_intra_grpc,
     fl_intra_pb2,
+    fl_round_grpc,
+    fl_round_pb2,
 )
 from fl_coordinator.connections import ConnectionLimits
+from fl_coordinator.federation.client import SelectorCalls
 from fl_coordinator.federation.link import IDLE_CLOSE
 from fl_coordinator.federation.selector import Selector, SelectorOptions
+from fl_coordinator.federation.transfer import file_chunks
 from fl_coordinator.logs import context_field
 from fl_coordinator.rpc.listener import serve_grpc
 from fl_coordinator.storage.layout import Layout
@@ -147,3 +155,39 @@ async def test_a_call_as_the_idle_close_runs_out_dials_again(
     assert not link.connected  # the next call will not be handed the dying connection
     assert await refused_wait_ms(selector.id) == WAIT_MS
     assert link.dials == 2 and len(coordinator.connections) == 2
+
+
+class FilesSelector(fl_round_grpc.FlRoundServicer):
+    """Answers a CheckIn with the files of ``folder`` (``model.h5``, ``fl_checkpoint``) in
+    the selector's 64 KiB chunks."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    async def CheckIn(
+        self, messages: AsyncIterator[fl_round_pb2.CheckInRequest]
+    ) -> AsyncIterator[fl_round_pb2.FlData]:
+        async for _ in messages:
+            break
+        for name in ("model.h5", "fl_checkpoint"):
+            async for chunk in file_chunks(self.folder / name):
+                yield chunk
+
+
+async def test_the_client_downloads_files_larger_than_a_chunk(tmp_path: Path) -> None:
+    """A 200 KB model.h5 (four chunks of 64 KiB and a part). Before: the client's connection
+    window stayed at HTTP/2's 65,535 bytes, smaller than one chunk's message, which purerpc
+    gives back only whole: nothing came (the check-in waited until its limit)."""
+    sent = tmp_path / "sent"
+    sent.mkdir()
+    (sent / "model.h5").write_bytes(random.Random(1).randbytes(200_000))
+    (sent / "fl_checkpoint").write_bytes(b"weights")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_grpc, [FilesSelector(sent).service], "127.0.0.1", 0)
+        calls = SelectorCalls(f"127.0.0.1:{port}", tmp_path / "received")
+        calls.connect(nursery)
+        with trio.fail_after(30):
+            assert await calls.check_in() is None
+        nursery.cancel_scope.cancel()
+    for name in ("model.h5", "fl_checkpoint"):
+        assert (tmp_path / "received" / name).read_bytes() == (sent / name).read_bytes()

@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 from h2.errors import ErrorCodes
+from helpers.h2peer import padded
 from helpers.peers import FakeSelector
 from helpers.pki import Pki
 from helpers.relay import relay
@@ -540,6 +541,29 @@ async def test_calls_cut_short_among_others_in_flight_leave_the_connection_alone
                         calls.start_soon(one)
             await client(address)  # answered on the same connection
         assert (failures, wire.accepted) == ([], 1)
+        nursery.cancel_scope.cancel()
+
+
+class Wordy(FakeSelector):
+    """Answers GoalCountReached with 200 KB more than Empty: a field Empty does not know."""
+
+    async def GoalCountReached(self, message: fl_intra_pb2.Empty) -> fl_intra_pb2.Empty:
+        return fl_intra_pb2.Empty.FromString(padded(fl_intra_pb2.Empty(), 200_000))
+
+
+async def test_an_answer_larger_than_http2s_default_window_comes_whole() -> None:
+    """A 200 KB answer (within MAX_ANSWER_BYTES), twice on one kept connection. Before: the
+    connection's window stayed at HTTP/2's 65,535 bytes, purerpc gives bytes back only for
+    whole messages, and the answer never came whole (the selector stopped at 65,535 bytes;
+    the call timed out)."""
+    async with trio.open_nursery() as nursery:
+        selector = await Wordy().start(nursery)
+        client = GoalCountClient(call_timeout=30)
+        await nursery.start(client.run)
+        with trio.fail_after(60):
+            await client(selector.id)
+            await client(selector.id)
+        assert client.open == 1
         nursery.cancel_scope.cancel()
 
 

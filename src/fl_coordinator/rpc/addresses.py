@@ -37,7 +37,7 @@ from purerpc.grpclib.events import ResponseEnded
 from purerpc.grpclib.status import Status, StatusCode
 
 from ..errors import BadAddress
-from .connection import BoundedInflation
+from .connection import BoundedInflation, initiate_with_window
 
 __all__ = [
     "MAX_ANSWER_BYTES",
@@ -164,9 +164,7 @@ class _AnswerProtocol(GRPCConnection):
         return [ResponseEnded(event.stream_id, Status(status, why))]
 
     def initiate_connection(self) -> None:
-        # purerpc opens the connection window by 1 GiB; the streams' windows (two answers
-        # each, as purerpc sets them from max_message_length) are enough.
-        self.h2_connection.initiate_connection()
+        initiate_with_window(self)
 
     def _response_received(self, event: Any) -> list[Any]:
         events = super()._response_received(event)

@@ -129,6 +129,7 @@ __all__ = [
     "MAX_UNSENT_BYTES",
     "BoundedInflation",
     "GrpcServer",
+    "initiate_with_window",
 ]
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,21 @@ _CALLERS: dict[Cardinality, Callable[[Any, GRPCProtoStream], Awaitable[None]]] =
     Cardinality.STREAM_UNARY: call_server_stream_unary,
     Cardinality.STREAM_STREAM: call_server_stream_stream,
 }
+
+
+def initiate_with_window(protocol: GRPCConnection) -> None:
+    """Start ``protocol``'s HTTP/2 connection with a connection window of two of its largest
+    messages, as each stream's (purerpc sets those from ``max_message_length``).
+
+    purerpc opens it by 1 GiB, which a peer could fill with data we never
+    read; HTTP/2's default, 65,535 bytes, is too small: purerpc gives bytes back
+    only for whole messages, so a larger one never came whole (a 64 KiB file
+    chunk to the reference client was one).
+    """
+    protocol.h2_connection.initiate_connection()
+    extra = 2 * protocol.config.max_message_length - _DEFAULT_WINDOW
+    if extra > 0:
+        protocol.h2_connection.increment_flow_control_window(extra)
 
 
 class _StreamReset:
@@ -259,12 +275,7 @@ class _Protocol(GRPCConnection):
         self._unacknowledged: dict[int, int] = {}
 
     def initiate_connection(self) -> None:
-        # purerpc opens the connection window by 1 GiB; two messages are enough (the
-        # window of each stream, as purerpc sets it).
-        self.h2_connection.initiate_connection()
-        extra = 2 * self.config.max_message_length - _DEFAULT_WINDOW
-        if extra > 0:
-            self.h2_connection.increment_flow_control_window(extra)
+        initiate_with_window(self)
 
     def receive_data(self, data: bytes) -> list[Any]:
         events = super().receive_data(data)
