@@ -186,6 +186,35 @@ class _AnswerProtocol(GRPCConnection):
 _STARTED: ContextVar[list[int] | None] = ContextVar("_STARTED", default=None)
 
 
+class _Nowhere:
+    """Takes events, and the end of a stream, to no one."""
+
+    async def send(self, event: Any) -> None:
+        pass
+
+
+class _Dropped:
+    """What purerpc's reader finds for a stream :meth:`_AnswerSocket.cancel` dropped."""
+
+    _incoming_events = (_Nowhere(), None)
+
+    def _close_remote(self) -> None:
+        pass
+
+
+_DROPPED = _Dropped()
+
+
+class _Records(dict[int, Any]):
+    """purerpc's records of a connection's streams, by id; a stream no longer recorded is
+    looked up as :data:`_DROPPED`: purerpc's reader hands out the events of one read one at
+    a time (each a checkpoint) and looks each one's stream up again, and a call cancelled
+    meanwhile has dropped its record (a KeyError there ended the connection)."""
+
+    def __missing__(self, stream_id: int) -> Any:
+        return _DROPPED
+
+
 class _AnswerSocket(GRPCProtoSocket):
     """purerpc's client socket over :class:`_AnswerProtocol`."""
 
@@ -193,6 +222,7 @@ class _AnswerSocket(GRPCProtoSocket):
         super().__init__(config, stream)
         self._grpc_connection = _AnswerProtocol(config, stream.ended.set)
         self._socket = SocketWrapper(self._grpc_connection, stream)
+        self._streams = _Records()
 
     async def start_request(self, *args: Any, **kwargs: Any) -> Any:
         stream = await super().start_request(*args, **kwargs)
@@ -202,19 +232,15 @@ class _AnswerSocket(GRPCProtoSocket):
         return stream
 
     def cancel(self, stream_id: int) -> None:
-        """Reset the stream of a call not answered yet (RST_STREAM CANCEL): h2 closes it
-        and drops what the peer still sends on it.
-
-        purerpc's record of the stream (``_streams``) is kept until the connection
-        ends, as it was before: its reader may be handing out the events of a read
-        that carried some of this stream's, and looks each stream up by its id
-        (dropping the record there ended the connection with a KeyError, and every
-        other call on it).
-        """
+        """Reset the stream of a call not answered yet (RST_STREAM CANCEL) and drop what
+        purerpc holds of it: h2 then drops what the peer still sends on it, and what a read
+        already carried goes nowhere (:class:`_Records`)."""
         protocol = self._grpc_connection
         if stream_id not in protocol._unanswered:
             return  # answered, or reset by the peer
         protocol._unanswered.discard(stream_id)
+        protocol.message_read_buffers.pop(stream_id, None)
+        self._streams.pop(stream_id, None)
         with contextlib.suppress(h2.exceptions.H2Error):  # (h2 closed: a GOAWAY came)
             protocol.h2_connection.reset_stream(stream_id, ErrorCodes.CANCEL)
             self._socket._flush_event.set()  # (what purerpc's flush() does, without a wait)
