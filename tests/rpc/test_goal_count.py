@@ -7,15 +7,21 @@ a selector sees on the wire.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import random
 from collections.abc import Awaitable, Callable
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import trio
 import trio.testing
 from h2.errors import ErrorCodes
-from helpers.h2peer import padded
+from h2.settings import SettingCodes
+from helpers.h2peer import framed, padded
 from helpers.peers import FakeSelector
 from helpers.pki import Pki
 from helpers.relay import relay
@@ -568,6 +574,67 @@ async def test_an_answer_larger_than_http2s_default_window_comes_whole() -> None
             await client(selector.id)
             await client(selector.id)
         assert client.open == 1
+        nursery.cancel_scope.cancel()
+
+
+class Pushing:
+    """A selector on raw HTTP/2 (``h2``, server side) that answers each GoalCountReached and
+    pushes a stream with it (PUSH_PROMISE, then a 60 KB message on the pushed stream), though
+    the client said it takes no pushes: ``connections`` counts the connections it served."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    async def start(self, nursery: trio.Nursery) -> str:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, self._serve, listeners)
+        return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        h2c.initiate_connection()
+        await stream.send_all(h2c.data_to_send())
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await stream.receive_some(65536):
+                for event in h2c.receive_data(data):
+                    if isinstance(event, h2.events.StreamEnded):  # a request, whole
+                        self._answer_and_push(h2c, event.stream_id)
+                await stream.send_all(h2c.data_to_send())
+
+    @staticmethod
+    def _answer_and_push(h2c: h2.connection.H2Connection, stream_id: int) -> None:
+        h2c.remote_settings._settings[SettingCodes.ENABLE_PUSH] = collections.deque([1])
+        pushed = h2c.get_next_available_stream_id()
+        request = [(":method", "GET"), (":path", "/x"), (":scheme", "http"), (":authority", "a")]
+        h2c.push_stream(stream_id, pushed, request)
+        h2c.send_headers(pushed, [(":status", "200"), ("content-type", "application/grpc")])
+        pushing = framed(bytes(60_000))[: h2c.local_flow_control_window(pushed)]
+        if pushing:
+            h2c.send_data(pushed, pushing)
+        h2c.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+        if h2c.local_flow_control_window(stream_id) >= 5:  # (else the client's window is full)
+            h2c.send_data(stream_id, framed(b""))
+            h2c.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
+
+
+async def test_a_selector_that_pushes_streams_ends_its_connection() -> None:
+    """gRPC never pushes, and the client says so (SETTINGS_ENABLE_PUSH 0): a selector that
+    pushes anyway breaks the connection, each call on it fails at once as a closed connection
+    (to be retried), and the next dials again. Before: the pushed messages, which no call
+    reads, filled the connection's window, and from then on every call waited out its limit."""
+    selector = Pushing()
+    async with trio.open_nursery() as nursery:
+        address = await selector.start(nursery)
+        client = GoalCountClient(call_timeout=5)
+        await nursery.start(client.run)
+        answered = 0
+        with trio.fail_after(60):
+            for _ in range(40):
+                with contextlib.suppress(ConnectionError):
+                    await client(address)
+                    answered += 1
+        assert (answered, selector.connections) == (0, 40)
         nursery.cancel_scope.cancel()
 
 

@@ -28,6 +28,7 @@ import purerpc
 import trio
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from h2.settings import SettingCodes, Settings
 from purerpc.client import _Channel
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpc_socket import SocketWrapper
@@ -162,6 +163,14 @@ class _AnswerProtocol(GRPCConnection):
         status = _RESET_STATUS.get(code, StatusCode.INTERNAL)
         why = f"the peer reset the call's stream (HTTP/2 {name})"
         return [ResponseEnded(event.stream_id, Status(status, why))]
+
+    def _set_h2_connection_local_settings(self) -> None:
+        # purerpc leaves h2's server push on; gRPC never pushes. Off, a peer's PUSH_PROMISE
+        # breaks the connection (h2's ProtocolError) instead of filling its window with
+        # streams no call reads, until every call on it waited out its limit.
+        super()._set_h2_connection_local_settings()
+        values = {**self.h2_connection.local_settings, SettingCodes.ENABLE_PUSH: 0}
+        self.h2_connection.local_settings = Settings(client=True, initial_values=values)
 
     def initiate_connection(self) -> None:
         initiate_with_window(self)
