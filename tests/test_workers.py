@@ -11,6 +11,7 @@ import pytest
 import trio_parallel
 from helpers.resources import ended
 
+from fl_coordinator import workers
 from fl_coordinator.workers import OOM_SCORE_ADJ, worker_processes
 
 SCORE = Path("/proc/self/oom_score_adj")
@@ -79,3 +80,15 @@ async def test_a_broken_worker_error_of_the_body_is_not_taken_for_an_unclean_shu
             await workers.run_sync(os.getpid)  # a worker, which ends cleanly
             raise trio_parallel.BrokenWorkerError("the body's own")
     assert "did not end cleanly" not in caplog.text
+
+
+def test_exit_codes_name_signals_and_keep_numbers_python_has_no_name_for() -> None:
+    """A worker ended by a real-time signal (40) has no name in Python's ``signal.Signals``:
+    before, looking it up raised ValueError inside the shutdown's handler."""
+
+    class Ended:
+        def __init__(self, exitcode: int) -> None:
+            self.exitcode = exitcode
+
+    error = trio_parallel.BrokenWorkerError("shutdown failed", Ended(255), Ended(-9), Ended(-40))
+    assert workers._exit_codes(error) == "exit codes: 255, SIGKILL, signal 40"

@@ -36,11 +36,20 @@ def _first_to_go_when_memory_runs_out() -> bool:
     return True
 
 
+def _signal_name(number: int) -> str:
+    """``SIGKILL`` for 9; ``signal 40`` for a number Python has no name for (the real-time
+    signals between SIGRTMIN and SIGRTMAX)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _exit_codes(error: trio_parallel.BrokenWorkerError) -> str:
     """How the workers of an unclean shutdown ended, in words ("exit codes: 255, SIGKILL"):
     trio-parallel's error carries its processes as they are, whose reprs say too much."""
     codes = [
-        signal.Signals(-code).name if code < 0 else str(code)
+        _signal_name(-code) if code < 0 else str(code)
         for process in error.args[1:]
         if isinstance(code := getattr(process, "exitcode", None), int)
     ]
